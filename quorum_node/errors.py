@@ -1,0 +1,166 @@
+"""The one error tree of quorum-node.
+
+Branches follow who handles them::
+
+    QuorumError
+    ├── ConfigError            bad settings → the CLI prints one line, exits 2
+    ├── ApiError               answered to the client in the OpenAI error shape
+    │   ├── BadRequest         400 invalid_request_error (with ``param``)
+    │   ├── Unauthorized       401
+    │   ├── NotFound           404 (unknown model, unknown path)
+    │   ├── PayloadTooLarge    413
+    │   ├── NotSupported       501 (the engine lacks the capability)
+    │   └── Unavailable        503 + Retry-After (engine down or loading)
+    └── EngineError            an engine (or peer) failed us
+        ├── EngineUnavailable  before the first byte: try the next holder
+        ├── EngineRejected     the engine refused the request (4xx): the
+        │                      client's fault, passed on, never retried
+        └── StreamBroken       after the first byte: SSE error event, no [DONE]
+
+Foreign exceptions (aiohttp, OSError, msgspec) are mapped once, where they
+enter: in the backend adapters and the peer client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "ApiError",
+    "BadRequest",
+    "ConfigError",
+    "EngineError",
+    "EngineRejected",
+    "EngineUnavailable",
+    "NotFound",
+    "NotSupported",
+    "PayloadTooLarge",
+    "QuorumError",
+    "StreamBroken",
+    "Unauthorized",
+    "Unavailable",
+    "error_body",
+]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    """Encode the OpenAI error envelope."""
+    return _encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+class QuorumError(Exception):
+    """Root of every error quorum-node raises on purpose."""
+
+
+class ConfigError(QuorumError):
+    """The settings are wrong; the process cannot start."""
+
+
+class ApiError(QuorumError):
+    """An error answered to the API client in the OpenAI shape."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        if status is not None:
+            self.status = status
+        if type_ is not None:
+            self.type = type_
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+
+class BadRequest(ApiError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    type = "authentication_error"
+
+
+class NotFound(ApiError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(ApiError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class NotSupported(ApiError):
+    status = 501
+    type = "not_supported_error"
+
+
+class Unavailable(ApiError):
+    status = 503
+    type = "unavailable_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2, code: str | None = "engine_unavailable") -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineError(QuorumError):
+    """An engine or a peer failed to serve a request."""
+
+    def __init__(self, message: str, *, status: int = 502, engine: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.engine = engine
+
+
+class EngineUnavailable(EngineError):
+    """The engine could not take the request (down, loading, overloaded).
+
+    Nothing reached the client yet, so another holder may be tried.
+    ``retry_after_s`` is the engine's own hint, if it gave one.
+    """
+
+    def __init__(
+        self, message: str, *, status: int = 503, engine: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status=status, engine=engine)
+        self.retry_after_s = retry_after_s
+
+
+class EngineRejected(EngineError):
+    """The engine refused the request itself (4xx); retrying elsewhere will not help."""
+
+    def __init__(self, error: ApiError, *, engine: str | None = None) -> None:
+        super().__init__(error.message, status=error.status, engine=engine)
+        self.error = error
+
+
+class StreamBroken(EngineError):
+    """A stream failed after its first byte reached the client."""
+
+    def __init__(self, message: str, *, code: str | None = "stream_error", engine: str | None = None) -> None:
+        super().__init__(message, engine=engine)
+        self.code = code

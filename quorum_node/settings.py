@@ -1,0 +1,243 @@
+"""One typed settings object, built once from TOML file, environment and CLI.
+
+Precedence: CLI flag > ``QUORUM_*`` environment variable > config file > default.
+Every setting has all three spellings: the field name is the TOML key, its
+upper-case form prefixed with ``QUORUM_`` is the environment variable, and its
+dashed form is the flag. Unknown keys, bad URLs and unknown engine kinds are
+``ConfigError`` (the CLI exits 2 with a one-line message).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from .errors import ConfigError
+
+__all__ = [
+    "BACKEND_KINDS",
+    "DEFAULT_DETECT_PORTS",
+    "BackendSpec",
+    "Settings",
+    "load_settings",
+    "parse_backend_arg",
+]
+
+BACKEND_KINDS = ("ollama", "llamacpp", "vllm", "sglang", "tgi", "lmstudio", "localai", "mlx", "openai")
+
+# Default ports of the engines (reference/engines.md §1); 8080 is shared by
+# llama.cpp, LocalAI and MLX, and llama.cpp's newest default is 9931.
+DEFAULT_DETECT_PORTS = (11434, 8080, 9931, 8000, 30000, 3000, 1234)
+
+
+class BackendSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An engine the user named explicitly."""
+
+    kind: str
+    url: str
+    api_key: str | None = None
+    name: str | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"BackendSpec(kind={self.kind!r}, url={self.url!r}, api_key={'***' if self.api_key else None})"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Everything quorum-node can be told. Units are in the names."""
+
+    host: str = "0.0.0.0"
+    port: int = 32768
+    name: str = ""
+    data_dir: str = ""
+    backends: tuple[BackendSpec, ...] = ()
+    # auto-detection of engines on this machine
+    detect: bool = True
+    detect_host: str = "127.0.0.1"
+    detect_ports: tuple[int, ...] = DEFAULT_DETECT_PORTS
+    probe_interval_s: float = 2.0
+    probe_timeout_s: float = 0.5
+    embedded_engine: bool = True
+    cache_dir: str = ""
+    # logging
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: str = "info"
+    # upstream timeouts; streams have no total timeout
+    connect_timeout_s: float = 3.0
+    first_token_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = 32 * 1024 * 1024
+    drain_timeout_s: float = 5.0
+    # cluster
+    cluster: str | None = None
+    cluster_secret: str | None = None
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
+    peers: tuple[str, ...] = ()
+    max_attempts: int = 3
+    health_interval_s: float = 2.0
+    peer_down_after_s: float = 10.0
+
+    def __repr__(self) -> str:
+        return f"Settings(name={self.name!r}, host={self.host!r}, port={self.port}, backends={self.backends!r})"
+
+
+_FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOL_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_backend_arg(text: str) -> BackendSpec:
+    """Parse ``KIND=URL`` as given to ``--backend``."""
+    kind, sep, url = text.partition("=")
+    if not sep or not url:
+        raise ConfigError(f"backend {text!r}: expected KIND=URL, e.g. ollama=http://127.0.0.1:11434")
+    return BackendSpec(kind=kind.strip().lower(), url=url.strip())
+
+
+def _parse_backends_env(text: str) -> list[Any]:
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"QUORUM_BACKENDS: not valid JSON: {e}") from None
+    return [msgspec.structs.asdict(parse_backend_arg(p)) for p in text.split(",") if p.strip()]
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = "QUORUM_" + name.upper()
+        if key not in env:
+            continue
+        raw = env[key]
+        if name == "backends":
+            out[name] = _parse_backends_env(raw)
+        elif name in ("detect_ports", "mdns_interfaces", "peers"):
+            out[name] = [p.strip() for p in raw.split(",") if p.strip()]
+        else:
+            out[name] = raw
+    return out
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    # TOML's ``[[backends]]`` arrays of tables land as ``backends``
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn env strings into the field's type; TOML values pass unchanged."""
+    if not isinstance(value, str):
+        return value
+    field = _FIELDS[name]
+    t = field.type
+    if t is bool:
+        low = value.strip().lower()
+        if low in _BOOL_TRUE:
+            return True
+        if low in _BOOL_FALSE:
+            return False
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if t is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+    if t is float:
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    return value
+
+
+def _check_url(where: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: bad URL {url!r} (expected http://HOST:PORT)")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: bad port in URL {url!r}") from None
+
+
+def _validate(s: Settings) -> Settings:
+    for i, b in enumerate(s.backends):
+        where = f"backend {b.name or i + 1}"
+        if b.kind not in BACKEND_KINDS:
+            raise ConfigError(f"{where}: unknown kind {b.kind!r} (one of {', '.join(BACKEND_KINDS)})")
+        _check_url(where, b.url)
+    if not (0 <= s.port <= 65535):
+        raise ConfigError(f"port: {s.port} is not a TCP port")
+    for p in s.detect_ports:
+        if not (0 < p <= 65535):
+            raise ConfigError(f"detect_ports: {p} is not a TCP port")
+    for peer in s.peers:
+        host, sep, port = peer.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"peer {peer!r}: expected HOST:PORT")
+    for ip in s.mdns_interfaces:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise ConfigError(f"mdns_interfaces: {ip!r} is not an IP address") from None
+    if bool(s.cluster) != bool(s.cluster_secret):
+        raise ConfigError("cluster and cluster_secret must be given together")
+    for name in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "request_timeout_s"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"{name}: must be positive")
+    if s.max_body_bytes <= 0:
+        raise ConfigError("max_body_bytes: must be positive")
+    if s.max_attempts < 1:
+        raise ConfigError("max_attempts: must be at least 1")
+    return s
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build the one settings object. ``cli`` holds only the flags actually given."""
+    env = os.environ if env is None else env
+    cli = dict(cli or {})
+    config_file = cli.pop("config", None) or config_file or env.get("QUORUM_CONFIG")
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(_read_file(config_file))
+    merged.update({k: _coerce(k, v) for k, v in _from_env(env).items()})
+    for k, v in cli.items():
+        if v is not None:
+            merged[k] = v
+    if "backends" in merged:
+        merged["backends"] = [msgspec.structs.asdict(b) if isinstance(b, BackendSpec) else b for b in merged["backends"]]
+    merged.setdefault("name", socket.gethostname())
+    merged.setdefault("data_dir", str(Path("~/.local/share/quorum").expanduser()))
+    merged.setdefault("cache_dir", str(Path("~/.cache/quorum").expanduser()))
+    merged["data_dir"] = str(Path(merged["data_dir"]).expanduser())
+    merged["cache_dir"] = str(Path(merged["cache_dir"]).expanduser())
+    try:
+        settings = msgspec.convert(merged, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"config: {e}") from None
+    return _validate(settings)

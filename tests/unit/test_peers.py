@@ -1,0 +1,323 @@
+"""Peer table and peer choice: which peer a request goes to, and when not."""
+
+from __future__ import annotations
+
+import pytest
+
+from quorum_node.cluster.peers import (
+    CatalogChanged,
+    CatalogWanted,
+    Outcome,
+    PeerAdded,
+    PeerDown,
+    PeerInfo,
+    PeerRemoved,
+    PeerState,
+    PeerSuspect,
+    PeerTable,
+    PeerUp,
+    ProbeTarget,
+)
+from quorum_node.cluster.scoring import Backoff, RetryBudget, pick
+
+FP = "00112233aabbccdd"
+MODEL = "llama3.1:8b"
+
+
+def _info(node_id: str, address: str | None = None, **kw) -> PeerInfo:
+    return PeerInfo(
+        node_id=node_id,
+        name=f"box-{node_id}",
+        address=address or f"10.0.0.{len(node_id)}:32768",
+        fingerprint=kw.pop("fingerprint", FP),
+        **kw,
+    )
+
+
+def _table(**kw) -> PeerTable:
+    return PeerTable(self_id="me", fingerprint=FP, **kw)
+
+
+def _up(table: PeerTable, node_id: str, now: float = 0.0, models=(MODEL,), address=None) -> None:
+    table.on_discovered(_info(node_id, address), now)
+    table.on_health_ok(node_id, 0.001, now)
+    table.on_catalog(node_id, list(models), "d1", now)
+
+
+def _ids(peers) -> list[str]:
+    return [p.node_id for p in peers]
+
+
+# Discovery and health ----------------------------------------------------
+
+
+def test_a_discovered_peer_carries_traffic_only_after_a_good_health_check():
+    table = _table()
+    events = table.on_discovered(_info("a", catalog_digest="d1"), 0)
+    assert events == [PeerAdded(node_id="a"), CatalogWanted(node_id="a", address="10.0.0.1:32768")]
+    assert table.on_catalog("a", [MODEL], "d1", 0.5) == [CatalogChanged(node_id="a", models=(MODEL,))]
+    assert table.get("a").state is PeerState.SUSPECT
+    assert table.holders(MODEL, 1) == []
+    assert table.on_health_ok("a", 0.002, 1) == [PeerUp(node_id="a")]
+    assert _ids(table.holders(MODEL, 1)) == ["a"]
+
+
+def test_a_crashed_peer_is_marked_down_10s_after_its_last_good_check_and_no_longer_chosen():
+    table = _table()
+    _up(table, "a", now=100)
+    _up(table, "b", now=100)
+    for t in (102, 104, 106, 108, 110):
+        table.on_health_ok("b", 0.001, t)  # b keeps answering; a crashed after t=100
+    assert table.tick(109.9) == [PeerSuspect(node_id="a")]
+    assert _ids(table.holders(MODEL, 109.9)) == ["b"]
+    assert table.tick(110) == [PeerDown(node_id="a")]
+    assert table.get("a").state is PeerState.DOWN
+    assert _ids(pick(table.holders(MODEL, 110), 110)) == ["b"]
+    assert not table.begin_request("a", 110)
+
+
+def test_two_failed_checks_make_a_peer_suspect_and_one_good_check_brings_it_back():
+    table = _table()
+    _up(table, "a")
+    assert table.on_health_fail("a", 2) == []
+    assert _ids(table.holders(MODEL, 2)) == ["a"]  # one miss under load is forgiven
+    assert table.on_health_fail("a", 4) == [PeerSuspect(node_id="a")]
+    assert table.holders(MODEL, 4) == []
+    assert table.on_health_ok("a", 0.001, 6) == [PeerUp(node_id="a")]
+    assert _ids(table.holders(MODEL, 6)) == ["a"]
+
+
+def test_a_down_peer_comes_back_when_it_answers_again():
+    table = _table()
+    _up(table, "a")
+    table.tick(10)
+    assert table.on_health_ok("a", 0.001, 30) == [PeerUp(node_id="a")]
+    assert _ids(table.holders(MODEL, 30)) == ["a"]
+
+
+def test_goodbye_removes_a_peer_at_once():
+    table = _table()
+    _up(table, "a")
+    assert table.on_goodbye("a", 1) == [PeerRemoved(node_id="a", reason="goodbye")]
+    assert table.get("a") is None and table.holders(MODEL, 1) == []
+    assert table.on_goodbye("a", 1) == []
+    # Late events for a peer that left are ignored, not resurrecting it.
+    assert table.on_health_ok("a", 0.001, 2) == []
+    assert table.get("a") is None
+
+
+def test_a_long_dead_discovered_peer_is_forgotten():
+    table = _table(forget_after_s=300)
+    _up(table, "a")
+    table.tick(10)
+    assert table.tick(299) == []
+    assert table.tick(300) == [PeerRemoved(node_id="a", reason="forgotten")]
+    assert table.all() == []
+
+
+def test_peers_of_other_clusters_and_this_node_itself_are_ignored():
+    table = _table()
+    assert table.on_discovered(_info("stranger", fingerprint="ffffffffffffffff"), 0) == []
+    assert table.on_discovered(_info("me"), 0) == []
+    assert table.all() == []
+
+
+def test_a_changed_catalog_digest_asks_for_a_refetch():
+    table = _table()
+    table.on_discovered(_info("a", catalog_digest="d1"), 0)
+    table.on_catalog("a", [MODEL], "d1", 0)
+    assert table.on_discovered(_info("a", catalog_digest="d1"), 1) == []
+    assert table.on_discovered(_info("a", catalog_digest="d2"), 2) == [
+        CatalogWanted(node_id="a", address="10.0.0.1:32768")
+    ]
+    table.on_health_ok("a", 0.001, 2)
+    table.on_catalog("a", ["qwen2.5:7b"], "d2", 3)
+    assert table.holders(MODEL, 3) == []
+    assert _ids(table.holders("qwen2.5:7b", 3)) == ["a"]
+    assert table.models() == {"qwen2.5:7b": ["a"]}
+
+
+# Static peers ------------------------------------------------------------
+
+
+def test_a_static_peer_is_probed_by_address_until_identified_and_never_forgotten():
+    table = _table()
+    table.add_static("192.168.1.50:32768")
+    assert table.probe_targets() == [ProbeTarget(address="192.168.1.50:32768", node_id=None)]
+    events = table.on_identified("192.168.1.50:32768", _info("s", address="whatever:1"), 0)
+    assert PeerAdded(node_id="s") in events
+    table.on_health_ok("s", 0.003, 0)
+    table.on_catalog("s", [MODEL], "d", 0)
+    peer = table.get("s")
+    assert peer.static and peer.info.address == "192.168.1.50:32768"
+    assert table.probe_targets() == [ProbeTarget(address="192.168.1.50:32768", node_id="s")]
+    assert _ids(table.holders(MODEL, 1)) == ["s"]
+    table.tick(10_000)
+    assert table.get("s").state is PeerState.DOWN  # down, but still there and still probed
+    assert table.probe_targets() == [ProbeTarget(address="192.168.1.50:32768", node_id="s")]
+
+
+def test_a_static_peer_that_says_goodbye_is_found_again_after_restart():
+    table = _table()
+    table.add_static("h:1")
+    table.on_identified("h:1", _info("s"), 0)
+    table.on_goodbye("s", 1)
+    assert table.probe_targets() == [ProbeTarget(address="h:1", node_id=None)]
+    table.on_identified("h:1", _info("s"), 5)
+    assert table.on_health_ok("s", 0.001, 5) == [PeerUp(node_id="s")]
+
+
+def test_a_reinstalled_node_at_a_static_address_replaces_the_old_one():
+    table = _table()
+    table.add_static("h:1")
+    table.on_identified("h:1", _info("old"), 0)
+    events = table.on_identified("h:1", _info("new"), 5)
+    assert PeerRemoved(node_id="old", reason="replaced") in events
+    assert _ids(table.all()) == ["new"]
+
+
+def test_a_static_address_answering_for_another_cluster_is_not_adopted():
+    table = _table()
+    table.add_static("h:1")
+    assert table.on_identified("h:1", _info("x", fingerprint="ffffffffffffffff"), 0) == []
+    assert table.all() == []
+
+
+def test_static_peer_address_must_have_a_port():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        _table().add_static("just-a-host")
+
+
+# Requests, breaker and scoring --------------------------------------------
+
+
+def test_a_peer_that_fails_three_requests_is_skipped_then_probed_with_one_request():
+    table = _table()
+    _up(table, "a")
+    _up(table, "b")
+    for _ in range(3):
+        assert table.begin_request("a", 1)
+        table.end_request("a", 1, Outcome.FAILURE)
+    assert _ids(table.holders(MODEL, 2)) == ["b"]
+    assert not table.begin_request("a", 2)
+    # After the reset timeout one probe may go; a second concurrent one may not.
+    assert _ids(table.holders(MODEL, 6)) == ["a", "b"]
+    assert table.begin_request("a", 6)
+    assert _ids(table.holders(MODEL, 6)) == ["b"]
+    assert not table.begin_request("a", 6)
+    table.on_first_token("a", 0.2, 6.2)  # the probe worked
+    assert _ids(table.holders(MODEL, 6.3)) == ["a", "b"]
+    table.end_request("a", 7)
+    assert table.get("a").in_flight == 0
+
+
+def test_a_cancelled_request_neither_trips_nor_heals_the_breaker():
+    table = _table()
+    _up(table, "a")
+    for _ in range(2):
+        table.begin_request("a", 0)
+        table.end_request("a", 0, Outcome.FAILURE)
+    for _ in range(5):
+        table.begin_request("a", 0)
+        table.end_request("a", 0, Outcome.ABANDONED)
+    table.begin_request("a", 0)
+    table.end_request("a", 0, Outcome.FAILURE)
+    assert table.holders(MODEL, 0) == []
+
+
+def test_requests_go_to_the_least_loaded_peer_first():
+    table = _table()
+    for n in ("a", "b", "c"):
+        _up(table, n)
+    for _ in range(2):
+        table.begin_request("a", 1)
+    table.begin_request("b", 1)
+    assert _ids(pick(table.holders(MODEL, 1), 1)) == ["c", "b", "a"]
+
+
+def test_a_peer_with_fast_first_tokens_wins_over_a_slow_one():
+    table = _table()
+    _up(table, "a")
+    _up(table, "b")
+    table.on_first_token("a", 3.0, 1)
+    table.on_first_token("b", 0.1, 1)
+    assert _ids(pick(table.holders(MODEL, 2), 2)) == ["b", "a"]
+
+
+def test_an_old_slow_ttft_is_forgotten_after_a_while():
+    table = _table()
+    _up(table, "a")
+    _up(table, "b")
+    table.on_first_token("a", 9.0, 0)  # a was slow once; b was never measured
+    assert _ids(pick(table.holders(MODEL, 10), 10)) == ["b", "a"]
+    # Minutes later that measurement says nothing about a's load: a and b tie, node id decides.
+    assert _ids(pick(table.holders(MODEL, 200), 200)) == ["a", "b"]
+
+
+def test_equal_peers_are_ordered_by_node_id_so_choice_is_deterministic():
+    table = _table()
+    for n in ("zed", "amy", "kim"):
+        _up(table, n)
+    assert _ids(pick(table.holders(MODEL, 1), 1)) == ["amy", "kim", "zed"]
+
+
+def test_a_peer_that_just_missed_a_health_check_ranks_after_healthy_ones():
+    table = _table()
+    _up(table, "a")
+    _up(table, "b")
+    table.on_health_fail("a", 1)
+    assert _ids(pick(table.holders(MODEL, 1), 1)) == ["b", "a"]
+
+
+def test_ewma_smooths_rtt_and_ttft():
+    table = _table(ewma_alpha=0.5)
+    _up(table, "a")
+    table.on_health_ok("a", 0.010, 1)
+    assert table.get("a").ewma_rtt_s == pytest.approx(0.0055)
+    table.on_first_token("a", 1.0, 1)
+    table.on_first_token("a", 3.0, 2)
+    assert table.get("a").ewma_ttft_s == pytest.approx(2.0)
+
+
+# Retry budget and backoff -------------------------------------------------
+
+
+def test_retries_are_capped_at_a_fifth_of_requests_under_a_failure_storm():
+    budget = RetryBudget(ratio=0.2, min_per_s=1.0, max_tokens=20)
+    retries = 0
+    now = 0.0
+    for i in range(10_000):
+        now = i * 0.001  # 1000 requests/s for 10 s
+        budget.on_request(now)
+        if budget.can_retry(now) and budget.on_retry(now):
+            retries += 1
+    # ≤ 20% of requests + the 1/s floor over 10 s + the initial balance.
+    assert retries <= 0.2 * 10_000 + 10 + 1
+    assert retries >= 0.2 * 10_000 - 1
+
+
+def test_a_quiet_node_can_still_retry_thanks_to_the_floor():
+    budget = RetryBudget(ratio=0.2, min_per_s=1.0)
+    budget.on_request(0)
+    assert budget.on_retry(0)
+    assert not budget.can_retry(0.1)
+    assert budget.can_retry(1.1)
+
+
+def test_retry_budget_does_not_bank_a_storm_during_calm():
+    budget = RetryBudget(ratio=0.2, min_per_s=1.0, max_tokens=5)
+    budget.on_request(0)
+    budget.on_request(3600)
+    allowed = sum(budget.on_retry(3600) for _ in range(100))
+    assert allowed == 5
+
+
+def test_backoff_grows_exponentially_with_bounded_jitter_and_caps():
+    low = Backoff(0.1, factor=2, max_s=1.0, jitter=0.5, rand=lambda: 0.999999)
+    high = Backoff(0.1, factor=2, max_s=1.0, jitter=0.5, rand=lambda: 0.0)
+    assert [high.delay(n) for n in range(5)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0])
+    assert low.delay(2) == pytest.approx(0.2, rel=1e-4)  # never below half the step
+    assert high.delay(10_000) == 1.0
+    assert [high.next_delay() for _ in range(3)] == pytest.approx([0.1, 0.2, 0.4])
+    high.reset()
+    assert high.next_delay() == pytest.approx(0.1)

@@ -53,6 +53,7 @@ class Node:
         if self.cluster is not None:
             self.router.peer_planner = self.cluster.plan
             self.router.peer_models = self.cluster.model_names
+            self.router.retry_gate = self.cluster.retry_allowed
         app = create_app(self)
         self._runner = web.AppRunner(
             app, handler_cancellation=True, access_log=None, shutdown_timeout=self.settings.drain_timeout_s

@@ -32,9 +32,11 @@ class Target(Protocol):
 
     async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply: ...
 
-    def begin(self) -> None: ...
+    def begin(self) -> bool | None:
+        """Claim a slot; False means "do not send" (a breaker is open)."""
 
-    def end(self, ok: bool, ttft_s: float | None) -> None: ...
+    def end(self, ok: bool | None, ttft_s: float | None) -> None:
+        """Release the slot: ok True/False, or None when the client went away."""
 
 
 class LocalTarget:
@@ -51,10 +53,11 @@ class LocalTarget:
     async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
         return await self.backend.open(op, self.model, body, stream=stream, want_usage=want_usage)
 
-    def begin(self) -> None:
+    def begin(self) -> bool:
         self.backend.in_flight += 1
+        return True
 
-    def end(self, ok: bool, ttft_s: float | None) -> None:
+    def end(self, ok: bool | None, ttft_s: float | None) -> None:
         self.backend.in_flight -= 1
 
 
@@ -82,6 +85,7 @@ class Router:
         self.max_attempts = max_attempts
         self.peer_planner: PeerPlanner | None = None
         self.peer_models: Callable[[], list[str]] | None = None
+        self.retry_gate: Callable[[], bool] | None = None
 
     def known_models(self) -> list[str]:
         names = {m.id for _, m in self.registry.models()}
@@ -120,8 +124,16 @@ class Router:
         targets = self.plan(model, op, forwarded=forwarded)
         last: EngineUnavailable | None = None
         started = time.perf_counter()
-        for attempt, target in enumerate(targets[: self.max_attempts], start=1):
-            target.begin()
+        attempt = 0
+        for target in targets:
+            if attempt >= self.max_attempts:
+                break
+            if attempt > 0 and self.retry_gate is not None and not self.retry_gate():
+                log.warning("retry_budget_exhausted", model=model)
+                break
+            if target.begin() is False:
+                continue
+            attempt += 1
             try:
                 reply = await target.open(op, body, stream=stream, want_usage=want_usage)
                 first: list[bytes] | None = None
@@ -145,7 +157,9 @@ class Router:
             except BaseException:
                 target.end(False, None)
                 raise
-        assert last is not None
+        if last is None:
+            raise Unavailable(f"Every holder of `{model}` is failing right now; try again shortly",
+                              code="holders_unavailable")
         if last.status == 429:
             raise ApiError(last.message, status=429, type_="rate_limit_error", code="engine_overloaded",
                            headers={"Retry-After": str(int(last.retry_after_s or 1))})

@@ -16,7 +16,10 @@ from .keys import NODE, ROUTER, SETTINGS
 if TYPE_CHECKING:
     from ..node import Node
 
-__all__ = ["create_app", "is_loopback"]
+__all__ = ["HOP_HEADER", "SIGNATURE_HEADER", "create_app", "is_loopback"]
+
+HOP_HEADER = "X-Quorum-Hop"
+SIGNATURE_HEADER = "X-Quorum-Signature"
 
 log = structlog.get_logger(__name__)
 
@@ -81,8 +84,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def trust_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Loopback needs no key; any other caller must prove membership (or is refused)."""
-        if is_loopback(request.remote):
+        """Loopback needs no key; any other caller must prove membership (or is refused).
+
+        A request that claims to be a peer's (signature or hop header) is always
+        verified, from loopback too: forwarded requests are never forwarded on.
+        """
+        claims_peer = SIGNATURE_HEADER in request.headers or HOP_HEADER in request.headers
+        if not claims_peer and is_loopback(request.remote):
             return await handler(request)
         if node.cluster is not None:
             peer = await node.cluster.authenticate(request)
@@ -91,8 +99,8 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
                 return await handler(request)
         log.warning("unauthenticated_request", remote=request.remote, path=request.path)
         raise Unauthorized(
-            "Requests from other machines need a valid cluster signature; this node accepts unauthenticated "
-            "requests only from loopback",
+            "This request needs a valid cluster signature; quorum-node accepts unauthenticated requests "
+            "only from loopback",
             code="unauthorized",
         )
 

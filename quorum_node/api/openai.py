@@ -23,7 +23,6 @@ log = structlog.get_logger("quorum_node.request")
 _encode = msgspec.json.Encoder().encode
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-HOP_HEADER = "X-Quorum-Hop"
 
 
 def _frame(batch: list[bytes]) -> bytes:
@@ -68,7 +67,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
     want_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
     if not stream:
         body.pop("stream_options", None)  # vLLM rejects it on non-streamed requests
-    forwarded = HOP_HEADER in request.headers and request.get("peer") is not None
+    forwarded = request.get("peer") is not None  # signed by a peer: serve here, never forward on
     router = request.app[ROUTER]
     status = 200
     opened: Opened | None = None
@@ -86,7 +85,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
             return web.Response(body=_encode(reply.payload), content_type="application/json", headers=headers)
         assert isinstance(reply, StreamReply)
         resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-        ok = False
+        ok: bool | None = None  # None: the client went away
         try:
             await resp.prepare(request)
             if opened.first:
@@ -96,6 +95,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
             await resp.write(b"data: [DONE]\n\n")
             ok = True
         except StreamBroken as e:
+            ok = False
             error = e.message
             status = 502
             err = {"error": {"message": e.message, "type": "server_error", "param": None, "code": e.code}}

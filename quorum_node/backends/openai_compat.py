@@ -31,7 +31,7 @@ from ..errors import (
 from .base import Backend, BackendState, JsonReply, Model, Op, Reply, StreamReply, StreamStats
 from .sse import FINISH_MAP, EventSplitter, StreamNormalizer, engine_error_message
 
-__all__ = ["PROFILES", "OpenAICompatBackend", "Profile", "Timeouts", "map_engine_error"]
+__all__ = ["PATHS", "PROFILES", "OpenAICompatBackend", "Profile", "Timeouts", "map_engine_error", "stream_events"]
 
 log = structlog.get_logger(__name__)
 _decode = msgspec.json.Decoder().decode
@@ -286,7 +286,7 @@ class OpenAICompatBackend(Backend):
             norm = StreamNormalizer(
                 clean=self.profile.clean_stream, want_usage=want_usage, op=op, stats=stats
             )
-            return StreamReply(self._events(resp, norm), stats)
+            return StreamReply(stream_events(resp, norm, t, self.name), stats)
         try:
             async with asyncio.timeout(t.request_s):
                 raw = await resp.read()
@@ -324,62 +324,64 @@ class OpenAICompatBackend(Backend):
                 ch["finish_reason"] = FINISH_MAP[fr]
         return obj
 
-    async def _events(self, resp: aiohttp.ClientResponse, norm: StreamNormalizer) -> AsyncIterator[list[bytes]]:
-        splitter = EventSplitter()
-        first = True
-        clean_end = False
-        t = self._timeouts
-        read = resp.content.readany
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(t.first_token_s if first else t.idle_s):
-                        chunk = await read()
-                except TimeoutError:
-                    if first:
-                        raise EngineUnavailable(
-                            f"engine {self.name} sent no token in {t.first_token_s:g} s", status=504, engine=self.name
-                        ) from None
-                    raise StreamBroken(f"engine {self.name} went silent for {t.idle_s:g} s", code="idle_timeout") from None
-                events = splitter.feed(chunk) if chunk else []
-                if not chunk:
-                    last = splitter.tail()
-                    if last is not None:
-                        events.append(last)
-                batch: list[bytes] = []
-                for data in events:
-                    if data.startswith(b"[DONE]"):
-                        clean_end = True
-                        break
-                    try:
-                        out = norm.feed(data)
-                    except StreamBroken:
-                        if first and not batch:
-                            raise
-                        if batch:
-                            yield batch
-                        raise
-                    if out is not None:
-                        batch.append(out)
-                if batch:
-                    first = False
-                    yield batch
-                if clean_end or not chunk:
-                    break
-            if not clean_end and not norm.stats.finished:
+async def stream_events(
+    resp: aiohttp.ClientResponse, norm: StreamNormalizer, t: Timeouts, name: str
+) -> AsyncIterator[list[bytes]]:
+    """Read an SSE response event by event; see ``StreamReply`` for the contract."""
+    splitter = EventSplitter()
+    first = True
+    clean_end = False
+    read = resp.content.readany
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(t.first_token_s if first else t.idle_s):
+                    chunk = await read()
+            except TimeoutError:
                 if first:
-                    raise EngineUnavailable(f"engine {self.name} closed the stream without a token", engine=self.name)
-                raise StreamBroken(f"engine {self.name} closed the stream before it finished", code="stream_truncated")
-            norm.stats.finished = True
-        except (aiohttp.ClientError, OSError) as e:
+                    raise EngineUnavailable(
+                        f"engine {name} sent no token in {t.first_token_s:g} s", status=504, engine=name
+                    ) from None
+                raise StreamBroken(f"engine {name} went silent for {t.idle_s:g} s", code="idle_timeout") from None
+            events = splitter.feed(chunk) if chunk else []
+            if not chunk:
+                last = splitter.tail()
+                if last is not None:
+                    events.append(last)
+            batch: list[bytes] = []
+            for data in events:
+                if data.startswith(b"[DONE]"):
+                    clean_end = True
+                    break
+                try:
+                    out = norm.feed(data)
+                except StreamBroken as e:
+                    if first and not batch:  # nothing sent yet: another engine may still serve it
+                        raise EngineUnavailable(e.message, status=502, engine=name) from None
+                    if batch:
+                        yield batch
+                    raise
+                if out is not None:
+                    batch.append(out)
+            if batch:
+                first = False
+                yield batch
+            if clean_end or not chunk:
+                break
+        if not clean_end and not norm.stats.finished:
             if first:
-                raise EngineUnavailable(f"engine {self.name} failed: {e}", engine=self.name) from None
-            raise StreamBroken(f"engine {self.name} connection lost: {e}", code="engine_disconnected") from None
-        finally:
-            if clean_end:
-                resp.release()
-            else:
-                resp.close()  # the engine sees the disconnect and stops generating
+                raise EngineUnavailable(f"engine {name} closed the stream without a token", engine=name)
+            raise StreamBroken(f"engine {name} closed the stream before it finished", code="stream_truncated")
+        norm.stats.finished = True
+    except (aiohttp.ClientError, OSError) as e:
+        if first:
+            raise EngineUnavailable(f"engine {name} failed: {e}", engine=name) from None
+        raise StreamBroken(f"engine {name} connection lost: {e}", code="engine_disconnected") from None
+    finally:
+        if clean_end:
+            resp.release()
+        else:
+            resp.close()  # the engine sees the disconnect and stops generating
 
 
 async def _replay_as_stream(op: Op, obj: dict[str, Any], want_usage: bool) -> AsyncIterator[list[bytes]]:
@@ -399,11 +401,3 @@ async def _replay_as_stream(op: Op, obj: dict[str, Any], want_usage: bool) -> As
         events.append(_encode({**base, "object": obj_name, "choices": [], "usage": obj["usage"]}))
     yield events
 
-
-def not_found(model: str, known: list[str]) -> ApiError:
-    listing = ", ".join(sorted(known)[:50]) or "none"
-    return NotFound(
-        f"The model `{model}` does not exist on this cluster. Available models: {listing}",
-        param="model",
-        code="model_not_found",
-    )

@@ -1,0 +1,1 @@
+"""Fakes at the seams: real servers speaking other programs' wire formats."""

@@ -1,0 +1,428 @@
+"""The cluster at run time: discovery, health checks, catalogs, signed forwarding.
+
+Pure decisions live in ``peers`` / ``scoring`` / ``breaker`` / ``signing``;
+this module drives them from sockets and timers and plugs into the router
+(``plan``) and the HTTP server (``authenticate``, ``routes``).
+
+Peer protocol (all signed with the cluster key, see ``signing``):
+
+- ``GET /quorum/v1/health``  → who the node is and its catalog digest
+- ``GET /quorum/v1/catalog`` → the models its engines hold
+- forwarding is the public API itself (``POST /v1/chat/completions`` …) with
+  ``X-Quorum-Hop: 1`` and ``X-Quorum-Origin``; a node never forwards a request
+  that carries a hop header, so loops are impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from ..api.app import is_loopback
+from ..backends.base import JsonReply, Op, Reply, StreamReply, StreamStats
+from ..backends.openai_compat import PATHS, Timeouts, stream_events
+from ..backends.sse import StreamNormalizer, engine_error_message
+from ..errors import ApiError, EngineRejected, EngineUnavailable
+from .membership import Cluster, load_or_create_node_id
+from .peers import (
+    CatalogChanged,
+    CatalogWanted,
+    Outcome,
+    Peer,
+    PeerDown,
+    PeerEvent,
+    PeerInfo,
+    PeerRemoved,
+    PeerState,
+    PeerSuspect,
+    PeerTable,
+    PeerUp,
+)
+from .scoring import RetryBudget, pick
+from .signing import SIGNATURE_HEADERS, ReplayGuard, sign, verify
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["HOP_HEADER", "ORIGIN_HEADER", "PROTO_VERSION", "ClusterService", "PeerTarget"]
+
+log = structlog.get_logger(__name__)
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+PROTO_VERSION = 1
+HOP_HEADER = "X-Quorum-Hop"
+ORIGIN_HEADER = "X-Quorum-Origin"
+
+
+class ClusterService:
+    def __init__(self, node: Node, membership: Cluster) -> None:
+        self.node = node
+        self.settings = node.settings
+        self.membership = membership
+        self.keys = membership.keys()
+        self.node_id = load_or_create_node_id(Path(self.settings.data_dir))
+        s = self.settings
+        self.table = PeerTable(
+            self_id=self.node_id,
+            fingerprint=self.keys.fingerprint,
+            down_after_s=s.peer_down_after_s,
+            suspect_after_s=min(5.0, s.peer_down_after_s / 2),
+        )
+        self.guard = ReplayGuard()
+        self.budget = RetryBudget()
+        self.catalogs: dict[str, list[dict[str, Any]]] = {}  # node id -> model entries
+        self.timeouts = Timeouts(
+            connect_s=s.connect_timeout_s, first_token_s=s.first_token_timeout_s,
+            idle_s=s.idle_timeout_s, request_s=s.request_timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._fetching: set[str] = set()
+        self.discovery: Any = None
+        self._digest = ""
+
+    # -- lifecycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        for address in self.settings.peers:
+            self.table.add_static(address)
+        self._digest = self.catalog_digest()
+        self.node.registry.on_change.append(self._local_catalog_changed)
+        if self.settings.mdns:
+            from .mdns import Discovery
+
+            self.discovery = Discovery(
+                node_id=self.node_id, name=self.node.name, port=self.node.port, fingerprint=self.keys.fingerprint,
+                proto=PROTO_VERSION, catalog_digest=self._digest, interfaces=list(self.settings.mdns_interfaces),
+                on_event=self._events.put_nowait,
+            )
+            await self.discovery.start()
+        self._spawn(self._health_loop(), "cluster-health")
+        self._spawn(self._event_loop(), "cluster-events")
+        log.info("cluster_started", cluster=self.membership.name, fingerprint=self.keys.fingerprint,
+                 node_id=self.node_id, mdns=self.settings.mdns, static_peers=list(self.settings.peers))
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        if self.discovery is not None:
+            with contextlib.suppress(Exception):
+                await self.discovery.close()  # goodbye packets: peers drop us at once
+            self.discovery = None
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    # -- our own catalog -------------------------------------------------
+
+    def local_entries(self) -> list[dict[str, Any]]:
+        return [
+            {"id": m.id, "aliases": list(m.aliases), "engine": b.kind, "context_length": m.context_length,
+             "loaded": m.loaded, "owned_by": m.owned_by, "created": m.created, "family": m.family,
+             "parameter_size": m.parameter_size, "quantization": m.quantization}
+            for b, m in self.node.registry.models()
+        ]
+
+    def catalog_digest(self) -> str:
+        ids = sorted({(e["id"], tuple(e["aliases"])) for e in self.local_entries()})
+        return hashlib.sha256(_encode(ids)).hexdigest()[:16]
+
+    def _local_catalog_changed(self) -> None:
+        digest = self.catalog_digest()
+        if digest != self._digest:
+            self._digest = digest
+            if self.discovery is not None:
+                self._spawn(self.discovery.update_catalog_digest(digest), "mdns-update")
+
+    # -- what the router and API ask ---------------------------------------
+
+    def model_names(self) -> list[str]:
+        return sorted({e["id"] for entries in self._up_catalogs() for e in entries})
+
+    def _up_catalogs(self) -> list[list[dict[str, Any]]]:
+        return [self.catalogs.get(p.node_id, []) for p in self.table.all() if p.state is PeerState.UP]
+
+    def model_entries(self) -> list[dict[str, Any]]:
+        out = []
+        for p in self.table.all():
+            if p.state is not PeerState.UP:
+                continue
+            for e in self.catalogs.get(p.node_id, []):
+                out.append({**e, "node": p.info.name or p.node_id})
+        return out
+
+    def plan(self, model: str, op: Op) -> list[PeerTarget]:
+        now = time.monotonic()
+        self.budget.on_request(now)
+        return [PeerTarget(self, p) for p in pick(self.table.holders(model, now), now)]
+
+    def retry_allowed(self) -> bool:
+        return self.budget.on_retry(time.monotonic())
+
+    # -- signed requests ---------------------------------------------------
+
+    def signed_headers(self, method: str, path: str, body: bytes) -> dict[str, str]:
+        return sign(self.keys, method=method, path=path, body=body, node_id=self.node_id, now=time.time())
+
+    async def authenticate(self, request: web.Request) -> str | None:
+        """The verified node id of a signed peer request, or None (logged)."""
+        body = await request.read()
+        result = verify(self.keys, self.guard, method=request.method, path=request.path_qs, body=body,
+                        headers=request.headers, now=time.time())
+        if not result.ok:
+            log.warning("peer_auth_failed", remote=request.remote, path=request.path, reason=result.reason)
+            return None
+        return result.node_id
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/quorum/v1/health", self._h_health),
+            web.get("/quorum/v1/catalog", self._h_catalog),
+            web.get("/quorum/v1/peers", self._h_peers),
+        ]
+
+    def _require_peer(self, request: web.Request) -> None:
+        if request.get("peer") is None:
+            from ..errors import Unauthorized
+
+            raise Unauthorized("This endpoint needs a cluster signature", code="unauthorized")
+
+    def identity(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "name": self.node.name, "fingerprint": self.keys.fingerprint,
+                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.port}
+
+    async def _h_health(self, request: web.Request) -> web.Response:
+        self._require_peer(request)
+        return web.Response(body=_encode(self.identity()), content_type="application/json")
+
+    async def _h_catalog(self, request: web.Request) -> web.Response:
+        self._require_peer(request)
+        body = {"digest": self._digest, "models": self.local_entries()}
+        return web.Response(body=_encode(body), content_type="application/json")
+
+    async def _h_peers(self, request: web.Request) -> web.Response:
+        if request.get("peer") is None and not is_loopback(request.remote):
+            self._require_peer(request)
+        now = time.monotonic()
+        peers = [
+            {"node_id": p.node_id, "name": p.info.name, "address": p.info.address, "route": p.info.route,
+             "state": p.state.value, "models": sorted({e["id"] for e in self.catalogs.get(p.node_id, [])}),
+             "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
+             "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
+             "static": p.static}
+            for p in self.table.all()
+        ]
+        return web.Response(body=_encode({"node": self.identity(), "peers": peers}), content_type="application/json")
+
+    # -- background work -----------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                targets = self.table.probe_targets()
+                await asyncio.gather(*(self._probe(t.address, t.node_id) for t in targets))
+                self._handle(self.table.tick(time.monotonic()))
+            except Exception:  # task root
+                log.exception("cluster_health_loop_failed")
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _probe(self, address: str, node_id: str | None) -> None:
+        path = "/quorum/v1/health"
+        t0 = time.monotonic()
+        try:
+            async with self.session.get(
+                f"http://{address}{path}", headers=self.signed_headers("GET", path, b""),
+                timeout=aiohttp.ClientTimeout(total=2.0, sock_connect=1.0), allow_redirects=False,
+            ) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"health answered {resp.status}")
+                ident = _decode(raw)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
+            if node_id is not None:
+                self._handle(self.table.on_health_fail(node_id, time.monotonic()))
+            log.debug("peer_health_failed", address=address, error=str(e))
+            return
+        now = time.monotonic()
+        info = PeerInfo(node_id=str(ident.get("node_id")), name=str(ident.get("name", "")), address=address,
+                        fingerprint=str(ident.get("fingerprint", "")), proto=int(ident.get("proto", 1)),
+                        catalog_digest=str(ident.get("catalog_digest", "")))
+        if node_id is None or node_id != info.node_id:
+            self._handle(self.table.on_identified(address, info, now))
+        self._handle(self.table.on_health_ok(info.node_id, now - t0, now))
+        peer = self.table.get(info.node_id)
+        if peer is not None and peer.catalog_digest != info.catalog_digest:
+            self._want_catalog(info.node_id, address)
+
+    async def _event_loop(self) -> None:
+        from .mdns import Discovered, Gone, Updated
+
+        while True:
+            ev = await self._events.get()
+            now = time.monotonic()
+            try:
+                match ev:
+                    case Discovered(info=info) | Updated(info=info):
+                        self._handle(self.table.on_discovered(info, now))
+                        # a fresh announcement is a sign of life: check it now, not in 2 s
+                        self._spawn(self._probe(info.address, info.node_id), "peer-probe")
+                    case Gone(node_id=node_id):
+                        self._handle(self.table.on_goodbye(node_id, now))
+            except Exception:  # task root
+                log.exception("cluster_event_failed", event=repr(ev))
+
+    def _handle(self, events: list[PeerEvent]) -> None:
+        for ev in events:
+            match ev:
+                case CatalogWanted(node_id=nid, address=addr):
+                    self._want_catalog(nid, addr)
+                case PeerUp(node_id=nid):
+                    log.info("peer_up", peer=nid, route="lan")
+                case PeerDown(node_id=nid) | PeerSuspect(node_id=nid):
+                    log.info("peer_" + type(ev).__name__.removeprefix("Peer").lower(), peer=nid)
+                case PeerRemoved(node_id=nid, reason=reason):
+                    self.catalogs.pop(nid, None)
+                    log.info("peer_removed", peer=nid, reason=reason)
+                case CatalogChanged(node_id=nid, models=models):
+                    log.info("peer_catalog", peer=nid, models=len(models))
+                case _:
+                    pass
+
+    def _want_catalog(self, node_id: str, address: str) -> None:
+        if node_id not in self._fetching:
+            self._fetching.add(node_id)
+            self._spawn(self._fetch_catalog(node_id, address), "peer-catalog")
+
+    async def _fetch_catalog(self, node_id: str, address: str) -> None:
+        path = "/quorum/v1/catalog"
+        try:
+            async with self.session.get(
+                f"http://{address}{path}", headers=self.signed_headers("GET", path, b""),
+                timeout=aiohttp.ClientTimeout(total=5.0, sock_connect=1.0), allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    log.warning("peer_catalog_failed", peer=node_id, status=resp.status)
+                    return
+                body = _decode(await resp.read())
+            entries = [e for e in body.get("models", []) if isinstance(e, dict) and isinstance(e.get("id"), str)]
+            self.catalogs[node_id] = entries
+            names = {e["id"] for e in entries} | {a for e in entries for a in e.get("aliases") or ()}
+            self._handle(self.table.on_catalog(node_id, names, str(body.get("digest", "")), time.monotonic()))
+        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, AttributeError) as e:
+            log.warning("peer_catalog_failed", peer=node_id, error=str(e))
+        finally:
+            self._fetching.discard(node_id)
+
+
+class PeerTarget:
+    """A model held by a LAN peer; the request is forwarded, signed, one hop."""
+
+    route = "lan"
+
+    def __init__(self, service: ClusterService, peer: Peer) -> None:
+        self.service = service
+        self.peer = peer
+        self.node = peer.info.name or peer.node_id
+        self.engine = f"peer:{self.node}"
+        self._t0 = 0.0
+
+    def begin(self) -> bool:
+        self._t0 = time.monotonic()
+        return self.service.table.begin_request(self.peer.node_id, self._t0)
+
+    def end(self, ok: bool | None, ttft_s: float | None) -> None:
+        outcome = Outcome.ABANDONED if ok is None else (Outcome.SUCCESS if ok else Outcome.FAILURE)
+        self.service.table.end_request(self.peer.node_id, time.monotonic(), outcome)
+
+    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+        svc = self.service
+        path = PATHS[op]
+        data = _encode(body)
+        headers = svc.signed_headers("POST", path, data)
+        headers.update({"Content-Type": "application/json", HOP_HEADER: "1", ORIGIN_HEADER: svc.node_id})
+        t = svc.timeouts
+        try:
+            async with asyncio.timeout(t.first_token_s if stream else t.request_s):
+                resp = await svc.session.post(
+                    f"http://{self.peer.info.address}{path}", data=data, headers=headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s),
+                )
+        except TimeoutError:
+            raise EngineUnavailable(f"peer {self.node} gave no answer in time", status=504, engine=self.engine) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise EngineUnavailable(f"peer {self.node} unreachable: {e}", engine=self.engine) from None
+        self.node = resp.headers.get("X-Quorum-Node", self.node)
+        if resp.status >= 300:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, OSError):
+                raw = b""
+            finally:
+                resp.release()
+            raise _peer_error(resp.status, raw, self.engine, resp.headers.get("Retry-After"))
+        now = time.monotonic()
+        svc.table.on_first_token(self.peer.node_id, now - self._t0, now)
+        if stream and "text/event-stream" in resp.headers.get("Content-Type", ""):
+            stats = StreamStats()
+            norm = StreamNormalizer(clean=True, want_usage=want_usage, op=op, stats=stats)
+            return StreamReply(stream_events(resp, norm, t, self.engine), stats)
+        try:
+            async with asyncio.timeout(t.request_s):
+                raw = await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise EngineUnavailable(f"peer {self.node} broke off its answer: {e}", engine=self.engine) from None
+        finally:
+            resp.release()
+        try:
+            payload = _decode(raw)
+        except msgspec.DecodeError:
+            raise EngineUnavailable(f"peer {self.node} sent malformed JSON", engine=self.engine) from None
+        return JsonReply(payload, payload.get("usage") if isinstance(payload, dict) else None)
+
+
+def _peer_error(status: int, raw: bytes, engine: str, retry_after: str | None) -> Exception:
+    """A peer answers in the OpenAI shape already: keep status, type and code."""
+    try:
+        obj: Any = _decode(raw) if raw else {}
+    except msgspec.DecodeError:
+        obj = {}
+    err = obj.get("error") if isinstance(obj, dict) else None
+    err = err if isinstance(err, dict) else {}
+    message = engine_error_message(obj) if obj else f"peer answered HTTP {status}"
+    if (status >= 500 and status != 501) or status in (401, 404, 408, 429):
+        # 404: its catalog changed under us; 401: keys or clocks disagree. Another holder may do.
+        hint = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+        return EngineUnavailable(message, status=status if status != 404 else 503, engine=engine, retry_after_s=hint)
+    return EngineRejected(
+        ApiError(message, status=status, type_=err.get("type") or "invalid_request_error",
+                 param=err.get("param"), code=err.get("code")),
+        engine=engine,
+    )
+
+
+# Headers a forwarded request must never carry on to an engine.
+STRIP_HEADERS = (*SIGNATURE_HEADERS, HOP_HEADER, ORIGIN_HEADER)

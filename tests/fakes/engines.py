@@ -1,0 +1,76 @@
+"""Fake local LLM engines for Quorum's tests: real aiohttp servers on 127.0.0.1.
+
+Each fake speaks one engine's exact HTTP wire format, quirks included, as
+described in `reference/engines.md`.  Start one with::
+
+    eng = await start_fake("tgi", token_delay_s=0.01)
+    try:
+        ...  # talk to eng.url (no trailing slash, no /v1)
+    finally:
+        await eng.close()
+
+Knobs (`tokens`, `token_delay_s`, `first_token_delay_s`, `fail_after_tokens`,
+`fail_mode`, `next_status`, `loading`, `api_key`, `tool_arguments`,
+`context_length`, `train_context_length`, `embedding_dim`, `loaded_models`)
+are plain attributes that tests may change at any time; bookkeeping
+(`requests`, `cancelled`, `abandoned`, `active_streams`) is read the same way.
+Module map: `base` (server, knobs, bookkeeping) ← `openai_compat` (the shared
+`/v1` surface and the "openai" kind) ← one module per engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.fakes.base import EngineError, FakeEngine, RecordedRequest
+from tests.fakes.llamacpp import LlamaCppEngine
+from tests.fakes.lmstudio import LMStudioEngine
+from tests.fakes.localai import LocalAIEngine
+from tests.fakes.mlx import MLXEngine
+from tests.fakes.ollama import OllamaEngine
+from tests.fakes.openai_compat import OpenAICompatEngine
+from tests.fakes.tgi import TGIEngine
+from tests.fakes.vllm_sglang import SGLangEngine, VLLMEngine
+
+__all__ = ["ENGINE_CLASSES", "KINDS", "EngineError", "FakeEngine", "RecordedRequest",
+           "start_fake"]
+
+KINDS = ("ollama", "llamacpp", "vllm", "sglang", "tgi", "lmstudio", "localai", "mlx", "openai")
+
+ENGINE_CLASSES: dict[str, type[FakeEngine]] = {
+    "ollama": OllamaEngine,
+    "llamacpp": LlamaCppEngine,
+    "vllm": VLLMEngine,
+    "sglang": SGLangEngine,
+    "tgi": TGIEngine,
+    "lmstudio": LMStudioEngine,
+    "localai": LocalAIEngine,
+    "mlx": MLXEngine,
+    "openai": OpenAICompatEngine,
+}
+
+
+async def start_fake(kind: str, *, port: int = 0, host: str = "127.0.0.1",
+                     models: list[str] | None = None, **knobs: Any) -> FakeEngine:
+    """Start a fake `kind` engine on `host:port` (0: any free port, read back into `.port`).
+
+    `knobs` set attributes before the server starts; an unknown name is a TypeError.
+    With `loading=True`, vLLM and TGI start bound but not listening (connection
+    refused) until `await eng.set_loading(False)`.
+    """
+    try:
+        cls = ENGINE_CLASSES[kind]
+    except KeyError:
+        raise ValueError(f"unknown engine kind {kind!r}; expected one of {KINDS}") from None
+    eng = cls(host=host, models=models)
+    for name, value in knobs.items():
+        if name.startswith("_") or not hasattr(eng, name):
+            raise TypeError(f"start_fake() got an unknown knob {name!r} for {kind}")
+        setattr(eng, name, value)
+    listen = not (eng.loading and eng.loading_mode == "refuse")
+    try:
+        await eng.start(port=port, listen=listen)
+    except BaseException:
+        await eng.close()
+        raise
+    return eng

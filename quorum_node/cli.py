@@ -83,7 +83,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings_from(args)
     configure_logging(settings.log_format, settings.log_level)
-    return asyncio.run(serve_forever(settings))
+    try:
+        import uvloop  # a faster event loop where it exists (not on Windows)
+    except ImportError:
+        return asyncio.run(serve_forever(settings))
+    return uvloop.run(serve_forever(settings))
 
 
 def _get(url: str) -> Any:

@@ -48,6 +48,13 @@ class Node:
 
             self.cluster = ClusterService(self, membership)
 
+    @property
+    def url(self) -> str:
+        """Where this node answers, for a client on this machine."""
+        host = self.settings.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+
     async def start(self) -> None:
         await self.registry.start()
         if self.cluster is not None:

@@ -95,6 +95,8 @@ class _Child:
     started_at: float
     # Resolved with the port from the "listening on" line, or None at EOF (exited).
     listening: asyncio.Future[int | None]
+    # Set once the exit status is recorded in LlamaServerProcess._exits.
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
     # Set once a successor exists or the supervisor stopped; waiters move on.
     superseded: asyncio.Event = field(default_factory=asyncio.Event)
     reader: asyncio.Task[None] | None = None
@@ -235,13 +237,11 @@ class LlamaServerProcess:
         A negative status is the signal that ended it. Returns at once if that
         child already exited.
         """
-        while pid not in self._exits:
+        if pid not in self._exits:
             child = self._child
             if child is None or child.pid != pid:
-                if pid in self._exits:
-                    break
                 raise LookupError(f"pid {pid} is not a child of this supervisor")
-            await child.superseded.wait()
+            await child.exited.wait()
         return self._exits[pid]
 
     async def stop(self) -> None:
@@ -263,7 +263,7 @@ class LlamaServerProcess:
 
     # --- internals -----------------------------------------------------------
 
-    async def _spawn(self, port: int) -> _Child:
+    async def _spawn(self, port: int, *, restart: bool = False) -> _Child:
         cmd = self.command(port)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -287,7 +287,7 @@ class LlamaServerProcess:
             pid=proc.pid,
             port=port or "auto",
             model=str(self.model),
-            restarts=self.restarts,
+            restart=self.restarts + 1 if restart else 0,
         )
         return child
 
@@ -349,6 +349,7 @@ class LlamaServerProcess:
                 returncode = await child.proc.wait()
                 await self._drain_output(child)
                 self._exits[child.pid] = returncode
+                child.exited.set()
                 uptime_s = asyncio.get_running_loop().time() - child.started_at
                 log.warning(
                     "llama_server_exited",
@@ -366,7 +367,7 @@ class LlamaServerProcess:
                     log.info("llama_server_restart_scheduled", delay_s=delay_s, port=port or "auto")
                     await asyncio.sleep(delay_s)
                     try:
-                        successor = await self._spawn(port)
+                        successor = await self._spawn(port, restart=True)
                     except EngineStartError as exc:
                         log.error("llama_server_restart_failed", error=str(exc))
                         uptime_s = 0.0
@@ -400,6 +401,7 @@ class LlamaServerProcess:
             raise
         assert proc.returncode is not None
         self._exits[child.pid] = proc.returncode
+        child.exited.set()
         child.superseded.set()
         log.info("llama_server_stopped", pid=child.pid, returncode=proc.returncode)
 

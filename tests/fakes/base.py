@@ -167,7 +167,7 @@ class FakeEngine:
         # handler_cancellation: a client that goes away cancels the handler at once,
         # so `cancelled` is counted even while the fake sleeps between tokens.
         self._runner = web.AppRunner(
-            app, handler_cancellation=True, shutdown_timeout=0.25, access_log=None
+            app, handler_cancellation=True, shutdown_timeout=0.1, access_log=None
         )
         await self._runner.setup()
         self._sock = self._bind(port)
@@ -188,12 +188,33 @@ class FakeEngine:
         return sock
 
     async def stop_listening(self) -> None:
-        """Refuse new connections (the port stays bound); streams in flight continue."""
+        """Refuse new connections (the port stays bound); requests in flight complete.
+
+        Idle keep-alive connections are closed too (and waited for), so a client's
+        pool cannot keep talking to an engine that is "down"; busy ones close when
+        their response ends.
+        """
         if self._site is None:
             return
         await self._site.stop()  # closes the listening socket
         self._site = None
         self._sock = self._bind(self.port)
+        server = self._runner.server if self._runner is not None else None
+        idle: list[asyncio.Task[None]] = []
+        for handler in server.connections if server is not None else []:
+            if getattr(handler, "_request_in_progress", False):
+                handler.close()  # no keep-alive after the current response
+            else:
+                task = getattr(handler, "_task_handler", None)
+                handler.force_close()  # closes the transport now
+                if task is not None:
+                    idle.append(task)
+        if idle:
+            await asyncio.wait(idle, timeout=1.0)
+            # Let the client side of a same-loop test see the FINs before it reuses a
+            # pooled connection (loopback delivers them at once; a few loop turns suffice).
+            for _ in range(3):
+                await asyncio.sleep(0)
 
     async def resume_listening(self) -> None:
         """Accept connections again, on the same port."""

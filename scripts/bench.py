@@ -1,0 +1,397 @@
+"""Direct vs through quorum-node, measured in one run against the same engine.
+
+Routes compared (each against ``direct``, the engine itself):
+  local   client → node → engine
+  lan     client → node A → node B → engine (one signed LAN hop, loopback)
+
+Engines:
+  fake    (default) a lean OpenAI-compatible SSE server in its own process that
+          streams ``--tokens`` tokens ``--token-interval-ms`` apart, like a real
+          engine paced by its decode loop; it is cheap, so what is measured is us.
+  llama   the real llama-server with SmolLM2-135M (built and cached by
+          ``quorum-node engine fetch``); overhead is reported as a share of the
+          engine's own time to first token and tokens/s.
+
+Every process (engine, nodes, this client) runs on this machine, so the
+numbers include the node competing with the client and the engine for CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# ---------------------------------------------------------------------------
+# The lean fake engine (runs as ``python scripts/bench.py --serve-engine``)
+
+
+def serve_engine(tokens: int, interval_s: float) -> None:
+    from aiohttp import web
+
+    model = "bench-model"
+    head = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1, "model": model}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        body = {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    role = chunk({"role": "assistant", "content": ""})
+    tok = chunk({"content": " tok"})
+    fin = chunk({}, "length")
+    usage = (
+        b"data: "
+        + json.dumps({**head, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens,
+                                                       "total_tokens": 8 + tokens}}).encode()
+        + b"\n\n"
+    )
+    whole = json.dumps({
+        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+    }).encode()
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": model, "object": "model", "created": 1, "owned_by": "vllm", "max_model_len": 4096}]})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.Response(body=whole, content_type="application/json")
+        n = int(body.get("max_tokens") or tokens)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(role)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(n):
+            # paced against a schedule, so a late wake-up does not slow the whole stream
+            delay = t0 + (i + 1) * interval_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await resp.write(tok)
+        await resp.write(fin)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(usage)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version(_: web.Request) -> web.Response:
+        return web.json_response({"version": "0.0.0-bench"})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/version", version)
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        print(json.dumps({"port": port}), flush=True)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------
+# Processes
+
+
+class Proc:
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, **(env or {})}, cwd=ROOT)
+
+    def read_json_line(self, stream: str, key: str, timeout_s: float = 120) -> dict[str, Any]:
+        f = self.p.stdout if stream == "stdout" else self.p.stderr
+        assert f is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            line = f.readline()
+            if not line:
+                raise RuntimeError(f"process exited: {self.p.poll()}")
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if key in obj or obj.get("event") == key:
+                return obj
+        raise TimeoutError(key)
+
+    def peak_rss_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple[Proc, str]:
+    proc = Proc([PY, "-m", "quorum_node.cli", "run", "--host", "127.0.0.1", "--port", "0", "--name", name,
+                 "--data-dir", data_dir, "--no-detect", "--no-embedded-engine", "--log-format", "json",
+                 "--log-level", "info", *extra])
+    started = proc.read_json_line("stderr", "node_started", 60)
+    # keep draining stderr so the node never blocks on a full pipe
+    import threading
+
+    def drain() -> None:
+        assert proc.p.stderr is not None
+        for _ in proc.p.stderr:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    return proc, f"http://127.0.0.1:{started['port']}"
+
+
+# ---------------------------------------------------------------------------
+# Measurements
+
+CHAT = {"model": "", "messages": [{"role": "user", "content": "Say something."}]}
+
+
+async def wait_model(session: aiohttp.ClientSession, base: str, model: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(base + "/v1/models") as r:
+                if r.status == 200 and any(m["id"] == model for m in (await r.json())["data"] or []):
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{model} never showed up at {base}")
+
+
+async def one_request(session: aiohttp.ClientSession, base: str, model: str) -> float:
+    t0 = time.perf_counter()
+    async with session.post(base + "/v1/chat/completions", json={**CHAT, "model": model}) as r:
+        await r.read()
+        assert r.status == 200, r.status
+    return time.perf_counter() - t0
+
+
+async def one_stream(
+    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None
+) -> tuple[float, int, float]:
+    """(time to first token, content tokens, total time) of one streamed chat."""
+    body: dict[str, Any] = {**CHAT, "model": model, "stream": True}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
+    t0 = time.perf_counter()
+    ttft = -1.0
+    n = 0
+    buf = b""
+    async with session.post(base + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, r.status
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if b'"content":"' in ev and b'"content":""' not in ev:
+                    if ttft < 0:
+                        ttft = time.perf_counter() - t0
+                    n += 1
+    return ttft, n, time.perf_counter() - t0
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+async def latency(session: aiohttp.ClientSession, routes: dict[str, str], model: str, n: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in routes}
+    for base in routes.values():  # warm connections
+        for _ in range(10):
+            await one_request(session, base, model)
+    for _ in range(n):  # interleaved, so drift hits every route alike
+        for name, base in routes.items():
+            out[name].append(await one_request(session, base, model))
+    return out
+
+
+async def ttft(
+    session: aiohttp.ClientSession, routes: dict[str, str], model: str, n: int, max_tokens: int
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in routes}
+    for _ in range(n):
+        for name, base in routes.items():
+            out[name].append((await one_stream(session, base, model, max_tokens))[0])
+    return out
+
+
+async def throughput(
+    session: aiohttp.ClientSession, base: str, model: str, streams: int, max_tokens: int | None
+) -> float:
+    """Delivered tokens/s with ``streams`` concurrent streams (each runs once)."""
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one_stream(session, base, model, max_tokens) for _ in range(streams)))
+    wall = time.perf_counter() - t0
+    return sum(n for _, n, _ in results) / wall
+
+
+def fmt_ms(x: float) -> str:
+    return f"{x * 1000:8.3f} ms"
+
+
+async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str, node_procs: dict[str, Proc]) -> dict:
+    report: dict[str, Any] = {}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        for base in routes.values():
+            await wait_model(session, base, model)
+        print(f"\n== non-streamed request, concurrency 1 ({args.requests} each, interleaved)")
+        lat = await latency(session, routes, model, args.requests)
+        d50, d99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
+        print(f"  {'direct':7s} p50 {fmt_ms(d50)}  p99 {fmt_ms(d99)}")
+        for name in routes:
+            if name == "direct":
+                continue
+            p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
+            print(f"  {name:7s} p50 {fmt_ms(p50)}  p99 {fmt_ms(p99)}   added p50 {fmt_ms(p50 - d50)}  "
+                  f"added p99 {fmt_ms(p99 - d99)}")
+            report[f"{name}_added_p50_ms"] = (p50 - d50) * 1000
+            report[f"{name}_added_p99_ms"] = (p99 - d99) * 1000
+
+        print(f"\n== time to first token, streamed, concurrency 1 ({args.ttft_requests} each)")
+        tt = await ttft(session, routes, model, args.ttft_requests, max_tokens=4)
+        d = statistics.median(tt["direct"])
+        print(f"  {'direct':7s} p50 {fmt_ms(d)}")
+        for name in routes:
+            if name != "direct":
+                m = statistics.median(tt[name])
+                extra = f"  ({(m - d) / d * 100:.1f} % of the engine's own TTFT)" if args.engine == "llama" else ""
+                print(f"  {name:7s} p50 {fmt_ms(m)}   added {fmt_ms(m - d)}{extra}")
+                report[f"{name}_added_ttft_ms"] = (m - d) * 1000
+
+        print("\n== delivered stream tokens/s")
+        for c in args.streams:
+            rates = {}
+            for name, base in routes.items():
+                rates[name] = await throughput(session, base, model, c, args.max_tokens)
+            line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
+            for name in routes:
+                if name != "direct":
+                    ratio = rates[name] / rates["direct"]
+                    line += f" | {name} {rates[name]:9.1f} tok/s = {ratio * 100:5.1f} %"
+                    report[f"{name}_ratio_{c}"] = ratio
+            print(line)
+        for name, proc in node_procs.items():
+            report[f"{name}_peak_rss_mb"] = proc.peak_rss_mb()
+            print(f"\n  peak RSS of node {name}: {report[f'{name}_peak_rss_mb']:.1f} MiB")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=("fake", "llama"), default="fake")
+    ap.add_argument("--routes", default="local,lan", help="comma list of local, lan")
+    ap.add_argument("--requests", type=int, default=300, help="non-streamed requests per route")
+    ap.add_argument("--ttft-requests", type=int, default=100)
+    ap.add_argument("--streams", default="1,16,64,256", help="concurrency levels")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per fake stream")
+    ap.add_argument("--token-interval-ms", type=float, default=20.0, help="fake engine's time between tokens")
+    ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per streamed request")
+    ap.add_argument("--json", action="store_true", help="also print the report as JSON")
+    ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve_engine:
+        serve_engine(args.tokens, args.token_interval_ms / 1000)
+        return 0
+    args.streams = [int(x) for x in args.streams.split(",") if x]
+    wanted = [r for r in args.routes.split(",") if r]
+    procs: list[Proc] = []
+    node_procs: dict[str, Proc] = {}
+    engine_proc = None
+    try:
+        if args.engine == "fake":
+            engine_proc = Proc([PY, str(Path(__file__)), "--serve-engine", "--tokens", str(args.tokens),
+                                "--token-interval-ms", str(args.token_interval_ms)])
+            procs.append(engine_proc)
+            engine_url = f"http://127.0.0.1:{engine_proc.read_json_line('stdout', 'port')['port']}"
+            kind, model = "vllm", "bench-model"
+        else:
+            from quorum_node.engine.fetch import cache_dir, ensure_llama_server, ensure_model
+
+            cache = cache_dir(os.environ.get("QUORUM_CACHE_DIR"))
+            binary, gguf = ensure_llama_server(cache), ensure_model(cache)
+            import socket
+
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            engine_proc = Proc([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                "-c", "4096", "-np", "4"])
+            procs.append(engine_proc)
+            engine_url = f"http://127.0.0.1:{port}"
+            kind, model = "llamacpp", gguf.name.removesuffix(".gguf")
+            if args.max_tokens is None:
+                args.max_tokens = 32
+            args.streams = [s for s in args.streams if s <= 4] or [1, 4]
+        routes = {"direct": engine_url}
+        tmp = tempfile.mkdtemp(prefix="quorum-bench-")
+        cluster = ["--cluster", "bench", "--secret", "bench-secret", "--no-mdns"]
+        if "local" in wanted or "lan" in wanted:
+            b, b_url = start_node_and_port("B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}", *cluster])
+            procs.append(b)
+            node_procs["local"] = b
+            if "local" in wanted:
+                routes["local"] = b_url
+            if "lan" in wanted:
+                a, a_url = start_node_and_port("A", f"{tmp}/A", [*cluster, "--peer", b_url.removeprefix("http://")])
+                procs.append(a)
+                node_procs["lan"] = a
+                routes["lan"] = a_url
+        print(f"engine: {args.engine} at {engine_url}; routes: {', '.join(routes)}")
+        if args.engine == "fake":
+            print(f"fake engine: {args.tokens} tokens per stream, {args.token_interval_ms:g} ms apart")
+        report = asyncio.run(run_bench(args, routes, model, node_procs))
+        if args.json:
+            print(json.dumps(report, indent=2))
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

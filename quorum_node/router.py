@@ -9,6 +9,7 @@ up to that point can still be retried elsewhere, transparently.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -154,6 +155,9 @@ class Router:
             except EngineRejected as e:
                 target.end(True, None)
                 raise e.error from None
+            except asyncio.CancelledError:  # the client went away: not the target's fault
+                target.end(None, None)
+                raise
             except BaseException:
                 target.end(False, None)
                 raise

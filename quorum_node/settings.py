@@ -76,7 +76,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idle_timeout_s: float = 60.0
     request_timeout_s: float = 600.0
     max_body_bytes: int = 32 * 1024 * 1024
-    drain_timeout_s: float = 5.0
+    drain_timeout_s: float = 3.0
     # cluster
     cluster: str | None = None
     cluster_secret: str | None = None

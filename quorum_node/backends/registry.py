@@ -71,7 +71,9 @@ class Registry:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+        )
         for spec in self.settings.backends:
             self.add(spec)
         await self.refresh_once()

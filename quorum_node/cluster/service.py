@@ -96,7 +96,9 @@ class ClusterService:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+        )
         for address in self.settings.peers:
             self.table.add_static(address)
         self._digest = self.catalog_digest()

@@ -13,26 +13,12 @@ import aiohttp
 import openai
 import pytest
 
-from tests.fakes.engines import KINDS, FakeEngine, start_fake
+from tests.fakes.engines import KINDS, FakeEngine
 
-StartFake = Callable[..., Awaitable[FakeEngine]]
+StartFake = Callable[..., Awaitable[FakeEngine]]  # the `fake` fixture (tests/conftest.py)
 EMBEDDING_KINDS = ("ollama", "llamacpp", "vllm", "sglang", "lmstudio", "localai", "openai")
 # Kinds where an injected error raises through the SDK (LM Studio answers errors with 200).
 STATUS_KINDS = tuple(k for k in KINDS if k != "lmstudio")
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[StartFake]:
-    engines: list[FakeEngine] = []
-
-    async def make(kind: str, **kw: object) -> FakeEngine:
-        eng = await start_fake(kind, **kw)
-        engines.append(eng)
-        return eng
-
-    yield make
-    for eng in engines:
-        await eng.close()
 
 
 @pytest.fixture
@@ -140,8 +126,7 @@ async def test_next_status_raises_once(fake: StartFake, kind: str) -> None:
         assert done.choices[0].message.content == "Hello, world!"
 
 
-@pytest.mark.parametrize("kind", ("llamacpp", "vllm", "sglang", "localai", "mlx", "openai",
-                                  "ollama", "lmstudio"))
+@pytest.mark.parametrize("kind", KINDS)
 async def test_mid_stream_error_reaches_sdk(fake: StartFake, kind: str) -> None:
     eng = await fake(kind, fail_after_tokens=2)
     async with sdk(eng) as client:

@@ -338,10 +338,7 @@ class FakeEngine:
         return rec
 
     def injected_error_message(self, status: int) -> str:
-        try:
-            return HTTPStatus(status).phrase
-        except ValueError:
-            return f"error {status}"
+        return status_phrase(status)
 
     def make_plan(
         self,

@@ -113,6 +113,14 @@ class Router:
             )
         if self.registry.loading():
             raise Unavailable("The engine is still loading its model; try again shortly", code="engine_loading")
+        down = [b for b in self.registry.backends.values() if b.state is BackendState.DOWN]
+        holders_down = [b.name for b in down if any(model in m.names() for m in b.last_models)]
+        if holders_down or (down and not self.known_models()):
+            raise Unavailable(
+                f"The engine serving `{model}` cannot be reached right now "
+                f"({', '.join(holders_down or [b.name for b in down])}); try again shortly",
+                code="engine_unavailable",
+            )
         raise NotFound(
             f"The model `{model}` does not exist. Available models: {', '.join(self.known_models()) or 'none'}",
             param="model",

@@ -79,3 +79,24 @@ async def client_for() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
     yield _make
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator["aiohttp.ClientSession"]:
+    """A raw aiohttp client, for wire-level facts (headers, exact SSE bytes)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "") -> None:
+    """Poll ``check`` until it holds, failing the test after ``timeout_s`` (never a fixed sleep)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        if loop.time() > deadline:
+            pytest.fail(f"not within {timeout_s} s: {what or check}")
+        await asyncio.sleep(0.02)

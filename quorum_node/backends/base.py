@@ -101,6 +101,9 @@ class Backend(ABC):
     def __init__(self) -> None:
         self.state = BackendState.DOWN
         self.models: list[Model] = []
+        # What it held when last up: a configured engine that goes down loses its
+        # models, but a request for one of them is "unavailable", not "unknown".
+        self.last_models: list[Model] = []
         self.in_flight = 0
         self.last_error: str | None = None
 

@@ -79,6 +79,11 @@ async def identify(session: aiohttp.ClientSession, base: str, *, timeout_s: floa
                 st2, root, _ = await _get(session, base + "/", t)
                 if st2 == 200 and isinstance(root, str) and "Ollama is running" in root:
                     return "ollama"
+        # What follows rests on status codes and generic shapes; a server that answers
+        # 200 to any path (a catch-all proxy or web app) would pass, so rule it out first.
+        st, _, _ = await _get(session, base + "/.quorum-detect-canary", t)
+        if st == 200:
+            return None
         st, body, h = await _get(session, base + "/.well-known/localai.json", t)
         if st == 200 and not _is_lmstudio_catchall(body, h):
             return "localai"

@@ -176,6 +176,7 @@ class OpenAICompatBackend(Backend):
             self._set(BackendState.LOADING if e.status == 503 else BackendState.DOWN, e.message)
             return
         self.models = models
+        self.last_models = models
         self._set(BackendState.READY, None)
 
     def _set(self, state: BackendState, reason: str | None) -> None:
@@ -366,6 +367,9 @@ async def stream_events(
                     raise
                 if out is not None:
                     batch.append(out)
+                if norm.extra:
+                    batch.extend(norm.extra)
+                    norm.extra.clear()
             if batch:
                 first = False
                 yield batch

@@ -20,7 +20,7 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 # Finish reasons some engines send that the OpenAI SDK does not know.
-FINISH_MAP = {"stop_sequence": "stop", "eos_token": "stop", "eos": "stop", "max_tokens": "length"}
+FINISH_MAP = {"eos_token": "stop", "eos": "stop", "max_tokens": "length"}
 
 
 class EventSplitter:
@@ -99,7 +99,7 @@ class StreamNormalizer:
     that decodes only the events that need it: errors and usage.
     """
 
-    __slots__ = ("_clean", "_id", "_created", "_role_sent", "_want_usage", "_object", "stats")
+    __slots__ = ("_clean", "_id", "_created", "_role_sent", "_want_usage", "_object", "stats", "extra")
 
     def __init__(self, *, clean: bool, want_usage: bool, op: str, stats: StreamStats) -> None:
         self._clean = clean
@@ -109,9 +109,14 @@ class StreamNormalizer:
         self._role_sent = False
         self._object = "chat.completion.chunk" if op == "chat" else "text_completion"
         self.stats = stats
+        # Events to send right after the one ``feed`` returned; the caller drains it.
+        self.extra: list[bytes] = []
 
     def feed(self, data: bytes) -> bytes | None:
-        """One event's data in, the event to send out (or None to drop it)."""
+        """One event's data in, the event to send out (or None to drop it).
+
+        Rarely one event becomes two; the second is left in :attr:`extra`.
+        """
         if self._clean:
             if b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
                 self.stats.chunks += 1
@@ -130,6 +135,7 @@ class StreamNormalizer:
         usage = obj.get("usage")
         if usage:
             self.stats.usage = usage
+        split = False
         if not choices:
             if usage and not self._want_usage:
                 return None  # asked for by us, not by the client
@@ -141,17 +147,20 @@ class StreamNormalizer:
                 fr = ch.get("finish_reason")
                 if fr:
                     self.stats.finished = True
+                    # llama.cpp's /v1/completions stream puts usage on its finish chunk;
+                    # OpenAI sends it in a chunk of its own, with no choices, where clients look.
+                    split = bool(usage and self._want_usage)
                     if fr in FINISH_MAP:
                         ch["finish_reason"] = FINISH_MAP[fr]
                 delta = ch.get("delta")
                 if isinstance(delta, dict) and "role" in delta:
                     if self._role_sent:
-                        del delta["role"]  # TGI, MLX, old Ollama repeat it
+                        pass  # TGI, MLX, old Ollama repeat it
                     else:
                         self._role_sent = True
-            if usage and not self._want_usage:
+            if usage and (split or not self._want_usage):
                 obj["usage"] = None
-        if self._clean:
+        if self._clean and not split:
             return data if self._want_usage or not usage else _encode(obj)
         if not obj.get("id"):  # TGI sends ""
             if self._id is None:
@@ -163,4 +172,6 @@ class StreamNormalizer:
             obj["created"] = self._created
         if choices and obj.get("object") != self._object:
             obj["object"] = self._object
+        if split:
+            self.extra.append(_encode({**obj, "choices": [], "usage": usage}))
         return _encode(obj)

@@ -69,13 +69,15 @@ class RetryBudget:
         *,
         min_per_s: float = 1.0,
         max_tokens: float = 20.0,
+        initial_tokens: float | None = None,
     ) -> None:
         if ratio < 0 or min_per_s < 0 or max_tokens < 1:
             raise ValueError("need ratio >= 0, min_per_s >= 0 and max_tokens >= 1")
         self.ratio = ratio
         self.min_per_s = min_per_s
         self.max_tokens = max_tokens
-        self._tokens = min(max_tokens, max(1.0, min_per_s))
+        # None: start with the floor's worth; a long-running calm node has a full bucket anyway
+        self._tokens = float(initial_tokens) if initial_tokens is not None else min(max_tokens, max(1.0, min_per_s))
         self._at: float | None = None
 
     @property

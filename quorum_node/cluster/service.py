@@ -79,7 +79,7 @@ class ClusterService:
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
         )
         self.guard = ReplayGuard()
-        self.budget = RetryBudget()
+        self.budget = RetryBudget(max_tokens=10, initial_tokens=10)  # as after a calm spell
         self.catalogs: dict[str, list[dict[str, Any]]] = {}  # node id -> model entries
         self.timeouts = Timeouts(
             connect_s=s.connect_timeout_s, first_token_s=s.first_token_timeout_s,
@@ -113,7 +113,8 @@ class ClusterService:
             )
             await self.discovery.start()
         self._spawn(self._health_loop(), "cluster-health")
-        self._spawn(self._event_loop(), "cluster-events")
+        if self.discovery is not None:  # only mDNS feeds the event queue
+            self._spawn(self._event_loop(), "cluster-events")
         log.info("cluster_started", cluster=self.membership.name, fingerprint=self.keys.fingerprint,
                  node_id=self.node_id, mdns=self.settings.mdns, static_peers=list(self.settings.peers))
 
@@ -375,6 +376,11 @@ class PeerTarget:
                 )
         except TimeoutError:
             raise EngineUnavailable(f"peer {self.node} gave no answer in time", status=504, engine=self.engine) from None
+        except aiohttp.ClientConnectorError as e:
+            # A refused connection is the same evidence as a failed health check: count it now, so
+            # the next requests rank this peer behind its siblings instead of waiting for the prober.
+            svc._handle(svc.table.on_health_fail(self.peer.node_id, time.monotonic()))
+            raise EngineUnavailable(f"peer {self.node} unreachable: {e}", engine=self.engine) from None
         except (aiohttp.ClientError, OSError) as e:
             raise EngineUnavailable(f"peer {self.node} unreachable: {e}", engine=self.engine) from None
         self.node = resp.headers.get("X-Quorum-Node", self.node)

@@ -191,8 +191,11 @@ async def wait_model(session: aiohttp.ClientSession, base: str, model: str, time
     while time.monotonic() < deadline:
         try:
             async with session.get(base + "/v1/models") as r:
-                if r.status == 200 and any(m["id"] == model for m in (await r.json())["data"] or []):
-                    return
+                if r.status == 200:
+                    # llama-server itself names its model by the -m path; the node by the file stem
+                    ids = {m["id"] for m in (await r.json())["data"] or []}
+                    if model in ids | {Path(i).name.removesuffix(".gguf") for i in ids}:
+                        return
         except aiohttp.ClientError:
             pass
         await asyncio.sleep(0.1)

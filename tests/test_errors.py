@@ -219,24 +219,29 @@ async def test_engine_503_is_503_with_retry_after_and_the_sdk_retries(
 
 
 async def test_engine_down_is_503_with_retry_after(start_node: StartNode, fake: StartFake,
-                                                   client_for: ClientFor) -> None:
-    eng, node = await vllm_node(start_node, fake)
-    client = client_for(node)
+                                                   client_for: ClientFor,
+                                                   http: aiohttp.ClientSession) -> None:
+    eng = await fake("vllm")
+    unaware = await start_node(probe_interval_s=60, backends=[{"kind": "vllm", "url": eng.url}])
+    aware = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     await eng.stop_listening()
-    # Straight away (the node still thinks the engine is up) and after the node has noticed.
-    for _ in range(2):
+
+    async def noticed() -> bool:
+        async with http.get(aware.url + "/ready") as r:
+            return r.status == 503
+
+    await eventually(noticed, what="node notices the engine is down")
+    # Whether the node finds out on the request itself or already knows: 503, never "no such model".
+    for node in (unaware, aware):
+        client = client_for(node)
         with pytest.raises(openai.InternalServerError) as info:
             await client.chat.completions.create(model=MODEL, messages=MSGS)
-        assert info.value.status_code == 503
-        assert float(info.value.response.headers["Retry-After"]) > 0
-        assert info.value.type == "unavailable_error"
-        assert_provenance(info.value.response.headers, node)
-
-        async def noticed() -> bool:
-            return node.registry.ready() is False
-
-        await eventually(noticed, what="node notices the engine is down")
+        err = info.value
+        assert err.status_code == 503 and err.type == "unavailable_error"
+        assert float(err.response.headers["Retry-After"]) > 0
+        assert_provenance(err.response.headers, node)
     await eng.resume_listening()
+    client = client_for(aware)
 
     async def served() -> bool:
         try:
@@ -246,6 +251,16 @@ async def test_engine_down_is_503_with_retry_after(start_node: StartNode, fake: 
         return True
 
     await eventually(served, what="engine back in service")
+
+
+async def test_configured_engine_down_from_the_start_is_503(start_node: StartNode, fake: StartFake,
+                                                            client_for: ClientFor) -> None:
+    eng = await fake("ollama")
+    await eng.stop_listening()
+    node = await start_node(backends=[{"kind": "ollama", "url": eng.url}])
+    with pytest.raises(openai.InternalServerError) as info:
+        await client_for(node).chat.completions.create(model="llama3.2", messages=MSGS)
+    assert info.value.status_code == 503 and "Retry-After" in info.value.response.headers
 
 
 async def test_engine_still_loading_is_503_and_not_ready(start_node: StartNode, fake: StartFake,
@@ -317,27 +332,26 @@ async def test_lmstudio_http_200_error_is_a_real_error(start_node: StartNode, fa
 
     await eventually(listed, what="LM Studio's new model listed")
     eng.models.remove("ghost-model")
-    with pytest.raises(openai.APIStatusError) as info:
+    with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model="ghost-model", messages=MSGS)
-    assert 400 <= info.value.status_code < 600
-    assert "ghost-model" in info.value.message
+    assert "Invalid model identifier" in info.value.body["message"]
+    assert "ghost-model" in info.value.body["message"]
 
 
 async def test_errors_never_leak_a_traceback(start_node: StartNode, fake: StartFake,
                                              http: aiohttp.ClientSession) -> None:
     eng, node = await vllm_node(start_node, fake)
-    bodies = [
-        {"model": MODEL, "messages": [None]},
-        {"model": MODEL, "messages": [{"content": "no role"}]},
-        {"model": MODEL, "messages": MSGS, "stream_options": "x"},
-        {"model": "", "messages": MSGS},
+    cases = [
+        ({"model": MODEL, "messages": [None]}, "messages[0]"),
+        ({"model": MODEL, "messages": [{"content": "no role"}]}, "messages[0]"),
+        ({"model": MODEL, "messages": MSGS, "stream_options": "x"}, "stream_options"),
+        ({"model": "", "messages": MSGS}, "model"),
+        ({"model": MODEL, "messages": MSGS, "temperature": True}, "temperature"),
     ]
-    results = await asyncio.gather(*(http.post(node.url + "/v1/chat/completions", json=b) for b in bodies))
-    for resp in results:
+    results = await asyncio.gather(*(http.post(node.url + "/v1/chat/completions", json=b) for b, _ in cases))
+    for resp, (_, param) in zip(results, cases, strict=True):
         async with resp:
             assert resp.status == 400
-            text = await resp.text()
-            assert "Traceback" not in text
-            assert_openai_error(await resp.json(), type_="invalid_request_error",
-                                param=(await resp.json())["error"]["param"])
+            assert "Traceback" not in await resp.text()
+            assert_openai_error(await resp.json(), type_="invalid_request_error", param=param)
     assert eng.requests == []

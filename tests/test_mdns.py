@@ -159,9 +159,11 @@ async def test_three_nodes_see_each_other_and_never_themselves(start_discovery: 
     await a.d.update_catalog_digest("d1")
     await b.wait_for(lambda ev: isinstance(ev, Updated) and ev.info.node_id == a.node_id, timeout=3.0)
     for n in nodes:
-        ids = [ev.info.node_id if isinstance(ev, (Discovered, Updated)) else ev.node_id for ev in n.drain()]
-        assert n.node_id not in ids
-        assert set(ids) == {o.node_id for o in nodes if o is not n}
+        # Loopback is shared by every process on the machine, so another test run's
+        # nodes may show up too: judge only this test's (random) node ids.
+        ours = {o.node_id for o in nodes}
+        ids = {ev.info.node_id if isinstance(ev, (Discovered, Updated)) else ev.node_id for ev in n.drain()}
+        assert ids & ours == ours - {n.node_id}
 
 
 async def test_clean_stop_makes_peer_gone_promptly(start_discovery: StartNode) -> None:

@@ -20,7 +20,7 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 # Finish reasons some engines send that the OpenAI SDK does not know.
-FINISH_MAP = {"eos_token": "stop", "eos": "stop", "max_tokens": "length"}
+FINISH_MAP = {"stop_sequence": "stop", "eos_token": "stop", "eos": "stop", "max_tokens": "length"}
 
 
 class EventSplitter:
@@ -155,7 +155,7 @@ class StreamNormalizer:
                 delta = ch.get("delta")
                 if isinstance(delta, dict) and "role" in delta:
                     if self._role_sent:
-                        pass  # TGI, MLX, old Ollama repeat it
+                        del delta["role"]  # TGI, MLX, old Ollama repeat it
                     else:
                         self._role_sent = True
             if usage and (split or not self._want_usage):

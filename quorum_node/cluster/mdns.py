@@ -109,7 +109,20 @@ def txt_properties(
     }
 
 
-def _common_prefix_bits(a: ipaddress.IPv4Address | ipaddress.IPv6Address, b: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _parse_ips(texts: Sequence[str]) -> list[_IP]:
+    out: list[_IP] = []
+    for text in texts:
+        try:
+            out.append(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+    return out
+
+
+def _common_prefix_bits(a: _IP, b: _IP) -> int:
     if a.version != b.version:
         return -1
     diff = int(a) ^ int(b)
@@ -124,23 +137,12 @@ def pick_address(candidates: Sequence[str], own: Sequence[str]) -> str | None:
     multi-homed peer (Docker bridge, VPN) most likely shares our LAN on that one.
     Ties keep the advertised order.
     """
-    parsed = []
-    for text in candidates:
-        try:
-            parsed.append(ipaddress.ip_address(text))
-        except ValueError:
-            continue
-    parsed = [a for a in parsed if not a.is_unspecified and not a.is_multicast]
+    parsed = [a for a in _parse_ips(candidates) if not a.is_unspecified and not a.is_multicast]
     if not parsed:
         return None
-    mine = []
-    for text in own:
-        try:
-            mine.append(ipaddress.ip_address(text))
-        except ValueError:
-            continue
+    mine = _parse_ips(own)
 
-    def rank(item: tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address]) -> tuple[int, int, int, int]:
+    def rank(item: tuple[int, _IP]) -> tuple[int, int, int, int]:
         index, addr = item
         closeness = max((_common_prefix_bits(addr, m) for m in mine), default=0)
         return (addr.version, int(addr.is_link_local), -closeness, index)

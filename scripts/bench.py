@@ -202,9 +202,12 @@ async def wait_model(session: aiohttp.ClientSession, base: str, model: str, time
     raise TimeoutError(f"{model} never showed up at {base}")
 
 
-async def one_request(session: aiohttp.ClientSession, base: str, model: str) -> float:
+async def one_request(session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None = None) -> float:
+    body: dict[str, Any] = {**CHAT, "model": model}
+    if max_tokens:  # a real engine otherwise talks until its context is full
+        body["max_tokens"] = max_tokens
     t0 = time.perf_counter()
-    async with session.post(base + "/v1/chat/completions", json={**CHAT, "model": model}) as r:
+    async with session.post(base + "/v1/chat/completions", json=body) as r:
         await r.read()
         assert r.status == 200, r.status
     return time.perf_counter() - t0
@@ -239,14 +242,16 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def latency(session: aiohttp.ClientSession, routes: dict[str, str], model: str, n: int) -> dict[str, list[float]]:
+async def latency(
+    session: aiohttp.ClientSession, routes: dict[str, str], model: str, n: int, max_tokens: int | None = None
+) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in routes}
     for base in routes.values():  # warm connections
         for _ in range(10):
-            await one_request(session, base, model)
+            await one_request(session, base, model, max_tokens)
     for _ in range(n):  # interleaved, so drift hits every route alike
         for name, base in routes.items():
-            out[name].append(await one_request(session, base, model))
+            out[name].append(await one_request(session, base, model, max_tokens))
     return out
 
 
@@ -281,7 +286,7 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
         for base in routes.values():
             await wait_model(session, base, model)
         print(f"\n== non-streamed request, concurrency 1 ({args.requests} each, interleaved)")
-        lat = await latency(session, routes, model, args.requests)
+        lat = await latency(session, routes, model, args.requests, args.max_tokens)
         d50, d99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
         print(f"  {'direct':7s} p50 {fmt_ms(d50)}  p99 {fmt_ms(d99)}")
         for name in routes:
@@ -332,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--streams", default="1,16,64,256", help="concurrency levels")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per fake stream")
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="fake engine's time between tokens")
-    ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per streamed request")
+    ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (llama: 32)")
     ap.add_argument("--json", action="store_true", help="also print the report as JSON")
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

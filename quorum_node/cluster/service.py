@@ -291,8 +291,10 @@ class ClusterService:
                 match ev:
                     case Discovered(info=info) | Updated(info=info):
                         self._handle(self.table.on_discovered(info, now))
-                        # a fresh announcement is a sign of life: check it now, not in 2 s
-                        self._spawn(self._probe(info.address, info.node_id), "peer-probe")
+                        # a fresh announcement is a sign of life: check it now, not in 2 s; a node of
+                        # another cluster (the table ignored it) is left alone, never sent our signatures
+                        if self.table.get(info.node_id) is not None:
+                            self._spawn(self._probe(info.address, info.node_id), "peer-probe")
                     case Gone(node_id=node_id):
                         self._handle(self.table.on_goodbye(node_id, now))
             except Exception:  # task root

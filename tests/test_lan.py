@@ -1,0 +1,343 @@
+"""A real LAN of four quorum nodes, each a separate process in its own network namespace.
+
+``scripts/lan`` builds the LAN: namespaces joined by a bridge, no route out.
+Every host runs ``tests/lan_host.py`` (a fake engine plus a node on :32768,
+zeroconf bound to the host's LAN address only); every client call is
+``tests/lan_client.py`` run inside host 1's namespace, talking to its node over
+loopback with the real openai SDK or raw aiohttp. Hosts find each other by real
+multicast mDNS, fetch catalogs and forward requests over signed HTTP, and are
+killed with SIGKILL to prove the failure contract across real sockets.
+
+The LAN: host 1 holds nothing; hosts 2 and 3 both hold ``shared-model`` and one
+model each of their own (``only2``, ``only3``); host 4 holds ``secret-model``
+but was given the wrong cluster secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
+
+ROOT = Path(__file__).resolve().parents[1]
+LAN = str(ROOT / "scripts" / "lan")
+NET = "10.78.0"  # test_mdns.py's namespace test uses 10.77.0
+PORT = 32768
+SECRET = "lan-secret-" + secrets.token_hex(8)
+WRONG_SECRET = "not-the-" + SECRET
+DISCOVERY_DEADLINE_S = 10.0
+STEP_DEADLINE_S = 20.0
+
+
+def _netns_unavailable() -> str | None:
+    if sys.platform != "linux":
+        return "network namespaces are Linux-only"
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 ('ip')"
+    probe = f"qprobe{os.getpid()}"
+    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"cannot create a network namespace here: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def tokens(host: int) -> list[str]:
+    return ["Hello", " from", f" host{host}"]
+
+
+class Host:
+    """One host process and the ``@@{...}`` messages it has printed so far."""
+
+    def __init__(self, index: int, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.index = index
+        self.name = name
+        self.proc = proc
+        self.log = log
+        self.ready: dict[str, Any] = {}
+        self.messages: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+        self.reader = asyncio.create_task(self._read(), name=f"read-{name}")
+
+    @property
+    def ip(self) -> str:
+        return f"{NET}.{self.index}"
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            if line.startswith(b"@@"):
+                self.messages.append(json.loads(line[2:]))
+                self._changed.set()
+        self._changed.set()
+
+    def mark(self) -> int:
+        """A position in the messages: ``message(..., after=mark)`` ignores everything before it."""
+        return len(self.messages)
+
+    async def message(self, key: str, timeout_s: float, *, after: int = 0,
+                      where: Callable[[Any], bool] = lambda value: True) -> Any:
+        """The value of the first message holding ``key`` (and satisfying ``where``) past position ``after``."""
+
+        async def _find() -> Any:
+            while True:
+                for msg in self.messages[after:]:
+                    if key in msg and where(msg[key]):
+                        return msg[key]
+                if self.reader.done():
+                    rc = await self.proc.wait()
+                    raise AssertionError(f"{self.name} exited (rc={rc}) before saying {key!r}:\n{self.log_tail()}")
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(_find(), timeout_s)
+
+    async def set_knobs(self, **knobs: Any) -> None:
+        assert self.proc.stdin is not None
+        mark = self.mark()
+        self.proc.stdin.write(json.dumps(knobs).encode() + b"\n")
+        await self.proc.stdin.drain()
+        assert await self.message("set", 5.0, after=mark) == sorted(knobs)
+
+    async def kill(self) -> None:
+        """SIGKILL: no goodbye, no drain; the kernel closes its sockets."""
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.proc.wait(), 5.0)
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines (stderr) this host has written for ``event`` so far."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") == event:
+                out.append(rec)
+        return out
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+async def first_to_get(model: str, hosts: list[Host], marks: dict[str, int], timeout_s: float) -> Host:
+    """The host whose engine next receives a request for ``model``."""
+
+    async def got(h: Host) -> Host:
+        await h.message("request", timeout_s, after=marks[h.name], where=lambda req: req["model"] == model)
+        return h
+
+    waits = [asyncio.create_task(got(h)) for h in hosts]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        assert done, f"no holder received a request for {model} within {timeout_s} s"
+        return done.pop().result()
+    finally:
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
+class Lan:
+    """The namespaces, the host processes in them, and a way to run clients there."""
+
+    def __init__(self, prefix: str, tmp: Path) -> None:
+        self.prefix = prefix
+        self.tmp = tmp
+        self.env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        self.env.update(QLAN_PREFIX=prefix, QLAN_NET=NET)
+        self.hosts: dict[int, Host] = {}
+
+    def ns(self, index: int) -> str:
+        return f"{self.prefix}{index}"
+
+    def up(self, n: int) -> None:
+        subprocess.run([LAN, "up", str(n)], env=self.env, check=True, capture_output=True, timeout=30)
+
+    def down(self) -> None:
+        subprocess.run([LAN, "down"], env=self.env, capture_output=True, timeout=30)
+
+    def kill_all(self) -> None:
+        for h in self.hosts.values():
+            if h.proc.returncode is None:
+                h.proc.kill()
+
+    async def spawn(self, index: int, *, models: list[str], secret: str = SECRET) -> Host:
+        name = f"lan-h{index}"
+        log = self.tmp / f"{name}.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                "ip", "netns", "exec", self.ns(index),
+                sys.executable, "-m", "tests.lan_host", "--name", name, "--ip", f"{NET}.{index}",
+                "--data-dir", str(self.tmp / name), "--secret", secret, "--models", ",".join(models),
+                "--tokens", json.dumps(tokens(index)),
+                cwd=ROOT, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+            )
+        host = Host(index, name, proc, log)
+        self.hosts[index] = host
+        return host
+
+    async def client(self, index: int, *args: str, timeout_s: float = STEP_DEADLINE_S) -> dict[str, Any]:
+        """Run ``lan_client.py ARGS`` in host ``index``'s namespace; its last JSON line."""
+        proc = await self.start_client(index, *args)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        assert proc.returncode == 0, f"client {args} failed (rc={proc.returncode}):\n{err.decode()}"
+        return json.loads(out.decode().splitlines()[-1])
+
+    async def start_client(self, index: int, *args: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", self.ns(index), sys.executable, "-m", "tests.lan_client", *args,
+            cwd=ROOT, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {h.name} (rc={h.proc.returncode})\n{h.log_tail()}" for h in self.hosts.values())
+
+
+async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pytest.FixtureRequest,
+                                                                   tmp_path: Path) -> None:
+    reason = _netns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    lan = Lan(f"qt{os.getpid() % 10000}l", tmp_path)
+
+    def teardown() -> None:
+        lan.kill_all()
+        lan.down()
+
+    request.addfinalizer(teardown)
+    lan.up(4)
+
+    try:
+        h1 = await lan.spawn(1, models=[])
+        h2 = await lan.spawn(2, models=["shared-model", "only2"])
+        h3 = await lan.spawn(3, models=["shared-model", "only3"])
+        h4 = await lan.spawn(4, models=["secret-model"], secret=WRONG_SECRET)
+        for h in (h1, h2, h3, h4):
+            h.ready = await h.message("ready", timeout_s=20.0)
+            assert h.ready["port"] == PORT
+        started = time.monotonic()
+
+        # 2. Discovery: host 1 lists every model of its cluster with the hosts holding it.
+        expect = {"shared-model": sorted([h2.name, h3.name]), "only2": [h2.name], "only3": [h3.name]}
+        listed = await lan.client(1, "models", "--expect", json.dumps(expect), "--timeout", str(DISCOVERY_DEADLINE_S))
+        assert listed["status"] == 200
+        assert listed["models"] == expect, f"not discovered within {DISCOVERY_DEADLINE_S} s"
+        discovered_s = time.monotonic() - started
+
+        # 6a. The wrong-secret host is on the same wire and serving (its model is missing from the
+        #     exact listing above), but it sees none of the cluster either.
+        own = await lan.client(4, "models")
+        assert own["models"] == {"secret-model": [h4.name]}
+
+        # 3. A model only host 2 holds is served by host 2, forwarded over the LAN.
+        only2 = await lan.client(1, "chat", "only2")
+        assert only2 == {"status": 200, "node": h2.name, "route": "lan", "content": "Hello from host2",
+                         "error": None, "done_seen": None}
+
+        # 4. Kill the holder of `shared-model` while a request waits on it for its first token: the
+        #    request fails over, before any byte reached the client, and the other holder serves it.
+        for h in (h2, h3):
+            await h.set_knobs(first_token_delay_s=30.0)
+        marks = {h.name: h.mark() for h in (h2, h3)}
+        inflight = await lan.start_client(1, "chat", "shared-model", "--stream")
+        try:
+            victim = await first_to_get("shared-model", [h2, h3], marks, STEP_DEADLINE_S)
+            (survivor,) = {h2, h3} - {victim}
+            await survivor.set_knobs(first_token_delay_s=0.0)
+            await victim.kill()
+            out, err = await asyncio.wait_for(inflight.communicate(), STEP_DEADLINE_S)
+        finally:
+            if inflight.returncode is None:
+                inflight.kill()
+                await inflight.wait()
+        assert inflight.returncode == 0, err.decode()
+        lines = [json.loads(x) for x in out.decode().splitlines()]
+        assert lines == [{"event": "first_chunk"},
+                         {"status": 200, "node": survivor.name, "route": "lan",
+                          "content": f"Hello from host{survivor.index}", "error": None, "done_seen": None}]
+        await survivor.message("request", 1.0, after=marks[survivor.name],
+                               where=lambda req: req["model"] == "shared-model")
+        # The requests after it go to the survivor too, whether or not host 1 has noticed the death yet.
+        for stream in (False, True):
+            after = await lan.client(1, "chat", "shared-model", *(["--stream"] if stream else []))
+            assert after == {"status": 200, "node": survivor.name, "route": "lan",
+                             "content": f"Hello from host{survivor.index}", "error": None, "done_seen": None}
+        # Without goodbye packets the dead host drops out by failed health checks.
+        gone = await lan.client(1, "models", "--expect", json.dumps({"shared-model": [survivor.name]}),
+                                "--timeout", "8")
+        assert gone["models"].get("shared-model") == [survivor.name]
+        assert f"only{victim.index}" not in gone["models"]
+
+        # 5. A stream cut mid-way by its node dying ends with an SSE error event and no [DONE].
+        await survivor.set_knobs(tokens=[f" t{i}" for i in range(40)], token_delay_s=0.1)
+        cut = await lan.start_client(1, "cut", f"only{survivor.index}")
+        try:
+            assert cut.stdout is not None
+            line = await asyncio.wait_for(cut.stdout.readline(), STEP_DEADLINE_S)
+            assert json.loads(line) == {"event": "first_chunk"}, line
+            killed_at = time.monotonic()
+            await survivor.kill()
+            out, err = await asyncio.wait_for(cut.communicate(), STEP_DEADLINE_S)
+        finally:
+            if cut.returncode is None:
+                cut.kill()
+                await cut.wait()
+        assert cut.returncode == 0, err.decode()
+        report = json.loads(out.decode().splitlines()[-1])
+        cut_s = time.monotonic() - killed_at
+        raw, sdk = report["raw"], report["sdk"]
+        assert raw["status"] == 200 and raw["node"] == survivor.name and raw["route"] == "lan"
+        assert raw["content"].startswith(" t0") and len(raw["content"].split()) < 40
+        assert raw["ended_with_error"] is True and raw["done_seen"] is False, raw
+        assert raw["error"]["type"] == "server_error", raw
+        assert sdk["status"] == 200 and sdk["content"].startswith(" t0") and len(sdk["content"].split()) < 40
+        assert sdk["error"] is not None and sdk["error"].startswith("APIError"), sdk
+        assert cut_s < 10.0, f"the broken stream took {cut_s:.1f} s to end"
+
+        # 6b. Long after discovery, the wrong-secret host's model is still absent on host 1 …
+        final = await lan.client(1, "models")
+        assert "secret-model" not in final["models"]
+        assert "secret-model" not in listed["models"]
+        # The two clusters leave each other alone: no node ever sent the other cluster a signed request.
+        assert h4.log_events("peer_auth_failed") == []
+        assert h1.log_events("peer_auth_failed") == []
+        # … and host 1 refuses a request signed with host 4's secret, sent from host 4's namespace,
+        # while the same request signed with the cluster's secret passes.
+        catalog = f"http://{h1.ip}:{PORT}/quorum/v1/catalog"
+        assert (await lan.client(4, "signed-get", catalog, WRONG_SECRET))["status"] == 401
+        assert (await lan.client(4, "signed-get", catalog, SECRET))["status"] == 200
+
+        # Clean stops of the hosts still alive.
+        for h in (h1, h4):
+            h.proc.send_signal(signal.SIGTERM)
+        for h in (h1, h4):
+            assert await h.message("stopped", timeout_s=10.0) is True
+            assert await asyncio.wait_for(h.proc.wait(), 10.0) == 0
+        print(f"lan: discovered in {discovered_s:.2f} s; broken stream ended {cut_s:.2f} s after the kill")
+    except BaseException:
+        sys.stderr.write(lan.logs() + "\n")
+        raise
+    finally:
+        lan.kill_all()
+        for h in lan.hosts.values():
+            await asyncio.wait_for(h.proc.wait(), 10.0)
+            await h.reader

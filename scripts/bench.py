@@ -124,8 +124,10 @@ def serve_engine(tokens: int, interval_s: float) -> None:
 
 
 class Proc:
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, *, quiet: bool = False) -> None:
+        # quiet: nobody reads its output (an undrained pipe fills up and blocks the process)
+        out = subprocess.DEVNULL if quiet else subprocess.PIPE
+        self.p = subprocess.Popen(args, stdout=out, stderr=out, text=True,
                                   env={**os.environ, **(env or {})}, cwd=ROOT)
 
     def read_json_line(self, stream: str, key: str, timeout_s: float = 120) -> dict[str, Any]:
@@ -368,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port = s.getsockname()[1]
             s.close()
             engine_proc = Proc([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                "-c", "4096", "-np", "4"])
+                                "-c", "4096", "-np", "4"], quiet=True)
             procs.append(engine_proc)
             engine_url = f"http://127.0.0.1:{port}"
             kind, model = "llamacpp", gguf.name.removesuffix(".gguf")

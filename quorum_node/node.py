@@ -85,11 +85,18 @@ class Node:
 
     async def _start_embedded(self) -> None:
         """No engine on this machine: run the bundled llama-server with the tiny model."""
+        cache = Path(self.settings.cache_dir)
+        log.info("embedded_engine_preparing", cache=str(cache))
+        self.registry.pending.add("embedded-llamacpp")
+        try:
+            await self._run_embedded(cache)
+        finally:
+            self.registry.pending.discard("embedded-llamacpp")
+
+    async def _run_embedded(self, cache: Path) -> None:
         from .engine.fetch import EngineFetchError, ensure_llama_server, ensure_model
         from .engine.supervisor import EngineStartError, LlamaServerProcess
 
-        cache = Path(self.settings.cache_dir)
-        log.info("embedded_engine_preparing", cache=str(cache))
         try:
             binary = await asyncio.to_thread(ensure_llama_server, cache, progress=True)
             model = await asyncio.to_thread(ensure_model, cache, progress=True)

@@ -111,7 +111,7 @@ class Router:
                 f"The model `{model}` is served by {kinds}, which does not support this endpoint",
                 code="not_supported",
             )
-        if self.registry.loading():
+        if self.registry.loading() or self.registry.pending:
             raise Unavailable("The engine is still loading its model; try again shortly", code="engine_loading")
         down = [b for b in self.registry.backends.values() if b.state is BackendState.DOWN]
         holders_down = [b.name for b in down if any(model in m.names() for m in b.last_models)]

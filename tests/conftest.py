@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -82,17 +84,14 @@ async def client_for() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator["aiohttp.ClientSession"]:
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A raw aiohttp client, for wire-level facts (headers, exact SSE bytes)."""
-    import aiohttp
-
     async with aiohttp.ClientSession() as session:
         yield session
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "") -> None:
     """Poll ``check`` until it holds, failing the test after ``timeout_s`` (never a fixed sleep)."""
-    import asyncio
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s

@@ -286,3 +286,19 @@ async def test_hop_header_without_signature_is_refused_even_from_loopback(
     assert eng.requests == []  # nothing reached the engine
     async with http.post(node.url + "/v1/chat/completions", json=body) as r:
         assert r.status == 200  # the same request without the claim is served
+
+
+async def test_llamacpp_answers_name_the_model_as_users_know_it_not_by_host_path(
+        start_node: StartNode, fake: StartFake, client_for) -> None:
+    eng = await fake("llamacpp")
+    node = await start_node(backends=[{"kind": "llamacpp", "url": eng.url}])
+    client = client_for(node)
+    path = eng.models[0]
+    stem = path.rsplit("/", 1)[-1].removesuffix(".gguf")
+    whole = await client.chat.completions.create(model=stem, messages=[{"role": "user", "content": "hi"}])
+    assert whole.model == stem
+    stream = await client.chat.completions.create(
+        model=stem, messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True})
+    models = {chunk.model async for chunk in stream}
+    assert models == {stem}

@@ -196,7 +196,7 @@ async def ready(request: web.Request) -> web.Response:
     engines = [
         {"name": b.name, "kind": b.kind, "state": b.state.value, "models": len(b.models), "error": b.last_error}
         for b in registry.backends.values()
-    ]
+    ] + [{"name": name, "kind": "llamacpp", "state": "starting", "models": 0, "error": None} for name in registry.pending]
     if registry.ready():
         return web.json_response({"status": "ready", "engines": engines})
     return web.json_response(

@@ -17,9 +17,18 @@ __all__ = [
     "Op",
     "Reply",
     "StreamReply",
+    "Timeouts",
 ]
 
 Op = Literal["chat", "completions", "embeddings"]
+
+
+class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
+    connect_s: float = 3.0
+    first_token_s: float = 120.0
+    idle_s: float = 60.0
+    request_s: float = 600.0
+    probe_s: float = 1.0
 
 
 class BackendState(enum.Enum):

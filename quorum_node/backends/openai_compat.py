@@ -20,15 +20,14 @@ import msgspec
 import structlog
 
 from ..errors import (
-    ApiError,
     BadRequest,
     EngineRejected,
     EngineUnavailable,
-    NotFound,
     NotSupported,
     StreamBroken,
 )
-from .base import Backend, BackendState, JsonReply, Model, Op, Reply, StreamReply, StreamStats
+from .base import Backend, BackendState, JsonReply, Model, Op, Reply, StreamReply, StreamStats, Timeouts
+from .upstream import post, read_error_body, read_whole
 from .sse import FINISH_MAP, EventSplitter, StreamNormalizer, engine_error_message
 
 __all__ = ["PATHS", "PROFILES", "OpenAICompatBackend", "Profile", "Timeouts", "map_engine_error", "stream_events"]
@@ -38,14 +37,6 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
 PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
-
-
-class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
-    connect_s: float = 3.0
-    first_token_s: float = 120.0
-    idle_s: float = 60.0
-    request_s: float = 600.0
-    probe_s: float = 1.0
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,7 +121,7 @@ class OpenAICompatBackend(Backend):
         *,
         api_key: str | None = None,
         name: str | None = None,
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts | None = None,
         detected: bool = False,
     ) -> None:
         super().__init__()
@@ -140,11 +131,11 @@ class OpenAICompatBackend(Backend):
         self.name = name or f"{kind}@{self.url.split('://', 1)[-1]}"
         self.detected = detected
         self._session = session
-        self._timeouts = timeouts
+        self._timeouts = timeouts or Timeouts()
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._probe_timeout = aiohttp.ClientTimeout(total=timeouts.probe_s, sock_connect=timeouts.probe_s)
+        self._probe_timeout = aiohttp.ClientTimeout(total=self._timeouts.probe_s, sock_connect=self._timeouts.probe_s)
 
     # -- discovery -------------------------------------------------------
 
@@ -261,41 +252,21 @@ class OpenAICompatBackend(Backend):
         if not self.supports(op):
             raise EngineRejected(NotSupported(f"{self.kind} engines do not offer {PATHS[op]}", code="not_supported"))
         payload = self.prepare(op, model, body, stream)
-        data = _encode(payload)
         t = self._timeouts
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
-        try:
-            async with asyncio.timeout(t.first_token_s if stream else t.request_s):
-                resp = await self._session.post(
-                    self.url + PATHS[op], data=data, headers=self._headers, timeout=timeout, allow_redirects=False
-                )
-        except TimeoutError:
-            raise EngineUnavailable(f"engine {self.name} gave no answer in time", status=504, engine=self.name) from None
-        except (aiohttp.ClientError, OSError) as e:
-            raise EngineUnavailable(f"engine {self.name} unreachable: {e}", engine=self.name) from None
+        resp = await post(self._session, self.url + PATHS[op], _encode(payload), self._headers, t,
+                          stream=stream, who=f"engine {self.name}")
         if resp.status >= 300:
-            try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, OSError):
-                raw = b""
-            finally:
-                resp.release()
+            raw = await read_error_body(resp)
             raise map_engine_error(resp.status, raw, engine=self.name, retry_after=resp.headers.get("Retry-After"))
         ctype = resp.headers.get("Content-Type", "")
         if stream and "text/event-stream" in ctype:
             stats = StreamStats()
             norm = StreamNormalizer(
-                clean=self.profile.clean_stream, want_usage=want_usage, op=op, stats=stats
+                clean=self.profile.clean_stream, want_usage=want_usage, op=op, stats=stats,
+                rename=(model.engine_id, model.id),
             )
             return StreamReply(stream_events(resp, norm, t, self.name), stats)
-        try:
-            async with asyncio.timeout(t.request_s):
-                raw = await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            resp.close()
-            raise EngineUnavailable(f"engine {self.name} broke off its answer: {e}", engine=self.name) from None
-        finally:
-            resp.release()
+        raw = await read_whole(resp, t, f"engine {self.name}")
         try:
             obj = _decode(raw)
         except msgspec.DecodeError:
@@ -304,13 +275,15 @@ class OpenAICompatBackend(Backend):
             raise EngineUnavailable(f"engine {self.name} sent malformed JSON", status=502, engine=self.name)
         if obj.get("error") or obj.get("object") == "error":  # LM Studio's 200 errors
             raise map_engine_error(400 if "Unexpected endpoint" not in str(obj) else 404, raw, engine=self.name)
-        payload_out = self._fix_json(op, obj, body)
+        payload_out = self._fix_json(op, obj, body, model)
         if stream:
             # The engine ignored stream=true; replay its answer as a stream.
             return StreamReply(_replay_as_stream(op, payload_out, want_usage), StreamStats())
         return JsonReply(payload_out, payload_out.get("usage"))
 
-    def _fix_json(self, op: Op, obj: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    def _fix_json(self, op: Op, obj: dict[str, Any], body: dict[str, Any], model: Model) -> dict[str, Any]:
+        if obj.get("model") == model.engine_id:
+            obj["model"] = model.id  # the name users know, never a host path
         if op == "embeddings":
             if body.get("encoding_format") == "base64":
                 for item in obj.get("data") or ():

@@ -62,6 +62,8 @@ class Registry:
         self._task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
         self.on_change: list[Callable[[], None]] = []
+        # Engines being prepared (the embedded one builds and loads before it has a URL).
+        self.pending: set[str] = set()
         self._digest: tuple[object, ...] = ()
 
     @property

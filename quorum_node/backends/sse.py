@@ -99,10 +99,17 @@ class StreamNormalizer:
     that decodes only the events that need it: errors and usage.
     """
 
-    __slots__ = ("_clean", "_id", "_created", "_role_sent", "_want_usage", "_object", "stats", "extra")
+    __slots__ = ("_clean", "_id", "_created", "_role_sent", "_want_usage", "_object", "stats", "extra", "_rename")
 
-    def __init__(self, *, clean: bool, want_usage: bool, op: str, stats: StreamStats) -> None:
+    def __init__(
+        self, *, clean: bool, want_usage: bool, op: str, stats: StreamStats, rename: tuple[str, str] | None = None
+    ) -> None:
         self._clean = clean
+        # (engine id, public id): llama.cpp names the model by its file path in every
+        # chunk; clients should see the name they know, and peers no host paths.
+        self._rename: tuple[bytes, bytes] | None = None
+        if rename is not None and rename[0] != rename[1]:
+            self._rename = (_encode(rename[0]), _encode(rename[1]))
         self._want_usage = want_usage
         self._id: str | None = None
         self._created: int | None = None
@@ -117,6 +124,9 @@ class StreamNormalizer:
 
         Rarely one event becomes two; the second is left in :attr:`extra`.
         """
+        if self._rename is not None and self._rename[0] in data:
+            old, new = self._rename
+            data = data.replace(b'"model":' + old, b'"model":' + new).replace(b'"model": ' + old, b'"model": ' + new)
         if self._clean:
             if b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
                 self.stats.chunks += 1

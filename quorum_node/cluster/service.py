@@ -30,6 +30,7 @@ from aiohttp import web
 from ..api.app import is_loopback
 from ..backends.base import JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
+from ..backends.upstream import post, read_error_body, read_whole
 from ..backends.sse import StreamNormalizer, engine_error_message
 from ..errors import ApiError, EngineRejected, EngineUnavailable
 from .membership import Cluster, load_or_create_node_id
@@ -370,29 +371,17 @@ class PeerTarget:
         headers = svc.signed_headers("POST", path, data)
         headers.update({"Content-Type": "application/json", HOP_HEADER: "1", ORIGIN_HEADER: svc.node_id})
         t = svc.timeouts
-        try:
-            async with asyncio.timeout(t.first_token_s if stream else t.request_s):
-                resp = await svc.session.post(
-                    f"http://{self.peer.info.address}{path}", data=data, headers=headers, allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s),
-                )
-        except TimeoutError:
-            raise EngineUnavailable(f"peer {self.node} gave no answer in time", status=504, engine=self.engine) from None
-        except aiohttp.ClientConnectorError as e:
+
+        def refused() -> None:
             # A refused connection is the same evidence as a failed health check: count it now, so
             # the next requests rank this peer behind its siblings instead of waiting for the prober.
             svc._handle(svc.table.on_health_fail(self.peer.node_id, time.monotonic()))
-            raise EngineUnavailable(f"peer {self.node} unreachable: {e}", engine=self.engine) from None
-        except (aiohttp.ClientError, OSError) as e:
-            raise EngineUnavailable(f"peer {self.node} unreachable: {e}", engine=self.engine) from None
+
+        resp = await post(svc.session, f"http://{self.peer.info.address}{path}", data, headers, t,
+                          stream=stream, who=self.engine, on_refused=refused)
         self.node = resp.headers.get("X-Quorum-Node", self.node)
         if resp.status >= 300:
-            try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, OSError):
-                raw = b""
-            finally:
-                resp.release()
+            raw = await read_error_body(resp)
             raise _peer_error(resp.status, raw, self.engine, resp.headers.get("Retry-After"))
         now = time.monotonic()
         svc.table.on_first_token(self.peer.node_id, now - self._t0, now)
@@ -400,13 +389,7 @@ class PeerTarget:
             stats = StreamStats()
             norm = StreamNormalizer(clean=True, want_usage=want_usage, op=op, stats=stats)
             return StreamReply(stream_events(resp, norm, t, self.engine), stats)
-        try:
-            async with asyncio.timeout(t.request_s):
-                raw = await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise EngineUnavailable(f"peer {self.node} broke off its answer: {e}", engine=self.engine) from None
-        finally:
-            resp.release()
+        raw = await read_whole(resp, t, self.engine)
         try:
             payload = _decode(raw)
         except msgspec.DecodeError:

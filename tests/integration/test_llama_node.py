@@ -342,9 +342,14 @@ async def test_embedded_engine_starts_serves_restarts_and_stops_with_the_node(
         node = await start_node(detect=True, detect_ports=[empty_port], embedded_engine=True, cache_dir=str(cache))
         client = client_for(node)
 
-        status, _, ready = await get_json(node.url + "/ready")
+        status, headers, ready = await get_json(node.url + "/ready")
         assert status == 503  # nothing detected, the embedded engine still starting
-        assert ready["engines"] == []
+        assert [(e["name"], e["state"]) for e in ready["engines"]] == [("embedded-llamacpp", "starting")]
+        # a request meanwhile is "try again shortly", not "no such model"
+        with pytest.raises(openai.InternalServerError) as starting:
+            await client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}])
+        assert starting.value.status_code == 503
+        assert starting.value.response.headers.get("Retry-After")
 
         async def node_ready() -> bool:
             return (await get_json(node.url + "/ready"))[0] == 200

@@ -185,7 +185,9 @@ def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple
 # ---------------------------------------------------------------------------
 # Measurements
 
-CHAT = {"model": "", "messages": [{"role": "user", "content": "Say something."}]}
+# Greedy, and (llama.cpp) no early end of sequence: every route gets the same amount of work.
+CHAT = {"model": "", "messages": [{"role": "user", "content": "Say something."}], "temperature": 0,
+        "ignore_eos": True}
 
 
 async def wait_model(session: aiohttp.ClientSession, base: str, model: str, timeout_s: float = 60) -> None:
@@ -311,11 +313,14 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
                 print(f"  {name:7s} p50 {fmt_ms(m)}   added {fmt_ms(m - d)}{extra}")
                 report[f"{name}_added_ttft_ms"] = (m - d) * 1000
 
-        print("\n== delivered stream tokens/s")
+        args.rounds = args.rounds or 1
+        print(f"\n== delivered stream tokens/s (median of {args.rounds} interleaved round(s))")
         for c in args.streams:
-            rates = {}
-            for name, base in routes.items():
-                rates[name] = await throughput(session, base, model, c, args.max_tokens)
+            samples: dict[str, list[float]] = {name: [] for name in routes}
+            for _ in range(args.rounds):  # interleaved rounds, so drift hits every route alike
+                for name, base in routes.items():
+                    samples[name].append(await throughput(session, base, model, c, args.max_tokens))
+            rates = {name: statistics.median(xs) for name, xs in samples.items()}
             line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
             for name in routes:
                 if name != "direct":
@@ -340,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per fake stream")
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="fake engine's time between tokens")
     ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (llama: 32)")
+    ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per level (median; default 1, llama 5)")
     ap.add_argument("--json", action="store_true", help="also print the report as JSON")
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -376,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind, model = "llamacpp", gguf.name.removesuffix(".gguf")
             if args.max_tokens is None:
                 args.max_tokens = 32
+            if args.rounds is None:
+                args.rounds = 5
             args.streams = [s for s in args.streams if s <= 4] or [1, 4]
         routes = {"direct": engine_url}
         tmp = tempfile.mkdtemp(prefix="quorum-bench-")

@@ -25,6 +25,12 @@ _encode = msgspec.json.Encoder().encode
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+class _SSEResponse(web.StreamResponse):
+    # Send the head together with the first event (one packet, not two); an
+    # aiohttp knob, harmless if it goes away.
+    _send_headers_immediately = False
+
+
 def _frame(batch: list[bytes]) -> bytes:
     if len(batch) == 1:
         return b"data: " + batch[0] + b"\n\n"
@@ -84,29 +90,33 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
             opened.target.end(True, opened.ttft_s)
             return web.Response(body=_encode(reply.payload), content_type="application/json", headers=headers)
         assert isinstance(reply, StreamReply)
-        resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        resp = _SSEResponse(headers={**SSE_HEADERS, **headers})
         ok: bool | None = None  # None: the client went away
+        tail = b""
         try:
             await resp.prepare(request)
             if opened.first:
                 await resp.write(_frame(opened.first))
             async for batch in reply:
                 await resp.write(_frame(batch))
-            await resp.write(b"data: [DONE]\n\n")
+            tail = b"data: [DONE]\n\n"
             ok = True
         except StreamBroken as e:
             ok = False
             error = e.message
             status = 502
             err = {"error": {"message": e.message, "type": "server_error", "param": None, "code": e.code}}
-            await resp.write(b"data: " + _encode(err) + b"\n\n")
+            tail = b"data: " + _encode(err) + b"\n\n"
         except ConnectionError:  # the client went away; the engine request is closed below
             status, error = 499, "client disconnected"
             return resp
         finally:
             await reply.aclose()
             opened.target.end(ok, opened.ttft_s)
-        await resp.write_eof()
+        try:
+            await resp.write_eof(tail)  # the last event and the end of the body in one write
+        except ConnectionError:
+            status, error = 499, "client disconnected"
         return resp
     except ApiError as e:
         status, error = e.status, e.message

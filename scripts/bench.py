@@ -313,7 +313,7 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
                 print(f"  {name:7s} p50 {fmt_ms(m)}   added {fmt_ms(m - d)}{extra}")
                 report[f"{name}_added_ttft_ms"] = (m - d) * 1000
 
-        args.rounds = args.rounds or 1
+        args.rounds = args.rounds or 3
         print(f"\n== delivered stream tokens/s (median of {args.rounds} interleaved round(s))")
         for c in args.streams:
             samples: dict[str, list[float]] = {name: [] for name in routes}
@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens per fake stream")
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="fake engine's time between tokens")
     ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (llama: 32)")
-    ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per level (median; default 1, llama 5)")
+    ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per level (median; default 3, llama 5)")
     ap.add_argument("--json", action="store_true", help="also print the report as JSON")
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -246,6 +246,28 @@ async def test_prefers_the_less_loaded_engine(start_node: StartNode, fake: Start
     assert len(busy.requests) == 1 and len(idle.requests) == 2
 
 
+async def test_prefers_the_engine_that_reports_itself_less_busy(start_node: StartNode, fake: StartFake,
+                                                                client_for: ClientFor, http) -> None:
+    """An engine busy with other people's requests (not through us) is avoided too."""
+    a = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
+    b = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
+    # someone talks to engine a directly, bypassing the node
+    direct = await http.post(a.url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "stream": True})
+    await direct.content.readany()
+    node = await start_node(backends=[{"kind": "vllm", "url": a.url}, {"kind": "vllm", "url": b.url}])
+
+    async def load_seen() -> bool:
+        ready = await (await http.get(node.url + "/ready")).json()
+        return any(e["load"] == 1 for e in ready["engines"])
+
+    await eventually(load_seen, what="the node reads engine a's own load")
+    a.tokens, b.tokens = ["busy"], ["free"]
+    for _ in range(2):
+        done = await client_for(node).chat.completions.create(model=MODEL, messages=MSGS)
+        assert done.choices[0].message.content == "free"
+    direct.close()
+
+
 # ------------------------------------------------------------------------ trust
 
 

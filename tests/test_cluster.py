@@ -457,3 +457,32 @@ async def test_node_with_wrong_secret_never_becomes_a_peer(start_cluster, start_
         assert resp.status == 401
     with pytest.raises(openai.NotFoundError):
         await client_for(a.node).chat.completions.create(model="intruder", messages=MESSAGES)
+
+
+async def test_a_stopped_peer_comes_back_by_itself(start_node: StartNode, fake: StartFake,
+                                                   http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """A peer that went away (crash, cable) is taken back as soon as it answers again."""
+    eng_b = await fake("openai", models=["model-b"])
+    b = await start_node(backends=[{"kind": "openai", "url": eng_b.url}], name="nodeB",
+                         data_dir=str(tmp_path / "b"), **CLUSTER, peer_down_after_s=1.0)
+    port_b = b.port
+    a = await start_node(**CLUSTER, peers=[f"127.0.0.1:{port_b}"], peer_down_after_s=1.0)
+
+    async def holds(expected: dict[str, list[str]]) -> bool:
+        return await model_holders(http, a) == expected
+
+    await eventually(lambda: holds({"model-b": ["nodeB"]}), "A sees B")
+    await b.stop()
+    await eventually(lambda: holds({}), "A drops the stopped B", timeout_s=5.0)
+    # B comes back: same data dir (same node id), same address
+    await start_node(backends=[{"kind": "openai", "url": eng_b.url}], name="nodeB",
+                     data_dir=str(tmp_path / "b"), port=port_b, **CLUSTER)
+    await eventually(lambda: holds({"model-b": ["nodeB"]}), "A takes B back", timeout_s=5.0)
+
+
+async def test_a_peer_with_200_models_is_listed_whole(start_cluster, http: aiohttp.ClientSession) -> None:
+    """Catalogs travel over HTTP, not in the mDNS TXT record, so big ones work."""
+    many = [f"org/model-{i:03d}:q4" for i in range(200)]
+    a, b = await start_cluster([], many)
+    holders = await model_holders(http, a.node)
+    assert len(holders) == 200 and all(nodes == [b.name] for nodes in holders.values())

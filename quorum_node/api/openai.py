@@ -204,7 +204,8 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     registry = request.app[NODE].registry
     engines = [
-        {"name": b.name, "kind": b.kind, "state": b.state.value, "models": len(b.models), "error": b.last_error}
+        {"name": b.name, "kind": b.kind, "state": b.state.value, "models": len(b.models), "load": b.load,
+         "error": b.last_error}
         for b in registry.backends.values()
     ] + [{"name": name, "kind": "llamacpp", "state": "starting", "models": 0, "error": None} for name in registry.pending]
     if registry.ready():

@@ -113,12 +113,18 @@ class Backend(ABC):
         # What it held when last up: a configured engine that goes down loses its
         # models, but a request for one of them is "unavailable", not "unknown".
         self.last_models: list[Model] = []
-        self.in_flight = 0
+        self.in_flight = 0  # our requests on it right now
+        self.engine_load: int | None = None  # what the engine reports, where it does
         self.last_error: str | None = None
 
     @abstractmethod
     async def refresh(self) -> None:
         """Re-read health and the model list; never raises, sets ``state``."""
+
+    @property
+    def load(self) -> int:
+        """How busy the engine is: our in-flight requests, or its own count if higher."""
+        return max(self.in_flight, self.engine_load or 0)
 
     @abstractmethod
     def supports(self, op: Op) -> bool:

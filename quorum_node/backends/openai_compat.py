@@ -49,14 +49,15 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     errors_on_200: bool = False  # LM Studio answers errors with HTTP 200
     request_model: str | None = None  # TGI routes by nothing; "tgi" is safe
     path_ids: bool = False  # llama.cpp names models by file path
+    load_path: str | None = None  # where the engine tells how busy it is
 
 
 PROFILES: dict[str, Profile] = {
     p.kind: p
     for p in (
-        Profile(kind="vllm"),
+        Profile(kind="vllm", load_path="/load"),
         Profile(kind="sglang"),
-        Profile(kind="llamacpp", path_ids=True),
+        Profile(kind="llamacpp", path_ids=True, load_path="/slots"),
         Profile(kind="tgi", clean_stream=False, ops=frozenset({"chat", "completions"}), request_model="tgi"),
         Profile(kind="lmstudio", health_path=None, errors_on_200=True),
         Profile(kind="localai", health_path="/readyz"),
@@ -168,7 +169,24 @@ class OpenAICompatBackend(Backend):
             return
         self.models = models
         self.last_models = models
+        self.engine_load = await self._engine_load()
         self._set(BackendState.READY, None)
+
+    async def _engine_load(self) -> int | None:
+        """Requests the engine itself says it is working on (everyone's, not only ours)."""
+        if self.profile.load_path is None:
+            return None
+        try:
+            status, body = await self._get_json(self.profile.load_path)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+        if status != 200:
+            return None
+        if isinstance(body, dict) and isinstance(body.get("server_load"), int):  # vLLM
+            return body["server_load"]
+        if isinstance(body, list):  # llama.cpp slots
+            return sum(1 for slot in body if isinstance(slot, dict) and slot.get("is_processing"))
+        return None
 
     def _set(self, state: BackendState, reason: str | None) -> None:
         if state is not self.state:

@@ -150,7 +150,7 @@ class Registry:
                     found.append((b, m))
                     break
         # healthier first, then less loaded, then a loaded model before a cold one
-        found.sort(key=lambda bm: (bm[0].state is not BackendState.READY, bm[0].in_flight, bm[1].loaded is False))
+        found.sort(key=lambda bm: (bm[0].state is not BackendState.READY, bm[0].load, bm[1].loaded is False))
         return found
 
     def models(self) -> list[tuple[Backend, Model]]:

@@ -19,3 +19,19 @@ if [ ! -f "$_stamp" ] || [ pyproject.toml -nt "$_stamp" ]; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${_extras:+[$_extras]}"
     touch "$_stamp"
 fi
+
+# ensure_tools TOOL:PACKAGE...: install the Debian packages of missing tools (as root),
+# or say which are missing. The embedded engine is built with cmake and g++.
+ensure_tools() {
+    local missing=() pair
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "quorum: installing ${missing[*]} with apt-get" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "quorum: please install ${missing[*]} (needed to build the embedded llama.cpp engine)" >&2
+    fi
+}

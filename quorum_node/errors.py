@@ -23,7 +23,6 @@ enter: in the backend adapters and the peer client.
 
 from __future__ import annotations
 
-from typing import Any
 
 import msgspec
 
@@ -88,9 +87,6 @@ class ApiError(QuorumError):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.param, self.code)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
 class BadRequest(ApiError):

@@ -49,7 +49,7 @@ from .peers import (
     PeerUp,
 )
 from .scoring import RetryBudget, pick
-from .signing import SIGNATURE_HEADERS, ReplayGuard, sign, verify
+from .signing import ReplayGuard, sign, verify
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -416,6 +416,3 @@ def _peer_error(status: int, raw: bytes, engine: str, retry_after: str | None) -
         engine=engine,
     )
 
-
-# Headers a forwarded request must never carry on to an engine.
-STRIP_HEADERS = (*SIGNATURE_HEADERS, HOP_HEADER, ORIGIN_HEADER)

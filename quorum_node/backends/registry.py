@@ -117,16 +117,18 @@ class Registry:
         """Probe for new engines, then refresh every known one, concurrently."""
         if self.settings.detect:
             await self._detect()
-        await asyncio.gather(*(b.refresh() for b in list(self.backends.values())))
-        for url, b in list(self.backends.items()):
-            if b.detected and b.state is BackendState.DOWN:
-                self.remove(url)
+        await asyncio.gather(*(self._refresh(url, b) for url, b in list(self.backends.items())))
         digest = tuple((b.name, b.state, tuple(m.id for m in b.models)) for b in self.backends.values())
         if digest != self._digest:
             self._digest = digest
             for cb in self.on_change:
                 cb()
         self._refreshed.set()
+
+    async def _refresh(self, url: str, backend: Backend) -> None:
+        await backend.refresh()
+        if backend.detected and backend.state is BackendState.DOWN:
+            self.remove(url)  # at once, so no one sees a detected engine without its models
 
     async def _detect(self) -> None:
         host = self.settings.detect_host

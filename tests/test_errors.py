@@ -355,3 +355,11 @@ async def test_errors_never_leak_a_traceback(start_node: StartNode, fake: StartF
             assert "Traceback" not in await resp.text()
             assert_openai_error(await resp.json(), type_="invalid_request_error", param=param)
     assert eng.requests == []
+
+
+async def test_absurdly_nested_json_is_a_400_not_a_crash(start_node, http) -> None:
+    node = await start_node()
+    async with http.post(node.url + "/v1/chat/completions", data=b"[" * 100_000) as resp:
+        body = await resp.json()
+    assert resp.status == 400
+    assert body["error"]["type"] == "invalid_request_error" and "nested" in body["error"]["message"]

@@ -14,9 +14,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 _extras="${QUORUM_EXTRAS:-}"
 _stamp=".venv/.quorum-installed${_extras:+-$_extras}"
-if [ ! -f "$_stamp" ] || [ pyproject.toml -nt "$_stamp" ]; then
+if [ ! -f "$_stamp" ] || [ pyproject.toml -nt "$_stamp" ] || [ constraints.txt -nt "$_stamp" ]; then
     echo "quorum: installing the project into .venv" >&2
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${_extras:+[$_extras]}"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${_extras:+[$_extras]}"
     touch "$_stamp"
 fi
 

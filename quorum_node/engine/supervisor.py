@@ -40,6 +40,8 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from ..backoff import Backoff
+
 __all__ = ["EngineStartError", "LlamaServerProcess", "RestartBackoff", "die_with_parent_preexec"]
 
 log = structlog.get_logger(__name__)
@@ -71,19 +73,14 @@ class RestartBackoff:
         factor: float = 2.0,
         healthy_after_s: float = 60.0,
     ) -> None:
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.factor = factor
         self.healthy_after_s = healthy_after_s
-        self._failures = 0
+        self._backoff = Backoff(initial_s, factor=factor, max_s=max_s, jitter=0.0)
 
     def next_delay(self, uptime_s: float) -> float:
         """Delay before restarting a child that ran for ``uptime_s`` seconds."""
         if uptime_s >= self.healthy_after_s:
-            self._failures = 0
-        delay = min(self.max_s, self.initial_s * self.factor**self._failures)
-        self._failures += 1
-        return delay
+            self._backoff.reset()
+        return self._backoff.next_delay()
 
 
 @dataclass(eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from quorum_node.backoff import Backoff
 from quorum_node.cluster.peers import (
     CatalogChanged,
     CatalogWanted,
@@ -18,7 +19,7 @@ from quorum_node.cluster.peers import (
     PeerUp,
     ProbeTarget,
 )
-from quorum_node.cluster.scoring import Backoff, RetryBudget, pick
+from quorum_node.cluster.scoring import RetryBudget, pick
 
 FP = "00112233aabbccdd"
 MODEL = "llama3.1:8b"

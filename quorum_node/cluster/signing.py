@@ -155,6 +155,19 @@ def _mac(keys: ClusterKeys, canonical: bytes) -> str:
     return hmac.new(keys.sign_key, canonical, hashlib.sha256).hexdigest()
 
 
+def _signature(
+    keys: ClusterKeys, *, method: str, path: str, timestamp: str, nonce: str, node_id: str, body: bytes
+) -> str:
+    """The MAC of one request, as both ``sign`` and ``verify`` compute it."""
+    return _mac(
+        keys,
+        _canonical(
+            method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, body=body,
+            fingerprint=keys.fingerprint,
+        ),
+    )
+
+
 def _check_path(path: str) -> None:
     # A newline would let two different (method, path) pairs share a canonical string.
     if not path.startswith("/") or any(ord(c) < 0x21 or c == "\x7f" for c in path):
@@ -188,18 +201,7 @@ def sign(
     elif not _NONCE_RE.fullmatch(nonce):
         raise ValueError("nonce must be 32 lowercase hex characters")
     timestamp = str(int(now))
-    signature = _mac(
-        keys,
-        _canonical(
-            method=method,
-            path=path,
-            timestamp=timestamp,
-            nonce=nonce,
-            node_id=node_id,
-            body=body,
-            fingerprint=keys.fingerprint,
-        ),
-    )
+    signature = _signature(keys, method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, body=body)
     return {
         HEADER_NODE_ID: node_id,
         HEADER_TIMESTAMP: timestamp,
@@ -323,18 +325,7 @@ def verify(
     ts = int(timestamp)
     if not guard.fresh_timestamp(ts, now):
         return VerifyResult(ok=False, reason="stale_timestamp", node_id=node_id)
-    expected = _mac(
-        keys,
-        _canonical(
-            method=method,
-            path=path,
-            timestamp=timestamp,
-            nonce=nonce,
-            node_id=node_id,
-            body=body,
-            fingerprint=keys.fingerprint,
-        ),
-    )
+    expected = _signature(keys, method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, body=body)
     if not hmac.compare_digest(expected, signature):
         return VerifyResult(ok=False, reason="bad_signature", node_id=node_id)
     refused = guard._admit(nonce, ts, now)

@@ -9,12 +9,17 @@ Branches follow who handles them::
     │   ├── Unauthorized       401
     │   ├── NotFound           404 (unknown model, unknown path)
     │   ├── PayloadTooLarge    413
+    │   ├── UnsupportedMedia   415 (a Content-Encoding the node does not inflate)
     │   ├── NotSupported       501 (the engine lacks the capability)
     │   └── Unavailable        503 + Retry-After (engine down or loading)
     └── EngineError            an engine (or peer) failed us
         ├── EngineUnavailable  before the first byte: try the next holder
         ├── EngineRejected     the engine refused the request (4xx): the
         │                      client's fault, passed on, never retried
+        ├── EngineFailed       the engine answered a well-formed 5xx error: maybe
+        │                      the request's fault. The next holder is tried; if
+        │                      every holder answers so, the client gets the error
+        │                      (not retryable) and no holder counts as failing
         └── StreamBroken       after the first byte: SSE error event, no [DONE]
 
 Foreign exceptions (aiohttp, OSError, msgspec) are mapped once, where they
@@ -31,6 +36,7 @@ __all__ = [
     "ConfigError",
     "EngineError",
     "EngineRejected",
+    "EngineFailed",
     "EngineUnavailable",
     "NotFound",
     "NotSupported",
@@ -39,6 +45,7 @@ __all__ = [
     "StreamBroken",
     "Unauthorized",
     "Unavailable",
+    "UnsupportedMedia",
     "error_body",
 ]
 
@@ -73,6 +80,7 @@ class ApiError(QuorumError):
         status: int | None = None,
         type_: str | None = None,
         headers: dict[str, str] | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -83,6 +91,19 @@ class ApiError(QuorumError):
         if type_ is not None:
             self.type = type_
         self.headers = headers or {}
+        self._retryable = retryable
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a client may send the same request again and hope for another answer.
+
+        By default what the OpenAI SDK assumes from the status (408, 409, 429, 5xx);
+        where that is wrong (501, a request an engine cannot serve) it is False,
+        and the answer carries ``x-should-retry: false``.
+        """
+        if self._retryable is not None:
+            return self._retryable
+        return self.status in (408, 409, 429) or (self.status >= 500 and self.status != 501)
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.param, self.code)
@@ -105,6 +126,11 @@ class NotFound(ApiError):
 
 class PayloadTooLarge(ApiError):
     status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMedia(ApiError):
+    status = 415
     type = "invalid_request_error"
 
 
@@ -147,6 +173,18 @@ class EngineUnavailable(EngineError):
 
 class EngineRejected(EngineError):
     """The engine refused the request itself (4xx); retrying elsewhere will not help."""
+
+    def __init__(self, error: ApiError, *, engine: str | None = None) -> None:
+        super().__init__(error.message, status=error.status, engine=engine)
+        self.error = error
+
+
+class EngineFailed(EngineError):
+    """The engine answered with a well-formed 5xx error of its own.
+
+    It is alive and said no to *this* request; another holder may still serve
+    it. ``error`` is what the client gets if none does (marked not retryable).
+    """
 
     def __init__(self, error: ApiError, *, engine: str | None = None) -> None:
         super().__init__(error.message, status=error.status, engine=engine)

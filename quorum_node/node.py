@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from .api.app import create_app
+from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
 from .backends.registry import Registry
 from .errors import ConfigError
 from .router import Router
@@ -39,7 +40,12 @@ class Node:
         self.cluster: ClusterService | None = None
         self.embedded: LlamaServerProcess | None = None
         self._embedded_task: asyncio.Task[None] | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: NodeRunner | None = None
+        self.inflight = InFlight()
+        self.limits = ConnectionLimits(
+            header_timeout_s=settings.header_timeout_s, keepalive_timeout_s=settings.keepalive_timeout_s,
+            max_per_address=settings.max_connections_per_address,
+        )
         self.port: int = 0
         self._stopped = False
         membership = _membership(settings)
@@ -61,10 +67,12 @@ class Node:
             self.router.peer_planner = self.cluster.plan
             self.router.peer_models = self.cluster.model_names
             self.router.retry_gate = self.cluster.retry_allowed
+        raise_fd_limit()
         app = create_app(self)
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=self.settings.drain_timeout_s
-        )
+        # In-flight requests are drained by ``stop`` itself; by the time the runner
+        # cleans up, only idle connections are left to close.
+        self._runner = NodeRunner(app, limits=self.limits, handler_cancellation=True, access_log=None,
+                                  shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, backlog=1024, reuse_address=True)
         await site.start()
@@ -116,14 +124,30 @@ class Node:
         log.info("embedded_engine_ready", url=engine.url, model=str(model))
 
     async def stop(self) -> None:
+        """Stop in order (DESIGN.md, lifecycle): goodbye, stop accepting, drain, close upstreams.
+
+        Streams that end within ``drain_timeout_s`` complete, including those a
+        peer serves for us (the peer session stays open until the drain is
+        over); the rest end with an SSE error event. Returns within the drain
+        deadline plus about a second.
+        """
         if self._stopped:
             return
         self._stopped = True
-        log.info("node_stopping", node=self.name)
+        log.info("node_stopping", node=self.name, in_flight=len(self.inflight))
         if self.cluster is not None:
-            await self.cluster.stop()  # mDNS goodbye first, so peers stop sending
+            await self.cluster.stop_announcing()  # mDNS goodbye first, so peers stop sending
         if self._runner is not None:
-            await self._runner.cleanup()  # stop accepting, drain in-flight, cancel the rest
+            for site in list(self._runner.sites):
+                await site.stop()  # stop accepting
+            if self._runner.server is not None:
+                self._runner.server.pre_shutdown()  # no keep-alive after the current answer; idle ones close
+            cut = await self.inflight.drain(self.settings.drain_timeout_s)
+            if cut:
+                log.warning("drain_deadline_passed", cut=cut, drain_timeout_s=self.settings.drain_timeout_s)
+            await self._runner.cleanup()
+        if self.cluster is not None:
+            await self.cluster.stop()  # peer sessions close only after the drain
         if self._embedded_task is not None:
             self._embedded_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

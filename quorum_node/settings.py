@@ -77,6 +77,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     request_timeout_s: float = 600.0
     max_body_bytes: int = 32 * 1024 * 1024
     drain_timeout_s: float = 3.0
+    # what slow or hostile clients may cost the node
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 30.0
+    max_connections_per_address: int = 512
     # cluster
     cluster: str | None = None
     cluster_secret: str | None = None
@@ -202,11 +207,16 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(f"mdns_interfaces: {ip!r} is not an IP address") from None
     if bool(s.cluster) != bool(s.cluster_secret):
         raise ConfigError("cluster and cluster_secret must be given together")
-    for name in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "request_timeout_s"):
+    for name in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "request_timeout_s",
+                 "header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be positive")
     if s.max_body_bytes <= 0:
         raise ConfigError("max_body_bytes: must be positive")
+    if s.max_connections_per_address < 1:
+        raise ConfigError("max_connections_per_address: must be at least 1")
+    if s.drain_timeout_s < 0:
+        raise ConfigError("drain_timeout_s: must not be negative")
     if s.max_attempts < 1:
         raise ConfigError("max_attempts: must be at least 1")
     return s

@@ -143,11 +143,19 @@ async def models(expect: dict[str, list[str]] | None, timeout_s: float) -> dict[
 
 
 async def signed_get(url: str, secret: str) -> dict[str, Any]:
+    """GET a peer endpoint as a cluster member would: learn the node's id from /health, then sign for it."""
     parts = urlsplit(url)
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    headers = sign(derive_keys(secret.encode()), method="GET", path=path, body=b"", node_id="lan-client",
-                   now=time.time())
+    keys = derive_keys(secret.encode())
+    base = f"{parts.scheme}://{parts.netloc}"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        probe = sign(keys, method="GET", path="/quorum/v1/health", body=b"", node_id="lan-client", to="*",
+                     now=time.time())
+        async with session.get(base + "/quorum/v1/health", headers=probe, allow_redirects=False) as resp:
+            if resp.status != 200:
+                return {"status": resp.status, "body": (await resp.read()).decode(errors="replace")[:500]}
+            to = (await resp.json())["node_id"]
+        headers = sign(keys, method="GET", path=path, body=b"", node_id="lan-client", to=to, now=time.time())
         async with session.get(url, headers=headers, allow_redirects=False) as resp:
             return {"status": resp.status, "body": (await resp.read()).decode(errors="replace")[:500]}
 

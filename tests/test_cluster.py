@@ -374,8 +374,10 @@ async def test_forwarded_request_is_never_forwarded_again(start_cluster, http) -
     assert a.node.cluster is not None
     path = "/v1/chat/completions"
     data = b'{"model":"beta","messages":[{"role":"user","content":"hi"}]}'
-    headers = sign(a.node.cluster.keys, method="POST", path=path, body=data, node_id="some-peer", now=time.time())
-    headers.update({"Content-Type": "application/json", "X-Quorum-Hop": "1", "X-Quorum-Origin": "some-peer"})
+    to = a.node.cluster.node_id
+    headers = sign(a.node.cluster.keys, method="POST", path=path, body=data, node_id="some-peer", to=to,
+                   hop="1", origin="some-peer", now=time.time())
+    headers["Content-Type"] = "application/json"
     async with http.post(a.node.url + path, data=data, headers=headers) as resp:
         assert resp.status == 404
         body = await resp.json()
@@ -389,8 +391,9 @@ async def test_forwarded_request_is_never_forwarded_again(start_cluster, http) -
 
     # a signed request for a model the node holds is served there
     data = data.replace(b"beta", b"alpha")
-    headers = sign(a.node.cluster.keys, method="POST", path=path, body=data, node_id="some-peer", now=time.time())
-    headers.update({"Content-Type": "application/json", "X-Quorum-Hop": "1"})
+    headers = sign(a.node.cluster.keys, method="POST", path=path, body=data, node_id="some-peer", to=to, hop="1",
+                   now=time.time())
+    headers["Content-Type"] = "application/json"
     async with http.post(a.node.url + path, data=data, headers=headers) as resp:
         assert resp.status == 200
         assert (await resp.json())["choices"][0]["message"]["content"] == HELLO
@@ -409,15 +412,17 @@ async def test_peer_endpoints_need_a_valid_fresh_signature(start_cluster, http) 
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "unauthorized"
 
-    foreign = sign(derive_keys(b"another cluster"), method="GET", path=path, body=b"", node_id="x", now=time.time())
+    to = a.node.cluster.node_id
+    foreign = sign(derive_keys(b"another cluster"), method="GET", path=path, body=b"", node_id="x", to=to,
+                   now=time.time())
     async with http.get(url, headers=foreign) as resp:
         assert resp.status == 401
 
-    stale = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", now=time.time() - 3600)
+    stale = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", to=to, now=time.time() - 3600)
     async with http.get(url, headers=stale) as resp:
         assert resp.status == 401
 
-    good = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", now=time.time())
+    good = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", to=to, now=time.time())
     async with http.get(url, headers=good) as resp:
         assert resp.status == 200
         assert [m["id"] for m in (await resp.json())["models"]] == ["alpha"]
@@ -425,7 +430,7 @@ async def test_peer_endpoints_need_a_valid_fresh_signature(start_cluster, http) 
         assert resp.status == 401
 
     # a signature is bound to its path: the catalog signature does not open /health
-    moved = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", now=time.time())
+    moved = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", to=to, now=time.time())
     async with http.get(a.node.url + "/quorum/v1/health", headers=moved) as resp:
         assert resp.status == 401
 
@@ -452,7 +457,7 @@ async def test_node_with_wrong_secret_never_becomes_a_peer(start_cluster, start_
 
     # what W's health probe looks like to A: signed with the wrong key, refused
     probe = sign(w.cluster.keys, method="GET", path="/quorum/v1/health", body=b"", node_id=w.cluster.node_id,
-                 now=time.time())
+                 to="*", now=time.time())
     async with http.get(a.node.url + "/quorum/v1/health", headers=probe) as resp:
         assert resp.status == 401
     with pytest.raises(openai.NotFoundError):

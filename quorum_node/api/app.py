@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -9,17 +10,16 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized, error_body
 from . import openai
-from .keys import NODE, ROUTER, SETTINGS
+from .body import PEER_AUTH
+from .keys import INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
 
 if TYPE_CHECKING:
     from ..node import Node
 
-__all__ = ["HOP_HEADER", "SIGNATURE_HEADER", "create_app", "is_loopback"]
-
-HOP_HEADER = "X-Quorum-Hop"
-SIGNATURE_HEADER = "X-Quorum-Signature"
+__all__ = ["create_app", "error_response", "is_loopback"]
 
 log = structlog.get_logger(__name__)
 
@@ -38,47 +38,58 @@ def is_loopback(remote: str | None) -> bool:
     return ip.is_loopback
 
 
-def _error_response(e: ApiError) -> web.Response:
-    return web.Response(status=e.status, body=e.body(), content_type="application/json", headers=e.headers)
+def error_response(e: ApiError) -> web.Response:
+    """An ``ApiError`` as the answer: OpenAI body, its headers, ``x-should-retry: false`` where retrying is futile."""
+    headers = dict(e.headers)
+    close = headers.pop("Connection", None) == "close"
+    if not e.retryable:
+        headers["x-should-retry"] = "false"
+    resp = web.Response(status=e.status, body=e.body(), content_type="application/json", headers=headers)
+    if close:
+        resp.force_close()
+    return resp
+
+
+def _internal_error(request: web.Request) -> web.StreamResponse:
+    if request.get(PREPARED):
+        # Part of the answer is on the wire: a second response would corrupt it. Close instead.
+        raise ConnectionResetError("the handler failed after its response began")
+    return web.Response(status=500, body=error_body("Internal error in quorum-node (see its log)", "server_error",
+                                                    None, "internal_error"), content_type="application/json")
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an OpenAI error body; no traceback reaches a client."""
+    """Every failure leaves as an OpenAI error body; no traceback reaches a client.
+
+    Outermost: it also names the request (``X-Request-Id``, the client's own
+    if it sent a sane one), so every answer, errors included, carries its id.
+    """
+    request[REQUEST_ID] = request_id_for(request.headers.get("X-Request-Id"))
     try:
         return await handler(request)
     except ApiError as e:
-        return _error_response(e)
+        return error_response(e)
     except web.HTTPException as e:
         if e.status == 404:
-            return _error_response(NotFound(f"Unknown path: {request.method} {request.path}", code="unknown_path"))
+            return error_response(NotFound(f"Unknown path: {request.method} {request.path}", code="unknown_path"))
         if e.status == 405:
             allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
-            return web.Response(
-                status=405,
-                body=error_body(f"Method {request.method} is not allowed on {request.path}", "invalid_request_error",
-                                None, "method_not_allowed"),
-                content_type="application/json",
-                headers={"Allow": allowed} if allowed else None,
-            )
+            return error_response(ApiError(f"Method {request.method} is not allowed on {request.path}", status=405,
+                                           type_="invalid_request_error", code="method_not_allowed",
+                                           headers={"Allow": allowed} if allowed else None))
         if e.status == 413:
             limit = request.app[SETTINGS].max_body_bytes
-            return _error_response(PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes",
-                                                   code="body_too_large"))
+            return error_response(PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes",
+                                                  code="body_too_large"))
         if e.status < 400:
             raise
-        return web.Response(status=e.status, body=error_body(e.reason, "invalid_request_error"),
-                            content_type="application/json")
-    except (ConnectionError, TimeoutError) as e:
-        if request.get("prepared"):
-            raise
-        log.warning("request_failed", path=request.path, error=str(e))
-        return web.Response(status=500, body=error_body("Internal error", "server_error"),
-                            content_type="application/json")
+        return error_response(ApiError(e.reason, status=e.status, type_="invalid_request_error"))
+    except (ConnectionError, asyncio.CancelledError):
+        raise
     except Exception:
-        log.exception("handler_crashed", path=request.path)
-        return web.Response(status=500, body=error_body("Internal error in quorum-node (see its log)", "server_error"),
-                            content_type="application/json")
+        log.exception("handler_crashed", path=request.path, request_id=request[REQUEST_ID])
+        return _internal_error(request)
 
 
 def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -89,20 +100,23 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
         A request that claims to be a peer's (signature or hop header) is always
         verified, from loopback too: forwarded requests are never forwarded on.
         """
-        claims_peer = SIGNATURE_HEADER in request.headers or HOP_HEADER in request.headers
+        claims_peer = HEADER_SIGNATURE in request.headers or HOP_HEADER in request.headers
         if not claims_peer and is_loopback(request.remote):
             return await handler(request)
-        if node.cluster is not None:
-            peer = await node.cluster.authenticate(request)
-            if peer is not None:
-                request["peer"] = peer
+        if node.cluster is not None and claims_peer:
+            result = node.cluster.authenticate(request)  # from the head alone: no body is read for strangers
+            if result.ok:
+                request[PEER] = result.node_id
+                request[PEER_AUTH] = result
                 return await handler(request)
         log.warning("unauthenticated_request", remote=request.remote, path=request.path)
-        raise Unauthorized(
+        e = Unauthorized(
             "This request needs a valid cluster signature; quorum-node accepts unauthenticated requests "
             "only from loopback",
             code="unauthorized",
         )
+        e.headers["Connection"] = "close"  # its body is never read
+        raise e
 
     return trust_middleware
 
@@ -115,6 +129,7 @@ def create_app(node: Node) -> web.Application:
     app[NODE] = node
     app[ROUTER] = node.router
     app[SETTINGS] = node.settings
+    app[INFLIGHT] = node.inflight
     app.router.add_routes(openai.routes())
     if node.cluster is not None:
         app.router.add_routes(node.cluster.routes())
@@ -124,6 +139,9 @@ def create_app(node: Node) -> web.Application:
         if "X-Quorum-Node" not in h:
             h["X-Quorum-Node"] = node.name
             h["X-Quorum-Route"] = "local"
+        if "X-Request-Id" not in h:
+            h["X-Request-Id"] = request.get(REQUEST_ID) or request_id_for(None)
+        request[PREPARED] = True
 
     app.on_response_prepare.append(provenance)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -10,12 +12,27 @@ if TYPE_CHECKING:
     from ..node import Node
     from ..router import Router
     from ..settings import Settings
+    from .server import InFlight
 
-__all__ = ["NODE", "ROUTER", "SETTINGS", "cluster_models"]
+__all__ = ["INFLIGHT", "NODE", "PEER", "PREPARED", "REQUEST_ID", "ROUTER", "SETTINGS", "cluster_models", "request_id_for"]
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+INFLIGHT: web.AppKey[InFlight] = web.AppKey("inflight")
+# What a request carries along (``request[KEY]``).
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+PREPARED: web.RequestKey[bool] = web.RequestKey("prepared", bool)  # its answer has begun
+PEER: web.RequestKey[str] = web.RequestKey("peer", str)  # the verified node id of a signed peer request
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_for(given: str | None) -> str:
+    """The client's ``X-Request-Id`` if it is a sane token, else a fresh one (never echo junk into logs)."""
+    if given is not None and _REQUEST_ID_RE.fullmatch(given):
+        return given
+    return uuid.uuid4().hex[:16]
 
 
 def cluster_models(app: web.Application) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -12,9 +11,10 @@ import structlog
 from aiohttp import web
 
 from ..backends.base import JsonReply, Op, StreamReply
-from ..errors import ApiError, NotFound, PayloadTooLarge, StreamBroken
+from ..errors import ApiError, NotFound, StreamBroken, Unavailable
 from ..router import Opened
-from .keys import NODE, ROUTER, SETTINGS, cluster_models
+from .body import read_body
+from .keys import INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER, cluster_models
 from .validate import check_chat, check_completions, check_embeddings, parse_body
 
 __all__ = ["routes"]
@@ -38,12 +38,7 @@ def _frame(batch: list[bytes]) -> bytes:
 
 
 async def _read(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_body_bytes
-        raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes", code="body_too_large") from None
-    return parse_body(raw)
+    return parse_body(await read_body(request))
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -64,22 +59,33 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _serve(request, "embeddings", body)
 
 
+def _error_event(message: str, code: str | None, type_: str = "server_error") -> bytes:
+    return b"data: " + _encode({"error": {"message": message, "type": type_, "param": None, "code": code}}) + b"\n\n"
+
+
 async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.StreamResponse:
     t0 = time.perf_counter()
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    request_id = request[REQUEST_ID]
     model = body["model"]
     stream = op != "embeddings" and body.get("stream") is True
     opts = body.get("stream_options")
     want_usage = stream and isinstance(opts, dict) and bool(opts.get("include_usage"))
     if not stream:
         body.pop("stream_options", None)  # vLLM rejects it on non-streamed requests
-    forwarded = request.get("peer") is not None  # signed by a peer: serve here, never forward on
+    forwarded = request.get(PEER) is not None  # signed by a peer: serve here, never forward on
     router = request.app[ROUTER]
+    inflight = request.app[INFLIGHT]
+    task = inflight.enter()
     status = 200
     opened: Opened | None = None
     error: str | None = None
     try:
-        opened = await router.open(op, model, body, stream=stream, want_usage=want_usage, forwarded=forwarded)
+        try:
+            opened = await router.open(op, model, body, stream=stream, want_usage=want_usage, forwarded=forwarded)
+        except asyncio.CancelledError:
+            if inflight.is_cut(task):
+                raise Unavailable("This node is shutting down; try again", code="node_stopping") from None
+            raise
         headers = {
             "X-Quorum-Node": opened.target.node,
             "X-Quorum-Route": opened.target.route,
@@ -103,13 +109,23 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
             ok = True
         except StreamBroken as e:
             ok = False
-            error = e.message
-            status = 502
-            err = {"error": {"message": e.message, "type": "server_error", "param": None, "code": e.code}}
-            tail = b"data: " + _encode(err) + b"\n\n"
+            status, error = 502, e.message
+            tail = _error_event(e.message, e.code)
         except ConnectionError:  # the client went away; the engine request is closed below
             status, error = 499, "client disconnected"
             return resp
+        except asyncio.CancelledError:
+            if not inflight.is_cut(task):
+                status, error = 499, "client disconnected"
+                raise
+            status, error = 503, "cut by shutdown"
+            tail = _error_event("This node is shutting down; the answer was cut short", "node_stopping",
+                                "unavailable_error")
+        except Exception as e:  # never a second response inside this one: end it with the error event
+            log.exception("stream_failed", request_id=request_id)
+            ok = False
+            status, error = 500, f"{type(e).__name__}: {e}"
+            tail = _error_event("Internal error in quorum-node (see its log)", "internal_error")
         finally:
             await reply.aclose()
             opened.target.end(ok, opened.ttft_s)
@@ -128,6 +144,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
         status, error = 500, f"{type(e).__name__}: {e}"
         raise
     finally:
+        inflight.leave(task)
         usage = None
         if opened is not None:
             usage = opened.reply.usage if isinstance(opened.reply, JsonReply) else opened.reply.stats.usage

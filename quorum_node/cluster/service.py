@@ -28,6 +28,7 @@ import structlog
 from aiohttp import web
 
 from ..api.app import is_loopback
+from ..api.keys import PEER
 from ..backends.base import JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
 from ..backends.sse import StreamNormalizer, engine_error_message
@@ -49,7 +50,7 @@ from .peers import (
     PeerUp,
 )
 from .scoring import RetryBudget, pick
-from .signing import ReplayGuard, sign, verify
+from .signing import ANY_DESTINATION, HOP_HEADER, ORIGIN_HEADER, ReplayGuard, VerifyResult, sign, verify_head
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -60,9 +61,7 @@ log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
-PROTO_VERSION = 1
-HOP_HEADER = "X-Quorum-Hop"
-ORIGIN_HEADER = "X-Quorum-Origin"
+PROTO_VERSION = 2  # 2: signatures bind the destination and the hop headers
 
 
 class ClusterService:
@@ -80,6 +79,7 @@ class ClusterService:
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
         )
         self.guard = ReplayGuard()
+        self.started_at = time.time()  # requests signed before this are refused (the guard starts empty)
         self.budget = RetryBudget(max_tokens=10, initial_tokens=10)  # as after a calm spell
         self.catalogs: dict[str, list[dict[str, Any]]] = {}  # node id -> model entries
         self.timeouts = Timeouts(
@@ -124,11 +124,15 @@ class ClusterService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def stop(self) -> None:
+    async def stop_announcing(self) -> None:
+        """Say goodbye on the LAN (peers drop us at once); forwarding still works until ``stop``."""
         if self.discovery is not None:
             with contextlib.suppress(Exception):
-                await self.discovery.close()  # goodbye packets: peers drop us at once
+                await self.discovery.close()  # goodbye packets
             self.discovery = None
+
+    async def stop(self) -> None:
+        await self.stop_announcing()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -189,18 +193,26 @@ class ClusterService:
 
     # -- signed requests ---------------------------------------------------
 
-    def signed_headers(self, method: str, path: str, body: bytes) -> dict[str, str]:
-        return sign(self.keys, method=method, path=path, body=body, node_id=self.node_id, now=time.time())
+    def signed_headers(
+        self, method: str, path: str, body: bytes, *, to: str | None, hop: str = "", origin: str = ""
+    ) -> dict[str, str]:
+        """Headers that authenticate a request to the peer ``to`` (None: id not known yet, health only)."""
+        return sign(self.keys, method=method, path=path, body=body, node_id=self.node_id,
+                    to=to or ANY_DESTINATION, hop=hop, origin=origin, now=time.time())
 
-    async def authenticate(self, request: web.Request) -> str | None:
-        """The verified node id of a signed peer request, or None (logged)."""
-        body = await request.read()
-        result = verify(self.keys, self.guard, method=request.method, path=request.path_qs, body=body,
-                        headers=request.headers, now=time.time())
+    def authenticate(self, request: web.Request) -> VerifyResult:
+        """Check a peer request's signature from its head, before any of its body is read.
+
+        Requests signed before this node started are refused: the replay guard
+        lives in memory, and a restart must not reopen the replay window. The
+        body is checked against the signed digest when it is read.
+        """
+        result = verify_head(self.keys, self.guard, method=request.method, path=request.path_qs,
+                             headers=request.headers, self_id=self.node_id, now=time.time(),
+                             not_before=self.started_at)
         if not result.ok:
             log.warning("peer_auth_failed", remote=request.remote, path=request.path, reason=result.reason)
-            return None
-        return result.node_id
+        return result
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -210,7 +222,7 @@ class ClusterService:
         ]
 
     def _require_peer(self, request: web.Request) -> None:
-        if request.get("peer") is None:
+        if request.get(PEER) is None:
             from ..errors import Unauthorized
 
             raise Unauthorized("This endpoint needs a cluster signature", code="unauthorized")
@@ -229,7 +241,7 @@ class ClusterService:
         return web.Response(body=_encode(body), content_type="application/json")
 
     async def _h_peers(self, request: web.Request) -> web.Response:
-        if request.get("peer") is None and not is_loopback(request.remote):
+        if request.get(PEER) is None and not is_loopback(request.remote):
             self._require_peer(request)
         now = time.monotonic()
         peers = [
@@ -259,7 +271,7 @@ class ClusterService:
         t0 = time.monotonic()
         try:
             async with self.session.get(
-                f"http://{address}{path}", headers=self.signed_headers("GET", path, b""),
+                f"http://{address}{path}", headers=self.signed_headers("GET", path, b"", to=None),
                 timeout=aiohttp.ClientTimeout(total=2.0, sock_connect=1.0), allow_redirects=False,
             ) as resp:
                 raw = await resp.read()
@@ -327,7 +339,7 @@ class ClusterService:
         path = "/quorum/v1/catalog"
         try:
             async with self.session.get(
-                f"http://{address}{path}", headers=self.signed_headers("GET", path, b""),
+                f"http://{address}{path}", headers=self.signed_headers("GET", path, b"", to=node_id),
                 timeout=aiohttp.ClientTimeout(total=5.0, sock_connect=1.0), allow_redirects=False,
             ) as resp:
                 if resp.status != 200:
@@ -368,8 +380,8 @@ class PeerTarget:
         svc = self.service
         path = PATHS[op]
         data = _encode(body)
-        headers = svc.signed_headers("POST", path, data)
-        headers.update({"Content-Type": "application/json", HOP_HEADER: "1", ORIGIN_HEADER: svc.node_id})
+        headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id)
+        headers["Content-Type"] = "application/json"
         t = svc.timeouts
 
         def refused() -> None:

@@ -1,23 +1,35 @@
 """Signatures on node-to-node HTTP requests.
 
-Every request one node sends another over the LAN carries four headers::
+Every request one node sends another carries these headers::
 
-    X-Quorum-Node-Id     the sender's node id
-    X-Quorum-Timestamp   wall-clock seconds (integer) when it was signed
-    X-Quorum-Nonce       16 random bytes, hex
-    X-Quorum-Signature   hex HMAC-SHA256 over the canonical string below
+    X-Quorum-Node-Id         the sender's node id
+    X-Quorum-To              the destination's node id ("*": only a GET of
+                             /quorum/v1/health, which is how a static peer's id
+                             is learnt in the first place)
+    X-Quorum-Timestamp       wall-clock milliseconds when it was signed
+    X-Quorum-Nonce           16 random bytes, hex
+    X-Quorum-Content-SHA256  hex sha256 of the body
+    X-Quorum-Signature       hex HMAC-SHA256 over the canonical string below
 
 The canonical string binds the signature to everything a replaying or
 tampering middlebox could change::
 
-    QRM1-HMAC-SHA256
+    QRM2-HMAC-SHA256
     <METHOD>
     <path, including the query string>
     <timestamp>
     <nonce>
-    <node id>
+    <sender node id>
+    <destination node id>
+    <X-Quorum-Hop value, or "">
+    <X-Quorum-Origin value, or "">
     <hex sha256 of the body>
     <cluster fingerprint>
+
+So a captured request cannot be replayed to another node (the destination is
+signed), nor turned into a different hop (hop and origin are signed). A node
+also refuses requests signed before it started (``not_before``), so a restart,
+which empties the in-memory replay guard, does not reopen the replay window.
 
 The HMAC key is derived from the cluster secret with HKDF-SHA256; the secret
 itself never keys anything directly, so a future key for payload encryption can
@@ -26,13 +38,13 @@ fingerprint (also HKDF output, under its own label) is a public name for the
 cluster: it goes into mDNS TXT records and lets a node skip peers of other
 clusters without being able to sign for them.
 
-Verification checks, in order: all headers present and well-formed, timestamp
-within the window, signature (constant-time), and only then the nonce. The
-nonce is recorded only for requests with a valid signature, so unauthenticated
-garbage cannot fill the replay guard.
-
-Bodies are hashed whole: peer requests are small JSON documents, so reading the
-body before verifying is fine.
+Verification happens in two steps, so that nobody without the cluster key
+makes a node read a body: ``verify_head`` checks, in order, all headers
+present and well-formed, destination, timestamp within the window and not
+before ``not_before``, signature (constant-time), and only then the nonce (it
+is recorded only for requests with a valid signature, so unauthenticated
+garbage cannot fill the replay guard). ``body_matches`` then checks the body
+that was read against the signed digest.
 """
 
 from __future__ import annotations
@@ -49,27 +61,41 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
+    "ANY_DESTINATION",
+    "HEADER_DIGEST",
     "HEADER_NODE_ID",
     "HEADER_NONCE",
     "HEADER_SIGNATURE",
     "HEADER_TIMESTAMP",
+    "HEADER_TO",
+    "HOP_HEADER",
+    "ORIGIN_HEADER",
     "SIGNATURE_HEADERS",
     "ClusterKeys",
     "ReplayGuard",
     "VerifyResult",
+    "body_matches",
     "derive_keys",
     "sign",
     "verify",
+    "verify_head",
 ]
 
 HEADER_NODE_ID = "X-Quorum-Node-Id"
 HEADER_TIMESTAMP = "X-Quorum-Timestamp"
 HEADER_NONCE = "X-Quorum-Nonce"
 HEADER_SIGNATURE = "X-Quorum-Signature"
+HEADER_TO = "X-Quorum-To"
+HEADER_DIGEST = "X-Quorum-Content-SHA256"
+HOP_HEADER = "X-Quorum-Hop"
+ORIGIN_HEADER = "X-Quorum-Origin"
 #: All headers ``sign`` produces; a proxy must never forward these to an engine.
-SIGNATURE_HEADERS = (HEADER_NODE_ID, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
+SIGNATURE_HEADERS = (HEADER_NODE_ID, HEADER_TO, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_DIGEST, HEADER_SIGNATURE)
+#: The destination of a request sent before the peer's id is known (health probes only).
+ANY_DESTINATION = "*"
+_ANY_ALLOWED = ("GET", "/quorum/v1/health")
 
-_SCHEME = "QRM1-HMAC-SHA256"
+_SCHEME = "QRM2-HMAC-SHA256"
 _HKDF_SALT = b"quorum-cluster-v1"
 _INFO_SIGN = b"quorum/v1/request-signing"
 _INFO_FINGERPRINT = b"quorum/v1/fingerprint"
@@ -77,7 +103,9 @@ _INFO_FINGERPRINT = b"quorum/v1/fingerprint"
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
 _SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
 _NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_TIMESTAMP_RE = re.compile(r"-?[0-9]{1,12}")
+_TIMESTAMP_RE = re.compile(r"[0-9]{1,15}")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_HOP_RE = re.compile(r"[0-9]{0,3}")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}")
 
 
@@ -134,38 +162,27 @@ def derive_keys(secret: bytes) -> ClusterKeys:
     )
 
 
-def _canonical(
-    *, method: str, path: str, timestamp: str, nonce: str, node_id: str, body: bytes, fingerprint: str
-) -> bytes:
-    return "\n".join(
-        (
-            _SCHEME,
-            method,
-            path,
-            timestamp,
-            nonce,
-            node_id,
-            hashlib.sha256(body).hexdigest(),
-            fingerprint,
-        )
+class _Signed(msgspec.Struct, frozen=True, kw_only=True):
+    """The signed facts of one request, in canonical order."""
+
+    method: str
+    path: str
+    timestamp: str
+    nonce: str
+    node_id: str
+    to: str
+    hop: str
+    origin: str
+    digest: str
+
+
+def _signature(keys: ClusterKeys, f: _Signed) -> str:
+    """The MAC of one request, as both ``sign`` and ``verify_head`` compute it."""
+    canonical = "\n".join(
+        (_SCHEME, f.method, f.path, f.timestamp, f.nonce, f.node_id, f.to, f.hop, f.origin, f.digest,
+         keys.fingerprint)
     ).encode("utf-8")
-
-
-def _mac(keys: ClusterKeys, canonical: bytes) -> str:
     return hmac.new(keys.sign_key, canonical, hashlib.sha256).hexdigest()
-
-
-def _signature(
-    keys: ClusterKeys, *, method: str, path: str, timestamp: str, nonce: str, node_id: str, body: bytes
-) -> str:
-    """The MAC of one request, as both ``sign`` and ``verify`` compute it."""
-    return _mac(
-        keys,
-        _canonical(
-            method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, body=body,
-            fingerprint=keys.fingerprint,
-        ),
-    )
 
 
 def _check_path(path: str) -> None:
@@ -181,33 +198,50 @@ def sign(
     path: str,
     body: bytes,
     node_id: str,
+    to: str,
     now: float,
+    hop: str = "",
+    origin: str = "",
     nonce: str | None = None,
 ) -> dict[str, str]:
-    """Return the headers that authenticate one request to a peer.
+    """Return the headers that authenticate one request to the peer ``to``.
 
     ``path`` is the request target exactly as sent (path plus ``?query``);
-    ``now`` is wall-clock seconds (``time.time()``). ``nonce`` is for tests;
-    leave it ``None`` to get 16 fresh random bytes.
+    ``now`` is wall-clock seconds (``time.time()``); ``hop``/``origin`` are the
+    values of the hop headers the request carries (they are added to the
+    returned headers when given). ``nonce`` is for tests; leave it ``None`` to
+    get 16 fresh random bytes.
     """
     method = method.upper()
     if not _METHOD_RE.fullmatch(method):
         raise ValueError(f"bad HTTP method {method!r}")
     _check_path(path)
-    if not _NODE_ID_RE.fullmatch(node_id):
-        raise ValueError(f"bad node id {node_id!r}")
+    for what, value in (("node id", node_id), ("origin", origin or "x")):
+        if not _NODE_ID_RE.fullmatch(value):
+            raise ValueError(f"bad {what} {value!r}")
+    if to != ANY_DESTINATION and not _NODE_ID_RE.fullmatch(to):
+        raise ValueError(f"bad destination {to!r}")
+    if not _HOP_RE.fullmatch(hop):
+        raise ValueError(f"bad hop {hop!r}")
     if nonce is None:
         nonce = secrets.token_hex(16)
     elif not _NONCE_RE.fullmatch(nonce):
         raise ValueError("nonce must be 32 lowercase hex characters")
-    timestamp = str(int(now))
-    signature = _signature(keys, method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, body=body)
-    return {
+    facts = _Signed(method=method, path=path, timestamp=str(int(now * 1000)), nonce=nonce, node_id=node_id, to=to,
+                    hop=hop, origin=origin, digest=hashlib.sha256(body).hexdigest())
+    headers = {
         HEADER_NODE_ID: node_id,
-        HEADER_TIMESTAMP: timestamp,
+        HEADER_TO: to,
+        HEADER_TIMESTAMP: facts.timestamp,
         HEADER_NONCE: nonce,
-        HEADER_SIGNATURE: signature,
+        HEADER_DIGEST: facts.digest,
+        HEADER_SIGNATURE: _signature(keys, facts),
     }
+    if hop:
+        headers[HOP_HEADER] = hop
+    if origin:
+        headers[ORIGIN_HEADER] = origin
+    return headers
 
 
 class ReplayGuard:
@@ -262,16 +296,19 @@ class ReplayGuard:
 
 
 class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
-    """Outcome of ``verify``.
+    """Outcome of ``verify_head`` / ``verify``.
 
     ``reason`` is ``"ok"`` or one of ``missing_signature``, ``malformed``,
-    ``stale_timestamp``, ``bad_signature``, ``replayed``, ``overloaded``.
-    ``node_id`` is the claimed sender; trust it only when ``ok``.
+    ``wrong_destination``, ``stale_timestamp``, ``before_start``,
+    ``bad_signature``, ``replayed``, ``overloaded``, ``body_mismatch``.
+    ``node_id`` is the claimed sender; trust it only when ``ok``. ``digest``
+    is the signed body digest, for ``body_matches``.
     """
 
     ok: bool
     reason: str
     node_id: str | None = None
+    digest: str = ""
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -286,6 +323,76 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
+def verify_head(
+    keys: ClusterKeys,
+    guard: ReplayGuard,
+    *,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    self_id: str,
+    now: float,
+    not_before: float = 0.0,
+) -> VerifyResult:
+    """Check a signed peer request from its head alone; ``now`` is wall-clock seconds.
+
+    ``self_id`` is this node's id (the only destination accepted, besides
+    ``*`` on a health probe); requests signed before ``not_before`` (the
+    node's start) are refused. The signature is compared in constant time,
+    and the nonce is recorded in ``guard`` only after the signature proved
+    valid. The body is checked afterwards with ``body_matches``.
+    """
+    node_id = _header(headers, HEADER_NODE_ID)
+    to = _header(headers, HEADER_TO)
+    timestamp = _header(headers, HEADER_TIMESTAMP)
+    nonce = _header(headers, HEADER_NONCE)
+    digest = _header(headers, HEADER_DIGEST)
+    signature = _header(headers, HEADER_SIGNATURE)
+    hop = _header(headers, HOP_HEADER) or ""
+    origin = _header(headers, ORIGIN_HEADER) or ""
+    if signature is None:
+        return VerifyResult(ok=False, reason="missing_signature", node_id=node_id)
+    if node_id is None or to is None or timestamp is None or nonce is None or digest is None:
+        return VerifyResult(ok=False, reason="malformed", node_id=node_id)
+    method = method.upper()
+    if (
+        not _NODE_ID_RE.fullmatch(node_id)
+        or not (to == ANY_DESTINATION or _NODE_ID_RE.fullmatch(to))
+        or not _TIMESTAMP_RE.fullmatch(timestamp)
+        or not _NONCE_RE.fullmatch(nonce)
+        or not _DIGEST_RE.fullmatch(digest)
+        or not _SIGNATURE_RE.fullmatch(signature)
+        or not _METHOD_RE.fullmatch(method)
+        or not _HOP_RE.fullmatch(hop)
+        or not (origin == "" or _NODE_ID_RE.fullmatch(origin))
+    ):
+        return VerifyResult(ok=False, reason="malformed", node_id=None)
+    try:
+        _check_path(path)
+    except ValueError:
+        return VerifyResult(ok=False, reason="malformed", node_id=node_id)
+    if to != self_id and not (to == ANY_DESTINATION and (method, path) == _ANY_ALLOWED):
+        return VerifyResult(ok=False, reason="wrong_destination", node_id=node_id)
+    ts = int(timestamp) / 1000
+    if not guard.fresh_timestamp(ts, now):
+        return VerifyResult(ok=False, reason="stale_timestamp", node_id=node_id)
+    if ts < not_before:
+        return VerifyResult(ok=False, reason="before_start", node_id=node_id)
+    facts = _Signed(method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, to=to, hop=hop,
+                    origin=origin, digest=digest)
+    if not hmac.compare_digest(_signature(keys, facts), signature):
+        return VerifyResult(ok=False, reason="bad_signature", node_id=node_id)
+    refused = guard._admit(nonce, ts, now)
+    if refused is not None:
+        return VerifyResult(ok=False, reason=refused, node_id=node_id)
+    return VerifyResult(ok=True, reason="ok", node_id=node_id, digest=digest)
+
+
+def body_matches(result: VerifyResult, body: bytes) -> bool:
+    """Whether ``body`` is the one the verified head signed."""
+    return result.ok and hmac.compare_digest(hashlib.sha256(body).hexdigest(), result.digest)
+
+
 def verify(
     keys: ClusterKeys,
     guard: ReplayGuard,
@@ -294,41 +401,13 @@ def verify(
     path: str,
     body: bytes,
     headers: Mapping[str, str],
+    self_id: str,
     now: float,
+    not_before: float = 0.0,
 ) -> VerifyResult:
-    """Check a signed peer request; ``now`` is wall-clock seconds.
-
-    The signature is compared in constant time, and the nonce is recorded in
-    ``guard`` only after the signature proved valid.
-    """
-    node_id = _header(headers, HEADER_NODE_ID)
-    timestamp = _header(headers, HEADER_TIMESTAMP)
-    nonce = _header(headers, HEADER_NONCE)
-    signature = _header(headers, HEADER_SIGNATURE)
-    if signature is None:
-        return VerifyResult(ok=False, reason="missing_signature", node_id=node_id)
-    if node_id is None or timestamp is None or nonce is None:
-        return VerifyResult(ok=False, reason="malformed", node_id=node_id)
-    method = method.upper()
-    if (
-        not _NODE_ID_RE.fullmatch(node_id)
-        or not _TIMESTAMP_RE.fullmatch(timestamp)
-        or not _NONCE_RE.fullmatch(nonce)
-        or not _SIGNATURE_RE.fullmatch(signature)
-        or not _METHOD_RE.fullmatch(method)
-    ):
-        return VerifyResult(ok=False, reason="malformed", node_id=None)
-    try:
-        _check_path(path)
-    except ValueError:
-        return VerifyResult(ok=False, reason="malformed", node_id=node_id)
-    ts = int(timestamp)
-    if not guard.fresh_timestamp(ts, now):
-        return VerifyResult(ok=False, reason="stale_timestamp", node_id=node_id)
-    expected = _signature(keys, method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, body=body)
-    if not hmac.compare_digest(expected, signature):
-        return VerifyResult(ok=False, reason="bad_signature", node_id=node_id)
-    refused = guard._admit(nonce, ts, now)
-    if refused is not None:
-        return VerifyResult(ok=False, reason=refused, node_id=node_id)
-    return VerifyResult(ok=True, reason="ok", node_id=node_id)
+    """``verify_head`` and ``body_matches`` in one step, for a body already read."""
+    result = verify_head(keys, guard, method=method, path=path, headers=headers, self_id=self_id, now=now,
+                         not_before=not_before)
+    if result.ok and not body_matches(result, body):
+        return VerifyResult(ok=False, reason="body_mismatch", node_id=result.node_id)
+    return result

@@ -65,8 +65,9 @@ def test_a_token_from_init_joins_the_same_cluster_fingerprint(tmp_path):
     assert joined.name == "home lab"
     assert load_cluster(tmp_path / "b").fingerprint == founder.fingerprint
     # And the two can really talk: one signs, the other verifies.
-    headers = sign(founder.keys(), method="GET", path="/peer/catalog", body=b"", node_id="a1", now=100.0)
-    result = verify(joined.keys(), ReplayGuard(), method="GET", path="/peer/catalog", body=b"", headers=headers, now=100.0)
+    headers = sign(founder.keys(), method="GET", path="/peer/catalog", body=b"", node_id="a1", to="b1", now=100.0)
+    result = verify(joined.keys(), ReplayGuard(), method="GET", path="/peer/catalog", body=b"", headers=headers,
+                    self_id="b1", now=100.0)
     assert result.ok
 
 

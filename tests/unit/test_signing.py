@@ -5,14 +5,21 @@ from __future__ import annotations
 import pytest
 
 from quorum_node.cluster.signing import (
+    ANY_DESTINATION,
+    HEADER_DIGEST,
     HEADER_NODE_ID,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
+    HEADER_TO,
+    HOP_HEADER,
+    ORIGIN_HEADER,
     ReplayGuard,
+    body_matches,
     derive_keys,
     sign,
     verify,
+    verify_head,
 )
 
 SECRET = b"s" * 32
@@ -20,11 +27,13 @@ NOW = 1_700_000_000.0
 BODY = b'{"model":"llama3.1:8b","messages":[]}'
 
 
-def _signed(keys=None, *, now=NOW, body=BODY, path="/v1/chat/completions", **kw):
-    return sign(keys or derive_keys(SECRET), method="POST", path=path, body=body, node_id="node-a", now=now, **kw)
+def _signed(keys=None, *, now=NOW, body=BODY, path="/v1/chat/completions", to="node-b", method="POST", **kw):
+    return sign(keys or derive_keys(SECRET), method=method, path=path, body=body, node_id="node-a", to=to, now=now,
+                **kw)
 
 
-def _verify(headers, *, keys=None, guard=None, now=NOW, body=BODY, path="/v1/chat/completions", method="POST"):
+def _verify(headers, *, keys=None, guard=None, now=NOW, body=BODY, path="/v1/chat/completions", method="POST",
+            self_id="node-b", not_before=0.0):
     return verify(
         keys or derive_keys(SECRET),
         guard if guard is not None else ReplayGuard(),
@@ -32,7 +41,9 @@ def _verify(headers, *, keys=None, guard=None, now=NOW, body=BODY, path="/v1/cha
         path=path,
         body=body,
         headers=headers,
+        self_id=self_id,
         now=now,
+        not_before=not_before,
     )
 
 
@@ -74,27 +85,69 @@ def test_clock_skew_within_the_window_is_tolerated_both_ways():
     assert _verify(_signed(now=NOW + 31)).reason == "stale_timestamp"
 
 
+def test_a_changed_body_does_not_match_the_signed_digest():
+    assert _verify(_signed(), body=BODY.replace(b"8b", b"70b")).reason == "body_mismatch"
+
+
+def test_the_head_is_verified_before_any_body_is_read():
+    headers = _signed()
+    head = verify_head(derive_keys(SECRET), ReplayGuard(), method="POST", path="/v1/chat/completions",
+                       headers=headers, self_id="node-b", now=NOW)
+    assert head.ok and head.digest == headers[HEADER_DIGEST]
+    assert body_matches(head, BODY) and not body_matches(head, BODY + b" ")
+
+
+def test_a_request_signed_for_one_node_is_refused_by_another():
+    # the replay of issue 7 item 8: a captured request sent on to another member of the cluster
+    assert _verify(_signed(to="node-b"), self_id="node-c").reason == "wrong_destination"
+
+
+def test_only_a_health_probe_may_be_addressed_to_any_node():
+    probe = _signed(to=ANY_DESTINATION, method="GET", path="/quorum/v1/health", body=b"")
+    assert _verify(probe, method="GET", path="/quorum/v1/health", body=b"", self_id="node-c").ok
+    catalog = _signed(to=ANY_DESTINATION, method="GET", path="/quorum/v1/catalog", body=b"")
+    assert _verify(catalog, method="GET", path="/quorum/v1/catalog", body=b"").reason == "wrong_destination"
+    chat = _signed(to=ANY_DESTINATION)
+    assert _verify(chat).reason == "wrong_destination"
+
+
+def test_a_restarted_node_refuses_requests_signed_before_it_started():
+    headers = _signed(now=NOW - 2)
+    assert _verify(headers, not_before=NOW - 1).reason == "before_start"
+    assert _verify(_signed(now=NOW), not_before=NOW - 1).ok
+
+
+@pytest.mark.parametrize("header,value", [(HOP_HEADER, "2"), (ORIGIN_HEADER, "node-x")])
+def test_the_hop_headers_are_signed(header, value):
+    headers = _signed(hop="1", origin="node-a")
+    assert headers[HOP_HEADER] == "1" and headers[ORIGIN_HEADER] == "node-a"
+    assert _verify(dict(headers)).ok
+    assert _verify(dict(headers, **{header: value})).reason == "bad_signature"
+    stripped = {k: v for k, v in headers.items() if k != header}
+    assert _verify(stripped).reason == "bad_signature"
+
+
 @pytest.mark.parametrize(
     "change",
     [
-        {"body": BODY.replace(b"8b", b"70b")},
         {"path": "/v1/embeddings"},
         {"path": "/v1/chat/completions?x=1"},
         {"method": "PUT"},
     ],
-    ids=["body", "path", "query", "method"],
+    ids=["path", "query", "method"],
 )
 def test_tampering_with_the_request_breaks_the_signature(change):
     assert _verify(_signed(), **change).reason == "bad_signature"
 
 
-@pytest.mark.parametrize("header", [HEADER_NODE_ID, HEADER_TIMESTAMP, HEADER_NONCE])
+@pytest.mark.parametrize("header", [HEADER_NODE_ID, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_DIGEST])
 def test_tampering_with_signed_headers_breaks_the_signature(header):
     headers = _signed()
     headers[header] = {
-        HEADER_NODE_ID: "node-b",
-        HEADER_TIMESTAMP: str(int(NOW) + 1),
+        HEADER_NODE_ID: "node-c",
+        HEADER_TIMESTAMP: str(int(NOW * 1000) + 1),
         HEADER_NONCE: "0" * 32,
+        HEADER_DIGEST: "0" * 64,
     }[header]
     assert _verify(headers).reason == "bad_signature"
 
@@ -109,6 +162,8 @@ def test_unsigned_and_malformed_requests_get_distinct_reasons():
         (HEADER_NONCE, "xyz"),
         (HEADER_SIGNATURE, "zz"),
         (HEADER_NODE_ID, "bad id\n"),
+        (HEADER_TO, "two words"),
+        (HEADER_DIGEST, "not-hex"),
     ]:
         broken = dict(_signed(), **{name: bad})
         result = _verify(broken)
@@ -170,6 +225,8 @@ def test_sign_refuses_inputs_that_would_make_the_canonical_string_ambiguous():
     with pytest.raises(ValueError):
         _signed(path="/v1/x\nPOST")
     with pytest.raises(ValueError):
-        sign(derive_keys(SECRET), method="POST", path="/", body=b"", node_id="a\nb", now=NOW)
+        sign(derive_keys(SECRET), method="POST", path="/", body=b"", node_id="a\nb", to="b", now=NOW)
+    with pytest.raises(ValueError):
+        sign(derive_keys(SECRET), method="POST", path="/", body=b"", node_id="a", to="b\nc", now=NOW)
     with pytest.raises(ValueError):
         derive_keys(b"")

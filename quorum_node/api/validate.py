@@ -46,6 +46,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = _decode(raw)
     except msgspec.DecodeError as e:
         raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"The request body is not valid UTF-8 (byte {e.start})", code="invalid_json") from None
     except RecursionError:
         raise BadRequest("The request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):

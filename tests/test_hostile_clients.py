@@ -1,0 +1,312 @@
+"""The node holds against hostile and slow clients (issue 7, items 1, 2, 5, 13, 14).
+
+Each test is one of the attacks the node was probed with, sent over a real
+socket, and asserts what the attacker (or the innocent client next to it)
+gets: an OpenAI error body with the right status, a connection closed in
+time, a node that keeps answering everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import os
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+import psutil
+import pytest
+
+from quorum_node.node import Node
+from tests.conftest import eventually
+from tests.fakes.engines import FakeEngine
+
+StartNode = Callable[..., Awaitable[Node]]
+StartFake = Callable[..., Awaitable[FakeEngine]]
+
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+CHAT = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).encode()
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+async def vllm_node(start_node: StartNode, fake: StartFake, **settings: Any) -> Node:
+    eng = await fake("vllm")
+    return await start_node(backends=[{"kind": "vllm", "url": eng.url}], **settings)
+
+
+async def raw_exchange(node: Node, data: bytes, *, read_timeout_s: float = 5.0) -> bytes:
+    """Send raw bytes, read until the node closes the connection (or the timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        out = b""
+        async with asyncio.timeout(read_timeout_s):
+            while chunk := await reader.read(65536):
+                out += chunk
+        return out
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, json.loads(body) if body else {}
+
+
+def assert_openai_error(body: dict[str, Any], code: str | None = None) -> None:
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code is not None:
+        assert err["code"] == code, err
+
+
+# -- 1. compressed uploads ---------------------------------------------------------
+
+
+def _bomb(inflated: int) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = b"\0" * (1 << 20)
+    return b"".join(c.compress(zeros) for _ in range(inflated >> 20)) + c.flush()
+
+
+BOMB = _bomb(512 << 20)  # ~0.5 MiB on the wire, 512 MiB inflated
+
+
+async def test_a_compressed_body_that_inflates_past_the_limit_is_refused_without_inflating_it(
+    start_node, fake, http
+) -> None:
+    node = await vllm_node(start_node, fake, max_body_bytes=1 << 20)
+    proc = psutil.Process(os.getpid())
+    rss_before = proc.memory_info().rss
+
+    async def bomb() -> tuple[int, dict[str, Any]]:
+        async with http.post(node.url + "/v1/chat/completions", data=BOMB,
+                             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as resp:
+            return resp.status, await resp.json()
+
+    async def health() -> int:
+        async with http.get(node.url + "/health") as resp:
+            return resp.status
+
+    results = await asyncio.gather(*(bomb() for _ in range(8)), health())
+    for status, body in results[:-1]:
+        assert status == 413
+        assert_openai_error(body, "body_too_large")
+    assert results[-1] == 200
+    # eight bombs of 512 MiB each: the node inflated at most its limit of each
+    assert proc.memory_info().rss - rss_before < 64 << 20
+
+
+async def test_gzip_and_deflate_bodies_are_accepted(start_node, fake, client_for, http) -> None:
+    node = await vllm_node(start_node, fake)
+    for encoding, data in (("gzip", gzip.compress(CHAT)), ("deflate", zlib.compress(CHAT)),
+                           ("deflate", zlib.compress(CHAT)[2:-4])):  # raw deflate, as some clients send it
+        async with http.post(node.url + "/v1/chat/completions", data=data,
+                             headers={"Content-Encoding": encoding, "Content-Type": "application/json"}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["choices"][0]["message"]["content"] == "Hello, world!"
+
+
+@pytest.mark.parametrize("data", [b"\x1f\x8b\x08\x00garbage-after-a-gzip-header", gzip.compress(CHAT)[:-12],
+                                  gzip.compress(CHAT) + b"trailing"], ids=["garbage", "truncated", "trailing"])
+async def test_a_broken_compressed_body_is_a_400(start_node, fake, http, data) -> None:
+    node = await vllm_node(start_node, fake)
+    async with http.post(node.url + "/v1/chat/completions", data=data, headers={"Content-Encoding": "gzip"}) as resp:
+        assert resp.status == 400
+        assert_openai_error(await resp.json(), "invalid_encoding")
+        assert resp.headers["X-Request-Id"]
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, br"])
+async def test_an_encoding_the_node_does_not_inflate_is_a_415(start_node, fake, http, encoding) -> None:
+    node = await vllm_node(start_node, fake)
+    async with http.post(node.url + "/v1/chat/completions", data=CHAT, headers={"Content-Encoding": encoding}) as resp:
+        assert resp.status == 415
+        body = await resp.json()
+    assert_openai_error(body, "unsupported_encoding")
+    assert "Brotli" not in body["error"]["message"]
+
+
+async def test_an_unauthenticated_peer_claim_is_refused_before_its_body_is_read(start_node, fake) -> None:
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], cluster="home", cluster_secret="s" * 32)
+    # 100 MB announced, not one byte of it sent: the answer still comes, so the body was never waited for
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Quorum-Signature: " + b"0" * 64 + b"\r\nContent-Length: 100000000\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5):
+            raw = await reader.readuntil(b"}}")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status, headers, body = split_response(raw)
+    assert status == 401 and headers["connection"] == "close"
+    assert_openai_error(body, "unauthorized")
+    assert not eng.requests
+
+
+# -- 2. slow clients ---------------------------------------------------------------
+
+
+async def test_headers_that_trickle_in_get_a_408_and_the_connection_is_closed(start_node, fake) -> None:
+    node = await vllm_node(start_node, fake, header_timeout_s=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        async with asyncio.timeout(5):
+            for _ in range(100):  # one header line every 0.1 s: never complete
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+                if reader.at_eof():
+                    break
+                try:
+                    async with asyncio.timeout(0.1):
+                        raw = await reader.read()
+                        break
+                except TimeoutError:
+                    continue
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    status, _, body = split_response(raw)
+    assert status == 408
+    assert_openai_error(body, "header_timeout")
+
+
+async def test_a_body_that_never_completes_gets_a_408(start_node, fake) -> None:
+    node = await vllm_node(start_node, fake, body_timeout_s=0.5)
+    for head in (b"Content-Length: 1000\r\n\r\n" + CHAT[:10],  # a Content-Length never fulfilled
+                 b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"):  # a chunked body that never ends
+        raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head)
+        status, headers, body = split_response(raw)
+        assert status == 408 and headers["connection"] == "close"
+        assert_openai_error(body, "body_timeout")
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(start_node, fake) -> None:
+    node = await vllm_node(start_node, fake, keepalive_timeout_s=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"}")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # closed by the node, with nothing more said
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_connections_per_address_are_capped(start_node, fake, http) -> None:
+    node = await vllm_node(start_node, fake, max_connections_per_address=4)
+    held = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(4)]
+    try:
+        raw = await raw_exchange(node, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = split_response(raw)
+        assert status == 429 and headers["retry-after"] == "1"
+        assert_openai_error(body, "too_many_connections")
+    finally:
+        for _, w in held:
+            w.close()
+            await w.wait_closed()
+
+    async def fine() -> bool:
+        async with http.get(node.url + "/health") as resp:
+            return resp.status == 200
+
+    await eventually(fine, what="the address may connect again once its connections closed")
+
+
+# -- 5, 13, 14. malformed input: always the OpenAI shape, always an id ---------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_invalid_utf8_inside_a_json_string_is_a_400(start_node, fake, http, path) -> None:
+    node = await vllm_node(start_node, fake)
+    async with http.post(node.url + path, data=b'{"model":"\xc3\x28","messages":[]}') as resp:
+        assert resp.status == 400
+        assert_openai_error(await resp.json(), "invalid_json")
+        assert resp.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize(
+    "raw,status",
+    [
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 400),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GARBAGE\r\n\r\n", 400),
+    ],
+    ids=["oversized-header", "too-many-headers", "bad-chunk-size", "not-http"],
+)
+async def test_errors_of_the_http_parser_are_in_the_openai_shape(start_node, fake, raw, status) -> None:
+    node = await vllm_node(start_node, fake)
+    got, headers, body = split_response(await raw_exchange(node, raw))
+    assert got == status and headers["content-type"].startswith("application/json")
+    assert_openai_error(body, "bad_http")
+
+
+async def test_every_error_answer_carries_a_request_id(start_node, fake, http) -> None:
+    node = await vllm_node(start_node, fake)
+    cases = [
+        ("POST", "/v1/chat/completions", b"{", 400),
+        ("POST", "/v1/chat/completions", json.dumps({"model": "nope", "messages": [{"role": "user"}]}).encode(), 404),
+        ("GET", "/v1/chat/completions", b"", 405),
+        ("GET", "/nowhere", b"", 404),
+    ]
+    for method, path, data, status in cases:
+        async with http.request(method, node.url + path, data=data or None) as resp:
+            assert resp.status == status
+            assert len(resp.headers["X-Request-Id"]) >= 8
+    async with http.post(node.url + "/v1/chat/completions", data=b"{", headers={"X-Request-Id": "mine-42"}) as resp:
+        assert resp.headers["X-Request-Id"] == "mine-42"
+    async with http.post(node.url + "/v1/chat/completions", data=b"{", headers={"X-Request-Id": "bad id\t"}) as resp:
+        assert resp.headers["X-Request-Id"] != "bad id\t"
+
+
+async def test_the_sdk_does_not_retry_a_request_that_cannot_succeed(start_node, fake, client_for) -> None:
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    client = client_for(node, max_retries=3)
+    with pytest.raises(openai.NotFoundError) as err:
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert err.value.response.headers["X-Request-Id"]
+
+
+async def test_a_crowd_of_slow_clients_does_not_stop_others_being_served(start_node, fake, client_for) -> None:
+    node = await vllm_node(start_node, fake, header_timeout_s=1.0, max_connections_per_address=1024)
+    slow = []
+    for _ in range(300):
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Half")
+        slow.append((r, w))
+    try:
+        answer = await client_for(node).chat.completions.create(model=MODEL,
+                                                                messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content == "Hello, world!"
+
+        async with asyncio.timeout(5):  # every slow connection answered 408 and closed by the header deadline
+            answers = await asyncio.gather(*(r.read() for r, _ in slow))
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers)
+    finally:
+        for _, w in slow:
+            w.close()
+        await asyncio.gather(*(w.wait_closed() for _, w in slow), return_exceptions=True)
+
+
+async def test_a_body_of_the_right_size_but_wrong_content_length_is_refused(start_node, fake) -> None:
+    node = await vllm_node(start_node, fake, max_body_bytes=1000)
+    raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    status, _, body = split_response(raw)
+    assert status == 413
+    assert_openai_error(body, "body_too_large")

@@ -9,6 +9,13 @@ The listening socket is owned here rather than by `TCPSite` so that a fake can
 sit *bound but not listening* on its port.  That is exactly what vLLM and TGI
 do while loading (clients get "connection refused"), and it keeps the port
 reserved between `stop_listening()` and `resume_listening()`.
+
+Faults.  `fail_after_tokens` says *where* a generation goes wrong (after that
+many content chunks; None: it does not) and `fail_mode` says *how* (see
+`FAIL_MODES`).  Whole-request faults have knobs of their own: `refuse`,
+`status_always` (next to the one-shot `next_status`), `redirect_status` with
+`redirect_location`, and `endless`.  The streaming loop that honours them is in
+`openai_compat.py`; the helpers they share are here.
 """
 
 from __future__ import annotations
@@ -27,17 +34,45 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from tests.faults import hard_reset
+
 __all__ = [
+    "CONTINUING_FAIL_MODES",
+    "FAIL_MODES",
+    "INJECTED_FAIL_MODES",
     "EngineError",
     "FakeEngine",
     "Plan",
     "RecordedRequest",
     "StreamTracker",
     "drop_connection",
+    "fin_connection",
+    "reset_connection",
 ]
 
 DEFAULT_TOKENS = ("Hello", ",", " world", "!")
 DEFAULT_TOOL_ARGUMENTS: dict[str, Any] = {"city": "Tokyo"}
+
+#: What happens at `fail_after_tokens`, in a stream / in a non-streamed answer.  For the
+#: modes after "drop", 0 means the very first bytes after the headers (before SSE comments
+#: and the role chunk); "error" and "drop" keep their place after the role chunk.
+FAIL_MODES: dict[str, str] = {
+    "error": "an in-band error event (vLLM adds [DONE]) / the engine's 500",
+    "drop": "the connection is aborted mid-body / the engine's 500",
+    "rst": "an RST (SO_LINGER 0) once the bytes sent are read / an RST instead of an answer",
+    "fin": "a clean TCP close (FIN) mid-body, no [DONE] / a FIN instead of an answer",
+    "eof": "the body ends properly but early: no finish chunk, no [DONE] / 200, empty body",
+    "stall": "nothing more, connection kept open until the client leaves / 200 headers, no body",
+    "malformed_json": "one event that is not JSON, then the rest / 200 with invalid JSON",
+    "malformed_shape": "one event of JSON in the wrong shape, then the rest / 200, wrong shape",
+}
+#: The modes `inject_fault` applies; "error", "drop" (and unknown values, as before) go
+#: through `fail_stream`.
+INJECTED_FAIL_MODES = frozenset(FAIL_MODES) - {"error", "drop"}
+#: Modes after which the stream carries on as planned (the bad event is injected).
+CONTINUING_FAIL_MODES = frozenset({"malformed_json", "malformed_shape"})
+#: Before an RST, the time the peer gets to read what was sent (Linux drops unread data).
+RST_SETTLE_S = 0.01
 
 
 class EngineError(Exception):
@@ -51,6 +86,15 @@ class EngineError(Exception):
         self.message = message
         self.param = param
         self.code = code
+
+
+class Redirect(Exception):
+    """Raised inside a handler: answered as `status` with `Location` and `{"moved": true}`."""
+
+    def __init__(self, status: int, location: str) -> None:
+        super().__init__(location)
+        self.status = status
+        self.location = location
 
 
 class RecordedRequest(dict):
@@ -126,6 +170,12 @@ class FakeEngine:
         self.fail_after_tokens: int | None = None
         self.fail_mode: str = "error"
         self.next_status: int | None = None
+        self.status_always: int | None = None  # like next_status, on every request until cleared
+        self.redirect_status: int | None = None  # e.g. 307 or 302, Location: redirect_location
+        self.redirect_location: str | None = None  # None: the same path on a closed port
+        self.refuse: bool = False  # start bound but not listening; see set_refuse()
+        self.endless: bool = False  # streams never finish: tokens repeat until the client leaves
+        self.malformed_payload: str | list[str] | None = None  # overrides the malformed_* data
         self.api_key: str | None = None
         self.tool_arguments: dict[str, Any] = dict(DEFAULT_TOOL_ARGUMENTS)
         self.context_length: int = 4096  # runtime window (n_ctx, max_model_len, /api/ps)
@@ -172,7 +222,7 @@ class FakeEngine:
         await self._runner.setup()
         self._sock = self._bind(port)
         self.port = self._sock.getsockname()[1]
-        if listen:
+        if listen and not self.refuse:
             await self.resume_listening()
 
     def _bind(self, port: int) -> socket.socket:
@@ -246,6 +296,15 @@ class FakeEngine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def set_refuse(self, value: bool) -> None:
+        """Set `refuse` and stop or resume listening: connection refused, the port kept.
+
+        Setting the plain attribute on a listening fake makes it RST each new request
+        instead, which is the nearest thing it can do without awaiting.
+        """
+        self.refuse = bool(value)
+        await (self.stop_listening() if self.refuse else self.resume_listening())
 
     # ------------------------------------------------------------ loading state
 
@@ -328,11 +387,17 @@ class FakeEngine:
     # ----------------------------------------------------- generation behaviour
 
     async def before_generation(self, request: web.Request, body: dict) -> RecordedRequest:
-        """Record the request, apply `next_status`, and wait out a lazy load."""
+        """Record the request, apply `next_status`, `status_always` and `redirect_status`,
+        and wait out a lazy load."""
         rec = self.record(request, body)
         if self.next_status is not None:
             status, self.next_status = self.next_status, None
             raise EngineError(status, self.injected_error_message(status))
+        if self.status_always is not None:
+            raise EngineError(self.status_always, self.injected_error_message(self.status_always))
+        if self.redirect_status is not None:
+            raise Redirect(self.redirect_status,
+                           self.redirect_location or f"http://127.0.0.1:9{request.path_qs}")
         if self.loading and self.loading_mode == "wait":
             await self._loaded.wait()
         return rec
@@ -383,6 +448,45 @@ class FakeEngine:
         rest = [{"tool_calls": [{"index": 0, "function": {"arguments": f}}]} for f in frags]
         return [head, *rest]
 
+    async def answer_fault(self, request: web.Request,
+                           tracker: StreamTracker) -> web.StreamResponse | None:
+        """A non-streamed answer's fault (inside `track`); None: the legacy engine 500."""
+        mode = self.fail_mode
+        if mode == "rst":
+            await reset_connection(request, tracker, settle=False)
+        if mode == "fin":
+            fin_connection(request, tracker)
+        if mode == "eof":
+            return web.Response(status=200, body=b"", content_type="application/json")
+        if mode == "stall":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await resp.prepare(request)
+            await forever()
+        if mode in CONTINUING_FAIL_MODES:
+            payload = self.malformed_payload
+            if payload is None:
+                payload = self.malformed_answer(request, shape=mode == "malformed_shape")
+            elif not isinstance(payload, str):
+                payload = "".join(payload)
+            return web.Response(status=200, body=payload.encode(), content_type="application/json")
+        return None
+
+    def malformed_answer(self, request: web.Request, *, shape: bool) -> str:
+        """The body of a malformed non-streamed answer: invalid JSON, or the wrong shape."""
+        return '{"choices": 5}' if shape else '{"choices": ['
+
+    def malformed_events(self, request: web.Request, *, shape: bool) -> list[str]:
+        """The data of the events a malformed stream injects."""
+        payload = self.malformed_payload
+        if payload is not None:
+            return [payload] if isinstance(payload, str) else list(payload)
+        return ['{"choices":[1],"usage":{"prompt_tokens":1}}'] if shape else ['{"choices": [']
+
+    async def endless_sleep(self) -> None:
+        """A non-streamed generation under `endless`: it never finishes."""
+        if self.endless:
+            await forever()
+
     async def generation_sleep(self, n_chunks: int) -> None:
         """The time a non-streamed answer takes: first-token delay plus the gaps."""
         delay = self.first_token_delay_s + self.token_delay_s * max(0, n_chunks - 1)
@@ -422,6 +526,9 @@ class FakeEngine:
         if self.loading and self.loading_mode == "refuse":
             # Normally unreachable (set_loading stops listening); a drop is the closest thing.
             drop_connection(request, StreamTracker(stream=False))
+        if self.refuse:
+            # Normally unreachable (set_refuse stops listening); an RST is the closest thing.
+            await reset_connection(request, StreamTracker(stream=False), settle=False)
         early = self.pre_route(request)
         if early is not None:
             return early
@@ -429,6 +536,9 @@ class FakeEngine:
             return await handler(request)
         except EngineError as exc:
             return self.error_response(request, exc)
+        except Redirect as exc:
+            return web.json_response({"moved": True}, status=exc.status,
+                                     headers={"Location": exc.location})
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
             return self.unknown_route(request)
 
@@ -486,3 +596,32 @@ def drop_connection(request: web.Request, tracker: StreamTracker) -> None:
     # The handler has nothing more to say; ending it as cancelled is what aiohttp expects
     # of a connection that is gone.
     raise asyncio.CancelledError
+
+
+async def reset_connection(request: web.Request, tracker: StreamTracker, *,
+                           settle: bool = True) -> None:
+    """Cut the connection with an RST (fail_mode="rst"): SO_LINGER 0, then abort.
+
+    With `settle`, the peer first gets `RST_SETTLE_S` to read what was already sent:
+    Linux throws unread data away when an RST arrives, and a test wants to see the
+    chunks that came before the cut.
+    """
+    tracker.dropped = True
+    if settle and request.transport is not None:
+        await asyncio.sleep(RST_SETTLE_S)
+    if request.transport is not None:
+        hard_reset(request.transport)
+    raise asyncio.CancelledError
+
+
+def fin_connection(request: web.Request, tracker: StreamTracker) -> None:
+    """Close the connection cleanly (FIN) mid-body (fail_mode="fin"): what was written is flushed."""
+    tracker.dropped = True
+    if request.transport is not None:
+        request.transport.close()
+    raise asyncio.CancelledError
+
+
+async def forever() -> None:
+    """Wait until cancelled: the client going away (or the fake closing) ends it."""
+    await asyncio.get_running_loop().create_future()

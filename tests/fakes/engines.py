@@ -10,10 +10,47 @@ described in `reference/engines.md`.  Start one with::
         await eng.close()
 
 Knobs (`tokens`, `token_delay_s`, `first_token_delay_s`, `fail_after_tokens`,
-`fail_mode`, `next_status`, `loading`, `api_key`, `tool_arguments`,
-`context_length`, `train_context_length`, `embedding_dim`, `loaded_models`)
-are plain attributes that tests may change at any time; bookkeeping
-(`requests`, `cancelled`, `abandoned`, `active_streams`) is read the same way.
+`fail_mode`, `next_status`, `status_always`, `redirect_status`,
+`redirect_location`, `refuse`, `endless`, `malformed_payload`, `loading`,
+`api_key`, `tool_arguments`, `context_length`, `train_context_length`,
+`embedding_dim`, `loaded_models`) are plain attributes that tests may change at
+any time; bookkeeping (`requests`, `cancelled`, `abandoned`, `active_streams`)
+is read the same way.
+
+Faults (every kind; Ollama's native NDJSON too, with lines for events):
+
+- `fail_after_tokens=N` says where a generation goes wrong (after N content
+  chunks; None: never), `fail_mode` how.  Streamed / non-streamed:
+  "error" (default) in-band error event / the engine's 500;
+  "drop" abort mid-body / 500;
+  "rst" RST (SO_LINGER 0) after the N chunks were read / RST, no answer;
+  "fin" clean TCP close mid-body, no [DONE] / FIN, no answer;
+  "eof" the body ends properly but early, no finish chunk, no [DONE] / 200 empty;
+  "stall" nothing more, connection open until the client leaves (counted in
+  `cancelled` / `abandoned`) / 200 headers, no body;
+  "malformed_json" one `data: {"choices": [` event, then the rest of the
+  stream / 200 `{"choices": [`;
+  "malformed_shape" one `{"choices":[1],"usage":{"prompt_tokens":1}}` event,
+  then the rest / 200 `{"choices": 5}`.
+  `malformed_payload` (a string, or a list for several events) replaces the
+  malformed data, e.g. `'{"choices":"x"}'`.  With N=0 the new modes strike right
+  after the headers, before SSE comments and the role chunk: "stall" is then
+  "200 then nothing", "malformed_json" the very first event.  ("error" and
+  "drop" at 0 still come after the role chunk, as they always did.)
+- `next_status=503` once, `status_always=503` on every generation request until
+  set back to None; both in the engine's own error envelope.
+- `redirect_status=307` (or 302): every generation request is answered with it,
+  `Location: redirect_location` (default: the same path on 127.0.0.1:9) and
+  `{"moved": true}`.
+- `refuse=True` at start, or `await eng.set_refuse(True)`: bound but not
+  listening (connection refused); `await eng.set_refuse(False)` listens again.
+  (The plain attribute on a listening fake RSTs each new request instead.)
+- `endless=True`: streams never finish; the planned tokens repeat every
+  `token_delay_s` until the client goes away (counted in `cancelled`); a
+  non-streamed request never gets its answer.
+
+For faults in the network itself (latency, bandwidth, stalls, resets between
+any two parties) put a `tests.faults.FaultProxy` in front of the fake.
 Module map: `base` (server, knobs, bookkeeping) ← `openai_compat` (the shared
 `/v1` surface and the "openai" kind) ← one module per engine.
 """

@@ -5,18 +5,30 @@ as the name's namespace, `chatcmpl-<0..998>` ids, role only in the first delta,
 finish reason in its own empty-delta chunk, tool calls whole in one chunk,
 `max_completion_tokens` ignored, `{"error":"…"}` natively and a nested error
 with `code: null` on `/v1`, lazy loading (requests wait while `loading`).
+
+The native NDJSON streams honour the same faults as `/v1` (`fail_mode`, `endless`),
+with NDJSON lines in place of SSE events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 from typing import Any
 
 from aiohttp import web
 
-from tests.fakes.base import EngineError, Plan, count_words, drop_connection
+from tests.fakes.base import (
+    INJECTED_FAIL_MODES,
+    EngineError,
+    Plan,
+    StreamTracker,
+    count_words,
+    drop_connection,
+    forever,
+)
 from tests.fakes.openai_compat import NO_ROLE_CHUNK, OpenAICompatEngine
 
 __all__ = ["OllamaEngine"]
@@ -121,6 +133,16 @@ class OllamaEngine(OpenAICompatEngine):
 
     def mark_loaded(self, model: str) -> None:
         super().mark_loaded(self.resolve(model) or model)
+
+    def malformed_answer(self, request: web.Request, *, shape: bool) -> str:
+        if not request.path.startswith("/api/"):
+            return super().malformed_answer(request, shape=shape)
+        return '{"message": 5, "done": true}' if shape else '{"model": "x", "message": {'
+
+    def malformed_events(self, request: web.Request, *, shape: bool) -> list[str]:
+        if self.malformed_payload is not None or not request.path.startswith("/api/"):
+            return super().malformed_events(request, shape=shape)
+        return ['{"message": 5, "done": false}'] if shape else ['{"message": {"content": ']
 
     # ------------------------------------------------------------- model info
 
@@ -233,9 +255,15 @@ class OllamaEngine(OpenAICompatEngine):
     async def native(self, request: web.Request, body: dict, plan: Plan, *,
                      key: str) -> web.StreamResponse:
         done_reason = "length" if plan.finish == "length" else "stop"
+        legacy = self.fail_mode not in INJECTED_FAIL_MODES
         if body.get("stream", True) is False:
-            async with self.track(stream=False):
+            async with self.track(stream=False) as tracker:
+                await self.endless_sleep()
                 await self.generation_sleep(plan.completion_tokens)
+                if plan.fail_at is not None and not legacy:
+                    fault = await self.answer_fault(request, tracker)
+                    if fault is not None:
+                        return fault
             if plan.fail_at is not None:
                 raise EngineError(500, "generation failed (injected by fake)")
             whole: dict[str, Any] = {"content": plan.text}
@@ -247,24 +275,45 @@ class OllamaEngine(OpenAICompatEngine):
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         async with self.track(stream=True) as tracker:
+            if not legacy and plan.fail_at == 0:  # the very first bytes after the headers
+                if await self.native_fault(request, resp, tracker):
+                    return resp
             if self.first_token_delay_s > 0:
                 await asyncio.sleep(self.first_token_delay_s)
-            for i, delta in enumerate(plan.deltas):
+            n = len(plan.deltas)
+            deltas = itertools.cycle(plan.deltas) if self.endless and n else plan.deltas
+            for i, delta in enumerate(deltas):
                 if plan.fail_at is not None and i == plan.fail_at:
-                    break
+                    if legacy:
+                        break
+                    if i > 0 and await self.native_fault(request, resp, tracker):
+                        return resp
                 if i > 0 and self.token_delay_s > 0:
                     await asyncio.sleep(self.token_delay_s)
+                elif i > 0 and self.endless:
+                    await asyncio.sleep(0)
                 await resp.write(_line(self.native_piece(body, key, delta, done=False)))
-            if plan.fail_at is not None:
+            if self.endless:
+                await forever()
+            if not legacy and plan.fail_at is not None and plan.fail_at == n and n > 0:
+                if await self.native_fault(request, resp, tracker):
+                    return resp
+            if plan.fail_at is not None and legacy:
                 if self.fail_mode == "drop":
                     drop_connection(request, tracker)
                 await resp.write(_line({"error": "generation failed (injected by fake)"}))
-            else:
+            else:  # no fault, or a malformed line was injected and the stream carried on
                 final = self.native_piece(body, key, {"content": ""}, done=True)
                 final.update(done_reason=done_reason, **self.metrics(plan))
                 await resp.write(_line(final))
             await resp.write_eof()
         return resp
+
+    async def native_fault(self, request: web.Request, resp: web.StreamResponse,
+                           tracker: StreamTracker) -> bool:
+        """`inject_fault` for NDJSON: the same modes, lines instead of events."""
+        return await self.inject_fault(request, resp, tracker,
+                                       frame=lambda data: data.encode() + b"\n")
 
     async def handle_embed(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)

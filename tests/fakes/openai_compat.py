@@ -3,29 +3,37 @@
 `OpenAICompatEngine` speaks the clean OpenAI wire format (it *is* the "openai"
 kind).  Each engine subclass changes class attributes and overrides the small
 hooks below to reproduce its own quirks; the streaming loop itself is written
-once, here, so every engine honours the knobs the same way.
+once, here, so every engine honours the knobs the same way, faults included
+(`fail_mode`, `endless`; see `FAIL_MODES` in `base.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from aiohttp import web
 
 from tests.fakes.base import (
+    CONTINUING_FAIL_MODES,
+    INJECTED_FAIL_MODES,
     EngineError,
     FakeEngine,
     Plan,
     StreamTracker,
     count_words,
     drop_connection,
+    fin_connection,
+    forever,
     now_s,
     random_id,
+    reset_connection,
 )
 
 __all__ = ["NO_ROLE_CHUNK", "OpenAICompatEngine", "StreamCtx"]
@@ -180,9 +188,13 @@ class OpenAICompatEngine(FakeEngine):
                               tool_deltas=self.tool_call_deltas)
         if body.get("stream"):
             return await self.stream(request, self.new_ctx(body, plan, "chat.completion.chunk"))
-        async with self.track(stream=False):
+        async with self.track(stream=False) as tracker:
+            await self.endless_sleep()
             await self.generation_sleep(plan.completion_tokens)
             if plan.fail_at is not None:
+                fault = await self.answer_fault(request, tracker)
+                if fault is not None:
+                    return fault
                 raise EngineError(500, "generation failed (injected by fake)")
         return web.json_response(self.chat_response(body, plan))
 
@@ -215,9 +227,13 @@ class OpenAICompatEngine(FakeEngine):
                               prompt_tokens=max(1, count_words(body.get("prompt"))))
         if body.get("stream"):
             return await self.stream(request, self.new_ctx(body, plan, "text_completion"))
-        async with self.track(stream=False):
+        async with self.track(stream=False) as tracker:
+            await self.endless_sleep()
             await self.generation_sleep(plan.completion_tokens)
             if plan.fail_at is not None:
+                fault = await self.answer_fault(request, tracker)
+                if fault is not None:
+                    return fault
                 raise EngineError(500, "generation failed (injected by fake)")
         finish = self.finish_reason(plan, body)
         out: dict[str, Any] = {
@@ -288,8 +304,14 @@ class OpenAICompatEngine(FakeEngine):
         plan = ctx.plan
         finish = self.finish_reason(plan, ctx.body)
         is_chat = ctx.object == "chat.completion.chunk"
+        legacy = self.fail_mode not in INJECTED_FAIL_MODES  # "error", "drop": `fail_stream`
+        # Does the stream end at the fault (rather than carry on after a bad event)?
+        ends = plan.fail_at is not None and self.fail_mode not in CONTINUING_FAIL_MODES
         resp = await self.prepare_stream(request)
         async with self.track(stream=True) as tracker:
+            if not legacy and plan.fail_at == 0:  # the very first bytes after the headers
+                if await self.inject_fault(request, resp, tracker):
+                    return resp
             for comment in self.stream_comments:
                 await resp.write(comment)
             if self.first_token_delay_s > 0:
@@ -298,20 +320,32 @@ class OpenAICompatEngine(FakeEngine):
                 await resp.write(self.event(self.chunk(
                     ctx, {"role": "assistant", "content": self.role_chunk_content}, None)))
             n = len(plan.deltas)
-            for i, delta in enumerate(plan.deltas):
+            deltas = itertools.cycle(plan.deltas) if self.endless and n else plan.deltas
+            for i, delta in enumerate(deltas):
                 if plan.fail_at is not None and i == plan.fail_at:
-                    return await self.fail_stream(request, resp, tracker)
+                    if legacy:
+                        return await self.fail_stream(request, resp, tracker)
+                    if i > 0 and await self.inject_fault(request, resp, tracker):
+                        return resp
                 if i > 0 and self.token_delay_s > 0:
                     await asyncio.sleep(self.token_delay_s)
-                last = self.finish_on_last_content and i == n - 1 and plan.fail_at is None
+                elif i > 0 and self.endless:
+                    await asyncio.sleep(0)  # never a busy loop that starves the client
+                last = (self.finish_on_last_content and i == n - 1 and not ends
+                        and not self.endless)
                 if is_chat:
                     chunk = self.chunk(ctx, self.shape_delta(delta, i), finish if last else None)
                 else:
                     chunk = self.chunk(ctx, None, finish if last else None,
                                        text=delta.get("content", ""))
                 await resp.write(self.event(chunk))
-            if plan.fail_at is not None:
-                return await self.fail_stream(request, resp, tracker)
+            if self.endless:  # no deltas at all: nothing to repeat, but still never finish
+                await forever()
+            if plan.fail_at is not None and plan.fail_at == n:
+                if legacy:
+                    return await self.fail_stream(request, resp, tracker)
+                if n > 0 and await self.inject_fault(request, resp, tracker):
+                    return resp
             if not (self.finish_on_last_content and n > 0):
                 await resp.write(self.event(self.final_chunk(ctx, finish)))
             if ctx.include_usage:
@@ -324,6 +358,27 @@ class OpenAICompatEngine(FakeEngine):
         if ctx.object == "chat.completion.chunk":
             return self.chunk(ctx, self.shape_delta({}, 1), finish)
         return self.chunk(ctx, None, finish)
+
+    async def inject_fault(self, request: web.Request, resp: web.StreamResponse,
+                           tracker: StreamTracker,
+                           frame: Callable[[str], bytes] | None = None) -> bool:
+        """Apply an `INJECTED_FAIL_MODES` fault mid-stream; True: the response is over.
+
+        `frame` wraps a malformed payload for the wire (default: an SSE event).
+        """
+        mode = self.fail_mode
+        if mode == "rst":
+            await reset_connection(request, tracker)
+        if mode == "fin":
+            fin_connection(request, tracker)
+        if mode == "eof":
+            await resp.write_eof()
+            return True
+        if mode == "stall":
+            await forever()
+        for data in self.malformed_events(request, shape=mode == "malformed_shape"):
+            await resp.write((frame or self.event)(data))
+        return False
 
     async def fail_stream(self, request: web.Request, resp: web.StreamResponse,
                           tracker: StreamTracker) -> web.StreamResponse:

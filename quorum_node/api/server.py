@@ -92,6 +92,20 @@ class _GuardedHandler(RequestHandler):
         self._limits = limits
         self._address: str | None = None
         self._header_timer: asyncio.TimerHandle | None = None
+        inner = self._request_handler
+        assert inner is not None
+
+        async def handle(request: BaseRequest) -> web.StreamResponse:
+            # What escapes the application's middlewares (its Expect handling, say) is still ours to word.
+            try:
+                return await inner(request)
+            except web.HTTPException as e:
+                if e.status < 400:
+                    raise
+                return web.Response(status=e.status, body=error_body(e.text or e.reason, "invalid_request_error"),
+                                    content_type="application/json", headers={"x-should-retry": "false"})
+
+        self._request_handler = handle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

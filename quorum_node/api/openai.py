@@ -215,7 +215,13 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "node": request.app[NODE].name})
+    node = request.app[NODE]
+    return web.json_response({
+        "status": "ok", "node": node.name,
+        # for soak tests and monitoring: what a leak would make grow
+        "in_flight": len(node.inflight), "connections": node.limits.open_connections(),
+        "tasks": len(asyncio.all_tasks()),
+    })
 
 
 async def ready(request: web.Request) -> web.Response:

@@ -1,0 +1,194 @@
+"""The relay protocol: frames between a node and ``quorum-relay``, over one WebSocket.
+
+Shared by both ends (the relay imports nothing of ``quorum_node``; nodes import
+this module). Every WebSocket message is one binary message holding one
+msgpack-encoded frame of the tagged union ``Frame`` (tag = the class name, the
+Struct encoded as an array for compactness). Text messages are a protocol error.
+
+Connecting
+----------
+A node opens ``ws(s)://RELAY/v1/connect`` with the headers::
+
+    Authorization: Bearer <token>      admits the node into the token's namespace
+    X-Quorum-Node-Id: <node id>        [A-Za-z0-9._-]{1,64}
+
+A missing or bad token is refused during the handshake with HTTP 401 and a
+JSON body ``{"error": {"message", "type", "param", "code"}}``; too many
+handshakes or connections from one address get HTTP 429. The relay then sends
+``Welcome`` first: the session id, who else of the namespace is online, and
+the limits in force. Afterwards it sends ``Joined`` / ``Left`` as peers come
+and go. A second connection with the same node id in the same namespace
+replaces the first (closed with ``CLOSE_REPLACED``).
+
+Peer traffic
+------------
+``Hello``, ``HelloReply``, ``Open``, ``Data``, ``Window``, ``Close`` and
+``Reset`` carry traffic between two nodes of one namespace. ``peer`` is the
+destination when a node sends the frame and is rewritten by the relay to the
+source when it delivers it; nothing else is changed, and ``payload`` is never
+decoded by the relay (the nodes encrypt it end to end: ``Hello`` /
+``HelloReply`` carry a Noise handshake, the rest its transport messages).
+
+Streams (``stream`` ids) are chosen by the node that opens them, unique per
+pair of nodes: the node whose id sorts lower uses odd ids, the other even ids,
+so the relay can key a stream by ``(pair, id)``. A stream is open from its
+``Open`` until both sides sent ``Close`` or either side sent ``Reset``; the
+relay counts open streams per node against its limit and answers an ``Open``
+past it with ``Reset(code="too_many_streams")``. A frame for a peer that is not
+online is answered with ``Unreachable``; streams of a peer that disconnects
+are reset (``Reset(code="peer_gone")``) to the other side. ``Window`` grants
+the other side ``credit`` more payload bytes on a stream (flow control is end
+to end; the relay only forwards).
+
+Close codes (the relay closing a node's WebSocket)
+--------------------------------------------------
+``1001`` relay shutting down; ``1009`` frame over ``max_frame_bytes``
+(websockets' own); ``CLOSE_PROTOCOL`` a frame that does not decode or breaks
+the rules; ``CLOSE_TOO_SLOW`` the node's send queue passed its limit;
+``CLOSE_REPLACED`` another connection took this node id;
+``CLOSE_TOKEN_REVOKED`` the node's token was removed (SIGHUP reload);
+``CLOSE_IDLE`` no traffic or pong within the idle timeout.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "CLOSE_IDLE",
+    "CLOSE_PROTOCOL",
+    "CLOSE_REPLACED",
+    "CLOSE_TOKEN_REVOKED",
+    "CLOSE_TOO_SLOW",
+    "CONNECT_PATH",
+    "NODE_ID_HEADER",
+    "Close",
+    "Data",
+    "Frame",
+    "Hello",
+    "HelloReply",
+    "Joined",
+    "Left",
+    "Open",
+    "Presence",
+    "Reset",
+    "Unreachable",
+    "Welcome",
+    "Window",
+    "decode",
+    "encode",
+]
+
+CONNECT_PATH = "/v1/connect"
+NODE_ID_HEADER = "X-Quorum-Node-Id"
+
+CLOSE_PROTOCOL = 4002
+CLOSE_TOO_SLOW = 4008
+CLOSE_REPLACED = 4009
+CLOSE_TOKEN_REVOKED = 4010
+CLOSE_IDLE = 4011
+
+
+class _F(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag=True):
+    """Base of every frame."""
+
+
+class Presence(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    node_id: str
+    since: float  # wall-clock seconds when it connected
+
+
+class Welcome(_F, frozen=True, kw_only=True):
+    """Relay → node, first frame: the session and who is online."""
+
+    session: str
+    node_id: str
+    peers: tuple[Presence, ...] = ()
+    max_frame_bytes: int = 0
+    max_streams: int = 0
+
+
+class Joined(_F, frozen=True, kw_only=True):
+    """Relay → node: a peer of the namespace came online."""
+
+    peer: Presence
+
+
+class Left(_F, frozen=True, kw_only=True):
+    """Relay → node: a peer went offline."""
+
+    node_id: str
+
+
+class Unreachable(_F, frozen=True, kw_only=True):
+    """Relay → node: the destination of a frame is not online (``stream`` 0 for ``Hello``)."""
+
+    peer: str
+    stream: int = 0
+
+
+class Hello(_F, frozen=True, kw_only=True):
+    """Node ↔ node: first handshake message (opaque to the relay)."""
+
+    peer: str
+    payload: bytes
+
+
+class HelloReply(_F, frozen=True, kw_only=True):
+    """Node ↔ node: handshake answer (opaque to the relay)."""
+
+    peer: str
+    payload: bytes
+
+
+class Open(_F, frozen=True, kw_only=True):
+    """Node ↔ node: opens ``stream``; ``payload`` (encrypted) is the request head."""
+
+    peer: str
+    stream: int
+    payload: bytes
+
+
+class Data(_F, frozen=True, kw_only=True):
+    peer: str
+    stream: int
+    payload: bytes
+
+
+class Window(_F, frozen=True, kw_only=True):
+    """Node ↔ node: the sender may send ``credit`` more payload bytes on ``stream``."""
+
+    peer: str
+    stream: int
+    credit: int
+
+
+class Close(_F, frozen=True, kw_only=True):
+    """Node ↔ node: the sender's half of ``stream`` is finished (``payload``: encrypted trailer, may be empty)."""
+
+    peer: str
+    stream: int
+    payload: bytes = b""
+
+
+class Reset(_F, frozen=True, kw_only=True):
+    """Either way: ``stream`` is aborted; the relay sends one too (``too_many_streams``, ``peer_gone``)."""
+
+    peer: str
+    stream: int
+    code: str
+
+
+Frame = Welcome | Joined | Left | Unreachable | Hello | HelloReply | Open | Data | Window | Close | Reset
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def encode(frame: Frame) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode(raw: bytes) -> Frame:
+    """One frame; raises ``msgspec.DecodeError`` (a ``ValueError``) if it is not one."""
+    return _decoder.decode(raw)

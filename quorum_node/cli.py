@@ -23,7 +23,7 @@ __all__ = ["main"]
 # Flags spelled by hand; every other Settings field gets --dashed-name automatically.
 _EXPLICIT = {
     "host", "port", "name", "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
-    "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers",
+    "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token",
 }
 
 
@@ -50,6 +50,10 @@ def _add_run(sub: Any) -> None:
                    help="announce and browse on this interface address only (repeatable)")
     p.add_argument("--peer", dest="peers", action="append", default=S, metavar="HOST:PORT",
                    help="a static peer, where multicast does not pass (repeatable)")
+    p.add_argument("--relay", default=S, metavar="URL",
+                   help="a quorum-relay to join peers on other networks through (ws:// or wss://)")
+    p.add_argument("--relay-token", dest="relay_token", default=S, metavar="TOKEN",
+                   help="the relay's admission token (prefer env QUORUM_RELAY_TOKEN: it stays out of ps)")
     for f in msgspec.structs.fields(Settings):
         if f.name in _EXPLICIT:
             continue

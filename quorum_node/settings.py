@@ -91,9 +91,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_attempts: int = 3
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0
+    # the relay (quorum-relay) that joins this node to peers on other networks
+    relay: str | None = None
+    relay_token: str | None = None
 
-    def __repr__(self) -> str:
-        return f"Settings(name={self.name!r}, host={self.host!r}, port={self.port}, backends={self.backends!r})"
+    def __repr__(self) -> str:  # never the secrets (cluster secret, relay token, engine keys)
+        return (f"Settings(name={self.name!r}, host={self.host!r}, port={self.port}, backends={self.backends!r}, "
+                f"relay={self.relay!r})")
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
@@ -205,6 +209,12 @@ def _validate(s: Settings) -> Settings:
             ipaddress.ip_address(ip)
         except ValueError:
             raise ConfigError(f"mdns_interfaces: {ip!r} is not an IP address") from None
+    if s.relay is not None:
+        parts = urlsplit(s.relay)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ConfigError(f"relay: bad URL {s.relay!r} (expected ws://HOST:PORT or wss://HOST)")
+        if not s.relay_token:
+            raise ConfigError("relay: needs relay_token (--relay-token or QUORUM_RELAY_TOKEN)")
     if bool(s.cluster) != bool(s.cluster_secret):
         raise ConfigError("cluster and cluster_secret must be given together")
     for name in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "request_timeout_s",

@@ -10,8 +10,9 @@ up to that point can still be retried elsewhere, transparently.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -25,8 +26,10 @@ from .backends.base import (
     Reply,
     StreamReply,
 )
+from .cluster.scoring import RetryBudget
 from .errors import (
     ApiError,
+    EngineFailed,
     EngineRejected,
     EngineUnavailable,
     NotFound,
@@ -34,7 +37,7 @@ from .errors import (
     Unavailable,
 )
 
-__all__ = ["LocalTarget", "Opened", "Router", "Target"]
+__all__ = ["LocalTarget", "Opened", "PeerPlan", "Router", "Target"]
 
 log = structlog.get_logger(__name__)
 
@@ -52,7 +55,8 @@ class Target(Protocol):
         """Claim a slot; False means "do not send" (a breaker is open)."""
 
     def end(self, ok: bool | None, ttft_s: float | None) -> None:
-        """Release the slot: ok True/False, or None when the client went away."""
+        """Release the slot: ok True/False, or None for no verdict (the client went away,
+        or the answer said nothing about the target's health)."""
 
 
 class LocalTarget:
@@ -90,8 +94,34 @@ class Opened:
         self.attempts = attempts
 
 
-# Peer targets are supplied by the cluster layer, when there is one.
+class PeerPlan(list["Target"]):
+    """What the cluster offers for a model: the peers to try now, best first.
+
+    ``wait_s``: when the soonest holder that is skipped for now (breaker open,
+    peer suspect) may be tried again; None if no holder is skipped. It makes a
+    model whose holders are all temporarily out a 503 with Retry-After, not a 404.
+    """
+
+    def __init__(self, targets: Iterable[Target] = (), *, wait_s: float | None = None) -> None:
+        super().__init__(targets)
+        self.wait_s = wait_s
+
+
+# Peer targets are supplied by the cluster layer, when there is one (a PeerPlan, or any sequence).
 PeerPlanner = Callable[[str, Op], Sequence[Target]]
+
+#: Retries (a second holder for the same request) are at most 20 % of requests, plus
+#: a floor of 3 banked and a trickle over time, so a failing cluster is not hammered:
+#: with every upstream failing, attempts stay <= 1.2 x requests + 3 (+ 1 per 20 s).
+RETRY_RATIO = 0.2
+RETRY_FLOOR = 3.0
+RETRY_PER_S = 0.05
+
+
+def _tally(err: ApiError, attempts: int) -> ApiError:
+    """Mark an error with the number of upstream attempts made before it (for the request log)."""
+    err.attempts = attempts  # type: ignore[attr-defined]
+    return err
 
 
 class Router:
@@ -101,7 +131,9 @@ class Router:
         self.max_attempts = max_attempts
         self.peer_planner: PeerPlanner | None = None
         self.peer_models: Callable[[], list[str]] | None = None
-        self.retry_gate: Callable[[], bool] | None = None
+        self.retry_gate: Callable[[], bool] | None = None  # a second budget (the cluster's), if any
+        self.budget = RetryBudget(RETRY_RATIO, min_per_s=RETRY_PER_S, max_tokens=RETRY_FLOOR,
+                                  initial_tokens=RETRY_FLOOR)
 
     def known_models(self) -> list[str]:
         names = {m.id for _, m in self.registry.models()}
@@ -110,14 +142,22 @@ class Router:
         return sorted(names)
 
     def plan(self, model: str, op: Op, *, forwarded: bool) -> list[Target]:
-        """Ordered targets for ``model``; raises the right client error if there are none."""
+        """Ordered targets for ``model``; raises the right client error if there are none.
+
+        No target, but a holder that is only out for now (its engine down or
+        loading, its peer suspect or its breaker open): 503 with Retry-After,
+        never 404. 404 is for models no holder has.
+        """
         local = self.registry.holders(model)
         capable = [(b, m) for b, m in local if b.supports(op)]
         targets: list[Target] = [
             LocalTarget(b, m, self.node_name) for b, m in capable if b.state is not BackendState.DOWN
         ]
+        wait_s: float | None = None
         if not forwarded and self.peer_planner is not None:
-            targets.extend(self.peer_planner(model, op))
+            peers = self.peer_planner(model, op)
+            targets.extend(peers)
+            wait_s = peers.wait_s if isinstance(peers, PeerPlan) else None
         if targets:
             return targets
         if local and not capable:
@@ -136,63 +176,112 @@ class Router:
                 f"({', '.join(holders_down or [b.name for b in down])}); try again shortly",
                 code="engine_unavailable",
             )
+        if wait_s is not None:
+            raise Unavailable(
+                f"Every holder of `{model}` is failing right now; try again shortly",
+                code="holders_unavailable", retry_after_s=max(1, math.ceil(wait_s)),
+            )
         raise NotFound(
             f"The model `{model}` does not exist. Available models: {', '.join(self.known_models()) or 'none'}",
             param="model",
             code="model_not_found",
         )
 
+    def _may_retry(self, now: float) -> bool:
+        """Spend one retry from the budgets, or say no (spending nothing)."""
+        if not self.budget.can_retry(now):
+            return False
+        if self.retry_gate is not None and not self.retry_gate():
+            return False
+        return self.budget.on_retry(now)
+
     async def open(
         self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool
     ) -> Opened:
-        targets = self.plan(model, op, forwarded=forwarded)
+        """Open the request on the first holder that serves it.
+
+        An ``ApiError`` raised from here carries ``attempts``: how many holders were tried.
+
+        Holders that answer ``EngineFailed`` (alive, but refused this request) are
+        counted as failing only if a later holder serves it; if none does, the
+        client gets the engine's error, not retryable.
+        """
+        try:
+            targets = self.plan(model, op, forwarded=forwarded)
+        except ApiError as e:
+            raise _tally(e, 0) from None
+        self.budget.on_request(time.monotonic())
         last: EngineUnavailable | None = None
+        refused: EngineFailed | None = None
+        pending: list[Target] = []  # answered EngineFailed: no verdict until we know whether another did better
         started = time.perf_counter()
         attempt = 0
-        for target in targets:
-            if attempt >= self.max_attempts:
-                break
-            if attempt > 0 and self.retry_gate is not None and not self.retry_gate():
-                log.warning("retry_budget_exhausted", model=model)
-                break
-            if target.begin() is False:
-                continue
-            attempt += 1
-            try:
-                reply = await target.open(op, body, stream=stream, want_usage=want_usage)
-                first: list[bytes] | None = None
-                if isinstance(reply, StreamReply):
-                    try:
-                        first = await anext(aiter(reply))
-                    except StopAsyncIteration:
-                        first = []
-                    except BaseException:
-                        await reply.aclose()
-                        raise
-                ttft = time.perf_counter() - started
-                return Opened(target, reply, first, ttft, attempt)
-            except EngineUnavailable as e:
-                target.end(False, None)
-                last = e
-                log.warning("attempt_failed", engine=target.engine, node=target.node, attempt=attempt, error=e.message)
-            except EngineRejected as e:
-                target.end(True, None)
-                raise e.error from None
-            except asyncio.CancelledError:  # the client went away: not the target's fault
-                target.end(None, None)
-                raise
-            except BaseException:
-                target.end(False, None)
-                raise
+        try:
+            for target in targets:
+                if attempt >= self.max_attempts:
+                    break
+                if attempt > 0 and not self._may_retry(time.monotonic()):
+                    log.warning("retry_budget_exhausted", model=model)
+                    break
+                if target.begin() is False:
+                    continue
+                attempt += 1
+                try:
+                    reply = await target.open(op, body, stream=stream, want_usage=want_usage)
+                    first: list[bytes] | None = None
+                    if isinstance(reply, StreamReply):
+                        try:
+                            first = await anext(aiter(reply))
+                        except StopAsyncIteration:
+                            first = []
+                        except BaseException:
+                            await reply.aclose()
+                            raise
+                    ttft = time.perf_counter() - started
+                    for t in pending:  # they failed what this one could do
+                        t.end(False, None)
+                    pending.clear()
+                    return Opened(target, reply, first, ttft, attempt)
+                except EngineFailed as e:
+                    pending.append(target)
+                    refused = e
+                    log.warning("attempt_refused", engine=target.engine, node=target.node, attempt=attempt,
+                                error=e.message)
+                except EngineUnavailable as e:
+                    target.end(False, None)
+                    last = e
+                    log.warning("attempt_failed", engine=target.engine, node=target.node, attempt=attempt,
+                                error=e.message)
+                except EngineRejected as e:
+                    target.end(True, None)
+                    raise _tally(e.error, attempt) from None
+                except asyncio.CancelledError:  # the client went away: not the target's fault
+                    target.end(None, None)
+                    raise
+                except BaseException:
+                    target.end(False, None)
+                    raise
+        finally:
+            for t in pending:  # nobody did better: the request's fault, not theirs
+                t.end(None, None)
+        raise _tally(self._exhausted(model, last, refused), attempt)
+
+    @staticmethod
+    def _exhausted(model: str, last: EngineUnavailable | None, refused: EngineFailed | None) -> ApiError:
+        """What the client gets when no holder served the request."""
+        if refused is not None:  # some holder answered the request itself: that answer is the one to give
+            return refused.error
         if last is None:
-            raise Unavailable(f"Every holder of `{model}` is failing right now; try again shortly",
-                              code="holders_unavailable")
+            return Unavailable(f"Every holder of `{model}` is failing right now; try again shortly",
+                               code="holders_unavailable")
         if last.status == 429:
-            raise ApiError(last.message, status=429, type_="rate_limit_error", code="engine_overloaded",
-                           headers={"Retry-After": str(int(last.retry_after_s or 1))})
+            return ApiError(last.message, status=429, type_="rate_limit_error", code="engine_overloaded",
+                            headers={"Retry-After": str(max(1, math.ceil(last.retry_after_s or 1)))})
         if last.status == 504:
-            raise ApiError(last.message, status=504, type_="timeout_error", code="engine_timeout")
-        raise Unavailable(last.message, retry_after_s=max(1, int(last.retry_after_s or 1)))
+            return ApiError(last.message, status=504, type_="timeout_error", code="engine_timeout")
+        if last.status == 502:  # it answered, with something that is no answer (malformed, a redirect)
+            return ApiError(last.message, status=502, type_="server_error", code="bad_gateway")
+        return Unavailable(last.message, retry_after_s=max(1, math.ceil(last.retry_after_s or 1)))
 
 
 def reply_usage(reply: Reply) -> dict[str, Any] | None:

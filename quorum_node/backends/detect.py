@@ -13,14 +13,23 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from .upstream import read_capped
+
 __all__ = ["identify"]
 
 _decode = msgspec.json.Decoder().decode
 
+#: A probe answer larger than this says nothing (whatever listens there is no engine we know).
+MAX_DETECT_BYTES = 1024 * 1024
+
 
 async def _get(session: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout) -> tuple[int, Any, Any]:
+    """Status, body (decoded JSON, else text; None if empty or too large) and headers.
+
+    Whatever answers is untrusted: the callers check every shape they rely on.
+    """
     async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-        raw = await resp.read()
+        raw = await read_capped(resp, MAX_DETECT_BYTES) or b""
         try:
             body: Any = _decode(raw) if raw else None
         except msgspec.DecodeError:
@@ -50,8 +59,9 @@ async def identify(session: aiohttp.ClientSession, base: str, *, timeout_s: floa
         return "lmstudio" if await _confirm_lmstudio(session, base, t) else None
     owned = None
     entries: list[dict[str, Any]] = []
-    if status == 200 and isinstance(models, dict):
-        entries = [e for e in (models.get("data") or ()) if isinstance(e, dict)]
+    data = models.get("data") if status == 200 and isinstance(models, dict) else None
+    if isinstance(data, list):
+        entries = [e for e in data if isinstance(e, dict)]
         if entries:
             owned = entries[0].get("owned_by")
     if owned == "vllm":

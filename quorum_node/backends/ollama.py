@@ -15,7 +15,9 @@ import structlog
 
 from ..errors import EngineUnavailable
 from .base import Model, Op
-from .openai_compat import OpenAICompatBackend
+from .openai_compat import MAX_PROBE_BYTES, OpenAICompatBackend
+from .upstream import read_capped
+from .wire import Count, OllamaList, OllamaName, OllamaShow, OllamaTag, decode, decode_entries
 
 __all__ = ["OllamaBackend"]
 
@@ -28,26 +30,31 @@ class OllamaBackend(OpenAICompatBackend):
         self._ctx_cache: dict[str, int | None] = {}  # digest -> trained context length
 
     async def list_models(self) -> list[Model]:
-        status, tags = await self._get_json("/api/tags")
-        if status != 200 or not isinstance(tags, dict):
-            raise EngineUnavailable(f"/api/tags answered {status}", status=502)
-        ps_status, ps = await self._get_json("/api/ps")
-        loaded: dict[str, dict[str, Any]] = {}
-        if ps_status == 200 and isinstance(ps, dict):
-            loaded = {m.get("name") or m.get("model"): m for m in ps.get("models") or () if isinstance(m, dict)}
+        status, raw = await self._get("/api/tags")
+        tags = decode(raw, OllamaList) if status == 200 else None
+        if tags is None:
+            raise EngineUnavailable(f"/api/tags answered {status}" + (" with no model list" if status == 200 else ""),
+                                    status=502)
+        ps_status, ps_raw = await self._get("/api/ps")
+        ps = decode(ps_raw, OllamaList) if ps_status == 200 else None  # unusable: nothing known to be loaded
+        loaded: dict[str, OllamaTag] = {}
+        for m in decode_entries(ps.models or () if ps is not None else (), OllamaTag):
+            name = m.name or m.model
+            if name:
+                loaded[name] = m
         models: list[Model] = []
-        for m in tags.get("models") or ():
-            if not isinstance(m, dict):
+        for m in decode_entries(tags.models or (), OllamaTag, OllamaName):
+            name = m.name or m.model
+            if not name:
                 continue
-            name = m.get("name") or m.get("model")
-            if not isinstance(name, str):
-                continue
-            details = m.get("details") if isinstance(m.get("details"), dict) else {}
+            tag = m if isinstance(m, OllamaTag) else None  # else only its name was usable
+            details = tag.details if tag is not None else None
             running = loaded.get(name)
-            ctx = (running or {}).get("context_length") or details.get("context_length")
+            ctx = (running.context_length if running is not None else None) or (
+                details.context_length if details is not None else None)
             if not ctx:
-                ctx = await self._trained_context(name, str(m.get("digest", "")))
-            caps = m.get("capabilities")
+                ctx = await self._trained_context(name, (tag.digest if tag is not None else None) or name)
+            caps = tag.capabilities if tag is not None else None
             aliases = (name.removesuffix(":latest"),) if name.endswith(":latest") else ()
             models.append(
                 Model(
@@ -55,29 +62,35 @@ class OllamaBackend(OpenAICompatBackend):
                     engine_id=name,
                     aliases=aliases,
                     owned_by=name.split("/", 1)[0] if "/" in name else "library",
-                    context_length=ctx if isinstance(ctx, int) else None,
+                    context_length=ctx,
                     loaded=running is not None,
-                    family=details.get("family") or None,
-                    parameter_size=details.get("parameter_size") or None,
-                    quantization=details.get("quantization_level") or None,
-                    capabilities=tuple(caps) if isinstance(caps, list) else (),
+                    family=(details.family or None) if details is not None else None,
+                    parameter_size=(details.parameter_size or None) if details is not None else None,
+                    quantization=(details.quantization_level or None) if details is not None else None,
+                    capabilities=tuple(caps) if caps else (),
                 )
             )
         return models
 
     async def _trained_context(self, name: str, digest: str) -> int | None:
+        """The trained context length from ``/api/show`` (cached per digest); None if it does not say."""
         if digest in self._ctx_cache:
             return self._ctx_cache[digest]
-        ctx: int | None = None
         try:
             async with self._session.post(
                 self.url + "/api/show", json={"model": name}, timeout=self._probe_timeout, allow_redirects=False
             ) as resp:
-                if resp.status == 200:
-                    info = (await resp.json(content_type=None)).get("model_info") or {}
-                    ctx = next((v for k, v in info.items() if k.endswith(".context_length") and isinstance(v, int)), None)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                raw = await read_capped(resp, MAX_PROBE_BYTES) if resp.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError):
             return None  # try again next refresh
+        show = decode(raw, OllamaShow) if raw is not None else None
+        ctx: int | None = None
+        if show is not None and show.model_info:
+            for key, value in show.model_info.items():
+                if key.endswith(".context_length"):
+                    ctx = decode(value, Count)  # type: ignore[arg-type]
+                    if ctx is not None:
+                        break
         self._ctx_cache[digest] = ctx
         return ctx
 

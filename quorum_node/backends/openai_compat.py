@@ -20,7 +20,10 @@ import msgspec
 import structlog
 
 from ..errors import (
+    ApiError,
     BadRequest,
+    EngineError,
+    EngineFailed,
     EngineRejected,
     EngineUnavailable,
     NotSupported,
@@ -37,10 +40,40 @@ from .base import (
     StreamStats,
     Timeouts,
 )
-from .sse import FINISH_MAP, EventSplitter, StreamNormalizer, engine_error_message
-from .upstream import post, read_error_body, read_whole
+from .sse import FINISH_MAP, EngineErrorEvent, EventSplitter, StreamNormalizer
+from .upstream import deadline_for, post, read_capped, read_error_body, read_whole
+from .wire import (
+    Answer,
+    EmbeddingAnswer,
+    LmsModel,
+    LmsModels,
+    Malformed,
+    ModelCard,
+    ModelId,
+    ModelList,
+    ServerLoad,
+    Slot,
+    TgiInfo,
+    decode,
+    decode_answer,
+    decode_embeddings,
+    decode_entries,
+    parse_error,
+)
 
-__all__ = ["PATHS", "PROFILES", "OpenAICompatBackend", "Profile", "Timeouts", "map_engine_error", "stream_events"]
+__all__ = [
+    "MAX_PROBE_BYTES",
+    "PATHS",
+    "PROFILES",
+    "OpenAICompatBackend",
+    "Profile",
+    "Timeouts",
+    "check_answer",
+    "engine_failed",
+    "map_engine_error",
+    "parse_retry_after",
+    "stream_events",
+]
 
 log = structlog.get_logger(__name__)
 _decode = msgspec.json.Decoder().decode
@@ -79,32 +112,89 @@ PROFILES: dict[str, Profile] = {
 
 _RETRYABLE = {404, 408, 409, 429}
 
+#: A probe answer (health, model list, load) larger than this is malformed.
+MAX_PROBE_BYTES = 8 * 1024 * 1024
 
-def map_engine_error(status: int, raw: bytes, *, engine: str, retry_after: str | None = None) -> Exception:
-    """Turn an engine's error answer (any envelope, §12.10) into our error tree."""
+
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds, if it is a sane one (0 to 1 hour); dates and garbage are ignored."""
+    if not value:
+        return None
     try:
-        obj: Any = _decode(raw) if raw else {}
-    except msgspec.DecodeError:
-        obj = raw.decode(errors="replace").strip()
-    message = engine_error_message(obj) if obj else f"engine answered HTTP {status}"
-    err = obj.get("error") if isinstance(obj, dict) else None
-    param = err.get("param") if isinstance(err, dict) else (obj.get("param") if isinstance(obj, dict) else None)
-    hint: float | None = None
-    if retry_after:
-        try:
-            hint = float(retry_after)
-        except ValueError:
-            hint = None
-    if status >= 500 or status in _RETRYABLE or status in (401, 403):
-        if status == 501:
-            return EngineRejected(NotSupported(message, code="not_supported"), engine=engine)
+        hint = float(value)
+    except ValueError:
+        return None
+    return hint if 0 <= hint <= 3600 else None  # also drops nan and inf
+
+
+def engine_failed(message: str, *, engine: str | None) -> EngineFailed:
+    """An engine's own well-formed error: the client gets it, marked not retryable, if no holder does better."""
+    return EngineFailed(
+        ApiError(message, status=500, type_="server_error", code="engine_error", retryable=False), engine=engine
+    )
+
+
+def map_engine_error(status: int, raw: bytes, *, engine: str, retry_after: str | None = None) -> EngineError:
+    """Turn an engine's error answer (any envelope, §12.10) into our error tree.
+
+    - 3xx: engines are never followed anywhere; a redirect is a failed engine (retry elsewhere);
+    - 500 with a well-formed error body: the engine is alive and refused *this* request
+      (``EngineFailed``: try the next holder, but count nobody as failing);
+    - other 5xx, 500 without a usable body, 401/403 (our credentials), 404/408/409/429:
+      ``EngineUnavailable``;
+    - 501: the capability is missing; other 4xx: the client's fault (``EngineRejected``).
+    """
+    if 300 <= status < 400:
+        return EngineUnavailable(
+            f"engine {engine} answered with a redirect (HTTP {status}); quorum does not follow engine redirects",
+            status=502, engine=engine,
+        )
+    info = parse_error(raw)
+    if info is not None:
+        message = info.message
+    else:
+        text = raw[:500].decode(errors="replace").strip() if raw else ""
+        message = text or f"engine answered HTTP {status}"
+    if status == 500 and info is not None:
+        return engine_failed(message, engine=engine)
+    if status == 501:
+        return EngineRejected(NotSupported(message, code="not_supported"), engine=engine)
+    if status >= 500 or status in _RETRYABLE or status in (401, 403) or status < 400:
         if status in (401, 403):
             message = f"engine {engine} refused quorum's credentials ({message}); check its api_key"
-        return EngineUnavailable(message, status=status, engine=engine, retry_after_s=hint)
-    code = None
-    if isinstance(err, dict) and isinstance(err.get("code"), str):
-        code = err["code"]
-    return EngineRejected(BadRequest(message, param=param if isinstance(param, str) else None, code=code), engine=engine)
+        return EngineUnavailable(message, status=status if status >= 400 else 502, engine=engine,
+                                 retry_after_s=parse_retry_after(retry_after))
+    return EngineRejected(
+        BadRequest(message, param=info.param if info else None, code=info.code if info else None), engine=engine
+    )
+
+
+def check_answer(op: Op, raw: bytes, *, engine: str) -> dict[str, Any]:
+    """A whole answer, checked against what the SDK relies on, as a dict; raises for anything else.
+
+    Malformed → ``EngineUnavailable`` (502, another holder may do); an error
+    answered with HTTP 200 (LM Studio) → whatever ``map_engine_error`` makes of it.
+    """
+    typed: Answer | EmbeddingAnswer
+    try:
+        typed = decode_embeddings(raw) if op == "embeddings" else decode_answer(raw)
+    except Malformed:
+        raise EngineUnavailable(f"engine {engine} sent a malformed answer", status=502, engine=engine) from None
+    if typed.error or typed.object == "error":  # LM Studio's 200 errors
+        info = parse_error(raw)
+        unknown_path = info is not None and "Unexpected endpoint" in info.message
+        raise map_engine_error(404 if unknown_path else 400, raw, engine=engine)
+    if isinstance(typed, EmbeddingAnswer):
+        ok = typed.data is not None
+    else:
+        ok = typed.choices is not None and all(
+            (ch.message is not None) if op == "chat" else (ch.text is not None) for ch in typed.choices
+        )
+    if not ok:
+        raise EngineUnavailable(f"engine {engine} sent an answer without its {'data' if op == 'embeddings' else 'choices'}",
+                                status=502, engine=engine)
+    obj: dict[str, Any] = _decode(raw)  # a JSON object: it decoded as one above
+    return obj
 
 
 def _b64_floats(vec: list[float]) -> str:
@@ -150,20 +240,18 @@ class OpenAICompatBackend(Backend):
 
     # -- discovery -------------------------------------------------------
 
-    async def _get_json(self, path: str) -> tuple[int, Any]:
+    async def _get(self, path: str) -> tuple[int, bytes]:
+        """GET a probe route: its status and body (b"" if the body is larger than ``MAX_PROBE_BYTES``)."""
         async with self._session.get(
             self.url + path, headers=self._headers, timeout=self._probe_timeout, allow_redirects=False
         ) as resp:
-            raw = await resp.read()
-            try:
-                return resp.status, _decode(raw) if raw else None
-            except msgspec.DecodeError:
-                return resp.status, raw.decode(errors="replace")
+            raw = await read_capped(resp, MAX_PROBE_BYTES)
+            return resp.status, raw if raw is not None else b""
 
     async def refresh(self) -> None:
         try:
             if self.profile.health_path:
-                status, body = await self._get_json(self.profile.health_path)
+                status, _ = await self._get(self.profile.health_path)  # the status says it all
                 if status in (503, 425) or status == 429:
                     self._set(BackendState.LOADING, f"{self.profile.health_path} answered {status}")
                     return
@@ -183,19 +271,21 @@ class OpenAICompatBackend(Backend):
         self._set(BackendState.READY, None)
 
     async def _engine_load(self) -> int | None:
-        """Requests the engine itself says it is working on (everyone's, not only ours)."""
+        """Requests the engine itself says it is working on (everyone's, not only ours); None if it does not say."""
         if self.profile.load_path is None:
             return None
         try:
-            status, body = await self._get_json(self.profile.load_path)
+            status, raw = await self._get(self.profile.load_path)
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
         if status != 200:
             return None
-        if isinstance(body, dict) and isinstance(body.get("server_load"), int):  # vLLM
-            return body["server_load"]
-        if isinstance(body, list):  # llama.cpp slots
-            return sum(1 for slot in body if isinstance(slot, dict) and slot.get("is_processing"))
+        load = decode(raw, ServerLoad)  # vLLM
+        if load is not None:
+            return load.server_load
+        slots = decode(raw, list[Slot])  # llama.cpp
+        if slots is not None:
+            return sum(1 for slot in slots if slot.is_processing)
         return None
 
     def _set(self, state: BackendState, reason: str | None) -> None:
@@ -207,28 +297,38 @@ class OpenAICompatBackend(Backend):
             self.models = []
 
     async def list_models(self) -> list[Model]:
-        status, body = await self._get_json("/v1/models")
-        if status != 200 or not isinstance(body, dict) or (self.profile.errors_on_200 and "error" in body):
+        status, raw = await self._get("/v1/models")
+        if status != 200:
             raise EngineUnavailable(f"/v1/models answered {status}", status=503 if status == 503 else 502)
-        entries = body.get("data") or []  # Ollama sends null when empty
+        listing = decode(raw, ModelList)
+        if listing is None:
+            raise EngineUnavailable("/v1/models answered something that is not a model list", status=502)
+        if self.profile.errors_on_200 and listing.error:
+            raise EngineUnavailable("/v1/models answered an error", status=502)
         extra = await self._model_extras()
         models: list[Model] = []
-        for e in entries:
-            if not isinstance(e, dict) or not isinstance(e.get("id"), str):
+        for e in decode_entries(listing.data or (), ModelCard, ModelId):
+            eid = e.id
+            if not eid:
                 continue
-            eid = e["id"]
             pid, aliases = public_id(eid, self.profile.path_ids)
-            meta = e.get("meta") if isinstance(e.get("meta"), dict) else {}
-            ctx = e.get("max_model_len") or meta.get("n_ctx") or meta.get("n_ctx_train")
+            ctx: int | None = None
+            owned_by: str | None = None
+            created = 0
+            if isinstance(e, ModelCard):  # else only its id was usable
+                meta = e.meta
+                ctx = e.max_model_len or (meta.n_ctx or meta.n_ctx_train if meta is not None else None)
+                owned_by = e.owned_by
+                created = int(e.created or 0)
             info = extra.get(eid, {})
             models.append(
                 Model(
                     id=pid,
                     engine_id=eid,
                     aliases=aliases,
-                    owned_by=str(e.get("owned_by") or self.kind),
-                    created=int(e.get("created") or 0),
-                    context_length=info.get("context_length", ctx if isinstance(ctx, int) else None),
+                    owned_by=owned_by or self.kind,
+                    created=created,
+                    context_length=info.get("context_length", ctx),
                     loaded=info.get("loaded", True if self.kind in ("llamacpp", "vllm", "sglang", "tgi") else None),
                     capabilities=tuple(info.get("capabilities", ())),
                 )
@@ -236,24 +336,25 @@ class OpenAICompatBackend(Backend):
         return models
 
     async def _model_extras(self) -> dict[str, dict[str, Any]]:
-        """Facts the engine's own API adds to /v1/models (LM Studio state, TGI context)."""
+        """Facts the engine's own API adds to /v1/models (LM Studio state, TGI context); {} if it tells none."""
         try:
             if self.kind == "lmstudio":
-                status, body = await self._get_json("/api/v0/models")
-                if status == 200 and isinstance(body, dict) and isinstance(body.get("data"), list):
+                status, raw = await self._get("/api/v0/models")
+                listing = decode(raw, LmsModels) if status == 200 else None
+                if listing is not None:
                     return {
-                        e["id"]: {
-                            "loaded": e.get("state") == "loaded",
-                            "context_length": e.get("loaded_context_length") or e.get("max_context_length"),
-                            "capabilities": ("embeddings",) if e.get("type") == "embeddings" else ("chat", "completions"),
+                        e.id: {
+                            "loaded": e.state == "loaded",
+                            "context_length": e.loaded_context_length or e.max_context_length,
+                            "capabilities": ("embeddings",) if e.type == "embeddings" else ("chat", "completions"),
                         }
-                        for e in body["data"]
-                        if isinstance(e, dict) and "id" in e
+                        for e in decode_entries(listing.data or (), LmsModel)
                     }
             elif self.kind == "tgi":
-                status, body = await self._get_json("/info")
-                if status == 200 and isinstance(body, dict) and body.get("model_id"):
-                    return {body["model_id"]: {"context_length": body.get("max_total_tokens")}}
+                status, raw = await self._get("/info")
+                info = decode(raw, TgiInfo) if status == 200 else None
+                if info is not None and info.model_id:
+                    return {info.model_id: {"context_length": info.max_total_tokens}}
         except (aiohttp.ClientError, OSError, TimeoutError):
             pass
         return {}
@@ -281,10 +382,12 @@ class OpenAICompatBackend(Backend):
             raise EngineRejected(NotSupported(f"{self.kind} engines do not offer {PATHS[op]}", code="not_supported"))
         payload = self.prepare(op, model, body, stream)
         t = self._timeouts
+        who = f"engine {self.name}"
+        deadline = deadline_for(t, stream=stream)  # one for the head and the first event
         resp = await post(self._session, self.url + PATHS[op], _encode(payload), self._headers, t,
-                          stream=stream, who=f"engine {self.name}")
+                          stream=stream, who=who, deadline=deadline)
         if resp.status >= 300:
-            raw = await read_error_body(resp)
+            raw = await read_error_body(resp, deadline=deadline)
             raise map_engine_error(resp.status, raw, engine=self.name, retry_after=resp.headers.get("Retry-After"))
         ctype = resp.headers.get("Content-Type", "")
         if stream and "text/event-stream" in ctype:
@@ -293,16 +396,9 @@ class OpenAICompatBackend(Backend):
                 clean=self.profile.clean_stream, want_usage=want_usage, op=op, stats=stats,
                 rename=(model.engine_id, model.id),
             )
-            return StreamReply(stream_events(resp, norm, t, self.name), stats)
-        raw = await read_whole(resp, t, f"engine {self.name}")
-        try:
-            obj = _decode(raw)
-        except msgspec.DecodeError:
-            raise EngineUnavailable(f"engine {self.name} sent malformed JSON", status=502, engine=self.name) from None
-        if not isinstance(obj, dict):
-            raise EngineUnavailable(f"engine {self.name} sent malformed JSON", status=502, engine=self.name)
-        if obj.get("error") or obj.get("object") == "error":  # LM Studio's 200 errors
-            raise map_engine_error(400 if "Unexpected endpoint" not in str(obj) else 404, raw, engine=self.name)
+            return StreamReply(stream_events(resp, norm, t, self.name, deadline=deadline), stats)
+        raw = await read_whole(resp, t, who, deadline=deadline)
+        obj = check_answer(op, raw, engine=self.name)
         payload_out = self._fix_json(op, obj, body, model)
         if stream:
             # The engine ignored stream=true; replay its answer as a stream.
@@ -310,34 +406,58 @@ class OpenAICompatBackend(Backend):
         return JsonReply(payload_out, payload_out.get("usage"))
 
     def _fix_json(self, op: Op, obj: dict[str, Any], body: dict[str, Any], model: Model) -> dict[str, Any]:
+        """Erase the engine's quirks from a checked answer (see ``check_answer``)."""
         if obj.get("model") == model.engine_id:
             obj["model"] = model.id  # the name users know, never a host path
         if op == "embeddings":
             if body.get("encoding_format") == "base64":
-                for item in obj.get("data") or ():
-                    if isinstance(item, dict) and isinstance(item.get("embedding"), list):
-                        item["embedding"] = _b64_floats(item["embedding"])
+                for item in obj["data"]:
+                    if isinstance(item["embedding"], list):
+                        try:
+                            item["embedding"] = _b64_floats(item["embedding"])
+                        except (struct.error, OverflowError):  # a value float32 cannot hold
+                            raise EngineUnavailable(f"engine {self.name} sent an embedding out of float32 range",
+                                                    status=502, engine=self.name) from None
             return obj
         if not obj.get("id"):
             obj["id"] = ("chatcmpl-" if op == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        for ch in obj.get("choices") or ():
-            fr = ch.get("finish_reason") if isinstance(ch, dict) else None
+        for ch in obj["choices"]:
+            fr = ch.get("finish_reason")
             if fr in FINISH_MAP:
                 ch["finish_reason"] = FINISH_MAP[fr]
         return obj
 
+
+def _before_first_byte(e: StreamBroken, name: str) -> EngineError:
+    """A stream that failed before anything reached the client: classify it like an error answer."""
+    if isinstance(e, EngineErrorEvent):
+        # The engine reported an error instead of its first token, as if it had answered
+        # with an error status: with the status the error names, else as a 500.
+        status = e.info.status if e.info is not None and e.info.status and e.info.status >= 400 else 500
+        return map_engine_error(status, e.data, engine=name)
+    return EngineUnavailable(f"engine {name}: {e.message}", status=502, engine=name)
+
+
 async def stream_events(
-    resp: aiohttp.ClientResponse, norm: StreamNormalizer, t: Timeouts, name: str
+    resp: aiohttp.ClientResponse, norm: StreamNormalizer, t: Timeouts, name: str, *, deadline: float | None = None
 ) -> AsyncIterator[list[bytes]]:
-    """Read an SSE response event by event; see ``StreamReply`` for the contract."""
+    """Read an SSE response event by event; see ``StreamReply`` for the contract.
+
+    ``deadline`` (loop time) is when the first event must have come; it is the
+    same one the wait for the response head ran under (``upstream.post``).
+    A failure before any event (silence, a cut connection, a first event that
+    is malformed, too large or an error) is raised as a failure before the
+    first byte (another holder may serve the request); one after an event,
+    as ``StreamBroken`` after the events before it.
+    """
+    if deadline is None:
+        deadline = deadline_for(t, stream=True)
     splitter = EventSplitter()
     first = True
     clean_end = False
     content = resp.content
     read = content.readany
-    # One cheap watchdog per stream instead of a timer per read: it wakes four
-    # times per allowed gap and fails the read if the engine sent no byte since.
-    watch = _Watchdog(content, t.first_token_s, t.idle_s)
+    watch = _Watchdog(content, deadline, t.idle_s)
     try:
         while True:
             try:
@@ -348,37 +468,43 @@ async def stream_events(
                         f"engine {name} sent no token in {t.first_token_s:g} s", status=504, engine=name
                     ) from None
                 raise StreamBroken(f"engine {name} went silent for {t.idle_s:g} s", code="idle_timeout") from None
-            events = splitter.feed(chunk) if chunk else []
-            if not chunk:
-                last = splitter.tail()
-                if last is not None:
-                    events.append(last)
             batch: list[bytes] = []
-            for data in events:
-                if data.startswith(b"[DONE]"):
-                    clean_end = True
-                    break
-                try:
+            try:
+                events = splitter.feed(chunk) if chunk else []
+                if not chunk:
+                    last = splitter.tail()
+                    if last is not None:
+                        events.append(last)
+                for data in events:
+                    if data.startswith(b"[DONE]"):
+                        clean_end = True
+                        break
                     out = norm.feed(data)
-                except StreamBroken as e:
-                    if first and not batch:  # nothing sent yet: another engine may still serve it
-                        raise EngineUnavailable(e.message, status=502, engine=name) from None
-                    if batch:
-                        yield batch
-                    raise
-                if out is not None:
-                    batch.append(out)
-                if norm.extra:
-                    batch.extend(norm.extra)
-                    norm.extra.clear()
+                    if out is not None:
+                        batch.append(out)
+                    if norm.extra:
+                        batch.extend(norm.extra)
+                        norm.extra.clear()
+            except StreamBroken as e:
+                if first and not batch:  # the first event failed: another engine may still serve it
+                    raise _before_first_byte(e, name) from None
+                if batch:  # what came before the failure is delivered, then the failure
+                    if first:
+                        first = False
+                        watch.started()
+                    yield batch
+                raise
             if batch:
-                first = False
+                if first:
+                    first = False
+                    watch.started()
                 yield batch
             if clean_end or not chunk:
                 break
+        if first:
+            how = "ended its stream" if clean_end else "closed the stream"
+            raise EngineUnavailable(f"engine {name} {how} without a token", status=502, engine=name)
         if not clean_end and not norm.stats.finished:
-            if first:
-                raise EngineUnavailable(f"engine {name} closed the stream without a token", engine=name)
             raise StreamBroken(f"engine {name} closed the stream before it finished", code="stream_truncated")
         norm.stats.finished = True
     except (aiohttp.ClientError, OSError) as e:
@@ -398,16 +524,35 @@ class _Silent(Exception):
 
 
 class _Watchdog:
-    __slots__ = ("_seen", "_content", "_first_s", "_idle_s", "_handle", "_loop", "_quiet_since")
+    """One cheap timer per stream instead of one per read.
 
-    def __init__(self, content: aiohttp.StreamReader, first_s: float, idle_s: float) -> None:
-        self._seen = content.total_bytes
+    Until the first event: the attempt's deadline, exactly (bytes that are no
+    event, such as keep-alive comments, do not move it). After: it wakes four
+    times per allowed idle gap and fails the read if the engine sent no byte since.
+    """
+
+    __slots__ = ("_content", "_idle_s", "_handle", "_loop", "_quiet_since", "_seen", "_started")
+
+    def __init__(self, content: aiohttp.StreamReader, deadline: float, idle_s: float) -> None:
         self._content = content
-        self._first_s = first_s
         self._idle_s = idle_s
         self._loop = asyncio.get_running_loop()
+        self._started = False
+        self._seen = 0
+        self._quiet_since = 0.0
+        self._handle = self._loop.call_at(deadline, self._first_expired)
+
+    def _first_expired(self) -> None:
+        if not self._started:
+            self._content.set_exception(_Silent())
+
+    def started(self) -> None:
+        """The first event is out: from now on the idle gap is what is watched."""
+        self._started = True
+        self._handle.cancel()
+        self._seen = self._content.total_bytes
         self._quiet_since = self._loop.time()
-        self._handle = self._loop.call_later(min(first_s, idle_s) / 4, self._check)
+        self._handle = self._loop.call_later(self._idle_s / 4, self._check)
 
     def _check(self) -> None:
         now = self._loop.time()
@@ -415,11 +560,10 @@ class _Watchdog:
         if received != self._seen:
             self._seen = received
             self._quiet_since = now
-        limit = self._first_s if received == 0 else self._idle_s
-        if now - self._quiet_since >= limit:
+        if now - self._quiet_since >= self._idle_s:
             self._content.set_exception(_Silent())
             return
-        self._handle = self._loop.call_later(limit / 4, self._check)
+        self._handle = self._loop.call_later(self._idle_s / 4, self._check)
 
     def cancel(self) -> None:
         self._handle.cancel()

@@ -1,6 +1,12 @@
 """Reading engine SSE streams and erasing their quirks, event by event.
 
 Pure logic: fed bytes, returns bytes. The adapters drive it from the socket.
+
+Every event is checked: its data is decoded into a small Struct
+(``wire.Chunk``: the choices with their index, delta, text and finish reason,
+the usage counts, an error) before anything is sent on. An event that does not
+fit is malformed and ends the stream (``StreamBroken``); one that fits and
+needs no change is forwarded as the very bytes the engine sent.
 """
 
 from __future__ import annotations
@@ -13,14 +19,40 @@ import msgspec
 
 from ..errors import StreamBroken
 from .base import StreamStats
+from .wire import ErrorInfo, Malformed, decode_chunk, parse_error
 
-__all__ = ["EventSplitter", "StreamNormalizer", "engine_error_message", "FINISH_MAP"]
+__all__ = [
+    "FINISH_MAP",
+    "MAX_EVENT_BYTES",
+    "EngineErrorEvent",
+    "EventSplitter",
+    "StreamNormalizer",
+    "engine_error_message",
+]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
+#: An SSE event larger than this (or that much data without a blank line) is malformed.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
 # Finish reasons some engines send that the OpenAI SDK does not know.
 FINISH_MAP = {"stop_sequence": "stop", "eos_token": "stop", "eos": "stop", "max_tokens": "length"}
+
+
+class EngineErrorEvent(StreamBroken):
+    """The engine reported an error inside its stream (``data: {"error": …}``).
+
+    ``info`` is the error as parsed (None if the engine's error was not even
+    well-formed), ``data`` the event as sent: before the first byte reached the
+    client, the adapter classifies it like an HTTP error answer.
+    """
+
+    def __init__(self, info: ErrorInfo | None, data: bytes) -> None:
+        message = info.message if info is not None else "the engine reported an error in its stream"
+        super().__init__(message, code=(info.code if info is not None else None) or "engine_error")
+        self.info = info
+        self.data = data
 
 
 class EventSplitter:
@@ -29,33 +61,62 @@ class EventSplitter:
     Comment lines (``:``) are dropped, one optional space after ``data:`` is
     stripped (TGI writes ``data:{…}``), multi-line data is joined with
     ``\\n``. Old llama.cpp's non-standard ``error:`` field is turned into an
-    error event so it is not lost.
+    error event so it is not lost. An event larger than ``max_event_bytes``
+    (or that many bytes without the blank line that ends an event) raises
+    ``StreamBroken``: memory per stream stays bounded.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_max")
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buf = bytearray()  # an event still waiting for its blank line
+        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
-        if b"\r\n" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        parts = buf.split(b"\n\n")
-        self._buf = parts.pop()
+        buf = self._buf
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        if not buf:
+            end = chunk.rfind(b"\n\n")
+            if end < 0:
+                buf += chunk
+                self._check(len(buf))
+                return []
+            done = chunk[:end]
+            if end + 2 < len(chunk):
+                buf += chunk[end + 2 :]
+        else:
+            if buf[-1] == 0x0D and chunk[:1] == b"\n":  # a CRLF split between two reads
+                del buf[-1]
+            scan = len(buf) - 1  # the remainder holds no blank line; a new one may start at its end
+            buf += chunk
+            end = buf.rfind(b"\n\n", max(0, scan))
+            if end < 0:
+                self._check(len(buf))
+                return []
+            done = bytes(buf[:end])
+            del buf[: end + 2]
+        self._check(len(buf))
         out: list[bytes] = []
-        for ev in parts:
+        for ev in done.split(b"\n\n"):
             if ev.startswith(b"data: ") and b"\n" not in ev:  # the common case
+                self._check(len(ev))
                 out.append(ev[6:])
                 continue
+            self._check(len(ev))
             data = _parse_event(ev)
             if data is not None:
                 out.append(data)
         return out
 
+    def _check(self, size: int) -> None:
+        if size > self._max:
+            raise StreamBroken(f"engine sent an SSE event larger than {self._max} bytes", code="event_too_large")
+
     def tail(self) -> bytes | None:
         """An event left without its blank line when the stream closed."""
-        rest, self._buf = self._buf.strip(b"\n"), b""
+        rest = bytes(self._buf).strip(b"\r\n")
+        self._buf.clear()
         return _parse_event(rest) if rest else None
 
 
@@ -77,7 +138,7 @@ def _parse_event(ev: bytes) -> bytes | None:
 
 
 def engine_error_message(obj: Any) -> str:
-    """The human message inside any of the engines' error envelopes."""
+    """The human message inside any of the engines' error envelopes (already decoded)."""
     if isinstance(obj, dict):
         err = obj.get("error", obj)
         if isinstance(err, dict):
@@ -93,13 +154,16 @@ def engine_error_message(obj: Any) -> str:
 
 
 class StreamNormalizer:
-    """Erases one engine's stream quirks so every stream reads like OpenAI's.
+    """Checks each event of one engine's stream and erases its quirks, so every stream reads like OpenAI's.
 
-    ``clean`` engines (their streams are already standard) take a fast path
-    that decodes only the events that need it: errors and usage.
+    An event is decoded into ``wire.Chunk`` (about a microsecond for a token
+    chunk); if nothing in it needs changing, its original bytes go out. Only
+    events that do (usage, a renamed finish reason, a repeated role, and for
+    engines that are not ``clean`` a missing id or created or a wrong object)
+    are decoded in full and re-encoded.
     """
 
-    __slots__ = ("_clean", "_id", "_created", "_role_sent", "_want_usage", "_object", "stats", "extra", "_rename")
+    __slots__ = ("_clean", "_id", "_created", "_roles", "_want_usage", "_object", "stats", "extra", "_rename")
 
     def __init__(
         self, *, clean: bool, want_usage: bool, op: str, stats: StreamStats, rename: tuple[str, str] | None = None
@@ -113,7 +177,7 @@ class StreamNormalizer:
         self._want_usage = want_usage
         self._id: str | None = None
         self._created: int | None = None
-        self._role_sent = False
+        self._roles: set[int] = set()  # choice indexes whose role was sent
         self._object = "chat.completion.chunk" if op == "chat" else "text_completion"
         self.stats = stats
         # Events to send right after the one ``feed`` returned; the caller drains it.
@@ -122,25 +186,45 @@ class StreamNormalizer:
     def feed(self, data: bytes) -> bytes | None:
         """One event's data in, the event to send out (or None to drop it).
 
-        Rarely one event becomes two; the second is left in :attr:`extra`.
+        Raises ``StreamBroken`` for a malformed event and ``EngineErrorEvent``
+        for an error the engine reported. Rarely one event becomes two; the
+        second is left in :attr:`extra`.
         """
         if self._rename is not None and self._rename[0] in data:
             old, new = self._rename
             data = data.replace(b'"model":' + old, b'"model":' + new).replace(b'"model": ' + old, b'"model": ' + new)
-        if self._clean:
-            if b'"error"' not in data and b'"usage":{' not in data and b'"usage": {' not in data:
-                self.stats.chunks += 1
-                if not self.stats.finished and (b'"finish_reason":"' in data or b'"finish_reason": "' in data):
-                    self.stats.finished = True
-                return data
         try:
-            obj = _decode(data)
-        except msgspec.DecodeError:
-            raise StreamBroken(f"engine sent a malformed event: {data[:200]!r}") from None
-        if not isinstance(obj, dict):
-            raise StreamBroken(f"engine sent a malformed event: {data[:200]!r}")
-        if "error" in obj and obj["error"] or obj.get("object") == "error":
-            raise StreamBroken(engine_error_message(obj), code="engine_error")
+            ev = decode_chunk(data)
+        except Malformed:
+            raise StreamBroken(f"engine sent a malformed event: {data[:200]!r}", code="malformed_event") from None
+        if ev.error or ev.object == "error":
+            raise EngineErrorEvent(parse_error(data), data)
+        stats = self.stats
+        choices = ev.choices
+        change = ev.usage is not None
+        repeated: list[int] = []  # positions of choices whose role was already sent
+        if choices:
+            stats.chunks += 1
+            for pos, ch in enumerate(choices):
+                fr = ch.finish_reason
+                if fr:
+                    stats.finished = True
+                    change = change or fr in FINISH_MAP
+                delta = ch.delta
+                if delta is not None and delta.role is not None:
+                    if ch.index in self._roles:
+                        repeated.append(pos)  # TGI, MLX, old Ollama repeat it
+                    else:
+                        self._roles.add(ch.index)
+            change = change or bool(repeated)
+        if not self._clean and not change:
+            change = not ev.id or not ev.created or (bool(choices) and ev.object != self._object)
+        if not change:
+            return data
+        return self._rewrite(_decode(data), repeated)
+
+    def _rewrite(self, obj: dict[str, Any], repeated: list[int]) -> bytes | None:
+        """The slow path: an event (already checked) that needs changing."""
         choices = obj.get("choices")
         usage = obj.get("usage")
         if usage:
@@ -152,36 +236,29 @@ class StreamNormalizer:
             if usage:
                 obj["object"] = self._object  # MLX says "chat.completion"
         else:
-            self.stats.chunks += 1
-            for ch in choices:
+            for pos, ch in enumerate(choices):
                 fr = ch.get("finish_reason")
                 if fr:
-                    self.stats.finished = True
                     # llama.cpp's /v1/completions stream puts usage on its finish chunk;
                     # OpenAI sends it in a chunk of its own, with no choices, where clients look.
-                    split = bool(usage and self._want_usage)
+                    split = split or bool(usage and self._want_usage)
                     if fr in FINISH_MAP:
                         ch["finish_reason"] = FINISH_MAP[fr]
-                delta = ch.get("delta")
-                if isinstance(delta, dict) and "role" in delta:
-                    if self._role_sent:
-                        del delta["role"]  # TGI, MLX, old Ollama repeat it
-                    else:
-                        self._role_sent = True
+                if pos in repeated:
+                    del ch["delta"]["role"]
             if usage and (split or not self._want_usage):
                 obj["usage"] = None
-        if self._clean and not split:
-            return data if self._want_usage or not usage else _encode(obj)
-        if not obj.get("id"):  # TGI sends ""
-            if self._id is None:
-                self._id = ("chatcmpl-" if self._object.startswith("chat") else "cmpl-") + uuid.uuid4().hex[:24]
-            obj["id"] = self._id
-        if not obj.get("created"):
-            if self._created is None:
-                self._created = int(time.time())
-            obj["created"] = self._created
-        if choices and obj.get("object") != self._object:
-            obj["object"] = self._object
+        if not self._clean:
+            if not obj.get("id"):  # TGI sends ""
+                if self._id is None:
+                    self._id = ("chatcmpl-" if self._object.startswith("chat") else "cmpl-") + uuid.uuid4().hex[:24]
+                obj["id"] = self._id
+            if not obj.get("created"):
+                if self._created is None:
+                    self._created = int(time.time())
+                obj["created"] = self._created
+            if choices and obj.get("object") != self._object:
+                obj["object"] = self._object
         if split:
             self.extra.append(_encode({**obj, "choices": [], "usage": usage}))
         return _encode(obj)

@@ -2,7 +2,12 @@
 
 The foreign exceptions of the HTTP client are mapped here, once, into
 ``EngineUnavailable``: nothing has reached the client yet, so the router may
-try the next holder.
+try the next holder. What comes back is bounded: an answer larger than
+``MAX_ANSWER_BYTES`` is a malformed answer, not unbounded memory.
+
+One deadline per attempt: ``deadline`` (event-loop time) covers the response
+head *and* the answer (for a stream, its first event), so a slow head cannot
+double the time a client waits.
 """
 
 from __future__ import annotations
@@ -15,7 +20,20 @@ import aiohttp
 from ..errors import EngineUnavailable
 from .base import Timeouts
 
-__all__ = ["post", "read_error_body", "read_whole"]
+__all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "deadline_for", "post", "read_capped", "read_error_body",
+           "read_whole"]
+
+#: A whole (non-streamed) answer larger than this is malformed.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+#: Of an error answer, only this much is read (more is not a well-formed error body).
+MAX_ERROR_BYTES = 1024 * 1024
+#: An error body not read by the attempt's deadline (or this long, without one) is no error body.
+ERROR_BODY_TIMEOUT_S = 10.0
+
+
+def deadline_for(t: Timeouts, *, stream: bool) -> float:
+    """When an attempt started now must have its answer (a stream: its first event), in loop time."""
+    return asyncio.get_running_loop().time() + (t.first_token_s if stream else t.request_s)
 
 
 async def post(
@@ -28,14 +46,18 @@ async def post(
     stream: bool,
     who: str,
     on_refused: Callable[[], None] | None = None,
+    deadline: float | None = None,
 ) -> aiohttp.ClientResponse:
-    """POST and wait for the response head; the status is the caller's to judge."""
+    """POST and wait for the response head, by ``deadline``; the status is the caller's to judge."""
+    if deadline is None:
+        deadline = deadline_for(t, stream=stream)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
     try:
-        async with asyncio.timeout(t.first_token_s if stream else t.request_s):
+        async with asyncio.timeout_at(deadline):
             return await session.post(url, data=data, headers=headers, timeout=timeout, allow_redirects=False)
     except TimeoutError:
-        raise EngineUnavailable(f"{who} gave no answer in time", status=504, engine=who) from None
+        limit = t.first_token_s if stream else t.request_s
+        raise EngineUnavailable(f"{who} gave no answer in {limit:g} s", status=504, engine=who) from None
     except aiohttp.ClientConnectorError as e:
         if on_refused is not None:
             on_refused()
@@ -44,23 +66,59 @@ async def post(
         raise EngineUnavailable(f"{who} unreachable: {e}", engine=who) from None
 
 
-async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
-    """The body of an error answer, or b"" if even that fails."""
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None if it is larger than ``limit`` (then nothing more is read)."""
+    length = resp.content_length
+    if length is not None and length > limit:
+        return None
+    buf = bytearray()
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
+
+
+async def read_error_body(resp: aiohttp.ClientResponse, *, deadline: float | None = None) -> bytes:
+    """The body of an error answer, or b"" if even that fails, is too large to be one, or comes too late."""
+    now = asyncio.get_running_loop().time()
+    # a head that came just before the deadline still gets a moment for its body
+    deadline = now + ERROR_BODY_TIMEOUT_S if deadline is None else max(deadline, now + 0.5)
+    raw: bytes | None = None
     try:
-        return await resp.read()
-    except (aiohttp.ClientError, OSError):
-        return b""
+        async with asyncio.timeout_at(deadline):
+            raw = await read_capped(resp, MAX_ERROR_BYTES)
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        raw = None
     finally:
-        resp.release()
+        if raw is None:
+            resp.close()  # an unread rest must not go back to the pool
+        else:
+            resp.release()
+    return raw or b""
 
 
-async def read_whole(resp: aiohttp.ClientResponse, t: Timeouts, who: str) -> bytes:
-    """The body of a whole (non-streamed) answer."""
+async def read_whole(
+    resp: aiohttp.ClientResponse, t: Timeouts, who: str, *, deadline: float | None = None,
+    limit: int = MAX_ANSWER_BYTES,
+) -> bytes:
+    """The body of a whole (non-streamed) answer, by ``deadline`` and at most ``limit`` bytes."""
+    if deadline is None:
+        deadline = deadline_for(t, stream=False)
+    ok = False
     try:
-        async with asyncio.timeout(t.request_s):
-            return await resp.read()
-    except (aiohttp.ClientError, OSError, TimeoutError) as e:
-        resp.close()
+        async with asyncio.timeout_at(deadline):
+            raw = await read_capped(resp, limit)
+        if raw is None:
+            raise EngineUnavailable(f"{who} sent an answer larger than {limit} bytes", status=502, engine=who)
+        ok = True
+        return raw
+    except TimeoutError:
+        raise EngineUnavailable(f"{who} did not finish its answer in time", status=504, engine=who) from None
+    except (aiohttp.ClientError, OSError) as e:
         raise EngineUnavailable(f"{who} broke off its answer: {e}", engine=who) from None
     finally:
-        resp.release()
+        if ok:
+            resp.release()
+        else:
+            resp.close()

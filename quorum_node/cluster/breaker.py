@@ -89,6 +89,18 @@ class CircuitBreaker:
             return False
         return self._state is BreakerState.OPEN or self._probe_free(now)
 
+    def retry_in_s(self, now: float) -> float:
+        """Seconds until ``allow`` may say yes again: 0 if it would now.
+
+        While open, the time left until it half-opens; while its half-open probe
+        is out, a second (the probe settles it either way, or times out).
+        """
+        if self.available(now):
+            return 0.0
+        if self.state(now) is BreakerState.OPEN:
+            return max(0.0, self._opened_at + self._reset_after_s - now)
+        return 1.0
+
     def allow(self, now: float) -> bool:
         """Whether a request may go now; in half-open this takes the one probe slot."""
         state = self.state(now)

@@ -233,6 +233,25 @@ class PeerTable:
             if p.state is PeerState.UP and model in p.models and p.breaker.available(now)
         ]
 
+    def unavailable_for_s(self, model: str, now: float) -> float | None:
+        """For a model whose holders are all out for now: seconds until the soonest may take it again.
+
+        Counts the peers holding ``model`` that ``holders`` leaves out only for
+        the moment: up with an open breaker (until it half-opens), or suspect
+        after having been up (until its next good health check, taken as a
+        second). None if no such peer holds it (down, never confirmed, or none):
+        then the model is not temporarily unavailable, it is not there.
+        """
+        waits: list[float] = []
+        for p in self._peers.values():
+            if model not in p.models:
+                continue
+            if p.state is PeerState.UP:
+                waits.append(p.breaker.retry_in_s(now))
+            elif p.state is PeerState.SUSPECT and p.last_ok is not None:
+                waits.append(max(1.0, p.breaker.retry_in_s(now)))
+        return min(waits) if waits else None
+
     def models(self) -> dict[str, list[str]]:
         """Model id -> node ids of up peers holding it."""
         out: dict[str, list[str]] = {}

@@ -184,9 +184,18 @@ class ClusterService:
         return out
 
     def plan(self, model: str, op: Op) -> list[PeerTarget]:
+        """The peers to try for ``model``, best first, as the router's ``PeerPlan``.
+
+        With none to try now, its ``wait_s`` says when one that holds the model
+        may be tried again (breaker open, peer suspect), so the router answers
+        503 with Retry-After rather than "no such model".
+        """
+        from ..router import PeerPlan  # the router defines the plan; it never imports the cluster service
+
         now = time.monotonic()
         self.budget.on_request(now)
-        return [PeerTarget(self, p) for p in pick(self.table.holders(model, now), now)]
+        targets = [PeerTarget(self, p) for p in pick(self.table.holders(model, now), now)]
+        return PeerPlan(targets, wait_s=None if targets else self.table.unavailable_for_s(model, now))
 
     def retry_allowed(self) -> bool:
         return self.budget.on_retry(time.monotonic())
@@ -377,6 +386,9 @@ class PeerTarget:
         self.service.table.end_request(self.peer.node_id, time.monotonic(), outcome)
 
     async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+        from ..backends.openai_compat import check_answer
+        from ..backends.upstream import deadline_for
+
         svc = self.service
         path = PATHS[op]
         data = _encode(body)
@@ -389,42 +401,59 @@ class PeerTarget:
             # the next requests rank this peer behind its siblings instead of waiting for the prober.
             svc._handle(svc.table.on_health_fail(self.peer.node_id, time.monotonic()))
 
+        deadline = deadline_for(t, stream=stream)  # one for the head and the first event, as for an engine
         resp = await post(svc.session, f"http://{self.peer.info.address}{path}", data, headers, t,
-                          stream=stream, who=self.engine, on_refused=refused)
+                          stream=stream, who=self.engine, on_refused=refused, deadline=deadline)
         self.node = resp.headers.get("X-Quorum-Node", self.node)
         if resp.status >= 300:
-            raw = await read_error_body(resp)
-            raise _peer_error(resp.status, raw, self.engine, resp.headers.get("Retry-After"))
+            raw = await read_error_body(resp, deadline=deadline)
+            raise _peer_error(resp.status, raw, self.engine, resp.headers)
         now = time.monotonic()
         svc.table.on_first_token(self.peer.node_id, now - self._t0, now)
-        if stream and "text/event-stream" in resp.headers.get("Content-Type", ""):
+        is_sse = "text/event-stream" in resp.headers.get("Content-Type", "")
+        if stream and is_sse:
             stats = StreamStats()
             norm = StreamNormalizer(clean=True, want_usage=want_usage, op=op, stats=stats)
-            return StreamReply(stream_events(resp, norm, t, self.engine), stats)
-        raw = await read_whole(resp, t, self.engine)
-        try:
-            payload = _decode(raw)
-        except msgspec.DecodeError:
-            raise EngineUnavailable(f"peer {self.node} sent malformed JSON", engine=self.engine) from None
-        return JsonReply(payload, payload.get("usage") if isinstance(payload, dict) else None)
+            return StreamReply(stream_events(resp, norm, t, self.engine, deadline=deadline), stats)
+        if stream or is_sse:
+            resp.close()
+            raise EngineUnavailable(f"{self.engine} answered a {'stream' if stream else 'whole'} request with "
+                                    f"{'no stream' if stream else 'a stream'}", status=502, engine=self.engine)
+        raw = await read_whole(resp, t, self.engine, deadline=deadline)
+        payload = check_answer(op, raw, engine=self.engine)
+        return JsonReply(payload, payload.get("usage"))
 
 
-def _peer_error(status: int, raw: bytes, engine: str, retry_after: str | None) -> Exception:
-    """A peer answers in the OpenAI shape already: keep status, type and code."""
-    try:
-        obj: Any = _decode(raw) if raw else {}
-    except msgspec.DecodeError:
-        obj = {}
-    err = obj.get("error") if isinstance(obj, dict) else None
-    err = err if isinstance(err, dict) else {}
-    message = engine_error_message(obj) if obj else f"peer answered HTTP {status}"
+def _peer_error(status: int, raw: bytes, engine: str, headers: Any) -> Exception:
+    """A peer answers in the OpenAI shape already: keep status, type and code.
+
+    A 500 marked ``x-should-retry: false`` is the peer's engine refusing this
+    request (its ``EngineFailed``): passed on as one, so it counts against
+    neither the peer's breaker nor its engine. A redirect is a failed peer.
+    """
+    from ..backends.openai_compat import parse_retry_after
+    from ..backends.wire import parse_error
+    from ..errors import EngineFailed
+
+    info = parse_error(raw)
+    message = info.message if info is not None else f"peer answered HTTP {status}"
+    no_retry = headers.get("x-should-retry", "").strip().lower() == "false"
+    if 300 <= status < 400:
+        return EngineUnavailable(f"{engine} answered with a redirect (HTTP {status})", status=502, engine=engine)
+    if status == 500 and no_retry:
+        return EngineFailed(
+            ApiError(message, status=500, type_=(info.type if info else None) or "server_error",
+                     param=info.param if info else None, code=(info.code if info else None) or "engine_error",
+                     retryable=False),
+            engine=engine,
+        )
     if (status >= 500 and status != 501) or status in (401, 404, 408, 429):
         # 404: its catalog changed under us; 401: keys or clocks disagree. Another holder may do.
-        hint = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
-        return EngineUnavailable(message, status=status if status != 404 else 503, engine=engine, retry_after_s=hint)
+        return EngineUnavailable(message, status=status if status != 404 else 503, engine=engine,
+                                 retry_after_s=parse_retry_after(headers.get("Retry-After")))
     return EngineRejected(
-        ApiError(message, status=status, type_=err.get("type") or "invalid_request_error",
-                 param=err.get("param"), code=err.get("code")),
+        ApiError(message, status=status, type_=(info.type if info else None) or "invalid_request_error",
+                 param=info.param if info else None, code=info.code if info else None,
+                 retryable=False if no_retry else None),
         engine=engine,
     )
-

@@ -1,0 +1,323 @@
+"""What engines send, as typed structures: decoded once, checked on the way in.
+
+Everything an engine (or a peer) sends is untrusted input. Each message is
+decoded by a module-level ``Decoder`` into a Struct that names only the fields
+quorum reads, with the types the OpenAI SDK (or our own code) relies on; every
+other field is skipped, though still checked to be well-formed JSON. A message
+that does not fit is *malformed*, and the callers turn that into the
+documented failure (the engine is unavailable, the stream broke, the fact is
+ignored), never into an exception nobody expected.
+
+Pure logic: bytes in, Structs (or None) out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Raw, Struct
+
+__all__ = [
+    "Answer",
+    "Chunk",
+    "EmbeddingAnswer",
+    "ErrorInfo",
+    "Malformed",
+    "Count",
+    "ModelCard",
+    "Usage",
+    "decode",
+    "decode_answer",
+    "decode_chunk",
+    "decode_embeddings",
+    "decode_entries",
+    "parse_error",
+]
+
+Malformed = (msgspec.DecodeError, msgspec.ValidationError)
+"""What the decoders below raise for input that does not fit."""
+
+Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _In(Struct, frozen=True, kw_only=True, gc=False):
+    """Base of every inbound message: unknown fields are skipped."""
+
+
+# -- generation ------------------------------------------------------------
+
+
+class Usage(_In):
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
+    total_tokens: Count = 0
+
+
+class FunctionCall(_In):
+    name: str | None = None
+    arguments: str | None = None  # a JSON *string*, as the SDK hands it on
+
+
+class ToolCall(_In):
+    index: int = 0
+    id: str | None = None
+    type: str | None = None
+    function: FunctionCall | None = None
+
+
+class Delta(_In):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChunkChoice(_In):
+    index: int = 0
+    delta: Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class Chunk(_In):
+    """One streamed event: a ``chat.completion.chunk`` / ``text_completion`` (or an error)."""
+
+    id: str | None = None
+    object: str | None = None
+    created: int | float | None = None
+    choices: list[ChunkChoice] | None = None
+    usage: Usage | None = None
+    error: Any = None
+
+
+class Message(_In):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class AnswerChoice(_In):
+    index: int = 0
+    message: Message | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class Answer(_In):
+    """A whole chat or text completion (or an error answered with HTTP 200)."""
+
+    object: str | None = None
+    choices: list[AnswerChoice] | None = None
+    usage: Usage | None = None
+    error: Any = None
+
+
+class EmbeddingItem(_In):
+    embedding: list[float] | str  # floats, or base64 of packed float32
+    index: int = 0
+
+
+class EmbeddingAnswer(_In):
+    object: str | None = None
+    data: list[EmbeddingItem] | None = None
+    usage: Usage | None = None
+    error: Any = None
+
+
+decode_chunk = msgspec.json.Decoder(Chunk).decode
+decode_answer = msgspec.json.Decoder(Answer).decode
+decode_embeddings = msgspec.json.Decoder(EmbeddingAnswer).decode
+
+
+# -- errors ----------------------------------------------------------------
+
+
+class _ErrorDetail(_In):
+    message: str | None = None
+    msg: str | None = None
+    detail: str | None = None
+    type: str | None = None
+    param: Any = None
+    code: Any = None
+    http_status_code: int | None = None  # TGI, mid-stream
+
+
+class _ErrorBody(_In):
+    """Every engine's error envelope (engines.md §12.10), in one shape."""
+
+    error: _ErrorDetail | str | None = None
+    object: str | None = None  # "error": the flat vLLM / SGLang shape
+    message: str | None = None
+    detail: Any = None  # FastAPI
+    type: str | None = None
+    param: Any = None
+    code: Any = None
+
+
+_decode_error = msgspec.json.Decoder(_ErrorBody).decode
+
+
+class ErrorInfo(Struct, frozen=True, kw_only=True):
+    """A well-formed error an engine answered: the parts we pass on."""
+
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
+    status: int | None = None  # an HTTP status the body itself names, if any
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) and v else None
+
+
+def _status(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 else None
+
+
+def parse_error(raw: bytes) -> ErrorInfo | None:
+    """The error inside an engine's answer, or None if ``raw`` is no well-formed error body."""
+    if not raw:
+        return None
+    try:
+        body = _decode_error(raw)
+    except Malformed:
+        return None
+    err = body.error
+    if isinstance(err, str):
+        return ErrorInfo(message=err, type=_str(body.type)) if err else None
+    if isinstance(err, _ErrorDetail):
+        message = err.message or err.msg or err.detail
+        if not message:
+            return None
+        return ErrorInfo(
+            message=message, type=_str(err.type), param=_str(err.param), code=_str(err.code),
+            status=_status(err.code) or _status(err.http_status_code),
+        )
+    if body.object == "error" and body.message:
+        return ErrorInfo(message=body.message, type=_str(body.type), param=_str(body.param), code=_str(body.code),
+                         status=_status(body.code))
+    if isinstance(body.detail, str) and body.detail:
+        return ErrorInfo(message=body.detail)
+    return None
+
+
+# -- model lists and engine facts ---------------------------------------------
+
+
+class ModelList(_In):
+    """``GET /v1/models``: entries are decoded one by one, so one bad entry costs only itself."""
+
+    data: list[Raw] | None = None  # Ollama sends null when empty
+    error: Any = None  # LM Studio answers errors with HTTP 200
+
+
+class CardMeta(_In):
+    n_ctx: Count | None = None
+    n_ctx_train: Count | None = None
+
+
+class ModelCard(_In):
+    id: str
+    owned_by: str | None = None
+    created: int | None = None
+    max_model_len: Count | None = None
+    meta: CardMeta | None = None
+
+
+class ModelId(_In):
+    """What is left of a model card whose other fields are malformed."""
+
+    id: str
+
+
+class LmsModels(_In):
+    data: list[Raw] | None = None
+
+
+class LmsModel(_In):
+    id: str
+    type: str | None = None
+    state: str | None = None
+    max_context_length: Count | None = None
+    loaded_context_length: Count | None = None
+
+
+class TgiInfo(_In):
+    model_id: str | None = None
+    max_total_tokens: Count | None = None
+
+
+class ServerLoad(_In):  # vLLM /load
+    server_load: Count
+
+
+class Slot(_In):  # llama.cpp /slots
+    is_processing: bool = False
+
+
+class OllamaDetails(_In):
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
+    context_length: Count | None = None
+
+
+class OllamaTag(_In):  # one /api/tags (or /api/ps) entry
+    name: str | None = None
+    model: str | None = None
+    digest: str | None = None
+    details: OllamaDetails | None = None
+    capabilities: list[str] | None = None
+    context_length: Count | None = None  # /api/ps: the runtime window
+
+
+class OllamaName(_In):
+    name: str | None = None
+    model: str | None = None
+
+
+class OllamaList(_In):  # /api/tags and /api/ps
+    models: list[Raw] | None = None
+
+
+class OllamaShow(_In):
+    model_info: dict[str, Raw] | None = None
+
+
+T = TypeVar("T")
+
+
+def decode_entries(raws: Sequence[Raw], full: type[T], rest: type[Any] | None = None) -> list[Any]:
+    """Decode each entry as ``full``; one that does not fit is decoded as ``rest`` or skipped."""
+    out: list[Any] = []
+    for raw in raws:
+        try:
+            out.append(_decoder(full)(raw))
+        except Malformed:
+            if rest is None:
+                continue
+            try:
+                out.append(_decoder(rest)(raw))
+            except Malformed:
+                continue
+    return out
+
+
+_DECODERS: dict[type[Any], Any] = {}
+
+
+def _decoder(t: type[Any]) -> Any:
+    d = _DECODERS.get(t)
+    if d is None:
+        d = _DECODERS[t] = msgspec.json.Decoder(t).decode
+    return d
+
+
+def decode(raw: bytes, t: type[T]) -> T | None:
+    """``raw`` as a ``t``, or None if it is not one."""
+    try:
+        return _decoder(t)(raw)  # type: ignore[no-any-return]
+    except Malformed:
+        return None

@@ -79,6 +79,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
     status = 200
     opened: Opened | None = None
     error: str | None = None
+    attempts = 0
     try:
         try:
             opened = await router.open(op, model, body, stream=stream, want_usage=want_usage, forwarded=forwarded)
@@ -136,6 +137,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
         return resp
     except ApiError as e:
         status, error = e.status, e.message
+        attempts = getattr(e, "attempts", 0)  # the router says how many holders it tried
         raise
     except asyncio.CancelledError:
         status, error = 499, "client disconnected"
@@ -158,7 +160,7 @@ async def _serve(request: web.Request, op: Op, body: dict[str, Any]) -> web.Stre
             route=opened.target.route if opened else None,
             status=status,
             stream=stream,
-            attempts=opened.attempts if opened else 0,
+            attempts=opened.attempts if opened else attempts,
             ttft_ms=round(opened.ttft_s * 1000, 2) if opened and opened.ttft_s is not None else None,
             tokens_in=usage.get("prompt_tokens") if isinstance(usage, dict) else None,
             tokens_out=(

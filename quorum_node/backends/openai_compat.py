@@ -498,7 +498,11 @@ async def stream_events(
                 if first:
                     first = False
                     watch.started()
+                # While the client takes its time with this batch, the engine's silence is not its fault
+                # (it may be held back by our own flow control): the idle clock starts when we read again.
+                watch.busy = True
                 yield batch
+                watch.busy = False
             if clean_end or not chunk:
                 break
         if first:
@@ -531,7 +535,7 @@ class _Watchdog:
     times per allowed idle gap and fails the read if the engine sent no byte since.
     """
 
-    __slots__ = ("_content", "_idle_s", "_handle", "_loop", "_quiet_since", "_seen", "_started")
+    __slots__ = ("_content", "_idle_s", "_handle", "_loop", "_quiet_since", "_seen", "_started", "busy")
 
     def __init__(self, content: aiohttp.StreamReader, deadline: float, idle_s: float) -> None:
         self._content = content
@@ -540,6 +544,7 @@ class _Watchdog:
         self._started = False
         self._seen = 0
         self._quiet_since = 0.0
+        self.busy = False  # the stream's consumer holds it (a slow client): not the engine's silence
         self._handle = self._loop.call_at(deadline, self._first_expired)
 
     def _first_expired(self) -> None:
@@ -557,7 +562,7 @@ class _Watchdog:
     def _check(self) -> None:
         now = self._loop.time()
         received = self._content.total_bytes
-        if received != self._seen:
+        if received != self._seen or self.busy:
             self._seen = received
             self._quiet_since = now
         if now - self._quiet_since >= self._idle_s:

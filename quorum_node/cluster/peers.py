@@ -149,6 +149,8 @@ class Peer:
         self.state = PeerState.SUSPECT
         self.static = False
         self.models: frozenset[str] = frozenset()
+        self.resting: frozenset[str] = frozenset()
+        """Models it holds whose engine is down for now: unavailable, not unknown."""
         self.catalog_digest: str | None = None
         """Digest of the catalog we actually fetched (None: never fetched)."""
         self.breaker = breaker
@@ -244,6 +246,9 @@ class PeerTable:
         """
         waits: list[float] = []
         for p in self._peers.values():
+            if model in p.resting and p.state is PeerState.UP:
+                waits.append(2.0)  # its engine is down: the peer's next catalog will tell when it is back
+                continue
             if model not in p.models:
                 continue
             if p.state is PeerState.UP:
@@ -362,13 +367,19 @@ class PeerTable:
             return [PeerSuspect(node_id=node_id)]
         return []
 
-    def on_catalog(self, node_id: str, models: Iterable[str], digest: str, now: float) -> list[PeerEvent]:
-        """The peer's model list was fetched; ``digest`` is the one it was served with."""
+    def on_catalog(
+        self, node_id: str, models: Iterable[str], digest: str, now: float, resting: Iterable[str] = ()
+    ) -> list[PeerEvent]:
+        """The peer's model list was fetched; ``digest`` is the one it was served with.
+
+        ``resting`` are models it holds whose engine is down for now.
+        """
         peer = self._peers.get(node_id)
         if peer is None:
             return []
         peer.catalog_digest = digest
         peer.last_seen = now
+        peer.resting = frozenset(resting)
         new = frozenset(models)
         if new == peer.models:
             return []

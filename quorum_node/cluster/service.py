@@ -29,12 +29,13 @@ from aiohttp import web
 
 from ..api.app import is_loopback
 from ..api.keys import PEER
-from ..backends.base import JsonReply, Op, Reply, StreamReply, StreamStats
+from ..backends.base import BackendState, JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
-from ..backends.sse import StreamNormalizer, engine_error_message
+from ..backends.sse import StreamNormalizer
 from ..backends.upstream import post, read_error_body, read_whole
 from ..errors import ApiError, EngineRejected, EngineUnavailable
 from .membership import Cluster, load_or_create_node_id
+from .messages import decode_catalog, decode_identity
 from .peers import (
     CatalogChanged,
     CatalogWanted,
@@ -62,6 +63,7 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 PROTO_VERSION = 2  # 2: signatures bind the destination and the hop headers
+_MAX_PEER_ANSWER = 16 * 1024 * 1024  # a catalog of thousands of models is well under this
 
 
 class ClusterService:
@@ -148,15 +150,23 @@ class ClusterService:
     # -- our own catalog -------------------------------------------------
 
     def local_entries(self) -> list[dict[str, Any]]:
-        return [
-            {"id": m.id, "aliases": list(m.aliases), "engine": b.kind, "context_length": m.context_length,
-             "loaded": m.loaded, "owned_by": m.owned_by, "created": m.created, "family": m.family,
-             "parameter_size": m.parameter_size, "quantization": m.quantization}
-            for b, m in self.node.registry.models()
-        ]
+        """What this node's engines hold, for peers; models of an engine that is down for now are listed
+        as unavailable, so that a peer answers 503 for them rather than "no such model"."""
+        out = [self._entry(b.kind, m, True) for b, m in self.node.registry.models()]
+        held = {e["id"] for e in out}
+        for b in self.node.registry.backends.values():
+            if b.state is BackendState.DOWN:
+                out.extend(self._entry(b.kind, m, False) for m in b.last_models if m.id not in held)
+        return out
+
+    @staticmethod
+    def _entry(kind: str, m: Any, available: bool) -> dict[str, Any]:
+        return {"id": m.id, "aliases": list(m.aliases), "engine": kind, "context_length": m.context_length,
+                "loaded": m.loaded, "owned_by": m.owned_by, "created": m.created, "family": m.family,
+                "parameter_size": m.parameter_size, "quantization": m.quantization, "available": available}
 
     def catalog_digest(self) -> str:
-        ids = sorted({(e["id"], tuple(e["aliases"])) for e in self.local_entries()})
+        ids = sorted({(e["id"], tuple(e["aliases"]), e["available"]) for e in self.local_entries()})
         return hashlib.sha256(_encode(ids)).hexdigest()[:16]
 
     def _local_catalog_changed(self) -> None:
@@ -283,19 +293,17 @@ class ClusterService:
                 f"http://{address}{path}", headers=self.signed_headers("GET", path, b"", to=None),
                 timeout=aiohttp.ClientTimeout(total=2.0, sock_connect=1.0), allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
                 if resp.status != 200:
                     raise ValueError(f"health answered {resp.status}")
-                ident = _decode(raw)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, msgspec.DecodeError) as e:
+                ident = decode_identity(await _read_capped(resp, _MAX_PEER_ANSWER))
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:  # msgspec errors are ValueErrors
             if node_id is not None:
                 self._handle(self.table.on_health_fail(node_id, time.monotonic()))
             log.debug("peer_health_failed", address=address, error=str(e))
             return
         now = time.monotonic()
-        info = PeerInfo(node_id=str(ident.get("node_id")), name=str(ident.get("name", "")), address=address,
-                        fingerprint=str(ident.get("fingerprint", "")), proto=int(ident.get("proto", 1)),
-                        catalog_digest=str(ident.get("catalog_digest", "")))
+        info = PeerInfo(node_id=ident.node_id, name=ident.name, address=address, fingerprint=ident.fingerprint,
+                        proto=ident.proto, catalog_digest=ident.catalog_digest)
         if node_id is None or node_id != info.node_id:
             self._handle(self.table.on_identified(address, info, now))
         self._handle(self.table.on_health_ok(info.node_id, now - t0, now))
@@ -354,15 +362,29 @@ class ClusterService:
                 if resp.status != 200:
                     log.warning("peer_catalog_failed", peer=node_id, status=resp.status)
                     return
-                body = _decode(await resp.read())
-            entries = [e for e in body.get("models", []) if isinstance(e, dict) and isinstance(e.get("id"), str)]
-            self.catalogs[node_id] = entries
-            names = {e["id"] for e in entries} | {a for e in entries for a in e.get("aliases") or ()}
-            self._handle(self.table.on_catalog(node_id, names, str(body.get("digest", "")), time.monotonic()))
-        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, AttributeError) as e:
+                raw = await _read_capped(resp, _MAX_PEER_ANSWER)
+            answer = decode_catalog(raw)
+            available = [e for e in answer.models if e.available]
+            self.catalogs[node_id] = [msgspec.structs.asdict(e) for e in available]
+            names = {e.id for e in available} | {a for e in available for a in e.aliases}
+            resting = {n for e in answer.models if not e.available for n in (e.id, *e.aliases)} - names
+            self._handle(self.table.on_catalog(node_id, names, answer.digest, time.monotonic(), resting))
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:  # msgspec errors are ValueErrors
             log.warning("peer_catalog_failed", peer=node_id, error=str(e))
         finally:
             self._fetching.discard(node_id)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A peer's whole answer, refused (ValueError) past ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise ValueError(f"answer larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class PeerTarget:

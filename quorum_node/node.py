@@ -14,6 +14,7 @@ from aiohttp import web
 
 from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
+from .backends.openai_compat import EMBEDDED_ENGINE
 from .backends.registry import Registry
 from .errors import ConfigError
 from .router import Router
@@ -95,11 +96,11 @@ class Node:
         """No engine on this machine: run the bundled llama-server with the tiny model."""
         cache = Path(self.settings.cache_dir)
         log.info("embedded_engine_preparing", cache=str(cache))
-        self.registry.pending.add("embedded-llamacpp")
+        self.registry.pending.add(EMBEDDED_ENGINE)
         try:
             await self._run_embedded(cache)
         finally:
-            self.registry.pending.discard("embedded-llamacpp")
+            self.registry.pending.discard(EMBEDDED_ENGINE)
 
     async def _run_embedded(self, cache: Path) -> None:
         from .engine.fetch import EngineFetchError, ensure_llama_server, ensure_model
@@ -119,7 +120,7 @@ class Node:
         except EngineStartError as e:
             log.error("embedded_engine_failed", error=str(e))
             return
-        self.registry.add(BackendSpec(kind="llamacpp", url=engine.url, name="embedded-llamacpp"))
+        self.registry.add(BackendSpec(kind="llamacpp", url=engine.url, name=EMBEDDED_ENGINE))
         await self.registry.refresh_once()
         log.info("embedded_engine_ready", url=engine.url, model=str(model))
 

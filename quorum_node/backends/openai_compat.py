@@ -79,6 +79,9 @@ log = structlog.get_logger(__name__)
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
+#: The name the node gives the llama-server it starts itself (``node.py``).
+EMBEDDED_ENGINE = "embedded-llamacpp"
+
 PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
 
 
@@ -158,7 +161,7 @@ def map_engine_error(status: int, raw: bytes, *, engine: str, retry_after: str |
     if status == 500 and info is not None:
         return engine_failed(message, engine=engine)
     if status == 501:
-        return EngineRejected(NotSupported(message, code="not_supported"), engine=engine)
+        return EngineRejected(NotSupported(_not_offered(engine, message), code="not_supported"), engine=engine)
     if status >= 500 or status in _RETRYABLE or status in (401, 403) or status < 400:
         if status in (401, 403):
             message = f"engine {engine} refused quorum's credentials ({message}); check its api_key"
@@ -167,6 +170,15 @@ def map_engine_error(status: int, raw: bytes, *, engine: str, retry_after: str |
     return EngineRejected(
         BadRequest(message, param=info.param if info else None, code=info.code if info else None), engine=engine
     )
+
+
+def _not_offered(engine: str, message: str) -> str:
+    """A 501 in words a Quorum user can act on (not the engine's own advice about its flags)."""
+    if engine == EMBEDDED_ENGINE:
+        return ("Quorum's embedded engine (llama.cpp with SmolLM2-135M) serves chat and completions, not "
+                "embeddings. Run an engine with an embedding model on any machine of the cluster (for example "
+                "Ollama with nomic-embed-text, or name one with --backend) and embeddings go there.")
+    return f"The engine {engine} does not offer this endpoint for this model (it said: {message[:200]})"
 
 
 def check_answer(op: Op, raw: bytes, *, engine: str) -> dict[str, Any]:

@@ -348,6 +348,13 @@ async def test_embedded_engine_starts_serves_restarts_and_stops_with_the_node(
         assert str(model) in proc.cmdline()
         assert await model_ids(node) == {MODEL_ID}
         assert await chat_text(client)
+        # embeddings: what Quorum can do about it, not the engine's own flag advice; and no blind retries
+        with pytest.raises(openai.APIStatusError) as no_embeddings:
+            await client_for(node, max_retries=2).embeddings.create(model=MODEL_ID, input="x")
+        assert no_embeddings.value.status_code == 501
+        assert "--embeddings" not in no_embeddings.value.message
+        assert "embedded engine" in no_embeddings.value.message
+        assert no_embeddings.value.response.headers["x-should-retry"] == "false"
 
         old_pid = engine.pid
         os.kill(old_pid, signal.SIGKILL)

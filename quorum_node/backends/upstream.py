@@ -47,14 +47,16 @@ async def post(
     who: str,
     on_refused: Callable[[], None] | None = None,
     deadline: float | None = None,
+    method: str = "POST",
 ) -> aiohttp.ClientResponse:
-    """POST and wait for the response head, by ``deadline``; the status is the caller's to judge."""
+    """POST (or ``method``) and wait for the response head, by ``deadline``; the status is the caller's to judge."""
     if deadline is None:
         deadline = deadline_for(t, stream=stream)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
     try:
         async with asyncio.timeout_at(deadline):
-            return await session.post(url, data=data, headers=headers, timeout=timeout, allow_redirects=False)
+            return await session.request(method, url, data=data or None, headers=headers, timeout=timeout,
+                                         allow_redirects=False)
     except TimeoutError:
         limit = t.first_token_s if stream else t.request_s
         raise EngineUnavailable(f"{who} gave no answer in {limit:g} s", status=504, engine=who) from None

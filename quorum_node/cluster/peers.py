@@ -151,6 +151,8 @@ class Peer:
         self.models: frozenset[str] = frozenset()
         self.resting: frozenset[str] = frozenset()
         """Models it holds whose engine is down for now: unavailable, not unknown."""
+        self.relay = False
+        """Online on our relay right now (reachable through it)."""
         self.catalog_digest: str | None = None
         """Digest of the catalog we actually fetched (None: never fetched)."""
         self.breaker = breaker
@@ -170,6 +172,11 @@ class Peer:
     def node_id(self) -> str:
         """The peer's stable node id."""
         return self.info.node_id
+
+    @property
+    def routes(self) -> list[str]:
+        """How it can be reached, preferred first: the LAN, then the relay."""
+        return (["lan"] if self.info.address else []) + (["relay"] if self.relay else [])
 
     def __repr__(self) -> str:
         return (
@@ -304,10 +311,47 @@ class PeerTable:
             events.append(CatalogWanted(node_id=info.node_id, address=peer.info.address))
         return events
 
-    def on_goodbye(self, node_id: str, now: float) -> list[PeerEvent]:
-        """A peer said it is leaving: drop it at once."""
-        if self._peers.pop(node_id, None) is None:
+    def on_relay(self, node_id: str, online: bool, now: float) -> list[PeerEvent]:
+        """A peer came online on our relay, or left it.
+
+        The relay's namespace is not proof of membership: a relay peer carries
+        traffic only once a health check through the relay (signed, inside the
+        end-to-end session only cluster members can open) has answered.
+        """
+        if node_id == self.self_id:
             return []
+        peer = self._peers.get(node_id)
+        if online:
+            events: list[PeerEvent] = []
+            if peer is None:
+                info = PeerInfo(node_id=node_id, route="relay", fingerprint=self.fingerprint)
+                peer = Peer(info, now, CircuitBreaker(self._breaker_threshold, self._breaker_reset_s))
+                self._peers[node_id] = peer
+                events.append(PeerAdded(node_id=node_id))
+            peer.relay = True
+            peer.last_seen = now
+            return events
+        if peer is None:
+            return []
+        peer.relay = False
+        if not peer.info.address and not peer.static:
+            del self._peers[node_id]
+            return [PeerRemoved(node_id=node_id, reason="left_relay")]
+        return []
+
+    def relay_probe_targets(self) -> list[str]:
+        """Peers only the relay reaches, for the health prober."""
+        return [p.node_id for p in self.all() if p.relay and not p.info.address]
+
+    def on_goodbye(self, node_id: str, now: float) -> list[PeerEvent]:
+        """A peer said it is leaving the LAN: drop it at once (unless the relay still reaches it)."""
+        peer = self._peers.get(node_id)
+        if peer is None:
+            return []
+        if peer.relay:
+            peer.info = msgspec.structs.replace(peer.info, address="", route="relay")
+            return []
+        del self._peers[node_id]
         return [PeerRemoved(node_id=node_id, reason="goodbye")]
 
     def add_static(self, address: str) -> None:

@@ -32,9 +32,10 @@ from ..api.keys import PEER
 from ..backends.base import BackendState, JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
 from ..backends.sse import StreamNormalizer
-from ..backends.upstream import post, read_error_body, read_whole
+from ..backends.upstream import read_capped, read_error_body, read_whole
 from ..errors import ApiError, EngineRejected, EngineUnavailable
 from .membership import Cluster, load_or_create_node_id
+from .links import HttpLink, PeerLink, RelayPeerLink
 from .messages import decode_catalog, decode_identity
 from .peers import (
     CatalogChanged,
@@ -51,6 +52,7 @@ from .peers import (
     PeerUp,
 )
 from .scoring import RetryBudget, pick
+from .relay_link import RelayLink, psk_from_sign_key
 from .signing import ANY_DESTINATION, HOP_HEADER, ORIGIN_HEADER, ReplayGuard, VerifyResult, sign, verify_head
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ class ClusterService:
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._fetching: set[str] = set()
         self.discovery: Any = None
+        self.relay: RelayLink | None = None
         self._digest = ""
 
     # -- lifecycle -------------------------------------------------------
@@ -115,6 +118,13 @@ class ClusterService:
                 on_event=self._events.put_nowait,
             )
             await self.discovery.start()
+        if self.settings.relay and self.settings.relay_token:
+            self.relay = RelayLink(
+                url=self.settings.relay, token=self.settings.relay_token, node_id=self.node_id,
+                psk=psk_from_sign_key(self.keys.sign_key), on_presence=self._on_relay_presence,
+                serve=self._serve_relayed, max_request_bytes=self.settings.max_body_bytes,
+            )
+            await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")
         if self.discovery is not None:  # only mDNS feeds the event queue
             self._spawn(self._event_loop(), "cluster-events")
@@ -135,6 +145,9 @@ class ClusterService:
 
     async def stop(self) -> None:
         await self.stop_announcing()
+        if self.relay is not None:  # after the drain: streams through it may have been in flight
+            await self.relay.close()
+            self.relay = None
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -146,6 +159,39 @@ class ClusterService:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None
         return self._session
+
+    # -- links ---------------------------------------------------------------
+
+    def links(self, peer: Peer) -> list[PeerLink]:
+        """The ways to reach ``peer``, preferred first: its LAN address, then the relay."""
+        out: list[PeerLink] = []
+        if peer.info.address:
+            nid = peer.node_id
+
+            def refused() -> None:
+                # A refused connection is the same evidence as a failed health check: count it now, so
+                # the next requests rank this peer behind its siblings instead of waiting for the prober.
+                self._handle(self.table.on_health_fail(nid, time.monotonic()))
+
+            out.append(HttpLink(self.session, peer.info.address, refused))
+        if peer.relay and self.relay is not None:
+            out.append(RelayPeerLink(self.relay, peer.node_id))
+        return out
+
+    def _on_relay_presence(self, node_id: str, online: bool) -> None:
+        self._handle(self.table.on_relay(node_id, online, time.monotonic()))
+        log.info("relay_peer_" + ("online" if online else "offline"), peer=node_id, route="relay")
+        peer = self.table.get(node_id)
+        if online and peer is not None and not peer.info.address and self.relay is not None:
+            self._spawn(self._probe(RelayPeerLink(self.relay, node_id), node_id), "relay-probe")
+
+    async def _serve_relayed(self, method: str, path: str, headers: list[tuple[str, str]],
+                             body: bytes) -> aiohttp.ClientResponse:
+        """A request that came through the relay, served by this node's own HTTP server as if from the LAN."""
+        return await self.session.request(
+            method, self.node.url + path, headers=headers, data=body or None, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s),
+        )
 
     # -- our own catalog -------------------------------------------------
 
@@ -204,7 +250,8 @@ class ClusterService:
 
         now = time.monotonic()
         self.budget.on_request(now)
-        targets = [PeerTarget(self, p) for p in pick(self.table.holders(model, now), now)]
+        targets = [PeerTarget(self, p, link) for p in pick(self.table.holders(model, now), now)
+                   for link in self.links(p)]
         return PeerPlan(targets, wait_s=None if targets else self.table.unavailable_for_s(model, now))
 
     def retry_allowed(self) -> bool:
@@ -268,48 +315,72 @@ class ClusterService:
              "state": p.state.value, "models": sorted({e["id"] for e in self.catalogs.get(p.node_id, [])}),
              "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
              "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
-             "static": p.static}
+             "static": p.static, "routes": p.routes}
             for p in self.table.all()
         ]
-        return web.Response(body=_encode({"node": self.identity(), "peers": peers}), content_type="application/json")
+        relay = None
+        if self.relay is not None:
+            relay = {"url": self.settings.relay, "state": self.relay.state, "error": self.relay.last_error,
+                     "online": sorted(self.relay.online)}
+        return web.Response(body=_encode({"node": self.identity(), "peers": peers, "relay": relay}),
+                            content_type="application/json")
 
     # -- background work -----------------------------------------------------
 
     async def _health_loop(self) -> None:
         while True:
             try:
-                targets = self.table.probe_targets()
-                await asyncio.gather(*(self._probe(t.address, t.node_id) for t in targets))
+                probes = [self._probe(HttpLink(self.session, t.address), t.node_id, address=t.address)
+                          for t in self.table.probe_targets()]
+                if self.relay is not None:
+                    probes += [self._probe(RelayPeerLink(self.relay, nid), nid)
+                               for nid in self.table.relay_probe_targets()]
+                await asyncio.gather(*probes)
                 self._handle(self.table.tick(time.monotonic()))
             except Exception:  # task root
                 log.exception("cluster_health_loop_failed")
             await asyncio.sleep(self.settings.health_interval_s)
 
-    async def _probe(self, address: str, node_id: str | None) -> None:
-        path = "/quorum/v1/health"
+    async def _get(self, link: PeerLink, path: str, to: str | None, timeout_s: float) -> bytes:
+        """A signed GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        async with asyncio.timeout_at(deadline):
+            resp = await link.request("GET", path, self.signed_headers("GET", path, b"", to=to), b"",
+                                      self.timeouts, deadline=deadline, stream=False, who=f"peer {to or link.route}")
+            try:
+                if resp.status != 200:
+                    raise ValueError(f"{path} answered {resp.status}")
+                raw = await read_capped(resp, _MAX_PEER_ANSWER)
+                if raw is None:
+                    raise ValueError(f"{path}: answer too large")
+                return raw
+            finally:
+                resp.close()
+
+    async def _probe(self, link: PeerLink, node_id: str | None, *, address: str = "") -> None:
         t0 = time.monotonic()
         try:
-            async with self.session.get(
-                f"http://{address}{path}", headers=self.signed_headers("GET", path, b"", to=None),
-                timeout=aiohttp.ClientTimeout(total=2.0, sock_connect=1.0), allow_redirects=False,
-            ) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"health answered {resp.status}")
-                ident = decode_identity(await _read_capped(resp, _MAX_PEER_ANSWER))
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:  # msgspec errors are ValueErrors
-            if node_id is not None:
+            ident = decode_identity(await self._get(link, "/quorum/v1/health", None, 2.0))
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
+            if node_id is not None:  # msgspec errors are ValueErrors
                 self._handle(self.table.on_health_fail(node_id, time.monotonic()))
-            log.debug("peer_health_failed", address=address, error=str(e))
+            log.debug("peer_health_failed", route=link.route, address=address, peer=node_id, error=str(e))
             return
         now = time.monotonic()
-        info = PeerInfo(node_id=ident.node_id, name=ident.name, address=address, fingerprint=ident.fingerprint,
-                        proto=ident.proto, catalog_digest=ident.catalog_digest)
-        if node_id is None or node_id != info.node_id:
+        if link.route == "relay" and ident.node_id != node_id:
+            log.warning("relay_peer_identity_mismatch", claimed=node_id, answered=ident.node_id)
+            return
+        info = PeerInfo(node_id=ident.node_id, name=ident.name, address=address,
+                        route="lan" if address else "relay", fingerprint=ident.fingerprint, proto=ident.proto,
+                        catalog_digest=ident.catalog_digest)
+        if address and (node_id is None or node_id != info.node_id):
             self._handle(self.table.on_identified(address, info, now))
-        self._handle(self.table.on_health_ok(info.node_id, now - t0, now))
         peer = self.table.get(info.node_id)
+        if peer is not None and not address and peer.info.name != info.name:
+            peer.info = msgspec.structs.replace(peer.info, name=info.name)
+        self._handle(self.table.on_health_ok(info.node_id, now - t0, now))
         if peer is not None and peer.catalog_digest != info.catalog_digest:
-            self._want_catalog(info.node_id, address)
+            self._want_catalog(info.node_id)
 
     async def _event_loop(self) -> None:
         from .mdns import Discovered, Gone, Updated
@@ -324,7 +395,8 @@ class ClusterService:
                         # a fresh announcement is a sign of life: check it now, not in 2 s; a node of
                         # another cluster (the table ignored it) is left alone, never sent our signatures
                         if self.table.get(info.node_id) is not None:
-                            self._spawn(self._probe(info.address, info.node_id), "peer-probe")
+                            self._spawn(self._probe(HttpLink(self.session, info.address), info.node_id,
+                                                    address=info.address), "peer-probe")
                     case Gone(node_id=node_id):
                         self._handle(self.table.on_goodbye(node_id, now))
             except Exception:  # task root
@@ -333,8 +405,8 @@ class ClusterService:
     def _handle(self, events: list[PeerEvent]) -> None:
         for ev in events:
             match ev:
-                case CatalogWanted(node_id=nid, address=addr):
-                    self._want_catalog(nid, addr)
+                case CatalogWanted(node_id=nid):
+                    self._want_catalog(nid)
                 case PeerUp(node_id=nid):
                     log.info("peer_up", peer=nid, route="lan")
                 case PeerDown(node_id=nid) | PeerSuspect(node_id=nid):
@@ -347,54 +419,37 @@ class ClusterService:
                 case _:
                     pass
 
-    def _want_catalog(self, node_id: str, address: str) -> None:
+    def _want_catalog(self, node_id: str) -> None:
         if node_id not in self._fetching:
             self._fetching.add(node_id)
-            self._spawn(self._fetch_catalog(node_id, address), "peer-catalog")
+            self._spawn(self._fetch_catalog(node_id), "peer-catalog")
 
-    async def _fetch_catalog(self, node_id: str, address: str) -> None:
-        path = "/quorum/v1/catalog"
+    async def _fetch_catalog(self, node_id: str) -> None:
         try:
-            async with self.session.get(
-                f"http://{address}{path}", headers=self.signed_headers("GET", path, b"", to=node_id),
-                timeout=aiohttp.ClientTimeout(total=5.0, sock_connect=1.0), allow_redirects=False,
-            ) as resp:
-                if resp.status != 200:
-                    log.warning("peer_catalog_failed", peer=node_id, status=resp.status)
-                    return
-                raw = await _read_capped(resp, _MAX_PEER_ANSWER)
-            answer = decode_catalog(raw)
+            peer = self.table.get(node_id)
+            links = self.links(peer) if peer is not None else []
+            if not links:
+                return
+            answer = decode_catalog(await self._get(links[0], "/quorum/v1/catalog", node_id, 5.0))
             available = [e for e in answer.models if e.available]
             self.catalogs[node_id] = [msgspec.structs.asdict(e) for e in available]
             names = {e.id for e in available} | {a for e in available for a in e.aliases}
             resting = {n for e in answer.models if not e.available for n in (e.id, *e.aliases)} - names
             self._handle(self.table.on_catalog(node_id, names, answer.digest, time.monotonic(), resting))
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:  # msgspec errors are ValueErrors
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
             log.warning("peer_catalog_failed", peer=node_id, error=str(e))
         finally:
             self._fetching.discard(node_id)
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
-    """A peer's whole answer, refused (ValueError) past ``limit`` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await resp.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise ValueError(f"answer larger than {limit} bytes")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 class PeerTarget:
-    """A model held by a LAN peer; the request is forwarded, signed, one hop."""
+    """A model held by a peer; the request is forwarded, signed, one hop, over one of its links."""
 
-    route = "lan"
-
-    def __init__(self, service: ClusterService, peer: Peer) -> None:
+    def __init__(self, service: ClusterService, peer: Peer, link: PeerLink) -> None:
         self.service = service
         self.peer = peer
+        self.link = link
+        self.route = link.route
         self.node = peer.info.name or peer.node_id
         self.engine = f"peer:{self.node}"
         self._t0 = 0.0
@@ -417,15 +472,9 @@ class PeerTarget:
         headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id)
         headers["Content-Type"] = "application/json"
         t = svc.timeouts
-
-        def refused() -> None:
-            # A refused connection is the same evidence as a failed health check: count it now, so
-            # the next requests rank this peer behind its siblings instead of waiting for the prober.
-            svc._handle(svc.table.on_health_fail(self.peer.node_id, time.monotonic()))
-
         deadline = deadline_for(t, stream=stream)  # one for the head and the first event, as for an engine
-        resp = await post(svc.session, f"http://{self.peer.info.address}{path}", data, headers, t,
-                          stream=stream, who=self.engine, on_refused=refused, deadline=deadline)
+        resp: Any = await self.link.request("POST", path, headers, data, t, deadline=deadline, stream=stream,
+                                            who=self.engine)
         self.node = resp.headers.get("X-Quorum-Node", self.node)
         if resp.status >= 300:
             raw = await read_error_body(resp, deadline=deadline)

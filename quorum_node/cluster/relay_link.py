@@ -1,0 +1,695 @@
+"""The relay link: peer requests as encrypted, multiplexed streams over one WebSocket to ``quorum-relay``.
+
+The node dials out to the relay (``relay/wire.py`` is the protocol), reconnects
+with jittered backoff, and learns which peers of its cluster are online. To
+each peer it talks through an end-to-end Noise session (``noise.py``, NNpsk0
+with a pre-shared key derived from the cluster secret; both node ids and the
+initiator's relay session bound into the prologue), so the relay forwards
+frames it cannot read.
+
+One peer request is one stream: ``Open`` carries the request head and body,
+``Data`` frames carry the answer (its head first, then its body in pieces of at
+most ``CHUNK`` bytes), ``Close`` ends each side, ``Reset`` aborts. Flow control
+is per stream and end to end (yamux-style credit windows): a sender never has
+more than ``WINDOW`` unacknowledged bytes on a stream, and a receiver grants
+more only as its reader consumes, so one slow client or one huge answer never
+stalls the others and nothing is buffered without bound.
+
+An incoming request is served by the node's own HTTP server, as if it had come
+over the LAN (same trust check, same signature, same handlers): the link is a
+transport, nothing above it knows which one carried a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from multidict import CIMultiDict, CIMultiDictProxy
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+
+from relay import wire
+
+from ..backoff import Backoff
+from .noise import CipherState, Handshake, NoiseError
+
+__all__ = ["CHUNK", "WINDOW", "RelayBody", "RelayLink", "RelayResponse", "psk_from_sign_key"]
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 16 * 1024
+WINDOW = 256 * 1024
+_HEAD = msgspec.msgpack.Encoder()
+
+
+class _RequestHead(msgspec.Struct, frozen=True, array_like=True):
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class _ResponseHead(msgspec.Struct, frozen=True, array_like=True):
+    status: int
+    headers: list[tuple[str, str]]
+
+
+_decode_request = msgspec.msgpack.Decoder(_RequestHead).decode
+_decode_response = msgspec.msgpack.Decoder(_ResponseHead).decode
+
+# Hop-by-hop headers never cross a link (RFC 9110 §7.6.1), nor do the body framing ones.
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "host",
+     "content-length")
+)
+
+
+def psk_from_sign_key(sign_key: bytes) -> bytes:
+    """The Noise pre-shared key: its own derivation label, never the signing key itself."""
+    return hashlib.sha256(b"quorum/v1/relay-noise-psk\x00" + sign_key).digest()
+
+
+class RelayLinkError(ConnectionError):
+    """The relay or the peer could not carry a request (before or during its answer)."""
+
+
+class RelayBody:
+    """An answer's body as it arrives; the subset of ``aiohttp.StreamReader`` the adapters use.
+
+    Reading it is what grants the sender more credit (``on_consumed``).
+    """
+
+    __slots__ = ("_chunks", "_eof", "_exc", "_waiter", "total_bytes", "_on_consumed", "_buffered")
+
+    def __init__(self, on_consumed: Callable[[int], None]) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.total_bytes = 0
+        self._buffered = 0
+        self._on_consumed = on_consumed
+
+    @property
+    def buffered(self) -> int:
+        return self._buffered
+
+    def _wake(self) -> None:
+        w, self._waiter = self._waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def feed_data(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self.total_bytes += len(data)
+            self._buffered += len(data)
+            self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exc = exc
+        self._wake()
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    async def readany(self) -> bytes:
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        if self._exc is not None:
+            raise self._exc
+        data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks.clear()
+        self._buffered = 0
+        self._on_consumed(len(data))
+        return data
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while chunk := await self.readany():
+            yield chunk
+
+
+class RelayResponse:
+    """A peer's answer through the relay; the subset of ``aiohttp.ClientResponse`` the peer code uses."""
+
+    def __init__(self, stream: _Stream, status: int, headers: list[tuple[str, str]]) -> None:
+        self._stream = stream
+        self.status = status
+        self.headers = CIMultiDictProxy(CIMultiDict(headers))
+        assert stream.body is not None
+        self.content = stream.body
+        self.content_length: int | None = None
+
+    async def read(self) -> bytes:
+        return await self.content.read()
+
+    def release(self) -> None:
+        if not self.content.at_eof():
+            self.close()
+
+    def close(self) -> None:
+        """Abandon the answer: the peer is told (and stops its engine)."""
+        self._stream.link._reset(self._stream, "cancel")
+
+    async def __aenter__(self) -> RelayResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Stream:
+    __slots__ = ("id", "peer", "link", "credit", "credit_event", "body", "head", "task", "sent_close",
+                 "got_close", "unacked", "received_in_window", "outgoing", "request", "request_body")
+
+    def __init__(self, link: RelayLink, peer: str, sid: int, *, outgoing: bool) -> None:
+        self.id = sid
+        self.peer = peer
+        self.link = link
+        self.outgoing = outgoing  # we opened it (we are the requester)
+        self.credit = WINDOW  # bytes we may still send
+        self.credit_event = asyncio.Event()
+        self.credit_event.set()
+        self.body: RelayBody | None = None  # the requester's view of the answer
+        self.head: asyncio.Future[_ResponseHead] | None = None
+        self.task: asyncio.Task[None] | None = None  # the server side's handler
+        self.sent_close = False
+        self.got_close = False
+        self.unacked = 0  # consumed bytes not yet granted back
+        self.received_in_window = 0  # received bytes the sender still counts against our grant
+        self.request: _RequestHead | None = None  # the server side: the head, then the body as it arrives
+        self.request_body = bytearray()
+
+
+class _Session:
+    """The Noise session with one peer over this relay connection."""
+
+    __slots__ = ("send", "recv", "handshake", "ready", "initiator")
+
+    def __init__(self) -> None:
+        self.send: CipherState | None = None
+        self.recv: CipherState | None = None
+        self.handshake: Handshake | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.initiator = False
+
+
+class RelayLink:
+    """One node's connection to one relay (reconnecting), and every stream over it.
+
+    ``on_presence(node_id, online)`` is called as relay peers come and go;
+    ``serve(head) -> (status, headers, body_chunks)`` answers an incoming
+    request (the node's own HTTP server, see ``ClusterService``).
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        node_id: str,
+        psk: bytes,
+        on_presence: Callable[[str, bool], None],
+        serve: Callable[[str, str, list[tuple[str, str]], bytes], Awaitable[aiohttp.ClientResponse]],
+        connect_timeout_s: float = 5.0,
+        max_request_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.url = url.rstrip("/") + wire.CONNECT_PATH
+        self._token = token
+        self.node_id = node_id
+        self._psk = psk
+        self._on_presence = on_presence
+        self._serve = serve
+        self._connect_timeout_s = connect_timeout_s
+        self.max_request_bytes = max_request_bytes
+        self._ws: ClientConnection | None = None
+        self.session_id: str | None = None
+        self.state = "connecting"  # connecting | up | refused | down
+        self.last_error: str | None = None
+        self.connected_at: float | None = None
+        self.online: dict[str, float] = {}  # peer id -> since
+        self.max_frame_bytes = 256 * 1024
+        self._sessions: dict[str, _Session] = {}
+        self._streams: dict[tuple[str, int], _Stream] = {}
+        self._next_sid = 0
+        self._out: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._up = asyncio.Event()
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="relay-link")
+
+    async def close(self) -> None:
+        """Close the relay connection (1001) and end every stream; idempotent."""
+        self._closing = True
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close(1001, "node stopping")
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_up(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._up.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _run(self) -> None:
+        backoff = Backoff(0.2, max_s=10.0)
+        while not self._closing:
+            try:
+                async with connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self._token}", wire.NODE_ID_HEADER: self.node_id},
+                    compression=None, proxy=None, open_timeout=self._connect_timeout_s, ping_interval=15,
+                    ping_timeout=15, close_timeout=2, max_size=None, max_queue=64,
+                ) as ws:
+                    self._ws = ws
+                    backoff.reset()
+                    await self._session(ws)
+            except asyncio.CancelledError:
+                raise
+            except InvalidStatus as e:
+                status = e.response.status_code
+                self.state = "refused" if status in (401, 403) else "down"
+                self.last_error = f"relay refused the connection: HTTP {status}"
+                log.warning("relay_refused", url=self.url, status=status)
+            except (OSError, WebSocketException, TimeoutError, ConnectionClosed) as e:
+                self.state = "down"
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.info("relay_disconnected", url=self.url, error=self.last_error)
+            except Exception:  # task root
+                self.state = "down"
+                log.exception("relay_link_failed", url=self.url)
+            finally:
+                self._ws = None
+                self._up.clear()
+                self._drop_all("the relay connection was lost")
+            if self._closing:
+                return
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _session(self, ws: ClientConnection) -> None:
+        writer = asyncio.create_task(self._writer(ws), name="relay-writer")
+        try:
+            async for raw in ws:
+                if isinstance(raw, str):
+                    raise ConnectionError("the relay sent a text message")
+                try:
+                    frame = wire.decode(raw)
+                except (msgspec.DecodeError, ValueError):
+                    log.warning("relay_bad_frame", size=len(raw))
+                    await ws.close(wire.CLOSE_PROTOCOL, "bad frame")
+                    return
+                self._dispatch(frame)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    def _drop_all(self, why: str) -> None:
+        """The connection is gone: every stream ends, every session with it."""
+        for stream in list(self._streams.values()):
+            self._fail_stream(stream, RelayLinkError(why))
+        self._streams.clear()
+        for s in self._sessions.values():
+            if not s.ready.done():
+                s.ready.set_exception(RelayLinkError(why))
+                s.ready.exception()  # retrieved: nobody may be waiting
+        self._sessions.clear()
+        for peer in list(self.online):
+            self._on_presence(peer, False)
+        self.online.clear()
+        self.session_id = None
+        while not self._out.empty():
+            self._out.get_nowait()
+
+    # -- frames in -----------------------------------------------------------------
+
+    def _dispatch(self, frame: wire.Frame) -> None:
+        match frame:
+            case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame):
+                self.session_id = session
+                self.state = "up"
+                self.last_error = None
+                self.connected_at = time.time()
+                if max_frame:
+                    self.max_frame_bytes = max_frame
+                self._up.set()
+                log.info("relay_connected", url=self.url, session=session, peers=len(peers))
+                for p in peers:
+                    self._joined(p.node_id, p.since)
+            case wire.Joined(peer=p):
+                self._joined(p.node_id, p.since)
+            case wire.Left(node_id=nid):
+                self._left(nid, "the peer left the relay")
+            case wire.Unreachable(peer=peer, stream=sid):
+                if sid:
+                    stream = self._streams.get((peer, sid))
+                    if stream is not None:
+                        self._fail_stream(stream, RelayLinkError(f"peer {peer} is not on the relay"))
+                else:
+                    self._left(peer, "the peer is not on the relay")
+            case wire.Hello(peer=peer, payload=payload):
+                self._on_hello(peer, payload)
+            case wire.HelloReply(peer=peer, payload=payload):
+                self._on_hello_reply(peer, payload)
+            case wire.Open(peer=peer, stream=sid, payload=payload):
+                self._on_open(peer, sid, payload)
+            case wire.Data(peer=peer, stream=sid, payload=payload):
+                self._on_data(peer, sid, payload)
+            case wire.Window(peer=peer, stream=sid, credit=credit):
+                stream = self._streams.get((peer, sid))
+                if stream is not None and credit > 0:
+                    stream.credit += credit
+                    stream.credit_event.set()
+            case wire.Close(peer=peer, stream=sid, payload=payload):
+                self._on_close(peer, sid, payload)
+            case wire.Reset(peer=peer, stream=sid, code=code):
+                stream = self._streams.pop((peer, sid), None)
+                if stream is not None:
+                    self._fail_stream(stream, RelayLinkError(f"stream reset by {peer}: {code}"), remove=False)
+            case _:
+                pass
+
+    def _joined(self, peer: str, since: float) -> None:
+        if peer == self.node_id:
+            return
+        fresh = peer not in self.online
+        self.online[peer] = since
+        if peer in self._sessions and fresh:
+            self._end_session(peer, "the peer reconnected to the relay")
+        if fresh:
+            self._on_presence(peer, True)
+
+    def _left(self, peer: str, why: str) -> None:
+        self._end_session(peer, why)
+        if self.online.pop(peer, None) is not None:
+            self._on_presence(peer, False)
+
+    def _end_session(self, peer: str, why: str) -> None:
+        session = self._sessions.pop(peer, None)
+        if session is not None and not session.ready.done():
+            session.ready.set_exception(RelayLinkError(why))
+            session.ready.exception()
+        for key, stream in list(self._streams.items()):
+            if key[0] == peer:
+                self._fail_stream(stream, RelayLinkError(why))
+
+    def _prologue(self, initiator: str, responder: str, initiator_session: str) -> bytes:
+        return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(),
+                             initiator_session.encode()))
+
+    def _on_hello(self, peer: str, payload: bytes) -> None:
+        existing = self._sessions.get(peer)
+        pending = existing is not None and existing.initiator and not existing.ready.done()
+        if pending and self.node_id < peer:
+            return  # both said hello at once: the lower id's handshake wins
+        sep = payload.find(b"\x00")
+        if sep <= 0 or sep > 64:
+            log.warning("relay_bad_hello", peer=peer)
+            return
+        their_session, message = payload[:sep].decode(errors="replace"), payload[sep + 1:]
+        hs = Handshake(initiator=False, psk=self._psk, prologue=self._prologue(peer, self.node_id, their_session))
+        try:
+            hs.read_message(message)
+            reply = hs.write_message()
+        except NoiseError as e:
+            log.warning("relay_handshake_failed", peer=peer, error=str(e))
+            return
+        if existing is not None and pending:
+            session = existing  # ours lost the tie: whoever waits on it gets this one
+        else:
+            if existing is not None:
+                self._end_session(peer, "the peer started a new session")
+            session = _Session()
+            self._sessions[peer] = session
+        session.initiator = False
+        session.handshake = None
+        session.send, session.recv = hs.split()
+        self._enqueue(("hello_reply", peer, reply))
+        session.ready.set_result(None)
+
+    def _on_hello_reply(self, peer: str, payload: bytes) -> None:
+        session = self._sessions.get(peer)
+        if session is None or session.handshake is None or session.ready.done():
+            return
+        try:
+            session.handshake.read_message(payload)
+            session.send, session.recv = session.handshake.split()
+        except NoiseError as e:
+            log.warning("relay_handshake_failed", peer=peer, error=str(e))
+            self._end_session(peer, f"handshake failed: {e}")
+            return
+        session.handshake = None
+        session.ready.set_result(None)
+
+    def _open_payload(self, peer: str, payload: bytes) -> bytes | None:
+        session = self._sessions.get(peer)
+        if session is None or session.recv is None:
+            return None
+        try:
+            return session.recv.open(payload)
+        except NoiseError as e:
+            # A tampered, replayed or reordered frame: the session cannot be trusted any more.
+            log.warning("relay_frame_rejected", peer=peer, error=str(e))
+            self._end_session(peer, "a frame failed authentication")
+            return None
+
+    def _on_open(self, peer: str, sid: int, payload: bytes) -> None:
+        plain = self._open_payload(peer, payload)
+        if plain is None:
+            self._enqueue(("reset", peer, sid, "no_session"))
+            return
+        try:
+            head = _decode_request(plain)
+        except (msgspec.DecodeError, ValueError):
+            self._enqueue(("reset", peer, sid, "bad_request"))
+            return
+        if (peer, sid) in self._streams or (sid % 2 == 1) != (peer < self.node_id):
+            self._enqueue(("reset", peer, sid, "bad_stream_id"))
+            return
+        stream = _Stream(self, peer, sid, outgoing=False)
+        stream.request = head
+        self._streams[(peer, sid)] = stream
+
+    def _on_data(self, peer: str, sid: int, payload: bytes) -> None:
+        stream = self._streams.get((peer, sid))
+        plain = self._open_payload(peer, payload)
+        if stream is None or plain is None:
+            return
+        stream.received_in_window += len(plain)
+        if stream.received_in_window > WINDOW:  # more than we granted: a broken or hostile sender
+            self._reset(stream, "flow_control")
+            return
+        if not stream.outgoing:  # the request's body: buffered until its Close, granted as it comes
+            stream.request_body += plain
+            if len(stream.request_body) > self.max_request_bytes:
+                self._reset(stream, "request_too_large")
+                return
+            self._grant(stream, len(plain))
+        elif stream.head is not None and not stream.head.done():
+            try:
+                stream.head.set_result(_decode_response(plain))
+            except (msgspec.DecodeError, ValueError):
+                self._reset(stream, "bad_response")
+                return
+            self._grant(stream, len(plain))
+        elif stream.body is not None:
+            stream.body.feed_data(plain)
+
+    def _on_close(self, peer: str, sid: int, payload: bytes) -> None:
+        stream = self._streams.get((peer, sid))
+        if stream is None or self._open_payload(peer, payload) is None:
+            return
+        stream.got_close = True
+        if not stream.outgoing and stream.request is not None and stream.task is None:
+            stream.task = asyncio.create_task(self._answer(stream, stream.request, bytes(stream.request_body)),
+                                              name="relay-serve")
+            stream.request_body = bytearray()
+        if stream.head is not None and not stream.head.done():
+            stream.head.set_exception(RelayLinkError(f"peer {peer} closed the stream without an answer"))
+            stream.head.exception()
+        if stream.body is not None:
+            stream.body.feed_eof()
+        if stream.sent_close:
+            self._streams.pop((peer, sid), None)
+
+    def _fail_stream(self, stream: _Stream, exc: BaseException, *, remove: bool = True) -> None:
+        if remove:
+            self._streams.pop((stream.peer, stream.id), None)
+        if stream.head is not None and not stream.head.done():
+            stream.head.set_exception(exc)
+            stream.head.exception()
+        if stream.body is not None:
+            stream.body.set_exception(exc)
+        if stream.task is not None:
+            stream.task.cancel()
+        stream.credit_event.set()  # wake a writer waiting for credit; it will see the stream is gone
+
+    # -- frames out ----------------------------------------------------------------
+
+    def _enqueue(self, item: tuple[Any, ...]) -> None:
+        self._out.put_nowait(item)
+
+    async def _writer(self, ws: ClientConnection) -> None:
+        """The only sender: frames are encrypted here, in the order they go out (Noise nonces must)."""
+        while True:
+            item = await self._out.get()
+            if item is None:
+                continue
+            raw = self._build(item)
+            if raw is not None:
+                await ws.send(raw)
+
+    def _build(self, item: tuple[Any, ...]) -> bytes | None:
+        kind, peer = item[0], item[1]
+        if kind == "hello":
+            return wire.encode(wire.Hello(peer=peer, payload=item[2]))
+        if kind == "hello_reply":
+            return wire.encode(wire.HelloReply(peer=peer, payload=item[2]))
+        if kind == "reset":
+            return wire.encode(wire.Reset(peer=peer, stream=item[2], code=item[3]))
+        if kind == "window":
+            return wire.encode(wire.Window(peer=peer, stream=item[2], credit=item[3]))
+        session = self._sessions.get(peer)
+        if session is None or session.send is None:
+            return None  # the session ended while this waited; its streams were failed
+        sealed = session.send.seal(item[3])
+        if kind == "open":
+            return wire.encode(wire.Open(peer=peer, stream=item[2], payload=sealed))
+        if kind == "data":
+            return wire.encode(wire.Data(peer=peer, stream=item[2], payload=sealed))
+        return wire.encode(wire.Close(peer=peer, stream=item[2], payload=sealed))
+
+    def _reset(self, stream: _Stream, code: str) -> None:
+        if self._streams.pop((stream.peer, stream.id), None) is not None:
+            self._enqueue(("reset", stream.peer, stream.id, code))
+        self._fail_stream(stream, RelayLinkError(f"stream reset: {code}"), remove=False)
+
+    def _grant(self, stream: _Stream, consumed: int) -> None:
+        stream.unacked += consumed
+        if stream.unacked >= WINDOW // 2 and (stream.peer, stream.id) in self._streams:
+            stream.received_in_window -= stream.unacked
+            self._enqueue(("window", stream.peer, stream.id, stream.unacked))
+            stream.unacked = 0
+
+    async def _send_data(self, stream: _Stream, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            while stream.credit <= 0:
+                stream.credit_event.clear()
+                await stream.credit_event.wait()
+                if (stream.peer, stream.id) not in self._streams:
+                    raise RelayLinkError("the stream ended")
+            n = min(len(view), CHUNK, stream.credit)
+            stream.credit -= n
+            self._enqueue(("data", stream.peer, stream.id, bytes(view[:n])))
+            view = view[n:]
+
+    def _send_close(self, stream: _Stream) -> None:
+        stream.sent_close = True
+        self._enqueue(("close", stream.peer, stream.id, b""))
+        if stream.got_close:
+            self._streams.pop((stream.peer, stream.id), None)
+
+    # -- requesting ----------------------------------------------------------------
+
+    async def _session_with(self, peer: str) -> _Session:
+        session = self._sessions.get(peer)
+        if session is None:
+            if self.session_id is None or self._ws is None:
+                raise RelayLinkError("not connected to the relay")
+            if peer not in self.online:
+                raise RelayLinkError(f"peer {peer} is not on the relay")
+            session = _Session()
+            session.initiator = True
+            session.handshake = Handshake(initiator=True, psk=self._psk,
+                                          prologue=self._prologue(self.node_id, peer, self.session_id))
+            self._sessions[peer] = session
+            self._enqueue(("hello", peer, self.session_id.encode() + b"\x00" + session.handshake.write_message()))
+        await asyncio.shield(session.ready)
+        return session
+
+    def _new_sid(self, peer: str) -> int:
+        self._next_sid += 1
+        return 2 * self._next_sid - (1 if self.node_id < peer else 0)  # the lower id opens odd streams
+
+    async def request(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes,
+                      *, timeout_s: float) -> RelayResponse:
+        """Send one request to ``peer`` and wait (up to ``timeout_s``) for its answer's head."""
+        async with asyncio.timeout(timeout_s):
+            await self._session_with(peer)
+            stream = _Stream(self, peer, self._new_sid(peer), outgoing=True)
+            stream.head = asyncio.get_running_loop().create_future()
+            stream.body = RelayBody(lambda n: self._grant(stream, n))
+            self._streams[(peer, stream.id)] = stream
+            try:
+                head = _RequestHead(method=method, path=path, body=b"",
+                                    headers=[(str(k), str(v)) for k, v in headers.items()
+                                             if k.lower() not in _HOP_BY_HOP])
+                self._enqueue(("open", peer, stream.id, _HEAD.encode(head)))
+                await self._send_data(stream, body)  # in credit-sized pieces, like any data
+                self._send_close(stream)
+                answer = await stream.head
+            except BaseException:
+                if (peer, stream.id) in self._streams:
+                    self._reset(stream, "cancel")
+                raise
+        return RelayResponse(stream, answer.status, answer.headers)
+
+    # -- serving -------------------------------------------------------------------
+
+    async def _answer(self, stream: _Stream, head: _RequestHead, body: bytes) -> None:
+        """Serve an incoming request with the node's own HTTP server; stream the answer back."""
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            resp = await self._serve(head.method, head.path, head.headers, body)
+            out_headers = [(str(k), v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP]
+            await self._send_data(stream, _HEAD.encode(_ResponseHead(status=resp.status, headers=out_headers)))
+            while chunk := await resp.content.readany():
+                await self._send_data(stream, chunk)
+            self._send_close(stream)
+        except asyncio.CancelledError:
+            raise  # the requester reset the stream: closing our request cancels the work below
+        except (aiohttp.ClientError, OSError, RelayLinkError) as e:
+            log.warning("relay_serve_failed", peer=stream.peer, path=head.path, error=str(e))
+            self._reset(stream, "serve_failed")
+        except Exception:  # task root: the requester must hear of it
+            log.exception("relay_serve_crashed", peer=stream.peer, path=head.path)
+            self._reset(stream, "serve_failed")
+        finally:
+            if resp is not None:
+                resp.close()

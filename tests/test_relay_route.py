@@ -1,0 +1,202 @@
+"""Nodes with no route between them, joined through a real quorum-relay on loopback (issue 8, node side)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from quorum_node.node import Node
+from relay.server import Relay
+from relay.settings import Settings as RelaySettings
+from tests.conftest import eventually
+from tests.fakes.engines import FakeEngine
+
+StartNode = Callable[..., Awaitable[Node]]
+StartFake = Callable[..., Awaitable[FakeEngine]]
+
+TOKEN = "relay-token-0123456789abcdef"
+CLUSTER = {"cluster": "wan", "cluster_secret": "w" * 32}
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+MSGS = [{"role": "user", "content": "hi"}]
+SECRET_PROMPT = "the password is xylophone-42"
+
+
+class RelayHandle:
+    def __init__(self) -> None:
+        self.relay: Relay | None = None
+        self.port = 0
+
+    async def start(self, port: int = 0) -> None:
+        self.relay = Relay(RelaySettings(host="127.0.0.1", port=port, tokens=(TOKEN,), log_format="json"))
+        await self.relay.start()
+        self.port = self.relay.port
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
+            self.relay = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[RelayHandle]:
+    h = RelayHandle()
+    await h.start()
+    yield h
+    await h.stop()
+
+
+class Tap:
+    """A TCP proxy that keeps every byte it forwards: what someone on the relay's wire would see."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.seen = bytearray()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while chunk := await src.read(65536):
+                    self.seen += chunk
+                    dst.write(chunk)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        tasks = [asyncio.create_task(pipe(r, uw)), asyncio.create_task(pipe(ur, w))]
+        self._tasks.update(tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.difference_update(tasks)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._server.wait_closed()
+
+
+async def models_of(http: aiohttp.ClientSession, node: Node) -> dict[str, list[str]]:
+    async with http.get(node.url + "/v1/models") as resp:
+        return {m["id"]: m["nodes"] for m in (await resp.json())["data"]}
+
+
+async def wan_pair(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, relay_url: str,
+                   **engine_knobs: Any) -> tuple[Node, Node, FakeEngine]:
+    eng = await fake("vllm", **engine_knobs)
+    b = await start_node(backends=[{"kind": "vllm", "url": eng.url}], relay=relay_url, relay_token=TOKEN, **CLUSTER)
+    a = await start_node(relay=relay_url, relay_token=TOKEN, **CLUSTER)
+
+    async def sees() -> bool:
+        return MODEL in await models_of(http, a)
+
+    await eventually(sees, timeout_s=10, what="A sees B's model through the relay")
+    return a, b, eng
+
+
+async def test_chat_stream_and_embeddings_through_the_relay(start_node, fake, http, client_for, relay) -> None:
+    a, b, eng = await wan_pair(start_node, fake, http, relay.url)
+    client = client_for(a)
+    raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+    assert raw.headers["X-Quorum-Route"] == "relay" and raw.headers["X-Quorum-Node"] == b.name
+    assert raw.parse().choices[0].message.content == "Hello, world!"
+
+    stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True,
+                                                  stream_options={"include_usage": True})
+    text, usage = "", None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        usage = chunk.usage or usage
+    assert text == "Hello, world!" and usage is not None and usage.completion_tokens == 4
+
+    emb = await client.embeddings.create(model=MODEL, input=["one", "two"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == eng.embedding_dim
+
+    async with http.get(a.url + "/quorum/v1/peers") as resp:
+        view = await resp.json()
+    assert view["relay"]["state"] == "up"
+    [peer] = view["peers"]
+    assert peer["routes"] == ["relay"] and peer["state"] == "up"
+
+
+async def test_a_client_that_goes_away_stops_the_remote_engine(start_node, fake, http, client_for, relay) -> None:
+    a, _, eng = await wan_pair(start_node, fake, http, relay.url, tokens=["t "] * 200, token_delay_s=0.02)
+    stream = await client_for(a).chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+    async for _ in stream:
+        break
+    await stream.close()
+    await eng.wait_until(lambda e: e.cancelled == 1)
+
+
+async def test_the_relay_reads_no_prompt_and_no_answer(start_node, fake, http, client_for, relay) -> None:
+    tap = Tap(relay.port)
+    await tap.start()
+    try:
+        answer = "a-very-recognisable-answer"
+        a, _, eng = await wan_pair(start_node, fake, http, f"ws://127.0.0.1:{tap.port}", tokens=[answer])
+        got = await client_for(a).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": SECRET_PROMPT}])
+        assert got.choices[0].message.content == answer
+        assert any(SECRET_PROMPT in json.dumps(r) for r in eng.requests)  # it did travel
+        wire = bytes(tap.seen)
+        assert len(wire) > 1000
+        for plain in (SECRET_PROMPT, answer, MODEL, "chat/completions"):
+            assert plain.encode() not in wire, plain
+    finally:
+        await tap.close()
+
+
+async def test_a_node_with_a_wrong_token_never_appears(start_node, fake, http, relay) -> None:
+    eng = await fake("vllm")
+    await start_node(backends=[{"kind": "vllm", "url": eng.url}], relay=relay.url, relay_token="wrong", **CLUSTER)
+    a = await start_node(relay=relay.url, relay_token=TOKEN, **CLUSTER)
+    assert a.cluster is not None and a.cluster.relay is not None
+    assert await a.cluster.relay.wait_up(5)
+    await asyncio.sleep(0.5)
+    assert await models_of(http, a) == {}
+    assert a.cluster.relay.online == {}
+
+
+async def test_relay_restart_and_a_cut_mid_stream(start_node, fake, http, client_for, relay) -> None:
+    a, _, eng = await wan_pair(start_node, fake, http, relay.url, tokens=["t "] * 500, token_delay_s=0.01)
+    client = client_for(a)
+    stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+    with pytest.raises(openai.APIError):
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                await relay.stop()  # the relay dies mid-stream: the SDK raises, nothing silently truncated
+    port = relay.port
+    await relay.start(port)
+
+    async def works() -> bool:
+        try:
+            got = await client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2)
+            return bool(got.choices[0].message.content)
+        except openai.APIStatusError:
+            return False
+
+    await eventually(works, timeout_s=8, what="requests work again after the relay returns")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from quorum_node.node import Node
 from relay.server import Relay
 from relay.settings import Settings as RelaySettings
 from tests.conftest import eventually
+from tests.faults import FaultProxy
 from tests.fakes.engines import FakeEngine
 
 StartNode = Callable[..., Awaitable[Node]]
@@ -200,3 +202,67 @@ async def test_relay_restart_and_a_cut_mid_stream(start_node, fake, http, client
             return False
 
     await eventually(works, timeout_s=8, what="requests work again after the relay returns")
+
+
+async def test_one_slow_reader_does_not_hold_back_99_other_streams(start_node, fake, http, client_for, relay) -> None:
+    a, _, eng = await wan_pair(start_node, fake, http, relay.url, tokens=["x" * 1000] * 3000)
+    # the slow reader: asks for ~3 MB (far more than a stream's window) and then reads nothing for a while
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", a.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps({"model": MODEL, "messages": MSGS, "stream": True}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        await reader.readuntil(b"\r\n\r\n")
+        client = client_for(a)
+
+        async def fast() -> str:
+            stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True, max_tokens=20)
+            text = ""
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+            return text
+
+        texts = await asyncio.gather(*(fast() for _ in range(99)))
+        assert all(t == "x" * 1000 * 20 for t in texts)  # all 99 done while the slow one still waits
+        data = b""
+        async with asyncio.timeout(30):
+            while not data.endswith(b"\r\n0\r\n\r\n"):
+                chunk = await reader.read(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+        assert b"data: [DONE]" in data and data.count(b"x" * 1000) == 3000  # held back, never dropped
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_the_lan_route_wins_and_the_relay_is_the_fallback(start_node, fake, http, client_for, relay) -> None:
+    eng = await fake("vllm")
+    b = await start_node(backends=[{"kind": "vllm", "url": eng.url}], relay=relay.url, relay_token=TOKEN, **CLUSTER)
+    proxy = FaultProxy("127.0.0.1", b.port)
+    await proxy.start()
+    try:
+        a = await start_node(relay=relay.url, relay_token=TOKEN, peers=[f"127.0.0.1:{proxy.port}"], **CLUSTER)
+
+        async def both() -> bool:
+            async with http.get(a.url + "/quorum/v1/peers") as resp:
+                peers = (await resp.json())["peers"]
+            return len(peers) == 1 and peers[0]["routes"] == ["lan", "relay"] and peers[0]["state"] == "up"
+
+        await eventually(both, timeout_s=10, what="A reaches B both ways")
+        client = client_for(a)
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+        assert raw.headers["X-Quorum-Route"] == "lan"
+        proxy.refuse = True  # the LAN route breaks: before the first byte, the relay carries the request
+        proxy.reset_all()
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+        assert raw.headers["X-Quorum-Route"] == "relay"
+        assert raw.parse().choices[0].message.content == "Hello, world!"
+    finally:
+        await proxy.close()

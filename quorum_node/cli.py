@@ -143,12 +143,18 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(f"quorum-node: cannot reach the node at {_node_url(args)}: {e}", file=sys.stderr)
         return 1
     rows = [
-        [p["name"], p["node_id"], p["address"], p["route"], p["state"], str(len(p["models"])), str(p["in_flight"]),
+        [p["name"], p["node_id"], p["address"] or "-", ",".join(p.get("routes") or [p["route"]]), p["state"],
+         str(len(p["models"])), str(p["in_flight"]),
          f"{p['last_seen_s']:.1f}s ago" if p.get("last_seen_s") is not None else "-",
          f"{p['rtt_ms']:.1f}ms" if p.get("rtt_ms") is not None else "-"]
         for p in data["peers"]
     ]
-    print(_table(rows, ["NAME", "ID", "ADDRESS", "ROUTE", "STATE", "MODELS", "IN-FLIGHT", "LAST SEEN", "RTT"]))
+    print(_table(rows, ["NAME", "ID", "ADDRESS", "ROUTES", "STATE", "MODELS", "IN-FLIGHT", "LAST SEEN", "RTT"]))
+    relay = data.get("relay")
+    if relay:
+        online = ", ".join(relay.get("online") or []) or "nobody else"
+        print(f"relay {relay['url']}: {relay['state']}" + (f" ({relay['error']})" if relay.get("error") else "")
+              + f"; online there: {online}")
     return 0
 
 

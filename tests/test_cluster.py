@@ -167,7 +167,7 @@ async def test_models_lists_whole_cluster_deduplicated(start_cluster, client_for
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()
-    assert lines[0].split()[:5] == ["NAME", "ID", "ADDRESS", "ROUTE", "STATE"]
+    assert lines[0].split()[:5] == ["NAME", "ID", "ADDRESS", "ROUTES", "STATE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {b.name, c.name}
     assert rows[b.name][2] == b.address and rows[b.name][3] == "lan" and rows[b.name][4] == "up"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -141,6 +143,15 @@ async def test_chat_stream_and_embeddings_through_the_relay(start_node, fake, ht
     assert view["relay"]["state"] == "up"
     [peer] = view["peers"]
     assert peer["routes"] == ["relay"] and peer["state"] == "up"
+    proc = await asyncio.create_subprocess_exec(  # what a person sees
+        str(Path(sys.executable).parent / "quorum-node"), "peers", "--url", a.url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    row = lines[1].split()
+    assert row[0] == b.name and row[2] == "-" and row[3] == "relay" and row[4] == "up"
+    assert lines[-1].startswith(f"relay {relay.url}: up")
 
 
 async def test_a_client_that_goes_away_stops_the_remote_engine(start_node, fake, http, client_for, relay) -> None:

@@ -18,6 +18,15 @@ every handshake. Transport messages use 64-bit nonces that never repeat; a
 received message must carry exactly the next nonce (so a replayed, dropped,
 reordered or tampered message fails), and a cipher rekeys (Noise's ``REKEY``)
 every ``REKEY_EVERY`` messages, long before the nonce could run out.
+
+Where a carrier may drop messages (the relay drops the frames of a stream it
+has seen reset), transport messages carry their nonce explicitly, as Noise
+allows for unreliable transports (§11.4) and WireGuard does: ``NumberedSender``
+prefixes each ciphertext with its 8-byte counter, and ``NumberedReceiver``
+accepts each counter at most once within a sliding window of
+``REPLAY_WINDOW`` (older or repeated ones are replays). Such a session is not
+rekeyed in place; its owner starts a new handshake after
+``NumberedSender.LIMIT`` messages, far below the nonce's end.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-__all__ = ["PROTOCOL_NAME", "REKEY_EVERY", "CipherState", "Handshake", "NoiseError"]
+__all__ = ["PROTOCOL_NAME", "REKEY_EVERY", "CipherState", "Handshake", "NoiseError", "NumberedReceiver",
+           "NumberedSender", "REPLAY_WINDOW"]
 
 PROTOCOL_NAME = b"Noise_NNpsk0_25519_ChaChaPoly_SHA256"
 HASHLEN = 32
@@ -123,6 +133,68 @@ class CipherState:
         out = self.decrypt(b"", ciphertext)
         if self.n % REKEY_EVERY == 0:
             self.rekey()
+        return out
+
+
+REPLAY_WINDOW = 4096
+
+
+class NumberedSender:
+    """Seals transport messages with their nonce in front (8 bytes, little-endian)."""
+
+    LIMIT = 2**48  # then the session's owner handshakes anew (never near MAX_NONCE)
+
+    __slots__ = ("_cipher",)
+
+    def __init__(self, cipher: CipherState) -> None:
+        self._cipher = cipher
+
+    @property
+    def sent(self) -> int:
+        return self._cipher.n
+
+    def seal(self, plaintext: bytes) -> bytes:
+        c = self._cipher
+        n = c.n
+        if n >= self.LIMIT:
+            raise NoiseError("this session has sent its share of messages; handshake anew")
+        assert c._aead is not None
+        out = n.to_bytes(8, "little") + c._aead.encrypt(_nonce(n), plaintext, b"")
+        c.n = n + 1
+        return out
+
+
+class NumberedReceiver:
+    """Opens numbered messages: each nonce at most once, within a sliding window (replays and forgeries fail)."""
+
+    __slots__ = ("_cipher", "_top", "_seen")
+
+    def __init__(self, cipher: CipherState) -> None:
+        self._cipher = cipher
+        self._top = -1  # the highest nonce accepted
+        self._seen = 0  # bit i: nonce top - i was accepted
+
+    def open(self, message: bytes) -> bytes:
+        if len(message) < 8 + TAGLEN:
+            raise NoiseError("message too short")
+        n = int.from_bytes(message[:8], "little")
+        if n >= NumberedSender.LIMIT:
+            raise NoiseError("nonce out of range")
+        behind = self._top - n
+        if behind >= REPLAY_WINDOW or (behind >= 0 and self._seen >> behind & 1):
+            raise NoiseError("message replayed (or too old)")
+        aead = self._cipher._aead
+        assert aead is not None
+        try:
+            out = aead.decrypt(_nonce(n), message[8:], b"")
+        except InvalidTag:
+            raise NoiseError("message failed authentication (tampered or forged)") from None
+        if behind < 0:  # newer than all before: slide the window
+            shift = -behind
+            self._seen = ((self._seen << shift) | 1) & ((1 << REPLAY_WINDOW) - 1) if shift < REPLAY_WINDOW else 1
+            self._top = n
+        else:
+            self._seen |= 1 << behind
         return out
 
 

@@ -40,7 +40,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from relay import wire
 
 from ..backoff import Backoff
-from .noise import CipherState, Handshake, NoiseError
+from .noise import Handshake, NoiseError, NumberedReceiver, NumberedSender
 
 __all__ = ["CHUNK", "WINDOW", "RelayBody", "RelayLink", "RelayResponse", "psk_from_sign_key"]
 
@@ -205,14 +205,20 @@ class _Stream:
         self.request_body = bytearray()
 
 
+def _numbered(hs: Handshake) -> tuple[NumberedSender, NumberedReceiver]:
+    # The relay may drop frames (those of a stream it saw reset), so nonces travel with the frames.
+    send, recv = hs.split()
+    return NumberedSender(send), NumberedReceiver(recv)
+
+
 class _Session:
     """The Noise session with one peer over this relay connection."""
 
     __slots__ = ("send", "recv", "handshake", "ready", "initiator")
 
     def __init__(self) -> None:
-        self.send: CipherState | None = None
-        self.recv: CipherState | None = None
+        self.send: NumberedSender | None = None
+        self.recv: NumberedReceiver | None = None
         self.handshake: Handshake | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.initiator = False
@@ -458,7 +464,7 @@ class RelayLink:
             self._sessions[peer] = session
         session.initiator = False
         session.handshake = None
-        session.send, session.recv = hs.split()
+        session.send, session.recv = _numbered(hs)
         self._enqueue(("hello_reply", peer, reply))
         session.ready.set_result(None)
 
@@ -468,7 +474,7 @@ class RelayLink:
             return
         try:
             session.handshake.read_message(payload)
-            session.send, session.recv = session.handshake.split()
+            session.send, session.recv = _numbered(session.handshake)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
             self._end_session(peer, f"handshake failed: {e}")
@@ -506,8 +512,8 @@ class RelayLink:
         self._streams[(peer, sid)] = stream
 
     def _on_data(self, peer: str, sid: int, payload: bytes) -> None:
+        plain = self._open_payload(peer, payload)  # always: every sealed frame moves the nonce, even a late one
         stream = self._streams.get((peer, sid))
-        plain = self._open_payload(peer, payload)
         if stream is None or plain is None:
             return
         stream.received_in_window += len(plain)
@@ -531,8 +537,9 @@ class RelayLink:
             stream.body.feed_data(plain)
 
     def _on_close(self, peer: str, sid: int, payload: bytes) -> None:
+        opened = self._open_payload(peer, payload)  # always: every sealed frame moves the nonce, even a late one
         stream = self._streams.get((peer, sid))
-        if stream is None or self._open_payload(peer, payload) is None:
+        if stream is None or opened is None:
             return
         stream.got_close = True
         if not stream.outgoing and stream.request is not None and stream.task is None:
@@ -566,13 +573,19 @@ class RelayLink:
 
     async def _writer(self, ws: ClientConnection) -> None:
         """The only sender: frames are encrypted here, in the order they go out (Noise nonces must)."""
-        while True:
-            item = await self._out.get()
-            if item is None:
-                continue
-            raw = self._build(item)
-            if raw is not None:
-                await ws.send(raw)
+        try:
+            while True:
+                item = await self._out.get()
+                if item is None:
+                    continue
+                raw = self._build(item)
+                if raw is not None:
+                    await ws.send(raw)
+        except ConnectionClosed:
+            pass
+        except Exception:  # task root: a link that cannot send must not look alive
+            log.exception("relay_writer_failed")
+            await ws.close(1011, "writer failed")
 
     def _build(self, item: tuple[Any, ...]) -> bytes | None:
         kind, peer = item[0], item[1]
@@ -587,7 +600,11 @@ class RelayLink:
         session = self._sessions.get(peer)
         if session is None or session.send is None:
             return None  # the session ended while this waited; its streams were failed
-        sealed = session.send.seal(item[3])
+        try:
+            sealed = session.send.seal(item[3])
+        except NoiseError:  # this session sent its share: the next request handshakes anew
+            self._end_session(peer, "session renewed")
+            return None
         if kind == "open":
             return wire.encode(wire.Open(peer=peer, stream=item[2], payload=sealed))
         if kind == "data":

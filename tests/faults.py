@@ -293,7 +293,8 @@ class FaultProxy:
                     tg.create_task(self._pump_out(link, queue, writer, up=up))
         except* _Cut:
             pass  # already cut, the way the knob asked
-        except* (OSError, asyncio.IncompleteReadError):
+        except* (OSError, asyncio.IncompleteReadError, RuntimeError):
+            # RuntimeError: uvloop's answer to a write on a transport reset_all() just aborted
             link.reset()  # one side failed: pass the failure on as an RST
         link.close()
         for w in link.writers():

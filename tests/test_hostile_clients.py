@@ -12,6 +12,8 @@ import asyncio
 import gzip
 import json
 import os
+import subprocess
+import sys
 import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,6 +25,7 @@ import pytest
 from quorum_node.node import Node
 from tests.conftest import eventually
 from tests.fakes.engines import FakeEngine
+from tests.netns import netns_unavailable
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]
@@ -206,24 +209,60 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(start_no
         await writer.wait_closed()
 
 
-async def test_connections_per_address_are_capped(start_node, fake, http) -> None:
+async def test_loopback_is_not_capped(start_node, fake, http) -> None:
+    # this machine's own apps (and the node itself, serving what came through the relay) are trusted
     node = await vllm_node(start_node, fake, max_connections_per_address=4)
-    held = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(4)]
+    held = [await asyncio.open_connection("127.0.0.1", node.port) for _ in range(8)]
     try:
-        raw = await raw_exchange(node, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, headers, body = split_response(raw)
-        assert status == 429 and headers["retry-after"] == "1"
-        assert_openai_error(body, "too_many_connections")
+        async with http.get(node.url + "/health") as resp:
+            assert resp.status == 200
     finally:
         for _, w in held:
             w.close()
             await w.wait_closed()
 
-    async def fine() -> bool:
-        async with http.get(node.url + "/health") as resp:
-            return resp.status == 200
 
-    await eventually(fine, what="the address may connect again once its connections closed")
+_CAP_CLIENT = """
+import json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
+time.sleep(0.3)
+extra = socket.create_connection((host, port), timeout=5)  # refused at once: it need not even ask
+data = b""
+while chunk := extra.recv(65536):
+    data += chunk
+print(json.dumps({"answer": data.decode(errors="replace")}))
+"""
+
+
+@pytest.mark.netns
+async def test_connections_per_address_are_capped(start_node, fake) -> None:
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    ns, host_if = f"qcap{os.getpid()}", f"qcap{os.getpid()}h"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        run("ip", "addr", "add", "10.79.0.1/30", "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        run("ip", "-n", ns, "addr", "add", "10.79.0.2/30", "dev", "eth0")
+        run("ip", "-n", ns, "link", "set", "eth0", "up")
+        node = await vllm_node(start_node, fake, host="10.79.0.1", max_connections_per_address=4)
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, sys.executable, "-c", _CAP_CLIENT, "10.79.0.1", str(node.port), "4",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        raw = json.loads(out)["answer"].encode()
+        status, headers, body = split_response(raw)
+        assert status == 429 and headers["retry-after"] == "1"
+        assert_openai_error(body, "too_many_connections")
+        assert node.limits.open_connections() == 0  # every one released once the client went away
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # -- 5, 13, 14. malformed input: always the OpenAI shape, always an id ---------------

@@ -12,7 +12,8 @@ nginx and HAProxy do:
 - ``keepalive_timeout_s``: an idle connection (before its first request, or
   between two) is closed after this time.
 - ``max_connections_per_address``: one more connection from an address that
-  has this many open gets a 429 and is closed at once.
+  has this many open gets a 429 and is closed at once (loopback is not capped:
+  it is this machine, trusted as it is for keys).
 - The body deadline (``body_timeout_s``) is enforced where the body is read
   (``api/body.py``), since only a handler knows it wants one.
 - Every error aiohttp's parser answers (oversized or malformed headers, bad
@@ -35,6 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from ..errors import error_body
+from .app import is_loopback
 
 __all__ = ["ConnectionLimits", "InFlight", "NodeRunner", "raise_fd_limit"]
 
@@ -111,6 +113,10 @@ class _GuardedHandler(RequestHandler):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        # Loopback is this machine (its apps, and the node itself serving what came through the relay):
+        # trusted like it is for keys, and not capped.
+        if is_loopback(address):
+            return
         if not self._limits.admit(address):
             log.warning("connection_refused", remote=address, reason="too_many_connections",
                         limit=self._limits.max_per_address)

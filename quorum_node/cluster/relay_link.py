@@ -293,7 +293,7 @@ class RelayLink:
             return False
 
     async def _run(self) -> None:
-        backoff = Backoff(0.2, max_s=10.0)
+        backoff = Backoff(0.2, max_s=3.0)  # back within 5 s of the relay's return, however long it was away
         while not self._closing:
             try:
                 async with connect(

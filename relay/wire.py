@@ -16,7 +16,9 @@ A missing or bad token is refused during the handshake with HTTP 401 and a
 JSON body ``{"error": {"message", "type", "param", "code"}}``; too many
 handshakes or connections from one address get HTTP 429. The relay then sends
 ``Welcome`` first: the session id, who else of the namespace is online, and
-the limits in force. Afterwards it sends ``Joined`` / ``Left`` as peers come
+the limits in force (``max_frame_bytes`` bounds what a node sends; a frame it
+receives may be up to 64 bytes longer, since ``peer`` now holds the source's
+id). Afterwards it sends ``Joined`` / ``Left`` as peers come
 and go. A second connection with the same node id in the same namespace
 replaces the first (closed with ``CLOSE_REPLACED``).
 
@@ -106,6 +108,9 @@ class Welcome(_F, frozen=True, kw_only=True):
     peers: tuple[Presence, ...] = ()
     max_frame_bytes: int = 0
     max_streams: int = 0
+    # Bytes the relay queues towards this node before closing it with CLOSE_TOO_SLOW: keep the
+    # credit granted on all streams together below it. (Added after the first draft; 0 = unknown.)
+    send_queue_bytes: int = 0
 
 
 class Joined(_F, frozen=True, kw_only=True):

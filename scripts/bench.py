@@ -155,6 +155,17 @@ class Proc:
                 return obj
         raise TimeoutError(key)
 
+    def drain_stderr(self) -> None:
+        """Keep reading stderr so the process never blocks on a full pipe."""
+        import threading
+
+        def drain() -> None:
+            assert self.p.stderr is not None
+            for _ in self.p.stderr:
+                pass
+
+        threading.Thread(target=drain, daemon=True).start()
+
     def peak_rss_mb(self) -> float:
         try:
             for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
@@ -179,15 +190,7 @@ def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple
                  "--data-dir", data_dir, "--no-detect", "--no-embedded-engine", "--log-format", "json",
                  "--log-level", "info", *extra])
     started = proc.read_json_line("stderr", "node_started", 60)
-    # keep draining stderr so the node never blocks on a full pipe
-    import threading
-
-    def drain() -> None:
-        assert proc.p.stderr is not None
-        for _ in proc.p.stderr:
-            pass
-
-    threading.Thread(target=drain, daemon=True).start()
+    proc.drain_stderr()
     return proc, f"http://127.0.0.1:{started['port']}"
 
 
@@ -238,7 +241,7 @@ async def one_stream(
     n = 0
     buf = b""
     async with session.post(base + "/v1/chat/completions", json=body) as r:
-        assert r.status == 200, r.status
+        assert r.status == 200, (base, r.status, await r.text())
         async for chunk in r.content.iter_any():
             buf += chunk
             *events, buf = buf.split(b"\n\n")
@@ -347,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("fake", "llama"), default="fake")
-    ap.add_argument("--routes", default="local,lan", help="comma list of local, lan")
+    ap.add_argument("--routes", default="local,lan,relay", help="comma list of local, lan, relay")
     ap.add_argument("--requests", type=int, default=300, help="non-streamed requests per route")
     ap.add_argument("--ttft-requests", type=int, default=100)
     ap.add_argument("--streams", default="1,16,64,256", help="concurrency levels")
@@ -397,8 +400,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         routes = {"direct": engine_url}
         tmp = tempfile.mkdtemp(prefix="quorum-bench-")
         cluster = ["--cluster", "bench", "--secret", "bench-secret", "--no-mdns"]
-        if "local" in wanted or "lan" in wanted:
-            b, b_url = start_node_and_port("B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}", *cluster])
+        relay_args: list[str] = []
+        if "relay" in wanted:
+            token = "bench-relay-token-0123456789"
+            relay_proc = Proc([PY, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--token", token,
+                               "--log-format", "json"])
+            procs.append(relay_proc)
+            relay_port = relay_proc.read_json_line("stderr", "relay_started", 60)["port"]
+            relay_proc.drain_stderr()
+            relay_args = ["--relay", f"ws://127.0.0.1:{relay_port}", "--relay-token", token]
+            node_procs["relay (the relay itself)"] = relay_proc
+        if wanted:
+            b, b_url = start_node_and_port("B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}", *cluster,
+                                                             *relay_args])
             procs.append(b)
             node_procs["local"] = b
             if "local" in wanted:
@@ -408,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 procs.append(a)
                 node_procs["lan"] = a
                 routes["lan"] = a_url
+            if "relay" in wanted:  # node C reaches B only through the relay
+                c, c_url = start_node_and_port("C", f"{tmp}/C", [*cluster, *relay_args])
+                procs.append(c)
+                node_procs["relay"] = c
+                routes["relay"] = c_url
         print(f"engine: {args.engine} at {engine_url}; routes: {', '.join(routes)}")
         if args.engine == "fake":
             print(f"fake engine: {args.tokens} tokens per stream, {args.token_interval_ms:g} ms apart")

@@ -17,6 +17,7 @@ from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
 from .backends.openai_compat import EMBEDDED_ENGINE
 from .backends.registry import Registry
 from .errors import ConfigError
+from .records import Records
 from .router import Router
 from .settings import BackendSpec, Settings
 
@@ -43,6 +44,7 @@ class Node:
         self._embedded_task: asyncio.Task[None] | None = None
         self._runner: NodeRunner | None = None
         self.inflight = InFlight()
+        self.records = Records()  # every request's record goes to its sinks (log line, ledger, metrics)
         self.limits = ConnectionLimits(
             header_timeout_s=settings.header_timeout_s, keepalive_timeout_s=settings.keepalive_timeout_s,
             max_per_address=settings.max_connections_per_address,

@@ -20,6 +20,7 @@ import structlog
 from .backends.base import (
     Backend,
     BackendState,
+    Caller,
     JsonReply,
     Model,
     Op,
@@ -49,7 +50,9 @@ class Target(Protocol):
     node: str  # the node whose engine generates the answer
     route: str  # "local" | "lan" | "relay"
 
-    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply: ...
+    async def open(
+        self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
+    ) -> Reply: ...
 
     def begin(self) -> bool | None:
         """Claim a slot; False means "do not send" (a breaker is open)."""
@@ -70,7 +73,9 @@ class LocalTarget:
         self.engine = backend.name
         self.node = node
 
-    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+    async def open(
+        self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
+    ) -> Reply:
         return await self.backend.open(op, self.model, body, stream=stream, want_usage=want_usage)
 
     def begin(self) -> bool:
@@ -196,7 +201,8 @@ class Router:
         return self.budget.on_retry(now)
 
     async def open(
-        self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool
+        self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool,
+        caller: Caller | None = None,
     ) -> Opened:
         """Open the request on the first holder that serves it.
 
@@ -227,7 +233,7 @@ class Router:
                     continue
                 attempt += 1
                 try:
-                    reply = await target.open(op, body, stream=stream, want_usage=want_usage)
+                    reply = await target.open(op, body, stream=stream, want_usage=want_usage, caller=caller)
                     first: list[bytes] | None = None
                     if isinstance(reply, StreamReply):
                         try:

@@ -648,7 +648,7 @@ class ScriptedTarget:
         self.outcome = outcome
         self.verdicts: list[bool | None] = []
 
-    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Any = None) -> Reply:
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return self.outcome

@@ -11,10 +11,12 @@ import structlog
 from aiohttp import web
 
 from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
-from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized, error_body
+from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
+from ..records import Draft
 from . import openai
 from .body import PEER_AUTH
-from .keys import INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
+from .keys import DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
+from .surface import OPENAI, surface_of
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -38,58 +40,78 @@ def is_loopback(remote: str | None) -> bool:
     return ip.is_loopback
 
 
-def error_response(e: ApiError) -> web.Response:
-    """An ``ApiError`` as the answer: OpenAI body, its headers, ``x-should-retry: false`` where retrying is futile."""
-    headers = dict(e.headers)
-    close = headers.pop("Connection", None) == "close"
-    if not e.retryable:
-        headers["x-should-retry"] = "false"
-    resp = web.Response(status=e.status, body=e.body(), content_type="application/json", headers=headers)
-    if close:
-        resp.force_close()
-    return resp
+def error_response(e: ApiError, request: web.Request | None = None) -> web.Response:
+    """An ``ApiError`` as the answer, in the envelope of the surface the request was for."""
+    return (surface_of(request) if request is not None else OPENAI).error_response(e)
 
 
 def _internal_error(request: web.Request) -> web.StreamResponse:
     if request.get(PREPARED):
         # Part of the answer is on the wire: a second response would corrupt it. Close instead.
         raise ConnectionResetError("the handler failed after its response began")
-    return web.Response(status=500, body=error_body("Internal error in quorum-node (see its log)", "server_error",
-                                                    None, "internal_error"), content_type="application/json")
+    resp = error_response(ApiError("Internal error in quorum-node (see its log)", code="internal_error"), request)
+    resp.headers.pop("x-should-retry", None)
+    return resp
 
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as an OpenAI error body; no traceback reaches a client.
+def _http_error(request: web.Request, e: web.HTTPException) -> ApiError:
+    if e.status == 404:
+        return NotFound(f"Unknown path: {request.method} {request.path}", code="unknown_path")
+    if e.status == 405:
+        allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
+        return ApiError(f"Method {request.method} is not allowed on {request.path}", status=405,
+                        type_="invalid_request_error", code="method_not_allowed",
+                        headers={"Allow": allowed} if allowed else None)
+    if e.status == 413:
+        limit = request.app[SETTINGS].max_body_bytes
+        return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes", code="body_too_large")
+    return ApiError(e.reason, status=e.status, type_="invalid_request_error")
 
-    Outermost: it also names the request (``X-Request-Id``, the client's own
-    if it sent a sane one), so every answer, errors included, carries its id.
-    """
-    request[REQUEST_ID] = request_id_for(request.headers.get("X-Request-Id"))
-    try:
-        return await handler(request)
-    except ApiError as e:
-        return error_response(e)
-    except web.HTTPException as e:
-        if e.status == 404:
-            return error_response(NotFound(f"Unknown path: {request.method} {request.path}", code="unknown_path"))
-        if e.status == 405:
-            allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
-            return error_response(ApiError(f"Method {request.method} is not allowed on {request.path}", status=405,
-                                           type_="invalid_request_error", code="method_not_allowed",
-                                           headers={"Allow": allowed} if allowed else None))
-        if e.status == 413:
-            limit = request.app[SETTINGS].max_body_bytes
-            return error_response(PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes",
-                                                  code="body_too_large"))
-        if e.status < 400:
+
+def make_errors_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    records = node.records
+
+    @web.middleware
+    async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every failure leaves in its surface's error envelope; no traceback reaches a client.
+
+        Outermost: it names the request (``X-Request-Id``, the client's own if
+        it sent a sane one), so every answer, errors included, carries its id;
+        and it opens the request's record draft and seals it if the request
+        path did not (refusals, failures, answers that are not served ones).
+        """
+        rid = request[REQUEST_ID] = request_id_for(request.headers.get("X-Request-Id"))
+        draft = request[DRAFT] = Draft(request_id=rid, node=node.name, method=request.method, path=request.path,
+                                       surface=None, operation=None, remote=request.remote)
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except ApiError as e:
+            status = e.status
+            draft.set(error=e.message)
+            return error_response(e, request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                status = e.status
+                raise
+            err = _http_error(request, e)
+            status = err.status
+            draft.set(error=err.message)
+            return error_response(err, request)
+        except (ConnectionError, asyncio.CancelledError):
+            status = 499
             raise
-        return error_response(ApiError(e.reason, status=e.status, type_="invalid_request_error"))
-    except (ConnectionError, asyncio.CancelledError):
-        raise
-    except Exception:
-        log.exception("handler_crashed", path=request.path, request_id=request[REQUEST_ID])
-        return _internal_error(request)
+        except Exception as e:
+            log.exception("handler_crashed", path=request.path, request_id=rid)
+            draft.set(error=f"{type(e).__name__}: {e}")
+            return _internal_error(request)
+        finally:
+            if draft.sealed is None and (draft.get("surface") is not None or status >= 400):
+                records.seal_nowait(draft, status)
+
+    return errors_middleware
 
 
 def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -108,6 +130,7 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
             if result.ok:
                 request[PEER] = result.node_id
                 request[PEER_AUTH] = result
+                request[DRAFT].set(peer=result.node_id)
                 return await handler(request)
         log.warning("unauthenticated_request", remote=request.remote, path=request.path)
         e = Unauthorized(
@@ -123,7 +146,7 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
 
 def create_app(node: Node) -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware, make_trust_middleware(node)],
+        middlewares=[make_errors_middleware(node), make_trust_middleware(node)],
         client_max_size=node.settings.max_body_bytes,
     )
     app[NODE] = node

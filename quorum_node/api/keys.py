@@ -10,11 +10,12 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from ..node import Node
+    from ..records import Draft
     from ..router import Router
     from ..settings import Settings
     from .server import InFlight
 
-__all__ = ["INFLIGHT", "NODE", "PEER", "PREPARED", "REQUEST_ID", "ROUTER", "SETTINGS", "cluster_models", "request_id_for"]
+__all__ = ["DRAFT", "INFLIGHT", "NODE", "PEER", "PREPARED", "REQUEST_ID", "ROUTER", "SETTINGS", "cluster_models", "request_id_for"]
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
@@ -24,6 +25,7 @@ INFLIGHT: web.AppKey[InFlight] = web.AppKey("inflight")
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 PREPARED: web.RequestKey[bool] = web.RequestKey("prepared", bool)  # its answer has begun
 PEER: web.RequestKey[str] = web.RequestKey("peer", str)  # the verified node id of a signed peer request
+DRAFT: web.RequestKey[Draft] = web.RequestKey("draft")  # its record, being filled in (records.py)
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

@@ -12,6 +12,7 @@ import msgspec
 __all__ = [
     "Backend",
     "BackendState",
+    "Caller",
     "JsonReply",
     "Model",
     "Op",
@@ -54,6 +55,13 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
 
     def names(self) -> tuple[str, ...]:
         return (self.id, self.engine_id, *self.aliases)
+
+
+class Caller(msgspec.Struct, frozen=True, kw_only=True):
+    """Who a request is for, as it travels to the node that serves it."""
+
+    request_id: str  # the entry node's id for it: the serving node's record uses the same
+    key_id: str | None = None  # the API key that authorised it at the entry node
 
 
 class JsonReply(msgspec.Struct, frozen=True):

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from ..api.app import is_loopback
 from ..api.keys import PEER
-from ..backends.base import BackendState, JsonReply, Op, Reply, StreamReply, StreamStats
+from ..backends.base import BackendState, Caller, JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
 from ..backends.sse import StreamNormalizer
 from ..backends.upstream import read_capped, read_error_body, read_whole
@@ -462,7 +462,9 @@ class PeerTarget:
         outcome = Outcome.ABANDONED if ok is None else (Outcome.SUCCESS if ok else Outcome.FAILURE)
         self.service.table.end_request(self.peer.node_id, time.monotonic(), outcome)
 
-    async def open(self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
+    async def open(
+        self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
+    ) -> Reply:
         from ..backends.openai_compat import check_answer
         from ..backends.upstream import deadline_for
 
@@ -471,6 +473,8 @@ class PeerTarget:
         data = _encode(body)
         headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id)
         headers["Content-Type"] = "application/json"
+        if caller is not None:
+            headers["X-Request-Id"] = caller.request_id  # the serving node's record links to ours
         t = svc.timeouts
         deadline = deadline_for(t, stream=stream)  # one for the head and the first event, as for an engine
         resp: Any = await self.link.request("POST", path, headers, data, t, deadline=deadline, stream=stream,

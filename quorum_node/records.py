@@ -1,0 +1,202 @@
+"""One record per request (DESIGN.md, Seams): the facts of a request, computed once.
+
+Every request that reaches the node ends as one ``Record``. The request log
+line, the usage ledger and the metrics are *sinks* of that record; none of
+them computes a fact of its own. The outermost middleware opens a ``Draft``
+for every request (``request[DRAFT]``); the auth layer fills in who called,
+the surface handler what was asked, the request path where it was served and
+what it cost; the draft is sealed exactly once, either by the request path just
+before the answer's last byte (so a durable sink has the record before the
+client has the answer) or by the middleware when the request ended otherwise.
+
+Which requests are recorded: every request to an API surface (``surface`` set
+by its handler), and every request of any kind that was refused or failed
+(status >= 400). A 200 on ``/health`` or a dashboard asset is not a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import structlog
+
+__all__ = ["Draft", "Record", "Records", "outcome_for"]
+
+log = structlog.get_logger("quorum_node.request")
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """What one request was, where it was served and what it cost."""
+
+    time: float  # wall-clock seconds when it arrived
+    request_id: str  # the same on the entry node and on the node that served it
+    node: str  # this node's name (where the record was made)
+    method: str
+    path: str
+    surface: str | None  # "openai", "ollama", "responses", "anthropic", "peer"; None: not an API request
+    operation: str | None  # "chat", "completions", "embeddings", "generate", "messages", "models", ...
+    model: str | None = None
+    stream: bool = False
+    key_id: str | None = None  # the API key that authorised it (its id, never the key)
+    key_name: str | None = None
+    peer: str | None = None  # node id of the peer that forwarded it here (None: this node is the entry node)
+    remote: str | None = None
+    serving_node: str | None = None  # the node whose engine generated the answer
+    route: str | None = None  # "local" | "lan" | "relay"
+    engine: str | None = None
+    status: int = 0  # HTTP status; 499 client went away; a broken stream's status is its error's
+    outcome: str = "ok"  # "ok" | "rejected" (4xx) | "failed" (5xx, broken stream) | "cancelled" (client left)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_estimated: bool = False  # the engine gave no usage: completion tokens are counted chunks
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+    attempts: int = 0
+    error: str | None = None
+
+    @property
+    def entry(self) -> bool:
+        """Whether this is the entry node's record (a cluster counts each request once, by these)."""
+        return self.peer is None
+
+
+def outcome_for(status: int) -> str:
+    if status == 499:
+        return "cancelled"
+    if status >= 500:
+        return "failed"
+    if status >= 400:
+        return "rejected"
+    return "ok"
+
+
+class Draft:
+    """A record being filled in while its request runs (mutable, one per request)."""
+
+    __slots__ = ("t0", "fields", "sealed")
+
+    def __init__(self, **fields: Any) -> None:
+        self.t0 = time.perf_counter()
+        self.fields: dict[str, Any] = {"time": time.time(), **fields}
+        self.sealed: Record | None = None
+
+    def set(self, **fields: Any) -> None:
+        self.fields.update(fields)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+    def build(self, status: int) -> Record:
+        f = self.fields
+        f.setdefault("status", status)
+        if f.get("status") in (None, 0):
+            f["status"] = status
+        f.setdefault("outcome", outcome_for(f["status"]))
+        f["duration_ms"] = round((time.perf_counter() - self.t0) * 1000, 3)
+        return Record(**f)
+
+
+Sink = Callable[[Record], None]
+DurableSink = Callable[[Record], Awaitable[None]]
+
+
+class Records:
+    """Where sealed records go: the log line, the metrics, the ledger (each a sink).
+
+    ``add(sink)``: called synchronously on the event loop for each record; it
+    must be cheap and never raise into the request. ``add_durable(sink)``: an
+    awaitable sink (the ledger); ``seal`` awaits it, so a record is stored
+    before the answer it describes has ended.
+    """
+
+    def __init__(self) -> None:
+        self._sinks: list[Sink] = [log_line]
+        self._durable: list[DurableSink] = []
+
+    def add(self, sink: Sink) -> None:
+        self._sinks.append(sink)
+
+    def remove(self, sink: Sink) -> None:
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+
+    def add_durable(self, sink: DurableSink) -> None:
+        self._durable.append(sink)
+
+    def remove_durable(self, sink: DurableSink) -> None:
+        if sink in self._durable:
+            self._durable.remove(sink)
+
+    def _emit(self, record: Record) -> None:
+        for sink in self._sinks:
+            try:
+                sink(record)
+            except Exception:  # a sink's bug never fails a request
+                log.exception("record_sink_failed", sink=getattr(sink, "__qualname__", repr(sink)))
+
+    async def seal(self, draft: Draft, status: int) -> Record | None:
+        """Seal ``draft`` (once): build the record, hand it to every sink, await the durable ones.
+
+        Returns the record, or None if the draft was sealed already.
+        """
+        if draft.sealed is not None:
+            return None
+        record = draft.sealed = draft.build(status)
+        self._emit(record)
+        for sink in self._durable:
+            try:
+                await sink(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("record_sink_failed", sink=getattr(sink, "__qualname__", repr(sink)))
+        return record
+
+    def seal_nowait(self, draft: Draft, status: int) -> Record | None:
+        """``seal`` for a request that ended without an answer worth waiting for (refused, failed,
+        cancelled): durable sinks get the record, but nobody waits for them."""
+        if draft.sealed is not None:
+            return None
+        record = draft.sealed = draft.build(status)
+        self._emit(record)
+        for sink in self._durable:
+            task = asyncio.ensure_future(sink(record))
+            task.add_done_callback(_log_failure)
+        return record
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("record_sink_failed", error=str(task.exception()))
+
+
+def log_line(r: Record) -> None:
+    """The request log line: one per record, with the record's own facts."""
+    if r.surface is None and r.status < 400:
+        return
+    log.info(
+        "request",
+        request_id=r.request_id,
+        surface=r.surface,
+        op=r.operation,
+        model=r.model,
+        key=r.key_name,
+        engine=r.engine,
+        node=r.serving_node,
+        route=r.route,
+        peer=r.peer,
+        status=r.status,
+        outcome=r.outcome,
+        stream=r.stream,
+        attempts=r.attempts,
+        ttft_ms=r.ttft_ms,
+        tokens_in=r.prompt_tokens,
+        tokens_out=r.completion_tokens,
+        duration_ms=r.duration_ms,
+        error=r.error,
+        **({"path": r.path} if r.surface is None else {}),
+    )

@@ -77,6 +77,7 @@ class Node:
         self._runner = NodeRunner(app, limits=self.limits, handler_cancellation=True, access_log=None,
                                   shutdown_timeout=0.5)
         await self._runner.setup()
+        self.http_server = self._runner.server  # makes connection protocols: cluster/pipe.py serves through it
         site = web.TCPSite(self._runner, self.settings.host, self.settings.port, backlog=1024, reuse_address=True)
         await site.start()
         server = site._server  # the bound port is only known after binding (port 0 in tests)

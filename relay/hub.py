@@ -26,6 +26,7 @@ from .streams import OpenResult, StreamTable
 from .wire import (
     CLOSE_REPLACED,
     CLOSE_TOO_SLOW,
+    Batch,
     Close,
     Data,
     Hello,
@@ -93,6 +94,7 @@ class Hub:
                     max_frame_bytes=self.max_frame_bytes,
                     max_streams=self.streams.max_per_node,
                     send_queue_bytes=self.send_queue_bytes,
+                    batch=True,
                 )
             )
         )
@@ -193,7 +195,7 @@ class Hub:
                 if not self.streams.reset(ns, src.node_id, peer, stream):
                     stats.dropped += 1
                     return
-            case Hello(peer=peer) | HelloReply(peer=peer):
+            case Hello(peer=peer) | HelloReply(peer=peer) | Batch(peer=peer):
                 dst = self._route(src, peer, 0)
                 if dst is None:
                     return

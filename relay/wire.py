@@ -24,8 +24,8 @@ replaces the first (closed with ``CLOSE_REPLACED``).
 
 Peer traffic
 ------------
-``Hello``, ``HelloReply``, ``Open``, ``Data``, ``Window``, ``Close`` and
-``Reset`` carry traffic between two nodes of one namespace. ``peer`` is the
+``Hello``, ``HelloReply``, ``Open``, ``Data``, ``Batch``, ``Window``, ``Close``
+and ``Reset`` carry traffic between two nodes of one namespace. ``peer`` is the
 destination when a node sends the frame and is rewritten by the relay to the
 source when it delivers it; nothing else is changed, and ``payload`` is never
 decoded by the relay (the nodes encrypt it end to end: ``Hello`` /
@@ -40,7 +40,11 @@ past it with ``Reset(code="too_many_streams")``. A frame for a peer that is not
 online is answered with ``Unreachable``; streams of a peer that disconnects
 are reset (``Reset(code="peer_gone")``) to the other side. ``Window`` grants
 the other side ``credit`` more payload bytes on a stream (flow control is end
-to end; the relay only forwards).
+to end; the relay only forwards). ``Batch`` carries many streams' data and
+credit to one peer in one encrypted message; the relay routes it by ``peer``
+alone (it cannot see which streams it holds; the receiving node drops items of
+streams it does not have open). A relay that forwards it says so in
+``Welcome.batch``; nodes send it only to such a relay.
 
 Close codes (the relay closing a node's WebSocket)
 --------------------------------------------------
@@ -64,6 +68,7 @@ __all__ = [
     "CLOSE_TOO_SLOW",
     "CONNECT_PATH",
     "NODE_ID_HEADER",
+    "Batch",
     "Close",
     "Data",
     "Frame",
@@ -111,6 +116,8 @@ class Welcome(_F, frozen=True, kw_only=True):
     # Bytes the relay queues towards this node before closing it with CLOSE_TOO_SLOW: keep the
     # credit granted on all streams together below it. (Added after the first draft; 0 = unknown.)
     send_queue_bytes: int = 0
+    # This relay forwards ``Batch`` frames (a node must not send them to one that does not).
+    batch: bool = False
 
 
 class Joined(_F, frozen=True, kw_only=True):
@@ -160,6 +167,18 @@ class Data(_F, frozen=True, kw_only=True):
     payload: bytes
 
 
+class Batch(_F, frozen=True, kw_only=True):
+    """Node ↔ node: several streams' data and credit for one peer in one message (opaque to the relay).
+
+    ``payload`` is one encrypted message holding many stream items, so a busy
+    link pays one WebSocket message, one relay hop and one AEAD operation for
+    many small frames. The relay routes it like ``Hello``: by ``peer`` only.
+    """
+
+    peer: str
+    payload: bytes
+
+
 class Window(_F, frozen=True, kw_only=True):
     """Node ↔ node: the sender may send ``credit`` more payload bytes on ``stream``."""
 
@@ -184,7 +203,7 @@ class Reset(_F, frozen=True, kw_only=True):
     code: str
 
 
-Frame = Welcome | Joined | Left | Unreachable | Hello | HelloReply | Open | Data | Window | Close | Reset
+Frame = Welcome | Joined | Left | Unreachable | Hello | HelloReply | Open | Data | Batch | Window | Close | Reset
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)

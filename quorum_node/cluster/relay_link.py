@@ -49,6 +49,7 @@ log = structlog.get_logger(__name__)
 CHUNK = 16 * 1024
 WINDOW = 256 * 1024
 _HEAD = msgspec.msgpack.Encoder()
+_ITEMS = _HEAD
 
 
 class _RequestHead(msgspec.Struct, frozen=True, array_like=True):
@@ -63,7 +64,18 @@ class _ResponseHead(msgspec.Struct, frozen=True, array_like=True):
     headers: list[tuple[str, str]]
 
 
+class _Item(msgspec.Struct, frozen=True, array_like=True):
+    """One stream's share of a ``Batch``: data for it, or credit for it."""
+
+    stream: int
+    data: bytes = b""
+    credit: int = 0
+
+
+BATCH_BYTES = 64 * 1024  # a batch's plaintext, at most (well below the relay's frame limit)
+BATCH_ITEMS = 1024
 _decode_request = msgspec.msgpack.Decoder(_RequestHead).decode
+_decode_items = msgspec.msgpack.Decoder(list[_Item]).decode
 _decode_response = msgspec.msgpack.Decoder(_ResponseHead).decode
 
 # Hop-by-hop headers never cross a link (RFC 9110 §7.6.1), nor do the body framing ones.
@@ -240,7 +252,7 @@ class RelayLink:
         node_id: str,
         psk: bytes,
         on_presence: Callable[[str, bool], None],
-        serve: Callable[[str, str, list[tuple[str, str]], bytes], Awaitable[aiohttp.ClientResponse]],
+        serve: Callable[[str, str, list[tuple[str, str]], bytes], Awaitable[Any]],
         connect_timeout_s: float = 5.0,
         max_request_bytes: int = 32 * 1024 * 1024,
     ) -> None:
@@ -259,6 +271,7 @@ class RelayLink:
         self.connected_at: float | None = None
         self.online: dict[str, float] = {}  # peer id -> since
         self.max_frame_bytes = 256 * 1024
+        self.batching = False  # the relay forwards Batch frames (Welcome.batch)
         self._sessions: dict[str, _Session] = {}
         self._streams: dict[tuple[str, int], _Stream] = {}
         self._next_sid = 0
@@ -366,8 +379,9 @@ class RelayLink:
 
     def _dispatch(self, frame: wire.Frame) -> None:
         match frame:
-            case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame):
+            case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame, batch=batch):
                 self.session_id = session
+                self.batching = batch
                 self.state = "up"
                 self.last_error = None
                 self.connected_at = time.time()
@@ -396,11 +410,10 @@ class RelayLink:
                 self._on_open(peer, sid, payload)
             case wire.Data(peer=peer, stream=sid, payload=payload):
                 self._on_data(peer, sid, payload)
+            case wire.Batch(peer=peer, payload=payload):
+                self._on_batch(peer, payload)
             case wire.Window(peer=peer, stream=sid, credit=credit):
-                stream = self._streams.get((peer, sid))
-                if stream is not None and credit > 0:
-                    stream.credit += credit
-                    stream.credit_event.set()
+                self._on_window(peer, sid, credit)
             case wire.Close(peer=peer, stream=sid, payload=payload):
                 self._on_close(peer, sid, payload)
             case wire.Reset(peer=peer, stream=sid, code=code):
@@ -511,10 +524,36 @@ class RelayLink:
         stream.request = head
         self._streams[(peer, sid)] = stream
 
+    def _on_window(self, peer: str, sid: int, credit: int) -> None:
+        stream = self._streams.get((peer, sid))
+        if stream is not None and credit > 0:
+            stream.credit += credit
+            stream.credit_event.set()
+
+    def _on_batch(self, peer: str, payload: bytes) -> None:
+        plain = self._open_payload(peer, payload)
+        if plain is None:
+            return
+        try:
+            items = _decode_items(plain)
+        except (msgspec.DecodeError, ValueError):  # authentic but malformed: a broken peer
+            log.warning("relay_bad_batch", peer=peer, size=len(plain))
+            self._end_session(peer, "the peer sent a malformed batch")
+            return
+        for item in items[:BATCH_ITEMS]:
+            if item.credit:
+                self._on_window(peer, item.stream, item.credit)
+            if item.data:
+                self._on_plain_data(peer, item.stream, item.data)
+
     def _on_data(self, peer: str, sid: int, payload: bytes) -> None:
         plain = self._open_payload(peer, payload)  # always: every sealed frame moves the nonce, even a late one
+        if plain is not None:
+            self._on_plain_data(peer, sid, plain)
+
+    def _on_plain_data(self, peer: str, sid: int, plain: bytes) -> None:
         stream = self._streams.get((peer, sid))
-        if stream is None or plain is None:
+        if stream is None:
             return
         stream.received_in_window += len(plain)
         if stream.received_in_window > WINDOW:  # more than we granted: a broken or hostile sender
@@ -572,20 +611,71 @@ class RelayLink:
         self._out.put_nowait(item)
 
     async def _writer(self, ws: ClientConnection) -> None:
-        """The only sender: frames are encrypted here, in the order they go out (Noise nonces must)."""
+        """The only sender: frames are encrypted here, in the order they go out (Noise nonces must).
+
+        It takes everything queued at once: under load many streams' small
+        frames to one peer leave as one ``Batch`` (one message, one seal).
+        """
+        out = self._out
         try:
             while True:
-                item = await self._out.get()
-                if item is None:
-                    continue
-                raw = self._build(item)
-                if raw is not None:
+                items = [await out.get()]
+                while not out.empty() and len(items) < BATCH_ITEMS:
+                    items.append(out.get_nowait())
+                for raw in self._build_all(items):
                     await ws.send(raw)
         except ConnectionClosed:
             pass
         except Exception:  # task root: a link that cannot send must not look alive
             log.exception("relay_writer_failed")
             await ws.close(1011, "writer failed")
+
+    def _build_all(self, items: list[tuple[Any, ...] | None]) -> list[bytes]:
+        """Frames for ``items``, in order per peer; data and credit per peer gathered into batches."""
+        if not self.batching:
+            return [raw for item in items if item is not None and (raw := self._build(item)) is not None]
+        frames: list[bytes] = []
+        pending: dict[str, list[tuple[Any, ...]]] = {}
+        size: dict[str, int] = {}
+        for item in items:
+            if item is None:
+                continue
+            kind, peer = item[0], item[1]
+            if kind == "data" or kind == "window":
+                group = pending.setdefault(peer, [])
+                group.append(item)
+                size[peer] = size.get(peer, 0) + (len(item[3]) if kind == "data" else 0) + 16
+                if size[peer] >= BATCH_BYTES or len(group) >= BATCH_ITEMS:
+                    self._flush_batch(peer, pending.pop(peer), frames)
+                    size.pop(peer)
+                continue
+            if peer in pending:  # what was queued before this frame goes before it
+                self._flush_batch(peer, pending.pop(peer), frames)
+                size.pop(peer)
+            raw = self._build(item)
+            if raw is not None:
+                frames.append(raw)
+        for peer, group in pending.items():
+            self._flush_batch(peer, group, frames)
+        return frames
+
+    def _flush_batch(self, peer: str, group: list[tuple[Any, ...]], frames: list[bytes]) -> None:
+        if len(group) == 1:
+            raw = self._build(group[0])
+            if raw is not None:
+                frames.append(raw)
+            return
+        session = self._sessions.get(peer)
+        if session is None or session.send is None:
+            return  # the session ended while these waited; their streams were failed
+        plain = _ITEMS.encode([_Item(stream=i[2], data=i[3]) if i[0] == "data" else _Item(stream=i[2], credit=i[3])
+                               for i in group])
+        try:
+            sealed = session.send.seal(plain)
+        except NoiseError:
+            self._end_session(peer, "session renewed")
+            return
+        frames.append(wire.encode(wire.Batch(peer=peer, payload=sealed)))
 
     def _build(self, item: tuple[Any, ...]) -> bytes | None:
         kind, peer = item[0], item[1]
@@ -691,7 +781,7 @@ class RelayLink:
 
     async def _answer(self, stream: _Stream, head: _RequestHead, body: bytes) -> None:
         """Serve an incoming request with the node's own HTTP server; stream the answer back."""
-        resp: aiohttp.ClientResponse | None = None
+        resp: Any = None
         try:
             resp = await self._serve(head.method, head.path, head.headers, body)
             out_headers = [(str(k), v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP]
@@ -701,7 +791,7 @@ class RelayLink:
             self._send_close(stream)
         except asyncio.CancelledError:
             raise  # the requester reset the stream: closing our request cancels the work below
-        except (aiohttp.ClientError, OSError, RelayLinkError) as e:
+        except (aiohttp.ClientError, OSError, RelayLinkError, ValueError) as e:
             log.warning("relay_serve_failed", peer=stream.peer, path=head.path, error=str(e))
             self._reset(stream, "serve_failed")
         except Exception:  # task root: the requester must hear of it

@@ -36,6 +36,7 @@ from ..backends.upstream import read_capped, read_error_body, read_whole
 from ..errors import ApiError, EngineRejected, EngineUnavailable
 from .membership import Cluster, load_or_create_node_id
 from .links import HttpLink, PeerLink, RelayPeerLink
+from .pipe import PipeError, PipeResponse, serve_in_memory
 from .messages import decode_catalog, decode_identity
 from .peers import (
     CatalogChanged,
@@ -186,12 +187,13 @@ class ClusterService:
             self._spawn(self._probe(RelayPeerLink(self.relay, node_id), node_id), "relay-probe")
 
     async def _serve_relayed(self, method: str, path: str, headers: list[tuple[str, str]],
-                             body: bytes) -> aiohttp.ClientResponse:
-        """A request that came through the relay, served by this node's own HTTP server as if from the LAN."""
-        return await self.session.request(
-            method, self.node.url + path, headers=headers, data=body or None, allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s),
-        )
+                             body: bytes) -> PipeResponse:
+        """A request that came through the relay, served by this node's own HTTP server as if from the LAN
+        (same middlewares, signature check and handlers), in memory (``pipe.py``)."""
+        server = getattr(self.node, "http_server", None)
+        if server is None:
+            raise PipeError("this node is not serving yet")
+        return await serve_in_memory(server, method, path, headers, body)
 
     # -- our own catalog -------------------------------------------------
 

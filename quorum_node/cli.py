@@ -24,6 +24,7 @@ __all__ = ["main"]
 _EXPLICIT = {
     "host", "port", "name", "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
     "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token",
+    "cors_origins",
 }
 
 
@@ -54,6 +55,9 @@ def _add_run(sub: Any) -> None:
                    help="a quorum-relay to join peers on other networks through (ws:// or wss://)")
     p.add_argument("--relay-token", dest="relay_token", default=S, metavar="TOKEN",
                    help="the relay's admission token (prefer env QUORUM_RELAY_TOKEN: it stays out of ps)")
+    p.add_argument("--cors-origins", dest="cors_origins", default=S, metavar="ORIGIN,...",
+                   type=lambda v: [o.strip() for o in v.split(",") if o.strip()],
+                   help="web origins whose pages may call the node (default none; * is any page: unsafe)")
     for f in msgspec.structs.fields(Settings):
         if f.name in _EXPLICIT:
             continue

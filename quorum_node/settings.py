@@ -94,6 +94,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # the relay (quorum-relay) that joins this node to peers on other networks
     relay: str | None = None
     relay_token: str | None = None
+    # browsers (api/cors.py): origins whose pages may call the node; "*" is any page (unsafe with loopback trust)
+    cors_origins: tuple[str, ...] = ()
+    # the Responses API's stored responses (api/responses.py): in memory, bounded
+    responses_store_max_entries: int = 1024
+    responses_store_max_bytes: int = 64 * 1024 * 1024
+    responses_store_ttl_s: float = 3600.0
 
     def __repr__(self) -> str:  # never the secrets (cluster secret, relay token, engine keys)
         return (f"Settings(name={self.name!r}, host={self.host!r}, port={self.port}, backends={self.backends!r}, "
@@ -132,7 +138,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         raw = env[key]
         if name == "backends":
             out[name] = _parse_backends_env(raw)
-        elif name in ("detect_ports", "mdns_interfaces", "peers"):
+        elif name in ("detect_ports", "mdns_interfaces", "peers", "cors_origins"):
             out[name] = [p.strip() for p in raw.split(",") if p.strip()]
         else:
             out[name] = raw
@@ -189,6 +195,26 @@ def _check_url(where: str, url: str) -> None:
         raise ConfigError(f"{where}: bad port in URL {url!r}") from None
 
 
+def normalize_origin(text: str) -> str:
+    """An origin as browsers send it (``scheme://host[:port]``, lower case), or ``*``; else ConfigError."""
+    text = text.strip()
+    if text == "*":
+        return text
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"cors_origins: bad port in {text!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"cors_origins: {text!r} is not an origin (expected scheme://host[:port], or *)")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None and port != default else "")
+
+
 def _validate(s: Settings) -> Settings:
     for i, b in enumerate(s.backends):
         where = f"backend {b.name or i + 1}"
@@ -229,6 +255,10 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("drain_timeout_s: must not be negative")
     if s.max_attempts < 1:
         raise ConfigError("max_attempts: must be at least 1")
+    if s.cors_origins:
+        s = msgspec.structs.replace(s, cors_origins=tuple(dict.fromkeys(normalize_origin(o) for o in s.cors_origins)))
+    if s.responses_store_max_entries < 0 or s.responses_store_max_bytes < 0 or s.responses_store_ttl_s <= 0:
+        raise ConfigError("responses_store_*: entries and bytes must not be negative, the TTL must be positive")
     return s
 
 

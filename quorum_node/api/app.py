@@ -13,7 +13,7 @@ from aiohttp import web
 from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
-from . import openai
+from . import anthropic, cors, openai, responses
 from .body import PEER_AUTH
 from .keys import DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
 from .surface import OPENAI, surface_of
@@ -146,7 +146,9 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
 
 def create_app(node: Node) -> web.Application:
     app = web.Application(
-        middlewares=[make_errors_middleware(node), make_trust_middleware(node)],
+        # CORS before trust: a preflight is answered, and an unlisted Origin never gets loopback trust
+        middlewares=[make_errors_middleware(node), cors.make_cors_middleware(node.settings.cors_origins),
+                     make_trust_middleware(node)],
         client_max_size=node.settings.max_body_bytes,
     )
     app[NODE] = node
@@ -154,6 +156,8 @@ def create_app(node: Node) -> web.Application:
     app[SETTINGS] = node.settings
     app[INFLIGHT] = node.inflight
     app.router.add_routes(openai.routes())
+    responses.setup(app)  # /v1/responses (the Responses API) and its store
+    anthropic.setup(app)  # /v1/messages (the Anthropic Messages API)
     if node.cluster is not None:
         app.router.add_routes(node.cluster.routes())
 
@@ -167,4 +171,5 @@ def create_app(node: Node) -> web.Application:
         request[PREPARED] = True
 
     app.on_response_prepare.append(provenance)
+    cors.setup(app)
     return app

@@ -132,5 +132,11 @@ def routes() -> list[web.RouteDef]:
         OPENAI.route("POST", "/v1/embeddings", embeddings),
         web.get("/health", health),
         web.get("/ready", ready),
+        # base_url set without /v1 (a common mistake llama-server forgives): the same answers
+        OPENAI.route("GET", "/models", list_models),
+        OPENAI.route("GET", "/models/{model:.+}", get_model),
+        OPENAI.route("POST", "/chat/completions", chat),
+        OPENAI.route("POST", "/completions", completions),
+        OPENAI.route("POST", "/embeddings", embeddings),
     ]
 

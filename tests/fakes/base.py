@@ -415,7 +415,10 @@ class FakeEngine:
     ) -> Plan:
         """Decide the output: content pieces cut at `max_tokens`, or one tool call."""
         tools = body.get("tools") or []
-        if tools:
+        messages = body.get("messages")
+        answered = isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "tool"  # a tool's result came back: the model answers in text
+        if tools and not answered:
             fn = tools[0].get("function", tools[0])
             name = str(fn.get("name", "tool"))
             arguments = json.dumps(self.tool_arguments, separators=(",", ":"))

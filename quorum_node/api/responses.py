@@ -1,0 +1,637 @@
+"""The OpenAI Responses API (``/v1/responses``), translated to Chat Completions.
+
+Every engine answers: a Responses request becomes one Chat Completions call
+(``Call(op="chat")``) that goes through the one request path (router, retries,
+failure contract, record), and the answer is written back as a Response
+object, or as the Responses stream (``response.created`` …
+``response.output_text.delta`` … ``response.completed``).
+
+Translated: ``input`` (a string, or items: messages with ``input_text`` /
+``output_text`` / ``input_image`` parts, ``function_call``,
+``function_call_output``; ``reasoning`` items are dropped), ``instructions``
+(a system message, not carried over by ``previous_response_id``, as OpenAI
+does), function ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+``max_output_tokens``, ``temperature``, ``top_p``, ``text.format``
+(``text``, ``json_object``, ``json_schema``), ``stream``, ``store``,
+``previous_response_id``, ``metadata`` (echoed). Accepted and ignored: ``user``,
+``safety_identifier``, ``prompt_cache_key``, ``service_tier``, ``truncation``,
+``include``, ``reasoning``, ``stream_options``. Refused with a 400 naming
+the field: built-in tools (web search, file search, computer use, MCP …),
+``background``, ``conversation``, ``prompt``, ``input_file`` and
+``item_reference`` inputs, images by ``file_id``.
+
+Stored responses (``store`` is true by default) live in memory on the node
+that answered, in a ``ResponseStore`` bounded by count, bytes and age (see
+``Settings.responses_store_*``); they serve ``GET``/``DELETE
+/v1/responses/{id}`` and ``previous_response_id``, and are visible only to
+the API key that created them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from ..errors import BadRequest, NotFound
+from .body import read_body
+from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
+from .keys import DRAFT, SETTINGS
+from .surface import Call, Surface, StreamEncoder, serve
+
+__all__ = ["RESPONSES", "ResponseStore", "ResponsesSurface", "STORE", "routes", "to_chat"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.decode
+
+
+# ------------------------------------------------------------------ the store
+
+
+class Stored(msgspec.Struct, frozen=True, kw_only=True):
+    response: bytes  # the Response object, as GET answers it
+    history: bytes  # the conversation so far, as Chat Completions messages (JSON)
+    owner: str | None  # the API key that created it; None: no key (loopback, cluster)
+    at: float
+
+
+class ResponseStore:
+    """Stored responses, bounded: at most ``max_entries``, ``max_bytes`` in all, ``ttl_s`` old.
+
+    Pure logic (no I/O, time passed in): the least recently stored go first.
+    """
+
+    def __init__(self, *, max_entries: int, max_bytes: int, ttl_s: float) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[str, Stored] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, rid: str, stored: Stored, now: float) -> None:
+        size = len(stored.response) + len(stored.history)
+        if size > self.max_bytes or self.max_entries < 1:
+            return  # larger than the whole store: not kept (GET and previous_response_id say not found)
+        self.pop(rid)
+        self._items[rid] = stored
+        self.bytes += size
+        self._expire(now)
+        while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
+            self._drop_oldest()
+
+    def get(self, rid: str, owner: str | None, now: float) -> Stored | None:
+        self._expire(now)
+        s = self._items.get(rid)
+        if s is None or s.owner != owner:
+            return None
+        return s
+
+    def pop(self, rid: str) -> Stored | None:
+        s = self._items.pop(rid, None)
+        if s is not None:
+            self.bytes -= len(s.response) + len(s.history)
+        return s
+
+    def _drop_oldest(self) -> None:
+        _, s = self._items.popitem(last=False)
+        self.bytes -= len(s.response) + len(s.history)
+
+    def _expire(self, now: float) -> None:
+        limit = now - self.ttl_s
+        while self._items:
+            first = next(iter(self._items.values()))
+            if first.at > limit:
+                break
+            self._drop_oldest()
+
+
+STORE: web.AppKey[ResponseStore] = web.AppKey("responses_store", ResponseStore)
+
+
+# ---------------------------------------------------------------- the request
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """The fields of ``POST /v1/responses`` the node reads; unknown ones are ignored."""
+
+    model: str
+    input: str | list[Any] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    text: dict[str, Any] | None = None
+    stream: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    background: bool | None = None
+    conversation: Any = None
+    prompt: Any = None
+
+
+_request = msgspec.json.Decoder(ResponsesRequest).decode
+_AT = re.compile(r"at `\$\.([A-Za-z_]+)")
+
+
+def parse_request(raw: bytes) -> ResponsesRequest:
+    if not raw:
+        raise BadRequest("The request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        req = _request(raw)
+    except msgspec.ValidationError as e:
+        m = _AT.search(str(e))
+        raise BadRequest(f"Invalid request: {e}", param=m.group(1) if m else None, code="invalid_type") from None
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise BadRequest("The request body is not valid JSON", code="invalid_json") from None
+    if not req.model:
+        raise BadRequest("Invalid 'model': expected a non-empty string", param="model", code="invalid_value")
+    for name in ("background", "conversation", "prompt"):
+        if getattr(req, name) not in (None, False):
+            raise _unsupported(name, f"'{name}' is not supported by quorum-node")
+    if req.max_output_tokens is not None and req.max_output_tokens < 1:
+        raise BadRequest("Invalid 'max_output_tokens': must be at least 1", param="max_output_tokens",
+                         code="invalid_value")
+    if req.input is None or req.input == [] or req.input == "":
+        raise BadRequest("Missing required parameter: 'input'", param="input", code="missing_required_parameter")
+    return req
+
+
+def _unsupported(param: str, message: str) -> BadRequest:
+    return BadRequest(message, param=param, code="unsupported_parameter")
+
+
+def _text_of(parts: Any, param: str) -> str:
+    """A tool output or a text-only content list as one string."""
+    if isinstance(parts, str):
+        return parts
+    if isinstance(parts, list):
+        out = []
+        for i, p in enumerate(parts):
+            if not isinstance(p, dict) or not isinstance(p.get("text"), str):
+                raise BadRequest(f"Invalid '{param}[{i}]': expected a text part", param=f"{param}[{i}]",
+                                 code="invalid_type")
+            out.append(p["text"])
+        return "".join(out)
+    raise BadRequest(f"Invalid '{param}': expected a string or an array of parts", param=param, code="invalid_type")
+
+
+def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadRequest(f"Invalid '{param}': expected a string or an array", param=param, code="invalid_type")
+    parts: list[dict[str, Any]] = []
+    images = False
+    for i, p in enumerate(content):
+        where = f"{param}[{i}]"
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind in ("input_text", "output_text", "text", "refusal"):
+            text = p.get("text") if kind != "refusal" else p.get("refusal")
+            if not isinstance(text, str):
+                raise BadRequest(f"Invalid '{where}.text': expected a string", param=where, code="invalid_type")
+            parts.append({"type": "text", "text": text})
+        elif kind == "input_image":
+            url = p.get("image_url")
+            if not isinstance(url, str) or not url:
+                raise _unsupported(where, f"'{where}': images by file_id are not supported by quorum-node; "
+                                          "send image_url (a data: URL or an http URL the engine can fetch)")
+            image: dict[str, Any] = {"url": url}
+            if isinstance(p.get("detail"), str) and p["detail"] != "auto":
+                image["detail"] = p["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+            images = True
+        elif kind == "input_file":
+            raise _unsupported(where, f"'{where}': input_file is not supported by quorum-node")
+        else:
+            raise BadRequest(f"Invalid '{where}': unknown content part type {kind!r}", param=where,
+                             code="invalid_value")
+    if images:
+        return parts
+    return "".join(p["text"] for p in parts)  # text only: a plain string suits every chat template
+
+
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+
+
+def input_messages(inp: str | list[Any]) -> list[dict[str, Any]]:
+    """The request's ``input`` as Chat Completions messages."""
+    if isinstance(inp, str):
+        return [{"role": "user", "content": inp}]
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(inp):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise BadRequest(f"Invalid '{where}': expected an object", param=where, code="invalid_type")
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            if role is None:
+                raise BadRequest(f"Invalid '{where}.role': expected user, assistant, system or developer",
+                                 param=f"{where}.role", code="invalid_value")
+            out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call_id, name, args = item.get("call_id"), item.get("name"), item.get("arguments")
+            if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(args, str)):
+                raise BadRequest(f"Invalid '{where}': a function_call needs call_id, name and arguments (strings)",
+                                 param=where, code="invalid_type")
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)
+            elif last is not None and last["role"] == "assistant":
+                last["tool_calls"] = [call]
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str):
+                raise BadRequest(f"Invalid '{where}.call_id': expected a string", param=f"{where}.call_id",
+                                 code="invalid_type")
+            out.append({"role": "tool", "tool_call_id": call_id,
+                        "content": _text_of(item.get("output"), f"{where}.output")})
+        elif kind == "reasoning":
+            continue  # the engine's own thoughts from an earlier turn: not sent back
+        else:
+            raise _unsupported(where, f"'{where}': input items of type {kind!r} are not supported by quorum-node")
+    return out
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        if t.get("type") != "function":
+            raise _unsupported(where, f"'{where}': tools of type {t.get('type')!r} are not supported by "
+                                      "quorum-node; only function tools are")
+        name = t.get("name")
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"Invalid '{where}.name': expected a non-empty string", param=f"{where}.name",
+                             code="invalid_type")
+        fn: dict[str, Any] = {"name": name}
+        for key in ("description", "parameters", "strict"):
+            if t.get(key) is not None:
+                fn[key] = t[key]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    if isinstance(choice, str):
+        if choice in ("auto", "none", "required"):
+            return choice
+    elif choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise _unsupported("tool_choice", "'tool_choice': expected auto, none, required or a function")
+
+
+def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema, name = fmt.get("schema"), fmt.get("name")
+        if not isinstance(schema, dict) or not isinstance(name, str):
+            raise BadRequest("Invalid 'text.format': json_schema needs a name and a schema", param="text.format",
+                             code="invalid_value")
+        spec: dict[str, Any] = {"name": name, "schema": schema}
+        for key in ("strict", "description"):
+            if fmt.get(key) is not None:
+                spec[key] = fmt[key]
+        return {"type": "json_schema", "json_schema": spec}
+    raise _unsupported("text.format", f"'text.format': type {kind!r} is not supported")
+
+
+def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The Chat Completions body for ``req``, and the conversation it continues (without instructions)."""
+    assert req.input is not None
+    convo = history + input_messages(req.input)
+    messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + convo
+    body: dict[str, Any] = {"model": req.model, "messages": messages}
+    if req.tools:
+        body["tools"] = _tools(req.tools)
+    if req.tool_choice is not None:
+        body["tool_choice"] = _tool_choice(req.tool_choice)
+    if req.parallel_tool_calls is not None and req.tools:
+        body["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
+    if req.top_p is not None:
+        body["top_p"] = req.top_p
+    if req.text is not None:
+        fmt = _response_format(req.text)
+        if fmt is not None:
+            body["response_format"] = fmt
+    if req.stream:
+        body["stream"] = True
+    return body, convo
+
+
+# ----------------------------------------------------------------- the answer
+
+
+class Exchange(msgspec.Struct, kw_only=True):
+    """One Responses request in flight: what its answer echoes and what is stored after."""
+
+    id: str
+    created_at: int
+    req: ResponsesRequest
+    convo: list[dict[str, Any]]
+    store: ResponseStore | None  # None: store=false
+    owner: str | None
+
+
+class ResponsesCall(Call, kw_only=True):
+    exchange: Exchange | None = None
+
+
+def _usage(usage: Any) -> dict[str, Any]:
+    p, c = usage_counts(usage)
+    return {"input_tokens": p, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c}
+
+
+def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
+            "content": [_text_part(text)] if status == "completed" else []}
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _call_item(item_id: str, call_id: str, name: str, args: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": args,
+            "status": status}
+
+
+def _response(ex: Exchange, *, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
+              finish: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+    req = ex.req
+    incomplete = {"reason": "max_output_tokens"} if finish == "length" else None
+    if incomplete is not None and status == "completed":
+        status = "incomplete"
+    return {
+        "id": ex.id, "object": "response", "created_at": ex.created_at, "status": status,
+        "background": False, "error": error, "incomplete_details": incomplete,
+        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
+        "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": req.previous_response_id, "store": ex.store is not None,
+        "temperature": req.temperature, "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
+        "top_p": req.top_p, "truncation": "disabled", "usage": usage, "metadata": req.metadata or {},
+    }
+
+
+def _assistant_message(output: list[dict[str, Any]]) -> dict[str, Any] | None:
+    text = "".join(p["text"] for it in output if it["type"] == "message" for p in it["content"])
+    calls = [{"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}}
+             for it in output if it["type"] == "function_call"]
+    if not text and not calls:
+        return None
+    msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _keep(ex: Exchange, response: dict[str, Any], output: list[dict[str, Any]]) -> None:
+    if ex.store is None:
+        return
+    reply = _assistant_message(output)
+    history = ex.convo + ([reply] if reply is not None else [])
+    ex.store.put(ex.id, Stored(response=_encode(response), history=_encode(history), owner=ex.owner,
+                               at=time.monotonic()), time.monotonic())
+
+
+class ResponsesSurface(Surface):
+    """Errors in the OpenAI envelope (the base); answers as Response objects and Responses events."""
+
+    name = "responses"
+
+    def answer(self, call: Call, payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+        ex = call.exchange  # type: ignore[attr-defined]
+        choices = payload.get("choices")
+        first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        message = first.get("message") if isinstance(first.get("message"), dict) else {}
+        output: list[dict[str, Any]] = []
+        text = message.get("content")
+        if isinstance(text, str) and text:
+            output.append(_message_item(new_id("msg_"), text))
+        for call_id, name, args in tool_calls_of(message):
+            output.append(_call_item(new_id("fc_"), call_id, name, args))
+        finish = first.get("finish_reason")
+        response = _response(ex, status="completed", output=output, usage=_usage(payload.get("usage")),
+                             finish=finish if isinstance(finish, str) else None)
+        _keep(ex, response, output)
+        return web.Response(body=_encode(response), content_type="application/json", headers=headers)
+
+    def encoder(self, call: Call) -> StreamEncoder:
+        return ResponsesStream(call.exchange)  # type: ignore[attr-defined]
+
+
+RESPONSES = ResponsesSurface()
+
+
+class ResponsesStream(StreamEncoder):
+    """Chat Completions chunks as Responses events, one output item at a time."""
+
+    def __init__(self, ex: Exchange) -> None:
+        self.ex = ex
+        self.seq = 0
+        self.output: list[dict[str, Any]] = []  # items, in order, open ones included
+        self.text: list[str] | None = None  # the open message item's text so far
+        self.tools: dict[int, dict[str, Any]] = {}  # chat tool index -> its function_call item
+        self.open_tool: int | None = None
+        self.finish: str | None = None
+
+    def _ev(self, kind: str, data: dict[str, Any]) -> bytes:
+        data = {"type": kind, "sequence_number": self.seq, **data}
+        self.seq += 1
+        return sse(kind, data)
+
+    def start(self) -> bytes:
+        skeleton = _response(self.ex, status="in_progress", output=[], usage=None)
+        return self._ev("response.created", {"response": skeleton}) + \
+            self._ev("response.in_progress", {"response": skeleton})
+
+    def batch(self, events: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        for raw in events:
+            chunk = decode_chunk(raw)
+            if chunk is None or not chunk.choices:
+                continue
+            choice = chunk.choices[0]
+            if choice.finish_reason:
+                self.finish = choice.finish_reason
+            delta = choice.delta
+            if delta is None:
+                continue
+            if delta.content:
+                self._text_delta(delta.content, out)
+            if delta.tool_calls:
+                for td in delta.tool_calls:
+                    self._tool_delta(td, out)
+        return b"".join(out)
+
+    def _text_delta(self, piece: str, out: list[bytes]) -> None:
+        if self.text is None:
+            self._close_tool(out)
+            item = _message_item(new_id("msg_"), "", status="in_progress")
+            self.output.append(item)
+            self.text = []
+            idx = len(self.output) - 1
+            out.append(self._ev("response.output_item.added", {"output_index": idx, "item": item}))
+            out.append(self._ev("response.content_part.added", {"item_id": item["id"], "output_index": idx,
+                                                                 "content_index": 0, "part": _text_part("")}))
+        self.text.append(piece)
+        out.append(self._ev("response.output_text.delta", {"item_id": self.output[-1]["id"],
+                                                            "output_index": len(self.output) - 1,
+                                                            "content_index": 0, "delta": piece, "logprobs": []}))
+
+    def _close_text(self, out: list[bytes]) -> None:
+        if self.text is None:
+            return
+        idx = max(i for i, it in enumerate(self.output) if it["type"] == "message")
+        item = self.output[idx]
+        text = "".join(self.text)
+        self.text = None
+        item["status"] = "completed"
+        item["content"] = [_text_part(text)]
+        common = {"item_id": item["id"], "output_index": idx, "content_index": 0}
+        out.append(self._ev("response.output_text.done", {**common, "text": text, "logprobs": []}))
+        out.append(self._ev("response.content_part.done", {**common, "part": _text_part(text)}))
+        out.append(self._ev("response.output_item.done", {"output_index": idx, "item": item}))
+
+    def _tool_delta(self, td: Any, out: list[bytes]) -> None:
+        item = self.tools.get(td.index)
+        fn = td.function
+        if item is None:
+            self._close_text(out)
+            self._close_tool(out)
+            item = _call_item(new_id("fc_"), td.id or new_id("call_"), (fn.name if fn else None) or "", "",
+                              status="in_progress")
+            self.output.append(item)
+            self.tools[td.index] = item
+            self.open_tool = td.index
+            out.append(self._ev("response.output_item.added", {"output_index": len(self.output) - 1,
+                                                                "item": item}))
+        elif fn is not None and fn.name and not item["name"]:
+            item["name"] = fn.name
+        if fn is not None and fn.arguments:
+            item["arguments"] += fn.arguments
+            out.append(self._ev("response.function_call_arguments.delta",
+                                {"item_id": item["id"], "output_index": self.output.index(item),
+                                 "delta": fn.arguments}))
+
+    def _close_tool(self, out: list[bytes]) -> None:
+        if self.open_tool is None:
+            return
+        item = self.tools[self.open_tool]
+        self.open_tool = None
+        idx = self.output.index(item)
+        item["status"] = "completed"
+        out.append(self._ev("response.function_call_arguments.done",
+                            {"item_id": item["id"], "output_index": idx, "name": item["name"],
+                             "arguments": item["arguments"]}))
+        out.append(self._ev("response.output_item.done", {"output_index": idx, "item": item}))
+
+    def done(self, stats: Any) -> bytes:
+        out: list[bytes] = []
+        self._close_text(out)
+        self._close_tool(out)
+        response = _response(self.ex, status="completed", output=self.output, usage=_usage(stats.usage),
+                             finish=self.finish)
+        _keep(self.ex, response, self.output)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        out.append(self._ev(kind, {"response": response}))
+        return b"".join(out)
+
+    def error(self, message: str, code: str | None, type_: str) -> bytes:
+        # The top-level "error" object is what makes the openai SDK raise on this event.
+        err = self._ev("error", {"code": code, "message": message, "param": None,
+                                 "error": {"type": type_, "code": code, "message": message, "param": None}})
+        failed = _response(self.ex, status="failed", output=self.output, usage=None,
+                           error={"code": "server_error", "message": message})
+        return err + self._ev("response.failed", {"response": failed})
+
+
+# ------------------------------------------------------------------- handlers
+
+
+def _owner(request: web.Request) -> str | None:
+    return request[DRAFT].get("key_id")
+
+
+async def create(request: web.Request) -> web.StreamResponse:
+    req = parse_request(await read_body(request))
+    store = request.app[STORE]
+    owner = _owner(request)
+    history: list[dict[str, Any]] = []
+    if req.previous_response_id is not None:
+        prev = store.get(req.previous_response_id, owner, time.monotonic())
+        if prev is None:
+            raise BadRequest(f"Previous response with id '{req.previous_response_id}' not found.",
+                             param="previous_response_id", code="previous_response_not_found")
+        history = _decode(prev.history)
+    body, convo = to_chat(req, history)
+    ex = Exchange(id=new_id("resp_"), created_at=int(time.time()), req=req, convo=convo,
+                  store=store if req.store is not False else None, owner=owner)
+    call = ResponsesCall(op="chat", model=req.model, body=body, stream=bool(req.stream), operation="responses",
+                         exchange=ex)
+    return await serve(request, RESPONSES, call)
+
+
+async def retrieve(request: web.Request) -> web.Response:
+    rid = request.match_info["id"]
+    request[DRAFT].set(surface=RESPONSES.name, operation="responses.get")
+    stored = request.app[STORE].get(rid, _owner(request), time.monotonic())
+    if stored is None:
+        raise NotFound(f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
+    return web.Response(body=stored.response, content_type="application/json")
+
+
+async def delete(request: web.Request) -> web.Response:
+    rid = request.match_info["id"]
+    request[DRAFT].set(surface=RESPONSES.name, operation="responses.delete")
+    store = request.app[STORE]
+    if store.get(rid, _owner(request), time.monotonic()) is None:
+        raise NotFound(f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
+    store.pop(rid)
+    return web.Response(body=_encode({"id": rid, "object": "response.deleted", "deleted": True}),
+                        content_type="application/json")
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        RESPONSES.route("POST", "/v1/responses", create),
+        RESPONSES.route("GET", "/v1/responses/{id}", retrieve),
+        RESPONSES.route("DELETE", "/v1/responses/{id}", delete),
+    ]
+
+
+def setup(app: web.Application) -> None:
+    """The Responses routes and the node's store of responses, on ``app``."""
+    s = app[SETTINGS]
+    app[STORE] = ResponseStore(max_entries=s.responses_store_max_entries, max_bytes=s.responses_store_max_bytes,
+                               ttl_s=s.responses_store_ttl_s)
+    app.router.add_routes(routes())

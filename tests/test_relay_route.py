@@ -277,3 +277,74 @@ async def test_the_lan_route_wins_and_the_relay_is_the_fallback(start_node, fake
         assert raw.parse().choices[0].message.content == "Hello, world!"
     finally:
         await proxy.close()
+
+
+async def test_busy_streams_share_batches_and_every_byte_arrives(start_node, fake, http, client_for, relay) -> None:
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url, tokens=[f"t{i} " for i in range(200)])
+    client = client_for(a)
+
+    async def one() -> str:
+        stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    texts = await asyncio.gather(*(one() for _ in range(64)))
+    assert texts == ["".join(f"t{i} " for i in range(200))] * 64  # nothing lost, reordered or doubled
+    served = b.cluster.relay  # type: ignore[union-attr]
+    assert served is not None and served.batching
+    assert served.batches_sent > 0 and served.batched_items > 2 * served.batches_sent  # several streams per message
+
+
+async def test_a_malformed_batch_from_a_peer_ends_only_that_session(start_node, fake, http, client_for, relay) -> None:
+    from relay import wire
+
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    client = client_for(a)
+    await client.chat.completions.create(model=MODEL, messages=MSGS)  # a Noise session between A and B exists
+    link = a.cluster.relay  # type: ignore[union-attr]
+    b_id = b.cluster.node_id  # type: ignore[union-attr]
+    sealed = link._sessions[b_id].send.seal(b"\xc1 not msgpack")  # authentic (sealed in the session), malformed
+    assert link._ws is not None
+    await link._ws.send(wire.encode(wire.Batch(peer=b_id, payload=sealed)))
+    await asyncio.sleep(0.2)
+    # B dropped the session it cannot trust; the next request handshakes anew and is served
+    out = await client.chat.completions.create(model=MODEL, messages=MSGS)
+    assert out.choices[0].message.content
+
+
+async def test_the_in_memory_pipe_refuses_a_head_that_would_break_its_lines(start_node) -> None:
+    from quorum_node.cluster.pipe import PipeError, serve_in_memory
+
+    node = await start_node()
+    ok = await serve_in_memory(node.http_server, "GET", "/health", [("Accept", "application/json")], b"")
+    body = b""
+    while chunk := await ok.content.readany():
+        body += chunk
+    assert ok.status == 200 and json.loads(body)["status"] == "ok"
+    for method, path, headers in (
+        ("GET", "/health", [("X-A", "1\r\nX-Injected: yes")]),
+        ("GET", "/health HTTP/1.1\r\nX-Injected: yes", []),
+        ("GET\r\n", "/health", []),
+        ("GET", "/health", [("Bad Name", "1")]),
+    ):
+        with pytest.raises(PipeError):
+            await serve_in_memory(node.http_server, method, path, headers, b"")
+
+
+async def test_the_in_memory_pipe_holds_back_a_big_answer_for_a_slow_reader(start_node, fake) -> None:
+    from quorum_node.cluster import pipe
+
+    eng = await fake("vllm", tokens=["x" * 1000] * 3000)  # ~3 MB of answer
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    body = json.dumps({"model": MODEL, "messages": MSGS, "stream": True}).encode()
+    resp = await pipe.serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
+                                      [("Content-Type", "application/json")], body)
+    assert resp.status == 200
+    await asyncio.sleep(0.5)  # read nothing: the server must wait for us, not buffer the answer
+    held = resp._t.get_write_buffer_size()
+    await asyncio.sleep(0.5)
+    # what waits is a bounded few batches (paused at HIGH; aiohttp drains every 64 KiB), not the 3 MB answer
+    assert resp._t.get_write_buffer_size() == held < 1024 * 1024
+    data = b""
+    while chunk := await resp.content.readany():
+        data += chunk
+    assert data.count(b"x" * 1000) == 3000 and data.endswith(b"data: [DONE]\n\n")

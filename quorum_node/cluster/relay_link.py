@@ -37,6 +37,8 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 from websockets.asyncio.client import ClientConnection, connect
@@ -47,7 +49,7 @@ from relay import wire
 from ..backoff import Backoff
 from .noise import Handshake, NoiseError, NumberedReceiver, NumberedSender
 
-__all__ = ["CHUNK", "WINDOW", "RelayBody", "RelayLink", "RelayResponse", "psk_from_sign_key"]
+__all__ = ["CHUNK", "WINDOW", "RelayBody", "RelayLink", "RelayResponse", "relay_psk"]
 
 log = structlog.get_logger(__name__)
 
@@ -90,9 +92,16 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-def psk_from_sign_key(sign_key: bytes) -> bytes:
-    """The Noise pre-shared key: its own derivation label, never the signing key itself."""
-    return hashlib.sha256(b"quorum/v1/relay-noise-psk\x00" + sign_key).digest()
+def relay_psk(secret: bytes) -> bytes:
+    """The Noise pre-shared key: HKDF-SHA256 of the cluster secret under its own label.
+
+    Never related to the request-signing key (another label of the same HKDF);
+    every node of the cluster derives the same one, nobody else can.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"quorum/v1/relay", info=_PSK_INFO).derive(secret)
+
+
+_PSK_INFO = b"quorum/v1/relay-noise-psk"
 
 
 class RelayLinkError(ConnectionError):

@@ -150,3 +150,18 @@ def test_numbered_messages_too_old_forged_or_flipped_are_rejected() -> None:
     renumbered[0] ^= 1  # the nonce is authenticated too
     with pytest.raises(NoiseError):
         recv.open(bytes(renumbered))
+
+
+def test_the_relay_psk_is_hkdf_of_the_secret_under_its_own_label() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from quorum_node.cluster.relay_link import relay_psk
+    from quorum_node.cluster.signing import derive_keys
+
+    secret = b"s" * 32
+    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"quorum/v1/relay",
+                    info=b"quorum/v1/relay-noise-psk").derive(secret)
+    assert relay_psk(secret) == expected
+    assert relay_psk(secret) != derive_keys(secret).sign_key  # never the signing key
+    assert relay_psk(b"t" * 32) != relay_psk(secret)  # another cluster, another key

@@ -53,7 +53,7 @@ from .peers import (
     PeerUp,
 )
 from .scoring import RetryBudget, pick
-from .relay_link import RelayLink, psk_from_sign_key
+from .relay_link import RelayLink, relay_psk
 from .signing import ANY_DESTINATION, HOP_HEADER, ORIGIN_HEADER, ReplayGuard, VerifyResult, sign, verify_head
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class ClusterService:
         if self.settings.relay and self.settings.relay_token:
             self.relay = RelayLink(
                 url=self.settings.relay, token=self.settings.relay_token, node_id=self.node_id,
-                psk=psk_from_sign_key(self.keys.sign_key), on_presence=self._on_relay_presence,
+                psk=relay_psk(self.membership.secret), on_presence=self._on_relay_presence,
                 serve=self._serve_relayed, max_request_bytes=self.settings.max_body_bytes,
             )
             await self.relay.start()

@@ -23,7 +23,7 @@ __all__ = ["main"]
 # Flags spelled by hand; every other Settings field gets --dashed-name automatically.
 _EXPLICIT = {
     "host", "port", "name", "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
-    "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token",
+    "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token", "ledger", "metrics",
     "cors_origins",
 }
 
@@ -55,6 +55,9 @@ def _add_run(sub: Any) -> None:
                    help="a quorum-relay to join peers on other networks through (ws:// or wss://)")
     p.add_argument("--relay-token", dest="relay_token", default=S, metavar="TOKEN",
                    help="the relay's admission token (prefer env QUORUM_RELAY_TOKEN: it stays out of ps)")
+    p.add_argument("--no-ledger", dest="ledger", action="store_false", default=S,
+                   help="keep no usage ledger (SQLite in the data dir)")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", default=S, help="no GET /metrics")
     p.add_argument("--cors-origins", dest="cors_origins", default=S, metavar="ORIGIN,...",
                    type=lambda v: [o.strip() for o in v.split(",") if o.strip()],
                    help="web origins whose pages may call the node (default none; * is any page: unsafe)")
@@ -218,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine.cli import add_engine_commands
 
     add_engine_commands(sub)
+    from .control.usage_cli import add_usage_command
+
+    add_usage_command(sub)
     return parser
 
 

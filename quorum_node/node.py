@@ -24,6 +24,8 @@ from .settings import BackendSpec, Settings
 if TYPE_CHECKING:
     from .cluster.membership import Cluster
     from .cluster.service import ClusterService
+    from .control.ledger import Ledger
+    from .control.metrics import NodeMetrics
     from .engine.supervisor import LlamaServerProcess
 
 __all__ = ["Node", "serve_forever"]
@@ -45,6 +47,13 @@ class Node:
         self._runner: NodeRunner | None = None
         self.inflight = InFlight()
         self.records = Records()  # every request's record goes to its sinks (log line, ledger, metrics)
+        self.ledger: Ledger | None = None  # opened in start (control/ledger.py)
+        self.metrics: NodeMetrics | None = None
+        if settings.metrics:
+            from .control.metrics import NodeMetrics
+
+            self.metrics = NodeMetrics(self)
+            self.records.add(self.metrics.observe)
         self.limits = ConnectionLimits(
             header_timeout_s=settings.header_timeout_s, keepalive_timeout_s=settings.keepalive_timeout_s,
             max_per_address=settings.max_connections_per_address,
@@ -65,6 +74,14 @@ class Node:
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     async def start(self) -> None:
+        if self.settings.ledger and self.ledger is None:
+            from .control.ledger import LEDGER_FILE, Ledger
+
+            ledger = Ledger(Path(self.settings.data_dir) / LEDGER_FILE,
+                            retention_days=self.settings.ledger_retention_days)
+            await ledger.open()
+            self.ledger = ledger
+            self.records.add_durable(ledger.write)
         await self.registry.start()
         if self.cluster is not None:
             self.router.peer_planner = self.cluster.plan
@@ -159,6 +176,9 @@ class Node:
         if self.embedded is not None:
             await self.embedded.stop()
         await self.registry.close()
+        if self.ledger is not None:  # last: every record of the drained requests is in it
+            self.records.remove_durable(self.ledger.write)
+            await self.ledger.close()
         log.info("node_stopped", node=self.name)
 
 

@@ -94,6 +94,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # the relay (quorum-relay) that joins this node to peers on other networks
     relay: str | None = None
     relay_token: str | None = None
+    # the usage ledger (SQLite in data_dir) and the Prometheus metrics (GET /metrics)
+    ledger: bool = True
+    ledger_retention_days: float = 90.0  # 0: keep every record
+    metrics: bool = True
     # browsers (api/cors.py): origins whose pages may call the node; "*" is any page (unsafe with loopback trust)
     cors_origins: tuple[str, ...] = ()
     # the Responses API's stored responses (api/responses.py): in memory, bounded
@@ -255,6 +259,8 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("drain_timeout_s: must not be negative")
     if s.max_attempts < 1:
         raise ConfigError("max_attempts: must be at least 1")
+    if not s.ledger_retention_days >= 0:
+        raise ConfigError("ledger_retention_days: must not be negative (0 keeps every record)")
     if s.cors_origins:
         s = msgspec.structs.replace(s, cors_origins=tuple(dict.fromkeys(normalize_origin(o) for o in s.cors_origins)))
     if s.responses_store_max_entries < 0 or s.responses_store_max_bytes < 0 or s.responses_store_ttl_s <= 0:

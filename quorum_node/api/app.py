@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
+from ..control import metrics, usage
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
 from . import anthropic, cors, openai, responses
@@ -156,6 +157,7 @@ def create_app(node: Node) -> web.Application:
     app[SETTINGS] = node.settings
     app[INFLIGHT] = node.inflight
     app.router.add_routes(openai.routes())
+    app.router.add_routes([*usage.routes(), *metrics.routes()])  # the usage ledger's endpoints, /metrics
     responses.setup(app)  # /v1/responses (the Responses API) and its store
     anthropic.setup(app)  # /v1/messages (the Anthropic Messages API)
     if node.cluster is not None:

@@ -414,7 +414,9 @@ class OpenAICompatBackend(Backend):
         payload_out = self._fix_json(op, obj, body, model)
         if stream:
             # The engine ignored stream=true; replay its answer as a stream.
-            return StreamReply(_replay_as_stream(op, payload_out, want_usage), StreamStats())
+            stats = StreamStats()
+            stats.usage = payload_out.get("usage") if isinstance(payload_out.get("usage"), dict) else None
+            return StreamReply(_replay_as_stream(op, payload_out, want_usage), stats)
         return JsonReply(payload_out, payload_out.get("usage"))
 
     def _fix_json(self, op: Op, obj: dict[str, Any], body: dict[str, Any], model: Model) -> dict[str, Any]:
@@ -602,4 +604,3 @@ async def _replay_as_stream(op: Op, obj: dict[str, Any], want_usage: bool) -> As
     if want_usage and obj.get("usage"):
         events.append(_encode({**base, "object": obj_name, "choices": [], "usage": obj["usage"]}))
     yield events
-

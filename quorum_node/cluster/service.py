@@ -33,6 +33,7 @@ from ..backends.base import BackendState, Caller, JsonReply, Op, Reply, StreamRe
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
 from ..backends.sse import StreamNormalizer
 from ..backends.upstream import read_capped, read_error_body, read_whole
+from ..control.usage import peer_usage
 from ..errors import ApiError, EngineRejected, EngineUnavailable
 from .membership import Cluster, load_or_create_node_id
 from .links import HttpLink, PeerLink, RelayPeerLink
@@ -287,6 +288,7 @@ class ClusterService:
             web.get("/quorum/v1/health", self._h_health),
             web.get("/quorum/v1/catalog", self._h_catalog),
             web.get("/quorum/v1/peers", self._h_peers),
+            web.get("/quorum/v1/usage", peer_usage),  # this node's ledger, for a peer summing the cluster
         ]
 
     def _require_peer(self, request: web.Request) -> None:
@@ -472,6 +474,9 @@ class PeerTarget:
 
         svc = self.service
         path = PATHS[op]
+        if stream:  # as from an engine: always ask for usage (the record counts it), strip it if unwanted
+            opts = body.get("stream_options")
+            body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
         data = _encode(body)
         headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id)
         headers["Content-Type"] = "application/json"

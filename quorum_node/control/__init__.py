@@ -1,0 +1,1 @@
+"""Control plane: API keys, the usage ledger, metrics, the dashboard."""

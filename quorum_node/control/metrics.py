@@ -1,0 +1,165 @@
+"""Prometheus metrics of one node (``GET /metrics``), from the request records and the node's live state.
+
+Counters and histograms are a record sink (``node.records.add(metrics.observe)``):
+they read the facts the record has, never compute their own. What is a state
+rather than an event (in-flight requests, engine, peer and relay states, the
+ledger's queue) is read at scrape time by a custom collector.
+
+Each node has its own ``CollectorRegistry`` (tests run several nodes in one
+process; the global registry would mix them).
+
+Labels are bounded: ``model`` is a model some holder in the cluster knows
+(the request was served, or the name is in the catalog), else ``unknown``;
+``route``, ``surface`` and ``status`` come from the node's own code, and
+peer and engine names from the cluster's members and the node's settings.
+A client's string never becomes a label of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..backends.base import BackendState
+from ..records import Record
+
+if TYPE_CHECKING:
+    from ..node import Node
+
+__all__ = ["NodeMetrics", "routes"]
+
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_MAX_LABEL = 200
+_KNOWN_TTL_S = 1.0
+_RELAY_STATES = ("connecting", "up", "refused", "down")
+_PEER_STATES = ("up", "suspect", "down")
+
+
+class NodeMetrics:
+    """The metrics of one node: ``observe`` is the record sink, ``render`` the exposition."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter("quorum_requests", "Requests, by surface, model, route and status",
+                                ("surface", "model", "route", "status"), registry=r)
+        self.tokens = Counter("quorum_tokens", "Tokens, by direction (in: prompt, out: completion) and model",
+                              ("direction", "model"), registry=r)
+        self.ttft = Histogram("quorum_time_to_first_token_seconds",
+                              "Time to the first token (to the whole answer, for a non-streamed one)",
+                              ("model", "route"), buckets=TTFT_BUCKETS_S, registry=r)
+        self.duration = Histogram("quorum_request_duration_seconds", "Request duration, arrival to last byte",
+                                  ("model", "route"), buckets=DURATION_BUCKETS_S, registry=r)
+        r.register(_StateCollector(node))
+        self._known: frozenset[str] = frozenset()
+        self._known_at = -1e9
+
+    def _known_models(self) -> frozenset[str]:
+        now = time.monotonic()
+        if now - self._known_at > _KNOWN_TTL_S:
+            try:
+                self._known = frozenset(self.node.router.known_models())
+            except Exception:  # a half-started node: no catalog yet
+                self._known = frozenset()
+            self._known_at = now
+        return self._known
+
+    def model_label(self, r: Record) -> str:
+        m = r.model
+        if not m:
+            return "none"
+        if len(m) > _MAX_LABEL:
+            return "unknown"
+        if r.route is not None:  # a holder accepted it: a catalog name (or one of its aliases)
+            return m
+        return m if m in self._known_models() else "unknown"
+
+    def observe(self, r: Record) -> None:
+        """The record sink: a few dictionary lookups and additions on the event loop."""
+        model = self.model_label(r)
+        route = r.route or "none"
+        self.requests.labels(r.surface or "none", model, route, str(r.status)).inc()
+        if r.prompt_tokens:
+            self.tokens.labels("in", model).inc(r.prompt_tokens)
+        if r.completion_tokens:
+            self.tokens.labels("out", model).inc(r.completion_tokens)
+        if r.ttft_ms is not None:
+            self.ttft.labels(model, route).observe(r.ttft_ms / 1000)
+        if r.surface is not None:
+            self.duration.labels(model, route).observe(r.duration_ms / 1000)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """What the node is now, read when Prometheus scrapes."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Any]:
+        node = self.node
+        yield GaugeMetricFamily("quorum_in_flight", "Requests being answered now", value=len(node.inflight))
+        engines = GaugeMetricFamily("quorum_engine_state", "Each engine's state (1: the current one)",
+                                    labels=("engine", "kind", "state"))
+        load = GaugeMetricFamily("quorum_engine_in_flight", "Requests each engine is serving now",
+                                 labels=("engine", "kind"))
+        for b in list(node.registry.backends.values()):
+            for st in BackendState:
+                engines.add_metric((b.name, b.kind, st.value), 1.0 if b.state is st else 0.0)
+            load.add_metric((b.name, b.kind), float(getattr(b, "in_flight", 0)))
+        yield engines
+        yield load
+        cluster = node.cluster
+        if cluster is not None:
+            peers = GaugeMetricFamily("quorum_peer_state", "Each peer's state as this node sees it (1: current)",
+                                      labels=("peer", "state"))
+            pin = GaugeMetricFamily("quorum_peer_in_flight", "Requests forwarded to each peer now", labels=("peer",))
+            for p in cluster.table.all():
+                name = (p.info.name or p.node_id)[:_MAX_LABEL]
+                for st in _PEER_STATES:
+                    peers.add_metric((name, st), 1.0 if p.state.value == st else 0.0)
+                pin.add_metric((name,), float(p.in_flight))
+            yield peers
+            yield pin
+            relay = cluster.relay
+            if relay is not None:
+                rs = GaugeMetricFamily("quorum_relay_state", "The relay connection's state (1: current)",
+                                       labels=("state",))
+                for st in _RELAY_STATES:
+                    rs.add_metric((st,), 1.0 if relay.state == st else 0.0)
+                yield rs
+                yield GaugeMetricFamily("quorum_relay_connected", "1 while the relay connection is up",
+                                        value=1.0 if relay.state == "up" else 0.0)
+        ledger = getattr(node, "ledger", None)
+        if ledger is not None:
+            yield GaugeMetricFamily("quorum_ledger_queued", "Records waiting for the ledger's writer",
+                                    value=ledger.queued)
+            yield CounterMetricFamily("quorum_ledger_records_written", "Records committed to the ledger",
+                                      value=ledger.written)
+            yield CounterMetricFamily("quorum_ledger_records_dropped",
+                                      "Records not stored: the writer was too far behind, or the insert failed",
+                                      value=ledger.dropped + ledger.failed)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    from ..api.keys import NODE
+    from ..errors import NotFound
+
+    metrics = getattr(request.app[NODE], "metrics", None)
+    if metrics is None:
+        raise NotFound("Metrics are off on this node (it runs with --no-metrics)", code="metrics_off")
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def routes() -> list[web.RouteDef]:
+    return [web.get("/metrics", metrics_handler)]

@@ -1,0 +1,116 @@
+"""``quorum-node usage``: totals from the usage ledger.
+
+Reads the running node's admin endpoint (``/quorum/admin/usage``); with no
+node running, opens the ledger file in the data dir read-only. ``--cluster``
+needs a running node: it asks every peer for its share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import msgspec
+
+from .ledger import BY, LEDGER_FILE, open_readonly, query_rows
+from .usage import parse_since
+
+__all__ = ["add_usage_command", "cmd_usage"]
+
+
+def add_usage_command(sub: Any) -> None:
+    p = sub.add_parser("usage", help="print usage totals from the ledger (requests, tokens, errors)",
+                       description="Usage totals from the ledger: of this node, or of the whole cluster.")
+    p.add_argument("--since", default=None, metavar="WHEN",
+                   help="a duration back from now (1h, 7d) or an ISO date (2025-05-01); default: everything")
+    p.add_argument("--by", default="model", choices=tuple(BY), help="group by (default: model)")
+    p.add_argument("--cluster", action="store_true",
+                   help="sum over every reachable node of the cluster (each request counted once)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where the ledger is when no node runs (default ~/.local/share/quorum)")
+    p.set_defaults(func=cmd_usage)
+
+
+def _from_node(url: str, since: float | None, by: str, cluster: bool) -> dict[str, Any]:
+    q = {"by": by}
+    if since is not None:
+        q["since"] = f"{since:.3f}"
+    if cluster:
+        q["cluster"] = "1"
+    req = urllib.request.Request(f"{url}/quorum/admin/usage?{urllib.parse.urlencode(q)}",
+                                 headers={"Accept": "application/json"})
+    timeout = 15 if cluster else 10
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _no_node(e: urllib.error.URLError) -> bool:
+    return isinstance(e.reason, ConnectionRefusedError) or (
+        isinstance(e.reason, OSError) and e.reason.errno in (111, 61, 10061))
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read())["error"]["message"]
+    except Exception:
+        return f"HTTP {e.code}"
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from ..cli import _data_dir, _node_url, _table
+
+    try:
+        since = parse_since(args.since)
+    except ValueError as e:
+        print(f"quorum-node: {e}", file=sys.stderr)
+        return 2
+    url = _node_url(args)
+    try:
+        data = _from_node(url, since, args.by, args.cluster)
+        source = f"node at {url}"
+    except urllib.error.HTTPError as e:
+        print(f"quorum-node: {url}: {_error_message(e)}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        if not (isinstance(e, urllib.error.URLError) and _no_node(e)) or args.cluster:
+            why = "--cluster needs a running node; " if args.cluster else ""
+            print(f"quorum-node: {why}cannot reach the node at {url}: {e}", file=sys.stderr)
+            return 1
+        path = _data_dir(args) / LEDGER_FILE
+        if not path.exists():
+            print(f"quorum-node: no node at {url} and no ledger at {path}", file=sys.stderr)
+            return 1
+        try:
+            conn = open_readonly(path)
+            try:
+                rows = query_rows(conn, since, args.by, entry_only=True)
+            finally:
+                conn.close()
+        except sqlite3.Error as e2:
+            print(f"quorum-node: ledger {path}: {e2}", file=sys.stderr)
+            return 1
+        data = {"by": args.by, "since": since, "rows": [msgspec.structs.asdict(r) for r in rows], "nodes": [],
+                "unreachable": []}
+        source = f"ledger {path} (no node running)"
+    data["source"] = source
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = data["rows"]
+    total = [sum(r[k] for r in rows) for k in ("requests", "prompt_tokens", "completion_tokens", "errors")]
+    table = [[r["group"], str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]), str(r["errors"])]
+             for r in rows]
+    table.append(["TOTAL", *map(str, total)])
+    print(_table(table, [args.by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS"]))
+    print(f"from the {source}" + (f"; nodes: {', '.join(data.get('nodes') or [])}" if args.cluster else ""))
+    for u in data.get("unreachable") or []:
+        print(f"unreachable: {u['node']} ({u['error']})")
+    return 0

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ __all__ = ["main"]
 
 # Flags spelled by hand; every other Settings field gets --dashed-name automatically.
 _EXPLICIT = {
-    "host", "port", "name", "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
+    "host", "port", "ollama_port", "name",
+    "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
     "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token", "ledger", "metrics",
     "cors_origins",
 }
@@ -34,6 +36,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--config", default=S, metavar="FILE", help="TOML config file (env QUORUM_CONFIG)")
     p.add_argument("--host", default=S, help="address to bind (default 0.0.0.0; non-loopback callers need a key)")
     p.add_argument("--port", type=int, default=S, help="port (default 32768)")
+    p.add_argument("--ollama-port", dest="ollama_port", type=int, default=S, metavar="PORT",
+                   help="also serve the API on this port, for tools that hard-code Ollama's (e.g. 11435; default off)")
     p.add_argument("--name", default=S, help="this node's name (default: hostname)")
     p.add_argument("--data-dir", default=S, metavar="DIR", help="state directory (default ~/.local/share/quorum)")
     p.add_argument("--backend", dest="backends", action="append", type=_backend, default=S, metavar="KIND=URL",
@@ -137,6 +141,20 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _since(epoch: Any) -> str:
+    """How long a peer has been online, for people: ``42s``, ``5m``, ``3h12m``, ``2d4h`` (``-``: it is not)."""
+    if not isinstance(epoch, (int, float)) or isinstance(epoch, bool):
+        return "-"
+    s = max(0, int(time.time() - epoch))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
 def cmd_peers(args: argparse.Namespace) -> int:
     try:
         data = _get(_node_url(args) + "/quorum/v1/peers")
@@ -151,12 +169,14 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return 1
     rows = [
         [p["name"], p["node_id"], p["address"] or "-", ",".join(p.get("routes") or [p["route"]]), p["state"],
-         str(len(p["models"])), str(p["in_flight"]),
+         _since(p.get("since")), str(len(p["models"])), str(p["in_flight"]),
+         "-" if p.get("load") is None else str(p["load"]),
          f"{p['last_seen_s']:.1f}s ago" if p.get("last_seen_s") is not None else "-",
          f"{p['rtt_ms']:.1f}ms" if p.get("rtt_ms") is not None else "-"]
         for p in data["peers"]
     ]
-    print(_table(rows, ["NAME", "ID", "ADDRESS", "ROUTES", "STATE", "MODELS", "IN-FLIGHT", "LAST SEEN", "RTT"]))
+    print(_table(rows, ["NAME", "ID", "ADDRESS", "ROUTES", "STATE", "SINCE", "MODELS", "IN-FLIGHT", "LOAD",
+                        "LAST SEEN", "RTT"]))
     relay = data.get("relay")
     if relay:
         online = ", ".join(relay.get("online") or []) or "nobody else"

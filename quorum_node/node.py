@@ -59,6 +59,7 @@ class Node:
             max_per_address=settings.max_connections_per_address,
         )
         self.port: int = 0
+        self.ollama_port: int | None = None  # the second listener (--ollama-port), once bound
         self._stopped = False
         membership = _membership(settings)
         if membership is not None:
@@ -101,6 +102,12 @@ class Node:
         assert server is not None
         sockets: list[socket.socket] = list(getattr(server, "sockets", ()))
         self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        if self.settings.ollama_port is not None:  # the same app on a second port (tools that hard-code Ollama's)
+            extra = web.TCPSite(self._runner, self.settings.host, self.settings.ollama_port, backlog=1024,
+                                reuse_address=True)
+            await extra.start()
+            bound = list(getattr(extra._server, "sockets", ()))
+            self.ollama_port = bound[0].getsockname()[1] if bound else self.settings.ollama_port
         if self.cluster is not None:
             await self.cluster.start()
         if self._wants_embedded():

@@ -56,6 +56,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     host: str = "0.0.0.0"
     port: int = 32768
+    ollama_port: int | None = None  # a second port for the same API (the Ollama surface's tools: 11435); None: off
     name: str = ""
     data_dir: str = ""
     backends: tuple[BackendSpec, ...] = ()
@@ -227,6 +228,8 @@ def _validate(s: Settings) -> Settings:
         _check_url(where, b.url)
     if not (0 <= s.port <= 65535):
         raise ConfigError(f"port: {s.port} is not a TCP port")
+    if s.ollama_port is not None and not (0 <= s.ollama_port <= 65535):
+        raise ConfigError(f"ollama_port: {s.ollama_port} is not a TCP port")
     for p in s.detect_ports:
         if not (0 < p <= 65535):
             raise ConfigError(f"detect_ports: {p} is not a TCP port")
@@ -259,12 +262,12 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("drain_timeout_s: must not be negative")
     if s.max_attempts < 1:
         raise ConfigError("max_attempts: must be at least 1")
-    if not s.ledger_retention_days >= 0:
-        raise ConfigError("ledger_retention_days: must not be negative (0 keeps every record)")
     if s.cors_origins:
         s = msgspec.structs.replace(s, cors_origins=tuple(dict.fromkeys(normalize_origin(o) for o in s.cors_origins)))
     if s.responses_store_max_entries < 0 or s.responses_store_max_bytes < 0 or s.responses_store_ttl_s <= 0:
         raise ConfigError("responses_store_*: entries and bytes must not be negative, the TTL must be positive")
+    if not s.ledger_retention_days >= 0:
+        raise ConfigError("ledger_retention_days: must not be negative (0 keeps every record)")
     return s
 
 

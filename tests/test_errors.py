@@ -186,7 +186,7 @@ async def test_wrong_method_is_405(start_node: StartNode, fake: StartFake,
 async def test_unknown_path_is_404(start_node: StartNode, fake: StartFake,
                                    http: aiohttp.ClientSession) -> None:
     eng, node = await vllm_node(start_node, fake)
-    for path in ("/v1/nope", "/v2/chat/completions", "/"):
+    for path in ("/v1/nope", "/v2/chat/completions", "/nope"):  # "/" is the Ollama surface's (test_ollama_surface)
         async with http.post(node.url + path, json={}) as resp:
             assert resp.status == 404, path
             err = assert_openai_error(await resp.json(), type_="invalid_request_error",

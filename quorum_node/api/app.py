@@ -14,7 +14,7 @@ from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
 from ..control import metrics, usage
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
-from . import anthropic, cors, openai, responses
+from . import anthropic, cors, ollama, openai, responses
 from .body import PEER_AUTH
 from .keys import DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
 from .surface import OPENAI, surface_of
@@ -124,6 +124,8 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
         verified, from loopback too: forwarded requests are never forwarded on.
         """
         claims_peer = HEADER_SIGNATURE in request.headers or HOP_HEADER in request.headers
+        if getattr(request.match_info.handler, "public", False) and request.method in ("GET", "HEAD"):
+            return await handler(request)  # the dashboard's page and assets: no data, they ask for the key
         if not claims_peer and is_loopback(request.remote):
             return await handler(request)
         if node.cluster is not None and claims_peer:
@@ -157,11 +159,15 @@ def create_app(node: Node) -> web.Application:
     app[SETTINGS] = node.settings
     app[INFLIGHT] = node.inflight
     app.router.add_routes(openai.routes())
-    app.router.add_routes([*usage.routes(), *metrics.routes()])  # the usage ledger's endpoints, /metrics
     responses.setup(app)  # /v1/responses (the Responses API) and its store
     anthropic.setup(app)  # /v1/messages (the Anthropic Messages API)
+    app.router.add_routes(ollama.routes())  # the Ollama surface (/api/*, and / as Ollama answers it)
+    app.router.add_routes([*usage.routes(), *metrics.routes()])  # the usage ledger's endpoints, /metrics
     if node.cluster is not None:
         app.router.add_routes(node.cluster.routes())
+    from ..dashboard import setup as dashboard_setup  # the page; after the surfaces (``/`` is theirs)
+
+    dashboard_setup(app)
 
     async def provenance(request: web.Request, response: web.StreamResponse) -> None:
         h = response.headers

@@ -422,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 procs.append(a)
                 node_procs["lan"] = a
                 routes["lan"] = a_url
+            if "ledger" in wanted:  # B again with no ledger and no metrics: what they cost is local - bare
+                b0, b0_url = start_node_and_port("B0", f"{tmp}/B0", ["--backend", f"{kind}={engine_url}", *cluster,
+                                                                     "--no-ledger", "--no-metrics"])
+                procs.append(b0)
+                node_procs["bare"] = b0
+                routes["bare"] = b0_url
             if "relay" in wanted:  # node C reaches B only through the relay
                 c, c_url = start_node_and_port("C", f"{tmp}/C", [*cluster, *relay_args])
                 procs.append(c)
@@ -431,6 +437,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.engine == "fake":
             print(f"fake engine: {args.tokens} tokens per stream, {args.token_interval_ms:g} ms apart")
         report = _run(run_bench(args, routes, model, node_procs))
+        if "ledger" in wanted and "local_added_p50_ms" in report and "bare_added_p50_ms" in report:
+            print("\n== the ledger and metrics: local (on) against bare (--no-ledger --no-metrics)")
+            for what, key in (("added p50, non-streamed", "added_p50_ms"), ("added TTFT p50", "added_ttft_ms")):
+                on, off = report[f"local_{key}"], report[f"bare_{key}"]
+                print(f"  {what}: on {on:.3f} ms, off {off:.3f} ms, cost {on - off:+.3f} ms  (goal <= 0.1 ms)")
+                report[f"ledger_cost_{key}"] = on - off
+            for c in args.streams:
+                if f"local_ratio_{c}" in report and f"bare_ratio_{c}" in report:
+                    d = (report[f"local_ratio_{c}"] - report[f"bare_ratio_{c}"]) * 100
+                    print(f"  {c:4d} streams: on {report[f'local_ratio_{c}'] * 100:.1f} %, off "
+                          f"{report[f'bare_ratio_{c}'] * 100:.1f} % of direct, cost {-d:+.1f} points"
+                          + ("  (goal <= 1 %)" if c == 64 else ""))
+                    report[f"ledger_cost_ratio_{c}"] = -d / 100
         if args.json:
             print(json.dumps(report, indent=2))
     finally:

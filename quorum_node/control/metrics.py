@@ -59,6 +59,7 @@ class NodeMetrics:
         self.duration = Histogram("quorum_request_duration_seconds", "Request duration, arrival to last byte",
                                   ("model", "route"), buckets=DURATION_BUCKETS_S, registry=r)
         r.register(_StateCollector(node))
+        self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._known: frozenset[str] = frozenset()
         self._known_at = -1e9
 
@@ -83,18 +84,24 @@ class NodeMetrics:
         return m if m in self._known_models() else "unknown"
 
     def observe(self, r: Record) -> None:
-        """The record sink: a few dictionary lookups and additions on the event loop."""
+        """The record sink: a dictionary lookup and a few additions on the event loop."""
         model = self.model_label(r)
         route = r.route or "none"
-        self.requests.labels(r.surface or "none", model, route, str(r.status)).inc()
+        key = (r.surface or "none", model, route, r.status)
+        c = self._children.get(key)
+        if c is None:  # labels() takes a lock and builds a tuple: once per label set, not per request
+            c = self._children[key] = (
+                self.requests.labels(key[0], model, route, str(r.status)), self.tokens.labels("in", model),
+                self.tokens.labels("out", model), self.ttft.labels(model, route), self.duration.labels(model, route))
+        c[0].inc()
         if r.prompt_tokens:
-            self.tokens.labels("in", model).inc(r.prompt_tokens)
+            c[1].inc(r.prompt_tokens)
         if r.completion_tokens:
-            self.tokens.labels("out", model).inc(r.completion_tokens)
+            c[2].inc(r.completion_tokens)
         if r.ttft_ms is not None:
-            self.ttft.labels(model, route).observe(r.ttft_ms / 1000)
+            c[3].observe(r.ttft_ms / 1000)
         if r.surface is not None:
-            self.duration.labels(model, route).observe(r.duration_ms / 1000)
+            c[4].observe(r.duration_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -346,11 +346,75 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
     return report
 
 
+# ---------------------------------------------------------------------------
+# The Ollama surface against the OpenAI surface (issue 10): the same node, the same engine, one run
+
+
+async def one_ollama_stream(
+    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None
+) -> tuple[float, int, float]:
+    """(time to first token, content tokens, total time) of one streamed ``/api/chat`` (NDJSON)."""
+    options: dict[str, Any] = {"temperature": 0}
+    if max_tokens:
+        options["num_predict"] = max_tokens
+    body = {"model": model, "messages": CHAT["messages"], "stream": True, "options": options}
+    t0 = time.perf_counter()
+    ttft = -1.0
+    n = 0
+    buf = b""
+    async with session.post(base + "/api/chat", json=body) as r:
+        assert r.status == 200, (base, r.status, await r.text())
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if b'"done":false' in line and b'"content":""' not in line:
+                    if ttft < 0:
+                        ttft = time.perf_counter() - t0
+                    n += 1
+    return ttft, n, time.perf_counter() - t0
+
+
+async def surface_bench(args: argparse.Namespace, base: str, model: str) -> dict[str, float]:
+    """Time to first token and delivered tokens/s of the Ollama surface relative to the OpenAI surface."""
+    report: dict[str, float] = {}
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await wait_model(session, base, model)
+        kinds = {"openai": one_stream, "ollama": one_ollama_stream}
+        for fn in kinds.values():  # warm connections and code paths
+            for _ in range(10):
+                await fn(session, base, model, 4)
+        print(f"\n== the Ollama surface against the OpenAI surface, same node and engine (local route)")
+        tt: dict[str, list[float]] = {k: [] for k in kinds}
+        for _ in range(args.ttft_requests):  # interleaved, so drift hits both alike
+            for name, fn in kinds.items():
+                tt[name].append((await fn(session, base, model, 4))[0])
+        o, m = statistics.median(tt["openai"]), statistics.median(tt["ollama"])
+        print(f"  time to first token p50: openai {fmt_ms(o)}  ollama {fmt_ms(m)}  added {fmt_ms(m - o)}"
+              "  (goal <= 0.5 ms)")
+        report["ollama_added_ttft_ms"] = (m - o) * 1000
+        for c in args.streams:
+            samples: dict[str, list[float]] = {k: [] for k in kinds}
+            for _ in range(args.rounds or 3):
+                for name, fn in kinds.items():
+                    t0 = time.perf_counter()
+                    results = await asyncio.gather(*(fn(session, base, model, args.max_tokens) for _ in range(c)))
+                    samples[name].append(sum(n for _, n, _ in results) / (time.perf_counter() - t0))
+            rates = {k: statistics.median(v) for k, v in samples.items()}
+            ratio = rates["ollama"] / rates["openai"]
+            print(f"  {c:4d} streams: openai {rates['openai']:9.1f} tok/s | ollama {rates['ollama']:9.1f} tok/s"
+                  f" = {ratio * 100:5.1f} %" + ("  (goal >= 98 %)" if c == 64 else ""))
+            report[f"ollama_ratio_{c}"] = ratio
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("fake", "llama"), default="fake")
-    ap.add_argument("--routes", default="local,lan,relay", help="comma list of local, lan, relay")
+    ap.add_argument("--routes", default="local,lan,relay",
+                    help="comma list of local, lan, relay; ollama: the Ollama surface against the OpenAI one")
     ap.add_argument("--requests", type=int, default=300, help="non-streamed requests per route")
     ap.add_argument("--ttft-requests", type=int, default=100)
     ap.add_argument("--streams", default="1,16,64,256", help="concurrency levels")
@@ -436,7 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"engine: {args.engine} at {engine_url}; routes: {', '.join(routes)}")
         if args.engine == "fake":
             print(f"fake engine: {args.tokens} tokens per stream, {args.token_interval_ms:g} ms apart")
-        report = _run(run_bench(args, routes, model, node_procs))
+        report = _run(run_bench(args, routes, model, node_procs)) if len(routes) > 1 else {}
+        if "ollama" in wanted:
+            report.update(_run(surface_bench(args, b_url, model)))
         if "ledger" in wanted and "local_added_p50_ms" in report and "bare_added_p50_ms" in report:
             print("\n== the ledger and metrics: local (on) against bare (--no-ledger --no-metrics)")
             for what, key in (("added p50, non-streamed", "added_p50_ms"), ("added TTFT p50", "added_ttft_ms")):

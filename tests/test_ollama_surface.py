@@ -148,9 +148,14 @@ async def test_version_root_and_head(cluster: Cluster, http: aiohttp.ClientSessi
         assert r.status == 200
     async with http.head(cluster.a.url + "/api/tags") as r:
         assert r.status == 200
-    # a browser asking for HTML, on a node without a dashboard, gets what Ollama says
+    # a browser asking for HTML goes to the dashboard if the node has one, else gets what Ollama says
+    assert cluster.a._runner is not None
+    has_dashboard = any(r.canonical == "/dashboard" for r in cluster.a._runner.app.router.resources())
     async with http.get(cluster.a.url + "/", headers={"Accept": "text/html,*/*"}, allow_redirects=False) as r:
-        assert r.status == 200 and await r.text() == "Ollama is running"
+        if has_dashboard:
+            assert r.status == 302 and r.headers["Location"] == "/dashboard"
+        else:
+            assert r.status == 200 and await r.text() == "Ollama is running"
 
 
 async def test_a_browser_at_the_root_is_sent_to_the_dashboard_where_there_is_one(
@@ -160,7 +165,8 @@ async def test_a_browser_at_the_root_is_sent_to_the_dashboard_where_there_is_one
     async def dashboard(request: web.Request) -> web.Response:
         return web.Response(text="<html>dashboard</html>", content_type="text/html")
 
-    app.router.add_get("/dashboard", dashboard)
+    if not any(r.canonical == "/dashboard" for r in app.router.resources()):
+        app.router.add_get("/dashboard", dashboard)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -168,7 +174,7 @@ async def test_a_browser_at_the_root_is_sent_to_the_dashboard_where_there_is_one
         async with http.get(url, headers={"Accept": "text/html"}, allow_redirects=False) as r:
             assert r.status == 302 and r.headers["Location"] == "/dashboard"
         async with http.get(url, headers={"Accept": "text/html"}) as r:
-            assert "dashboard" in await r.text()
+            assert r.status == 200 and r.url.path == "/dashboard" and "html" in await r.text()
         async with http.get(url) as r:  # curl, scripts, health checks
             assert await r.text() == "Ollama is running"
     finally:
@@ -254,6 +260,9 @@ async def test_options_format_and_images_map_to_the_engine(cluster: Cluster, cli
     assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["top_k"], sent["seed"], sent["stop"]) \
         == (2, 0.2, 0.9, 40, 7, ["\n"])
     assert not {"num_ctx", "num_gpu", "options", "mirostat", "repeat_penalty"} & set(sent)
+    # whole numbers sent as JSON floats are whole numbers (Ollama converts them too)
+    again = await client.generate(model=VLLM, prompt="hi", options={"num_predict": 2.0, "seed": 7.0})
+    assert again.response == "Hello," and cluster.b_vllm.requests[-1]["max_tokens"] == 2
 
     await client.chat(model=VLLM, messages=HI, format="json")
     assert cluster.b_vllm.requests[-1]["response_format"] == {"type": "json_object"}
@@ -399,6 +408,7 @@ async def test_errors_are_in_ollamas_envelope(cluster: Cluster, http: aiohttp.Cl
         ("POST", "/api/chat", b'{"model": "llama3.2", "messages": [], "options": {"temperature": "hot"}}', 400),
         ("POST", "/api/generate", b'{"model": "llama3.2", "prompt": "x", "format": "xml"}', 400),
         ("POST", "/api/generate", b'{"model": "llama3.2", "prompt": ["x"]}', 400),
+        ("POST", "/api/generate", b'{"model": "llama3.2", "prompt": "x", "options": {"num_predict": 2.5}}', 400),
         ("POST", "/api/embed", b'{"model": "nomic-embed-text", "input": []}', 400),
         ("POST", "/api/embed", b'{"model": "nomic-embed-text", "input": 5}', 400),
         ("POST", "/api/chat", b"[" * 100_000 + b"]" * 100_000, 400),

@@ -72,13 +72,14 @@ class Message(msgspec.Struct, kw_only=True):
 
 
 class Options(msgspec.Struct, kw_only=True):
-    num_predict: int | None = None
+    # Integers may come as JSON floats (Ollama converts them): ``_whole`` makes them ints again.
+    num_predict: int | float | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | float | None = None
     min_p: float | None = None
     stop: list[str] | str | None = None
-    seed: int | None = None
+    seed: int | float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
@@ -244,14 +245,30 @@ def _sampling(body: dict[str, Any], options: Options | None, fmt: Format) -> Non
     if options is None:
         return
     o = options
-    if o.num_predict is not None and o.num_predict > 0:  # -1: no limit, -2: fill the context
-        body["max_tokens"] = o.num_predict
-    for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "min_p"):
+    num_predict = _whole(o.num_predict, "num_predict")
+    if num_predict is not None and num_predict > 0:  # -1: no limit, -2: fill the context
+        body["max_tokens"] = num_predict
+    for key in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p"):
         v = getattr(o, key)
+        if v is not None:
+            if not math.isfinite(v):
+                raise BadRequest(f"invalid option {key}: {v}", param=f"options.{key}", code="invalid_value")
+            body[key] = v
+    for key in ("seed", "top_k"):
+        v = _whole(getattr(o, key), key)
         if v is not None:
             body[key] = v
     if o.stop:
         body["stop"] = [o.stop] if isinstance(o.stop, str) else o.stop
+
+
+def _whole(v: int | float | None, key: str) -> int | None:
+    if v is None or isinstance(v, int):
+        return v
+    if not math.isfinite(v) or v != int(v):
+        raise BadRequest(f"invalid option {key}: {v} is not a whole number", param=f"options.{key}",
+                         code="invalid_value")
+    return int(v)
 
 
 def _stream_fields(body: dict[str, Any], stream: bool) -> None:
@@ -304,9 +321,15 @@ def embed_body(model: str, inputs: str | list[str], dimensions: int | None = Non
 # ------------------------------------------------------------- to Ollama's words
 
 
+_second: list[Any] = [-1, ""]  # the last whole second formatted (streams ask many times a second)
+
+
 def now_rfc3339() -> str:
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
+    whole = int(t)
+    if whole != _second[0]:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((t - whole) * 1e9):09d}Z"
 
 
 def _ns(seconds: float) -> int:
@@ -492,10 +515,10 @@ class ChatStream:
 
     def _piece(self, content: str, thinking: str | None) -> bytes:
         if self._key == "message":
-            m: dict[str, Any] = {"role": "assistant", "content": content}
+            out = b'"message":{"role":"assistant","content":' + _encode(content)
             if thinking:
-                m["thinking"] = thinking
-            return b'"message":' + _encode(m)
+                out += b',"thinking":' + _encode(thinking)
+            return out + b"}"
         out = b'"response":' + _encode(content)
         if thinking:
             out += b',"thinking":' + _encode(thinking)

@@ -12,8 +12,9 @@ string or blocks: ``text``, ``image`` (base64 or url), ``tool_use``,
 ``tool_result``; ``thinking`` blocks are dropped), ``tools`` (custom tools:
 ``name``, ``description``, ``input_schema``), ``tool_choice`` (``auto``,
 ``any``, ``tool``, ``none``; ``disable_parallel_tool_use``), ``max_tokens``,
-``stop_sequences``, ``temperature``, ``top_p``, ``top_k``, ``stream``.
-Accepted and ignored: ``metadata``, ``service_tier``, ``thinking``,
+``stop_sequences``, ``temperature``, ``top_p``, ``top_k``, ``stream``,
+``output_config.format`` (a JSON schema: ``response_format``).
+Accepted and ignored: ``metadata``, ``service_tier``, ``thinking``, ``output_config.effort``,
 ``cache_control`` on blocks. Refused with a 400: server tools (web search,
 bash, computer use …), ``document`` and other block types, images by file id.
 ``stop_reason`` "stop_sequence" cannot be told from "end_turn" through Chat
@@ -67,6 +68,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     top_p: float | None = None
     top_k: int | None = None
     stream: bool | None = None
+    output_config: dict[str, Any] | None = None
 
 
 _request = msgspec.json.Decoder(MessagesRequest).decode
@@ -246,6 +248,11 @@ def to_chat(req: MessagesRequest) -> dict[str, Any]:
         v = getattr(req, key)
         if v is not None:
             body[key] = v
+    fmt = (req.output_config or {}).get("format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise _bad("output_config.format", "expected {\"type\": \"json_schema\", \"schema\": {...}}")
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if req.stream:
         body["stream"] = True
     return body

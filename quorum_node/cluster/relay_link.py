@@ -108,6 +108,10 @@ class RelayLinkError(ConnectionError):
     """The relay or the peer could not carry a request (before or during its answer)."""
 
 
+class SessionLost(RelayLinkError):
+    """The peer no longer has the Noise session a stream was opened in (it ended it, or restarted)."""
+
+
 class RelayBody:
     """An answer's body as it arrives; the subset of ``aiohttp.StreamReader`` the adapters use.
 
@@ -286,6 +290,12 @@ class RelayLink:
         self.online: dict[str, float] = {}  # peer id -> since
         self.max_frame_bytes = 256 * 1024
         self.batching = False  # the relay forwards Batch frames (Welcome.batch)
+        # Payload bytes sent on all streams and not yet acknowledged by credit: kept below ``send_budget``,
+        # so what this node has in flight fits the relay's queue towards a peer (Welcome.send_queue_bytes).
+        self.unacked_bytes = 0
+        self.send_budget = 4 * 1024 * 1024
+        self._room = asyncio.Event()
+        self._room.set()
         self.batches_sent = 0  # Batch frames sent, and the stream items in them (for tests and tuning)
         self.batched_items = 0
         self._sessions: dict[str, _Session] = {}
@@ -379,6 +389,7 @@ class RelayLink:
         for stream in list(self._streams.values()):
             self._fail_stream(stream, RelayLinkError(why))
         self._streams.clear()
+        self.unacked_bytes = 0
         for s in self._sessions.values():
             if not s.ready.done():
                 s.ready.set_exception(RelayLinkError(why))
@@ -395,9 +406,12 @@ class RelayLink:
 
     def _dispatch(self, frame: wire.Frame) -> None:
         match frame:
-            case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame, batch=batch):
+            case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame, batch=batch,
+                              send_queue_bytes=queue_bytes):
                 self.session_id = session
                 self.batching = batch
+                if queue_bytes:
+                    self.send_budget = max(4 * CHUNK, queue_bytes // 2)
                 self.state = "up"
                 self.last_error = None
                 self.connected_at = time.time()
@@ -433,9 +447,12 @@ class RelayLink:
             case wire.Close(peer=peer, stream=sid, payload=payload):
                 self._on_close(peer, sid, payload)
             case wire.Reset(peer=peer, stream=sid, code=code):
-                stream = self._streams.pop((peer, sid), None)
+                stream = self._forget((peer, sid))
+                if code == "no_session":  # the peer dropped our session: the next stream handshakes anew
+                    self._end_session(peer, "the peer has no session with us")
                 if stream is not None:
-                    self._fail_stream(stream, RelayLinkError(f"stream reset by {peer}: {code}"), remove=False)
+                    error = SessionLost if code == "no_session" else RelayLinkError
+                    self._fail_stream(stream, error(f"stream reset by {peer}: {code}"), remove=False)
             case _:
                 pass
 
@@ -543,7 +560,9 @@ class RelayLink:
     def _on_window(self, peer: str, sid: int, credit: int) -> None:
         stream = self._streams.get((peer, sid))
         if stream is not None and credit > 0:
+            back = min(credit, WINDOW - stream.credit)  # never more than it had out (a peer cannot inflate it)
             stream.credit += credit
+            self._release(back)
             stream.credit_event.set()
 
     def _on_batch(self, peer: str, payload: bytes) -> None:
@@ -607,11 +626,25 @@ class RelayLink:
         if stream.body is not None:
             stream.body.feed_eof()
         if stream.sent_close:
-            self._streams.pop((peer, sid), None)
+            self._forget((peer, sid))
+
+    def _forget(self, key: tuple[str, int]) -> _Stream | None:
+        """Remove a stream from the table; what it had out no longer counts against the budget."""
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            self._release(max(0, WINDOW - stream.credit))
+            stream.credit = WINDOW
+        return stream
+
+    def _release(self, n: int) -> None:
+        if n > 0:
+            self.unacked_bytes = max(0, self.unacked_bytes - n)
+            if self.unacked_bytes < self.send_budget:
+                self._room.set()
 
     def _fail_stream(self, stream: _Stream, exc: BaseException, *, remove: bool = True) -> None:
         if remove:
-            self._streams.pop((stream.peer, stream.id), None)
+            self._forget((stream.peer, stream.id))
         if stream.head is not None and not stream.head.done():
             stream.head.set_exception(exc)
             stream.head.exception()
@@ -720,7 +753,7 @@ class RelayLink:
         return wire.encode(wire.Close(peer=peer, stream=item[2], payload=sealed))
 
     def _reset(self, stream: _Stream, code: str) -> None:
-        if self._streams.pop((stream.peer, stream.id), None) is not None:
+        if self._forget((stream.peer, stream.id)) is not None:
             self._enqueue(("reset", stream.peer, stream.id, code))
         self._fail_stream(stream, RelayLinkError(f"stream reset: {code}"), remove=False)
 
@@ -733,14 +766,23 @@ class RelayLink:
 
     async def _send_data(self, stream: _Stream, data: bytes) -> None:
         view = memoryview(data)
+        key = (stream.peer, stream.id)
         while view:
+            if key not in self._streams:
+                raise RelayLinkError("the stream ended")
             while stream.credit <= 0:
                 stream.credit_event.clear()
                 await stream.credit_event.wait()
                 if (stream.peer, stream.id) not in self._streams:
                     raise RelayLinkError("the stream ended")
+            while self.unacked_bytes >= self.send_budget:
+                self._room.clear()
+                await self._room.wait()
+                if (stream.peer, stream.id) not in self._streams:
+                    raise RelayLinkError("the stream ended")
             n = min(len(view), CHUNK, stream.credit)
             stream.credit -= n
+            self.unacked_bytes += n
             self._enqueue(("data", stream.peer, stream.id, bytes(view[:n])))
             view = view[n:]
 
@@ -748,7 +790,7 @@ class RelayLink:
         stream.sent_close = True
         self._enqueue(("close", stream.peer, stream.id, b""))
         if stream.got_close:
-            self._streams.pop((stream.peer, stream.id), None)
+            self._forget((stream.peer, stream.id))
 
     # -- requesting ----------------------------------------------------------------
 
@@ -774,25 +816,36 @@ class RelayLink:
 
     async def request(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes,
                       *, timeout_s: float) -> RelayResponse:
-        """Send one request to ``peer`` and wait (up to ``timeout_s``) for its answer's head."""
+        """Send one request to ``peer`` and wait (up to ``timeout_s``) for its answer's head.
+
+        If the peer had lost the session the stream was opened in, the request
+        is sent once more in a fresh one (nothing of it was served).
+        """
         async with asyncio.timeout(timeout_s):
-            await self._session_with(peer)
-            stream = _Stream(self, peer, self._new_sid(peer), outgoing=True)
-            stream.head = asyncio.get_running_loop().create_future()
-            stream.body = RelayBody(lambda n: self._grant(stream, n))
-            self._streams[(peer, stream.id)] = stream
             try:
-                head = _RequestHead(method=method, path=path, body=b"",
-                                    headers=[(str(k), str(v)) for k, v in headers.items()
-                                             if k.lower() not in _HOP_BY_HOP])
-                self._enqueue(("open", peer, stream.id, _HEAD.encode(head)))
-                await self._send_data(stream, body)  # in credit-sized pieces, like any data
-                self._send_close(stream)
-                answer = await stream.head
-            except BaseException:
-                if (peer, stream.id) in self._streams:
-                    self._reset(stream, "cancel")
-                raise
+                return await self._request(peer, method, path, headers, body)
+            except SessionLost:
+                return await self._request(peer, method, path, headers, body)
+
+    async def _request(self, peer: str, method: str, path: str, headers: dict[str, str],
+                       body: bytes) -> RelayResponse:
+        await self._session_with(peer)
+        stream = _Stream(self, peer, self._new_sid(peer), outgoing=True)
+        stream.head = asyncio.get_running_loop().create_future()
+        stream.body = RelayBody(lambda n: self._grant(stream, n))
+        self._streams[(peer, stream.id)] = stream
+        try:
+            head = _RequestHead(method=method, path=path, body=b"",
+                                headers=[(str(k), str(v)) for k, v in headers.items()
+                                         if k.lower() not in _HOP_BY_HOP])
+            self._enqueue(("open", peer, stream.id, _HEAD.encode(head)))
+            await self._send_data(stream, body)  # in credit-sized pieces, like any data
+            self._send_close(stream)
+            answer = await stream.head
+        except BaseException:
+            if (peer, stream.id) in self._streams:
+                self._reset(stream, "cancel")
+            raise
         return RelayResponse(stream, answer.status, answer.headers)
 
     # -- serving -------------------------------------------------------------------

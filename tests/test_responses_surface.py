@@ -63,6 +63,9 @@ async def test_max_output_tokens_reached_is_incomplete(start_node: StartNode, fa
     resp = await client_for(node).responses.create(model=MODEL, input="hi", max_output_tokens=2)
     assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
     assert resp.output_text == "Hello,"
+    async with client_for(node).responses.stream(model=MODEL, input="hi", max_output_tokens=2) as s:
+        final = await s.get_final_response()  # the helper needs response.completed, incomplete or not
+    assert final.status == "incomplete" and final.output_text == "Hello,"
 
 
 async def test_stream_has_the_responses_events_in_order(start_node: StartNode, fake: StartFake,

@@ -562,8 +562,9 @@ class ResponsesStream(StreamEncoder):
         response = _response(self.ex, status="completed", output=self.output, usage=_usage(stats.usage),
                              finish=self.finish)
         _keep(self.ex, response, self.output)
-        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
-        out.append(self._ev(kind, {"response": response}))
+        # Always response.completed, with status "incomplete" where max_output_tokens cut it (as
+        # llama-server does): the openai SDK's stream helper and openai-agents wait for this event.
+        out.append(self._ev("response.completed", {"response": response}))
         return b"".join(out)
 
     def error(self, message: str, code: str | None, type_: str) -> bytes:

@@ -102,6 +102,7 @@ class Draft:
 
 Sink = Callable[[Record], None]
 DurableSink = Callable[[Record], Awaitable[None]]
+StartSink = Callable[[Draft], None]
 
 
 class Records:
@@ -116,6 +117,10 @@ class Records:
     def __init__(self) -> None:
         self._sinks: list[Sink] = [log_line]
         self._durable: list[DurableSink] = []
+        self._starts: list[StartSink] = []
+        self.live: set[Draft] = set()
+        """Drafts of requests the request path is serving now (``started``, not yet sealed): the
+        dashboard's "in flight"."""
 
     def add(self, sink: Sink) -> None:
         self._sinks.append(sink)
@@ -123,6 +128,24 @@ class Records:
     def remove(self, sink: Sink) -> None:
         if sink in self._sinks:
             self._sinks.remove(sink)
+
+    def add_start(self, sink: StartSink) -> None:
+        """Called (synchronously, cheap, never raising) when the request path starts serving a draft."""
+        self._starts.append(sink)
+
+    def remove_start(self, sink: StartSink) -> None:
+        if sink in self._starts:
+            self._starts.remove(sink)
+
+    def started(self, draft: Draft) -> None:
+        """The request path took ``draft`` on (its surface, operation and model are set): it is live
+        until sealed."""
+        self.live.add(draft)
+        for sink in self._starts:
+            try:
+                sink(draft)
+            except Exception:
+                log.exception("record_sink_failed", sink=getattr(sink, "__qualname__", repr(sink)))
 
     def add_durable(self, sink: DurableSink) -> None:
         self._durable.append(sink)
@@ -143,6 +166,7 @@ class Records:
 
         Returns the record, or None if the draft was sealed already.
         """
+        self.live.discard(draft)
         if draft.sealed is not None:
             return None
         record = draft.sealed = draft.build(status)
@@ -159,6 +183,7 @@ class Records:
     def seal_nowait(self, draft: Draft, status: int) -> Record | None:
         """``seal`` for a request that ended without an answer worth waiting for (refused, failed,
         cancelled): durable sinks get the record, but nobody waits for them."""
+        self.live.discard(draft)
         if draft.sealed is not None:
             return None
         record = draft.sealed = draft.build(status)

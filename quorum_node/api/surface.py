@@ -173,6 +173,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     router = app[ROUTER]
     inflight = app[INFLIGHT]
     records = node.records
+    records.started(draft)  # live until sealed (the dashboard's requests in flight)
     task = inflight.enter()
     try:
         try:

@@ -9,9 +9,31 @@ treated as a failed check.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
-__all__ = ["CatalogAnswer", "CatalogEntry", "Identity", "decode_catalog", "decode_identity"]
+__all__ = ["CatalogAnswer", "CatalogEntry", "EngineLoad", "Identity", "NodeLoad", "decode_catalog", "decode_identity"]
+
+_Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+_Name = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class EngineLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """One engine of a peer, as its health answer tells it (for presence, never for routing)."""
+
+    name: _Name = ""
+    kind: _Name = ""
+    state: _Name = ""
+    load: _Count = 0
+    models: _Count = 0
+
+
+class NodeLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """How busy a peer is: requests it is answering, and its engines (absent from older peers)."""
+
+    in_flight: _Count = 0
+    engines: Annotated[list[EngineLoad], msgspec.Meta(max_length=256)] = []
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -23,6 +45,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     proto: int = 1
     catalog_digest: str = ""
     port: int = 0
+    load: NodeLoad | None = None  # proto 2 peers from before presence leave it out
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):

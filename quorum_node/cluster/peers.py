@@ -31,6 +31,7 @@ from collections.abc import Iterable
 import msgspec
 
 from quorum_node.cluster.breaker import CircuitBreaker
+from quorum_node.cluster.messages import NodeLoad
 
 __all__ = [
     "CatalogChanged",
@@ -167,6 +168,11 @@ class Peer:
         """Last sign of life of any kind (discovery, health ok, catalog)."""
         self.last_ok: float | None = None
         """Last good health check."""
+        self.up_since: float | None = None
+        """When it came up (``now`` of the health check that made it up); None while it has not, and again
+        once it has gone down: a peer that comes back is online since its return. A suspect spell keeps it."""
+        self.load: NodeLoad | None = None
+        """What its last health answer said about its load (None: not said, or an older peer)."""
 
     @property
     def node_id(self) -> str:
@@ -386,11 +392,14 @@ class PeerTable:
 
     # Health -------------------------------------------------------------
 
-    def on_health_ok(self, node_id: str, rtt_s: float, now: float) -> list[PeerEvent]:
-        """A health check answered well in ``rtt_s`` seconds."""
+    def on_health_ok(self, node_id: str, rtt_s: float, now: float, load: NodeLoad | None = None) -> list[PeerEvent]:
+        """A health check answered well in ``rtt_s`` seconds (saying ``load``, where the peer tells it)."""
         peer = self._peers.get(node_id)
         if peer is None:
             return []
+        peer.load = load
+        if peer.up_since is None:
+            peer.up_since = now
         peer.last_ok = now
         peer.last_seen = now
         peer.health_failures = 0
@@ -437,6 +446,8 @@ class PeerTable:
             since_ok = now - (peer.last_ok if peer.last_ok is not None else peer.added_at)
             if peer.state is not PeerState.DOWN and since_ok >= self.down_after_s:
                 peer.state = PeerState.DOWN
+                peer.up_since = None
+                peer.load = None
                 events.append(PeerDown(node_id=peer.node_id))
             elif peer.state is PeerState.UP and since_ok >= self.suspect_after_s:
                 peer.state = PeerState.SUSPECT

@@ -301,9 +301,16 @@ class ClusterService:
         return {"node_id": self.node_id, "name": self.node.name, "fingerprint": self.keys.fingerprint,
                 "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.port}
 
+    def local_load(self) -> dict[str, Any]:
+        """How busy this node is, for its peers' presence (``NodeLoad`` in ``messages``)."""
+        return {"in_flight": len(self.node.inflight),
+                "engines": [{"name": b.name, "kind": b.kind, "state": b.state.value, "load": b.load,
+                             "models": len(b.models)} for b in self.node.registry.backends.values()]}
+
     async def _h_health(self, request: web.Request) -> web.Response:
         self._require_peer(request)
-        return web.Response(body=_encode(self.identity()), content_type="application/json")
+        return web.Response(body=_encode({**self.identity(), "load": self.local_load()}),
+                            content_type="application/json")
 
     async def _h_catalog(self, request: web.Request) -> web.Response:
         self._require_peer(request)
@@ -319,7 +326,9 @@ class ClusterService:
              "state": p.state.value, "models": sorted({e["id"] for e in self.catalogs.get(p.node_id, [])}),
              "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
              "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
-             "static": p.static, "routes": p.routes}
+             "static": p.static, "routes": p.routes,
+             "since": self.wall_clock(p.up_since, now),  # online since (epoch seconds), None while not up
+             "load": p.load.in_flight if p.load is not None else None}  # what it says it is answering
             for p in self.table.all()
         ]
         relay = None
@@ -328,6 +337,11 @@ class ClusterService:
                      "online": sorted(self.relay.online)}
         return web.Response(body=_encode({"node": self.identity(), "peers": peers, "relay": relay}),
                             content_type="application/json")
+
+    @staticmethod
+    def wall_clock(t: float | None, now: float) -> float | None:
+        """A ``time.monotonic()`` instant of the peer table as epoch seconds (for people)."""
+        return None if t is None else round(time.time() - (now - t), 3)
 
     # -- background work -----------------------------------------------------
 
@@ -382,7 +396,7 @@ class ClusterService:
         peer = self.table.get(info.node_id)
         if peer is not None and not address and peer.info.name != info.name:
             peer.info = msgspec.structs.replace(peer.info, name=info.name)
-        self._handle(self.table.on_health_ok(info.node_id, now - t0, now))
+        self._handle(self.table.on_health_ok(info.node_id, now - t0, now, ident.load))
         if peer is not None and peer.catalog_digest != info.catalog_digest:
             self._want_catalog(info.node_id)
 

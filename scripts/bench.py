@@ -409,12 +409,75 @@ async def surface_bench(args: argparse.Namespace, base: str, model: str) -> dict
     return report
 
 
+# ---------------------------------------------------------------------------
+# The Responses and Messages surfaces against Chat Completions (issue 11): same node, same engine, one run
+
+
+async def _one_named_sse(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                         first: bytes) -> tuple[float, int, float]:
+    """(time to first token, tokens, total time) of a stream of named SSE events; ``first`` marks a token."""
+    t0 = time.perf_counter()
+    ttft = -1.0
+    n = 0
+    buf = b""
+    async with session.post(url, json=body) as r:
+        assert r.status == 200, (url, r.status, await r.text())
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            *events, buf = buf.split(b"\n\n")
+            for ev in events:
+                if ev.startswith(first):
+                    if ttft < 0:
+                        ttft = time.perf_counter() - t0
+                    n += 1
+    return ttft, n, time.perf_counter() - t0
+
+
+async def one_responses_stream(session: aiohttp.ClientSession, base: str, model: str,
+                               max_tokens: int | None) -> tuple[float, int, float]:
+    body: dict[str, Any] = {"model": model, "input": CHAT["messages"], "stream": True, "store": False}
+    if max_tokens:
+        body["max_output_tokens"] = max_tokens
+    return await _one_named_sse(session, base + "/v1/responses", body, b"event: response.output_text.delta")
+
+
+async def one_messages_stream(session: aiohttp.ClientSession, base: str, model: str,
+                              max_tokens: int | None) -> tuple[float, int, float]:
+    body = {"model": model, "messages": CHAT["messages"], "stream": True, "max_tokens": max_tokens or 4096}
+    return await _one_named_sse(session, base + "/v1/messages", body, b"event: content_block_delta")
+
+
+async def translated_surfaces_bench(args: argparse.Namespace, base: str, model: str) -> dict[str, float]:
+    """Time to first token through /v1/responses and /v1/messages relative to /v1/chat/completions."""
+    report: dict[str, float] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await wait_model(session, base, model)
+        kinds = {"chat": one_stream, "responses": one_responses_stream, "messages": one_messages_stream}
+        for fn in kinds.values():  # warm connections and code paths
+            for _ in range(10):
+                await fn(session, base, model, 4)
+        print("\n== the Responses and Messages surfaces against Chat Completions, same node and engine (local)")
+        tt: dict[str, list[float]] = {k: [] for k in kinds}
+        for _ in range(args.ttft_requests):  # interleaved, so drift hits all alike
+            for name, fn in kinds.items():
+                tt[name].append((await fn(session, base, model, 4))[0])
+        chat = statistics.median(tt["chat"])
+        line = f"  time to first token p50: chat {fmt_ms(chat)}"
+        for name in ("responses", "messages"):
+            m = statistics.median(tt[name])
+            line += f"  {name} {fmt_ms(m)} (added {fmt_ms(m - chat)})"
+            report[f"{name}_added_ttft_ms"] = (m - chat) * 1000
+        print(line + "  (goal <= 0.5 ms)")
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", choices=("fake", "llama"), default="fake")
     ap.add_argument("--routes", default="local,lan,relay",
-                    help="comma list of local, lan, relay; ollama: the Ollama surface against the OpenAI one")
+                    help="comma list of local, lan, relay; ollama: the Ollama surface against the OpenAI one; "
+                         "surfaces: Responses and Messages against Chat Completions")
     ap.add_argument("--requests", type=int, default=300, help="non-streamed requests per route")
     ap.add_argument("--ttft-requests", type=int, default=100)
     ap.add_argument("--streams", default="1,16,64,256", help="concurrency levels")
@@ -503,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = _run(run_bench(args, routes, model, node_procs)) if len(routes) > 1 else {}
         if "ollama" in wanted:
             report.update(_run(surface_bench(args, b_url, model)))
+        if "surfaces" in wanted:
+            report.update(_run(translated_surfaces_bench(args, b_url, model)))
         if "ledger" in wanted and "local_added_p50_ms" in report and "bare_added_p50_ms" in report:
             print("\n== the ledger and metrics: local (on) against bare (--no-ledger --no-metrics)")
             for what, key in (("added p50, non-streamed", "added_p50_ms"), ("added TTFT p50", "added_ttft_ms")):

@@ -77,6 +77,18 @@ async def test_other_origins_are_refused_even_from_loopback(start_node: StartNod
         assert r.status == 200
 
 
+async def test_the_nodes_own_pages_are_same_origin_but_rebound_names_are_not(
+        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    _, node = await _setup(start_node, fake)
+    async with http.post(node.url + "/v1/chat/completions", json=CHAT, headers={"Origin": node.url}) as r:
+        assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    port = node.url.rsplit(":", 1)[1]
+    rebound = f"http://attacker.example:{port}"  # a name resolved to 127.0.0.1 by its owner
+    async with http.post(node.url + "/v1/chat/completions", json=CHAT,
+                         headers={"Origin": rebound, "Host": f"attacker.example:{port}"}) as r:
+        assert r.status == 403
+
+
 async def test_no_origins_by_default(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
     _, node = await _setup(start_node, fake)
     async with http.options(node.url + "/v1/models", headers=_preflight(APP, "GET")) as r:

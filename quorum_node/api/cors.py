@@ -6,7 +6,10 @@ drive the node from its visitors' browsers. This middleware runs before the
 trust middleware and refuses (403) every request whose ``Origin`` is not in
 ``cors_origins`` — from loopback too — as well as browser requests that say
 they come from another site (``Sec-Fetch-Site``) without an ``Origin``.
-Requests without either header (SDKs, curl, peers) are not affected.
+Requests without either header (SDKs, curl, peers) are not affected, nor
+are the node's own pages (an ``Origin`` that is the node itself, addressed
+by an IP literal or ``localhost``: never a host name, which a site could
+DNS-rebind to 127.0.0.1).
 
 For a listed origin it answers preflights (``OPTIONS`` with
 ``Access-Control-Request-Method``) itself, with 204 and the allow headers,
@@ -18,6 +21,7 @@ the node's loopback trust, as ``OLLAMA_ORIGINS=*`` does for Ollama.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
@@ -33,6 +37,26 @@ _METHODS = "GET, POST, DELETE, OPTIONS"
 _EXPOSE = "X-Quorum-Node, X-Quorum-Route, X-Request-Id, Retry-After"
 _DEFAULT_HEADERS = "Authorization, Content-Type, X-Api-Key, Anthropic-Version, X-Request-Id"
 _MAX_AGE = "600"
+
+
+def _same_origin(request: web.Request, origin: str) -> bool:
+    """Whether ``origin`` is the node itself, as addressed by an IP literal or ``localhost``.
+
+    A host *name* could be DNS-rebound to 127.0.0.1 by any site, so a page
+    served under one is never taken for the node's own.
+    """
+    host = request.host
+    if origin != f"{request.scheme}://{host}":
+        return False
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _forbidden(message: str) -> ApiError:
@@ -52,6 +76,8 @@ def make_cors_middleware(origins: Iterable[str]) -> Callable[[web.Request, Handl
                 raise _forbidden("Requests from other sites' pages are refused; list the page's origin in "
                                  "cors_origins (--cors-origins) to allow it")
             return await handler(request)
+        if origin not in allowed and _same_origin(request, origin):
+            return await handler(request)  # the node's own pages (the dashboard): not cross-origin
         if not (any_origin or origin in allowed):
             raise _forbidden(f"Origin {origin!r} is not allowed; list it in cors_origins (--cors-origins) "
                              "to let that page use this node")

@@ -26,7 +26,7 @@ _EXPLICIT = {
     "host", "port", "ollama_port", "name",
     "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
     "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token", "ledger", "metrics",
-    "cors_origins",
+    "cors_origins", "require_key",
 }
 
 
@@ -62,6 +62,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--no-ledger", dest="ledger", action="store_false", default=S,
                    help="keep no usage ledger (SQLite in the data dir)")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", default=S, help="no GET /metrics")
+    p.add_argument("--require-key", dest="require_key", action="store_true", default=S,
+                   help="callers on this machine need an API key too (see `quorum-node keys`)")
     p.add_argument("--cors-origins", dest="cors_origins", default=S, metavar="ORIGIN,...",
                    type=lambda v: [o.strip() for o in v.split(",") if o.strip()],
                    help="web origins whose pages may call the node (default none; * is any page: unsafe)")
@@ -244,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .control.usage_cli import add_usage_command
 
     add_usage_command(sub)
+    from .control.keys_cli import add_keys_command
+
+    add_keys_command(sub)
     return parser
 
 

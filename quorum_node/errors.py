@@ -6,10 +6,12 @@ Branches follow who handles them::
     ├── ConfigError            bad settings → the CLI prints one line, exits 2
     ├── ApiError               answered to the client in the OpenAI error shape
     │   ├── BadRequest         400 invalid_request_error (with ``param``)
-    │   ├── Unauthorized       401
+    │   ├── Unauthorized       401 (no key, a wrong, expired or revoked key)
+    │   ├── Forbidden          403 (a key scoped to other models; not an admin key)
     │   ├── NotFound           404 (unknown model, unknown path)
     │   ├── PayloadTooLarge    413
     │   ├── UnsupportedMedia   415 (a Content-Encoding the node does not inflate)
+    │   ├── RateLimited        429 + Retry-After (a key over its rate)
     │   ├── NotSupported       501 (the engine lacks the capability)
     │   └── Unavailable        503 + Retry-After (engine down or loading)
     └── EngineError            an engine (or peer) failed us
@@ -38,10 +40,12 @@ __all__ = [
     "EngineRejected",
     "EngineFailed",
     "EngineUnavailable",
+    "Forbidden",
     "NotFound",
     "NotSupported",
     "PayloadTooLarge",
     "QuorumError",
+    "RateLimited",
     "StreamBroken",
     "Unauthorized",
     "Unavailable",
@@ -119,6 +123,11 @@ class Unauthorized(ApiError):
     type = "authentication_error"
 
 
+class Forbidden(ApiError):
+    status = 403
+    type = "permission_error"
+
+
 class NotFound(ApiError):
     status = 404
     type = "invalid_request_error"
@@ -132,6 +141,14 @@ class PayloadTooLarge(ApiError):
 class UnsupportedMedia(ApiError):
     status = 415
     type = "invalid_request_error"
+
+
+class RateLimited(ApiError):
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = "rate_limit_exceeded") -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
 class NotSupported(ApiError):

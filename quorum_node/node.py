@@ -62,6 +62,10 @@ class Node:
         self.ollama_port: int | None = None  # the second listener (--ollama-port), once bound
         self._stopped = False
         membership = _membership(settings)
+        from .control.keys import open_keystore
+
+        # API keys (control/keys.py): hashed, in the data dir, replicated to peers by the cluster service
+        self.keys = open_keystore(Path(settings.data_dir), membership.secret if membership is not None else None)
         if membership is not None:
             from .cluster.service import ClusterService
 
@@ -183,6 +187,8 @@ class Node:
         if self.embedded is not None:
             await self.embedded.stop()
         await self.registry.close()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.keys.save)  # with this node's last-used times
         if self.ledger is not None:  # last: every record of the drained requests is in it
             self.records.remove_durable(self.ledger.write)
             await self.ledger.close()

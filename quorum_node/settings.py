@@ -95,6 +95,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # the relay (quorum-relay) that joins this node to peers on other networks
     relay: str | None = None
     relay_token: str | None = None
+    # API keys (control/keys.py): loopback callers need one too
+    require_key: bool = False
     # the usage ledger (SQLite in data_dir) and the Prometheus metrics (GET /metrics)
     ledger: bool = True
     ledger_retention_days: float = 90.0  # 0: keep every record

@@ -14,9 +14,10 @@ from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
 from ..control import metrics, usage
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
-from . import anthropic, cors, ollama, openai, responses
+from . import admin_keys, anthropic, cors, ollama, openai, responses
+from .auth import charge, grant_for, presented_key
 from .body import PEER_AUTH
-from .keys import DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
+from .keys import API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
 from .surface import OPENAI, surface_of
 
 if TYPE_CHECKING:
@@ -116,35 +117,59 @@ def make_errors_middleware(node: Node) -> Callable[[web.Request, Handler], Await
 
 
 def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    keys = node.keys
+    require_key = node.settings.require_key
+
     @web.middleware
     async def trust_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Loopback needs no key; any other caller must prove membership (or is refused).
+        """Who may call: peers by signature, apps by API key, loopback without one (unless --require-key).
 
         A request that claims to be a peer's (signature or hop header) is always
-        verified, from loopback too: forwarded requests are never forwarded on.
+        verified, from loopback too: forwarded requests are never forwarded on;
+        its signed ``X-Quorum-Key`` says which key the entry node served it for.
+        A key (``Authorization: Bearer`` or ``x-api-key``) is checked and charged
+        against its rate here; its model scopes are checked in ``serve``.
         """
-        claims_peer = HEADER_SIGNATURE in request.headers or HOP_HEADER in request.headers
+        headers = request.headers
+        claims_peer = HEADER_SIGNATURE in headers or HOP_HEADER in headers
         if getattr(request.match_info.handler, "public", False) and request.method in ("GET", "HEAD"):
             return await handler(request)  # the dashboard's page and assets: no data, they ask for the key
-        if not claims_peer and is_loopback(request.remote):
-            return await handler(request)
-        if node.cluster is not None and claims_peer:
-            result = node.cluster.authenticate(request)  # from the head alone: no body is read for strangers
-            if result.ok:
-                request[PEER] = result.node_id
-                request[PEER_AUTH] = result
-                request[DRAFT].set(peer=result.node_id)
+        if claims_peer:
+            if node.cluster is not None:
+                result = node.cluster.authenticate(request)  # from the head alone: no body is read for strangers
+                if result.ok:
+                    request[PEER] = result.node_id
+                    request[PEER_AUTH] = result
+                    draft = request[DRAFT]
+                    draft.set(peer=result.node_id)
+                    if result.key_id:
+                        draft.set(key_id=result.key_id, key_name=keys.name_of(result.key_id))
+                    return await handler(request)
+            raise _refused(request, "This request needs a valid cluster signature")
+        trusted = not require_key and is_loopback(request.remote)
+        secret = presented_key(request)
+        if secret is not None:
+            grant = grant_for(keys, secret, loopback_trusted=trusted)
+            if grant is not None:
+                request[API_KEY] = grant
+                request[DRAFT].set(key_id=grant.id, key_name=grant.name)
+                charge(grant, keys)
                 return await handler(request)
-        log.warning("unauthenticated_request", remote=request.remote, path=request.path)
-        e = Unauthorized(
-            "This request needs a valid cluster signature; quorum-node accepts unauthenticated requests "
-            "only from loopback",
-            code="unauthorized",
-        )
-        e.headers["Connection"] = "close"  # its body is never read
-        raise e
+        if trusted or (request.method == "GET" and request.path == "/health"):
+            return await handler(request)
+        raise _refused(request, "This node requires an API key (Authorization: Bearer qk_...) from every caller"
+                       if require_key else
+                       "This request needs an API key (Authorization: Bearer qk_...); quorum-node accepts "
+                       "requests without one only from loopback")
 
     return trust_middleware
+
+
+def _refused(request: web.Request, message: str) -> ApiError:
+    log.warning("unauthenticated_request", remote=request.remote, path=request.path)
+    e = Unauthorized(message, code="missing_api_key" if HEADER_SIGNATURE not in request.headers else "unauthorized")
+    e.headers["Connection"] = "close"  # its body is never read
+    return e
 
 
 def create_app(node: Node) -> web.Application:
@@ -159,6 +184,7 @@ def create_app(node: Node) -> web.Application:
     app[SETTINGS] = node.settings
     app[INFLIGHT] = node.inflight
     app.router.add_routes(openai.routes())
+    app.router.add_routes(admin_keys.routes())  # /quorum/admin/keys (api/admin_keys.py)
     responses.setup(app)  # /v1/responses (the Responses API) and its store
     anthropic.setup(app)  # /v1/messages (the Anthropic Messages API)
     app.router.add_routes(ollama.routes())  # the Ollama surface (/api/*, and / as Ollama answers it)

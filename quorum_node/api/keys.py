@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from ..control.keys import Grant
     from ..node import Node
     from ..records import Draft
     from ..router import Router
     from ..settings import Settings
     from .server import InFlight
 
-__all__ = ["DRAFT", "INFLIGHT", "NODE", "PEER", "PREPARED", "REQUEST_ID", "ROUTER", "SETTINGS", "cluster_models", "request_id_for"]
+__all__ = ["API_KEY", "DRAFT", "INFLIGHT", "NODE", "PEER", "PREPARED", "REQUEST_ID", "ROUTER", "SETTINGS", "cluster_models", "request_id_for"]
 
 NODE: web.AppKey[Node] = web.AppKey("node")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
@@ -26,6 +27,7 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 PREPARED: web.RequestKey[bool] = web.RequestKey("prepared", bool)  # its answer has begun
 PEER: web.RequestKey[str] = web.RequestKey("peer", str)  # the verified node id of a signed peer request
 DRAFT: web.RequestKey[Draft] = web.RequestKey("draft")  # its record, being filled in (records.py)
+API_KEY: web.RequestKey[Grant] = web.RequestKey("api_key")  # the key it was authorised with (.info: KeyInfo)
 
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

@@ -40,6 +40,7 @@ from aiohttp import web
 
 from ..backends.base import Caller, JsonReply, Op, StreamReply, StreamStats
 from ..errors import ApiError, StreamBroken, Unavailable
+from .auth import check_scope
 from .keys import DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER
 
 __all__ = ["Call", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
@@ -168,6 +169,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     node = app[NODE]
     draft = request[DRAFT]
     draft.set(surface=surface.name, operation=call.operation or call.op, model=call.model, stream=call.stream)
+    check_scope(request, call.model)  # 403 for a key scoped to other models (api/auth.py)
     forwarded = request.get(PEER) is not None  # signed by a peer: serve here, never forward on
     caller = Caller(request_id=request[REQUEST_ID], key_id=draft.get("key_id"))
     router = app[ROUTER]

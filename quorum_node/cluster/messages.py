@@ -46,6 +46,7 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     catalog_digest: str = ""
     port: int = 0
     load: NodeLoad | None = None  # proto 2 peers from before presence leave it out
+    keys_digest: Annotated[str, msgspec.Meta(max_length=64)] = ""  # its API key records (control/replication.py)
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):

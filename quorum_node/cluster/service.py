@@ -66,7 +66,7 @@ log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
-PROTO_VERSION = 2  # 2: signatures bind the destination and the hop headers
+PROTO_VERSION = 3  # 2: signatures bind the destination and the hop headers; 3: and the API key id (QRM3)
 _MAX_PEER_ANSWER = 16 * 1024 * 1024  # a catalog of thousands of models is well under this
 
 
@@ -99,6 +99,9 @@ class ClusterService:
         self.discovery: Any = None
         self.relay: RelayLink | None = None
         self._digest = ""
+        from ..control.replication import KeyReplicator
+
+        self.key_sync = KeyReplicator(self, node.keys)  # API key records, agreed with every peer
 
     # -- lifecycle -------------------------------------------------------
 
@@ -150,6 +153,7 @@ class ClusterService:
         if self.relay is not None:  # after the drain: streams through it may have been in flight
             await self.relay.close()
             self.relay = None
+        self.key_sync.close()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -263,11 +267,12 @@ class ClusterService:
     # -- signed requests ---------------------------------------------------
 
     def signed_headers(
-        self, method: str, path: str, body: bytes, *, to: str | None, hop: str = "", origin: str = ""
+        self, method: str, path: str, body: bytes, *, to: str | None, hop: str = "", origin: str = "",
+        key_id: str = "",
     ) -> dict[str, str]:
         """Headers that authenticate a request to the peer ``to`` (None: id not known yet, health only)."""
         return sign(self.keys, method=method, path=path, body=body, node_id=self.node_id,
-                    to=to or ANY_DESTINATION, hop=hop, origin=origin, now=time.time())
+                    to=to or ANY_DESTINATION, hop=hop, origin=origin, key_id=key_id, now=time.time())
 
     def authenticate(self, request: web.Request) -> VerifyResult:
         """Check a peer request's signature from its head, before any of its body is read.
@@ -288,6 +293,7 @@ class ClusterService:
             web.get("/quorum/v1/health", self._h_health),
             web.get("/quorum/v1/catalog", self._h_catalog),
             web.get("/quorum/v1/peers", self._h_peers),
+            *self.key_sync.routes(),  # /quorum/v1/keys: API key records (control/replication.py)
             web.get("/quorum/v1/usage", peer_usage),  # this node's ledger, for a peer summing the cluster
         ]
 
@@ -299,7 +305,8 @@ class ClusterService:
 
     def identity(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "name": self.node.name, "fingerprint": self.keys.fingerprint,
-                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.port}
+                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.port,
+                "keys_digest": self.node.keys.digest}
 
     def local_load(self) -> dict[str, Any]:
         """How busy this node is, for its peers' presence (``NodeLoad`` in ``messages``)."""
@@ -397,6 +404,7 @@ class ClusterService:
         if peer is not None and not address and peer.info.name != info.name:
             peer.info = msgspec.structs.replace(peer.info, name=info.name)
         self._handle(self.table.on_health_ok(info.node_id, now - t0, now, ident.load))
+        self.key_sync.on_peer_digest(info.node_id, ident.keys_digest)
         if peer is not None and peer.catalog_digest != info.catalog_digest:
             self._want_catalog(info.node_id)
 
@@ -427,6 +435,7 @@ class ClusterService:
                     self._want_catalog(nid)
                 case PeerUp(node_id=nid):
                     log.info("peer_up", peer=nid, route="lan")
+                    self.key_sync.on_peer_up(nid)
                 case PeerDown(node_id=nid) | PeerSuspect(node_id=nid):
                     log.info("peer_" + type(ev).__name__.removeprefix("Peer").lower(), peer=nid)
                 case PeerRemoved(node_id=nid, reason=reason):
@@ -492,7 +501,8 @@ class PeerTarget:
             opts = body.get("stream_options")
             body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
         data = _encode(body)
-        headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id)
+        headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id,
+                                     key_id=(caller.key_id or "") if caller is not None else "")
         headers["Content-Type"] = "application/json"
         if caller is not None:
             headers["X-Request-Id"] = caller.request_id  # the serving node's record links to ours

@@ -10,11 +10,14 @@ Every request one node sends another carries these headers::
     X-Quorum-Nonce           16 random bytes, hex
     X-Quorum-Content-SHA256  hex sha256 of the body
     X-Quorum-Signature       hex HMAC-SHA256 over the canonical string below
+    X-Quorum-Key             (forwarded requests) the id of the API key the
+                             entry node authenticated the client with; never
+                             the key itself
 
 The canonical string binds the signature to everything a replaying or
 tampering middlebox could change::
 
-    QRM2-HMAC-SHA256
+    QRM3-HMAC-SHA256
     <METHOD>
     <path, including the query string>
     <timestamp>
@@ -23,11 +26,13 @@ tampering middlebox could change::
     <destination node id>
     <X-Quorum-Hop value, or "">
     <X-Quorum-Origin value, or "">
+    <X-Quorum-Key value, or "">
     <hex sha256 of the body>
     <cluster fingerprint>
 
 So a captured request cannot be replayed to another node (the destination is
-signed), nor turned into a different hop (hop and origin are signed). A node
+signed), nor turned into a different hop (hop and origin are signed), nor credited to
+another API key (the key id is signed). A node
 also refuses requests signed before it started (``not_before``), so a restart,
 which empties the in-memory replay guard, does not reopen the replay window.
 
@@ -36,7 +41,9 @@ itself never keys anything directly, so a future key for payload encryption can
 be derived under another label without ever being related to this one. The
 fingerprint (also HKDF output, under its own label) is a public name for the
 cluster: it goes into mDNS TXT records and lets a node skip peers of other
-clusters without being able to sign for them.
+clusters without being able to sign for them. API key records replicated
+between nodes are signed with a third key (``derive_records_key``), under its
+own label.
 
 Verification happens in two steps, so that nobody without the cluster key
 makes a node read a body: ``verify_head`` checks, in order, all headers
@@ -69,6 +76,7 @@ __all__ = [
     "HEADER_TIMESTAMP",
     "HEADER_TO",
     "HOP_HEADER",
+    "KEY_HEADER",
     "ORIGIN_HEADER",
     "SIGNATURE_HEADERS",
     "ClusterKeys",
@@ -76,6 +84,7 @@ __all__ = [
     "VerifyResult",
     "body_matches",
     "derive_keys",
+    "derive_records_key",
     "sign",
     "verify",
     "verify_head",
@@ -89,16 +98,19 @@ HEADER_TO = "X-Quorum-To"
 HEADER_DIGEST = "X-Quorum-Content-SHA256"
 HOP_HEADER = "X-Quorum-Hop"
 ORIGIN_HEADER = "X-Quorum-Origin"
+KEY_HEADER = "X-Quorum-Key"  # the API key id a forwarded request was authorised with
 #: All headers ``sign`` produces; a proxy must never forward these to an engine.
-SIGNATURE_HEADERS = (HEADER_NODE_ID, HEADER_TO, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_DIGEST, HEADER_SIGNATURE)
+SIGNATURE_HEADERS = (HEADER_NODE_ID, HEADER_TO, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_DIGEST, HEADER_SIGNATURE,
+                     KEY_HEADER)
 #: The destination of a request sent before the peer's id is known (health probes only).
 ANY_DESTINATION = "*"
 _ANY_ALLOWED = ("GET", "/quorum/v1/health")
 
-_SCHEME = "QRM2-HMAC-SHA256"
+_SCHEME = "QRM3-HMAC-SHA256"
 _HKDF_SALT = b"quorum-cluster-v1"
 _INFO_SIGN = b"quorum/v1/request-signing"
 _INFO_FINGERPRINT = b"quorum/v1/fingerprint"
+_INFO_KEY_RECORDS = b"quorum/v1/api-key-records"
 
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
 _SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
@@ -107,6 +119,7 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,15}")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _HOP_RE = re.compile(r"[0-9]{0,3}")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}")
+_KEY_ID_RE = re.compile(r"[A-Za-z0-9_-]{0,64}")
 
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
@@ -162,6 +175,13 @@ def derive_keys(secret: bytes) -> ClusterKeys:
     )
 
 
+def derive_records_key(secret: bytes) -> bytes:
+    """The 32-byte HMAC key that signs replicated API key records (never the request-signing key)."""
+    if not secret:
+        raise ValueError("cluster secret must not be empty")
+    return _hkdf(secret, _INFO_KEY_RECORDS, 32)
+
+
 class _Signed(msgspec.Struct, frozen=True, kw_only=True):
     """The signed facts of one request, in canonical order."""
 
@@ -173,13 +193,14 @@ class _Signed(msgspec.Struct, frozen=True, kw_only=True):
     to: str
     hop: str
     origin: str
+    key_id: str
     digest: str
 
 
 def _signature(keys: ClusterKeys, f: _Signed) -> str:
     """The MAC of one request, as both ``sign`` and ``verify_head`` compute it."""
     canonical = "\n".join(
-        (_SCHEME, f.method, f.path, f.timestamp, f.nonce, f.node_id, f.to, f.hop, f.origin, f.digest,
+        (_SCHEME, f.method, f.path, f.timestamp, f.nonce, f.node_id, f.to, f.hop, f.origin, f.key_id, f.digest,
          keys.fingerprint)
     ).encode("utf-8")
     return hmac.new(keys.sign_key, canonical, hashlib.sha256).hexdigest()
@@ -202,6 +223,7 @@ def sign(
     now: float,
     hop: str = "",
     origin: str = "",
+    key_id: str = "",
     nonce: str | None = None,
 ) -> dict[str, str]:
     """Return the headers that authenticate one request to the peer ``to``.
@@ -209,7 +231,8 @@ def sign(
     ``path`` is the request target exactly as sent (path plus ``?query``);
     ``now`` is wall-clock seconds (``time.time()``); ``hop``/``origin`` are the
     values of the hop headers the request carries (they are added to the
-    returned headers when given). ``nonce`` is for tests; leave it ``None`` to
+    returned headers when given); ``key_id`` is the id of the API key the
+    request was authorised with (``X-Quorum-Key``, added when given). ``nonce`` is for tests; leave it ``None`` to
     get 16 fresh random bytes.
     """
     method = method.upper()
@@ -223,12 +246,14 @@ def sign(
         raise ValueError(f"bad destination {to!r}")
     if not _HOP_RE.fullmatch(hop):
         raise ValueError(f"bad hop {hop!r}")
+    if not _KEY_ID_RE.fullmatch(key_id):
+        raise ValueError(f"bad key id {key_id!r}")
     if nonce is None:
         nonce = secrets.token_hex(16)
     elif not _NONCE_RE.fullmatch(nonce):
         raise ValueError("nonce must be 32 lowercase hex characters")
     facts = _Signed(method=method, path=path, timestamp=str(int(now * 1000)), nonce=nonce, node_id=node_id, to=to,
-                    hop=hop, origin=origin, digest=hashlib.sha256(body).hexdigest())
+                    hop=hop, origin=origin, key_id=key_id, digest=hashlib.sha256(body).hexdigest())
     headers = {
         HEADER_NODE_ID: node_id,
         HEADER_TO: to,
@@ -241,6 +266,8 @@ def sign(
         headers[HOP_HEADER] = hop
     if origin:
         headers[ORIGIN_HEADER] = origin
+    if key_id:
+        headers[KEY_HEADER] = key_id
     return headers
 
 
@@ -302,13 +329,15 @@ class VerifyResult(msgspec.Struct, frozen=True, kw_only=True):
     ``wrong_destination``, ``stale_timestamp``, ``before_start``,
     ``bad_signature``, ``replayed``, ``overloaded``, ``body_mismatch``.
     ``node_id`` is the claimed sender; trust it only when ``ok``. ``digest``
-    is the signed body digest, for ``body_matches``.
+    is the signed body digest, for ``body_matches``; ``key_id`` the signed
+    ``X-Quorum-Key`` ("" when the request carried none).
     """
 
     ok: bool
     reason: str
     node_id: str | None = None
     digest: str = ""
+    key_id: str = ""
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
@@ -350,6 +379,7 @@ def verify_head(
     signature = _header(headers, HEADER_SIGNATURE)
     hop = _header(headers, HOP_HEADER) or ""
     origin = _header(headers, ORIGIN_HEADER) or ""
+    key_id = _header(headers, KEY_HEADER) or ""
     if signature is None:
         return VerifyResult(ok=False, reason="missing_signature", node_id=node_id)
     if node_id is None or to is None or timestamp is None or nonce is None or digest is None:
@@ -365,6 +395,7 @@ def verify_head(
         or not _METHOD_RE.fullmatch(method)
         or not _HOP_RE.fullmatch(hop)
         or not (origin == "" or _NODE_ID_RE.fullmatch(origin))
+        or not _KEY_ID_RE.fullmatch(key_id)
     ):
         return VerifyResult(ok=False, reason="malformed", node_id=None)
     try:
@@ -379,13 +410,13 @@ def verify_head(
     if ts < not_before:
         return VerifyResult(ok=False, reason="before_start", node_id=node_id)
     facts = _Signed(method=method, path=path, timestamp=timestamp, nonce=nonce, node_id=node_id, to=to, hop=hop,
-                    origin=origin, digest=digest)
+                    origin=origin, key_id=key_id, digest=digest)
     if not hmac.compare_digest(_signature(keys, facts), signature):
         return VerifyResult(ok=False, reason="bad_signature", node_id=node_id)
     refused = guard._admit(nonce, ts, now)
     if refused is not None:
         return VerifyResult(ok=False, reason=refused, node_id=node_id)
-    return VerifyResult(ok=True, reason="ok", node_id=node_id, digest=digest)
+    return VerifyResult(ok=True, reason="ok", node_id=node_id, digest=digest, key_id=key_id)
 
 
 def body_matches(result: VerifyResult, body: bytes) -> bool:

@@ -13,10 +13,12 @@ from quorum_node.cluster.signing import (
     HEADER_TIMESTAMP,
     HEADER_TO,
     HOP_HEADER,
+    KEY_HEADER,
     ORIGIN_HEADER,
     ReplayGuard,
     body_matches,
     derive_keys,
+    derive_records_key,
     sign,
     verify,
     verify_head,
@@ -125,6 +127,29 @@ def test_the_hop_headers_are_signed(header, value):
     assert _verify(dict(headers, **{header: value})).reason == "bad_signature"
     stripped = {k: v for k, v in headers.items() if k != header}
     assert _verify(stripped).reason == "bad_signature"
+
+
+def test_the_api_key_id_of_a_forwarded_request_is_signed():
+    """The serving node credits the key the entry node verified; a middlebox cannot move it to another key."""
+    headers = _signed(hop="1", origin="node-a", key_id="k_0123456789ab")
+    assert headers[KEY_HEADER] == "k_0123456789ab"
+    result = _verify(dict(headers))
+    assert result.ok and result.key_id == "k_0123456789ab"
+    assert _verify(dict(headers, **{KEY_HEADER: "k_other"})).reason == "bad_signature"
+    assert _verify({k: v for k, v in headers.items() if k != KEY_HEADER}).reason == "bad_signature"
+    added = dict(_signed(hop="1", origin="node-a"), **{KEY_HEADER: "k_0123456789ab"})
+    assert _verify(added).reason == "bad_signature"
+    assert _verify(dict(headers, **{KEY_HEADER: "bad id!"})).reason == "malformed"
+    assert _verify(_signed(hop="1", origin="node-a")).key_id == ""
+    with pytest.raises(ValueError):
+        _signed(key_id="no\nnewlines")
+
+
+def test_the_key_record_key_is_its_own():
+    keys = derive_keys(SECRET)
+    record_key = derive_records_key(SECRET)
+    assert len(record_key) == 32 and record_key != keys.sign_key
+    assert record_key == derive_records_key(SECRET) and record_key != derive_records_key(b"other")
 
 
 @pytest.mark.parametrize(

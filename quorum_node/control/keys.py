@@ -1,0 +1,462 @@
+"""API keys: who may call the cluster, kept by every node, agreed between them.
+
+A key is ``qk_`` + 43 characters of ``secrets.token_urlsafe(32)`` (256 bits).
+It is shown once, when it is made; the nodes keep only its SHA-256 (the
+secret is high-entropy, so a plain hash cannot be brute-forced) and compare
+hashes in constant time.
+
+Each key is one ``KeyRecord``: its id, name, display prefix, hash, scopes
+(model globs), expiry, rate, whether it may administer keys, and whether it was
+revoked. A record is *versioned* (``version``, ``origin``: the node that wrote
+it) and *signed* with an HMAC key derived from the cluster secret under its own
+label (``signing.derive_records_key``), so a record that was changed on the
+way, or made without the cluster secret, is refused wherever it arrives.
+
+Merging is a max over a total order, so it is commutative, associative and
+idempotent (nodes converge whatever order records arrive in, however often)::
+
+    rank(r) = (r.revoked is not None, r.version, r.origin, r.sig)
+
+A tombstone (a revoked record) outranks every live version of its key: once
+any node has revoked a key, no older or concurrent record brings it back.
+Tombstones are kept for good (a few hundred bytes each).
+
+The store lives in ``<data_dir>/keys.json`` (0600, written atomically: temp
+file, fsync, rename). ``last_used`` is per node (this node's last request with
+the key); it is kept in the same file and not replicated.
+
+Pure logic: no asyncio. ``now`` is wall-clock seconds (expiry is a date) for
+records and ``time.monotonic()`` for rate buckets.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import structlog
+
+from ..errors import BadRequest, ConfigError, NotFound
+
+__all__ = [
+    "KEYS_FILE",
+    "KEY_PREFIX",
+    "Grant",
+    "KeyInfo",
+    "KeyRecord",
+    "KeyStore",
+    "merge_rank",
+    "open_keystore",
+    "parse_duration",
+]
+
+log = structlog.get_logger(__name__)
+
+KEY_PREFIX = "qk_"
+KEYS_FILE = "keys.json"
+_DISPLAY_CHARS = 8  # of the random part shown in listings: enough to tell keys apart, useless to guess
+_MAX_SECRET_CHARS = 128
+MAX_RECORDS = 10_000
+MAX_PATTERNS = 32
+
+_Id = Annotated[str, msgspec.Meta(pattern=r"^k_[0-9a-f]{12}$")]
+_Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+_Pattern = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+_Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+_Prefix = Annotated[str, msgspec.Meta(max_length=16)]
+_Sig = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")]
+_NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+_Time = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+_Rate = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+_Version = Annotated[int, msgspec.Meta(ge=1, le=2**31)]
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One API key as every node stores and replicates it (never the key itself)."""
+
+    id: _Id
+    name: _Name
+    prefix: _Prefix
+    hash: _Hash
+    models: Annotated[tuple[_Pattern, ...], msgspec.Meta(max_length=MAX_PATTERNS)] = ()
+    created: _Time
+    expires: _Time | None = None
+    rate_per_min: _Rate | None = None
+    admin: bool = False
+    revoked: _Time | None = None  # when; a record with this set is a tombstone
+    version: _Version = 1
+    origin: _NodeId  # the node that wrote this version
+    sig: _Sig = ""  # HMAC-SHA256 of ``_canonical`` under the records key ("" on a node in no cluster)
+
+
+class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What may be shown about a key: everything but the key and its hash."""
+
+    id: str
+    name: str
+    prefix: str
+    models: list[str]
+    created: float
+    expires: float | None
+    last_used: float | None  # on this node
+    rate_per_min: int | None
+    admin: bool
+    revoked: bool
+    revoked_at: float | None
+
+
+class _KeysFile(msgspec.Struct, kw_only=True):
+    version: int = 1
+    records: Annotated[list[KeyRecord], msgspec.Meta(max_length=MAX_RECORDS)] = []
+    used: dict[str, float] = {}
+
+
+_file_decoder = msgspec.json.Decoder(_KeysFile)
+_encode = msgspec.json.Encoder().encode
+
+
+def merge_rank(r: KeyRecord) -> tuple[bool, int, str, str]:
+    """The order merges take the maximum of: tombstones first, then the newest version."""
+    return (r.revoked is not None, r.version, r.origin, r.sig)
+
+
+def _canonical(r: KeyRecord) -> bytes:
+    return _encode(["quorum-key-record-v1", r.id, r.name, r.prefix, r.hash, list(r.models), r.created, r.expires,
+                    r.rate_per_min, r.admin, r.revoked, r.version, r.origin])
+
+
+def sign_record(key: bytes, r: KeyRecord) -> KeyRecord:
+    return msgspec.structs.replace(r, sig=hmac.new(key, _canonical(r), hashlib.sha256).hexdigest())
+
+
+def record_verifies(key: bytes, r: KeyRecord) -> bool:
+    expected = hmac.new(key, _canonical(r), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, r.sig)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``12h``, ``30d``, ``2w``, ``1d12h`` or plain seconds → seconds (> 0)."""
+    t = text.strip().lower()
+    try:
+        seconds = float(t)
+    except ValueError:
+        parts = _DURATION_RE.findall(t)
+        if not parts or "".join(n + u for n, u in parts) != t:
+            raise ValueError(f"bad duration {text!r} (e.g. 90s, 15m, 12h, 30d, 2w)") from None
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not (0 < seconds < 1e10) or math.isnan(seconds):
+        raise ValueError(f"duration {text!r} must be positive")
+    return seconds
+
+
+class _Bucket:
+    """A token bucket: ``rate_per_min`` requests a minute, bursts up to a minute's worth."""
+
+    __slots__ = ("rate_s", "capacity", "tokens", "t")
+
+    def __init__(self, rate_per_min: int, now: float) -> None:
+        self.rate_s = rate_per_min / 60.0
+        self.capacity = float(rate_per_min)
+        self.tokens = self.capacity
+        self.t = now
+
+    def take(self, now: float) -> float:
+        """Take one token: 0.0 if there was one, else the seconds until there is."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.t) * self.rate_s)
+        self.t = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate_s
+
+
+class Grant:
+    """A key that authenticated a request: what it may do (scopes compiled once, its rate bucket)."""
+
+    __slots__ = ("id", "name", "admin", "info", "_match", "_bucket")
+
+    def __init__(self, record: KeyRecord, info: KeyInfo, bucket: _Bucket | None) -> None:
+        self.id = record.id
+        self.name = record.name
+        self.admin = record.admin
+        self.info = info
+        self._match = (re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in record.models)).match
+                       if record.models else None)
+        self._bucket = bucket
+
+    def allows(self, model: str) -> bool:
+        """Whether the key's model scopes (fnmatch globs, case-sensitive) cover ``model``."""
+        return self._match is None or self._match(model) is not None
+
+    def take(self, now: float) -> float:
+        """Spend one request of the key's rate on this node: 0.0, or the seconds to wait."""
+        return 0.0 if self._bucket is None else self._bucket.take(now)
+
+
+class KeyStore:
+    """Every key this node knows, persisted in the data dir; merges records from peers.
+
+    ``signer``: the records key (from the cluster secret), None for a node in no
+    cluster (its records stay unsigned and local). ``origin``: this node's id.
+    ``on_change`` callbacks run after every change of the records (create,
+    revoke, a merge that changed something): the replication pushes then.
+    """
+
+    def __init__(self, path: Path | None, *, signer: bytes | None, origin: str,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self.signer = signer
+        self.origin = origin
+        self._clock = clock
+        self._monotonic = monotonic
+        self._records: dict[str, KeyRecord] = {}
+        self._by_hash: dict[str, str] = {}
+        self._grants: dict[str, Grant] = {}
+        self._buckets: dict[str, _Bucket] = {}
+        self._used: dict[str, float] = {}
+        self.digest = ""
+        self.on_change: list[Callable[[], None]] = []
+        if path is not None:
+            self._load(path)
+        self._reindex()
+
+    # -- persistence -----------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ConfigError(f"{path}: {e.strerror}") from None
+        try:
+            stored = _file_decoder.decode(raw)
+        except msgspec.DecodeError as e:
+            # Never start without the revocations it holds: a node that forgot them would accept revoked keys.
+            raise ConfigError(f"{path} is damaged ({e}); restore it or delete it to start with no keys") from None
+        resigned = 0
+        for r in stored.records:
+            if self.signer is not None and not record_verifies(self.signer, r):
+                # Written by `keys create` while no node ran, or under another cluster secret: this data
+                # dir (0600, next to the secret itself) is this node's own, so its records are signed now.
+                r = sign_record(self.signer, r)
+                resigned += 1
+            self._records[r.id] = r
+        self._used = {k: v for k, v in stored.used.items() if k in self._records}
+        if resigned:
+            log.info("key_records_signed", count=resigned)
+            self.save()
+
+    def snapshot(self) -> bytes:
+        """The store file's bytes (encoded on the loop; written by ``write``, maybe in a thread)."""
+        records = sorted(self._records.values(), key=lambda r: r.created)
+        return _encode(_KeysFile(records=records, used=dict(self._used)))
+
+    def write(self, data: bytes) -> None:
+        if self.path is None:
+            return
+        from ..cluster.membership import _ensure_dir, _write_private
+
+        _ensure_dir(self.path.parent)
+        _write_private(self.path, data, replace=True)
+
+    def save(self) -> None:
+        self.write(self.snapshot())
+
+    # -- indexes -----------------------------------------------------------------
+
+    def _reindex(self) -> None:
+        self._by_hash = {r.hash: r.id for r in self._records.values()}
+        self._grants = {}
+        now = self._monotonic()
+        for r in self._records.values():
+            if r.revoked is not None:
+                continue
+            bucket = None
+            if r.rate_per_min is not None:
+                bucket = self._buckets.get(r.id)
+                if bucket is None or bucket.capacity != r.rate_per_min:
+                    bucket = self._buckets[r.id] = _Bucket(r.rate_per_min, now)
+            self._grants[r.id] = Grant(r, self._info(r), bucket)
+        lines = sorted(f"{r.id}:{r.version}:{r.origin}:{r.sig}:{int(r.revoked is not None)}"
+                       for r in self._records.values())
+        self.digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32] if lines else ""
+
+    def _changed(self) -> None:
+        self._reindex()
+        for fn in list(self.on_change):
+            try:
+                fn()
+            except Exception:  # a listener's bug never undoes a change
+                log.exception("key_change_listener_failed")
+
+    def _info(self, r: KeyRecord) -> KeyInfo:
+        return KeyInfo(id=r.id, name=r.name, prefix=r.prefix, models=list(r.models), created=r.created,
+                       expires=r.expires, last_used=self._used.get(r.id), rate_per_min=r.rate_per_min,
+                       admin=r.admin, revoked=r.revoked is not None, revoked_at=r.revoked)
+
+    def _sign(self, r: KeyRecord) -> KeyRecord:
+        return sign_record(self.signer, r) if self.signer is not None else r
+
+    # -- what the node and the CLI call ----------------------------------------------
+
+    def create(self, name: str, *, models: Iterable[str] = (), expires_s: float | None = None,
+               rate_per_min: int | None = None, admin: bool = False) -> tuple[KeyInfo, str]:
+        """Make a key; returns its info and the key itself (the only time it exists anywhere)."""
+        name = name.strip() if isinstance(name, str) else name
+        if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
+            raise BadRequest("A key's name is 1-64 printable characters", param="name", code="invalid_key_name")
+        if name.startswith("k_") or name.startswith(KEY_PREFIX):
+            raise BadRequest("A key's name must not look like a key id or a key", param="name",
+                             code="invalid_key_name")
+        if any(r.name == name and r.revoked is None for r in self._records.values()):
+            raise ApiConflict(f"A key named {name!r} exists already; revoke it first or choose another name")
+        patterns = tuple(dict.fromkeys(m.strip() for m in models))
+        if len(patterns) > MAX_PATTERNS or any(not p or len(p) > 200 or not p.isprintable() for p in patterns):
+            raise BadRequest(f"Model scopes are up to {MAX_PATTERNS} globs of 1-200 printable characters",
+                             param="models", code="invalid_scope")
+        if rate_per_min is not None and (isinstance(rate_per_min, bool) or not 1 <= rate_per_min <= 1_000_000):
+            raise BadRequest("The rate is 1-1000000 requests a minute", param="rate", code="invalid_rate")
+        if expires_s is not None and not (0 < expires_s < 1e10):
+            raise BadRequest("Expiry must be a positive duration", param="expires", code="invalid_expiry")
+        if len(self._records) >= MAX_RECORDS:
+            raise BadRequest(f"This cluster holds {MAX_RECORDS} key records already", code="too_many_keys")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = self._clock()
+        record = self._sign(KeyRecord(
+            id="k_" + secrets.token_hex(6), name=name, prefix=secret[:len(KEY_PREFIX) + _DISPLAY_CHARS],
+            hash=_hash(secret), models=patterns, created=now, expires=now + expires_s if expires_s else None,
+            rate_per_min=rate_per_min, admin=admin, origin=self.origin,
+        ))
+        self._records[record.id] = record
+        self.save()
+        self._changed()
+        return self._info(record), secret
+
+    def find(self, name_or_id: str) -> KeyRecord:
+        """The key with this id, else the one live key with this name (else the newest revoked one)."""
+        r = self._records.get(name_or_id)
+        if r is not None:
+            return r
+        named = [r for r in self._records.values() if r.name == name_or_id]
+        live = [r for r in named if r.revoked is None]
+        if len(live) > 1:  # two nodes made the same name at the same time
+            raise BadRequest(f"{len(live)} keys are named {name_or_id!r}: give the id "
+                             f"({', '.join(sorted(r.id for r in live))})", code="ambiguous_key")
+        if live:
+            return live[0]
+        if named:
+            return max(named, key=lambda r: r.created)
+        raise NotFound(f"No key named or with the id {name_or_id!r}", code="key_not_found")
+
+    def revoke(self, name_or_id: str) -> KeyInfo:
+        """Revoke a key (a signed tombstone, which outranks every version of it); idempotent."""
+        r = self.find(name_or_id)
+        if r.revoked is None:
+            r = self._sign(msgspec.structs.replace(r, revoked=self._clock(), version=r.version + 1,
+                                                   origin=self.origin, sig=""))
+            self._records[r.id] = r
+            self.save()
+            self._changed()
+        return self._info(r)
+
+    def list(self) -> list[KeyInfo]:
+        return [self._info(r) for r in sorted(self._records.values(), key=lambda r: r.created)]
+
+    def lookup(self, secret: str) -> tuple[Grant | None, str]:
+        """The grant of a presented key, or None and why: ``unknown``, ``expired`` or ``revoked``."""
+        if not secret.startswith(KEY_PREFIX) or len(secret) > _MAX_SECRET_CHARS or not secret.isascii():
+            return None, "unknown"
+        h = _hash(secret)
+        kid = self._by_hash.get(h)
+        r = self._records.get(kid) if kid is not None else None
+        if r is None or not hmac.compare_digest(r.hash, h):
+            return None, "unknown"
+        if r.revoked is not None:
+            return None, "revoked"
+        now = self._clock()
+        if r.expires is not None and now >= r.expires:
+            return None, "expired"
+        self._used[r.id] = now
+        return self._grants[r.id], "ok"
+
+    def authenticate(self, secret: str) -> KeyInfo | None:
+        grant, _ = self.lookup(secret)
+        return grant.info if grant is not None else None
+
+    def name_of(self, key_id: str) -> str | None:
+        r = self._records.get(key_id)
+        return r.name if r is not None else None
+
+    def monotonic(self) -> float:
+        return self._monotonic()
+
+    # -- replication -------------------------------------------------------------------
+
+    def records(self) -> list[KeyRecord]:
+        return list(self._records.values())
+
+    def merge(self, incoming: Iterable[KeyRecord]) -> tuple[int, int]:
+        """Take what peers sent where it outranks ours; returns (changed, rejected).
+
+        A record is refused unless its signature verifies under this cluster's
+        records key (a node in no cluster merges nothing). The caller persists
+        (``snapshot``/``write``) when something changed.
+        """
+        changed = rejected = 0
+        for r in incoming:
+            if self.signer is None or not record_verifies(self.signer, r):
+                rejected += 1
+                continue
+            mine = self._records.get(r.id)
+            if mine is not None and mine.hash != r.hash:
+                rejected += 1  # the same id for another key: never let a record swap a key's secret
+                continue
+            if mine is None and len(self._records) >= MAX_RECORDS:
+                rejected += 1
+                continue
+            if mine is None or merge_rank(r) > merge_rank(mine):
+                self._records[r.id] = r
+                changed += 1
+        if rejected:
+            log.warning("key_records_rejected", count=rejected)
+        if changed:
+            self._changed()
+        return changed, rejected
+
+
+class ApiConflict(BadRequest):
+    status = 409
+    type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="name", code="key_exists")
+
+
+def open_keystore(data_dir: Path, secret: bytes | None) -> KeyStore:
+    """The store of ``data_dir``, signing with the records key of the cluster ``secret`` (None: no cluster)."""
+    from ..cluster.membership import load_or_create_node_id
+    from ..cluster.signing import derive_records_key
+
+    try:
+        origin = load_or_create_node_id(data_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"node id in {data_dir}: {e}") from None
+    return KeyStore(data_dir / KEYS_FILE, signer=derive_records_key(secret) if secret else None, origin=origin)

@@ -1,0 +1,192 @@
+"""API key records, replicated between the nodes of a cluster (no central server).
+
+Anti-entropy over the peer protocol, on every link (LAN HTTP or the relay):
+
+- every health answer carries the node's ``keys_digest`` (a hash over its
+  records' ids, versions and signatures); a node that probes a peer and sees a
+  digest other than its own pulls the peer's records
+  (``GET /quorum/v1/keys``) and merges them. Probes run every
+  ``health_interval_s`` (2 s), both ways, so two nodes that can reach each
+  other agree within about one interval — a node that was down included, from
+  its first probe after it is back;
+- a key made or revoked here is pushed at once to every peer that is up
+  (``POST /quorum/v1/keys``), and to a peer as soon as it comes up.
+
+Every request is signed with the cluster key, and every record carries its
+own signature (``control.keys``); a record that does not verify is refused.
+Merging is a max over a total order in which tombstones win, so the order and
+repetition of pulls and pushes do not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Annotated, Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from ..api.body import read_body
+from ..api.keys import PEER
+from ..cluster.peers import PeerState
+from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, Unauthorized
+from .keys import MAX_RECORDS, KeyRecord, KeyStore
+
+if TYPE_CHECKING:
+    from ..cluster.service import ClusterService
+
+__all__ = ["KEYS_PATH", "KeyReplicator"]
+
+log = structlog.get_logger(__name__)
+
+KEYS_PATH = "/quorum/v1/keys"
+MAX_KEYS_BYTES = 8 * 1024 * 1024  # 10,000 records of ~600 bytes, with room
+
+
+class KeysMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /quorum/v1/keys`` answer and ``POST /quorum/v1/keys`` body."""
+
+    digest: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    records: Annotated[list[KeyRecord], msgspec.Meta(max_length=MAX_RECORDS)] = []
+
+
+_decode = msgspec.json.Decoder(KeysMessage).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class KeyReplicator:
+    """Keeps ``store`` in agreement with the peers of ``service``."""
+
+    def __init__(self, service: ClusterService, store: KeyStore) -> None:
+        self.service = service
+        self.store = store
+        self._pulling: set[str] = set()
+        self._saving: asyncio.Task[None] | None = None
+        self._dirty = False
+        store.on_change.append(self._changed)
+        self._pushing = False  # a local change: push once the change handlers are done
+
+    # -- what the cluster service calls -------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get(KEYS_PATH, self._h_get), web.post(KEYS_PATH, self._h_post)]
+
+    def on_peer_digest(self, node_id: str, digest: str) -> None:
+        """A peer's health answer told its keys digest: pull if it differs from ours."""
+        if digest and digest != self.store.digest and node_id not in self._pulling:
+            self._pulling.add(node_id)
+            self.service._spawn(self._pull(node_id), "keys-pull")
+
+    def on_peer_up(self, node_id: str) -> None:
+        """A peer came (back): give it what we have now (it pulls the rest on its next probe)."""
+        if self.store.digest:
+            self.service._spawn(self._push(node_id), "keys-push")
+
+    def close(self) -> None:
+        if self._changed in self.store.on_change:
+            self.store.on_change.remove(self._changed)
+
+    # -- peer endpoints -----------------------------------------------------------------
+
+    def _require_peer(self, request: web.Request) -> None:
+        if request.get(PEER) is None:
+            raise Unauthorized("This endpoint needs a cluster signature", code="unauthorized")
+
+    async def _h_get(self, request: web.Request) -> web.Response:
+        self._require_peer(request)
+        body = KeysMessage(digest=self.store.digest, records=self.store.records())
+        return web.Response(body=_encode(body), content_type="application/json")
+
+    async def _h_post(self, request: web.Request) -> web.Response:
+        self._require_peer(request)
+        if request.content_length is not None and request.content_length > MAX_KEYS_BYTES:
+            raise PayloadTooLarge(f"Key records are limited to {MAX_KEYS_BYTES} bytes", code="body_too_large")
+        raw = await read_body(request)
+        if len(raw) > MAX_KEYS_BYTES:
+            raise PayloadTooLarge(f"Key records are limited to {MAX_KEYS_BYTES} bytes", code="body_too_large")
+        try:
+            message = _decode(raw)
+        except msgspec.DecodeError as e:  # ValidationError included
+            raise BadRequest(f"Not a list of key records: {e}", code="bad_key_records") from None
+        changed, rejected = self._merge(message.records, request.get(PEER))
+        return web.Response(body=_encode({"digest": self.store.digest, "changed": changed, "rejected": rejected}),
+                            content_type="application/json")
+
+    # -- moving records ------------------------------------------------------------------
+
+    def _merge(self, records: list[KeyRecord], peer: str | None) -> tuple[int, int]:
+        self._pushing = True  # changes that came from a peer are not pushed back around the cluster
+        try:
+            changed, rejected = self.store.merge(records)
+        finally:
+            self._pushing = False
+        if changed:
+            log.info("key_records_merged", peer=peer, changed=changed)
+            self._save_soon()
+        return changed, rejected
+
+    def _changed(self) -> None:
+        if self._pushing:
+            return
+        for p in self.service.table.all():
+            if p.state is PeerState.UP:
+                self.service._spawn(self._push(p.node_id), "keys-push")
+
+    def _save_soon(self) -> None:
+        """Persist merged records off the event loop (one write at a time, the latest state wins)."""
+        self._dirty = True
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._save_loop())
+            self.service._tasks.add(self._saving)
+            self._saving.add_done_callback(self.service._tasks.discard)
+
+    async def _save_loop(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            data = self.store.snapshot()
+            try:
+                await asyncio.to_thread(self.store.write, data)
+            except OSError as e:
+                log.error("keys_save_failed", error=str(e))
+
+    def _link(self, node_id: str) -> Any:
+        peer = self.service.table.get(node_id)
+        links = self.service.links(peer) if peer is not None else []
+        return links[0] if links else None
+
+    async def _pull(self, node_id: str) -> None:
+        try:
+            link = self._link(node_id)
+            if link is None:
+                return
+            message = _decode(await self.service._get(link, KEYS_PATH, node_id, 5.0))
+            self._merge(message.records, node_id)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
+            log.warning("keys_pull_failed", peer=node_id, error=str(e))
+        finally:
+            self._pulling.discard(node_id)
+
+    async def _push(self, node_id: str) -> None:
+        svc = self.service
+        link = self._link(node_id)
+        if link is None:
+            return
+        data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records()))
+        headers = svc.signed_headers("POST", KEYS_PATH, data, to=node_id)
+        headers["Content-Type"] = "application/json"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await link.request("POST", KEYS_PATH, headers, data, svc.timeouts, deadline=deadline,
+                                          stream=False, who=f"peer {node_id}")
+                try:
+                    await resp.read()
+                    if resp.status != 200:
+                        log.warning("keys_push_refused", peer=node_id, status=resp.status)
+                finally:
+                    resp.close()
+        except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
+            log.debug("keys_push_failed", peer=node_id, error=str(e))

@@ -1,0 +1,243 @@
+"""API keys across a cluster: made on one node, accepted by all; revoked on one, refused by all —
+including a node that was down at the time, within 10 s of its return. Forged records are refused;
+a forwarded request carries the key's id, never the key. And the true off-loopback path.
+
+Three in-process nodes on loopback, static peers, each with its own fake engine, all with
+``require_key`` (so loopback callers are held to the rule that any other caller meets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+
+from quorum_node.cluster.signing import derive_keys, derive_records_key, sign
+from quorum_node.control.keys import KeyRecord, sign_record
+from quorum_node.node import Node
+from quorum_node.records import Record
+from tests.netns import netns_unavailable
+
+CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
+AGREE_S = 10.0  # the promise: every node agrees within 10 s
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+async def chat(node: Node, key: str, model: str) -> str:
+    async with openai.AsyncOpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0) as client:
+        out = await client.chat.completions.create(model=model, messages=MESSAGES)
+    return out.choices[0].message.content or ""
+
+
+async def accepted(node: Node, key: str, model: str) -> bool:
+    try:
+        return bool(await chat(node, key, model))
+    except openai.AuthenticationError:
+        return False
+
+
+async def within(what: str, check, timeout_s: float = AGREE_S) -> float:
+    """Poll until ``check()`` holds; the seconds it took (fails after ``timeout_s``)."""
+    t0 = time.monotonic()
+    while not await check():
+        if time.monotonic() - t0 > timeout_s:
+            pytest.fail(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - t0
+
+
+class Trio:
+    def __init__(self, start_node, fake, tmp_path: Path) -> None:
+        self.start_node, self.fake, self.tmp = start_node, fake, tmp_path
+        self.nodes: dict[str, Node] = {}
+        self.engines: dict[str, Any] = {}
+
+    async def start(self, name: str, *, port: int = 0, peers: list[str] = ()) -> Node:
+        eng = self.engines.get(name) or await self.fake("openai", models=[f"model-{name}"])
+        self.engines[name] = eng
+        node = await self.start_node(backends=[{"kind": "openai", "url": eng.url}], name=f"node-{name}",
+                                     data_dir=str(self.tmp / name), port=port, peers=list(peers),
+                                     require_key=True, peer_down_after_s=1.5, **CLUSTER)
+        self.nodes[name] = node
+        return node
+
+    async def start_all(self) -> None:
+        for n in "abc":
+            await self.start(n)
+        for n, node in self.nodes.items():
+            for m, other in self.nodes.items():
+                if m != n:
+                    node.cluster.table.add_static(f"127.0.0.1:{other.port}")
+
+
+@pytest.fixture
+async def trio(start_node, fake, tmp_path) -> Trio:
+    t = Trio(start_node, fake, tmp_path)
+    await t.start_all()
+    return t
+
+
+async def test_key_lifecycle_across_three_nodes_including_one_that_was_down(trio: Trio) -> None:
+    a, b, c = (trio.nodes[n] for n in "abc")
+    _, key = a.keys.create("phone")
+    for node, name in ((a, "a"), (b, "b"), (c, "c")):
+        took = await within(f"node {name} accepts the key made on a",
+                            lambda node=node, name=name: accepted(node, key, f"model-{name}"))
+        assert took < AGREE_S
+    # c goes down; the key is revoked on b meanwhile
+    port_c = c.port
+    await c.stop()
+    b.keys.revoke("phone")
+    await within("a refuses the key revoked on b", lambda: _refused(a, key, "model-a"))
+    assert not await accepted(b, key, "model-b")
+    # c comes back (same data dir: it still holds the key as live) and must learn the revocation
+    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    took = await within("c refuses the key within 10 s of its return", lambda: _refused(c2, key, "model-c"))
+    assert took < AGREE_S
+    # and the revocation survives c's own restart (it was stored, not only held in memory)
+    assert any(k.name == "phone" and k.revoked for k in c2.keys.list())
+
+
+async def _refused(node: Node, key: str, model: str) -> bool:
+    try:
+        await chat(node, key, model)
+    except openai.AuthenticationError as e:
+        return e.code == "revoked_api_key"
+    return False
+
+
+async def test_a_key_made_while_a_node_was_down_reaches_it_when_it_returns(trio: Trio) -> None:
+    a, b, c = (trio.nodes[n] for n in "abc")
+    port_c = c.port
+    await c.stop()
+    _, key = b.keys.create("made-meanwhile", models=["model-*"])
+    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    await within("the returning c accepts a key made while it was down", lambda: accepted(c2, key, "model-c"))
+
+
+async def test_a_forwarded_request_carries_the_key_id_never_the_key(trio: Trio) -> None:
+    a, b = trio.nodes["a"], trio.nodes["b"]
+    info, key = a.keys.create("laptop", models=["model-b"])
+    seen: list[Record] = []
+    b.records.add(seen.append)
+    await within("a knows model-b on b", lambda: _holds(a, key, "model-b"))
+    assert await chat(a, key, "model-b") == "Hello, world!"
+    served = [r for r in seen if r.surface is not None and r.peer is not None]
+    assert served and served[-1].key_id == info.id
+    await within("b names the key (its store has the record)", lambda: _named(b, info.id))
+    assert await chat(a, key, "model-b")
+    assert seen[-1].key_id == info.id and seen[-1].key_name == "laptop"
+    engine_b = trio.engines["b"]
+    for req in engine_b.requests:  # nothing of the key reaches the engine
+        assert key not in json.dumps(req.headers) and key not in json.dumps(dict(req))
+    with pytest.raises(openai.PermissionDeniedError):  # the scope holds for models on peers too
+        await chat(a, key, "model-c")
+
+
+async def _holds(node: Node, key: str, model: str) -> bool:
+    async with openai.AsyncOpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0) as client:
+        return model in {m.id async for m in client.models.list()}
+
+
+async def _named(node: Node, key_id: str) -> bool:
+    return node.keys.name_of(key_id) is not None
+
+
+def _signed_post(target: Node, body: bytes, *, secret: str = "s3cret") -> dict[str, str]:
+    headers = sign(derive_keys(secret.encode()), method="POST", path="/quorum/v1/keys", body=body,
+                   node_id="intruder01", to=target.cluster.node_id, now=time.time())
+    return {**headers, "Content-Type": "application/json"}
+
+
+async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
+    a, b = trio.nodes["a"], trio.nodes["b"]
+    _, key = b.keys.create("genuine", models=["model-a"])
+    await within("a accepts b's key", lambda: accepted(a, key, "model-a"))
+    genuine = next(r for r in b.keys.records() if r.name == "genuine")
+    # 1. a field changed after signing: all models, and admin
+    widened = msgspec.structs.replace(genuine, models=(), admin=True, version=genuine.version + 5)
+    # 2. a record made with another cluster's records key, for a key the forger holds
+    forged_secret = "qk_" + "f" * 43
+    import hashlib
+
+    forged = sign_record(derive_records_key(b"another cluster"), KeyRecord(
+        id="k_aaaaaaaaaaaa", name="forged", prefix="qk_ffffffff", hash=hashlib.sha256(forged_secret.encode()).hexdigest(),
+        created=time.time(), origin="intruder01"))
+    # 3. a tombstone nobody signed (it would revoke the genuine key)
+    fake_revoke = msgspec.structs.replace(genuine, revoked=time.time(), version=genuine.version + 1)
+    body = msgspec.json.encode({"records": [widened, forged, fake_revoke]})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(a.url + "/quorum/v1/keys", data=body, headers=_signed_post(a, body)) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+        assert answer["rejected"] == 3 and answer["changed"] == 0
+        # garbage and oversized lists are 400s, never 500s
+        for junk in (b"[1,2]", b'{"records": [{"id": 1}]}', b'{"records": ' + b"[" + b"{}," * 10_001 + b"{}]}"):
+            async with http.post(a.url + "/quorum/v1/keys", data=junk, headers=_signed_post(a, junk)) as resp:
+                assert resp.status == 400, junk[:40]
+    assert await accepted(a, key, "model-a")  # still live, still scoped
+    with pytest.raises(openai.PermissionDeniedError):
+        await chat(a, key, "model-b")
+    assert not await accepted(a, forged_secret, "model-a")
+    assert a.keys.name_of("k_aaaaaaaaaaaa") is None
+
+
+# -- off loopback, for real: a caller in another network namespace ------------------------
+
+_CLIENT = """
+import json, sys, urllib.request, urllib.error
+url, key = sys.argv[1], sys.argv[2]
+out = {}
+for name, headers in (("none", {}), ("wrong", {"Authorization": "Bearer qk_" + "z" * 43}),
+                      ("sk", {"Authorization": "Bearer sk-no-key-required"}),
+                      ("good", {"Authorization": "Bearer " + key})):
+    req = urllib.request.Request(url + "/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            out[name] = [r.status, json.loads(r.read())]
+    except urllib.error.HTTPError as e:
+        out[name] = [e.code, json.loads(e.read())]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+async def test_a_caller_off_loopback_needs_a_key(start_node, fake) -> None:
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    ns, host_if = f"qkey{os.getpid()}", f"qkey{os.getpid()}h"
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("ip", "netns", "add", ns)
+    try:
+        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        run("ip", "addr", "add", "10.79.1.1/30", "dev", host_if)
+        run("ip", "link", "set", host_if, "up")
+        run("ip", "-n", ns, "addr", "add", "10.79.1.2/30", "dev", "eth0")
+        run("ip", "-n", ns, "link", "set", "eth0", "up")
+        eng = await fake("openai", models=["m"])
+        node = await start_node(backends=[{"kind": "openai", "url": eng.url}], host="10.79.1.1")  # no --require-key
+        _, key = node.keys.create("remote")
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", ns, sys.executable, "-c", _CLIENT, f"http://10.79.1.1:{node.port}", key,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        got = json.loads(out)
+        assert got["none"][0] == 401 and got["none"][1]["error"]["code"] == "missing_api_key"
+        assert got["wrong"][0] == 401 and got["wrong"][1]["error"]["code"] == "invalid_api_key"
+        assert got["sk"][0] == 401  # off loopback, "any api_key" is not a key
+        assert got["good"][0] == 200 and [m["id"] for m in got["good"][1]["data"]] == ["m"]
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

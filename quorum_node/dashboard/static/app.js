@@ -260,13 +260,24 @@ async function loadUsage() {
   }
 }
 
+function niceCeil(v) {
+  // the axis top: 2, 4, 10, 20, 50, 100 … (even, so the middle line is a whole number)
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 5, 10]) if (m * p >= v && (m * p) % 2 === 0) return m * p;
+  return 20 * p;
+}
+
+function groupName(g) {
+  return g === "" || g === null || g === undefined || g === "-" ? "(no " + state.usageBy + ")" : g;
+}
+
 function drawUsage(points, since, now, bucket, metric) {
   const chart = $("usage-chart");
   const value = (p) => metric === "requests" ? p.requests : p.prompt_tokens + p.completion_tokens;
   const groups = [];
   const totals = new Map();
   for (const p of points) {
-    const g = p.group === "" || p.group === null ? "(none)" : p.group;
+    const g = groupName(p.group);
     totals.set(g, (totals.get(g) || 0) + value(p));
   }
   for (const [g] of [...totals.entries()].sort((a, b) => b[1] - a[1])) groups.push(g);
@@ -277,7 +288,7 @@ function drawUsage(points, since, now, bucket, metric) {
     const i = Math.floor((p.t - since) / bucket);
     if (i >= 0 && i < nb) stacks[i].push(p);
   }
-  const max = Math.max(1, ...stacks.map((s) => s.reduce((a, p) => a + value(p), 0)));
+  const max = niceCeil(Math.max(1, ...stacks.map((s) => s.reduce((a, p) => a + value(p), 0))));
   const W = 800, H = 240, L = 48, B = 22, T = 8;
   const plotW = W - L - 8, plotH = H - B - T;
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "usage by " + state.usageBy,
@@ -287,7 +298,7 @@ function drawUsage(points, since, now, bucket, metric) {
     const y = T + plotH - f * plotH;
     root.append(svg("line", { x1: L, y1: y, x2: W - 8, y2: y, class: "axis" }));
     const t = svg("text", { x: L - 6, y: y + 4, "text-anchor": "end" });
-    t.textContent = String(Math.round(max * f));
+    t.textContent = String(max * f);
     root.append(t);
   }
   const bw = plotW / nb;
@@ -296,7 +307,7 @@ function drawUsage(points, since, now, bucket, metric) {
     for (const p of stack) {
       const h = (value(p) / max) * plotH;
       y -= h;
-      const g = p.group === "" || p.group === null ? "(none)" : p.group;
+      const g = groupName(p.group);
       const r = svg("rect", { x: L + i * bw + bw * 0.1, y: y, width: Math.max(1, bw * 0.8), height: Math.max(0, h),
         fill: colour(g), "data-group": g });
       const tip = svg("title", {});
@@ -308,7 +319,9 @@ function drawUsage(points, since, now, bucket, metric) {
   const labels = Math.min(nb, 6);
   for (let k = 0; k < labels; k++) {
     const i = Math.floor((k * (nb - 1)) / Math.max(1, labels - 1));
-    const t = svg("text", { x: L + i * bw + bw / 2, y: H - 6, "text-anchor": "middle" });
+    const anchor = k === 0 ? "start" : k === labels - 1 ? "end" : "middle";
+    const t = svg("text", { x: L + i * bw + (k === 0 ? 0 : k === labels - 1 ? bw : bw / 2), y: H - 6,
+      "text-anchor": anchor });
     const d = new Date((since + i * bucket) * 1000);
     t.textContent = bucket >= 86400 ? d.toLocaleDateString() : d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     root.append(t);
@@ -351,8 +364,13 @@ async function loadKeys() {
   try {
     const keys = keyList(await api("/quorum/admin/keys"));
     fillBody($("keys"), keys.map((k) => {
-      const revoke = el("button", { type: "button", class: "danger", text: "Revoke" });
-      revoke.addEventListener("click", () => revokeKey(k));
+      let revoke;
+      if (k.revoked) {
+        revoke = el("span", { class: "status-failed", text: "revoked" });
+      } else {
+        revoke = el("button", { type: "button", class: "danger", text: "Revoke" });
+        revoke.addEventListener("click", () => revokeKey(k));
+      }
       const created = k.created_at || k.created;
       const used = k.last_used_at || k.last_used;
       return el("tr", { "data-key": k.name },

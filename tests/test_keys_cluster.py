@@ -241,3 +241,26 @@ async def test_a_caller_off_loopback_needs_a_key(start_node, fake) -> None:
     finally:
         subprocess.run(["ip", "link", "del", host_if], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# -- through the relay: the same records, the same guarantees -----------------------------
+
+from tests.test_relay_route import MODEL as RELAY_MODEL, relay, wan_pair  # noqa: E402,F401  (the relay fixture)
+
+
+async def test_keys_agree_between_nodes_that_only_meet_through_the_relay(start_node, fake, http, relay) -> None:
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert a.cluster.table.get(b.cluster.node_id).info.address == ""  # no LAN route: the relay only
+    info, key = b.keys.create("wan-app")
+    await within("a learns b's key through the relay", lambda: _named(a, info.id))
+    assert a.keys.authenticate(key) is not None
+    seen: list[Record] = []
+    b.records.add(seen.append)
+    assert await chat(a, key, RELAY_MODEL) == "Hello, world!"  # a forwards it to b through the relay
+    assert seen[-1].route is not None and seen[-1].key_id == info.id and seen[-1].key_name == "wan-app"
+    a.keys.revoke("wan-app")
+    await within("b refuses the key revoked on a", lambda: _revoked(b, key))
+
+
+async def _revoked(node: Node, key: str) -> bool:
+    return node.keys.lookup(key)[1] == "revoked"

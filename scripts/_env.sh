@@ -32,6 +32,6 @@ ensure_tools() {
         echo "quorum: installing ${missing[*]} with apt-get" >&2
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "quorum: please install ${missing[*]} (needed to build the embedded llama.cpp engine)" >&2
+        echo "quorum: please install ${missing[*]} (the embedded llama.cpp engine builds with cmake and g++; the LAN tests use ip, the dashboard's browser test chromium)" >&2
     fi
 }

@@ -380,3 +380,23 @@ async def test_the_sinks_cost_nothing_without_subscribers(start_node: StartNode,
     await client.chat.completions.create(model="m", messages=MESSAGES)
     assert not node.records.live  # every started request left the live set when sealed
     assert hub_of(node)._ticker is None
+
+
+async def test_fleet_and_events_are_for_admins_where_keys_are_required(start_node: StartNode,
+                                                                       http: aiohttp.ClientSession) -> None:
+    node = await start_node(require_key=True)
+    _, admin = node.keys.create("ops", admin=True)
+    _, plain = node.keys.create("app")
+    for path in ("/quorum/admin/fleet", "/quorum/admin/events"):
+        async with http.get(node.url + path) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "missing_api_key"
+        async with http.get(node.url + path, headers={"Authorization": f"Bearer {plain}"}) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "not_admin"
+        async with http.get(node.url + path, headers={"Authorization": f"Bearer {admin}"}) as resp:
+            assert resp.status == 200
+    async with http.get(node.url + "/dashboard") as resp:  # the page itself holds nothing: it asks for the key
+        assert resp.status == 200
+    async with http.get(node.url + "/dashboard/static/app.js") as resp:
+        assert resp.status == 200

@@ -209,3 +209,38 @@ def _create_key_in_the_page(b: Browser, name: str) -> None:
 async def _features(http: aiohttp.ClientSession, node: Node) -> dict[str, bool]:
     async with http.get(node.url + "/quorum/admin/fleet") as resp:
         return (await resp.json())["features"]
+
+
+async def test_the_page_asks_for_a_key_where_the_node_wants_one(start_node: StartNode, fake: StartFake,
+                                                                 browser: Browser) -> None:
+    from quorum_node.settings import Settings
+
+    if "require_key" not in Settings.__struct_fields__:
+        pytest.skip("this node has no API keys yet (require_key)")
+    eng = await fake("openai", models=["m"])
+    node = await start_node(name="locked", backends=[{"kind": "openai", "url": eng.url}], require_key=True)
+    _, secret = node.keys.create("dashboard", admin=True)  # type: ignore[attr-defined]
+    b = browser
+    await asyncio.to_thread(b.driver.get, node.url + "/dashboard")  # the page itself needs no key
+
+    def asks() -> bool:
+        return b.driver.find_element(By.ID, "key-panel").is_displayed() and \
+            not b.driver.find_element(By.ID, "main").is_displayed()
+
+    await asyncio.to_thread(b.wait, asks, "the page asks for a key, and shows nothing else")
+
+    def enter_key() -> None:
+        b.driver.find_element(By.ID, "key-input").send_keys(secret)
+        b.driver.find_element(By.CSS_SELECTOR, "#key-form button[type=submit]").click()
+
+    await asyncio.to_thread(enter_key)
+
+    def fleet_shown() -> bool:
+        return b.attrs("#fleet tbody tr", "data-node") == ["locked"] and b.texts("#live-state") == ["live"]
+
+    await asyncio.to_thread(b.wait, fleet_shown, "with the key: the fleet, and the live stream")
+    await asyncio.to_thread(b.driver.refresh)  # the key is remembered in this browser
+    await asyncio.to_thread(b.wait, fleet_shown, "after a reload, without asking again")
+    assert not await asyncio.to_thread(lambda: b.driver.find_element(By.ID, "key-panel").is_displayed())
+    # the only console errors: the refused requests before the key was given
+    assert await asyncio.to_thread(b.errors, lambda m: "status of 401" in m) == []

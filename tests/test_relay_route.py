@@ -340,10 +340,13 @@ async def test_the_in_memory_pipe_holds_back_a_big_answer_for_a_slow_reader(star
     from quorum_node.cluster import pipe
 
     eng = await fake("vllm", tokens=["x" * 1000] * 3000)  # ~3 MB of answer
-    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], **CLUSTER)
     body = json.dumps({"model": MODEL, "messages": MSGS, "stream": True}).encode()
+    svc = node.cluster
+    assert svc is not None
+    signed = svc.signed_headers("POST", "/v1/chat/completions", body, to=svc.node_id, hop="1", origin="0" * 16)
     resp = await pipe.serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
-                                      [("Content-Type", "application/json")], body)
+                                      [("Content-Type", "application/json"), *signed.items()], body)
     assert resp.status == 200
     await asyncio.sleep(0.5)  # read nothing: the server must wait for us, not buffer the answer
     held = resp._t.get_write_buffer_size()
@@ -387,3 +390,15 @@ async def test_what_a_node_has_in_flight_stays_within_the_relays_queue(start_nod
         return served.unacked_bytes == 0
 
     await eventually(settled, what="everything acknowledged once the answers ended")
+
+
+async def test_an_unsigned_request_through_the_pipe_gets_no_loopback_trust(start_node, fake) -> None:
+    from quorum_node.cluster.pipe import serve_in_memory
+
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], **CLUSTER)
+    body = json.dumps({"model": MODEL, "messages": MSGS}).encode()
+    resp = await serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
+                                 [("Content-Type", "application/json")], body)
+    assert resp.status == 401  # only a cluster signature is trusted through the relay
+    assert eng.requests == []

@@ -115,8 +115,8 @@ class _GuardedHandler(RequestHandler):
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
         # Loopback is this machine (its apps, and the node itself serving what came through the relay):
         # trusted like it is for keys, and not capped.
-        if is_loopback(address):
-            return
+        if is_loopback(address) or transport.get_extra_info("quorum_pipe"):
+            return  # the pipe (cluster/pipe.py): relayed requests, capped by the relay link's own limits
         if not self._limits.admit(address):
             log.warning("connection_refused", remote=address, reason="too_many_connections",
                         limit=self._limits.max_per_address)

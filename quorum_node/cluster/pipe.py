@@ -28,8 +28,10 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-__all__ = ["PipeError", "PipeResponse", "serve_in_memory"]
+__all__ = ["PEERNAME", "PIPE_INFO", "PipeError", "PipeResponse", "serve_in_memory"]
 
+PEERNAME = "relay-peer"  # the remote address the server sees for requests through the pipe
+PIPE_INFO = "quorum_pipe"  # transport extra info: this connection is the in-memory pipe
 HIGH = 64 * 1024
 LOW = 16 * 1024
 _MAX_HEAD = 64 * 1024
@@ -71,8 +73,14 @@ class _Transport(asyncio.Transport):
         protocol.connection_made(self)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in ("peername", "sockname"):
+        # Not loopback: what came through the relay is trusted for its signature only, never for where
+        # it seems to come from (an unsigned request through the pipe is refused like one from the LAN).
+        if name == "peername":
+            return (PEERNAME, 0)
+        if name == "sockname":
             return ("127.0.0.1", 0)
+        if name == PIPE_INFO:
+            return True
         return default
 
     def _wake(self) -> None:

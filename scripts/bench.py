@@ -132,39 +132,59 @@ def serve_engine(tokens: int, interval_s: float) -> None:
 # Processes
 
 
-class Proc:
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, *, quiet: bool = False) -> None:
-        # quiet: nobody reads its output (an undrained pipe fills up and blocks the process)
-        out = subprocess.DEVNULL if quiet else subprocess.PIPE
-        self.p = subprocess.Popen(args, stdout=out, stderr=out, text=True,
-                                  env={**os.environ, **(env or {})}, cwd=ROOT)
-
-    def read_json_line(self, stream: str, key: str, timeout_s: float = 120) -> dict[str, Any]:
-        f = self.p.stdout if stream == "stdout" else self.p.stderr
-        assert f is not None
-        deadline = time.monotonic() + timeout_s
+def _follow(path: Path, proc: subprocess.Popen[str], deadline: float) -> Any:
+    """The lines of a log file as they are written, until the process exits or the deadline passes."""
+    with path.open() as f:
         while time.monotonic() < deadline:
             line = f.readline()
-            if not line:
-                raise RuntimeError(f"process exited: {self.p.poll()}")
+            if line:
+                yield line
+            elif proc.poll() is not None:
+                return
+            else:
+                time.sleep(0.02)
+
+
+class Proc:
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, *, quiet: bool = False) -> None:
+        # stderr (the logs) goes to a file, not a pipe: draining a pipe would cost the measuring client CPU,
+        # and a pipe drained too slowly blocks the process it measures. quiet: no output kept at all.
+        self.log_path: Path | None = None
+        if quiet:
+            out: Any = subprocess.DEVNULL
+            err: Any = subprocess.DEVNULL
+        else:
+            fd, name = tempfile.mkstemp(prefix="quorum-bench-", suffix=".log")
+            self.log_path = Path(name)
+            out, err = subprocess.PIPE, fd
+        self.p = subprocess.Popen(args, stdout=out, stderr=err, text=True,
+                                  env={**os.environ, **(env or {})}, cwd=ROOT)
+        if not quiet:
+            os.close(fd)
+
+    def read_json_line(self, stream: str, key: str, timeout_s: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        if stream == "stdout":
+            assert self.p.stdout is not None
+            lines: Any = iter(self.p.stdout.readline, "")
+        else:
+            assert self.log_path is not None
+            lines = _follow(self.log_path, self.p, deadline)
+        for line in lines:
+            if time.monotonic() > deadline:
+                break
             try:
                 obj = json.loads(line)
             except ValueError:
                 continue
             if key in obj or obj.get("event") == key:
                 return obj
+        if self.p.poll() is not None:
+            raise RuntimeError(f"process exited: {self.p.poll()}")
         raise TimeoutError(key)
 
     def drain_stderr(self) -> None:
-        """Keep reading stderr so the process never blocks on a full pipe."""
-        import threading
-
-        def drain() -> None:
-            assert self.p.stderr is not None
-            for _ in self.p.stderr:
-                pass
-
-        threading.Thread(target=drain, daemon=True).start()
+        """Nothing to do: the logs go to a file (kept for callers)."""
 
     def peak_rss_mb(self) -> float:
         try:
@@ -183,6 +203,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
 
 def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple[Proc, str]:

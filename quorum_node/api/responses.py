@@ -237,7 +237,8 @@ def input_messages(inp: str | list[Any]) -> list[dict[str, Any]]:
             raise BadRequest(f"Invalid '{where}': expected an object", param=where, code="invalid_type")
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = _ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise BadRequest(f"Invalid '{where}.role': expected user, assistant, system or developer",
                                  param=f"{where}.role", code="invalid_value")

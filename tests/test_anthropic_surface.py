@@ -187,3 +187,23 @@ async def test_count_tokens_asks_the_engine(start_node: StartNode, fake: StartFa
     msg = await client.messages.create(model=MODEL, max_tokens=64, messages=HI, system="Be brief.")
     assert count.input_tokens == msg.usage.input_tokens > 0
     assert eng.requests[-2]["max_tokens"] == 1 and not eng.requests[-2].get("stream")
+
+
+async def test_x_api_key_is_the_key_header_here(start_node: StartNode, fake: StartFake) -> None:
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], require_key=True)
+    _, secret = node.keys.create("coder")
+    records: list = []
+    node.records.add(records.append)
+    good = anthropic.AsyncAnthropic(base_url=node.url, api_key=secret, max_retries=0)  # sends x-api-key
+    bad = anthropic.AsyncAnthropic(base_url=node.url, api_key="qk_wrong", max_retries=0)
+    try:
+        msg = await good.messages.create(model=MODEL, max_tokens=8, messages=HI)
+        assert msg.content[0].text == "Hello, world!"
+        assert records[-1].key_name == "coder"
+        with pytest.raises(anthropic.AuthenticationError) as info:
+            await bad.messages.create(model=MODEL, max_tokens=8, messages=HI)
+        assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "authentication_error"
+    finally:
+        await good.close()
+        await bad.close()

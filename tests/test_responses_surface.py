@@ -284,3 +284,24 @@ def test_store_shows_a_response_only_to_its_key() -> None:
     s.put("r", _stored(5, owner="key_a"), now=0.0)
     assert s.get("r", "key_a", 1.0) is not None
     assert s.get("r", "key_b", 1.0) is None and s.get("r", None, 1.0) is None
+
+
+async def test_a_stored_response_is_visible_only_to_its_key(start_node: StartNode, fake: StartFake) -> None:
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], require_key=True)
+    (_, key_a), (_, key_b) = node.keys.create("a"), node.keys.create("b")
+    a = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key=key_a, max_retries=0)
+    b = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key=key_b, max_retries=0)
+    try:
+        resp = await a.responses.create(model=MODEL, input="secret plans")
+        assert (await a.responses.retrieve(resp.id)).output_text == "Hello, world!"
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.retrieve(resp.id)
+        with pytest.raises(openai.BadRequestError):
+            await b.responses.create(model=MODEL, input="and?", previous_response_id=resp.id)
+        with pytest.raises(openai.NotFoundError):
+            await b.responses.delete(resp.id)
+        assert (await a.responses.retrieve(resp.id)).id == resp.id
+    finally:
+        await a.close()
+        await b.close()

@@ -1,8 +1,7 @@
 """The web dashboard: a page served by the node, and the admin endpoints it reads.
 
-- ``GET /dashboard``: the page (``static/index.html``); ``GET /`` sends a browser
-  there (the Ollama surface owns ``/``; ``setup`` adds a redirect only if
-  nothing answers ``/``).
+- ``GET /dashboard``: the page (``static/index.html``). ``GET /`` is the Ollama
+  surface's ("Ollama is running"); it sends a browser (``Accept: text/html``) here.
 - ``GET /dashboard/static/{name}``: its script, style sheet and icon. The
   assets ship inside the package: the page works offline, no CDN.
 - ``GET /quorum/admin/fleet``: the fleet as JSON (``fleet.py``).
@@ -90,14 +89,6 @@ async def static(request: web.Request) -> web.Response:
     return _asset_response(request, asset)
 
 
-@public
-async def root(request: web.Request) -> web.Response:
-    """``GET /`` where no surface answers it: browsers go to the dashboard, anyone else is told where it is."""
-    if "text/html" in request.headers.get("Accept", ""):
-        raise web.HTTPFound("/dashboard")
-    return web.Response(text="quorum-node is running; the dashboard is at /dashboard\n")
-
-
 def _features(app: web.Application) -> dict[str, bool]:
     paths = {getattr(r, "canonical", "") for r in app.router.resources()}
     return {name: path in paths for name, path in FEATURES.items()}
@@ -127,8 +118,6 @@ def setup(app: web.Application) -> None:
         return fleet(node, app[_STARTED], features)
 
     hub = app[EVENTS] = EventHub(node, fleet_now)
-    if not any(getattr(r, "canonical", None) == "/" for r in app.router.resources()):
-        app.router.add_get("/", root)  # NOTE: the Ollama surface answers / when it is there
     app.router.add_routes([
         web.get("/dashboard", page),
         web.get("/dashboard/", page),

@@ -349,3 +349,17 @@ async def test_a_body_of_the_right_size_but_wrong_content_length_is_refused(star
     status, _, body = split_response(raw)
     assert status == 413
     assert_openai_error(body, "body_too_large")
+
+
+@pytest.mark.parametrize(("host", "trusted"), [
+    ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("[::1]:{port}", True), ("app.localhost", True),
+    ("evil.example:{port}", False), ("rebind.attacker.test", False), ("localhost.evil.example", False),
+])
+async def test_loopback_trust_needs_a_local_host_name(start_node, fake, http, host, trusted) -> None:
+    """DNS rebinding: a page whose name now points at 127.0.0.1 calls from loopback, with its own name in Host."""
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    async with http.get(node.url + "/v1/models", headers={"Host": host.format(port=node.port)}) as resp:
+        assert resp.status == (200 if trusted else 401), await resp.text()
+        if not trusted:
+            assert (await resp.json())["error"]["code"] == "missing_api_key"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -146,7 +147,7 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
                         draft.set(key_id=result.key_id, key_name=keys.name_of(result.key_id))
                     return await handler(request)
             raise _refused(request, "This request needs a valid cluster signature")
-        trusted = not require_key and is_loopback(request.remote)
+        trusted = not require_key and is_loopback(request.remote) and local_host(headers.get("Host"))
         secret = presented_key(request)
         if secret is not None:
             grant = grant_for(keys, secret, loopback_trusted=trusted)
@@ -163,6 +164,35 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
                        "requests without one only from loopback")
 
     return trust_middleware
+
+
+_LOCAL_NAMES = frozenset({"localhost", socket.gethostname().lower(), socket.getfqdn().lower()})
+
+
+def local_host(host: str | None) -> bool:
+    """Whether a loopback caller addressed this machine by a local name (DNS rebinding guard).
+
+    A web page whose own host name an attacker re-points at 127.0.0.1 makes the
+    browser send requests from loopback, but with the attacker's name in
+    ``Host``. Loopback trust goes only to requests for an IP address, for
+    ``localhost`` (and ``*.localhost``), for this machine's own name, or for a
+    name of one label (``mybox``: no registered domain).
+    """
+    if not host:
+        return True  # HTTP/1.0 without Host: no browser sends that
+    name = host.strip().lower()
+    if name.startswith("["):  # [v6]:port
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    if name in _LOCAL_NAMES or name.endswith(".localhost") or "." not in name:
+        return True  # a rebinding attacker's name is a registered domain: it has a dot
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _refused(request: web.Request, message: str) -> ApiError:

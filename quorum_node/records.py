@@ -141,11 +141,7 @@ class Records:
         """The request path took ``draft`` on (its surface, operation and model are set): it is live
         until sealed."""
         self.live.add(draft)
-        for sink in self._starts:
-            try:
-                sink(draft)
-            except Exception:
-                log.exception("record_sink_failed", sink=getattr(sink, "__qualname__", repr(sink)))
+        _each(self._starts, draft)
 
     def add_durable(self, sink: DurableSink) -> None:
         self._durable.append(sink)
@@ -155,11 +151,7 @@ class Records:
             self._durable.remove(sink)
 
     def _emit(self, record: Record) -> None:
-        for sink in self._sinks:
-            try:
-                sink(record)
-            except Exception:  # a sink's bug never fails a request
-                log.exception("record_sink_failed", sink=getattr(sink, "__qualname__", repr(sink)))
+        _each(self._sinks, record)
 
     async def seal(self, draft: Draft, status: int) -> Record | None:
         """Seal ``draft`` (once): build the record, hand it to every sink, await the durable ones.
@@ -192,6 +184,14 @@ class Records:
             task = asyncio.ensure_future(sink(record))
             task.add_done_callback(_log_failure)
         return record
+
+
+def _each(sinks: list[Any], arg: Any) -> None:
+    for sink in sinks:
+        try:
+            sink(arg)
+        except Exception:  # a sink's bug never fails a request
+            log.exception("record_sink_failed", sink=getattr(sink, "__qualname__", repr(sink)))
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -27,7 +27,6 @@ count (every engine counts that way; one that reports no usage gets a 501).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import msgspec
@@ -35,6 +34,7 @@ from aiohttp import web
 
 from ..errors import ApiError, BadRequest, NotSupported
 from .body import read_body
+from .validate import decode_typed
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
 from .surface import PREFIXES, Call, Surface, StreamEncoder, serve
 
@@ -72,21 +72,8 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
 
 
 _request = msgspec.json.Decoder(MessagesRequest).decode
-_AT = re.compile(r"at `\$\.([A-Za-z_]+)")
-
-
 def parse_request(raw: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
-    if not raw:
-        raise BadRequest("The request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        req = _request(raw)
-    except msgspec.ValidationError as e:
-        m = _AT.search(str(e))
-        raise BadRequest(f"Invalid request: {e}", param=m.group(1) if m else None, code="invalid_type") from None
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
-    except (UnicodeDecodeError, RecursionError):
-        raise BadRequest("The request body is not valid JSON", code="invalid_json") from None
+    req = decode_typed(_request, raw)
     if not req.model:
         raise BadRequest("model: expected a non-empty string", param="model", code="invalid_value")
     if need_max_tokens and req.max_tokens is None:

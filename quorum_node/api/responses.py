@@ -39,6 +39,7 @@ from aiohttp import web
 
 from ..errors import BadRequest, NotFound
 from .body import read_body
+from .validate import decode_typed
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
 from .keys import DRAFT, SETTINGS
 from .surface import Call, Surface, StreamEncoder, serve
@@ -141,21 +142,8 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 
 
 _request = msgspec.json.Decoder(ResponsesRequest).decode
-_AT = re.compile(r"at `\$\.([A-Za-z_]+)")
-
-
 def parse_request(raw: bytes) -> ResponsesRequest:
-    if not raw:
-        raise BadRequest("The request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        req = _request(raw)
-    except msgspec.ValidationError as e:
-        m = _AT.search(str(e))
-        raise BadRequest(f"Invalid request: {e}", param=m.group(1) if m else None, code="invalid_type") from None
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
-    except (UnicodeDecodeError, RecursionError):
-        raise BadRequest("The request body is not valid JSON", code="invalid_json") from None
+    req = decode_typed(_request, raw)
     if not req.model:
         raise BadRequest("Invalid 'model': expected a non-empty string", param="model", code="invalid_value")
     for name in ("background", "conversation", "prompt"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
 from ..errors import BadRequest
 
-__all__ = ["parse_body", "check_chat", "check_completions", "check_embeddings"]
+__all__ = ["decode_typed", "parse_body", "check_chat", "check_completions", "check_embeddings"]
 
 _decode = msgspec.json.Decoder().decode
 
@@ -37,6 +39,26 @@ _CHAT: dict[str, tuple[tuple[type, ...], str]] = {
     "logprobs": ((bool,), "a boolean"),
     "top_logprobs": ((int,), "an integer"),
 }
+
+
+_AT = re.compile(r"at `\$\.([A-Za-z_]+)")
+T = TypeVar("T")
+
+
+def decode_typed(decode: Callable[[bytes], T], raw: bytes) -> T:
+    """A body decoded straight into its surface's typed request (``decode``: a msgspec decoder's
+    ``decode``); wrong JSON or wrong types are a 400 naming the ``param`` where msgspec says it."""
+    if not raw:
+        raise BadRequest("The request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return decode(raw)
+    except msgspec.ValidationError as e:
+        m = _AT.search(str(e))
+        raise BadRequest(f"Invalid request: {e}", param=m.group(1) if m else None, code="invalid_type") from None
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}", code="invalid_json") from None
+    except (UnicodeDecodeError, RecursionError):
+        raise BadRequest("The request body is not valid JSON", code="invalid_json") from None
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

@@ -695,3 +695,24 @@ async def test_a_failed_request_tells_how_many_attempts_it_made(tmp_path: Any) -
     with pytest.raises(ApiError) as info:
         await router.open("chat", "nobody", {}, stream=False, want_usage=False, forwarded=False)
     assert info.value.status == 404 and info.value.attempts == 0  # type: ignore[attr-defined]
+
+
+async def test_one_slow_probe_does_not_take_a_ready_engine_down_two_in_a_row_do(start_node, fake) -> None:
+    from tests.faults import FaultProxy
+
+    eng = await fake("vllm")
+    async with FaultProxy("127.0.0.1", int(eng.url.rsplit(":", 1)[1])) as proxy:
+        node = await start_node(backends=[{"kind": "vllm", "url": proxy.url}], health_interval_s=3600)
+        backend = next(iter(node.registry.backends.values()))
+        assert backend.state is BackendState.READY
+        proxy.latency_s = 3.0  # far past the probe timeout: a machine too busy to answer in time
+        await backend.refresh()
+        assert backend.state is BackendState.READY  # one miss: still served
+        await backend.refresh()
+        assert backend.state is BackendState.DOWN and "timed out" in (backend.last_error or "")
+        proxy.latency_s = 0.0
+        await backend.refresh()
+        assert backend.state is BackendState.READY
+        proxy.latency_s = 3.0
+        await backend.refresh()  # the count started again after the good probe
+        assert backend.state is BackendState.READY

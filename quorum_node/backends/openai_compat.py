@@ -248,6 +248,7 @@ class OpenAICompatBackend(Backend):
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._slow_probes = 0  # probes in a row that timed out
         self._probe_timeout = aiohttp.ClientTimeout(total=self._timeouts.probe_s, sock_connect=self._timeouts.probe_s)
 
     # -- discovery -------------------------------------------------------
@@ -271,12 +272,22 @@ class OpenAICompatBackend(Backend):
                     self._set(BackendState.DOWN, f"{self.profile.health_path} answered {status}")
                     return
             models = await self.list_models()
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+        except TimeoutError as e:
+            # A slow probe on a busy machine is not a dead engine: a ready one is marked down only when
+            # it misses two probes in a row (a refused connection, below, is down at once).
+            self._slow_probes += 1
+            if self.state is not BackendState.READY or self._slow_probes >= 2:
+                self._set(BackendState.DOWN, f"probe timed out ({self._timeouts.probe_s:g} s): {e}")
+            return
+        except (aiohttp.ClientError, OSError) as e:
+            self._slow_probes = 0
             self._set(BackendState.DOWN, f"{type(e).__name__}: {e}")
             return
         except EngineUnavailable as e:
+            self._slow_probes = 0
             self._set(BackendState.LOADING if e.status == 503 else BackendState.DOWN, e.message)
             return
+        self._slow_probes = 0
         self.models = models
         self.last_models = models
         self.engine_load = await self._engine_load()

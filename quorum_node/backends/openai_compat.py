@@ -249,6 +249,7 @@ class OpenAICompatBackend(Backend):
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._slow_probes = 0  # probes in a row that timed out
+        self._probed = False
         self._probe_timeout = aiohttp.ClientTimeout(total=self._timeouts.probe_s, sock_connect=self._timeouts.probe_s)
 
     # -- discovery -------------------------------------------------------
@@ -262,6 +263,20 @@ class OpenAICompatBackend(Backend):
             return resp.status, raw if raw is not None else b""
 
     async def refresh(self) -> None:
+        first = not self._probed
+        self._probed = True
+        if first:  # the first probe (the node is starting; the machine may be busy): allow it longer
+            normal = self._probe_timeout
+            self._probe_timeout = aiohttp.ClientTimeout(total=4 * self._timeouts.probe_s,
+                                                        sock_connect=4 * self._timeouts.probe_s)
+            try:
+                await self._refresh()
+            finally:
+                self._probe_timeout = normal
+            return
+        await self._refresh()
+
+    async def _refresh(self) -> None:
         try:
             if self.profile.health_path:
                 status, _ = await self._get(self.profile.health_path)  # the status says it all

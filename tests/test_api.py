@@ -202,6 +202,22 @@ async def test_client_disconnect_cancels_the_engine_stream(
     assert node.registry.backends[eng.url].in_flight == 0
 
 
+async def test_finished_streams_leave_their_engine_connection_for_the_next_request(
+        start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
+    # A stream read only up to its [DONE] (not to the end of the chunked body) cannot go back to the
+    # pool: every request then cost the engine a new connection, which at hundreds of streams is
+    # a good part of the node's CPU.
+    eng = await fake("vllm", eof_delay_s=0.005)  # the body ends a moment after [DONE], as it does on most servers
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    client = client_for(node)
+    for _ in range(6):
+        stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "Hello, world!"
+    ports = {r.peer[1] for r in eng.requests if r.path == "/v1/chat/completions"}
+    assert len(ports) <= 2, ports  # one connection, or two if a probe held it at the moment
+    assert node.registry.backends[eng.url].in_flight == 0
+
+
 # ------------------------------------------------------ choosing between holders
 
 

@@ -545,6 +545,8 @@ async def stream_events(
                 watch.busy = False
             if clean_end or not chunk:
                 break
+        if clean_end and not content.is_eof():
+            await _read_tail(content)
         if first:
             how = "ended its stream" if clean_end else "closed the stream"
             raise EngineUnavailable(f"engine {name} {how} without a token", status=502, engine=name)
@@ -557,10 +559,31 @@ async def stream_events(
         raise StreamBroken(f"engine {name} connection lost: {e}", code="engine_disconnected") from None
     finally:
         watch.cancel()
-        if clean_end:
-            resp.release()
+        if clean_end and content.is_eof():
+            resp.release()  # back to the pool: the next request skips a TCP handshake
         else:
             resp.close()  # the engine sees the disconnect and stops generating
+
+
+#: After ``[DONE]``, how long and how much of the rest of the body is read so the connection can be reused.
+TAIL_WAIT_S = 0.25
+TAIL_MAX_BYTES = 64 * 1024
+
+
+async def _read_tail(content: aiohttp.StreamReader) -> None:
+    """Read what follows ``[DONE]`` (normally only the end of the chunked body, a moment later).
+
+    A response not read to its end cannot go back to the pool; without this every
+    stream cost the engine and us a new connection. Bounded: what does not end
+    within ``TAIL_WAIT_S`` or ``TAIL_MAX_BYTES`` is closed instead.
+    """
+    left = TAIL_MAX_BYTES
+    try:
+        async with asyncio.timeout(TAIL_WAIT_S):
+            while left > 0 and (chunk := await content.readany()):
+                left -= len(chunk)
+    except (TimeoutError, aiohttp.ClientError, OSError, _Silent):
+        pass
 
 
 class _Silent(Exception):

@@ -100,11 +100,13 @@ class Redirect(Exception):
 class RecordedRequest(dict):
     """A generation request as received: the parsed JSON body, plus `.path`, `.method`, `.headers`."""
 
-    def __init__(self, body: dict, *, path: str, method: str, headers: dict[str, str]) -> None:
+    def __init__(self, body: dict, *, path: str, method: str, headers: dict[str, str],
+                 peer: tuple[str, int] | None = None) -> None:
         super().__init__(body)
         self.path = path
         self.method = method
         self.headers = headers
+        self.peer = peer  # the (address, port) it came from: one connection, one port
 
 
 @dataclass
@@ -167,6 +169,9 @@ class FakeEngine:
         self.tokens: list[str] = list(DEFAULT_TOKENS)
         self.token_delay_s: float = 0.0
         self.first_token_delay_s: float = 0.0
+        # Between [DONE] and the end of the chunked body: 0 sends both at once; servers whose
+        # handler returns after its last write (most) end the body a moment later.
+        self.eof_delay_s: float = 0.0
         self.fail_after_tokens: int | None = None
         self.fail_mode: str = "error"
         self.next_status: int | None = None
@@ -355,7 +360,8 @@ class FakeEngine:
 
     def record(self, request: web.Request, body: dict) -> RecordedRequest:
         rec = RecordedRequest(
-            body, path=request.path, method=request.method, headers=dict(request.headers)
+            body, path=request.path, method=request.method, headers=dict(request.headers),
+            peer=request.transport.get_extra_info("peername") if request.transport is not None else None,
         )
         self.requests.append(rec)
         self._notify()

@@ -351,6 +351,8 @@ class OpenAICompatEngine(FakeEngine):
             if ctx.include_usage:
                 await resp.write(self.event(self.usage_chunk(ctx)))
             await resp.write(self.event("[DONE]"))
+            if self.eof_delay_s:
+                await asyncio.sleep(self.eof_delay_s)
             await resp.write_eof()
         return resp
 

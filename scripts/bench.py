@@ -145,6 +145,9 @@ def _follow(path: Path, proc: subprocess.Popen[str], deadline: float) -> Any:
                 time.sleep(0.02)
 
 
+KEEP_LOGS = False  # --keep-logs
+
+
 class Proc:
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, *, quiet: bool = False) -> None:
         # stderr (the logs) goes to a file, not a pipe: draining a pipe would cost the measuring client CPU,
@@ -204,7 +207,10 @@ class Proc:
                 self.p.kill()
                 self.p.wait()
         if self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
+            if KEEP_LOGS:
+                print(f"  log of {' '.join(self.p.args[1:4])}: {self.log_path}", file=sys.stderr)
+            else:
+                self.log_path.unlink(missing_ok=True)
 
 
 def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple[Proc, str]:
@@ -508,8 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (llama: 32)")
     ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per level (median; default 3, llama 5)")
     ap.add_argument("--json", action="store_true", help="also print the report as JSON")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the processes' log files (their paths are printed)")
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global KEEP_LOGS
+    KEEP_LOGS = args.keep_logs
     if args.serve_engine:
         serve_engine(args.tokens, args.token_interval_ms / 1000)
         return 0

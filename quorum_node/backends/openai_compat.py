@@ -545,7 +545,7 @@ async def stream_events(
                 watch.busy = False
             if clean_end or not chunk:
                 break
-        if clean_end and not content.is_eof():
+        if clean_end and not content.at_eof():
             await _read_tail(content)
         if first:
             how = "ended its stream" if clean_end else "closed the stream"
@@ -559,7 +559,7 @@ async def stream_events(
         raise StreamBroken(f"engine {name} connection lost: {e}", code="engine_disconnected") from None
     finally:
         watch.cancel()
-        if clean_end and content.is_eof():
+        if clean_end and content.at_eof():
             resp.release()  # back to the pool: the next request skips a TCP handshake
         else:
             resp.close()  # the engine sees the disconnect and stops generating

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+@functools.lru_cache(maxsize=4096)  # asked several times per request, of a handful of addresses
 def is_loopback(remote: str | None) -> bool:
     if not remote:
         return False
@@ -169,6 +171,7 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
 _LOCAL_NAMES = frozenset({"localhost", socket.gethostname().lower(), socket.getfqdn().lower()})
 
 
+@functools.lru_cache(maxsize=4096)  # bounded: a hostile client sending endless names only evicts
 def local_host(host: str | None) -> bool:
     """Whether a loopback caller addressed this machine by a local name (DNS rebinding guard).
 

@@ -67,6 +67,8 @@ class _Transport(asyncio.Transport):
         self._paused = False
         self._closing = False
         self._waiter: asyncio.Future[None] | None = None
+        # Takes a write as it is made, when it can (see ``_Body.set_sink``): no buffering, no reader to wake.
+        self._sink: Callable[[bytes], bool] | None = None
 
     def start(self, protocol: asyncio.Protocol) -> None:
         self._protocol = protocol
@@ -91,6 +93,8 @@ class _Transport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or not data:
             return
+        if self._sink is not None and not self._chunks and self._sink(bytes(data)):
+            return  # taken as it was written (nothing was waiting before it, so order holds)
         self._chunks.append(bytes(data))
         self._size += len(data)
         if self._size > HIGH and not self._paused and self._protocol is not None:
@@ -166,6 +170,15 @@ class _Body:
             data, self._first = self._first, b""
             return data
         return await self._t.read()
+
+    def set_sink(self, sink: Callable[[bytes], bool] | None) -> None:
+        """Hand each write to ``sink`` as it is made, while nothing is buffered; where ``sink`` returns
+        False (no room downstream, or the reader is still sending) it is buffered for ``readany``.
+
+        The relay link uses it to send an answer's events from inside the server's own write: one task
+        switch and one buffer less per event, on the busiest node of the relay route.
+        """
+        self._t._sink = sink
 
 
 class PipeResponse:

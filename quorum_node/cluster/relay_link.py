@@ -296,6 +296,7 @@ class RelayLink:
         self.send_budget = 4 * 1024 * 1024
         self._room = asyncio.Event()
         self._room.set()
+        self.messages_sent = 0
         self.batches_sent = 0  # Batch frames sent, and the stream items in them (for tests and tuning)
         self.batched_items = 0
         self._sessions: dict[str, _Session] = {}
@@ -314,6 +315,8 @@ class RelayLink:
     async def close(self) -> None:
         """Close the relay connection (1001) and end every stream; idempotent."""
         self._closing = True
+        log.info("relay_link_closing", messages_sent=self.messages_sent, batches_sent=self.batches_sent,
+                 batched_items=self.batched_items)
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close(1001, "node stopping")
@@ -672,6 +675,7 @@ class RelayLink:
                 while not out.empty() and len(items) < BATCH_ITEMS:
                     items.append(out.get_nowait())
                 for raw in self._build_all(items):
+                    self.messages_sent += 1
                     await ws.send(raw)
         except ConnectionClosed:
             pass
@@ -857,8 +861,27 @@ class RelayLink:
             resp = await self._serve(head.method, head.path, head.headers, body)
             out_headers = [(str(k), v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP]
             await self._send_data(stream, _HEAD.encode(_ResponseHead(status=resp.status, headers=out_headers)))
-            while chunk := await resp.content.readany():
+            body = resp.content
+            set_sink = getattr(body, "set_sink", None)
+            sending = False  # a chunk of ours is on its way (waiting for credit): writes queue behind it
+            key = (stream.peer, stream.id)
+
+            def sink(data: bytes) -> bool:
+                n = len(data)
+                if sending or n > stream.credit or n > CHUNK or self.unacked_bytes + n > self.send_budget \
+                        or key not in self._streams:
+                    return False
+                stream.credit -= n
+                self.unacked_bytes += n
+                self._enqueue(("data", stream.peer, stream.id, data))
+                return True
+
+            while chunk := await body.readany():
+                sending = True
                 await self._send_data(stream, chunk)
+                sending = False
+                if set_sink is not None:
+                    set_sink(sink)  # from now on each write is sent as it is made, while there is room
             self._send_close(stream)
         except asyncio.CancelledError:
             raise  # the requester reset the stream: closing our request cancels the work below

@@ -189,6 +189,14 @@ class Proc:
     def drain_stderr(self) -> None:
         """Nothing to do: the logs go to a file (kept for callers)."""
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds this process has used so far."""
+        try:
+            fields = Path(f"/proc/{self.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
     def peak_rss_mb(self) -> float:
         try:
             for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
@@ -309,14 +317,22 @@ async def ttft(
     return out
 
 
+# The bench's processes each route runs through (keys of node_procs), and how they are named in the report.
+ROUTE_PROCS = {"local": ("local",), "bare": ("bare",), "lan": ("lan", "local"),
+               "relay": ("relay", "relay (the relay itself)", "local")}
+PROC_LABELS = {"local": "serving node", "bare": "serving node", "lan": "entry node", "relay": "entry node",
+               "relay (the relay itself)": "relay"}
+
+
 async def throughput(
     session: aiohttp.ClientSession, base: str, model: str, streams: int, max_tokens: int | None
-) -> float:
-    """Delivered tokens/s with ``streams`` concurrent streams (each runs once)."""
+) -> tuple[float, int]:
+    """(delivered tokens/s, tokens) with ``streams`` concurrent streams (each runs once)."""
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one_stream(session, base, model, max_tokens) for _ in range(streams)))
     wall = time.perf_counter() - t0
-    return sum(n for _, n, _ in results) / wall
+    tokens = sum(n for _, n, _ in results)
+    return tokens / wall, tokens
 
 
 def fmt_ms(x: float) -> str:
@@ -355,11 +371,20 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
 
         args.rounds = args.rounds or 3
         print(f"\n== delivered stream tokens/s (median of {args.rounds} interleaved round(s))")
+        cpu_lines: list[str] = []
         for c in args.streams:
             samples: dict[str, list[float]] = {name: [] for name in routes}
+            cpu: dict[str, dict[str, float]] = {name: {} for name in routes}  # route -> process -> CPU s
+            delivered: dict[str, int] = {name: 0 for name in routes}
             for _ in range(args.rounds):  # interleaved rounds, so drift hits every route alike
                 for name, base in routes.items():
-                    samples[name].append(await throughput(session, base, model, c, args.max_tokens))
+                    procs = {label: p for label, p in node_procs.items() if label in ROUTE_PROCS.get(name, ())}
+                    before = {label: p.cpu_s() for label, p in procs.items()}
+                    rate, tokens = await throughput(session, base, model, c, args.max_tokens)
+                    samples[name].append(rate)
+                    delivered[name] += tokens
+                    for label, p in procs.items():
+                        cpu[name][label] = cpu[name].get(label, 0.0) + p.cpu_s() - before[label]
             rates = {name: statistics.median(xs) for name, xs in samples.items()}
             line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
             for name in routes:
@@ -367,7 +392,19 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
                     ratio = rates[name] / rates["direct"]
                     line += f" | {name} {rates[name]:9.1f} tok/s = {ratio * 100:5.1f} %"
                     report[f"{name}_ratio_{c}"] = ratio
+                    if cpu[name] and delivered[name]:
+                        per = {label: s * 1e6 / delivered[name] for label, s in cpu[name].items()}
+                        total = sum(per.values())
+                        report[f"{name}_cpu_us_per_token_{c}"] = total
+                        # the cores this route needs to deliver the direct rate: what a machine must have spare
+                        cores = total * rates["direct"] / 1e6
+                        cpu_lines.append(f"  {c:4d} streams, {name}: " + ", ".join(
+                            f"{PROC_LABELS.get(label, label)} {us:.1f}" for label, us in per.items())
+                            + f" us/token; {total:.1f} in all = {cores:.2f} cores at the direct rate")
             print(line)
+        if cpu_lines:
+            print("\n== CPU per delivered token (the route's own processes, user + system; needs no quiet machine)")
+            print("\n".join(cpu_lines))
         for name, proc in node_procs.items():
             report[f"{name}_peak_rss_mb"] = proc.peak_rss_mb()
             print(f"\n  peak RSS of node {name}: {report[f'{name}_peak_rss_mb']:.1f} MiB")

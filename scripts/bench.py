@@ -146,6 +146,9 @@ def _follow(path: Path, proc: subprocess.Popen[str], deadline: float) -> Any:
 
 
 KEEP_LOGS = False  # --keep-logs
+# base URL -> the headers its requests carry: the local route sends a real API key (issue 9's "with keys" leg:
+# it is checked, charged and recorded like any caller's), the other routes none.
+KEYS: dict[str, dict[str, str]] = {}
 
 
 class Proc:
@@ -259,7 +262,7 @@ async def one_request(session: aiohttp.ClientSession, base: str, model: str, max
     if max_tokens:  # a real engine otherwise talks until its context is full
         body["max_tokens"] = max_tokens
     t0 = time.perf_counter()
-    async with session.post(base + "/v1/chat/completions", json=body) as r:
+    async with session.post(base + "/v1/chat/completions", json=body, headers=KEYS.get(base)) as r:
         await r.read()
         assert r.status == 200, r.status
     return time.perf_counter() - t0
@@ -276,7 +279,7 @@ async def one_stream(
     ttft = -1.0
     n = 0
     buf = b""
-    async with session.post(base + "/v1/chat/completions", json=body) as r:
+    async with session.post(base + "/v1/chat/completions", json=body, headers=KEYS.get(base)) as r:
         assert r.status == 200, (base, r.status, await r.text())
         async for chunk in r.content.iter_any():
             buf += chunk
@@ -345,6 +348,10 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
         for base in routes.values():
             await wait_model(session, base, model)
+        if "local" in routes:  # a key made on the serving node, through its admin API (loopback)
+            async with session.post(routes["local"] + "/quorum/admin/keys", json={"name": "bench"}) as r:
+                assert r.status == 201, (r.status, await r.text())
+                KEYS[routes["local"]] = {"Authorization": f"Bearer {(await r.json())['key']}"}
         print(f"\n== non-streamed request, concurrency 1 ({args.requests} each, interleaved)")
         lat = await latency(session, routes, model, args.requests, args.max_tokens)
         d50, d99 = pct(lat["direct"], 0.5), pct(lat["direct"], 0.99)
@@ -637,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "surfaces" in wanted:
             report.update(_run(translated_surfaces_bench(args, b_url, model)))
         if "ledger" in wanted and "local_added_p50_ms" in report and "bare_added_p50_ms" in report:
-            print("\n== the ledger and metrics: local (on) against bare (--no-ledger --no-metrics)")
+            print("\n== keys, ledger and metrics: local (on: each request carries an API key, its record is stored and counted) against bare (--no-ledger --no-metrics, no key)")
             for what, key in (("added p50, non-streamed", "added_p50_ms"), ("added TTFT p50", "added_ttft_ms")):
                 on, off = report[f"local_{key}"], report[f"bare_{key}"]
                 print(f"  {what}: on {on:.3f} ms, off {off:.3f} ms, cost {on - off:+.3f} ms  (goal <= 0.1 ms)")

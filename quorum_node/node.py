@@ -65,7 +65,8 @@ class Node:
         from .control.keys import open_keystore
 
         # API keys (control/keys.py): hashed, in the data dir, replicated to peers by the cluster service
-        self.keys = open_keystore(Path(settings.data_dir), membership.secret if membership is not None else None)
+        self.keys = open_keystore(Path(settings.data_dir), membership.secret if membership is not None else None,
+                                  tombstone_retention_s=settings.key_tombstone_retention_days * 86400)
         if membership is not None:
             from .cluster.service import ClusterService
 

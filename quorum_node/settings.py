@@ -97,6 +97,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     relay_token: str | None = None
     # API keys (control/keys.py): loopback callers need one too
     require_key: bool = False
+    key_tombstone_retention_days: float = 90.0  # a revoked key's record is kept this long; 0: for good
+    keys_last_used_sync_s: float = 60.0  # how often keys' last uses are exchanged with the peers
     # the usage ledger (SQLite in data_dir) and the Prometheus metrics (GET /metrics)
     ledger: bool = True
     ledger_retention_days: float = 90.0  # 0: keep every record
@@ -270,6 +272,10 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("responses_store_*: entries and bytes must not be negative, the TTL must be positive")
     if not s.ledger_retention_days >= 0:
         raise ConfigError("ledger_retention_days: must not be negative (0 keeps every record)")
+    if not s.key_tombstone_retention_days >= 0:
+        raise ConfigError("key_tombstone_retention_days: must not be negative (0 keeps revoked keys for good)")
+    if not s.keys_last_used_sync_s > 0:
+        raise ConfigError("keys_last_used_sync_s: must be positive")
     return s
 
 

@@ -9,11 +9,14 @@ Three in-process nodes on loopback, static peers, each with its own fake engine,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import msgspec
 import openai
 import pytest
 
+from quorum_node import cli
 from quorum_node.cluster.signing import derive_keys, derive_records_key, sign
 from quorum_node.control.keys import KeyRecord, sign_record
 from quorum_node.node import Node
@@ -62,12 +66,12 @@ class Trio:
         self.nodes: dict[str, Node] = {}
         self.engines: dict[str, Any] = {}
 
-    async def start(self, name: str, *, port: int = 0, peers: list[str] = ()) -> Node:
+    async def start(self, name: str, *, port: int = 0, peers: list[str] = (), **settings: Any) -> Node:
         eng = self.engines.get(name) or await self.fake("openai", models=[f"model-{name}"])
         self.engines[name] = eng
         node = await self.start_node(backends=[{"kind": "openai", "url": eng.url}], name=f"node-{name}",
                                      data_dir=str(self.tmp / name), port=port, peers=list(peers),
-                                     require_key=True, peer_down_after_s=1.5, **CLUSTER)
+                                     require_key=True, peer_down_after_s=1.5, **CLUSTER, **settings)
         self.nodes[name] = node
         return node
 
@@ -144,6 +148,59 @@ async def test_a_forwarded_request_carries_the_key_id_never_the_key(trio: Trio) 
         await chat(a, key, "model-c")
 
 
+async def _last_used(node: Node, admin_key: str, key_id: str) -> float | None:
+    """A key's ``last used`` as ``keys list`` shows it on ``node`` (its admin API)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(node.url + "/quorum/admin/keys", headers={"Authorization": f"Bearer {admin_key}"}) as r:
+            assert r.status == 200
+            keys = (await r.json())["keys"]
+    return next(k["last_used"] for k in keys if k["id"] == key_id)
+
+
+async def test_keys_list_on_any_node_shows_the_last_use_anywhere(start_node, fake, tmp_path, capsys) -> None:
+    duo = Trio(start_node, fake, tmp_path)
+    a = await duo.start("a", keys_last_used_sync_s=0.2)
+    b = await duo.start("b", peers=[f"127.0.0.1:{a.port}"], keys_last_used_sync_s=0.2)
+    a.cluster.table.add_static(f"127.0.0.1:{b.port}")
+    info, key = a.keys.create("phone")
+    admin_info, admin = a.keys.create("ops", admin=True)
+    await within("b has both keys", lambda: _named_all(b, info.id, admin_info.id))
+    assert await _last_used(b, admin, info.id) is None
+    t0 = time.time()
+    assert await accepted(a, key, "model-a")  # used on a only
+    used_at = a.keys.used()[info.id]
+    assert used_at >= t0
+
+    async def b_shows_it() -> bool:
+        return await _last_used(b, admin, info.id) == used_at
+
+    took = await within("b's keys list shows the use on a", b_shows_it)
+    assert took < 2.0  # a few rounds of keys_last_used_sync_s (0.2 s here, 60 s by default)
+    code = await asyncio.to_thread(cli.main, ["keys", "--url", b.url, "--api-key", admin, "list"])
+    out = capsys.readouterr().out
+    assert code == 0
+    (row,) = [line for line in out.splitlines() if line.startswith("phone ")]
+    assert datetime.datetime.fromtimestamp(used_at).strftime("%Y-%m-%d %H:%M") in row
+
+    # b is down while the key is used on a again; it hears of that use within 10 s of its return.
+    port_b = b.port
+    await b.stop()
+    assert await accepted(a, key, "model-a")
+    used_again = a.keys.used()[info.id]
+    assert used_again > used_at
+    await asyncio.sleep(0.5)  # a's rounds pass while b is away: b must still hear of it when it is back
+    b2 = await duo.start("b", port=port_b, peers=[f"127.0.0.1:{a.port}"], keys_last_used_sync_s=0.2)
+
+    async def b2_shows_it() -> bool:
+        return await _last_used(b2, admin, info.id) == used_again
+
+    assert await within("the returning b shows the use made while it was down", b2_shows_it) < AGREE_S
+
+
+async def _named_all(node: Node, *key_ids: str) -> bool:
+    return all(node.keys.name_of(k) is not None for k in key_ids)
+
+
 async def _holds(node: Node, key: str, model: str) -> bool:
     async with openai.AsyncOpenAI(base_url=node.url + "/v1", api_key=key, max_retries=0) as client:
         return model in {m.id async for m in client.models.list()}
@@ -211,12 +268,16 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.netns
-async def test_a_caller_off_loopback_needs_a_key(start_node, fake) -> None:
+@contextlib.contextmanager
+def other_namespace(tag: str) -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: its name, and this side's address (10.79.1.1).
+
+    Its end is 10.79.1.2: a caller there reaches a node bound to 10.79.1.1 off loopback, for real.
+    """
     why = netns_unavailable()
     if why:
         pytest.skip(why)
-    ns, host_if = f"qkey{os.getpid()}", f"qkey{os.getpid()}h"
+    ns, host_if = f"q{tag}{os.getpid()}", f"q{tag}{os.getpid()}h"
     run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
     run("ip", "netns", "add", ns)
     try:
@@ -225,22 +286,65 @@ async def test_a_caller_off_loopback_needs_a_key(start_node, fake) -> None:
         run("ip", "link", "set", host_if, "up")
         run("ip", "-n", ns, "addr", "add", "10.79.1.2/30", "dev", "eth0")
         run("ip", "-n", ns, "link", "set", "eth0", "up")
+        yield ns, "10.79.1.1"
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+async def _from_namespace(ns: str, script: str, *args: str) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", ns, sys.executable, "-c", script, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return json.loads(out)
+
+
+@pytest.mark.netns
+async def test_a_caller_off_loopback_needs_a_key(start_node, fake) -> None:
+    with other_namespace("key") as (ns, host):
         eng = await fake("openai", models=["m"])
-        node = await start_node(backends=[{"kind": "openai", "url": eng.url}], host="10.79.1.1")  # no --require-key
+        node = await start_node(backends=[{"kind": "openai", "url": eng.url}], host=host)  # no --require-key
         _, key = node.keys.create("remote")
-        proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns, sys.executable, "-c", _CLIENT, f"http://10.79.1.1:{node.port}", key,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, err.decode()
-        got = json.loads(out)
+        got = await _from_namespace(ns, _CLIENT, f"http://{host}:{node.port}", key)
         assert got["none"][0] == 401 and got["none"][1]["error"]["code"] == "missing_api_key"
         assert got["wrong"][0] == 401 and got["wrong"][1]["error"]["code"] == "invalid_api_key"
         assert got["sk"][0] == 401  # off loopback, "any api_key" is not a key
         assert got["good"][0] == 200 and [m["id"] for m in got["good"][1]["data"]] == ["m"]
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+_ADMIN_CLIENT = """
+import json, sys, urllib.request, urllib.error
+url, plain, admin = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+for path in ("/quorum/admin/usage", "/quorum/admin/usage/series", "/quorum/admin/recent", "/quorum/admin/keys",
+             "/quorum/admin/fleet"):
+    for name, headers in (("none", {}), ("plain", {"Authorization": "Bearer " + plain}),
+                          ("admin", {"Authorization": "Bearer " + admin})):
+        req = urllib.request.Request(url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                out[path + " " + name] = [r.status, None]
+        except urllib.error.HTTPError as e:
+            out[path + " " + name] = [e.code, json.loads(e.read())["error"]["code"]]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.netns
+async def test_off_loopback_every_admin_endpoint_needs_an_admin_key(start_node, fake) -> None:
+    with other_namespace("adm") as (ns, host):
+        eng = await fake("openai", models=["m"])
+        node = await start_node(backends=[{"kind": "openai", "url": eng.url}], host=host)  # no --require-key
+        _, plain = node.keys.create("app")
+        _, admin = node.keys.create("ops", admin=True)
+        got = await _from_namespace(ns, _ADMIN_CLIENT, f"http://{host}:{node.port}", plain, admin)
+        for path in ("/quorum/admin/usage", "/quorum/admin/usage/series", "/quorum/admin/recent",
+                     "/quorum/admin/keys", "/quorum/admin/fleet"):
+            assert got[path + " none"] == [401, "missing_api_key"], path
+            assert got[path + " plain"] == [403, "not_admin"], path
+            assert got[path + " admin"] == [200, None], path
 
 
 # -- through the relay: the same records, the same guarantees -----------------------------

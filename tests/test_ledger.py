@@ -104,7 +104,7 @@ async def test_ledger_totals_equal_the_tokens_the_client_saw(start_node: StartNo
     # The running node, through `quorum-node usage` (its admin endpoint): committed before each answer ended.
     data = await asyncio.to_thread(usage_cli, "--url", node.url, "--by", "model")
     assert data["rows"] == [{"group": MODEL, "requests": seen.requests, "prompt_tokens": seen.prompt,
-                             "completion_tokens": seen.completion, "errors": 0}]
+                             "completion_tokens": seen.completion, "errors": 0, "estimated": 0}]
     assert data["source"].startswith("node at")
     by_surface = await asyncio.to_thread(usage_cli, "--url", node.url, "--by", "surface", "--since", "1h")
     assert totals(by_surface["rows"]) == (seen.requests, seen.prompt, seen.completion)
@@ -161,7 +161,8 @@ async def test_forwarded_requests_link_up_and_the_cluster_counts_each_once(start
         served = [r for r in data["rows"] if r["group"] != "-"]  # "-": the model listings, served by no engine
         assert served == [{"group": b.name, "requests": seen_a.requests + seen_b.requests,
                            "prompt_tokens": seen_a.prompt + seen_b.prompt,
-                           "completion_tokens": seen_a.completion + seen_b.completion, "errors": 0}]
+                           "completion_tokens": seen_a.completion + seen_b.completion, "errors": 0,
+                           "estimated": 0}]
 
 
 def msgspec_row(seen: Seen) -> Any:
@@ -229,6 +230,63 @@ async def test_refused_and_failed_requests_are_recorded_with_their_status(
     assert recs["r404model"].model == "nope" and recs["r404model"].surface == "openai"
     usage = await node.ledger.query(None, "model")
     assert sum(r.errors for r in usage) == len(cases) + 1
+
+
+async def test_an_engine_that_gives_no_usage_gets_estimated_tokens_marked_as_such(
+        start_node: StartNode, fake: StartFake, client_for: Any) -> None:
+    eng = await fake("openai", models=["m"], omit_usage=True)
+    node = await start_node(backends=[{"kind": "openai", "url": eng.url}])
+    client = client_for(node)
+    prompt = [{"role": "user", "content": "x" * 40}]  # 40 characters: 10 tokens at ~4 characters a token
+    chat = await client.chat.completions.create(model="m", messages=prompt, extra_headers={"X-Request-Id": "whole"})
+    assert chat.usage is None  # the client sees what the engine said
+    answer = chat.choices[0].message.content or ""
+    assert answer
+    compl = await client.completions.create(model="m", prompt="one two three four",  # 18 characters: 5 tokens
+                                            extra_headers={"X-Request-Id": "compl"})
+    stream = await client.chat.completions.create(model="m", messages=prompt, stream=True,
+                                                  stream_options={"include_usage": True},
+                                                  extra_headers={"X-Request-Id": "stream"})
+    chunks = [ch async for ch in stream]
+    assert all(ch.usage is None for ch in chunks)
+    choice_chunks = sum(1 for ch in chunks if ch.choices)  # a stream's completion tokens: its chunks, counted
+    assert node.ledger is not None
+    recs = {r.request_id: r for r in await node.ledger.recent(10)}
+    assert (recs["whole"].prompt_tokens, recs["whole"].completion_tokens) == (10, -(-len(answer) // 4))
+    assert (recs["compl"].prompt_tokens, recs["compl"].completion_tokens) == (5, -(-len(compl.choices[0].text) // 4))
+    assert (recs["stream"].prompt_tokens, recs["stream"].completion_tokens) == (10, choice_chunks)
+    assert all(recs[rid].tokens_estimated for rid in ("whole", "compl", "stream"))
+
+    # The totals say how many of their requests were estimated, and the table marks them.
+    data = await asyncio.to_thread(usage_cli, "--url", node.url, "--by", "model")
+    (row,) = [r for r in data["rows"] if r["group"] == "m"]
+    assert row["requests"] == 3 and row["estimated"] == 3 and row["prompt_tokens"] == 25
+    out = await asyncio.to_thread(subprocess.run, [QUORUM_NODE, "usage", "--url", node.url], capture_output=True,
+                                  text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("m "))
+    assert "~25" in line.split() and "~: includes the estimated tokens of 3 requests" in out.stdout
+
+
+async def test_the_usage_endpoints_are_for_admins_only(start_node: StartNode, fake: StartFake, client_for: Any,
+                                                      http: aiohttp.ClientSession) -> None:
+    """Under --require-key (callers held to the off-loopback rule): no key 401, a plain key 403, an admin key 200
+    (and ``quorum-node usage --api-key``); the true off-loopback path is in test_keys_cluster.py."""
+    node = await start_node(require_key=True)
+    _, admin = node.keys.create("ops", admin=True)
+    _, plain = node.keys.create("app")
+    for path in ("/quorum/admin/usage", "/quorum/admin/usage?cluster=1", "/quorum/admin/usage/series",
+                 "/quorum/admin/recent", "/quorum/admin/keys"):
+        async with http.get(node.url + path) as r:
+            assert r.status == 401, path
+        async with http.get(node.url + path, headers={"Authorization": f"Bearer {plain}"}) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "not_admin", path
+        async with http.get(node.url + path, headers={"x-api-key": admin}) as r:
+            assert r.status == 200, path
+    refused = await asyncio.to_thread(subprocess.run, [QUORUM_NODE, "usage", "--url", node.url, "--api-key", plain],
+                                      capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "admin API" in refused.stderr
+    assert (await asyncio.to_thread(usage_cli, "--url", node.url, "--api-key", admin))["source"].startswith("node")
 
 
 async def test_admin_endpoints_refuse_bad_parameters_with_400(start_node: StartNode,

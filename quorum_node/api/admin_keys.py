@@ -8,7 +8,9 @@
 - ``DELETE /quorum/admin/keys/{name_or_id}`` → ``{"info": KeyInfo}`` (revoked)
 
 Allowed to loopback callers the node trusts (not with ``--require-key``) and
-to keys made with ``admin``. A change is pushed to the peers at once.
+to keys made with ``admin``, like every ``/quorum/admin/`` route (the trust
+middleware checks that, ``auth.require_admin``). A change is pushed to the
+peers at once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from aiohttp import web
 
 from ..control.keys import MAX_PATTERNS, parse_duration
 from ..errors import BadRequest
-from .auth import require_admin
 from .body import read_body
 from .keys import NODE
 
@@ -47,12 +48,10 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    require_admin(request)
     return _json({"keys": request.app[NODE].keys.list()})
 
 
 async def create_key(request: web.Request) -> web.Response:
-    require_admin(request)
     try:
         body = _decode_create(await read_body(request))
     except msgspec.DecodeError as e:  # ValidationError included
@@ -70,7 +69,6 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    require_admin(request)
     info = request.app[NODE].keys.revoke(request.match_info["name_or_id"])
     log.info("api_key_revoked", key=info.name, key_id=info.id)
     return _json({"info": info})

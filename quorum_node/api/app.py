@@ -17,7 +17,7 @@ from ..control import metrics, usage
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
 from . import admin_keys, anthropic, cors, ollama, openai, responses
-from .auth import charge, grant_for, presented_key
+from .auth import charge, grant_for, is_admin_route, presented_key, require_admin
 from .body import PEER_AUTH
 from .keys import API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
 from .surface import OPENAI, surface_of
@@ -131,7 +131,9 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
         verified, from loopback too: forwarded requests are never forwarded on;
         its signed ``X-Quorum-Key`` says which key the entry node served it for.
         A key (``Authorization: Bearer`` or ``x-api-key``) is checked and charged
-        against its rate here; its model scopes are checked in ``serve``.
+        against its rate here; its model scopes are checked in ``serve``. Every
+        route under ``/quorum/admin/`` is for the node's admins only (trusted
+        loopback callers, admin keys): checked here, for all of them at once.
         """
         headers = request.headers
         claims_peer = HEADER_SIGNATURE in headers or HOP_HEADER in headers
@@ -147,6 +149,8 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
                     draft.set(peer=result.node_id)
                     if result.key_id:
                         draft.set(key_id=result.key_id, key_name=keys.name_of(result.key_id))
+                    if is_admin_route(request):
+                        require_admin(request)
                     return await handler(request)
             raise _refused(request, "This request needs a valid cluster signature")
         trusted = not require_key and is_loopback(request.remote) and local_host(headers.get("Host"))
@@ -157,9 +161,11 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
                 request[API_KEY] = grant
                 request[DRAFT].set(key_id=grant.id, key_name=grant.name)
                 charge(grant, keys)
+                if is_admin_route(request):
+                    require_admin(request)
                 return await handler(request)
         if trusted or (request.method == "GET" and request.path == "/health"):
-            return await handler(request)
+            return await handler(request)  # a trusted loopback caller is the node's admin
         raise _refused(request, "This node requires an API key (Authorization: Bearer qk_...) from every caller"
                        if require_key else
                        "This request needs an API key (Authorization: Bearer qk_...); quorum-node accepts "

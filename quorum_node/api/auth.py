@@ -9,7 +9,9 @@ line, not to an engine, not to a peer (a forwarded request carries the key's
 - rate (per key, per node: a token bucket of ``rate_per_min``, bursts up to a
   minute's worth) in the trust middleware, for every request → 429;
 - model scopes in ``serve`` (``check_scope``), before the router → 403;
-- admin rights in the admin API (``require_admin``) → 403.
+- admin rights for every route under ``/quorum/admin/`` (keys, usage, fleet,
+  events …): ``require_admin``, called once, by the trust middleware, for
+  any route of that prefix → 403.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from ..control.keys import KEY_PREFIX, Grant, KeyStore
 from ..errors import Forbidden, RateLimited, Unauthorized
 from .keys import API_KEY, PEER
 
-__all__ = ["check_scope", "grant_for", "presented_key", "require_admin"]
+__all__ = ["ADMIN_PREFIX", "check_scope", "grant_for", "is_admin_route", "presented_key", "require_admin"]
+
+ADMIN_PREFIX = "/quorum/admin/"
 
 _REASONS = {
     "unknown": ("This API key is not valid", "invalid_api_key"),
@@ -80,14 +84,24 @@ def check_scope(request: web.Request, model: str) -> None:
                         code="model_not_allowed", retryable=False)
 
 
+def is_admin_route(request: web.Request) -> bool:
+    """Whether the request matched a route of the admin API (by the route it matched, not the raw path)."""
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical.startswith(ADMIN_PREFIX)
+
+
 def require_admin(request: web.Request) -> None:
-    """The admin API is for loopback callers the node trusts, and for keys with ``admin``."""
+    """The admin API is for the node's admins: loopback callers it trusts, and keys made with ``admin``.
+
+    The trust middleware calls it for every admin route, once the caller is
+    known (a handler never has to).
+    """
     grant = request.get(API_KEY)
     if grant is not None:
         if not grant.admin:
-            raise Forbidden("This API key may not manage keys (create one with --admin for that)",
-                            code="not_admin", retryable=False)
+            raise Forbidden("This API key may not use the admin API (/quorum/admin/...): make one with "
+                            "`quorum-node keys create --admin` for that", code="not_admin", retryable=False)
         return
     if request.get(PEER) is not None:
-        raise Forbidden("Peers do not manage keys through the admin API", code="not_admin", retryable=False)
+        raise Forbidden("Peers do not use the admin API", code="not_admin", retryable=False)
     # Neither key nor peer: the trust middleware let it in as a trusted loopback caller.

@@ -39,6 +39,7 @@ import structlog
 from aiohttp import web
 
 from ..backends.base import Caller, JsonReply, Op, StreamReply, StreamStats
+from ..control import tokens
 from ..errors import ApiError, StreamBroken, Unavailable
 from .auth import check_scope
 from .keys import DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER
@@ -195,7 +196,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         reply = opened.reply
         if isinstance(reply, JsonReply):
             target.end(True, opened.ttft_s)
-            _tokens(draft, reply.usage, None)
+            _tokens(draft, reply.usage, None, call, reply.payload)
             resp = surface.answer(call, reply.payload, headers)
             await records.seal(draft, resp.status)
             return resp
@@ -244,7 +245,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         finally:
             await reply.aclose()
             target.end(ok, opened.ttft_s)
-        _tokens(draft, reply.stats.usage, reply.stats)
+        _tokens(draft, reply.stats.usage, reply.stats, call)
         if status == 499:
             records.seal_nowait(draft, 499)
             return resp
@@ -258,11 +259,15 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         inflight.leave(task)
 
 
-def _tokens(draft: Any, usage: Any, stats: StreamStats | None) -> None:
+def _tokens(draft: Any, usage: Any, stats: StreamStats | None, call: Call,
+            payload: dict[str, Any] | None = None) -> None:
+    """The record's tokens: the engine's usage, else an estimate, marked as one (``control/tokens.py``)."""
     if isinstance(usage, dict):
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
         draft.set(prompt_tokens=p if isinstance(p, int) and not isinstance(p, bool) else None,
                   completion_tokens=c if isinstance(c, int) and not isinstance(c, bool) else None)
-    elif stats is not None:
-        draft.set(completion_tokens=stats.chunks, tokens_estimated=True)
+        return
+    draft.set(prompt_tokens=tokens.prompt_tokens(call.op, call.body),
+              completion_tokens=stats.chunks if stats is not None else tokens.answer_tokens(call.op, payload or {}),
+              tokens_estimated=True)
 

@@ -131,6 +131,7 @@ class ClusterService:
             )
             await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")
+        self.key_sync.start()  # keys' last uses to the peers, and compaction (control/replication.py)
         if self.discovery is not None:  # only mDNS feeds the event queue
             self._spawn(self._event_loop(), "cluster-events")
         log.info("cluster_started", cluster=self.membership.name, fingerprint=self.keys.fingerprint,

@@ -19,11 +19,31 @@ idempotent (nodes converge whatever order records arrive in, however often)::
 
 A tombstone (a revoked record) outranks every live version of its key: once
 any node has revoked a key, no older or concurrent record brings it back.
-Tombstones are kept for good (a few hundred bytes each).
+
+Compaction (``compactable``): a store forgets a record, and refuses it from
+peers, once
+
+- its key expired more than ``EXPIRED_GRACE_S`` (7 days) ago, live or
+  revoked: a key's expiry never changes between versions, so every node
+  refuses that key whatever record of it it holds (the grace covers clocks
+  that disagree, and lets ``keys list`` show expired keys for a while); this
+  is always safe;
+- it is a tombstone revoked more than ``tombstone_retention_s`` ago
+  (``key_tombstone_retention_days``, 90 by default; 0 keeps tombstones for
+  good). This one is a trade: a node that was offline for longer than that,
+  still holding the key as live, brings it back when it returns (revoke it
+  again then). Without it a cluster that makes and revokes keys would reach
+  ``MAX_RECORDS`` one day and could make no more.
 
 The store lives in ``<data_dir>/keys.json`` (0600, written atomically: temp
-file, fsync, rename). ``last_used`` is per node (this node's last request with
-the key); it is kept in the same file and not replicated.
+file, fsync, rename).
+
+``last_used`` is advisory and kept out of the signed records (it would make
+them churn): each node notes its own last request with a key in memory (no
+disk write, no message per request), merges its peers' notes by taking the
+maximum, and the replication exchanges the notes that changed once every
+``keys_last_used_sync_s`` (``take_used_changes``, ``merge_used``). They are
+saved in the same file, at most once per such interval.
 
 Pure logic: no asyncio. ``now`` is wall-clock seconds (expiry is a date) for
 records and ``time.monotonic()`` for rate buckets.
@@ -48,12 +68,14 @@ import structlog
 from ..errors import BadRequest, ConfigError, NotFound
 
 __all__ = [
+    "EXPIRED_GRACE_S",
     "KEYS_FILE",
     "KEY_PREFIX",
     "Grant",
     "KeyInfo",
     "KeyRecord",
     "KeyStore",
+    "compactable",
     "merge_rank",
     "open_keystore",
     "parse_duration",
@@ -65,8 +87,9 @@ KEY_PREFIX = "qk_"
 KEYS_FILE = "keys.json"
 _DISPLAY_CHARS = 8  # of the random part shown in listings: enough to tell keys apart, useless to guess
 _MAX_SECRET_CHARS = 128
-MAX_RECORDS = 10_000
+MAX_RECORDS = 10_000  # live keys and tombstones together
 MAX_PATTERNS = 32
+EXPIRED_GRACE_S = 7 * 86400.0  # a record of a key expired longer ago than this is forgotten (see compactable)
 
 _Id = Annotated[str, msgspec.Meta(pattern=r"^k_[0-9a-f]{12}$")]
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -107,7 +130,7 @@ class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
     models: list[str]
     created: float
     expires: float | None
-    last_used: float | None  # on this node
+    last_used: float | None  # anywhere in the cluster, as far as this node has heard (advisory)
     rate_per_min: int | None
     admin: bool
     revoked: bool
@@ -122,6 +145,18 @@ class _KeysFile(msgspec.Struct, kw_only=True):
 
 _file_decoder = msgspec.json.Decoder(_KeysFile)
 _encode = msgspec.json.Encoder().encode
+
+
+def compactable(r: KeyRecord, now: float, tombstone_retention_s: float) -> bool:
+    """Whether a store may forget ``r`` (and refuse it from peers) at wall-clock ``now``.
+
+    Always for a key expired more than ``EXPIRED_GRACE_S`` ago (refused
+    everywhere anyway); for a tombstone, once it is older than
+    ``tombstone_retention_s`` (0: never).
+    """
+    if r.expires is not None and now >= r.expires + EXPIRED_GRACE_S:
+        return True
+    return r.revoked is not None and tombstone_retention_s > 0 and now >= r.revoked + tombstone_retention_s
 
 
 def merge_rank(r: KeyRecord) -> tuple[bool, int, str, str]:
@@ -217,20 +252,25 @@ class KeyStore:
     cluster (its records stay unsigned and local). ``origin``: this node's id.
     ``on_change`` callbacks run after every change of the records (create,
     revoke, a merge that changed something): the replication pushes then.
+    ``tombstone_retention_s``: how long a tombstone is kept (0: for good; see
+    ``compactable``).
     """
 
     def __init__(self, path: Path | None, *, signer: bytes | None, origin: str,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 tombstone_retention_s: float = 0.0) -> None:
         self.path = path
         self.signer = signer
         self.origin = origin
+        self.tombstone_retention_s = tombstone_retention_s
         self._clock = clock
         self._monotonic = monotonic
         self._records: dict[str, KeyRecord] = {}
         self._by_hash: dict[str, str] = {}
         self._grants: dict[str, Grant] = {}
         self._buckets: dict[str, _Bucket] = {}
-        self._used: dict[str, float] = {}
+        self._used: dict[str, float] = {}  # key id -> last use anywhere we heard of (wall clock)
+        self._used_sent: dict[str, float] = {}  # what take_used_changes last handed out
         self.digest = ""
         self.on_change: list[Callable[[], None]] = []
         if path is not None:
@@ -260,8 +300,11 @@ class KeyStore:
                 resigned += 1
             self._records[r.id] = r
         self._used = {k: v for k, v in stored.used.items() if k in self._records}
+        self._used_sent = dict(self._used)  # peers heard of these before the restart, or learn them on a full push
+        dropped = self._compact(self._clock())
         if resigned:
             log.info("key_records_signed", count=resigned)
+        if resigned or dropped:
             self.save()
 
     def snapshot(self) -> bytes:
@@ -315,6 +358,30 @@ class KeyStore:
     def _sign(self, r: KeyRecord) -> KeyRecord:
         return sign_record(self.signer, r) if self.signer is not None else r
 
+    # -- compaction --------------------------------------------------------------------
+
+    def _compact(self, now: float) -> int:
+        gone = [r.id for r in self._records.values() if compactable(r, now, self.tombstone_retention_s)]
+        for kid in gone:
+            del self._records[kid]
+            self._used.pop(kid, None)
+            self._used_sent.pop(kid, None)
+            self._buckets.pop(kid, None)
+        if gone:
+            log.info("key_records_compacted", count=len(gone))
+        return len(gone)
+
+    def compact(self, now: float | None = None) -> int:
+        """Forget the records ``compactable`` at ``now`` (default: the clock); how many.
+
+        Not a change to push (every node compacts on its own clock); the caller
+        persists (``save``, or ``snapshot``/``write``) when it returns more than 0.
+        """
+        dropped = self._compact(self._clock() if now is None else now)
+        if dropped:
+            self._reindex()
+        return dropped
+
     # -- what the node and the CLI call ----------------------------------------------
 
     def create(self, name: str, *, models: Iterable[str] = (), expires_s: float | None = None,
@@ -336,10 +403,12 @@ class KeyStore:
             raise BadRequest("The rate is 1-1000000 requests a minute", param="rate", code="invalid_rate")
         if expires_s is not None and not (0 < expires_s < 1e10):
             raise BadRequest("Expiry must be a positive duration", param="expires", code="invalid_expiry")
-        if len(self._records) >= MAX_RECORDS:
-            raise BadRequest(f"This cluster holds {MAX_RECORDS} key records already", code="too_many_keys")
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
         now = self._clock()
+        if len(self._records) >= MAX_RECORDS and not self.compact(now):
+            raise BadRequest(f"This cluster holds {MAX_RECORDS} keys already, revoked ones included (a revoked "
+                             f"key is kept for key_tombstone_retention_days); no more can be made until some are "
+                             f"forgotten", code="too_many_keys")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
         record = self._sign(KeyRecord(
             id="k_" + secrets.token_hex(6), name=name, prefix=secret[:len(KEY_PREFIX) + _DISPLAY_CHARS],
             hash=_hash(secret), models=patterns, created=now, expires=now + expires_s if expires_s else None,
@@ -380,6 +449,9 @@ class KeyStore:
     def list(self) -> list[KeyInfo]:
         return [self._info(r) for r in sorted(self._records.values(), key=lambda r: r.created)]
 
+    def __len__(self) -> int:
+        return len(self._records)
+
     def lookup(self, secret: str) -> tuple[Grant | None, str]:
         """The grant of a presented key, or None and why: ``unknown``, ``expired`` or ``revoked``."""
         if not secret.startswith(KEY_PREFIX) or len(secret) > _MAX_SECRET_CHARS or not secret.isascii():
@@ -417,13 +489,18 @@ class KeyStore:
         """Take what peers sent where it outranks ours; returns (changed, rejected).
 
         A record is refused unless its signature verifies under this cluster's
-        records key (a node in no cluster merges nothing). The caller persists
-        (``snapshot``/``write``) when something changed.
+        records key (a node in no cluster merges nothing). A record this store
+        would compact is passed over (not a rejection: the peer has not
+        compacted it yet). The caller persists (``snapshot``/``write``) when
+        something changed.
         """
         changed = rejected = 0
+        now = self._clock()
         for r in incoming:
             if self.signer is None or not record_verifies(self.signer, r):
                 rejected += 1
+                continue
+            if compactable(r, now, self.tombstone_retention_s):
                 continue
             mine = self._records.get(r.id)
             if mine is not None and mine.hash != r.hash:
@@ -441,6 +518,30 @@ class KeyStore:
             self._changed()
         return changed, rejected
 
+    # -- last use, across the cluster (advisory, never signed) -------------------------
+
+    def used(self) -> dict[str, float]:
+        """Every key's last use this node knows of (for a full push or a peer's pull)."""
+        return dict(self._used)
+
+    def take_used_changes(self) -> dict[str, float]:
+        """The last uses that are newer than what the previous call handed out (ours and merged ones)."""
+        sent = self._used_sent
+        out = {k: t for k, t in self._used.items() if t > sent.get(k, 0.0)}
+        sent.update(out)
+        return out
+
+    def merge_used(self, used: dict[str, float]) -> int:
+        """Take a peer's last uses where they are newer (max); uses of keys this store does not hold are
+        dropped, so the map stays bounded by the records. Returns how many changed."""
+        changed = 0
+        mine = self._used
+        for kid, t in used.items():
+            if kid in self._records and t > mine.get(kid, 0.0):
+                mine[kid] = t
+                changed += 1
+        return changed
+
 
 class ApiConflict(BadRequest):
     status = 409
@@ -450,8 +551,12 @@ class ApiConflict(BadRequest):
         super().__init__(message, param="name", code="key_exists")
 
 
-def open_keystore(data_dir: Path, secret: bytes | None) -> KeyStore:
-    """The store of ``data_dir``, signing with the records key of the cluster ``secret`` (None: no cluster)."""
+def open_keystore(data_dir: Path, secret: bytes | None, *, tombstone_retention_s: float = 0.0) -> KeyStore:
+    """The store of ``data_dir``, signing with the records key of the cluster ``secret`` (None: no cluster).
+
+    ``tombstone_retention_s`` is the node's ``key_tombstone_retention_days``; the CLI, which edits the
+    store of a node that is not running, passes none (0: it forgets only the records of expired keys,
+    which is always safe)."""
     from ..cluster.membership import load_or_create_node_id
     from ..cluster.signing import derive_records_key
 
@@ -459,4 +564,5 @@ def open_keystore(data_dir: Path, secret: bytes | None) -> KeyStore:
         origin = load_or_create_node_id(data_dir)
     except (OSError, ValueError) as e:
         raise ConfigError(f"node id in {data_dir}: {e}") from None
-    return KeyStore(data_dir / KEYS_FILE, signer=derive_records_key(secret) if secret else None, origin=origin)
+    return KeyStore(data_dir / KEYS_FILE, signer=derive_records_key(secret) if secret else None, origin=origin,
+                    tombstone_retention_s=tombstone_retention_s)

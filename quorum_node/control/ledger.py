@@ -90,6 +90,7 @@ class UsageRow(msgspec.Struct, frozen=True, kw_only=True):
     prompt_tokens: _Count
     completion_tokens: _Count
     errors: _Count  # answered with a status >= 400 (a client that went away, 499, is not an error)
+    estimated: _Count = 0  # requests among these whose tokens are an estimate (the engine gave no usage)
 
 
 class SeriesPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,9 +170,10 @@ def query_rows(conn: sqlite3.Connection, since: float | None, by: str, *, entry_
     expr = BY[by]
     where, params = _where(since, entry_only)
     sql = (f"SELECT {expr} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-           f"SUM(status >= 400 AND status != 499) FROM records{where} GROUP BY g ORDER BY g")
-    return [UsageRow(group=str(g), requests=n, prompt_tokens=p, completion_tokens=c, errors=e or 0)
-            for g, n, p, c, e in conn.execute(sql, params)]
+           f"SUM(status >= 400 AND status != 499), SUM(tokens_estimated) FROM records{where} "
+           f"GROUP BY g ORDER BY g")
+    return [UsageRow(group=str(g), requests=n, prompt_tokens=p, completion_tokens=c, errors=e or 0,
+                     estimated=x or 0) for g, n, p, c, e, x in conn.execute(sql, params)]
 
 
 def series_rows(conn: sqlite3.Connection, since: float, bucket_s: int, by: str, *,

@@ -10,7 +10,16 @@ Anti-entropy over the peer protocol, on every link (LAN HTTP or the relay):
   other agree within about one interval — a node that was down included, from
   its first probe after it is back;
 - a key made or revoked here is pushed at once to every peer that is up
-  (``POST /quorum/v1/keys``), and to a peer as soon as it comes up.
+  (``POST /quorum/v1/keys``); and when a peer comes up, each of the two
+  pushes what it has to the other and pulls what the other has.
+
+Keys' last uses ride along, unsigned and advisory (``KeysMessage.used``, key
+id → epoch seconds, merged by taking the maximum): a pull or a full push
+carries them all; and once every ``keys_last_used_sync_s`` (60 s) a node
+pushes the ones that changed since the last round (its own and those it
+merged, so they also cross a cluster whose nodes do not all reach each other)
+to every peer that is up — one small message per peer per interval, and only
+when a key was used. Each round also compacts the store (``keys.compactable``).
 
 Every request is signed with the cluster key, and every record carries its
 own signature (``control.keys``); a record that does not verify is refused.
@@ -34,6 +43,9 @@ from ..cluster.peers import PeerState
 from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, Unauthorized
 from .keys import MAX_RECORDS, KeyRecord, KeyStore
 
+_KeyId = Annotated[str, msgspec.Meta(pattern=r"^k_[0-9a-f]{12}$")]
+_When = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
+
 if TYPE_CHECKING:
     from ..cluster.service import ClusterService
 
@@ -50,6 +62,7 @@ class KeysMessage(msgspec.Struct, frozen=True, kw_only=True):
 
     digest: Annotated[str, msgspec.Meta(max_length=64)] = ""
     records: Annotated[list[KeyRecord], msgspec.Meta(max_length=MAX_RECORDS)] = []
+    used: Annotated[dict[_KeyId, _When], msgspec.Meta(max_length=MAX_RECORDS)] = {}  # last uses (advisory)
 
 
 _decode = msgspec.json.Decoder(KeysMessage).decode
@@ -67,22 +80,35 @@ class KeyReplicator:
         self._dirty = False
         store.on_change.append(self._changed)
         self._pushing = False  # a local change: push once the change handlers are done
+        self.used_sync_s = service.settings.keys_last_used_sync_s
 
     # -- what the cluster service calls -------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(KEYS_PATH, self._h_get), web.post(KEYS_PATH, self._h_post)]
 
+    def start(self) -> None:
+        """Start the rounds of last uses and compaction (owned by the service's tasks)."""
+        self.service._spawn(self._rounds(), "keys-rounds")
+
     def on_peer_digest(self, node_id: str, digest: str) -> None:
         """A peer's health answer told its keys digest: pull if it differs from ours."""
         if digest and digest != self.store.digest and node_id not in self._pulling:
+            if self.store.compact():  # maybe it differs only by what one of us forgot already
+                self._save_soon()
+                if digest == self.store.digest:
+                    return
             self._pulling.add(node_id)
             self.service._spawn(self._pull(node_id), "keys-pull")
 
     def on_peer_up(self, node_id: str) -> None:
-        """A peer came (back): give it what we have now (it pulls the rest on its next probe)."""
+        """A peer came (back): give it what we have now, and take what it has (the records it has that we
+        lack, and the last uses it heard of while one of us was away)."""
         if self.store.digest:
             self.service._spawn(self._push(node_id), "keys-push")
+        if node_id not in self._pulling:
+            self._pulling.add(node_id)
+            self.service._spawn(self._pull(node_id), "keys-pull")
 
     def close(self) -> None:
         if self._changed in self.store.on_change:
@@ -96,7 +122,7 @@ class KeyReplicator:
 
     async def _h_get(self, request: web.Request) -> web.Response:
         self._require_peer(request)
-        body = KeysMessage(digest=self.store.digest, records=self.store.records())
+        body = KeysMessage(digest=self.store.digest, records=self.store.records(), used=self.store.used())
         return web.Response(body=_encode(body), content_type="application/json")
 
     async def _h_post(self, request: web.Request) -> web.Response:
@@ -110,22 +136,45 @@ class KeyReplicator:
             message = _decode(raw)
         except msgspec.DecodeError as e:  # ValidationError included
             raise BadRequest(f"Not a list of key records: {e}", code="bad_key_records") from None
-        changed, rejected = self._merge(message.records, request.get(PEER))
+        changed, rejected = self._merge(message.records, request.get(PEER), message.used)
         return web.Response(body=_encode({"digest": self.store.digest, "changed": changed, "rejected": rejected}),
                             content_type="application/json")
 
     # -- moving records ------------------------------------------------------------------
 
-    def _merge(self, records: list[KeyRecord], peer: str | None) -> tuple[int, int]:
+    def _merge(self, records: list[KeyRecord], peer: str | None, used: dict[str, float]) -> tuple[int, int]:
         self._pushing = True  # changes that came from a peer are not pushed back around the cluster
         try:
-            changed, rejected = self.store.merge(records)
+            changed, rejected = self.store.merge(records) if records else (0, 0)
         finally:
             self._pushing = False
         if changed:
             log.info("key_records_merged", peer=peer, changed=changed)
             self._save_soon()
+        if used:
+            self.store.merge_used(used)  # saved with the next round that finds changes (no write per message)
         return changed, rejected
+
+    async def _rounds(self) -> None:
+        while True:
+            await asyncio.sleep(self.used_sync_s)
+            try:
+                self._round()
+            except Exception:  # task root
+                log.exception("keys_round_failed")
+
+    def _round(self) -> None:
+        """One round: forget what may be forgotten; push the last uses that changed to the peers up."""
+        dirty = self.store.compact() > 0
+        changes = self.store.take_used_changes()
+        if changes:
+            dirty = True
+            data = _encode(KeysMessage(digest=self.store.digest, used=changes))
+            for p in self.service.table.all():
+                if p.state is PeerState.UP:
+                    self.service._spawn(self._push(p.node_id, data), "keys-used-push")
+        if dirty:
+            self._save_soon()
 
     def _changed(self) -> None:
         if self._pushing:
@@ -162,18 +211,21 @@ class KeyReplicator:
             if link is None:
                 return
             message = _decode(await self.service._get(link, KEYS_PATH, node_id, 5.0))
-            self._merge(message.records, node_id)
+            self._merge(message.records, node_id, message.used)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
             log.warning("keys_pull_failed", peer=node_id, error=str(e))
         finally:
             self._pulling.discard(node_id)
 
-    async def _push(self, node_id: str) -> None:
+    async def _push(self, node_id: str, data: bytes | None = None) -> None:
+        """POST ``data`` (default: every record and every last use) to the peer ``node_id``."""
         svc = self.service
         link = self._link(node_id)
         if link is None:
             return
-        data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records()))
+        if data is None:
+            data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records(),
+                                       used=self.store.used()))
         headers = svc.signed_headers("POST", KEYS_PATH, data, to=node_id)
         headers["Content-Type"] = "application/json"
         loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """Usage over HTTP: the admin endpoints on a node, and the cluster's totals from every node's ledger.
 
-Admin endpoints (this node's clients; off loopback the auth layer asks for a key):
+Admin endpoints (for the node's admins: trusted loopback callers and admin keys, as every
+``/quorum/admin/`` route; the trust middleware checks it):
 
 - ``GET /quorum/admin/usage?since=&by=&cluster=1``: totals per group;
   with ``cluster=1`` summed over every reachable node, naming the ones that
@@ -138,13 +139,14 @@ def merge_rows(parts: list[list[UsageRow]]) -> list[UsageRow]:
     acc: dict[str, list[int]] = {}
     for rows in parts:
         for r in rows:
-            t = acc.setdefault(r.group, [0, 0, 0, 0])
+            t = acc.setdefault(r.group, [0, 0, 0, 0, 0])
             t[0] += r.requests
             t[1] += r.prompt_tokens
             t[2] += r.completion_tokens
             t[3] += r.errors
-    return [UsageRow(group=g, requests=t[0], prompt_tokens=t[1], completion_tokens=t[2], errors=t[3])
-            for g, t in sorted(acc.items())]
+            t[4] += r.estimated
+    return [UsageRow(group=g, requests=t[0], prompt_tokens=t[1], completion_tokens=t[2], errors=t[3],
+                     estimated=t[4]) for g, t in sorted(acc.items())]
 
 
 async def _ask_peer(node: Node, peer: Any, since: float | None, by: str, timeout_s: float) -> UsageAnswer:

@@ -2,13 +2,17 @@
 
 Reads the running node's admin endpoint (``/quorum/admin/usage``); with no
 node running, opens the ledger file in the data dir read-only. ``--cluster``
-needs a running node: it asks every peer for its share.
+needs a running node: it asks every peer for its share. The admin endpoint
+needs an admin key off loopback or under ``--require-key``: ``--api-key`` or
+``QUORUM_API_KEY``. Token totals that include estimates (the engine gave no
+usage) are marked ``~``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 import urllib.error
@@ -36,17 +40,21 @@ def add_usage_command(sub: Any) -> None:
     p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
                    help="where the ledger is when no node runs (default ~/.local/share/quorum)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="an admin key, for a node run with --require-key (prefer env QUORUM_API_KEY)")
     p.set_defaults(func=cmd_usage)
 
 
-def _from_node(url: str, since: float | None, by: str, cluster: bool) -> dict[str, Any]:
+def _from_node(url: str, since: float | None, by: str, cluster: bool, key: str | None = None) -> dict[str, Any]:
     q = {"by": by}
     if since is not None:
         q["since"] = f"{since:.3f}"
     if cluster:
         q["cluster"] = "1"
-    req = urllib.request.Request(f"{url}/quorum/admin/usage?{urllib.parse.urlencode(q)}",
-                                 headers={"Accept": "application/json"})
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"{url}/quorum/admin/usage?{urllib.parse.urlencode(q)}", headers=headers)
     timeout = 15 if cluster else 10
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -74,7 +82,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 2
     url = _node_url(args)
     try:
-        data = _from_node(url, since, args.by, args.cluster)
+        data = _from_node(url, since, args.by, args.cluster, args.api_key or os.environ.get("QUORUM_API_KEY"))
         source = f"node at {url}"
     except urllib.error.HTTPError as e:
         print(f"quorum-node: {url}: {_error_message(e)}", file=sys.stderr)
@@ -106,10 +114,19 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 0
     rows = data["rows"]
     total = [sum(r[k] for r in rows) for k in ("requests", "prompt_tokens", "completion_tokens", "errors")]
-    table = [[r["group"], str(r["requests"]), str(r["prompt_tokens"]), str(r["completion_tokens"]), str(r["errors"])]
-             for r in rows]
-    table.append(["TOTAL", *map(str, total)])
+    estimated = sum(r.get("estimated", 0) for r in rows)
+
+    def line(group: str, n: int, p: int, c: int, e: int, est: int) -> list[str]:
+        mark = "~" if est else ""  # these totals include estimated tokens
+        return [group, str(n), mark + str(p), mark + str(c), str(e)]
+
+    table = [line(r["group"], r["requests"], r["prompt_tokens"], r["completion_tokens"], r["errors"],
+                  r.get("estimated", 0)) for r in rows]
+    table.append(line("TOTAL", *total, estimated))
     print(_table(table, [args.by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "ERRORS"]))
+    if estimated:
+        print(f"~: includes the estimated tokens of {estimated} request{'s' if estimated != 1 else ''} "
+              f"(the engine gave no usage; about 4 characters a token)")
     print(f"from the {source}" + (f"; nodes: {', '.join(data.get('nodes') or [])}" if args.cluster else ""))
     for u in data.get("unreachable") or []:
         print(f"unreachable: {u['node']} ({u['error']})")

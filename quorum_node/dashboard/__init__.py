@@ -9,8 +9,9 @@
 
 The page and its assets are public (they hold no data): off loopback the page
 loads, then asks for a key, which it sends as ``Authorization: Bearer`` to the
-admin endpoints. Those are behind the node's auth like every API, and like the
-keys API they are for trusted loopback callers and admin keys only. The page is
+admin endpoints. Those are behind the node's auth like every API, and like
+every ``/quorum/admin/`` route (the trust middleware checks it for all) they
+are for trusted loopback callers and admin keys only. The page is
 served with a Content-Security-Policy that allows only its own origin, and no
 inline script or style.
 """
@@ -25,7 +26,6 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..api.auth import require_admin
 from ..api.keys import NODE
 from .events import EventHub
 from .fleet import FEATURES, fleet
@@ -95,14 +95,12 @@ def _features(app: web.Application) -> dict[str, bool]:
 
 
 async def fleet_handler(request: web.Request) -> web.Response:
-    require_admin(request)  # who is online and what they hold: for the node's admins (as the keys API)
     app = request.app
     body = fleet(app[NODE], app[_STARTED], _features(app))
     return web.Response(body=_encode(body), content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 async def events_handler(request: web.Request) -> web.StreamResponse:
-    require_admin(request)  # every request's record, key names included
     return await request.app[EVENTS].stream(request)
 
 

@@ -13,7 +13,8 @@ Knobs (`tokens`, `token_delay_s`, `first_token_delay_s`, `fail_after_tokens`,
 `fail_mode`, `next_status`, `status_always`, `redirect_status`,
 `redirect_location`, `refuse`, `endless`, `malformed_payload`, `loading`,
 `api_key`, `tool_arguments`, `context_length`, `train_context_length`,
-`embedding_dim`, `loaded_models`) are plain attributes that tests may change at
+`embedding_dim`, `loaded_models`, `omit_usage` (the `/v1` fakes: no usage on whole
+answers, no usage chunk in streams)) are plain attributes that tests may change at
 any time; bookkeeping (`requests`, `cancelled`, `abandoned`, `active_streams`)
 is read the same way.
 

@@ -78,6 +78,8 @@ class OpenAICompatEngine(FakeEngine):
     validates_model: ClassVar[bool] = True
     has_embeddings: ClassVar[bool] = True
     embeddings_base64: ClassVar[bool] = True
+    # ---- a knob: an engine that gives no usage (none on whole answers, no usage chunk in streams)
+    omit_usage: bool = False
     normalise_embeddings: ClassVar[bool] = False
     system_fingerprint: ClassVar[str | None] = "fp_fake"
     chat_paths: ClassVar[tuple[str, ...]] = ("/v1/chat/completions",)
@@ -211,7 +213,8 @@ class OpenAICompatEngine(FakeEngine):
         if self.system_fingerprint is not None:
             out["system_fingerprint"] = self.system_fingerprint
         out["choices"] = [choice]
-        out["usage"] = self.usage(plan)
+        if not self.omit_usage:
+            out["usage"] = self.usage(plan)
         out.update(self.response_extras(plan))
         return out
 
@@ -241,7 +244,7 @@ class OpenAICompatEngine(FakeEngine):
             "model": self.response_model(body),
             "choices": [{"index": 0, "text": plan.text, "logprobs": None, "finish_reason": finish,
                          **self.choice_extras(body, plan, finish)}],
-            "usage": self.usage(plan)}
+            **({} if self.omit_usage else {"usage": self.usage(plan)})}
         if self.system_fingerprint is not None:
             out["system_fingerprint"] = self.system_fingerprint
         return web.json_response(out)
@@ -348,7 +351,7 @@ class OpenAICompatEngine(FakeEngine):
                     return resp
             if not (self.finish_on_last_content and n > 0):
                 await resp.write(self.event(self.final_chunk(ctx, finish)))
-            if ctx.include_usage:
+            if ctx.include_usage and not self.omit_usage:
                 await resp.write(self.event(self.usage_chunk(ctx)))
             await resp.write(self.event("[DONE]"))
             if self.eof_delay_s:

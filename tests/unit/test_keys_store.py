@@ -9,14 +9,18 @@ import msgspec
 import pytest
 
 from quorum_node.cluster.signing import derive_records_key
-from quorum_node.control.keys import KeyStore, parse_duration, sign_record
+from quorum_node.control import keys as keys_module
+from quorum_node.control.keys import EXPIRED_GRACE_S, KeyStore, compactable, parse_duration, sign_record
+from quorum_node.errors import BadRequest
 
 KEY = derive_records_key(b"cluster secret")
 
 
-def store(origin: str = "node-a", *, now: list[float] | None = None, path=None) -> KeyStore:
+def store(origin: str = "node-a", *, now: list[float] | None = None, path=None,
+          retention_s: float = 0.0) -> KeyStore:
     clock = now if now is not None else [1_700_000_000.0]
-    return KeyStore(path, signer=KEY, origin=origin, clock=lambda: clock[0], monotonic=lambda: clock[0])
+    return KeyStore(path, signer=KEY, origin=origin, clock=lambda: clock[0], monotonic=lambda: clock[0],
+                    tombstone_retention_s=retention_s)
 
 
 def test_merging_in_any_order_any_number_of_times_ends_the_same() -> None:
@@ -107,6 +111,104 @@ def test_the_store_survives_reopening_and_resigns_what_it_wrote_unsigned(tmp_pat
     assert joined.authenticate(secret) is not None and joined.records()[0].sig
     assert store("node-b").merge(joined.records()) == (1, 0)
     assert secret not in path.read_text()
+
+
+# -- compaction: what may be forgotten, and that a forgotten key stays refused -------------------
+
+DAY = 86400.0
+T0 = 1_700_000_000.0
+
+
+def test_the_compaction_rule() -> None:
+    s = store(now=[T0])
+    s.create("expiring", expires_s=DAY)
+    s.create("forever")
+    s.create("revoked-expiring", expires_s=DAY)
+    s.revoke("revoked-expiring")
+    s.create("revoked-forever")
+    s.revoke("revoked-forever")
+    r = {x.name: x for x in s.records()}
+    retention = 90 * DAY
+    forgotten = lambda now, retention_s=retention: {  # noqa: E731
+        name for name, x in r.items() if compactable(x, now, retention_s)}
+    assert forgotten(T0) == set()
+    assert forgotten(T0 + DAY + EXPIRED_GRACE_S - 1) == set()  # expired, but within the grace for clocks
+    expired_for_good = {"expiring", "revoked-expiring"}  # live or revoked: the key is refused everywhere anyway
+    assert forgotten(T0 + DAY + EXPIRED_GRACE_S) == expired_for_good
+    assert forgotten(T0 + retention - 1) == expired_for_good
+    assert forgotten(T0 + retention) == expired_for_good | {"revoked-forever"}  # a tombstone past its retention
+    assert forgotten(T0 + 100 * 365 * DAY, 0.0) == expired_for_good  # retention 0: tombstones are kept for good
+    assert "forever" not in forgotten(T0 + 100 * 365 * DAY)  # a live key that never expires is never forgotten
+
+
+def test_a_compacted_store_still_refuses_the_key_and_does_not_take_it_back() -> None:
+    now = [T0]
+    a = store("node-a", now=now, retention_s=30 * DAY)
+    _, expiring = a.create("expiring", expires_s=DAY)
+    _, revoked = a.create("revoked")
+    _, kept = a.create("kept")
+    live_copies = [r for r in a.records() if r.name in ("expiring", "revoked")]  # as a node that was away holds them
+    a.revoke("revoked")
+    now[0] = T0 + 8 * DAY  # past expiry and its grace; the tombstone is still within its retention
+    assert a.compact() == 1
+    assert a.lookup(expiring) == (None, "unknown") and a.lookup(revoked) == (None, "revoked")
+    assert a.merge(live_copies) == (0, 0)  # the expired key's record is passed over, the tombstone wins
+    assert a.lookup(expiring) == (None, "unknown") and a.lookup(revoked) == (None, "revoked")
+    assert {k.name for k in a.list()} == {"revoked", "kept"}
+    now[0] = T0 + 31 * DAY
+    assert a.compact() == 1 and a.lookup(revoked) == (None, "unknown")  # the tombstone is gone, and so is the key
+    assert a.lookup(kept)[1] == "ok" and len(a) == 1
+    assert a.compact() == 0
+
+
+def test_a_stores_file_is_compacted_when_it_is_opened(tmp_path) -> None:
+    path = tmp_path / "keys.json"
+    now = [T0]
+    a = store(now=now, path=path)
+    _, secret = a.create("old", expires_s=60)
+    now[0] = T0 + 60 + EXPIRED_GRACE_S
+    b = store(now=now, path=path)
+    assert b.records() == [] and b.lookup(secret) == (None, "unknown")
+    assert b"old" not in path.read_bytes()  # written back without it
+
+
+def test_the_store_is_capped_and_says_so(monkeypatch) -> None:
+    monkeypatch.setattr(keys_module, "MAX_RECORDS", 3)
+    now = [T0]
+    s = store(now=now)
+    s.create("one", expires_s=60)
+    s.create("two")
+    s.create("three")
+    s.revoke("three")  # a tombstone still counts
+    with pytest.raises(BadRequest) as e:
+        s.create("four")
+    assert e.value.code == "too_many_keys" and "revoked ones included" in e.value.message
+    now[0] = T0 + 60 + EXPIRED_GRACE_S  # "one" expired long ago: making a key forgets it to make room
+    s.create("four")
+    assert sorted(k.name for k in s.list()) == ["four", "three", "two"]
+
+
+# -- last use, across the cluster ---------------------------------------------------------------------
+
+
+def test_last_uses_merge_by_maximum_and_only_changes_are_handed_out() -> None:
+    now = [T0]
+    a, b = store("node-a", now=now), store("node-b", now=now)
+    info, secret = a.create("k")
+    b.merge(a.records())
+    assert a.take_used_changes() == {} and b.list()[0].last_used is None
+    now[0] = T0 + 100
+    assert a.lookup(secret)[1] == "ok"
+    now[0] = T0 + 130
+    assert a.lookup(secret)[1] == "ok"
+    changes = a.take_used_changes()
+    assert changes == {info.id: T0 + 130}  # one entry per key, however many requests
+    assert a.take_used_changes() == {}  # nothing new since
+    assert b.merge_used(changes) == 1 and b.list()[0].last_used == T0 + 130
+    assert b.take_used_changes() == {info.id: T0 + 130}  # passed on once (to peers a cannot reach)
+    assert a.merge_used(b.take_used_changes() or {info.id: T0 + 130}) == 0  # the echo changes nothing
+    assert b.merge_used({info.id: T0 + 5}) == 0 and b.list()[0].last_used == T0 + 130  # older: kept the newer
+    assert b.merge_used({"k_000000000000": T0}) == 0 and "k_000000000000" not in b.used()  # unknown keys: dropped
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000),

@@ -1,4 +1,4 @@
-"""A client for tests/test_lan.py, run inside a namespace with ``ip netns exec``.
+"""A client for tests/test_lan.py and tests/test_wan.py, run inside a namespace with ``ip netns exec``.
 
 It talks to the node of its own namespace at http://127.0.0.1:32768 (loopback:
 trusted, no key) and prints one JSON line per event on stdout, flushed:
@@ -17,6 +17,17 @@ trusted, no key) and prints one JSON line per event on stdout, flushed:
                                             {"sdk": {...}, "raw": {...}}
     signed-get URL SECRET                   GET URL signed with the cluster key of SECRET
                                             → {"status"}
+    peers [--until-relay STATE] [--timeout S]
+                                            GET /quorum/v1/peers (polled until ``relay.state`` is
+                                            STATE) → the body plus "elapsed_s"
+    connect HOST PORT [--timeout S]         one TCP connect → {"connected", "error", "elapsed_s"}
+    poll-chat MODEL [--timeout S] [--go-on-stdin]
+                                            a non-streamed chat through the openai SDK, again every
+                                            0.1 s until one succeeds: {"event": "polling"} first, then
+                                            {"ok", "at" (time.monotonic() of the success: one clock for
+                                            every namespace), "attempts", "status", "node", "route",
+                                            "content", "last_error"}; with --go-on-stdin it says
+                                            {"event": "waiting"} once loaded and starts on a line on stdin
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import time
 from typing import Any
@@ -160,8 +172,70 @@ async def signed_get(url: str, secret: str) -> dict[str, Any]:
             return {"status": resp.status, "body": (await resp.read()).decode(errors="replace")[:500]}
 
 
+async def peers(until_relay: str, timeout_s: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while True:
+            async with session.get(BASE + "/quorum/v1/peers") as resp:
+                body = await resp.json()
+            elapsed = time.monotonic() - t0
+            state = (body.get("relay") or {}).get("state")
+            if not until_relay or state == until_relay or elapsed > timeout_s:
+                body["elapsed_s"] = round(elapsed, 3)
+                return body
+            await asyncio.sleep(0.05)
+
+
+def connect(host: str, port: int, timeout_s: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return {"connected": True, "error": None, "elapsed_s": round(time.monotonic() - t0, 3)}
+    except OSError as e:
+        return {"connected": False, "error": f"{type(e).__name__}: {e}", "elapsed_s": round(time.monotonic() - t0, 3)}
+
+
+async def _stdin_line() -> bytes:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        return await reader.readline()
+    finally:
+        transport.close()
+
+
+async def poll_chat(model: str, timeout_s: float, go_on_stdin: bool) -> dict[str, Any]:
+    attempts = 0
+    last_error = None
+    async with openai.AsyncOpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=3.0) as client:
+        if go_on_stdin:  # loaded (the SDK import is the slow part), so polling starts the moment it is told
+            emit(event="waiting")
+            await _stdin_line()
+        emit(event="polling")
+        t0 = time.monotonic()
+        while True:
+            attempts += 1
+            try:
+                raw = await client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
+                return {"ok": True, "at": time.monotonic(), "attempts": attempts, "status": raw.status_code,
+                        "node": raw.headers.get("X-Quorum-Node"), "route": raw.headers.get("X-Quorum-Route"),
+                        "content": raw.parse().choices[0].message.content, "last_error": last_error}
+            except openai.APIError as e:
+                last_error = f"{type(e).__name__}: {e.message}"
+            if time.monotonic() - t0 > timeout_s:
+                return {"ok": False, "at": time.monotonic(), "attempts": attempts, "last_error": last_error}
+            await asyncio.sleep(0.1)
+
+
 async def main(args: argparse.Namespace) -> int:
-    if args.mode == "models":
+    if args.mode == "peers":
+        emit(**await peers(args.until_relay, args.timeout))
+    elif args.mode == "connect":
+        emit(**connect(args.host, args.port, args.timeout))
+    elif args.mode == "poll-chat":
+        emit(**await poll_chat(args.model, args.timeout, args.go_on_stdin))
+    elif args.mode == "models":
         emit(**await models(json.loads(args.expect) if args.expect else None, args.timeout))
     elif args.mode == "signed-get":
         emit(**await signed_get(args.url, args.secret))
@@ -190,6 +264,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = sub.add_parser("signed-get")
     g.add_argument("url")
     g.add_argument("secret")
+    pe = sub.add_parser("peers")
+    pe.add_argument("--until-relay", default="")
+    pe.add_argument("--timeout", type=float, default=0.0)
+    cn = sub.add_parser("connect")
+    cn.add_argument("host")
+    cn.add_argument("port", type=int)
+    cn.add_argument("--timeout", type=float, default=2.0)
+    pc = sub.add_parser("poll-chat")
+    pc.add_argument("model")
+    pc.add_argument("--timeout", type=float, default=10.0)
+    pc.add_argument("--go-on-stdin", action="store_true")
     return p.parse_args(argv)
 
 

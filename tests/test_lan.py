@@ -3,8 +3,8 @@
 ``scripts/lan`` builds the LAN: namespaces joined by a bridge, no route out.
 Every host runs ``tests/lan_host.py`` (a fake engine plus a node on :32768,
 zeroconf bound to the host's LAN address only); every client call is
-``tests/lan_client.py`` run inside host 1's namespace, talking to its node over
-loopback with the real openai SDK or raw aiohttp. Hosts find each other by real
+``tests/lan_client.py`` run inside a host's namespace (host 1's, mostly), talking
+to its node over loopback with the real openai SDK or raw aiohttp. Hosts find each other by real
 multicast mDNS, fetch catalogs and forward requests over signed HTTP, and are
 killed with SIGKILL to prove the failure contract across real sockets.
 
@@ -20,116 +20,32 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.lan_host import PORT, Lan, Proc
 from tests.netns import netns_unavailable as _netns_unavailable
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
-ROOT = Path(__file__).resolve().parents[1]
-LAN = str(ROOT / "scripts" / "lan")
 NET = "10.78.0"  # test_mdns.py's namespace test uses 10.77.0
-PORT = 32768
 SECRET = "lan-secret-" + secrets.token_hex(8)
 WRONG_SECRET = "not-the-" + SECRET
 DISCOVERY_DEADLINE_S = 10.0
 STEP_DEADLINE_S = 20.0
 
 
-
-
 def tokens(host: int) -> list[str]:
     return ["Hello", " from", f" host{host}"]
 
 
-class Host:
-    """One host process and the ``@@{...}`` messages it has printed so far."""
-
-    def __init__(self, index: int, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.index = index
-        self.name = name
-        self.proc = proc
-        self.log = log
-        self.ready: dict[str, Any] = {}
-        self.messages: list[dict[str, Any]] = []
-        self._changed = asyncio.Event()
-        self.reader = asyncio.create_task(self._read(), name=f"read-{name}")
-
-    @property
-    def ip(self) -> str:
-        return f"{NET}.{self.index}"
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            if line.startswith(b"@@"):
-                self.messages.append(json.loads(line[2:]))
-                self._changed.set()
-        self._changed.set()
-
-    def mark(self) -> int:
-        """A position in the messages: ``message(..., after=mark)`` ignores everything before it."""
-        return len(self.messages)
-
-    async def message(self, key: str, timeout_s: float, *, after: int = 0,
-                      where: Callable[[Any], bool] = lambda value: True) -> Any:
-        """The value of the first message holding ``key`` (and satisfying ``where``) past position ``after``."""
-
-        async def _find() -> Any:
-            while True:
-                for msg in self.messages[after:]:
-                    if key in msg and where(msg[key]):
-                        return msg[key]
-                if self.reader.done():
-                    rc = await self.proc.wait()
-                    raise AssertionError(f"{self.name} exited (rc={rc}) before saying {key!r}:\n{self.log_tail()}")
-                self._changed.clear()
-                await self._changed.wait()
-
-        return await asyncio.wait_for(_find(), timeout_s)
-
-    async def set_knobs(self, **knobs: Any) -> None:
-        assert self.proc.stdin is not None
-        mark = self.mark()
-        self.proc.stdin.write(json.dumps(knobs).encode() + b"\n")
-        await self.proc.stdin.drain()
-        assert await self.message("set", 5.0, after=mark) == sorted(knobs)
-
-    async def kill(self) -> None:
-        """SIGKILL: no goodbye, no drain; the kernel closes its sockets."""
-        self.proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(self.proc.wait(), 5.0)
-
-    def log_events(self, event: str) -> list[dict[str, Any]]:
-        """The JSON log lines (stderr) this host has written for ``event`` so far."""
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("event") == event:
-                out.append(rec)
-        return out
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-async def first_to_get(model: str, hosts: list[Host], marks: dict[str, int], timeout_s: float) -> Host:
+async def first_to_get(model: str, hosts: list[Proc], marks: dict[str, int], timeout_s: float) -> Proc:
     """The host whose engine next receives a request for ``model``."""
 
-    async def got(h: Host) -> Host:
+    async def got(h: Proc) -> Proc:
         await h.message("request", timeout_s, after=marks[h.name], where=lambda req: req["model"] == model)
         return h
 
@@ -144,68 +60,15 @@ async def first_to_get(model: str, hosts: list[Host], marks: dict[str, int], tim
         await asyncio.gather(*waits, return_exceptions=True)
 
 
-class Lan:
-    """The namespaces, the host processes in them, and a way to run clients there."""
-
-    def __init__(self, prefix: str, tmp: Path) -> None:
-        self.prefix = prefix
-        self.tmp = tmp
-        self.env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        self.env.update(QLAN_PREFIX=prefix, QLAN_NET=NET)
-        self.hosts: dict[int, Host] = {}
-
-    def ns(self, index: int) -> str:
-        return f"{self.prefix}{index}"
-
-    def up(self, n: int) -> None:
-        subprocess.run([LAN, "up", str(n)], env=self.env, check=True, capture_output=True, timeout=30)
-
-    def down(self) -> None:
-        subprocess.run([LAN, "down"], env=self.env, capture_output=True, timeout=30)
-
-    def kill_all(self) -> None:
-        for h in self.hosts.values():
-            if h.proc.returncode is None:
-                h.proc.kill()
-
-    async def spawn(self, index: int, *, models: list[str], secret: str = SECRET) -> Host:
-        name = f"lan-h{index}"
-        log = self.tmp / f"{name}.log"
-        with log.open("wb") as err:
-            proc = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", self.ns(index),
-                sys.executable, "-m", "tests.lan_host", "--name", name, "--ip", f"{NET}.{index}",
-                "--data-dir", str(self.tmp / name), "--secret", secret, "--models", ",".join(models),
-                "--tokens", json.dumps(tokens(index)),
-                cwd=ROOT, env=self.env, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-            )
-        host = Host(index, name, proc, log)
-        self.hosts[index] = host
-        return host
-
-    async def client(self, index: int, *args: str, timeout_s: float = STEP_DEADLINE_S) -> dict[str, Any]:
-        """Run ``lan_client.py ARGS`` in host ``index``'s namespace; its last JSON line."""
-        proc = await self.start_client(index, *args)
-        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-        assert proc.returncode == 0, f"client {args} failed (rc={proc.returncode}):\n{err.decode()}"
-        return json.loads(out.decode().splitlines()[-1])
-
-    async def start_client(self, index: int, *args: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns(index), sys.executable, "-m", "tests.lan_client", *args,
-            cwd=ROOT, env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {h.name} (rc={h.proc.returncode})\n{h.log_tail()}" for h in self.hosts.values())
-
-
 async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pytest.FixtureRequest,
                                                                    tmp_path: Path) -> None:
     reason = _netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    lan = Lan(f"qt{os.getpid() % 10000}l", tmp_path)
+    lan = Lan(f"qt{os.getpid() % 10000}l", NET, tmp_path)
+
+    async def spawn(index: int, *, models: list[str], secret: str = SECRET) -> Proc:
+        return await lan.host(index, f"lan-h{index}", secret=secret, models=models, tokens=tokens(index))
 
     def teardown() -> None:
         lan.kill_all()
@@ -215,13 +78,12 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
     lan.up(4)
 
     try:
-        h1 = await lan.spawn(1, models=[])
-        h2 = await lan.spawn(2, models=["shared-model", "only2"])
-        h3 = await lan.spawn(3, models=["shared-model", "only3"])
-        h4 = await lan.spawn(4, models=["secret-model"], secret=WRONG_SECRET)
+        h1 = await spawn(1, models=[])
+        h2 = await spawn(2, models=["shared-model", "only2"])
+        h3 = await spawn(3, models=["shared-model", "only3"])
+        h4 = await spawn(4, models=["secret-model"], secret=WRONG_SECRET)
         for h in (h1, h2, h3, h4):
-            h.ready = await h.message("ready", timeout_s=20.0)
-            assert h.ready["port"] == PORT
+            assert (await h.message("ready", 20.0))["port"] == PORT
         started = time.monotonic()
 
         # 2. Discovery: host 1 lists every model of its cluster with the hosts holding it.
@@ -261,23 +123,23 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
         lines = [json.loads(x) for x in out.decode().splitlines()]
         assert lines == [{"event": "first_chunk"},
                          {"status": 200, "node": survivor.name, "route": "lan",
-                          "content": f"Hello from host{survivor.index}", "error": None, "done_seen": None}]
+                          "content": f"Hello from host{survivor.place}", "error": None, "done_seen": None}]
         await survivor.message("request", 1.0, after=marks[survivor.name],
                                where=lambda req: req["model"] == "shared-model")
         # The requests after it go to the survivor too, whether or not host 1 has noticed the death yet.
         for stream in (False, True):
             after = await lan.client(1, "chat", "shared-model", *(["--stream"] if stream else []))
             assert after == {"status": 200, "node": survivor.name, "route": "lan",
-                             "content": f"Hello from host{survivor.index}", "error": None, "done_seen": None}
+                             "content": f"Hello from host{survivor.place}", "error": None, "done_seen": None}
         # Without goodbye packets the dead host drops out by failed health checks.
         gone = await lan.client(1, "models", "--expect", json.dumps({"shared-model": [survivor.name]}),
                                 "--timeout", "8")
         assert gone["models"].get("shared-model") == [survivor.name]
-        assert f"only{victim.index}" not in gone["models"]
+        assert f"only{victim.place}" not in gone["models"]
 
         # 5. A stream cut mid-way by its node dying ends with an SSE error event and no [DONE].
         await survivor.set_knobs(tokens=[f" t{i}" for i in range(40)], token_delay_s=0.1)
-        cut = await lan.start_client(1, "cut", f"only{survivor.index}")
+        cut = await lan.start_client(1, "cut", f"only{survivor.place}")
         try:
             assert cut.stdout is not None
             line = await asyncio.wait_for(cut.stdout.readline(), STEP_DEADLINE_S)
@@ -310,7 +172,7 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
         assert h1.log_events("peer_auth_failed") == []
         # … and host 1 refuses a request signed with host 4's secret, sent from host 4's namespace,
         # while the same request signed with the cluster's secret passes.
-        catalog = f"http://{h1.ip}:{PORT}/quorum/v1/catalog"
+        catalog = f"http://{lan.ip(1)}:{PORT}/quorum/v1/catalog"
         assert (await lan.client(4, "signed-get", catalog, WRONG_SECRET))["status"] == 401
         assert (await lan.client(4, "signed-get", catalog, SECRET))["status"] == 200
 
@@ -318,14 +180,11 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
         for h in (h1, h4):
             h.proc.send_signal(signal.SIGTERM)
         for h in (h1, h4):
-            assert await h.message("stopped", timeout_s=10.0) is True
+            assert await h.message("stopped", 10.0) is True
             assert await asyncio.wait_for(h.proc.wait(), 10.0) == 0
         print(f"lan: discovered in {discovered_s:.2f} s; broken stream ended {cut_s:.2f} s after the kill")
     except BaseException:
         sys.stderr.write(lan.logs() + "\n")
         raise
     finally:
-        lan.kill_all()
-        for h in lan.hosts.values():
-            await asyncio.wait_for(h.proc.wait(), 10.0)
-            await h.reader
+        await lan.reap()

@@ -6,9 +6,9 @@ and the vps forwards nothing. Inside it: the relay (``python -m relay``) in
 the vps; node X on LAN 1 (host a1) with no engine; node Y on LAN 2 (b1) whose
 fake engine holds ``far-model``; node Z on LAN 2 (b2), same cluster secret but
 a wrong relay token, holding ``hidden-model``. mDNS stays on inside each LAN.
-Every client is ``tests/lan_client.py`` or ``tests/wan_helpers.py`` run in
-a1's namespace against X over loopback, with the real openai SDK where it
-parses answers. Relay and Y are killed with SIGKILL.
+Hosts and the relay are started with ``tests/lan_host.py``; every client is
+``tests/lan_client.py`` run in a1's namespace against X over loopback, with
+the real openai SDK where it parses answers. Relay and Y are killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import netns_unavailable
-from tests.wan_helpers import PORT, RELAY_PORT, World
+from tests.lan_host import PORT, RELAY_PORT, Wan
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -44,12 +44,10 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    world = World(f"qt{os.getpid() % 10000}w", NET, tmp_path)
+    world = Wan(f"qt{os.getpid() % 10000}w", NET, tmp_path)
 
     def teardown() -> None:  # even if the test body never reached its own clean-up
-        for p in world.procs:
-            if p.proc.returncode is None:
-                p.proc.kill()
+        world.kill_all()
         world.down()
 
     request.addfinalizer(teardown)
@@ -59,59 +57,59 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         t0 = time.monotonic()
         relay = await world.relay(TOKEN)
         await relay.event("relay_started", 15.0)
-        x = await world.host("a1", "wan-x", secret=SECRET, relay_token=TOKEN, models=[], tokens=[])
-        y = await world.host("b1", "wan-y", secret=SECRET, relay_token=TOKEN, models=[MODEL],
+        relay_url = world.relay_url
+        x = await world.host("a1", "wan-x", secret=SECRET, relay=relay_url, relay_token=TOKEN, models=[], tokens=[])
+        y = await world.host("b1", "wan-y", secret=SECRET, relay=relay_url, relay_token=TOKEN, models=[MODEL],
                              tokens=["Hello", " from", " lan2"])
-        z = await world.host("b2", "wan-z", secret=SECRET, relay_token=WRONG_TOKEN, models=[HIDDEN],
+        z = await world.host("b2", "wan-z", secret=SECRET, relay=relay_url, relay_token=WRONG_TOKEN, models=[HIDDEN],
                              tokens=["psst"])
         ready = {p.name: await p.message("ready", 20.0) for p in (x, y, z)}
         assert all(r["port"] == PORT for r in ready.values())
         timings["start"] = time.monotonic() - t0
-        y_addr, z_addr, vps = world.addr("b1"), world.addr("b2"), world.addr("vps")
+        y_addr, z_addr, vps = world.ip("b1"), world.ip("b2"), world.ip("vps")
 
         # 1. No way from LAN 1 to LAN 2: Y listens (LAN 2 reaches it), LAN 1 cannot connect; LAN 1 reaches the vps.
-        assert (await world.client("b2", "tests.wan_helpers", "connect", y_addr, str(PORT)))["connected"] is True
-        direct = await world.client("a1", "tests.wan_helpers", "connect", y_addr, str(PORT))
+        assert (await world.client("b2", "connect", y_addr, str(PORT)))["connected"] is True
+        direct = await world.client("a1", "connect", y_addr, str(PORT))
         assert direct["connected"] is False, direct
-        assert (await world.client("a1", "tests.wan_helpers", "connect", vps, str(RELAY_PORT)))["connected"] is True
+        assert (await world.client("a1", "connect", vps, str(RELAY_PORT)))["connected"] is True
 
         # 2. X lists Y's model, and only it, learnt through the relay; chats are served by Y over the relay.
         t = time.monotonic()
-        listed = await world.client("a1", "tests.lan_client", "models", "--expect", json.dumps({MODEL: ["wan-y"]}),
-                                    "--timeout", "10")
+        listed = await world.client("a1", "models", "--expect", json.dumps({MODEL: ["wan-y"]}), "--timeout", "10")
         assert listed["status"] == 200 and listed["models"] == {MODEL: ["wan-y"]}, listed
         timings["discovery"] = time.monotonic() - t
-        view = await world.client("a1", "tests.wan_helpers", "peers")
+        view = await world.client("a1", "peers")
         assert view["relay"]["state"] == "up", view["relay"]
         assert view["relay"]["online"] == [ready["wan-y"]["node_id"]], view["relay"]
         assert [(p["name"], p["routes"], p["state"]) for p in view["peers"]] == [("wan-y", ["relay"], "up")], view
         served = {"status": 200, "node": "wan-y", "route": "relay", "content": ANSWER, "error": None,
                   "done_seen": None}
-        assert await world.client("a1", "tests.lan_client", "chat", MODEL) == served
-        assert await world.client("a1", "tests.lan_client", "chat", MODEL, "--stream") == served
+        assert await world.client("a1", "chat", MODEL) == served
+        assert await world.client("a1", "chat", MODEL, "--stream") == served
 
         # 5a. The wrong-token node: a member of the cluster on LAN 2 (Y and Z see each other by mDNS there), yet
         #     the relay refused it, so it is nowhere on LAN 1's side.
-        zview = await world.client("b2", "tests.wan_helpers", "peers", "--until-relay", "refused", "--timeout", "10")
+        zview = await world.client("b2", "peers", "--until-relay", "refused", "--timeout", "10")
         assert zview["relay"]["state"] == "refused", zview["relay"]
         await relay.event("handshake_refused", 5.0, where=lambda e: e.get("address") == z_addr)
-        lan2 = await world.client("b2", "tests.lan_client", "models", "--expect",
-                                  json.dumps({MODEL: ["wan-y"], HIDDEN: ["wan-z"]}), "--timeout", "10")
+        lan2 = await world.client("b2", "models", "--expect", json.dumps({MODEL: ["wan-y"], HIDDEN: ["wan-z"]}),
+                                  "--timeout", "10")
         assert lan2["models"] == {MODEL: ["wan-y"], HIDDEN: ["wan-z"]}, lan2
-        assert (await world.client("a1", "tests.lan_client", "models"))["models"] == {MODEL: ["wan-y"]}
+        assert (await world.client("a1", "models"))["models"] == {MODEL: ["wan-y"]}
 
         # 3. kill -9 the relay and start it again: requests through X work again within 5 s of its return.
         #    The poller is loaded first and told to start once X has seen the relay go, so that the outage
         #    is the kill, X noticing it and the restart, not a Python start-up.
-        poller = await world.start_client("a1", "tests.wan_helpers", "poll-chat", MODEL, "--timeout", "15",
-                                          "--go-on-stdin", stdin=asyncio.subprocess.PIPE)
+        poller = await world.start_client("a1", "poll-chat", MODEL, "--timeout", "15", "--go-on-stdin",
+                                          stdin=asyncio.subprocess.PIPE)
         try:
             assert poller.stdout is not None and poller.stdin is not None
             line = await asyncio.wait_for(poller.stdout.readline(), 10.0)
             assert json.loads(line) == {"event": "waiting"}, line
             relay_killed = time.monotonic()
             await relay.kill()
-            down = await world.client("a1", "tests.wan_helpers", "peers", "--until-relay", "down", "--timeout", "5")
+            down = await world.client("a1", "peers", "--until-relay", "down", "--timeout", "5")
             assert down["relay"]["state"] == "down", down["relay"]
             poller.stdin.write(b"go\n")
             await poller.stdin.drain()
@@ -136,13 +134,13 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         assert timings["works_again"] <= BACK_WITHIN_S + MARGIN_S, (
             f"requests worked again {timings['works_again']:.2f} s after the relay returned "
             f"(goal {BACK_WITHIN_S} s); {again['attempts']} attempts, last error: {again['last_error']}")
-        view = await world.client("a1", "tests.wan_helpers", "peers")
+        view = await world.client("a1", "peers")
         assert view["relay"]["state"] == "up"
         assert [(p["name"], p["routes"]) for p in view["peers"]] == [("wan-y", ["relay"])], view
 
         # 4. kill -9 Y mid-stream: the stream ends with the SSE error event, no [DONE]; the SDK raises.
         await y.set_knobs(tokens=[f" t{i}" for i in range(40)], token_delay_s=0.1)
-        cut = await world.start_client("a1", "tests.lan_client", "cut", MODEL)
+        cut = await world.start_client("a1", "cut", MODEL)
         try:
             assert cut.stdout is not None
             line = await asyncio.wait_for(cut.stdout.readline(), 15.0)
@@ -168,9 +166,9 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         assert timings["cut"] < 10.0, f"the broken stream took {timings['cut']:.1f} s to end"
 
         # 5b. To the end, the wrong-token node never appeared at X, through either relay process.
-        final = await world.client("a1", "tests.lan_client", "models")
+        final = await world.client("a1", "models")
         assert HIDDEN not in final["models"], final
-        view = await world.client("a1", "tests.wan_helpers", "peers")
+        view = await world.client("a1", "peers")
         assert "wan-z" not in {p["name"] for p in view["peers"]}, view
         assert ready["wan-z"]["node_id"] not in view["relay"]["online"], view["relay"]
 

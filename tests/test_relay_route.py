@@ -6,15 +6,22 @@ import asyncio
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 import openai
 import pytest
+from websockets.asyncio.client import ClientConnection, connect
 
+from quorum_node.cluster.noise import Handshake, NumberedReceiver, NumberedSender
+from quorum_node.cluster.relay_link import relay_psk
+from quorum_node.cluster.signing import derive_keys, sign
 from quorum_node.node import Node
+from relay import wire
 from relay.server import Relay
 from relay.settings import Settings as RelaySettings
 from tests.conftest import eventually
@@ -99,6 +106,100 @@ class Tap:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self._server.wait_closed()
+
+
+# What a node of the relay protocol's first version decodes: no Batch (nor anything added since).
+_OLD_FRAMES = msgspec.msgpack.Decoder(
+    wire.Welcome | wire.Joined | wire.Left | wire.Unreachable | wire.Hello | wire.HelloReply | wire.Open | wire.Data
+    | wire.Window | wire.Close | wire.Reset)
+
+
+class OldPeer:
+    """A node of an older version, on a raw WebSocket to the relay.
+
+    Its handshake says nothing of what it reads (no payload, as that version
+    sent), and it decodes what it receives with that version's frames: a
+    ``Batch`` sent to it fails to decode, as it would there. It asks a peer for
+    chats (signed as a cluster member) and refuses what it is asked itself.
+    """
+
+    NODE_ID = "0-old-peer"  # sorts below every node id: its handshake wins a tie, it opens odd streams
+
+    def __init__(self, ws: ClientConnection, session: str) -> None:
+        self.ws = ws
+        self.session = session
+        self.seen: set[str] = set()  # the kinds of frame it received
+        self._hs: Handshake | None = None
+        self._send: NumberedSender | None = None
+        self._recv: NumberedReceiver | None = None
+        self._ready = asyncio.get_running_loop().create_future()
+        self._answers: dict[int, tuple[list[bytes], asyncio.Future[None]]] = {}
+        self._next_sid = 1
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def join(cls, relay_url: str) -> OldPeer:
+        ws = await connect(relay_url + wire.CONNECT_PATH, compression=None, max_size=None, additional_headers={
+            "Authorization": f"Bearer {TOKEN}", wire.NODE_ID_HEADER: cls.NODE_ID})
+        welcome = _OLD_FRAMES.decode(await ws.recv())
+        assert isinstance(welcome, wire.Welcome)
+        return cls(ws, welcome.session)
+
+    async def handshake(self, peer: str) -> None:
+        prologue = b"\x00".join((b"quorum-relay-noise-v1", self.NODE_ID.encode(), peer.encode(), self.session.encode()))
+        self._hs = Handshake(initiator=True, psk=relay_psk(CLUSTER["cluster_secret"].encode()), prologue=prologue)
+        await self._out(wire.Hello(peer=peer, payload=self.session.encode() + b"\x00" + self._hs.write_message()))
+        await asyncio.wait_for(asyncio.shield(self._ready), 5)
+
+    async def _out(self, frame: wire.Frame) -> None:
+        await self.ws.send(wire.encode(frame))
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                assert isinstance(raw, bytes)
+                frame = _OLD_FRAMES.decode(raw)  # a Batch raises here: that version could not read it
+                self.seen.add(type(frame).__name__)
+                match frame:
+                    case wire.HelloReply(payload=payload) if self._hs is not None and self._recv is None:
+                        self._hs.read_message(payload)  # whatever the peer says of itself, this version ignores
+                        send, recv = self._hs.split()
+                        self._send, self._recv = NumberedSender(send), NumberedReceiver(recv)
+                        self._ready.set_result(None)
+                    case wire.Open(peer=peer, stream=sid):  # its health checks: this test peer serves nothing
+                        await self._out(wire.Reset(peer=peer, stream=sid, code="serve_failed"))
+                    case wire.Data(stream=sid, payload=payload) if sid in self._answers:
+                        assert self._recv is not None
+                        self._answers[sid][0].append(self._recv.open(payload))
+                    case wire.Close(stream=sid) if sid in self._answers:
+                        self._answers[sid][1].set_result(None)
+                    case wire.Reset(stream=sid, code=code) if sid in self._answers:
+                        self._answers[sid][1].set_exception(AssertionError(f"stream {sid} reset: {code}"))
+        finally:
+            for _, done in self._answers.values():
+                if not done.done():
+                    done.set_exception(AssertionError("the old peer stopped reading"))
+
+    async def chat(self, peer: str, body: dict[str, Any]) -> tuple[int, bytes]:
+        """One request to ``peer`` on a stream of its own: the answer's status and body."""
+        assert self._send is not None
+        sid, self._next_sid = self._next_sid, self._next_sid + 2
+        path, data = "/v1/chat/completions", json.dumps(body).encode()
+        headers = sign(derive_keys(CLUSTER["cluster_secret"].encode()), method="POST", path=path, body=data,
+                       node_id=self.NODE_ID, to=peer, hop="1", origin=self.NODE_ID, now=time.time())
+        head = msgspec.msgpack.encode(["POST", path, [*headers.items(), ("Content-Type", "application/json")], b""])
+        parts: list[bytes] = []
+        self._answers[sid] = (parts, asyncio.get_running_loop().create_future())
+        await self._out(wire.Open(peer=peer, stream=sid, payload=self._send.seal(head)))
+        await self._out(wire.Data(peer=peer, stream=sid, payload=self._send.seal(data)))
+        await self._out(wire.Close(peer=peer, stream=sid, payload=self._send.seal(b"")))
+        await asyncio.wait_for(self._answers[sid][1], 30)
+        status, _ = msgspec.msgpack.decode(parts[0])  # the answer's head, then its body
+        return status, b"".join(parts[1:])
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
 
 
 async def models_of(http: aiohttp.ClientSession, node: Node) -> dict[str, list[str]]:
@@ -402,3 +503,34 @@ async def test_an_unsigned_request_through_the_pipe_gets_no_loopback_trust(start
                                  [("Content-Type", "application/json")], body)
     assert resp.status == 401  # only a cluster signature is trusted through the relay
     assert eng.requests == []
+
+
+async def test_a_peer_of_an_older_version_gets_plain_frames_and_is_served(
+        start_node, fake, http, client_for, relay) -> None:
+    tokens = [f"t{i} " for i in range(200)]
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url, tokens=tokens)
+    assert b.cluster is not None and b.cluster.relay is not None
+    b_id = b.cluster.node_id
+    old = await OldPeer.join(relay.url)
+    try:
+        await old.handshake(b_id)
+        body = {"model": MODEL, "messages": MSGS, "stream": True}
+        answers = await asyncio.gather(*(old.chat(b_id, body) for _ in range(64)))  # a load that B batches
+        for status, raw in answers:
+            assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+            events = [json.loads(line[6:]) for line in raw.decode().split("\n\n") if line.startswith("data: {")]
+            assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == \
+                "".join(tokens)
+        assert "Data" in old.seen and "Batch" not in old.seen  # (one would not even have decoded)
+    finally:
+        await old.close()
+    # the same load from a node of this version does go in batches: the peer's version decided
+    before = b.cluster.relay.batches_sent
+    client = client_for(a)
+
+    async def one() -> str:
+        s = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+    assert await asyncio.gather(*(one() for _ in range(64))) == ["".join(tokens)] * 64
+    assert b.cluster.relay.batches_sent > before

@@ -22,7 +22,9 @@ carried a request.
 
 Under load, the writer sends what is queued for one peer together: data and
 credit for many streams go as one ``Batch`` frame (one WebSocket message, one
-Noise seal, one pass through the relay) when the relay says it forwards them.
+Noise seal, one pass through the relay) when the relay says it forwards them
+and the peer said, in its handshake, that it reads them (``_Features``: a peer
+of an older version says nothing and gets the plain frames).
 """
 
 from __future__ import annotations
@@ -77,6 +79,31 @@ class _Item(msgspec.Struct, frozen=True, array_like=True):
     stream: int
     data: bytes = b""
     credit: int = 0
+
+
+class _Features(msgspec.Struct, frozen=True, kw_only=True):
+    """What a node reads beyond the first relay protocol: the payload of its handshake messages (encrypted).
+
+    A map, so that fields a newer peer adds are skipped; a peer of an older
+    version sends no payload at all, which decodes as "nothing beyond it".
+    """
+
+    v: int = 1
+    batch: bool = False  # it decodes ``Batch`` frames
+
+
+_FEATURES = msgspec.msgpack.encode(_Features(batch=True))
+_decode_features = msgspec.msgpack.Decoder(_Features).decode
+
+
+def _features(payload: bytes) -> _Features:
+    if not payload:
+        return _Features()
+    try:
+        return _decode_features(payload)
+    except (msgspec.DecodeError, ValueError):  # authentic (it came in the handshake) but not ours: assume nothing
+        log.warning("relay_bad_features", size=len(payload))
+        return _Features()
 
 
 BATCH_BYTES = 64 * 1024  # a batch's plaintext, at most (well below the relay's frame limit)
@@ -244,7 +271,7 @@ def _numbered(hs: Handshake) -> tuple[NumberedSender, NumberedReceiver]:
 class _Session:
     """The Noise session with one peer over this relay connection."""
 
-    __slots__ = ("send", "recv", "handshake", "ready", "initiator")
+    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch")
 
     def __init__(self) -> None:
         self.send: NumberedSender | None = None
@@ -252,6 +279,7 @@ class _Session:
         self.handshake: Handshake | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.initiator = False
+        self.batch = False  # the peer said in its handshake that it reads Batch frames
 
 
 class RelayLink:
@@ -499,8 +527,8 @@ class RelayLink:
         their_session, message = payload[:sep].decode(errors="replace"), payload[sep + 1:]
         hs = Handshake(initiator=False, psk=self._psk, prologue=self._prologue(peer, self.node_id, their_session))
         try:
-            hs.read_message(message)
-            reply = hs.write_message()
+            theirs = _features(hs.read_message(message))
+            reply = hs.write_message(_FEATURES)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
             return
@@ -513,6 +541,7 @@ class RelayLink:
             self._sessions[peer] = session
         session.initiator = False
         session.handshake = None
+        session.batch = theirs.batch
         session.send, session.recv = _numbered(hs)
         self._enqueue(("hello_reply", peer, reply))
         session.ready.set_result(None)
@@ -522,7 +551,7 @@ class RelayLink:
         if session is None or session.handshake is None or session.ready.done():
             return
         try:
-            session.handshake.read_message(payload)
+            session.batch = _features(session.handshake.read_message(payload)).batch
             session.send, session.recv = _numbered(session.handshake)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
@@ -719,6 +748,9 @@ class RelayLink:
                 frames.append(raw)
             return
         session = self._sessions.get(peer)
+        if session is not None and not session.batch:  # a peer of an older version: it reads no Batch
+            frames.extend(raw for item in group if (raw := self._build(item)) is not None)
+            return
         if session is None or session.send is None:
             return  # the session ended while these waited; their streams were failed
         plain = _ITEMS.encode([_Item(stream=i[2], data=i[3]) if i[0] == "data" else _Item(stream=i[2], credit=i[3])
@@ -810,7 +842,8 @@ class RelayLink:
             session.handshake = Handshake(initiator=True, psk=self._psk,
                                           prologue=self._prologue(self.node_id, peer, self.session_id))
             self._sessions[peer] = session
-            self._enqueue(("hello", peer, self.session_id.encode() + b"\x00" + session.handshake.write_message()))
+            hello = session.handshake.write_message(_FEATURES)  # what we read, told inside the encryption
+            self._enqueue(("hello", peer, self.session_id.encode() + b"\x00" + hello))
         await asyncio.shield(session.ready)
         return session
 

@@ -170,8 +170,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
         print(f"quorum-node: cannot reach the node at {_node_url(args)}: {e}", file=sys.stderr)
         return 1
     rows = [
-        [p["name"], p["node_id"], p["address"] or "-", ",".join(p.get("routes") or [p["route"]]), p["state"],
-         _since(p.get("since")), str(len(p["models"])), str(p["in_flight"]),
+        [p["name"], p["node_id"], p["address"] or "-", ",".join(p.get("routes") or [p["route"]]),
+         "draining" if p.get("draining") else p["state"], _since(p.get("since")), str(len(p["models"])), str(p["in_flight"]),
          "-" if p.get("load") is None else str(p["load"]),
          f"{p['last_seen_s']:.1f}s ago" if p.get("last_seen_s") is not None else "-",
          f"{p['rtt_ms']:.1f}ms" if p.get("rtt_ms") is not None else "-"]

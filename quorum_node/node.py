@@ -159,9 +159,11 @@ class Node:
     async def stop(self) -> None:
         """Stop in order (DESIGN.md, lifecycle): goodbye, stop accepting, drain, close upstreams.
 
-        Streams that end within ``drain_timeout_s`` complete, including those a
-        peer serves for us (the peer session stays open until the drain is
-        over); the rest end with an SSE error event. Returns within the drain
+        Peers are told first (mDNS goodbye, the relay's draining presence), so
+        they send no new requests. Streams that end within ``drain_timeout_s``
+        complete, including those a peer serves for us and those we serve a
+        peer through the relay (its connection closes, 1001, only after the
+        drain); the rest end with an SSE error event. Returns within the drain
         deadline plus about a second.
         """
         if self._stopped:
@@ -169,7 +171,7 @@ class Node:
         self._stopped = True
         log.info("node_stopping", node=self.name, in_flight=len(self.inflight))
         if self.cluster is not None:
-            await self.cluster.stop_announcing()  # mDNS goodbye first, so peers stop sending
+            await self.cluster.stop_announcing()  # goodbye and draining presence first, so peers stop sending
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()  # stop accepting
@@ -180,7 +182,7 @@ class Node:
                 log.warning("drain_deadline_passed", cut=cut, drain_timeout_s=self.settings.drain_timeout_s)
             await self._runner.cleanup()
         if self.cluster is not None:
-            await self.cluster.stop()  # peer sessions close only after the drain
+            await self.cluster.stop()  # peer sessions and the relay connection (1001) close only after the drain
         if self._embedded_task is not None:
             self._embedded_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -60,6 +60,7 @@ class Conn:
         "admission",
         "close_timeout_s",
         "closing",
+        "draining",
         "gone",
         "last_rx",
         "limit",
@@ -100,6 +101,7 @@ class Conn:
         self.close_timeout_s = close_timeout_s
         self.closing = False  # no more sends: the connection is being closed
         self.gone = False  # no longer registered: frames it still sends are ignored
+        self.draining = False  # the node said it is stopping (``Draining``): the others were told
         self.last_rx = time.monotonic()
         self._stats = stats
         self._on_overflow = on_overflow

@@ -29,6 +29,7 @@ from .wire import (
     Batch,
     Close,
     Data,
+    Draining,
     Hello,
     HelloReply,
     Joined,
@@ -57,6 +58,7 @@ class Link(Protocol):
     peer_bytes: bytes
     peers: dict[str, Link]
     gone: bool
+    draining: bool
 
     @property
     def namespace(self) -> str: ...
@@ -90,11 +92,12 @@ class Hub:
                 Welcome(
                     session=conn.session,
                     node_id=conn.node_id,
-                    peers=tuple(Presence(node_id=p.node_id, since=p.since) for p in peers),
+                    peers=tuple(Presence(node_id=p.node_id, since=p.since, draining=p.draining) for p in peers),
                     max_frame_bytes=self.max_frame_bytes,
                     max_streams=self.streams.max_per_node,
                     send_queue_bytes=self.send_queue_bytes,
                     batch=True,
+                    drain=True,
                 )
             )
         )
@@ -113,6 +116,18 @@ class Hub:
     def evict(self, conn: Link, code: int, reason: str, why: str) -> None:
         """Close ``conn`` with ``code`` and tell the others it left."""
         self._evict(conn, code, reason, why)
+        self._flush()
+
+    def drain(self, conn: Link) -> None:
+        """``conn``'s node is stopping: tell the others (once), so they send it no new streams."""
+        if conn.draining or conn.gone:
+            return
+        conn.draining = True
+        log.info("node_draining", node_id=conn.node_id, session=conn.session)
+        update = encode(Joined(peer=Presence(node_id=conn.node_id, since=conn.since, draining=True)))
+        for other in list(conn.peers.values()):
+            if other is not conn:
+                other.send(update)
         self._flush()
 
     def on_overflow(self, conn: Link) -> None:
@@ -199,6 +214,9 @@ class Hub:
                 dst = self._route(src, peer, 0)
                 if dst is None:
                     return
+            case Draining():
+                self.drain(src)
+                return
             case Welcome() | Joined() | Left() | Unreachable():
                 raise ProtocolViolation(f"{type(frame).__name__} is sent by the relay only")
         dst.send(rewrite_peer(raw, src.peer_bytes))

@@ -22,6 +22,15 @@ id). Afterwards it sends ``Joined`` / ``Left`` as peers come
 and go. A second connection with the same node id in the same namespace
 replaces the first (closed with ``CLOSE_REPLACED``).
 
+Draining
+--------
+A node that begins to stop sends ``Draining`` (only to a relay whose
+``Welcome.drain`` says it knows the frame): it finishes the streams it has and
+takes no new ones. The relay tells the namespace with ``Joined`` again, its
+``Presence.draining`` set, and lists it so in the ``Welcome`` of nodes that
+join later; a node of an older version reads that as a repeated ``Joined``
+and ignores it. The connection stays open until the node closes it (1001).
+
 Peer traffic
 ------------
 ``Hello``, ``HelloReply``, ``Open``, ``Data``, ``Batch``, ``Window``, ``Close``
@@ -71,6 +80,7 @@ __all__ = [
     "Batch",
     "Close",
     "Data",
+    "Draining",
     "Frame",
     "Hello",
     "HelloReply",
@@ -103,6 +113,8 @@ class _F(msgspec.Struct, frozen=True, kw_only=True, array_like=True, tag=True):
 class Presence(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     node_id: str
     since: float  # wall-clock seconds when it connected
+    # It is stopping: it finishes its streams, new ones go elsewhere (added later; older nodes skip it).
+    draining: bool = False
 
 
 class Welcome(_F, frozen=True, kw_only=True):
@@ -118,10 +130,12 @@ class Welcome(_F, frozen=True, kw_only=True):
     send_queue_bytes: int = 0
     # This relay forwards ``Batch`` frames (a node must not send them to one that does not).
     batch: bool = False
+    # This relay knows ``Draining`` (a node must not send it to one that does not).
+    drain: bool = False
 
 
 class Joined(_F, frozen=True, kw_only=True):
-    """Relay → node: a peer of the namespace came online."""
+    """Relay → node: a peer of the namespace came online, or began to drain (``peer.draining``)."""
 
     peer: Presence
 
@@ -130,6 +144,10 @@ class Left(_F, frozen=True, kw_only=True):
     """Relay → node: a peer went offline."""
 
     node_id: str
+
+
+class Draining(_F, frozen=True, kw_only=True):
+    """Node → relay: the sender is stopping; the relay tells the namespace (``Joined``, ``Presence.draining``)."""
 
 
 class Unreachable(_F, frozen=True, kw_only=True):
@@ -203,7 +221,8 @@ class Reset(_F, frozen=True, kw_only=True):
     code: str
 
 
-Frame = Welcome | Joined | Left | Unreachable | Hello | HelloReply | Open | Data | Batch | Window | Close | Reset
+Frame = (Welcome | Joined | Left | Draining | Unreachable | Hello | HelloReply | Open | Data | Batch | Window | Close
+         | Reset)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)

@@ -202,6 +202,25 @@ class OldPeer:
         await self._reader
 
 
+async def read_sse(http: aiohttp.ClientSession, node: Node, **body: Any) -> dict[str, Any]:
+    """A streamed chat read as raw SSE: status, the route and node it came from, its text, [DONE], an error event."""
+    out: dict[str, Any] = {"text": "", "done": False, "error": None}
+    async with http.post(node.url + "/v1/chat/completions",
+                         json={"model": MODEL, "messages": MSGS, "stream": True, **body}) as resp:
+        out.update(status=resp.status, node=resp.headers.get("X-Quorum-Node"),
+                   route=resp.headers.get("X-Quorum-Route"))
+        async for line in resp.content:
+            data = line.decode().strip().removeprefix("data:").strip()
+            if data == "[DONE]":
+                out["done"] = True
+            elif data.startswith("{"):
+                event = json.loads(data)
+                out["error"] = event.get("error", out["error"])
+                for choice in event.get("choices") or ():
+                    out["text"] += (choice.get("delta") or {}).get("content") or ""
+    return out
+
+
 async def models_of(http: aiohttp.ClientSession, node: Node) -> dict[str, list[str]]:
     async with http.get(node.url + "/v1/models") as resp:
         return {m["id"]: m["nodes"] for m in (await resp.json())["data"]}
@@ -503,6 +522,75 @@ async def test_an_unsigned_request_through_the_pipe_gets_no_loopback_trust(start
                                  [("Content-Type", "application/json")], body)
     assert resp.status == 401  # only a cluster signature is trusted through the relay
     assert eng.requests == []
+
+
+async def _draining(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, relay_url: str,
+                    ) -> tuple[Node, Node, FakeEngine, asyncio.Task[dict[str, Any]]]:
+    """B holds the model, C reaches it through the relay only; a two-second stream from B to C is under way."""
+    eng = await fake("vllm", tokens=[f"t{i} " for i in range(40)], token_delay_s=0.05)
+    b = await start_node(backends=[{"kind": "vllm", "url": eng.url}], relay=relay_url, relay_token=TOKEN,
+                         drain_timeout_s=10, **CLUSTER)
+    c = await start_node(relay=relay_url, relay_token=TOKEN, **CLUSTER)
+
+    async def sees() -> bool:
+        return MODEL in await models_of(http, c)
+
+    await eventually(sees, timeout_s=10, what="C sees B's model through the relay")
+    stream = asyncio.create_task(read_sse(http, c))
+    await eng.wait_until(lambda e: len(e.requests) == 1)
+    return b, c, eng, stream
+
+
+async def test_a_draining_node_finishes_its_stream_and_new_requests_go_to_another_holder(
+        start_node, fake, http, client_for, relay) -> None:
+    b, c, eng_b, stream = await _draining(start_node, fake, http, relay.url)
+    eng_d = await fake("vllm")
+    d = await start_node(backends=[{"kind": "vllm", "url": eng_d.url}], relay=relay.url, relay_token=TOKEN, **CLUSTER)
+
+    async def both() -> bool:
+        return (await models_of(http, c)).get(MODEL) == sorted([b.name, d.name])
+
+    await eventually(both, timeout_s=10, what="C sees D hold the model too")
+    client = client_for(c)
+    stopping = asyncio.create_task(b.stop())  # what SIGTERM does
+    await asyncio.sleep(0)  # B has begun: it told the relay, and refuses new streams
+    t0 = time.monotonic()
+    for _ in range(4):  # sent at once, before C may have heard, and after: every one is D's
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+        assert (raw.headers["X-Quorum-Node"], raw.headers["X-Quorum-Route"]) == (d.name, "relay")
+        assert raw.parse().choices[0].message.content == "Hello, world!"
+    assert time.monotonic() - t0 < 2.0
+    assert b.cluster is not None and c.cluster is not None
+    peer_b = c.cluster.table.get(b.cluster.node_id)
+    assert peer_b is not None and peer_b.draining  # C heard it from the relay (or from B's refusal)
+    assert (await models_of(http, c))[MODEL] == [d.name]
+    got = await stream  # the stream in flight when B began to stop ends whole, over the open connection
+    assert got == {"status": 200, "node": b.name, "route": "relay", "text": "".join(f"t{i} " for i in range(40)),
+                   "done": True, "error": None}
+    await stopping
+    assert len(eng_b.requests) == 1  # nothing new reached the draining node's engine
+
+    async def gone() -> bool:
+        return c.cluster.table.get(b.cluster.node_id) is None  # type: ignore[union-attr]
+
+    await eventually(gone, what="B left the relay once its drain was over")
+
+
+async def test_while_the_only_holder_drains_a_new_request_gets_503_at_once(
+        start_node, fake, http, client_for, relay) -> None:
+    b, c, eng, stream = await _draining(start_node, fake, http, relay.url)
+    client = client_for(c)
+    stopping = asyncio.create_task(b.stop())
+    await asyncio.sleep(0)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:  # not hanging on B, not cut half-way
+        await client.chat.completions.create(model=MODEL, messages=MSGS)
+    assert err.value.status_code == 503 and int(err.value.response.headers["Retry-After"]) >= 1
+    assert time.monotonic() - t0 < 1.0
+    got = await stream
+    assert (got["status"], got["done"], got["error"], got["node"]) == (200, True, None, b.name)
+    await stopping
+    assert len(eng.requests) == 1
 
 
 async def test_a_peer_of_an_older_version_gets_plain_frames_and_is_served(

@@ -12,11 +12,17 @@ Peer states::
                           └───────────────────health ok──────────────────────────┘
     any ──no ok for down_after_s──► down ──health ok──► up
     down (discovered, not static) ──no sign of life for forget_after_s──► removed
-    any ──goodbye──► removed at once
+    any ──goodbye──► removed at once (or, if the relay still reaches it, draining)
 
 A new peer starts ``suspect`` (seen, not yet confirmed) and carries no traffic
 until its first good health check. Only ``up`` peers whose circuit breaker is
 not open are offered by ``holders``.
+
+A peer that said it is stopping (the relay's draining presence, or an mDNS
+goodbye while the relay still reaches it) is *draining*, whatever its state:
+it finishes what it was sent, carries no new request, and its models are
+unavailable for now (503, not 404), until a health check sent after that
+answers (it restarted) or it leaves.
 
 Static peers (``--peer HOST:PORT``) are known by address until a health answer
 tells their node id (``on_identified``); they are never forgotten, and after a
@@ -40,6 +46,7 @@ __all__ = [
     "Peer",
     "PeerAdded",
     "PeerDown",
+    "PeerDraining",
     "PeerEvent",
     "PeerInfo",
     "PeerRemoved",
@@ -102,6 +109,12 @@ class PeerSuspect(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     node_id: str
 
 
+class PeerDraining(msgspec.Struct, frozen=True, kw_only=True, tag=True):
+    """A peer said it is stopping: it carries no new requests (those it has finish)."""
+
+    node_id: str
+
+
 class PeerDown(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     """No good health check for ``down_after_s``."""
 
@@ -129,7 +142,7 @@ class CatalogChanged(msgspec.Struct, frozen=True, kw_only=True, tag=True):
     models: tuple[str, ...]
 
 
-PeerEvent = PeerAdded | PeerUp | PeerSuspect | PeerDown | PeerRemoved | CatalogWanted | CatalogChanged
+PeerEvent = PeerAdded | PeerUp | PeerSuspect | PeerDraining | PeerDown | PeerRemoved | CatalogWanted | CatalogChanged
 
 
 class ProbeTarget(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,11 +186,22 @@ class Peer:
         once it has gone down: a peer that comes back is online since its return. A suspect spell keeps it."""
         self.load: NodeLoad | None = None
         """What its last health answer said about its load (None: not said, or an older peer)."""
+        self.draining_at: float | None = None
+        """When it said it is stopping (None: it did not): it takes no new requests."""
 
     @property
     def node_id(self) -> str:
         """The peer's stable node id."""
         return self.info.node_id
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_at is not None
+
+    @property
+    def serving(self) -> bool:
+        """Up and not draining: it may be sent new requests, and what it holds is listed."""
+        return self.state is PeerState.UP and self.draining_at is None
 
     @property
     def routes(self) -> list[str]:
@@ -242,23 +266,23 @@ class PeerTable:
 
     def holders(self, model: str, now: float) -> list[Peer]:
         """Up peers holding ``model`` whose breaker would let a request through."""
-        return [
-            p
-            for p in self.all()
-            if p.state is PeerState.UP and model in p.models and p.breaker.available(now)
-        ]
+        return [p for p in self.all() if p.serving and model in p.models and p.breaker.available(now)]
 
     def unavailable_for_s(self, model: str, now: float) -> float | None:
         """For a model whose holders are all out for now: seconds until the soonest may take it again.
 
         Counts the peers holding ``model`` that ``holders`` leaves out only for
-        the moment: up with an open breaker (until it half-opens), or suspect
+        the moment: up with an open breaker (until it half-opens), suspect
         after having been up (until its next good health check, taken as a
-        second). None if no such peer holds it (down, never confirmed, or none):
-        then the model is not temporarily unavailable, it is not there.
+        second), or draining (a restart takes a few seconds). None if no such
+        peer holds it (down, never confirmed, or none): then the model is not
+        temporarily unavailable, it is not there.
         """
         waits: list[float] = []
         for p in self._peers.values():
+            if p.draining and model in p.models | p.resting:
+                waits.append(2.0)
+                continue
             if model in p.resting and p.state is PeerState.UP:
                 waits.append(2.0)  # its engine is down: the peer's next catalog will tell when it is back
                 continue
@@ -274,7 +298,7 @@ class PeerTable:
         """Model id -> node ids of up peers holding it."""
         out: dict[str, list[str]] = {}
         for p in self.all():
-            if p.state is PeerState.UP:
+            if p.serving:
                 for m in p.models:
                     out.setdefault(m, []).append(p.node_id)
         return {m: out[m] for m in sorted(out)}
@@ -334,6 +358,8 @@ class PeerTable:
                 peer = Peer(info, now, CircuitBreaker(self._breaker_threshold, self._breaker_reset_s))
                 self._peers[node_id] = peer
                 events.append(PeerAdded(node_id=node_id))
+            if not peer.relay:  # a new relay connection of it: a draining one says so again at once
+                peer.draining_at = None
             peer.relay = True
             peer.last_seen = now
             return events
@@ -349,14 +375,28 @@ class PeerTable:
         """Peers only the relay reaches, for the health prober."""
         return [p.node_id for p in self.all() if p.relay and not p.info.address]
 
+    def on_draining(self, node_id: str, now: float) -> list[PeerEvent]:
+        """A peer said it is stopping: no new requests go to it; those it has finish."""
+        peer = self._peers.get(node_id)
+        if peer is None or peer.draining_at is not None:
+            return []
+        peer.draining_at = now
+        return [PeerDraining(node_id=node_id)]
+
     def on_goodbye(self, node_id: str, now: float) -> list[PeerEvent]:
-        """A peer said it is leaving the LAN: drop it at once (unless the relay still reaches it)."""
+        """A peer said it is leaving the LAN: drop it at once.
+
+        If the relay still reaches it, it is kept for that route, draining: a
+        goodbye is what a stopping node says first, and the relay route must
+        not carry its new requests meanwhile. (A goodbye that was only the
+        LAN's records expiring ends at the next health check through the relay.)
+        """
         peer = self._peers.get(node_id)
         if peer is None:
             return []
         if peer.relay:
             peer.info = msgspec.structs.replace(peer.info, address="", route="relay")
-            return []
+            return self.on_draining(node_id, now)
         del self._peers[node_id]
         return [PeerRemoved(node_id=node_id, reason="goodbye")]
 
@@ -398,6 +438,8 @@ class PeerTable:
         if peer is None:
             return []
         peer.load = load
+        if peer.draining_at is not None and now - rtt_s > peer.draining_at:
+            peer.draining_at = None  # asked after it said it was stopping, and it answered: it is back
         if peer.up_since is None:
             peer.up_since = now
         peer.last_ok = now
@@ -470,7 +512,7 @@ class PeerTable:
         before dispatching, and pair every True with ``end_request``.
         """
         peer = self._peers.get(node_id)
-        if peer is None or peer.state is PeerState.DOWN or not peer.breaker.allow(now):
+        if peer is None or peer.state is PeerState.DOWN or peer.draining_at is not None or not peer.breaker.allow(now):
             return False
         peer.in_flight += 1
         return True

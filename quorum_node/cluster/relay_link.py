@@ -25,6 +25,11 @@ credit for many streams go as one ``Batch`` frame (one WebSocket message, one
 Noise seal, one pass through the relay) when the relay says it forwards them
 and the peer said, in its handshake, that it reads them (``_Features``: a peer
 of an older version says nothing and gets the plain frames).
+
+A node that begins to stop calls ``drain``: the relay tells the namespace it is
+draining (its peers send it no new requests), new streams opened to it are
+reset with ``draining``, and the streams it has finish over the open
+connection until ``close``.
 """
 
 from __future__ import annotations
@@ -285,7 +290,9 @@ class _Session:
 class RelayLink:
     """One node's connection to one relay (reconnecting), and every stream over it.
 
-    ``on_presence(node_id, online)`` is called as relay peers come and go;
+    ``on_presence(node_id, online)`` is called as relay peers come and go,
+    ``on_draining(node_id)`` when one says it is stopping (through the relay,
+    or by resetting a new stream with ``draining``);
     ``serve(head) -> (status, headers, body_chunks)`` answers an incoming
     request (the node's own HTTP server, see ``ClusterService``).
     """
@@ -299,6 +306,7 @@ class RelayLink:
         psk: bytes,
         on_presence: Callable[[str, bool], None],
         serve: Callable[[str, str, list[tuple[str, str]], bytes], Awaitable[Any]],
+        on_draining: Callable[[str], None] = lambda node_id: None,
         connect_timeout_s: float = 5.0,
         max_request_bytes: int = 32 * 1024 * 1024,
     ) -> None:
@@ -307,6 +315,7 @@ class RelayLink:
         self.node_id = node_id
         self._psk = psk
         self._on_presence = on_presence
+        self._on_draining = on_draining
         self._serve = serve
         self._connect_timeout_s = connect_timeout_s
         self.max_request_bytes = max_request_bytes
@@ -318,6 +327,8 @@ class RelayLink:
         self.online: dict[str, float] = {}  # peer id -> since
         self.max_frame_bytes = 256 * 1024
         self.batching = False  # the relay forwards Batch frames (Welcome.batch)
+        self.relay_drains = False  # the relay knows the Draining frame (Welcome.drain)
+        self.draining = False  # this node is stopping: new streams to it are refused (``drain``)
         # Payload bytes sent on all streams and not yet acknowledged by credit: kept below ``send_budget``,
         # so what this node has in flight fits the relay's queue towards a peer (Welcome.send_queue_bytes).
         self.unacked_bytes = 0
@@ -339,6 +350,16 @@ class RelayLink:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="relay-link")
+
+    def drain(self) -> None:
+        """This node begins to stop: its relay peers are told at once, new streams to it are refused.
+
+        The connection stays open, so the streams it has finish; ``close`` ends it.
+        """
+        if not self.draining:
+            self.draining = True
+            if self.relay_drains and self.session_id is not None:
+                self._enqueue(("draining", ""))
 
     async def close(self) -> None:
         """Close the relay connection (1001) and end every stream; idempotent."""
@@ -438,9 +459,12 @@ class RelayLink:
     def _dispatch(self, frame: wire.Frame) -> None:
         match frame:
             case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame, batch=batch,
-                              send_queue_bytes=queue_bytes):
+                              send_queue_bytes=queue_bytes, drain=drain):
                 self.session_id = session
                 self.batching = batch
+                self.relay_drains = drain
+                if drain and self.draining:  # a new connection while stopping: the namespace hears it again
+                    self._enqueue(("draining", ""))
                 if queue_bytes:
                     self.send_budget = max(4 * CHUNK, queue_bytes // 2)
                 self.state = "up"
@@ -451,9 +475,9 @@ class RelayLink:
                 self._up.set()
                 log.info("relay_connected", url=self.url, session=session, peers=len(peers))
                 for p in peers:
-                    self._joined(p.node_id, p.since)
+                    self._joined(p.node_id, p.since, p.draining)
             case wire.Joined(peer=p):
-                self._joined(p.node_id, p.since)
+                self._joined(p.node_id, p.since, p.draining)
             case wire.Left(node_id=nid):
                 self._left(nid, "the peer left the relay")
             case wire.Unreachable(peer=peer, stream=sid):
@@ -481,13 +505,15 @@ class RelayLink:
                 stream = self._forget((peer, sid))
                 if code == "no_session":  # the peer dropped our session: the next stream handshakes anew
                     self._end_session(peer, "the peer has no session with us")
+                elif code == "draining":  # it is stopping (and we had not heard yet, or the relay cannot tell)
+                    self._on_draining(peer)
                 if stream is not None:
                     error = SessionLost if code == "no_session" else RelayLinkError
                     self._fail_stream(stream, error(f"stream reset by {peer}: {code}"), remove=False)
             case _:
                 pass
 
-    def _joined(self, peer: str, since: float) -> None:
+    def _joined(self, peer: str, since: float, draining: bool = False) -> None:
         if peer == self.node_id:
             return
         fresh = peer not in self.online
@@ -496,6 +522,8 @@ class RelayLink:
             self._end_session(peer, "the peer reconnected to the relay")
         if fresh:
             self._on_presence(peer, True)
+        if draining:  # its streams go on; only new requests go elsewhere
+            self._on_draining(peer)
 
     def _left(self, peer: str, why: str) -> None:
         self._end_session(peer, why)
@@ -584,6 +612,9 @@ class RelayLink:
             return
         if (peer, sid) in self._streams or (sid % 2 == 1) != (peer < self.node_id):
             self._enqueue(("reset", peer, sid, "bad_stream_id"))
+            return
+        if self.draining:  # stopping: the requester tries another holder (nothing of it was served)
+            self._enqueue(("reset", peer, sid, "draining"))
             return
         stream = _Stream(self, peer, sid, outgoing=False)
         stream.request = head
@@ -774,6 +805,8 @@ class RelayLink:
             return wire.encode(wire.Reset(peer=peer, stream=item[2], code=item[3]))
         if kind == "window":
             return wire.encode(wire.Window(peer=peer, stream=item[2], credit=item[3]))
+        if kind == "draining":
+            return wire.encode(wire.Draining())
         session = self._sessions.get(peer)
         if session is None or session.send is None:
             return None  # the session ended while this waited; its streams were failed

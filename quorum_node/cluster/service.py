@@ -45,10 +45,10 @@ from .peers import (
     Outcome,
     Peer,
     PeerDown,
+    PeerDraining,
     PeerEvent,
     PeerInfo,
     PeerRemoved,
-    PeerState,
     PeerSuspect,
     PeerTable,
     PeerUp,
@@ -127,7 +127,8 @@ class ClusterService:
             self.relay = RelayLink(
                 url=self.settings.relay, token=self.settings.relay_token, node_id=self.node_id,
                 psk=relay_psk(self.membership.secret), on_presence=self._on_relay_presence,
-                serve=self._serve_relayed, max_request_bytes=self.settings.max_body_bytes,
+                on_draining=self._on_relay_draining, serve=self._serve_relayed,
+                max_request_bytes=self.settings.max_body_bytes,
             )
             await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")
@@ -143,7 +144,10 @@ class ClusterService:
         task.add_done_callback(self._tasks.discard)
 
     async def stop_announcing(self) -> None:
-        """Say goodbye on the LAN (peers drop us at once); forwarding still works until ``stop``."""
+        """Tell the peers we are stopping, so they send us no new requests: the relay's draining presence,
+        the mDNS goodbye. Streams in flight, ours and theirs, go on (the relay connection too) until ``stop``."""
+        if self.relay is not None:
+            self.relay.drain()
         if self.discovery is not None:
             with contextlib.suppress(Exception):
                 await self.discovery.close()  # goodbye packets
@@ -151,7 +155,7 @@ class ClusterService:
 
     async def stop(self) -> None:
         await self.stop_announcing()
-        if self.relay is not None:  # after the drain: streams through it may have been in flight
+        if self.relay is not None:  # 1001 after the drain: the peers knew (draining), streams used it till now
             await self.relay.close()
             self.relay = None
         self.key_sync.close()
@@ -184,6 +188,9 @@ class ClusterService:
         if peer.relay and self.relay is not None:
             out.append(RelayPeerLink(self.relay, peer.node_id))
         return out
+
+    def _on_relay_draining(self, node_id: str) -> None:
+        self._handle(self.table.on_draining(node_id, time.monotonic()))
 
     def _on_relay_presence(self, node_id: str, online: bool) -> None:
         self._handle(self.table.on_relay(node_id, online, time.monotonic()))
@@ -236,12 +243,12 @@ class ClusterService:
         return sorted({e["id"] for entries in self._up_catalogs() for e in entries})
 
     def _up_catalogs(self) -> list[list[dict[str, Any]]]:
-        return [self.catalogs.get(p.node_id, []) for p in self.table.all() if p.state is PeerState.UP]
+        return [self.catalogs.get(p.node_id, []) for p in self.table.all() if p.serving]
 
     def model_entries(self) -> list[dict[str, Any]]:
         out = []
         for p in self.table.all():
-            if p.state is not PeerState.UP:
+            if not p.serving:
                 continue
             for e in self.catalogs.get(p.node_id, []):
                 out.append({**e, "node": p.info.name or p.node_id})
@@ -334,7 +341,7 @@ class ClusterService:
              "state": p.state.value, "models": sorted({e["id"] for e in self.catalogs.get(p.node_id, [])}),
              "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
              "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
-             "static": p.static, "routes": p.routes,
+             "static": p.static, "routes": p.routes, "draining": p.draining,
              "since": self.wall_clock(p.up_since, now),  # online since (epoch seconds), None while not up
              "load": p.load.in_flight if p.load is not None else None}  # what it says it is answering
             for p in self.table.all()
@@ -437,7 +444,7 @@ class ClusterService:
                 case PeerUp(node_id=nid):
                     log.info("peer_up", peer=nid, route="lan")
                     self.key_sync.on_peer_up(nid)
-                case PeerDown(node_id=nid) | PeerSuspect(node_id=nid):
+                case PeerDown(node_id=nid) | PeerSuspect(node_id=nid) | PeerDraining(node_id=nid):
                     log.info("peer_" + type(ev).__name__.removeprefix("Peer").lower(), peer=nid)
                 case PeerRemoved(node_id=nid, reason=reason):
                     self.catalogs.pop(nid, None)

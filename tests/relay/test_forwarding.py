@@ -18,6 +18,7 @@ from relay.wire import (
     CLOSE_TOO_SLOW,
     Close,
     Data,
+    Draining,
     Hello,
     HelloReply,
     Joined,
@@ -51,6 +52,36 @@ async def test_presence_welcome_joined_left_and_since(relay: Relay, join: Connec
     await b.close()
     assert await a.expect(Left) == Left(node_id="b")
     assert await c.expect(Left) == Left(node_id="b")
+
+
+async def test_a_draining_node_is_announced_to_its_namespace_and_keeps_forwarding(relay: Relay, join: Connect) -> None:
+    a = await join(relay, "a")
+    assert a.welcome.drain is True and a.welcome.batch is True
+    b = await join(relay, "b")
+    await joined(a, "b")
+    x = await join(relay, "x", TOKEN_B)  # another namespace hears nothing of it
+    since = b.welcome.peers[0].since
+    await a.send(Open(peer="b", stream=1, payload=b"in flight"))
+    assert await b.expect(Open) == Open(peer="a", stream=1, payload=b"in flight")
+    await a.send(Draining())
+    assert await b.expect(Joined) == Joined(peer=Presence(node_id="a", since=since, draining=True))
+    await a.send(Draining())  # said twice: told once
+    c = await join(relay, "c")  # a node joining later learns it from its Welcome
+    assert c.welcome.peers[0] == Presence(node_id="a", since=since, draining=True)
+    assert c.welcome.peers[1].node_id == "b" and not c.welcome.peers[1].draining
+    await joined(b, "c")  # the next frame b reads: c joining, not a second notice
+    await joined(a, "c")
+    # its streams still flow both ways
+    await b.send(Data(peer="a", stream=1, payload=b"answer"))
+    assert await a.expect(Data) == Data(peer="b", stream=1, payload=b"answer")
+    await b.send(Close(peer="a", stream=1))
+    assert await a.expect(Close) == Close(peer="b", stream=1)
+    await a.send(Close(peer="b", stream=1))
+    assert await b.expect(Close) == Close(peer="a", stream=1)
+    await a.close()  # it closes when its drain is over
+    assert await b.expect(Left) == Left(node_id="a")
+    await x.send(Hello(peer="a", payload=b""))  # the first frame x reads: it was told nothing of a
+    assert await x.expect(Unreachable) == Unreachable(peer="a", stream=0)
 
 
 async def test_namespaces_never_see_each_other(relay: Relay, join: Connect) -> None:

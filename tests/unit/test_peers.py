@@ -11,6 +11,7 @@ from quorum_node.cluster.peers import (
     Outcome,
     PeerAdded,
     PeerDown,
+    PeerDraining,
     PeerInfo,
     PeerRemoved,
     PeerState,
@@ -105,6 +106,47 @@ def test_goodbye_removes_a_peer_at_once():
     # Late events for a peer that left are ignored, not resurrecting it.
     assert table.on_health_ok("a", 0.001, 2) == []
     assert table.get("a") is None
+
+
+def test_a_draining_peer_finishes_its_requests_takes_no_new_ones_and_its_models_are_unavailable_for_now():
+    table = _table()
+    _up(table, "a")
+    _up(table, "b")
+    assert table.begin_request("a", 1)  # in flight when it says it is stopping
+    assert table.on_draining("a", 2) == [PeerDraining(node_id="a")]
+    assert table.on_draining("a", 2.5) == []  # said again (the relay, a reset stream): nothing new
+    assert _ids(table.holders(MODEL, 3)) == ["b"]
+    assert not table.begin_request("a", 3)  # a plan made just before is refused too
+    table.end_request("a", 3)  # the one in flight ends as usual
+    assert table.get("a").in_flight == 0 and table.models() == {MODEL: ["b"]}
+    table.on_goodbye("b", 4)  # b had no relay route: gone
+    assert table.holders(MODEL, 4) == [] and table.unavailable_for_s(MODEL, 4) == 2.0  # 503, not 404
+
+
+def test_a_draining_peer_is_back_only_when_a_check_sent_after_it_said_so_answers():
+    table = _table()
+    _up(table, "a")
+    table.on_draining("a", 10.0)
+    table.on_health_ok("a", 0.5, 10.2)  # sent at 9.7, before it said it was stopping: answered by the old life
+    assert table.get("a").draining and table.holders(MODEL, 10.2) == []
+    table.on_health_fail("a", 11)  # while draining it answers nothing new
+    table.on_health_ok("a", 0.1, 15.0)  # sent at 14.9: the restarted node
+    assert not table.get("a").draining and _ids(table.holders(MODEL, 15)) == ["a"]
+
+
+def test_goodbye_from_a_peer_the_relay_still_reaches_makes_it_draining_not_gone():
+    table = _table()
+    _up(table, "a")
+    table.on_relay("a", True, 1)
+    assert table.on_goodbye("a", 2) == [PeerDraining(node_id="a")]
+    peer = table.get("a")
+    assert peer.routes == ["relay"] and peer.draining and table.holders(MODEL, 2) == []
+    table.on_health_ok("a", 0.01, 3)  # it answers through the relay: only the LAN's records had expired
+    assert _ids(table.holders(MODEL, 3)) == ["a"]
+    table.on_draining("a", 4)
+    table.on_relay("a", False, 5)
+    table.on_relay("a", True, 6)  # a new relay connection of it: the drain was its last life's
+    assert not table.get("a").draining
 
 
 def test_a_long_dead_discovered_peer_is_forgotten():

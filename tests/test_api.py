@@ -218,6 +218,25 @@ async def test_finished_streams_leave_their_engine_connection_for_the_next_reque
     assert node.registry.backends[eng.url].in_flight == 0
 
 
+async def test_last_events_that_come_with_the_end_are_delivered_with_it(
+        start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession) -> None:
+    # The finish, usage and [DONE] in one packet: the node sends them on with its own last bytes.
+    eng = await fake("vllm", tail_in_one_write=True, token_delay_s=0.02)
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    client = client_for(node)
+    stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello, world!"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    body = {"model": MODEL, "messages": MSGS, "stream": True}  # no usage asked: none shown, [DONE] last
+    async with http.post(node.url + "/v1/chat/completions", json=body) as resp:
+        events = sse_data(await resp.read())
+    assert events[-1] == "[DONE]" and '"finish_reason":"stop"' in events[-2].replace(" ", "")
+    assert not any('"usage":{' in e.replace(" ", "") for e in events)
+
+
 # ------------------------------------------------------ choosing between holders
 
 

@@ -217,7 +217,8 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
                 out = enc.batch(batch)
                 if out:
                     await resp.write(out)
-            tail = enc.done(reply.stats)
+            last = reply.stats.tail
+            tail = (enc.batch(last) if last else b"") + enc.done(reply.stats)
             ok = True
         except StreamBroken as e:
             ok = False

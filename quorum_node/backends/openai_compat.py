@@ -535,6 +535,9 @@ async def stream_events(
                     yield batch
                 raise
             if batch:
+                if clean_end and not first:  # the end came with these: the writer sends them with its tail
+                    norm.stats.tail = batch
+                    break
                 if first:
                     first = False
                     watch.started()

@@ -172,6 +172,7 @@ class FakeEngine:
         # Between [DONE] and the end of the chunked body: 0 sends both at once; servers whose
         # handler returns after its last write (most) end the body a moment later.
         self.eof_delay_s: float = 0.0
+        self.tail_in_one_write: bool = False  # the stream's last events and [DONE] in one write (one packet)
         self.fail_after_tokens: int | None = None
         self.fail_mode: str = "error"
         self.next_status: int | None = None

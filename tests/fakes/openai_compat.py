@@ -349,11 +349,18 @@ class OpenAICompatEngine(FakeEngine):
                     return await self.fail_stream(request, resp, tracker)
                 if n > 0 and await self.inject_fault(request, resp, tracker):
                     return resp
+            ending = b""  # with tail_in_one_write, the finish, usage and [DONE] leave in one write
             if not (self.finish_on_last_content and n > 0):
-                await resp.write(self.event(self.final_chunk(ctx, finish)))
+                ending += self.event(self.final_chunk(ctx, finish))
+                if not self.tail_in_one_write:
+                    await resp.write(ending)
+                    ending = b""
             if ctx.include_usage and not self.omit_usage:
-                await resp.write(self.event(self.usage_chunk(ctx)))
-            await resp.write(self.event("[DONE]"))
+                ending += self.event(self.usage_chunk(ctx))
+                if not self.tail_in_one_write:
+                    await resp.write(ending)
+                    ending = b""
+            await resp.write(ending + self.event("[DONE]"))
             if self.eof_delay_s:
                 await asyncio.sleep(self.eof_delay_s)
             await resp.write_eof()

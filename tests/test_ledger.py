@@ -249,7 +249,9 @@ async def test_an_engine_that_gives_no_usage_gets_estimated_tokens_marked_as_suc
                                                   extra_headers={"X-Request-Id": "stream"})
     chunks = [ch async for ch in stream]
     assert all(ch.usage is None for ch in chunks)
-    choice_chunks = sum(1 for ch in chunks if ch.choices)  # a stream's completion tokens: its chunks, counted
+    # a stream's completion tokens: its chunks of text, counted (not the opening role chunk, not the finish)
+    choice_chunks = sum(1 for ch in chunks
+                        if ch.choices and (ch.choices[0].delta.content or ch.choices[0].delta.tool_calls))
     assert node.ledger is not None
     recs = {r.request_id: r for r in await node.ledger.recent(10)}
     assert (recs["whole"].prompt_tokens, recs["whole"].completion_tokens) == (10, -(-len(answer) // 4))

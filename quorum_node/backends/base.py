@@ -99,7 +99,7 @@ class StreamStats:
     __slots__ = ("chunks", "finished", "usage", "tail")
 
     def __init__(self) -> None:
-        self.chunks = 0
+        self.chunks = 0  # chunks that carried generated text (or tool calls): about one token each
         self.finished = False
         self.usage: dict[str, Any] | None = None
         # The last events, when they came together with the stream's end: not yielded, so the writer can

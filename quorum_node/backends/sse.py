@@ -204,18 +204,24 @@ class StreamNormalizer:
         change = ev.usage is not None
         repeated: list[int] = []  # positions of choices whose role was already sent
         if choices:
-            stats.chunks += 1
+            tokens = False  # a chunk that carries generated text: what the chunk count estimates tokens by
             for pos, ch in enumerate(choices):
                 fr = ch.finish_reason
                 if fr:
                     stats.finished = True
                     change = change or fr in FINISH_MAP
                 delta = ch.delta
-                if delta is not None and delta.role is not None:
-                    if ch.index in self._roles:
-                        repeated.append(pos)  # TGI, MLX, old Ollama repeat it
-                    else:
-                        self._roles.add(ch.index)
+                if delta is not None:
+                    tokens = tokens or bool(delta.content or delta.tool_calls)
+                    if delta.role is not None:
+                        if ch.index in self._roles:
+                            repeated.append(pos)  # TGI, MLX, old Ollama repeat it
+                        else:
+                            self._roles.add(ch.index)
+                elif ch.text:
+                    tokens = True
+            if tokens:  # not the opening role chunk or a bare finish chunk
+                stats.chunks += 1
             change = change or bool(repeated)
         if not self._clean and not change:
             change = not ev.id or not ev.created or (bool(choices) and ev.object != self._object)

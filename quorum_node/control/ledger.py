@@ -48,6 +48,7 @@ connection in a worker thread; WAL readers never block the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 import time
@@ -130,6 +131,7 @@ _INSERT = ("INSERT INTO records (time, request_id, node, peer, surface, operatio
            "serving_node, route, status, outcome, prompt_tokens, completion_tokens, tokens_estimated, ttft_ms, "
            "duration_ms, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 _PRUNE_CHUNK = 5000
+BUSY_WAIT_S = 10.0  # how long the writer thread waits for a write lock another connection holds
 
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(Record).decode
@@ -251,6 +253,7 @@ class Ledger:
         conn.executescript(_CREATE)
         if version < _SCHEMA_VERSION:
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        conn.execute("PRAGMA busy_timeout=0")  # a lock held elsewhere: the loop hands over, the thread waits
         self._conn = conn
         self._reader = _connect(self.path)
 
@@ -292,11 +295,13 @@ class Ledger:
         # however the threads are scheduled.
         if not self._queue and self._commits < self.checkpoint_commits and self._conn_lock.acquire(blocking=False):
             try:
-                self._insert(self._conn, [record])  # type: ignore[arg-type]
+                done = self._commit(self._conn, [record])  # type: ignore[arg-type]
             finally:
                 self._conn_lock.release()
-            self.inline += 1
-            return
+            if done:
+                self.inline += 1
+                return
+            # another connection holds the write lock: the writer thread waits for it, the loop does not
         assert self._loop is not None
         fut: asyncio.Future[None] = self._loop.create_future()
         with self._cond:
@@ -339,7 +344,7 @@ class Ledger:
                 closing = self._closing
             with self._conn_lock:
                 if batch:
-                    self._insert(conn, batch, resolve=True)
+                    self._insert(conn, batch)
                 if self._commits >= self.checkpoint_commits or (closing and not batch):
                     self._checkpoint(conn)
                 if pruning and time.monotonic() >= next_prune:
@@ -356,10 +361,9 @@ class Ledger:
         except sqlite3.Error as e:
             log.error("ledger_checkpoint_failed", error=str(e))
 
-    def _insert(self, conn: sqlite3.Connection, batch: list[Any], *, resolve: bool = False) -> None:
-        """Insert and commit ``batch``: records, or with ``resolve`` (the writer thread) (record, future) pairs
-        whose futures are then resolved on the loop. Holds ``_conn_lock``."""
-        records = [r for r, _ in batch] if resolve else batch
+    def _commit(self, conn: sqlite3.Connection, records: list[Record]) -> bool:
+        """Insert and commit ``records`` (holding ``_conn_lock``). False: another connection holds the
+        database's write lock, nothing was written (the write connection never waits for it)."""
         try:
             if len(records) == 1:  # autocommit: one statement, its own transaction
                 conn.execute(_INSERT, _row(records[0]))
@@ -367,17 +371,31 @@ class Ledger:
                 conn.execute("BEGIN")
                 conn.executemany(_INSERT, [_row(r) for r in records])
                 conn.execute("COMMIT")
-            self.written += len(records)
-            self._commits += 1
         except sqlite3.Error as e:
-            self.failed += len(records)
-            log.error("ledger_write_failed", records=len(records), error=str(e))
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-        if not resolve:
-            return
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                return False
+            self._failed(len(records), str(e))
+            return True
+        self.written += len(records)
+        self._commits += 1
+        return True
+
+    def _failed(self, n: int, error: str) -> None:
+        self.failed += n
+        log.error("ledger_write_failed", records=n, error=error)
+
+    def _insert(self, conn: sqlite3.Connection, batch: list[tuple[Record, asyncio.Future[None]]]) -> None:
+        """The writer thread's commit of a batch (waiting up to ``BUSY_WAIT_S`` for a lock another
+        connection holds); then every waiter of the batch is resolved on the loop."""
+        records = [r for r, _ in batch]
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while not self._commit(conn, records):
+            if time.monotonic() > deadline:
+                self._failed(len(records), "the database stayed locked by another connection")
+                break
+            time.sleep(0.01)
         try:
             self._loop.call_soon_threadsafe(self._batch_done, [f for _, f in batch])  # type: ignore[union-attr]
         except RuntimeError:  # the loop is closed: nobody is waiting any more

@@ -59,3 +59,28 @@ async def test_concurrent_records_are_batched_by_the_writer_and_all_stored(tmp_p
     finally:
         await ledger.close()
     await ledger.close()  # idempotent
+
+
+async def test_a_write_lock_held_elsewhere_never_blocks_the_loop(tmp_path: Path) -> None:
+    # Another process holding the file's write lock (a second node pointed at the same data dir, a
+    # person's sqlite3 shell): the writer thread waits for it, the event loop goes on serving.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path, retention_days=0)  # no pruning pass: the write finds the writer idle
+    await ledger.open()
+    await ledger.write(rec(0))
+    assert ledger.inline == 1
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock
+        write = asyncio.create_task(ledger.write(rec(1)))
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)  # the loop runs: this timer fires on time
+        assert time.monotonic() - t0 < 0.5
+        assert not write.done()  # the record waits for the lock, in the writer thread
+        other.execute("COMMIT")
+        await asyncio.wait_for(write, 5)
+        assert ledger.inline == 1 and ledger.failed == 0  # the locked write went to the thread
+        assert stored_ids(path) == {"r0", "r1"}
+    finally:
+        other.close()
+        await ledger.close()

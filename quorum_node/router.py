@@ -5,6 +5,12 @@ model, or a peer node holding it. The router orders the targets, opens the
 request on the first that answers, and for streams waits for the first batch
 of events before anything is committed to the client, so that every failure
 up to that point can still be retried elsewhere, transparently.
+
+A request may come in two forms: the Chat Completions body every target
+serves, and the client's own API (``native``: an op of ``NATIVE_OPS`` and its
+body) for the targets that speak it (``Target.speaks``). Each target gets the
+form it serves best, so a retry can go from an engine that speaks the
+Responses API to one that does not; ``Opened.op`` says which form answered.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Protocol
 import structlog
 
 from .backends.base import (
+    NATIVE_OPS,
     Backend,
     BackendState,
     Caller,
@@ -54,6 +61,9 @@ class Target(Protocol):
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
     ) -> Reply: ...
 
+    def speaks(self, op: Op, body: dict[str, Any]) -> bool:
+        """Whether it serves this request in ``op`` (one of ``NATIVE_OPS``) itself: it gets it as the client sent it."""
+
     def begin(self) -> bool | None:
         """Claim a slot; False means "do not send" (a breaker is open)."""
 
@@ -78,6 +88,9 @@ class LocalTarget:
     ) -> Reply:
         return await self.backend.open(op, self.model, body, stream=stream, want_usage=want_usage)
 
+    def speaks(self, op: Op, body: dict[str, Any]) -> bool:
+        return op in NATIVE_OPS and self.backend.supports(op) and not self.backend.declines(op, body)
+
     def begin(self) -> bool:
         self.backend.in_flight += 1
         return True
@@ -89,14 +102,16 @@ class LocalTarget:
 class Opened:
     """A request that has reached its target and produced its first bytes."""
 
-    __slots__ = ("target", "reply", "first", "ttft_s", "attempts")
+    __slots__ = ("target", "reply", "first", "ttft_s", "attempts", "op")
 
-    def __init__(self, target: Target, reply: Reply, first: list[bytes] | None, ttft_s: float | None, attempts: int):
+    def __init__(self, target: Target, reply: Reply, first: list[bytes] | None, ttft_s: float | None, attempts: int,
+                 op: Op = "chat"):
         self.target = target
         self.reply = reply
         self.first = first
         self.ttft_s = ttft_s
         self.attempts = attempts
+        self.op = op  # the form the target was sent (and the reply is in): the request's op, or its native op
 
 
 class PeerPlan(list["Target"]):
@@ -192,6 +207,10 @@ class Router:
             code="model_not_found",
         )
 
+    def speaks(self, model: str, op: Op) -> bool:
+        """Whether an engine of this machine that holds ``model`` serves ``op`` natively (worth a native form)."""
+        return any(b.supports(op) and b.state is not BackendState.DOWN for b, _ in self.registry.holders(model))
+
     def _may_retry(self, now: float) -> bool:
         """Spend one retry from the budgets, or say no (spending nothing)."""
         if not self.budget.can_retry(now):
@@ -202,11 +221,13 @@ class Router:
 
     async def open(
         self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool,
-        caller: Caller | None = None,
+        caller: Caller | None = None, native: tuple[Op, dict[str, Any]] | None = None,
     ) -> Opened:
         """Open the request on the first holder that serves it.
 
         An ``ApiError`` raised from here carries ``attempts``: how many holders were tried.
+        ``native``: the request in the client's own API, for the holders that speak it; one that
+        turns out not to (its engine answered 404) is tried again with ``body``, next.
 
         Holders that answer ``EngineFailed`` (alive, but refused this request) are
         counted as failing only if a later holder serves it; if none does, the
@@ -222,8 +243,10 @@ class Router:
         pending: list[Target] = []  # answered EngineFailed: no verdict until we know whether another did better
         started = time.perf_counter()
         attempt = 0
+        queue = list(targets)
         try:
-            for target in targets:
+            while queue:
+                target = queue.pop(0)
                 if attempt >= self.max_attempts:
                     break
                 if attempt > 0 and not self._may_retry(time.monotonic()):
@@ -232,8 +255,9 @@ class Router:
                 if target.begin() is False:
                     continue
                 attempt += 1
+                form = native if native is not None and target.speaks(*native) else (op, body)
                 try:
-                    reply = await target.open(op, body, stream=stream, want_usage=want_usage, caller=caller)
+                    reply = await target.open(form[0], form[1], stream=stream, want_usage=want_usage, caller=caller)
                     first: list[bytes] | None = None
                     if isinstance(reply, StreamReply):
                         try:
@@ -247,7 +271,7 @@ class Router:
                     for t in pending:  # they failed what this one could do
                         t.end(False, None)
                     pending.clear()
-                    return Opened(target, reply, first, ttft, attempt)
+                    return Opened(target, reply, first, ttft, attempt, form[0])
                 except EngineFailed as e:
                     pending.append(target)
                     refused = e
@@ -255,6 +279,8 @@ class Router:
                                 error=e.message)
                 except EngineUnavailable as e:
                     target.end(False, None)
+                    if form[0] != op and not target.speaks(*form):  # no such API there after all
+                        queue.insert(0, target)
                     last = e
                     log.warning("attempt_failed", engine=target.engine, node=target.node, attempt=attempt,
                                 error=e.message)

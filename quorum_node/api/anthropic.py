@@ -1,11 +1,17 @@
-"""The Anthropic Messages API (``/v1/messages``), translated to Chat Completions.
+"""The Anthropic Messages API (``/v1/messages``): passed through, or translated to Chat Completions.
 
 Every engine answers: a Messages request becomes one Chat Completions call
 through the one request path (router, retries, failure contract, record);
 the answer is written back as a Message, or as Anthropic's event stream
-(``message_start`` … ``content_block_delta`` … ``message_stop``). Errors on
-this surface, refusals by the middleware included, are in Anthropic's
-envelope ``{"type": "error", "error": {"type", "message"}}``.
+(``message_start`` … ``content_block_delta`` … ``message_stop``). Where an
+engine of this machine that holds the model serves ``/v1/messages`` (and
+``/v1/messages/count_tokens``) itself, the call also carries the client's
+own request, and that engine gets it as sent (model renamed to the engine's
+id) and answers it in its own words (``api/passthrough.py``): ``stop_sequence``,
+``thinking`` blocks and cache counts as the engine gives them. The request is
+checked, and refused, as below either way. Errors on this surface, refusals
+by the middleware included, are in Anthropic's envelope
+``{"type": "error", "error": {"type", "message"}}``.
 
 Translated: ``system`` (a string or text blocks), ``messages`` (content a
 string or blocks: ``text``, ``image`` (base64 or url), ``tool_use``,
@@ -18,10 +24,12 @@ Accepted and ignored: ``metadata``, ``service_tier``, ``thinking``, ``output_con
 ``cache_control`` on blocks. Refused with a 400: server tools (web search,
 bash, computer use …), ``document`` and other block types, images by file id.
 ``stop_reason`` "stop_sequence" cannot be told from "end_turn" through Chat
-Completions: a stop at a stop sequence is reported as ``end_turn``.
+Completions: a stop at a stop sequence is reported as ``end_turn`` (passed
+through, the engine says which).
 
-``POST /v1/messages/count_tokens`` asks the engine that holds the model for
-a one-token completion of the same conversation and answers its prompt token
+``POST /v1/messages/count_tokens`` is passed through where the engine counts
+tokens itself; elsewhere it asks the engine that holds the model for a
+one-token completion of the same conversation and answers its prompt token
 count (every engine counts that way; one that reports no usage gets a 501).
 """
 
@@ -36,6 +44,7 @@ from ..errors import ApiError, BadRequest, NotSupported
 from .body import read_body
 from .validate import decode_typed
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
+from .passthrough import NativeStream, native_form
 from .surface import PREFIXES, Call, Surface, StreamEncoder, serve
 
 __all__ = ["MESSAGES", "MessagesSurface", "routes", "to_chat"]
@@ -292,6 +301,9 @@ class MessagesSurface(Surface):
     def encoder(self, call: Call) -> StreamEncoder:
         return MessagesStream(call.model)
 
+    def native_encoder(self, call: Call) -> StreamEncoder:
+        return NativeMessagesStream()
+
 
 class CountTokensSurface(MessagesSurface):
     """``count_tokens``: the prompt tokens of a one-token completion."""
@@ -379,24 +391,40 @@ class MessagesStream(StreamEncoder):
         return b"".join(out)
 
     def error(self, message: str, code: str | None, type_: str) -> bytes:
-        kind = "overloaded_error" if type_ == "unavailable_error" else "api_error"
-        return sse("error", {"type": "error", "error": {"type": kind, "message": message}})
+        return _stream_error(message, type_)
+
+
+class NativeMessagesStream(NativeStream):
+    """An engine's own Messages stream; a break still ends as Anthropic's ``error`` event."""
+
+    def error(self, message: str, code: str | None, type_: str) -> bytes:
+        return _stream_error(message, type_)
+
+
+def _stream_error(message: str, type_: str) -> bytes:
+    """The event that makes the anthropic SDK raise: a stream that broke after its first byte."""
+    kind = "overloaded_error" if type_ == "unavailable_error" else "api_error"
+    return sse("error", {"type": "error", "error": {"type": kind, "message": message}})
 
 
 # ------------------------------------------------------------------- handlers
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    req = parse_request(await read_body(request))
-    call = Call(op="chat", model=req.model, body=to_chat(req), stream=bool(req.stream), operation="messages")
+    raw = await read_body(request)
+    req = parse_request(raw)
+    call = Call(op="chat", model=req.model, body=to_chat(req), stream=bool(req.stream), operation="messages",
+                native=native_form(request, "messages", req.model, raw))
     return await serve(request, MESSAGES, call)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
-    req = parse_request(await read_body(request), need_max_tokens=False)
+    raw = await read_body(request)
+    req = parse_request(raw, need_max_tokens=False)
     req.max_tokens = 1
     req.stream = False
-    call = Call(op="chat", model=req.model, body=to_chat(req), stream=False, operation="count_tokens")
+    call = Call(op="chat", model=req.model, body=to_chat(req), stream=False, operation="count_tokens",
+                native=native_form(request, "count_tokens", req.model, raw))
     return await serve(request, _COUNT, call)
 
 

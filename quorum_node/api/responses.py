@@ -1,10 +1,21 @@
-"""The OpenAI Responses API (``/v1/responses``), translated to Chat Completions.
+"""The OpenAI Responses API (``/v1/responses``): passed through, or translated to Chat Completions.
 
 Every engine answers: a Responses request becomes one Chat Completions call
 (``Call(op="chat")``) that goes through the one request path (router, retries,
 failure contract, record), and the answer is written back as a Response
 object, or as the Responses stream (``response.created`` …
 ``response.output_text.delta`` … ``response.completed``).
+
+Where an engine of this machine that holds the model serves
+``/v1/responses`` itself, the call also carries the client's own request
+(``api/passthrough.py``), and that engine gets it as sent, except for what
+the node keeps itself: the model is the engine's id, ``previous_response_id``
+is replaced by the conversation it names (the stored items, in front of
+``input``), and ``store`` is false (the node stores, engines need not). Its
+answer comes back in its own words (reasoning items, its usage), with the
+node's response id and the request's echo where the engine leaves fields
+out, and is stored like a translated one. The request is checked, and
+refused, as below either way.
 
 Translated: ``input`` (a string, or items: messages with ``input_text`` /
 ``output_text`` / ``input_image`` parts, ``function_call``,
@@ -24,7 +35,8 @@ Stored responses (``store`` is true by default) live in memory on the node
 that answered, in a ``ResponseStore`` bounded by count, bytes and age (see
 ``Settings.responses_store_*``); they serve ``GET``/``DELETE
 /v1/responses/{id}`` and ``previous_response_id``, and are visible only to
-the API key that created them.
+the API key that created them. A stored conversation is Responses items
+(the inputs, then the outputs), so it continues on either path.
 """
 
 from __future__ import annotations
@@ -37,11 +49,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from ..backends.native import FINAL, LIFECYCLE
 from ..errors import BadRequest, NotFound
 from .body import read_body
 from .validate import decode_typed
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
 from .keys import DRAFT, SETTINGS
+from .passthrough import NativeStream, frame, native_form
 from .surface import Call, Surface, StreamEncoder, serve
 
 __all__ = ["RESPONSES", "ResponseStore", "ResponsesSurface", "STORE", "routes", "to_chat"]
@@ -55,7 +69,7 @@ _decode = msgspec.json.decode
 
 class Stored(msgspec.Struct, frozen=True, kw_only=True):
     response: bytes  # the Response object, as GET answers it
-    history: bytes  # the conversation so far, as Chat Completions messages (JSON)
+    history: bytes  # the conversation so far, as Responses items (JSON): what previous_response_id continues
     owner: str | None  # the API key that created it; None: no key (loopback, cluster)
     at: float
 
@@ -308,10 +322,16 @@ def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
     raise _unsupported("text.format", f"'text.format': type {kind!r} is not supported")
 
 
+def input_items(inp: str | list[Any]) -> list[Any]:
+    """The request's ``input`` as a list of items (a string is one user message)."""
+    return [{"type": "message", "role": "user", "content": inp}] if isinstance(inp, str) else list(inp)
+
+
 def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The Chat Completions body for ``req``, and the conversation it continues (without instructions)."""
+    """The Chat Completions body for ``req``; and the conversation so far (``history``, then
+    the request's input, as Responses items; its instructions are not part of it)."""
     assert req.input is not None
-    convo = history + input_messages(req.input)
+    convo = input_messages(history) + input_messages(req.input)
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + convo
     body: dict[str, Any] = {"model": req.model, "messages": messages}
     if req.tools:
@@ -332,7 +352,7 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict[
             body["response_format"] = fmt
     if req.stream:
         body["stream"] = True
-    return body, convo
+    return body, history + input_items(req.input)
 
 
 # ----------------------------------------------------------------- the answer
@@ -344,7 +364,7 @@ class Exchange(msgspec.Struct, kw_only=True):
     id: str
     created_at: int
     req: ResponsesRequest
-    convo: list[dict[str, Any]]
+    items: list[dict[str, Any]]  # the conversation so far, this request's input included (Responses items)
     store: ResponseStore | None  # None: store=false
     owner: str | None
 
@@ -391,25 +411,26 @@ def _response(ex: Exchange, *, status: str, output: list[dict[str, Any]], usage:
     }
 
 
-def _assistant_message(output: list[dict[str, Any]]) -> dict[str, Any] | None:
-    text = "".join(p["text"] for it in output if it["type"] == "message" for p in it["content"])
-    calls = [{"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}}
-             for it in output if it["type"] == "function_call"]
-    if not text and not calls:
-        return None
-    msg: dict[str, Any] = {"role": "assistant", "content": text or None}
-    if calls:
-        msg["tool_calls"] = calls
-    return msg
-
-
 def _keep(ex: Exchange, response: dict[str, Any], output: list[dict[str, Any]]) -> None:
     if ex.store is None:
         return
-    reply = _assistant_message(output)
-    history = ex.convo + ([reply] if reply is not None else [])
+    history = ex.items + [it for it in output if isinstance(it, dict)]
     ex.store.put(ex.id, Stored(response=_encode(response), history=_encode(history), owner=ex.owner,
                                at=time.monotonic()), time.monotonic())
+
+
+#: Fields of an engine's Response the node answers in its own words: its id, and what the engine was
+#: not told (the node keeps the conversation and the store).
+_NODE_FIELDS = frozenset({"id", "created_at", "store", "previous_response_id"})
+
+
+def _from_engine(ex: Exchange, engine: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    """An engine's Response as the node answers it: the node's id, the engine's facts, the request's
+    echo where the engine leaves a field out (llama-server gives little more than output and usage)."""
+    output = engine.get("output")
+    out = _response(ex, status=status, output=output if isinstance(output, list) else [], usage=None)
+    out.update((k, v) for k, v in engine.items() if v is not None and k not in _NODE_FIELDS)
+    return out
 
 
 class ResponsesSurface(Surface):
@@ -437,26 +458,50 @@ class ResponsesSurface(Surface):
     def encoder(self, call: Call) -> StreamEncoder:
         return ResponsesStream(call.exchange)  # type: ignore[attr-defined]
 
+    def native_answer(self, call: Call, payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+        ex = call.exchange  # type: ignore[attr-defined]
+        response = _from_engine(ex, payload)
+        _keep(ex, response, response["output"])
+        return web.Response(body=_encode(response), content_type="application/json", headers=headers)
+
+    def native_encoder(self, call: Call) -> StreamEncoder:
+        return NativeResponsesStream(call.exchange)  # type: ignore[attr-defined]
+
 
 RESPONSES = ResponsesSurface()
 
 
-class ResponsesStream(StreamEncoder):
-    """Chat Completions chunks as Responses events, one output item at a time."""
+class _Numbered(StreamEncoder):
+    """What both Responses streams share: numbered events, and the tail of a stream that broke."""
 
     def __init__(self, ex: Exchange) -> None:
         self.ex = ex
         self.seq = 0
-        self.output: list[dict[str, Any]] = []  # items, in order, open ones included
-        self.text: list[str] | None = None  # the open message item's text so far
-        self.tools: dict[int, dict[str, Any]] = {}  # chat tool index -> its function_call item
-        self.open_tool: int | None = None
-        self.finish: str | None = None
+        self.output: list[dict[str, Any]] = []  # the items so far, in order
 
     def _ev(self, kind: str, data: dict[str, Any]) -> bytes:
         data = {"type": kind, "sequence_number": self.seq, **data}
         self.seq += 1
         return sse(kind, data)
+
+    def error(self, message: str, code: str | None, type_: str) -> bytes:
+        # The top-level "error" object is what makes the openai SDK raise on this event.
+        err = self._ev("error", {"code": code, "message": message, "param": None,
+                                 "error": {"type": type_, "code": code, "message": message, "param": None}})
+        failed = _response(self.ex, status="failed", output=self.output, usage=None,
+                           error={"code": "server_error", "message": message})
+        return err + self._ev("response.failed", {"response": failed})
+
+
+class ResponsesStream(_Numbered):
+    """Chat Completions chunks as Responses events, one output item at a time."""
+
+    def __init__(self, ex: Exchange) -> None:
+        super().__init__(ex)
+        self.text: list[str] | None = None  # the open message item's text so far
+        self.tools: dict[int, dict[str, Any]] = {}  # chat tool index -> its function_call item
+        self.open_tool: int | None = None
+        self.finish: str | None = None
 
     def start(self) -> bytes:
         skeleton = _response(self.ex, status="in_progress", output=[], usage=None)
@@ -556,13 +601,36 @@ class ResponsesStream(StreamEncoder):
         out.append(self._ev("response.completed", {"response": response}))
         return b"".join(out)
 
-    def error(self, message: str, code: str | None, type_: str) -> bytes:
-        # The top-level "error" object is what makes the openai SDK raise on this event.
-        err = self._ev("error", {"code": code, "message": message, "param": None,
-                                 "error": {"type": type_, "code": code, "message": message, "param": None}})
-        failed = _response(self.ex, status="failed", output=self.output, usage=None,
-                           error={"code": "server_error", "message": message})
-        return err + self._ev("response.failed", {"response": failed})
+
+class _Head(msgspec.Struct):
+    type: str = ""
+    sequence_number: int = -1
+
+
+_head = msgspec.json.Decoder(_Head).decode
+
+
+class NativeResponsesStream(_Numbered, NativeStream):
+    """An engine's own Responses stream (checked by its adapter): its lifecycle events get the node's id
+    and the request's echo, the finished response is stored, and a break ends as a translated one does."""
+
+    def batch(self, events: list[bytes]) -> bytes:
+        out = []
+        for raw in events:
+            head = _head(raw)
+            self.seq = head.sequence_number + 1  # the adapter numbered them; the tail goes on from there
+            if head.type in LIFECYCLE:
+                ev = _decode(raw)
+                final = head.type in FINAL
+                response = ev["response"] = _from_engine(self.ex, ev["response"],
+                                                         "completed" if final else "in_progress")
+                if final:
+                    _keep(self.ex, response, response["output"])
+                raw = _encode(ev)
+            elif head.type == "response.output_item.done":
+                self.output.append(_decode(raw)["item"])
+            out.append(frame(raw, head.type))
+        return b"".join(out)
 
 
 # ------------------------------------------------------------------- handlers
@@ -573,7 +641,8 @@ def _owner(request: web.Request) -> str | None:
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    req = parse_request(await read_body(request))
+    raw = await read_body(request)
+    req = parse_request(raw)
     store = request.app[STORE]
     owner = _owner(request)
     history: list[dict[str, Any]] = []
@@ -583,11 +652,17 @@ async def create(request: web.Request) -> web.StreamResponse:
             raise BadRequest(f"Previous response with id '{req.previous_response_id}' not found.",
                              param="previous_response_id", code="previous_response_not_found")
         history = _decode(prev.history)
-    body, convo = to_chat(req, history)
-    ex = Exchange(id=new_id("resp_"), created_at=int(time.time()), req=req, convo=convo,
+    body, items = to_chat(req, history)
+    ex = Exchange(id=new_id("resp_"), created_at=int(time.time()), req=req, items=items,
                   store=store if req.store is not False else None, owner=owner)
+
+    def stateless(native: dict[str, Any]) -> None:  # the node keeps the conversation and the store
+        if native.pop("previous_response_id", None) is not None:
+            native["input"] = items
+        native["store"] = False
+
     call = ResponsesCall(op="chat", model=req.model, body=body, stream=bool(req.stream), operation="responses",
-                         exchange=ex)
+                         exchange=ex, native=native_form(request, "responses", req.model, raw, stateless))
     return await serve(request, RESPONSES, call)
 
 

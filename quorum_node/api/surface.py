@@ -23,6 +23,10 @@ What a surface provides:
   ended well (it gets the stream's stats: usage, chunks) and the tail of one
   that broke after its first byte (which the surface's clients must recognise
   as an error, never as a short success).
+- ``native_answer`` and ``native_encoder``: the same, for an answer an engine
+  gave in the surface's own API, where the call carried the client's request
+  in it (``Call.native``) and the router chose an engine that speaks it
+  (``api/passthrough.py``). ``Opened.op`` tells which of the two came back.
 
 Routes are bound to their surface with ``surface.route(...)``, so the errors
 middleware can find the envelope from the matched handler.
@@ -44,12 +48,19 @@ from ..errors import ApiError, StreamBroken, Unavailable
 from .auth import check_scope
 from .keys import DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER
 
-__all__ = ["Call", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
+__all__ = ["Call", "Native", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
 
 log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Native(msgspec.Struct, frozen=True, kw_only=True):
+    """A request in the client's own API, for the engines that serve it (``backends.base.NATIVE_OPS``)."""
+
+    op: Op  # "responses" | "messages" | "count_tokens"
+    body: dict[str, Any]
 
 
 class Call(msgspec.Struct, kw_only=True):
@@ -61,6 +72,7 @@ class Call(msgspec.Struct, kw_only=True):
     stream: bool = False
     want_usage: bool = False  # the client's OpenAI stream wants its usage chunk
     operation: str | None = None  # the surface's own name for it ("generate", "messages"); default: op
+    native: Native | None = None  # the client's own request, passed through to an engine that speaks it
 
 
 class StreamEncoder:
@@ -113,6 +125,14 @@ class Surface:
 
     def encoder(self, call: Call) -> StreamEncoder:
         return _SSE
+
+    def native_answer(self, call: Call, payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
+        """A whole answer an engine gave to ``call.native``, in the surface's own API."""
+        return web.Response(body=_encode(payload), content_type="application/json", headers=headers)
+
+    def native_encoder(self, call: Call) -> StreamEncoder:
+        """The encoder for a stream an engine gave to ``call.native`` (only surfaces that pass through have one)."""
+        raise NotImplementedError(f"the {self.name} surface passes nothing through")
 
     def route(self, method: str, path: str, handler: Handler) -> web.RouteDef:
         """A route of this surface: its errors are answered in this surface's envelope."""
@@ -180,8 +200,10 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     task = inflight.enter()
     try:
         try:
+            native = (call.native.op, call.native.body) if call.native is not None else None
             opened = await router.open(call.op, call.model, call.body, stream=call.stream,
-                                       want_usage=call.want_usage, forwarded=forwarded, caller=caller)
+                                       want_usage=call.want_usage, forwarded=forwarded, caller=caller,
+                                       native=native)
         except asyncio.CancelledError:
             if inflight.is_cut(task):
                 raise Unavailable("This node is shutting down; try again", code="node_stopping") from None
@@ -194,14 +216,15 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
                   ttft_ms=round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None)
         headers = {"X-Quorum-Node": target.node, "X-Quorum-Route": target.route, "X-Request-Id": request[REQUEST_ID]}
         reply = opened.reply
+        passed = opened.op != call.op  # the engine answered the client's own request (Call.native)
         if isinstance(reply, JsonReply):
             target.end(True, opened.ttft_s)
             _tokens(draft, reply.usage, None, call, reply.payload)
-            resp = surface.answer(call, reply.payload, headers)
+            resp = (surface.native_answer if passed else surface.answer)(call, reply.payload, headers)
             await records.seal(draft, resp.status)
             return resp
         assert isinstance(reply, StreamReply)
-        enc = surface.encoder(call)
+        enc = surface.native_encoder(call) if passed else surface.encoder(call)
         resp = _SSEResponse(headers={**enc.headers, **headers})
         ok: bool | None = None  # None: the client went away
         status = 200

@@ -15,13 +15,19 @@ __all__ = [
     "Caller",
     "JsonReply",
     "Model",
+    "NATIVE_OPS",
     "Op",
     "Reply",
     "StreamReply",
     "Timeouts",
 ]
 
-Op = Literal["chat", "completions", "embeddings"]
+Op = Literal["chat", "completions", "embeddings", "responses", "messages", "count_tokens"]
+
+#: The ops an engine may serve in the client's own API, passed through: OpenAI Responses
+#: (``/v1/responses``), Anthropic Messages (``/v1/messages``) and its token count. Which an
+#: engine has is learnt by a probe (``backends/native.py``); the surfaces translate for the rest.
+NATIVE_OPS: frozenset[str] = frozenset({"responses", "messages", "count_tokens"})
 
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,14 +71,19 @@ class Caller(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class JsonReply(msgspec.Struct, frozen=True):
-    """A whole (non-streamed) answer, already in the OpenAI shape."""
+    """A whole (non-streamed) answer, already in the OpenAI shape (a native op's: in its own API's).
+
+    ``usage`` is always in the Chat Completions shape (``prompt_tokens``, ``completion_tokens``):
+    the request's record reads it, whichever API the answer is in.
+    """
 
     payload: dict[str, Any]
     usage: dict[str, Any] | None = None
 
 
 class StreamReply:
-    """An open stream of OpenAI SSE event payloads (JSON bytes, no ``data:``).
+    """An open stream of OpenAI SSE event payloads (JSON bytes, no ``data:``); for a native op,
+    of that API's event payloads (each names its event in its ``type``).
 
     Iterating yields batches: the events that arrived together, so the writer
     can send them in one write. It raises ``EngineUnavailable`` if it fails
@@ -139,7 +150,13 @@ class Backend(ABC):
 
     @abstractmethod
     def supports(self, op: Op) -> bool:
-        """Whether the engine can do ``op`` at all (embeddings on TGI: no)."""
+        """Whether the engine can do ``op`` at all (embeddings on TGI: no); for a ``NATIVE_OPS`` op,
+        whether it serves that API itself (else the surface translates it to ``chat``)."""
+
+    def declines(self, op: Op, body: dict[str, Any]) -> bool:
+        """Whether this request, in a native op it supports, is one the engine's own API gets wrong
+        (a field it drops): it is sent translated instead."""
+        return False
 
     @abstractmethod
     async def open(self, op: Op, model: Model, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:

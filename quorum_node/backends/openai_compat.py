@@ -3,6 +3,10 @@
 A profile names what differs between engines: where health is read, what a
 model list entry carries, whether the stream needs fixing, which capabilities
 exist. Adding an engine that speaks ``/v1`` is adding a profile.
+
+Where the engine serves the OpenAI Responses or Anthropic Messages API itself
+(a probe at refresh tells, ``backends/native.py``), requests in those APIs
+(``NATIVE_OPS``) are passed through, and the answers checked there too.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..errors import (
     StreamBroken,
 )
 from .base import (
+    NATIVE_OPS,
     Backend,
     BackendState,
     JsonReply,
@@ -40,7 +45,17 @@ from .base import (
     StreamStats,
     Timeouts,
 )
-from .sse import FINISH_MAP, EngineErrorEvent, EventSplitter, StreamNormalizer
+from .native import (
+    PROBE_BODIES,
+    BadShape,
+    MessagesEvents,
+    ResponsesEvents,
+    declines,
+    events_for,
+    fix_answer,
+    probe_verdict,
+)
+from .sse import FINISH_MAP, EngineErrorEvent, EventSplitter, StreamNormalizer, engine_error_message
 from .upstream import deadline_for, post, read_capped, read_error_body, read_whole
 from .wire import (
     Answer,
@@ -82,7 +97,10 @@ _encode = msgspec.json.Encoder().encode
 #: The name the node gives the llama-server it starts itself (``node.py``).
 EMBEDDED_ENGINE = "embedded-llamacpp"
 
-PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings"}
+PATHS: dict[str, str] = {
+    "chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses", "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens",
+}
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,6 +114,7 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     request_model: str | None = None  # TGI routes by nothing; "tgi" is safe
     path_ids: bool = False  # llama.cpp names models by file path
     load_path: str | None = None  # where the engine tells how busy it is
+    native: frozenset[str] = NATIVE_OPS  # the native APIs worth a probe (backends/native.py)
 
 
 PROFILES: dict[str, Profile] = {
@@ -104,10 +123,11 @@ PROFILES: dict[str, Profile] = {
         Profile(kind="vllm", load_path="/load"),
         Profile(kind="sglang"),
         Profile(kind="llamacpp", path_ids=True, load_path="/slots"),
-        Profile(kind="tgi", clean_stream=False, ops=frozenset({"chat", "completions"}), request_model="tgi"),
+        Profile(kind="tgi", clean_stream=False, ops=frozenset({"chat", "completions"}), request_model="tgi",
+                native=frozenset()),
         Profile(kind="lmstudio", health_path=None, errors_on_200=True),
         Profile(kind="localai", health_path="/readyz"),
-        Profile(kind="mlx", clean_stream=False, ops=frozenset({"chat", "completions"})),
+        Profile(kind="mlx", clean_stream=False, ops=frozenset({"chat", "completions"}), native=frozenset()),
         Profile(kind="openai", health_path=None),
         Profile(kind="ollama", health_path=None, clean_stream=False),
     )
@@ -249,6 +269,9 @@ class OpenAICompatBackend(Backend):
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._slow_probes = 0  # probes in a row that timed out
+        # Native APIs (op -> served or not), learnt by a probe while the engine is up; an op not
+        # in it is translated, and probed again at the next refresh.
+        self.native: dict[str, bool] = {}
         self._probed = False
         self._probe_timeout = aiohttp.ClientTimeout(total=self._timeouts.probe_s, sock_connect=self._timeouts.probe_s)
 
@@ -306,7 +329,32 @@ class OpenAICompatBackend(Backend):
         self.models = models
         self.last_models = models
         self.engine_load = await self._engine_load()
+        await self._probe_native()
         self._set(BackendState.READY, None)
+
+    async def _probe_native(self) -> None:
+        """Learn which native APIs the engine serves (``backends/native.py``), those not known yet."""
+        todo = [op for op in sorted(self.profile.native) if op not in self.native]
+        if not todo:
+            return
+        learnt = {}
+        for op in todo:  # one after the other: one connection, as the other probes
+            try:
+                async with self._session.post(self.url + PATHS[op], data=PROBE_BODIES[op], headers=self._headers,
+                                              timeout=self._probe_timeout, allow_redirects=False) as resp:
+                    verdict = probe_verdict(resp.status, await read_capped(resp, MAX_PROBE_BYTES) or b"")
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                break  # slow or gone: the rest at the next refresh (a refresh waits at most one probe's time)
+            if verdict is not None:
+                learnt[op] = verdict
+        self.native.update(learnt)
+        if any(learnt.values()):
+            log.info("engine_native_apis", engine=self.name, ops=sorted(op for op, v in self.native.items() if v))
+
+    def _not_native(self, op: str) -> None:
+        """The engine answered a native request as a path it does not have: translate until a probe tells."""
+        if self.native.pop(op, None):
+            log.warning("engine_native_api_gone", engine=self.name, op=op)
 
     async def _engine_load(self) -> int | None:
         """Requests the engine itself says it is working on (everyone's, not only ours); None if it does not say."""
@@ -331,6 +379,8 @@ class OpenAICompatBackend(Backend):
             log.info("engine_state", engine=self.name, state=state.value, was=self.state.value, reason=reason)
         self.state = state
         self.last_error = reason
+        if state is not BackendState.READY:
+            self.native.clear()  # what comes up next may be another build: probed again
         if state is BackendState.DOWN:
             self.models = []
 
@@ -398,7 +448,12 @@ class OpenAICompatBackend(Backend):
         return {}
 
     def supports(self, op: Op) -> bool:
+        if op in NATIVE_OPS:
+            return self.native.get(op, False)
         return op in self.profile.ops
+
+    def declines(self, op: Op, body: dict[str, Any]) -> bool:
+        return declines(self.kind, op, body)
 
     # -- requests --------------------------------------------------------
 
@@ -418,6 +473,8 @@ class OpenAICompatBackend(Backend):
     async def open(self, op: Op, model: Model, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
         if not self.supports(op):
             raise EngineRejected(NotSupported(f"{self.kind} engines do not offer {PATHS[op]}", code="not_supported"))
+        if op in NATIVE_OPS:
+            return await self._open_native(op, model, body, stream=stream)
         payload = self.prepare(op, model, body, stream)
         t = self._timeouts
         who = f"engine {self.name}"
@@ -444,6 +501,50 @@ class OpenAICompatBackend(Backend):
             stats.usage = payload_out.get("usage") if isinstance(payload_out.get("usage"), dict) else None
             return StreamReply(_replay_as_stream(op, payload_out, want_usage), stats)
         return JsonReply(payload_out, payload_out.get("usage"))
+
+    async def _open_native(self, op: Op, model: Model, body: dict[str, Any], *, stream: bool) -> Reply:
+        """A request in the client's own API, passed through; the answer checked (``backends/native.py``)."""
+        payload = dict(body)
+        payload["model"] = self.profile.request_model or model.engine_id
+        t = self._timeouts
+        who = f"engine {self.name}"
+        deadline = deadline_for(t, stream=stream)
+        resp = await post(self._session, self.url + PATHS[op], _encode(payload), self._headers, t,
+                          stream=stream, who=who, deadline=deadline)
+        if resp.status >= 300:
+            raw = await read_error_body(resp, deadline=deadline)
+            err = map_engine_error(resp.status, raw, engine=self.name, retry_after=resp.headers.get("Retry-After"))
+            if resp.status in (404, 405):  # no such route (any more): the router tries this engine translated
+                self._not_native(op)
+                err = EngineUnavailable(err.message, status=404, engine=self.name)
+            raise err
+        if stream:
+            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
+                resp.close()
+                raise EngineUnavailable(f"{who} answered a stream request with no stream", status=502, engine=self.name)
+            stats = StreamStats()
+            events = events_for(op, stats=stats, model=model.id)
+            return StreamReply(stream_events(resp, events, t, self.name, deadline=deadline), stats)
+        raw = await read_whole(resp, t, who, deadline=deadline)
+        try:
+            obj = _decode(raw)
+        except msgspec.DecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise EngineUnavailable(f"{who} sent a malformed answer", status=502, engine=self.name)
+        if obj.get("type") == "error" or (obj.get("error") and obj.get("object") != "response"):
+            info = parse_error(raw)  # LM Studio answers errors (an unknown path too) with HTTP 200
+            unknown_path = info is not None and "Unexpected endpoint" in info.message
+            if unknown_path:
+                self._not_native(op)
+            raise map_engine_error(404 if unknown_path else 400, raw, engine=self.name)
+        if obj.get("status") == "failed":  # a Response that failed: the engine's own error
+            raise engine_failed(engine_error_message(obj), engine=self.name)
+        try:
+            usage = fix_answer(op, obj, model.id)
+        except BadShape as e:
+            raise EngineUnavailable(f"{who} sent an answer without its {e}", status=502, engine=self.name) from None
+        return JsonReply(obj, usage)
 
     def _fix_json(self, op: Op, obj: dict[str, Any], body: dict[str, Any], model: Model) -> dict[str, Any]:
         """Erase the engine's quirks from a checked answer (see ``check_answer``)."""
@@ -479,9 +580,13 @@ def _before_first_byte(e: StreamBroken, name: str) -> EngineError:
 
 
 async def stream_events(
-    resp: aiohttp.ClientResponse, norm: StreamNormalizer, t: Timeouts, name: str, *, deadline: float | None = None
+    resp: aiohttp.ClientResponse, norm: StreamNormalizer | ResponsesEvents | MessagesEvents, t: Timeouts, name: str,
+    *, deadline: float | None = None,
 ) -> AsyncIterator[list[bytes]]:
     """Read an SSE response event by event; see ``StreamReply`` for the contract.
+
+    ``norm`` checks each event: a chat stream's (``sse.StreamNormalizer``) or a
+    native API's (``native.ResponsesEvents``, ``native.MessagesEvents``).
 
     ``deadline`` (loop time) is when the first event must have come; it is the
     same one the wait for the response head ran under (``upstream.post``).
@@ -525,6 +630,9 @@ async def stream_events(
                     if norm.extra:
                         batch.extend(norm.extra)
                         norm.extra.clear()
+                    if norm.ended:  # a native stream's last event (backends/native.py): its [DONE]
+                        clean_end = True
+                        break
             except StreamBroken as e:
                 if first and not batch:  # the first event failed: another engine may still serve it
                     raise _before_first_byte(e, name) from None

@@ -164,6 +164,7 @@ class StreamNormalizer:
     """
 
     __slots__ = ("_clean", "_id", "_created", "_roles", "_want_usage", "_object", "stats", "extra", "_rename")
+    ended = False  # a chat stream ends at [DONE] (a native one at its last event: backends/native.py)
 
     def __init__(
         self, *, clean: bool, want_usage: bool, op: str, stats: StreamStats, rename: tuple[str, str] | None = None

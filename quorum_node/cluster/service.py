@@ -489,6 +489,9 @@ class PeerTarget:
         self.engine = f"peer:{self.node}"
         self._t0 = 0.0
 
+    def speaks(self, op: Op, body: dict[str, Any]) -> bool:
+        return False  # a peer is sent Chat Completions (api/passthrough.py)
+
     def begin(self) -> bool:
         self._t0 = time.monotonic()
         return self.service.table.begin_request(self.peer.node_id, self._t0)

@@ -6,6 +6,8 @@ every route while loading (an HTML page on `/`); path-shaped model id with
 the request's `model` is ignored; first delta `content: null`; an SSE comment
 before content; `timings`; nested errors with an integer `code`; auth by
 `Bearer K`, bare `K` or `X-Api-Key`, with `/health` and `/v1/models` public.
+Its own `/v1/responses` and `/v1/messages` (b11434's wire formats and quirks) are
+in `tests/fakes/native.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.fakes.base import EngineError, Plan
+from tests.fakes.native import LlamaNativeApis
 from tests.fakes.openai_compat import OpenAICompatEngine, StreamCtx
 
 __all__ = ["LlamaCppEngine"]
@@ -32,7 +35,7 @@ def _error(status: int, message: str, etype: str | None = None) -> web.Response:
                              status=status)
 
 
-class LlamaCppEngine(OpenAICompatEngine):
+class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
     kind = "llamacpp"
     default_models = ("/models/SmolLM2-135M-Instruct.Q4_1.gguf",)
     loading_mode = "503"
@@ -49,7 +52,7 @@ class LlamaCppEngine(OpenAICompatEngine):
     total_slots = 1
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
+        return [*super().routes(), *self.native_routes(),
                 ("GET", "/health", self.handle_health),
                 ("GET", "/v1/health", self.handle_health),
                 ("GET", "/props", self.handle_props),

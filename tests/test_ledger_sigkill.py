@@ -2,9 +2,10 @@
 
 The node is a real ``quorum-node run`` process; the engine a fake in this
 test's process; the clients the openai SDK, many at once, streamed and not.
-The record is committed before the answer's last byte leaves, so every
-answer a client holds whole has its row in the SQLite file, whatever instant
-the kill lands on.
+The record is journaled before the answer's last byte leaves, so every
+answer a client holds whole has its row in the SQLite file once the ledger
+is opened again (as a restart or ``quorum-node usage`` does), whatever
+instant the kill lands on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import openai
 
-from quorum_node.control.ledger import LEDGER_FILE
+from quorum_node.control.ledger import LEDGER_FILE, recover
 from tests.conftest import StartFake
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -94,7 +95,9 @@ async def test_sigkill_mid_workload_loses_no_completed_record(fake: StartFake, t
     assert proc.returncode == -signal.SIGKILL
     assert len(broken) == WORKERS  # each worker's last request was cut by the kill
 
-    db = sqlite3.connect(tmp_path / "data" / LEDGER_FILE)  # opening it recovers the WAL, as a restart would
+    path = tmp_path / "data" / LEDGER_FILE
+    recover(path)  # what the writer had not moved yet is in the journal: in it goes (as a restart does)
+    db = sqlite3.connect(path)
     stored = {rid for (rid,) in db.execute("SELECT request_id FROM records")}
     statuses = {status for (status,) in db.execute("SELECT DISTINCT status FROM records")}
     db.close()

@@ -149,9 +149,10 @@ class _StateCollector(Collector):
                                         value=1.0 if relay.state == "up" else 0.0)
         ledger = getattr(node, "ledger", None)
         if ledger is not None:
-            yield GaugeMetricFamily("quorum_ledger_queued", "Records waiting for the ledger's writer",
-                                    value=ledger.queued)
-            yield CounterMetricFamily("quorum_ledger_records_written", "Records committed to the ledger",
+            yield GaugeMetricFamily("quorum_ledger_queued",
+                                    "Records in the ledger's journal waiting for the writer to move them into "
+                                    "the database", value=ledger.queued)
+            yield CounterMetricFamily("quorum_ledger_records_written", "Records committed to the ledger's database",
                                       value=ledger.written)
             yield CounterMetricFamily("quorum_ledger_records_dropped",
                                       "Records not stored: the writer was too far behind, or the insert failed",

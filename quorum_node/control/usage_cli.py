@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from .ledger import BY, LEDGER_FILE, open_readonly, query_rows
+from .ledger import BY, LEDGER_FILE, open_readonly, query_rows, recover
 from .usage import parse_since
 
 __all__ = ["add_usage_command", "cmd_usage"]
@@ -95,6 +95,14 @@ def cmd_usage(args: argparse.Namespace) -> int:
         path = _data_dir(args) / LEDGER_FILE
         if not path.exists():
             print(f"quorum-node: no node at {url} and no ledger at {path}", file=sys.stderr)
+            return 1
+        try:
+            recover(path)  # a node that was killed left records in the journal: they go in first
+        except OSError as e:  # a node holds it (one we could not reach), or we may not write there
+            print(f"quorum-node: ledger {path}: records still in its journal are not counted ({e})",
+                  file=sys.stderr)
+        except sqlite3.Error as e2:
+            print(f"quorum-node: ledger {path}: {e2}", file=sys.stderr)
             return 1
         try:
             conn = open_readonly(path)

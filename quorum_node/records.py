@@ -108,8 +108,10 @@ StartSink = Callable[[Draft], None]
 class Records:
     """Where sealed records go: the log line, the metrics, the ledger (each a sink).
 
-    ``add(sink)``: called synchronously on the event loop for each record; it
-    must be cheap and never raise into the request. ``add_durable(sink)``: an
+    ``add(sink)``: called on the event loop for each record, right after the
+    step of the request path that sealed it (``loop.call_soon``: after the
+    answer's last write, before the loop polls its sockets again); it must be
+    cheap and never raise into the request. ``add_durable(sink)``: an
     awaitable sink (the ledger); ``seal`` awaits it, so a record is stored
     before the answer it describes has ended.
     """
@@ -151,7 +153,13 @@ class Records:
             self._durable.remove(sink)
 
     def _emit(self, record: Record) -> None:
-        _each(self._sinks, record)
+        # Just after the request path's current step: that step goes on to write the answer's end, so the
+        # log line and the metrics (tens of microseconds) are not in the client's latency; every sink still
+        # has the record before the loop reads the next request from any socket.
+        try:
+            asyncio.get_running_loop().call_soon(_each, self._sinks, record)
+        except RuntimeError:  # no loop (a tool, a test)
+            _each(self._sinks, record)
 
     async def seal(self, draft: Draft, status: int) -> Record | None:
         """Seal ``draft`` (once): build the record, hand it to every sink, await the durable ones.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import socket
 from pathlib import Path
@@ -210,6 +211,23 @@ def _membership(settings: Settings) -> Cluster | None:
         raise ConfigError(f"cluster membership in {settings.data_dir}: {e}") from None
 
 
+# The cyclic collector's first threshold (CPython's default is 700 allocations). A node under load allocates
+# a few hundred objects per request and per streamed event; at 700 the collector ran every few events and,
+# every ~100 runs, a full pass over the whole heap (~25 ms with 256 streams open, every stream stalled).
+GC_THRESHOLD = (10_000, 20, 10)
+
+
+def _tune_gc() -> None:
+    """Collect less often, and never again over what the node built at start (modules, app, settings).
+
+    ``gc.freeze`` moves every object alive now to a generation the collector skips; the young ones a
+    request leaves behind are still collected, only in fewer, larger passes.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 async def serve_forever(settings: Settings) -> int:
     """Run a node until SIGINT or SIGTERM; return the exit code."""
     node = Node(settings)
@@ -223,6 +241,7 @@ async def serve_forever(settings: Settings) -> int:
         log.error("listen_failed", host=settings.host, port=settings.port, error=e.strerror or str(e))
         await node.stop()
         return 1
+    _tune_gc()
     try:
         await stop.wait()
     finally:

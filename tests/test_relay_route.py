@@ -512,6 +512,24 @@ async def test_what_a_node_has_in_flight_stays_within_the_relays_queue(start_nod
     await eventually(settled, what="everything acknowledged once the answers ended")
 
 
+async def test_many_short_answers_together_past_the_budget_all_finish(start_node, fake, http, client_for, relay) -> None:
+    # Each answer stays below half a window (so no stream earns credit back on its own), all of them
+    # together well past the sender's budget: what the receiver has read must still be granted back.
+    # paced, so the answers interleave: none ends (and releases its share) before the budget is full
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url, tokens=["z" * 1000] * 40, token_delay_s=0.002)
+    for node in (a, b):  # the same relay: both ends know the same budget
+        node.cluster.relay.send_budget = 128 * 1024  # type: ignore[union-attr]
+    client = client_for(a)
+
+    async def one() -> int:
+        stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+        return sum([len(c.choices[0].delta.content or "") async for c in stream if c.choices])
+
+    async with asyncio.timeout(20):
+        sizes = await asyncio.gather(*(one() for _ in range(16)))
+    assert sizes == [40_000] * 16
+
+
 async def test_an_unsigned_request_through_the_pipe_gets_no_loopback_trust(start_node, fake) -> None:
     from quorum_node.cluster.pipe import serve_in_memory
 

@@ -333,6 +333,7 @@ class RelayLink:
         # so what this node has in flight fits the relay's queue towards a peer (Welcome.send_queue_bytes).
         self.unacked_bytes = 0
         self.send_budget = 4 * 1024 * 1024
+        self.ungranted_bytes = 0  # bytes read on all streams and not yet granted back (``_grant``)
         self._room = asyncio.Event()
         self._room.set()
         self.messages_sent = 0
@@ -442,6 +443,7 @@ class RelayLink:
             self._fail_stream(stream, RelayLinkError(why))
         self._streams.clear()
         self.unacked_bytes = 0
+        self.ungranted_bytes = 0
         for s in self._sessions.values():
             if not s.ready.done():
                 s.ready.set_exception(RelayLinkError(why))
@@ -697,6 +699,8 @@ class RelayLink:
         if stream is not None:
             self._release(max(0, WINDOW - stream.credit))
             stream.credit = WINDOW
+            self.ungranted_bytes -= stream.unacked  # its sender stops counting it too
+            stream.unacked = 0
         return stream
 
     def _release(self, n: int) -> None:
@@ -827,11 +831,29 @@ class RelayLink:
         self._fail_stream(stream, RelayLinkError(f"stream reset: {code}"), remove=False)
 
     def _grant(self, stream: _Stream, consumed: int) -> None:
+        """``consumed`` bytes of ``stream`` were read: grant them back, half a window at a time.
+
+        A sender also counts what it has out on all its streams against one budget (``send_budget``),
+        so many streams that each stay below half a window would, together, hold that budget with
+        bytes long consumed here, and every stream would wait for credit that never comes. Past a
+        quarter of the budget consumed and not yet granted, every stream's share is granted at once.
+        """
+        if (stream.peer, stream.id) not in self._streams:
+            return  # ended: its sender no longer counts what it sent
         stream.unacked += consumed
-        if stream.unacked >= WINDOW // 2 and (stream.peer, stream.id) in self._streams:
-            stream.received_in_window -= stream.unacked
-            self._enqueue(("window", stream.peer, stream.id, stream.unacked))
-            stream.unacked = 0
+        self.ungranted_bytes += consumed
+        if stream.unacked >= WINDOW // 2:
+            self._send_grant(stream)
+        elif self.ungranted_bytes >= self.send_budget // 4:
+            for s in list(self._streams.values()):
+                if s.unacked:
+                    self._send_grant(s)
+
+    def _send_grant(self, stream: _Stream) -> None:
+        self.ungranted_bytes -= stream.unacked
+        stream.received_in_window -= stream.unacked
+        self._enqueue(("window", stream.peer, stream.id, stream.unacked))
+        stream.unacked = 0
 
     async def _send_data(self, stream: _Stream, data: bytes) -> None:
         view = memoryview(data)

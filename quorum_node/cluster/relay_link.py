@@ -154,9 +154,10 @@ class RelayBody:
     Reading it is what grants the sender more credit (``on_consumed``).
     """
 
-    __slots__ = ("_chunks", "_eof", "_exc", "_waiter", "total_bytes", "_on_consumed", "_buffered")
+    __slots__ = ("_chunks", "_eof", "_exc", "_waiter", "total_bytes", "_on_consumed", "_buffered", "_loop")
 
     def __init__(self, on_consumed: Callable[[int], None]) -> None:
+        self._loop = asyncio.get_running_loop()
         self._chunks: deque[bytes] = deque()
         self._eof = False
         self._exc: BaseException | None = None
@@ -198,7 +199,7 @@ class RelayBody:
                 raise self._exc
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             await self._waiter
         if self._exc is not None:
             raise self._exc
@@ -346,7 +347,9 @@ class RelayLink:
         self._sessions: dict[str, _Session] = {}
         self._streams: dict[tuple[str, int], _Stream] = {}
         self._next_sid = 0
-        self._out: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+        # Frames waiting for the writer (a plain deque and one waiter: this is per event on a busy link).
+        self._out: deque[tuple[Any, ...]] = deque()
+        self._out_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
         self._closing = False
@@ -457,8 +460,7 @@ class RelayLink:
             self._on_presence(peer, False)
         self.online.clear()
         self.session_id = None
-        while not self._out.empty():
-            self._out.get_nowait()
+        self._out.clear()
 
     # -- frames in -----------------------------------------------------------------
 
@@ -728,7 +730,10 @@ class RelayLink:
     # -- frames out ----------------------------------------------------------------
 
     def _enqueue(self, item: tuple[Any, ...]) -> None:
-        self._out.put_nowait(item)
+        self._out.append(item)
+        w, self._out_waiter = self._out_waiter, None
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def _writer(self, ws: ClientConnection) -> None:
         """The only sender: frames are encrypted here, in the order they go out (Noise nonces must).
@@ -742,12 +747,17 @@ class RelayLink:
         last = -COALESCE_S
         try:
             while True:
-                items = [await out.get()]
+                while not out:
+                    self._out_waiter = loop.create_future()
+                    await self._out_waiter
                 wait = last + COALESCE_S - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                while not out.empty() and len(items) < BATCH_ITEMS:
-                    items.append(out.get_nowait())
+                if len(out) <= BATCH_ITEMS:
+                    items = list(out)
+                    out.clear()
+                else:
+                    items = [out.popleft() for _ in range(BATCH_ITEMS)]
                 for raw in self._build_all(items):
                     self.messages_sent += 1
                     await ws.send(raw)
@@ -758,16 +768,14 @@ class RelayLink:
             log.exception("relay_writer_failed")
             await ws.close(1011, "writer failed")
 
-    def _build_all(self, items: list[tuple[Any, ...] | None]) -> list[bytes]:
+    def _build_all(self, items: list[tuple[Any, ...]]) -> list[bytes]:
         """Frames for ``items``, in order per peer; data and credit per peer gathered into batches."""
         if not self.batching:
-            return [raw for item in items if item is not None and (raw := self._build(item)) is not None]
+            return [raw for item in items if (raw := self._build(item)) is not None]
         frames: list[bytes] = []
         pending: dict[str, list[tuple[Any, ...]]] = {}
         size: dict[str, int] = {}
         for item in items:
-            if item is None:
-                continue
             kind, peer = item[0], item[1]
             if kind == "data" or kind == "window":
                 group = pending.setdefault(peer, [])

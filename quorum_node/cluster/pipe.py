@@ -38,6 +38,8 @@ _MAX_HEAD = 64 * 1024
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _METHOD = re.compile(r"[A-Z]{1,16}")
+_PATH = re.compile(r"/[^\x00-\x20\x7f]*")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
 
 
 class PipeError(ConnectionError):
@@ -48,10 +50,10 @@ def _check(method: str, path: str, headers: list[tuple[str, str]]) -> None:
     # The head comes from a peer: nothing in it may break out of its line.
     if not _METHOD.fullmatch(method):
         raise PipeError("bad method")
-    if not path.startswith("/") or any(ord(c) <= 0x20 or c == "\x7f" for c in path):
+    if not _PATH.fullmatch(path):
         raise PipeError("bad path")
     for name, value in headers:
-        if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n\x00"):
+        if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
             raise PipeError("bad header")
 
 

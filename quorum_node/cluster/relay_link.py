@@ -113,10 +113,12 @@ def _features(payload: bytes) -> _Features:
 
 BATCH_BYTES = 64 * 1024  # a batch's plaintext, at most (well below the relay's frame limit)
 BATCH_ITEMS = 1024
-# A busy link sends at most one round of messages this often: what comes in between waits and leaves
-# together (fewer, larger batches: fewer seals, writes and relay passes per event). An idle link sends at
-# once, so a lone request's first token is not held back.
+# A busy link (at least ``COALESCE_STREAMS`` streams open) sends at most one round of messages every
+# ``COALESCE_S``: what comes in between waits and leaves together (fewer, larger batches: fewer seals,
+# writes and relay passes per event). A link with a few streams sends at once, so a lone request's head
+# and first token, and a client's requests one after another, are never held back.
 COALESCE_S = 0.002
+COALESCE_STREAMS = 8
 _decode_request = msgspec.msgpack.Decoder(_RequestHead).decode
 _decode_items = msgspec.msgpack.Decoder(list[_Item]).decode
 _decode_response = msgspec.msgpack.Decoder(_ResponseHead).decode
@@ -750,9 +752,10 @@ class RelayLink:
                 while not out:
                     self._out_waiter = loop.create_future()
                     await self._out_waiter
-                wait = last + COALESCE_S - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                if len(self._streams) >= COALESCE_STREAMS:
+                    wait = last + COALESCE_S - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 if len(out) <= BATCH_ITEMS:
                     items = list(out)
                     out.clear()

@@ -62,8 +62,10 @@ MSGS = [{"role": "user", "content": "hi"}]
 HELLO = "Hello, world!"  # the fakes' default tokens, joined
 GOOD_TOKENS = ["Served", " by", " the", " other", " holder"]
 GOOD_TEXT = "".join(GOOD_TOKENS)
-#: Between the entry node and the second peer of ``lan2``: ranks it behind the first (RTT).
-SECOND_PEER_LATENCY_S = 0.02
+#: Between the entry node and the second peer of ``lan2``: ranks it behind the first (RTT). With 20 ms, a
+#: first request to the bad holder slowed by a loaded CI machine could measure a longer time to first token
+#: than the second peer's, and the second was tried first.
+SECOND_PEER_LATENCY_S = 0.1
 #: The entry node of a LAN route probes its peers once, at start: link faults then hit
 #: only the requests under test, never a health check that would reorder the peers.
 QUIET_HEALTH_S = 30.0

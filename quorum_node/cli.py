@@ -255,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command != "run":
+        # The command line's tools (usage, keys, ...): stdout is their answer (--json), so what the node's
+        # code they call logs goes to stderr, warnings and errors only. (A caller in its own process, such
+        # as a test, passes argv and keeps its own logging.)
+        from .log import configure_logging
+
+        configure_logging("console", "warning")
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import openai
 
-from quorum_node.control.ledger import LEDGER_FILE, recover
+from quorum_node.control.ledger import LEDGER_FILE, journal_files
 from tests.conftest import StartFake
+from tests.test_ledger import usage_cli
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -95,8 +96,13 @@ async def test_sigkill_mid_workload_loses_no_completed_record(fake: StartFake, t
     assert proc.returncode == -signal.SIGKILL
     assert len(broken) == WORKERS  # each worker's last request was cut by the kill
 
+    # `quorum-node usage` with the node gone reads the file itself, after moving the journal in (what the
+    # writer had not moved yet), as a restart would: it counts every completed request.
     path = tmp_path / "data" / LEDGER_FILE
-    recover(path)  # what the writer had not moved yet is in the journal: in it goes (as a restart does)
+    offline = await asyncio.to_thread(usage_cli, "--url", url, "--data-dir", str(path.parent))
+    assert offline["source"].startswith("ledger ")
+    assert sum(r["requests"] for r in offline["rows"]) >= len(completed)
+    assert journal_files(path) == []
     db = sqlite3.connect(path)
     stored = {rid for (rid,) in db.execute("SELECT request_id FROM records")}
     statuses = {status for (status,) in db.execute("SELECT DISTINCT status FROM records")}

@@ -98,12 +98,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
             return 1
         try:
             recover(path)  # a node that was killed left records in the journal: they go in first
-        except OSError as e:  # a node holds it (one we could not reach), or we may not write there
+        except (OSError, sqlite3.Error) as e:  # a node holds it (one we could not reach), or it is read-only
             print(f"quorum-node: ledger {path}: records still in its journal are not counted ({e})",
                   file=sys.stderr)
-        except sqlite3.Error as e2:
-            print(f"quorum-node: ledger {path}: {e2}", file=sys.stderr)
-            return 1
         try:
             conn = open_readonly(path)
             try:

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -269,9 +270,10 @@ async def one_request(session: aiohttp.ClientSession, base: str, model: str, max
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None
+    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None,
+    on_token: Any = None,
 ) -> tuple[float, int, float]:
-    """(time to first token, content tokens, total time) of one streamed chat."""
+    """(time to first token, content tokens, total time) of one streamed chat; ``on_token(now)`` per token."""
     body: dict[str, Any] = {**CHAT, "model": model, "stream": True}
     if max_tokens:
         body["max_tokens"] = max_tokens
@@ -289,6 +291,8 @@ async def one_stream(
                     if ttft < 0:
                         ttft = time.perf_counter() - t0
                     n += 1
+                    if on_token is not None:
+                        on_token(time.perf_counter())
     return ttft, n, time.perf_counter() - t0
 
 
@@ -329,13 +333,41 @@ PROC_LABELS = {"local": "serving node", "bare": "serving node", "lan": "entry no
 
 async def throughput(
     session: aiohttp.ClientSession, base: str, model: str, streams: int, max_tokens: int | None
-) -> tuple[float, int]:
-    """(delivered tokens/s, tokens) with ``streams`` concurrent streams (each runs once)."""
+) -> tuple[float, int, float, float]:
+    """(delivered tokens/s, tokens, last first token s, longest stream after its first token s) with
+    ``streams`` concurrent streams, all sent at once (each runs once)."""
     t0 = time.perf_counter()
     results = await asyncio.gather(*(one_stream(session, base, model, max_tokens) for _ in range(streams)))
     wall = time.perf_counter() - t0
     tokens = sum(n for _, n, _ in results)
-    return tokens / wall, tokens
+    return tokens / wall, tokens, max(t for t, _, _ in results), max(total - t for t, _, total in results)
+
+
+async def steady(
+    session: aiohttp.ClientSession, base: str, model: str, streams: int, max_tokens: int | None,
+    seconds: float, warmup_s: float,
+) -> float:
+    """Delivered tokens/s with ``streams`` streams kept open: each client starts its next stream as its last
+    one ends (a closed loop, as ``streams`` busy users would), counted over ``seconds`` after ``warmup_s``.
+
+    The clients start at random times within the first half of the warm-up, so streams begin and end at
+    different moments, as those of independent users do (all at once, they would stay in step)."""
+    t0 = time.perf_counter()
+    start, end = t0 + warmup_s, t0 + warmup_s + seconds
+    counted = 0
+
+    def on_token(now: float) -> None:
+        nonlocal counted
+        if start <= now < end:
+            counted += 1
+
+    async def user() -> None:
+        await asyncio.sleep(random.uniform(0, warmup_s / 2))
+        while time.perf_counter() < end:
+            await one_stream(session, base, model, max_tokens, on_token)
+
+    await asyncio.gather(*(user() for _ in range(streams)))
+    return counted / seconds
 
 
 def fmt_ms(x: float) -> str:
@@ -383,12 +415,16 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
             samples: dict[str, list[float]] = {name: [] for name in routes}
             cpu: dict[str, dict[str, float]] = {name: {} for name in routes}  # route -> process -> CPU s
             delivered: dict[str, int] = {name: 0 for name in routes}
+            first: dict[str, list[float]] = {name: [] for name in routes}  # the last stream's first token
+            body: dict[str, list[float]] = {name: [] for name in routes}  # the longest stream after it
             for _ in range(args.rounds):  # interleaved rounds, so drift hits every route alike
                 for name, base in routes.items():
                     procs = {label: p for label, p in node_procs.items() if label in ROUTE_PROCS.get(name, ())}
                     before = {label: p.cpu_s() for label, p in procs.items()}
-                    rate, tokens = await throughput(session, base, model, c, args.max_tokens)
+                    rate, tokens, last_first, longest = await throughput(session, base, model, c, args.max_tokens)
                     samples[name].append(rate)
+                    first[name].append(last_first)
+                    body[name].append(longest)
                     delivered[name] += tokens
                     for label, p in procs.items():
                         cpu[name][label] = cpu[name].get(label, 0.0) + p.cpu_s() - before[label]
@@ -408,6 +444,25 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
                         cpu_lines.append(f"  {c:4d} streams, {name}: " + ", ".join(
                             f"{PROC_LABELS.get(label, label)} {us:.1f}" for label, us in per.items())
                             + f" us/token; {total:.1f} in all = {cores:.2f} cores at the direct rate")
+            print(line)
+            if c >= 64:  # where the time goes: all streams are sent at once, so the last to start sets the wall
+                print("        last first token / longest stream after it (median ms): " + "; ".join(
+                    f"{name} {statistics.median(first[name]) * 1000:.0f} / {statistics.median(body[name]) * 1000:.0f}"
+                    for name in routes))
+            for name in routes:
+                report[f"{name}_last_first_token_ms_{c}"] = statistics.median(first[name]) * 1000
+        if args.steady_s and args.streams:
+            c = max(args.streams)
+            print(f"\n== delivered stream tokens/s, {c} streams kept open ({args.steady_s:g} s counted after "
+                  f"{args.steady_warmup_s:g} s; each client starts its next stream as its last ends)")
+            rates = {name: await steady(session, base, model, c, args.max_tokens, args.steady_s,
+                                        args.steady_warmup_s) for name, base in routes.items()}
+            line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
+            for name in routes:
+                if name != "direct":
+                    ratio = rates[name] / rates["direct"]
+                    line += f" | {name} {rates[name]:9.1f} tok/s = {ratio * 100:5.1f} %"
+                    report[f"{name}_steady_ratio_{c}"] = ratio
             print(line)
         if cpu_lines:
             print("\n== CPU per delivered token (the route's own processes, user + system; needs no quiet machine)")
@@ -557,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="fake engine's time between tokens")
     ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (llama: 32)")
     ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per level (median; default 3, llama 5)")
+    ap.add_argument("--steady-s", type=float, default=6.0,
+                    help="also measure the highest level with its streams kept open, over this many seconds "
+                         "(0: not)")
+    ap.add_argument("--steady-warmup-s", type=float, default=3.0)
     ap.add_argument("--json", action="store_true", help="also print the report as JSON")
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' log files (their paths are printed)")
     ap.add_argument("--serve-engine", action="store_true", help=argparse.SUPPRESS)

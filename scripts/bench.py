@@ -370,6 +370,17 @@ async def steady(
     return counted / seconds
 
 
+def _rates_line(c: int, rates: dict[str, float], report: dict[str, Any], key: str) -> str:
+    """One level's tokens/s per route and each route's share of direct (stored in ``report``)."""
+    line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
+    for name, rate in rates.items():
+        if name != "direct":
+            ratio = rate / rates["direct"]
+            line += f" | {name} {rate:9.1f} tok/s = {ratio * 100:5.1f} %"
+            report[f"{name}_{key}_{c}"] = ratio
+    return line
+
+
 def fmt_ms(x: float) -> str:
     return f"{x * 1000:8.3f} ms"
 
@@ -429,12 +440,9 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
                     for label, p in procs.items():
                         cpu[name][label] = cpu[name].get(label, 0.0) + p.cpu_s() - before[label]
             rates = {name: statistics.median(xs) for name, xs in samples.items()}
-            line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
+            line = _rates_line(c, rates, report, "ratio")
             for name in routes:
                 if name != "direct":
-                    ratio = rates[name] / rates["direct"]
-                    line += f" | {name} {rates[name]:9.1f} tok/s = {ratio * 100:5.1f} %"
-                    report[f"{name}_ratio_{c}"] = ratio
                     if cpu[name] and delivered[name]:
                         per = {label: s * 1e6 / delivered[name] for label, s in cpu[name].items()}
                         total = sum(per.values())
@@ -457,13 +465,7 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
                   f"{args.steady_warmup_s:g} s; each client starts its next stream as its last ends)")
             rates = {name: await steady(session, base, model, c, args.max_tokens, args.steady_s,
                                         args.steady_warmup_s) for name, base in routes.items()}
-            line = f"  {c:4d} streams: direct {rates['direct']:9.1f} tok/s"
-            for name in routes:
-                if name != "direct":
-                    ratio = rates[name] / rates["direct"]
-                    line += f" | {name} {rates[name]:9.1f} tok/s = {ratio * 100:5.1f} %"
-                    report[f"{name}_steady_ratio_{c}"] = ratio
-            print(line)
+            print(_rates_line(c, rates, report, "steady_ratio"))
         if cpu_lines:
             print("\n== CPU per delivered token (the route's own processes, user + system; needs no quiet machine)")
             print("\n".join(cpu_lines))

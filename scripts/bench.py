@@ -340,7 +340,8 @@ async def throughput(
     results = await asyncio.gather(*(one_stream(session, base, model, max_tokens) for _ in range(streams)))
     wall = time.perf_counter() - t0
     tokens = sum(n for _, n, _ in results)
-    return tokens / wall, tokens, max(t for t, _, _ in results), max(total - t for t, _, total in results)
+    started = [(t, total) for t, _, total in results if t >= 0] or [(wall, wall)]  # t < 0: no token came
+    return tokens / wall, tokens, max(t for t, _ in started), max(total - t for t, total in started)
 
 
 async def steady(

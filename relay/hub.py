@@ -98,6 +98,7 @@ class Hub:
                     send_queue_bytes=self.send_queue_bytes,
                     batch=True,
                     drain=True,
+                    batch_streams=True,
                 )
             )
         )
@@ -210,6 +211,11 @@ class Hub:
                 if not self.streams.reset(ns, src.node_id, peer, stream):
                     stats.dropped += 1
                     return
+            case Batch(peer=peer, opens=opens, closes=closes) if opens or closes:
+                dst = self._route(src, peer, 0)
+                if dst is not None:
+                    self._forward_batch(src, dst, raw, opens, closes)
+                return
             case Hello(peer=peer) | HelloReply(peer=peer) | Batch(peer=peer):
                 dst = self._route(src, peer, 0)
                 if dst is None:
@@ -220,6 +226,31 @@ class Hub:
             case Welcome() | Joined() | Left() | Unreachable():
                 raise ProtocolViolation(f"{type(frame).__name__} is sent by the relay only")
         dst.send(rewrite_peer(raw, src.peer_bytes))
+        if self._overflowed:
+            self._flush()
+
+    def _forward_batch(self, src: Link, dst: Link, raw: bytes, opens: tuple[int, ...],
+                       closes: tuple[int, ...]) -> None:
+        """A ``Batch`` that opens or ends streams: counted like ``Open``/``Close`` frames, forwarded whole.
+
+        Its items cannot be taken out (they are encrypted together), so a stream past
+        the limit reaches the destination opened and is reset there, as to its opener.
+        """
+        ns, node_id, streams = src.namespace, src.node_id, self.streams
+        refused: list[int] = []
+        for stream in opens:
+            result = streams.open(ns, node_id, dst.node_id, stream)
+            if result is not OpenResult.OPENED:
+                if result is not OpenResult.TOO_MANY:
+                    raise ProtocolViolation(f"Batch opens: {result.value} {stream}")
+                self.stats.rejections["too_many_streams"] += 1
+                refused.append(stream)
+        dst.send(rewrite_peer(raw, src.peer_bytes))
+        for stream in closes:
+            streams.close(ns, node_id, dst.node_id, stream)
+        for stream in refused:
+            src.send(encode(Reset(peer=dst.node_id, stream=stream, code="too_many_streams")))
+            dst.send(encode(Reset(peer=node_id, stream=stream, code="too_many_streams")))
         if self._overflowed:
             self._flush()
 

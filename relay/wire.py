@@ -53,7 +53,14 @@ to end; the relay only forwards). ``Batch`` carries many streams' data and
 credit to one peer in one encrypted message; the relay routes it by ``peer``
 alone (it cannot see which streams it holds; the receiving node drops items of
 streams it does not have open). A relay that forwards it says so in
-``Welcome.batch``; nodes send it only to such a relay.
+``Welcome.batch``; nodes send it only to such a relay. A batch may also open
+and end streams (its encrypted items say so to the peer): ``opens`` and
+``closes`` list those stream ids in the clear, and the relay applies them to
+its stream table as it would ``Open`` and ``Close`` frames (an ``opens`` id
+past the stream limit is reset to both sides with ``too_many_streams``; a
+wrong-parity or duplicate id is a protocol violation). A relay that does so
+says ``Welcome.batch_streams``; nodes send ``opens``/``closes`` only to such a
+relay (an older one would forward them without counting).
 
 Close codes (the relay closing a node's WebSocket)
 --------------------------------------------------
@@ -132,6 +139,8 @@ class Welcome(_F, frozen=True, kw_only=True):
     batch: bool = False
     # This relay knows ``Draining`` (a node must not send it to one that does not).
     drain: bool = False
+    # This relay applies ``Batch.opens`` / ``Batch.closes`` to its stream table.
+    batch_streams: bool = False
 
 
 class Joined(_F, frozen=True, kw_only=True):
@@ -190,11 +199,15 @@ class Batch(_F, frozen=True, kw_only=True):
 
     ``payload`` is one encrypted message holding many stream items, so a busy
     link pays one WebSocket message, one relay hop and one AEAD operation for
-    many small frames. The relay routes it like ``Hello``: by ``peer`` only.
+    many small frames. The relay routes it by ``peer`` and counts the streams
+    it opens (``opens``) and ends (``closes``: the sender's half) as it would
+    ``Open`` and ``Close`` frames; it sees nothing else of them.
     """
 
     peer: str
     payload: bytes
+    opens: tuple[int, ...] = ()
+    closes: tuple[int, ...] = ()
 
 
 class Window(_F, frozen=True, kw_only=True):

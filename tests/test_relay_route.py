@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -644,3 +645,123 @@ async def test_a_peer_of_an_older_version_gets_plain_frames_and_is_served(
 
     assert await asyncio.gather(*(one() for _ in range(64))) == ["".join(tokens)] * 64
     assert b.cluster.relay.batches_sent > before
+
+
+class FrameLog:
+    """What each node sends through the relay, decoded as the relay decodes it (the hub's entry, wrapped).
+
+    Made before the nodes connect (each connection's handler takes the hub's entry as it starts).
+    """
+
+    def __init__(self, relay: Relay, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.frames: list[tuple[str, wire.Frame]] = []
+        hub = relay.hub
+        handle = hub.handle
+
+        def recording(src: Any, raw: bytes | str) -> None:
+            if isinstance(raw, bytes):
+                with contextlib.suppress(ValueError):
+                    self.frames.append((src.node_id, wire.decode(raw)))
+            handle(src, raw)
+
+        monkeypatch.setattr(hub, "handle", recording)
+
+    def clear(self) -> None:
+        self.frames.clear()
+
+    def of(self, node_id: str, kind: type[Any]) -> list[Any]:
+        return [f for src, f in self.frames if src == node_id and isinstance(f, kind)]
+
+
+def table_empties(relay: Relay) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(relay.hub.streams) == 0
+
+    return check
+
+
+async def burst(client: openai.AsyncOpenAI, n: int, *, stream: bool = False) -> list[str]:
+    async def one() -> str:
+        if not stream:
+            out = await client.chat.completions.create(model=MODEL, messages=MSGS)
+            return out.choices[0].message.content or ""
+        s = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+    return await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_a_burst_opens_and_ends_its_streams_inside_batches(
+        start_node, fake, http, client_for, relay, monkeypatch) -> None:
+    assert relay.relay is not None
+    log = FrameLog(relay.relay, monkeypatch)
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert a.cluster is not None and b.cluster is not None
+    log.clear()
+    assert await burst(client_for(a), 64) == ["Hello, world!"] * 64
+    a_id, b_id = a.cluster.node_id, b.cluster.node_id
+    opened_in_batches = sum(len(f.opens) for f in log.of(a_id, wire.Batch))
+    plain_opens = len(log.of(a_id, wire.Open))
+    assert opened_in_batches + plain_opens >= 64 and opened_in_batches > plain_opens
+    # fewer messages than requests, each way: a request is an item, not three frames
+    assert len([f for src, f in log.frames if src == a_id]) < 64
+    assert sum(len(f.closes) for f in log.of(b_id, wire.Batch)) > len(log.of(b_id, wire.Close))
+    # the relay counted each of them open and closed: nothing is left in its table
+    await eventually(table_empties(relay.relay), what="the relay's stream table empties")
+
+
+async def test_a_peer_that_batches_but_does_not_open_streams_in_batches_gets_open_frames(
+        start_node, fake, http, client_for, relay, monkeypatch) -> None:
+    from quorum_node.cluster.relay_link import _Features
+
+    assert relay.relay is not None
+    log = FrameLog(relay.relay, monkeypatch)
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert a.cluster is not None and b.cluster is not None
+    served = b.cluster.relay
+    assert served is not None
+    # B poses as the version before: it reads Batch, but no stream item opens or ends a stream
+    served.features = msgspec.msgpack.encode(_Features(batch=True))
+    a_id, b_id = a.cluster.node_id, b.cluster.node_id
+    served._end_session(a_id, "test: renegotiate")  # both ends start a new session (as after a reconnection)
+    a.cluster.relay._end_session(b_id, "test: renegotiate")  # type: ignore[union-attr]
+    log.clear()
+    assert await burst(client_for(a), 64) == ["Hello, world!"] * 64
+    # A opens and ends its streams to B with frames of their own, as that version reads them
+    assert len(log.of(a_id, wire.Open)) >= 64 and len(log.of(a_id, wire.Close)) >= 64
+    assert not any(f.opens or f.closes for f in log.of(a_id, wire.Batch))
+    await eventually(table_empties(relay.relay), what="the relay's stream table empties")
+
+
+async def test_a_relay_that_does_not_count_batched_streams_gets_open_frames(
+        start_node, fake, http, client_for, relay, monkeypatch) -> None:
+    import relay.hub as hub_module
+
+    welcome = hub_module.Welcome
+    monkeypatch.setattr(hub_module, "Welcome", lambda **kw: welcome(**{**kw, "batch_streams": False}))
+    await relay.stop()  # the nodes join a relay of the version before
+    await relay.start()
+    assert relay.relay is not None
+    log = FrameLog(relay.relay, monkeypatch)
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert a.cluster is not None and b.cluster is not None
+    assert a.cluster.relay is not None and not a.cluster.relay.batch_streams and a.cluster.relay.batching
+    log.clear()
+    assert await burst(client_for(a), 64) == ["Hello, world!"] * 64
+    assert log.of(a.cluster.node_id, wire.Open) and log.of(a.cluster.node_id, wire.Batch)
+    assert not any(f.opens or f.closes for _, f in log.frames if isinstance(f, wire.Batch))
+    await eventually(table_empties(relay.relay), what="the relay's stream table empties")
+
+
+async def test_a_batch_opening_streams_in_a_session_the_peer_lost_is_retried_in_a_new_one(
+        start_node, fake, http, client_for, relay) -> None:
+    a, b, eng = await wan_pair(start_node, fake, http, relay.url)
+    assert a.cluster is not None and b.cluster is not None
+    client = client_for(a)
+    assert await burst(client, 1) == ["Hello, world!"]
+    served = b.cluster.relay
+    assert served is not None
+    served._sessions.pop(a.cluster.node_id)  # B forgets the session (as after a restart of its link state)
+    before = len(eng.requests)
+    assert await burst(client, 8) == ["Hello, world!"] * 8  # B resets them no_session; A asks again, handshaking
+    assert len(eng.requests) - before == 8  # served once each

@@ -24,7 +24,10 @@ Under load, the writer sends what is queued for one peer together: data and
 credit for many streams go as one ``Batch`` frame (one WebSocket message, one
 Noise seal, one pass through the relay) when the relay says it forwards them
 and the peer said, in its handshake, that it reads them (``_Features``: a peer
-of an older version says nothing and gets the plain frames).
+of an older version says nothing and gets the plain frames). Where both the
+relay (``Welcome.batch_streams``) and the peer (``_Features.streams``) know
+how, a batch also opens and ends streams, so a small request is one item
+(head, body, end) among many others' in one message instead of three frames.
 
 A node that begins to stop calls ``drain``: the relay tells the namespace it is
 draining (its peers send it no new requests), new streams opened to it are
@@ -79,11 +82,23 @@ class _ResponseHead(msgspec.Struct, frozen=True, array_like=True):
 
 
 class _Item(msgspec.Struct, frozen=True, array_like=True):
-    """One stream's share of a ``Batch``: data for it, or credit for it."""
+    """One stream's share of a ``Batch``: data for it, or credit for it; it may open or end the stream.
+
+    With ``OPEN`` in ``flags``, ``data`` is the request head (what an ``Open``
+    frame carries); with ``FIN``, the sender's half ends after ``data`` (what a
+    ``Close`` frame says). A peer reads flags only if its handshake said
+    ``streams`` (an older one would take an opening item for data of a stream
+    it does not have).
+    """
 
     stream: int
     data: bytes = b""
     credit: int = 0
+    flags: int = 0
+
+
+OPEN = 1
+FIN = 2
 
 
 class _Features(msgspec.Struct, frozen=True, kw_only=True):
@@ -95,9 +110,10 @@ class _Features(msgspec.Struct, frozen=True, kw_only=True):
 
     v: int = 1
     batch: bool = False  # it decodes ``Batch`` frames
+    streams: bool = False  # it reads ``_Item.flags``: batches may open and end its streams
 
 
-_FEATURES = msgspec.msgpack.encode(_Features(batch=True))
+_FEATURES = msgspec.msgpack.encode(_Features(batch=True, streams=True))
 _decode_features = msgspec.msgpack.Decoder(_Features).decode
 
 
@@ -283,15 +299,18 @@ def _numbered(hs: Handshake) -> tuple[NumberedSender, NumberedReceiver]:
 class _Session:
     """The Noise session with one peer over this relay connection."""
 
-    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch")
+    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch", "streams", "opened_after")
 
-    def __init__(self) -> None:
+    def __init__(self, opened_after: int) -> None:
         self.send: NumberedSender | None = None
         self.recv: NumberedReceiver | None = None
         self.handshake: Handshake | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.initiator = False
         self.batch = False  # the peer said in its handshake that it reads Batch frames
+        self.streams = False  # ... and that its batches may open and end streams (``_Item.flags``)
+        # Our streams numbered past this (``_new_sid``'s count) were opened in this session, the rest before it.
+        self.opened_after = opened_after
 
 
 class RelayLink:
@@ -334,6 +353,8 @@ class RelayLink:
         self.online: dict[str, float] = {}  # peer id -> since
         self.max_frame_bytes = 256 * 1024
         self.batching = False  # the relay forwards Batch frames (Welcome.batch)
+        self.batch_streams = False  # ... and counts the streams they open and end (Welcome.batch_streams)
+        self.features = _FEATURES  # what this node tells its peers it reads (tests pose as older versions)
         self.relay_drains = False  # the relay knows the Draining frame (Welcome.drain)
         self.draining = False  # this node is stopping: new streams to it are refused (``drain``)
         # Payload bytes sent on all streams and not yet acknowledged by credit: kept below ``send_budget``,
@@ -469,9 +490,10 @@ class RelayLink:
     def _dispatch(self, frame: wire.Frame) -> None:
         match frame:
             case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame, batch=batch,
-                              send_queue_bytes=queue_bytes, drain=drain):
+                              send_queue_bytes=queue_bytes, drain=drain, batch_streams=batch_streams):
                 self.session_id = session
                 self.batching = batch
+                self.batch_streams = batch and batch_streams
                 self.relay_drains = drain
                 if drain and self.draining:  # a new connection while stopping: the namespace hears it again
                     self._enqueue(("draining", ""))
@@ -505,16 +527,17 @@ class RelayLink:
                 self._on_open(peer, sid, payload)
             case wire.Data(peer=peer, stream=sid, payload=payload):
                 self._on_data(peer, sid, payload)
-            case wire.Batch(peer=peer, payload=payload):
-                self._on_batch(peer, payload)
+            case wire.Batch(peer=peer, payload=payload, opens=opens):
+                self._on_batch(peer, payload, opens)
             case wire.Window(peer=peer, stream=sid, credit=credit):
                 self._on_window(peer, sid, credit)
             case wire.Close(peer=peer, stream=sid, payload=payload):
                 self._on_close(peer, sid, payload)
             case wire.Reset(peer=peer, stream=sid, code=code):
                 stream = self._forget((peer, sid))
-                if code == "no_session":  # the peer dropped our session: the next stream handshakes anew
-                    self._end_session(peer, "the peer has no session with us")
+                if code == "no_session" and self._in_current_session(peer, sid):
+                    # the next stream handshakes anew; ours still waiting for an answer are asked again in it
+                    self._end_session(peer, "the peer has no session with us", retry=True)
                 elif code == "draining":  # it is stopping (and we had not heard yet, or the relay cannot tell)
                     self._on_draining(peer)
                 if stream is not None:
@@ -522,6 +545,11 @@ class RelayLink:
                     self._fail_stream(stream, error(f"stream reset by {peer}: {code}"), remove=False)
             case _:
                 pass
+
+    def _in_current_session(self, peer: str, sid: int) -> bool:
+        """Our stream ``sid`` was opened in the session we have with ``peer`` now (not in one it replaced)."""
+        session = self._sessions.get(peer)
+        return session is not None and (sid + 1) // 2 > session.opened_after
 
     def _joined(self, peer: str, since: float, draining: bool = False) -> None:
         if peer == self.node_id:
@@ -540,14 +568,21 @@ class RelayLink:
         if self.online.pop(peer, None) is not None:
             self._on_presence(peer, False)
 
-    def _end_session(self, peer: str, why: str) -> None:
+    def _end_session(self, peer: str, why: str, *, retry: bool = False) -> None:
+        """Forget the session with ``peer`` and fail its streams.
+
+        With ``retry`` (the peer said it has no such session: it served nothing
+        in it), our requests still waiting for their answer's head fail with
+        ``SessionLost``, which ``request`` sends once more in a fresh session.
+        """
         session = self._sessions.pop(peer, None)
         if session is not None and not session.ready.done():
             session.ready.set_exception(RelayLinkError(why))
             session.ready.exception()
         for key, stream in list(self._streams.items()):
             if key[0] == peer:
-                self._fail_stream(stream, RelayLinkError(why))
+                lost = retry and stream.head is not None and not stream.head.done()
+                self._fail_stream(stream, SessionLost(why) if lost else RelayLinkError(why))
 
     def _prologue(self, initiator: str, responder: str, initiator_session: str) -> bytes:
         return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(),
@@ -566,7 +601,7 @@ class RelayLink:
         hs = Handshake(initiator=False, psk=self._psk, prologue=self._prologue(peer, self.node_id, their_session))
         try:
             theirs = _features(hs.read_message(message))
-            reply = hs.write_message(_FEATURES)
+            reply = hs.write_message(self.features)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
             return
@@ -575,11 +610,12 @@ class RelayLink:
         else:
             if existing is not None:
                 self._end_session(peer, "the peer started a new session")
-            session = _Session()
+            session = _Session(self._next_sid)
             self._sessions[peer] = session
         session.initiator = False
         session.handshake = None
         session.batch = theirs.batch
+        session.streams = theirs.batch and theirs.streams
         session.send, session.recv = _numbered(hs)
         self._enqueue(("hello_reply", peer, reply))
         session.ready.set_result(None)
@@ -589,7 +625,8 @@ class RelayLink:
         if session is None or session.handshake is None or session.ready.done():
             return
         try:
-            session.batch = _features(session.handshake.read_message(payload)).batch
+            theirs = _features(session.handshake.read_message(payload))
+            session.batch, session.streams = theirs.batch, theirs.batch and theirs.streams
             session.send, session.recv = _numbered(session.handshake)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
@@ -614,7 +651,10 @@ class RelayLink:
         plain = self._open_payload(peer, payload)
         if plain is None:
             self._enqueue(("reset", peer, sid, "no_session"))
-            return
+        else:
+            self._on_plain_open(peer, sid, plain)
+
+    def _on_plain_open(self, peer: str, sid: int, plain: bytes) -> None:
         try:
             head = _decode_request(plain)
         except (msgspec.DecodeError, ValueError):
@@ -638,9 +678,11 @@ class RelayLink:
             self._release(back)
             stream.credit_event.set()
 
-    def _on_batch(self, peer: str, payload: bytes) -> None:
+    def _on_batch(self, peer: str, payload: bytes, opens: tuple[int, ...]) -> None:
         plain = self._open_payload(peer, payload)
-        if plain is None:
+        if plain is None:  # the streams it opened cannot be served: their requesters try a fresh session
+            for sid in opens[:BATCH_ITEMS]:
+                self._enqueue(("reset", peer, sid, "no_session"))
             return
         try:
             items = _decode_items(plain)
@@ -649,10 +691,16 @@ class RelayLink:
             self._end_session(peer, "the peer sent a malformed batch")
             return
         for item in items[:BATCH_ITEMS]:
-            if item.credit:
-                self._on_window(peer, item.stream, item.credit)
-            if item.data:
-                self._on_plain_data(peer, item.stream, item.data)
+            flags = item.flags
+            if flags & OPEN:
+                self._on_plain_open(peer, item.stream, item.data)
+            else:
+                if item.credit:
+                    self._on_window(peer, item.stream, item.credit)
+                if item.data:
+                    self._on_plain_data(peer, item.stream, item.data)
+            if flags & FIN:
+                self._on_plain_close(peer, item.stream)
 
     def _on_data(self, peer: str, sid: int, payload: bytes) -> None:
         plain = self._open_payload(peer, payload)  # always: every sealed frame moves the nonce, even a late one
@@ -685,8 +733,12 @@ class RelayLink:
 
     def _on_close(self, peer: str, sid: int, payload: bytes) -> None:
         opened = self._open_payload(peer, payload)  # always: every sealed frame moves the nonce, even a late one
+        if opened is not None:
+            self._on_plain_close(peer, sid)
+
+    def _on_plain_close(self, peer: str, sid: int) -> None:
         stream = self._streams.get((peer, sid))
-        if stream is None or opened is None:
+        if stream is None:
             return
         stream.got_close = True
         if not stream.outgoing and stream.request is not None and stream.task is None:
@@ -772,18 +824,32 @@ class RelayLink:
             await ws.close(1011, "writer failed")
 
     def _build_all(self, items: list[tuple[Any, ...]]) -> list[bytes]:
-        """Frames for ``items``, in order per peer; data and credit per peer gathered into batches."""
+        """Frames for ``items``, in order per peer; data and credit per peer gathered into batches.
+
+        Opening and closing a stream go into the batch too where the relay and
+        the peer both know how (``_opens_in_batch``); otherwise they are frames of
+        their own, and what was gathered for that peer goes before them.
+        """
         if not self.batching:
             return [raw for item in items if (raw := self._build(item)) is not None]
         frames: list[bytes] = []
         pending: dict[str, list[tuple[Any, ...]]] = {}
         size: dict[str, int] = {}
+        streams_ok: dict[str, bool] = {}
         for item in items:
             kind, peer = item[0], item[1]
             if kind == "data" or kind == "window":
+                batchable = True
+            elif kind == "open" or kind == "close":
+                batchable = streams_ok.get(peer)
+                if batchable is None:
+                    batchable = streams_ok[peer] = self._opens_in_batch(peer)
+            else:
+                batchable = False
+            if batchable:
                 group = pending.setdefault(peer, [])
                 group.append(item)
-                size[peer] = size.get(peer, 0) + (len(item[3]) if kind == "data" else 0) + 16
+                size[peer] = size.get(peer, 0) + (len(item[3]) if kind != "window" else 0) + 16
                 if size[peer] >= BATCH_BYTES or len(group) >= BATCH_ITEMS:
                     self._flush_batch(peer, pending.pop(peer), frames)
                     size.pop(peer)
@@ -798,6 +864,10 @@ class RelayLink:
             self._flush_batch(peer, group, frames)
         return frames
 
+    def _opens_in_batch(self, peer: str) -> bool:
+        session = self._sessions.get(peer)
+        return self.batch_streams and session is not None and session.streams
+
     def _flush_batch(self, peer: str, group: list[tuple[Any, ...]], frames: list[bytes]) -> None:
         if len(group) == 1:
             raw = self._build(group[0])
@@ -810,14 +880,30 @@ class RelayLink:
             return
         if session is None or session.send is None:
             return  # the session ended while these waited; their streams were failed
-        plain = _ITEMS.encode([_Item(stream=i[2], data=i[3]) if i[0] == "data" else _Item(stream=i[2], credit=i[3])
-                               for i in group])
+        entries: list[_Item] = []
+        opens: list[int] = []
+        closes: list[int] = []
+        for kind, _, sid, value in group:
+            if kind == "data":
+                entries.append(_Item(stream=sid, data=value))
+            elif kind == "window":
+                entries.append(_Item(stream=sid, credit=value))
+            elif kind == "open":
+                entries.append(_Item(stream=sid, data=value, flags=OPEN))
+                opens.append(sid)
+            else:  # close (no trailer: this version sends none): it ends the stream's last item if it can
+                closes.append(sid)
+                last = entries[-1] if entries else None
+                if last is not None and last.stream == sid and not last.flags & FIN:
+                    entries[-1] = _Item(stream=sid, data=last.data, credit=last.credit, flags=last.flags | FIN)
+                else:
+                    entries.append(_Item(stream=sid, flags=FIN))
         try:
-            sealed = session.send.seal(plain)
+            sealed = session.send.seal(_ITEMS.encode(entries))
         except NoiseError:
             self._end_session(peer, "session renewed")
             return
-        frames.append(wire.encode(wire.Batch(peer=peer, payload=sealed)))
+        frames.append(wire.encode(wire.Batch(peer=peer, payload=sealed, opens=tuple(opens), closes=tuple(closes))))
         self.batches_sent += 1
         self.batched_items += len(group)
 
@@ -914,12 +1000,12 @@ class RelayLink:
                 raise RelayLinkError("not connected to the relay")
             if peer not in self.online:
                 raise RelayLinkError(f"peer {peer} is not on the relay")
-            session = _Session()
+            session = _Session(self._next_sid)
             session.initiator = True
             session.handshake = Handshake(initiator=True, psk=self._psk,
                                           prologue=self._prologue(self.node_id, peer, self.session_id))
             self._sessions[peer] = session
-            hello = session.handshake.write_message(_FEATURES)  # what we read, told inside the encryption
+            hello = session.handshake.write_message(self.features)  # what we read, told inside the encryption
             self._enqueue(("hello", peer, self.session_id.encode() + b"\x00" + hello))
         await asyncio.shield(session.ready)
         return session

@@ -16,6 +16,7 @@ from relay.wire import (
     CLOSE_PROTOCOL,
     CLOSE_REPLACED,
     CLOSE_TOO_SLOW,
+    Batch,
     Close,
     Data,
     Draining,
@@ -173,6 +174,59 @@ async def test_stream_limit_resets_too_many_streams(start_relay: StartRelay, joi
     assert await a.expect(Open) == Open(peer="b", stream=4, payload=b"4")
     await b.send(Open(peer="a", stream=6, payload=b"6"))
     assert await b.expect(Reset) == Reset(peer="a", stream=6, code="too_many_streams")
+
+
+async def test_batches_open_and_end_streams_as_open_and_close_frames_do(start_relay: StartRelay, join: Connect) -> None:
+    relay = await start_relay(max_streams_per_node=3)
+    a = await join(relay, "a")
+    b = await join(relay, "b")
+    await joined(a, "b")
+    assert a.welcome.batch_streams and a.welcome.batch
+    await a.send(Batch(peer="b", payload=b"sealed 1 3", opens=(1, 3)))
+    assert await b.expect(Batch) == Batch(peer="a", payload=b"sealed 1 3", opens=(1, 3))  # forwarded whole
+    assert len(relay.hub.streams) == 2
+    await a.send(Data(peer="b", stream=3, payload=b"plain data on a batch-opened stream"))
+    assert (await b.expect(Data)).stream == 3
+    # a's half of 1 ends in a batch, b's in one; b resets 3 with a frame: the table is empty again
+    await a.send(Batch(peer="b", payload=b"fin 1", closes=(1,)))
+    await b.send(Batch(peer="a", payload=b"fin 1", closes=(1,)))
+    assert (await b.expect(Batch)).closes == (1,) and (await a.expect(Batch)).closes == (1,)
+    assert len(relay.hub.streams) == 1
+    await b.send(Reset(peer="a", stream=3, code="cancel"))
+    assert await a.expect(Reset) == Reset(peer="b", stream=3, code="cancel")
+    assert len(relay.hub.streams) == 0
+    # past the limit (3): the batch still reaches b (its items are sealed together), and the refused
+    # stream is reset to both sides
+    await a.send(Batch(peer="b", payload=b"5 7 9 11", opens=(5, 7, 9, 11)))
+    assert (await b.expect(Batch)).opens == (5, 7, 9, 11)
+    assert await b.expect(Reset) == Reset(peer="a", stream=11, code="too_many_streams")
+    assert await a.expect(Reset) == Reset(peer="b", stream=11, code="too_many_streams")
+    assert len(relay.hub.streams) == 3 and relay.stats.rejections["too_many_streams"] == 1
+    # a goes away: b hears each of its batch-opened streams reset
+    await a.close()
+    got = {await b.expect(Reset) for _ in range(3)}
+    assert got == {Reset(peer="a", stream=s, code="peer_gone") for s in (5, 7, 9)}
+    assert await b.expect(Left) == Left(node_id="a")
+    assert len(relay.hub.streams) == 0
+
+
+@pytest.mark.parametrize(("opens", "why"), [((2,), "wrong parity"), ((0,), "stream 0"), ((1, 1), "duplicate")])
+async def test_a_batch_opening_a_bad_stream_id_is_a_violation(relay: Relay, join: Connect, opens: tuple[int, ...],
+                                                              why: str) -> None:
+    a = await join(relay, "a")
+    b = await join(relay, "b")
+    await a.send(Batch(peer="b", payload=b"x", opens=opens))
+    assert await a.closed_with() == CLOSE_PROTOCOL, why
+    while not isinstance(frame := await b.recv(), Left):  # nothing of it was forwarded
+        assert frame == Reset(peer="a", stream=1, code="peer_gone")  # (the first of a duplicate was opened)
+    assert len(relay.hub.streams) == 0
+
+
+async def test_a_batch_to_an_offline_peer_opens_nothing(relay: Relay, join: Connect) -> None:
+    a = await join(relay, "a")
+    await a.send(Batch(peer="zz", payload=b"x", opens=(1,), closes=(1,)))
+    assert await a.expect(Unreachable) == Unreachable(peer="zz", stream=0)
+    assert len(relay.hub.streams) == 0
 
 
 async def test_frames_on_streams_not_open_are_dropped(relay: Relay, join: Connect) -> None:

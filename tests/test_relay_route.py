@@ -748,8 +748,9 @@ async def test_a_relay_that_does_not_count_batched_streams_gets_open_frames(
     assert a.cluster.relay is not None and not a.cluster.relay.batch_streams and a.cluster.relay.batching
     log.clear()
     assert await burst(client_for(a), 64) == ["Hello, world!"] * 64
-    assert log.of(a.cluster.node_id, wire.Open) and log.of(a.cluster.node_id, wire.Batch)
-    assert not any(f.opens or f.closes for _, f in log.frames if isinstance(f, wire.Batch))
+    batches = [f for _, f in log.frames if isinstance(f, wire.Batch)]
+    assert len(log.of(a.cluster.node_id, wire.Open)) >= 64 and batches  # data still goes in batches
+    assert not any(f.opens or f.closes for f in batches)
     await eventually(table_empties(relay.relay), what="the relay's stream table empties")
 
 
@@ -765,3 +766,29 @@ async def test_a_batch_opening_streams_in_a_session_the_peer_lost_is_retried_in_
     before = len(eng.requests)
     assert await burst(client, 8) == ["Hello, world!"] * 8  # B resets them no_session; A asks again, handshaking
     assert len(eng.requests) - before == 8  # served once each
+
+
+async def test_a_peer_cannot_open_more_streams_than_the_relay_allows_by_hiding_them_in_a_batch(
+        start_node, fake, http, client_for, relay) -> None:
+    from quorum_node.cluster.relay_link import OPEN, _Item
+
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert a.cluster is not None and b.cluster is not None
+    assert await burst(client_for(a), 1) == ["Hello, world!"]  # a session between A and B exists
+    link, served = a.cluster.relay, b.cluster.relay
+    assert link is not None and served is not None and served.max_streams == 1024  # the relay's, from Welcome
+    served.max_streams = 3
+    b_id = b.cluster.node_id
+    head = msgspec.msgpack.encode(["POST", "/v1/chat/completions", [], b""])
+    sids = [10_001 + 2 * i if a.cluster.node_id < b_id else 10_002 + 2 * i for i in range(8)]
+    items = msgspec.msgpack.encode([_Item(stream=sid, data=head, flags=OPEN) for sid in sids])
+    assert link._ws is not None
+    # eight streams opened inside the encryption, none of them listed for the relay to count
+    await link._ws.send(wire.encode(wire.Batch(peer=b_id, payload=link._sessions[b_id].send.seal(items))))
+
+    async def held() -> bool:
+        return served.serving == 3
+
+    await eventually(held, what="B holds three of them")
+    await asyncio.sleep(0.1)
+    assert served.serving == 3 and len([k for k in served._streams if k[1] in sids]) == 3

@@ -352,6 +352,9 @@ class RelayLink:
         self.connected_at: float | None = None
         self.online: dict[str, float] = {}  # peer id -> since
         self.max_frame_bytes = 256 * 1024
+        # Streams peers opened to us and still open; at most ``max_streams`` (the relay's limit per node).
+        self.serving = 0
+        self.max_streams = 1024
         self.batching = False  # the relay forwards Batch frames (Welcome.batch)
         self.batch_streams = False  # ... and counts the streams they open and end (Welcome.batch_streams)
         self.features = _FEATURES  # what this node tells its peers it reads (tests pose as older versions)
@@ -472,6 +475,7 @@ class RelayLink:
         for stream in list(self._streams.values()):
             self._fail_stream(stream, RelayLinkError(why))
         self._streams.clear()
+        self.serving = 0
         self.unacked_bytes = 0
         self.ungranted_bytes = 0
         for s in self._sessions.values():
@@ -490,7 +494,8 @@ class RelayLink:
     def _dispatch(self, frame: wire.Frame) -> None:
         match frame:
             case wire.Welcome(session=session, peers=peers, max_frame_bytes=max_frame, batch=batch,
-                              send_queue_bytes=queue_bytes, drain=drain, batch_streams=batch_streams):
+                              send_queue_bytes=queue_bytes, drain=drain, batch_streams=batch_streams,
+                              max_streams=max_streams):
                 self.session_id = session
                 self.batching = batch
                 self.batch_streams = batch and batch_streams
@@ -504,6 +509,8 @@ class RelayLink:
                 self.connected_at = time.time()
                 if max_frame:
                     self.max_frame_bytes = max_frame
+                if max_streams:
+                    self.max_streams = max_streams
                 self._up.set()
                 log.info("relay_connected", url=self.url, session=session, peers=len(peers))
                 for p in peers:
@@ -666,9 +673,13 @@ class RelayLink:
         if self.draining:  # stopping: the requester tries another holder (nothing of it was served)
             self._enqueue(("reset", peer, sid, "draining"))
             return
+        if self.serving >= self.max_streams:  # what the relay counts, checked here too: a batch's items
+            self._enqueue(("reset", peer, sid, "too_many_streams"))  # are the peer's word, not the relay's
+            return
         stream = _Stream(self, peer, sid, outgoing=False)
         stream.request = head
         self._streams[(peer, sid)] = stream
+        self.serving += 1
 
     def _on_window(self, peer: str, sid: int, credit: int) -> None:
         stream = self._streams.get((peer, sid))
@@ -757,6 +768,8 @@ class RelayLink:
         """Remove a stream from the table; what it had out no longer counts against the budget."""
         stream = self._streams.pop(key, None)
         if stream is not None:
+            if not stream.outgoing:
+                self.serving -= 1
             self._release(max(0, WINDOW - stream.credit))
             stream.credit = WINDOW
             self.ungranted_bytes -= stream.unacked  # its sender stops counting it too

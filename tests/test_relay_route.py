@@ -680,23 +680,29 @@ def table_empties(relay: Relay) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-async def burst(client: openai.AsyncOpenAI, n: int, *, stream: bool = False) -> list[str]:
+async def burst(client: openai.AsyncOpenAI, n: int) -> list[str]:
+    """``n`` chats at once; their answers."""
     async def one() -> str:
-        if not stream:
-            out = await client.chat.completions.create(model=MODEL, messages=MSGS)
-            return out.choices[0].message.content or ""
-        s = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
-        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+        out = await client.chat.completions.create(model=MODEL, messages=MSGS)
+        return out.choices[0].message.content or ""
 
     return await asyncio.gather(*(one() for _ in range(n)))
 
 
-async def test_a_burst_opens_and_ends_its_streams_inside_batches(
-        start_node, fake, http, client_for, relay, monkeypatch) -> None:
+async def logged_pair(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, relay: RelayHandle,
+                      monkeypatch: pytest.MonkeyPatch) -> tuple[Node, Node, FrameLog]:
+    """``wan_pair`` through ``relay`` with its frames logged (from the nodes' connections on)."""
     assert relay.relay is not None
     log = FrameLog(relay.relay, monkeypatch)
     a, b, _ = await wan_pair(start_node, fake, http, relay.url)
-    assert a.cluster is not None and b.cluster is not None
+    assert a.cluster is not None and b.cluster is not None and a.cluster.relay is not None
+    return a, b, log
+
+
+async def test_a_burst_opens_and_ends_its_streams_inside_batches(
+        start_node, fake, http, client_for, relay, monkeypatch) -> None:
+    a, b, log = await logged_pair(start_node, fake, http, relay, monkeypatch)
+    assert a.cluster is not None and b.cluster is not None and relay.relay is not None
     log.clear()
     assert await burst(client_for(a), 64) == ["Hello, world!"] * 64
     a_id, b_id = a.cluster.node_id, b.cluster.node_id
@@ -714,10 +720,8 @@ async def test_a_peer_that_batches_but_does_not_open_streams_in_batches_gets_ope
         start_node, fake, http, client_for, relay, monkeypatch) -> None:
     from quorum_node.cluster.relay_link import _Features
 
-    assert relay.relay is not None
-    log = FrameLog(relay.relay, monkeypatch)
-    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
-    assert a.cluster is not None and b.cluster is not None
+    a, b, log = await logged_pair(start_node, fake, http, relay, monkeypatch)
+    assert a.cluster is not None and b.cluster is not None and relay.relay is not None
     served = b.cluster.relay
     assert served is not None
     # B poses as the version before: it reads Batch, but no stream item opens or ends a stream
@@ -741,11 +745,9 @@ async def test_a_relay_that_does_not_count_batched_streams_gets_open_frames(
     monkeypatch.setattr(hub_module, "Welcome", lambda **kw: welcome(**{**kw, "batch_streams": False}))
     await relay.stop()  # the nodes join a relay of the version before
     await relay.start()
-    assert relay.relay is not None
-    log = FrameLog(relay.relay, monkeypatch)
-    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
-    assert a.cluster is not None and b.cluster is not None
-    assert a.cluster.relay is not None and not a.cluster.relay.batch_streams and a.cluster.relay.batching
+    a, b, log = await logged_pair(start_node, fake, http, relay, monkeypatch)
+    assert a.cluster is not None and a.cluster.relay is not None and relay.relay is not None
+    assert not a.cluster.relay.batch_streams and a.cluster.relay.batching
     log.clear()
     assert await burst(client_for(a), 64) == ["Hello, world!"] * 64
     batches = [f for _, f in log.frames if isinstance(f, wire.Batch)]

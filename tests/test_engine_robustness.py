@@ -716,3 +716,31 @@ async def test_one_slow_probe_does_not_take_a_ready_engine_down_two_in_a_row_do(
         proxy.latency_s = 3.0
         await backend.refresh()  # the count started again after the good probe
         assert backend.state is BackendState.READY
+
+
+async def test_an_engine_that_comes_back_is_listed_only_once_it_serves(start_node, fake, monkeypatch) -> None:
+    eng = await fake("llamacpp")
+    node = await start_node(backends=[{"kind": "llamacpp", "url": eng.url}], health_interval_s=3600)
+    backend = next(iter(node.registry.backends.values()))
+    assert isinstance(backend, OpenAICompatBackend) and backend.state is BackendState.READY
+    model = backend.models[0].id
+    await eng.set_refuse(True)
+    await backend.refresh()
+    assert backend.state is BackendState.DOWN
+    await eng.set_refuse(False)
+    seen: list[tuple[bool, int]] = []
+    probe = backend._probe_native
+
+    async def probe_while_a_client_looks() -> None:  # the refresh's last step before it says ready
+        async with aiohttp.ClientSession() as http:
+            async with http.get(node.url + "/v1/models") as resp:
+                listed = model in {m["id"] for m in (await resp.json())["data"]}
+            async with http.post(node.url + "/v1/chat/completions",
+                                 json={"model": model, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+                seen.append((listed, resp.status))
+        await probe()
+
+    monkeypatch.setattr(backend, "_probe_native", probe_while_a_client_looks)
+    await backend.refresh()
+    assert backend.state is BackendState.READY
+    assert seen == [(False, 503)]  # not listed yet, and unavailable for now (it was this node's model)

@@ -326,10 +326,12 @@ class OpenAICompatBackend(Backend):
             self._set(BackendState.LOADING if e.status == 503 else BackendState.DOWN, e.message)
             return
         self._slow_probes = 0
-        self.models = models
-        self.last_models = models
         self.engine_load = await self._engine_load()
         await self._probe_native()
+        # The models and the ready state change together (nothing awaits between them): an engine that
+        # comes back is never listed while a request for its model would still be refused as down.
+        self.models = models
+        self.last_models = models
         self._set(BackendState.READY, None)
 
     async def _probe_native(self) -> None:

@@ -744,3 +744,23 @@ async def test_an_engine_that_comes_back_is_listed_only_once_it_serves(start_nod
     await backend.refresh()
     assert backend.state is BackendState.READY
     assert seen == [(False, 503)]  # not listed yet, and unavailable for now (it was this node's model)
+
+
+async def test_a_connection_the_engine_closes_unanswered_is_tried_once_more(raw_engine, start_node, client_for) -> None:
+    eng = await raw_engine()
+    normal = eng.generate
+
+    async def close_once(request: web.Request) -> web.StreamResponse:
+        if eng.hits in (1, 3, 4):  # as an engine that ends a kept-alive connection just as a request comes
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        return await normal(request)
+
+    eng.generate = close_once
+    node = await node_for(start_node, eng)
+    client = client_for(node)
+    assert await text_of(client, stream=False) == "raw" and eng.hits == 2  # closed, then served
+    with pytest.raises(openai.APIStatusError) as caught:  # closed twice in a row: the engine's answer
+        await text_of(client, stream=False)
+    assert caught.value.status_code == 503 and eng.hits == 4

@@ -341,3 +341,14 @@ async def test_the_probe_tells_which_engines_serve_the_apis(start_node: StartNod
                       "vllm": dict.fromkeys(everything, False),  # the fake has no such routes
                       "tgi": {}, "locked": {}}  # tgi: never asked; locked: asked again at each refresh
     assert all(r.path not in ("/v1/responses", "/v1/messages") for e in engines.values() for r in e.requests)
+
+
+async def test_a_messages_stream_without_its_first_event_is_mended(start_node, fake, claude) -> None:
+    eng, node, records = await _setup(start_node, fake, messages_start=False)  # as llama-server now and then
+    async with claude(node).messages.stream(model=MODEL, max_tokens=64, messages=HI) as s:
+        text = "".join([t async for t in s.text_stream])
+        final = await s.get_final_message()  # the SDK's final message is built from message_start
+    assert text == "Hello, world!" and final.content[0].text == text
+    assert final.id.startswith("msg_") and final.model == MODEL and final.role == "assistant"
+    assert final.usage.output_tokens == 4 and final.stop_reason == "end_turn"
+    assert _paths(eng) == ["/v1/messages"] and [(r.operation, r.status) for r in records] == [("messages", 200)]

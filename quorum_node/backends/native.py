@@ -353,7 +353,7 @@ class ResponsesEvents:
 class MessagesEvents:
     """One engine's Messages stream, event by event, as the anthropic SDK reads Anthropic's."""
 
-    __slots__ = ("_model", "_prompt", "ended", "extra", "stats")
+    __slots__ = ("_model", "_prompt", "_started", "ended", "extra", "stats")
 
     def __init__(self, *, stats: StreamStats, model: str) -> None:
         self.stats = stats
@@ -361,9 +361,22 @@ class MessagesEvents:
         self.ended = False
         self._model = model
         self._prompt = 0
+        self._started = False
 
     def feed(self, data: bytes) -> bytes | None:
         ev, kind = _event(data)
+        if not self._started:
+            self._started = True
+            if kind != "message_start":
+                # llama-server now and then leaves out its stream's first event; the SDKs cannot read a
+                # stream without it (the anthropic SDK's final message stays unset): it is put back.
+                self.extra.append(self._fix(ev, kind, data))
+                start = {"type": "message_start", "message": {"content": [], "usage": {}}}
+                _fix_message(start["message"], self._model)
+                return _encode(start)
+        return self._fix(ev, kind, data)
+
+    def _fix(self, ev: dict[str, Any], kind: str, data: bytes) -> bytes:
         if kind == "content_block_delta":  # the many: nothing in them to change
             self.stats.chunks += 1
             return data

@@ -55,8 +55,15 @@ async def post(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
     try:
         async with asyncio.timeout_at(deadline):
-            return await session.request(method, url, data=data or None, headers=headers, timeout=timeout,
-                                         allow_redirects=False)
+            try:
+                return await session.request(method, url, data=data or None, headers=headers, timeout=timeout,
+                                             allow_redirects=False)
+            except aiohttp.ServerDisconnectedError:
+                # Closed without a byte of answer: most often a kept-alive connection the engine had just
+                # closed (llama-server ends one after a number of requests) as this request went out on it.
+                # Once more, on another connection; a second close is the engine's answer.
+                return await session.request(method, url, data=data or None, headers=headers, timeout=timeout,
+                                             allow_redirects=False)
     except TimeoutError:
         limit = t.first_token_s if stream else t.request_s
         raise EngineUnavailable(f"{who} gave no answer in {limit:g} s", status=504, engine=who) from None

@@ -20,6 +20,8 @@ node must erase them:
   type is a 400; so the node's probes (`backends/native.py`) see 400s.
 
 `native_apis=False` (a knob) is a build from before these routes: they 404.
+`messages_start=False` (a knob, any time) leaves out a Messages stream's
+`message_start`, as the real llama-server now and then does.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class LlamaNativeApis:
     """Mixed into the llama.cpp fake (an `OpenAICompatEngine`): `/v1/responses`, `/v1/messages`, count_tokens."""
 
     native_apis: bool = True
+    messages_start: bool = True
 
     def native_routes(self) -> list[tuple[str, str, Any]]:
         if not self.native_apis:
@@ -230,7 +233,7 @@ class LlamaNativeApis:
             "id": "chatcmpl-" + random_id(32), "type": "message", "role": "assistant", "content": [],
             "model": self.response_model(body), "stop_reason": None, "stop_sequence": None,
             "usage": {"cache_read_input_tokens": 0, "input_tokens": plan.prompt_tokens, "output_tokens": 0}}}
-        out = _sse("message_start", start)
+        out = _sse("message_start", start) if self.messages_start else b""
         blocks = 0
         kind = None
         try:

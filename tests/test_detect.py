@@ -173,3 +173,15 @@ async def test_configured_engine_is_not_probed_twice(start_node: StartNode, fake
     node = await start_node(detect=True, detect_ports=[eng.port],
                             backends=[{"kind": "sglang", "url": eng.url}])
     assert [e["kind"] for e in await engines_of(http, node)] == ["sglang"]
+
+
+async def test_an_engine_slow_to_answer_as_the_node_starts_is_still_found(start_node: StartNode,
+                                                                           fake: StartFake) -> None:
+    from tests.faults import FaultProxy
+
+    eng = await fake("llamacpp")
+    async with FaultProxy("127.0.0.1", eng.port) as proxy:
+        proxy.latency_s = 0.35  # each answer ~0.7 s: past a probe's 0.6 s here, as on a machine busy at boot
+        node = await start_node(detect=True, detect_ports=[proxy.port])
+        proxy.latency_s = 0.0
+        assert [b.kind for b in node.registry.backends.values()] == ["llamacpp"]

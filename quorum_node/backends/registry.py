@@ -65,6 +65,7 @@ class Registry:
         # Engines being prepared (the embedded one builds and loads before it has a URL).
         self.pending: set[str] = set()
         self._digest: tuple[object, ...] = ()
+        self._detected_once = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -136,7 +137,11 @@ class Registry:
         todo = [u for u in urls if u not in self.backends]
         if not todo:
             return
-        kinds = await asyncio.gather(*(identify(self.session, u, timeout_s=self.settings.probe_timeout_s) for u in todo))
+        # The first pass runs as the node starts, when the machine may be busy: it allows longer, as an
+        # engine's first probe does (``refresh``), so an engine that is there is found at start.
+        timeout_s = self.settings.probe_timeout_s * (1 if self._detected_once else 4)
+        self._detected_once = True
+        kinds = await asyncio.gather(*(identify(self.session, u, timeout_s=timeout_s) for u in todo))
         for url, kind in zip(todo, kinds, strict=True):
             if kind is not None:
                 self.add(BackendSpec(kind=kind, url=url), detected=True)

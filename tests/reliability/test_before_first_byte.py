@@ -154,7 +154,10 @@ async def test_a_fault_before_the_first_byte_is_invisible_with_a_second_holder(
         assert (asked.text, asked.finish) == (GOOD_TEXT, "stop"), f"stream={stream}: {asked}"
         assert asked.node == h.good_node.name
         if fault.recorded:  # the bad holder really was tried first, and failed
-            assert len(h.bad.requests) == tried + 1, f"stream={stream}: the bad holder was not tried"
+            # (an engine that closes the connection unanswered is asked once more on a fresh one first: to
+            # its node that looks like a kept-alive connection it had just closed, see ``upstream.post``)
+            again = 1 if fault.name == "fin_before_first_chunk" and not stream else 0  # (streamed: a head came)
+            assert len(h.bad.requests) == tried + 1 + again, f"stream={stream}: the bad holder was not tried"
 
 
 @pytest.mark.parametrize(("route", "fault"), cases(ONE_HOLDER))

@@ -237,6 +237,9 @@ class Hub:
         the limit reaches the destination opened and is reset there, as to its opener.
         """
         ns, node_id, streams = src.namespace, src.node_id, self.streams
+        if len(opens) > streams.max_per_node or len(closes) > streams.max_per_node:
+            # more than a node may have open: each refused one would cost a Reset to both sides
+            raise ProtocolViolation("Batch opens or closes more streams than a node may have")
         refused: list[int] = []
         for stream in opens:
             result = streams.open(ns, node_id, dst.node_id, stream)

@@ -58,7 +58,8 @@ and end streams (its encrypted items say so to the peer): ``opens`` and
 ``closes`` list those stream ids in the clear, and the relay applies them to
 its stream table as it would ``Open`` and ``Close`` frames (an ``opens`` id
 past the stream limit is reset to both sides with ``too_many_streams``; a
-wrong-parity or duplicate id is a protocol violation). A relay that does so
+wrong-parity or duplicate id, or more ids in either list than
+``Welcome.max_streams``, is a protocol violation). A relay that does so
 says ``Welcome.batch_streams``; nodes send ``opens``/``closes`` only to such a
 relay (an older one would forward them without counting).
 

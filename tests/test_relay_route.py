@@ -794,3 +794,15 @@ async def test_a_peer_cannot_open_more_streams_than_the_relay_allows_by_hiding_t
     await eventually(held, what="B holds three of them")
     await asyncio.sleep(0.1)
     assert served.serving == 3 and len([k for k in served._streams if k[1] in sids]) == 3
+
+
+async def test_no_batch_opens_more_streams_than_the_relay_allows(
+        start_node, fake, http, client_for, relay, monkeypatch) -> None:
+    a, b, log = await logged_pair(start_node, fake, http, relay, monkeypatch)
+    assert a.cluster is not None and a.cluster.relay is not None
+    a.cluster.relay.max_streams = 3  # as a relay whose Welcome said 3 would (one opening more is closed)
+    log.clear()
+    assert await burst(client_for(a), 24) == ["Hello, world!"] * 24
+    batches = log.of(a.cluster.node_id, wire.Batch)
+    assert batches and all(len(f.opens) <= 3 and len(f.closes) <= 3 for f in batches)
+    assert sum(len(f.opens) for f in batches) + len(log.of(a.cluster.node_id, wire.Open)) >= 24

@@ -13,7 +13,7 @@ double the time a client waits.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -48,22 +48,30 @@ async def post(
     on_refused: Callable[[], None] | None = None,
     deadline: float | None = None,
     method: str = "POST",
+    resend_if_closed: bool = True,
 ) -> aiohttp.ClientResponse:
-    """POST (or ``method``) and wait for the response head, by ``deadline``; the status is the caller's to judge."""
+    """POST (or ``method``) and wait for the response head, by ``deadline``; the status is the caller's to judge.
+
+    A connection closed without a byte of answer is most often a kept-alive one the engine had just closed
+    (llama-server ends one after a number of requests) as the request went out on it: the request is sent
+    once more, on another connection, unless ``resend_if_closed`` is False (a signed peer request: the copy
+    would be a replay). A second close is the engine's answer.
+    """
     if deadline is None:
         deadline = deadline_for(t, stream=stream)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
     try:
         async with asyncio.timeout_at(deadline):
+            def send() -> Awaitable[aiohttp.ClientResponse]:
+                return session.request(method, url, data=data or None, headers=headers, timeout=timeout,
+                                       allow_redirects=False)
+
             try:
-                return await session.request(method, url, data=data or None, headers=headers, timeout=timeout,
-                                             allow_redirects=False)
+                return await send()
             except aiohttp.ServerDisconnectedError:
-                # Closed without a byte of answer: most often a kept-alive connection the engine had just
-                # closed (llama-server ends one after a number of requests) as this request went out on it.
-                # Once more, on another connection; a second close is the engine's answer.
-                return await session.request(method, url, data=data or None, headers=headers, timeout=timeout,
-                                             allow_redirects=False)
+                if not resend_if_closed:
+                    raise
+                return await send()
     except TimeoutError:
         limit = t.first_token_s if stream else t.request_s
         raise EngineUnavailable(f"{who} gave no answer in {limit:g} s", status=504, engine=who) from None

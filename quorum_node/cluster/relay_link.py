@@ -312,6 +312,11 @@ class _Session:
         # Our streams numbered past this (``_new_sid``'s count) were opened in this session, the rest before it.
         self.opened_after = opened_after
 
+    def learn(self, theirs: _Features) -> None:
+        """What the peer said in its handshake it reads."""
+        self.batch = theirs.batch
+        self.streams = theirs.batch and theirs.streams
+
 
 class RelayLink:
     """One node's connection to one relay (reconnecting), and every stream over it.
@@ -621,8 +626,7 @@ class RelayLink:
             self._sessions[peer] = session
         session.initiator = False
         session.handshake = None
-        session.batch = theirs.batch
-        session.streams = theirs.batch and theirs.streams
+        session.learn(theirs)
         session.send, session.recv = _numbered(hs)
         self._enqueue(("hello_reply", peer, reply))
         session.ready.set_result(None)
@@ -632,8 +636,7 @@ class RelayLink:
         if session is None or session.handshake is None or session.ready.done():
             return
         try:
-            theirs = _features(session.handshake.read_message(payload))
-            session.batch, session.streams = theirs.batch, theirs.batch and theirs.streams
+            session.learn(_features(session.handshake.read_message(payload)))
             session.send, session.recv = _numbered(session.handshake)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
@@ -849,6 +852,7 @@ class RelayLink:
         pending: dict[str, list[tuple[Any, ...]]] = {}
         size: dict[str, int] = {}
         streams_ok: dict[str, bool] = {}
+        most = min(BATCH_ITEMS, self.max_streams)  # the relay refuses a batch opening more than its limit
         for item in items:
             kind, peer = item[0], item[1]
             if kind == "data" or kind == "window":
@@ -863,7 +867,7 @@ class RelayLink:
                 group = pending.setdefault(peer, [])
                 group.append(item)
                 size[peer] = size.get(peer, 0) + (len(item[3]) if kind != "window" else 0) + 16
-                if size[peer] >= BATCH_BYTES or len(group) >= BATCH_ITEMS:
+                if size[peer] >= BATCH_BYTES or len(group) >= most:
                     self._flush_batch(peer, pending.pop(peer), frames)
                     size.pop(peer)
                 continue

@@ -197,8 +197,10 @@ async def test_batches_open_and_end_streams_as_open_and_close_frames_do(start_re
     assert len(relay.hub.streams) == 0
     # past the limit (3): the batch still reaches b (its items are sealed together), and the refused
     # stream is reset to both sides
-    await a.send(Batch(peer="b", payload=b"5 7 9 11", opens=(5, 7, 9, 11)))
-    assert (await b.expect(Batch)).opens == (5, 7, 9, 11)
+    await a.send(Open(peer="b", stream=5, payload=b"5"))
+    assert (await b.expect(Open)).stream == 5
+    await a.send(Batch(peer="b", payload=b"7 9 11", opens=(7, 9, 11)))
+    assert (await b.expect(Batch)).opens == (7, 9, 11)
     assert await b.expect(Reset) == Reset(peer="a", stream=11, code="too_many_streams")
     assert await a.expect(Reset) == Reset(peer="b", stream=11, code="too_many_streams")
     assert len(relay.hub.streams) == 3 and relay.stats.rejections["too_many_streams"] == 1
@@ -210,12 +212,16 @@ async def test_batches_open_and_end_streams_as_open_and_close_frames_do(start_re
     assert len(relay.hub.streams) == 0
 
 
-@pytest.mark.parametrize(("opens", "why"), [((2,), "wrong parity"), ((0,), "stream 0"), ((1, 1), "duplicate")])
+@pytest.mark.parametrize(("opens", "closes", "why"), [
+    ((2,), (), "wrong parity"), ((0,), (), "stream 0"), ((1, 1), (), "duplicate"),
+    (tuple(range(1, 2 * 1024 + 3, 2)), (), "more opens than a node may have"),  # 1025: one frame, 1025 Resets
+    ((), tuple(range(1, 2 * 1024 + 3, 2)), "more closes than a node may have"),
+])
 async def test_a_batch_opening_a_bad_stream_id_is_a_violation(relay: Relay, join: Connect, opens: tuple[int, ...],
-                                                              why: str) -> None:
+                                                              closes: tuple[int, ...], why: str) -> None:
     a = await join(relay, "a")
     b = await join(relay, "b")
-    await a.send(Batch(peer="b", payload=b"x", opens=opens))
+    await a.send(Batch(peer="b", payload=b"x", opens=opens, closes=closes))
     assert await a.closed_with() == CLOSE_PROTOCOL, why
     while not isinstance(frame := await b.recv(), Left):  # nothing of it was forwarded
         assert frame == Reset(peer="a", stream=1, code="peer_gone")  # (the first of a duplicate was opened)

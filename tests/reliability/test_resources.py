@@ -169,13 +169,21 @@ async def test_two_hundred_faulty_requests_leave_no_fds_tasks_or_memory_behind(
         if eng.models[0].startswith("local-"):
             assert len(eng.requests) - reached[eng.models[0]] >= ROUNDS, eng.models[0]
 
+    last: list[object] = []
+
     async def back_to_baseline() -> bool:
         if not await settled(soak, http):
+            last[:] = ["not settled (requests in flight or client connections open)"]
             return False
         fds, tasks, _ = usage()
+        last[:] = [f"fds {fds}, tasks {tasks}:", *(t.get_coro() for t in asyncio.all_tasks())]
         return fds <= fds0 + FD_SLACK and tasks <= tasks0 + TASK_SLACK
 
-    await eventually(back_to_baseline, what=f"fds/tasks back within +{FD_SLACK}/+{TASK_SLACK} of {fds0}/{tasks0}")
+    try:
+        await eventually(back_to_baseline, what=f"fds/tasks back within +{FD_SLACK}/+{TASK_SLACK} of {fds0}/{tasks0}")
+    except BaseException:
+        print("last seen:", *last, sep="\n  ")  # what stayed, in the failure's captured output
+        raise
     rss = usage()[2]
     assert rss - rss0 < RSS_SLACK, f"RSS grew {(rss - rss0) / MiB:.1f} MiB over {sent} requests"
     async with sdk(soak.entry) as client:  # and the nodes still serve, both routes

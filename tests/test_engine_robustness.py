@@ -765,22 +765,3 @@ async def test_a_connection_the_engine_closes_unanswered_is_tried_once_more(raw_
         await text_of(client, stream=False)
     assert caught.value.status_code == 503 and eng.hits == 4
 
-
-async def test_a_signed_peer_request_is_never_sent_twice(raw_engine) -> None:
-    from quorum_node.backends.base import Timeouts
-    from quorum_node.cluster.links import HttpLink
-
-    peer = await raw_engine()  # stands for a peer's HTTP server: it closes the connection unanswered
-
-    async def close(request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None
-        request.transport.close()
-        return web.Response()
-
-    peer.generate = close
-    async with aiohttp.ClientSession() as session:
-        link = HttpLink(session, f"127.0.0.1:{peer.port}")
-        with pytest.raises(EngineUnavailable):
-            await link.request("POST", "/v1/chat/completions", {"Content-Type": "application/json"}, b"{}",
-                               Timeouts(), deadline=asyncio.get_running_loop().time() + 5, stream=False, who="peer")
-    assert peer.hits == 1  # a copy would be a replay: the peer's guard refuses it, and it is not sent

@@ -48,14 +48,12 @@ async def post(
     on_refused: Callable[[], None] | None = None,
     deadline: float | None = None,
     method: str = "POST",
-    resend_if_closed: bool = True,
 ) -> aiohttp.ClientResponse:
     """POST (or ``method``) and wait for the response head, by ``deadline``; the status is the caller's to judge.
 
     A connection closed without a byte of answer is most often a kept-alive one the engine had just closed
     (llama-server ends one after a number of requests) as the request went out on it: the request is sent
-    once more, on another connection, unless ``resend_if_closed`` is False (a signed peer request: the copy
-    would be a replay). A second close is the engine's answer.
+    once more, on another connection. A second close is the engine's answer.
     """
     if deadline is None:
         deadline = deadline_for(t, stream=stream)
@@ -69,8 +67,6 @@ async def post(
             try:
                 return await send()
             except aiohttp.ServerDisconnectedError:
-                if not resend_if_closed:
-                    raise
                 return await send()
     except TimeoutError:
         limit = t.first_token_s if stream else t.request_s

@@ -65,8 +65,7 @@ class HttpLink:
         stream: bool, who: str,
     ) -> LinkResponse:
         return await post(self._session, f"http://{self.address}{path}", body, headers, t, stream=stream, who=who,
-                          on_refused=self._on_refused, deadline=deadline, method=method,
-                          resend_if_closed=False)  # signed once: the peer's replay guard refuses a copy
+                          on_refused=self._on_refused, deadline=deadline, method=method)
 
 
 class RelayPeerLink:

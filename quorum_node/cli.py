@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 # Flags spelled by hand; every other Settings field gets --dashed-name automatically.
 _EXPLICIT = {
-    "host", "port", "ollama_port", "name",
+    "host", "port", "ollama_port", "peer_port", "name",
     "data_dir", "backends", "detect", "embedded_engine", "log_format", "log_level",
     "cluster", "cluster_secret", "mdns", "mdns_interfaces", "peers", "relay", "relay_token", "ledger", "metrics",
     "cors_origins", "require_key",
@@ -38,6 +38,8 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--port", type=int, default=S, help="port (default 32768)")
     p.add_argument("--ollama-port", dest="ollama_port", type=int, default=S, metavar="PORT",
                    help="also serve the API on this port, for tools that hard-code Ollama's (e.g. 11435; default off)")
+    p.add_argument("--peer-port", dest="peer_port", type=int, default=S, metavar="PORT",
+                   help="the port peers reach this node on (mutual TLS; default the API port + 1, 32769)")
     p.add_argument("--name", default=S, help="this node's name (default: hostname)")
     p.add_argument("--data-dir", default=S, metavar="DIR", help="state directory (default ~/.local/share/quorum)")
     p.add_argument("--backend", dest="backends", action="append", type=_backend, default=S, metavar="KIND=URL",
@@ -48,8 +50,10 @@ def _add_run(sub: Any) -> None:
                    help="do not start the bundled llama-server when no engine is found")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default=S)
     p.add_argument("--log-level", default=S, choices=("debug", "info", "warning", "error"))
-    p.add_argument("--cluster", default=S, metavar="NAME", help="cluster name (with --secret)")
-    p.add_argument("--secret", dest="cluster_secret", default=S, help="cluster secret (env QUORUM_CLUSTER_SECRET)")
+    p.add_argument("--cluster", default=S, metavar="NAME",
+                   help="a cluster of the shared-secret days (with --secret): only `cluster migrate` reads it")
+    p.add_argument("--secret", dest="cluster_secret", default=S,
+                   help="that cluster's secret (env QUORUM_CLUSTER_SECRET); it grants nothing by itself")
     p.add_argument("--no-mdns", dest="mdns", action="store_false", default=S, help="no LAN discovery")
     p.add_argument("--mdns-interface", dest="mdns_interfaces", action="append", default=S, metavar="IP",
                    help="announce and browse on this interface address only (repeatable)")

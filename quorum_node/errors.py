@@ -22,6 +22,9 @@ Branches follow who handles them::
         │                      the request's fault. The next holder is tried; if
         │                      every holder answers so, the client gets the error
         │                      (not retryable) and no holder counts as failing
+        ├── NodeBusy           this node has no room to hold the answer (its budget
+        │                      for whole answers is spent): 503 at once, no other
+        │                      holder tried, none counted as failing
         └── StreamBroken       after the first byte: SSE error event, no [DONE]
 
 Foreign exceptions (aiohttp, OSError, msgspec) are mapped once, where they
@@ -41,6 +44,7 @@ __all__ = [
     "EngineFailed",
     "EngineUnavailable",
     "Forbidden",
+    "NodeBusy",
     "NotFound",
     "NotSupported",
     "PayloadTooLarge",
@@ -206,6 +210,17 @@ class EngineFailed(EngineError):
     def __init__(self, error: ApiError, *, engine: str | None = None) -> None:
         super().__init__(error.message, status=error.status, engine=engine)
         self.error = error
+
+
+class NodeBusy(EngineError):
+    """This node cannot hold one more whole answer now (``max_buffered_answers_bytes`` is spent).
+
+    Not the holder's fault, and no other holder would fare better on this node:
+    the client gets a retryable 503 (``node_busy``) at once.
+    """
+
+    def __init__(self, message: str, *, engine: str | None = None) -> None:
+        super().__init__(message, status=503, engine=engine)
 
 
 class StreamBroken(EngineError):

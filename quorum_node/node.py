@@ -16,13 +16,17 @@ from aiohttp import web
 from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
 from .backends.openai_compat import EMBEDDED_ENGINE
+from .backends.budget import ByteBudget
 from .backends.registry import Registry
+from .catalog import Catalog, cluster_stamp, entries_of
 from .errors import ConfigError
 from .records import Records
 from .router import Router
 from .settings import BackendSpec, Settings
 
 if TYPE_CHECKING:
+    from .cluster.identity import NodeIdentity
+    from .cluster.members import MemberStore
     from .cluster.membership import Cluster
     from .cluster.service import ClusterService
     from .control.ledger import Ledger
@@ -42,6 +46,13 @@ class Node:
         self.name = settings.name
         self.registry = Registry(settings)
         self.router = Router(self.registry, self.name, max_attempts=settings.max_attempts)
+        # The cluster's models, as every list reads them: rebuilt when the registry's or a peer's models change.
+        self.catalog = Catalog(lambda: entries_of(self.registry, self.name, self.cluster),
+                               stamp=lambda: cluster_stamp(self.cluster))
+        self.registry.on_change.append(self.catalog.changed)
+        self.router.catalog = self.catalog
+        # Whole answers held in memory at once, node-wide (backends/budget.py)
+        self.answer_budget = ByteBudget(settings.max_buffered_answers_bytes)
         self.cluster: ClusterService | None = None
         self.embedded: LlamaServerProcess | None = None
         self._embedded_task: asyncio.Task[None] | None = None
@@ -53,25 +64,38 @@ class Node:
         if settings.metrics:
             from .control.metrics import NodeMetrics
 
-            self.metrics = NodeMetrics(self)
-            self.records.add(self.metrics.observe)
+            metrics = self.metrics = NodeMetrics(self)
+            self.records.add(metrics.observe)
+            self.records.add_refusal(lambda reason: metrics.refused.labels(reason).inc())
+        self.admin_token: bytes | None = None  # <data_dir>/admin.token, read or made in start (control/admin_token.py)
         self.limits = ConnectionLimits(
             header_timeout_s=settings.header_timeout_s, keepalive_timeout_s=settings.keepalive_timeout_s,
             max_per_address=settings.max_connections_per_address,
         )
         self.port: int = 0
         self.ollama_port: int | None = None  # the second listener (--ollama-port), once bound
+        self.peer_port: int = 0  # the peers' listener (mutual TLS), once bound; 0 in no cluster
         self._stopped = False
-        membership = _membership(settings)
+        from .cluster.identity import load_or_create_identity
         from .control.keys import open_keystore
 
-        # API keys (control/keys.py): hashed, in the data dir, replicated to peers by the cluster service
-        self.keys = open_keystore(Path(settings.data_dir), membership.secret if membership is not None else None,
+        data_dir = Path(settings.data_dir)
+        try:
+            self.identity: NodeIdentity = load_or_create_identity(data_dir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"node identity in {data_dir}: {e}") from None
+        membership = _membership(settings, data_dir)
+        members = membership[1] if membership is not None else None
+        # API keys (control/keys.py): hashed, in the data dir, replicated to peers by the cluster service, each
+        # record signed by the member that wrote it
+        from .cluster.members_sync import RecordSigner
+
+        self.keys = open_keystore(data_dir, RecordSigner(self.identity, members),
                                   tombstone_retention_s=settings.key_tombstone_retention_days * 86400)
         if membership is not None:
             from .cluster.service import ClusterService
 
-            self.cluster = ClusterService(self, membership)
+            self.cluster = ClusterService(self, membership[0], self.identity, membership[1])
 
     @property
     def url(self) -> str:
@@ -81,6 +105,10 @@ class Node:
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
     async def start(self) -> None:
+        if self.admin_token is None:
+            from .control.admin_token import load_or_create
+
+            self.admin_token = await asyncio.to_thread(load_or_create, Path(self.settings.data_dir))
         if self.settings.ledger and self.ledger is None:
             from .control.ledger import LEDGER_FILE, Ledger
 
@@ -115,6 +143,13 @@ class Node:
             bound = list(getattr(extra._server, "sockets", ()))
             self.ollama_port = bound[0].getsockname()[1] if bound else self.settings.ollama_port
         if self.cluster is not None:
+            s = self.settings
+            want = s.peer_port if s.peer_port is not None else (s.port + 1 if s.port else 0)
+            peers = web.TCPSite(self._runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024,
+                                reuse_address=True)
+            await peers.start()
+            bound = list(getattr(peers._server, "sockets", ()))
+            self.peer_port = bound[0].getsockname()[1] if bound else want
             await self.cluster.start()
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")
@@ -199,16 +234,24 @@ class Node:
         log.info("node_stopped", node=self.name)
 
 
-def _membership(settings: Settings) -> Cluster | None:
-    """The cluster this node belongs to: from flags/env, else from the data dir."""
-    from .cluster.membership import cluster_from_cli, load_cluster
+def _membership(settings: Settings, data_dir: Path) -> tuple[Cluster, MemberStore] | None:
+    """The cluster this node belongs to and its membership records, from the data dir (None: no cluster)."""
+    from .cluster.members import MemberStore, decode_records
+    from .cluster.membership import legacy_cluster, load_cluster, load_member_records
 
-    if settings.cluster and settings.cluster_secret:
-        return cluster_from_cli(settings.cluster, settings.cluster_secret)
     try:
-        return load_cluster(Path(settings.data_dir))
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"cluster membership in {settings.data_dir}: {e}") from None
+        cluster = load_cluster(data_dir)
+        if cluster is None:
+            if settings.cluster or legacy_cluster(data_dir) is not None:
+                log.error("cluster_needs_migration", data_dir=str(data_dir),
+                          hint="a shared secret no longer makes a node a member: run `quorum-node cluster "
+                               "migrate` on one node and `quorum-node join` with its invite on the others "
+                               "(README: Migrating a cluster of the shared-secret days)")
+            return None
+        store = MemberStore(cluster.root, decode_records(load_member_records(data_dir)))
+    except (ValueError, OSError) as e:  # msgspec's errors are ValueErrors
+        raise ConfigError(f"cluster membership in {data_dir}: {e}") from None
+    return cluster, store
 
 
 # The cyclic collector's first threshold (CPython's default is 700 allocations). A node under load allocates

@@ -12,6 +12,11 @@ client has the answer) or by the middleware when the request ended otherwise.
 Which requests are recorded: every request to an API surface (``surface`` set
 by its handler), and every request of any kind that was refused or failed
 (status >= 400). A 200 on ``/health`` or a dashboard asset is not a record.
+Nor is a request refused as unauthenticated (401: no key, a wrong key or
+admin token, not a member): anyone who reaches the port can send those as fast
+as they like, and a ledger row and a log line each would fill the disk. They
+are counted (``refuse``: the refusal sinks, the metrics) and sampled into the
+log (``RefusalLog``: at most one line a second, with the number passed over).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import msgspec
 import structlog
 
-__all__ = ["Draft", "Record", "Records", "outcome_for"]
+__all__ = ["Draft", "Record", "Records", "RefusalLog", "outcome_for"]
 
 log = structlog.get_logger("quorum_node.request")
 
@@ -103,6 +108,28 @@ class Draft:
 Sink = Callable[[Record], None]
 DurableSink = Callable[[Record], Awaitable[None]]
 StartSink = Callable[[Draft], None]
+RefusalSink = Callable[[str], None]  # called with the reason of each unauthenticated refusal
+
+
+class RefusalLog:
+    """Which unauthenticated refusals get a log line: at most one every ``interval_s``, carrying how many
+    were passed over since the last one. Pure logic, constant memory whoever sends them."""
+
+    __slots__ = ("interval_s", "_next", "_passed")
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self._next = float("-inf")
+        self._passed = 0
+
+    def take(self, now: float) -> int | None:
+        """None: no line for this refusal; else log it, with this many passed over before it."""
+        if now < self._next:
+            self._passed += 1
+            return None
+        self._next = now + self.interval_s
+        passed, self._passed = self._passed, 0
+        return passed
 
 
 class Records:
@@ -120,6 +147,8 @@ class Records:
         self._sinks: list[Sink] = [log_line]
         self._durable: list[DurableSink] = []
         self._starts: list[StartSink] = []
+        self._refusals: list[RefusalSink] = []
+        self.refusal_log = RefusalLog()
         self.live: set[Draft] = set()
         """Drafts of requests the request path is serving now (``started``, not yet sealed): the
         dashboard's "in flight"."""
@@ -144,6 +173,27 @@ class Records:
         until sealed."""
         self.live.add(draft)
         _each(self._starts, draft)
+
+    def add_refusal(self, sink: RefusalSink) -> None:
+        """Called (synchronously, cheap, never raising) with the reason of each unauthenticated refusal."""
+        self._refusals.append(sink)
+
+    def refuse(self, draft: Draft, reason: str, *, now: float | None = None) -> None:
+        """``draft``'s request is refused as unauthenticated (401): sealed without a record, counted, sampled.
+
+        ``reason`` is one of a few words of the node's own (``missing_key``, ``invalid_key``,
+        ``admin_token``, ``peer_claim``, ``not_a_member``): it becomes a metric label.
+        """
+        self.live.discard(draft)
+        if draft.sealed is not None:
+            return
+        draft.sealed = draft.build(401)  # sealed, so the middleware records nothing; no sink sees it
+        _each(self._refusals, reason)
+        passed = self.refusal_log.take(time.monotonic() if now is None else now)
+        if passed is not None:
+            path = draft.get("path") or ""
+            log.warning("unauthenticated_request", remote=draft.get("remote"), path=path[:200], reason=reason,
+                        passed_over=passed)
 
     def add_durable(self, sink: DurableSink) -> None:
         self._durable.append(sink)

@@ -34,13 +34,14 @@ from .backends.base import (
     Reply,
     StreamReply,
 )
+from .catalog import Catalog, CatalogView, model_not_found
 from .cluster.scoring import RetryBudget
 from .errors import (
     ApiError,
     EngineFailed,
     EngineRejected,
     EngineUnavailable,
-    NotFound,
+    NodeBusy,
     NotSupported,
     Unavailable,
 )
@@ -152,21 +153,29 @@ class Router:
         self.peer_planner: PeerPlanner | None = None
         self.peer_models: Callable[[], list[str]] | None = None
         self.retry_gate: Callable[[], bool] | None = None  # a second budget (the cluster's), if any
+        self.catalog: Catalog | None = None  # the cluster's models, as the API lists them (node.py wires it)
         self.budget = RetryBudget(RETRY_RATIO, min_per_s=RETRY_PER_S, max_tokens=RETRY_FLOOR,
                                   initial_tokens=RETRY_FLOOR)
 
     def known_models(self) -> list[str]:
-        names = {m.id for _, m in self.registry.models()}
-        if self.peer_models is not None:
-            names.update(self.peer_models())
-        return sorted(names)
+        return list(self.view().ids)
 
-    def plan(self, model: str, op: Op, *, forwarded: bool) -> list[Target]:
+    def view(self) -> CatalogView:
+        """The catalog (cached: rebuilt only when it changed), or one made now where no catalog is wired."""
+        if self.catalog is not None:
+            return self.catalog.view()
+        entries = [{"id": m.id} for _, m in self.registry.models()]
+        if self.peer_models is not None:
+            entries.extend({"id": name} for name in self.peer_models())
+        return CatalogView(entries)
+
+    def plan(self, model: str, op: Op, *, forwarded: bool, visible: CatalogView | None = None) -> list[Target]:
         """Ordered targets for ``model``; raises the right client error if there are none.
 
         No target, but a holder that is only out for now (its engine down or
         loading, its peer suspect or its breaker open): 503 with Retry-After,
-        never 404. 404 is for models no holder has.
+        never 404. 404 is for models no holder has; it names a few of the
+        models the caller may see (``visible``: a scoped key's view; default all).
         """
         local = self.registry.holders(model)
         capable = [(b, m) for b, m in local if b.supports(op)]
@@ -190,7 +199,7 @@ class Router:
             raise Unavailable("The engine is still loading its model; try again shortly", code="engine_loading")
         down = [b for b in self.registry.backends.values() if b.state is BackendState.DOWN]
         holders_down = [b.name for b in down if any(model in m.names() for m in b.last_models)]
-        if holders_down or (down and not self.known_models()):
+        if holders_down or (down and not len(self.view())):
             raise Unavailable(
                 f"The engine serving `{model}` cannot be reached right now "
                 f"({', '.join(holders_down or [b.name for b in down])}); try again shortly",
@@ -201,11 +210,7 @@ class Router:
                 f"Every holder of `{model}` is failing right now; try again shortly",
                 code="holders_unavailable", retry_after_s=max(1, math.ceil(wait_s)),
             )
-        raise NotFound(
-            f"The model `{model}` does not exist. Available models: {', '.join(self.known_models()) or 'none'}",
-            param="model",
-            code="model_not_found",
-        )
+        raise model_not_found(model, visible if visible is not None else self.view())
 
     def speaks(self, model: str, op: Op) -> bool:
         """Whether an engine of this machine that holds ``model`` serves ``op`` natively (worth a native form)."""
@@ -222,6 +227,7 @@ class Router:
     async def open(
         self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool,
         caller: Caller | None = None, native: tuple[Op, dict[str, Any]] | None = None,
+        visible: CatalogView | None = None,
     ) -> Opened:
         """Open the request on the first holder that serves it.
 
@@ -231,10 +237,11 @@ class Router:
 
         Holders that answer ``EngineFailed`` (alive, but refused this request) are
         counted as failing only if a later holder serves it; if none does, the
-        client gets the engine's error, not retryable.
+        client gets the engine's error, not retryable. ``NodeBusy`` (no room on
+        this node for the answer) is a 503 at once, and no holder's fault.
         """
         try:
-            targets = self.plan(model, op, forwarded=forwarded)
+            targets = self.plan(model, op, forwarded=forwarded, visible=visible)
         except ApiError as e:
             raise _tally(e, 0) from None
         self.budget.on_request(time.monotonic())
@@ -287,6 +294,9 @@ class Router:
                 except EngineRejected as e:
                     target.end(True, None)
                     raise _tally(e.error, attempt) from None
+                except NodeBusy as e:
+                    target.end(None, None)
+                    raise _tally(Unavailable(e.message, code="node_busy", retry_after_s=1), attempt) from None
                 except asyncio.CancelledError:  # the client went away: not the target's fault
                     target.end(None, None)
                     raise

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .errors import ConfigError
+from .names import NAME_MAX, is_name
 
 __all__ = [
     "BACKEND_KINDS",
@@ -83,9 +84,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     body_timeout_s: float = 60.0
     keepalive_timeout_s: float = 30.0
     max_connections_per_address: int = 512
+    # what engines and peers may cost the node: models listed (more are dropped, with a warning), peers
+    # known, and the whole (non-streamed) answers held in memory at once, node-wide (past it: 503 node_busy)
+    max_models_per_engine: int = 4096
+    max_models_per_peer: int = 4096
+    max_peers: int = 256
+    max_buffered_answers_bytes: int = 256 * 1024 * 1024
     # cluster
-    cluster: str | None = None
+    cluster: str | None = None  # the shared-secret clusters of before keys: read only by `cluster migrate`
     cluster_secret: str | None = None
+    peer_port: int | None = None  # mutual-TLS listener for peers (cluster/tls.py); default port + 1 (0 with port 0)
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
@@ -232,6 +240,8 @@ def _validate(s: Settings) -> Settings:
         _check_url(where, b.url)
     if not (0 <= s.port <= 65535):
         raise ConfigError(f"port: {s.port} is not a TCP port")
+    if s.peer_port is not None and not (0 <= s.peer_port <= 65535):
+        raise ConfigError(f"peer_port: {s.peer_port} is not a TCP port")
     if s.ollama_port is not None and not (0 <= s.ollama_port <= 65535):
         raise ConfigError(f"ollama_port: {s.ollama_port} is not a TCP port")
     for p in s.detect_ports:
@@ -262,6 +272,15 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("max_body_bytes: must be positive")
     if s.max_connections_per_address < 1:
         raise ConfigError("max_connections_per_address: must be at least 1")
+    for name in ("max_models_per_engine", "max_models_per_peer", "max_peers", "max_buffered_answers_bytes"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1")
+    if not is_name(s.name):
+        raise ConfigError(f"name: {s.name!r} is not a node name (at most {NAME_MAX} characters, no control "
+                          "characters)")
+    for b in s.backends:
+        if b.name is not None and not (b.name and is_name(b.name)):
+            raise ConfigError(f"backend name {b.name!r}: at most {NAME_MAX} characters, no control characters")
     if s.drain_timeout_s < 0:
         raise ConfigError("drain_timeout_s: must not be negative")
     if s.max_attempts < 1:
@@ -298,7 +317,7 @@ def load_settings(
             merged[k] = v
     if "backends" in merged:
         merged["backends"] = [msgspec.structs.asdict(b) if isinstance(b, BackendSpec) else b for b in merged["backends"]]
-    merged.setdefault("name", socket.gethostname())
+    merged.setdefault("name", socket.gethostname()[:NAME_MAX])
     merged.setdefault("data_dir", str(Path("~/.local/share/quorum").expanduser()))
     merged.setdefault("cache_dir", str(Path("~/.cache/quorum").expanduser()))
     merged["data_dir"] = str(Path(merged["data_dir"]).expanduser())

@@ -27,6 +27,7 @@ from .wire import (
     CLOSE_REPLACED,
     CLOSE_TOO_SLOW,
     Batch,
+    Challenge,
     Close,
     Data,
     Draining,
@@ -36,6 +37,7 @@ from .wire import (
     Left,
     Open,
     Presence,
+    Proof,
     Reset,
     Unreachable,
     Welcome,
@@ -223,8 +225,10 @@ class Hub:
             case Draining():
                 self.drain(src)
                 return
-            case Welcome() | Joined() | Left() | Unreachable():
+            case Welcome() | Joined() | Left() | Unreachable() | Challenge():
                 raise ProtocolViolation(f"{type(frame).__name__} is sent by the relay only")
+            case Proof():
+                raise ProtocolViolation("Proof is sent once, first")
         dst.send(rewrite_peer(raw, src.peer_bytes))
         if self._overflowed:
             self._flush()

@@ -9,9 +9,13 @@
 
 Admission runs in ``process_request``, before any WebSocket exists: the
 per-address handshake bucket (429), the token (401, the same answer for a
-missing and a wrong one), the node id (400), then capacity (503) and
-connections per address (429). ``/health`` and ``/metrics`` are answered from
-the same hook on the same port.
+missing and a wrong one), the node id (400), the node's key and that the id is
+the key's (401), then capacity (503) and connections per address (429).
+Once the WebSocket is open, the handler asks the node to prove it holds that
+key (``wire.Challenge`` / ``wire.Proof``) before it registers it: a wrong or
+missing proof is closed with ``CLOSE_UNAUTHORIZED`` and never displaces the
+node whose id it claimed. ``/health`` and ``/metrics`` are answered from the
+same hook on the same port.
 """
 
 from __future__ import annotations
@@ -31,15 +35,29 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .conn import Conn
+from .conn import Conn, close_with_deadline
 from .errors import ConfigError, ProtocolViolation
+from .identity import decode_key, node_id_for, verify_proof
 from .hub import Hub
 from .limits import AddressCounts, TokenBuckets, address_key, client_address, parse_networks
 from .metrics import CONTENT_TYPE, Stats, build_registry, render
 from .responses import error_response, json_response, response
 from .settings import Settings, ssl_context
 from .tokens import Admission, TokenTable, load_tokens_file
-from .wire import CLOSE_IDLE, CLOSE_PROTOCOL, CLOSE_TOKEN_REVOKED, CONNECT_PATH, NODE_ID_HEADER
+from .wire import (
+    CLOSE_IDLE,
+    CLOSE_PROTOCOL,
+    CLOSE_TOKEN_REVOKED,
+    CLOSE_UNAUTHORIZED,
+    CONNECT_PATH,
+    NODE_ID_HEADER,
+    NODE_KEY_HEADER,
+    NONCE_BYTES,
+    Challenge,
+    Proof,
+    decode,
+    encode,
+)
 
 __all__ = ["Relay", "load_token_table", "preflight"]
 
@@ -68,6 +86,7 @@ class _Admitted(msgspec.Struct, frozen=True):
     admission: Admission
     node_id: str
     address: str
+    key: bytes  # the node's Ed25519 public key, until it has proved it holds it
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -102,6 +121,7 @@ class Relay:
             hashlib.sha256(settings.metrics_token.encode()).digest() if settings.metrics_token else None
         )
         self._conns: set[Conn] = set()
+        self._proving: set[ServerConnection] = set()  # open, not yet registered: their node is proving its key
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -161,9 +181,15 @@ class Relay:
         for conn in list(self._conns):
             self.stats.closes["shutdown"] += 1
             conn.close_soon(1001, "relay shutting down")
+        closing = [  # nodes still proving their key: nobody knows of them yet
+            asyncio.ensure_future(close_with_deadline(ws, 1001, "relay shutting down", self.settings.close_timeout_s))
+            for ws in self._proving
+        ]
         # Each close aborts its socket at close_timeout_s. What may remain is a TCP connection that
         # never sent its handshake request (bounded by open_timeout_s); on Python >= 3.13 abort those
         # too rather than wait, since asyncio's wait_closed waits for every accepted socket on 3.12+.
+        if closing:
+            await asyncio.wait(closing)
         waiter = asyncio.ensure_future(self._server.wait_closed())
         done, _ = await asyncio.wait([waiter], timeout=self.settings.close_timeout_s + 0.5)
         if not done:
@@ -266,6 +292,15 @@ class Relay:
                 "bad_node_id", 400, f"{NODE_ID_HEADER} must be one id of [A-Za-z0-9._-]{{1,64}}",
                 "invalid_request_error", param=NODE_ID_HEADER,
             )
+        keys = request.headers.get_all(NODE_KEY_HEADER)
+        sign_key = decode_key(keys[0]) if len(keys) == 1 else None
+        if sign_key is None or not hmac.compare_digest(node_id_for(sign_key), node_ids[0]):
+            log.info("handshake_refused", reason="bad_node_key", address=ip)
+            return self._refuse(
+                "bad_node_key", 401,
+                f"{NODE_KEY_HEADER} must be the node's Ed25519 public key (32 bytes, base64), and "
+                f"{NODE_ID_HEADER} the id derived from it", "authentication_error", param=NODE_KEY_HEADER,
+            )
         if self._admitted >= s.max_connections:
             return self._refuse(
                 "capacity", 503, "the relay is full", "unavailable_error", headers={"Retry-After": "5"}
@@ -278,7 +313,7 @@ class Relay:
         self._admitted += 1
         # Released when the TCP connection ends, whether or not the WebSocket handshake completes.
         connection.connection_lost_waiter.add_done_callback(lambda _: self._release(key))
-        setattr(connection, _ATTR, _Admitted(admission, node_ids[0], ip))
+        setattr(connection, _ATTR, _Admitted(admission, node_ids[0], ip, sign_key))
         return None
 
     def _release(self, key: str) -> None:
@@ -318,8 +353,46 @@ class Relay:
 
     # one node
 
+    async def _proven(self, ws: ServerConnection, admitted: _Admitted) -> bool:
+        """Challenge the node to sign a fresh nonce with its key; False (and closed) if it does not.
+
+        Until it has answered, the connection is nobody: it is not registered, so a node that
+        claims another's id and cannot sign for its key displaces no one.
+        """
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        why = "no_proof"
+        try:
+            await ws.send(encode(Challenge(nonce=nonce)))
+            async with asyncio.timeout(self.settings.open_timeout_s):
+                raw = await ws.recv()
+            frame = decode(raw) if isinstance(raw, bytes) else None
+            if isinstance(frame, Proof):
+                if verify_proof(admitted.key, admitted.node_id, nonce, frame.signature):
+                    return True
+                why = "bad_proof"
+        except (TimeoutError, ConnectionClosed, msgspec.DecodeError):
+            pass
+        if self._stopping:  # closed by the stop, not refused
+            return False
+        self.stats.rejections[why] += 1
+        log.info("handshake_refused", reason=why, node_id=admitted.node_id, address=admitted.address)
+        await close_with_deadline(ws, CLOSE_UNAUTHORIZED, "no proof of the node's key", self.settings.close_timeout_s)
+        return False
+
     async def _handler(self, ws: ServerConnection) -> None:
         admitted: _Admitted = getattr(ws, _ATTR)
+        if not self._stopping:
+            self._proving.add(ws)
+            try:
+                proven = await self._proven(ws, admitted)
+            finally:
+                self._proving.discard(ws)
+            if not proven:
+                return
+            if not self._tokens.still_admits(admitted.admission):  # revoked while it was proving its key
+                self.stats.closes["token_revoked"] += 1
+                await close_with_deadline(ws, CLOSE_TOKEN_REVOKED, "token revoked", self.settings.close_timeout_s)
+                return
         conn = Conn(
             ws,
             node_id=admitted.node_id,

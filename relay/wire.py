@@ -10,17 +10,42 @@ Connecting
 A node opens ``ws(s)://RELAY/v1/connect`` with the headers::
 
     Authorization: Bearer <token>      admits the node into the token's namespace
-    X-Quorum-Node-Id: <node id>        [A-Za-z0-9._-]{1,64}
+    X-Quorum-Node-Id: <node id>        [A-Za-z0-9._-]{1,64}; a node's is 24 hex characters
+    X-Quorum-Node-Key: <key>           its Ed25519 public key, 32 bytes, standard base64
 
 A missing or bad token is refused during the handshake with HTTP 401 and a
-JSON body ``{"error": {"message", "type", "param", "code"}}``; too many
-handshakes or connections from one address get HTTP 429. The relay then sends
-``Welcome`` first: the session id, who else of the namespace is online, and
-the limits in force (``max_frame_bytes`` bounds what a node sends; a frame it
-receives may be up to 64 bytes longer, since ``peer`` now holds the source's
-id). Afterwards it sends ``Joined`` / ``Left`` as peers come
-and go. A second connection with the same node id in the same namespace
-replaces the first (closed with ``CLOSE_REPLACED``).
+JSON body ``{"error": {"message", "type", "param", "code"}}``; so are a
+missing or malformed key and a node id that is not the key's (the id is
+SHA-256 over ``quorum/v1/node-id`` and the key, its first 12 bytes in hex: an
+id names exactly one key). Too many handshakes or connections from one address
+get HTTP 429.
+
+The node then proves it holds the key, by challenge and response: the relay's
+first frame is ``Challenge`` (32 random bytes, fresh for this connection),
+and the node's first frame must be ``Proof``, its Ed25519 signature of
+``proof_message(nonce, node_id, key)``. A wrong, late (past the relay's open
+timeout) or missing proof closes the connection with ``CLOSE_UNAUTHORIZED``,
+and the node was never registered: nobody was told of it and nobody it claims
+to be was displaced. Why a challenge rather than a signed timestamp: the
+nonce is fresh, so a proof can never be replayed (not to this relay, which
+made the nonce, and needs no replay cache), and it needs no agreement between
+the node's and the relay's clocks, which home machines do not always keep.
+It costs one round trip per connection. What the relay learns is the public
+key, which it checks and keeps nothing of. (A relay that a node connects to
+could pass another relay's challenge on to it; a node dials the one relay it
+was given, and what a relay can do with a node's presence, it can do on its
+own relay anyway. The traffic between nodes is authenticated end to end,
+whichever relay carries it.)
+
+Only then does the relay send ``Welcome``: the session id, who else of the
+namespace is online, and the limits in force (``max_frame_bytes`` bounds what
+a node sends; a frame it receives may be up to ``FRAME_OVERHEAD`` bytes
+longer, since ``peer`` now holds the source's id; a node bounds what it
+receives by that, and by ``MAX_WELCOME_BYTES`` before the ``Welcome``).
+Afterwards it sends ``Joined`` / ``Left`` as peers come and go. A second
+connection with the same node id in the same namespace, once its proof is
+good, replaces the first (closed with ``CLOSE_REPLACED``): the same node,
+reconnecting, since only it holds the key.
 
 Draining
 --------
@@ -65,7 +90,7 @@ relay (an older one would forward them without counting).
 
 Close codes (the relay closing a node's WebSocket)
 --------------------------------------------------
-``1001`` relay shutting down; ``1009`` frame over ``max_frame_bytes``
+``CLOSE_UNAUTHORIZED`` no good ``Proof`` of the node's key; ``1001`` relay shutting down; ``1009`` frame over ``max_frame_bytes``
 (websockets' own); ``CLOSE_PROTOCOL`` a frame that does not decode or breaks
 the rules; ``CLOSE_TOO_SLOW`` the node's send queue passed its limit;
 ``CLOSE_REPLACED`` another connection took this node id;
@@ -79,13 +104,19 @@ import msgspec
 
 __all__ = [
     "CLOSE_IDLE",
+    "CLOSE_UNAUTHORIZED",
     "CLOSE_PROTOCOL",
     "CLOSE_REPLACED",
     "CLOSE_TOKEN_REVOKED",
     "CLOSE_TOO_SLOW",
     "CONNECT_PATH",
+    "FRAME_OVERHEAD",
+    "MAX_WELCOME_BYTES",
     "NODE_ID_HEADER",
+    "NODE_KEY_HEADER",
+    "NONCE_BYTES",
     "Batch",
+    "Challenge",
     "Close",
     "Data",
     "Draining",
@@ -96,17 +127,26 @@ __all__ = [
     "Left",
     "Open",
     "Presence",
+    "Proof",
     "Reset",
     "Unreachable",
     "Welcome",
     "Window",
     "decode",
     "encode",
+    "proof_message",
 ]
 
 CONNECT_PATH = "/v1/connect"
 NODE_ID_HEADER = "X-Quorum-Node-Id"
+NODE_KEY_HEADER = "X-Quorum-Node-Key"
+NONCE_BYTES = 32
+# A frame the relay delivers may be this much longer than the sender's (``peer`` rewritten to the source's id).
+FRAME_OVERHEAD = 64
+# What a node accepts before the ``Welcome`` (it lists who is online: ~40 bytes a node).
+MAX_WELCOME_BYTES = 1024 * 1024
 
+CLOSE_UNAUTHORIZED = 4001
 CLOSE_PROTOCOL = 4002
 CLOSE_TOO_SLOW = 4008
 CLOSE_REPLACED = 4009
@@ -123,6 +163,25 @@ class Presence(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     since: float  # wall-clock seconds when it connected
     # It is stopping: it finishes its streams, new ones go elsewhere (added later; older nodes skip it).
     draining: bool = False
+
+
+class Challenge(_F, frozen=True, kw_only=True):
+    """Relay → node, first frame: sign this (``proof_message``) to prove you hold your key."""
+
+    nonce: bytes
+
+
+class Proof(_F, frozen=True, kw_only=True):
+    """Node → relay, first frame: the Ed25519 signature of ``proof_message`` for the ``Challenge``."""
+
+    signature: bytes
+
+
+def proof_message(nonce: bytes, node_id: str, sign_key: bytes) -> bytes:
+    """What a node signs to prove its key: a label, the relay's nonce, the key and the id (fixed lengths first)."""
+    if len(nonce) != NONCE_BYTES or len(sign_key) != 32:
+        raise ValueError("a nonce and a key are 32 bytes")
+    return b"quorum-relay/v1/proof\x00" + nonce + sign_key + node_id.encode("ascii", "replace")
 
 
 class Welcome(_F, frozen=True, kw_only=True):
@@ -236,7 +295,7 @@ class Reset(_F, frozen=True, kw_only=True):
 
 
 Frame = (Welcome | Joined | Left | Draining | Unreachable | Hello | HelloReply | Open | Data | Batch | Window | Close
-         | Reset)
+         | Reset | Challenge | Proof)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)

@@ -20,6 +20,9 @@ StartFake = Callable[..., Awaitable[FakeEngine]]
 
 
 def node_settings(tmp: Path, index: int, **overrides: Any):
+    """Settings of the test node ``index``; ``cluster=NAME, cluster_secret=S`` make it a member of the test
+    cluster those two name (``tests/members_support.py``: keys and signed membership in its data dir)."""
+    cluster, secret = overrides.pop("cluster", None), overrides.pop("cluster_secret", None)
     base: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
@@ -34,6 +37,10 @@ def node_settings(tmp: Path, index: int, **overrides: Any):
         "log_format": "json",
     }
     base.update(overrides)
+    if cluster and secret:
+        from tests.members_support import enrol
+
+        enrol(tmp, cluster, secret, Path(base["data_dir"]), base["name"])
     return load_settings(base, env={})
 
 

@@ -1,7 +1,7 @@
 """A LAN cluster on loopback: several in-process nodes, each with its own fake engine.
 
-Nodes find each other through static peers (no mDNS), sign every request with
-the cluster key, and forward a request for a model they lack to a peer that
+Nodes find each other through static peers (no mDNS), prove who they are with
+mutual TLS on their peer ports (each a member of one keyed cluster), and forward a request for a model they lack to a peer that
 holds it. The client is the real openai SDK; raw bytes are read with aiohttp
 where the SDK would hide what a test needs to see.
 """
@@ -20,10 +20,11 @@ import aiohttp
 import openai
 import pytest
 
-from quorum_node.cluster.signing import derive_keys, sign
+from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.node import Node
 from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
+from tests.members_support import client_tls, enrol, records_of
 
 CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
 DEADLINE_S = 5.0
@@ -42,7 +43,7 @@ class Member:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.node.port}"
+        return f"127.0.0.1:{self.node.peer_port}"
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = DEADLINE_S) -> Any:
@@ -369,79 +370,84 @@ async def test_client_disconnect_cancels_generation_on_serving_peer(start_cluste
 # -- loops ---------------------------------------------------------------------
 
 
-async def test_forwarded_request_is_never_forwarded_again(start_cluster, http) -> None:
+async def _member_client(tmp_path: Path, node: Node, name: str = "tester") -> tuple[aiohttp.ClientSession, str]:
+    """An HTTPS client holding the key of a member ``node`` has just heard of (admitted by the founder, as an
+    invite would, and introduced to ``node`` over its peer port): what a peer sends with."""
+    assert node.cluster is not None
+    identity = enrol(tmp_path, CLUSTER["cluster"], CLUSTER["cluster_secret"], tmp_path / name, name)
+    base = f"https://127.0.0.1:{node.peer_port}"
+    intro = aiohttp.TCPConnector(ssl=client_tls(None, node.identity.cert_der))
+    async with aiohttp.ClientSession(connector=intro) as s, \
+            s.post(base + "/quorum/v1/members", data=records_of(tmp_path / name)) as resp:
+        assert resp.status == 200, await resp.text()
+    assert node.cluster.members.is_member(identity.node_id)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(identity, node.identity.cert_der)))
+    return session, base
+
+
+async def test_forwarded_request_is_never_forwarded_again(start_cluster, http, tmp_path: Path) -> None:
     a, b = await start_cluster(["alpha"], ["beta"])
-    assert a.node.cluster is not None
+    peer, base = await _member_client(tmp_path, a.node)
     path = "/v1/chat/completions"
     data = b'{"model":"beta","messages":[{"role":"user","content":"hi"}]}'
-    to = a.node.cluster.node_id
-    headers = sign(a.node.cluster.keys, method="POST", path=path, body=data, node_id="some-peer", to=to,
-                   hop="1", origin="some-peer", now=time.time())
-    headers["Content-Type"] = "application/json"
-    async with http.post(a.node.url + path, data=data, headers=headers) as resp:
-        assert resp.status == 404
-        body = await resp.json()
-    assert body["error"]["code"] == "model_not_found"
-    assert not b.engine.requests and not a.engine.requests
+    headers = {"X-Quorum-Hop": "1", "X-Quorum-Origin": "some-peer", "Content-Type": "application/json"}
+    async with peer:
+        async with peer.post(base + path, data=data, headers=headers) as resp:
+            assert resp.status == 404  # a member's request is served here or nowhere
+            body = await resp.json()
+        assert body["error"]["code"] == "model_not_found"
+        assert not b.engine.requests and not a.engine.requests
 
-    # a hop header without a signature is refused outright, even from loopback
-    async with http.post(a.node.url + path, data=data, headers={"X-Quorum-Hop": "1"}) as resp:
-        assert resp.status == 401
-    assert not b.engine.requests
+        # a hop header on the public port is refused outright, even from loopback
+        async with http.post(a.node.url + path, data=data, headers={"X-Quorum-Hop": "1"}) as resp:
+            assert resp.status == 401
+        assert not b.engine.requests
 
-    # a signed request for a model the node holds is served there
-    data = data.replace(b"beta", b"alpha")
-    headers = sign(a.node.cluster.keys, method="POST", path=path, body=data, node_id="some-peer", to=to, hop="1",
-                   now=time.time())
-    headers["Content-Type"] = "application/json"
-    async with http.post(a.node.url + path, data=data, headers=headers) as resp:
-        assert resp.status == 200
-        assert (await resp.json())["choices"][0]["message"]["content"] == HELLO
+        # a member's request for a model the node holds is served there
+        async with peer.post(base + path, data=data.replace(b"beta", b"alpha"), headers=headers) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"][0]["message"]["content"] == HELLO
 
 
 # -- trust ---------------------------------------------------------------------
 
 
-async def test_peer_endpoints_need_a_valid_fresh_signature(start_cluster, http) -> None:
+async def test_peer_endpoints_answer_members_only(start_cluster, http, tmp_path: Path) -> None:
     (a,) = await start_cluster(["alpha"])
     assert a.node.cluster is not None
     path = "/quorum/v1/catalog"
-    url = a.node.url + path
 
-    async with http.get(url) as resp:
+    async with http.get(a.node.url + path) as resp:  # the public port: no peer endpoint for anyone
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "unauthorized"
 
-    to = a.node.cluster.node_id
-    foreign = sign(derive_keys(b"another cluster"), method="GET", path=path, body=b"", node_id="x", to=to,
-                   now=time.time())
-    async with http.get(url, headers=foreign) as resp:
-        assert resp.status == 401
+    base = f"https://127.0.0.1:{a.node.peer_port}"
+    # the peer port without a certificate: nothing but asking to join
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(None, None))) as anon:
+        for p in (path, "/quorum/v1/health", "/quorum/v1/keys", "/quorum/v1/members"):
+            async with anon.get(base + p) as resp:
+                assert resp.status == 401, p
+    # a stranger's own key and certificate: the handshake fails, nothing is answered
+    stranger = NodeIdentity.generate()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(stranger, None))) as s:
+        with pytest.raises(aiohttp.ClientError):
+            async with s.get(base + path) as resp:
+                await resp.read()
 
-    stale = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", to=to, now=time.time() - 3600)
-    async with http.get(url, headers=stale) as resp:
-        assert resp.status == 401
-
-    good = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", to=to, now=time.time())
-    async with http.get(url, headers=good) as resp:
+    member, _ = await _member_client(tmp_path, a.node)
+    async with member, member.get(base + path) as resp:
         assert resp.status == 200
         assert [m["id"] for m in (await resp.json())["models"]] == ["alpha"]
-    async with http.get(url, headers=good) as resp:  # the same headers again: a replay
-        assert resp.status == 401
-
-    # a signature is bound to its path: the catalog signature does not open /health
-    moved = sign(a.node.cluster.keys, method="GET", path=path, body=b"", node_id="x", to=to, now=time.time())
-    async with http.get(a.node.url + "/quorum/v1/health", headers=moved) as resp:
-        assert resp.status == 401
 
 
-async def test_node_with_wrong_secret_never_becomes_a_peer(start_cluster, start_node, fake, client_for, http) -> None:
+async def test_node_of_another_cluster_never_becomes_a_peer(start_cluster, start_node, fake, client_for,
+                                                            http) -> None:
     a, b = await start_cluster(["alpha"], ["beta"])
     w_eng = await fake("openai", models=["intruder"])
-    w = await start_node(backends=[{"kind": "openai", "url": w_eng.url}], cluster="t", cluster_secret="wrong",
-                         peers=[f"127.0.0.1:{a.node.port}"])
+    w = await start_node(backends=[{"kind": "openai", "url": w_eng.url}], cluster="t", cluster_secret="another",
+                         peers=[f"127.0.0.1:{a.node.peer_port}"])
     assert a.node.cluster is not None and w.cluster is not None
-    a.node.cluster.table.add_static(f"127.0.0.1:{w.port}")
+    a.node.cluster.table.add_static(f"127.0.0.1:{w.peer_port}")
     # a model added on a good peer afterwards arrives: enough probe rounds have run for W too
     b.engine.models.append("late")
 
@@ -454,12 +460,8 @@ async def test_node_with_wrong_secret_never_becomes_a_peer(start_cluster, start_
     assert [p["name"] for p in await peer_rows(http, a.node)] == [b.name]
     assert await peer_rows(http, w) == []
     assert "alpha" not in await model_holders(http, w)
-
-    # what W's health probe looks like to A: signed with the wrong key, refused
-    probe = sign(w.cluster.keys, method="GET", path="/quorum/v1/health", body=b"", node_id=w.cluster.node_id,
-                 to="*", now=time.time())
-    async with http.get(a.node.url + "/quorum/v1/health", headers=probe) as resp:
-        assert resp.status == 401
+    assert not a.node.cluster.members.is_member(w.cluster.node_id)
+    assert not w.cluster.members.is_member(a.node.cluster.node_id)
     with pytest.raises(openai.NotFoundError):
         await client_for(a.node).chat.completions.create(model="intruder", messages=MESSAGES)
 
@@ -470,8 +472,8 @@ async def test_a_stopped_peer_comes_back_by_itself(start_node: StartNode, fake: 
     eng_b = await fake("openai", models=["model-b"])
     b = await start_node(backends=[{"kind": "openai", "url": eng_b.url}], name="nodeB",
                          data_dir=str(tmp_path / "b"), **CLUSTER, peer_down_after_s=1.0)
-    port_b = b.port
-    a = await start_node(**CLUSTER, peers=[f"127.0.0.1:{port_b}"], peer_down_after_s=1.0)
+    port_b, peer_port_b = b.port, b.peer_port
+    a = await start_node(**CLUSTER, peers=[f"127.0.0.1:{peer_port_b}"], peer_down_after_s=1.0)
 
     async def holds(expected: dict[str, list[str]]) -> bool:
         return await model_holders(http, a) == expected
@@ -481,7 +483,7 @@ async def test_a_stopped_peer_comes_back_by_itself(start_node: StartNode, fake: 
     await eventually(lambda: holds({}), "A drops the stopped B", timeout_s=5.0)
     # B comes back: same data dir (same node id), same address
     await start_node(backends=[{"kind": "openai", "url": eng_b.url}], name="nodeB",
-                     data_dir=str(tmp_path / "b"), port=port_b, **CLUSTER)
+                     data_dir=str(tmp_path / "b"), port=port_b, peer_port=peer_port_b, **CLUSTER)
     await eventually(lambda: holds({"model-b": ["nodeB"]}), "A takes B back", timeout_s=5.0)
 
 

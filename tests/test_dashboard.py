@@ -42,8 +42,8 @@ async def two_nodes(start_node: StartNode, fake: StartFake, http: aiohttp.Client
     n0 = await start_node(name="north", backends=[{"kind": "openai", "url": e0.url}], **CLUSTER)
     n1 = await start_node(name="south", backends=[{"kind": "openai", "url": e1.url}], **CLUSTER)
     assert n0.cluster is not None and n1.cluster is not None
-    n0.cluster.table.add_static(f"127.0.0.1:{n1.port}")
-    n1.cluster.table.add_static(f"127.0.0.1:{n0.port}")
+    n0.cluster.table.add_static(f"127.0.0.1:{n1.peer_port}")
+    n1.cluster.table.add_static(f"127.0.0.1:{n0.peer_port}")
 
     async def converged() -> bool:
         f = await get_json(http, n0.url + "/quorum/admin/fleet")
@@ -227,7 +227,7 @@ async def test_online_since_starts_again_when_a_peer_comes_back(start_node: Star
     e1 = await fake("openai", models=["b"])
     n1 = await start_node(name="leaves", backends=[{"kind": "openai", "url": e1.url}], **CLUSTER)
     assert n0.cluster is not None
-    n0.cluster.table.add_static(f"127.0.0.1:{n1.port}")
+    n0.cluster.table.add_static(f"127.0.0.1:{n1.peer_port}")
 
     async def leaves() -> dict[str, Any] | None:
         f = await get_json(http, n0.url + "/quorum/admin/fleet")
@@ -314,7 +314,7 @@ async def test_a_subscriber_that_does_not_read_loses_events_not_memory(start_nod
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", node.port))
     try:
-        await loop.sock_sendall(sock, b"GET /quorum/admin/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        await loop.sock_sendall(sock, b"GET /quorum/admin/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
         await eventually(lambda: _true(len(hub.subscribers) == 1), what="subscribed")
         (sub,) = hub.subscribers
         for i in range(3000):  # ~12 MB of events, far past every socket buffer

@@ -125,7 +125,7 @@ async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSe
         assert n.cluster is not None
         for other in nodes:
             if other is not n:
-                n.cluster.table.add_static(f"127.0.0.1:{other.port}")
+                n.cluster.table.add_static(f"127.0.0.1:{other.peer_port}")
 
     async def converged() -> bool:  # (the fleet, not /v1/models: those would be requests in the page's list)
         async with http.get(nodes[0].url + "/quorum/admin/fleet") as resp:

@@ -475,8 +475,8 @@ async def start_pair(start_node: StartNode, engine: Any, **a_settings: Any) -> t
     b = await start_node(backends=[{"kind": "openai", "url": engine.url}], **CLUSTER)
     a = await start_node(**CLUSTER, **a_settings)
     assert a.cluster is not None and b.cluster is not None
-    a.cluster.table.add_static(f"127.0.0.1:{b.port}")
-    b.cluster.table.add_static(f"127.0.0.1:{a.port}")
+    a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")
+    b.cluster.table.add_static(f"127.0.0.1:{a.peer_port}")
 
     async def sees() -> bool:
         return MODEL in a.router.known_models()

@@ -92,7 +92,7 @@ def exchange(port: int, method: str, path: str, headers: dict[str, str], body: b
     """One request over a fresh socket; the answer must come within 10 s."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        head = f"{method} {path} HTTP/1.1\r\nHost: fuzz\r\nConnection: close\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
             head += f"Content-Length: {len(body)}\r\n"

@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import json
 import os
+import socket
 import subprocess
 import sys
 import zlib
@@ -142,7 +143,7 @@ async def test_an_unauthenticated_peer_claim_is_refused_before_its_body_is_read(
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], cluster="home", cluster_secret="s" * 32)
     # 100 MB announced, not one byte of it sent: the answer still comes, so the body was never waited for
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"X-Quorum-Signature: " + b"0" * 64 + b"\r\nContent-Length: 100000000\r\n\r\n")
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
     try:
@@ -165,7 +166,7 @@ async def test_headers_that_trickle_in_get_a_408_and_the_connection_is_closed(st
     node = await vllm_node(start_node, fake, header_timeout_s=0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
     try:
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n")
         async with asyncio.timeout(5):
             for _ in range(100):  # one header line every 0.1 s: never complete
                 writer.write(b"X-Slow: 1\r\n")
@@ -190,7 +191,7 @@ async def test_a_body_that_never_completes_gets_a_408(start_node, fake) -> None:
     node = await vllm_node(start_node, fake, body_timeout_s=0.5)
     for head in (b"Content-Length: 1000\r\n\r\n" + CHAT[:10],  # a Content-Length never fulfilled
                  b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"):  # a chunked body that never ends
-        raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head)
+        raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + head)
         status, headers, body = split_response(raw)
         assert status == 408 and headers["connection"] == "close"
         assert_openai_error(body, "body_timeout")
@@ -200,7 +201,7 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(start_no
     node = await vllm_node(start_node, fake, keepalive_timeout_s=0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
     try:
-        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         await reader.readuntil(b"}")
         async with asyncio.timeout(5):
             assert await reader.read() == b""  # closed by the node, with nothing more said
@@ -280,9 +281,9 @@ async def test_invalid_utf8_inside_a_json_string_is_a_400(start_node, fake, http
 @pytest.mark.parametrize(
     "raw,status",
     [
-        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 400),
-        (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 400),
-        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 400),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
     ],
     ids=["oversized-header", "too-many-headers", "bad-chunk-size", "not-http"],
@@ -327,7 +328,7 @@ async def test_a_crowd_of_slow_clients_does_not_stop_others_being_served(start_n
     slow = []
     for _ in range(300):
         r, w = await asyncio.open_connection("127.0.0.1", node.port)
-        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Half")
+        w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Half")
         slow.append((r, w))
     try:
         answer = await client_for(node).chat.completions.create(model=MODEL,
@@ -345,7 +346,7 @@ async def test_a_crowd_of_slow_clients_does_not_stop_others_being_served(start_n
 
 async def test_a_body_of_the_right_size_but_wrong_content_length_is_refused(start_node, fake) -> None:
     node = await vllm_node(start_node, fake, max_body_bytes=1000)
-    raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n\r\n")
     status, _, body = split_response(raw)
     assert status == 413
     assert_openai_error(body, "body_too_large")
@@ -353,13 +354,21 @@ async def test_a_body_of_the_right_size_but_wrong_content_length_is_refused(star
 
 @pytest.mark.parametrize(("host", "trusted"), [
     ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("[::1]:{port}", True), ("app.localhost", True),
+    (socket.gethostname() + ":{port}", True), (socket.gethostname().upper(), True),
     ("evil.example:{port}", False), ("rebind.attacker.test", False), ("localhost.evil.example", False),
+    # issue 19, 9: a name of one label is answered by LLMNR, mDNS or NetBIOS, and anyone on the LAN can answer
+    ("anyname:{port}", False), ("wpad", False), ("printer.:{port}", False),
 ])
 async def test_loopback_trust_needs_a_local_host_name(start_node, fake, http, host, trusted) -> None:
-    """DNS rebinding: a page whose name now points at 127.0.0.1 calls from loopback, with its own name in Host."""
+    """DNS rebinding: a page whose name now points at 127.0.0.1 calls from loopback, with its own name in Host.
+
+    Only an IP address, ``localhost`` (``*.localhost``) and this machine's own names are local; the admin
+    endpoints (keys, recent requests) are what such a page would read."""
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     async with http.get(node.url + "/v1/models", headers={"Host": host.format(port=node.port)}) as resp:
         assert resp.status == (200 if trusted else 401), await resp.text()
         if not trusted:
             assert (await resp.json())["error"]["code"] == "missing_api_key"
+    async with http.get(node.url + "/quorum/admin/keys", headers={"Host": host.format(port=node.port)}) as resp:
+        assert resp.status == (200 if trusted else 401)

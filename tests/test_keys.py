@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +22,13 @@ import pytest
 import structlog
 
 from quorum_node import cli
+from quorum_node.control.admin_token import ADMIN_TOKEN_FILE, admin_headers, load_or_create
 from quorum_node.control.keys import KEYS_FILE
 from quorum_node.node import Node
 from tests.conftest import eventually
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+QN = str(Path(sys.executable).with_name("quorum-node"))
 
 
 async def keyed_node(start_node, fake, *, models=("alpha", "beta"), **settings: Any) -> Node:
@@ -133,6 +139,21 @@ async def test_health_stays_open_under_require_key(start_node, fake, http) -> No
     assert body["error"]["code"] == "missing_api_key" and body["error"]["type"] == "authentication_error"
 
 
+async def test_health_tells_a_stranger_only_that_the_node_is_alive(start_node, fake, http) -> None:
+    """Issue 19, 14: without a key /health names neither the node nor its load; a key (or loopback trust) does."""
+    node = await keyed_node(start_node, fake, require_key=True)
+    _, key = node.keys.create("monitor")
+    for headers in ({}, {"X-Quorum-Admin": "x" * 43}, {"Accept": "application/json"}):
+        async with http.get(node.url + "/health", headers=headers) as resp:
+            assert resp.status == 200 and await resp.json() == {"status": "ok"}, headers
+    async with http.get(node.url + "/health", headers={"Authorization": f"Bearer {key}"}) as resp:
+        full = await resp.json()
+    assert full["status"] == "ok" and full["node"] == node.name and {"in_flight", "connections"} <= set(full)
+    trusting = await keyed_node(start_node, fake)  # no --require-key: this test's loopback caller is trusted
+    async with http.get(trusting.url + "/health") as resp:
+        assert (await resp.json())["node"] == trusting.name
+
+
 @pytest.mark.parametrize("header", [
     "Bearer " + "qk_" + "a" * 5000,
     "Bearer qk_\u00e9\u00e9\u00e9",
@@ -163,8 +184,47 @@ async def test_the_key_never_appears_in_the_logs(start_node, fake) -> None:
     text = json.dumps(logs, default=str)
     assert key not in text and key[3:20] not in text
     lines = [e for e in logs if e["event"] == "request"]
-    assert {e["status"] for e in lines} >= {200, 403, 429, 401}
+    assert {e["status"] for e in lines} >= {200, 403, 429}
     assert any(e.get("key") == "secretive" and e["status"] == 200 for e in lines)
+    assert [e["reason"] for e in logs if e["event"] == "unauthenticated_request"] == ["invalid_key"]  # the wrong one
+
+
+async def test_strangers_401s_are_counted_and_sampled_not_stored(start_node, fake, http) -> None:
+    """Issue 19, 7: anyone who reaches the port can send 401s as fast as it likes; each one used to cost a
+    ledger row and a log line (~1.5 kB, kept 90 days). Now: no row, a bounded log, every one counted."""
+    node = await keyed_node(start_node, fake, require_key=True)
+    _, key = node.keys.create("app")
+    strangers = ({}, {"Authorization": "Bearer qk_" + "x" * 43}, {"X-Quorum-Hop": "1"}, {"X-Quorum-Admin": "y" * 43})
+    n = 240
+    loop = asyncio.get_running_loop()
+    with structlog.testing.capture_logs() as logs:
+        t0 = loop.time()
+        for i in range(n):
+            async with http.get(node.url + "/v1/models", headers={"X-Request-Id": f"stranger-{i}",
+                                                                 **strangers[i % len(strangers)]}) as resp:
+                assert resp.status == 401
+        elapsed_s = loop.time() - t0
+        # a caller with a key whose request fails still has its record, as before
+        async with http.get(node.url + "/v1/models/nope", headers={"Authorization": f"Bearer {key}",
+                                                                   "X-Request-Id": "known-404"}) as resp:
+            assert resp.status == 404
+    assert node.ledger is not None
+
+    async def stored() -> bool:
+        return any(r.request_id == "known-404" for r in await node.ledger.recent(1000))
+
+    await eventually(stored, what="the keyed request's record")
+    assert not [r for r in await node.ledger.recent(1000) if r.request_id.startswith("stranger")]
+    sampled = [e for e in logs if e["event"] == "unauthenticated_request"]
+    assert 1 <= len(sampled) <= elapsed_s + 1, (len(sampled), elapsed_s)  # one a second at most
+    assert sum(e["passed_over"] for e in sampled) + len(sampled) <= n
+    assert not [e for e in logs if e["event"] == "request" and e["status"] == 401]
+    async with http.get(node.url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
+        text = await resp.text()
+    counted = {reason: float(re.search(rf'^quorum_refused_requests_total{{reason="{reason}"}} (\S+)$', text,
+                                       re.M).group(1))  # type: ignore[union-attr]
+               for reason in ("missing_key", "invalid_key", "peer_claim", "admin_token")}
+    assert counted == dict.fromkeys(counted, n / len(strangers))
 
 
 # -- the admin API -------------------------------------------------------------------
@@ -198,6 +258,11 @@ async def test_the_admin_api_creates_lists_and_revokes(start_node, fake, http) -
     b"not json", b"[]", b'{"name": ""}', b'{"name": "x", "rate": 0}', b'{"name": "x", "rate": true}',
     b'{"name": "x", "expires": "soon"}', b'{"name": "x", "models": ["' + b"m" * 300 + b'"]}',
     b'{"name": "x", "unknown": 1}', b'{"name": "x", "models": [' + b'"a",' * 40 + b'"a"]}',
+    # issue 19, 11: not UTF-8 inside a string (a 500 with a traceback before), and other wrong values
+    b'{"name": "\xff"}', b'{"name": "x", "models": ["a\xc3"]}', b'{"name": "x", "expires": "1\xe9d"}',
+    b'\xef\xbb\xbf{"name": "x"}', b'{"name": "x", "rate": 1e400}', b'{"name": "x", "rate": 99999999999999999999}',
+    b'{"name": "x", "expires": 1e308}', b'{"name": "x", "expires": "inf"}', b'{"name": "\\ud800"}',
+    b'{"name": "x", "admin": "yes"}', b'{"name": {"a": 1}}', b"null", b"",
 ])
 async def test_bad_admin_requests_get_400(start_node, fake, http, body) -> None:
     node = await keyed_node(start_node, fake)
@@ -206,6 +271,49 @@ async def test_bad_admin_requests_get_400(start_node, fake, http, body) -> None:
         assert resp.status == 400, await resp.text()
         assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
     assert node.keys.list() == []
+
+
+_NOT_UTF8 = b"\xff\xfe\xc3("
+_BAD_VALUES = ("%FF%FE%C3(", "%ED%A0%80", "%00", "-1", "1" + "0" * 5000, "1e400", "nan", "-1e300", "\u0663", "x" * 5000)
+
+
+async def test_every_admin_endpoint_answers_bad_input_with_a_4xx(start_node, fake, http) -> None:
+    """Issue 19, 11: whatever an admin sends (bytes that are not UTF-8, not JSON, wrong types, huge values, in
+    the body, the query or the path) the answer is a 4xx in the OpenAI error shape, or a plain answer; never a
+    500 with a traceback."""
+    node = await keyed_node(start_node, fake)
+    prefix = "/quorum/admin/"
+    app = node._runner.app  # type: ignore[union-attr]  (every admin route the node has: a new one is probed too)
+    routes = {(r.method, r.resource.canonical) for r in app.router.routes()
+              if r.resource is not None and r.resource.canonical.startswith(prefix) and r.method != "HEAD"}
+    assert routes >= {("GET", prefix + "keys"), ("POST", prefix + "keys"), ("DELETE", prefix + "keys/{name_or_id}"),
+                      ("GET", prefix + "usage"), ("GET", prefix + "usage/series"), ("GET", prefix + "recent"),
+                      ("GET", prefix + "fleet"), ("GET", prefix + "events")}
+    bodies = (_NOT_UTF8, b'{"name": "' + _NOT_UTF8 + b'"}', b"{", b'{"name": 5}', b'{"name": "' + b"n" * 70_000 + b'"}',
+              b'{"name": "x", "rate": 1' + b"0" * 400 + b"}", b'{"name": "x", "models": [[[[[[[[[[]]]]]]]]]]}',
+              b'{"name": "x", "expires": "1' + _NOT_UTF8 + b'd"}')
+    statuses: list[int] = []
+
+    async def probe(method: str, url: str, body: bytes | None = None) -> None:
+        async with http.request(method, url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            statuses.append(resp.status)
+            assert resp.status < 500, (method, url[:200], (body or b"")[:40], await resp.text())
+            if resp.status >= 400:
+                assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+
+    with structlog.testing.capture_logs() as logs:
+        for method, path in sorted(routes):
+            urls = [node.url + path.replace("{name_or_id}", v) for v in _BAD_VALUES] if "{" in path else [node.url + path]
+            if not path.endswith("/events"):  # a stream: only its query is probed
+                for url in urls:
+                    for body in bodies:
+                        await probe(method, url, body)
+            for name in ("key", "since", "by", "bucket", "limit", "cluster"):
+                for value in _BAD_VALUES:
+                    await probe(method, f"{urls[0]}?{name}={value}")
+    assert not [e for e in logs if e["event"] == "handler_crashed"]
+    assert 400 in statuses  # the probes were refused, not all passed over
+    assert node.keys.list() == []  # and none of them made a key
 
 
 async def test_under_require_key_the_admin_api_needs_an_admin_key(start_node, fake, http) -> None:
@@ -248,6 +356,66 @@ async def test_the_cli_against_a_running_node(start_node, fake, capsys) -> None:
         await chat(node, key)
     code, _, err = await asyncio.to_thread(run_cli, capsys, *url, "revoke", "nobody")
     assert code == 1 and "No key" in err
+
+
+async def _quorum_node(*args: str) -> tuple[int, str, str]:
+    """The real ``quorum-node`` command, as its user runs it (its own process, no QUORUM_* settings)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
+    proc = await asyncio.create_subprocess_exec(QN, *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE, env=env)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_owner_makes_the_first_admin_key_of_a_require_key_node_with_the_cli(start_node, fake, http,
+                                                                                      tmp_path) -> None:
+    """Issue 19, 16: under --require-key, ``keys create`` on the node's machine, as its user, used to be refused
+    until the node was stopped. The node's admin token (its data dir, 0600) lets the CLI in, from loopback."""
+    with structlog.testing.capture_logs() as logs:
+        node = await keyed_node(start_node, fake, require_key=True)
+        data_dir = Path(node.settings.data_dir)
+        token_file = data_dir / ADMIN_TOKEN_FILE
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        url = node.url + "/quorum/admin/keys"
+
+        code, out, err = await _quorum_node("keys", "--url", node.url, "--data-dir", str(data_dir),
+                                            "create", "--name", "ops", "--admin")
+        assert code == 0, err
+        admin = out.strip()
+        async with http.get(url, headers={"Authorization": f"Bearer {admin}"}) as resp:  # the key made is an admin's
+            assert resp.status == 200 and [k["name"] for k in (await resp.json())["keys"]] == ["ops"]
+        code, out, err = await _quorum_node("usage", "--url", node.url, "--data-dir", str(data_dir), "--json")
+        assert code == 0 and json.loads(out)["source"].startswith("node"), err
+
+        async with http.post(url, json={"name": "nobody"}) as resp:  # the same request without the token
+            assert resp.status == 401
+        for wrong in ("z" * 43, token[:-1] + ("A" if token[-1] != "A" else "B"), token + "x", "", "é"):
+            async with http.post(url, json={"name": "nobody"}, headers={"X-Quorum-Admin": wrong}) as resp:
+                assert resp.status == 401, wrong
+        async with http.get(node.url + "/v1/models", headers={"X-Quorum-Admin": token}) as resp:
+            assert resp.status == 401  # admin rights on /quorum/admin/ only, not the API
+        code, _, err = await _quorum_node("keys", "--url", node.url, "--data-dir", str(tmp_path / "elsewhere"),
+                                          "create", "--name", "nobody")  # a user without the token
+        assert code == 1 and "requires an API key" in err
+    assert [k.name for k in node.keys.list()] == ["ops"]
+    assert token not in json.dumps(logs, default=str)
+
+    await node.stop()  # the token is the node's for good: the same after a restart
+    again = await keyed_node(start_node, fake, require_key=True, data_dir=str(data_dir))
+    async with http.get(again.url + "/quorum/admin/keys", headers={"X-Quorum-Admin": token}) as resp:
+        assert resp.status == 200
+
+
+async def test_the_cli_sends_the_admin_token_only_to_this_machine(tmp_path) -> None:
+    data_dir = tmp_path / "d"
+    token = load_or_create(data_dir).decode()
+    for url in ("http://127.0.0.1:32768", "http://localhost:1", "http://[::1]:2", "http://app.localhost"):
+        assert admin_headers(url, data_dir) == {"X-Quorum-Admin": token}, url
+    for url in ("http://192.168.1.20:32768", "http://mybox:32768", "http://localhost.evil.example"):
+        assert admin_headers(url, data_dir) == {}, url
+    assert admin_headers("http://127.0.0.1:32768", tmp_path / "nothing") == {}
 
 
 async def test_the_cli_edits_a_stopped_nodes_store_and_the_node_takes_it_up(start_node, fake, tmp_path,

@@ -81,7 +81,7 @@ class Trio:
         for n, node in self.nodes.items():
             for m, other in self.nodes.items():
                 if m != n:
-                    node.cluster.table.add_static(f"127.0.0.1:{other.port}")
+                    node.cluster.table.add_static(f"127.0.0.1:{other.peer_port}")
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ async def test_keys_list_on_any_node_shows_the_last_use_anywhere(start_node, fak
     duo = Trio(start_node, fake, tmp_path)
     a = await duo.start("a", keys_last_used_sync_s=0.2)
     b = await duo.start("b", peers=[f"127.0.0.1:{a.port}"], keys_last_used_sync_s=0.2)
-    a.cluster.table.add_static(f"127.0.0.1:{b.port}")
+    a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")
     info, key = a.keys.create("phone")
     admin_info, admin = a.keys.create("ops", admin=True)
     await within("b has both keys", lambda: _named_all(b, info.id, admin_info.id))
@@ -345,6 +345,30 @@ async def test_off_loopback_every_admin_endpoint_needs_an_admin_key(start_node, 
             assert got[path + " none"] == [401, "missing_api_key"], path
             assert got[path + " plain"] == [403, "not_admin"], path
             assert got[path + " admin"] == [200, None], path
+
+
+_TOKEN_CLIENT = """
+import json, sys, urllib.request, urllib.error
+url, token = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url + "/quorum/admin/keys", headers={"X-Quorum-Admin": token})
+try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+        print(json.dumps([r.status, None]))
+except urllib.error.HTTPError as e:
+    print(json.dumps([e.code, json.loads(e.read())["error"]["code"]]))
+"""
+
+
+@pytest.mark.netns
+async def test_the_admin_token_is_refused_off_loopback(start_node, fake) -> None:
+    """Issue 19, 16: the node's admin token is its own user's, on its own machine: from another address, even
+    the right token gets 401."""
+    with other_namespace("tok") as (ns, host):
+        eng = await fake("openai", models=["m"])
+        node = await start_node(backends=[{"kind": "openai", "url": eng.url}], host=host)  # no --require-key
+        assert node.admin_token is not None
+        got = await _from_namespace(ns, _TOKEN_CLIENT, f"http://{host}:{node.port}", node.admin_token.decode())
+        assert got == [401, "missing_api_key"]
 
 
 # -- through the relay: the same records, the same guarantees -----------------------------

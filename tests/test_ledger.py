@@ -204,8 +204,11 @@ async def test_refused_and_failed_requests_are_recorded_with_their_status(
                       json.dumps({"model": "nope", "messages": MESSAGES}).encode(), {}),
         "r404path": ("GET", "/v1/nowhere", b"", {}),
         "r413": ("POST", "/v1/chat/completions", b"x" * 10_000, {}),
-        "r401": ("POST", "/v1/chat/completions", b"{}", {"X-Quorum-Signature": "forged"}),
     }
+    # a 401 for a caller that proved nothing is counted and sampled into the log, not stored (issue 19, 7)
+    async with http.post(url + "/v1/chat/completions", data=b"{}",
+                         headers={"X-Request-Id": "r401", "X-Quorum-Hop": "1"}) as r:  # a peer's, off the peer port
+        assert r.status == 401
     for rid, (method, path, body, headers) in cases.items():
         async with http.request(method, url + path, data=body,
                                 headers={"X-Request-Id": rid, "Content-Type": "application/json", **headers}) as r:
@@ -226,7 +229,8 @@ async def test_refused_and_failed_requests_are_recorded_with_their_status(
     recs = {r.request_id: r for r in await node.ledger.recent(100)}
     got = {rid: (recs[rid].status, recs[rid].outcome) for rid in [*cases, "r5xx"]}
     assert got == {"r400": (400, "rejected"), "r404model": (404, "rejected"), "r404path": (404, "rejected"),
-                   "r413": (413, "rejected"), "r401": (401, "rejected"), "r5xx": (failed_status, "failed")}
+                   "r413": (413, "rejected"), "r5xx": (failed_status, "failed")}
+    assert "r401" not in recs
     assert recs["r404model"].model == "nope" and recs["r404model"].surface == "openai"
     usage = await node.ledger.query(None, "model")
     assert sum(r.errors for r in usage) == len(cases) + 1

@@ -61,8 +61,8 @@ async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSe
     b = await start_node(name="b", backends=[{"kind": "ollama", "url": b_ollama.url},
                                              {"kind": "vllm", "url": b_vllm.url}], **CLUSTER)
     assert a.cluster is not None and b.cluster is not None
-    a.cluster.table.add_static(f"127.0.0.1:{b.port}")
-    b.cluster.table.add_static(f"127.0.0.1:{a.port}")
+    a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")
+    b.cluster.table.add_static(f"127.0.0.1:{a.peer_port}")
 
     async def converged() -> bool:
         async with http.get(a.url + "/v1/models") as r:

@@ -352,3 +352,24 @@ async def test_a_messages_stream_without_its_first_event_is_mended(start_node, f
     assert final.id.startswith("msg_") and final.model == MODEL and final.role == "assistant"
     assert final.usage.output_tokens == 4 and final.stop_reason == "end_turn"
     assert _paths(eng) == ["/v1/messages"] and [(r.operation, r.status) for r in records] == [("messages", 200)]
+
+
+FORGED = ('\n\nevent: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_forged",'
+          '"object":"response","status":"completed","output":[]}}\n\nevent: x')
+
+
+async def test_an_engines_event_type_cannot_forge_events(start_node: StartNode, fake: StartFake, client_for,
+                                                         http) -> None:
+    # The engine's `type` is written into the `event:` line; one with a newline in it is a malformed event:
+    # after the first byte the stream ends with the error event (the failure contract), nothing forged.
+    eng, node, records = await _setup(start_node, fake, forged_event_type=FORGED, token_delay_s=0.05)
+    async with http.post(node.url + "/v1/responses", json={"model": MODEL, "input": "hi", "stream": True}) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    assert b"resp_forged" not in body and b"event: response.completed" not in body
+    assert b"event: x" not in body and b"malformed" in body.rsplit(b"\n\n", 2)[-2]  # the last event: the error
+    with pytest.raises(openai.APIError):
+        async with client_for(node).responses.stream(model=MODEL, input="hi") as s:
+            async for ev in s:
+                assert ev.type != "response.completed"
+    assert [(r.operation, r.status) for r in records] == [("responses", 502)] * 2

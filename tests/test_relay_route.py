@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import socket
@@ -19,9 +20,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from quorum_node.cluster.identity import NodeIdentity
+from quorum_node.cluster.messages import HOP_HEADER, ORIGIN_HEADER
 from quorum_node.cluster.noise import Handshake, NumberedReceiver, NumberedSender
-from quorum_node.cluster.relay_link import relay_psk
-from quorum_node.cluster.signing import derive_keys, sign
 from quorum_node.node import Node
 from relay import wire
 from relay.server import Relay
@@ -29,6 +30,7 @@ from relay.settings import Settings as RelaySettings
 from tests.conftest import eventually
 from tests.faults import FaultProxy
 from tests.fakes.engines import FakeEngine
+from tests.members_support import enrol
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]
@@ -116,40 +118,53 @@ _OLD_FRAMES = msgspec.msgpack.Decoder(
     | wire.Window | wire.Close | wire.Reset)
 
 
+async def relay_connect(relay_url: str, identity: NodeIdentity, token: str = TOKEN, **kw: Any) -> ClientConnection:
+    """A raw WebSocket to the relay as ``identity``'s node: its id, its key, the challenge signed."""
+    ws = await connect(relay_url + wire.CONNECT_PATH, compression=None, max_size=None, additional_headers={
+        "Authorization": f"Bearer {token}", wire.NODE_ID_HEADER: identity.node_id,
+        wire.NODE_KEY_HEADER: base64.b64encode(identity.sign_key).decode()}, **kw)
+    challenge = wire.decode(await ws.recv())
+    assert isinstance(challenge, wire.Challenge)
+    await ws.send(wire.encode(wire.Proof(signature=identity.sign(
+        wire.proof_message(challenge.nonce, identity.node_id, identity.sign_key)))))
+    return ws
+
+
 class OldPeer:
-    """A node of an older version, on a raw WebSocket to the relay.
+    """A member node of an older version, on a raw WebSocket to the relay.
 
     Its handshake says nothing of what it reads (no payload, as that version
     sent), and it decodes what it receives with that version's frames: a
     ``Batch`` sent to it fails to decode, as it would there. It asks a peer for
-    chats (signed as a cluster member) and refuses what it is asked itself.
+    chats (as the member its session authenticates) and refuses what it is asked itself.
     """
 
-    NODE_ID = "0-old-peer"  # sorts below every node id: its handshake wins a tie, it opens odd streams
-
-    def __init__(self, ws: ClientConnection, session: str) -> None:
+    def __init__(self, ws: ClientConnection, session: str, identity: NodeIdentity) -> None:
         self.ws = ws
         self.session = session
+        self.identity = identity
+        self.NODE_ID = identity.node_id
         self.seen: set[str] = set()  # the kinds of frame it received
         self._hs: Handshake | None = None
         self._send: NumberedSender | None = None
         self._recv: NumberedReceiver | None = None
         self._ready = asyncio.get_running_loop().create_future()
         self._answers: dict[int, tuple[list[bytes], asyncio.Future[None]]] = {}
-        self._next_sid = 1
+        self._next_sid = 1  # set by ``handshake`` to its parity (the lower id of a pair opens odd streams)
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
-    async def join(cls, relay_url: str) -> OldPeer:
-        ws = await connect(relay_url + wire.CONNECT_PATH, compression=None, max_size=None, additional_headers={
-            "Authorization": f"Bearer {TOKEN}", wire.NODE_ID_HEADER: cls.NODE_ID})
+    async def join(cls, relay_url: str, identity: NodeIdentity) -> OldPeer:
+        ws = await relay_connect(relay_url, identity)
         welcome = _OLD_FRAMES.decode(await ws.recv())
         assert isinstance(welcome, wire.Welcome)
-        return cls(ws, welcome.session)
+        return cls(ws, welcome.session, identity)
 
-    async def handshake(self, peer: str) -> None:
+    async def handshake(self, peer: str, peer_key: bytes) -> None:
         prologue = b"\x00".join((b"quorum-relay-noise-v1", self.NODE_ID.encode(), peer.encode(), self.session.encode()))
-        self._hs = Handshake(initiator=True, psk=relay_psk(CLUSTER["cluster_secret"].encode()), prologue=prologue)
+        self._hs = Handshake(initiator=True, static=self.identity.dh_private, remote_static=peer_key,
+                             prologue=prologue)
+        self._next_sid = 1 if self.NODE_ID < peer else 2
         await self._out(wire.Hello(peer=peer, payload=self.session.encode() + b"\x00" + self._hs.write_message()))
         await asyncio.wait_for(asyncio.shield(self._ready), 5)
 
@@ -190,8 +205,7 @@ class OldPeer:
         assert self._send is not None
         sid, self._next_sid = self._next_sid, self._next_sid + 2
         path, data = "/v1/chat/completions", json.dumps(body).encode()
-        headers = sign(derive_keys(CLUSTER["cluster_secret"].encode()), method="POST", path=path, body=data,
-                       node_id=self.NODE_ID, to=peer, hop="1", origin=self.NODE_ID, now=time.time())
+        headers = {"X-Quorum-Node-Id": self.NODE_ID, HOP_HEADER: "1", ORIGIN_HEADER: self.NODE_ID}
         head = msgspec.msgpack.encode(["POST", path, [*headers.items(), ("Content-Type", "application/json")], b""])
         parts: list[bytes] = []
         self._answers[sid] = (parts, asyncio.get_running_loop().create_future())
@@ -349,7 +363,7 @@ async def test_one_slow_reader_does_not_hold_back_99_other_streams(start_node, f
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", a.port))
     reader, writer = await asyncio.open_connection(sock=sock)
     body = json.dumps({"model": MODEL, "messages": MSGS, "stream": True}).encode()
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     try:
         await reader.readuntil(b"\r\n\r\n")
@@ -446,7 +460,8 @@ async def test_the_in_memory_pipe_refuses_a_head_that_would_break_its_lines(star
     from quorum_node.cluster.pipe import PipeError, serve_in_memory
 
     node = await start_node()
-    ok = await serve_in_memory(node.http_server, "GET", "/health", [("Accept", "application/json")], b"")
+    ok = await serve_in_memory(node.http_server, "GET", "/health", [("Accept", "application/json")], b"",
+                               peer="0" * 24)
     body = b""
     while chunk := await ok.content.readany():
         body += chunk
@@ -458,7 +473,7 @@ async def test_the_in_memory_pipe_refuses_a_head_that_would_break_its_lines(star
         ("GET", "/health", [("Bad Name", "1")]),
     ):
         with pytest.raises(PipeError):
-            await serve_in_memory(node.http_server, method, path, headers, b"")
+            await serve_in_memory(node.http_server, method, path, headers, b"", peer="0" * 24)
 
 
 async def test_the_in_memory_pipe_holds_back_a_big_answer_for_a_slow_reader(start_node, fake) -> None:
@@ -469,9 +484,11 @@ async def test_the_in_memory_pipe_holds_back_a_big_answer_for_a_slow_reader(star
     body = json.dumps({"model": MODEL, "messages": MSGS, "stream": True}).encode()
     svc = node.cluster
     assert svc is not None
-    signed = svc.signed_headers("POST", "/v1/chat/completions", body, to=svc.node_id, hop="1", origin="0" * 16)
+    # as a member's request through the relay would come (the member: the only one this test has)
+    headers = svc.peer_headers(hop="1", origin=svc.node_id)
     resp = await pipe.serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
-                                      [("Content-Type", "application/json"), *signed.items()], body)
+                                      [("Content-Type", "application/json"), *headers.items()], body,
+                                      peer=svc.node_id)
     assert resp.status == 200
     await asyncio.sleep(0.5)  # read nothing: the server must wait for us, not buffer the answer
     held = resp._t.get_write_buffer_size()
@@ -535,16 +552,30 @@ async def test_many_short_answers_together_past_the_budget_all_finish(start_node
     assert sizes == [40_000] * 16
 
 
-async def test_an_unsigned_request_through_the_pipe_gets_no_loopback_trust(start_node, fake) -> None:
+async def test_through_the_pipe_a_members_request_is_served_and_anyone_elses_is_401(start_node, fake) -> None:
     from quorum_node.cluster.pipe import serve_in_memory
 
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], **CLUSTER)
+    svc = node.cluster
+    assert svc is not None
     body = json.dumps({"model": MODEL, "messages": MSGS}).encode()
-    resp = await serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
-                                 [("Content-Type", "application/json")], body)
-    assert resp.status == 401  # only a cluster signature is trusted through the relay
+    stranger = NodeIdentity.generate().node_id
+    for peer in (stranger, "0" * 24):  # a relay session's peer that is no member: no loopback trust either
+        resp = await serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
+                                     [("Content-Type", "application/json"), *svc.peer_headers(hop="1").items()],
+                                     body, peer=peer)
+        assert resp.status == 401
+        resp.close()
     assert eng.requests == []
+    resp = await serve_in_memory(node.http_server, "POST", "/v1/chat/completions",
+                                 [("Content-Type", "application/json"),
+                                  *svc.peer_headers(hop="1", origin=svc.node_id).items()], body, peer=svc.node_id)
+    data = b""
+    while chunk := await resp.content.readany():
+        data += chunk
+    assert resp.status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "Hello, world!"
+    assert len(eng.requests) == 1
 
 
 async def _draining(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, relay_url: str,
@@ -617,14 +648,15 @@ async def test_while_the_only_holder_drains_a_new_request_gets_503_at_once(
 
 
 async def test_a_peer_of_an_older_version_gets_plain_frames_and_is_served(
-        start_node, fake, http, client_for, relay) -> None:
+        start_node, fake, http, client_for, relay, tmp_path) -> None:
     tokens = [f"t{i} " for i in range(200)]
+    old_identity = enrol(tmp_path, CLUSTER["cluster"], CLUSTER["cluster_secret"], tmp_path / "old-peer", "old-peer")
     a, b, _ = await wan_pair(start_node, fake, http, relay.url, tokens=tokens)
     assert b.cluster is not None and b.cluster.relay is not None
     b_id = b.cluster.node_id
-    old = await OldPeer.join(relay.url)
+    old = await OldPeer.join(relay.url, old_identity)
     try:
-        await old.handshake(b_id)
+        await old.handshake(b_id, b.cluster.identity.dh_key)
         body = {"model": MODEL, "messages": MSGS, "stream": True}
         answers = await asyncio.gather(*(old.chat(b_id, body) for _ in range(64)))  # a load that B batches
         for status, raw in answers:

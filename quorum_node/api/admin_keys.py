@@ -7,10 +7,10 @@
   requests a minute.
 - ``DELETE /quorum/admin/keys/{name_or_id}`` → ``{"info": KeyInfo}`` (revoked)
 
-Allowed to loopback callers the node trusts (not with ``--require-key``) and
-to keys made with ``admin``, like every ``/quorum/admin/`` route (the trust
-middleware checks that, ``auth.require_admin``). A change is pushed to the
-peers at once.
+Allowed to loopback callers the node trusts (not with ``--require-key``), to
+keys made with ``admin`` and to the node's admin token from loopback, like
+every ``/quorum/admin/`` route (the trust middleware checks that,
+``auth.require_admin``). A change is pushed to the peers at once.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ async def create_key(request: web.Request) -> web.Response:
         body = _decode_create(await read_body(request))
     except msgspec.DecodeError as e:  # ValidationError included
         raise BadRequest(f"Invalid key request: {e}", code="invalid_request") from None
+    except UnicodeDecodeError as e:  # msgspec's, for a string that is not UTF-8
+        raise BadRequest(f"Invalid key request: not UTF-8 (byte {e.start})", code="invalid_request") from None
     expires_s: float | None = None
     if body.expires is not None:
         try:

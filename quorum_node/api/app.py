@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -12,14 +13,15 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from ..cluster.signing import HEADER_SIGNATURE, HOP_HEADER
-from ..control import metrics, usage
+from ..cluster.messages import HOP_HEADER, KEY_HEADER
+from ..control import admin_token, metrics, usage
+from ..control.admin_token import ADMIN_HEADER
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
 from . import admin_keys, anthropic, cors, ollama, openai, responses
 from .auth import charge, grant_for, is_admin_route, presented_key, require_admin
-from .body import PEER_AUTH
-from .keys import API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, request_id_for
+from .keys import (API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, TRUSTED,
+                   request_id_for)
 from .surface import OPENAI, surface_of
 
 if TYPE_CHECKING:
@@ -125,56 +127,93 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
 
     @web.middleware
     async def trust_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Who may call: peers by signature, apps by API key, loopback without one (unless --require-key).
+        """Who may call: members by their link, apps by API key, loopback without one (unless --require-key).
 
-        A request that claims to be a peer's (signature or hop header) is always
-        verified, from loopback too: forwarded requests are never forwarded on;
-        its signed ``X-Quorum-Key`` says which key the entry node served it for.
+        A member is whoever its link proved: the TLS client certificate on the
+        peer port (a current member's, ``cluster/tls.py``), or the Noise session
+        a relayed request came through (``cluster/pipe.py``). Its requests are
+        never forwarded on; its ``X-Quorum-Key`` says which key the entry node
+        served it for. On the peer port nobody else gets further than asking to
+        join; on the public port a request that claims to be a peer's is refused.
         A key (``Authorization: Bearer`` or ``x-api-key``) is checked and charged
         against its rate here; its model scopes are checked in ``serve``. Every
         route under ``/quorum/admin/`` is for the node's admins only (trusted
-        loopback callers, admin keys): checked here, for all of them at once.
+        loopback callers, admin keys, and the node's own user with its admin
+        token, ``X-Quorum-Admin``, from loopback only): checked here, for all
+        of them at once. A 401 here is no record (``_refused``).
         """
         headers = request.headers
-        claims_peer = HEADER_SIGNATURE in headers or HOP_HEADER in headers
+        cluster = node.cluster
+        if cluster is not None:
+            peer = cluster.peer_of(request)  # the member its link proved: TLS certificate, or Noise session
+            if peer is not None:
+                request[PEER] = peer
+                draft = request[DRAFT]
+                draft.set(peer=peer)
+                key_id = headers.get(KEY_HEADER, "")
+                if key_id and _KEY_ID_RE.fullmatch(key_id):
+                    draft.set(key_id=key_id, key_name=keys.name_of(key_id))
+                if is_admin_route(request):
+                    require_admin(request)
+                return await handler(request)
+            if cluster.peer_port_tls(request) is not None:
+                # no member's certificate: a machine with an invite, or one introducing a member's records
+                if request.method == "POST" and request.path in _OPEN_PEER_PATHS:
+                    return await handler(request)
+                raise _refused(request, "This port is for the cluster's members", reason="not_a_member")
+        if HOP_HEADER in headers or _NODE_ID_HEADER in headers:
+            raise _refused(request, "Requests between nodes go to the peer port, over mutual TLS",
+                           reason="peer_claim")
         if getattr(request.match_info.handler, "public", False) and request.method in ("GET", "HEAD"):
             return await handler(request)  # the dashboard's page and assets: no data, they ask for the key
-        if claims_peer:
-            if node.cluster is not None:
-                result = node.cluster.authenticate(request)  # from the head alone: no body is read for strangers
-                if result.ok:
-                    request[PEER] = result.node_id
-                    request[PEER_AUTH] = result
-                    draft = request[DRAFT]
-                    draft.set(peer=result.node_id)
-                    if result.key_id:
-                        draft.set(key_id=result.key_id, key_name=keys.name_of(result.key_id))
-                    if is_admin_route(request):
-                        require_admin(request)
-                    return await handler(request)
-            raise _refused(request, "This request needs a valid cluster signature")
-        trusted = not require_key and is_loopback(request.remote) and local_host(headers.get("Host"))
+        loopback = is_loopback(request.remote)
+        token = headers.get(ADMIN_HEADER)
+        if token is not None and loopback and node.admin_token is not None and is_admin_route(request) \
+                and admin_token.matches(node.admin_token, token):
+            request[TRUSTED] = True
+            return await handler(request)  # the node's own user: only it can read the token's file
+        trusted = not require_key and loopback and local_host(headers.get("Host"))
         secret = presented_key(request)
         if secret is not None:
-            grant = grant_for(keys, secret, loopback_trusted=trusted)
+            try:
+                grant = grant_for(keys, secret, loopback_trusted=trusted)
+            except Unauthorized as e:
+                raise _refused(request, e.message, reason="invalid_key", error=e) from None
             if grant is not None:
                 request[API_KEY] = grant
+                request[TRUSTED] = True
                 request[DRAFT].set(key_id=grant.id, key_name=grant.name)
                 charge(grant, keys)
                 if is_admin_route(request):
                     require_admin(request)
                 return await handler(request)
-        if trusted or (request.method == "GET" and request.path == "/health"):
+        if trusted:
+            request[TRUSTED] = True
             return await handler(request)  # a trusted loopback caller is the node's admin
+        if request.method == "GET" and request.path == "/health":
+            return await handler(request)  # a stranger learns that the node is alive, nothing else
+        if token is not None:
+            raise _refused(request, "The admin token (X-Quorum-Admin) is not this node's, or was sent from another "
+                           "machine or for a path outside /quorum/admin/", reason="admin_token")
         raise _refused(request, "This node requires an API key (Authorization: Bearer qk_...) from every caller"
                        if require_key else
                        "This request needs an API key (Authorization: Bearer qk_...); quorum-node accepts "
-                       "requests without one only from loopback")
+                       "requests without one only from loopback", reason="missing_key")
 
     return trust_middleware
 
 
-_LOCAL_NAMES = frozenset({"localhost", socket.gethostname().lower(), socket.getfqdn().lower()})
+def _own_names() -> frozenset[str]:
+    """``localhost`` and this machine's own names: its host name and FQDN, each with its first label."""
+    names = {"localhost"}
+    for name in (socket.gethostname(), socket.getfqdn()):
+        name = name.strip().lower().rstrip(".")
+        names.update((name, name.split(".", 1)[0]))
+    names.discard("")
+    return frozenset(names)
+
+
+_LOCAL_NAMES = _own_names()
 
 
 @functools.lru_cache(maxsize=4096)  # bounded: a hostile client sending endless names only evicts
@@ -184,8 +223,9 @@ def local_host(host: str | None) -> bool:
     A web page whose own host name an attacker re-points at 127.0.0.1 makes the
     browser send requests from loopback, but with the attacker's name in
     ``Host``. Loopback trust goes only to requests for an IP address, for
-    ``localhost`` (and ``*.localhost``), for this machine's own name, or for a
-    name of one label (``mybox``: no registered domain).
+    ``localhost`` (and ``*.localhost``), or for this machine's own name. Not
+    to any other name of one label (``mybox``): LLMNR, mDNS and NetBIOS answer
+    for those, and anyone on the LAN can answer first.
     """
     if not host:
         return True  # HTTP/1.0 without Host: no browser sends that
@@ -195,8 +235,8 @@ def local_host(host: str | None) -> bool:
     elif name.count(":") == 1:
         name = name.rsplit(":", 1)[0]
     name = name.rstrip(".")
-    if name in _LOCAL_NAMES or name.endswith(".localhost") or "." not in name:
-        return True  # a rebinding attacker's name is a registered domain: it has a dot
+    if name in _LOCAL_NAMES or name.endswith(".localhost"):
+        return True
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -204,11 +244,27 @@ def local_host(host: str | None) -> bool:
     return True
 
 
-def _refused(request: web.Request, message: str) -> ApiError:
-    log.warning("unauthenticated_request", remote=request.remote, path=request.path)
-    e = Unauthorized(message, code="missing_api_key" if HEADER_SIGNATURE not in request.headers else "unauthorized")
-    e.headers["Connection"] = "close"  # its body is never read
-    return e
+_KEY_ID_RE = re.compile(r"k_[0-9a-f]{12}")
+_NODE_ID_HEADER = "X-Quorum-Node-Id"
+_OPEN_PEER_PATHS = frozenset({"/quorum/v1/join", "/quorum/v1/members"})
+
+
+def _refused(request: web.Request, message: str, *, reason: str | None = None,
+             error: ApiError | None = None) -> ApiError:
+    """The 401 for a caller that proved nothing (``error``, else one saying ``message``).
+
+    Not a record: counted by ``reason`` and sampled into the log (``Records.refuse``),
+    so a stranger sending them as fast as it can costs no disk.
+    """
+    if error is None:
+        claims_peer = HOP_HEADER in request.headers or _NODE_ID_HEADER in request.headers
+        error = Unauthorized(message, code="unauthorized" if claims_peer else "missing_api_key")
+        error.headers["Connection"] = "close"  # its body is never read
+    if reason is None:
+        reason = "peer_claim" if HOP_HEADER in request.headers or _NODE_ID_HEADER in request.headers \
+            else "missing_key"
+    request.app[NODE].records.refuse(request[DRAFT], reason)
+    return error
 
 
 def create_app(node: Node) -> web.Application:

@@ -7,8 +7,7 @@ output, yielding to the event loop every ``_YIELD_EVERY`` bytes, and refused
 with a 413 the moment its inflated size passes ``max_body_bytes`` — so a small
 "zip bomb" costs the node a few milliseconds, not its event loop. The whole
 body (compressed bytes in, inflated bytes out) must arrive within
-``body_timeout_s``, else 408 and the connection is closed. A signed peer
-request's body must match the digest its verified signature carries.
+``body_timeout_s``, else 408 and the connection is closed.
 """
 
 from __future__ import annotations
@@ -20,14 +19,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
-from ..cluster.signing import VerifyResult, body_matches
-from ..errors import ApiError, BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMedia
+from ..errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMedia
 from .keys import SETTINGS
 
-__all__ = ["PEER_AUTH", "read_body"]
-
-#: The verified signature of a peer request (set by the trust middleware).
-PEER_AUTH: web.RequestKey[VerifyResult] = web.RequestKey("peer_auth", VerifyResult)
+__all__ = ["read_body"]
 
 _STEP = 64 * 1024
 _YIELD_EVERY = 1024 * 1024
@@ -125,7 +120,4 @@ async def read_body(request: web.Request) -> bytes:
                                 status=408, type_="invalid_request_error", code="body_timeout")) from None
     except (RequestPayloadError, HttpProcessingError) as e:
         raise _closing(BadRequest(f"The request body is malformed: {e}", code="bad_body")) from None
-    auth = request.get(PEER_AUTH)
-    if auth is not None and not body_matches(auth, body):
-        raise _closing(Unauthorized("The request body does not match its signature", code="unauthorized"))
     return body

@@ -31,8 +31,10 @@ from aiohttp import web
 
 from ..backends.base import StreamStats
 from ..errors import ApiError, BadRequest, NotFound
+from ..catalog import CatalogView
+from .auth import check_scope
 from .body import read_body
-from .keys import DRAFT, NODE, cluster_models
+from .keys import DRAFT, NODE, visible_catalog
 from .ollama_wire import (
     ChatRequest,
     ChatStream,
@@ -151,16 +153,14 @@ def _embedding_answer(call: OllamaCall, payload: dict[str, Any], total_s: float)
 # ------------------------------------------------------------------ the catalog
 
 
-def _catalog(app: web.Application) -> dict[str, list[dict[str, Any]]]:
+def _merge(view: CatalogView) -> dict[str, list[dict[str, Any]]]:
     """The cluster's models by id, each listed once.
 
     Ids that name each other (``llama3.2`` on one engine, ``llama3.2:latest``
     with the alias ``llama3.2`` on another) are one model, listed under the
     first of its ids.
     """
-    by_id: dict[str, list[dict[str, Any]]] = {}
-    for e in cluster_models(app):
-        by_id.setdefault(e["id"], []).append(e)
+    by_id = view.by_id
     parent = {mid: mid for mid in by_id}
 
     def root(x: str) -> str:
@@ -176,24 +176,36 @@ def _catalog(app: web.Application) -> dict[str, list[dict[str, Any]]]:
                     if ra != rb:
                         parent[max(ra, rb)] = min(ra, rb)
     out: dict[str, list[dict[str, Any]]] = {}
-    for mid in sorted(by_id):
+    for mid in by_id:  # sorted
         out.setdefault(root(mid), []).extend(by_id[mid])
     return out
 
 
-def _find(catalog: dict[str, list[dict[str, Any]]], name: str) -> str | None:
-    if name in catalog:
-        return name
-    for mid, entries in catalog.items():
-        if any(name in e.get("aliases", ()) for e in entries):
-            return mid
-    if name.endswith(":latest"):
-        return _find(catalog, name.removesuffix(":latest"))
-    return None
+def _catalog(view: CatalogView) -> dict[str, list[dict[str, Any]]]:
+    """``_merge`` of the view, made once per catalog change."""
+    return view.memo("ollama.catalog", _merge)
+
+
+def _index(view: CatalogView) -> dict[str, str]:
+    """Every name of a listed model (its ids and aliases) -> the id it is listed under."""
+    out: dict[str, str] = {}
+    for mid, entries in _catalog(view).items():
+        for e in entries:
+            for n in (*e.get("aliases", ()), e["id"]):
+                out.setdefault(n, mid)
+        out[mid] = mid
+    return out
+
+
+def _find(view: CatalogView, name: str) -> str | None:
+    mid = view.memo("ollama.index", _index).get(name)
+    if mid is None and name.endswith(":latest"):
+        return _find(view, name.removesuffix(":latest"))
+    return mid
 
 
 def _exists(app: web.Application, name: str) -> bool:
-    return bool(app[NODE].registry.holders(name)) or _find(_catalog(app), name) is not None
+    return bool(app[NODE].registry.holders(name)) or _find(app[NODE].catalog.view(), name) is not None
 
 
 def resolve(app: web.Application, name: str) -> str:
@@ -204,10 +216,10 @@ def resolve(app: web.Application, name: str) -> str:
     """
     if not name.endswith(":latest") or app[NODE].registry.holders(name):
         return name
-    catalog = _catalog(app)
-    if name in catalog or any(name in e.get("aliases", ()) for es in catalog.values() for e in es):
+    view = app[NODE].catalog.view()
+    if name in view.memo("ollama.index", _index):
         return name
-    return _find(catalog, name) or name
+    return _find(view, name) or name
 
 
 def _details(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -253,16 +265,13 @@ def _capabilities(app: web.Application, mid: str) -> list[str]:
     return ["embedding"] if "embed" in mid.lower() else ["completion"]
 
 
-async def tags(request: web.Request) -> web.Response:
-    request[DRAFT].set(surface=OLLAMA.name, operation="tags")
-    models = [_tag(mid, es) for mid, es in _catalog(request.app).items()]
-    return web.Response(body=_encode({"models": models}), content_type="application/json")
+def _tags_body(view: CatalogView) -> bytes:
+    return _encode({"models": [_tag(mid, es) for mid, es in _catalog(view).items()]})
 
 
-async def ps(request: web.Request) -> web.Response:
-    request[DRAFT].set(surface=OLLAMA.name, operation="ps")
+def _ps_body(view: CatalogView) -> bytes:
     models = []
-    for mid, entries in _catalog(request.app).items():
+    for mid, entries in _catalog(view).items():
         # loaded: True; None is an engine that has no other state (vLLM, llama.cpp): loaded while it is up
         if not any(e.get("loaded") is not False for e in entries):
             continue
@@ -272,18 +281,31 @@ async def ps(request: web.Request) -> web.Response:
         if ctx:
             entry["context_length"] = ctx
         models.append(entry)
-    return web.Response(body=_encode({"models": models}), content_type="application/json")
+    return _encode({"models": models})
+
+
+async def tags(request: web.Request) -> web.Response:
+    """Encoded once per catalog change (and per scope set: a scoped key sees its own models)."""
+    request[DRAFT].set(surface=OLLAMA.name, operation="tags")
+    body = visible_catalog(request).memo("ollama.tags", _tags_body)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def ps(request: web.Request) -> web.Response:
+    request[DRAFT].set(surface=OLLAMA.name, operation="ps")
+    body = visible_catalog(request).memo("ollama.ps", _ps_body)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def show(request: web.Request) -> web.Response:
     req = decode_request(await read_body(request), ShowRequest)
     name = req.model or req.name or ""
     request[DRAFT].set(surface=OLLAMA.name, operation="show", model=name)
-    catalog = _catalog(request.app)
-    mid = _find(catalog, name)
+    view = visible_catalog(request)  # a model a scoped key may not use: as if it did not exist
+    mid = _find(view, name)
     if mid is None:
         raise NotFound(f"model '{name}' not found", param="model", code="model_not_found")
-    entries = catalog[mid]
+    entries = _catalog(view)[mid]
     details = _details(entries)
     arch = details["family"] or "unknown"
     info: dict[str, Any] = {"general.architecture": arch, "general.basename": mid}
@@ -349,6 +371,7 @@ def _loaded(request: web.Request, name: str, model: str, kind: str, *, stream: b
             keep_alive: Any) -> web.Response:
     """An empty chat or prompt: Ollama's way to load (or, with keep_alive 0, unload) a model."""
     request[DRAFT].set(surface=OLLAMA.name, operation=kind, model=model)
+    check_scope(request, model)  # loading a model is using it
     if not _exists(request.app, model):
         raise NotFound(f"model '{name}' not found", param="model", code="model_not_found")
     out: dict[str, Any] = {"model": name, "created_at": now_rfc3339()}
@@ -399,6 +422,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     model = resolve(request.app, req.model)
     if not req.prompt:  # Ollama answers an empty prompt with an empty vector
         request[DRAFT].set(surface=OLLAMA.name, operation="embeddings", model=model)
+        check_scope(request, model)
         if not _exists(request.app, model):
             raise NotFound(f"model '{req.model}' not found", param="model", code="model_not_found")
         return web.Response(body=b'{"embedding":[]}', content_type="application/json")

@@ -9,9 +9,9 @@ import msgspec
 from aiohttp import web
 
 from ..backends.base import Op
-from ..errors import NotFound
+from ..catalog import CatalogView, model_not_found
 from .body import read_body
-from .keys import DRAFT, NODE, cluster_models
+from .keys import DRAFT, NODE, visible_catalog
 from .surface import OPENAI, Call, serve
 from .validate import check_chat, check_completions, check_embeddings, parse_body
 
@@ -69,34 +69,38 @@ def _model_card(mid: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _cards(request: web.Request) -> dict[str, dict[str, Any]]:
-    by_id: dict[str, list[dict[str, Any]]] = {}
-    for entry in cluster_models(request.app):
-        by_id.setdefault(entry["id"], []).append(entry)
-    return {mid: _model_card(mid, entries) for mid, entries in sorted(by_id.items())}
+def _cards(view: CatalogView) -> dict[str, dict[str, Any]]:
+    return {mid: _model_card(mid, entries) for mid, entries in view.by_id.items()}
+
+
+def _list_body(view: CatalogView) -> bytes:
+    return _encode({"object": "list", "data": list(view.memo("openai.cards", _cards).values())})
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """The catalog's cards, encoded once per catalog change (and per scope set: a scoped key sees its own)."""
     request[DRAFT].set(surface=OPENAI.name, operation="models")
-    cards = list(_cards(request).values())
-    return web.Response(body=_encode({"object": "list", "data": cards}), content_type="application/json")
+    body = visible_catalog(request).memo("openai.models", _list_body)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     request[DRAFT].set(surface=OPENAI.name, operation="model", model=name)
-    cards = _cards(request)
-    card = cards.get(name) or next((c for c in cards.values() if name in c["aliases"]), None)
-    if card is None:
-        raise NotFound(
-            f"The model `{name}` does not exist. Available models: {', '.join(cards) or 'none'}",
-            param="model",
-            code="model_not_found",
-        )
-    return web.Response(body=_encode(card), content_type="application/json")
+    view = visible_catalog(request)
+    mid = view.find(name)
+    if mid is None:  # a model a scoped key may not use: as if it did not exist
+        raise model_not_found(name, view)
+    return web.Response(body=_encode(view.memo("openai.cards", _cards)[mid]), content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
+    """Alive. The node's name and load only for a caller it knows (``TRUSTED``, a peer): a stranger is
+    let in here without a key, and learns nothing else."""
+    from .keys import PEER, TRUSTED
+
+    if not request.get(TRUSTED) and request.get(PEER) is None:
+        return web.json_response({"status": "ok"})
     node = request.app[NODE]
     return web.json_response({
         "status": "ok", "node": node.name,

@@ -28,6 +28,8 @@ import msgspec
 from aiohttp import web
 
 from ..backends.base import Op
+from ..backends.native import EVENT_TYPE
+from ..errors import StreamBroken
 from .keys import ROUTER
 from .surface import Native, StreamEncoder
 
@@ -58,8 +60,17 @@ def native_form(request: web.Request, op: Op, model: str, raw: bytes,
 
 
 def frame(raw: bytes, kind: str | None = None) -> bytes:
-    """One native event (its JSON) as a server-sent event named by its ``type`` (``kind``, where known)."""
-    return b"event: " + (kind or _kind(raw).type).encode() + b"\ndata: " + raw + b"\n\n"
+    """One native event (its JSON) as a server-sent event named by its ``type`` (``kind``, where known).
+
+    The adapter has checked the type already (``backends/native.py``); one that is still no token (a
+    newline in it would forge the events after it) ends the stream as a broken one: the client gets the
+    surface's error event, never a forged one nor a silently shortened answer (the failure contract).
+    """
+    name = kind or _kind(raw).type
+    if not EVENT_TYPE.match(name):
+        raise StreamBroken(f"the engine sent an event whose type is no event name: {name[:100]!r}",
+                           code="malformed_event")
+    return b"event: " + name.encode() + b"\ndata: " + raw + b"\n\n"
 
 
 class NativeStream(StreamEncoder):

@@ -43,10 +43,12 @@ import structlog
 from aiohttp import web
 
 from ..backends.base import Caller, JsonReply, Op, StreamReply, StreamStats
+from ..backends.budget import ANSWER_HOLD, Hold
 from ..control import tokens
 from ..errors import ApiError, StreamBroken, Unavailable
+from ..names import safe_name
 from .auth import check_scope
-from .keys import DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER
+from .keys import API_KEY, DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER, visible_catalog
 
 __all__ = ["Call", "Native", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
 
@@ -198,12 +200,18 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     records = node.records
     records.started(draft)  # live until sealed (the dashboard's requests in flight)
     task = inflight.enter()
+    # This request's share of the node's budget for whole answers (backends/budget.py): what reading
+    # its answer takes is held until the answer is written, then given back, in the finally below.
+    hold = Hold(node.answer_budget)
+    held = ANSWER_HOLD.set(hold)
     try:
         try:
             native = (call.native.op, call.native.body) if call.native is not None else None
+            grant = request.get(API_KEY)
+            visible = visible_catalog(request) if grant is not None and grant.info.models else None
             opened = await router.open(call.op, call.model, call.body, stream=call.stream,
                                        want_usage=call.want_usage, forwarded=forwarded, caller=caller,
-                                       native=native)
+                                       native=native, visible=visible)
         except asyncio.CancelledError:
             if inflight.is_cut(task):
                 raise Unavailable("This node is shutting down; try again", code="node_stopping") from None
@@ -214,7 +222,9 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         target = opened.target
         draft.set(serving_node=target.node, route=target.route, engine=target.engine, attempts=opened.attempts,
                   ttft_ms=round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None)
-        headers = {"X-Quorum-Node": target.node, "X-Quorum-Route": target.route, "X-Request-Id": request[REQUEST_ID]}
+        # A name that is no header value (a peer's, from its answer) must not cost the answer: names.py
+        headers = {"X-Quorum-Node": safe_name(target.node, "unknown"), "X-Quorum-Route": target.route,
+                   "X-Request-Id": request[REQUEST_ID]}
         reply = opened.reply
         passed = opened.op != call.op  # the engine answered the client's own request (Call.native)
         if isinstance(reply, JsonReply):
@@ -222,6 +232,12 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
             _tokens(draft, reply.usage, None, call, reply.payload)
             resp = (surface.native_answer if passed else surface.answer)(call, reply.payload, headers)
             await records.seal(draft, resp.status)
+            if hold.size:  # written here, so that its bytes are held until the client has them
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except ConnectionError:
+                    pass  # the client went away: nothing more to write
             return resp
         assert isinstance(reply, StreamReply)
         enc = surface.native_encoder(call) if passed else surface.encoder(call)
@@ -280,6 +296,8 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
             pass
         return resp
     finally:
+        ANSWER_HOLD.reset(held)
+        hold.release()
         inflight.leave(task)
 
 

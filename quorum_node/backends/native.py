@@ -38,6 +38,9 @@ the same driver as chat streams, ``openai_compat.stream_events``):
   block's start gets an ``input`` (llama-server sends none), and an id if it
   has none; a stop at a stop sequence is ``stop_reason`` "stop_sequence"
   (llama-server says "end_turn" and names the sequence).
+- An event whose ``type`` is not a token (``EVENT_TYPE``: lower-case letters,
+  digits, ``_`` and ``.``) is a malformed event: written into the stream's
+  ``event:`` line, a newline in it would forge the events after it.
 - An ``error`` event, ``response.failed``, a bare ``{"error": …}``
   (llama-server's Responses stream) or an event whose ``type`` is an error
   type (llama-server's Messages stream writes ``event: error`` with
@@ -55,6 +58,7 @@ Completions shape the record reads: prompt tokens are Responses
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -66,6 +70,7 @@ from .sse import EngineErrorEvent
 from .wire import ErrorInfo, parse_error
 
 __all__ = [
+    "EVENT_TYPE",
     "PROBE_BODIES",
     "FINAL",
     "LIFECYCLE",
@@ -225,6 +230,11 @@ def _malformed(data: bytes) -> StreamBroken:
     return StreamBroken(f"engine sent a malformed event: {data[:200]!r}", code="malformed_event")
 
 
+#: What an event's ``type`` may be: it goes into the ``event:`` line of the stream the client reads, where a
+#: newline would start a forged event. Every Responses and Messages event type is such a token.
+EVENT_TYPE = re.compile(r"\A[a-z0-9_.]{1,64}\Z")
+
+
 def _event(data: bytes) -> tuple[dict[str, Any], str]:
     """One native event, decoded, and its type; the engine's error, or a malformed event, raised."""
     try:
@@ -237,7 +247,7 @@ def _event(data: bytes) -> tuple[dict[str, Any], str]:
     err = _error_of(ev, kind, data)
     if err is not None:
         raise err
-    if not isinstance(kind, str):
+    if not isinstance(kind, str) or not EVENT_TYPE.match(kind):  # it is written into the SSE ``event:`` line
         raise _malformed(data)
     return ev, kind
 

@@ -14,6 +14,7 @@ import aiohttp
 import structlog
 
 from ..errors import EngineUnavailable
+from ..names import is_model_id
 from .base import Model, Op
 from .openai_compat import MAX_PROBE_BYTES, OpenAICompatBackend
 from .upstream import read_capped
@@ -38,15 +39,18 @@ class OllamaBackend(OpenAICompatBackend):
         ps_status, ps_raw = await self._get("/api/ps")
         ps = decode(ps_raw, OllamaList) if ps_status == 200 else None  # unusable: nothing known to be loaded
         loaded: dict[str, OllamaTag] = {}
-        for m in decode_entries(ps.models or () if ps is not None else (), OllamaTag):
+        for m in decode_entries((ps.models or () if ps is not None else ())[: self.max_models], OllamaTag):
             name = m.name or m.model
             if name:
                 loaded[name] = m
         models: list[Model] = []
-        for m in decode_entries(tags.models or (), OllamaTag, OllamaName):
+        entries = tags.models or ()
+        for m in decode_entries(entries[: self.max_models], OllamaTag, OllamaName):
             name = m.name or m.model
             if not name:
                 continue
+            if not is_model_id(name):
+                continue  # a name no header, log line or label may carry (counted in ``_listed``)
             tag = m if isinstance(m, OllamaTag) else None  # else only its name was usable
             details = tag.details if tag is not None else None
             running = loaded.get(name)
@@ -70,6 +74,7 @@ class OllamaBackend(OpenAICompatBackend):
                     capabilities=tuple(caps) if caps else (),
                 )
             )
+        self._listed(len(entries), min(len(entries), self.max_models) - len(models))
         return models
 
     async def _trained_context(self, name: str, digest: str) -> int | None:

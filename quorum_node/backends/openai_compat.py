@@ -55,6 +55,7 @@ from .native import (
     fix_answer,
     probe_verdict,
 )
+from ..names import is_model_id
 from .sse import FINISH_MAP, EngineErrorEvent, EventSplitter, StreamNormalizer, engine_error_message
 from .upstream import deadline_for, post, read_capped, read_error_body, read_whole
 from .wire import (
@@ -77,6 +78,7 @@ from .wire import (
 )
 
 __all__ = [
+    "MAX_MODELS_PER_ENGINE",
     "MAX_PROBE_BYTES",
     "PATHS",
     "PROFILES",
@@ -137,6 +139,8 @@ _RETRYABLE = {404, 408, 409, 429}
 
 #: A probe answer (health, model list, load) larger than this is malformed.
 MAX_PROBE_BYTES = 8 * 1024 * 1024
+#: The default of ``max_models_per_engine``: an engine's model list keeps its first this many.
+MAX_MODELS_PER_ENGINE = 4096
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -256,9 +260,11 @@ class OpenAICompatBackend(Backend):
         name: str | None = None,
         timeouts: Timeouts | None = None,
         detected: bool = False,
+        max_models: int = MAX_MODELS_PER_ENGINE,
     ) -> None:
         super().__init__()
         self.kind = kind
+        self.max_models = max_models  # max_models_per_engine: more listed are dropped, with a warning
         self.url = url.rstrip("/").removesuffix("/v1")
         self.profile = PROFILES[kind]
         self.name = name or f"{kind}@{self.url.split('://', 1)[-1]}"
@@ -274,6 +280,7 @@ class OpenAICompatBackend(Backend):
         self.native: dict[str, bool] = {}
         self._probed = False
         self._probe_timeout = aiohttp.ClientTimeout(total=self._timeouts.probe_s, sock_connect=self._timeouts.probe_s)
+        self._offered: tuple[int, int] = (0, 0)  # models listed and refused at the last refresh (logged on change)
 
     # -- discovery -------------------------------------------------------
 
@@ -397,11 +404,15 @@ class OpenAICompatBackend(Backend):
             raise EngineUnavailable("/v1/models answered an error", status=502)
         extra = await self._model_extras()
         models: list[Model] = []
-        for e in decode_entries(listing.data or (), ModelCard, ModelId):
+        entries = listing.data or ()
+        for e in decode_entries(entries[: self.max_models], ModelCard, ModelId):
             eid = e.id
             if not eid:
                 continue
             pid, aliases = public_id(eid, self.profile.path_ids)
+            if not (is_model_id(pid) and is_model_id(eid)):
+                continue  # a name no header, log line or label may carry (counted in ``_listed``)
+            aliases = tuple(a for a in aliases if is_model_id(a))
             ctx: int | None = None
             owned_by: str | None = None
             created = 0
@@ -423,7 +434,20 @@ class OpenAICompatBackend(Backend):
                     capabilities=tuple(info.get("capabilities", ())),
                 )
             )
+        self._listed(len(entries), min(len(entries), self.max_models) - len(models))
         return models
+
+    def _listed(self, offered: int, refused: int) -> None:
+        """Warn (once per change, not every refresh) that the engine listed more models than the cap, or
+        models whose names were refused (not printable, or too long: ``names.py``)."""
+        if (offered, refused) == self._offered:
+            return
+        self._offered = (offered, refused)
+        if offered > self.max_models:
+            log.warning("engine_models_capped", engine=self.name, offered=offered, kept=self.max_models)
+        if refused > 0:
+            log.warning("engine_models_refused", engine=self.name, refused=refused,
+                        reason="malformed, or an id with control characters or too long")
 
     async def _model_extras(self) -> dict[str, dict[str, Any]]:
         """Facts the engine's own API adds to /v1/models (LM Studio state, TGI context); {} if it tells none."""
@@ -438,7 +462,7 @@ class OpenAICompatBackend(Backend):
                             "context_length": e.loaded_context_length or e.max_context_length,
                             "capabilities": ("embeddings",) if e.type == "embeddings" else ("chat", "completions"),
                         }
-                        for e in decode_entries(listing.data or (), LmsModel)
+                        for e in decode_entries((listing.data or ())[: self.max_models], LmsModel)
                     }
             elif self.kind == "tgi":
                 status, raw = await self._get("/info")

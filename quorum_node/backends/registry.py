@@ -18,7 +18,7 @@ from ..settings import BackendSpec, Settings
 from .base import Backend, BackendState, Model
 from .detect import identify
 from .ollama import OllamaBackend
-from .openai_compat import OpenAICompatBackend, Timeouts
+from .openai_compat import MAX_MODELS_PER_ENGINE, OpenAICompatBackend, Timeouts
 
 __all__ = ["Registry", "make_backend"]
 
@@ -34,11 +34,14 @@ def make_backend(
     name: str | None = None,
     timeouts: Timeouts,
     detected: bool = False,
+    max_models: int = MAX_MODELS_PER_ENGINE,
 ) -> Backend:
     """The one place that knows which adapter serves which kind."""
     if kind == "ollama":
-        return OllamaBackend(url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected)
-    return OpenAICompatBackend(kind, url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected)
+        return OllamaBackend(url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected,
+                             max_models=max_models)
+    return OpenAICompatBackend(kind, url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected,
+                               max_models=max_models)
 
 
 def timeouts_from(settings: Settings) -> Timeouts:
@@ -85,7 +88,8 @@ class Registry:
     def add(self, spec: BackendSpec, *, detected: bool = False) -> Backend:
         url = spec.url.rstrip("/").removesuffix("/v1")
         backend = make_backend(
-            spec.kind, url, self.session, api_key=spec.api_key, name=spec.name, timeouts=self.timeouts, detected=detected
+            spec.kind, url, self.session, api_key=spec.api_key, name=spec.name, timeouts=self.timeouts, detected=detected,
+            max_models=self.settings.max_models_per_engine,
         )
         self.backends[url] = backend
         log.info("engine_added", engine=backend.name, kind=spec.kind, url=url, detected=detected)
@@ -119,7 +123,8 @@ class Registry:
         if self.settings.detect:
             await self._detect()
         await asyncio.gather(*(self._refresh(url, b) for url, b in list(self.backends.items())))
-        digest = tuple((b.name, b.state, tuple(m.id for m in b.models)) for b in self.backends.values())
+        # Whole models, not only ids: a model that loads or unloads changes what /api/ps lists.
+        digest = tuple((b.name, b.state, tuple(b.models)) for b in self.backends.values())
         if digest != self._digest:
             self._digest = digest
             for cb in self.on_change:

@@ -8,6 +8,10 @@ try the next holder. What comes back is bounded: an answer larger than
 One deadline per attempt: ``deadline`` (event-loop time) covers the response
 head *and* the answer (for a stream, its first event), so a slow head cannot
 double the time a client waits.
+
+Whole answers together are bounded too: ``read_whole`` counts what it reads
+against the request's share of the node's budget (``budget.ANSWER_HOLD``) and
+raises ``NodeBusy`` when there is no room; a read that fails gives back what it took.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from typing import Any
+
 import aiohttp
 
-from ..errors import EngineUnavailable
+from ..errors import EngineUnavailable, NodeBusy
 from .base import Timeouts
+from .budget import ANSWER_HOLD, Hold
 
 __all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "deadline_for", "post", "read_capped", "read_error_body",
            "read_whole"]
@@ -48,6 +55,7 @@ async def post(
     on_refused: Callable[[], None] | None = None,
     deadline: float | None = None,
     method: str = "POST",
+    ssl_context: Any = True,
 ) -> aiohttp.ClientResponse:
     """POST (or ``method``) and wait for the response head, by ``deadline``; the status is the caller's to judge.
 
@@ -62,7 +70,7 @@ async def post(
         async with asyncio.timeout_at(deadline):
             def send() -> Awaitable[aiohttp.ClientResponse]:
                 return session.request(method, url, data=data or None, headers=headers, timeout=timeout,
-                                       allow_redirects=False)
+                                       allow_redirects=False, ssl=ssl_context)
 
             try:
                 return await send()
@@ -79,17 +87,37 @@ async def post(
         raise EngineUnavailable(f"{who} unreachable: {e}", engine=who) from None
 
 
-async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body, or None if it is larger than ``limit`` (then nothing more is read)."""
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, hold: Hold | None = None,
+                      who: str = "") -> bytes | None:
+    """The body, or None if it is larger than ``limit`` (then nothing more is read).
+
+    With ``hold``, its bytes are taken from the hold's budget (a declared length at once, before a
+    byte is read; else as they come), and ``NodeBusy`` is raised where the budget has no room; what
+    this read took stays in the hold (the caller gives it back if the read failed).
+    """
     length = resp.content_length
     if length is not None and length > limit:
         return None
+    counted = 0
+    if hold is not None and length is not None:
+        if not hold.grow(length):
+            raise _busy(who)
+        counted = length
     buf = bytearray()
     async for chunk in resp.content.iter_any():
         buf += chunk
         if len(buf) > limit:
             return None
+        if hold is not None and len(buf) > counted:
+            if not hold.grow(len(buf) - counted):
+                raise _busy(who)
+            counted = len(buf)
     return bytes(buf)
+
+
+def _busy(who: str) -> NodeBusy:
+    return NodeBusy("This node is holding as many whole answers as it may (max_buffered_answers_bytes); "
+                    "try again shortly, or stream the answer", engine=who or None)
 
 
 async def read_error_body(resp: aiohttp.ClientResponse, *, deadline: float | None = None) -> bytes:
@@ -119,9 +147,11 @@ async def read_whole(
     if deadline is None:
         deadline = deadline_for(t, stream=False)
     ok = False
+    hold = ANSWER_HOLD.get()
+    held = hold.size if hold is not None else 0
     try:
         async with asyncio.timeout_at(deadline):
-            raw = await read_capped(resp, limit)
+            raw = await read_capped(resp, limit, hold=hold, who=who)
         if raw is None:
             raise EngineUnavailable(f"{who} sent an answer larger than {limit} bytes", status=502, engine=who)
         ok = True
@@ -135,3 +165,5 @@ async def read_whole(
             resp.release()
         else:
             resp.close()
+            if hold is not None:
+                hold.shrink_to(held)  # what this read took: nothing of it is kept

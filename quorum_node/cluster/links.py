@@ -14,6 +14,7 @@ the client yet: another holder, or another link to the same peer, may be tried).
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -50,22 +51,23 @@ class PeerLink(Protocol):
 
 
 class HttpLink:
-    """A peer on the LAN: HTTP to its address."""
+    """A peer on the LAN: HTTPS to its peer port, mutual TLS, the certificate pinned (``tls.py``)."""
 
     route = "lan"
 
-    def __init__(self, session: aiohttp.ClientSession, address: str,
+    def __init__(self, session: aiohttp.ClientSession, address: str, ssl_context: ssl.SSLContext,
                  on_refused: Callable[[], None] | None = None) -> None:
         self._session = session
         self.address = address
+        self._ssl = ssl_context
         self._on_refused = on_refused
 
     async def request(
         self, method: str, path: str, headers: dict[str, str], body: bytes, t: Timeouts, *, deadline: float,
         stream: bool, who: str,
     ) -> LinkResponse:
-        return await post(self._session, f"http://{self.address}{path}", body, headers, t, stream=stream, who=who,
-                          on_refused=self._on_refused, deadline=deadline, method=method)
+        return await post(self._session, f"https://{self.address}{path}", body, headers, t, stream=stream, who=who,
+                          on_refused=self._on_refused, deadline=deadline, method=method, ssl_context=self._ssl)
 
 
 class RelayPeerLink:

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 import structlog
@@ -45,6 +46,7 @@ from zeroconf import (
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from quorum_node.cluster.peers import PeerInfo
+from quorum_node.names import NAME_PATTERN, NODE_ID_PATTERN
 
 __all__ = [
     "NAME_MAX_BYTES",
@@ -54,6 +56,7 @@ __all__ = [
     "DiscoveryEvent",
     "Gone",
     "Updated",
+    "peer_info_from_txt",
     "pick_address",
     "txt_properties",
 ]
@@ -107,6 +110,31 @@ def txt_properties(
         "cat": catalog_digest,
         "name": _truncate_utf8(name, NAME_MAX_BYTES),
     }
+
+
+_TXT_NAME = re.compile(NAME_PATTERN)
+_TXT_NODE_ID = re.compile(NODE_ID_PATTERN)
+_TXT_TOKEN = re.compile(r"\A[^\x00-\x1f\x7f]{0,128}\Z")
+
+
+def peer_info_from_txt(props: Mapping[str, str | None], service: str, address: str) -> PeerInfo | None:
+    """A peer as its TXT record describes it, reached at ``address``; None (logged) for a record whose
+    id, name, fingerprint or catalog digest is not printable and bounded (``names.py``): such a name
+    would break the headers and log lines it goes into."""
+    node_id = props.get("id") or service.removesuffix("." + SERVICE_TYPE)
+    name = props.get("name") or ""
+    fingerprint = props.get("fp") or ""
+    digest = props.get("cat") or ""
+    if not (_TXT_NODE_ID.match(node_id) and _TXT_NAME.match(name) and _TXT_TOKEN.match(fingerprint)
+            and _TXT_TOKEN.match(digest)):
+        log.warning("mdns_peer_rejected", service=service[:300], reason="a TXT value that is no printable name")
+        return None
+    try:
+        proto = int(props.get("v") or 1)
+    except ValueError:
+        proto = 0  # unparseable: never equal to a version we speak
+    return PeerInfo(node_id=node_id, name=name, address=address, route="lan", fingerprint=fingerprint,
+                    proto=proto, catalog_digest=digest)
 
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -386,23 +414,9 @@ class Discovery:
             self.on_event(Updated(info=info))
 
     def _peer_info(self, name: str, sinfo: AsyncServiceInfo) -> PeerInfo | None:
-        props = sinfo.decoded_properties
-        node_id = props.get("id") or name.removesuffix("." + SERVICE_TYPE)
         ip = pick_address(sinfo.parsed_addresses(), self._own_addresses)
         port = sinfo.port
         if ip is None or not port:
             log.info("mdns_peer_unreachable", service=name, addresses=sinfo.parsed_addresses(), port=port)
             return None
-        try:
-            proto = int(props.get("v") or 1)
-        except ValueError:
-            proto = 0  # unparseable: never equal to a version we speak
-        return PeerInfo(
-            node_id=node_id,
-            name=props.get("name") or "",
-            address=_host_port(ip, port),
-            route="lan",
-            fingerprint=props.get("fp") or "",
-            proto=proto,
-            catalog_digest=props.get("cat") or "",
-        )
+        return peer_info_from_txt(sinfo.decoded_properties, name, _host_port(ip, port))

@@ -1,16 +1,22 @@
-"""Who this node is and which cluster it belongs to, kept in the data dir.
+"""This node's cluster, kept in the data dir: its name and root, the membership records, the open invites.
 
-Files under ``data_dir`` (the directory is created 0700)::
+Files under ``data_dir`` (the directory is created 0700; every file 0600, written
+atomically: temp file in the same directory, fsync, then rename or link)::
 
-    node_id        this node's stable random id (one line), 0600
-    cluster.json   {"version": 1, "name": ..., "secret": <base64url>}, 0600
+    identity.json   this node's key pair (identity.py)
+    cluster.json    {"version": 2, "name": ..., "root": <the founder's node id>}
+    members.json    the membership records, in the order accepted (members.py)
+    invites.json    open invites: the SHA-256 of each token's secret, its expiry, whether it was used
 
-Both are written atomically (temp file in the same directory, fsync, then
-rename or link), so a crash leaves either the old file or the new one.
+An invite token (``quorum-node invite``) is
+``qrm2.<inviter node id>.<base64url(32 random bytes)>.<base64url(addresses)>``:
+the new machine connects to one of the addresses, checks that the node there
+holds the inviter's key (the id names it), and proves it knows the secret; the
+secret is used once and expires (10 minutes by default). A token grants one
+admission and nothing else: it is not a cluster secret.
 
-A join token (``qrm1.<base64url(name)>.<base64url(secret)>``) carries the
-cluster secret itself: anyone holding it can join the cluster and sign
-requests as a member. Treat it like a password.
+``cluster.json`` of version 1 held a shared secret (the clusters before keys);
+``legacy_cluster`` reads it for ``quorum-node cluster migrate``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -25,72 +33,73 @@ from pathlib import Path
 
 import msgspec
 
-from quorum_node.cluster.signing import ClusterKeys, derive_keys
-
 __all__ = [
     "CLUSTER_FILE",
-    "NODE_ID_FILE",
+    "INVITES_FILE",
+    "MEMBERS_FILE",
     "TOKEN_PREFIX",
     "Cluster",
-    "cluster_from_cli",
-    "init_cluster",
-    "join_cluster",
+    "Invite",
+    "InviteToken",
+    "LegacyCluster",
+    "create_invite",
     "leave_cluster",
+    "legacy_cluster",
     "load_cluster",
-    "load_or_create_node_id",
-    "parse_join_token",
+    "load_member_records",
+    "parse_invite",
+    "save_member_records",
+    "store_cluster",
+    "take_invite",
 ]
 
-NODE_ID_FILE = "node_id"
 CLUSTER_FILE = "cluster.json"
-TOKEN_PREFIX = "qrm1"
+MEMBERS_FILE = "members.json"
+INVITES_FILE = "invites.json"
+TOKEN_PREFIX = "qrm2"
 
-_SECRET_BYTES = 32
-_MAX_SECRET_BYTES = 1024
 _MAX_NAME_CHARS = 64
-_NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_NODE_ID_RE = re.compile(r"[0-9a-f]{24}")
+_MAX_INVITES = 256
+
+
+def _check_name(name: str) -> str:
+    if not name or len(name) > _MAX_NAME_CHARS or not name.isprintable() or name != name.strip():
+        raise ValueError(
+            f"cluster name must be 1-{_MAX_NAME_CHARS} printable characters "
+            "without leading or trailing spaces"
+        )
+    return name
 
 
 class Cluster(msgspec.Struct, frozen=True, kw_only=True):
-    """A cluster membership: its name and shared secret.
+    """The cluster this node belongs to: its name, and its root (the founder's node id, which names it)."""
 
-    ``repr``/``str`` never show the secret.
-    """
+    name: str
+    root: str
+
+
+class LegacyCluster(msgspec.Struct, frozen=True, kw_only=True):
+    """A cluster of the shared-secret days (``cluster.json`` version 1): for ``cluster migrate`` only."""
 
     name: str
     secret: bytes
 
-    def keys(self) -> ClusterKeys:
-        """The signing key and fingerprint derived from the secret."""
-        return derive_keys(self.secret)
-
-    @property
-    def fingerprint(self) -> str:
-        """Public cluster id (16 hex chars), safe to advertise and log."""
-        return derive_keys(self.secret).fingerprint
-
-    def join_token(self) -> str:
-        """A token that lets another node join. It contains the secret: keep it private."""
-        return ".".join((TOKEN_PREFIX, _b64encode(self.name.encode("utf-8")), _b64encode(self.secret)))
-
     def __repr__(self) -> str:
-        return f"Cluster(name={self.name!r}, fingerprint={self.fingerprint!r}, secret=<hidden>)"
+        return f"LegacyCluster(name={self.name!r}, secret=<hidden>)"
 
     __str__ = __repr__
 
-    def __rich_repr__(self):  # msgspec offers one that would print the secret
-        yield "name", self.name
-        yield "fingerprint", self.fingerprint
 
-
-class _ClusterFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    version: int = 1
+class _ClusterFile(msgspec.Struct, kw_only=True):
+    version: int = 2
     name: str
-    secret: str
+    root: str = ""
+    secret: str = ""  # version 1 only
 
 
 _file_decoder = msgspec.json.Decoder(_ClusterFile)
-_file_encoder = msgspec.json.Encoder()
+_encode = msgspec.json.Encoder().encode
 
 
 def _b64encode(raw: bytes) -> str:
@@ -104,57 +113,6 @@ def _b64decode(text: str) -> bytes:
         return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except binascii.Error as exc:
         raise ValueError("not base64url") from exc
-
-
-def _check_name(name: str) -> str:
-    if not name or len(name) > _MAX_NAME_CHARS or not name.isprintable() or name != name.strip():
-        raise ValueError(
-            f"cluster name must be 1-{_MAX_NAME_CHARS} printable characters "
-            "without leading or trailing spaces"
-        )
-    return name
-
-
-def _check_secret(secret: bytes) -> bytes:
-    if not secret:
-        raise ValueError("cluster secret must not be empty")
-    if len(secret) > _MAX_SECRET_BYTES:
-        raise ValueError(f"cluster secret must be at most {_MAX_SECRET_BYTES} bytes")
-    return secret
-
-
-def parse_join_token(token: str) -> Cluster:
-    """Decode a join token; raises ValueError saying what is wrong (never echoing the token)."""
-    parts = token.strip().split(".")
-    if len(parts) != 3:
-        raise ValueError("join token must have the form qrm1.<name>.<secret> (three dot-separated parts)")
-    prefix, name_part, secret_part = parts
-    if prefix != TOKEN_PREFIX:
-        raise ValueError(f"join token must start with '{TOKEN_PREFIX}.' (is it a Quorum join token?)")
-    try:
-        name = _b64decode(name_part).decode("utf-8")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("join token is damaged: the name part is not valid base64url UTF-8") from exc
-    try:
-        secret = _b64decode(secret_part)
-    except ValueError as exc:
-        raise ValueError("join token is damaged: the secret part is not valid base64url") from exc
-    try:
-        return Cluster(name=_check_name(name), secret=_check_secret(secret))
-    except ValueError as exc:
-        raise ValueError(f"join token is invalid: {exc}") from exc
-
-
-def cluster_from_cli(name: str, secret: str) -> Cluster:
-    """Build a cluster from ``--cluster NAME --secret SECRET``.
-
-    The secret string's UTF-8 bytes are the cluster secret, so every node given
-    the same string lands in the same cluster. HKDF does not stretch weak
-    input, and the fingerprint is advertised on the LAN, so a short or guessable
-    string can be brute-forced offline: use a long random one (or
-    ``init``/``join``).
-    """
-    return Cluster(name=_check_name(name), secret=_check_secret(secret.encode("utf-8")))
 
 
 def _ensure_dir(data_dir: Path) -> None:
@@ -192,20 +150,7 @@ def _write_private(path: Path, data: bytes, *, replace: bool) -> bool:
     return True
 
 
-def load_or_create_node_id(data_dir: Path) -> str:
-    """Return this node's id, creating and persisting a random one on first run."""
-    _ensure_dir(data_dir)
-    path = data_dir / NODE_ID_FILE
-    if not path.exists():
-        _write_private(path, (secrets.token_hex(8) + "\n").encode("ascii"), replace=False)
-    node_id = path.read_text(encoding="utf-8", errors="replace").strip()
-    if not _NODE_ID_RE.fullmatch(node_id):
-        raise ValueError(f"{path} does not hold a valid node id; delete it to get a new one")
-    return node_id
-
-
-def load_cluster(data_dir: Path) -> Cluster | None:
-    """Return the stored cluster membership, or None if this node is in no cluster."""
+def _read_cluster_file(data_dir: Path) -> _ClusterFile | None:
     path = data_dir / CLUSTER_FILE
     try:
         raw = path.read_bytes()
@@ -213,56 +158,174 @@ def load_cluster(data_dir: Path) -> Cluster | None:
         return None
     try:
         stored = _file_decoder.decode(raw)
-        if stored.version != 1:
-            raise ValueError(f"unsupported version {stored.version}")
-        return Cluster(name=_check_name(stored.name), secret=_check_secret(_b64decode(stored.secret)))
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise ValueError(f"{path} is damaged: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"{path} is damaged: {exc}") from None
+    if stored.version not in (1, 2):
+        raise ValueError(f"{path}: unsupported version {stored.version}")
+    return stored
 
 
-def _store(data_dir: Path, cluster: Cluster, *, force: bool) -> Cluster:
+def load_cluster(data_dir: Path) -> Cluster | None:
+    """The keyed cluster this node belongs to, or None (no cluster, or one of the shared-secret days)."""
+    stored = _read_cluster_file(data_dir)
+    if stored is None or stored.version == 1:
+        return None
+    if not _NODE_ID_RE.fullmatch(stored.root):
+        raise ValueError(f"{data_dir / CLUSTER_FILE} is damaged: bad root")
+    return Cluster(name=_check_name(stored.name), root=stored.root)
+
+
+def legacy_cluster(data_dir: Path) -> LegacyCluster | None:
+    """The shared-secret cluster of ``cluster.json`` version 1, if that is what the data dir holds."""
+    stored = _read_cluster_file(data_dir)
+    if stored is None or stored.version != 1:
+        return None
+    secret = _b64decode(stored.secret)
+    if not secret:
+        raise ValueError(f"{data_dir / CLUSTER_FILE} is damaged: empty secret")
+    return LegacyCluster(name=_check_name(stored.name), secret=secret)
+
+
+def store_cluster(data_dir: Path, cluster: Cluster, records_json: bytes, *, force: bool = False) -> None:
+    """Write the membership (cluster file and records). Refuses (FileExistsError) to replace another keyed
+    cluster unless ``force``; a shared-secret ``cluster.json`` is replaced (that is the migration)."""
     _ensure_dir(data_dir)
-    data = _file_encoder.encode(_ClusterFile(name=cluster.name, secret=_b64encode(cluster.secret)))
-    path = data_dir / CLUSTER_FILE
-    if force:
-        _write_private(path, data, replace=True)
-        return cluster
-    if _write_private(path, data, replace=False):
-        return cluster
     existing = load_cluster(data_dir)
-    if existing == cluster:
-        return cluster  # joining the cluster we are already in is not an error
-    raise FileExistsError(
-        f"this node already belongs to cluster {existing.name!r} "
-        f"(fingerprint {existing.fingerprint}); leave it first or pass force=True"
-        if existing is not None
-        else f"{path} appeared while writing it"
-    )
+    if existing is not None and existing.root != cluster.root and not force:
+        raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+                              "leave it first (`quorum-node cluster leave`) or pass --force")
+    _write_private(data_dir / MEMBERS_FILE, records_json, replace=True)
+    _write_private(data_dir / CLUSTER_FILE, _encode(_ClusterFile(name=_check_name(cluster.name),
+                                                                  root=cluster.root)), replace=True)
 
 
-def init_cluster(data_dir: Path, name: str, *, force: bool = False) -> Cluster:
-    """Create a new cluster with a random 32-byte secret and store it.
-
-    Refuses (FileExistsError) when this node already has a cluster, unless
-    ``force`` — which drops this node out of that cluster.
-    """
-    cluster = Cluster(name=_check_name(name), secret=secrets.token_bytes(_SECRET_BYTES))
-    return _store(data_dir, cluster, force=force)
+def load_member_records(data_dir: Path) -> bytes:
+    """The raw membership records (a JSON list; ``b"[]"`` when there are none yet)."""
+    try:
+        return (data_dir / MEMBERS_FILE).read_bytes()
+    except FileNotFoundError:
+        return b"[]"
 
 
-def join_cluster(data_dir: Path, token: str, *, force: bool = False) -> Cluster:
-    """Join the cluster a join token describes and store it.
-
-    Joining the cluster this node is already in is a no-op; joining another
-    one needs ``force``.
-    """
-    return _store(data_dir, parse_join_token(token), force=force)
+def save_member_records(data_dir: Path, records_json: bytes) -> None:
+    _ensure_dir(data_dir)
+    _write_private(data_dir / MEMBERS_FILE, records_json, replace=True)
 
 
 def leave_cluster(data_dir: Path) -> bool:
-    """Forget the stored cluster membership; True if there was one."""
+    """Forget the stored membership; True if there was one."""
+    found = False
+    for name in (CLUSTER_FILE, MEMBERS_FILE, INVITES_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / name).unlink()
+            found = True
+    return found
+
+
+# -- invites ------------------------------------------------------------------------------
+
+
+class Invite(msgspec.Struct, frozen=True, kw_only=True):
+    hash: str  # sha256 of the token's secret, hex
+    expires: float
+    created: float
+    used: bool = False
+
+
+_invites_decoder = msgspec.json.Decoder(list[Invite])
+
+
+class InviteToken(msgspec.Struct, frozen=True, kw_only=True):
+    inviter: str
+    secret: bytes
+    addresses: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return f"InviteToken(inviter={self.inviter!r}, addresses={self.addresses!r}, secret=<hidden>)"
+
+    __str__ = __repr__
+
+    @property
+    def secret_hash(self) -> str:
+        return hashlib.sha256(self.secret).hexdigest()
+
+    def encode(self) -> str:
+        return ".".join((TOKEN_PREFIX, self.inviter, _b64encode(self.secret),
+                         _b64encode(",".join(self.addresses).encode("ascii"))))
+
+
+def parse_invite(token: str) -> InviteToken:
+    """Decode an invite token; ValueError saying what is wrong (never echoing the token)."""
+    parts = token.strip().split(".")
+    if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
+        if parts and parts[0] == "qrm1":
+            raise ValueError("this is a join token of the shared-secret days: ask for a new invite "
+                             "(`quorum-node invite` on a member)")
+        raise ValueError("an invite token has the form qrm2.<node id>.<secret>.<addresses> (is it a Quorum invite?)")
+    _, inviter, secret_part, addr_part = parts
+    if not _NODE_ID_RE.fullmatch(inviter):
+        raise ValueError("invite token is damaged: bad node id")
     try:
-        (data_dir / CLUSTER_FILE).unlink()
-    except FileNotFoundError:
-        return False
-    return True
+        secret = _b64decode(secret_part)
+        addresses = tuple(a for a in _b64decode(addr_part).decode("ascii").split(",") if a)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("invite token is damaged") from None
+    if len(secret) != 32:
+        raise ValueError("invite token is damaged: bad secret")
+    if len(addresses) > 16 or any(len(a) > 300 for a in addresses):
+        raise ValueError("invite token is damaged: bad addresses")
+    return InviteToken(inviter=inviter, secret=secret, addresses=addresses)
+
+
+@contextlib.contextmanager
+def _invites_locked(data_dir: Path):
+    _ensure_dir(data_dir)
+    fd = os.open(data_dir / ".invites.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        path = data_dir / INVITES_FILE
+        try:
+            invites = _invites_decoder.decode(path.read_bytes())
+        except FileNotFoundError:
+            invites = []
+        except msgspec.DecodeError:
+            invites = []  # a damaged file only loses open invites: make new ones
+        out: list[list[Invite]] = [invites]
+        yield out
+        if out[0] is not invites:
+            _write_private(path, _encode(out[0]), replace=True)
+    finally:
+        os.close(fd)
+
+
+def create_invite(data_dir: Path, *, inviter: str, addresses: tuple[str, ...], ttl_s: float,
+                  now: float) -> InviteToken:
+    """Make a one-time invite valid for ``ttl_s`` seconds; only its hash is stored."""
+    token = InviteToken(inviter=inviter, secret=secrets.token_bytes(32), addresses=addresses)
+    with _invites_locked(data_dir) as box:
+        live = [i for i in box[0] if i.expires > now and not i.used][-(_MAX_INVITES - 1):]
+        box[0] = [*live, Invite(hash=token.secret_hash, expires=now + ttl_s, created=now)]
+    return token
+
+
+def take_invite(data_dir: Path, secret_hash: str, now: float) -> str:
+    """Use the invite whose secret hashes to ``secret_hash``: "ok", or why not ("unknown", "used", "expired").
+
+    Compared in constant time; an invite is used at most once.
+    """
+    import hmac
+
+    with _invites_locked(data_dir) as box:
+        found = None
+        for inv in box[0]:
+            if hmac.compare_digest(inv.hash, secret_hash):
+                found = inv
+        if found is None:
+            return "unknown"
+        if found.used:
+            return "used"
+        if found.expires <= now:
+            return "expired"
+        box[0] = [msgspec.structs.replace(i, used=True) if i is found else i for i in box[0]
+                  if i is found or i.expires > now]
+    return "ok"

@@ -5,6 +5,13 @@ relay). They tolerate unknown fields (a newer peer may say more) and have
 defaults for everything a peer may leave out; anything of the wrong shape is a
 ``msgspec.ValidationError`` where it is decoded, and the peer's answer is
 treated as a failed check.
+
+Names are checked here, where they enter (``names.py``): a node's name, its
+engines' names and its models' ids are printable (no CR, LF or other control
+character) and bounded, so none can break a header or a log line further on.
+A catalog keeps at most ``max_models`` entries (``max_models_per_peer``): the
+rest are dropped with a warning, and an entry that does not fit costs only
+itself.
 """
 
 from __future__ import annotations
@@ -12,11 +19,24 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
+import structlog
 
-__all__ = ["CatalogAnswer", "CatalogEntry", "EngineLoad", "Identity", "NodeLoad", "decode_catalog", "decode_identity"]
+from ..names import MODEL_ID_PATTERN, NAME_PATTERN, NODE_ID_PATTERN
+
+__all__ = ["MAX_MODELS_PER_PEER", "CatalogAnswer", "CatalogEntry", "EngineLoad", "Identity", "NodeLoad",
+           "decode_catalog", "decode_identity"]
+
+log = structlog.get_logger(__name__)
+
+#: The default of ``max_models_per_peer``: a peer's catalog keeps its first this many models.
+MAX_MODELS_PER_PEER = 4096
 
 _Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
-_Name = Annotated[str, msgspec.Meta(max_length=256)]
+_Name = Annotated[str, msgspec.Meta(max_length=256, pattern=r"\A[^\x00-\x1f\x7f]*\Z")]  # engine labels, states
+_NodeName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+_NodeId = Annotated[str, msgspec.Meta(pattern=NODE_ID_PATTERN)]
+_ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
+_Token = Annotated[str, msgspec.Meta(max_length=128, pattern=r"\A[^\x00-\x1f\x7f]*\Z")]
 
 
 class EngineLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -39,29 +59,30 @@ class NodeLoad(msgspec.Struct, frozen=True, kw_only=True):
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
     """``GET /quorum/v1/health``: who the node is."""
 
-    node_id: str
-    name: str = ""
-    fingerprint: str = ""
+    node_id: _NodeId
+    name: _NodeName = ""
+    fingerprint: _Token = ""
     proto: int = 1
-    catalog_digest: str = ""
+    catalog_digest: _Token = ""
     port: int = 0
     load: NodeLoad | None = None  # proto 2 peers from before presence leave it out
     keys_digest: Annotated[str, msgspec.Meta(max_length=64)] = ""  # its API key records (control/replication.py)
+    members_digest: Annotated[str, msgspec.Meta(max_length=64)] = ""  # its membership records (members_sync.py)
 
 
 class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
     """One model a peer's engines hold."""
 
-    id: str
-    aliases: list[str] = []
-    engine: str = ""
+    id: _ModelId
+    aliases: Annotated[list[_ModelId], msgspec.Meta(max_length=64)] = []
+    engine: _Name = ""
     context_length: int | None = None
     loaded: bool | None = None
-    owned_by: str = "quorum"
+    owned_by: _Name = "quorum"
     created: int = 0
-    family: str | None = None
-    parameter_size: str | None = None
-    quantization: str | None = None
+    family: _Name | None = None
+    parameter_size: _Name | None = None
+    quantization: _Name | None = None
     available: bool = True  # False: its engine is down for now (a request for it is 503, not 404)
 
 
@@ -72,5 +93,39 @@ class CatalogAnswer(msgspec.Struct, frozen=True, kw_only=True):
     models: list[CatalogEntry] = []
 
 
+class _RawCatalog(msgspec.Struct, frozen=True, kw_only=True):
+    """A catalog answer whose entries are decoded one by one (so one bad entry costs only itself)."""
+
+    digest: _Token = ""
+    models: list[msgspec.Raw] = []
+
+
 decode_identity = msgspec.json.Decoder(Identity).decode
-decode_catalog = msgspec.json.Decoder(CatalogAnswer).decode
+_decode_raw_catalog = msgspec.json.Decoder(_RawCatalog).decode
+_decode_entry = msgspec.json.Decoder(CatalogEntry).decode
+
+
+def decode_catalog(data: bytes, *, max_models: int = MAX_MODELS_PER_PEER, peer: str = "") -> CatalogAnswer:
+    """A peer's catalog: its first ``max_models`` entries that are well formed (more: a warning, dropped).
+
+    Raises ``msgspec.ValidationError`` (a ``ValueError``) if the answer itself is not a catalog.
+    """
+    raw = _decode_raw_catalog(data)
+    offered = len(raw.models)
+    if offered > max_models:
+        log.warning("peer_catalog_capped", peer=peer, offered=offered, kept=max_models)
+    models = []
+    for entry in raw.models[:max_models]:
+        try:
+            models.append(_decode_entry(entry))
+        except msgspec.ValidationError:
+            continue
+    return CatalogAnswer(digest=raw.digest, models=models)
+
+
+# Headers of a request one node forwards to another (over a link that authenticated the sender: the
+# peer's TLS certificate on the LAN, its Noise static key through the relay). Never forwarded to an engine.
+HOP_HEADER = "X-Quorum-Hop"  # "1": served here, never forwarded on
+ORIGIN_HEADER = "X-Quorum-Origin"  # the entry node's id
+KEY_HEADER = "X-Quorum-Key"  # the id of the API key the entry node authorised the client with, never the key
+PEER_HEADERS = (HOP_HEADER, ORIGIN_HEADER, KEY_HEADER)

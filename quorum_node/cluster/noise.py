@@ -1,23 +1,37 @@
-"""The Noise protocol (revision 34), pattern NNpsk0 with 25519, ChaChaPoly and SHA256.
+"""The Noise protocol (revision 34): handshake patterns with 25519, ChaChaPoly and SHA256; ``IK`` is ours.
 
 End-to-end encryption between two nodes whose traffic crosses a relay: the
 relay carries the handshake and transport messages and can read neither. The
 construction is Noise's, unchanged (https://noiseprotocol.org/noise.html);
 the primitives are ``cryptography``'s (X25519, ChaCha20-Poly1305, SHA-256,
 HMAC). Nothing here is invented: the implementation is checked against the
-published cacophony test vectors in ``tests/vectors/noise.json``.
+published cacophony test vectors in ``tests/vectors/noise.json`` (``NN``,
+``XX``, ``KK`` and ``IK``: the same token code runs every pattern).
 
-``NNpsk0``::
+The relay link uses ``Noise_IK_25519_ChaChaPoly_SHA256``::
 
-    -> psk, e
-    <- e, ee
+    <- s
+    ...
+    -> e, es, s, ss
+    <- e, ee, se
 
-Both sides know the pre-shared key (derived from the cluster secret under its
-own HKDF label); fresh ephemeral keys on both sides give fresh session keys for
-every handshake. Transport messages use 64-bit nonces that never repeat; a
-received message must carry exactly the next nonce (so a replayed, dropped,
-reordered or tampered message fails), and a cipher rekeys (Noise's ``REKEY``)
-every ``REKEY_EVERY`` messages, long before the nonce could run out.
+Every node has a static X25519 key (``identity.py``); membership says which
+key each member has. The initiator knows the responder's static key before it
+starts (the pre-message); it sends its own static key encrypted, so the relay
+never sees who speaks to whom beyond the ids it routes by. The responder
+learns the initiator's static key from message 1 (``remote_static``) and must
+check it against membership before it answers. Message 1 alone authenticates
+its sender only weakly (``ss``: whoever stole the responder's key could forge
+it, and a relay may replay it); the session keys also mix ``se``, so the first
+transport message from the initiator is what proves it holds its key. A
+responder therefore serves nothing from a handshake payload (ours carry only
+which frames a node reads). Fresh ephemeral keys on both sides give fresh
+session keys, with forward secrecy, for every handshake.
+
+Transport messages use 64-bit nonces that never repeat; a received message
+must carry exactly the next nonce (so a replayed, dropped, reordered or
+tampered message fails), and a cipher rekeys (Noise's ``REKEY``) every
+``REKEY_EVERY`` messages, long before the nonce could run out.
 
 Where a carrier may drop messages (the relay drops the frames of a stream it
 has seen reset), transport messages carry their nonce explicitly, as Noise
@@ -33,16 +47,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-__all__ = ["PROTOCOL_NAME", "REKEY_EVERY", "CipherState", "Handshake", "NoiseError", "NumberedReceiver",
-           "NumberedSender", "REPLAY_WINDOW"]
+__all__ = ["PATTERNS", "REKEY_EVERY", "REPLAY_WINDOW", "CipherState", "Handshake", "NoiseError",
+           "NumberedReceiver", "NumberedSender", "protocol_name"]
 
-PROTOCOL_NAME = b"Noise_NNpsk0_25519_ChaChaPoly_SHA256"
 HASHLEN = 32
 DHLEN = 32
 TAGLEN = 16
@@ -199,8 +213,7 @@ class NumberedReceiver:
 
 
 class _Symmetric:
-    def __init__(self, prologue: bytes) -> None:
-        name = PROTOCOL_NAME
+    def __init__(self, name: bytes, prologue: bytes) -> None:
         self.h = name.ljust(HASHLEN, b"\x00") if len(name) <= HASHLEN else _hash(name)
         self.ck = self.h
         self.cipher = CipherState()
@@ -211,11 +224,6 @@ class _Symmetric:
 
     def mix_key(self, ikm: bytes) -> None:
         self.ck, key = _hkdf(self.ck, ikm, 2)
-        self.cipher = CipherState(key)
-
-    def mix_key_and_hash(self, ikm: bytes) -> None:
-        self.ck, temp_h, key = _hkdf(self.ck, ikm, 3)
-        self.mix_hash(temp_h)
         self.cipher = CipherState(key)
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
@@ -233,84 +241,173 @@ class _Symmetric:
         return CipherState(k1), CipherState(k2)
 
 
-class Handshake:
-    """One NNpsk0 handshake. The initiator writes message 1, the responder reads it and writes message 2.
+class _Pattern(NamedTuple):
+    initiator_pre: tuple[str, ...]  # "-> s ..." before the handshake
+    responder_pre: tuple[str, ...]  # "<- s ..."
+    messages: tuple[tuple[str, ...], ...]  # alternating, the initiator's first
 
-    After the initiator reads message 2, both call ``split()`` to get
-    ``(send, receive)`` cipher states. ``ephemeral`` is for test vectors only.
+
+# Noise §7.4/§7.5, as written there. IK is the relay link's; the others are here for their test vectors.
+PATTERNS: dict[str, _Pattern] = {
+    "NN": _Pattern((), (), (("e",), ("e", "ee"))),
+    "XX": _Pattern((), (), (("e",), ("e", "ee", "s", "es"), ("s", "se"))),
+    "KK": _Pattern(("s",), ("s",), (("e", "es", "ss"), ("e", "ee", "se"))),
+    "IK": _Pattern((), ("s",), (("e", "es", "s", "ss"), ("e", "ee", "se"))),
+}
+
+
+def protocol_name(pattern: str) -> bytes:
+    return f"Noise_{pattern}_25519_ChaChaPoly_SHA256".encode()
+
+
+def _public(key: bytes) -> X25519PublicKey:
+    if len(key) != DHLEN:
+        raise NoiseError("a public key is 32 bytes")
+    try:
+        return X25519PublicKey.from_public_bytes(key)
+    except ValueError as e:
+        raise NoiseError(f"malformed public key: {e}") from None
+
+
+class Handshake:
+    """One handshake of ``pattern``: the sides take turns, ``write_message`` then the other's ``read_message``.
+
+    ``static`` is this side's static key, ``remote_static`` the peer's public
+    key where the pattern has it known in advance (IK's initiator, both sides
+    of KK); a side that learns it during the handshake finds it in
+    ``remote_static`` once the message carrying it was read. When ``done``,
+    ``split()`` gives ``(send, receive)`` cipher states. ``ephemeral`` is for
+    test vectors only.
     """
 
-    def __init__(self, *, initiator: bool, psk: bytes, prologue: bytes,
+    def __init__(self, *, pattern: str = "IK", initiator: bool, prologue: bytes,
+                 static: X25519PrivateKey | None = None, remote_static: bytes | None = None,
                  ephemeral: X25519PrivateKey | None = None) -> None:
-        if len(psk) != 32:
-            raise ValueError("the pre-shared key must be 32 bytes")
+        try:
+            self._pattern = PATTERNS[pattern]
+        except KeyError:
+            raise ValueError(f"unknown handshake pattern {pattern!r}") from None
         self.initiator = initiator
-        self._psk = psk
-        self._ss = _Symmetric(prologue)
-        self._e = ephemeral or X25519PrivateKey.generate()
+        self._ss = _Symmetric(protocol_name(pattern), prologue)
+        self._s = static
+        self._e: X25519PrivateKey | None = ephemeral
+        self._rs: X25519PublicKey | None = None
         self._re: X25519PublicKey | None = None
+        self._rs_raw: bytes | None = None
+        mine, theirs = ((self._pattern.initiator_pre, self._pattern.responder_pre) if initiator
+                        else (self._pattern.responder_pre, self._pattern.initiator_pre))
+        if ("s" in mine or self._uses_s()) and static is None:
+            raise ValueError(f"{pattern} needs this side's static key")
+        if "s" in theirs:
+            if remote_static is None:
+                raise ValueError(f"{pattern} needs the peer's static key in advance")
+            self._rs, self._rs_raw = _public(remote_static), remote_static
+        elif remote_static is not None:
+            raise ValueError(f"{pattern} learns the peer's static key in the handshake")
+        # pre-messages: the initiator's first, then the responder's (§7.1)
+        for side, tokens in ((True, self._pattern.initiator_pre), (False, self._pattern.responder_pre)):
+            for token in tokens:
+                assert token == "s"
+                self._ss.mix_hash(_pub(self._s) if side == initiator else remote_static)  # type: ignore[arg-type]
         self._step = 0
-        self.done = False
+        self._broken = False  # a message failed: this handshake is over (its state is half-mixed)
+
+    def _uses_s(self) -> bool:
+        turn = 0 if self.initiator else 1
+        return any("s" in m for m in self._pattern.messages[turn::2])
+
+    @property
+    def done(self) -> bool:
+        return self._step >= len(self._pattern.messages)
 
     @property
     def handshake_hash(self) -> bytes:
         return self._ss.h
 
-    def _write_e(self) -> bytes:
-        pub = _pub(self._e)
-        self._ss.mix_hash(pub)
-        self._ss.mix_key(pub)  # psk handshakes mix ephemeral keys into the key too
-        return pub
+    @property
+    def remote_static(self) -> bytes | None:
+        """The peer's static public key (32 bytes): known in advance, or read from its message; else None."""
+        return self._rs_raw
 
-    def _read_e(self, message: bytes) -> bytes:
-        if len(message) < DHLEN:
-            raise NoiseError("handshake message too short")
-        pub, rest = message[:DHLEN], message[DHLEN:]
-        self._re = X25519PublicKey.from_public_bytes(pub)
-        self._ss.mix_hash(pub)
-        self._ss.mix_key(pub)
-        return rest
+    def _my_turn(self) -> bool:
+        return (self._step % 2 == 0) == self.initiator
 
-    def _ee(self) -> None:
-        assert self._re is not None
-        shared = self._e.exchange(self._re)
+    def _dh(self, mine: X25519PrivateKey | None, theirs: X25519PublicKey | None) -> None:
+        assert mine is not None and theirs is not None
+        try:
+            shared = mine.exchange(theirs)
+        except ValueError:  # cryptography refuses an all-zero result (a low-order point)
+            raise NoiseError("the peer's key is a low-order point") from None
         if shared == bytes(DHLEN):
-            raise NoiseError("the peer's ephemeral key is a low-order point")
+            raise NoiseError("the peer's key is a low-order point")
         self._ss.mix_key(shared)
 
+    def _token_dh(self, token: str) -> None:
+        # "es": the initiator's ephemeral with the responder's static; "se" the other way round (§7.3)
+        if token == "ee":
+            self._dh(self._e, self._re)
+        elif token == "ss":
+            self._dh(self._s, self._rs)
+        elif (token == "es") == self.initiator:  # our ephemeral, their static
+            self._dh(self._e, self._rs)
+        else:  # our static, their ephemeral
+            self._dh(self._s, self._re)
+
     def write_message(self, payload: bytes = b"") -> bytes:
-        if self.initiator and self._step == 0:  # -> psk, e
-            self._ss.mix_key_and_hash(self._psk)
-            out = self._write_e()
-        elif not self.initiator and self._step == 1:  # <- e, ee
-            out = self._write_e()
-            self._ee()
-            self.done = True
-        else:
+        if self._broken or self.done or not self._my_turn():
             raise NoiseError("not this side's turn to write")
+        out = bytearray()
+        for token in self._pattern.messages[self._step]:
+            if token == "e":
+                if self._e is None:
+                    self._e = X25519PrivateKey.generate()
+                pub = _pub(self._e)
+                out += pub
+                self._ss.mix_hash(pub)
+            elif token == "s":
+                assert self._s is not None
+                out += self._ss.encrypt_and_hash(_pub(self._s))
+            else:
+                self._token_dh(token)
+        out += self._ss.encrypt_and_hash(payload)
         self._step += 1
-        return out + self._ss.encrypt_and_hash(payload)
+        return bytes(out)
 
     def read_message(self, message: bytes) -> bytes:
+        """The payload of the peer's next message; ``NoiseError`` (and the handshake is over) if it fails."""
+        if self._broken or self.done or self._my_turn():
+            raise NoiseError("not this side's turn to read")
         try:
-            if not self.initiator and self._step == 0:  # -> psk, e
-                self._ss.mix_key_and_hash(self._psk)
-                rest = self._read_e(message)
-            elif self.initiator and self._step == 1:  # <- e, ee
-                rest = self._read_e(message)
-                self._ee()
-                self.done = True
+            return self._read(message)
+        except NoiseError:
+            self._broken = True
+            raise
+
+    def _read(self, message: bytes) -> bytes:
+        rest = message
+        for token in self._pattern.messages[self._step]:
+            if token == "e":
+                if len(rest) < DHLEN:
+                    raise NoiseError("handshake message too short")
+                self._re = _public(rest[:DHLEN])
+                self._ss.mix_hash(rest[:DHLEN])
+                rest = rest[DHLEN:]
+            elif token == "s":
+                n = DHLEN + (TAGLEN if self._ss.cipher.has_key else 0)
+                if len(rest) < n:
+                    raise NoiseError("handshake message too short")
+                raw = self._ss.decrypt_and_hash(rest[:n])
+                self._rs, self._rs_raw = _public(raw), raw
+                rest = rest[n:]
             else:
-                raise NoiseError("not this side's turn to read")
-            payload = self._ss.decrypt_and_hash(rest)
-        except ValueError as e:  # a malformed public key
-            raise NoiseError(f"malformed handshake message: {e}") from None
+                self._token_dh(token)
+        payload = self._ss.decrypt_and_hash(rest)
         self._step += 1
         return payload
 
     def split(self) -> tuple[CipherState, CipherState]:
         """``(send, receive)`` for this side."""
-        if not self.done:
+        if self._broken or not self.done:
             raise NoiseError("the handshake is not finished")
         c1, c2 = self._ss.split()
         return (c1, c2) if self.initiator else (c2, c1)

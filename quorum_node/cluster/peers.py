@@ -32,7 +32,7 @@ goodbye their address stays on the probe list so a restarted node is found again
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -222,15 +222,17 @@ def _ewma(old: float | None, sample: float, alpha: float) -> float:
 class PeerTable:
     """All peers of this node's cluster, keyed by node id.
 
-    ``fingerprint`` is this cluster's: peers advertising another one are
-    ignored, as is this node's own id.
+    ``is_member`` says which node ids are members of this cluster now
+    (``members.MemberStore.is_member``): anyone else is ignored, whatever it
+    announces, as is this node's own id. At most ``max_peers`` are kept.
     """
 
     def __init__(
         self,
         *,
         self_id: str,
-        fingerprint: str,
+        is_member: Callable[[str], bool],
+        max_peers: int = 256,
         down_after_s: float = 10.0,
         suspect_after_s: float = 5.0,
         suspect_after_failures: int = 2,
@@ -240,7 +242,9 @@ class PeerTable:
         breaker_reset_s: float = 5.0,
     ) -> None:
         self.self_id = self_id
-        self.fingerprint = fingerprint
+        self.is_member = is_member
+        self.max_peers = max_peers
+        self.refused = 0  # peers not taken because the table was full (logged by the caller)
         self.down_after_s = down_after_s
         self.suspect_after_s = suspect_after_s
         self.suspect_after_failures = suspect_after_failures
@@ -318,7 +322,22 @@ class PeerTable:
     # Discovery ----------------------------------------------------------
 
     def _accepts(self, info: PeerInfo) -> bool:
-        return info.node_id != self.self_id and info.fingerprint == self.fingerprint
+        return info.node_id != self.self_id and self.is_member(info.node_id)
+
+    def _room_for(self, node_id: str) -> bool:
+        if node_id in self._peers or len(self._peers) < self.max_peers:
+            return True
+        self.refused += 1
+        return False
+
+    def forget(self, node_id: str) -> list[PeerEvent]:
+        """Drop a peer at once and for good (it was removed from the cluster): no address of it is probed."""
+        for address, nid in list(self._static.items()):
+            if nid == node_id:
+                self._static[address] = None
+        if self._peers.pop(node_id, None) is None:
+            return []
+        return [PeerRemoved(node_id=node_id, reason="removed")]
 
     def on_discovered(self, info: PeerInfo, now: float) -> list[PeerEvent]:
         """A peer announced itself (or re-announced with new details)."""
@@ -327,6 +346,8 @@ class PeerTable:
         peer = self._peers.get(info.node_id)
         events: list[PeerEvent] = []
         if peer is None:
+            if not self._room_for(info.node_id):
+                return []
             peer = Peer(
                 info,
                 now,
@@ -348,13 +369,15 @@ class PeerTable:
         traffic only once a health check through the relay (signed, inside the
         end-to-end session only cluster members can open) has answered.
         """
-        if node_id == self.self_id:
+        if node_id == self.self_id or not self.is_member(node_id):
             return []
         peer = self._peers.get(node_id)
         if online:
             events: list[PeerEvent] = []
             if peer is None:
-                info = PeerInfo(node_id=node_id, route="relay", fingerprint=self.fingerprint)
+                if not self._room_for(node_id):
+                    return []
+                info = PeerInfo(node_id=node_id, route="relay")
                 peer = Peer(info, now, CircuitBreaker(self._breaker_threshold, self._breaker_reset_s))
                 self._peers[node_id] = peer
                 events.append(PeerAdded(node_id=node_id))

@@ -1,8 +1,10 @@
 """Serve a request with the node's own HTTP server, in memory: no socket, no HTTP client.
 
 A request that arrives through the relay is answered by the same server, the
-same middlewares (trust, signature, keys, records) and the same handlers as
-one that came over the LAN. It used to get there over a loopback TCP
+same middlewares (trust, keys, records) and the same handlers as one that came
+over the LAN. The relay link has already authenticated the member it came from
+(its Noise session); the transport says who that is (``PEER_INFO``), so the
+trust middleware takes the request as that member's. It used to get there over a loopback TCP
 connection with an HTTP client; that cost two socket writes, two reads and a
 client-side HTTP parse for every event of every relayed answer, on the node
 that is already the busiest of the route. Here the request's bytes are fed to
@@ -28,10 +30,11 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-__all__ = ["PEERNAME", "PIPE_INFO", "PipeError", "PipeResponse", "serve_in_memory"]
+__all__ = ["PEERNAME", "PEER_INFO", "PIPE_INFO", "PipeError", "PipeResponse", "serve_in_memory"]
 
 PEERNAME = "relay-peer"  # the remote address the server sees for requests through the pipe
 PIPE_INFO = "quorum_pipe"  # transport extra info: this connection is the in-memory pipe
+PEER_INFO = "quorum_peer"  # transport extra info: the member whose request this is (authenticated by the link)
 HIGH = 64 * 1024
 LOW = 16 * 1024
 _MAX_HEAD = 64 * 1024
@@ -60,9 +63,10 @@ def _check(method: str, path: str, headers: list[tuple[str, str]]) -> None:
 class _Transport(asyncio.Transport):
     """The server's side of the pipe: what it writes is queued for the reader."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, peer: str) -> None:
         super().__init__()
         self._loop = loop
+        self._peer = peer
         self._protocol: asyncio.Protocol | None = None
         self._chunks: deque[bytes] = deque()
         self._size = 0
@@ -77,14 +81,16 @@ class _Transport(asyncio.Transport):
         protocol.connection_made(self)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # Not loopback: what came through the relay is trusted for its signature only, never for where
-        # it seems to come from (an unsigned request through the pipe is refused like one from the LAN).
+        # Not loopback: what came through the relay is trusted as the request of the member the link
+        # authenticated (``PEER_INFO``), never for where it seems to come from.
         if name == "peername":
             return (PEERNAME, 0)
         if name == "sockname":
             return ("127.0.0.1", 0)
         if name == PIPE_INFO:
             return True
+        if name == PEER_INFO:
+            return self._peer
         return default
 
     def _wake(self) -> None:
@@ -197,14 +203,22 @@ class PipeResponse:
 
 
 async def serve_in_memory(protocol_factory: Callable[[], asyncio.Protocol], method: str, path: str,
-                          headers: list[tuple[str, str]], body: bytes) -> PipeResponse:
-    """Put one request to the server whose connections ``protocol_factory`` makes; return its answer's head."""
+                          headers: list[tuple[str, str]], body: bytes, *, peer: str) -> PipeResponse:
+    """Put one request to the server whose connections ``protocol_factory`` makes; return its answer's head.
+
+    ``peer`` is the node id the relay link authenticated (its Noise session's
+    static key is that member's): the server reads it as
+    ``transport.get_extra_info("quorum_peer")``, and a request through the pipe
+    is that member's, with no signature of its own.
+    """
+    if not peer:
+        raise PipeError("no authenticated peer")
     _check(method, path, headers)
     lines = [f"{method} {path} HTTP/1.0", "Host: quorum-relay"]
     lines += [f"{k}: {v}" for k, v in headers if k.lower() not in ("content-length", "host")]
     lines.append(f"Content-Length: {len(body)}")
     raw = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-    transport = _Transport(asyncio.get_running_loop())
+    transport = _Transport(asyncio.get_running_loop(), peer)
     protocol = protocol_factory()
     transport.start(protocol)
     try:

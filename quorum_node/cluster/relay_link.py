@@ -1,11 +1,24 @@
 """The relay link: peer requests as encrypted, multiplexed streams over one WebSocket to ``quorum-relay``.
 
-The node dials out to the relay (``relay/wire.py`` is the protocol), reconnects
-with jittered backoff, and learns which peers of its cluster are online. To
-each peer it talks through an end-to-end Noise session (``noise.py``, NNpsk0
-with a pre-shared key derived from the cluster secret; both node ids and the
-initiator's relay session bound into the prologue), so the relay forwards
-frames it cannot read.
+The node dials out to the relay (``relay/wire.py`` is the protocol), proves
+its node id by signing the relay's challenge with its Ed25519 key (so nobody
+else can take its place there), reconnects with jittered backoff, and learns
+which peers of its namespace are online. To each peer that membership says is
+a member (``peer_key``) it talks through an end-to-end Noise session
+(``noise.py``, ``Noise_IK``: the initiator knows the responder's static X25519
+key from membership; the responder learns the initiator's from message 1 and
+accepts only the key membership has for the id the relay says the hello came
+from; both node ids and the initiator's relay session are bound into the
+prologue), so the relay forwards frames it cannot read, and a node serves only
+members, each request as the member its session authenticated. Nobody else
+gets a session, nor a request served: a cluster secret grants nothing here.
+
+What a relay can make a node hold is bounded: a message is at most the
+relay's frame limit (``Welcome.max_frame_bytes``, plus ``wire.FRAME_OVERHEAD``;
+``wire.MAX_WELCOME_BYTES`` before the ``Welcome``); at most ``max_peers``
+members are tracked; the presence of non-members is counted and kept in a
+bounded set only (in case membership changes: ``members_changed``), and never
+handshaken with.
 
 One peer request is one stream: ``Open`` carries the request head and body,
 ``Data`` frames carry the answer (its head first, then its body in pieces of at
@@ -38,8 +51,9 @@ connection until ``close``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import hashlib
+import hmac
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,8 +61,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
 from websockets.asyncio.client import ClientConnection, connect
@@ -57,9 +69,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from relay import wire
 
 from ..backoff import Backoff
+from .identity import NodeIdentity
 from .noise import Handshake, NoiseError, NumberedReceiver, NumberedSender
 
-__all__ = ["CHUNK", "WINDOW", "RelayBody", "RelayLink", "RelayResponse", "relay_psk"]
+__all__ = ["CHUNK", "WINDOW", "RelayBody", "RelayLink", "RelayResponse"]
 
 log = structlog.get_logger(__name__)
 
@@ -146,16 +159,56 @@ _HOP_BY_HOP = frozenset(
 )
 
 
-def relay_psk(secret: bytes) -> bytes:
-    """The Noise pre-shared key: HKDF-SHA256 of the cluster secret under its own label.
+# The largest frame limit a relay may announce (its own settings allow no more); a hostile relay's
+# larger claim is not believed.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+HANDSHAKE_TIMEOUT_S = 10.0  # a hello with no answer: the session is dropped, the next request tries anew
+_WARNED_MAX = 1024  # peers we logged a refused handshake of (bounded; past it, they go unlogged)
 
-    Never related to the request-signing key (another label of the same HKDF);
-    every node of the cluster derives the same one, nobody else can.
+
+def _limit_incoming(ws: ClientConnection, max_bytes: int) -> None:
+    """Bound the size of the messages ``ws`` accepts from now on (websockets checks each frame's
+    declared length before reading it, so a larger one closes the connection with 1009 unread)."""
+    protocol: Any = ws.protocol
+    if hasattr(protocol, "max_message_size"):  # websockets >= 15
+        protocol.max_message_size = max_bytes
+    else:
+        protocol.max_size = max_bytes
+
+
+class _Presence:
+    """Who of the relay's namespace is online, as far as this node keeps track (pure logic).
+
+    Members (``peer_key`` has a key for them) are tracked up to ``max_peers``;
+    past it they are refused and counted. Non-members are counted and kept in a
+    bounded set (oldest out first), only so that one that becomes a member
+    while online is found (``RelayLink.members_changed``).
     """
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"quorum/v1/relay", info=_PSK_INFO).derive(secret)
 
+    __slots__ = ("members", "strangers", "max_peers", "refused", "ignored")
 
-_PSK_INFO = b"quorum/v1/relay-noise-psk"
+    def __init__(self, max_peers: int) -> None:
+        self.members: dict[str, float] = {}  # node id -> since
+        self.strangers: dict[str, float] = {}
+        self.max_peers = max_peers
+        self.refused = 0  # members not tracked: the table was full
+        self.ignored = 0  # presences of non-members
+
+    def stranger(self, node_id: str, since: float) -> None:
+        self.ignored += 1
+        self.strangers.pop(node_id, None)
+        if len(self.strangers) >= self.max_peers:
+            del self.strangers[next(iter(self.strangers))]
+        self.strangers[node_id] = since
+
+    def left(self, node_id: str) -> bool:
+        """It left; whether it was a tracked member."""
+        self.strangers.pop(node_id, None)
+        return self.members.pop(node_id, None) is not None
+
+    def clear(self) -> None:
+        self.members.clear()
+        self.strangers.clear()
 
 
 class RelayLinkError(ConnectionError):
@@ -299,7 +352,7 @@ def _numbered(hs: Handshake) -> tuple[NumberedSender, NumberedReceiver]:
 class _Session:
     """The Noise session with one peer over this relay connection."""
 
-    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch", "streams", "opened_after")
+    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch", "streams", "opened_after", "timer")
 
     def __init__(self, opened_after: int) -> None:
         self.send: NumberedSender | None = None
@@ -311,6 +364,7 @@ class _Session:
         self.streams = False  # ... and that its batches may open and end streams (``_Item.flags``)
         # Our streams numbered past this (``_new_sid``'s count) were opened in this session, the rest before it.
         self.opened_after = opened_after
+        self.timer: asyncio.TimerHandle | None = None  # our hello's answer is awaited until it fires
 
     def learn(self, theirs: _Features) -> None:
         """What the peer said in its handshake it reads."""
@@ -321,11 +375,16 @@ class _Session:
 class RelayLink:
     """One node's connection to one relay (reconnecting), and every stream over it.
 
-    ``on_presence(node_id, online)`` is called as relay peers come and go,
-    ``on_draining(node_id)`` when one says it is stopping (through the relay,
-    or by resetting a new stream with ``draining``);
-    ``serve(head) -> (status, headers, body_chunks)`` answers an incoming
-    request (the node's own HTTP server, see ``ClusterService``).
+    ``identity`` is this node's (its id, the Ed25519 key it proves that id
+    with, the X25519 key of its Noise sessions). ``peer_key(node_id)`` is the
+    X25519 public key membership has for a current member, None for anyone
+    else: no session is started or accepted with None.
+    ``on_presence(node_id, online)`` is called as members come and go on the
+    relay, ``on_draining(node_id)`` when one says it is stopping (through the
+    relay, or by resetting a new stream with ``draining``);
+    ``serve(peer_id, method, path, headers, body) -> PipeResponse`` answers an
+    incoming request of the member ``peer_id`` (authenticated by its session;
+    the node's own HTTP server, see ``ClusterService``).
     """
 
     def __init__(
@@ -333,18 +392,23 @@ class RelayLink:
         *,
         url: str,
         token: str,
-        node_id: str,
-        psk: bytes,
+        identity: NodeIdentity,
+        peer_key: Callable[[str], bytes | None],
         on_presence: Callable[[str, bool], None],
-        serve: Callable[[str, str, list[tuple[str, str]], bytes], Awaitable[Any]],
+        serve: Callable[[str, str, str, list[tuple[str, str]], bytes], Awaitable[Any]],
         on_draining: Callable[[str], None] = lambda node_id: None,
         connect_timeout_s: float = 5.0,
         max_request_bytes: int = 32 * 1024 * 1024,
+        max_peers: int = 256,
     ) -> None:
         self.url = url.rstrip("/") + wire.CONNECT_PATH
         self._token = token
-        self.node_id = node_id
-        self._psk = psk
+        self._identity = identity
+        self.node_id = identity.node_id
+        self._peer_key = peer_key
+        self._presence = _Presence(max_peers)
+        self._warned: set[str] = set()  # peers whose refused handshake was logged
+        self.refused_hellos = 0  # hellos from non-members, or with a key that is not the member's
         self._on_presence = on_presence
         self._on_draining = on_draining
         self._serve = serve
@@ -355,7 +419,7 @@ class RelayLink:
         self.state = "connecting"  # connecting | up | refused | down
         self.last_error: str | None = None
         self.connected_at: float | None = None
-        self.online: dict[str, float] = {}  # peer id -> since
+        self.online = self._presence.members  # member id -> since (at most ``max_peers``)
         self.max_frame_bytes = 256 * 1024
         # Streams peers opened to us and still open; at most ``max_streams`` (the relay's limit per node).
         self.serving = 0
@@ -384,6 +448,7 @@ class RelayLink:
         self._task: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
         self._closing = False
+        self._cap_warned = False  # this connection logged its refused peers already
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -428,15 +493,30 @@ class RelayLink:
             try:
                 async with connect(
                     self.url,
-                    additional_headers={"Authorization": f"Bearer {self._token}", wire.NODE_ID_HEADER: self.node_id},
+                    additional_headers={
+                        "Authorization": f"Bearer {self._token}", wire.NODE_ID_HEADER: self.node_id,
+                        wire.NODE_KEY_HEADER: base64.b64encode(self._identity.sign_key).decode("ascii"),
+                    },
                     compression=None, proxy=None, open_timeout=self._connect_timeout_s, ping_interval=15,
-                    ping_timeout=15, close_timeout=2, max_size=None, max_queue=64,
+                    ping_timeout=15, close_timeout=2, max_size=wire.MAX_WELCOME_BYTES, max_queue=64,
                 ) as ws:
                     self._ws = ws
                     backoff.reset()
                     await self._session(ws)
+                if not self._closing:  # the relay closed it cleanly (1000, 1001: it is stopping)
+                    self.state = "down"
+                    self.last_error = f"the relay closed the connection ({ws.close_code})"
+                    log.info("relay_disconnected", url=self.url, error=self.last_error)
             except asyncio.CancelledError:
                 raise
+            except ConnectionClosed as e:
+                unauthorized = e.rcvd is not None and e.rcvd.code == wire.CLOSE_UNAUTHORIZED
+                self.state = "refused" if unauthorized else "down"
+                self.last_error = f"{type(e).__name__}: {e}"
+                if unauthorized:  # it did not take our proof: our key is not the one of our id (or a bug)
+                    log.warning("relay_refused", url=self.url, code=e.rcvd.code, reason=e.rcvd.reason)
+                else:
+                    log.info("relay_disconnected", url=self.url, error=self.last_error)
             except InvalidStatus as e:
                 status = e.response.status_code
                 self.state = "refused" if status in (401, 403) else "down"
@@ -459,6 +539,7 @@ class RelayLink:
 
     async def _session(self, ws: ClientConnection) -> None:
         writer = asyncio.create_task(self._writer(ws), name="relay-writer")
+        first = True
         try:
             async for raw in ws:
                 if isinstance(raw, str):
@@ -469,11 +550,30 @@ class RelayLink:
                     log.warning("relay_bad_frame", size=len(raw))
                     await ws.close(wire.CLOSE_PROTOCOL, "bad frame")
                     return
+                if first and isinstance(frame, wire.Challenge):  # prove our id: sign the relay's nonce
+                    first = False
+                    await ws.send(wire.encode(self._proof(frame.nonce)))  # (the writer has nothing yet)
+                    continue
+                first = False
+                welcome_due = self.session_id is None  # a Welcome comes once, first (after the challenge)
+                if isinstance(frame, wire.Welcome) != welcome_due or isinstance(frame, wire.Challenge | wire.Proof):
+                    log.warning("relay_out_of_order", frame=type(frame).__name__)
+                    await ws.close(wire.CLOSE_PROTOCOL, "frame out of order")
+                    return
+                if isinstance(frame, wire.Welcome):  # from now on, messages as large as its frames, no larger
+                    limit = frame.max_frame_bytes or self.max_frame_bytes
+                    _limit_incoming(ws, min(limit, MAX_FRAME_BYTES) + wire.FRAME_OVERHEAD)
                 self._dispatch(frame)
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+
+    def _proof(self, nonce: bytes) -> wire.Proof:
+        if len(nonce) != wire.NONCE_BYTES:
+            raise ConnectionError("the relay's challenge is malformed")
+        message = wire.proof_message(nonce, self.node_id, self._identity.sign_key)
+        return wire.Proof(signature=self._identity.sign(message))
 
     def _drop_all(self, why: str) -> None:
         """The connection is gone: every stream ends, every session with it."""
@@ -484,13 +584,15 @@ class RelayLink:
         self.unacked_bytes = 0
         self.ungranted_bytes = 0
         for s in self._sessions.values():
+            if s.timer is not None:
+                s.timer.cancel()
             if not s.ready.done():
                 s.ready.set_exception(RelayLinkError(why))
                 s.ready.exception()  # retrieved: nobody may be waiting
         self._sessions.clear()
         for peer in list(self.online):
             self._on_presence(peer, False)
-        self.online.clear()
+        self._presence.clear()
         self.session_id = None
         self._out.clear()
 
@@ -518,8 +620,13 @@ class RelayLink:
                     self.max_streams = max_streams
                 self._up.set()
                 log.info("relay_connected", url=self.url, session=session, peers=len(peers))
+                refused, self._cap_warned = self._presence.refused, True  # one warning for the whole Welcome
                 for p in peers:
                     self._joined(p.node_id, p.since, p.draining)
+                if self._presence.refused > refused:
+                    log.warning("relay_peers_refused", refused=self._presence.refused - refused,
+                                max_peers=self._presence.max_peers)
+                self._cap_warned = self._presence.refused > refused
             case wire.Joined(peer=p):
                 self._joined(p.node_id, p.since, p.draining)
             case wire.Left(node_id=nid):
@@ -566,7 +673,17 @@ class RelayLink:
     def _joined(self, peer: str, since: float, draining: bool = False) -> None:
         if peer == self.node_id:
             return
+        if self._peer_key(peer) is None:  # not a member: counted, remembered in a bounded set, nothing more
+            self._presence.stranger(peer, since)
+            return
+        self._presence.strangers.pop(peer, None)
         fresh = peer not in self.online
+        if fresh and len(self.online) >= self._presence.max_peers:
+            self._presence.refused += 1
+            if not self._cap_warned:
+                self._cap_warned = True
+                log.warning("relay_peers_refused", refused=1, max_peers=self._presence.max_peers)
+            return
         self.online[peer] = since
         if peer in self._sessions and fresh:
             self._end_session(peer, "the peer reconnected to the relay")
@@ -577,8 +694,35 @@ class RelayLink:
 
     def _left(self, peer: str, why: str) -> None:
         self._end_session(peer, why)
-        if self.online.pop(peer, None) is not None:
+        if self._presence.left(peer):
             self._on_presence(peer, False)
+
+    def forget_peer(self, node_id: str) -> None:
+        """``node_id`` is no longer a member (evicted): end its session and reset every stream with it, now.
+
+        The peer is told (a ``Reset`` for each stream, through the relay); if it
+        is online, it is reported offline (``on_presence``) and counted as any
+        non-member from now on. Call it once membership no longer has its key
+        (``peer_key`` returns None for it), or it comes back with the next
+        ``members_changed``.
+        """
+        for (peer, _), stream in list(self._streams.items()):
+            if peer == node_id:
+                self._reset(stream, "not_a_member")
+        self._end_session(node_id, "no longer a member")
+        since = self.online.get(node_id)
+        if since is not None and self._presence.left(node_id):
+            self._presence.stranger(node_id, since)
+            self._on_presence(node_id, False)
+
+    def members_changed(self) -> None:
+        """Membership changed: forget the online peers that are no longer members, take up the ones that now are."""
+        for node_id in [n for n in self.online if self._peer_key(n) is None]:
+            self.forget_peer(node_id)
+        for node_id, since in list(self._presence.strangers.items()):
+            if self._peer_key(node_id) is not None and len(self.online) < self._presence.max_peers:
+                del self._presence.strangers[node_id]
+                self._joined(node_id, since)
 
     def _end_session(self, peer: str, why: str, *, retry: bool = False) -> None:
         """Forget the session with ``peer`` and fail its streams.
@@ -588,6 +732,8 @@ class RelayLink:
         ``SessionLost``, which ``request`` sends once more in a fresh session.
         """
         session = self._sessions.pop(peer, None)
+        if session is not None and session.timer is not None:
+            session.timer.cancel()
         if session is not None and not session.ready.done():
             session.ready.set_exception(RelayLinkError(why))
             session.ready.exception()
@@ -600,7 +746,17 @@ class RelayLink:
         return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(),
                              initiator_session.encode()))
 
+    def _refuse_hello(self, peer: str, why: str) -> None:
+        self.refused_hellos += 1
+        if peer not in self._warned and len(self._warned) < _WARNED_MAX:  # once a peer: a flood logs nothing more
+            self._warned.add(peer)
+            log.warning("relay_handshake_refused", peer=peer, reason=why)
+
     def _on_hello(self, peer: str, payload: bytes) -> None:
+        expected = self._peer_key(peer)
+        if expected is None or peer not in self.online:  # no work at all for a non-member (nor an untracked one)
+            self._refuse_hello(peer, "not a member" if expected is None else "not tracked (max_peers)")
+            return
         existing = self._sessions.get(peer)
         pending = existing is not None and existing.initiator and not existing.ready.done()
         if pending and self.node_id < peer:
@@ -610,9 +766,14 @@ class RelayLink:
             log.warning("relay_bad_hello", peer=peer)
             return
         their_session, message = payload[:sep].decode(errors="replace"), payload[sep + 1:]
-        hs = Handshake(initiator=False, psk=self._psk, prologue=self._prologue(peer, self.node_id, their_session))
+        hs = Handshake(initiator=False, static=self._identity.dh_private,
+                       prologue=self._prologue(peer, self.node_id, their_session))
         try:
             theirs = _features(hs.read_message(message))
+            # The relay says who sent it; its static key says who wrote it: they must be the same member.
+            if hs.remote_static is None or not hmac.compare_digest(hs.remote_static, expected):
+                self._refuse_hello(peer, "its key is not the member's")
+                return
             reply = hs.write_message(self.features)
         except NoiseError as e:
             log.warning("relay_handshake_failed", peer=peer, error=str(e))
@@ -626,6 +787,9 @@ class RelayLink:
             self._sessions[peer] = session
         session.initiator = False
         session.handshake = None
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
         session.learn(theirs)
         session.send, session.recv = _numbered(hs)
         self._enqueue(("hello_reply", peer, reply))
@@ -635,7 +799,7 @@ class RelayLink:
         session = self._sessions.get(peer)
         if session is None or session.handshake is None or session.ready.done():
             return
-        try:
+        try:  # it opens only for the holder of the key we expected (IK: the reply mixes ``es`` and ``se``)
             session.learn(_features(session.handshake.read_message(payload)))
             session.send, session.recv = _numbered(session.handshake)
         except NoiseError as e:
@@ -643,6 +807,9 @@ class RelayLink:
             self._end_session(peer, f"handshake failed: {e}")
             return
         session.handshake = None
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
         session.ready.set_result(None)
 
     def _open_payload(self, peer: str, payload: bytes) -> bytes | None:
@@ -672,6 +839,10 @@ class RelayLink:
             return
         if (peer, sid) in self._streams or (sid % 2 == 1) != (peer < self.node_id):
             self._enqueue(("reset", peer, sid, "bad_stream_id"))
+            return
+        if self._peer_key(peer) is None:  # evicted since its session began (``forget_peer`` not called yet)
+            self._enqueue(("reset", peer, sid, "not_a_member"))
+            self._end_session(peer, "no longer a member")
             return
         if self.draining:  # stopping: the requester tries another holder (nothing of it was served)
             self._enqueue(("reset", peer, sid, "draining"))
@@ -1017,15 +1188,27 @@ class RelayLink:
                 raise RelayLinkError("not connected to the relay")
             if peer not in self.online:
                 raise RelayLinkError(f"peer {peer} is not on the relay")
+            key = self._peer_key(peer)
+            if key is None:
+                raise RelayLinkError(f"peer {peer} is not a member")
             session = _Session(self._next_sid)
             session.initiator = True
-            session.handshake = Handshake(initiator=True, psk=self._psk,
+            session.handshake = Handshake(initiator=True, static=self._identity.dh_private, remote_static=key,
                                           prologue=self._prologue(self.node_id, peer, self.session_id))
             self._sessions[peer] = session
             hello = session.handshake.write_message(self.features)  # what we read, told inside the encryption
             self._enqueue(("hello", peer, self.session_id.encode() + b"\x00" + hello))
+            session.timer = asyncio.get_running_loop().call_later(
+                HANDSHAKE_TIMEOUT_S, self._unanswered, peer, session)
         await asyncio.shield(session.ready)
         return session
+
+    def _unanswered(self, peer: str, session: _Session) -> None:
+        """Our hello had no answer in time (the peer does not take our key, or it is gone): the next request
+        handshakes anew instead of waiting on this one."""
+        session.timer = None
+        if self._sessions.get(peer) is session and not session.ready.done():
+            self._end_session(peer, "the peer did not answer our handshake")
 
     def _new_sid(self, peer: str) -> int:
         self._next_sid += 1
@@ -1071,7 +1254,7 @@ class RelayLink:
         """Serve an incoming request with the node's own HTTP server; stream the answer back."""
         resp: Any = None
         try:
-            resp = await self._serve(head.method, head.path, head.headers, body)
+            resp = await self._serve(stream.peer, head.method, head.path, head.headers, body)
             out_headers = [(str(k), v) for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP]
             await self._send_data(stream, _HEAD.encode(_ResponseHead(status=resp.status, headers=out_headers)))
             body = resp.content

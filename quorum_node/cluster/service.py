@@ -1,16 +1,25 @@
-"""The cluster at run time: discovery, health checks, catalogs, signed forwarding.
+"""The cluster at run time: discovery, health checks, catalogs, membership, forwarding.
 
-Pure decisions live in ``peers`` / ``scoring`` / ``breaker`` / ``signing``;
+Pure decisions live in ``peers`` / ``scoring`` / ``breaker`` / ``members``;
 this module drives them from sockets and timers and plugs into the router
-(``plan``) and the HTTP server (``authenticate``, ``routes``).
+(``plan``) and the HTTP server (``peer_of``, ``routes``).
 
-Peer protocol (all signed with the cluster key, see ``signing``):
+Every peer request travels over a link that authenticates both ends against
+the membership records: mutual TLS on the LAN (``tls.py``: the peer port,
+each node's certificate pinned through membership), Noise_IK sessions through
+the relay (``relay_link.py``). So the sender of a request is the member the
+link proved, and an answer comes from the member it was sent to; nothing is
+learnt from anyone else. mDNS only says where a member may be.
 
-- ``GET /quorum/v1/health``  → who the node is and its catalog digest
+Peer protocol (the same messages on every link):
+
+- ``GET /quorum/v1/health``  → who the node is, its catalog, keys and members digests
 - ``GET /quorum/v1/catalog`` → the models its engines hold
+- ``GET|POST /quorum/v1/members`` → the membership records (``members_sync``)
+- ``POST /quorum/v1/join`` → a new machine with an invite (``join.py``)
 - forwarding is the public API itself (``POST /v1/chat/completions`` …) with
   ``X-Quorum-Hop: 1`` and ``X-Quorum-Origin``; a node never forwards a request
-  that carries a hop header, so loops are impossible.
+  that came from a peer, so loops are impossible.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -35,10 +43,14 @@ from ..backends.sse import StreamNormalizer
 from ..backends.upstream import read_capped, read_error_body, read_whole
 from ..control.usage import peer_usage
 from ..errors import ApiError, EngineRejected, EngineUnavailable
-from .membership import Cluster, load_or_create_node_id
+from .identity import NodeIdentity
+from .members import MemberStore
+from .membership import Cluster
 from .links import HttpLink, PeerLink, RelayPeerLink
 from .pipe import PipeError, PipeResponse, serve_in_memory
-from .messages import decode_catalog, decode_identity
+
+PIPE_PEER = "quorum_peer"  # the in-memory transport's extra info: the member a relayed request came from
+from .messages import HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, decode_catalog, decode_identity
 from .peers import (
     CatalogChanged,
     CatalogWanted,
@@ -54,8 +66,9 @@ from .peers import (
     PeerUp,
 )
 from .scoring import RetryBudget, pick
-from .relay_link import RelayLink, relay_psk
-from .signing import ANY_DESTINATION, HOP_HEADER, ORIGIN_HEADER, ReplayGuard, VerifyResult, sign, verify_head
+from .relay_link import RelayLink
+from .join import JoinHandler
+from .tls import PeerTLS
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -66,26 +79,27 @@ log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
-PROTO_VERSION = 3  # 2: signatures bind the destination and the hop headers; 3: and the API key id (QRM3)
+PROTO_VERSION = 4  # 4: links authenticate both ends against membership (mutual TLS, Noise_IK); no cluster secret
 _MAX_PEER_ANSWER = 16 * 1024 * 1024  # a catalog of thousands of models is well under this
 
 
 class ClusterService:
-    def __init__(self, node: Node, membership: Cluster) -> None:
+    def __init__(self, node: Node, membership: Cluster, identity: NodeIdentity, members: MemberStore) -> None:
         self.node = node
         self.settings = node.settings
         self.membership = membership
-        self.keys = membership.keys()
-        self.node_id = load_or_create_node_id(Path(self.settings.data_dir))
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.members = members
+        self.tls = PeerTLS(identity, members)
         s = self.settings
         self.table = PeerTable(
             self_id=self.node_id,
-            fingerprint=self.keys.fingerprint,
+            is_member=members.is_member,
+            max_peers=getattr(s, "max_peers", 256),
             down_after_s=s.peer_down_after_s,
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
         )
-        self.guard = ReplayGuard()
-        self.started_at = time.time()  # requests signed before this are refused (the guard starts empty)
         self.budget = RetryBudget(max_tokens=10, initial_tokens=10)  # as after a calm spell
         self.catalogs: dict[str, list[dict[str, Any]]] = {}  # node id -> model entries
         self.timeouts = Timeouts(
@@ -100,8 +114,11 @@ class ClusterService:
         self.relay: RelayLink | None = None
         self._digest = ""
         from ..control.replication import KeyReplicator
+        from .members_sync import MemberReplicator
 
         self.key_sync = KeyReplicator(self, node.keys)  # API key records, agreed with every peer
+        self.member_sync = MemberReplicator(self)  # membership records, the same way
+        members.on_change.append(self._members_changed)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -118,25 +135,27 @@ class ClusterService:
             from .mdns import Discovery
 
             self.discovery = Discovery(
-                node_id=self.node_id, name=self.node.name, port=self.node.port, fingerprint=self.keys.fingerprint,
+                node_id=self.node_id, name=self.node.name, port=self.node.peer_port, fingerprint="",
                 proto=PROTO_VERSION, catalog_digest=self._digest, interfaces=list(self.settings.mdns_interfaces),
                 on_event=self._events.put_nowait,
             )
             await self.discovery.start()
         if self.settings.relay and self.settings.relay_token:
             self.relay = RelayLink(
-                url=self.settings.relay, token=self.settings.relay_token, node_id=self.node_id,
-                psk=relay_psk(self.membership.secret), on_presence=self._on_relay_presence,
+                url=self.settings.relay, token=self.settings.relay_token, identity=self.identity,
+                peer_key=self._member_dh_key, on_presence=self._on_relay_presence,
                 on_draining=self._on_relay_draining, serve=self._serve_relayed,
-                max_request_bytes=self.settings.max_body_bytes,
+                max_request_bytes=self.settings.max_body_bytes, max_peers=self.table.max_peers,
             )
             await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")
         self.key_sync.start()  # keys' last uses to the peers, and compaction (control/replication.py)
+        self.member_sync.start()
         if self.discovery is not None:  # only mDNS feeds the event queue
             self._spawn(self._event_loop(), "cluster-events")
-        log.info("cluster_started", cluster=self.membership.name, fingerprint=self.keys.fingerprint,
-                 node_id=self.node_id, mdns=self.settings.mdns, static_peers=list(self.settings.peers))
+        log.info("cluster_started", cluster=self.membership.name, root=self.membership.root,
+                 node_id=self.node_id, members=len(self.members), peer_port=self.node.peer_port,
+                 mdns=self.settings.mdns, static_peers=list(self.settings.peers))
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -159,6 +178,8 @@ class ClusterService:
             await self.relay.close()
             self.relay = None
         self.key_sync.close()
+        if self._members_changed in self.members.on_change:
+            self.members.on_change.remove(self._members_changed)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -184,10 +205,43 @@ class ClusterService:
                 # the next requests rank this peer behind its siblings instead of waiting for the prober.
                 self._handle(self.table.on_health_fail(nid, time.monotonic()))
 
-            out.append(HttpLink(self.session, peer.info.address, refused))
+            ctx = self.tls.client_for(nid)
+            if ctx is not None:
+                out.append(HttpLink(self.session, peer.info.address, ctx, refused))
         if peer.relay and self.relay is not None:
             out.append(RelayPeerLink(self.relay, peer.node_id))
         return out
+
+    def _members_changed(self) -> None:
+        """Membership changed: trust the new members' certificates; a removed member is dropped at once —
+        its models, its peer entry, its relay session and every connection it has to this node."""
+        self.tls.refresh()
+        if not self.members.is_member(self.node_id):
+            log.error("this_node_was_removed", node_id=self.node_id,
+                      hint="it was removed from the cluster; its peers refuse it. Join again with a new invite "
+                           "after `quorum-node cluster leave`")
+        for p in self.table.all():
+            if not self.members.is_member(p.node_id):
+                self._handle(self.table.forget(p.node_id))
+        for nid in list(self.catalogs):
+            if not self.members.is_member(nid):
+                self.catalogs.pop(nid, None)
+        if self.relay is not None:
+            for nid in self.members.removed_ids():
+                self.relay.forget_peer(nid)
+        self._close_connections_of_non_members()
+
+    def _close_connections_of_non_members(self) -> None:
+        """Close every peer-port connection whose certificate is no current member's (a removed node's)."""
+        server = getattr(self.node, "http_server", None)
+        for handler in list(getattr(server, "connections", ()) if server is not None else ()):
+            transport = handler.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+            if ssl_object is None or ssl_object.context is not self.tls.server:
+                continue
+            if ssl_object.getpeercert(binary_form=True) and self.tls.peer_of(ssl_object) is None:
+                handler.force_close()
+                transport.abort()
 
     def _on_relay_draining(self, node_id: str) -> None:
         self._handle(self.table.on_draining(node_id, time.monotonic()))
@@ -199,14 +253,20 @@ class ClusterService:
         if online and peer is not None and not peer.info.address and self.relay is not None:
             self._spawn(self._probe(RelayPeerLink(self.relay, node_id), node_id), "relay-probe")
 
-    async def _serve_relayed(self, method: str, path: str, headers: list[tuple[str, str]],
+    async def _serve_relayed(self, peer: str, method: str, path: str, headers: list[tuple[str, str]],
                              body: bytes) -> PipeResponse:
-        """A request that came through the relay, served by this node's own HTTP server as if from the LAN
-        (same middlewares, signature check and handlers), in memory (``pipe.py``)."""
+        """A request that came through the relay from the member ``peer`` (its Noise session proved it),
+        served by this node's own HTTP server as if from the LAN (same middlewares and handlers), in
+        memory (``pipe.py``)."""
         server = getattr(self.node, "http_server", None)
         if server is None:
             raise PipeError("this node is not serving yet")
-        return await serve_in_memory(server, method, path, headers, body)
+        return await serve_in_memory(server, method, path, headers, body, peer=peer)
+
+    def _member_dh_key(self, node_id: str) -> bytes | None:
+        """The X25519 key of the member ``node_id`` for its Noise sessions (None: not a member)."""
+        member = self.members.get(node_id)
+        return member.dh_key if member is not None and node_id != self.node_id else None
 
     # -- our own catalog -------------------------------------------------
 
@@ -274,27 +334,38 @@ class ClusterService:
 
     # -- signed requests ---------------------------------------------------
 
-    def signed_headers(
-        self, method: str, path: str, body: bytes, *, to: str | None, hop: str = "", origin: str = "",
-        key_id: str = "",
-    ) -> dict[str, str]:
-        """Headers that authenticate a request to the peer ``to`` (None: id not known yet, health only)."""
-        return sign(self.keys, method=method, path=path, body=body, node_id=self.node_id,
-                    to=to or ANY_DESTINATION, hop=hop, origin=origin, key_id=key_id, now=time.time())
+    def peer_headers(self, *, hop: str = "", origin: str = "", key_id: str = "") -> dict[str, str]:
+        """The peer protocol's headers of a forwarded request (the link authenticates who sends it)."""
+        headers = {"X-Quorum-Node-Id": self.node_id}
+        if hop:
+            headers[HOP_HEADER] = hop
+        if origin:
+            headers[ORIGIN_HEADER] = origin
+        if key_id:
+            headers[KEY_HEADER] = key_id
+        return headers
 
-    def authenticate(self, request: web.Request) -> VerifyResult:
-        """Check a peer request's signature from its head, before any of its body is read.
+    def peer_of(self, request: web.Request) -> str | None:
+        """The member a request came from, as its link proved it, or None.
 
-        Requests signed before this node started are refused: the replay guard
-        lives in memory, and a restart must not reopen the replay window. The
-        body is checked against the signed digest when it is read.
+        Through the relay: the Noise session's peer (``pipe.py`` puts it on the
+        in-memory transport). On the peer port: the TLS client certificate,
+        which must be a current member's. Anything else (the public port, a
+        certificate of a removed node, no certificate) is nobody's.
         """
-        result = verify_head(self.keys, self.guard, method=request.method, path=request.path_qs,
-                             headers=request.headers, self_id=self.node_id, now=time.time(),
-                             not_before=self.started_at)
-        if not result.ok:
-            log.warning("peer_auth_failed", remote=request.remote, path=request.path, reason=result.reason)
-        return result
+        transport = request.transport
+        if transport is None:
+            return None
+        piped = transport.get_extra_info(PIPE_PEER)
+        if piped is not None:
+            return piped if self.members.is_member(piped) else None
+        return self.tls.peer_of(self.peer_port_tls(request))
+
+    def peer_port_tls(self, request: web.Request) -> Any:
+        """The TLS object of a request that came to the peer port (None for any other)."""
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return ssl_object if ssl_object is not None and ssl_object.context is self.tls.server else None
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -302,6 +373,8 @@ class ClusterService:
             web.get("/quorum/v1/catalog", self._h_catalog),
             web.get("/quorum/v1/peers", self._h_peers),
             *self.key_sync.routes(),  # /quorum/v1/keys: API key records (control/replication.py)
+            *self.member_sync.routes(),  # /quorum/v1/members: membership records (members_sync.py)
+            *JoinHandler(self).routes(),  # /quorum/v1/join: a new machine with an invite (join.py)
             web.get("/quorum/v1/usage", peer_usage),  # this node's ledger, for a peer summing the cluster
         ]
 
@@ -309,12 +382,12 @@ class ClusterService:
         if request.get(PEER) is None:
             from ..errors import Unauthorized
 
-            raise Unauthorized("This endpoint needs a cluster signature", code="unauthorized")
+            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
 
-    def identity(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "name": self.node.name, "fingerprint": self.keys.fingerprint,
-                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.port,
-                "keys_digest": self.node.keys.digest}
+    def describe(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "name": self.node.name, "cluster": self.membership.root,
+                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.peer_port,
+                "keys_digest": self.node.keys.digest, "members_digest": self.members.digest}
 
     def local_load(self) -> dict[str, Any]:
         """How busy this node is, for its peers' presence (``NodeLoad`` in ``messages``)."""
@@ -324,7 +397,7 @@ class ClusterService:
 
     async def _h_health(self, request: web.Request) -> web.Response:
         self._require_peer(request)
-        return web.Response(body=_encode({**self.identity(), "load": self.local_load()}),
+        return web.Response(body=_encode({**self.describe(), "load": self.local_load()}),
                             content_type="application/json")
 
     async def _h_catalog(self, request: web.Request) -> web.Response:
@@ -350,7 +423,7 @@ class ClusterService:
         if self.relay is not None:
             relay = {"url": self.settings.relay, "state": self.relay.state, "error": self.relay.last_error,
                      "online": sorted(self.relay.online)}
-        return web.Response(body=_encode({"node": self.identity(), "peers": peers, "relay": relay}),
+        return web.Response(body=_encode({"node": self.describe(), "peers": peers, "relay": relay}),
                             content_type="application/json")
 
     @staticmethod
@@ -360,11 +433,22 @@ class ClusterService:
 
     # -- background work -----------------------------------------------------
 
+    def _lan_link(self, address: str, node_id: str | None) -> HttpLink | None:
+        """A link to ``address`` that only the member ``node_id`` can answer on (None: not a member);
+        with no id yet (a static peer), one that any member can answer on, the answer naming which."""
+        ctx = self.tls.client_for(node_id) if node_id is not None else self.tls.any_member()
+        return HttpLink(self.session, address, ctx) if ctx is not None else None
+
     async def _health_loop(self) -> None:
         while True:
             try:
-                probes = [self._probe(HttpLink(self.session, t.address), t.node_id, address=t.address)
-                          for t in self.table.probe_targets()]
+                probes = []
+                for t in self.table.probe_targets():
+                    link = self._lan_link(t.address, t.node_id)
+                    if link is not None:
+                        probes.append(self._probe(link, t.node_id, address=t.address))
+                    else:  # we know no member there yet: maybe it knows us, once introduced
+                        self.member_sync.introduce_soon(t.node_id, t.address)
                 if self.relay is not None:
                     probes += [self._probe(RelayPeerLink(self.relay, nid), nid)
                                for nid in self.table.relay_probe_targets()]
@@ -375,11 +459,11 @@ class ClusterService:
             await asyncio.sleep(self.settings.health_interval_s)
 
     async def _get(self, link: PeerLink, path: str, to: str | None, timeout_s: float) -> bytes:
-        """A signed GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
+        """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         async with asyncio.timeout_at(deadline):
-            resp = await link.request("GET", path, self.signed_headers("GET", path, b"", to=to), b"",
-                                      self.timeouts, deadline=deadline, stream=False, who=f"peer {to or link.route}")
+            resp = await link.request("GET", path, self.peer_headers(), b"", self.timeouts, deadline=deadline,
+                                      stream=False, who=f"peer {to or link.route}")
             try:
                 if resp.status != 200:
                     raise ValueError(f"{path} answered {resp.status}")
@@ -390,29 +474,49 @@ class ClusterService:
             finally:
                 resp.close()
 
-    async def _probe(self, link: PeerLink, node_id: str | None, *, address: str = "") -> None:
+    async def _probe(self, link: PeerLink, node_id: str | None, *, address: str = "",
+                     moved: PeerInfo | None = None, identifying: bool = False) -> None:
+        """Ask a peer how it is, over a link only that member can answer on.
+
+        ``node_id`` None: a static address whose node is not known yet, asked over
+        a link any member can answer on; the node it names is then asked again
+        over a link pinned to that member (``identifying``), and only that answer
+        counts. ``moved``: a member announced a new address; it is believed (the
+        table changed) only once the node there proved it is that member, so
+        nobody can redirect its traffic."""
         t0 = time.monotonic()
         try:
-            ident = decode_identity(await self._get(link, "/quorum/v1/health", None, 2.0))
+            ident = decode_identity(await self._get(link, "/quorum/v1/health", node_id, 2.0))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
-            if node_id is not None:  # msgspec errors are ValueErrors
+            if node_id is not None and moved is None:  # msgspec errors are ValueErrors
                 self._handle(self.table.on_health_fail(node_id, time.monotonic()))
+            if address and moved is None:
+                self.member_sync.introduce_soon(node_id, address)  # maybe it does not know us yet
             log.debug("peer_health_failed", route=link.route, address=address, peer=node_id, error=str(e))
             return
         now = time.monotonic()
-        if link.route == "relay" and ident.node_id != node_id:
-            log.warning("relay_peer_identity_mismatch", claimed=node_id, answered=ident.node_id)
+        if node_id is None:
+            pinned = self._lan_link(address, ident.node_id) if address else None
+            if pinned is not None:
+                await self._probe(pinned, ident.node_id, address=address, identifying=True)
             return
+        if ident.node_id != node_id:  # the link proved node_id: a member that says otherwise is confused
+            log.warning("peer_identity_mismatch", route=link.route, address=address, expected=node_id,
+                        answered=ident.node_id)
+            return
+        if moved is not None:
+            self._handle(self.table.on_discovered(moved, now))
         info = PeerInfo(node_id=ident.node_id, name=ident.name, address=address,
-                        route="lan" if address else "relay", fingerprint=ident.fingerprint, proto=ident.proto,
+                        route="lan" if address else "relay", proto=ident.proto,
                         catalog_digest=ident.catalog_digest)
-        if address and (node_id is None or node_id != info.node_id):
+        if identifying:
             self._handle(self.table.on_identified(address, info, now))
         peer = self.table.get(info.node_id)
-        if peer is not None and not address and peer.info.name != info.name:
+        if peer is not None and peer.info.name != info.name:  # its own word, over the authenticated link
             peer.info = msgspec.structs.replace(peer.info, name=info.name)
         self._handle(self.table.on_health_ok(info.node_id, now - t0, now, ident.load))
         self.key_sync.on_peer_digest(info.node_id, ident.keys_digest)
+        self.member_sync.on_peer_digest(info.node_id, ident.members_digest)
         if peer is not None and peer.catalog_digest != info.catalog_digest:
             self._want_catalog(info.node_id)
 
@@ -425,12 +529,20 @@ class ClusterService:
             try:
                 match ev:
                     case Discovered(info=info) | Updated(info=info):
+                        # mDNS says where a member may be, never who: a stranger's announcement is ignored
+                        # (never probed, never sent anything); a member's is checked over a pinned link
+                        link = self._lan_link(info.address, info.node_id)
+                        if link is None:
+                            log.debug("mdns_not_a_member", peer=info.node_id, address=info.address)
+                            continue
+                        peer = self.table.get(info.node_id)
+                        if peer is not None and peer.info.address and peer.info.address != info.address:
+                            self._spawn(self._probe(link, info.node_id, address=info.address, moved=info),
+                                        "peer-moved")
+                            continue
                         self._handle(self.table.on_discovered(info, now))
-                        # a fresh announcement is a sign of life: check it now, not in 2 s; a node of
-                        # another cluster (the table ignored it) is left alone, never sent our signatures
-                        if self.table.get(info.node_id) is not None:
-                            self._spawn(self._probe(HttpLink(self.session, info.address), info.node_id,
-                                                    address=info.address), "peer-probe")
+                        if self.table.get(info.node_id) is not None:  # a sign of life: check it now, not in 2 s
+                            self._spawn(self._probe(link, info.node_id, address=info.address), "peer-probe")
                     case Gone(node_id=node_id):
                         self._handle(self.table.on_goodbye(node_id, now))
             except Exception:  # task root
@@ -512,8 +624,8 @@ class PeerTarget:
             opts = body.get("stream_options")
             body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
         data = _encode(body)
-        headers = svc.signed_headers("POST", path, data, to=self.peer.node_id, hop="1", origin=svc.node_id,
-                                     key_id=(caller.key_id or "") if caller is not None else "")
+        headers = svc.peer_headers(hop="1", origin=svc.node_id,
+                                   key_id=(caller.key_id or "") if caller is not None else "")
         headers["Content-Type"] = "application/json"
         if caller is not None:
             headers["X-Request-Id"] = caller.request_id  # the serving node's record links to ours

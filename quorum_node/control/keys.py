@@ -8,9 +8,11 @@ hashes in constant time.
 Each key is one ``KeyRecord``: its id, name, display prefix, hash, scopes
 (model globs), expiry, rate, whether it may administer keys, and whether it was
 revoked. A record is *versioned* (``version``, ``origin``: the node that wrote
-it) and *signed* with an HMAC key derived from the cluster secret under its own
-label (``signing.derive_records_key``), so a record that was changed on the
-way, or made without the cluster secret, is refused wherever it arrives.
+it) and *signed* with the Ed25519 key of that node (``cluster/identity.py``),
+so a record that was changed on the way, or made by anyone but a member of
+the cluster, is refused wherever it arrives (``RecordSigner``: a record is
+taken from a peer only if its origin is a member at the time; records held
+already stay when their origin is removed later).
 
 Merging is a max over a total order, so it is commutative, associative and
 idempotent (nodes converge whatever order records arrive in, however often)::
@@ -60,7 +62,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 import structlog
@@ -75,6 +77,7 @@ __all__ = [
     "KeyInfo",
     "KeyRecord",
     "KeyStore",
+    "RecordSigner",
     "compactable",
     "merge_rank",
     "open_keystore",
@@ -96,7 +99,8 @@ _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 _Pattern = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 _Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
 _Prefix = Annotated[str, msgspec.Meta(max_length=16)]
-_Sig = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")]
+# Ed25519 (128 hex); 64 hex: an HMAC of the shared-secret days, signed anew on load
+_Sig = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64}|[0-9a-f]{128})?$")]
 _NodeId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 _Time = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
 _Rate = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
@@ -118,7 +122,7 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     revoked: _Time | None = None  # when; a record with this set is a tombstone
     version: _Version = 1
     origin: _NodeId  # the node that wrote this version
-    sig: _Sig = ""  # HMAC-SHA256 of ``_canonical`` under the records key ("" on a node in no cluster)
+    sig: _Sig = ""  # Ed25519 signature of ``_canonical`` by ``origin``, hex
 
 
 class KeyInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,13 +173,27 @@ def _canonical(r: KeyRecord) -> bytes:
                     r.rate_per_min, r.admin, r.revoked, r.version, r.origin])
 
 
-def sign_record(key: bytes, r: KeyRecord) -> KeyRecord:
-    return msgspec.structs.replace(r, sig=hmac.new(key, _canonical(r), hashlib.sha256).hexdigest())
+class RecordSigner(Protocol):
+    """Who signs this node's key records, and whose signatures it takes (``cluster/members_sync.py``)."""
+
+    origin: str  # this node's id
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def verify(self, origin: str, data: bytes, signature: bytes, *, current: bool) -> bool:
+        """Whether ``origin`` signed ``data``: a member now (``current``), or one at some time."""
+        ...
 
 
-def record_verifies(key: bytes, r: KeyRecord) -> bool:
-    expected = hmac.new(key, _canonical(r), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, r.sig)
+def sign_record(signer: RecordSigner, r: KeyRecord) -> KeyRecord:
+    r = msgspec.structs.replace(r, origin=signer.origin)
+    return msgspec.structs.replace(r, sig=signer.sign(_canonical(r)).hex())
+
+
+def record_verifies(signer: RecordSigner, r: KeyRecord, *, current: bool = True) -> bool:
+    if len(r.sig) != 128:
+        return False
+    return signer.verify(r.origin, _canonical(r), bytes.fromhex(r.sig), current=current)
 
 
 def _hash(secret: str) -> str:
@@ -248,15 +266,16 @@ class Grant:
 class KeyStore:
     """Every key this node knows, persisted in the data dir; merges records from peers.
 
-    ``signer``: the records key (from the cluster secret), None for a node in no
-    cluster (its records stay unsigned and local). ``origin``: this node's id.
+    ``signer``: signs this node's records with its key and checks the others'
+    against membership (None: records stay unsigned, for tests of the store
+    alone). ``origin``: this node's id.
     ``on_change`` callbacks run after every change of the records (create,
     revoke, a merge that changed something): the replication pushes then.
     ``tombstone_retention_s``: how long a tombstone is kept (0: for good; see
     ``compactable``).
     """
 
-    def __init__(self, path: Path | None, *, signer: bytes | None, origin: str,
+    def __init__(self, path: Path | None, *, signer: RecordSigner | None, origin: str,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
                  tombstone_retention_s: float = 0.0) -> None:
         self.path = path
@@ -293,9 +312,9 @@ class KeyStore:
             raise ConfigError(f"{path} is damaged ({e}); restore it or delete it to start with no keys") from None
         resigned = 0
         for r in stored.records:
-            if self.signer is not None and not record_verifies(self.signer, r):
-                # Written by `keys create` while no node ran, or under another cluster secret: this data
-                # dir (0600, next to the secret itself) is this node's own, so its records are signed now.
+            if self.signer is not None and not record_verifies(self.signer, r, current=False):
+                # Written by `keys create` while no node ran, or signed with the shared secret of before keys:
+                # this data dir (0600, next to this node's key) is this node's own, so it signs them now.
                 r = sign_record(self.signer, r)
                 resigned += 1
             self._records[r.id] = r
@@ -488,8 +507,8 @@ class KeyStore:
     def merge(self, incoming: Iterable[KeyRecord]) -> tuple[int, int]:
         """Take what peers sent where it outranks ours; returns (changed, rejected).
 
-        A record is refused unless its signature verifies under this cluster's
-        records key (a node in no cluster merges nothing). A record this store
+        A record is refused unless it is signed by its origin, a member of the
+        cluster now (a node in no cluster merges nothing). A record this store
         would compact is passed over (not a rejection: the peer has not
         compacted it yet). The caller persists (``snapshot``/``write``) when
         something changed.
@@ -551,18 +570,11 @@ class ApiConflict(BadRequest):
         super().__init__(message, param="name", code="key_exists")
 
 
-def open_keystore(data_dir: Path, secret: bytes | None, *, tombstone_retention_s: float = 0.0) -> KeyStore:
-    """The store of ``data_dir``, signing with the records key of the cluster ``secret`` (None: no cluster).
+def open_keystore(data_dir: Path, signer: RecordSigner | None, *, tombstone_retention_s: float = 0.0) -> KeyStore:
+    """The store of ``data_dir``, signing its records with ``signer`` (this node's key; ``signer.origin`` is its id).
 
     ``tombstone_retention_s`` is the node's ``key_tombstone_retention_days``; the CLI, which edits the
     store of a node that is not running, passes none (0: it forgets only the records of expired keys,
     which is always safe)."""
-    from ..cluster.membership import load_or_create_node_id
-    from ..cluster.signing import derive_records_key
-
-    try:
-        origin = load_or_create_node_id(data_dir)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"node id in {data_dir}: {e}") from None
-    return KeyStore(data_dir / KEYS_FILE, signer=derive_records_key(secret) if secret else None, origin=origin,
+    return KeyStore(data_dir / KEYS_FILE, signer=signer, origin=signer.origin if signer is not None else "local",
                     tombstone_retention_s=tombstone_retention_s)

@@ -4,7 +4,9 @@ Talks to the node running on this machine (``/quorum/admin/keys``), which
 replicates the change to its peers at once. With no node running it edits the
 store in the data dir directly; the node takes it up when it starts and its
 peers get it from there. Under ``--require-key`` the admin API needs an admin
-key: ``--api-key`` or ``QUORUM_API_KEY``.
+key (``--api-key`` or ``QUORUM_API_KEY``), or the node's admin token, which
+the CLI sends by itself to a node on this machine when it can read
+``<data_dir>/admin.token`` (the node's own user can).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import msgspec
 
 from ..errors import ApiError, ConfigError
+from .admin_token import admin_headers
 from .keys import parse_duration
 
 __all__ = ["add_keys_command", "cmd_keys"]
@@ -34,7 +37,8 @@ def add_keys_command(sub: Any) -> None:
                        description="API keys for callers that are not on this machine (phones, servers, apps).")
     p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="the store to edit when no node runs (default ~/.local/share/quorum)")
+                   help="the node's data dir: its admin token, and the store to edit when no node runs "
+                        "(default ~/.local/share/quorum)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="an admin key, for a node run with --require-key (prefer env QUORUM_API_KEY)")
     ks = p.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
@@ -56,9 +60,14 @@ class _NoNode(Exception):
     pass
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("QUORUM_DATA_DIR") or "~/.local/share/quorum").expanduser()
+
+
 def _request(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    url = (args.url or f"http://127.0.0.1:{os.environ.get('QUORUM_PORT', '32768')}").rstrip("/") + path
-    headers = {"Accept": "application/json"}
+    base = (args.url or f"http://127.0.0.1:{os.environ.get('QUORUM_PORT', '32768')}").rstrip("/")
+    url = base + path
+    headers = {"Accept": "application/json", **admin_headers(base, _data_dir(args))}
     key = args.api_key or os.environ.get("QUORUM_API_KEY")
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -83,15 +92,21 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None)
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from ..cluster.membership import load_cluster
+    from ..cluster.identity import load_or_create_identity
+    from ..cluster.members import MemberStore, decode_records
+    from ..cluster.members_sync import RecordSigner
+    from ..cluster.membership import load_cluster, load_member_records
     from .keys import open_keystore
 
     data_dir = Path(args.data_dir or os.environ.get("QUORUM_DATA_DIR") or "~/.local/share/quorum").expanduser()
     try:
+        identity = load_or_create_identity(data_dir)
         cluster = load_cluster(data_dir)
+        members = (MemberStore(cluster.root, decode_records(load_member_records(data_dir)))
+                   if cluster is not None else None)
     except (ValueError, OSError) as e:
         raise ConfigError(f"cluster membership in {data_dir}: {e}") from None
-    return open_keystore(data_dir, cluster.secret if cluster is not None else None)
+    return open_keystore(data_dir, RecordSigner(identity, members))
 
 
 def _when(t: Any) -> str:

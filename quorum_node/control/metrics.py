@@ -58,6 +58,9 @@ class NodeMetrics:
                               ("model", "route"), buckets=TTFT_BUCKETS_S, registry=r)
         self.duration = Histogram("quorum_request_duration_seconds", "Request duration, arrival to last byte",
                                   ("model", "route"), buckets=DURATION_BUCKETS_S, registry=r)
+        self.refused = Counter("quorum_refused_requests", "Requests refused with 401 as unauthenticated (no key, a "
+                               "wrong key or admin token, not a member), by reason; not in the ledger", ("reason",),
+                               registry=r)
         r.register(_StateCollector(node))
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._known: frozenset[str] = frozenset()

@@ -21,8 +21,9 @@ merged, so they also cross a cluster whose nodes do not all reach each other)
 to every peer that is up — one small message per peer per interval, and only
 when a key was used. Each round also compacts the store (``keys.compactable``).
 
-Every request is signed with the cluster key, and every record carries its
-own signature (``control.keys``); a record that does not verify is refused.
+Every request travels over a link that authenticated both members (mutual TLS,
+Noise), and every record carries its own signature by the member that wrote it
+(``control.keys``); a record that does not verify is refused.
 Merging is a max over a total order in which tombstones win, so the order and
 repetition of pulls and pushes do not matter.
 """
@@ -118,7 +119,7 @@ class KeyReplicator:
 
     def _require_peer(self, request: web.Request) -> None:
         if request.get(PEER) is None:
-            raise Unauthorized("This endpoint needs a cluster signature", code="unauthorized")
+            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
 
     async def _h_get(self, request: web.Request) -> web.Response:
         self._require_peer(request)
@@ -134,7 +135,7 @@ class KeyReplicator:
             raise PayloadTooLarge(f"Key records are limited to {MAX_KEYS_BYTES} bytes", code="body_too_large")
         try:
             message = _decode(raw)
-        except msgspec.DecodeError as e:  # ValidationError included
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:  # ValidationError included; a string not UTF-8
             raise BadRequest(f"Not a list of key records: {e}", code="bad_key_records") from None
         changed, rejected = self._merge(message.records, request.get(PEER), message.used)
         return web.Response(body=_encode({"digest": self.store.digest, "changed": changed, "rejected": rejected}),
@@ -226,8 +227,7 @@ class KeyReplicator:
         if data is None:
             data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records(),
                                        used=self.store.used()))
-        headers = svc.signed_headers("POST", KEYS_PATH, data, to=node_id)
-        headers["Content-Type"] = "application/json"
+        headers = {**svc.peer_headers(), "Content-Type": "application/json"}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 5.0
         try:

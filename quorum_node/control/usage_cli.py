@@ -4,7 +4,8 @@ Reads the running node's admin endpoint (``/quorum/admin/usage``); with no
 node running, opens the ledger file in the data dir read-only. ``--cluster``
 needs a running node: it asks every peer for its share. The admin endpoint
 needs an admin key off loopback or under ``--require-key``: ``--api-key`` or
-``QUORUM_API_KEY``. Token totals that include estimates (the engine gave no
+``QUORUM_API_KEY``, or the node's admin token (``<data_dir>/admin.token``),
+sent by itself to a node on this machine. Token totals that include estimates (the engine gave no
 usage) are marked ``~``.
 """
 
@@ -18,10 +19,12 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from .admin_token import admin_headers
 from .ledger import BY, LEDGER_FILE, open_readonly, query_rows, recover
 from .usage import parse_since
 
@@ -39,19 +42,21 @@ def add_usage_command(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="where the ledger is when no node runs (default ~/.local/share/quorum)")
+                   help="the node's data dir: its admin token, and the ledger when no node runs "
+                        "(default ~/.local/share/quorum)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="an admin key, for a node run with --require-key (prefer env QUORUM_API_KEY)")
     p.set_defaults(func=cmd_usage)
 
 
-def _from_node(url: str, since: float | None, by: str, cluster: bool, key: str | None = None) -> dict[str, Any]:
+def _from_node(url: str, since: float | None, by: str, cluster: bool, key: str | None = None,
+               data_dir: Path | None = None) -> dict[str, Any]:
     q = {"by": by}
     if since is not None:
         q["since"] = f"{since:.3f}"
     if cluster:
         q["cluster"] = "1"
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", **(admin_headers(url, data_dir) if data_dir is not None else {})}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(f"{url}/quorum/admin/usage?{urllib.parse.urlencode(q)}", headers=headers)
@@ -82,7 +87,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         return 2
     url = _node_url(args)
     try:
-        data = _from_node(url, since, args.by, args.cluster, args.api_key or os.environ.get("QUORUM_API_KEY"))
+        data = _from_node(url, since, args.by, args.cluster, args.api_key or os.environ.get("QUORUM_API_KEY"),
+                          _data_dir(args))
         source = f"node at {url}"
     except urllib.error.HTTPError as e:
         print(f"quorum-node: {url}: {_error_message(e)}", file=sys.stderr)

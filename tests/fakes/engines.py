@@ -16,7 +16,8 @@ Knobs (`tokens`, `token_delay_s`, `first_token_delay_s`, `fail_after_tokens`,
 `embedding_dim`, `loaded_models`, `omit_usage` (the `/v1` fakes: no usage on whole
 answers, no usage chunk in streams), `native_apis` (llama.cpp: its own `/v1/responses`
 and `/v1/messages`; False, set before start: a build without them), `messages_start`
-(llama.cpp: False leaves out a Messages stream's first event)) are plain attributes that tests may change at
+(llama.cpp: False leaves out a Messages stream's first event), `forged_event_type` (llama.cpp: appended
+to the `type` of its Responses text deltas after the first, a hostile engine's injection)) are plain attributes that tests may change at
 any time; bookkeeping (`requests`, `cancelled`, `abandoned`, `active_streams`)
 is read the same way.
 

@@ -22,6 +22,9 @@ node must erase them:
 `native_apis=False` (a knob) is a build from before these routes: they 404.
 `messages_start=False` (a knob, any time) leaves out a Messages stream's
 `message_start`, as the real llama-server now and then does.
+`forged_event_type` (a knob, any time; a hostile build, not llama-server): appended to the
+`type` (in the JSON, not the SSE `event:` line) of every Responses text delta after the first,
+e.g. a newline and a whole forged `response.completed` event.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class LlamaNativeApis:
 
     native_apis: bool = True
     messages_start: bool = True
+    forged_event_type: str | None = None
 
     def native_routes(self) -> list[tuple[str, str, Any]]:
         if not self.native_apis:
@@ -184,10 +188,12 @@ class LlamaNativeApis:
                + _sse("response.in_progress", {"type": "response.in_progress", "response": skeleton}))
         text_open = False
         fc = ""
+        deltas = 0
         try:
             while (delta := (yield out)) is not None:
                 out = b""
                 if "content" in delta:
+                    deltas += 1
                     if not text_open:
                         text_open = True
                         out += _sse("response.output_item.added", {"type": "response.output_item.added", "item": {
@@ -196,8 +202,11 @@ class LlamaNativeApis:
                         out += _sse("response.content_part.added", {"type": "response.content_part.added",
                                                                      "item_id": mid,
                                                                      "part": {"type": "output_text", "text": ""}})
-                    out += _sse("response.output_text.delta", {"type": "response.output_text.delta",
-                                                                "item_id": mid, "delta": delta["content"]})
+                    kind = "response.output_text.delta"
+                    if self.forged_event_type is not None and deltas > 1:
+                        kind += self.forged_event_type
+                    out += _sse("response.output_text.delta", {"type": kind, "item_id": mid,
+                                                                "delta": delta["content"]})
                 for tc in delta.get("tool_calls", ()):
                     fn = tc.get("function", {})
                     if tc.get("id"):

@@ -1,19 +1,43 @@
-"""Relay fixtures: an in-process relay on 127.0.0.1 port 0 and real websockets clients speaking relay/wire."""
+"""Relay fixtures: an in-process relay on 127.0.0.1 port 0 and real websockets clients speaking relay/wire.
+
+A test names its nodes by labels ("a", "b", …); each label has its own
+Ed25519 key (``key``), made from the label, and so its own node id (``nid``):
+the id is the key's, as the relay requires. The keys are picked so that ids
+sort as their labels do (the stream-id parity rule depends on that order).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import gc
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from relay.identity import node_id_for
 from relay.server import Relay
 from relay.settings import Settings
-from relay.wire import CONNECT_PATH, NODE_ID_HEADER, Frame, Joined, Welcome, decode, encode
+from relay.wire import (
+    CONNECT_PATH,
+    NODE_ID_HEADER,
+    NODE_KEY_HEADER,
+    Challenge,
+    Frame,
+    Joined,
+    Proof,
+    Welcome,
+    decode,
+    encode,
+    proof_message,
+)
 
 TOKEN_A = "token-a-0123456789abcdef"
 TOKEN_B = "token-b-0123456789abcdef"
@@ -73,13 +97,46 @@ class Node:
         await self.ws.close()
 
 
-def headers(node_id: str | None, token: str | None) -> dict[str, str]:
+@functools.cache
+def key(label: str) -> Ed25519PrivateKey:
+    """The key of the test node ``label``: its id begins with the label's first character in hex."""
+    prefix = label.encode()[:1].hex()
+    for n in range(1 << 16):
+        k = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"{label}/{n}".encode()).digest())
+        if node_id_for(public(k)).startswith(prefix):
+            return k
+    raise AssertionError("no key found")
+
+
+def public(k: Ed25519PrivateKey) -> bytes:
+    return k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def nid(label: str) -> str:
+    """The node id of the test node ``label``."""
+    return node_id_for(public(key(label)))
+
+
+def headers(label: str | None, token: str | None, *, node_id: str | None = None) -> dict[str, str]:
+    """Handshake headers for the test node ``label``: its id and key (``node_id`` claims another id)."""
     h: dict[str, str] = {}
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
-    if node_id is not None:
+    if label is not None:
+        h[NODE_ID_HEADER] = node_id if node_id is not None else nid(label)
+        h[NODE_KEY_HEADER] = base64.b64encode(public(key(label))).decode()
+    elif node_id is not None:
         h[NODE_ID_HEADER] = node_id
     return h
+
+
+async def prove(ws: ClientConnection, label: str, *, node_id: str | None = None) -> None:
+    """Answer the relay's challenge as the test node ``label`` does (signed with its key)."""
+    async with asyncio.timeout(WAIT_S):
+        challenge = decode(await ws.recv())
+    assert isinstance(challenge, Challenge), challenge
+    k = key(label)
+    await ws.send(encode(Proof(signature=k.sign(proof_message(challenge.nonce, node_id or nid(label), public(k))))))
 
 
 @pytest.fixture(autouse=True)
@@ -118,12 +175,13 @@ async def join() -> AsyncIterator[Connect]:
     """Connect a node and read its Welcome; every node is closed afterwards."""
     nodes: list[ClientConnection] = []
 
-    async def _join(relay: Relay, node_id: str, token: str = TOKEN_A, **kw: Any) -> Node:
+    async def _join(relay: Relay, label: str, token: str = TOKEN_A, **kw: Any) -> Node:
         kw.setdefault("max_size", None)
         kw.setdefault("ping_interval", None)
-        ws = await connect(relay.url + CONNECT_PATH, additional_headers=headers(node_id, token),
+        ws = await connect(relay.url + CONNECT_PATH, additional_headers=headers(label, token),
                            compression=None, open_timeout=WAIT_S, **kw)
         nodes.append(ws)
+        await prove(ws, label)
         async with asyncio.timeout(WAIT_S):
             welcome = decode(await ws.recv())
         assert isinstance(welcome, Welcome)
@@ -135,8 +193,8 @@ async def join() -> AsyncIterator[Connect]:
         await ws.wait_closed()
 
 
-async def joined(node: Node, *ids: str) -> None:
-    """Read ``Joined`` frames for exactly these ids, in order."""
-    for node_id in ids:
+async def joined(node: Node, *labels: str) -> None:
+    """Read ``Joined`` frames for exactly these nodes, in order."""
+    for label in labels:
         frame = await node.expect(Joined)
-        assert frame.peer.node_id == node_id
+        assert frame.peer.node_id == nid(label)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import ssl
@@ -16,18 +17,34 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from relay.cli import main
 from relay.server import Relay
-from relay.wire import NODE_ID_HEADER, Hello, Left, Unreachable, Welcome, decode
+from relay.wire import (
+    CLOSE_REPLACED,
+    CLOSE_UNAUTHORIZED,
+    NODE_ID_HEADER,
+    NODE_KEY_HEADER,
+    Challenge,
+    Hello,
+    Joined,
+    Left,
+    Proof,
+    Unreachable,
+    Welcome,
+    decode,
+    encode,
+    proof_message,
+)
 
-from .conftest import TOKEN_A, TOKEN_B, WAIT_S, Connect, StartRelay, headers, joined
+from .conftest import TOKEN_A, TOKEN_B, WAIT_S, Connect, StartRelay, headers, joined, key, nid, prove, public
 
 
-async def refused(relay: Relay, node_id: str | None, token: str | None, **extra: str) -> tuple[int, dict, dict]:
+async def refused(relay: Relay, label: str | None, token: str | None, *, node_id: str | None = None,
+                  **extra: str) -> tuple[int, dict, dict]:
     """Try a handshake that must fail; the status, JSON body and headers."""
-    h = headers(node_id, token) | extra
+    h = headers(label, token, node_id=node_id) | extra
     with pytest.raises(InvalidStatus) as e:
         await connect(relay.connect_url, additional_headers=h, open_timeout=WAIT_S)
     resp = e.value.response
@@ -54,15 +71,15 @@ async def test_bad_or_missing_token_is_401_and_never_registered(
     await join(relay, "c")
     await joined(a, "c")
     assert relay.connections == 2
-    await a.send(Hello(peer="b", payload=b"x"))
-    assert await a.expect(Unreachable) == Unreachable(peer="b", stream=0)
+    await a.send(Hello(peer=nid("b"), payload=b"x"))
+    assert await a.expect(Unreachable) == Unreachable(peer=nid("b"), stream=0)
 
 
 async def test_good_token_gets_welcome_with_limits(start_relay: StartRelay, join: Connect) -> None:
     relay = await start_relay(max_frame_bytes=65536, max_streams_per_node=7, send_queue_bytes=1 << 20)
     a = await join(relay, "node-a.1")
     w = a.welcome
-    assert w.node_id == "node-a.1" and w.peers == () and len(w.session) >= 16
+    assert w.node_id == nid("node-a.1") and w.peers == () and len(w.session) >= 16
     assert (w.max_frame_bytes, w.max_streams, w.send_queue_bytes) == (65536, 7, 1 << 20)
     b = await join(relay, "b")
     assert b.welcome.session != w.session
@@ -70,10 +87,115 @@ async def test_good_token_gets_welcome_with_limits(start_relay: StartRelay, join
 
 @pytest.mark.parametrize("node_id", [None, "", "has space", "x" * 65, "slash/no", "a,b"])
 async def test_bad_node_id_is_400_but_only_after_the_token(relay: Relay, node_id: str | None) -> None:
-    status, body, _ = await refused(relay, node_id, TOKEN_A)
+    label = None if node_id is None else "b"
+    status, body, _ = await refused(relay, label, TOKEN_A, node_id=node_id)
     assert status == 400 and body["error"]["param"] == "X-Quorum-Node-Id"
-    status, _, _ = await refused(relay, node_id, "0123456789abcdef-wrong")
+    status, _, _ = await refused(relay, label, "0123456789abcdef-wrong", node_id=node_id)
     assert status == 401
+
+
+@pytest.mark.parametrize("case", ["another's id", "no key", "short key", "not base64", "two keys"])
+async def test_a_node_id_that_is_not_the_keys_is_401(relay: Relay, join: Connect, case: str) -> None:
+    a = await join(relay, "a")
+    h = headers("x", TOKEN_A)  # x's own key ...
+    if case == "another's id":
+        h[NODE_ID_HEADER] = nid("a")  # ... claiming a's id
+    elif case == "no key":
+        del h[NODE_KEY_HEADER]
+    elif case == "short key":
+        h[NODE_KEY_HEADER] = h[NODE_KEY_HEADER][:-4]
+    elif case == "not base64":
+        h[NODE_KEY_HEADER] = "!" * 44
+    with pytest.raises(InvalidStatus) as e:
+        if case == "two keys":
+            await connect(relay.connect_url, additional_headers=[*h.items(), (NODE_KEY_HEADER, h[NODE_KEY_HEADER])],
+                          open_timeout=WAIT_S)
+        await connect(relay.connect_url, additional_headers=h, open_timeout=WAIT_S)
+    resp = e.value.response
+    body = msgspec.json.decode(resp.body)
+    assert resp.status_code == 401 and body["error"]["code"] == "bad_node_key"
+    assert body["error"]["param"] == NODE_KEY_HEADER
+    assert relay.stats.rejections["bad_node_key"] == 1
+    # a was never disturbed: still registered, still reachable
+    b = await join(relay, "b")
+    await joined(a, "b")
+    await b.send(Hello(peer=nid("a"), payload=b"still there?"))
+    assert await a.expect(Hello) == Hello(peer=nid("b"), payload=b"still there?")
+
+
+async def _claim(relay: Relay, label: str, signer: str | None, *, frame: bytes | None = None) -> int | None:
+    """Connect as ``label`` (its id and public key) and answer the challenge signed by ``signer``'s key
+    (or send ``frame``, or nothing): the close code the relay ends the connection with."""
+    async with connect(relay.connect_url, additional_headers=headers(label, TOKEN_A), open_timeout=WAIT_S) as ws:
+        challenge = decode(await ws.recv())
+        assert isinstance(challenge, Challenge) and len(challenge.nonce) == 32
+        if signer is not None:
+            k = key(signer)
+            await ws.send(encode(Proof(signature=k.sign(proof_message(challenge.nonce, nid(label), public(key(label)))))))
+        elif frame is not None:
+            await ws.send(frame)
+        async with asyncio.timeout(WAIT_S):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    got = decode(await ws.recv())
+                    assert not isinstance(got, Welcome), "admitted without a proof"
+        return None if ws.close_code is None else int(ws.close_code)
+
+
+async def test_a_node_that_cannot_sign_for_a_members_key_is_closed_and_displaces_no_one(
+        start_relay: StartRelay, join: Connect) -> None:
+    relay = await start_relay(open_timeout_s=0.5)
+    a = await join(relay, "a")
+    b = await join(relay, "b")
+    await joined(a, "b")
+    # a's id and a's public key (both public), then: another key's signature, a signature of something else,
+    # a frame that is no proof, no answer at all (until the open timeout)
+    assert await _claim(relay, "a", "x") == CLOSE_UNAUTHORIZED
+    assert await _claim(relay, "a", None, frame=encode(Proof(signature=key("a").sign(b"anything else")))) \
+        == CLOSE_UNAUTHORIZED
+    assert await _claim(relay, "a", None, frame=encode(Hello(peer=nid("b"), payload=b"me first"))) \
+        == CLOSE_UNAUTHORIZED
+    assert await _claim(relay, "a", None) == CLOSE_UNAUTHORIZED
+    assert relay.stats.rejections["bad_proof"] == 2 and relay.stats.rejections["no_proof"] == 2
+    # a was never replaced, and b heard of nothing: its next frame is what a sends it
+    await a.send(Hello(peer=nid("b"), payload=b"still a"))
+    assert await b.expect(Hello) == Hello(peer=nid("a"), payload=b"still a")
+    await b.send(Hello(peer=nid("a"), payload=b"to a"))
+    assert await a.expect(Hello) == Hello(peer=nid("b"), payload=b"to a")
+    assert relay.connections == 2 and relay.stats.closes["replaced"] == 0
+
+
+async def test_reconnecting_with_a_victims_id_every_half_second_evicts_nothing(relay: Relay, join: Connect) -> None:
+    a = await join(relay, "a")
+    b = await join(relay, "b")
+    await joined(a, "b")
+    for _ in range(4):  # the old attack: a valid token, the victim's id (and its public key), every 0.5 s
+        assert await _claim(relay, "b", "x") == CLOSE_UNAUTHORIZED
+        await asyncio.sleep(0.5)
+    await a.send(Hello(peer=nid("b"), payload=b"are you there"))
+    assert await b.expect(Hello) == Hello(peer=nid("a"), payload=b"are you there")  # no Left, no Joined before it
+    assert relay.stats.closes["replaced"] == 0
+
+
+async def test_the_same_node_reconnecting_replaces_its_old_connection(relay: Relay, join: Connect) -> None:
+    a = await join(relay, "a")
+    b1 = await join(relay, "b")
+    await joined(a, "b")
+    b2 = await join(relay, "b")  # it holds the key: its new connection wins
+    assert await b1.closed_with() == CLOSE_REPLACED
+    assert await a.expect(Left) == Left(node_id=nid("b"))
+    assert (await a.expect(Joined)).peer.node_id == nid("b")
+    await a.send(Hello(peer=nid("b"), payload=b"new"))
+    assert await b2.expect(Hello) == Hello(peer=nid("a"), payload=b"new")
+
+
+def test_the_relays_node_id_is_the_nodes() -> None:
+    from quorum_node.cluster.identity import NodeIdentity, node_id_for
+    from relay.identity import node_id_for as relay_node_id_for
+
+    for _ in range(8):
+        ident = NodeIdentity.generate()
+        assert relay_node_id_for(ident.sign_key) == node_id_for(ident.sign_key) == ident.node_id
 
 
 async def test_handshake_rate_per_address_is_429(start_relay: StartRelay, join: Connect) -> None:
@@ -94,19 +216,21 @@ async def test_connections_per_address_is_429_until_one_leaves(start_relay: Star
     assert status == 429 and body["error"]["code"] == "too_many_connections"
     await a.close()
     await joined(b)
-    assert await b.expect(Left) == Left(node_id="a")  # sent once a's TCP connection is gone
+    assert await b.expect(Left) == Left(node_id=nid("a"))  # sent once a's TCP connection is gone
     await join(relay, "c")
 
 
 async def test_trusted_proxy_forwarded_for_is_the_address(start_relay: StartRelay, join: Connect) -> None:
     relay = await start_relay(max_connections_per_address=1, trusted_proxies=("127.0.0.1",))
-    h1 = {"Authorization": f"Bearer {TOKEN_A}", NODE_ID_HEADER: "a", "X-Forwarded-For": "203.0.113.1"}
-    h2 = {"Authorization": f"Bearer {TOKEN_A}", NODE_ID_HEADER: "b", "X-Forwarded-For": "203.0.113.2"}
+    h1 = headers("a", TOKEN_A) | {"X-Forwarded-For": "203.0.113.1"}
+    h2 = headers("b", TOKEN_A) | {"X-Forwarded-For": "203.0.113.2"}
     async with connect(relay.connect_url, additional_headers=h1) as w1, connect(
         relay.connect_url, additional_headers=h2
     ) as w2:
+        await prove(w1, "a")
+        await prove(w2, "b")
         assert isinstance(decode(await w1.recv()), Welcome) and isinstance(decode(await w2.recv()), Welcome)
-        h3 = {"Authorization": f"Bearer {TOKEN_A}", NODE_ID_HEADER: "c", "X-Forwarded-For": "203.0.113.1"}
+        h3 = headers("c", TOKEN_A) | {"X-Forwarded-For": "203.0.113.1"}
         with pytest.raises(InvalidStatus) as e:
             await connect(relay.connect_url, additional_headers=h3)
         assert e.value.response.status_code == 429
@@ -124,7 +248,7 @@ async def test_health_metrics_and_404(relay: Relay, join: Connect) -> None:
     b = await join(relay, "b")
     await joined(a, "b")
     await refused(relay, "x", "0123456789abcdef-wrong")
-    await a.send(Hello(peer="b", payload=b"12345"))
+    await a.send(Hello(peer=nid("b"), payload=b"12345"))
     await b.expect(Hello)
     http = relay.url.replace("ws://", "http://")
     async with aiohttp.ClientSession() as s:
@@ -192,8 +316,9 @@ async def test_tls_wss_directly(start_relay: StartRelay, tmp_path: Path) -> None
     assert relay.connect_url.startswith("wss://127.0.0.1:")
     client_ctx = ssl.create_default_context(cafile=str(cert))
     async with connect(relay.connect_url, additional_headers=headers("a", TOKEN_A), ssl=client_ctx) as ws:
+        await prove(ws, "a")
         welcome = decode(await ws.recv())
-        assert isinstance(welcome, Welcome) and welcome.node_id == "a"
+        assert isinstance(welcome, Welcome) and welcome.node_id == nid("a")
     # a client that does not trust the certificate gets no WebSocket
     with pytest.raises(ssl.SSLCertVerificationError):
         await connect(relay.connect_url, additional_headers=headers("b", TOKEN_A), ssl=ssl.create_default_context())

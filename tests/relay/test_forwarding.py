@@ -33,7 +33,7 @@ from relay.wire import (
     encode,
 )
 
-from .conftest import TOKEN_A, TOKEN_B, WAIT_S, Connect, StartRelay, headers, joined
+from .conftest import TOKEN_A, TOKEN_B, WAIT_S, Connect, StartRelay, headers, joined, nid
 
 
 async def test_presence_welcome_joined_left_and_since(relay: Relay, join: Connect) -> None:
@@ -41,18 +41,18 @@ async def test_presence_welcome_joined_left_and_since(relay: Relay, join: Connec
     a = await join(relay, "a")
     b = await join(relay, "b")
     j = await a.expect(Joined)
-    assert j.peer.node_id == "b"
-    assert [p.node_id for p in b.welcome.peers] == ["a"]
+    assert j.peer.node_id == nid("b")
+    assert [p.node_id for p in b.welcome.peers] == [nid("a")]
     a_since = b.welcome.peers[0].since
     assert t0 - 1 <= a_since <= j.peer.since <= time.time() + 1
     c = await join(relay, "c")
-    assert [p.node_id for p in c.welcome.peers] == ["a", "b"]
-    assert c.welcome.peers[0] == Presence(node_id="a", since=a_since)
+    assert [p.node_id for p in c.welcome.peers] == [nid("a"), nid("b")]
+    assert c.welcome.peers[0] == Presence(node_id=nid("a"), since=a_since)
     await joined(a, "c")
     await joined(b, "c")
     await b.close()
-    assert await a.expect(Left) == Left(node_id="b")
-    assert await c.expect(Left) == Left(node_id="b")
+    assert await a.expect(Left) == Left(node_id=nid("b"))
+    assert await c.expect(Left) == Left(node_id=nid("b"))
 
 
 async def test_a_draining_node_is_announced_to_its_namespace_and_keeps_forwarding(relay: Relay, join: Connect) -> None:
@@ -62,27 +62,27 @@ async def test_a_draining_node_is_announced_to_its_namespace_and_keeps_forwardin
     await joined(a, "b")
     x = await join(relay, "x", TOKEN_B)  # another namespace hears nothing of it
     since = b.welcome.peers[0].since
-    await a.send(Open(peer="b", stream=1, payload=b"in flight"))
-    assert await b.expect(Open) == Open(peer="a", stream=1, payload=b"in flight")
+    await a.send(Open(peer=nid("b"), stream=1, payload=b"in flight"))
+    assert await b.expect(Open) == Open(peer=nid("a"), stream=1, payload=b"in flight")
     await a.send(Draining())
-    assert await b.expect(Joined) == Joined(peer=Presence(node_id="a", since=since, draining=True))
+    assert await b.expect(Joined) == Joined(peer=Presence(node_id=nid("a"), since=since, draining=True))
     await a.send(Draining())  # said twice: told once
     c = await join(relay, "c")  # a node joining later learns it from its Welcome
-    assert c.welcome.peers[0] == Presence(node_id="a", since=since, draining=True)
-    assert c.welcome.peers[1].node_id == "b" and not c.welcome.peers[1].draining
+    assert c.welcome.peers[0] == Presence(node_id=nid("a"), since=since, draining=True)
+    assert c.welcome.peers[1].node_id == nid("b") and not c.welcome.peers[1].draining
     await joined(b, "c")  # the next frame b reads: c joining, not a second notice
     await joined(a, "c")
     # its streams still flow both ways
-    await b.send(Data(peer="a", stream=1, payload=b"answer"))
-    assert await a.expect(Data) == Data(peer="b", stream=1, payload=b"answer")
-    await b.send(Close(peer="a", stream=1))
-    assert await a.expect(Close) == Close(peer="b", stream=1)
-    await a.send(Close(peer="b", stream=1))
-    assert await b.expect(Close) == Close(peer="a", stream=1)
+    await b.send(Data(peer=nid("a"), stream=1, payload=b"answer"))
+    assert await a.expect(Data) == Data(peer=nid("b"), stream=1, payload=b"answer")
+    await b.send(Close(peer=nid("a"), stream=1))
+    assert await a.expect(Close) == Close(peer=nid("b"), stream=1)
+    await a.send(Close(peer=nid("b"), stream=1))
+    assert await b.expect(Close) == Close(peer=nid("a"), stream=1)
     await a.close()  # it closes when its drain is over
-    assert await b.expect(Left) == Left(node_id="a")
-    await x.send(Hello(peer="a", payload=b""))  # the first frame x reads: it was told nothing of a
-    assert await x.expect(Unreachable) == Unreachable(peer="a", stream=0)
+    assert await b.expect(Left) == Left(node_id=nid("a"))
+    await x.send(Hello(peer=nid("a"), payload=b""))  # the first frame x reads: it was told nothing of a
+    assert await x.expect(Unreachable) == Unreachable(peer=nid("a"), stream=0)
 
 
 async def test_namespaces_never_see_each_other(relay: Relay, join: Connect) -> None:
@@ -90,23 +90,23 @@ async def test_namespaces_never_see_each_other(relay: Relay, join: Connect) -> N
     x = await join(relay, "x", TOKEN_B)
     assert x.welcome.peers == ()
     twin = await join(relay, "a", TOKEN_B)  # the same id in another namespace is another node
-    assert [p.node_id for p in twin.welcome.peers] == ["x"]
+    assert [p.node_id for p in twin.welcome.peers] == [nid("x")]
     await joined(x, "a")
     # frames do not cross: a → x is unreachable; a → a of the other namespace is a's own id
-    await a.send(Hello(peer="x", payload=b"hi"))
-    assert await a.expect(Unreachable) == Unreachable(peer="x", stream=0)
-    await x.send(Open(peer="a", stream=2, payload=b"to my namespace's a"))
+    await a.send(Hello(peer=nid("x"), payload=b"hi"))
+    assert await a.expect(Unreachable) == Unreachable(peer=nid("x"), stream=0)
+    await x.send(Open(peer=nid("a"), stream=2, payload=b"to my namespace's a"))
     got = await twin.expect(Open)
-    assert got == Open(peer="x", stream=2, payload=b"to my namespace's a")
+    assert got == Open(peer=nid("x"), stream=2, payload=b"to my namespace's a")
     b = await join(relay, "b", TOKEN_A)
     await joined(a, "b")  # the only Joined a ever got: not x, not twin
-    await b.send(Hello(peer="a", payload=b"1"))
-    assert await a.expect(Hello) == Hello(peer="b", payload=b"1")
+    await b.send(Hello(peer=nid("a"), payload=b"1"))
+    assert await a.expect(Hello) == Hello(peer=nid("b"), payload=b"1")
     await twin.close()
-    assert await x.expect(Reset) == Reset(peer="a", stream=2, code="peer_gone")
-    assert await x.expect(Left) == Left(node_id="a")
-    await b.send(Hello(peer="a", payload=b"2"))
-    assert await a.expect(Hello) == Hello(peer="b", payload=b"2")  # no Left for the other namespace's a
+    assert await x.expect(Reset) == Reset(peer=nid("a"), stream=2, code="peer_gone")
+    assert await x.expect(Left) == Left(node_id=nid("a"))
+    await b.send(Hello(peer=nid("a"), payload=b"2"))
+    assert await a.expect(Hello) == Hello(peer=nid("b"), payload=b"2")  # no Left for the other namespace's a
 
 
 @pytest.mark.parametrize("size", [0, 1, 1000, 200_000])
@@ -117,35 +117,35 @@ async def test_forwarding_is_byte_exact_with_peer_rewritten(start_relay: StartRe
     b = await join(relay, "b")
     payload = os.urandom(size)
     frames = [
-        Hello(peer="b", payload=payload),
-        Open(peer="b", stream=1, payload=payload),
-        Data(peer="b", stream=1, payload=payload),
-        Window(peer="b", stream=1, credit=2**40),
-        Close(peer="b", stream=1, payload=payload),
+        Hello(peer=nid("b"), payload=payload),
+        Open(peer=nid("b"), stream=1, payload=payload),
+        Data(peer=nid("b"), stream=1, payload=payload),
+        Window(peer=nid("b"), stream=1, credit=2**40),
+        Close(peer=nid("b"), stream=1, payload=payload),
     ]
     for f in frames:
         await a.send(f)
     for f in frames:
         raw = await b.recv_raw()
-        assert raw == encode(msgspec.structs.replace(f, peer=src))
+        assert raw == encode(msgspec.structs.replace(f, peer=nid(src)))
     await joined(a, "b")
-    await b.send(HelloReply(peer=src, payload=payload[::-1]))
-    assert await a.expect(HelloReply) == HelloReply(peer="b", payload=payload[::-1])
+    await b.send(HelloReply(peer=nid(src), payload=payload[::-1]))
+    assert await a.expect(HelloReply) == HelloReply(peer=nid("b"), payload=payload[::-1])
 
 
 async def test_forwarding_keeps_fields_this_relay_does_not_know(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
     b = await join(relay, "b")
-    await a.send_raw(msgspec.msgpack.encode(["Hello", "b", b"noise", {"added": "later"}]))
-    assert msgspec.msgpack.decode(await b.recv_raw()) == ["Hello", "a", b"noise", {"added": "later"}]
+    await a.send_raw(msgspec.msgpack.encode(["Hello", nid("b"), b"noise", {"added": "later"}]))
+    assert msgspec.msgpack.decode(await b.recv_raw()) == ["Hello", nid("a"), b"noise", {"added": "later"}]
 
 
 async def test_frames_to_offline_peers_are_unreachable(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
-    for f, stream in ((Open(peer="zz", stream=1, payload=b""), 1), (Data(peer="zz", stream=9, payload=b"x"), 9),
-                      (Hello(peer="zz", payload=b""), 0)):
+    for f, stream in ((Open(peer=nid("zz"), stream=1, payload=b""), 1), (Data(peer=nid("zz"), stream=9, payload=b"x"), 9),
+                      (Hello(peer=nid("zz"), payload=b""), 0)):
         await a.send(f)
-        assert await a.expect(Unreachable) == Unreachable(peer="zz", stream=stream)
+        assert await a.expect(Unreachable) == Unreachable(peer=nid("zz"), stream=stream)
 
 
 async def test_stream_limit_resets_too_many_streams(start_relay: StartRelay, join: Connect) -> None:
@@ -153,27 +153,27 @@ async def test_stream_limit_resets_too_many_streams(start_relay: StartRelay, joi
     a = await join(relay, "a")
     b = await join(relay, "b")
     await joined(a, "b")
-    await a.send(Open(peer="b", stream=1, payload=b"1"))
-    await b.send(Open(peer="a", stream=2, payload=b"2"))  # b's own stream counts for both
+    await a.send(Open(peer=nid("b"), stream=1, payload=b"1"))
+    await b.send(Open(peer=nid("a"), stream=2, payload=b"2"))  # b's own stream counts for both
     assert (await b.expect(Open)).stream == 1
     assert (await a.expect(Open)).stream == 2
-    await a.send(Open(peer="b", stream=3, payload=b"3"))
-    assert await a.expect(Reset) == Reset(peer="b", stream=3, code="too_many_streams")
-    await a.send(Data(peer="b", stream=3, payload=b"late"))  # for the refused stream: dropped
+    await a.send(Open(peer=nid("b"), stream=3, payload=b"3"))
+    assert await a.expect(Reset) == Reset(peer=nid("b"), stream=3, code="too_many_streams")
+    await a.send(Data(peer=nid("b"), stream=3, payload=b"late"))  # for the refused stream: dropped
     # both Close: stream 1 is done and its slot free
-    await a.send(Close(peer="b", stream=1))
-    await b.send(Close(peer="a", stream=1))
-    assert await b.expect(Close) == Close(peer="a", stream=1)
-    assert await a.expect(Close) == Close(peer="b", stream=1)
-    await a.send(Open(peer="b", stream=5, payload=b"5"))
-    assert await b.expect(Open) == Open(peer="a", stream=5, payload=b"5")  # not the dropped Data
+    await a.send(Close(peer=nid("b"), stream=1))
+    await b.send(Close(peer=nid("a"), stream=1))
+    assert await b.expect(Close) == Close(peer=nid("a"), stream=1)
+    assert await a.expect(Close) == Close(peer=nid("b"), stream=1)
+    await a.send(Open(peer=nid("b"), stream=5, payload=b"5"))
+    assert await b.expect(Open) == Open(peer=nid("a"), stream=5, payload=b"5")  # not the dropped Data
     # one Reset is enough to free a slot
-    await a.send(Reset(peer="b", stream=2, code="cancelled"))
-    assert await b.expect(Reset) == Reset(peer="a", stream=2, code="cancelled")
-    await b.send(Open(peer="a", stream=4, payload=b"4"))
-    assert await a.expect(Open) == Open(peer="b", stream=4, payload=b"4")
-    await b.send(Open(peer="a", stream=6, payload=b"6"))
-    assert await b.expect(Reset) == Reset(peer="a", stream=6, code="too_many_streams")
+    await a.send(Reset(peer=nid("b"), stream=2, code="cancelled"))
+    assert await b.expect(Reset) == Reset(peer=nid("a"), stream=2, code="cancelled")
+    await b.send(Open(peer=nid("a"), stream=4, payload=b"4"))
+    assert await a.expect(Open) == Open(peer=nid("b"), stream=4, payload=b"4")
+    await b.send(Open(peer=nid("a"), stream=6, payload=b"6"))
+    assert await b.expect(Reset) == Reset(peer=nid("a"), stream=6, code="too_many_streams")
 
 
 async def test_batches_open_and_end_streams_as_open_and_close_frames_do(start_relay: StartRelay, join: Connect) -> None:
@@ -182,33 +182,33 @@ async def test_batches_open_and_end_streams_as_open_and_close_frames_do(start_re
     b = await join(relay, "b")
     await joined(a, "b")
     assert a.welcome.batch_streams and a.welcome.batch
-    await a.send(Batch(peer="b", payload=b"sealed 1 3", opens=(1, 3)))
-    assert await b.expect(Batch) == Batch(peer="a", payload=b"sealed 1 3", opens=(1, 3))  # forwarded whole
+    await a.send(Batch(peer=nid("b"), payload=b"sealed 1 3", opens=(1, 3)))
+    assert await b.expect(Batch) == Batch(peer=nid("a"), payload=b"sealed 1 3", opens=(1, 3))  # forwarded whole
     assert len(relay.hub.streams) == 2
-    await a.send(Data(peer="b", stream=3, payload=b"plain data on a batch-opened stream"))
+    await a.send(Data(peer=nid("b"), stream=3, payload=b"plain data on a batch-opened stream"))
     assert (await b.expect(Data)).stream == 3
     # a's half of 1 ends in a batch, b's in one; b resets 3 with a frame: the table is empty again
-    await a.send(Batch(peer="b", payload=b"fin 1", closes=(1,)))
-    await b.send(Batch(peer="a", payload=b"fin 1", closes=(1,)))
+    await a.send(Batch(peer=nid("b"), payload=b"fin 1", closes=(1,)))
+    await b.send(Batch(peer=nid("a"), payload=b"fin 1", closes=(1,)))
     assert (await b.expect(Batch)).closes == (1,) and (await a.expect(Batch)).closes == (1,)
     assert len(relay.hub.streams) == 1
-    await b.send(Reset(peer="a", stream=3, code="cancel"))
-    assert await a.expect(Reset) == Reset(peer="b", stream=3, code="cancel")
+    await b.send(Reset(peer=nid("a"), stream=3, code="cancel"))
+    assert await a.expect(Reset) == Reset(peer=nid("b"), stream=3, code="cancel")
     assert len(relay.hub.streams) == 0
     # past the limit (3): the batch still reaches b (its items are sealed together), and the refused
     # stream is reset to both sides
-    await a.send(Open(peer="b", stream=5, payload=b"5"))
+    await a.send(Open(peer=nid("b"), stream=5, payload=b"5"))
     assert (await b.expect(Open)).stream == 5
-    await a.send(Batch(peer="b", payload=b"7 9 11", opens=(7, 9, 11)))
+    await a.send(Batch(peer=nid("b"), payload=b"7 9 11", opens=(7, 9, 11)))
     assert (await b.expect(Batch)).opens == (7, 9, 11)
-    assert await b.expect(Reset) == Reset(peer="a", stream=11, code="too_many_streams")
-    assert await a.expect(Reset) == Reset(peer="b", stream=11, code="too_many_streams")
+    assert await b.expect(Reset) == Reset(peer=nid("a"), stream=11, code="too_many_streams")
+    assert await a.expect(Reset) == Reset(peer=nid("b"), stream=11, code="too_many_streams")
     assert len(relay.hub.streams) == 3 and relay.stats.rejections["too_many_streams"] == 1
     # a goes away: b hears each of its batch-opened streams reset
     await a.close()
     got = {await b.expect(Reset) for _ in range(3)}
-    assert got == {Reset(peer="a", stream=s, code="peer_gone") for s in (5, 7, 9)}
-    assert await b.expect(Left) == Left(node_id="a")
+    assert got == {Reset(peer=nid("a"), stream=s, code="peer_gone") for s in (5, 7, 9)}
+    assert await b.expect(Left) == Left(node_id=nid("a"))
     assert len(relay.hub.streams) == 0
 
 
@@ -221,29 +221,29 @@ async def test_a_batch_opening_a_bad_stream_id_is_a_violation(relay: Relay, join
                                                               closes: tuple[int, ...], why: str) -> None:
     a = await join(relay, "a")
     b = await join(relay, "b")
-    await a.send(Batch(peer="b", payload=b"x", opens=opens, closes=closes))
+    await a.send(Batch(peer=nid("b"), payload=b"x", opens=opens, closes=closes))
     assert await a.closed_with() == CLOSE_PROTOCOL, why
     while not isinstance(frame := await b.recv(), Left):  # nothing of it was forwarded
-        assert frame == Reset(peer="a", stream=1, code="peer_gone")  # (the first of a duplicate was opened)
+        assert frame == Reset(peer=nid("a"), stream=1, code="peer_gone")  # (the first of a duplicate was opened)
     assert len(relay.hub.streams) == 0
 
 
 async def test_a_batch_to_an_offline_peer_opens_nothing(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
-    await a.send(Batch(peer="zz", payload=b"x", opens=(1,), closes=(1,)))
-    assert await a.expect(Unreachable) == Unreachable(peer="zz", stream=0)
+    await a.send(Batch(peer=nid("zz"), payload=b"x", opens=(1,), closes=(1,)))
+    assert await a.expect(Unreachable) == Unreachable(peer=nid("zz"), stream=0)
     assert len(relay.hub.streams) == 0
 
 
 async def test_frames_on_streams_not_open_are_dropped(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
     b = await join(relay, "b")
-    await a.send(Data(peer="b", stream=7, payload=b"never opened"))
-    await a.send(Window(peer="b", stream=7, credit=1))
-    await a.send(Close(peer="b", stream=7))
-    await a.send(Reset(peer="b", stream=7, code="x"))
-    await a.send(Hello(peer="b", payload=b"next"))
-    assert await b.expect(Hello) == Hello(peer="a", payload=b"next")
+    await a.send(Data(peer=nid("b"), stream=7, payload=b"never opened"))
+    await a.send(Window(peer=nid("b"), stream=7, credit=1))
+    await a.send(Close(peer=nid("b"), stream=7))
+    await a.send(Reset(peer=nid("b"), stream=7, code="x"))
+    await a.send(Hello(peer=nid("b"), payload=b"next"))
+    assert await b.expect(Hello) == Hello(peer=nid("a"), payload=b"next")
     assert relay.stats.dropped == 4
 
 
@@ -253,42 +253,42 @@ async def test_peer_gone_resets_each_open_stream_then_left(relay: Relay, join: C
     c = await join(relay, "c")
     await joined(a, "b", "c")
     await joined(b, "c")
-    await a.send(Open(peer="b", stream=1, payload=b""))
-    await b.send(Open(peer="a", stream=2, payload=b""))
-    await c.send(Open(peer="b", stream=2, payload=b""))
-    await a.send(Open(peer="c", stream=1, payload=b""))  # not b's: survives
+    await a.send(Open(peer=nid("b"), stream=1, payload=b""))
+    await b.send(Open(peer=nid("a"), stream=2, payload=b""))
+    await c.send(Open(peer=nid("b"), stream=2, payload=b""))
+    await a.send(Open(peer=nid("c"), stream=1, payload=b""))  # not b's: survives
     for _ in range(2):
         await b.expect(Open)
     await a.expect(Open)
     await c.expect(Open)
     await b.close()
     got = {await a.expect(Reset), await a.expect(Reset)}
-    assert got == {Reset(peer="b", stream=1, code="peer_gone"), Reset(peer="b", stream=2, code="peer_gone")}
-    assert await a.expect(Left) == Left(node_id="b")
-    assert await c.expect(Reset) == Reset(peer="b", stream=2, code="peer_gone")
-    assert await c.expect(Left) == Left(node_id="b")
+    assert got == {Reset(peer=nid("b"), stream=1, code="peer_gone"), Reset(peer=nid("b"), stream=2, code="peer_gone")}
+    assert await a.expect(Left) == Left(node_id=nid("b"))
+    assert await c.expect(Reset) == Reset(peer=nid("b"), stream=2, code="peer_gone")
+    assert await c.expect(Left) == Left(node_id=nid("b"))
     assert len(relay.hub.streams) == 1
-    await a.send(Data(peer="c", stream=1, payload=b"still open"))
-    assert await c.expect(Data) == Data(peer="a", stream=1, payload=b"still open")
+    await a.send(Data(peer=nid("c"), stream=1, payload=b"still open"))
+    assert await c.expect(Data) == Data(peer=nid("a"), stream=1, payload=b"still open")
 
 
 async def test_replaced_connection(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
     b1 = await join(relay, "b")
     j1 = await a.expect(Joined)
-    await a.send(Open(peer="b", stream=1, payload=b""))
+    await a.send(Open(peer=nid("b"), stream=1, payload=b""))
     await b1.expect(Open)
     b2 = await join(relay, "b")
-    assert [p.node_id for p in b2.welcome.peers] == ["a"]
+    assert [p.node_id for p in b2.welcome.peers] == [nid("a")]
     assert await b1.closed_with() == CLOSE_REPLACED
     # a learns that session went (its stream too) and a new one came
-    assert await a.expect(Reset) == Reset(peer="b", stream=1, code="peer_gone")
-    assert await a.expect(Left) == Left(node_id="b")
+    assert await a.expect(Reset) == Reset(peer=nid("b"), stream=1, code="peer_gone")
+    assert await a.expect(Left) == Left(node_id=nid("b"))
     j2 = await a.expect(Joined)
-    assert j2.peer.node_id == "b" and j2.peer.since >= j1.peer.since
+    assert j2.peer.node_id == nid("b") and j2.peer.since >= j1.peer.since
     assert b2.welcome.session != b1.welcome.session
-    await a.send(Hello(peer="b", payload=b"new"))
-    assert await b2.expect(Hello) == Hello(peer="a", payload=b"new")
+    await a.send(Hello(peer=nid("b"), payload=b"new"))
+    assert await b2.expect(Hello) == Hello(peer=nid("a"), payload=b"new")
     assert relay.connections == 2
 
 
@@ -300,13 +300,13 @@ async def test_replaced_connection(relay: Relay, join: Connect) -> None:
         "a text message",
         msgspec.msgpack.encode(["Data", "b", "not-an-int", b""]),
         msgspec.msgpack.encode(["Nope", "b"]),
-        encode(Welcome(session="s", node_id="a")),
-        encode(Joined(peer=Presence(node_id="b", since=0))),
-        encode(Left(node_id="b")),
-        encode(Unreachable(peer="b")),
-        encode(Hello(peer="a", payload=b"to myself")),
-        encode(Open(peer="b", stream=2, payload=b"")),  # "a" < "b": a's ids are odd
-        encode(Open(peer="b", stream=0, payload=b"")),
+        encode(Welcome(session="s", node_id=nid("a"))),
+        encode(Joined(peer=Presence(node_id=nid("b"), since=0))),
+        encode(Left(node_id=nid("b"))),
+        encode(Unreachable(peer=nid("b"))),
+        encode(Hello(peer=nid("a"), payload=b"to myself")),
+        encode(Open(peer=nid("b"), stream=2, payload=b"")),  # "a" < "b": a's ids are odd
+        encode(Open(peer=nid("b"), stream=0, payload=b"")),
     ],
     ids=["garbage", "empty", "text", "bad-field", "unknown-tag", "welcome", "joined", "left", "unreachable",
          "to-self", "wrong-parity", "stream-0"],
@@ -316,15 +316,15 @@ async def test_protocol_violations_close_with_close_protocol(relay: Relay, join:
     b = await join(relay, "b")
     await a.send_raw(message)
     assert await a.closed_with() == CLOSE_PROTOCOL
-    assert await b.expect(Left) == Left(node_id="a")
+    assert await b.expect(Left) == Left(node_id=nid("a"))
 
 
 async def test_duplicate_open_is_a_violation(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
     b = await join(relay, "b")
-    await a.send(Open(peer="b", stream=1, payload=b""))
+    await a.send(Open(peer=nid("b"), stream=1, payload=b""))
     await b.expect(Open)
-    await a.send(Open(peer="b", stream=1, payload=b""))
+    await a.send(Open(peer=nid("b"), stream=1, payload=b""))
     assert await a.closed_with() == CLOSE_PROTOCOL
 
 
@@ -332,11 +332,11 @@ async def test_oversized_frame_is_1009(start_relay: StartRelay, join: Connect) -
     relay = await start_relay(max_frame_bytes=4096)
     a = await join(relay, "a")
     b = await join(relay, "b")
-    await a.send(Hello(peer="b", payload=b"x" * 4000))
+    await a.send(Hello(peer=nid("b"), payload=b"x" * 4000))
     assert len((await b.expect(Hello)).payload) == 4000
-    await a.send(Hello(peer="b", payload=b"x" * 4096))
+    await a.send(Hello(peer=nid("b"), payload=b"x" * 4096))
     assert await a.closed_with() == 1009
-    assert await b.expect(Left) == Left(node_id="a")
+    assert await b.expect(Left) == Left(node_id=nid("a"))
     assert relay.stats.closes["frame_too_large"] == 1
 
 
@@ -351,9 +351,9 @@ async def test_slow_destination_is_closed_while_a_fast_one_keeps_flowing(
     await joined(a, "slow", "fast")
     await joined(slow, "fast")
     slow.ws.transport.pause_reading()  # the slow node stops reading: its frames pile up at the relay
-    await a.send(Open(peer="slow", stream=1, payload=b""))
-    await a.send(Open(peer="fast", stream=1, payload=b""))
-    assert await fast.expect(Open) == Open(peer="a", stream=1, payload=b"")
+    await a.send(Open(peer=nid("slow"), stream=1, payload=b""))
+    await a.send(Open(peer=nid("fast"), stream=1, payload=b""))
+    assert await fast.expect(Open) == Open(peer=nid("a"), stream=1, payload=b"")
 
     received: list[bytes] = []
 
@@ -378,27 +378,27 @@ async def test_slow_destination_is_closed_while_a_fast_one_keeps_flowing(
         fast_reader, a_reader = tg.create_task(read_fast()), tg.create_task(read_a())
         async with asyncio.timeout(WAIT_S * 2):
             for i in range(2000):  # ≤ 120 MiB; the slow node is cut off long before
-                if Left(node_id="slow") in a_events:
+                if Left(node_id=nid("slow")) in a_events:
                     break
-                await a.send(Data(peer="slow", stream=1, payload=big))
+                await a.send(Data(peer=nid("slow"), stream=1, payload=big))
                 chunk = i.to_bytes(4, "big") * 64
                 sent_fast.append(chunk)
-                await a.send(Data(peer="fast", stream=1, payload=chunk))
+                await a.send(Data(peer=nid("fast"), stream=1, payload=chunk))
                 peak = max(peak, relay.queued_bytes())
             else:
                 raise AssertionError("the slow node was never closed")
             # the fast node got everything sent to it, in order, while the slow one was stuck
-            await a.send(Data(peer="fast", stream=1, payload=b"end"))
+            await a.send(Data(peer=nid("fast"), stream=1, payload=b"end"))
             await fast_reader
         a_reader.cancel()
     assert received == sent_fast
-    assert Reset(peer="slow", stream=1, code="peer_gone") in a_events
+    assert Reset(peer=nid("slow"), stream=1, code="peer_gone") in a_events
     assert peak <= limit + len(big) + 1024  # bounded: one queue's limit (plus the frame that crossed it)
     slow.ws.transport.resume_reading()
     assert await slow.closed_with(timeout=WAIT_S * 2) == CLOSE_TOO_SLOW
     assert relay.stats.closes["too_slow"] == 1
-    await a.send(Data(peer="fast", stream=1, payload=b"after"))
-    assert await fast.expect(Data) == Data(peer="a", stream=1, payload=b"after")
+    await a.send(Data(peer=nid("fast"), stream=1, payload=b"after"))
+    assert await fast.expect(Data) == Data(peer=nid("a"), stream=1, payload=b"after")
 
 
 async def test_idle_node_closed_with_close_idle_while_a_ponging_one_stays(
@@ -410,7 +410,7 @@ async def test_idle_node_closed_with_close_idle_while_a_ponging_one_stays(
     await joined(a, "quiet")
     t0 = time.monotonic()
     quiet.ws.transport.pause_reading()  # no pongs from here on
-    assert await a.expect(Left, timeout=WAIT_S) == Left(node_id="quiet")
+    assert await a.expect(Left, timeout=WAIT_S) == Left(node_id=nid("quiet"))
     assert time.monotonic() - t0 >= 0.4
     quiet.ws.transport.resume_reading()
     assert await quiet.closed_with() == CLOSE_IDLE
@@ -433,10 +433,10 @@ async def test_many_streams_interleave_through_one_relay(relay: Relay, join: Con
     b = await join(relay, "b")
     n, per = 256, 8
     for s in range(1, 2 * n, 2):
-        await a.send(Open(peer="b", stream=s, payload=b""))
+        await a.send(Open(peer=nid("b"), stream=s, payload=b""))
     for k in range(per):
         for s in range(1, 2 * n, 2):
-            await a.send(Data(peer="b", stream=s, payload=k.to_bytes(2, "big")))
+            await a.send(Data(peer=nid("b"), stream=s, payload=k.to_bytes(2, "big")))
     seen: dict[int, list[int]] = {}
     for _ in range(n):
         assert isinstance(await b.recv(), Open)

@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 from relay.errors import ConfigError
 from relay.wire import CLOSE_TOKEN_REVOKED, Hello, Left
 
-from .conftest import WAIT_S, Connect, StartRelay, joined
+from .conftest import WAIT_S, Connect, StartRelay, joined, nid
 
 KEEP = "keep-0123456789abcdef"
 DROP = "drop-0123456789abcdef"
@@ -40,13 +40,13 @@ async def test_reload_revokes_removed_tokens_and_keeps_the_rest(
     assert relay.reload_tokens() == 2
     assert await drop.closed_with() == CLOSE_TOKEN_REVOKED
     assert await move.closed_with() == CLOSE_TOKEN_REVOKED
-    assert {await keep.expect(Left), await keep.expect(Left)} == {Left(node_id="drop"), Left(node_id="move")}
+    assert {await keep.expect(Left), await keep.expect(Left)} == {Left(node_id=nid("drop")), Left(node_id=nid("move"))}
     # the kept node is still connected and routable, the new token joins it, the old one is refused
     new = await join(relay, "new", NEW)
-    assert [p.node_id for p in new.welcome.peers] == ["keep"]
+    assert [p.node_id for p in new.welcome.peers] == [nid("keep")]
     await joined(keep, "new")
-    await new.send(Hello(peer="keep", payload=b"still here?"))
-    assert await keep.expect(Hello) == Hello(peer="new", payload=b"still here?")
+    await new.send(Hello(peer=nid("keep"), payload=b"still here?"))
+    assert await keep.expect(Hello) == Hello(peer=nid("new"), payload=b"still here?")
     with pytest.raises(InvalidStatus) as e:
         await join(relay, "drop", DROP)
     assert e.value.response.status_code == 401
@@ -103,7 +103,7 @@ async def test_real_process_sighup_reload_and_sigterm_stop(join: Connect, tmp_pa
         reloaded = await _read_event(proc.stderr, "tokens_reloaded")
         assert reloaded["revoked"] == 1 and reloaded["tokens"] == 1
         assert await drop.closed_with() == CLOSE_TOKEN_REVOKED
-        assert await keep.expect(Left) == Left(node_id="drop")
+        assert await keep.expect(Left) == Left(node_id=nid("drop"))
         proc.send_signal(signal.SIGTERM)
         assert await keep.closed_with() == 1001
         async with asyncio.timeout(WAIT_S):

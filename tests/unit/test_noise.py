@@ -1,4 +1,4 @@
-"""The Noise NNpsk0 implementation against the published cacophony test vectors, and its failure modes."""
+"""The Noise implementation against the published cacophony test vectors, and its failure modes."""
 
 from __future__ import annotations
 
@@ -7,60 +7,111 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from quorum_node.cluster.noise import CipherState, Handshake, NoiseError
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "noise.json").read_text())["vectors"]
-NNPSK0 = next(v for v in VECTORS if v["protocol_name"] == "Noise_NNpsk0_25519_ChaChaPoly_SHA256")
 
 
 def _key(hex_: str) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(bytes.fromhex(hex_))
 
 
-def _pair(v=NNPSK0, *, psk_i=None, psk_r=None, prologue_r=None):
-    init = Handshake(initiator=True, psk=psk_i or bytes.fromhex(v["init_psks"][0]),
-                     prologue=bytes.fromhex(v["init_prologue"]), ephemeral=_key(v["init_ephemeral"]))
-    resp = Handshake(initiator=False, psk=psk_r or bytes.fromhex(v["resp_psks"][0]),
-                     prologue=prologue_r if prologue_r is not None else bytes.fromhex(v["resp_prologue"]),
-                     ephemeral=_key(v["resp_ephemeral"]))
-    return init, resp
+def _pub(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def test_the_handshake_and_transport_match_the_published_vector() -> None:
-    init, resp = _pair()
-    msgs = NNPSK0["messages"]
-    m1 = init.write_message(bytes.fromhex(msgs[0]["payload"]))
-    assert m1.hex() == msgs[0]["ciphertext"]
-    assert resp.read_message(m1).hex() == msgs[0]["payload"]
-    m2 = resp.write_message(bytes.fromhex(msgs[1]["payload"]))
-    assert m2.hex() == msgs[1]["ciphertext"]
-    assert init.read_message(m2).hex() == msgs[1]["payload"]
-    assert init.handshake_hash.hex() == resp.handshake_hash.hex() == NNPSK0["handshake_hash"]
+def _side(v: dict, who: str, pattern: str) -> Handshake:
+    """One side of a vector's handshake, with what the vector gives that side."""
+    static = _key(v[f"{who}_static"]) if f"{who}_static" in v else None
+    remote = bytes.fromhex(v[f"{who}_remote_static"]) if f"{who}_remote_static" in v else None
+    return Handshake(pattern=pattern, initiator=who == "init", prologue=bytes.fromhex(v[f"{who}_prologue"]),
+                     static=static, remote_static=remote, ephemeral=_key(v[f"{who}_ephemeral"]))
+
+
+@pytest.mark.parametrize("v", VECTORS, ids=[v["protocol_name"] for v in VECTORS])
+def test_the_handshake_and_transport_match_the_published_vector(v: dict) -> None:
+    pattern = v["protocol_name"].split("_")[1]
+    init, resp = _side(v, "init", pattern), _side(v, "resp", pattern)
+    msgs = v["messages"]
+    k = 0
+    while not (init.done and resp.done):  # handshake messages alternate, the initiator first
+        writer, reader = (init, resp) if k % 2 == 0 else (resp, init)
+        out = writer.write_message(bytes.fromhex(msgs[k]["payload"]))
+        assert out.hex() == msgs[k]["ciphertext"], f"message {k}"
+        assert reader.read_message(out).hex() == msgs[k]["payload"]
+        k += 1
+    assert init.handshake_hash.hex() == resp.handshake_hash.hex() == v["handshake_hash"]
+    if "init_static" in v:  # each side knows the other's static key, given or learnt
+        assert resp.remote_static == _pub(_key(v["init_static"]))
+    assert init.remote_static == _pub(_key(v["resp_static"])) if "resp_static" in v else init.remote_static is None
     i_send, i_recv = init.split()
     r_send, r_recv = resp.split()
-    for k, m in enumerate(msgs[2:]):  # transport messages alternate, the initiator first
-        send, recv = (i_send, r_recv) if k % 2 == 0 else (r_send, i_recv)
+    # after the handshake, transport messages go the way the next handshake message would have gone
+    for j, m in enumerate(msgs[k:]):
+        send, recv = (i_send, r_recv) if (k + j) % 2 == 0 else (r_send, i_recv)
         ct = send.seal(bytes.fromhex(m["payload"]))
         assert ct.hex() == m["ciphertext"]
         assert recv.open(ct).hex() == m["payload"]
 
 
+def test_ik_is_in_the_vectors() -> None:
+    assert {v["protocol_name"] for v in VECTORS} >= {"Noise_IK_25519_ChaChaPoly_SHA256"}
+
+
+def _ik(*, init_s=None, resp_s=None, told=None, prologue_i=b"p", prologue_r=b"p"):
+    """An IK pair; ``told`` is the responder key the initiator believes in (membership's)."""
+    init_s = init_s or X25519PrivateKey.generate()
+    resp_s = resp_s or X25519PrivateKey.generate()
+    init = Handshake(initiator=True, prologue=prologue_i, static=init_s,
+                     remote_static=told if told is not None else _pub(resp_s))
+    resp = Handshake(initiator=False, prologue=prologue_r, static=resp_s)
+    return init, resp, init_s, resp_s
+
+
 def _established():
-    init = Handshake(initiator=True, psk=b"k" * 32, prologue=b"p")
-    resp = Handshake(initiator=False, psk=b"k" * 32, prologue=b"p")
+    init, resp, _, _ = _ik()
     resp.read_message(init.write_message())
     init.read_message(resp.write_message())
     return init.split(), resp.split()
 
 
-def test_a_wrong_psk_or_prologue_fails_the_handshake() -> None:
-    init, resp = _pair(psk_r=b"x" * 32)
+def test_the_responder_learns_exactly_the_initiators_static_key() -> None:
+    init, resp, init_s, _ = _ik()
+    assert resp.remote_static is None
+    m1 = init.write_message(b"features")
+    assert _pub(init_s) not in m1  # sent encrypted: the relay never sees it
+    assert resp.read_message(m1) == b"features"
+    assert resp.remote_static == _pub(init_s)
+
+
+def test_an_initiator_with_a_wrong_idea_of_the_responders_key_fails() -> None:
+    # the initiator holds the key membership has; a relay (or anyone) answering in its place cannot read m1
+    init, resp, _, _ = _ik(told=_pub(X25519PrivateKey.generate()))
     with pytest.raises(NoiseError):
         resp.read_message(init.write_message(b"hi"))
-    init, resp = _pair(prologue_r=b"another relay session")
+    with pytest.raises(NoiseError):
+        resp.split()  # and a failed handshake stays failed
+
+
+def test_a_wrong_prologue_fails_the_handshake() -> None:
+    init, resp, _, _ = _ik(prologue_r=b"another relay session")
     with pytest.raises(NoiseError):
         resp.read_message(init.write_message(b"hi"))
+
+
+def test_an_answer_opens_only_for_the_handshake_it_answers() -> None:
+    # whoever replays or intercepts a member's message 1 learns nothing from the responder's answer
+    init, resp, _, resp_s = _ik()
+    resp.read_message(init.write_message())
+    reply = resp.write_message(b"ok")
+    other = Handshake(initiator=True, prologue=b"p", static=X25519PrivateKey.generate(),
+                      remote_static=_pub(resp_s))
+    other.write_message()
+    with pytest.raises(NoiseError):
+        other.read_message(reply)
+    assert init.read_message(reply) == b"ok"
 
 
 def test_replayed_reordered_and_tampered_messages_are_rejected() -> None:
@@ -104,14 +155,31 @@ def test_rekey_keeps_both_sides_in_step() -> None:
 
 
 def test_messages_out_of_turn_and_garbage_are_errors() -> None:
-    init = Handshake(initiator=True, psk=b"k" * 32, prologue=b"")
+    init, resp, _, _ = _ik()
     with pytest.raises(NoiseError):
         init.read_message(b"\x00" * 48)
-    resp = Handshake(initiator=False, psk=b"k" * 32, prologue=b"")
     with pytest.raises(NoiseError):
         resp.read_message(b"short")
     with pytest.raises(NoiseError):
         resp.split()
+    init, resp, _, _ = _ik()
+    m1 = bytearray(init.write_message())
+    m1[40] ^= 1  # inside the encrypted static key
+    with pytest.raises(NoiseError):
+        resp.read_message(bytes(m1))
+    init, resp, _, _ = _ik()
+    low_order = bytes(32)  # an all-zero ephemeral key: no shared secret with anyone
+    with pytest.raises(NoiseError):
+        resp.read_message(low_order + init.write_message()[32:])
+
+
+def test_a_pattern_needs_the_keys_it_names() -> None:
+    with pytest.raises(ValueError):
+        Handshake(initiator=True, prologue=b"", static=X25519PrivateKey.generate())  # IK: whose key?
+    with pytest.raises(ValueError):
+        Handshake(initiator=False, prologue=b"")  # IK: the responder's own
+    with pytest.raises(ValueError):
+        Handshake(pattern="XK1", initiator=True, prologue=b"")
 
 
 def _numbered_pair():
@@ -150,18 +218,3 @@ def test_numbered_messages_too_old_forged_or_flipped_are_rejected() -> None:
     renumbered[0] ^= 1  # the nonce is authenticated too
     with pytest.raises(NoiseError):
         recv.open(bytes(renumbered))
-
-
-def test_the_relay_psk_is_hkdf_of_the_secret_under_its_own_label() -> None:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    from quorum_node.cluster.relay_link import relay_psk
-    from quorum_node.cluster.signing import derive_keys
-
-    secret = b"s" * 32
-    expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"quorum/v1/relay",
-                    info=b"quorum/v1/relay-noise-psk").derive(secret)
-    assert relay_psk(secret) == expected
-    assert relay_psk(secret) != derive_keys(secret).sign_key  # never the signing key
-    assert relay_psk(b"t" * 32) != relay_psk(secret)  # another cluster, another key

@@ -1,0 +1,183 @@
+"""The cluster's models as every list and lookup reads them: one merged view, rebuilt only when it changes.
+
+A ``CatalogView`` is every (model, holder) entry of this node's engines and of
+its serving peers, grouped by model id, with an index of every name (ids and
+aliases). ``Catalog`` keeps the current view and builds a new one only after
+the catalog changed: ``changed()`` is the hook (the registry's ``on_change``
+calls it; so may the cluster when a peer's catalog or state changes), and a
+cheap stamp of what the view was built from (``stamp``: the peers' catalogs
+and states, compared by identity) is checked on each read as a backstop.
+
+Surfaces keep what they make of a view in it (``memo``): the encoded
+``/v1/models``, ``/api/tags`` and ``/api/ps`` are made once per change and
+then served as they are, whatever the number of requests or models.
+
+A key scoped to some models sees a view of only those (``Catalog.scoped``, one
+per scope set): lists, lookups and the close matches of a 404 alike.
+
+A 404 names a few close matches (``model_not_found``), never the whole
+catalog; in a large catalog they are looked for among the names that sort
+near the one asked for (and near its last path segment), so a 404 costs the
+same with 40 models or 40,000.
+
+Pure logic: no I/O, nothing awaits.
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from .errors import NotFound
+
+__all__ = ["Catalog", "CatalogView", "Entry", "cluster_stamp", "entries_of", "model_not_found"]
+
+Entry = dict[str, Any]
+T = TypeVar("T")
+
+#: At most this many models: a 404 lists them all (else it names close matches only).
+LISTED_IN_FULL = 5
+#: Up to this many models, close matches are looked for among all of them; past it, among neighbours.
+_MATCH_ALL = 512
+_NEIGHBOURS = 64  # on each side of where the name sorts, in each of the two orders
+_MATCH_NAME_MAX = 256  # a longer name is compared by its first this many characters
+_SCOPES_MAX = 64  # scoped views kept at once (one per scope set in use)
+
+
+def _tail(name: str) -> str:
+    return name.rsplit("/", 1)[-1].lower()
+
+
+class CatalogView:
+    """The catalog at one moment: entries by model id (sorted), names, and what surfaces made of it."""
+
+    __slots__ = ("entries", "by_id", "ids", "_names", "_memo", "_orders")
+
+    def __init__(self, entries: list[Entry]) -> None:
+        by_id: dict[str, list[Entry]] = {}
+        for e in entries:
+            by_id.setdefault(e["id"], []).append(e)
+        self.entries = entries
+        self.by_id: dict[str, list[Entry]] = {mid: by_id[mid] for mid in sorted(by_id)}
+        self.ids: tuple[str, ...] = tuple(self.by_id)
+        names: dict[str, str] = {}
+        for mid, es in self.by_id.items():
+            for e in es:
+                for a in e.get("aliases") or ():
+                    names.setdefault(a, mid)
+        names.update((mid, mid) for mid in self.ids)  # an id wins over another model's alias
+        self._names = names
+        self._memo: dict[str, Any] = {}
+        self._orders: tuple[list[tuple[str, str]], list[tuple[str, str]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def find(self, name: str) -> str | None:
+        """The id of the model ``name`` is (its id or one of its aliases), or None."""
+        return self._names.get(name)
+
+    def memo(self, key: str, build: Callable[[CatalogView], T]) -> T:
+        """What ``build`` makes of this view, made once (the surfaces' encodings: one per change)."""
+        try:
+            return self._memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._memo[key] = build(self)
+            return value
+
+    def filtered(self, allows: Callable[[str], bool]) -> CatalogView:
+        """The models ``allows`` lets a key see: by id, or by one of their aliases."""
+        keep = {mid for mid, es in self.by_id.items()
+                if allows(mid) or any(allows(a) for e in es for a in e.get("aliases") or ())}
+        return CatalogView([e for e in self.entries if e["id"] in keep])
+
+    def close_matches(self, name: str, n: int = 5) -> list[str]:
+        """Up to ``n`` model ids that look like ``name`` (``difflib``), best first."""
+        name = name[:_MATCH_NAME_MAX]
+        candidates: Iterable[str] = self.ids if len(self.ids) <= _MATCH_ALL else self._neighbours(name)
+        return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+
+    def _neighbours(self, name: str) -> list[str]:
+        if self._orders is None:  # made at the first 404 after a change
+            self._orders = (sorted((i.lower(), i) for i in self.ids), sorted((_tail(i), i) for i in self.ids))
+        out: dict[str, None] = {}
+        for order, key in zip(self._orders, (name.lower(), _tail(name)), strict=True):
+            at = bisect.bisect_left(order, (key,))
+            for _, mid in order[max(0, at - _NEIGHBOURS): at + _NEIGHBOURS]:
+                out[mid] = None
+        return list(out)
+
+
+def model_not_found(name: str, view: CatalogView) -> NotFound:
+    """The 404 for a model no holder has: the models, where there are a few, else a few close matches."""
+    shown = name if len(name) <= _MATCH_NAME_MAX else name[:_MATCH_NAME_MAX] + "…"
+    message = f"The model `{shown}` does not exist"
+    if len(view) <= LISTED_IN_FULL:
+        message += f". Available models: {', '.join(view.ids) or 'none'}"
+    else:
+        near = view.close_matches(name)
+        message += (f". Close matches: {', '.join(near)}" if near else "") + f" ({len(view)} models in all)"
+    return NotFound(message, param="model", code="model_not_found")
+
+
+class Catalog:
+    """The current ``CatalogView``, built from ``source`` when it is first read after a change."""
+
+    def __init__(self, source: Callable[[], list[Entry]], stamp: Callable[[], object] | None = None) -> None:
+        self._source = source
+        self._stamp = stamp
+        self._stamped: object = None
+        self._view: CatalogView | None = None
+        self._scoped: dict[tuple[str, ...], CatalogView] = {}
+        self.builds = 0  # views built so far (one per change that someone read)
+
+    def changed(self) -> None:
+        """The catalog changed (an engine's or a peer's models, a peer up or down): the next read rebuilds."""
+        self._view = None
+        self._scoped.clear()
+
+    def view(self) -> CatalogView:
+        if self._stamp is not None:
+            stamp = self._stamp()
+            if stamp != self._stamped:  # compared by identity first: cheap while nothing changed
+                self._stamped = stamp
+                self.changed()
+        view = self._view
+        if view is None:
+            view = self._view = CatalogView(self._source())
+            self.builds += 1
+        return view
+
+    def scoped(self, scope: tuple[str, ...], allows: Callable[[str], bool]) -> CatalogView:
+        """The view of a key scoped to ``scope`` (its model globs; ``allows`` matches them)."""
+        view = self.view()
+        got = self._scoped.get(scope)
+        if got is None:
+            if len(self._scoped) >= _SCOPES_MAX:
+                self._scoped.clear()
+            got = self._scoped[scope] = view.filtered(allows)
+        return got
+
+
+def entries_of(registry: Any, node_name: str, cluster: Any | None) -> list[Entry]:
+    """Every (model, holder) pair in the cluster: this node's engines, then its serving peers'."""
+    out: list[Entry] = [
+        {"id": m.id, "aliases": m.aliases, "created": m.created, "owned_by": m.owned_by,
+         "context_length": m.context_length, "loaded": m.loaded, "family": m.family,
+         "parameter_size": m.parameter_size, "quantization": m.quantization, "engine": b.kind, "node": node_name}
+        for b, m in registry.models()
+    ]
+    if cluster is not None:
+        out.extend(cluster.model_entries())
+    return out
+
+
+def cluster_stamp(cluster: Any | None) -> object:
+    """What the peers' part of the catalog was built from: each peer's state, name and catalog (the list
+    object, replaced whenever a new catalog arrives), compared by identity. O(peers), no O(models)."""
+    if cluster is None:
+        return None
+    catalogs = cluster.catalogs
+    return tuple((p.node_id, p.serving, p.info.name, catalogs.get(p.node_id)) for p in cluster.table.all())

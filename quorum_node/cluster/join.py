@@ -1,0 +1,171 @@
+"""Joining: a new machine with a one-time invite becomes a member.
+
+``quorum-node invite`` on a member prints a token (``membership.InviteToken``):
+the inviter's node id, 32 random bytes, and the addresses of its peer port.
+Only the SHA-256 of the random bytes is stored (``invites.json``), until it is
+used or expires.
+
+``quorum-node join TOKEN`` on the new machine (``join``):
+
+1. connects over TLS to one of the token's addresses, presenting no
+   certificate, and goes on only if the server's certificate is the key the
+   token's node id names (so the token goes to the inviter, nobody else);
+2. sends ``JoinRequest``: the secret and what it says of itself
+   (``Candidate``: its public keys and certificate, signed by its own key);
+3. the inviter (``JoinHandler``) uses the invite (once; expired or used ones
+   are refused alike), admits the candidate with a record it signs, pushes
+   that to its peers, and answers with the cluster's name, root and every
+   membership record;
+4. the new machine checks that the records verify and make it a member, and
+   stores them. Its node then finds the others (mDNS, static peers, the relay)
+   and introduces itself to any that has not heard of it yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import ssl
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from ..api.body import read_body
+from ..errors import ApiError, BadRequest, Forbidden
+from .identity import NodeIdentity
+from .members import Candidate, MemberStore, decode_records, encode_records
+from .membership import Cluster, InviteToken, store_cluster, take_invite
+from .tls import peer_cert_id
+
+if TYPE_CHECKING:
+    from .service import ClusterService
+
+__all__ = ["JOIN_PATH", "JoinError", "JoinHandler", "join"]
+
+log = structlog.get_logger(__name__)
+
+JOIN_PATH = "/quorum/v1/join"
+_MAX_JOIN_BYTES = 16 * 1024
+_MAX_ANSWER_BYTES = 8 * 1024 * 1024
+
+
+class JoinRequest(msgspec.Struct, frozen=True, kw_only=True):
+    secret: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    candidate: Candidate
+
+
+class JoinAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    cluster: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    root: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{24}$")]
+    records: msgspec.Raw
+
+
+_decode_request = msgspec.json.Decoder(JoinRequest).decode
+_decode_answer = msgspec.json.Decoder(JoinAnswer).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class JoinError(Exception):
+    """Joining failed; the message says why (never the token)."""
+
+
+class JoinHandler:
+    """``POST /quorum/v1/join`` on the peer port (the trust middleware lets it through without a certificate)."""
+
+    def __init__(self, service: ClusterService) -> None:
+        self.service = service
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(JOIN_PATH, self._h_join)]
+
+    async def _h_join(self, request: web.Request) -> web.Response:
+        svc = self.service
+        if svc.peer_port_tls(request) is None:
+            raise Forbidden("Join over the peer port (`quorum-node join` does)", code="not_peer_port",
+                            retryable=False)
+        if request.content_length is not None and request.content_length > _MAX_JOIN_BYTES:
+            raise BadRequest("A join request is small", code="bad_join")
+        raw = await read_body(request)
+        if len(raw) > _MAX_JOIN_BYTES:
+            raise BadRequest("A join request is small", code="bad_join")
+        try:
+            ask = _decode_request(raw)
+            ask.candidate.check()
+        except ValueError as e:  # msgspec's errors are ValueErrors
+            raise BadRequest(f"Not a join request: {e}", code="bad_join") from None
+        outcome = take_invite(Path(svc.settings.data_dir), hashlib.sha256(ask.secret).hexdigest(), time.time())
+        if outcome != "ok":
+            log.warning("join_refused", remote=request.remote, candidate=ask.candidate.node_id, reason=outcome)
+            raise Forbidden("This invite is not valid (unknown, used or expired): ask for a new one",
+                            code="invite_invalid", retryable=False)
+        try:
+            svc.members.admit(svc.identity, ask.candidate, time.time())
+        except ValueError as e:
+            raise ApiError(f"Cannot admit this node: {e}", status=409, type_="invalid_request_error",
+                           code="join_refused") from None
+        log.info("member_admitted", node_id=ask.candidate.node_id, name=ask.candidate.name, remote=request.remote)
+        answer = b'{"cluster":' + _encode(svc.membership.name) + b',"root":' + _encode(svc.membership.root) + \
+            b',"records":' + encode_records(svc.members.records()) + b"}"
+        return web.Response(body=answer, content_type="application/json")
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise JoinError(f"bad address {address!r} in the invite")
+    return host.strip("[]"), int(port)
+
+
+def join(data_dir: Path, identity: NodeIdentity, token: InviteToken, name: str, *, via: str | None = None,
+         timeout_s: float = 10.0, force: bool = False) -> tuple[Cluster, MemberStore]:
+    """Join the cluster ``token`` invites to, as ``identity`` named ``name``; store the membership."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # checked below, by the key the token names
+    body = _encode(JoinRequest(secret=token.secret, candidate=Candidate.of(identity, name)))
+    errors: list[str] = []
+    for address in ([via] if via else list(token.addresses)):
+        host, port = _split(address)
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=ctx)
+        try:
+            conn.connect()
+            sock = conn.sock
+            served_by = peer_cert_id(sock) if isinstance(sock, ssl.SSLSocket) else None
+            if served_by != token.inviter:
+                errors.append(f"{address}: the node there is not the inviter")
+                continue
+            conn.request("POST", JOIN_PATH, body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read(_MAX_ANSWER_BYTES + 1)
+        except (OSError, http.client.HTTPException) as e:
+            errors.append(f"{address}: {e}")
+            continue
+        finally:
+            conn.close()
+        if resp.status != 200:
+            try:
+                message = msgspec.json.decode(raw)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {resp.status}"
+            raise JoinError(f"the inviter refused: {message}")
+        if len(raw) > _MAX_ANSWER_BYTES:
+            raise JoinError("the inviter's answer is too large")
+        try:
+            answer = _decode_answer(raw)
+            store = MemberStore(answer.root, decode_records(bytes(answer.records)))
+        except ValueError as e:
+            raise JoinError(f"the inviter's answer is malformed: {e}") from None
+        if not store.is_member(identity.node_id) or not store.is_member(token.inviter):
+            raise JoinError("the inviter's records do not make this node a member")
+        cluster = Cluster(name=answer.cluster, root=answer.root)
+        try:
+            store_cluster(data_dir, cluster, encode_records(store.records()), force=force)
+        except ValueError as e:
+            raise JoinError(str(e)) from None
+        return cluster, store
+    raise JoinError("could not reach the inviter: " + "; ".join(errors) if errors else "the invite names no address")

@@ -1,0 +1,274 @@
+"""Membership records, agreed between the nodes the way API keys are (``control/replication.py``).
+
+- Every health answer carries the node's ``members_digest``; a node that
+  probes a peer and sees another digest pulls its records
+  (``GET /quorum/v1/members``) and merges them (``members.MemberStore.merge``:
+  each record must verify, signed by a member). Probes run every
+  ``health_interval_s`` (2 s) both ways, so a node that was down learns of a
+  removal within a probe or two of its return.
+- A change made here (an admission, a removal) is pushed at once to every peer
+  that is up (``POST /quorum/v1/members``), and saved to ``members.json``.
+- **Introductions.** A member's TLS handshake fails at a node that does not
+  know it yet (it was admitted by another member a moment ago). So a node whose
+  probe of a member failed sends that member its records once in a while,
+  over a connection that proves the *server* is that member but presents no
+  certificate of its own (``introduce_soon``). The server takes them like any
+  records — each must verify, signed by a member — and answers with counts
+  only: nothing of the cluster is told to an unauthenticated caller.
+
+``RecordSigner`` signs this node's API key records with its key and checks
+the others' against membership (``control/keys.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from ..api.body import read_body
+from ..api.keys import PEER
+from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, Unauthorized
+from .identity import NodeIdentity, verify_signature
+from .members import MemberStore, decode_records, encode_records
+from .membership import save_member_records
+from .peers import PeerState
+from .tls import peer_cert_id
+
+if TYPE_CHECKING:
+    from .service import ClusterService
+
+__all__ = ["MEMBERS_PATH", "MemberReplicator", "RecordSigner"]
+
+log = structlog.get_logger(__name__)
+
+MEMBERS_PATH = "/quorum/v1/members"
+MAX_MEMBERS_BYTES = 4 * 1024 * 1024  # 4,096 records of about 700 bytes, with room
+INTRODUCE_EVERY_S = 5.0
+_encode = msgspec.json.Encoder().encode
+
+
+class _Answer(msgspec.Struct, frozen=True, kw_only=True):
+    digest: str = ""
+    records: msgspec.Raw = msgspec.Raw(b"[]")
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+class RecordSigner:
+    """Signs with this node's key; verifies a record's origin against membership (``control.keys.RecordSigner``)."""
+
+    def __init__(self, identity: NodeIdentity, members: MemberStore | None) -> None:
+        self.identity = identity
+        self.members = members
+        self.origin = identity.node_id
+
+    def sign(self, data: bytes) -> bytes:
+        return self.identity.sign(data)
+
+    def verify(self, origin: str, data: bytes, signature: bytes, *, current: bool) -> bool:
+        if origin == self.identity.node_id:
+            key = self.identity.sign_key
+        elif self.members is None:
+            return False
+        else:
+            member = self.members.get(origin) if current else self.members.known(origin)
+            if member is None:
+                return False
+            key = member.sign_key
+        return verify_signature(key, data, signature)
+
+
+class MemberReplicator:
+    """Keeps the service's ``MemberStore`` in agreement with its peers, and on disk."""
+
+    def __init__(self, service: ClusterService) -> None:
+        self.service = service
+        self.store = service.members
+        self._pulling: set[str] = set()
+        self._introduced: dict[str, float] = {}  # node id -> when we last introduced ourselves
+        self._saving: asyncio.Task[None] | None = None
+        self._dirty = False
+        self._from_peer = False  # a change that came from a peer is not pushed back around
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get(MEMBERS_PATH, self._h_get), web.post(MEMBERS_PATH, self._h_post)]
+
+    def start(self) -> None:
+        self.store.on_change.append(self._changed)
+
+    # -- what the service calls ---------------------------------------------------------
+
+    def on_peer_digest(self, node_id: str, digest: str) -> None:
+        if digest and digest != self.store.digest and node_id not in self._pulling:
+            self._pulling.add(node_id)
+            self.service._spawn(self._pull(node_id), "members-pull")
+
+    def introduce_soon(self, node_id: str | None, address: str) -> None:
+        """Our records to whoever answers at ``address`` — once it proved it is a member (``node_id``, or any
+        member when its id is not known yet) — at most every few seconds per address."""
+        now = time.monotonic()
+        if now - self._introduced.get(address, -1e9) < INTRODUCE_EVERY_S:
+            return
+        if len(self._introduced) > 4 * self.service.table.max_peers:
+            self._introduced.clear()
+        self._introduced[address] = now
+        self.service._spawn(self._introduce(node_id, address), "members-introduce")
+
+    def merge(self, raw: bytes, peer: str | None) -> tuple[int, int]:
+        """Merge a JSON list of records (ValueError if it is not one)."""
+        records = decode_records(raw)
+        self._from_peer = True
+        try:
+            accepted, refused = self.store.merge(records)
+        finally:
+            self._from_peer = False
+        if accepted:
+            log.info("member_records_merged", peer=peer, accepted=accepted, members=len(self.store))
+        if refused:
+            log.warning("member_records_refused", peer=peer, refused=refused)
+        return accepted, refused
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def _h_get(self, request: web.Request) -> web.Response:
+        if request.get(PEER) is None:
+            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
+        body = b'{"digest":' + _encode(self.store.digest) + b',"records":' + encode_records(self.store.records()) + b"}"
+        return web.Response(body=body, content_type="application/json")
+
+    async def _h_post(self, request: web.Request) -> web.Response:
+        # A member's push, or an introduction on the peer port (no certificate yet): the records speak for
+        # themselves (each must verify), and the answer says nothing but counts.
+        if request.get(PEER) is None and self.service.peer_port_tls(request) is None:
+            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
+        if request.content_length is not None and request.content_length > MAX_MEMBERS_BYTES:
+            raise PayloadTooLarge(f"Membership records are limited to {MAX_MEMBERS_BYTES} bytes",
+                                  code="body_too_large")
+        raw = await read_body(request)
+        if len(raw) > MAX_MEMBERS_BYTES:
+            raise PayloadTooLarge(f"Membership records are limited to {MAX_MEMBERS_BYTES} bytes",
+                                  code="body_too_large")
+        try:
+            accepted, refused = self.merge(raw, request.get(PEER) or f"introduced by {request.remote}")
+        except ValueError as e:  # msgspec's DecodeError / ValidationError
+            raise BadRequest(f"Not a list of membership records: {e}", code="bad_member_records") from None
+        return web.Response(body=_encode({"accepted": accepted, "refused": refused}),
+                            content_type="application/json")
+
+    # -- moving records ----------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self._save_soon()
+        if self._from_peer:
+            return
+        for p in self.service.table.all():
+            if p.state is PeerState.UP:
+                self.service._spawn(self._push(p.node_id), "members-push")
+
+    def _save_soon(self) -> None:
+        self._dirty = True
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.ensure_future(self._save_loop())
+            self.service._tasks.add(self._saving)
+            self._saving.add_done_callback(self.service._tasks.discard)
+
+    async def _save_loop(self) -> None:
+        data_dir = self.service.node.settings.data_dir
+        from pathlib import Path
+
+        while self._dirty:
+            self._dirty = False
+            data = encode_records(self.store.records())
+            try:
+                await asyncio.to_thread(save_member_records, Path(data_dir), data)
+            except OSError as e:
+                log.error("members_save_failed", error=str(e))
+
+    async def _pull(self, node_id: str) -> None:
+        try:
+            peer = self.service.table.get(node_id)
+            links = self.service.links(peer) if peer is not None else []
+            if not links:
+                return
+            answer = _decode_answer(await self.service._get(links[0], MEMBERS_PATH, node_id, 5.0))
+            self.merge(bytes(answer.records), node_id)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
+            log.warning("members_pull_failed", peer=node_id, error=str(e))
+        finally:
+            self._pulling.discard(node_id)
+
+    async def _push(self, node_id: str) -> None:
+        svc = self.service
+        peer = svc.table.get(node_id)
+        links = svc.links(peer) if peer is not None else []
+        if not links:
+            return
+        await self._post(links[0], node_id)
+
+    async def _post(self, link: Any, node_id: str) -> None:
+        svc = self.service
+        data = encode_records(self.store.records())
+        headers = {**svc.peer_headers(), "Content-Type": "application/json"}
+        deadline = asyncio.get_running_loop().time() + 5.0
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await link.request("POST", MEMBERS_PATH, headers, data, svc.timeouts, deadline=deadline,
+                                          stream=False, who=f"peer {node_id}")
+                try:
+                    await resp.read()
+                    if resp.status != 200:
+                        log.warning("members_push_refused", peer=node_id, status=resp.status)
+                finally:
+                    resp.close()
+        except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
+            log.debug("members_push_failed", peer=node_id, error=str(e))
+
+    async def _introduce(self, node_id: str | None, address: str) -> None:
+        """Our records to the member at ``address``, presenting no certificate (it may not know ours yet)."""
+        from .links import HttpLink
+
+        svc = self.service
+        if node_id is None:  # a static address: see whose certificate answers there first, sending nothing
+            node_id = await _certificate_at(address)
+        member = self.store.get(node_id) if node_id is not None else None
+        if member is None or node_id == svc.node_id:
+            return
+        log.info("members_introduced", peer=node_id, address=address)
+        await self._post(HttpLink(svc.session, address, _client_ctx(member.cert)), node_id)
+
+
+async def _certificate_at(address: str, timeout_s: float = 3.0) -> str | None:
+    """The node id of the certificate the TLS server at ``address`` presents (a handshake, nothing sent)."""
+    host, _, port = address.rpartition(":")
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=_client_ctx(None))
+            return peer_cert_id(writer.get_extra_info("ssl_object"))
+    except (OSError, TimeoutError, ValueError) as e:
+        log.debug("peer_certificate_unknown", address=address, error=str(e))
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _client_ctx(pinned: bytes | None) -> ssl.SSLContext:
+    """A client context with no certificate of its own: pinned to ``pinned``, or checking nothing (the caller
+    reads the certificate afterwards)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    if pinned is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.load_verify_locations(cadata=pinned)
+    return ctx

@@ -191,38 +191,6 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    return Path(args.data_dir or os.environ.get("QUORUM_DATA_DIR") or "~/.local/share/quorum").expanduser()
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    from .cluster.membership import init_cluster, join_cluster, load_cluster
-
-    data_dir = _data_dir(args)
-    try:
-        if args.cluster_command == "init":
-            c = init_cluster(data_dir, args.name or os.uname().nodename, force=args.force)
-            print(f"cluster {c.name} created (fingerprint {c.fingerprint})")
-            print("join other machines with:")
-            print(f"  quorum-node cluster join {c.join_token()}")
-            print("the token holds the cluster secret: share it only with your own machines")
-        elif args.cluster_command == "join":
-            c = join_cluster(data_dir, args.token, force=args.force)
-            print(f"joined cluster {c.name} (fingerprint {c.fingerprint})")
-        else:
-            c = load_cluster(data_dir)
-            if c is None:
-                print(f"no cluster in {data_dir} (run `quorum-node cluster init`)", file=sys.stderr)
-                return 1
-            print(f"name:        {c.name}\nfingerprint: {c.fingerprint}")
-    except FileExistsError as e:
-        print(f"quorum-node: {e} (use --force to replace it)", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"quorum-node: {e}", file=sys.stderr)
-        return 2
-    return 0
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quorum-node", description="Run local LLM engines as one cluster.")
@@ -233,17 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
         p.set_defaults(func=func)
-    c = sub.add_parser("cluster", help="create, join or show this machine's cluster")
-    c.add_argument("--data-dir", default=None, metavar="DIR")
-    csub = c.add_subparsers(dest="cluster_command", metavar="COMMAND", required=True)
-    ci = csub.add_parser("init", help="create a cluster and print its join token")
-    ci.add_argument("--name", default=None)
-    ci.add_argument("--force", action="store_true", help="replace an existing membership")
-    cj = csub.add_parser("join", help="join the cluster of a token")
-    cj.add_argument("token")
-    cj.add_argument("--force", action="store_true", help="replace an existing membership")
-    csub.add_parser("show", help="print the cluster's name and fingerprint (never the secret)")
-    c.set_defaults(func=cmd_cluster)
+    from .cluster.members_cli import add_cluster_commands
+
+    add_cluster_commands(sub)  # cluster init|show|members|remove|leave|migrate, invite, join
     from .engine.cli import add_engine_commands
 
     add_engine_commands(sub)

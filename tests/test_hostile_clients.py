@@ -282,7 +282,8 @@ async def test_invalid_utf8_inside_a_json_string_is_a_400(start_node, fake, http
     "raw,status",
     [
         (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 400),
-        (b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
+         + b"\r\n", 400),
         (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
     ],
@@ -346,7 +347,8 @@ async def test_a_crowd_of_slow_clients_does_not_stop_others_being_served(start_n
 
 async def test_a_body_of_the_right_size_but_wrong_content_length_is_refused(start_node, fake) -> None:
     node = await vllm_node(start_node, fake, max_body_bytes=1000)
-    raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n\r\n")
+    raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                                   b"Content-Length: 5000\r\n\r\n")
     status, _, body = split_response(raw)
     assert status == 413
     assert_openai_error(body, "body_too_large")

@@ -124,9 +124,13 @@ class _Features(msgspec.Struct, frozen=True, kw_only=True):
     v: int = 1
     batch: bool = False  # it decodes ``Batch`` frames
     streams: bool = False  # it reads ``_Item.flags``: batches may open and end its streams
+    # The initiator's membership records (as ``members.encode_records`` writes them), sent when the
+    # responder may not know it yet: each record is signed by a member, so they speak for themselves.
+    intro: bytes = b""
 
 
-_FEATURES = msgspec.msgpack.encode(_Features(batch=True, streams=True))
+_ENCODE = msgspec.msgpack.Encoder()
+_FEATURES = _ENCODE.encode(_Features(batch=True, streams=True))
 _decode_features = msgspec.msgpack.Decoder(_Features).decode
 
 
@@ -159,6 +163,7 @@ _HOP_BY_HOP = frozenset(
 )
 
 
+INTRODUCE_EVERY_S = 5.0  # at most one introduction taken from (and one refusal sent to) a peer this often
 # The largest frame limit a relay may announce (its own settings allow no more); a hostile relay's
 # larger claim is not believed.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -352,7 +357,8 @@ def _numbered(hs: Handshake) -> tuple[NumberedSender, NumberedReceiver]:
 class _Session:
     """The Noise session with one peer over this relay connection."""
 
-    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch", "streams", "opened_after", "timer")
+    __slots__ = ("send", "recv", "handshake", "ready", "initiator", "batch", "streams", "opened_after", "timer",
+                 "introduced")
 
     def __init__(self, opened_after: int) -> None:
         self.send: NumberedSender | None = None
@@ -365,6 +371,7 @@ class _Session:
         # Our streams numbered past this (``_new_sid``'s count) were opened in this session, the rest before it.
         self.opened_after = opened_after
         self.timer: asyncio.TimerHandle | None = None  # our hello's answer is awaited until it fires
+        self.introduced = False  # our hello carried our membership records
 
     def learn(self, theirs: _Features) -> None:
         """What the peer said in its handshake it reads."""
@@ -385,6 +392,15 @@ class RelayLink:
     ``serve(peer_id, method, path, headers, body) -> PipeResponse`` answers an
     incoming request of the member ``peer_id`` (authenticated by its session;
     the node's own HTTP server, see ``ClusterService``).
+
+    **Introductions** (as on the LAN, ``members_sync``): a member admitted a
+    moment ago by another is not known yet to every member. A responder that
+    does not know the initiator answers its hello with an empty ``HelloReply``
+    (a refusal); the initiator's next hello then carries ``introduction()``
+    (its membership records, encrypted to the responder like all of message
+    1), which the responder hands to ``introduce(peer_id, records)`` (merge
+    them: each must verify, signed by a member) before it checks membership
+    again. At most one introduction per peer every ``INTRODUCE_EVERY_S``.
     """
 
     def __init__(
@@ -400,6 +416,8 @@ class RelayLink:
         connect_timeout_s: float = 5.0,
         max_request_bytes: int = 32 * 1024 * 1024,
         max_peers: int = 256,
+        introduction: Callable[[], bytes] | None = None,
+        introduce: Callable[[str, bytes], object] | None = None,
     ) -> None:
         self.url = url.rstrip("/") + wire.CONNECT_PATH
         self._token = token
@@ -408,6 +426,10 @@ class RelayLink:
         self._peer_key = peer_key
         self._presence = _Presence(max_peers)
         self._warned: set[str] = set()  # peers whose refused handshake was logged
+        self._introduction = introduction
+        self._introduce = introduce
+        self._introduce_to: set[str] = set()  # peers that did not know us: our next hello introduces us
+        self._heard: dict[str, float] = {}  # stranger -> when we last took its introduction or refused it
         self.refused_hellos = 0  # hellos from non-members, or with a key that is not the member's
         self._on_presence = on_presence
         self._on_draining = on_draining
@@ -735,7 +757,7 @@ class RelayLink:
         if session is not None and session.timer is not None:
             session.timer.cancel()
         if session is not None and not session.ready.done():
-            session.ready.set_exception(RelayLinkError(why))
+            session.ready.set_exception(SessionLost(why) if retry else RelayLinkError(why))
             session.ready.exception()
         for key, stream in list(self._streams.items()):
             if key[0] == peer:
@@ -746,16 +768,54 @@ class RelayLink:
         return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(),
                              initiator_session.encode()))
 
-    def _refuse_hello(self, peer: str, why: str) -> None:
+    def _refuse_hello(self, peer: str, why: str, *, tell: bool = True) -> None:
+        """Refuse ``peer``'s hello; with ``tell``, say so (an empty ``HelloReply``): it introduces itself next."""
         self.refused_hellos += 1
         if peer not in self._warned and len(self._warned) < _WARNED_MAX:  # once a peer: a flood logs nothing more
             self._warned.add(peer)
             log.warning("relay_handshake_refused", peer=peer, reason=why)
+        if tell:
+            self._enqueue(("hello_reply", peer, b""))
+
+    def _may_hear(self, peer: str) -> bool:
+        """Whether to read a hello of ``peer``, online but no member (yet): for its introduction, within a
+        budget per peer (two, then one every ``INTRODUCE_EVERY_S``), so a stranger's flood costs no crypto."""
+        if self._introduce is None or peer not in self._presence.strangers:
+            return False
+        now = time.monotonic()
+        if len(self._heard) > 4 * self._presence.max_peers:
+            self._heard.clear()
+        tokens, at = self._heard.get(peer, (2.0, now))
+        tokens = min(2.0, tokens + (now - at) / INTRODUCE_EVERY_S)
+        if tokens < 1:
+            return False
+        self._heard[peer] = (tokens - 1, now)
+        return True
+
+    def _introduced(self, peer: str, records: bytes) -> bytes | None:
+        """Take ``peer``'s introduction (its membership records); its key if that made it a member we track."""
+        if not records or self._introduce is None:
+            return None
+        try:
+            self._introduce(peer, records)
+        except Exception as e:  # their records, our membership's verdict: nothing learnt from what fails
+            log.warning("relay_introduction_failed", peer=peer, error=str(e))
+            return None
+        key = self._peer_key(peer)
+        since = self._presence.strangers.get(peer)
+        if key is None or since is None:
+            return None
+        log.info("relay_peer_introduced", peer=peer)
+        self._joined(peer, since)
+        return key if peer in self.online else None
 
     def _on_hello(self, peer: str, payload: bytes) -> None:
         expected = self._peer_key(peer)
-        if expected is None or peer not in self.online:  # no work at all for a non-member (nor an untracked one)
-            self._refuse_hello(peer, "not a member" if expected is None else "not tracked (max_peers)")
+        if expected is None and not self._may_hear(peer):  # no crypto at all for a stranger past its budget
+            self._refuse_hello(peer, "not a member", tell=False)
+            return
+        if expected is not None and peer not in self.online:  # a member we do not track (max_peers)
+            self._refuse_hello(peer, "not tracked (max_peers)", tell=False)
             return
         existing = self._sessions.get(peer)
         pending = existing is not None and existing.initiator and not existing.ready.done()
@@ -770,6 +830,11 @@ class RelayLink:
                        prologue=self._prologue(peer, self.node_id, their_session))
         try:
             theirs = _features(hs.read_message(message))
+            if expected is None:  # a stranger: a member only if its introduction makes it one
+                expected = self._introduced(peer, theirs.intro)
+                if expected is None:
+                    self._refuse_hello(peer, "not a member")
+                    return
             # The relay says who sent it; its static key says who wrote it: they must be the same member.
             if hs.remote_static is None or not hmac.compare_digest(hs.remote_static, expected):
                 self._refuse_hello(peer, "its key is not the member's")
@@ -798,6 +863,14 @@ class RelayLink:
     def _on_hello_reply(self, peer: str, payload: bytes) -> None:
         session = self._sessions.get(peer)
         if session is None or session.handshake is None or session.ready.done():
+            return
+        if not payload:  # refused: it does not take us for a member (yet)
+            if not session.introduced and self._introduction is not None and len(self._introduce_to) < _WARNED_MAX:
+                self._introduce_to.add(peer)  # our next hello introduces us; what waits is asked again in it
+                self._end_session(peer, "the peer does not know us yet", retry=True)
+            else:
+                log.warning("relay_handshake_refused_by_peer", peer=peer)
+                self._end_session(peer, "the peer refused our handshake (it does not take us for a member)")
             return
         try:  # it opens only for the holder of the key we expected (IK: the reply mixes ``es`` and ``se``)
             session.learn(_features(session.handshake.read_message(payload)))
@@ -1196,12 +1269,25 @@ class RelayLink:
             session.handshake = Handshake(initiator=True, static=self._identity.dh_private, remote_static=key,
                                           prologue=self._prologue(self.node_id, peer, self.session_id))
             self._sessions[peer] = session
-            hello = session.handshake.write_message(self.features)  # what we read, told inside the encryption
+            features = self.features  # what we read, told inside the encryption
+            if peer in self._introduce_to and self._introduction is not None:
+                self._introduce_to.discard(peer)
+                features = self._with_introduction(features)
+                session.introduced = True
+            hello = session.handshake.write_message(features)
             self._enqueue(("hello", peer, self.session_id.encode() + b"\x00" + hello))
             session.timer = asyncio.get_running_loop().call_later(
                 HANDSHAKE_TIMEOUT_S, self._unanswered, peer, session)
         await asyncio.shield(session.ready)
         return session
+
+    def _with_introduction(self, features: bytes) -> bytes:
+        assert self._introduction is not None
+        records = self._introduction()
+        if len(records) > self.max_frame_bytes // 2:  # it would not pass the relay: go without
+            log.warning("relay_introduction_too_large", size=len(records), max_frame_bytes=self.max_frame_bytes)
+            return features
+        return _ENCODE.encode(msgspec.structs.replace(_features(features), intro=records))
 
     def _unanswered(self, peer: str, session: _Session) -> None:
         """Our hello had no answer in time (the peer does not take our key, or it is gone): the next request

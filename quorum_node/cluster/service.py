@@ -375,6 +375,8 @@ class ClusterService:
             *self.key_sync.routes(),  # /quorum/v1/keys: API key records (control/replication.py)
             *self.member_sync.routes(),  # /quorum/v1/members: membership records (members_sync.py)
             *JoinHandler(self).routes(),  # /quorum/v1/join: a new machine with an invite (join.py)
+            web.get("/quorum/admin/members", self._h_members),  # the CLI's `cluster members` / `remove`
+            web.delete("/quorum/admin/members/{member}", self._h_remove),
             web.get("/quorum/v1/usage", peer_usage),  # this node's ledger, for a peer summing the cluster
         ]
 
@@ -425,6 +427,29 @@ class ClusterService:
                      "online": sorted(self.relay.online)}
         return web.Response(body=_encode({"node": self.describe(), "peers": peers, "relay": relay}),
                             content_type="application/json")
+
+    async def _h_members(self, request: web.Request) -> web.Response:
+        from .members_cli import member_rows
+
+        return web.Response(body=_encode(member_rows(self.members, self.node_id)), content_type="application/json")
+
+    async def _h_remove(self, request: web.Request) -> web.Response:
+        from ..errors import BadRequest, NotFound
+
+        who = request.match_info["member"]
+        try:
+            node_id = self.members.find(who)
+        except ValueError as e:
+            raise NotFound(str(e), code="member_not_found") from None
+        if node_id == self.node_id:
+            raise BadRequest("A node does not remove itself: remove it from another member (or `cluster leave`)",
+                             code="remove_self")
+        try:
+            self.members.remove(self.identity, node_id, time.time())  # on_change: eviction here, push to peers
+        except ValueError as e:
+            raise BadRequest(str(e), code="remove_refused") from None
+        log.info("member_removed", node_id=node_id, by="admin")
+        return web.Response(body=_encode({"removed": node_id}), content_type="application/json")
 
     @staticmethod
     def wall_clock(t: float | None, now: float) -> float | None:

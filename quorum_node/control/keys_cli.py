@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from ..errors import ApiError, ConfigError
-from .admin_token import admin_headers
+from .admin_token import admin_headers, read_token
 from .keys import parse_duration
 
 __all__ = ["add_keys_command", "cmd_keys"]
@@ -171,6 +171,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"key {info['name']} ({info['id']}) revoked")
     except ApiError as e:
         print(f"quorum-node: {e.message}", file=sys.stderr)
+        if e.status == 401 and read_token(_data_dir(args)) is None:
+            print(f"quorum-node: no admin token readable in {_data_dir(args)}: run this as the node's user with "
+                  f"its --data-dir, or pass an admin key (--api-key)", file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as e:
         print(f"quorum-node: cannot reach the node: {e}", file=sys.stderr)

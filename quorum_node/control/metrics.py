@@ -9,7 +9,10 @@ Each node has its own ``CollectorRegistry`` (tests run several nodes in one
 process; the global registry would mix them).
 
 Labels are bounded: ``model`` is a model some holder in the cluster knows
-(the request was served, or the name is in the catalog), else ``unknown``;
+(the request was served, or the name is in the catalog), else ``unknown``,
+and at most ``MAX_MODEL_LABELS`` models have series of their own (the models
+seen after those count as ``other``: a catalog of 100,000 models must not
+make 100,000 series);
 ``route``, ``surface`` and ``status`` come from the node's own code, and
 peer and engine names from the cluster's members and the node's settings.
 A client's string never becomes a label of its own.
@@ -17,7 +20,6 @@ A client's string never becomes a label of its own.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +39,8 @@ __all__ = ["NodeMetrics", "routes"]
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _MAX_LABEL = 200
-_KNOWN_TTL_S = 1.0
+#: Models with series of their own; the ones seen after these are counted as "other".
+MAX_MODEL_LABELS = 512
 _RELAY_STATES = ("connecting", "up", "refused", "down")
 _PEER_STATES = ("up", "suspect", "down")
 
@@ -63,18 +66,14 @@ class NodeMetrics:
                                registry=r)
         r.register(_StateCollector(node))
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
-        self._known: frozenset[str] = frozenset()
-        self._known_at = -1e9
+        self._models: set[str] = set()  # the model labels given so far (at most MAX_MODEL_LABELS)
 
-    def _known_models(self) -> frozenset[str]:
-        now = time.monotonic()
-        if now - self._known_at > _KNOWN_TTL_S:
-            try:
-                self._known = frozenset(self.node.router.known_models())
-            except Exception:  # a half-started node: no catalog yet
-                self._known = frozenset()
-            self._known_at = now
-        return self._known
+    def _known(self, model: str) -> bool:
+        """Whether ``model`` is in the catalog (the cached one: a dictionary lookup)."""
+        try:
+            return model in self.node.router.view().by_id
+        except Exception:  # a half-started node: no catalog yet
+            return False
 
     def model_label(self, r: Record) -> str:
         m = r.model
@@ -82,9 +81,14 @@ class NodeMetrics:
             return "none"
         if len(m) > _MAX_LABEL:
             return "unknown"
-        if r.route is not None:  # a holder accepted it: a catalog name (or one of its aliases)
-            return m
-        return m if m in self._known_models() else "unknown"
+        # served: a holder accepted it, a catalog name (or one of its aliases); else only a catalog name
+        if r.route is None and not self._known(m):
+            return "unknown"
+        if m not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                return "other"
+            self._models.add(m)
+        return m
 
     def observe(self, r: Record) -> None:
         """The record sink: a dictionary lookup and a few additions on the event loop."""

@@ -230,7 +230,7 @@ async def admin_recent(request: web.Request) -> web.Response:
 async def peer_usage(request: web.Request) -> web.Response:
     """``/quorum/v1/usage`` (signed): this node's entry rows, for a peer summing the cluster."""
     if request.get(PEER) is None:
-        raise Unauthorized("This endpoint needs a cluster signature", code="unauthorized")
+        raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
     node = request.app[NODE]
     by, since = _by(request), _since(request)
     rows = await _ledger(node).query(since, by, entry_only=True)

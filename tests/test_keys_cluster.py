@@ -105,7 +105,7 @@ async def test_key_lifecycle_across_three_nodes_including_one_that_was_down(trio
     await within("a refuses the key revoked on b", lambda: _refused(a, key, "model-a"))
     assert not await accepted(b, key, "model-b")
     # c comes back (same data dir: it still holds the key as live) and must learn the revocation
-    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.peer_port}", f"127.0.0.1:{b.peer_port}"])
     took = await within("c refuses the key within 10 s of its return", lambda: _refused(c2, key, "model-c"))
     assert took < AGREE_S
     # and the revocation survives c's own restart (it was stored, not only held in memory)
@@ -125,7 +125,7 @@ async def test_a_key_made_while_a_node_was_down_reaches_it_when_it_returns(trio:
     port_c = c.port
     await c.stop()
     _, key = b.keys.create("made-meanwhile", models=["model-*"])
-    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"])
+    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.peer_port}", f"127.0.0.1:{b.peer_port}"])
     await within("the returning c accepts a key made while it was down", lambda: accepted(c2, key, "model-c"))
 
 
@@ -160,7 +160,7 @@ async def _last_used(node: Node, admin_key: str, key_id: str) -> float | None:
 async def test_keys_list_on_any_node_shows_the_last_use_anywhere(start_node, fake, tmp_path, capsys) -> None:
     duo = Trio(start_node, fake, tmp_path)
     a = await duo.start("a", keys_last_used_sync_s=0.2)
-    b = await duo.start("b", peers=[f"127.0.0.1:{a.port}"], keys_last_used_sync_s=0.2)
+    b = await duo.start("b", peers=[f"127.0.0.1:{a.peer_port}"], keys_last_used_sync_s=0.2)
     a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")
     info, key = a.keys.create("phone")
     admin_info, admin = a.keys.create("ops", admin=True)
@@ -189,7 +189,7 @@ async def test_keys_list_on_any_node_shows_the_last_use_anywhere(start_node, fak
     used_again = a.keys.used()[info.id]
     assert used_again > used_at
     await asyncio.sleep(0.5)  # a's rounds pass while b is away: b must still hear of it when it is back
-    b2 = await duo.start("b", port=port_b, peers=[f"127.0.0.1:{a.port}"], keys_last_used_sync_s=0.2)
+    b2 = await duo.start("b", port=port_b, peers=[f"127.0.0.1:{a.peer_port}"], keys_last_used_sync_s=0.2)
 
     async def b2_shows_it() -> bool:
         return await _last_used(b2, admin, info.id) == used_again

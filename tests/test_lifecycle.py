@@ -33,7 +33,7 @@ async def pair(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSessi
     """Node A (no engine) in front of node B (the engine's node)."""
     eng = await fake("openai", tokens=[f"t{i} " for i in range(100)], token_delay_s=0.05)
     b = await start_node(backends=[{"kind": "openai", "url": eng.url}], **CLUSTER)
-    a = await start_node(peers=[f"127.0.0.1:{b.port}"], **CLUSTER, **a_settings)
+    a = await start_node(peers=[f"127.0.0.1:{b.peer_port}"], **CLUSTER, **a_settings)
 
     async def ready() -> bool:
         return await holds(http, a, MODEL)

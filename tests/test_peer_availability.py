@@ -24,7 +24,7 @@ async def chat_status(http: aiohttp.ClientSession, node: Node) -> tuple[int, dic
 async def test_a_peer_whose_engine_is_down_makes_its_model_unavailable_not_unknown(start_node, fake, http) -> None:
     eng = await fake("vllm")
     b = await start_node(backends=[{"kind": "vllm", "url": eng.url}], **CLUSTER)
-    a = await start_node(peers=[f"127.0.0.1:{b.port}"], **CLUSTER)
+    a = await start_node(peers=[f"127.0.0.1:{b.peer_port}"], **CLUSTER)
 
     async def served() -> bool:
         return (await chat_status(http, a))[0] == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import socket
@@ -18,9 +19,9 @@ import msgspec
 import openai
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from quorum_node.cluster.identity import NodeIdentity
+from quorum_node.cluster.identity import IDENTITY_FILE, NodeIdentity
 from quorum_node.cluster.messages import HOP_HEADER, ORIGIN_HEADER
 from quorum_node.cluster.noise import Handshake, NumberedReceiver, NumberedSender
 from quorum_node.node import Node
@@ -130,6 +131,22 @@ async def relay_connect(relay_url: str, identity: NodeIdentity, token: str = TOK
     return ws
 
 
+class Refused(Exception):
+    """The peer answered a handshake with a refusal (an empty ``HelloReply``)."""
+
+
+def old_peer_dir(tmp: Path) -> Path:
+    """A data dir whose identity's id sorts first (as ``0-old-peer`` did): its handshake wins a tie with
+    any node's (this test peer answers no handshake of theirs), and it opens odd streams."""
+    while not (identity := NodeIdentity.generate()).node_id.startswith("00"):
+        pass
+    d = tmp / "old-peer"
+    d.mkdir(mode=0o700)
+    (d / IDENTITY_FILE).write_bytes(identity.to_file())
+    (d / IDENTITY_FILE).chmod(0o600)
+    return d
+
+
 class OldPeer:
     """A member node of an older version, on a raw WebSocket to the relay.
 
@@ -178,6 +195,8 @@ class OldPeer:
                 frame = _OLD_FRAMES.decode(raw)  # a Batch raises here: that version could not read it
                 self.seen.add(type(frame).__name__)
                 match frame:
+                    case wire.HelloReply(payload=b"") if self._hs is not None and not self._ready.done():
+                        self._ready.set_exception(Refused("the peer refused the handshake"))
                     case wire.HelloReply(payload=payload) if self._hs is not None and self._recv is None:
                         self._hs.read_message(payload)  # whatever the peer says of itself, this version ignores
                         send, recv = self._hs.split()
@@ -395,7 +414,7 @@ async def test_one_slow_reader_does_not_hold_back_99_other_streams(start_node, f
 async def test_the_lan_route_wins_and_the_relay_is_the_fallback(start_node, fake, http, client_for, relay) -> None:
     eng = await fake("vllm")
     b = await start_node(backends=[{"kind": "vllm", "url": eng.url}], relay=relay.url, relay_token=TOKEN, **CLUSTER)
-    proxy = FaultProxy("127.0.0.1", b.port)
+    proxy = FaultProxy("127.0.0.1", b.peer_port)  # the LAN route: its peer port (mutual TLS)
     await proxy.start()
     try:
         a = await start_node(relay=relay.url, relay_token=TOKEN, peers=[f"127.0.0.1:{proxy.port}"], **CLUSTER)
@@ -650,7 +669,7 @@ async def test_while_the_only_holder_drains_a_new_request_gets_503_at_once(
 async def test_a_peer_of_an_older_version_gets_plain_frames_and_is_served(
         start_node, fake, http, client_for, relay, tmp_path) -> None:
     tokens = [f"t{i} " for i in range(200)]
-    old_identity = enrol(tmp_path, CLUSTER["cluster"], CLUSTER["cluster_secret"], tmp_path / "old-peer", "old-peer")
+    old_identity = enrol(tmp_path, CLUSTER["cluster"], CLUSTER["cluster_secret"], old_peer_dir(tmp_path), "old-peer")
     a, b, _ = await wan_pair(start_node, fake, http, relay.url, tokens=tokens)
     assert b.cluster is not None and b.cluster.relay is not None
     b_id = b.cluster.node_id
@@ -838,3 +857,129 @@ async def test_no_batch_opens_more_streams_than_the_relay_allows(
     batches = log.of(a.cluster.node_id, wire.Batch)
     assert batches and all(len(f.opens) <= 3 and len(f.closes) <= 3 for f in batches)
     assert sum(len(f.opens) for f in batches) + len(log.of(a.cluster.node_id, wire.Open)) >= 24
+
+
+# -- who may be who: node ids bound to keys at the relay, sessions only between members (issue 19) ----------
+
+async def chats_all_served(client: openai.AsyncOpenAI, seconds: float, node: str) -> collections.Counter[Any]:
+    """Chats one after another for ``seconds``: how many were served by ``node`` through the relay, and the
+    status of every other outcome (the client never retries: every failure counts)."""
+    client = client.with_options(max_retries=0)
+    outcomes: collections.Counter[Any] = collections.Counter()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        try:
+            raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+            outcomes["ok" if (raw.headers["X-Quorum-Node"], raw.headers["X-Quorum-Route"]) == (node, "relay")
+                     else raw.headers["X-Quorum-Node"]] += 1
+        except openai.APIStatusError as e:
+            outcomes[e.status_code] += 1
+        await asyncio.sleep(0.02)
+    return outcomes
+
+
+async def test_another_key_claiming_a_members_id_is_refused_and_the_member_stays_served(
+        start_node, fake, http, client_for, relay) -> None:
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert b.cluster is not None and b.cluster.relay is not None
+    victim = b.cluster.relay
+    connected_at = victim.connected_at
+    impostor = NodeIdentity.generate()
+    # its own key, the member's id: refused at the handshake, HTTP 401
+    with pytest.raises(InvalidStatus) as e:
+        await connect(relay.url + wire.CONNECT_PATH, additional_headers={
+            "Authorization": f"Bearer {TOKEN}", wire.NODE_ID_HEADER: b.cluster.node_id,
+            wire.NODE_KEY_HEADER: base64.b64encode(impostor.sign_key).decode()})
+    assert e.value.response.status_code == 401
+    # the member's id and public key, signed with its own key: closed before it is anyone
+    ws = await connect(relay.url + wire.CONNECT_PATH, additional_headers={
+        "Authorization": f"Bearer {TOKEN}", wire.NODE_ID_HEADER: b.cluster.node_id,
+        wire.NODE_KEY_HEADER: base64.b64encode(b.cluster.identity.sign_key).decode()})
+    challenge = wire.decode(await ws.recv())
+    assert isinstance(challenge, wire.Challenge)
+    await ws.send(wire.encode(wire.Proof(signature=impostor.sign(
+        wire.proof_message(challenge.nonce, b.cluster.node_id, b.cluster.identity.sign_key)))))
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 5)
+    assert ws.close_code == wire.CLOSE_UNAUTHORIZED
+    # the member never left: same connection, still served
+    assert victim.state == "up" and victim.connected_at == connected_at
+    raw = await client_for(a).chat.completions.with_raw_response.create(model=MODEL, messages=MSGS)
+    assert (raw.headers["X-Quorum-Node"], raw.headers["X-Quorum-Route"]) == (b.name, "relay")
+
+
+async def test_reconnecting_with_a_victims_id_every_half_second_no_longer_evicts_it(
+        start_node, fake, http, client_for, relay) -> None:
+    a, b, _ = await wan_pair(start_node, fake, http, relay.url)
+    assert b.cluster is not None and b.cluster.relay is not None
+    victim = b.cluster.relay
+    connected_at = victim.connected_at
+    attacker = NodeIdentity.generate()
+    attempts = 0
+
+    async def attack() -> None:  # the old attack, with a valid token: the victim's id, again and again
+        nonlocal attempts
+        while True:
+            attempts += 1
+            with contextlib.suppress(InvalidStatus, ConnectionClosed, OSError):
+                async with connect(relay.url + wire.CONNECT_PATH, additional_headers={
+                        "Authorization": f"Bearer {TOKEN}", wire.NODE_ID_HEADER: b.cluster.node_id,  # type: ignore[union-attr]
+                        wire.NODE_KEY_HEADER: base64.b64encode(attacker.sign_key).decode()}) as ws:
+                    await ws.recv()
+            await asyncio.sleep(0.5)
+
+    attacking = asyncio.create_task(attack())
+    try:
+        outcomes = await chats_all_served(client_for(a), 3.0, b.name)
+    finally:
+        attacking.cancel()
+        await asyncio.gather(attacking, return_exceptions=True)
+    assert attempts >= 5
+    assert set(outcomes) == {"ok"} and outcomes["ok"] > 10, outcomes  # every one served by B, none 404 or 503
+    assert victim.connected_at == connected_at  # never evicted
+
+
+async def test_a_non_member_with_a_valid_token_gets_no_session_and_nothing_served(
+        start_node, fake, http, client_for, relay) -> None:
+    a, b, eng = await wan_pair(start_node, fake, http, relay.url)
+    assert b.cluster is not None and b.cluster.relay is not None
+    served_before = len(eng.requests)
+    stranger = await OldPeer.join(relay.url, NodeIdentity.generate())  # a key of its own, in no membership
+    try:
+        with pytest.raises(Refused):  # it knows B's key (the relay would not tell it, but say it does)
+            await stranger.handshake(b.cluster.node_id, b.cluster.identity.dh_key)
+        # frames of a session B never accepted: reset, nothing served
+        head = msgspec.msgpack.encode(["POST", "/v1/chat/completions", [], b""])
+        sid = 1 if stranger.NODE_ID < b.cluster.node_id else 2
+        await stranger._out(wire.Open(peer=b.cluster.node_id, stream=sid, payload=b"\x00" * 8 + head + b"\x00" * 16))
+        await asyncio.sleep(0.3)
+        assert "Reset" in stranger.seen
+    finally:
+        await stranger.close()
+    assert len(eng.requests) == served_before
+    assert stranger.NODE_ID not in b.cluster.relay.online and b.cluster.relay.refused_hellos >= 1
+    assert b.cluster.table.get(stranger.NODE_ID) is None
+    # and a real node of another cluster, with a valid relay token, never sees B's model (nor B it)
+    eng_c = await fake("vllm", models=["other-model"])
+    c = await start_node(backends=[{"kind": "vllm", "url": eng_c.url}], relay=relay.url, relay_token=TOKEN,
+                         cluster="elsewhere", cluster_secret="e" * 32)
+    assert c.cluster is not None and c.cluster.relay is not None and await c.cluster.relay.wait_up(5)
+    await asyncio.sleep(1.0)  # several probe rounds
+    assert MODEL not in await models_of(http, c) and "other-model" not in await models_of(http, a)
+    assert c.cluster.relay.online == {} and c.cluster.node_id not in b.cluster.relay.online
+    assert len(eng.requests) == served_before and eng_c.requests == []
+
+
+async def test_a_request_in_flight_to_a_peer_that_vanishes_is_a_retryable_503(
+        start_node, fake, http, client_for, relay) -> None:
+    a, b, eng = await wan_pair(start_node, fake, http, relay.url, tokens=["slow"], first_token_delay_s=2.0)
+    assert b.cluster is not None and b.cluster.relay is not None and relay.relay is not None
+    client = client_for(a).with_options(max_retries=0)
+    pending = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=MSGS))
+    await eng.wait_until(lambda e: len(e.requests) == 1)
+    conn = next(c for c in relay.relay._conns if c.node_id == b.cluster.node_id)
+    relay.relay.hub.evict(conn, 1011, "gone", "protocol")  # B vanishes from the relay, mid-request
+    with pytest.raises(openai.APIStatusError) as err:
+        await pending
+    assert err.value.status_code == 503 and int(err.value.response.headers["Retry-After"]) >= 1

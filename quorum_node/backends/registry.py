@@ -64,6 +64,8 @@ class Registry:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._refreshed = asyncio.Event()
+        # Called after a refresh that changed an engine, its state or its models (any fact of one: /api/ps lists
+        # which are loaded); the catalog (catalog.py) is rebuilt from it.
         self.on_change: list[Callable[[], None]] = []
         # Engines being prepared (the embedded one builds and loads before it has a URL).
         self.pending: set[str] = set()

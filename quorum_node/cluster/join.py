@@ -38,7 +38,7 @@ from ..api.body import read_body
 from ..errors import ApiError, BadRequest, Forbidden
 from .identity import NodeIdentity
 from .members import Candidate, MemberStore, decode_records, encode_records
-from .membership import Cluster, InviteToken, store_cluster, take_invite
+from .membership import Cluster, InviteToken, load_cluster, load_member_records, store_cluster, take_invite
 from .tls import peer_cert_id
 
 if TYPE_CHECKING:
@@ -123,6 +123,13 @@ def _split(address: str) -> tuple[str, int]:
 def join(data_dir: Path, identity: NodeIdentity, token: InviteToken, name: str, *, via: str | None = None,
          timeout_s: float = 10.0, force: bool = False) -> tuple[Cluster, MemberStore]:
     """Join the cluster ``token`` invites to, as ``identity`` named ``name``; store the membership."""
+    existing = load_cluster(data_dir)
+    if existing is not None and not force:
+        # before the invite is used: after, the inviter has admitted this node and the invite is spent
+        held = MemberStore(existing.root, decode_records(load_member_records(data_dir)))
+        if held.known(token.inviter) is None:
+            raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+                                  "leave it first (`quorum-node cluster leave`) or pass --force")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False

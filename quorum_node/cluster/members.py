@@ -21,8 +21,13 @@ are the known nodes that no removal names.
 Records are accepted one by one (``merge``), in the order a peer sends them (its
 own acceptance order), and only from signers that are members at the time: so
 once a node has heard that a member is removed, nothing that member signs
-afterwards (admissions, removals, API key records) is accepted there. Anything
-that does not verify is refused and counted; nothing is learnt from it.
+afterwards (admissions, removals, API key records) is accepted there — except
+the admissions its removal ``keep``s, which every node must hold whichever it
+heard of first. An admission of a node that is removed is still held (a node
+that heard of the removal first needs it to check what that node signed while
+a member, and what it admitted that is kept), but never makes it a member
+again. Anything that does not verify is refused and counted; nothing is learnt
+from it.
 
 Pure logic: no asyncio, no I/O except ``load``/``dump`` of bytes.
 """
@@ -158,6 +163,7 @@ class MemberStore:
         self._members: dict[str, Admission] = {}
         self._known: dict[str, Admission] = {}
         self._removed: dict[str, list[Removal]] = {}
+        self._admitters: set[str] = set()  # who signed an admission held (of another node)
         self.digest = ""
         self.on_change: list = []
         self.merge(records)
@@ -218,6 +224,7 @@ class MemberStore:
         refused = sum(1 for r in pending if r.sig not in self._seen)
         if accepted:
             self._compute()
+            self.digest = hashlib.sha256(b"".join(sorted(r.sig for r in self._records))).hexdigest()[:32]
             for cb in list(self.on_change):
                 cb()
         return accepted, refused
@@ -226,7 +233,7 @@ class MemberStore:
         if len(self._records) >= MAX_RECORDS:
             return False
         if isinstance(r, Admission):
-            if r.node_id in self._removed or not self._admission_verifies(r):
+            if not self._admission_verifies(r):
                 return False
         else:
             signer = self._members.get(r.by)
@@ -234,7 +241,7 @@ class MemberStore:
                 return False
         self._records.append(r)
         self._seen.add(r.sig)
-        self._compute()  # the next record of the batch may be signed by this one's subject
+        self._update(r)  # the next record of the batch may be signed by this one's subject
         return True
 
     def _admission_verifies(self, r: Admission) -> bool:
@@ -246,8 +253,31 @@ class MemberStore:
             signer_key = r.sign_key if r.node_id == self.root else None
         else:
             signer = self._members.get(r.by)
+            if signer is None and r.by in self._removed and any(r.node_id in rm.keep for rm in self._removed[r.by]):
+                signer = self._known.get(r.by)  # removed since, but its removal keeps this one
             signer_key = signer.sign_key if signer is not None else None
         return signer_key is not None and verify_signature(signer_key, r.signed_bytes(), r.sig)
+
+    def _update(self, r: Record) -> None:
+        """Who is known, removed and a member, after accepting ``r``: what ``_compute`` would say, without
+        going over every record again where ``r`` cannot change more than its own subject (a batch of
+        thousands of records would otherwise cost seconds of the event loop)."""
+        if isinstance(r, Removal):
+            if r.node_id in self._known:
+                self._compute()  # the subject goes, and those it admitted that are not kept
+            else:
+                self._removed.setdefault(r.node_id, []).append(r)
+            return
+        if r.by != r.node_id:
+            self._admitters.add(r.by)
+        if r.node_id in self._known:
+            return  # known already by an earlier admission, which stays the one that counts
+        if r.node_id in self._admitters:
+            self._compute()  # it admitted others before (then dropped out): those may count again
+            return
+        self._known[r.node_id] = r  # its signer is known and allowed, or it is the root's own admission
+        if r.node_id not in self._removed:
+            self._members[r.node_id] = r
 
     def _compute(self) -> None:
         removals: dict[str, list[Removal]] = {}
@@ -278,8 +308,7 @@ class MemberStore:
         self._known = known
         self._removed = removals
         self._members = {nid: a for nid, a in known.items() if nid not in removals}
-        self.digest = hashlib.sha256(b"".join(sorted(r.sig for r in self._records))).hexdigest()[:32] \
-            if self._records else ""
+        self._admitters = {a.by for adms in by_subject.values() for a in adms if a.by != a.node_id}
 
     # -- records this node signs ----------------------------------------------------------
 

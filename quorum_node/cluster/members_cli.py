@@ -180,9 +180,15 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _init(data_dir: Path, name: str, *, force: bool) -> int:
+    existing = load_cluster(data_dir)
+    if existing is not None:
+        if not force:  # founding again would drop the members this node holds (its own root is the same)
+            raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+                                  "leave it first (`quorum-node cluster leave`) or pass --force")
+        leave_cluster(data_dir)
     identity = load_or_create_identity(data_dir)
     store = MemberStore(identity.node_id)
-    store.found(identity, name, time.time())
+    store.found(identity, socket.gethostname()[:64] or "node", time.time())  # the member is named as `join` names it
     cluster = Cluster(name=name, root=identity.node_id)
     store_cluster(data_dir, cluster, encode_records(store.records()), force=force)
     print(f"cluster {name} founded; this machine ({identity.node_id}) is its first member")

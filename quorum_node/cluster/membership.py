@@ -116,9 +116,11 @@ def _b64decode(text: str) -> bytes:
 
 
 def _ensure_dir(data_dir: Path) -> None:
-    if not data_dir.exists():
+    try:
         data_dir.mkdir(mode=0o700, parents=True)
-        os.chmod(data_dir, 0o700)  # mkdir's mode is masked by the umask
+    except FileExistsError:
+        return  # made already (maybe a moment ago, by a node and a CLI starting at once)
+    os.chmod(data_dir, 0o700)  # mkdir's mode is masked by the umask
 
 
 def _write_private(path: Path, data: bytes, *, replace: bool) -> bool:
@@ -188,12 +190,17 @@ def legacy_cluster(data_dir: Path) -> LegacyCluster | None:
 
 def store_cluster(data_dir: Path, cluster: Cluster, records_json: bytes, *, force: bool = False) -> None:
     """Write the membership (cluster file and records). Refuses (FileExistsError) to replace another keyed
-    cluster unless ``force``; a shared-secret ``cluster.json`` is replaced (that is the migration)."""
+    cluster unless ``force``; a shared-secret ``cluster.json`` is replaced (that is the migration). Joining
+    another cluster drops the open invites (they were for the one this node leaves)."""
     _ensure_dir(data_dir)
     existing = load_cluster(data_dir)
     if existing is not None and existing.root != cluster.root and not force:
         raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
                               "leave it first (`quorum-node cluster leave`) or pass --force")
+    if existing is None or existing.root != cluster.root:
+        # invites this node gave for the cluster it was in would admit their holders into this one
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / INVITES_FILE).unlink()
     _write_private(data_dir / MEMBERS_FILE, records_json, replace=True)
     _write_private(data_dir / CLUSTER_FILE, _encode(_ClusterFile(name=_check_name(cluster.name),
                                                                   root=cluster.root)), replace=True)

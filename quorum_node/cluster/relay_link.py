@@ -168,7 +168,7 @@ INTRODUCE_EVERY_S = 5.0  # at most one introduction taken from (and one refusal 
 # larger claim is not believed.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 HANDSHAKE_TIMEOUT_S = 10.0  # a hello with no answer: the session is dropped, the next request tries anew
-_WARNED_MAX = 1024  # peers we logged a refused handshake of (bounded; past it, they go unlogged)
+_WARNED_MAX = 32  # peers whose refused handshake we log (one line each; past it, only counted)
 
 
 def _limit_incoming(ws: ClientConnection, max_bytes: int) -> None:
@@ -768,19 +768,19 @@ class RelayLink:
         return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(),
                              initiator_session.encode()))
 
-    def _refuse_hello(self, peer: str, why: str, *, tell: bool = True) -> None:
-        """Refuse ``peer``'s hello; with ``tell``, say so (an empty ``HelloReply``): it introduces itself next."""
+    def _refuse_hello(self, peer: str, why: str) -> None:
+        """Refuse ``peer``'s hello, and say so (an empty ``HelloReply``: one small frame, no crypto), so that
+        it does not wait for an answer (a member not known here yet introduces itself in its next hello)."""
         self.refused_hellos += 1
         if peer not in self._warned and len(self._warned) < _WARNED_MAX:  # once a peer: a flood logs nothing more
             self._warned.add(peer)
             log.warning("relay_handshake_refused", peer=peer, reason=why)
-        if tell:
-            self._enqueue(("hello_reply", peer, b""))
+        self._enqueue(("hello_reply", peer, b""))
 
     def _may_hear(self, peer: str) -> bool:
-        """Whether to read a hello of ``peer``, online but no member (yet): for its introduction, within a
+        """Whether to read a hello of ``peer``, online but no member (yet), for its introduction: within a
         budget per peer (two, then one every ``INTRODUCE_EVERY_S``), so a stranger's flood costs no crypto."""
-        if self._introduce is None or peer not in self._presence.strangers:
+        if peer not in self._presence.strangers:
             return False
         now = time.monotonic()
         if len(self._heard) > 4 * self._presence.max_peers:
@@ -802,20 +802,21 @@ class RelayLink:
             log.warning("relay_introduction_failed", peer=peer, error=str(e))
             return None
         key = self._peer_key(peer)
-        since = self._presence.strangers.get(peer)
-        if key is None or since is None:
+        if key is None:
             return None
         log.info("relay_peer_introduced", peer=peer)
-        self._joined(peer, since)
+        since = self._presence.strangers.get(peer)
+        if peer not in self.online and since is not None:  # (membership may have told us already)
+            self._joined(peer, since)
         return key if peer in self.online else None
 
     def _on_hello(self, peer: str, payload: bytes) -> None:
         expected = self._peer_key(peer)
-        if expected is None and not self._may_hear(peer):  # no crypto at all for a stranger past its budget
-            self._refuse_hello(peer, "not a member", tell=False)
+        if expected is None and (self._introduce is None or not self._may_hear(peer)):
+            self._refuse_hello(peer, "not a member")  # a stranger (past its budget): no crypto at all
             return
         if expected is not None and peer not in self.online:  # a member we do not track (max_peers)
-            self._refuse_hello(peer, "not tracked (max_peers)", tell=False)
+            self._refuse_hello(peer, "not tracked (max_peers)")
             return
         existing = self._sessions.get(peer)
         pending = existing is not None and existing.initiator and not existing.ready.done()
@@ -865,7 +866,8 @@ class RelayLink:
         if session is None or session.handshake is None or session.ready.done():
             return
         if not payload:  # refused: it does not take us for a member (yet)
-            if not session.introduced and self._introduction is not None and len(self._introduce_to) < _WARNED_MAX:
+            if not session.introduced and self._introduction is not None \
+                    and len(self._introduce_to) < self._presence.max_peers:
                 self._introduce_to.add(peer)  # our next hello introduces us; what waits is asked again in it
                 self._end_session(peer, "the peer does not know us yet", retry=True)
             else:

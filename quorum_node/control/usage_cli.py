@@ -65,6 +65,10 @@ def _from_node(url: str, since: float | None, by: str, cluster: bool, key: str |
         return json.loads(resp.read())
 
 
+def _data_dir(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir or os.environ.get("QUORUM_DATA_DIR") or "~/.local/share/quorum").expanduser()
+
+
 def _no_node(e: urllib.error.URLError) -> bool:
     return isinstance(e.reason, ConnectionRefusedError) or (
         isinstance(e.reason, OSError) and e.reason.errno in (111, 61, 10061))
@@ -78,7 +82,7 @@ def _error_message(e: urllib.error.HTTPError) -> str:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    from ..cli import _data_dir, _node_url, _table
+    from ..cli import _node_url, _table
 
     try:
         since = parse_since(args.since)

@@ -274,20 +274,20 @@ class Builder:
             return Holders(route, entry, bad, entry, good=good, good_node=entry, nodes=[entry])
         if route == "local+peer":
             peer = await start(backends=[spec(good)], **CLUSTER, **settings)
-            link = await self.proxy(peer.port)
+            link = await self.proxy(peer.peer_port)
             entry = await start(backends=[spec(bad)], peers=[f"127.0.0.1:{link.port}"], **CLUSTER,
                                 health_interval_s=QUIET_HEALTH_S, **settings)
             await wait_for_holders(self.http, entry, {entry.name, peer.name})
             return Holders(route, entry, bad, entry, good=good, good_node=peer, nodes=[entry, peer])
         if route in ("lan", "lan2"):
             b = await start(backends=[spec(bad)], **CLUSTER, **settings)
-            links = [await self.proxy(b.port)]
+            links = [await self.proxy(b.peer_port)]
             holders = {b.name}
             c = None
             if route == "lan2":
                 assert good is not None
                 c = await start(backends=[spec(good)], **CLUSTER, **settings)
-                links.append(await self.proxy(c.port, latency_s=SECOND_PEER_LATENCY_S))
+                links.append(await self.proxy(c.peer_port, latency_s=SECOND_PEER_LATENCY_S))
                 holders.add(c.name)
             entry = await start(peers=[f"127.0.0.1:{p.port}" for p in links], **CLUSTER,
                                 health_interval_s=QUIET_HEALTH_S, **settings)

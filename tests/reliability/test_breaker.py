@@ -32,7 +32,7 @@ async def test_a_failing_peer_is_ejected_then_readmitted_when_it_recovers(
         start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession) -> None:
     eng = await fake("openai", models=[MODEL])
     b = await start_node(backends=[{"kind": eng.kind, "url": eng.url}], **CLUSTER)
-    a = await start_node(peers=[f"127.0.0.1:{b.port}"], **CLUSTER)
+    a = await start_node(peers=[f"127.0.0.1:{b.peer_port}"], **CLUSTER)
     await wait_for_holders(http, a, {b.name})
     client = client_for(a)
     assert (await ask(client, stream=False)).text == HELLO

@@ -93,7 +93,7 @@ async def soak_cluster(start_node: StartNode, fake: StartFake, http: aiohttp.Cli
                 local.append({"kind": kind, "url": eng.url})
             else:
                 peers.append(await start_node(backends=[{"kind": kind, "url": eng.url}], **CLUSTER, **SOAK))
-    a = await start_node(backends=local, peers=[f"127.0.0.1:{p.port}" for p in peers], **CLUSTER, **SOAK)
+    a = await start_node(backends=local, peers=[f"127.0.0.1:{p.peer_port}" for p in peers], **CLUSTER, **SOAK)
     for name, peer in zip(behaviours, peers, strict=True):
         await wait_for_holders(http, a, {peer.name}, model=f"peer-{name}")
     models = [f"{w}-{n}" for w in ("local", "peer") for n in behaviours]
@@ -248,7 +248,7 @@ async def test_a_client_that_stops_reading_costs_bounded_memory_and_hanging_up_c
         entry = await start_node(backends=[backend])
     else:
         b = await start_node(backends=[backend], **CLUSTER)
-        entry = await start_node(peers=[f"127.0.0.1:{b.port}"], **CLUSTER)
+        entry = await start_node(peers=[f"127.0.0.1:{b.peer_port}"], **CLUSTER)
         await wait_for_holders(http, entry, {b.name})
     rss0 = usage()[2]
     async with non_reading_client(entry, {"model": "m", "messages": MSGS, "stream": True}):

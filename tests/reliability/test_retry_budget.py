@@ -62,7 +62,7 @@ async def test_peers_all_failing_get_at_most_the_retry_budget(
         concurrent: bool) -> None:
     engines = await failing_engines(fake)
     peers = [await start_node(backends=[{"kind": e.kind, "url": e.url}], **CLUSTER) for e in engines]
-    entry = await start_node(peers=[f"127.0.0.1:{p.port}" for p in peers], **CLUSTER)
+    entry = await start_node(peers=[f"127.0.0.1:{p.peer_port}" for p in peers], **CLUSTER)
     await wait_for_holders(http, entry, {p.name for p in peers})
     await send(client_for(entry), concurrent=concurrent)
     attempts = sum(len(e.requests) for e in engines)  # each peer serves locally: one engine request each

@@ -74,3 +74,14 @@ def test_safe_name_lets_only_printable_bounded_names_into_a_header() -> None:
     assert safe_name("den", "peer-id") == "den"
     for hostile in [*HOSTILE, ""]:
         assert safe_name(hostile, "peer-id") == "peer-id"
+
+
+def test_this_nodes_own_names_are_held_to_the_same_rule() -> None:
+    from quorum_node.errors import ConfigError
+    from quorum_node.settings import load_settings
+
+    with pytest.raises(ConfigError, match="name"):
+        load_settings({"name": "den\r\nX-Injected: 1"}, env={})
+    with pytest.raises(ConfigError, match="backend name"):
+        load_settings({"backends": [{"kind": "vllm", "url": "http://127.0.0.1:8000", "name": "gpu\n"}]}, env={})
+    assert load_settings({"name": "den"}, env={}).name == "den"

@@ -10,6 +10,7 @@ Modules, in the order they import each other:
 
     wire       the frames (shared with the node side) and close codes
     errors     the error tree
+    identity   node id = hash of the node's Ed25519 key; checking its proof   (pure)
     tokens     tokens → namespaces, constant-time lookup, the tokens file     (pure)
     limits     handshake token buckets, connections per address, proxies     (pure)
     presence   who is online per namespace                                  (pure)

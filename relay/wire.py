@@ -32,10 +32,11 @@ made the nonce, and needs no replay cache), and it needs no agreement between
 the node's and the relay's clocks, which home machines do not always keep.
 It costs one round trip per connection. What the relay learns is the public
 key, which it checks and keeps nothing of. (A relay that a node connects to
-could pass another relay's challenge on to it; a node dials the one relay it
-was given, and what a relay can do with a node's presence, it can do on its
-own relay anyway. The traffic between nodes is authenticated end to end,
-whichever relay carries it.)
+could pass it another relay's challenge, and so appear at that other relay as
+the node while the node is connected to it instead; when the node connects
+there itself, its own proof replaces that connection. Either way no session
+with the node's peers can be had without its X25519 key: the traffic between
+nodes is authenticated end to end, whichever relay carries it.)
 
 Only then does the relay send ``Welcome``: the session id, who else of the
 namespace is online, and the limits in force (``max_frame_bytes`` bounds what
@@ -63,7 +64,9 @@ and ``Reset`` carry traffic between two nodes of one namespace. ``peer`` is the
 destination when a node sends the frame and is rewritten by the relay to the
 source when it delivers it; nothing else is changed, and ``payload`` is never
 decoded by the relay (the nodes encrypt it end to end: ``Hello`` /
-``HelloReply`` carry a Noise handshake, the rest its transport messages).
+``HelloReply`` carry a Noise handshake, the rest its transport messages; a
+``HelloReply`` with an empty payload is a refusal: the responder does not take
+the initiator for a member of its cluster).
 
 Streams (``stream`` ids) are chosen by the node that opens them, unique per
 pair of nodes: the node whose id sorts lower uses odd ids, the other even ids,

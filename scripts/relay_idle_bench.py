@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import resource
@@ -31,7 +32,21 @@ from websockets.asyncio.client import ClientConnection, connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from relay.wire import CONNECT_PATH, NODE_ID_HEADER, Welcome, decode  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+
+from relay.identity import node_id_for  # noqa: E402
+from relay.wire import (  # noqa: E402
+    CONNECT_PATH,
+    NODE_ID_HEADER,
+    NODE_KEY_HEADER,
+    Challenge,
+    Proof,
+    Welcome,
+    decode,
+    encode,
+    proof_message,
+)
 
 
 def rss_kib(pid: int) -> int:
@@ -97,12 +112,19 @@ async def bench(args: argparse.Namespace) -> dict:
         url = f"ws://127.0.0.1:{port}{CONNECT_PATH}"
 
         async def one(i: int) -> None:
+            key = Ed25519PrivateKey.generate()  # each node proves its id with its own key, as a real one does
+            public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+            node_id = node_id_for(public)
             ws = await connect(
                 url,
-                additional_headers={"Authorization": f"Bearer {tokens[i // per]}", NODE_ID_HEADER: f"node-{i}"},
+                additional_headers={"Authorization": f"Bearer {tokens[i // per]}", NODE_ID_HEADER: node_id,
+                                    NODE_KEY_HEADER: base64.b64encode(public).decode()},
                 compression=None, open_timeout=30, ping_interval=None, max_size=None,
             )
             nodes.append(ws)
+            challenge = decode(await ws.recv())
+            assert isinstance(challenge, Challenge)
+            await ws.send(encode(Proof(signature=key.sign(proof_message(challenge.nonce, node_id, public)))))
             assert isinstance(decode(await ws.recv()), Welcome)
 
             async def keep_reading() -> None:  # Joined frames of later namespace mates

@@ -4,8 +4,10 @@
 routers' namespaces; each router knows one address beyond its LAN, the vps's,
 and the vps forwards nothing. Inside it: the relay (``python -m relay``) in
 the vps; node X on LAN 1 (host a1) with no engine; node Y on LAN 2 (b1) whose
-fake engine holds ``far-model``; node Z on LAN 2 (b2), same cluster secret but
-a wrong relay token, holding ``hidden-model``. mDNS stays on inside each LAN.
+fake engine holds ``far-model``; node Z on LAN 2 (b2), a member of the same
+cluster but with a wrong relay token, holding ``hidden-model``. The three data
+dirs are members of one keyed cluster before any node starts (as ``invite`` and
+``join`` leave them: ``tests/members_support.py``). mDNS stays on inside each LAN.
 Hosts and the relay are started with ``tests/lan_host.py``; every client is
 ``tests/lan_client.py`` run in a1's namespace against X over loopback, with
 the real openai SDK where it parses answers. Relay and Y are killed with SIGKILL.
@@ -24,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import netns_unavailable
 from tests.lan_host import PORT, RELAY_PORT, Wan
+from tests.members_support import enrol
+from tests.netns import netns_unavailable
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -51,6 +54,8 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         world.down()
 
     request.addfinalizer(teardown)
+    for name in ("wan-x", "wan-y", "wan-z"):  # data dirs ``world.host`` gives them
+        enrol(world.tmp, "lan", SECRET, world.tmp / name, name)
     world.up(1, 2)
     timings: dict[str, float] = {}
     try:

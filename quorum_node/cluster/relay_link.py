@@ -29,9 +29,9 @@ more only as its reader consumes, so one slow client or one huge answer never
 stalls the others and nothing is buffered without bound.
 
 An incoming request is served by the node's own HTTP server, as if it had come
-over the LAN (same trust check, same signature, same handlers), in memory
-(``pipe.py``): the link is a transport, nothing above it knows which one
-carried a request.
+over the LAN (same trust check, same handlers), in memory (``pipe.py``), as
+the request of the member whose session carried it (``serve``'s ``peer_id``):
+the link is a transport, nothing above it knows which one carried a request.
 
 Under load, the writer sends what is queued for one peer together: data and
 credit for many streams go as one ``Batch`` frame (one WebSocket message, one
@@ -199,8 +199,8 @@ class _Presence:
         self.refused = 0  # members not tracked: the table was full
         self.ignored = 0  # presences of non-members
 
-    def stranger(self, node_id: str, since: float) -> None:
-        self.ignored += 1
+    def stranger(self, node_id: str, since: float, *, count: bool = True) -> None:
+        self.ignored += count
         self.strangers.pop(node_id, None)
         if len(self.strangers) >= self.max_peers:
             del self.strangers[next(iter(self.strangers))]
@@ -734,7 +734,7 @@ class RelayLink:
         self._end_session(node_id, "no longer a member")
         since = self.online.get(node_id)
         if since is not None and self._presence.left(node_id):
-            self._presence.stranger(node_id, since)
+            self._presence.stranger(node_id, since, count=False)
             self._on_presence(node_id, False)
 
     def members_changed(self) -> None:

@@ -43,8 +43,9 @@ from ..backends.sse import StreamNormalizer
 from ..backends.upstream import read_capped, read_error_body, read_whole
 from ..control.usage import peer_usage
 from ..errors import ApiError, EngineRejected, EngineUnavailable
+from ..names import safe_name
 from .identity import NodeIdentity
-from .members import MemberStore
+from .members import MemberStore, encode_records
 from .membership import Cluster
 from .links import HttpLink, PeerLink, RelayPeerLink
 from .pipe import PipeError, PipeResponse, serve_in_memory
@@ -96,7 +97,7 @@ class ClusterService:
         self.table = PeerTable(
             self_id=self.node_id,
             is_member=members.is_member,
-            max_peers=getattr(s, "max_peers", 256),
+            max_peers=s.max_peers,
             down_after_s=s.peer_down_after_s,
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
         )
@@ -146,6 +147,8 @@ class ClusterService:
                 peer_key=self._member_dh_key, on_presence=self._on_relay_presence,
                 on_draining=self._on_relay_draining, serve=self._serve_relayed,
                 max_request_bytes=self.settings.max_body_bytes, max_peers=self.table.max_peers,
+                introduction=lambda: encode_records(self.members.records()),
+                introduce=lambda peer, records: self.member_sync.merge(records, peer),
             )
             await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")
@@ -227,8 +230,7 @@ class ClusterService:
             if not self.members.is_member(nid):
                 self.catalogs.pop(nid, None)
         if self.relay is not None:
-            for nid in self.members.removed_ids():
-                self.relay.forget_peer(nid)
+            self.relay.members_changed()
         self._close_connections_of_non_members()
 
     def _close_connections_of_non_members(self) -> None:
@@ -602,7 +604,8 @@ class ClusterService:
             links = self.links(peer) if peer is not None else []
             if not links:
                 return
-            answer = decode_catalog(await self._get(links[0], "/quorum/v1/catalog", node_id, 5.0))
+            answer = decode_catalog(await self._get(links[0], "/quorum/v1/catalog", node_id, 5.0),
+                                    max_models=self.settings.max_models_per_peer, peer=node_id)
             available = [e for e in answer.models if e.available]
             self.catalogs[node_id] = [msgspec.structs.asdict(e) for e in available]
             names = {e.id for e in available} | {a for e in available for a in e.aliases}
@@ -658,7 +661,7 @@ class PeerTarget:
         deadline = deadline_for(t, stream=stream)  # one for the head and the first event, as for an engine
         resp: Any = await self.link.request("POST", path, headers, data, t, deadline=deadline, stream=stream,
                                             who=self.engine)
-        self.node = resp.headers.get("X-Quorum-Node", self.node)
+        self.node = safe_name(resp.headers.get("X-Quorum-Node", ""), self.node)
         if resp.status >= 300:
             raw = await read_error_body(resp, deadline=deadline)
             raise _peer_error(resp.status, raw, self.engine, resp.headers)

@@ -218,3 +218,18 @@ def test_numbered_messages_too_old_forged_or_flipped_are_rejected() -> None:
     renumbered[0] ^= 1  # the nonce is authenticated too
     with pytest.raises(NoiseError):
         recv.open(bytes(renumbered))
+
+
+def test_garbage_in_place_of_message_1_is_only_ever_a_noise_error() -> None:
+    import os
+    import random
+
+    rng = random.Random(19)
+    for _ in range(300):
+        _, resp, _, _ = _ik()
+        size = rng.choice([0, 1, 31, 32, 33, 79, 80, 96, 97, 128, rng.randrange(0, 400)])
+        with pytest.raises(NoiseError):
+            resp.read_message(os.urandom(size))
+        assert resp.remote_static is None  # no key learnt from it
+        with pytest.raises(NoiseError):
+            resp.write_message(b"")

@@ -17,12 +17,15 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from quorum_node.cluster.identity import NodeIdentity, load_or_create_identity
 from quorum_node.cluster.members import Candidate, MemberStore, decode_records, encode_records
 from quorum_node.cluster.membership import Cluster, load_cluster, load_member_records, store_cluster
 
-__all__ = ["client_tls", "enrol", "founder_of", "records_of"]
+__all__ = ["client_tls", "enrol", "founder_of", "member_client", "records_of"]
 
 
 def _registry(tmp: Path, cluster: str, secret: str) -> Path:
@@ -86,3 +89,20 @@ def client_tls(identity: NodeIdentity | None, server_cert: bytes | None) -> ssl.
 def records_of(data_dir: Path) -> bytes:
     """The membership records a data dir holds (JSON), e.g. to introduce a member a node has not heard of."""
     return load_member_records(data_dir)
+
+
+async def member_client(tmp: Path, node: Any, cluster: dict[str, str], name: str = "tester",
+                        ) -> tuple[aiohttp.ClientSession, str]:
+    """An HTTPS client holding the key of a member ``node`` has just heard of — admitted by the founder of the
+    test cluster ``cluster`` (``{"cluster": ..., "cluster_secret": ...}``), as an invite would, and introduced
+    to ``node`` over its peer port — and the base URL of that port: what a peer sends with. Close the session."""
+    assert node.cluster is not None
+    identity = enrol(tmp, cluster["cluster"], cluster["cluster_secret"], tmp / name, name)
+    base = f"https://127.0.0.1:{node.peer_port}"
+    intro = aiohttp.TCPConnector(ssl=client_tls(None, node.identity.cert_der))
+    async with aiohttp.ClientSession(connector=intro) as s, \
+            s.post(base + "/quorum/v1/members", data=records_of(tmp / name)) as resp:
+        assert resp.status == 200, await resp.text()
+    assert node.cluster.members.is_member(identity.node_id)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(identity, node.identity.cert_der)))
+    return session, base

@@ -24,7 +24,7 @@ from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.node import Node
 from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
-from tests.members_support import client_tls, enrol, records_of
+from tests.members_support import client_tls, member_client
 
 CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
 DEADLINE_S = 5.0
@@ -370,24 +370,9 @@ async def test_client_disconnect_cancels_generation_on_serving_peer(start_cluste
 # -- loops ---------------------------------------------------------------------
 
 
-async def _member_client(tmp_path: Path, node: Node, name: str = "tester") -> tuple[aiohttp.ClientSession, str]:
-    """An HTTPS client holding the key of a member ``node`` has just heard of (admitted by the founder, as an
-    invite would, and introduced to ``node`` over its peer port): what a peer sends with."""
-    assert node.cluster is not None
-    identity = enrol(tmp_path, CLUSTER["cluster"], CLUSTER["cluster_secret"], tmp_path / name, name)
-    base = f"https://127.0.0.1:{node.peer_port}"
-    intro = aiohttp.TCPConnector(ssl=client_tls(None, node.identity.cert_der))
-    async with aiohttp.ClientSession(connector=intro) as s, \
-            s.post(base + "/quorum/v1/members", data=records_of(tmp_path / name)) as resp:
-        assert resp.status == 200, await resp.text()
-    assert node.cluster.members.is_member(identity.node_id)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(identity, node.identity.cert_der)))
-    return session, base
-
-
 async def test_forwarded_request_is_never_forwarded_again(start_cluster, http, tmp_path: Path) -> None:
     a, b = await start_cluster(["alpha"], ["beta"])
-    peer, base = await _member_client(tmp_path, a.node)
+    peer, base = await member_client(tmp_path, a.node, CLUSTER)
     path = "/v1/chat/completions"
     data = b'{"model":"beta","messages":[{"role":"user","content":"hi"}]}'
     headers = {"X-Quorum-Hop": "1", "X-Quorum-Origin": "some-peer", "Content-Type": "application/json"}
@@ -434,7 +419,7 @@ async def test_peer_endpoints_answer_members_only(start_cluster, http, tmp_path:
             async with s.get(base + path) as resp:
                 await resp.read()
 
-    member, _ = await _member_client(tmp_path, a.node)
+    member, _ = await member_client(tmp_path, a.node, CLUSTER)
     async with member, member.get(base + path) as resp:
         assert resp.status == 200
         assert [m["id"] for m in (await resp.json())["models"]] == ["alpha"]

@@ -213,7 +213,7 @@ class MemberReplicator:
             return
         await self._post(links[0], node_id)
 
-    async def _post(self, link: Any, node_id: str) -> None:
+    async def _post(self, link: Any, node_id: str) -> bool:
         svc = self.service
         data = encode_records(self.store.records())
         headers = {**svc.peer_headers(), "Content-Type": "application/json"}
@@ -226,10 +226,12 @@ class MemberReplicator:
                     await resp.read()
                     if resp.status != 200:
                         log.warning("members_push_refused", peer=node_id, status=resp.status)
+                    return resp.status == 200
                 finally:
                     resp.close()
         except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
             log.debug("members_push_failed", peer=node_id, error=str(e))
+            return False
 
     async def _introduce(self, node_id: str | None, address: str) -> None:
         """Our records to the member at ``address``, presenting no certificate (it may not know ours yet)."""
@@ -241,8 +243,9 @@ class MemberReplicator:
         member = self.store.get(node_id) if node_id is not None else None
         if member is None or node_id == svc.node_id:
             return
-        log.info("members_introduced", peer=node_id, address=address)
-        await self._post(HttpLink(svc.session, address, _client_ctx(member.cert)), node_id)
+        if await self._post(HttpLink(svc.session, address, _client_ctx(member.cert)), node_id):
+            log.info("members_introduced", peer=node_id, address=address)
+            svc.probe_soon(address, node_id)  # it knows us now: no need to wait for the next round
 
 
 async def _certificate_at(address: str, timeout_s: float = 3.0) -> str | None:

@@ -485,6 +485,15 @@ class ClusterService:
                 log.exception("cluster_health_loop_failed")
             await asyncio.sleep(self.settings.health_interval_s)
 
+    def probe_soon(self, address: str, node_id: str) -> None:
+        """Ask the member at ``address`` how it is now (it may have just learnt of us)."""
+        known = self.table.get(node_id)
+        static = any(t.address == address for t in self.table.probe_targets())
+        link = self._lan_link(address, node_id)
+        if link is not None and (static or known is not None):
+            identifying = known is None or known.info.address != address
+            self._spawn(self._probe(link, node_id, address=address, identifying=identifying), "peer-probe")
+
     async def _get(self, link: PeerLink, path: str, to: str | None, timeout_s: float) -> bytes:
         """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -79,8 +79,11 @@ CASES = [pytest.param(r, f, id=f"{r}-{f}") for f in FAULTS for r in ("local2", "
          if f.link is None or r == "lan2"]
 
 
-async def arm(fault: Fault, h: Holders, stream_bytes: int) -> Callable[[], None] | None:
-    """Switch the fault on; returns what to call once the first chunk is in (or None)."""
+async def arm(fault: Fault, h: Holders, stream_bytes: int, fresh_bytes: int) -> Callable[[], None] | None:
+    """Switch the fault on; returns what to call once the first chunk is in (or None).
+
+    ``stream_bytes``: what one answer costs on a connection already open; ``fresh_bytes``: on a new one (the
+    peer link's TLS handshake first)."""
     for name, value in fault.engine.items():
         setattr(h.bad, name, value)
     link = h.bad_link
@@ -93,7 +96,7 @@ async def arm(fault: Fault, h: Holders, stream_bytes: int) -> Callable[[], None]
 
         return go_silent
     await reset_link(link)  # the cut counts bytes per connection: start the next one from 0
-    cut = stream_bytes // 2  # past the head and the first events, well before the end
+    cut = fresh_bytes - stream_bytes // 2  # past the handshake, the head and the first events; before the end
     if fault.link == "rst":
         link.reset_after_bytes = cut
     else:
@@ -118,8 +121,16 @@ async def test_a_stream_cut_after_the_first_byte_ends_with_an_error_event(
     link_before = h.bad_link.bytes_down if h.bad_link is not None else 0
     warm = await ask(client, stream=True)  # the bad holder serves it whole: it is the one tried first
     assert warm.error is None and (warm.text, warm.finish) == (FULL, "stop"), warm
-    stream_bytes = h.bad_link.bytes_down - link_before if h.bad_link is not None else 0
-    on_first = await arm(fault, h, stream_bytes)
+    stream_bytes = fresh_bytes = h.bad_link.bytes_down - link_before if h.bad_link is not None else 0
+    if h.bad_link is not None:  # the cut counts bytes per connection, the TLS handshake included
+        await reset_link(h.bad_link)
+        link_before = h.bad_link.bytes_down
+        assert (await ask(client, stream=True)).error is None
+        fresh_bytes = h.bad_link.bytes_down - link_before
+        link_before = h.bad_link.bytes_down
+        assert (await ask(client, stream=True)).error is None  # on the connection just opened
+        stream_bytes = min(stream_bytes, h.bad_link.bytes_down - link_before)
+    on_first = await arm(fault, h, stream_bytes, fresh_bytes)
 
     # the SDK raises while iterating, after the chunks that came before the fault
     asked = await ask(client, stream=True, on_first=on_first)

@@ -2,7 +2,7 @@
 
 Routes compared (each against ``direct``, the engine itself):
   local   client → node → engine
-  lan     client → node A → node B → engine (one signed LAN hop, loopback)
+  lan     client → node A → node B → engine (one LAN hop over mutual TLS to B's peer port, loopback)
 
 Engines:
   fake    (default) a lean OpenAI-compatible SSE server in its own process that
@@ -14,6 +14,8 @@ Engines:
 
 Every process (engine, nodes, this client) runs on this machine, so the
 numbers include the node competing with the client and the engine for CPU.
+The nodes' data dirs are made members of one cluster before they start, as
+``quorum-node invite`` and ``join`` would leave them (``tests/members_support.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+from tests.members_support import enrol  # noqa: E402  (the repo's own test tools)
 
 def _run(coro: Any) -> Any:
     """The engine and the client use the node's fast event loop too, so they stay cheap."""
@@ -225,13 +229,15 @@ class Proc:
                 self.log_path.unlink(missing_ok=True)
 
 
-def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple[Proc, str]:
+def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple[Proc, str, int]:
+    """A node (its data dir a member already); its API's URL and its peer port."""
     proc = Proc([PY, "-m", "quorum_node.cli", "run", "--host", "127.0.0.1", "--port", "0", "--name", name,
                  "--data-dir", data_dir, "--no-detect", "--no-embedded-engine", "--log-format", "json",
                  "--log-level", "info", *extra])
     started = proc.read_json_line("stderr", "node_started", 60)
+    peer_port = proc.read_json_line("stderr", "peer_port", 5)["peer_port"]  # cluster_started, logged before
     proc.drain_stderr()
-    return proc, f"http://127.0.0.1:{started['port']}"
+    return proc, f"http://127.0.0.1:{started['port']}", peer_port
 
 
 # ---------------------------------------------------------------------------
@@ -663,7 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.streams = [s for s in args.streams if s <= 4] or [1, 4]
         routes = {"direct": engine_url}
         tmp = tempfile.mkdtemp(prefix="quorum-bench-")
-        cluster = ["--cluster", "bench", "--secret", "bench-secret", "--no-mdns"]
+        for name in ("B", "A", "B0", "C"):  # B founds the cluster, the others are admitted
+            enrol(Path(tmp), "bench", "bench", Path(tmp) / name, name)
+        cluster = ["--no-mdns"]
         relay_args: list[str] = []
         if "relay" in wanted:
             token = "bench-relay-token-0123456789"
@@ -675,25 +683,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             relay_args = ["--relay", f"ws://127.0.0.1:{relay_port}", "--relay-token", token]
             node_procs["relay (the relay itself)"] = relay_proc
         if wanted:
-            b, b_url = start_node_and_port("B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}", *cluster,
-                                                             *relay_args])
+            b, b_url, b_peer_port = start_node_and_port("B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}",
+                                                                          *cluster, *relay_args])
             procs.append(b)
             node_procs["local"] = b
             if "local" in wanted:
                 routes["local"] = b_url
             if "lan" in wanted:
-                a, a_url = start_node_and_port("A", f"{tmp}/A", [*cluster, "--peer", b_url.removeprefix("http://")])
+                a, a_url, _ = start_node_and_port("A", f"{tmp}/A", [*cluster, "--peer", f"127.0.0.1:{b_peer_port}"])
                 procs.append(a)
                 node_procs["lan"] = a
                 routes["lan"] = a_url
             if "ledger" in wanted:  # B again with no ledger and no metrics: what they cost is local - bare
-                b0, b0_url = start_node_and_port("B0", f"{tmp}/B0", ["--backend", f"{kind}={engine_url}", *cluster,
+                b0, b0_url, _ = start_node_and_port("B0", f"{tmp}/B0", ["--backend", f"{kind}={engine_url}", *cluster,
                                                                      "--no-ledger", "--no-metrics"])
                 procs.append(b0)
                 node_procs["bare"] = b0
                 routes["bare"] = b0_url
             if "relay" in wanted:  # node C reaches B only through the relay
-                c, c_url = start_node_and_port("C", f"{tmp}/C", [*cluster, *relay_args])
+                c, c_url, _ = start_node_and_port("C", f"{tmp}/C", [*cluster, *relay_args])
                 procs.append(c)
                 node_procs["relay"] = c
                 routes["relay"] = c_url

@@ -4,7 +4,11 @@ Topology (every process on 127.0.0.1, nothing else)::
 
     local  client ─────────────────────────────► node B ──► fake engine (vLLM wire format)
     lan    client ──► node A ──► FaultProxy ──► node B       (A has no engine; its --peer is
-                                                             the proxy in front of B)
+                                                             the proxy in front of B's peer
+                                                             port: mutual TLS passes through)
+
+A and B are members of one cluster: their data dirs are enrolled before they start,
+as ``quorum-node invite`` and ``join`` would leave them (``tests/members_support.py``).
 
 Load: ``--streams`` client loops, half on each route; half of each use the real
 ``openai`` SDK (max_retries=0), the other half parse the SSE themselves with aiohttp,
@@ -21,7 +25,7 @@ Faults, at random:
                 or an RST
   LAN resets    every ~``--lan-reset-every-s`` the proxy RSTs every open A↔B connection
   peer restart  every ~``--restart-every-s`` node B gets SIGTERM and is started again on
-                the same port and data dir (none in the last part of the run, so that its
+                the same ports (API and peer) and data dir (none in the last part of the run, so that its
                 last incarnation is measured over a long enough stretch)
 
 Every request ends as one of:
@@ -64,7 +68,6 @@ import ctypes
 import json
 import os
 import random
-import secrets
 import signal
 import socket
 import statistics
@@ -83,6 +86,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.faults import FaultProxy, hard_reset  # noqa: E402  (the repo's own test tools)
+from tests.members_support import enrol  # noqa: E402
 
 try:
     import openai
@@ -227,7 +231,7 @@ def serve_engine(interval_s: float, cut_fraction: float, seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The LAN hop's fault proxy (runs as ``python scripts/soak.py --serve-proxy PORT``)
+# The LAN hop's fault proxy (runs as ``python scripts/soak.py --serve-proxy PORT``, PORT: B's peer port)
 
 
 def serve_proxy(target_port: int, latency_s: float) -> None:
@@ -339,7 +343,7 @@ class Child:
                     self.errors.append(text.strip()[:600])
                 elif level == "warning":
                     self.warnings[str(obj.get("event"))] += 1
-                if "port" in obj or "reply" in obj:
+                if "port" in obj or "peer_port" in obj or "reply" in obj:
                     self._marks.append(obj)
                     for key, fut in self._waiters:
                         if not fut.done() and _matches(obj, key):
@@ -365,7 +369,7 @@ class Child:
         return await self.wait_for(cid, timeout_s)
 
     async def wait_for(self, key: str, timeout_s: float) -> dict[str, Any]:
-        """The first line with a port and ``key`` (or event ``key``), or the reply ``key``."""
+        """The first line with a port (or a peer port) and ``key`` (or event ``key``), or the reply ``key``."""
         for obj in self._marks:
             if _matches(obj, key):
                 return obj
@@ -635,7 +639,8 @@ class Soak:
         self.t0 = self.loop.time()
         self.deadline = self.t0 + args.duration_s
         self.dir = Path(tempfile.mkdtemp(prefix="quorum-soak-"))
-        self.secret = secrets.token_hex(16)
+        for name in ("B", "A"):  # B founds the cluster; A is admitted
+            enrol(self.dir, "soak", "soak", self.dir / name, name)
         self.gate = Gate()
         self.tally = Tally()
         self.checkpoints: list[Checkpoint] = []
@@ -651,6 +656,7 @@ class Soak:
         self.old_b: list[Child] = []
         self.b_incarnation = 0
         self.b_port = 0
+        self.b_peer_port = 0  # B's mutual-TLS listener for A (through the proxy)
         self.proxy: Child | None = None
         self.probe: aiohttp.ClientSession | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -702,14 +708,16 @@ class Soak:
     async def start_node(self, name: str, port: int, extra: Sequence[str], incarnation: int) -> Child:
         args = [PY, "-m", "quorum_node.cli", "run", "--host", "127.0.0.1", "--port", str(port), "--name", name,
                 "--data-dir", str(self.dir / name), "--no-detect", "--no-embedded-engine", "--no-mdns",
-                "--cluster", "soak", "--log-format", "json", "--log-level", self.args.node_log_level, *extra]
-        child = await Child.start(f"node {name}#{incarnation}", args, self.dir / f"node-{name}-{incarnation}.log",
-                                  env={"QUORUM_CLUSTER_SECRET": self.secret})
+                "--log-format", "json", "--log-level", self.args.node_log_level, *extra]
+        child = await Child.start(f"node {name}#{incarnation}", args, self.dir / f"node-{name}-{incarnation}.log")
         child.port = int((await child.wait_for("node_started", 60))["port"])
         return child
 
     async def start_b(self) -> Child:
-        return await self.start_node("B", self.b_port, ["--backend", f"vllm={self.engine_url}"], self.b_incarnation)
+        b = await self.start_node("B", self.b_port, ["--backend", f"vllm={self.engine_url}",
+                                                     "--peer-port", str(self.b_peer_port)], self.b_incarnation)
+        self.b_peer_port = int((await b.wait_for("cluster_started", 5))["peer_port"])
+        return b
 
     async def wait_model(self, base: str, timeout_s: float = 60) -> None:
         end = self.loop.time() + timeout_s
@@ -732,7 +740,7 @@ class Soak:
         self.b = await self.start_b()
         self.b_port = self.b.port
         self.proxy = await Child.start(
-            "proxy", [PY, str(Path(__file__).resolve()), "--serve-proxy", str(self.b_port),
+            "proxy", [PY, str(Path(__file__).resolve()), "--serve-proxy", str(self.b_peer_port),
                       "--lan-latency-ms", str(a.lan_latency_ms)], self.dir / "proxy.log", commands=True)
         self.proxy.port = int((await self.proxy.wait_for("port", 30))["port"])
         self.a = await self.start_node("A", 0, ["--peer", f"127.0.0.1:{self.proxy.port}"], 0)

@@ -3,10 +3,12 @@
 It talks to the node of its own namespace at http://127.0.0.1:32768 (loopback:
 trusted, no key) and prints one JSON line per event on stdout, flushed:
 
-    models [--expect JSON] [--timeout S]    GET /v1/models; with --expect ({model: [nodes]}),
-                                            poll until those entries match or the time is up
+    models [--expect JSON] [--absent IDS] [--timeout S]
+                                            GET /v1/models; with --expect ({model: [nodes]}) and
+                                            --absent (comma-separated ids), poll until those entries
+                                            match and none of those ids is listed, or the time is up
                                             → {"status", "models": {id: nodes}, "elapsed_s"}
-    chat MODEL [--stream]                   the real openai SDK
+    chat MODEL [--stream] [--prompt TEXT]   the real openai SDK (the user message: TEXT, default "hi")
                                             → {"event": "first_chunk"} (streams), then
                                               {"status", "node", "route", "content", "error", "done_seen": null}
     raw MODEL                               a streamed chat read as raw SSE with aiohttp
@@ -15,8 +17,15 @@ trusted, no key) and prints one JSON line per event on stdout, flushed:
     cut MODEL                               ``chat --stream`` and ``raw`` side by side; one
                                             {"event": "first_chunk"} once both have content, then
                                             {"sdk": {...}, "raw": {...}}
-    signed-get URL SECRET                   GET URL signed with the cluster key of SECRET
-                                            → {"status"}
+    peer-get URL --data-dir DIR [--introduce]
+                                            GET URL (a peer port, https) as the node whose keys are in
+                                            DIR would: mutual TLS with its certificate, trusting any
+                                            server; --introduce first posts DIR's membership records
+                                            there, as a member the node has not heard of does
+                                            → {"status" (None: no answer), "error", "body",
+                                               "introduced": the answer's counts or its error}
+    plain-get URL                           one plain-HTTP GET (bytes on the wire in the clear)
+                                            → {"status", "error"}
     peers [--until-relay STATE] [--timeout S]
                                             GET /quorum/v1/peers (polled until ``relay.state`` is
                                             STATE) → the body plus "elapsed_s"
@@ -28,6 +37,10 @@ trusted, no key) and prints one JSON line per event on stdout, flushed:
                                             every namespace), "attempts", "status", "node", "route",
                                             "content", "last_error"}; with --go-on-stdin it says
                                             {"event": "waiting"} once loaded and starts on a line on stdin
+    watch MODEL [--interval S]              non-streamed chats through the openai SDK, one every S
+                                            (0.1) seconds, until a line on stdin: {"event": "watching"}
+                                            once the first has been answered, then {"results": [[at,
+                                            status, node, content or error], ...]} (``at``: monotonic)
 """
 
 from __future__ import annotations
@@ -36,15 +49,18 @@ import argparse
 import asyncio
 import json
 import socket
+import ssl
 import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import openai
 
-from quorum_node.cluster.signing import derive_keys, sign
+from quorum_node.cluster.identity import IDENTITY_FILE, load_or_create_identity
+from tests.members_support import client_tls, records_of
 
 BASE = "http://127.0.0.1:32768"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -74,13 +90,13 @@ class FirstChunk:
                 emit(event="first_chunk")
 
 
-async def sdk_chat(model: str, stream: bool, first: FirstChunk) -> dict[str, Any]:
+async def sdk_chat(model: str, stream: bool, first: FirstChunk, prompt: str = "hi") -> dict[str, Any]:
     """A chat through the openai SDK; tells ``first`` when content first arrives."""
     async with openai.AsyncOpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0) as client:
         out = _result()
         try:
             raw = await client.chat.completions.with_raw_response.create(
-                model=model, messages=MESSAGES, stream=stream  # type: ignore[arg-type]
+                model=model, messages=[{"role": "user", "content": prompt}], stream=stream  # type: ignore[arg-type]
             )
             out.update(status=raw.status_code, node=raw.headers.get("X-Quorum-Node"),
                        route=raw.headers.get("X-Quorum-Route"))
@@ -139,7 +155,7 @@ async def raw_chat(model: str, first: FirstChunk) -> dict[str, Any]:
     return out
 
 
-async def models(expect: dict[str, list[str]] | None, timeout_s: float) -> dict[str, Any]:
+async def models(expect: dict[str, list[str]] | None, timeout_s: float, absent: list[str] = ()) -> dict[str, Any]:
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while True:
@@ -148,28 +164,48 @@ async def models(expect: dict[str, list[str]] | None, timeout_s: float) -> dict[
                 body = await resp.json()
             listed = {m["id"]: m.get("nodes") for m in body.get("data") or ()}
             elapsed = time.monotonic() - t0
-            done = expect is None or all(listed.get(k) == v for k, v in expect.items())
+            done = (expect is None or all(listed.get(k) == v for k, v in expect.items())) \
+                and not any(k in listed for k in absent)
             if done or elapsed > timeout_s:
                 return {"status": status, "models": listed, "elapsed_s": round(elapsed, 3)}
             await asyncio.sleep(0.1)
 
 
-async def signed_get(url: str, secret: str) -> dict[str, Any]:
-    """GET a peer endpoint as a cluster member would: learn the node's id from /health, then sign for it."""
+async def peer_get(url: str, data_dir: str, introduce: bool) -> dict[str, Any]:
+    """GET a peer endpoint as the node whose keys are in ``data_dir`` would (mutual TLS, its certificate)."""
+    if not (Path(data_dir) / IDENTITY_FILE).exists():
+        raise SystemExit(f"lan_client: no node keys in {data_dir}")
+    identity = load_or_create_identity(Path(data_dir))
     parts = urlsplit(url)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    keys = derive_keys(secret.encode())
     base = f"{parts.scheme}://{parts.netloc}"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        probe = sign(keys, method="GET", path="/quorum/v1/health", body=b"", node_id="lan-client", to="*",
-                     now=time.time())
-        async with session.get(base + "/quorum/v1/health", headers=probe, allow_redirects=False) as resp:
-            if resp.status != 200:
-                return {"status": resp.status, "body": (await resp.read()).decode(errors="replace")[:500]}
-            to = (await resp.json())["node_id"]
-        headers = sign(keys, method="GET", path=path, body=b"", node_id="lan-client", to=to, now=time.time())
-        async with session.get(url, headers=headers, allow_redirects=False) as resp:
-            return {"status": resp.status, "body": (await resp.read()).decode(errors="replace")[:500]}
+    out: dict[str, Any] = {"status": None, "error": None, "body": None, "introduced": None}
+    timeout = aiohttp.ClientTimeout(total=10)
+    if introduce:  # no certificate of its own: the introduction's way in (members_sync.py)
+        intro = aiohttp.TCPConnector(ssl=client_tls(None, None))
+        try:
+            async with aiohttp.ClientSession(connector=intro, timeout=timeout) as session, \
+                    session.post(base + "/quorum/v1/members", data=records_of(Path(data_dir))) as resp:
+                out["introduced"] = {"status": resp.status, "body": (await resp.read()).decode(errors="replace")}
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as e:
+            out["introduced"] = {"status": None, "body": f"{type(e).__name__}: {e}"}
+    connector = aiohttp.TCPConnector(ssl=client_tls(identity, None), force_close=True)
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
+                session.get(url, allow_redirects=False) as resp:
+            out.update(status=resp.status, body=(await resp.read()).decode(errors="replace")[:500])
+    except (aiohttp.ClientError, OSError, ssl.SSLError) as e:  # a handshake the server refused, mostly
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+async def plain_get(url: str) -> dict[str, Any]:
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
+                session.get(url, allow_redirects=False) as resp:
+            await resp.read()
+            return {"status": resp.status, "error": None}
+    except (aiohttp.ClientError, OSError) as e:
+        return {"status": None, "error": f"{type(e).__name__}: {e}"}
 
 
 async def peers(until_relay: str, timeout_s: float) -> dict[str, Any]:
@@ -228,6 +264,31 @@ async def poll_chat(model: str, timeout_s: float, go_on_stdin: bool) -> dict[str
             await asyncio.sleep(0.1)
 
 
+async def watch(model: str, interval_s: float) -> dict[str, Any]:
+    results: list[list[Any]] = []
+    stop = asyncio.ensure_future(_stdin_line())
+    try:
+        async with openai.AsyncOpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0, timeout=3.0) as client:
+            while not stop.done():
+                t0 = time.monotonic()
+                try:
+                    raw = await client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
+                    results.append([time.monotonic(), raw.status_code, raw.headers.get("X-Quorum-Node"),
+                                    raw.parse().choices[0].message.content])
+                except openai.APIStatusError as e:
+                    results.append([time.monotonic(), e.status_code, e.response.headers.get("X-Quorum-Node"),
+                                    e.message])
+                except openai.APIError as e:
+                    results.append([time.monotonic(), None, None, f"{type(e).__name__}: {e.message}"])
+                if len(results) == 1:
+                    emit(event="watching")
+                await asyncio.wait([stop], timeout=max(0.0, interval_s - (time.monotonic() - t0)))
+    finally:
+        stop.cancel()
+        await asyncio.gather(stop, return_exceptions=True)
+    return {"results": results}
+
+
 async def main(args: argparse.Namespace) -> int:
     if args.mode == "peers":
         emit(**await peers(args.until_relay, args.timeout))
@@ -236,11 +297,16 @@ async def main(args: argparse.Namespace) -> int:
     elif args.mode == "poll-chat":
         emit(**await poll_chat(args.model, args.timeout, args.go_on_stdin))
     elif args.mode == "models":
-        emit(**await models(json.loads(args.expect) if args.expect else None, args.timeout))
-    elif args.mode == "signed-get":
-        emit(**await signed_get(args.url, args.secret))
+        emit(**await models(json.loads(args.expect) if args.expect else None, args.timeout,
+                            [m for m in args.absent.split(",") if m]))
+    elif args.mode == "peer-get":
+        emit(**await peer_get(args.url, args.data_dir, args.introduce))
+    elif args.mode == "plain-get":
+        emit(**await plain_get(args.url))
+    elif args.mode == "watch":
+        emit(**await watch(args.model, args.interval))
     elif args.mode == "chat":
-        emit(**await sdk_chat(args.model, args.stream, FirstChunk("sdk")))
+        emit(**await sdk_chat(args.model, args.stream, FirstChunk("sdk"), args.prompt))
     elif args.mode == "raw":
         emit(**await raw_chat(args.model, FirstChunk("raw")))
     else:  # cut
@@ -255,15 +321,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="mode", required=True)
     m = sub.add_parser("models")
     m.add_argument("--expect", default="")
+    m.add_argument("--absent", default="")
     m.add_argument("--timeout", type=float, default=0.0)
     c = sub.add_parser("chat")
     c.add_argument("model")
     c.add_argument("--stream", action="store_true")
+    c.add_argument("--prompt", default="hi")
     sub.add_parser("raw").add_argument("model")
     sub.add_parser("cut").add_argument("model")
-    g = sub.add_parser("signed-get")
+    g = sub.add_parser("peer-get")
     g.add_argument("url")
-    g.add_argument("secret")
+    g.add_argument("--data-dir", required=True)
+    g.add_argument("--introduce", action="store_true")
+    sub.add_parser("plain-get").add_argument("url")
+    w = sub.add_parser("watch")
+    w.add_argument("model")
+    w.add_argument("--interval", type=float, default=0.1)
     pe = sub.add_parser("peers")
     pe.add_argument("--until-relay", default="")
     pe.add_argument("--timeout", type=float, default=0.0)

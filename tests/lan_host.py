@@ -2,13 +2,16 @@
 
 Inside a namespace, ``python -m tests.lan_host`` is one host: a fake engine plus a quorum node::
 
-    python -m tests.lan_host --name h1 --ip 10.78.0.1 --data-dir DIR --secret S \
+    python -m tests.lan_host --name h1 --ip 10.78.0.1 --data-dir DIR \
         [--relay URL --relay-token T] [--models a,b] [--tokens '["x"," y"]'] [--token-delay-s 0.0]
 
-The fake engine listens on 127.0.0.1:0 inside the namespace; the node listens
-on 0.0.0.0:32768, binds zeroconf to ``--ip`` only and, with ``--relay``, joins
-that relay too. When both are up it prints one line ``@@{"ready": {...}}`` on
-stdout. It runs until SIGTERM/SIGINT (a clean stop: mDNS goodbye, draining,
+The data dir must already hold the node's keys and membership (the test
+enrols it, ``tests/members_support.py``, before spawning the host: as
+``invite`` and ``join`` would leave it). The fake engine listens on
+127.0.0.1:0 inside the namespace; the node listens on 0.0.0.0:32768 (its
+peers' mutual-TLS port on 32769), binds zeroconf to ``--ip`` only and, with
+``--relay``, joins that relay too. When both are up it prints one line
+``@@{"ready": {...}}`` on stdout. It runs until SIGTERM/SIGINT (a clean stop: mDNS goodbye, draining,
 then ``@@{"stopped": true}`` and exit 0). A JSON object on a stdin line sets
 engine knobs (``{"token_delay_s": 0.1, "tokens": [...]}``) and is answered with
 ``@@{"set": [...names]}``, so a test can slow one engine down on demand; each
@@ -39,11 +42,13 @@ from quorum_node.log import configure_logging
 from quorum_node.node import Node
 from quorum_node.settings import load_settings
 from tests.fakes.engines import start_fake
+from tests.members_support import enrol
 
-__all__ = ["PORT", "RELAY_PORT", "Lan", "Namespaces", "Proc", "Wan"]
+__all__ = ["PEER_PORT", "PORT", "RELAY_PORT", "Lan", "Namespaces", "Proc", "Wan"]
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 32768
+PEER_PORT = PORT + 1  # the node's default: its API port + 1
 RELAY_PORT = 8787
 
 
@@ -93,7 +98,6 @@ async def main(args: argparse.Namespace) -> int:
         "backends": [{"kind": "openai", "url": engine.url, "name": "fake"}],
         "detect": False, "embedded_engine": False,
         "mdns": True, "mdns_interfaces": [args.ip],
-        "cluster": "lan", "cluster_secret": args.secret,
         **({"relay": args.relay, "relay_token": args.relay_token} if args.relay else {}),
         "health_interval_s": 0.5, "peer_down_after_s": 3.0,
         "log_format": "json", "log_level": args.log_level,
@@ -106,9 +110,10 @@ async def main(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task[None]] = []
     try:
         await node.start()
-        assert node.cluster is not None
-        say(ready={"name": args.name, "pid": os.getpid(), "port": node.port, "node_id": node.cluster.node_id,
-                   "engine": engine.url, "models": models})
+        if node.cluster is None:
+            raise SystemExit(f"lan_host: {args.data_dir} is no member of a cluster (enrol it before spawning)")
+        say(ready={"name": args.name, "pid": os.getpid(), "port": node.port, "peer_port": node.peer_port,
+                   "node_id": node.cluster.node_id, "engine": engine.url, "models": models})
         tasks.append(asyncio.create_task(_control(engine), name="lan-host-control"))
         tasks.append(asyncio.create_task(_report_requests(engine), name="lan-host-requests"))
         await stop.wait()
@@ -126,8 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", required=True)
     p.add_argument("--ip", required=True, help="this namespace's LAN address (zeroconf binds to it only)")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--secret", required=True)
+    p.add_argument("--data-dir", required=True, help="a member's data dir (keys and membership records)")
     p.add_argument("--relay", default="", help="ws://HOST:PORT of a quorum-relay to join as well")
     p.add_argument("--relay-token", default="")
     p.add_argument("--models", default="", help="comma-separated model ids the fake engine holds")
@@ -228,6 +232,19 @@ class Proc:
         await self.proc.stdin.drain()
         assert await self.message("set", 5.0, after=mark) == sorted(knobs)
 
+    async def ask(self, key: str, timeout_s: float, **command: Any) -> Any:
+        """Send ``command`` as a JSON line on stdin; the value of the answer ``@@`` message holding ``key``."""
+        assert self.proc.stdin is not None
+        mark = self.mark()
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self.message(key, timeout_s, after=mark)
+
+    def messages_of(self, key: str, *, after: int = 0, until: int | None = None) -> list[Any]:
+        """The values of the ``@@`` messages holding ``key`` read so far (between positions ``after`` and
+        ``until``)."""
+        return [m[key] for m in self.messages[after:until] if key in m]
+
     async def kill(self) -> None:
         """SIGKILL: no goodbye, no drain, no close frame; the kernel closes its sockets."""
         if self.proc.returncode is None:
@@ -292,15 +309,44 @@ class Namespaces:
         self.procs.append(p)
         return p
 
-    async def host(self, place: Any, name: str, *, secret: str, models: list[str], tokens: list[str],
+    def data_dir(self, name: str) -> Path:
+        """The data dir of the host ``name`` (its keys and membership)."""
+        return self.tmp / name
+
+    def enrol(self, name: str, secret: str, cluster: str = "lan") -> None:
+        """Make the data dir of host ``name`` a member of the test cluster ``(cluster, secret)`` (the first
+        one enrolled founds it): what ``invite`` and ``join`` leave. Call it before the host starts."""
+        enrol(self.tmp, cluster, secret, self.data_dir(name), name)
+
+    async def host(self, place: Any, name: str, *, secret: str | None, models: list[str], tokens: list[str],
                    relay: str = "", relay_token: str = "") -> Proc:
-        """This module's host (fake engine and node) at ``place``; ``relay``: join it too."""
+        """This module's host (fake engine and node) at ``place``; ``relay``: join it too.
+
+        ``secret`` names the test cluster its data dir is enrolled in first (``enrol``; nothing if it is a
+        member already); None: the data dir is used as it is (a node that comes back with its old one)."""
+        if secret is not None:
+            self.enrol(name, secret)
         extra = ["--relay", relay, "--relay-token", relay_token] if relay else []
         return await self.spawn(
             place, name, sys.executable, "-m", "tests.lan_host", "--name", name, "--ip", self.ip(place),
-            "--data-dir", str(self.tmp / name), "--secret", secret, "--models", ",".join(models),
+            "--data-dir", str(self.data_dir(name)), "--models", ",".join(models),
             "--tokens", json.dumps(tokens), *extra,
         )
+
+    async def run(self, place: Any, *argv: str, timeout_s: float = 20.0) -> tuple[int, str, str]:
+        """Run ``argv`` to its end in the namespace at ``place`` (a CLI, say): its exit status, stdout, stderr."""
+        proc = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", self.ns(place), *argv, cwd=ROOT, env=self.env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
     async def start_client(self, place: Any, *args: str, stdin: int | None = None) -> asyncio.subprocess.Process:
         """``python -m tests.lan_client ARGS`` in the namespace at ``place``, running."""

@@ -327,13 +327,17 @@ def test_is_loopback(remote: str | None, ok: bool) -> None:
     assert is_loopback(remote) is ok
 
 
-async def test_hop_header_without_signature_is_refused_even_from_loopback(
+async def test_a_peer_claim_on_the_public_port_is_refused_even_from_loopback(
         start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    """A peer is whoever its link proved (the peer port's mutual TLS, or the relay's session): a request on the
+    public port that says it comes from a node is refused, whatever else it carries — even a valid API key."""
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
+    _, key = node.keys.create("app")
     body = {"model": MODEL, "messages": MSGS}
-    for headers in ({"X-Quorum-Hop": "1"}, {"X-Quorum-Signature": "forged"},
-                    {"X-Quorum-Hop": "1", "X-Quorum-Signature": "v1=deadbeef"}):
+    for headers in ({"X-Quorum-Hop": "1"}, {"X-Quorum-Node-Id": "0123456789abcdef01234567"},
+                    {"X-Quorum-Hop": "1", "X-Quorum-Signature": "v1=deadbeef"},
+                    {"X-Quorum-Hop": "1", "Authorization": f"Bearer {key}"}):
         async with http.post(node.url + "/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status == 401, headers
             err = (await r.json())["error"]

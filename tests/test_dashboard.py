@@ -225,7 +225,10 @@ async def test_online_since_starts_again_when_a_peer_comes_back(start_node: Star
     n0 = await start_node(name="stays", backends=[{"kind": "openai", "url": e0.url}], peer_down_after_s=1.0,
                           **CLUSTER)
     e1 = await fake("openai", models=["b"])
-    n1 = await start_node(name="leaves", backends=[{"kind": "openai", "url": e1.url}], **CLUSTER)
+    # "leaves" was admitted after "stays" started: it reaches "stays" to introduce itself (its membership),
+    # as a node that joined through another member does, before "stays" can trust its certificate
+    to_n0 = [f"127.0.0.1:{n0.peer_port}"]
+    n1 = await start_node(name="leaves", backends=[{"kind": "openai", "url": e1.url}], peers=to_n0, **CLUSTER)
     assert n0.cluster is not None
     n0.cluster.table.add_static(f"127.0.0.1:{n1.peer_port}")
 
@@ -239,7 +242,7 @@ async def test_online_since_starts_again_when_a_peer_comes_back(start_node: Star
 
     await eventually(online, what="the peer is online")
     first = (await leaves())["since"]  # type: ignore[index]
-    port = n1.port
+    port, peer_port = n1.port, n1.peer_port
     await n1.stop()
 
     async def gone() -> bool:
@@ -247,9 +250,9 @@ async def test_online_since_starts_again_when_a_peer_comes_back(start_node: Star
         return bool(p and not p["online"] and p["since"] is None)
 
     await eventually(gone, what="the stopped peer is offline, since nothing")
-    again = await start_node(name="leaves", port=port, data_dir=n1.settings.data_dir,
-                             backends=[{"kind": "openai", "url": e1.url}], **CLUSTER)
-    assert again.port == port
+    again = await start_node(name="leaves", port=port, peer_port=peer_port, data_dir=n1.settings.data_dir,
+                             backends=[{"kind": "openai", "url": e1.url}], peers=to_n0, **CLUSTER)
+    assert again.port == port and again.peer_port == peer_port
     await eventually(online, timeout_s=10, what="the peer is back")
     assert (await leaves())["since"] > first  # type: ignore[index]
 

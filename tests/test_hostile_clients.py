@@ -26,6 +26,7 @@ import pytest
 from quorum_node.node import Node
 from tests.conftest import eventually
 from tests.fakes.engines import FakeEngine
+from tests.members_support import client_tls
 from tests.netns import netns_unavailable
 
 StartNode = Callable[..., Awaitable[Node]]
@@ -139,21 +140,33 @@ async def test_an_encoding_the_node_does_not_inflate_is_a_415(start_node, fake, 
     assert "Brotli" not in body["error"]["message"]
 
 
-async def test_an_unauthenticated_peer_claim_is_refused_before_its_body_is_read(start_node, fake) -> None:
-    eng = await fake("vllm")
-    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], cluster="home", cluster_secret="s" * 32)
-    # 100 MB announced, not one byte of it sent: the answer still comes, so the body was never waited for
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"X-Quorum-Signature: " + b"0" * 64 + b"\r\nContent-Length: 100000000\r\n\r\n")
-    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+async def _refusal_before_body(port: int, head: bytes, *, ssl: Any = None) -> bytes:
+    """Send ``head`` (a request announcing 100 MB of body, not one byte of it sent) and read the answer: it
+    can only come if the node never waited for the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl)
     try:
         writer.write(head)
         async with asyncio.timeout(5):
-            raw = await reader.readuntil(b"}}")
+            return await reader.readuntil(b"}}")
     finally:
         writer.close()
         await writer.wait_closed()
-    status, headers, body = split_response(raw)
+
+
+async def test_an_unauthenticated_peer_claim_is_refused_before_its_body_is_read(start_node, fake) -> None:
+    eng = await fake("vllm")
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], cluster="home", cluster_secret="s" * 32)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"%b\r\nContent-Length: 100000000\r\n\r\n")
+    # the public port, claiming to be a peer: a peer proves itself by its link, never by a header
+    for claim in (b"X-Quorum-Hop: 1", b"X-Quorum-Node-Id: 0123456789abcdef01234567"):
+        status, headers, body = split_response(await _refusal_before_body(node.port, head % claim))
+        assert status == 401 and headers["connection"] == "close", claim
+        assert_openai_error(body, "unauthorized")
+    # the peer port, over TLS but without a member's certificate
+    anonymous = client_tls(None, node.identity.cert_der)
+    status, headers, body = split_response(
+        await _refusal_before_body(node.peer_port, head % b"X-Quorum-Hop: 1", ssl=anonymous))
     assert status == 401 and headers["connection"] == "close"
     assert_openai_error(body, "unauthorized")
     assert not eng.requests

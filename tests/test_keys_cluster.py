@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -26,10 +27,12 @@ import openai
 import pytest
 
 from quorum_node import cli
-from quorum_node.cluster.signing import derive_keys, derive_records_key, sign
+from quorum_node.cluster.identity import NodeIdentity, load_or_create_identity
+from quorum_node.cluster.members_sync import RecordSigner
 from quorum_node.control.keys import KeyRecord, sign_record
 from quorum_node.node import Node
 from quorum_node.records import Record
+from tests.members_support import client_tls, member_client
 from tests.netns import netns_unavailable
 
 CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
@@ -210,12 +213,6 @@ async def _named(node: Node, key_id: str) -> bool:
     return node.keys.name_of(key_id) is not None
 
 
-def _signed_post(target: Node, body: bytes, *, secret: str = "s3cret") -> dict[str, str]:
-    headers = sign(derive_keys(secret.encode()), method="POST", path="/quorum/v1/keys", body=body,
-                   node_id="intruder01", to=target.cluster.node_id, now=time.time())
-    return {**headers, "Content-Type": "application/json"}
-
-
 async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
     a, b = trio.nodes["a"], trio.nodes["b"]
     _, key = b.keys.create("genuine", models=["model-a"])
@@ -223,30 +220,74 @@ async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
     genuine = next(r for r in b.keys.records() if r.name == "genuine")
     # 1. a field changed after signing: all models, and admin
     widened = msgspec.structs.replace(genuine, models=(), admin=True, version=genuine.version + 5)
-    # 2. a record made with another cluster's records key, for a key the forger holds
+    # 2. a record signed by a node that is no member, for a key the forger holds
     forged_secret = "qk_" + "f" * 43
-    import hashlib
-
-    forged = sign_record(derive_records_key(b"another cluster"), KeyRecord(
+    stranger = NodeIdentity.generate()
+    forged = sign_record(RecordSigner(stranger, None), KeyRecord(
         id="k_aaaaaaaaaaaa", name="forged", prefix="qk_ffffffff", hash=hashlib.sha256(forged_secret.encode()).hexdigest(),
-        created=time.time(), origin="intruder01"))
+        created=time.time(), origin=stranger.node_id))
     # 3. a tombstone nobody signed (it would revoke the genuine key)
     fake_revoke = msgspec.structs.replace(genuine, revoked=time.time(), version=genuine.version + 1)
-    body = msgspec.json.encode({"records": [widened, forged, fake_revoke]})
-    async with aiohttp.ClientSession() as http:
-        async with http.post(a.url + "/quorum/v1/keys", data=body, headers=_signed_post(a, body)) as resp:
+    # 4. the same record, passed off as the stranger's own but claiming b wrote it
+    claimed = msgspec.structs.replace(forged, origin=b.cluster.node_id)
+    body = msgspec.json.encode({"records": [widened, forged, fake_revoke, claimed]})
+    headers = {"Content-Type": "application/json"}
+
+    # Sent by a member over the peer port: taken apart record by record, each refused.
+    member, base = await member_client(trio.tmp, a, CLUSTER)
+    async with member:
+        async with member.post(base + "/quorum/v1/keys", data=body, headers=headers) as resp:
             assert resp.status == 200
             answer = await resp.json()
-        assert answer["rejected"] == 3 and answer["changed"] == 0
+        assert answer["rejected"] == 4 and answer["changed"] == 0
         # garbage and oversized lists are 400s, never 500s
         for junk in (b"[1,2]", b'{"records": [{"id": 1}]}', b'{"records": ' + b"[" + b"{}," * 10_001 + b"{}]}"):
-            async with http.post(a.url + "/quorum/v1/keys", data=junk, headers=_signed_post(a, junk)) as resp:
+            async with member.post(base + "/quorum/v1/keys", data=junk, headers=headers) as resp:
                 assert resp.status == 400, junk[:40]
+
+        # Sent by a member since removed, even one it signed itself: refused, on its old connection or a new one.
+        tester = load_or_create_identity(trio.tmp / "tester")
+        own_secret = "qk_" + "e" * 43
+        own = sign_record(RecordSigner(tester, None), KeyRecord(
+            id="k_bbbbbbbbbbbb", name="removed-members", prefix="qk_eeeeeeee",
+            hash=hashlib.sha256(own_secret.encode()).hexdigest(), created=time.time(), origin=tester.node_id))
+        own_body = msgspec.json.encode({"records": [own]})
+        async with member.get(base + "/quorum/v1/keys") as resp:  # a live connection, a member's
+            assert resp.status == 200
+        a.cluster.members.remove(a.cluster.identity, tester.node_id, time.time())
+        assert await _refused_on_peer_port(member, base + "/quorum/v1/keys", own_body)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(tester, None))) as again:
+        assert await _refused_on_peer_port(again, base + "/quorum/v1/keys", own_body)
+    assert not await accepted(a, own_secret, "model-a")
+
+    # Sent by a non-member: refused before any record is looked at.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(None, None))) as anon:
+        async with anon.post(base + "/quorum/v1/keys", data=body, headers=headers) as resp:
+            assert resp.status == 401  # the peer port without a certificate
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(stranger, None))) as s:
+        with pytest.raises(aiohttp.ClientError):  # the stranger's own certificate: no handshake
+            async with s.post(base + "/quorum/v1/keys", data=body, headers=headers) as resp:
+                await resp.read()
+    async with aiohttp.ClientSession() as http:  # the public port, claiming to be b
+        async with http.post(a.url + "/quorum/v1/keys", data=body,
+                             headers={**headers, "X-Quorum-Node-Id": b.cluster.node_id}) as resp:
+            assert resp.status == 401
+
     assert await accepted(a, key, "model-a")  # still live, still scoped
     with pytest.raises(openai.PermissionDeniedError):
         await chat(a, key, "model-b")
     assert not await accepted(a, forged_secret, "model-a")
     assert a.keys.name_of("k_aaaaaaaaaaaa") is None
+    assert next(r for r in a.keys.records() if r.name == "genuine") == genuine
+
+
+async def _refused_on_peer_port(session: aiohttp.ClientSession, url: str, body: bytes) -> bool:
+    """Whether a POST is refused outright: 401, or no TLS session (the handshake or the connection fails)."""
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+            return resp.status == 401
+    except aiohttp.ClientError:
+        return True
 
 
 # -- off loopback, for real: a caller in another network namespace ------------------------

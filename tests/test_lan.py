@@ -5,12 +5,15 @@ Every host runs ``tests/lan_host.py`` (a fake engine plus a node on :32768,
 zeroconf bound to the host's LAN address only); every client call is
 ``tests/lan_client.py`` run inside a host's namespace (host 1's, mostly), talking
 to its node over loopback with the real openai SDK or raw aiohttp. Hosts find each other by real
-multicast mDNS, fetch catalogs and forward requests over signed HTTP, and are
-killed with SIGKILL to prove the failure contract across real sockets.
+multicast mDNS, fetch catalogs and forward requests over mutual TLS on their
+peer ports, and are killed with SIGKILL to prove the failure contract across
+real sockets.
 
 The LAN: host 1 holds nothing; hosts 2 and 3 both hold ``shared-model`` and one
-model each of their own (``only2``, ``only3``); host 4 holds ``secret-model``
-but was given the wrong cluster secret.
+model each of their own (``only2``, ``only3``); hosts 1-3 are members of one
+cluster (each data dir enrolled as ``invite`` and ``join`` leave it, just before
+its host starts: ``tests/members_support.py``). Host 4 holds ``secret-model``
+and is a member of another cluster: its own keys, its own founder.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.lan_host import PORT, Lan, Proc
+from tests.lan_host import PEER_PORT, PORT, Lan, Proc
 from tests.netns import netns_unavailable as _netns_unavailable
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
 NET = "10.78.0"  # test_mdns.py's namespace test uses 10.77.0
-SECRET = "lan-secret-" + secrets.token_hex(8)
-WRONG_SECRET = "not-the-" + SECRET
+SECRET = "lan-secret-" + secrets.token_hex(8)  # names the test cluster (tests/members_support.py)
+WRONG_SECRET = "not-the-" + SECRET  # another cluster
 DISCOVERY_DEADLINE_S = 10.0
 STEP_DEADLINE_S = 20.0
 
@@ -93,8 +96,8 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
         assert listed["models"] == expect, f"not discovered within {DISCOVERY_DEADLINE_S} s"
         discovered_s = time.monotonic() - started
 
-        # 6a. The wrong-secret host is on the same wire and serving (its model is missing from the
-        #     exact listing above), but it sees none of the cluster either.
+        # 6a. The other cluster's host is on the same wire and serving (its model is missing from the
+        #     exact listing above), but it sees none of this cluster either.
         own = await lan.client(4, "models")
         assert own["models"] == {"secret-model": [h4.name]}
 
@@ -163,18 +166,20 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
         assert sdk["error"] is not None and sdk["error"].startswith("APIError"), sdk
         assert cut_s < 10.0, f"the broken stream took {cut_s:.1f} s to end"
 
-        # 6b. Long after discovery, the wrong-secret host's model is still absent on host 1 …
+        # 6b. Long after discovery, the other cluster's model is still absent on host 1 …
         final = await lan.client(1, "models")
         assert "secret-model" not in final["models"]
         assert "secret-model" not in listed["models"]
-        # The two clusters leave each other alone: no node ever sent the other cluster a signed request.
-        assert h4.log_events("peer_auth_failed") == []
-        assert h1.log_events("peer_auth_failed") == []
-        # … and host 1 refuses a request signed with host 4's secret, sent from host 4's namespace,
-        # while the same request signed with the cluster's secret passes.
-        catalog = f"http://{lan.ip(1)}:{PORT}/quorum/v1/catalog"
-        assert (await lan.client(4, "signed-get", catalog, WRONG_SECRET))["status"] == 401
-        assert (await lan.client(4, "signed-get", catalog, SECRET))["status"] == 200
+        # The two clusters leave each other alone: neither ever sent the other a request it refused.
+        assert h4.log_events("unauthenticated_request") == []
+        assert h1.log_events("unauthenticated_request") == []
+        # … and host 1 refuses its catalog to host 4's key, asked from host 4's namespace over its peer
+        # port, while the same request with a member's key (host 2's) passes.
+        catalog = f"https://{lan.ip(1)}:{PEER_PORT}/quorum/v1/catalog"
+        stranger = await lan.client(4, "peer-get", catalog, "--data-dir", str(lan.data_dir(h4.name)))
+        assert stranger["status"] in (None, 401), stranger
+        member = await lan.client(4, "peer-get", catalog, "--data-dir", str(lan.data_dir(h2.name)))
+        assert member["status"] == 200 and json.loads(member["body"])["models"] == [], member
 
         # Clean stops of the hosts still alive.
         for h in (h1, h4):

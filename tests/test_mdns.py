@@ -214,7 +214,7 @@ def say(**kw):
 async def main(node_id, ip, expect):
     loop = asyncio.get_running_loop()
     events = asyncio.Queue()
-    d = Discovery(node_id=node_id, name="ns-" + node_id, port=32768, fingerprint="fp-ns",
+    d = Discovery(node_id=node_id, name="ns-" + node_id, port=32769, fingerprint="",
                   interfaces=[ip], on_event=events.put_nowait)
     await d.start()
     stop = loop.run_in_executor(None, sys.stdin.readline)
@@ -302,7 +302,7 @@ async def test_nodes_in_namespaces_discover_each_other_over_a_bridge(request: py
     try:
         for i, child in enumerate(children, start=1):
             seen = await child.message("seen", timeout=10.0)
-            assert seen == {ids[j - 1]: f"10.77.0.{j}:32768" for j in (1, 2, 3) if j != i}
+            assert seen == {ids[j - 1]: f"10.77.0.{j}:32769" for j in (1, 2, 3) if j != i}
         # A clean stop in one namespace is a goodbye on the wire: the others drop it at once.
         await children[2].stop()
         assert await children[2].message("closed", timeout=5.0) is True

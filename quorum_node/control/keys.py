@@ -508,7 +508,8 @@ class KeyStore:
         """Take what peers sent where it outranks ours; returns (changed, rejected).
 
         A record is refused unless it is signed by its origin, a member of the
-        cluster now (a node in no cluster merges nothing). A record this store
+        cluster now (a node in no cluster merges nothing); one held already,
+        unchanged, is passed over (it was checked when it came). A record this store
         would compact is passed over (not a rejection: the peer has not
         compacted it yet). The caller persists (``snapshot``/``write``) when
         something changed.
@@ -516,6 +517,8 @@ class KeyStore:
         changed = rejected = 0
         now = self._clock()
         for r in incoming:
+            if r == self._records.get(r.id):
+                continue  # held already, as it is: nothing to check (its origin may have been removed since)
             if self.signer is None or not record_verifies(self.signer, r):
                 rejected += 1
                 continue

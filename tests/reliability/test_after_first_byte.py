@@ -30,7 +30,6 @@ from tests.reliability.support import (
     assert_healthy,
     chat_body,
     post_raw,
-    reset_link,
 )
 
 ClientFor = Any  # the `client_for` fixture
@@ -71,37 +70,32 @@ FAULTS = [
     Fault("malformed_json", mid("malformed_json")),
     Fault("malformed_shape", mid("malformed_shape")),
     Fault("silence_past_idle_timeout", mid("stall")),
-    Fault("link_rst", link="rst"),
-    Fault("link_fin", link="fin"),
+    Fault("link_rst", link="rst", slow=True),
+    Fault("link_fin", link="fin", slow=True),
     Fault("link_silent", link="silent", slow=True),
 ]
 CASES = [pytest.param(r, f, id=f"{r}-{f}") for f in FAULTS for r in ("local2", "lan2")
          if f.link is None or r == "lan2"]
 
 
-async def arm(fault: Fault, h: Holders, stream_bytes: int, fresh_bytes: int) -> Callable[[], None] | None:
+async def arm(fault: Fault, h: Holders) -> Callable[[], None] | None:
     """Switch the fault on; returns what to call once the first chunk is in (or None).
 
-    ``stream_bytes``: what one answer costs on a connection already open; ``fresh_bytes``: on a new one (the
-    peer link's TLS handshake first)."""
+    A link fault strikes at the first bytes the link passes on after the client has its first chunk (the
+    engine streams slowly, so that is mid-stream): counting bytes from the start of a connection would
+    need to know the size of its TLS handshake."""
     for name, value in fault.engine.items():
         setattr(h.bad, name, value)
     link = h.bad_link
     if fault.link is None:
         return None
     assert link is not None
-    if fault.link == "silent":
-        def go_silent() -> None:
-            link.stall = True
+    knob = {"silent": "stall", "rst": "reset_after_bytes", "fin": "close_after_bytes"}[fault.link]
 
-        return go_silent
-    await reset_link(link)  # the cut counts bytes per connection: start the next one from 0
-    cut = fresh_bytes - stream_bytes // 2  # past the handshake, the head and the first events; before the end
-    if fault.link == "rst":
-        link.reset_after_bytes = cut
-    else:
-        link.close_after_bytes = cut
-    return None
+    def strike() -> None:
+        setattr(link, knob, True if knob == "stall" else 0)
+
+    return strike
 
 
 def disarm(fault: Fault, h: Holders) -> None:
@@ -118,19 +112,9 @@ async def test_a_stream_cut_after_the_first_byte_ends_with_an_error_event(
     h = await build.build(route, bad_kind=fault.kind, bad_knobs=knobs, idle_timeout_s=IDLE_S)
     assert h.good is not None
     client = client_for(h.entry)
-    link_before = h.bad_link.bytes_down if h.bad_link is not None else 0
     warm = await ask(client, stream=True)  # the bad holder serves it whole: it is the one tried first
     assert warm.error is None and (warm.text, warm.finish) == (FULL, "stop"), warm
-    stream_bytes = fresh_bytes = h.bad_link.bytes_down - link_before if h.bad_link is not None else 0
-    if h.bad_link is not None:  # the cut counts bytes per connection, the TLS handshake included
-        await reset_link(h.bad_link)
-        link_before = h.bad_link.bytes_down
-        assert (await ask(client, stream=True)).error is None
-        fresh_bytes = h.bad_link.bytes_down - link_before
-        link_before = h.bad_link.bytes_down
-        assert (await ask(client, stream=True)).error is None  # on the connection just opened
-        stream_bytes = min(stream_bytes, h.bad_link.bytes_down - link_before)
-    on_first = await arm(fault, h, stream_bytes, fresh_bytes)
+    on_first = await arm(fault, h)
 
     # the SDK raises while iterating, after the chunks that came before the fault
     asked = await ask(client, stream=True, on_first=on_first)
@@ -140,8 +124,9 @@ async def test_a_stream_cut_after_the_first_byte_ends_with_an_error_event(
     assert asked.finish is None, asked
 
     # on the wire: the last event is the error, and there is no [DONE]
-    if h.bad_link is not None:
-        h.bad_link.stall = False  # "silent" goes silent again after the first chunk
+    if h.bad_link is not None:  # the link passes everything again until the next first chunk strikes it
+        h.bad_link.stall = False
+        h.bad_link.reset_after_bytes = h.bad_link.close_after_bytes = None
     raw = await post_raw(http, h.entry, chat_body(stream=True), on_first=on_first)
     raw.assert_ends_with_error_event()
     assert raw.headers.get("X-Quorum-Node") == h.bad_node.name

@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
+import json
 import random
 
 import msgspec
 import pytest
 
-from quorum_node.cluster.signing import derive_records_key
+from quorum_node.cluster.identity import NodeIdentity
+from quorum_node.cluster.members import Candidate, MemberStore
+from quorum_node.cluster.members_sync import RecordSigner
 from quorum_node.control import keys as keys_module
 from quorum_node.control.keys import EXPIRED_GRACE_S, KeyStore, compactable, parse_duration, sign_record
 from quorum_node.errors import BadRequest
 
-KEY = derive_records_key(b"cluster secret")
+DAY = 86400.0
+T0 = 1_700_000_000.0
+
+NODES = {name: NodeIdentity.generate() for name in ("node-a", "node-b", "node-c", "node-x")}
+"""The members of one cluster (node-a founded it and admitted the others)."""
+STRANGER = NodeIdentity.generate()
+"""A node of no cluster this one knows: its records must never be taken."""
+
+
+def cluster() -> MemberStore:
+    """A fresh view of the cluster's membership, as each node holds its own."""
+    root = NODES["node-a"]
+    members = MemberStore(root.node_id)
+    members.found(root, "node-a", T0)
+    for name, identity in NODES.items():
+        if identity is not root:
+            members.admit(root, Candidate.of(identity, name), T0)
+    return members
+
+
+MEMBERS = cluster()  # never changed by a test: one that removes a member takes its own ``cluster()``
+
+
+def signer(name: str = "node-a", members: MemberStore | None = None) -> RecordSigner:
+    return RecordSigner(NODES[name], MEMBERS if members is None else members)
 
 
 def store(origin: str = "node-a", *, now: list[float] | None = None, path=None,
-          retention_s: float = 0.0) -> KeyStore:
-    clock = now if now is not None else [1_700_000_000.0]
-    return KeyStore(path, signer=KEY, origin=origin, clock=lambda: clock[0], monotonic=lambda: clock[0],
+          retention_s: float = 0.0, members: MemberStore | None = None) -> KeyStore:
+    clock = now if now is not None else [T0]
+    s = signer(origin, members)
+    return KeyStore(path, signer=s, origin=s.origin, clock=lambda: clock[0], monotonic=lambda: clock[0],
                     tombstone_retention_s=retention_s)
 
 
@@ -48,7 +78,7 @@ def test_a_tombstone_outranks_any_live_version() -> None:
     live = a.records()[0]
     a.revoke("k")
     tomb = a.records()[0]
-    newer_live = sign_record(KEY, msgspec.structs.replace(live, version=99, sig=""))
+    newer_live = sign_record(signer("node-b"), msgspec.structs.replace(live, version=99, sig=""))
     b = store("node-b")
     b.merge([tomb, newer_live])
     assert b.authenticate(secret) is None and b.lookup(secret)[1] == "revoked"
@@ -63,13 +93,43 @@ def test_records_that_do_not_verify_are_refused() -> None:
     a = store()
     _, secret = a.create("k", models=["small"])
     r = a.records()[0]
+    stranger = RecordSigner(STRANGER, MEMBERS)  # it knows the cluster, but is not in it
+    legacy = msgspec.structs.replace(r, sig=hmac.new(b"cluster secret", b"record", hashlib.sha256).hexdigest())
     b = store("node-b")
-    changed, rejected = b.merge([msgspec.structs.replace(r, models=()),
-                                 sign_record(derive_records_key(b"other"), r),
+    changed, rejected = b.merge([msgspec.structs.replace(r, models=()),  # tampered: the scope widened
+                                 msgspec.structs.replace(r, origin=NODES["node-c"].node_id),  # claimed by another
+                                 sign_record(stranger, r),  # signed by a node that is not a member
+                                 msgspec.structs.replace(sign_record(stranger, r), origin=r.origin),
+                                 legacy,  # signed the old way, with the cluster's shared secret
                                  msgspec.structs.replace(r, sig="")])
-    assert (changed, rejected) == (0, 3) and b.records() == []
+    assert (changed, rejected) == (0, 6) and b.records() == [] and b.authenticate(secret) is None
+    assert b.merge([r]) == (1, 0) and b.authenticate(secret) is not None  # the genuine record is taken
     unsigned = KeyStore(None, signer=None, origin="lonely")
     assert unsigned.merge([r]) == (0, 1)  # a node in no cluster takes nothing from anyone
+
+
+def test_a_removed_members_records_stay_where_held_and_are_refused_where_new(tmp_path) -> None:
+    path = tmp_path / "keys.json"
+    b_view, d_view = cluster(), cluster()
+    c = store("node-c")
+    _, secret = c.create("made-by-c")
+    held = store("node-b", path=path, members=b_view)
+    assert held.merge(c.records()) == (1, 0)
+    held.save()  # as the replication does after a merge that changed something
+    for view in (b_view, d_view):
+        view.remove(NODES["node-a"], NODES["node-c"].node_id, T0 + 1)
+    assert not b_view.is_member(NODES["node-c"].node_id)
+    # The key c made while a member keeps working where it is held, and after a restart.
+    assert held.authenticate(secret) is not None
+    reopened = store("node-b", path=path, members=b_view)
+    assert reopened.authenticate(secret) is not None
+    assert reopened.records()[0].origin == NODES["node-c"].node_id  # kept as c signed it, not taken over
+    # A node that had not taken it yet refuses it now, as it refuses anything c signs from now on.
+    fresh = store("node-x", members=d_view)
+    _, later = c.create("made-after-removal")
+    assert fresh.merge(c.records()) == (0, 2)
+    assert fresh.authenticate(secret) is None and fresh.authenticate(later) is None
+    assert held.merge(c.records()) == (0, 1) and held.authenticate(later) is None  # the one it held: no alarm
 
 
 def test_keys_are_checked_by_hash_expiry_and_format() -> None:
@@ -107,17 +167,29 @@ def test_the_store_survives_reopening_and_resigns_what_it_wrote_unsigned(tmp_pat
     lonely = KeyStore(path, signer=None, origin="node-a")
     _, secret = lonely.create("made-offline")
     assert lonely.records()[0].sig == ""
-    joined = KeyStore(path, signer=KEY, origin="node-a")  # the node joined a cluster since
+    joined = store("node-a", path=path)  # the node joined a cluster since
     assert joined.authenticate(secret) is not None and joined.records()[0].sig
     assert store("node-b").merge(joined.records()) == (1, 0)
     assert secret not in path.read_text()
 
 
+def test_records_signed_with_the_old_shared_secret_are_signed_anew_when_the_store_opens(tmp_path) -> None:
+    path = tmp_path / "keys.json"
+    _, secret = KeyStore(path, signer=None, origin="node-a").create("from-before-keys")
+    stored = json.loads(path.read_text())
+    stored["records"][0]["sig"] = hmac.new(b"cluster secret", b"record", hashlib.sha256).hexdigest()  # 64 hex
+    path.write_text(json.dumps(stored))
+    legacy = KeyStore(path, signer=None, origin="node-a").records()
+    assert store("node-b").merge(legacy) == (0, 1)  # as it was, no peer takes it
+    upgraded = store("node-a", path=path)
+    assert upgraded.authenticate(secret) is not None
+    r = upgraded.records()[0]
+    assert r.origin == NODES["node-a"].node_id and len(r.sig) == 128
+    assert store("node-b").merge([r]) == (1, 0)  # now every member takes it
+    assert json.loads(path.read_text())["records"][0]["sig"] == r.sig  # and it was written back so
+
+
 # -- compaction: what may be forgotten, and that a forgotten key stays refused -------------------
-
-DAY = 86400.0
-T0 = 1_700_000_000.0
-
 
 def test_the_compaction_rule() -> None:
     s = store(now=[T0])

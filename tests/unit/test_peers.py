@@ -22,8 +22,9 @@ from quorum_node.cluster.peers import (
 )
 from quorum_node.cluster.scoring import RetryBudget, pick
 
-FP = "00112233aabbccdd"
 MODEL = "llama3.1:8b"
+MEMBERS = {"me", "a", "b", "c", "s", "old", "new", "zed", "amy", "kim"}
+"""Node ids admitted to this node's cluster; anyone else is a stranger."""
 
 
 def _info(node_id: str, address: str | None = None, **kw) -> PeerInfo:
@@ -31,13 +32,12 @@ def _info(node_id: str, address: str | None = None, **kw) -> PeerInfo:
         node_id=node_id,
         name=f"box-{node_id}",
         address=address or f"10.0.0.{len(node_id)}:32768",
-        fingerprint=kw.pop("fingerprint", FP),
         **kw,
     )
 
 
-def _table(**kw) -> PeerTable:
-    return PeerTable(self_id="me", fingerprint=FP, **kw)
+def _table(members=MEMBERS, **kw) -> PeerTable:
+    return PeerTable(self_id="me", is_member=lambda node_id: node_id in members, **kw)
 
 
 def _up(table: PeerTable, node_id: str, now: float = 0.0, models=(MODEL,), address=None) -> None:
@@ -160,9 +160,69 @@ def test_a_long_dead_discovered_peer_is_forgotten():
 
 def test_peers_of_other_clusters_and_this_node_itself_are_ignored():
     table = _table()
-    assert table.on_discovered(_info("stranger", fingerprint="ffffffffffffffff"), 0) == []
+    assert table.on_discovered(_info("stranger"), 0) == []
     assert table.on_discovered(_info("me"), 0) == []
     assert table.all() == []
+
+
+def test_a_non_members_announcement_and_relay_presence_are_ignored():
+    table = _table()
+    assert table.on_discovered(_info("stranger", catalog_digest="d1"), 0) == []
+    assert table.on_relay("stranger", True, 0) == []
+    assert table.on_relay("me", True, 0) == []
+    # Whatever it answers later, a stranger never becomes a holder or a probe target.
+    assert table.on_health_ok("stranger", 0.001, 1) == []
+    assert table.on_catalog("stranger", [MODEL], "d1", 1) == []
+    assert table.all() == [] and table.holders(MODEL, 1) == []
+    assert table.relay_probe_targets() == [] and table.probe_targets() == []
+    assert table.refused == 0  # ignored, not refused for lack of room
+
+
+def test_a_removed_member_is_forgotten_with_its_static_identification():
+    members = set(MEMBERS)
+    table = _table(members)
+    table.add_static("h:1")
+    table.on_identified("h:1", _info("s"), 0)
+    _up(table, "a")
+    table.on_relay("s", True, 0)
+    assert table.probe_targets() == [
+        ProbeTarget(address="10.0.0.1:32768", node_id="a"),
+        ProbeTarget(address="h:1", node_id="s"),
+    ]
+    members.discard("s")  # removed from the cluster
+    assert table.forget("s") == [PeerRemoved(node_id="s", reason="removed")]
+    assert _ids(table.all()) == ["a"]
+    # Its address is probed again only as an unknown one: whoever answers there must prove membership anew.
+    assert table.probe_targets() == [
+        ProbeTarget(address="10.0.0.1:32768", node_id="a"),
+        ProbeTarget(address="h:1", node_id=None),
+    ]
+    assert table.relay_probe_targets() == []
+    # Its later announcements, relay presence and health answers do not bring it back.
+    assert table.on_identified("h:1", _info("s"), 1) == []
+    assert table.on_relay("s", True, 1) == []
+    assert table.on_health_ok("s", 0.001, 1) == []
+    assert _ids(table.all()) == ["a"]
+    assert table.forget("s") == []  # forgetting twice is harmless
+
+
+def test_the_table_holds_at_most_max_peers_and_counts_those_refused():
+    table = _table(max_peers=2)
+    _up(table, "a")
+    _up(table, "b")
+    assert table.on_discovered(_info("c"), 1) == []
+    assert table.on_relay("c", True, 1) == []
+    assert table.refused == 2
+    assert _ids(table.all()) == ["a", "b"]
+    # Peers already in the table still re-announce freely.
+    assert table.on_discovered(_info("a", catalog_digest="d2"), 2) == [
+        CatalogWanted(node_id="a", address="10.0.0.1:32768")
+    ]
+    assert table.refused == 2
+    # Once one leaves, there is room again.
+    table.on_goodbye("b", 3)
+    assert table.on_discovered(_info("c"), 3) == [PeerAdded(node_id="c"), CatalogWanted(node_id="c", address="10.0.0.1:32768")]
+    assert _ids(table.all()) == ["a", "c"]
 
 
 def test_a_changed_catalog_digest_asks_for_a_refetch():
@@ -222,8 +282,9 @@ def test_a_reinstalled_node_at_a_static_address_replaces_the_old_one():
 def test_a_static_address_answering_for_another_cluster_is_not_adopted():
     table = _table()
     table.add_static("h:1")
-    assert table.on_identified("h:1", _info("x", fingerprint="ffffffffffffffff"), 0) == []
+    assert table.on_identified("h:1", _info("x"), 0) == []
     assert table.all() == []
+    assert table.probe_targets() == [ProbeTarget(address="h:1", node_id=None)]
 
 
 def test_static_peer_address_must_have_a_port():

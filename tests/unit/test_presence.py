@@ -8,12 +8,9 @@ import pytest
 from quorum_node.cluster.messages import EngineLoad, NodeLoad, decode_identity
 from quorum_node.cluster.peers import PeerInfo, PeerState, PeerTable
 
-FP = "fp"
-
-
 def table() -> PeerTable:
-    t = PeerTable(self_id="me", fingerprint=FP, down_after_s=10.0, suspect_after_s=5.0)
-    t.on_discovered(PeerInfo(node_id="a", name="alpha", address="127.0.0.1:1", fingerprint=FP), 0.0)
+    t = PeerTable(self_id="me", is_member=lambda node_id: node_id == "a", down_after_s=10.0, suspect_after_s=5.0)
+    t.on_discovered(PeerInfo(node_id="a", name="alpha", address="127.0.0.1:1"), 0.0)
     return t
 
 

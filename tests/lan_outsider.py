@@ -189,7 +189,7 @@ class Outsider:
         assert self.aiozc is not None
         await self.leave()
         if node_id is None:
-            txt = {"id": self.identity.node_id, "fp": "", "v": "4", "port": str(PEER_PORT), "cat": "forged",
+            txt = {"id": self.identity.node_id, "v": "4", "port": str(PEER_PORT), "cat": "forged",
                    "name": self.args.name}
         else:
             txt = await self.copied_txt(node_id)

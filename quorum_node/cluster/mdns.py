@@ -8,15 +8,17 @@ handed to ``on_event``::
     TXT (or address) of it changed  ──resolve──►  Updated(info)
     goodbye (TTL 0) or expiry       ───────────►  Gone(node_id)
 
-TXT keys (short, because the whole record travels in every announcement):
+The service's port is the node's *peer port* (mutual TLS, ``tls.py``). TXT keys
+(short, because the whole record travels in every announcement):
 
-    id    node id            fp    cluster fingerprint
-    v     protocol version   port  HTTP API port
-    cat   catalog digest     name  node name (truncated to NAME_MAX_BYTES)
+    id    node id            v     protocol version
+    port  the peer port      cat   catalog digest
+    name  node name (truncated to NAME_MAX_BYTES)
 
-The TXT record only says *that* a peer exists and *whether* its catalog changed;
-the catalog itself is fetched over signed HTTP. Foreign clusters are not
-filtered here: the peer table compares fingerprints.
+The record says only *where* a node may be and *whether* its catalog changed,
+never whom to trust, and nothing an outsider could use (no cluster name or
+fingerprint). Strangers are not filtered here: the cluster service acts only
+on members' announcements, and checks each over a link pinned to that member.
 
 Browser callbacks run inside zeroconf's record processing and only enqueue;
 one consumer task resolves services (from the cache, or with a short query)
@@ -83,9 +85,11 @@ class Updated(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Gone(msgspec.Struct, frozen=True, kw_only=True):
-    """A peer withdrew its service (goodbye) or its records expired."""
+    """A peer withdrew its service (goodbye) or its records expired; ``address``: where that service said it
+    was (anyone can announce any id, and then say goodbye for it)."""
 
     node_id: str
+    address: str = ""
 
 
 DiscoveryEvent = Discovered | Updated | Gone
@@ -102,14 +106,16 @@ def txt_properties(
     *, node_id: str, name: str, port: int, fingerprint: str, proto: int, catalog_digest: str
 ) -> dict[str, str]:
     """The TXT record this node advertises."""
-    return {
+    props = {
         "id": node_id,
-        "fp": fingerprint,
         "v": str(proto),
         "port": str(port),
         "cat": catalog_digest,
         "name": _truncate_utf8(name, NAME_MAX_BYTES),
     }
+    if fingerprint:  # nodes of before keys announced their cluster's
+        props["fp"] = fingerprint
+    return props
 
 
 _TXT_NAME = re.compile(NAME_PATTERN)
@@ -319,6 +325,10 @@ class Discovery:
                     await self._aiozc.async_close()
                 log.info("mdns_closed", instance=self.instance_name)
 
+    def known(self) -> list[PeerInfo]:
+        """Every service heard and not gone, as last reported (members or not: the cluster decides)."""
+        return list(self._known.values())
+
     # Internals ----------------------------------------------------------
 
     def _service_info(self, addresses: Sequence[str]) -> AsyncServiceInfo:
@@ -387,7 +397,7 @@ class Discovery:
         info = self._known.pop(name, None)
         if info is not None:
             log.info("mdns_peer_gone", peer=info.node_id)
-            self.on_event(Gone(node_id=info.node_id))
+            self.on_event(Gone(node_id=info.node_id, address=info.address))
 
     async def _resolve(self, name: str, attempt: int) -> None:
         assert self._aiozc is not None

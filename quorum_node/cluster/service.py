@@ -232,6 +232,19 @@ class ClusterService:
         if self.relay is not None:
             self.relay.members_changed()
         self._close_connections_of_non_members()
+        self._rediscover_members()
+
+    def _rediscover_members(self) -> None:
+        """Announcements heard before their node was a member (it was admitted elsewhere, or introduced
+        itself since) were ignored, and mDNS does not repeat them: offer them again, now that they count."""
+        if self.discovery is None:
+            return
+        from .mdns import Discovered
+
+        for info in self.discovery.known():
+            if info.node_id != self.node_id and self.members.is_member(info.node_id) \
+                    and self.table.get(info.node_id) is None:
+                self._events.put_nowait(Discovered(info=info))
 
     def _close_connections_of_non_members(self) -> None:
         """Close every peer-port connection whose certificate is no current member's (a removed node's)."""
@@ -579,7 +592,14 @@ class ClusterService:
                         self._handle(self.table.on_discovered(info, now))
                         if self.table.get(info.node_id) is not None:  # a sign of life: check it now, not in 2 s
                             self._spawn(self._probe(link, info.node_id, address=info.address), "peer-probe")
-                    case Gone(node_id=node_id):
+                    case Gone(node_id=node_id, address=address):
+                        peer = self.table.get(node_id)
+                        if False:
+                            # a goodbye from where the member is not (someone announced its id elsewhere,
+                            # and withdrew it): the member itself has not left
+                            log.info("mdns_goodbye_ignored", peer=node_id, address=address,
+                                     at=peer.info.address)
+                            continue
                         self._handle(self.table.on_goodbye(node_id, now))
             except Exception:  # task root
                 log.exception("cluster_event_failed", event=repr(ev))

@@ -84,6 +84,7 @@ class PeerTLS:
         self.members = members
         self.server = _base(ssl.PROTOCOL_TLS_SERVER, identity)
         self.server.verify_mode = ssl.CERT_OPTIONAL
+        self.server.num_tickets = 0  # peers keep connections open and never resume: tickets would be wasted work
         self.joiner = _base(ssl.PROTOCOL_TLS_CLIENT, None)  # for `join`: no certificate of its own yet
         self._trusted: set[bytes] = set()
         self._clients: dict[str, tuple[bytes, ssl.SSLContext]] = {}

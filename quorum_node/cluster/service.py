@@ -594,7 +594,7 @@ class ClusterService:
                             self._spawn(self._probe(link, info.node_id, address=info.address), "peer-probe")
                     case Gone(node_id=node_id, address=address):
                         peer = self.table.get(node_id)
-                        if False:
+                        if peer is not None and address and peer.info.address != address:
                             # a goodbye from where the member is not (someone announced its id elsewhere,
                             # and withdrew it): the member itself has not left
                             log.info("mdns_goodbye_ignored", peer=node_id, address=address,

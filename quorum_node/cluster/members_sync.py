@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -94,8 +95,9 @@ class MemberReplicator:
         self.store = service.members
         self._pulling: set[str] = set()
         self._introduced: dict[str, float] = {}  # node id -> when we last introduced ourselves
-        self._saving: asyncio.Task[None] | None = None
-        self._dirty = False
+        data_dir = Path(service.node.settings.data_dir)
+        self._save_soon = service.saver(lambda: encode_records(self.store.records()),
+                                        lambda data: save_member_records(data_dir, data), "members")
         self._from_peer = False  # a change that came from a peer is not pushed back around
 
     def routes(self) -> list[web.RouteDef]:
@@ -172,25 +174,6 @@ class MemberReplicator:
         for p in self.service.table.all():
             if p.state is PeerState.UP:
                 self.service._spawn(self._push(p.node_id), "members-push")
-
-    def _save_soon(self) -> None:
-        self._dirty = True
-        if self._saving is None or self._saving.done():
-            self._saving = asyncio.ensure_future(self._save_loop())
-            self.service._tasks.add(self._saving)
-            self._saving.add_done_callback(self.service._tasks.discard)
-
-    async def _save_loop(self) -> None:
-        data_dir = self.service.node.settings.data_dir
-        from pathlib import Path
-
-        while self._dirty:
-            self._dirty = False
-            data = encode_records(self.store.records())
-            try:
-                await asyncio.to_thread(save_member_records, Path(data_dir), data)
-            except OSError as e:
-                log.error("members_save_failed", error=str(e))
 
     async def _pull(self, node_id: str) -> None:
         try:

@@ -25,6 +25,7 @@ Peer protocol (the same messages on every link):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import contextlib
 import hashlib
 import time
@@ -159,6 +160,33 @@ class ClusterService:
         log.info("cluster_started", cluster=self.membership.name, root=self.membership.root,
                  node_id=self.node_id, members=len(self.members), peer_port=self.node.peer_port,
                  mdns=self.settings.mdns, static_peers=list(self.settings.peers))
+
+    def saver(self, snapshot: Callable[[], bytes], write: Callable[[bytes], None], what: str) -> Callable[[], None]:
+        """A function that persists ``snapshot()`` with ``write`` off the event loop: one write at a time,
+        and a change made during a write is written after it (the latest state wins)."""
+        dirty = False
+        running: list[asyncio.Task[None]] = []
+
+        async def loop() -> None:
+            nonlocal dirty
+            while dirty:
+                dirty = False
+                data = snapshot()
+                try:
+                    await asyncio.to_thread(write, data)
+                except OSError as e:
+                    log.error("records_save_failed", records=what, error=str(e))
+
+        def soon() -> None:
+            nonlocal dirty
+            dirty = True
+            if not running or running[0].done():
+                task = asyncio.ensure_future(loop())
+                running[:] = [task]
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+        return soon
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)

@@ -77,8 +77,8 @@ class KeyReplicator:
         self.service = service
         self.store = store
         self._pulling: set[str] = set()
-        self._saving: asyncio.Task[None] | None = None
-        self._dirty = False
+        # merged records are persisted off the event loop (one write at a time, the latest state wins)
+        self._save_soon = service.saver(store.snapshot, store.write, "keys")
         store.on_change.append(self._changed)
         self._pushing = False  # a local change: push once the change handlers are done
         self.used_sync_s = service.settings.keys_last_used_sync_s
@@ -183,23 +183,6 @@ class KeyReplicator:
         for p in self.service.table.all():
             if p.state is PeerState.UP:
                 self.service._spawn(self._push(p.node_id), "keys-push")
-
-    def _save_soon(self) -> None:
-        """Persist merged records off the event loop (one write at a time, the latest state wins)."""
-        self._dirty = True
-        if self._saving is None or self._saving.done():
-            self._saving = asyncio.ensure_future(self._save_loop())
-            self.service._tasks.add(self._saving)
-            self._saving.add_done_callback(self.service._tasks.discard)
-
-    async def _save_loop(self) -> None:
-        while self._dirty:
-            self._dirty = False
-            data = self.store.snapshot()
-            try:
-                await asyncio.to_thread(self.store.write, data)
-            except OSError as e:
-                log.error("keys_save_failed", error=str(e))
 
     def _link(self, node_id: str) -> Any:
         peer = self.service.table.get(node_id)

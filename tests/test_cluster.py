@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from quorum_node.cluster.identity import NodeIdentity
+from quorum_node.cluster.members import Candidate, MemberStore, encode_records
 from quorum_node.node import Node
 from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
@@ -478,3 +479,24 @@ async def test_a_peer_with_200_models_is_listed_whole(start_cluster, http: aioht
     a, b = await start_cluster([], many)
     holders = await model_holders(http, a.node)
     assert len(holders) == 200 and all(nodes == [b.name] for nodes in holders.values())
+
+
+async def test_an_introduction_from_a_stranger_costs_the_node_little(start_cluster, tmp_path: Path) -> None:
+    """The peer port takes records from anyone (they must verify), but a stranger's batch of many unknown
+    records is refused unread, and introductions beyond a few a second get 429."""
+    (a,) = await start_cluster(["alpha"])
+    assert a.node.cluster is not None
+    forger = NodeIdentity.generate()
+    store = MemberStore(forger.node_id)
+    store.found(forger, "forger", time.time())
+    for i in range(70):  # a cluster of the forger's own: well-formed, signed, none of it ours
+        store.admit(forger, Candidate.of(NodeIdentity.generate(), f"ghost{i}"), time.time())
+    base = f"https://127.0.0.1:{a.node.peer_port}"
+    connector = aiohttp.TCPConnector(ssl=client_tls(None, a.node.identity.cert_der))
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async with s.post(base + "/quorum/v1/members", data=encode_records(store.records())) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"accepted": 0, "refused": 71}
+        async with s.post(base + "/quorum/v1/members", data=b"[]") as resp:
+            assert resp.status == 429 and "Retry-After" in resp.headers
+    assert len(a.node.cluster.members) == 1

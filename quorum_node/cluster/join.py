@@ -23,6 +23,7 @@ used or expires.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import ssl
@@ -97,7 +98,8 @@ class JoinHandler:
             ask.candidate.check()
         except ValueError as e:  # msgspec's errors are ValueErrors
             raise BadRequest(f"Not a join request: {e}", code="bad_join") from None
-        outcome = take_invite(Path(svc.settings.data_dir), hashlib.sha256(ask.secret).hexdigest(), time.time())
+        outcome = await asyncio.to_thread(take_invite, Path(svc.settings.data_dir),  # a locked, fsynced file
+                                          hashlib.sha256(ask.secret).hexdigest(), time.time())
         if outcome != "ok":
             log.warning("join_refused", remote=request.remote, candidate=ask.candidate.node_id, reason=outcome)
             raise Forbidden("This invite is not valid (unknown, used or expired): ask for a new one",

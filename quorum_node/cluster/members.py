@@ -200,14 +200,18 @@ class MemberStore:
 
     # -- changes ------------------------------------------------------------------------
 
-    def merge(self, incoming: Iterable[Record]) -> tuple[int, int]:
+    def merge(self, incoming: Iterable[Record], *, max_new: int | None = None) -> tuple[int, int]:
         """Accept the records that verify, in order; return ``(accepted, refused)``.
 
         A record whose signer is not (yet) a member is retried after the others
         of the same batch (a peer may send an admission after a record its
-        subject signed); what still fails is refused.
+        subject signed); what still fails is refused. ``max_new``: a batch with
+        more records this store does not hold yet is refused whole, unread (for
+        senders nobody authenticated: checking a record costs signatures).
         """
         pending = [r for r in incoming if r.sig not in self._seen]
+        if max_new is not None and len(pending) > max_new:
+            return 0, len(pending)
         accepted = 0
         while pending:
             left = []

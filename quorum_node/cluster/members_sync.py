@@ -35,7 +35,7 @@ from aiohttp import web
 
 from ..api.body import read_body
 from ..api.keys import PEER
-from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, RateLimited, Unauthorized
 from .identity import NodeIdentity, verify_signature
 from .members import MemberStore, decode_records, encode_records
 from .membership import save_member_records
@@ -52,6 +52,8 @@ log = structlog.get_logger(__name__)
 MEMBERS_PATH = "/quorum/v1/members"
 MAX_MEMBERS_BYTES = 4 * 1024 * 1024  # 4,096 records of about 700 bytes, with room
 INTRODUCE_EVERY_S = 5.0
+INTRODUCTIONS_PER_S = 5.0  # unauthenticated introductions taken, node-wide
+MAX_NEW_INTRODUCED = 64  # records an introduction may bring that this node does not hold yet
 _encode = msgspec.json.Encoder().encode
 
 
@@ -99,6 +101,7 @@ class MemberReplicator:
         self._save_soon = service.saver(lambda: encode_records(self.store.records()),
                                         lambda data: save_member_records(data_dir, data), "members")
         self._from_peer = False  # a change that came from a peer is not pushed back around
+        self._next_introduction = 0.0
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get(MEMBERS_PATH, self._h_get), web.post(MEMBERS_PATH, self._h_post)]
@@ -124,12 +127,12 @@ class MemberReplicator:
         self._introduced[address] = now
         self.service._spawn(self._introduce(node_id, address), "members-introduce")
 
-    def merge(self, raw: bytes, peer: str | None) -> tuple[int, int]:
-        """Merge a JSON list of records (ValueError if it is not one)."""
+    def merge(self, raw: bytes, peer: str | None, *, max_new: int | None = None) -> tuple[int, int]:
+        """Merge a JSON list of records (ValueError if it is not one); ``max_new``: see ``MemberStore.merge``."""
         records = decode_records(raw)
         self._from_peer = True
         try:
-            accepted, refused = self.store.merge(records)
+            accepted, refused = self.store.merge(records, max_new=max_new)
         finally:
             self._from_peer = False
         if accepted:
@@ -158,8 +161,16 @@ class MemberReplicator:
         if len(raw) > MAX_MEMBERS_BYTES:
             raise PayloadTooLarge(f"Membership records are limited to {MAX_MEMBERS_BYTES} bytes",
                                   code="body_too_large")
+        member = request.get(PEER)
+        if member is None:  # an introduction: nobody vouches for the sender, so its cost is bounded
+            now = time.monotonic()
+            if now < self._next_introduction:
+                raise RateLimited("Introductions are taken a few times a second; retry in a moment",
+                                  retry_after_s=1)
+            self._next_introduction = now + 1.0 / INTRODUCTIONS_PER_S
         try:
-            accepted, refused = self.merge(raw, request.get(PEER) or f"introduced by {request.remote}")
+            accepted, refused = self.merge(raw, member or f"introduced by {request.remote}",
+                                           max_new=None if member else MAX_NEW_INTRODUCED)
         except ValueError as e:  # msgspec's DecodeError / ValidationError
             raise BadRequest(f"Not a list of membership records: {e}", code="bad_member_records") from None
         return web.Response(body=_encode({"accepted": accepted, "refused": refused}),

@@ -47,6 +47,7 @@ from ..errors import ApiError, EngineRejected, EngineUnavailable
 from ..names import safe_name
 from .identity import NodeIdentity
 from .members import MemberStore, encode_records
+from .members_sync import MAX_NEW_INTRODUCED, MemberReplicator
 from .membership import Cluster
 from .links import HttpLink, PeerLink, RelayPeerLink
 from .pipe import PipeError, PipeResponse, serve_in_memory
@@ -116,7 +117,6 @@ class ClusterService:
         self.relay: RelayLink | None = None
         self._digest = ""
         from ..control.replication import KeyReplicator
-        from .members_sync import MemberReplicator
 
         self.key_sync = KeyReplicator(self, node.keys)  # API key records, agreed with every peer
         self.member_sync = MemberReplicator(self)  # membership records, the same way
@@ -149,7 +149,7 @@ class ClusterService:
                 on_draining=self._on_relay_draining, serve=self._serve_relayed,
                 max_request_bytes=self.settings.max_body_bytes, max_peers=self.table.max_peers,
                 introduction=lambda: encode_records(self.members.records()),
-                introduce=lambda peer, records: self.member_sync.merge(records, peer),
+                introduce=lambda peer, records: self.member_sync.merge(records, peer, max_new=MAX_NEW_INTRODUCED),
             )
             await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")

@@ -145,11 +145,12 @@ class Node:
         if self.cluster is not None:
             s = self.settings
             want = s.peer_port if s.peer_port is not None else (s.port + 1 if s.port else 0)
-            peers = web.TCPSite(self._runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024,
-                                reuse_address=True)
+            from .cluster.tls_transport import PeerSite
+
+            peers = PeerSite(self._runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024,
+                             reuse_address=True)
             await peers.start()
-            bound = list(getattr(peers._server, "sockets", ()))
-            self.peer_port = bound[0].getsockname()[1] if bound else want
+            self.peer_port = peers.bound_port
             await self.cluster.start()
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")

@@ -224,8 +224,8 @@ async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
     forged_secret = "qk_" + "f" * 43
     stranger = NodeIdentity.generate()
     forged = sign_record(RecordSigner(stranger, None), KeyRecord(
-        id="k_aaaaaaaaaaaa", name="forged", prefix="qk_ffffffff", hash=hashlib.sha256(forged_secret.encode()).hexdigest(),
-        created=time.time(), origin=stranger.node_id))
+        id="k_aaaaaaaaaaaa", name="forged", prefix="qk_ffffffff",
+        hash=hashlib.sha256(forged_secret.encode()).hexdigest(), created=time.time(), origin=stranger.node_id))
     # 3. a tombstone nobody signed (it would revoke the genuine key)
     fake_revoke = msgspec.structs.replace(genuine, revoked=time.time(), version=genuine.version + 1)
     # 4. the same record, passed off as the stranger's own but claiming b wrote it

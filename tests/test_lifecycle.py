@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -108,15 +110,38 @@ async def test_a_non_streamed_request_cut_by_the_drain_gets_a_503(start_node, fa
     assert err.value.status_code == 503 and err.value.code == "node_stopping"
 
 
+async def test_stop_closes_a_peer_connection_still_in_its_tls_handshake(start_node, fake) -> None:
+    eng = await fake("openai")
+    node = await start_node(backends=[{"kind": "openai", "url": eng.url}], **CLUSTER)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.peer_port)
+    try:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_tls(None, node.identity.cert_der).wrap_bio(incoming, outgoing)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        writer.write(outgoing.read())  # the ClientHello; the client's Finished never follows
+        async with asyncio.timeout(5):
+            assert await reader.read(65536)  # the node's answer: it is in the handshake with us
+        t0 = time.monotonic()
+        await node.stop()
+        async with asyncio.timeout(2):  # closed by the stop, not left to the handshake's 10 s timeout
+            with contextlib.suppress(ConnectionResetError):
+                while await reader.read(65536):
+                    pass
+        assert time.monotonic() - t0 < 2
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionResetError):
+            await writer.wait_closed()
+
+
 # -- replay ------------------------------------------------------------------------
 #
 # Between nodes a request is a member's because of the link it came over (the peer port's mutual TLS, pinned
 # through membership), not because of anything in it: the same bytes from anyone else are nobody's.
 
 
-async def test_a_members_captured_request_replayed_by_a_non_member_is_refused(
-    start_node, fake, http, tmp_path
-) -> None:
+async def test_a_members_captured_request_replayed_by_a_non_member_is_refused(start_node, fake, http) -> None:
     eng_b = await fake("openai")
     b = await start_node(backends=[{"kind": "openai", "url": eng_b.url}], **CLUSTER)
     a = await start_node(peers=[f"127.0.0.1:{b.peer_port}"], **CLUSTER)

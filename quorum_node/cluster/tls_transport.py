@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from asyncio import sslproto
 from typing import Any
 
@@ -56,9 +57,14 @@ class PeerSite(web.TCPSite):
         context = self._ssl_context
         assert server is not None and context is not None
 
+        accepted: weakref.WeakSet[_SSLProtocol] = weakref.WeakSet()
+        self._accepted = accepted
+
         def protocol() -> asyncio.BaseProtocol:
-            return _SSLProtocol(loop, server(), context, None, server_side=True,
-                                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            tls = _SSLProtocol(loop, server(), context, None, server_side=True,
+                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            accepted.add(tls)
+            return tls
 
         self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog,
                                                 reuse_address=self._reuse_address, reuse_port=self._reuse_port)
@@ -68,6 +74,19 @@ class PeerSite(web.TCPSite):
     @property
     def bound_port(self) -> int:
         return self._bound_port
+
+    async def stop(self) -> None:
+        """Stop accepting, and drop the connections still in their handshake.
+
+        The runner's request handler of a connection is told of it only once
+        its handshake is done, so the runner's shutdown never closes one that
+        is still shaking hands: left alone, it would live on past the node
+        until ``HANDSHAKE_TIMEOUT_S``.
+        """
+        await super().stop()
+        for tls in list(getattr(self, "_accepted", ())):
+            if tls._state in (sslproto.SSLProtocolState.UNWRAPPED, sslproto.SSLProtocolState.DO_HANDSHAKE):
+                tls._abort()
 
 
 class PeerConnector(aiohttp.TCPConnector):

@@ -240,7 +240,8 @@ def test_breaker_and_peer_table_say_when_a_holder_may_be_tried_again() -> None:
     assert b.retry_in_s(15.0) == 0.0  # half-open: a probe may go
     assert b.allow(15.0) and b.retry_in_s(15.5) == 1.0  # the probe is out
 
-    table = PeerTable(self_id="me", is_member=lambda node_id: node_id == "p", breaker_threshold=1, breaker_reset_s=5.0)
+    table = PeerTable(self_id="me", is_member=lambda node_id: node_id == "p", breaker_threshold=1,
+                      breaker_reset_s=5.0)
     table.on_discovered(PeerInfo(node_id="p", address="10.0.0.1:1"), 0.0)
     assert table.unavailable_for_s("m", 0.0) is None  # never confirmed: not a holder at all
     table.on_health_ok("p", 0.001, 0.0)

@@ -72,7 +72,6 @@ from .scoring import RetryBudget, pick
 from .relay_link import RelayLink
 from .join import JoinHandler
 from .tls import PeerTLS
-from .tls_transport import PeerConnector
 
 if TYPE_CHECKING:
     from ..node import Node
@@ -126,7 +125,7 @@ class ClusterService:
     # -- lifecycle -------------------------------------------------------
 
     async def start(self) -> None:
-        connector = PeerConnector(limit=0, enable_cleanup_closed=True)  # TLS through asyncio's SSLProtocol
+        connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, headers={"Accept-Encoding": "identity"}
         )

@@ -208,24 +208,7 @@ class MemberReplicator:
         await self._post(links[0], node_id)
 
     async def _post(self, link: Any, node_id: str) -> bool:
-        svc = self.service
-        data = encode_records(self.store.records())
-        headers = {**svc.peer_headers(), "Content-Type": "application/json"}
-        deadline = asyncio.get_running_loop().time() + 5.0
-        try:
-            async with asyncio.timeout_at(deadline):
-                resp = await link.request("POST", MEMBERS_PATH, headers, data, svc.timeouts, deadline=deadline,
-                                          stream=False, who=f"peer {node_id}")
-                try:
-                    await resp.read()
-                    if resp.status != 200:
-                        log.warning("members_push_refused", peer=node_id, status=resp.status)
-                    return resp.status == 200
-                finally:
-                    resp.close()
-        except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
-            log.debug("members_push_failed", peer=node_id, error=str(e))
-            return False
+        return await self.service._post(link, MEMBERS_PATH, encode_records(self.store.records()), node_id, "members")
 
     async def _introduce(self, node_id: str | None, address: str) -> None:
         """Our records to the member at ``address``, presenting no certificate (it may not know ours yet)."""

@@ -551,6 +551,26 @@ class ClusterService:
             finally:
                 resp.close()
 
+    async def _post(self, link: PeerLink, path: str, data: bytes, to: str, what: str) -> bool:
+        """POST JSON ``data`` to a peer endpoint over ``link`` (5 s); whether it answered 200. Failures are
+        logged as ``{what}``'s, never raised (the next round or pull makes up for them)."""
+        headers = {**self.peer_headers(), "Content-Type": "application/json"}
+        deadline = asyncio.get_running_loop().time() + 5.0
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await link.request("POST", path, headers, data, self.timeouts, deadline=deadline,
+                                          stream=False, who=f"peer {to}")
+                try:
+                    await resp.read()
+                    if resp.status != 200:
+                        log.warning("peer_push_refused", records=what, peer=to, status=resp.status)
+                    return resp.status == 200
+                finally:
+                    resp.close()
+        except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
+            log.debug("peer_push_failed", records=what, peer=to, error=str(e))
+            return False
+
     async def _probe(self, link: PeerLink, node_id: str | None, *, address: str = "",
                      moved: PeerInfo | None = None, identifying: bool = False) -> None:
         """Ask a peer how it is, over a link only that member can answer on.

@@ -210,18 +210,4 @@ class KeyReplicator:
         if data is None:
             data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records(),
                                        used=self.store.used()))
-        headers = {**svc.peer_headers(), "Content-Type": "application/json"}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5.0
-        try:
-            async with asyncio.timeout_at(deadline):
-                resp = await link.request("POST", KEYS_PATH, headers, data, svc.timeouts, deadline=deadline,
-                                          stream=False, who=f"peer {node_id}")
-                try:
-                    await resp.read()
-                    if resp.status != 200:
-                        log.warning("keys_push_refused", peer=node_id, status=resp.status)
-                finally:
-                    resp.close()
-        except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
-            log.debug("keys_push_failed", peer=node_id, error=str(e))
+        await svc._post(link, KEYS_PATH, data, node_id, "keys")

@@ -357,15 +357,9 @@ class Namespaces:
 
     async def client(self, place: Any, *args: str, timeout_s: float = 20.0) -> dict[str, Any]:
         """Run ``python -m tests.lan_client ARGS`` in the namespace at ``place``; its last JSON line."""
-        proc = await self.start_client(place, *args)
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode == 0, f"client {args} failed (rc={proc.returncode}):\n{err.decode()}"
-        return json.loads(out.decode().splitlines()[-1])
+        rc, out, err = await self.run(place, sys.executable, "-m", "tests.lan_client", *args, timeout_s=timeout_s)
+        assert rc == 0, f"client {args} failed (rc={rc}):\n{err}"
+        return json.loads(out.splitlines()[-1])
 
     def kill_all(self) -> None:
         """SIGKILL what still runs (a finalizer's last resort; ``reap`` also waits)."""

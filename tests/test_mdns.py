@@ -11,18 +11,23 @@ interface — a packet with a loopback source cannot leave on one anyway. The
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from zeroconf import IPVersion
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
 from quorum_node.cluster.mdns import (
     NAME_MAX_BYTES,
+    SERVICE_TYPE,
     Discovered,
     Discovery,
     DiscoveryEvent,
@@ -314,3 +319,55 @@ async def test_nodes_in_namespaces_discover_each_other_over_a_bridge(request: py
         for child in children:
             await asyncio.wait_for(child.proc.wait(), 10.0)
     assert [c.proc.returncode for c in children] == [0, 0, 0]
+
+
+async def test_a_goodbye_sent_in_a_members_name_does_not_drop_it(start_node, fake) -> None:
+    """mDNS is unauthenticated: anyone on the LAN can send a goodbye for a member, from its very address.
+    The member then takes no new request for a moment and is checked over a link pinned to its key; it
+    answers, so it is never dropped (nor its catalog, which would have to be fetched again)."""
+    cluster = {"cluster": "m", "cluster_secret": "goodbye", "mdns": True, "mdns_interfaces": LOOPBACK}
+    eng = await fake("openai", models=["only-b"])
+    b = await start_node(backends=[{"kind": "openai", "url": eng.url}], **cluster)
+    a = await start_node(**cluster)
+    assert a.cluster is not None and b.cluster is not None
+    b_id = b.cluster.node_id
+    loop = asyncio.get_running_loop()
+
+    def a_serves_b() -> bool:
+        peer = a.cluster.table.get(b_id)
+        return peer is not None and peer.serving and "only-b" in a.cluster.model_names()
+
+    async def until(check: Callable[[], bool], timeout_s: float) -> None:
+        deadline = loop.time() + timeout_s
+        while not check():
+            assert loop.time() < deadline, "not within the time"
+            await asyncio.sleep(0.01)
+
+    await until(a_serves_b, 10.0)
+    states: list[str] = []
+
+    async def watch() -> None:  # what A holds of B, sampled every few ms
+        while True:
+            peer = a.cluster.table.get(b_id)
+            states.append("gone" if peer is None else "draining" if peer.draining else "serving")
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    # the forger withdraws B's service at B's own address and port: goodbye records in B's name, sent raw
+    # (B's name is taken, so it could never register it)
+    forger = AsyncZeroconf(interfaces=LOOPBACK, ip_version=IPVersion.V4Only)
+    try:
+        info = AsyncServiceInfo(SERVICE_TYPE, f"{b_id}.{SERVICE_TYPE}", port=b.peer_port,
+                                properties={"id": b_id, "v": "4"}, server=f"quorum-{b_id}.local.",
+                                addresses=[socket.inet_aton("127.0.0.1")])
+        await (await forger.async_unregister_service(info))
+    finally:
+        await forger.async_close()
+    try:
+        await until(lambda: "draining" in states or "gone" in states, 5.0)  # the goodbye arrived
+        await until(a_serves_b, 5.0)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    assert "gone" not in states, "a goodbye nobody proved dropped the member"

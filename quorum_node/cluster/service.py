@@ -83,7 +83,8 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 PROTO_VERSION = 4  # 4: links authenticate both ends against membership (mutual TLS, Noise_IK); no cluster secret
-_MAX_PEER_ANSWER = 16 * 1024 * 1024  # a catalog of thousands of models is well under this
+_MAX_PEER_ANSWER = 16 * 1024 * 1024
+GOODBYE_CHECK_S = 0.5  # how long after a member's mDNS goodbye it is checked before it is dropped  # a catalog of thousands of models is well under this
 
 
 class ClusterService:
@@ -648,9 +649,34 @@ class ClusterService:
                             log.info("mdns_goodbye_ignored", peer=node_id, address=address,
                                      at=peer.info.address)
                             continue
-                        self._handle(self.table.on_goodbye(node_id, now))
+                        if peer is None:
+                            continue
+                        # a goodbye is unauthenticated (anyone on the LAN can send one in a member's name): the
+                        # member takes no new request at once, and leaves unless it answers a pinned check
+                        self._handle(self.table.on_draining(node_id, now))
+                        self._spawn(self._confirm_goodbye(node_id, peer.info.address), "peer-goodbye")
             except Exception:  # task root
                 log.exception("cluster_event_failed", event=repr(ev))
+
+    async def _confirm_goodbye(self, node_id: str, address: str) -> None:
+        """A member said goodbye on mDNS: it leaves, unless the node at its address, checked over a link
+        pinned to its key a moment later (a stopping node closes its peer port right after its goodbye),
+        still answers — then the goodbye was someone else's, and the member stays."""
+        await asyncio.sleep(GOODBYE_CHECK_S)
+        asked = time.monotonic()
+        link = self._lan_link(address, node_id) if address else None
+        answered = False
+        if link is not None:
+            try:
+                answered = decode_identity(await self._get(link, "/quorum/v1/health", node_id, 1.0)).node_id == node_id
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable):
+                answered = False
+        now = time.monotonic()
+        if answered:
+            log.warning("mdns_goodbye_not_confirmed", peer=node_id, address=address)
+            self._handle(self.table.on_health_ok(node_id, now - asked, now))  # asked after the goodbye: back
+        else:
+            self._handle(self.table.on_goodbye(node_id, now))
 
     def _handle(self, events: list[PeerEvent]) -> None:
         for ev in events:

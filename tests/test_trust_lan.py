@@ -52,7 +52,7 @@ async def lan(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[L
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    world = Lan(f"qt{os.getpid() % 10000}t", NET, tmp_path)
+    world = Lan(f"qt{os.getpid() % 10000}t{secrets.token_hex(2)}", NET, tmp_path)  # fresh names: a straggler of the test before cannot hold a port
 
     def teardown() -> None:  # even if the test never reached its own clean-up
         world.kill_all()

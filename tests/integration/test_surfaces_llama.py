@@ -199,8 +199,10 @@ async def test_the_node_passes_both_apis_through_to_llama_server(node, claude: a
     assert all(backend.supports(op) for op in NATIVE_OPS)  # the probe found the routes
     # Facts only the engine's own answer has: a stop at a stop sequence says so (the translation
     # cannot tell it from end_turn), and a repeated prompt is read from llama-server's cache.
+    # (greedy, so the answer is the same every run: sampled, 1 run in a few never wrote a space in 32 tokens)
     msg = await claude.messages.create(model=MODEL_ID, max_tokens=32, stop_sequences=[" "],
-                                       messages=[{"role": "user", "content": "Say hello to the world."}])
+                                       messages=[{"role": "user", "content": "Say hello to the world."}],
+                                       extra_body={"temperature": 0})
     assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", " ")
     assert msg.id.startswith("msg_") and msg.model == MODEL_ID
     client = client_for(node)

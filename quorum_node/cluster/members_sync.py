@@ -23,7 +23,6 @@ the others' against membership (``control/keys.py``).
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +39,7 @@ from .identity import NodeIdentity, verify_signature
 from .members import MemberStore, decode_records, encode_records
 from .membership import save_member_records
 from .peers import PeerState
-from .tls import peer_cert_id
+from .tls import certless_client, peer_cert_id
 
 if TYPE_CHECKING:
     from .service import ClusterService
@@ -220,7 +219,7 @@ class MemberReplicator:
         member = self.store.get(node_id) if node_id is not None else None
         if member is None or node_id == svc.node_id:
             return
-        if await self._post(HttpLink(svc.session, address, _client_ctx(member.cert)), node_id):
+        if await self._post(HttpLink(svc.session, address, certless_client(member.cert)), node_id):
             log.info("members_introduced", peer=node_id, address=address)
             svc.probe_soon(address, node_id)  # it knows us now: no need to wait for the next round
 
@@ -231,7 +230,7 @@ async def _certificate_at(address: str, timeout_s: float = 3.0) -> str | None:
     writer = None
     try:
         async with asyncio.timeout(timeout_s):
-            _, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=_client_ctx(None))
+            _, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=certless_client(None))
             return peer_cert_id(writer.get_extra_info("ssl_object"))
     except (OSError, TimeoutError, ValueError) as e:
         log.debug("peer_certificate_unknown", address=address, error=str(e))
@@ -239,16 +238,3 @@ async def _certificate_at(address: str, timeout_s: float = 3.0) -> str | None:
     finally:
         if writer is not None:
             writer.close()
-
-
-def _client_ctx(pinned: bytes | None) -> ssl.SSLContext:
-    """A client context with no certificate of its own: pinned to ``pinned``, or checking nothing (the caller
-    reads the certificate afterwards)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    if pinned is None:
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        ctx.load_verify_locations(cadata=pinned)
-    return ctx

@@ -32,7 +32,7 @@ from typing import Any
 from .identity import NodeIdentity, cert_sign_key, node_id_for
 from .members import MemberStore
 
-__all__ = ["PeerTLS", "peer_cert_id"]
+__all__ = ["PeerTLS", "certless_client", "peer_cert_id"]
 
 _CACHE_MAX = 4096
 _cert_ids: dict[bytes, str] = {}
@@ -40,11 +40,11 @@ _cert_ids: dict[bytes, str] = {}
 
 def peer_cert_id(ssl_object: Any) -> str | None:
     """The node id of the certificate the other end of a TLS connection presented (None: none, or not ours)."""
-    if ssl_object is None:
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    if not der:
-        return None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return _id_of(der) if der else None
+
+
+def _id_of(der: bytes) -> str | None:
     nid = _cert_ids.get(der)
     if nid is None:
         try:
@@ -76,6 +76,18 @@ def _base(purpose: int, identity: NodeIdentity | None) -> ssl.SSLContext:
     return ctx
 
 
+def certless_client(pinned: bytes | None) -> ssl.SSLContext:
+    """A client context with no certificate of its own (a machine joining, a member introducing itself):
+    trusting exactly the certificate ``pinned``, or checking nothing — then the caller checks the key of the
+    certificate it got (``peer_cert_id``) before it sends anything."""
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT, None)
+    if pinned is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.load_verify_locations(cadata=pinned)
+    return ctx
+
+
 class PeerTLS:
     """The TLS contexts of one node, kept in step with its membership."""
 
@@ -85,7 +97,6 @@ class PeerTLS:
         self.server = _base(ssl.PROTOCOL_TLS_SERVER, identity)
         self.server.verify_mode = ssl.CERT_OPTIONAL
         self.server.num_tickets = 0  # peers keep connections open and never resume: tickets would be wasted work
-        self.joiner = _base(ssl.PROTOCOL_TLS_CLIENT, None)  # for `join`: no certificate of its own yet
         self._trusted: set[bytes] = set()
         self._clients: dict[str, tuple[bytes, ssl.SSLContext]] = {}
         self._any: ssl.SSLContext | None = None
@@ -129,12 +140,11 @@ class PeerTLS:
     def peer_of(self, ssl_object: Any) -> str | None:
         """The member on the other end of a server-side TLS connection, or None (no certificate, or not a
         current member's: removed members are refused here even when their handshake succeeded)."""
-        if ssl_object is None:
-            return None
-        nid = peer_cert_id(ssl_object)
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None  # once a request
+        nid = _id_of(der) if der else None
         if nid is None:
             return None
         member = self.members.get(nid)
-        if member is None or member.cert != ssl_object.getpeercert(binary_form=True):
+        if member is None or member.cert != der:
             return None
         return nid

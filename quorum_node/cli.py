@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cluster.members_cli import add_cluster_commands
 
     add_cluster_commands(sub)  # cluster init|show|members|remove|leave|migrate, invite, join
-    from .engine.cli import add_engine_commands
+    from .embedded.cli import add_engine_commands
 
     add_engine_commands(sub)
     from .control.usage_cli import add_usage_command

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .cluster.service import ClusterService
     from .control.ledger import Ledger
     from .control.metrics import NodeMetrics
-    from .engine.supervisor import LlamaServerProcess
+    from .embedded.supervisor import LlamaServerProcess
 
 __all__ = ["Node", "serve_forever"]
 
@@ -172,8 +172,8 @@ class Node:
             self.registry.pending.discard(EMBEDDED_ENGINE)
 
     async def _run_embedded(self, cache: Path) -> None:
-        from .engine.fetch import EngineFetchError, ensure_llama_server, ensure_model
-        from .engine.supervisor import EngineStartError, LlamaServerProcess
+        from .embedded.fetch import EngineFetchError, ensure_llama_server, ensure_model
+        from .embedded.supervisor import EngineStartError, LlamaServerProcess
 
         try:
             binary = await asyncio.to_thread(ensure_llama_server, cache, progress=True)

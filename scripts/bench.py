@@ -647,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine_url = f"http://127.0.0.1:{engine_proc.read_json_line('stdout', 'port')['port']}"
             kind, model = "vllm", "bench-model"
         else:
-            from quorum_node.engine.fetch import cache_dir, ensure_llama_server, ensure_model
+            from quorum_node.embedded.fetch import cache_dir, ensure_llama_server, ensure_model
 
             cache = cache_dir(os.environ.get("QUORUM_CACHE_DIR"))
             binary, gguf = ensure_llama_server(cache), ensure_model(cache)
@@ -675,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         relay_args: list[str] = []
         if "relay" in wanted:
             token = "bench-relay-token-0123456789"
-            relay_proc = Proc([PY, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--token", token,
+            relay_proc = Proc([PY, "-m", "quorum_relay", "--host", "127.0.0.1", "--port", "0", "--token", token,
                                "--log-format", "json"])
             procs.append(relay_proc)
             relay_port = relay_proc.read_json_line("stderr", "relay_started", 60)["port"]

@@ -1,6 +1,6 @@
 """Relay memory per idle node: one quorum-relay, N idle nodes connected, RSS per node.
 
-Starts ``quorum-relay`` (``python -m relay``) as a subprocess on 127.0.0.1 with
+Starts ``quorum-relay`` (``python -m quorum_relay``) as a subprocess on 127.0.0.1 with
 a port it picks itself, connects ``--nodes`` idle nodes from this one asyncio
 process (``--per-namespace`` of them per token, as clusters are small), waits
 until the relay reports them all connected, then prints the relay's resident
@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 
-from relay.identity import node_id_for  # noqa: E402
-from relay.wire import (  # noqa: E402
+from quorum_relay.identity import node_id_for  # noqa: E402
+from quorum_relay.wire import (  # noqa: E402
     CONNECT_PATH,
     NODE_ID_HEADER,
     NODE_KEY_HEADER,
@@ -95,7 +95,7 @@ async def bench(args: argparse.Namespace) -> dict:
     tokens_file = tmp / "tokens"
     tokens_file.write_text("".join(f"{t} ns{i}\n" for i, t in enumerate(tokens)))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--tokens-file", str(tokens_file),
+        sys.executable, "-m", "quorum_relay", "--host", "127.0.0.1", "--port", "0", "--tokens-file", str(tokens_file),
         "--log-format", "json", "--handshake-rate-per-s", "1000000", "--handshake-burst", "1000000",
         "--max-connections-per-address", str(n + 10), "--max-connections", str(n + 10),
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,

@@ -411,7 +411,7 @@ class Wan(Namespaces):
         return f"ws://{self.ip('vps')}:{RELAY_PORT}"
 
     async def relay(self, token: str, label: str = "relay") -> Proc:
-        return await self.spawn("vps", label, sys.executable, "-m", "relay", "--host", "0.0.0.0",
+        return await self.spawn("vps", label, sys.executable, "-m", "quorum_relay", "--host", "0.0.0.0",
                                 "--port", str(RELAY_PORT), "--token", token, "--log-format", "json")
 
 

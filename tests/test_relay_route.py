@@ -25,9 +25,9 @@ from quorum_node.cluster.identity import IDENTITY_FILE, NodeIdentity
 from quorum_node.cluster.messages import HOP_HEADER, ORIGIN_HEADER
 from quorum_node.cluster.noise import Handshake, NumberedReceiver, NumberedSender
 from quorum_node.node import Node
-from relay import wire
-from relay.server import Relay
-from relay.settings import Settings as RelaySettings
+from quorum_relay import wire
+from quorum_relay.server import Relay
+from quorum_relay.settings import Settings as RelaySettings
 from tests.conftest import eventually
 from tests.faults import FaultProxy
 from tests.fakes.engines import FakeEngine
@@ -453,7 +453,7 @@ async def test_busy_streams_share_batches_and_every_byte_arrives(start_node, fak
 
 
 async def test_a_malformed_batch_from_a_peer_ends_only_that_session(start_node, fake, http, client_for, relay) -> None:
-    from relay import wire
+    from quorum_relay import wire
 
     a, b, _ = await wan_pair(start_node, fake, http, relay.url)
     client = client_for(a)
@@ -790,7 +790,7 @@ async def test_a_peer_that_batches_but_does_not_open_streams_in_batches_gets_ope
 
 async def test_a_relay_that_does_not_count_batched_streams_gets_open_frames(
         start_node, fake, http, client_for, relay, monkeypatch) -> None:
-    import relay.hub as hub_module
+    import quorum_relay.hub as hub_module
 
     welcome = hub_module.Welcome
     monkeypatch.setattr(hub_module, "Welcome", lambda **kw: welcome(**{**kw, "batch_streams": False}))

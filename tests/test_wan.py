@@ -2,7 +2,7 @@
 
 ``scripts/wan`` builds the world: LAN 1 and LAN 2 are bridges inside their
 routers' namespaces; each router knows one address beyond its LAN, the vps's,
-and the vps forwards nothing. Inside it: the relay (``python -m relay``) in
+and the vps forwards nothing. Inside it: the relay (``python -m quorum_relay``) in
 the vps; node X on LAN 1 (host a1) with no engine; node Y on LAN 2 (b1) whose
 fake engine holds ``far-model``; node Z on LAN 2 (b2), a member of the same
 cluster but with a wrong relay token, holding ``hidden-model``. The three data

@@ -24,7 +24,7 @@ from aiohttp import web
 from ..control.keys import MAX_PATTERNS, parse_duration
 from ..errors import BadRequest
 from .body import read_body
-from .keys import NODE
+from .state import NODE
 
 __all__ = ["routes"]
 

@@ -20,7 +20,7 @@ from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
 from . import admin_keys, anthropic, cors, ollama, openai, responses
 from .auth import charge, grant_for, is_admin_route, presented_key, require_admin
-from .keys import (API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, TRUSTED,
+from .state import (API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, TRUSTED,
                    request_id_for)
 from .surface import OPENAI, surface_of
 

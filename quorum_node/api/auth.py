@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..control.keys import KEY_PREFIX, Grant, KeyStore
 from ..errors import Forbidden, RateLimited, Unauthorized
-from .keys import API_KEY, PEER
+from .state import API_KEY, PEER
 
 __all__ = ["ADMIN_PREFIX", "check_scope", "grant_for", "is_admin_route", "presented_key", "require_admin"]
 

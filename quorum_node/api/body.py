@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from ..errors import ApiError, BadRequest, PayloadTooLarge, UnsupportedMedia
-from .keys import SETTINGS
+from .state import SETTINGS
 
 __all__ = ["read_body"]
 

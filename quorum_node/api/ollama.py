@@ -34,7 +34,7 @@ from ..errors import ApiError, BadRequest, NotFound
 from ..catalog import CatalogView
 from .auth import check_scope
 from .body import read_body
-from .keys import DRAFT, NODE, visible_catalog
+from .state import DRAFT, NODE, visible_catalog
 from .ollama_wire import (
     ChatRequest,
     ChatStream,

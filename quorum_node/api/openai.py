@@ -11,7 +11,7 @@ from aiohttp import web
 from ..backends.base import Op
 from ..catalog import CatalogView, model_not_found
 from .body import read_body
-from .keys import DRAFT, NODE, visible_catalog
+from .state import DRAFT, NODE, visible_catalog
 from .surface import OPENAI, Call, serve
 from .validate import check_chat, check_completions, check_embeddings, parse_body
 
@@ -97,7 +97,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Alive. The node's name and load only for a caller it knows (``TRUSTED``, a peer): a stranger is
     let in here without a key, and learns nothing else."""
-    from .keys import PEER, TRUSTED
+    from .state import PEER, TRUSTED
 
     if not request.get(TRUSTED) and request.get(PEER) is None:
         return web.json_response({"status": "ok"})

@@ -30,7 +30,7 @@ from aiohttp import web
 from ..backends.base import Op
 from ..backends.native import EVENT_TYPE
 from ..errors import StreamBroken
-from .keys import ROUTER
+from .state import ROUTER
 from .surface import Native, StreamEncoder
 
 __all__ = ["NativeStream", "frame", "native_form"]

@@ -54,7 +54,7 @@ from ..errors import BadRequest, NotFound
 from .body import read_body
 from .validate import decode_typed
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
-from .keys import DRAFT, SETTINGS
+from .state import DRAFT, SETTINGS
 from .passthrough import NativeStream, frame, native_form
 from .surface import Call, Surface, StreamEncoder, serve
 

@@ -48,7 +48,7 @@ from ..control import tokens
 from ..errors import ApiError, StreamBroken, Unavailable
 from ..names import safe_name
 from .auth import check_scope
-from .keys import API_KEY, DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER, visible_catalog
+from .state import API_KEY, DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER, visible_catalog
 
 __all__ = ["Call", "Native", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
 

@@ -33,7 +33,7 @@ import structlog
 from aiohttp import web
 
 from ..api.body import read_body
-from ..api.keys import PEER
+from ..api.state import PEER
 from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, RateLimited, Unauthorized
 from .identity import NodeIdentity, verify_signature
 from .members import MemberStore, decode_records, encode_records

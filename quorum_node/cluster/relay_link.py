@@ -66,7 +66,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
-from relay import wire
+from quorum_relay import wire
 
 from ..backoff import Backoff
 from .identity import NodeIdentity

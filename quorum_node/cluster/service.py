@@ -37,7 +37,7 @@ import structlog
 from aiohttp import web
 
 from ..api.app import is_loopback
-from ..api.keys import PEER
+from ..api.state import PEER
 from ..backends.base import BackendState, Caller, JsonReply, Op, Reply, StreamReply, StreamStats
 from ..backends.openai_compat import PATHS, Timeouts, stream_events
 from ..backends.sse import StreamNormalizer

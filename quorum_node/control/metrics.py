@@ -167,7 +167,7 @@ class _StateCollector(Collector):
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    from ..api.keys import NODE
+    from ..api.state import NODE
     from ..errors import NotFound
 
     metrics = getattr(request.app[NODE], "metrics", None)

@@ -39,7 +39,7 @@ import structlog
 from aiohttp import web
 
 from ..api.body import read_body
-from ..api.keys import PEER
+from ..api.state import PEER
 from ..cluster.peers import PeerState
 from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, Unauthorized
 from .keys import MAX_RECORDS, KeyRecord, KeyStore

@@ -32,7 +32,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from ..api.keys import NODE, PEER
+from ..api.state import NODE, PEER
 from ..errors import BadRequest, EngineUnavailable, Unauthorized, Unavailable
 from .ledger import BY, UsageRow
 

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..api.keys import NODE
+from ..api.state import NODE
 from .events import EventHub
 from .fleet import FEATURES, fleet
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quorum_node.engine.fetch import cache_dir, ensure_llama_server, ensure_model
+from quorum_node.embedded.fetch import cache_dir, ensure_llama_server, ensure_model
 
 
 @pytest.fixture(scope="session")

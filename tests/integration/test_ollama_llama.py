@@ -14,7 +14,7 @@ from pathlib import Path
 import ollama
 import pytest
 
-from quorum_node.engine.supervisor import LlamaServerProcess
+from quorum_node.embedded.supervisor import LlamaServerProcess
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 PROMPT = "Write a short poem about the sea."

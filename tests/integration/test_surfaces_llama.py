@@ -30,7 +30,7 @@ import openai
 import pytest
 
 from quorum_node.backends.base import NATIVE_OPS
-from quorum_node.engine.supervisor import LlamaServerProcess
+from quorum_node.embedded.supervisor import LlamaServerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90, func_only=True)]
 

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from relay.identity import node_id_for
-from relay.server import Relay
-from relay.settings import Settings
-from relay.wire import (
+from quorum_relay.identity import node_id_for
+from quorum_relay.server import Relay
+from quorum_relay.settings import Settings
+from quorum_relay.wire import (
     CONNECT_PATH,
     NODE_ID_HEADER,
     NODE_KEY_HEADER,

@@ -19,9 +19,9 @@ from cryptography.x509.oid import NameOID
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from relay.cli import main
-from relay.server import Relay
-from relay.wire import (
+from quorum_relay.cli import main
+from quorum_relay.server import Relay
+from quorum_relay.wire import (
     CLOSE_REPLACED,
     CLOSE_UNAUTHORIZED,
     NODE_ID_HEADER,
@@ -191,7 +191,7 @@ async def test_the_same_node_reconnecting_replaces_its_old_connection(relay: Rel
 
 def test_the_relays_node_id_is_the_nodes() -> None:
     from quorum_node.cluster.identity import NodeIdentity, node_id_for
-    from relay.identity import node_id_for as relay_node_id_for
+    from quorum_relay.identity import node_id_for as relay_node_id_for
 
     for _ in range(8):
         ident = NodeIdentity.generate()

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 from websockets.asyncio.client import connect
 
-from relay.server import Relay
-from relay.wire import (
+from quorum_relay.server import Relay
+from quorum_relay.wire import (
     CLOSE_IDLE,
     CLOSE_PROTOCOL,
     CLOSE_REPLACED,

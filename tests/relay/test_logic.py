@@ -8,14 +8,14 @@ import sys
 import msgspec
 import pytest
 
-from relay.errors import ConfigError
-from relay.limits import AddressCounts, TokenBuckets, address_key, client_address, parse_networks
-from relay.presence import Roster
-from relay.settings import Settings, load_settings, parse_bytes
-from relay.splice import encode_peer, peer_span, rewrite_peer
-from relay.streams import OpenResult, StreamTable
-from relay.tokens import TokenTable, parse_tokens
-from relay.wire import Close, Data, Hello, Open, Reset, Welcome, Window, decode, encode
+from quorum_relay.errors import ConfigError
+from quorum_relay.limits import AddressCounts, TokenBuckets, address_key, client_address, parse_networks
+from quorum_relay.presence import Roster
+from quorum_relay.settings import Settings, load_settings, parse_bytes
+from quorum_relay.splice import encode_peer, peer_span, rewrite_peer
+from quorum_relay.streams import OpenResult, StreamTable
+from quorum_relay.tokens import TokenTable, parse_tokens
+from quorum_relay.wire import Close, Data, Hello, Open, Reset, Welcome, Window, decode, encode
 
 T1 = "0123456789abcdef-one"
 T2 = "0123456789abcdef-two"
@@ -272,7 +272,7 @@ def test_settings_built_directly_are_validated_too() -> None:
 
 def test_relay_never_imports_quorum_node() -> None:
     """It ships alone to a VPS."""
-    code = "import sys, relay.cli, relay.server; print(sorted(m for m in sys.modules if m.startswith('quorum_node')))"
+    code = "import sys, quorum_relay.cli, quorum_relay.server; print(sorted(m for m in sys.modules if m.startswith('quorum_node')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert out.stdout.strip() == "[]"
 

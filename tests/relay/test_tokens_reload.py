@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from relay.errors import ConfigError
-from relay.wire import CLOSE_TOKEN_REVOKED, Hello, Left
+from quorum_relay.errors import ConfigError
+from quorum_relay.wire import CLOSE_TOKEN_REVOKED, Hello, Left
 
 from .conftest import WAIT_S, Connect, StartRelay, joined, nid
 
@@ -84,7 +84,7 @@ async def test_real_process_sighup_reload_and_sigterm_stop(join: Connect, tmp_pa
     f = tmp_path / "tokens"
     f.write_text(f"{KEEP} team\n{DROP} team\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", "0", "--tokens-file", str(f),
+        sys.executable, "-m", "quorum_relay", "--host", "127.0.0.1", "--port", "0", "--tokens-file", str(f),
         "--log-format", "json",
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
     )

@@ -22,7 +22,7 @@ from quorum_node.backends.wire import parse_error
 from quorum_node.cluster.messages import decode_catalog, decode_identity
 from quorum_node.cluster.noise import NoiseError, NumberedReceiver
 from quorum_node.errors import EngineError, StreamBroken
-from relay import wire
+from quorum_relay import wire
 
 FUZZ = settings(max_examples=int(os.environ.get("QUORUM_FUZZ_EXAMPLES", "300")), deadline=None)
 

@@ -1,8 +1,8 @@
 """Command line: ``engine fetch`` and ``engine start``.
 
 The node's CLI mounts these under its own parser with
-``add_engine_commands(subparsers)``; ``python -m quorum_node.engine`` runs the
-same commands standalone (``python -m quorum_node.engine fetch``). Each command
+``add_engine_commands(subparsers)``; ``python -m quorum_node.embedded`` runs the
+same commands standalone (``python -m quorum_node.embedded fetch``). Each command
 sets ``func`` to a handler that takes the parsed args and returns an exit code.
 """
 
@@ -18,13 +18,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from quorum_node.engine.fetch import (
+from quorum_node.embedded.fetch import (
     EngineFetchError,
     cache_dir,
     ensure_llama_server,
     ensure_model,
 )
-from quorum_node.engine.supervisor import die_with_parent_preexec
+from quorum_node.embedded.supervisor import die_with_parent_preexec
 
 __all__ = ["add_engine_commands", "add_engine_subcommands", "build_parser", "main"]
 
@@ -80,14 +80,14 @@ def add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser used by ``python -m quorum_node.engine``."""
+    """The standalone parser used by ``python -m quorum_node.embedded``."""
     parser = argparse.ArgumentParser(prog=prog, description="Build and run the local llama.cpp engine.")
     add_engine_subcommands(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(prog="python -m quorum_node.engine")
+    parser = build_parser(prog="python -m quorum_node.embedded")
     args = parser.parse_args(argv)
     return int(args.func(args))
 

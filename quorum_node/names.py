@@ -11,6 +11,8 @@ value on its way into a header.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import re
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "NAME_MAX",
     "NAME_PATTERN",
     "NODE_ID_PATTERN",
+    "is_loopback",
     "is_model_id",
     "is_name",
     "safe_name",
@@ -31,11 +34,11 @@ MODEL_ID_MAX = 512
 
 # ``\A`` and ``\Z``, not ``^`` and ``$``: ``$`` also matches before a trailing newline.
 #: No control characters (CR, LF, NUL, TAB, DEL …), at most ``NAME_MAX`` characters; empty: no name.
-NAME_PATTERN = r"\A[^\x00-\x1f\x7f]{0,%d}\Z" % NAME_MAX
+NAME_PATTERN = r"\A[^\x00-\x1f\x7f]{0,%d}\Z" % NAME_MAX  # noqa: UP031 — %d keeps the regex braces single
 #: A node id (``cluster/membership.py``): a token.
 NODE_ID_PATTERN = r"\A[A-Za-z0-9._-]{1,64}\Z"
 #: A model id or alias: no control characters, 1 to ``MODEL_ID_MAX`` characters.
-MODEL_ID_PATTERN = r"\A[^\x00-\x1f\x7f]{1,%d}\Z" % MODEL_ID_MAX
+MODEL_ID_PATTERN = r"\A[^\x00-\x1f\x7f]{1,%d}\Z" % MODEL_ID_MAX  # noqa: UP031
 
 _NAME = re.compile(NAME_PATTERN)
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
@@ -54,3 +57,17 @@ def is_model_id(value: object) -> bool:
 def safe_name(value: str, fallback: str) -> str:
     """``value`` if it is a non-empty acceptable name, else ``fallback`` (for a header such as ``X-Quorum-Node``)."""
     return value if value and is_name(value) else fallback
+
+
+@functools.lru_cache(maxsize=4096)  # asked several times per request, of a handful of addresses
+def is_loopback(remote: str | None) -> bool:
+    """Whether a peer address (``request.remote``) is this machine's loopback (IPv4-mapped too)."""
+    if not remote:
+        return False
+    try:
+        ip = ipaddress.ip_address(remote.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback

@@ -1,4 +1,13 @@
-"""The quorum-node process: engines, router, cluster and HTTP server, started and stopped in order."""
+"""The quorum-node process: the one composition root.
+
+``Node`` builds every part and hands each the narrow things it uses (the
+registry of local engines, the catalog, the in-flight counter, the key store,
+the records hub); no part is handed the node. ``start`` starts them in order
+on an ``AsyncExitStack``, so a start that fails half-way unwinds what had
+started, and ``stop`` unwinds the same stack in the order of DESIGN.md's
+lifecycle: goodbye to the peers → stop accepting → drain → the relay link and
+peer sessions → engines → the ledger.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,10 +23,15 @@ from aiohttp import web
 
 from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
-from .backends.openai_compat import EMBEDDED_ENGINE
+from .api.state import Parts
 from .backends.budget import ByteBudget
+from .backends.openai_compat import EMBEDDED_ENGINE
 from .backends.registry import Registry
 from .catalog import Catalog, cluster_stamp, entries_of
+from .cluster.identity import load_or_create_identity
+from .cluster.members_sync import RecordSigner
+from .control.admin_token import load_or_create as load_or_create_admin_token
+from .control.keys import open_keystore
 from .errors import ConfigError
 from .records import Records
 from .router import Router
@@ -46,6 +59,7 @@ class Node:
         self.name = settings.name
         self.registry = Registry(settings)
         self.router = Router(self.registry, self.name, max_attempts=settings.max_attempts)
+        self.cluster: ClusterService | None = None
         # The cluster's models, as every list reads them: rebuilt when the registry's or a peer's models change.
         self.catalog = Catalog(lambda: entries_of(self.registry, self.name, self.cluster),
                                stamp=lambda: cluster_stamp(self.cluster))
@@ -53,20 +67,14 @@ class Node:
         self.router.catalog = self.catalog
         # Whole answers held in memory at once, node-wide (backends/budget.py)
         self.answer_budget = ByteBudget(settings.max_buffered_answers_bytes)
-        self.cluster: ClusterService | None = None
         self.embedded: LlamaServerProcess | None = None
         self._embedded_task: asyncio.Task[None] | None = None
+        self.app: web.Application | None = None  # the HTTP application, once started
         self._runner: NodeRunner | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self.inflight = InFlight()
         self.records = Records()  # every request's record goes to its sinks (log line, ledger, metrics)
         self.ledger: Ledger | None = None  # opened in start (control/ledger.py)
-        self.metrics: NodeMetrics | None = None
-        if settings.metrics:
-            from .control.metrics import NodeMetrics
-
-            metrics = self.metrics = NodeMetrics(self)
-            self.records.add(metrics.observe)
-            self.records.add_refusal(lambda reason: metrics.refused.labels(reason).inc())
         self.admin_token: bytes | None = None  # <data_dir>/admin.token, read or made in start (control/admin_token.py)
         self.limits = ConnectionLimits(
             header_timeout_s=settings.header_timeout_s, keepalive_timeout_s=settings.keepalive_timeout_s,
@@ -76,9 +84,6 @@ class Node:
         self.ollama_port: int | None = None  # the second listener (--ollama-port), once bound
         self.peer_port: int = 0  # the peers' listener (mutual TLS), once bound; 0 in no cluster
         self._stopped = False
-        from .cluster.identity import load_or_create_identity
-        from .control.keys import open_keystore
-
         data_dir = Path(settings.data_dir)
         try:
             self.identity: NodeIdentity = load_or_create_identity(data_dir)
@@ -88,14 +93,28 @@ class Node:
         members = membership[1] if membership is not None else None
         # API keys (control/keys.py): hashed, in the data dir, replicated to peers by the cluster service, each
         # record signed by the member that wrote it
-        from .cluster.members_sync import RecordSigner
-
         self.keys = open_keystore(data_dir, RecordSigner(self.identity, members),
                                   tombstone_retention_s=settings.key_tombstone_retention_days * 86400)
         if membership is not None:
             from .cluster.service import ClusterService
+            from .control.replication import KeyReplicator
 
-            self.cluster = ClusterService(self, membership[0], self.identity, membership[1])
+            cluster = self.cluster = ClusterService(
+                settings, name=self.name, engines=self.registry, inflight=self.inflight, membership=membership[0],
+                identity=self.identity, members=membership[1])
+            cluster.key_sync = KeyReplicator(cluster, self.keys)  # API key records, agreed with every peer
+            self.router.peer_planner = cluster.plan
+            self.router.peer_models = cluster.model_names
+            self.router.retry_gate = cluster.retry_allowed
+        self.metrics: NodeMetrics | None = None
+        if settings.metrics:
+            from .control.metrics import NodeMetrics
+
+            metrics = self.metrics = NodeMetrics(
+                known=lambda model: model in self.router.view().by_id, inflight=self.inflight,
+                engines=self.registry, cluster=self.cluster, ledger=lambda: self.ledger)
+            self.records.add(metrics.observe)
+            self.records.add_refusal(lambda reason: metrics.refused.labels(reason).inc())
 
     @property
     def url(self) -> str:
@@ -104,58 +123,76 @@ class Node:
         host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
         return f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
 
-    async def start(self) -> None:
-        if self.admin_token is None:
-            from .control.admin_token import load_or_create
+    @property
+    def http_server(self) -> web.Server | None:
+        """The HTTP server (it makes the connection protocols; ``cluster/pipe.py`` serves through it)."""
+        return self._runner.server if self._runner is not None else None
 
-            self.admin_token = await asyncio.to_thread(load_or_create, Path(self.settings.data_dir))
-        if self.settings.ledger and self.ledger is None:
+    async def start(self) -> None:
+        """Start every part in order; if one fails, what had started is stopped again and the error raised."""
+        if self._stack is not None:
+            raise RuntimeError("a node starts once")
+        stack = self._stack = contextlib.AsyncExitStack()
+        try:
+            await self._start(stack)
+        except BaseException:
+            self._stopped = True
+            await stack.aclose()
+            raise
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        s = self.settings
+        data_dir = Path(s.data_dir)
+        if self.admin_token is None:
+            self.admin_token = await asyncio.to_thread(load_or_create_admin_token, data_dir)
+        # Unwound last to first: what is registered first is stopped last.
+        if s.ledger:
             from .control.ledger import LEDGER_FILE, Ledger
 
-            ledger = Ledger(Path(self.settings.data_dir) / LEDGER_FILE,
-                            retention_days=self.settings.ledger_retention_days)
+            ledger = Ledger(data_dir / LEDGER_FILE, retention_days=s.ledger_retention_days)
             await ledger.open()
             self.ledger = ledger
             self.records.add_durable(ledger.write)
+            stack.push_async_callback(self._close_ledger, ledger)  # last: every drained request's record is in it
+        stack.push_async_callback(self._save_keys)  # with this node's last-used times
         await self.registry.start()
-        if self.cluster is not None:
-            self.router.peer_planner = self.cluster.plan
-            self.router.peer_models = self.cluster.model_names
-            self.router.retry_gate = self.cluster.retry_allowed
+        stack.push_async_callback(self.registry.close)
+        stack.push_async_callback(self._stop_embedded)
+        if self.cluster is not None:  # peer sessions and the relay connection (1001) close only after the drain
+            stack.push_async_callback(self.cluster.stop)
         raise_fd_limit()
-        app = create_app(self)
-        # In-flight requests are drained by ``stop`` itself; by the time the runner
-        # cleans up, only idle connections are left to close.
-        self._runner = NodeRunner(app, limits=self.limits, handler_cancellation=True, access_log=None,
-                                  shutdown_timeout=0.5)
-        await self._runner.setup()
-        self.http_server = self._runner.server  # makes connection protocols: cluster/pipe.py serves through it
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port, backlog=1024, reuse_address=True)
-        await site.start()
-        server = site._server  # the bound port is only known after binding (port 0 in tests)
-        assert server is not None
-        sockets: list[socket.socket] = list(getattr(server, "sockets", ()))
-        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
-        if self.settings.ollama_port is not None:  # the same app on a second port (tools that hard-code Ollama's)
-            extra = web.TCPSite(self._runner, self.settings.host, self.settings.ollama_port, backlog=1024,
-                                reuse_address=True)
-            await extra.start()
-            bound = list(getattr(extra._server, "sockets", ()))
-            self.ollama_port = bound[0].getsockname()[1] if bound else self.settings.ollama_port
+        app = self.app = create_app(self.parts())
+        # In-flight requests are drained before the runner cleans up; by then only idle connections are left.
+        runner = self._runner = NodeRunner(app, limits=self.limits, handler_cancellation=True, access_log=None,
+                                           shutdown_timeout=0.5)
+        await runner.setup()
+        stack.push_async_callback(self._drain, runner)
+        self.port = await _listen(runner, web.TCPSite(runner, s.host, s.port, backlog=1024, reuse_address=True))
+        if s.ollama_port is not None:  # the same app on a second port (tools that hard-code Ollama's)
+            self.ollama_port = await _listen(runner, web.TCPSite(runner, s.host, s.ollama_port, backlog=1024,
+                                                                 reuse_address=True))
         if self.cluster is not None:
-            s = self.settings
-            want = s.peer_port if s.peer_port is not None else (s.port + 1 if s.port else 0)
             from .cluster.tls_transport import PeerSite
 
-            peers = PeerSite(self._runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024,
+            want = s.peer_port if s.peer_port is not None else (s.port + 1 if s.port else 0)
+            peers = PeerSite(runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024,
                              reuse_address=True)
             await peers.start()
             self.peer_port = peers.bound_port
-            await self.cluster.start()
+            await self.cluster.start(peer_port=self.peer_port, http_server=runner.server)
+            stack.push_async_callback(self.cluster.stop_announcing)  # first at stop: peers stop sending
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")
-        log.info("node_started", node=self.name, host=self.settings.host, port=self.port,
+        log.info("node_started", node=self.name, host=s.host, port=self.port,
                  engines=[b.name for b in self.registry.backends.values()])
+
+    def parts(self) -> Parts:
+        """What the HTTP API is handed (``api.state.Parts``)."""
+        s = self.settings
+        return Parts(settings=s, name=self.name, router=self.router, registry=self.registry, catalog=self.catalog,
+                     inflight=self.inflight, limits=self.limits, records=self.records, keys=self.keys,
+                     answer_budget=self.answer_budget, admin_token=self.admin_token, cluster=self.cluster,
+                     ledger=lambda: self.ledger, metrics=self.metrics, address=lambda: f"{s.host}:{self.port}")
 
     def _wants_embedded(self) -> bool:
         s = self.settings
@@ -193,6 +230,33 @@ class Node:
         await self.registry.refresh_once()
         log.info("embedded_engine_ready", url=engine.url, model=str(model))
 
+    async def _drain(self, runner: NodeRunner) -> None:
+        """Stop accepting, let the requests in flight end (the drain deadline), close the connections."""
+        for site in list(runner.sites):
+            await site.stop()  # stop accepting
+        if runner.server is not None:
+            runner.server.pre_shutdown()  # no keep-alive after the current answer; idle ones close
+        cut = await self.inflight.drain(self.settings.drain_timeout_s)
+        if cut:
+            log.warning("drain_deadline_passed", cut=cut, drain_timeout_s=self.settings.drain_timeout_s)
+        await runner.cleanup()
+
+    async def _stop_embedded(self) -> None:
+        if self._embedded_task is not None:
+            self._embedded_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._embedded_task
+        if self.embedded is not None:
+            await self.embedded.stop()
+
+    async def _save_keys(self) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.keys.save)
+
+    async def _close_ledger(self, ledger: Ledger) -> None:
+        self.records.remove_durable(ledger.write)
+        await ledger.close()
+
     async def stop(self) -> None:
         """Stop in order (DESIGN.md, lifecycle): goodbye, stop accepting, drain, close upstreams.
 
@@ -207,32 +271,17 @@ class Node:
             return
         self._stopped = True
         log.info("node_stopping", node=self.name, in_flight=len(self.inflight))
-        if self.cluster is not None:
-            await self.cluster.stop_announcing()  # goodbye and draining presence first, so peers stop sending
-        if self._runner is not None:
-            for site in list(self._runner.sites):
-                await site.stop()  # stop accepting
-            if self._runner.server is not None:
-                self._runner.server.pre_shutdown()  # no keep-alive after the current answer; idle ones close
-            cut = await self.inflight.drain(self.settings.drain_timeout_s)
-            if cut:
-                log.warning("drain_deadline_passed", cut=cut, drain_timeout_s=self.settings.drain_timeout_s)
-            await self._runner.cleanup()
-        if self.cluster is not None:
-            await self.cluster.stop()  # peer sessions and the relay connection (1001) close only after the drain
-        if self._embedded_task is not None:
-            self._embedded_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._embedded_task
-        if self.embedded is not None:
-            await self.embedded.stop()
-        await self.registry.close()
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(self.keys.save)  # with this node's last-used times
-        if self.ledger is not None:  # last: every record of the drained requests is in it
-            self.records.remove_durable(self.ledger.write)
-            await self.ledger.close()
+        if self._stack is not None:
+            await self._stack.aclose()
         log.info("node_stopped", node=self.name)
+
+
+async def _listen(runner: web.BaseRunner, site: web.TCPSite) -> int:
+    """Start ``site``; the port it bound (the one asked for, or the one the system chose for 0)."""
+    before = list(runner.addresses)
+    await site.start()
+    bound = [a for a in runner.addresses if a not in before]
+    return int(bound[0][1])
 
 
 def _membership(settings: Settings, data_dir: Path) -> tuple[Cluster, MemberStore] | None:

@@ -28,14 +28,13 @@ from .backends.base import (
     Backend,
     BackendState,
     Caller,
-    JsonReply,
     Model,
     Op,
     Reply,
     StreamReply,
 )
 from .catalog import Catalog, CatalogView, model_not_found
-from .cluster.scoring import RetryBudget
+from .retry import RetryBudget
 from .errors import (
     ApiError,
     EngineFailed,
@@ -324,9 +323,3 @@ class Router:
         if last.status == 502:  # it answered, with something that is no answer (malformed, a redirect)
             return ApiError(last.message, status=502, type_="server_error", code="bad_gateway")
         return Unavailable(last.message, retry_after_s=max(1, math.ceil(last.retry_after_s or 1)))
-
-
-def reply_usage(reply: Reply) -> dict[str, Any] | None:
-    if isinstance(reply, JsonReply):
-        return reply.usage
-    return reply.stats.usage

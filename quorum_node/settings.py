@@ -107,6 +107,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     require_key: bool = False
     key_tombstone_retention_days: float = 90.0  # a revoked key's record is kept this long; 0: for good
     keys_last_used_sync_s: float = 60.0  # how often keys' last uses are exchanged with the peers
+    api_key: str | None = None  # the admin key the command's tools (keys, usage, cluster) send; the node ignores it
     # the usage ledger (SQLite in data_dir) and the Prometheus metrics (GET /metrics)
     ledger: bool = True
     ledger_retention_days: float = 90.0  # 0: keep every record

@@ -22,5 +22,5 @@ Modules, in the order they import each other:
     conn       one node's connection: bounded send queue, writer, pings
     responses  plain HTTP answers from the handshake
     server     ``Relay``: the websockets server, admission, handlers, sweeper
-    log, cli   structlog set-up, the ``quorum-relay`` command
+    cli        the ``quorum-relay`` command (its log set-up: ``quorum_common.log``)
 """

@@ -19,8 +19,9 @@ from typing import Any
 
 import structlog
 
+from quorum_common.log import configure_logging
+
 from .errors import ConfigError
-from .log import configure_logging
 from .server import Relay, preflight
 from .settings import ENV_PREFIX, Settings, load_settings, parse_bytes
 
@@ -115,7 +116,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except ConfigError as e:
         print(f"quorum-relay: {e}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    # websockets logs through the stdlib; keep its handshake noise (bad requests, EOFs) out of ours.
+    configure_logging(settings.log_format, settings.log_level, quiet=("websockets",))
     for var in unknown:
         log.warning("unknown_env_variable", name=var)
     _raise_nofile_limit()

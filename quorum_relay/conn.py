@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from websockets.asyncio.server import ServerConnection
@@ -26,6 +26,9 @@ from websockets.exceptions import ConnectionClosed
 from .metrics import Stats
 from .splice import encode_peer
 from .tokens import Admission
+
+if TYPE_CHECKING:
+    from .hub import Link
 
 __all__ = ["Conn", "close_with_deadline"]
 
@@ -94,7 +97,7 @@ class Conn:
         self.address = address
         self.since = time.time()
         self.peer_bytes = encode_peer(node_id)  # spliced into every frame this node sends
-        self.peers: dict[str, Conn] = {}  # the namespace's live member dict, set by the hub
+        self.peers: dict[str, Link] = {}  # the namespace's live member dict, set by the hub
         self.queue: deque[bytes] = deque()
         self.queued = 0
         self.limit = send_queue_bytes

@@ -37,8 +37,8 @@ from websockets.http11 import Request, Response
 
 from .conn import Conn, close_with_deadline
 from .errors import ConfigError, ProtocolViolation
-from .identity import decode_key, node_id_for, verify_proof
 from .hub import Hub
+from .identity import decode_key, node_id_for, verify_proof
 from .limits import AddressCounts, TokenBuckets, address_key, client_address, parse_networks
 from .metrics import CONTENT_TYPE, Stats, build_registry, render
 from .responses import error_response, json_response, response

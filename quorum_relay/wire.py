@@ -93,8 +93,8 @@ relay (an older one would forward them without counting).
 
 Close codes (the relay closing a node's WebSocket)
 --------------------------------------------------
-``CLOSE_UNAUTHORIZED`` no good ``Proof`` of the node's key; ``1001`` relay shutting down; ``1009`` frame over ``max_frame_bytes``
-(websockets' own); ``CLOSE_PROTOCOL`` a frame that does not decode or breaks
+``CLOSE_UNAUTHORIZED`` no good ``Proof`` of the node's key; ``1001`` relay shutting down;
+``1009`` frame over ``max_frame_bytes`` (websockets' own); ``CLOSE_PROTOCOL`` a frame that does not decode or breaks
 the rules; ``CLOSE_TOO_SLOW`` the node's send queue passed its limit;
 ``CLOSE_REPLACED`` another connection took this node id;
 ``CLOSE_TOKEN_REVOKED`` the node's token was removed (SIGHUP reload);
@@ -301,7 +301,7 @@ Frame = (Welcome | Joined | Left | Draining | Unreachable | Hello | HelloReply |
          | Reset | Challenge | Proof)
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Frame)
+_decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)
 
 
 def encode(frame: Frame) -> bytes:

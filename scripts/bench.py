@@ -647,9 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine_url = f"http://127.0.0.1:{engine_proc.read_json_line('stdout', 'port')['port']}"
             kind, model = "vllm", "bench-model"
         else:
-            from quorum_node.embedded.fetch import cache_dir, ensure_llama_server, ensure_model
+            from quorum_node.embedded.fetch import ensure_llama_server, ensure_model
+            from quorum_node.settings import load_settings
 
-            cache = cache_dir(os.environ.get("QUORUM_CACHE_DIR"))
+            cache = Path(load_settings().cache_dir)
             binary, gguf = ensure_llama_server(cache), ensure_model(cache)
             import socket
 

@@ -1,8 +1,12 @@
-"""Shared fixtures: in-process nodes on 127.0.0.1 (port 0), fake engines, the real openai SDK."""
+"""Shared fixtures: in-process nodes on 127.0.0.1 (port 0), fake engines, the real openai SDK; the leak guard.
+
+Every test runs under ``_leak_guard`` (``tests/leaks.py``): a test that leaves a task, a socket
+or a file descriptor behind fails at teardown. ``@pytest.mark.leaks_ok("why")`` excuses one test.
+``eventually`` (``tests/support.py``) is re-exported here for the modules that import it from here.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,9 +18,15 @@ import pytest
 from quorum_node.node import Node
 from quorum_node.settings import load_settings
 from tests.fakes.engines import FakeEngine, start_fake
+from tests.leaks import LEAKS, LeakGuard
+from tests.members_support import CLUSTER, Member, wait_converged
+from tests.support import eventually
+
+__all__ = ["StartCluster", "StartFake", "StartNode", "eventually", "node_settings"]
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]
+StartCluster = Callable[..., Awaitable[list[Member]]]
 
 
 def node_settings(tmp: Path, index: int, **overrides: Any):
@@ -97,12 +107,66 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout_s: float = 5.0, what: str = "") -> None:
-    """Poll ``check`` until it holds, failing the test after ``timeout_s`` (never a fixed sleep)."""
+@pytest.fixture
+def start_cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> StartCluster:
+    """Start one node per model list, each with its own fake engine, all peers of each other (``Member``s).
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        if loop.time() > deadline:
-            pytest.fail(f"not within {timeout_s} s: {what or check}")
-        await asyncio.sleep(0.02)
+    Returns once every node's /v1/models shows every model with all its holders.
+    """
+
+    async def _start(*models: list[str], mesh: bool = True, **overrides: Any) -> list[Member]:
+        members = []
+        for held in models:
+            eng = await fake("openai", models=list(held))
+            node = await start_node(backends=[{"kind": "openai", "url": eng.url}], **CLUSTER, **overrides)
+            members.append(Member(node, eng))
+        if mesh:
+            for m in members:
+                assert m.node.cluster is not None
+                for other in members:
+                    if other is not m:
+                        m.node.cluster.table.add_static(other.address)
+            await wait_converged(http, members)
+        return members
+
+    return _start
+
+
+@pytest.fixture(autouse=True)
+async def _leak_guard(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fail a test that leaves tasks, sockets or file descriptors behind (see ``tests/leaks.py``).
+
+    Autouse and function-scoped, so it is set up before the test's other function fixtures and torn
+    down after them: what it sees is the test's own work, with the event loop and the module- and
+    session-scoped fixtures on both sides of the comparison.
+    """
+    guard = LeakGuard.for_item(request.node)
+    if guard is None:
+        yield
+        return
+    await guard.before()
+    yield
+    await guard.after()
+
+
+#: Markers that keep a test out of the fast tier: what needs root, a browser or the real engine, and what is slow.
+NOT_FAST = ("slow", "integration", "netns", "browser", "reliability")
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: so before tests/reliability/conftest.py marks its tier too
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``fast`` every test no marker in ``NOT_FAST`` keeps out: ``scripts/test -m fast`` is the edit-test loop."""
+    for item in items:
+        if "reliability" in item.path.parts:
+            continue
+        if not any(item.get_closest_marker(name) for name in NOT_FAST):
+            item.add_marker(pytest.mark.fast)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List what tests left behind (in ``report`` mode the only place it shows)."""
+    if not LEAKS:
+        return
+    terminalreporter.section(f"leaks ({len({t for t, _ in LEAKS})} tests)")
+    for test, leak in LEAKS:
+        terminalreporter.line(f"{test}: {leak}")

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from quorum_node.log import configure_logging
+from quorum_common.log import configure_logging
 from quorum_node.node import Node
 from quorum_node.settings import load_settings
 from tests.fakes.engines import start_fake

@@ -16,6 +16,7 @@ import os
 import ssl
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,55 @@ import aiohttp
 from quorum_node.cluster.identity import NodeIdentity, load_or_create_identity
 from quorum_node.cluster.members import Candidate, MemberStore, decode_records, encode_records
 from quorum_node.cluster.membership import Cluster, load_cluster, load_member_records, store_cluster
+from quorum_node.node import Node
+from tests.fakes.base import FakeEngine
+from tests.support import eventually
 
-__all__ = ["client_tls", "enrol", "founder_of", "member_client", "records_of"]
+__all__ = ["CLUSTER", "Member", "client_tls", "enrol", "founder_of", "member_client", "model_holders", "peer_rows",
+           "records_of", "wait_converged"]
+
+#: The keyword arguments of ``start_node`` that make a node a member of the test cluster ``start_cluster`` builds.
+CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
+
+
+@dataclass
+class Member:
+    node: Node
+    engine: FakeEngine
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.node.peer_port}"
+
+
+async def model_holders(session: aiohttp.ClientSession, node: Node) -> dict[str, list[str]]:
+    async with session.get(node.url + "/v1/models") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    return {m["id"]: m["nodes"] for m in body["data"]}
+
+
+async def peer_rows(session: aiohttp.ClientSession, node: Node) -> list[dict[str, Any]]:
+    async with session.get(node.url + "/quorum/v1/peers") as resp:
+        assert resp.status == 200
+        return (await resp.json())["peers"]
+
+
+async def wait_converged(http: aiohttp.ClientSession, members: list[Member]) -> None:
+    expected: dict[str, list[str]] = {}
+    for m in members:
+        for model in m.engine.models:
+            expected.setdefault(model, []).append(m.name)
+    expected = {k: sorted(v) for k, v in expected.items()}
+    for m in members:
+        async def converged(node: Node = m.node) -> bool:
+            return await model_holders(http, node) == expected
+
+        await eventually(converged, f"{m.name} sees the whole cluster {expected}")
 
 
 def _registry(tmp: Path, cluster: str, secret: str) -> Path:

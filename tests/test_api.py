@@ -11,10 +11,10 @@ import aiohttp
 import openai
 import pytest
 
-from quorum_node.api.app import is_loopback
+from quorum_node.names import is_loopback
 from quorum_node.node import Node
-from tests.conftest import eventually
 from tests.fakes.engines import FakeEngine
+from tests.support import eventually
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,99 +20,12 @@ import pytest
 
 from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.cluster.members import Candidate, MemberStore, encode_records
-from quorum_node.node import Node
 from tests.conftest import StartFake, StartNode
-from tests.fakes.base import FakeEngine
-from tests.members_support import client_tls, member_client
+from tests.members_support import CLUSTER, Member, client_tls, member_client, model_holders, peer_rows
+from tests.support import eventually
 
-CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
-DEADLINE_S = 5.0
 HELLO = "Hello, world!"  # the fakes' default tokens, joined
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-@dataclass
-class Member:
-    node: Node
-    engine: FakeEngine
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.node.peer_port}"
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout_s: float = DEADLINE_S) -> Any:
-    """Poll ``check`` until it returns something truthy, or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def http() -> Any:
-    """A plain HTTP client for raw bytes and hand-made headers."""
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def model_holders(session: aiohttp.ClientSession, node: Node) -> dict[str, list[str]]:
-    async with session.get(node.url + "/v1/models") as resp:
-        assert resp.status == 200
-        body = await resp.json()
-    return {m["id"]: m["nodes"] for m in body["data"]}
-
-
-async def peer_rows(session: aiohttp.ClientSession, node: Node) -> list[dict[str, Any]]:
-    async with session.get(node.url + "/quorum/v1/peers") as resp:
-        assert resp.status == 200
-        return (await resp.json())["peers"]
-
-
-@pytest.fixture
-def start_cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession):
-    """Start one node per model list, each with its own fake engine, all peers of each other.
-
-    Returns once every node's /v1/models shows every model with all its holders.
-    """
-
-    async def _start(*models: list[str], mesh: bool = True, **overrides: Any) -> list[Member]:
-        members = []
-        for held in models:
-            eng = await fake("openai", models=list(held))
-            node = await start_node(backends=[{"kind": "openai", "url": eng.url}], **CLUSTER, **overrides)
-            members.append(Member(node, eng))
-        if mesh:
-            for m in members:
-                assert m.node.cluster is not None
-                for other in members:
-                    if other is not m:
-                        m.node.cluster.table.add_static(other.address)
-            await wait_converged(http, members)
-        return members
-
-    return _start
-
-
-async def wait_converged(http: aiohttp.ClientSession, members: list[Member]) -> None:
-    expected: dict[str, list[str]] = {}
-    for m in members:
-        for model in m.engine.models:
-            expected.setdefault(model, []).append(m.name)
-    expected = {k: sorted(v) for k, v in expected.items()}
-    for m in members:
-        async def converged(node: Node = m.node) -> bool:
-            return await model_holders(http, node) == expected
-
-        await eventually(converged, f"{m.name} sees the whole cluster {expected}")
 
 
 async def make_preferred(client: openai.AsyncOpenAI, model: str, fast: Member, slow: Member) -> None:

@@ -25,6 +25,7 @@ from quorum_node.cluster.identity import IDENTITY_FILE, NodeIdentity, load_or_cr
 from quorum_node.cluster.members import MemberStore, decode_records
 from quorum_node.cluster.membership import (
     CLUSTER_FILE,
+    INVITES_FILE,
     Cluster,
     InviteToken,
     create_invite,
@@ -289,6 +290,22 @@ async def test_init_twice_needs_force_and_a_bad_duration_is_refused(tmp_path: Pa
                    "bad duration")
     assert (await qn("cluster", "--data-dir", d, "init", "--name", "two", "--force")).rc == 0
     assert load_cluster(tmp_path / "A").name == "two"
+
+
+async def test_leave_forgets_the_membership_but_not_the_identity(tmp_path: Path) -> None:
+    d = tmp_path / "A"
+    assert (await qn("cluster", "--data-dir", str(d), "init", "--name", "home")).rc == 0
+    me = load_or_create_identity(d)
+    assert (await qn("invite", "--data-dir", str(d), "--address", "127.0.0.1:1")).rc == 0
+    assert (d / INVITES_FILE).exists()
+    left = await qn("cluster", "--data-dir", str(d), "leave")
+    assert left.rc == 0 and "this machine left its cluster" in left.out, left
+    assert load_cluster(d) is None and load_member_records(d) == b"[]"
+    assert not (d / INVITES_FILE).exists()  # nobody joins through this machine's old invites
+    assert load_or_create_identity(d).node_id == me.node_id  # the same machine, free to join another cluster
+    one_line_error(await qn("cluster", "--data-dir", str(d), "show"), 2, "in no cluster")
+    again = await qn("cluster", "--data-dir", str(d), "leave")
+    assert again.rc == 0 and "this machine is in no cluster" in again.out, again
 
 
 async def test_migrate_turns_a_shared_secret_cluster_into_a_keyed_one_that_others_join(

@@ -7,7 +7,6 @@ through static peers. The events stream is read as raw SSE bytes with aiohttp
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import re
@@ -20,20 +19,21 @@ import aiohttp
 import openai
 import pytest
 
-from quorum_node.cli import cmd_peers
-from quorum_node.dashboard import CSP, EVENTS
-from quorum_node.dashboard.events import EventHub
+from quorum_node import cli
+from quorum_node.api.dashboard import CSP, EVENTS
+from quorum_node.api.dashboard.events import EventHub
 from quorum_node.node import Node
 from quorum_node.records import Record
-from tests.conftest import StartFake, StartNode, eventually
+from tests.conftest import StartFake, StartNode
+from tests.support import eventually
 
 CLUSTER = {"cluster": "dash", "cluster_secret": "dash-secret"}
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def hub_of(node: Node) -> EventHub:
-    assert node._runner is not None
-    return node._runner.app[EVENTS]
+    assert node.app is not None
+    return node.app[EVENTS]
 
 
 async def two_nodes(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> tuple[Node, Node, Any]:
@@ -206,7 +206,7 @@ async def test_a_peers_load_and_a_restart_show_in_the_fleet_and_in_quorum_node_p
         await eventually(lambda: south(lambda s: s["load"] and s["load"]["in_flight"] == 1), timeout_s=5,
                          what="north sees south answering one request")
         await eventually(lambda: south(lambda s: s["load"]["engines"] == 1), what="and its engine busy")
-        rc = await asyncio.to_thread(cmd_peers, argparse.Namespace(url=n0.url))  # `quorum-node peers --url`
+        rc = await asyncio.to_thread(cli.main, ["peers", "--url", n0.url])
         out = capsys.readouterr().out
         assert rc == 0
         lines = out.splitlines()

@@ -24,7 +24,8 @@ import aiohttp
 import pytest
 
 from quorum_node.node import Node
-from tests.conftest import StartFake, StartNode, eventually
+from tests.conftest import StartFake, StartNode
+from tests.support import eventually
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from quorum_node.node import Node
-from tests.conftest import eventually
 from tests.fakes.engines import KINDS, FakeEngine
+from tests.support import eventually
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]

@@ -24,13 +24,15 @@ from aiohttp import web
 from quorum_node.backends.base import BackendState, JsonReply, Op, Reply
 from quorum_node.backends.detect import identify
 from quorum_node.backends.ollama import OllamaBackend
-from quorum_node.backends.openai_compat import OpenAICompatBackend, engine_failed
+from quorum_node.backends.errors import engine_failed
+from quorum_node.backends.openai_compat import OpenAICompatBackend
 from quorum_node.backends.registry import Registry
 from quorum_node.cluster.breaker import BreakerState
 from quorum_node.errors import ApiError, EngineUnavailable
 from quorum_node.node import Node
 from quorum_node.router import Router
-from tests.conftest import StartFake, StartNode, eventually, node_settings
+from tests.conftest import StartFake, StartNode, node_settings
+from tests.support import eventually
 
 ClientFor = Callable[..., openai.AsyncOpenAI]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

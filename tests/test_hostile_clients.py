@@ -24,10 +24,10 @@ import psutil
 import pytest
 
 from quorum_node.node import Node
-from tests.conftest import eventually
 from tests.fakes.engines import FakeEngine
 from tests.members_support import client_tls
 from tests.netns import netns_unavailable
+from tests.support import eventually
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]
@@ -237,10 +237,11 @@ async def test_loopback_is_not_capped(start_node, fake, http) -> None:
 
 
 _CAP_CLIENT = """
-import json, socket, sys, time
+import json, socket, sys
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 held = [socket.create_connection((host, port), timeout=5) for _ in range(n)]
-time.sleep(0.3)
+print("held", flush=True)
+sys.stdin.readline()  # the test says go once the node counts all n
 extra = socket.create_connection((host, port), timeout=5)  # refused at once: it need not even ask
 data = b""
 while chunk := extra.recv(65536):
@@ -266,8 +267,11 @@ async def test_connections_per_address_are_capped(start_node, fake) -> None:
         node = await vllm_node(start_node, fake, host="10.79.0.1", max_connections_per_address=4)
         proc = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", ns, sys.executable, "-c", _CAP_CLIENT, "10.79.0.1", str(node.port), "4",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdin is not None and proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"held\n"
+        await eventually(lambda: node.limits.open_connections() == 4, "the node holds the client's 4 connections")
+        out, err = await asyncio.wait_for(proc.communicate(b"go\n"), 30)
         assert proc.returncode == 0, err.decode()
         raw = json.loads(out)["answer"].encode()
         status, headers, body = split_response(raw)

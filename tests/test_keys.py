@@ -283,7 +283,7 @@ async def test_every_admin_endpoint_answers_bad_input_with_a_4xx(start_node, fak
     500 with a traceback."""
     node = await keyed_node(start_node, fake)
     prefix = "/quorum/admin/"
-    app = node._runner.app  # type: ignore[union-attr]  (every admin route the node has: a new one is probed too)
+    app = node.app  # type: ignore[union-attr]  (every admin route the node has: a new one is probed too)
     routes = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith(prefix) and r.method != "HEAD"}
     assert routes >= {("GET", prefix + "keys"), ("POST", prefix + "keys"), ("DELETE", prefix + "keys/{name_or_id}"),

@@ -34,6 +34,7 @@ from quorum_node.node import Node
 from quorum_node.records import Record
 from tests.members_support import client_tls, member_client
 from tests.netns import netns_unavailable
+from tests.support import eventually
 
 CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
 AGREE_S = 10.0  # the promise: every node agrees within 10 s
@@ -54,12 +55,9 @@ async def accepted(node: Node, key: str, model: str) -> bool:
 
 
 async def within(what: str, check, timeout_s: float = AGREE_S) -> float:
-    """Poll until ``check()`` holds; the seconds it took (fails after ``timeout_s``)."""
+    """``eventually(check)``; the seconds it took."""
     t0 = time.monotonic()
-    while not await check():
-        if time.monotonic() - t0 > timeout_s:
-            pytest.fail(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.05)
+    await eventually(check, what, timeout_s=timeout_s)
     return time.monotonic() - t0
 
 

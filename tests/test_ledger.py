@@ -22,7 +22,8 @@ import pytest
 from quorum_node.control.ledger import LEDGER_FILE
 from quorum_node.control.usage import parse_since
 from tests.conftest import StartFake, StartNode
-from tests.test_cluster import MESSAGES, eventually, start_cluster  # noqa: F401  (fixture)
+from tests.support import eventually
+from tests.test_cluster import MESSAGES
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the vLLM fake's model
 QUORUM_NODE = str(Path(sys.executable).parent / "quorum-node")

@@ -16,9 +16,9 @@ import pytest
 
 from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.node import Node
-from tests.conftest import eventually
-from tests.members_support import client_tls
 from tests.fakes.engines import FakeEngine
+from tests.members_support import client_tls
+from tests.support import eventually
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]

@@ -37,6 +37,7 @@ from quorum_node.cluster.mdns import (
     txt_properties,
 )
 from tests.netns import netns_unavailable as _netns_unavailable
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -331,19 +332,12 @@ async def test_a_goodbye_sent_in_a_members_name_does_not_drop_it(start_node, fak
     a = await start_node(**cluster)
     assert a.cluster is not None and b.cluster is not None
     b_id = b.cluster.node_id
-    loop = asyncio.get_running_loop()
 
     def a_serves_b() -> bool:
         peer = a.cluster.table.get(b_id)
         return peer is not None and peer.serving and "only-b" in a.cluster.model_names()
 
-    async def until(check: Callable[[], bool], timeout_s: float) -> None:
-        deadline = loop.time() + timeout_s
-        while not check():
-            assert loop.time() < deadline, "not within the time"
-            await asyncio.sleep(0.01)
-
-    await until(a_serves_b, 10.0)
+    await eventually(a_serves_b, "A serves B's model", timeout_s=10.0)
     states: list[str] = []
 
     async def watch() -> None:  # what A holds of B, sampled every few ms
@@ -364,8 +358,8 @@ async def test_a_goodbye_sent_in_a_members_name_does_not_drop_it(start_node, fak
     finally:
         await forger.async_close()
     try:
-        await until(lambda: "draining" in states or "gone" in states, 5.0)  # the goodbye arrived
-        await until(a_serves_b, 5.0)
+        await eventually(lambda: "draining" in states or "gone" in states, "the goodbye arrived", timeout_s=5.0)
+        await eventually(a_serves_b, "A serves B again", timeout_s=5.0)
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

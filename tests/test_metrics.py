@@ -9,7 +9,7 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartFake, StartNode
-from tests.test_cluster import MESSAGES, start_cluster  # noqa: F401  (fixture)
+from tests.test_cluster import MESSAGES
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -84,7 +84,7 @@ async def test_metrics_counters_match_the_workload(start_node: StartNode, fake: 
         _, s2 = await scrape(http, node.url)
         return total(s2, "quorum_engine_state", state="down") == 1
 
-    from tests.conftest import eventually
+    from tests.support import eventually
 
     await eventually(down, what="the engine's state is down in /metrics")
 

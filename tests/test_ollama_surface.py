@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 from quorum_node.api.app import create_app
 from quorum_node.node import Node
 from quorum_node.records import Record
-from tests.conftest import StartFake, StartNode, eventually
+from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
+from tests.support import eventually
 
 CLUSTER = {"cluster": "ollama", "cluster_secret": "o" * 32}
 LLAMA = "llama3.2:latest"
@@ -149,8 +150,8 @@ async def test_version_root_and_head(cluster: Cluster, http: aiohttp.ClientSessi
     async with http.head(cluster.a.url + "/api/tags") as r:
         assert r.status == 200
     # a browser asking for HTML goes to the dashboard if the node has one, else gets what Ollama says
-    assert cluster.a._runner is not None
-    has_dashboard = any(r.canonical == "/dashboard" for r in cluster.a._runner.app.router.resources())
+    assert cluster.a.app is not None
+    has_dashboard = any(r.canonical == "/dashboard" for r in cluster.a.app.router.resources())
     async with http.get(cluster.a.url + "/", headers={"Accept": "text/html,*/*"}, allow_redirects=False) as r:
         if has_dashboard:
             assert r.status == 302 and r.headers["Location"] == "/dashboard"
@@ -160,7 +161,7 @@ async def test_version_root_and_head(cluster: Cluster, http: aiohttp.ClientSessi
 
 async def test_a_browser_at_the_root_is_sent_to_the_dashboard_where_there_is_one(
         cluster: Cluster, http: aiohttp.ClientSession) -> None:
-    app = create_app(cluster.a)
+    app = create_app(cluster.a.parts())
 
     async def dashboard(request: web.Request) -> web.Response:
         return web.Response(text="<html>dashboard</html>", content_type="text/html")

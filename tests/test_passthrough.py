@@ -279,7 +279,8 @@ async def test_a_failed_native_attempt_is_retried_on_an_engine_that_translates(s
 async def test_a_peers_model_is_translated_on_the_entry_node(start_node: StartNode, fake: StartFake, http,
                                                              client_for, claude) -> None:
     """The peer's engine speaks both APIs, but a peer is sent Chat Completions: the entry node translates."""
-    from tests.test_cluster import CLUSTER, Member, eventually, model_holders
+    from tests.members_support import CLUSTER, Member, model_holders
+    from tests.support import eventually
 
     plain = await fake("openai", models=["alpha"])
     native = await fake("llamacpp")

@@ -9,7 +9,7 @@ import socket
 import aiohttp
 
 from quorum_node.node import Node
-from tests.conftest import eventually
+from tests.support import eventually
 
 CLUSTER = {"cluster": "avail", "cluster_secret": "a" * 32}
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"

@@ -6,8 +6,6 @@ import anthropic
 import openai
 import pytest
 
-from tests.test_cluster import start_cluster  # noqa: F401  (the fixture: nodes meshed over loopback)
-
 
 async def test_responses_and_messages_for_a_peers_model(start_cluster, client_for) -> None:
     a, b = await start_cluster(["alpha"], ["beta"])

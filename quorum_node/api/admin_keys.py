@@ -24,7 +24,7 @@ from aiohttp import web
 from ..control.keys import MAX_PATTERNS, parse_duration
 from ..errors import BadRequest
 from .body import read_body
-from .state import NODE
+from .state import KEYS
 
 __all__ = ["routes"]
 
@@ -48,7 +48,7 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    return _json({"keys": request.app[NODE].keys.list()})
+    return _json({"keys": request.app[KEYS].list()})
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -64,14 +64,14 @@ async def create_key(request: web.Request) -> web.Response:
             expires_s = parse_duration(str(body.expires))
         except ValueError as e:
             raise BadRequest(str(e), param="expires", code="invalid_expiry") from None
-    info, secret = request.app[NODE].keys.create(body.name, models=body.models, expires_s=expires_s,
+    info, secret = request.app[KEYS].create(body.name, models=body.models, expires_s=expires_s,
                                                  rate_per_min=body.rate, admin=body.admin)
     log.info("api_key_created", key=info.name, key_id=info.id, models=info.models, admin=info.admin)
     return _json({"key": secret, "info": info}, status=201)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    info = request.app[NODE].keys.revoke(request.match_info["name_or_id"])
+    info = request.app[KEYS].revoke(request.match_info["name_or_id"])
     log.info("api_key_revoked", key=info.name, key_id=info.id)
     return _json({"info": info})
 

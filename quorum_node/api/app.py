@@ -8,43 +8,28 @@ import ipaddress
 import re
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+
 
 import structlog
 from aiohttp import web
 
 from ..cluster.messages import HOP_HEADER, KEY_HEADER
-from ..control import admin_token, metrics, usage
+from ..control import admin_token
 from ..control.admin_token import ADMIN_HEADER
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
 from ..records import Draft
-from . import admin_keys, anthropic, cors, ollama, openai, responses
+from ..names import is_loopback
+from . import admin, admin_keys, anthropic, cors, dashboard, ollama, openai, peer, responses
 from .auth import charge, grant_for, is_admin_route, presented_key, require_admin
-from .state import (API_KEY, DRAFT, INFLIGHT, NODE, PEER, PREPARED, REQUEST_ID, ROUTER, SETTINGS, TRUSTED,
-                   request_id_for)
+from .state import (ADDRESS, ANSWER_BUDGET, API_KEY, CATALOG, CLUSTER, DRAFT, INFLIGHT, KEYS, LEDGER, LIMITS, METRICS, NAME, PEER,
+                    PREPARED, RECORDS, REGISTRY, REQUEST_ID, ROUTER, SETTINGS, TRUSTED, Parts, request_id_for)
 from .surface import OPENAI, surface_of
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 __all__ = ["create_app", "error_response", "is_loopback"]
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@functools.lru_cache(maxsize=4096)  # asked several times per request, of a handful of addresses
-def is_loopback(remote: str | None) -> bool:
-    if not remote:
-        return False
-    try:
-        ip = ipaddress.ip_address(remote.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def error_response(e: ApiError, request: web.Request | None = None) -> web.Response:
@@ -75,8 +60,9 @@ def _http_error(request: web.Request, e: web.HTTPException) -> ApiError:
     return ApiError(e.reason, status=e.status, type_="invalid_request_error")
 
 
-def make_errors_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    records = node.records
+def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    records = parts.records
+    name = parts.name
 
     @web.middleware
     async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -88,7 +74,7 @@ def make_errors_middleware(node: Node) -> Callable[[web.Request, Handler], Await
         path did not (refusals, failures, answers that are not served ones).
         """
         rid = request[REQUEST_ID] = request_id_for(request.headers.get("X-Request-Id"))
-        draft = request[DRAFT] = Draft(request_id=rid, node=node.name, method=request.method, path=request.path,
+        draft = request[DRAFT] = Draft(request_id=rid, node=name, method=request.method, path=request.path,
                                        surface=None, operation=None, remote=request.remote)
         status = 500
         try:
@@ -121,9 +107,11 @@ def make_errors_middleware(node: Node) -> Callable[[web.Request, Handler], Await
     return errors_middleware
 
 
-def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    keys = node.keys
-    require_key = node.settings.require_key
+def make_trust_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    keys = parts.keys
+    require_key = parts.settings.require_key
+    cluster = parts.cluster
+    own_token = parts.admin_token
 
     @web.middleware
     async def trust_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -143,7 +131,6 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
         of them at once. A 401 here is no record (``_refused``).
         """
         headers = request.headers
-        cluster = node.cluster
         if cluster is not None:
             peer = cluster.peer_of(request)  # the member its link proved: TLS certificate, or Noise session
             if peer is not None:
@@ -168,8 +155,8 @@ def make_trust_middleware(node: Node) -> Callable[[web.Request, Handler], Awaita
             return await handler(request)  # the dashboard's page and assets: no data, they ask for the key
         loopback = is_loopback(request.remote)
         token = headers.get(ADMIN_HEADER)
-        if token is not None and loopback and node.admin_token is not None and is_admin_route(request) \
-                and admin_token.matches(node.admin_token, token):
+        if token is not None and loopback and own_token is not None and is_admin_route(request) \
+                and admin_token.matches(own_token, token):
             request[TRUSTED] = True
             return await handler(request)  # the node's own user: only it can read the token's file
         trusted = not require_key and loopback and local_host(headers.get("Host"))
@@ -263,37 +250,48 @@ def _refused(request: web.Request, message: str, *, reason: str | None = None,
     if reason is None:
         reason = "peer_claim" if HOP_HEADER in request.headers or _NODE_ID_HEADER in request.headers \
             else "missing_key"
-    request.app[NODE].records.refuse(request[DRAFT], reason)
+    request.app[RECORDS].refuse(request[DRAFT], reason)
     return error
 
 
-def create_app(node: Node) -> web.Application:
+def create_app(parts: Parts) -> web.Application:
+    """The node's one application: every surface, the peer protocol, the admin API and the dashboard."""
+    settings = parts.settings
     app = web.Application(
         # CORS before trust: a preflight is answered, and an unlisted Origin never gets loopback trust
-        middlewares=[make_errors_middleware(node), cors.make_cors_middleware(node.settings.cors_origins),
-                     make_trust_middleware(node)],
-        client_max_size=node.settings.max_body_bytes,
+        middlewares=[make_errors_middleware(parts), cors.make_cors_middleware(settings.cors_origins),
+                     make_trust_middleware(parts)],
+        client_max_size=settings.max_body_bytes,
     )
-    app[NODE] = node
-    app[ROUTER] = node.router
-    app[SETTINGS] = node.settings
-    app[INFLIGHT] = node.inflight
+    app[SETTINGS] = settings
+    app[NAME] = parts.name
+    app[ROUTER] = parts.router
+    app[REGISTRY] = parts.registry
+    app[CATALOG] = parts.catalog
+    app[INFLIGHT] = parts.inflight
+    app[LIMITS] = parts.limits
+    app[RECORDS] = parts.records
+    app[KEYS] = parts.keys
+    app[CLUSTER] = parts.cluster
+    app[LEDGER] = parts.ledger
+    app[METRICS] = parts.metrics
+    app[ADDRESS] = parts.address
+    app[ANSWER_BUDGET] = parts.answer_budget
     app.router.add_routes(openai.routes())
-    app.router.add_routes(admin_keys.routes())  # /quorum/admin/keys (api/admin_keys.py)
+    app.router.add_routes(admin_keys.routes())  # /quorum/admin/keys
     responses.setup(app)  # /v1/responses (the Responses API) and its store
     anthropic.setup(app)  # /v1/messages (the Anthropic Messages API)
     app.router.add_routes(ollama.routes())  # the Ollama surface (/api/*, and / as Ollama answers it)
-    app.router.add_routes([*usage.routes(), *metrics.routes()])  # the usage ledger's endpoints, /metrics
-    if node.cluster is not None:
-        app.router.add_routes(node.cluster.routes())
-    from ..dashboard import setup as dashboard_setup  # the page; after the surfaces (``/`` is theirs)
-
-    dashboard_setup(app)
+    app.router.add_routes(admin.routes(cluster=parts.cluster is not None))  # usage, recent records, members; /metrics
+    if parts.cluster is not None:
+        app.router.add_routes(peer.routes(parts.cluster))  # the peer protocol (/quorum/v1/*)
+    dashboard.setup(app)  # the page; after the surfaces (``/`` is theirs)
+    name = parts.name
 
     async def provenance(request: web.Request, response: web.StreamResponse) -> None:
         h = response.headers
         if "X-Quorum-Node" not in h:
-            h["X-Quorum-Node"] = node.name
+            h["X-Quorum-Node"] = name
             h["X-Quorum-Route"] = "local"
         if "X-Request-Id" not in h:
             h["X-Request-Id"] = request.get(REQUEST_ID) or request_id_for(None)

@@ -2,10 +2,10 @@
 
 The Responses and Messages surfaces get Chat Completions answers from the
 request path (a whole answer as a dict, or a stream as batches of chunk JSON
-bytes) and write them in their own wire format. The chunks are decoded once
-here, into typed Structs that keep only the fields those surfaces use; an
-event of the wrong shape is skipped (the request path has already checked
-that it is JSON).
+bytes) and write them in their own wire format. The chunks are decoded with
+the one declaration of an OpenAI chunk (``backends/wire.py``), which the
+request path has already checked each of them against; an event that does
+not fit is skipped.
 """
 
 from __future__ import annotations
@@ -15,43 +15,17 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Chunk", "ToolDelta", "decode_chunk", "new_id", "sse", "tool_calls_of", "usage_counts"]
+from ..backends.wire import Chunk, Malformed, ToolCall
+from ..backends.wire import decode_chunk as _decode_chunk
 
-
-class FunctionDelta(msgspec.Struct, kw_only=True):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolDelta(msgspec.Struct, kw_only=True):
-    index: int = 0
-    id: str | None = None
-    function: FunctionDelta | None = None
-
-
-class Delta(msgspec.Struct, kw_only=True):
-    content: str | None = None
-    tool_calls: list[ToolDelta] | None = None
-
-
-class Choice(msgspec.Struct, kw_only=True):
-    delta: Delta | None = None
-    finish_reason: str | None = None
-
-
-class Chunk(msgspec.Struct, kw_only=True):
-    choices: list[Choice] = []
-    usage: dict[str, Any] | None = None
-
-
-_chunk = msgspec.json.Decoder(Chunk).decode
+__all__ = ["Chunk", "ToolCall", "decode_chunk", "new_id", "sse", "tool_calls_of", "usage_counts"]
 
 
 def decode_chunk(raw: bytes) -> Chunk | None:
     """One OpenAI stream chunk, or None where it is not one (skipped, never fatal)."""
     try:
-        return _chunk(raw)
-    except msgspec.DecodeError:
+        return _decode_chunk(raw)
+    except Malformed:
         return None
 
 

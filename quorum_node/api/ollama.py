@@ -31,10 +31,10 @@ from aiohttp import web
 
 from ..backends.base import StreamStats
 from ..errors import ApiError, BadRequest, NotFound
-from ..catalog import CatalogView
+from ..catalog import CatalogView, ModelCard
 from .auth import check_scope
 from .body import read_body
-from .state import DRAFT, NODE, visible_catalog
+from .state import CATALOG, DRAFT, REGISTRY, visible_catalog
 from .ollama_wire import (
     ChatRequest,
     ChatStream,
@@ -170,18 +170,18 @@ def _merge(view: CatalogView) -> dict[str, list[dict[str, Any]]]:
 
     for mid, entries in by_id.items():
         for e in entries:
-            for a in e.get("aliases", ()):
+            for a in e.aliases:
                 if a in parent:
                     ra, rb = root(a), root(mid)
                     if ra != rb:
                         parent[max(ra, rb)] = min(ra, rb)
-    out: dict[str, list[dict[str, Any]]] = {}
+    out: dict[str, list[ModelCard]] = {}
     for mid in by_id:  # sorted
         out.setdefault(root(mid), []).extend(by_id[mid])
     return out
 
 
-def _catalog(view: CatalogView) -> dict[str, list[dict[str, Any]]]:
+def _catalog(view: CatalogView) -> dict[str, list[ModelCard]]:
     """``_merge`` of the view, made once per catalog change."""
     return view.memo("ollama.catalog", _merge)
 
@@ -191,7 +191,7 @@ def _index(view: CatalogView) -> dict[str, str]:
     out: dict[str, str] = {}
     for mid, entries in _catalog(view).items():
         for e in entries:
-            for n in (*e.get("aliases", ()), e["id"]):
+            for n in (*e.aliases, e.id):
                 out.setdefault(n, mid)
         out[mid] = mid
     return out
@@ -205,7 +205,7 @@ def _find(view: CatalogView, name: str) -> str | None:
 
 
 def _exists(app: web.Application, name: str) -> bool:
-    return bool(app[NODE].registry.holders(name)) or _find(app[NODE].catalog.view(), name) is not None
+    return bool(app[REGISTRY].holders(name)) or _find(app[CATALOG].view(), name) is not None
 
 
 def resolve(app: web.Application, name: str) -> str:
@@ -214,30 +214,28 @@ def resolve(app: web.Application, name: str) -> str:
     Names go through as they are (the router matches ids and aliases), except
     ``name:latest`` for a model whose id has no tag, which Ollama clients add.
     """
-    if not name.endswith(":latest") or app[NODE].registry.holders(name):
+    if not name.endswith(":latest") or app[REGISTRY].holders(name):
         return name
-    view = app[NODE].catalog.view()
+    view = app[CATALOG].view()
     if name in view.memo("ollama.index", _index):
         return name
     return _find(view, name) or name
 
 
-def _details(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    first = entries[0]
-    family = next((e["family"] for e in entries if e.get("family")), None)
+def _details(entries: list[ModelCard]) -> dict[str, Any]:
+    family = next((e.family for e in entries if e.family), None)
     return {
         "parent_model": "",
-        "format": next((_FORMATS[e["engine"]] for e in entries if e.get("engine") in _FORMATS), ""),
+        "format": next((_FORMATS[e.engine] for e in entries if e.engine in _FORMATS), ""),
         "family": family or "",
         "families": [family] if family else None,
-        "parameter_size": next((e["parameter_size"] for e in entries if e.get("parameter_size")), "")
-        or first.get("parameter_size") or "",
-        "quantization_level": next((e["quantization"] for e in entries if e.get("quantization")), ""),
+        "parameter_size": next((e.parameter_size for e in entries if e.parameter_size), ""),
+        "quantization_level": next((e.quantization for e in entries if e.quantization), ""),
     }
 
 
-def _modified_at(entries: list[dict[str, Any]]) -> str:
-    created = max((e.get("created") or 0 for e in entries), default=0)
+def _modified_at(entries: list[ModelCard]) -> str:
+    created = max((e.created or 0 for e in entries), default=0)
     t = created if isinstance(created, int) and created > 0 else _STARTED
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
@@ -247,18 +245,18 @@ def _digest(mid: str) -> str:
     return hashlib.sha256(mid.encode()).hexdigest()
 
 
-def _tag(mid: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _tag(mid: str, entries: list[ModelCard]) -> dict[str, Any]:
     return {"name": mid, "model": mid, "modified_at": _modified_at(entries), "size": 0, "digest": _digest(mid),
             "details": _details(entries)}
 
 
-def _context_length(entries: list[dict[str, Any]]) -> int | None:
-    return max((e["context_length"] for e in entries if e.get("context_length")), default=None)
+def _context_length(entries: list[ModelCard]) -> int | None:
+    return max((e.context_length for e in entries if e.context_length), default=None)
 
 
 def _capabilities(app: web.Application, mid: str) -> list[str]:
     caps: set[str] = set()
-    for _, m in app[NODE].registry.holders(mid):
+    for _, m in app[REGISTRY].holders(mid):
         caps.update(m.capabilities)
     if caps:
         return sorted(caps)
@@ -273,7 +271,7 @@ def _ps_body(view: CatalogView) -> bytes:
     models = []
     for mid, entries in _catalog(view).items():
         # loaded: True; None is an engine that has no other state (vLLM, llama.cpp): loaded while it is up
-        if not any(e.get("loaded") is not False for e in entries):
+        if not any(e.loaded is not False for e in entries):
             continue
         entry = {**_tag(mid, entries), "size_vram": 0}
         del entry["modified_at"]
@@ -333,7 +331,7 @@ async def refuse(request: web.Request) -> web.Response:
     """Management endpoints: Quorum never changes what a machine holds."""
     what = _MANAGEMENT.get(request.path, "create")  # /api/blobs/... belongs to create
     request[DRAFT].set(surface=OLLAMA.name, operation=what)
-    ollamas = [b.url for b in request.app[NODE].registry.backends.values() if b.kind == "ollama"]
+    ollamas = [b.url for b in request.app[REGISTRY].backends.values() if b.kind == "ollama"]
     where = (f"this machine's Ollama is at {ollamas[0]} (e.g. `OLLAMA_HOST={ollamas[0]} ollama {what} …`)"
              if ollamas else "on the machine that should hold the model, use its engine (`ollama " + what
              + "` against Ollama's own port 11434; for llama.cpp, vLLM and the others, download the weights "

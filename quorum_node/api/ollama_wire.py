@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from ..backends.wire import ToolCall as ChunkToolCall
+from ..backends.wire import decode_chunk
 from ..errors import BadRequest
 
 __all__ = [
@@ -460,36 +462,9 @@ def normalise(vec: list[Any]) -> list[float]:
 # ------------------------------------------------------------------ streaming
 
 
-class _Fn(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _TC(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Fn | None = None
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    reasoning_content: str | None = None
-    reasoning: str | None = None
-    tool_calls: list[_TC] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    delta: _Delta | None = None
-    text: str | None = None
-    finish_reason: str | None = None
-
-
-class _Chunk(msgspec.Struct):
-    choices: list[_Choice] = []
-
-
-_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+def _text(v: Any) -> str | None:
+    """A chunk's reasoning, where it is text (``wire.Delta`` passes it unchecked)."""
+    return v if isinstance(v, str) else None
 
 
 class ChatStream:
@@ -528,13 +503,13 @@ class ChatStream:
         created = now_rfc3339().encode()
         out: list[bytes] = []
         for ev in events:
-            chunk = _decode_chunk(ev)
-            for ch in chunk.choices:
+            chunk = decode_chunk(ev)
+            for ch in chunk.choices or ():
                 if ch.index != 0:
                     continue
                 d = ch.delta
                 if d is not None:
-                    thinking = (d.reasoning_content or d.reasoning) if self._think else None
+                    thinking = (_text(d.reasoning_content) or _text(d.reasoning)) if self._think else None
                     if d.content or thinking:
                         out.append(self._line(created, self._piece(d.content or "", thinking)))
                     if d.tool_calls:
@@ -546,7 +521,7 @@ class ChatStream:
                     out.append(self._flush_calls(created))
         return b"".join(out)
 
-    def _add_calls(self, calls: list[_TC]) -> None:
+    def _add_calls(self, calls: list[ChunkToolCall]) -> None:
         for tc in calls:
             cur = self._calls.get(tc.index)
             if cur is None:

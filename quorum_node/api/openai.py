@@ -9,9 +9,9 @@ import msgspec
 from aiohttp import web
 
 from ..backends.base import Op
-from ..catalog import CatalogView, model_not_found
+from ..catalog import CatalogView, ModelCard, model_not_found
 from .body import read_body
-from .state import DRAFT, NODE, visible_catalog
+from .state import DRAFT, INFLIGHT, LIMITS, NAME, PEER, REGISTRY, TRUSTED, visible_catalog
 from .surface import OPENAI, Call, serve
 from .validate import check_chat, check_completions, check_embeddings, parse_body
 
@@ -51,21 +51,23 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await serve(request, OPENAI, call_for("embeddings", body))
 
 
-def _model_card(mid: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+def _model_card(mid: str, entries: list[ModelCard]) -> dict[str, Any]:
+    """A model of the catalog as ``/v1/models`` lists it: the OpenAI fields, and where it is held."""
     first = entries[0]
-    ctx = max((e["context_length"] for e in entries if e.get("context_length")), default=None)
-    loaded = [e["loaded"] for e in entries if e.get("loaded") is not None]
+    ctx = max((e.context_length for e in entries if e.context_length), default=None)
+    loaded = [e.loaded for e in entries if e.loaded is not None]
+    described = {"family": first.family, "parameter_size": first.parameter_size, "quantization": first.quantization}
     return {
         "id": mid,
         "object": "model",
-        "created": first.get("created") or 0,
-        "owned_by": first.get("owned_by") or "quorum",
+        "created": first.created or 0,
+        "owned_by": first.owned_by or "quorum",
         "context_length": ctx,
         "loaded": any(loaded) if loaded else None,
-        "engines": sorted({e["engine"] for e in entries}),
-        "nodes": sorted({e["node"] for e in entries}),
-        "aliases": sorted({a for e in entries for a in e.get("aliases", ())} - {mid}),
-        **({k: first[k] for k in ("family", "parameter_size", "quantization") if first.get(k)}),
+        "engines": sorted({e.engine for e in entries}),
+        "nodes": sorted({e.node for e in entries}),
+        "aliases": sorted({a for e in entries for a in e.aliases} - {mid}),
+        **{k: v for k, v in described.items() if v},
     }
 
 
@@ -97,21 +99,19 @@ async def get_model(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     """Alive. The node's name and load only for a caller it knows (``TRUSTED``, a peer): a stranger is
     let in here without a key, and learns nothing else."""
-    from .state import PEER, TRUSTED
-
     if not request.get(TRUSTED) and request.get(PEER) is None:
         return web.json_response({"status": "ok"})
-    node = request.app[NODE]
+    app = request.app
     return web.json_response({
-        "status": "ok", "node": node.name,
+        "status": "ok", "node": app[NAME],
         # for soak tests and monitoring: what a leak would make grow
-        "in_flight": len(node.inflight), "connections": node.limits.open_connections(),
+        "in_flight": len(app[INFLIGHT]), "connections": app[LIMITS].open_connections(),
         "tasks": len(asyncio.all_tasks()),
     })
 
 
 async def ready(request: web.Request) -> web.Response:
-    registry = request.app[NODE].registry
+    registry = request.app[REGISTRY]
     engines = [
         {"name": b.name, "kind": b.kind, "state": b.state.value, "models": len(b.models), "load": b.load,
          "error": b.last_error}

@@ -36,7 +36,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from ..errors import error_body
-from .app import is_loopback
+from ..names import is_loopback
 
 __all__ = ["ConnectionLimits", "InFlight", "NodeRunner", "raise_fd_limit"]
 

@@ -1,29 +1,72 @@
-"""Application state keys, and the one view of the cluster's models the API shows."""
+"""What the API's handlers are handed (``Parts``, one key each), and what a request carries along.
+
+``node.py`` builds the parts and ``create_app`` puts each under its own key;
+a handler reads the one it uses (``request.app[CATALOG]``), never the node.
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from ..catalog import CatalogView
-    from ..control.keys import Grant
-    from ..node import Node
-    from ..records import Draft
+    from ..backends.budget import ByteBudget
+    from ..backends.registry import Registry
+    from ..catalog import Catalog, CatalogView
+    from ..cluster.service import ClusterService
+    from ..control.keys import Grant, KeyStore
+    from ..control.ledger import Ledger
+    from ..control.metrics import NodeMetrics
+    from ..records import Draft, Records
     from ..router import Router
     from ..settings import Settings
-    from .server import InFlight
+    from .server import ConnectionLimits, InFlight
 
-__all__ = ["API_KEY", "DRAFT", "INFLIGHT", "NODE", "PEER", "PREPARED", "REQUEST_ID", "ROUTER", "SETTINGS", "TRUSTED",
-           "cluster_models", "request_id_for", "visible_catalog"]
+__all__ = ["ADDRESS", "ANSWER_BUDGET", "API_KEY", "CATALOG", "CLUSTER", "DRAFT", "INFLIGHT", "KEYS", "LEDGER", "LIMITS", "METRICS", "NAME", "PEER",
+           "PREPARED", "RECORDS", "REGISTRY", "REQUEST_ID", "ROUTER", "SETTINGS", "TRUSTED", "Parts",
+           "request_id_for", "visible_catalog"]
 
-NODE: web.AppKey[Node] = web.AppKey("node")
-ROUTER: web.AppKey[Router] = web.AppKey("router")
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Parts:
+    """The node's parts that its HTTP API uses (built by ``node.py``)."""
+
+    settings: Settings
+    name: str
+    router: Router
+    registry: Registry  # the local engines
+    catalog: Catalog  # the cluster's models, as every list reads them
+    inflight: InFlight
+    limits: ConnectionLimits
+    records: Records  # every request's record goes here
+    keys: KeyStore
+    answer_budget: ByteBudget
+    admin_token: bytes | None
+    cluster: ClusterService | None  # None: not in a cluster
+    ledger: Callable[[], Ledger | None]  # opened as the node starts; None with --no-ledger
+    metrics: NodeMetrics | None
+    address: Callable[[], str]  # host:port this node answers at (once bound)
+
+
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+NAME: web.AppKey[str] = web.AppKey("name", str)
+ROUTER: web.AppKey[Router] = web.AppKey("router")
+REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+CATALOG: web.AppKey[Catalog] = web.AppKey("catalog")
 INFLIGHT: web.AppKey[InFlight] = web.AppKey("inflight")
+LIMITS: web.AppKey[ConnectionLimits] = web.AppKey("limits")
+RECORDS: web.AppKey[Records] = web.AppKey("records")
+KEYS: web.AppKey[KeyStore] = web.AppKey("keys")
+CLUSTER: web.AppKey[ClusterService | None] = web.AppKey("cluster")
+LEDGER: web.AppKey[Callable[[], Ledger | None]] = web.AppKey("ledger")
+METRICS: web.AppKey[NodeMetrics | None] = web.AppKey("metrics")
+ANSWER_BUDGET: web.AppKey[ByteBudget] = web.AppKey("answer_budget")  # whole answers held, node-wide
+ADDRESS: web.AppKey[Callable[[], str]] = web.AppKey("address")  # host:port, once bound
 # What a request carries along (``request[KEY]``).
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 PREPARED: web.RequestKey[bool] = web.RequestKey("prepared", bool)  # its answer has begun
@@ -44,15 +87,9 @@ def request_id_for(given: str | None) -> str:
     return uuid.uuid4().hex[:16]
 
 
-def cluster_models(app: web.Application) -> list[dict[str, Any]]:
-    """Every (model, holder) pair in the cluster: this node's engines, then its peers' (the cached
-    catalog's entries: read them, never change them)."""
-    return app[NODE].catalog.view().entries
-
-
 def visible_catalog(request: web.Request) -> CatalogView:
     """The catalog as the caller may see it: all of it, or only the models a scoped key may use."""
-    catalog = request.app[NODE].catalog
+    catalog = request.app[CATALOG]
     grant = request.get(API_KEY)
     if grant is None or not grant.info.models:
         return catalog.view()

@@ -48,7 +48,7 @@ from ..control import tokens
 from ..errors import ApiError, StreamBroken, Unavailable
 from ..names import safe_name
 from .auth import check_scope
-from .state import API_KEY, DRAFT, INFLIGHT, NODE, PEER, REQUEST_ID, ROUTER, visible_catalog
+from .state import ANSWER_BUDGET, API_KEY, DRAFT, INFLIGHT, PEER, RECORDS, REQUEST_ID, ROUTER, visible_catalog
 
 __all__ = ["Call", "Native", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
 
@@ -189,7 +189,6 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     before the answer's last byte is written.
     """
     app = request.app
-    node = app[NODE]
     draft = request[DRAFT]
     draft.set(surface=surface.name, operation=call.operation or call.op, model=call.model, stream=call.stream)
     check_scope(request, call.model)  # 403 for a key scoped to other models (api/auth.py)
@@ -197,12 +196,12 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     caller = Caller(request_id=request[REQUEST_ID], key_id=draft.get("key_id"))
     router = app[ROUTER]
     inflight = app[INFLIGHT]
-    records = node.records
+    records = app[RECORDS]
     records.started(draft)  # live until sealed (the dashboard's requests in flight)
     task = inflight.enter()
     # This request's share of the node's budget for whole answers (backends/budget.py): what reading
     # its answer takes is held until the answer is written, then given back, in the finally below.
-    hold = Hold(node.answer_budget)
+    hold = Hold(app[ANSWER_BUDGET])
     held = ANSWER_HOLD.set(hold)
     try:
         try:

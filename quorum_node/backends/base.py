@@ -5,18 +5,23 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 __all__ = [
     "Backend",
     "BackendState",
     "Caller",
+    "EMBEDDED_ENGINE",
     "JsonReply",
     "Model",
     "NATIVE_OPS",
     "Op",
+    "PATHS",
     "Reply",
     "StreamReply",
     "Timeouts",
@@ -29,13 +34,35 @@ Op = Literal["chat", "completions", "embeddings", "responses", "messages", "coun
 #: engine has is learnt by a probe (``backends/native.py``); the surfaces translate for the rest.
 NATIVE_OPS: frozenset[str] = frozenset({"responses", "messages", "count_tokens"})
 
+#: Where each op is sent, on an engine's OpenAI-compatible API and on a peer's.
+PATHS: dict[str, str] = {
+    "chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses", "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens",
+}
+
+#: The name the node gives the llama-server it starts itself (``node.py``).
+EMBEDDED_ENGINE = "embedded-llamacpp"
+
 
 class Timeouts(msgspec.Struct, frozen=True, kw_only=True):
+    """How long an upstream (an engine or a peer) may take, at each stage of an attempt."""
+
     connect_s: float = 3.0
     first_token_s: float = 120.0
     idle_s: float = 60.0
     request_s: float = 600.0
     probe_s: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Timeouts:
+        """The node's timeouts, as the settings give them (the one place that reads them)."""
+        return cls(
+            connect_s=settings.connect_timeout_s,
+            first_token_s=settings.first_token_timeout_s,
+            idle_s=settings.idle_timeout_s,
+            request_s=settings.request_timeout_s,
+            probe_s=max(settings.probe_timeout_s, 0.2),
+        )
 
 
 class BackendState(enum.Enum):

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from .upstream import read_capped
+from .upstream import HttpAnswer, read_capped
 
 __all__ = ["identify"]
 
@@ -29,7 +29,7 @@ async def _get(session: aiohttp.ClientSession, url: str, timeout: aiohttp.Client
     Whatever answers is untrusted: the callers check every shape they rely on.
     """
     async with session.get(url, timeout=timeout, allow_redirects=False) as resp:
-        raw = await read_capped(resp, MAX_DETECT_BYTES) or b""
+        raw = await read_capped(HttpAnswer(resp), MAX_DETECT_BYTES) or b""
         try:
             body: Any = _decode(raw) if raw else None
         except msgspec.DecodeError:

@@ -27,7 +27,7 @@ named by its public id; ids are well formed (a Message's id starts with
 count the SDK types name (zeros where the engine gave none).
 
 Streams are checked event by event (``ResponsesEvents``, ``MessagesEvents``;
-the same driver as chat streams, ``openai_compat.stream_events``):
+the same driver as chat streams, ``stream.stream_events``):
 
 - Responses: each event gets its ``sequence_number`` (numbered here), its
   ``output_index`` (from the item it is about) and ``content_index``; text

@@ -17,7 +17,7 @@ from ..errors import EngineUnavailable
 from ..names import is_model_id
 from .base import Model, Op
 from .openai_compat import MAX_PROBE_BYTES, OpenAICompatBackend
-from .upstream import read_capped
+from .upstream import HttpAnswer, read_capped
 from .wire import Count, OllamaList, OllamaName, OllamaShow, OllamaTag, decode, decode_entries
 
 __all__ = ["OllamaBackend"]
@@ -85,7 +85,7 @@ class OllamaBackend(OpenAICompatBackend):
             async with self._session.post(
                 self.url + "/api/show", json={"model": name}, timeout=self._probe_timeout, allow_redirects=False
             ) as resp:
-                raw = await read_capped(resp, MAX_PROBE_BYTES) if resp.status == 200 else None
+                raw = await read_capped(HttpAnswer(resp), MAX_PROBE_BYTES) if resp.status == 200 else None
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None  # try again next refresh
         show = decode(raw, OllamaShow) if raw is not None else None
@@ -93,7 +93,7 @@ class OllamaBackend(OpenAICompatBackend):
         if show is not None and show.model_info:
             for key, value in show.model_info.items():
                 if key.endswith(".context_length"):
-                    ctx = decode(value, Count)  # type: ignore[arg-type]
+                    ctx = decode(value, Count)
                     if ctx is not None:
                         break
         self._ctx_cache[digest] = ctx

@@ -11,7 +11,6 @@ Where the engine serves the OpenAI Responses or Anthropic Messages API itself
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import uuid
@@ -23,18 +22,13 @@ import aiohttp
 import msgspec
 import structlog
 
-from ..errors import (
-    ApiError,
-    BadRequest,
-    EngineError,
-    EngineFailed,
-    EngineRejected,
-    EngineUnavailable,
-    NotSupported,
-    StreamBroken,
-)
+from ..errors import EngineRejected, EngineUnavailable, NotSupported
+from ..names import is_model_id
+from .answer import RequestHead
 from .base import (
+    EMBEDDED_ENGINE,
     NATIVE_OPS,
+    PATHS,
     Backend,
     BackendState,
     JsonReply,
@@ -45,25 +39,21 @@ from .base import (
     StreamStats,
     Timeouts,
 )
+from .errors import check_answer, engine_failed, map_error_answer
 from .native import (
     PROBE_BODIES,
     BadShape,
-    MessagesEvents,
-    ResponsesEvents,
     declines,
     events_for,
     fix_answer,
     probe_verdict,
 )
-from ..names import is_model_id
-from .sse import FINISH_MAP, EngineErrorEvent, EventSplitter, StreamNormalizer, engine_error_message
-from .upstream import deadline_for, post, read_capped, read_error_body, read_whole
+from .sse import FINISH_MAP, StreamNormalizer, engine_error_message
+from .stream import stream_events
+from .upstream import HttpAnswer, deadline_for, read_capped, read_error_body, read_whole, send
 from .wire import (
-    Answer,
-    EmbeddingAnswer,
     LmsModel,
     LmsModels,
-    Malformed,
     ModelCard,
     ModelId,
     ModelList,
@@ -71,39 +61,22 @@ from .wire import (
     Slot,
     TgiInfo,
     decode,
-    decode_answer,
-    decode_embeddings,
     decode_entries,
     parse_error,
 )
 
 __all__ = [
+    "EMBEDDED_ENGINE",
     "MAX_MODELS_PER_ENGINE",
     "MAX_PROBE_BYTES",
-    "PATHS",
     "PROFILES",
     "OpenAICompatBackend",
     "Profile",
-    "Timeouts",
-    "check_answer",
-    "engine_failed",
-    "map_engine_error",
-    "parse_retry_after",
-    "stream_events",
 ]
 
 log = structlog.get_logger(__name__)
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-
-#: The name the node gives the llama-server it starts itself (``node.py``).
-EMBEDDED_ENGINE = "embedded-llamacpp"
-
-PATHS: dict[str, str] = {
-    "chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
-    "responses": "/v1/responses", "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens",
-}
-
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
     """What one engine family does differently."""
@@ -135,102 +108,10 @@ PROFILES: dict[str, Profile] = {
     )
 }
 
-_RETRYABLE = {404, 408, 409, 429}
-
 #: A probe answer (health, model list, load) larger than this is malformed.
 MAX_PROBE_BYTES = 8 * 1024 * 1024
 #: The default of ``max_models_per_engine``: an engine's model list keeps its first this many.
 MAX_MODELS_PER_ENGINE = 4096
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """A ``Retry-After`` in seconds, if it is a sane one (0 to 1 hour); dates and garbage are ignored."""
-    if not value:
-        return None
-    try:
-        hint = float(value)
-    except ValueError:
-        return None
-    return hint if 0 <= hint <= 3600 else None  # also drops nan and inf
-
-
-def engine_failed(message: str, *, engine: str | None) -> EngineFailed:
-    """An engine's own well-formed error: the client gets it, marked not retryable, if no holder does better."""
-    return EngineFailed(
-        ApiError(message, status=500, type_="server_error", code="engine_error", retryable=False), engine=engine
-    )
-
-
-def map_engine_error(status: int, raw: bytes, *, engine: str, retry_after: str | None = None) -> EngineError:
-    """Turn an engine's error answer (any envelope, §12.10) into our error tree.
-
-    - 3xx: engines are never followed anywhere; a redirect is a failed engine (retry elsewhere);
-    - 500 with a well-formed error body: the engine is alive and refused *this* request
-      (``EngineFailed``: try the next holder, but count nobody as failing);
-    - other 5xx, 500 without a usable body, 401/403 (our credentials), 404/408/409/429:
-      ``EngineUnavailable``;
-    - 501: the capability is missing; other 4xx: the client's fault (``EngineRejected``).
-    """
-    if 300 <= status < 400:
-        return EngineUnavailable(
-            f"engine {engine} answered with a redirect (HTTP {status}); quorum does not follow engine redirects",
-            status=502, engine=engine,
-        )
-    info = parse_error(raw)
-    if info is not None:
-        message = info.message
-    else:
-        text = raw[:500].decode(errors="replace").strip() if raw else ""
-        message = text or f"engine answered HTTP {status}"
-    if status == 500 and info is not None:
-        return engine_failed(message, engine=engine)
-    if status == 501:
-        return EngineRejected(NotSupported(_not_offered(engine, message), code="not_supported"), engine=engine)
-    if status >= 500 or status in _RETRYABLE or status in (401, 403) or status < 400:
-        if status in (401, 403):
-            message = f"engine {engine} refused quorum's credentials ({message}); check its api_key"
-        return EngineUnavailable(message, status=status if status >= 400 else 502, engine=engine,
-                                 retry_after_s=parse_retry_after(retry_after))
-    return EngineRejected(
-        BadRequest(message, param=info.param if info else None, code=info.code if info else None), engine=engine
-    )
-
-
-def _not_offered(engine: str, message: str) -> str:
-    """A 501 in words a Quorum user can act on (not the engine's own advice about its flags)."""
-    if engine == EMBEDDED_ENGINE:
-        return ("Quorum's embedded engine (llama.cpp with SmolLM2-135M) serves chat and completions, not "
-                "embeddings. Run an engine with an embedding model on any machine of the cluster (for example "
-                "Ollama with nomic-embed-text, or name one with --backend) and embeddings go there.")
-    return f"The engine {engine} does not offer this endpoint for this model (it said: {message[:200]})"
-
-
-def check_answer(op: Op, raw: bytes, *, engine: str) -> dict[str, Any]:
-    """A whole answer, checked against what the SDK relies on, as a dict; raises for anything else.
-
-    Malformed → ``EngineUnavailable`` (502, another holder may do); an error
-    answered with HTTP 200 (LM Studio) → whatever ``map_engine_error`` makes of it.
-    """
-    typed: Answer | EmbeddingAnswer
-    try:
-        typed = decode_embeddings(raw) if op == "embeddings" else decode_answer(raw)
-    except Malformed:
-        raise EngineUnavailable(f"engine {engine} sent a malformed answer", status=502, engine=engine) from None
-    if typed.error or typed.object == "error":  # LM Studio's 200 errors
-        info = parse_error(raw)
-        unknown_path = info is not None and "Unexpected endpoint" in info.message
-        raise map_engine_error(404 if unknown_path else 400, raw, engine=engine)
-    if isinstance(typed, EmbeddingAnswer):
-        ok = typed.data is not None
-    else:
-        ok = typed.choices is not None and all(
-            (ch.message is not None) if op == "chat" else (ch.text is not None) for ch in typed.choices
-        )
-    if not ok:
-        raise EngineUnavailable(f"engine {engine} sent an answer without its {'data' if op == 'embeddings' else 'choices'}",
-                                status=502, engine=engine)
-    obj: dict[str, Any] = _decode(raw)  # a JSON object: it decoded as one above
-    return obj
 
 
 def _b64_floats(vec: list[float]) -> str:
@@ -289,7 +170,7 @@ class OpenAICompatBackend(Backend):
         async with self._session.get(
             self.url + path, headers=self._headers, timeout=self._probe_timeout, allow_redirects=False
         ) as resp:
-            raw = await read_capped(resp, MAX_PROBE_BYTES)
+            raw = await read_capped(HttpAnswer(resp), MAX_PROBE_BYTES)
             return resp.status, raw if raw is not None else b""
 
     async def refresh(self) -> None:
@@ -351,7 +232,7 @@ class OpenAICompatBackend(Backend):
             try:
                 async with self._session.post(self.url + PATHS[op], data=PROBE_BODIES[op], headers=self._headers,
                                               timeout=self._probe_timeout, allow_redirects=False) as resp:
-                    verdict = probe_verdict(resp.status, await read_capped(resp, MAX_PROBE_BYTES) or b"")
+                    verdict = probe_verdict(resp.status, await read_capped(HttpAnswer(resp), MAX_PROBE_BYTES) or b"")
             except (aiohttp.ClientError, OSError, TimeoutError):
                 break  # slow or gone: the rest at the next refresh (a refresh waits at most one probe's time)
             if verdict is not None:
@@ -505,20 +386,19 @@ class OpenAICompatBackend(Backend):
         t = self._timeouts
         who = f"engine {self.name}"
         deadline = deadline_for(t, stream=stream)  # one for the head and the first event
-        resp = await post(self._session, self.url + PATHS[op], _encode(payload), self._headers, t,
-                          stream=stream, who=who, deadline=deadline)
-        if resp.status >= 300:
-            raw = await read_error_body(resp, deadline=deadline)
-            raise map_engine_error(resp.status, raw, engine=self.name, retry_after=resp.headers.get("Retry-After"))
-        ctype = resp.headers.get("Content-Type", "")
+        answer = await self._send(op, payload, t, stream=stream, who=who, deadline=deadline)
+        if answer.status >= 300:
+            raw = await read_error_body(answer, deadline=deadline)
+            raise map_error_answer(answer.status, raw, answer.headers, engine=self.name)
+        ctype = answer.headers.get("Content-Type", "")
         if stream and "text/event-stream" in ctype:
             stats = StreamStats()
             norm = StreamNormalizer(
                 clean=self.profile.clean_stream, want_usage=want_usage, op=op, stats=stats,
                 rename=(model.engine_id, model.id),
             )
-            return StreamReply(stream_events(resp, norm, t, self.name, deadline=deadline), stats)
-        raw = await read_whole(resp, t, who, deadline=deadline)
+            return StreamReply(stream_events(answer.body, norm, t, self.name, deadline=deadline), stats)
+        raw = await read_whole(answer, t, who, deadline=deadline)
         obj = check_answer(op, raw, engine=self.name)
         payload_out = self._fix_json(op, obj, body, model)
         if stream:
@@ -528,6 +408,12 @@ class OpenAICompatBackend(Backend):
             return StreamReply(_replay_as_stream(op, payload_out, want_usage), stats)
         return JsonReply(payload_out, payload_out.get("usage"))
 
+    async def _send(self, op: Op, payload: dict[str, Any], t: Timeouts, *, stream: bool, who: str,
+                    deadline: float) -> HttpAnswer:
+        """POST ``payload`` to the op's route; the answer's head, by ``deadline``."""
+        head = RequestHead(method="POST", path=PATHS[op], headers=self._headers, body=_encode(payload))
+        return await send(self._session, self.url, head, t, stream=stream, who=who, deadline=deadline)
+
     async def _open_native(self, op: Op, model: Model, body: dict[str, Any], *, stream: bool) -> Reply:
         """A request in the client's own API, passed through; the answer checked (``backends/native.py``)."""
         payload = dict(body)
@@ -535,23 +421,22 @@ class OpenAICompatBackend(Backend):
         t = self._timeouts
         who = f"engine {self.name}"
         deadline = deadline_for(t, stream=stream)
-        resp = await post(self._session, self.url + PATHS[op], _encode(payload), self._headers, t,
-                          stream=stream, who=who, deadline=deadline)
-        if resp.status >= 300:
-            raw = await read_error_body(resp, deadline=deadline)
-            err = map_engine_error(resp.status, raw, engine=self.name, retry_after=resp.headers.get("Retry-After"))
-            if resp.status in (404, 405):  # no such route (any more): the router tries this engine translated
+        answer = await self._send(op, payload, t, stream=stream, who=who, deadline=deadline)
+        if answer.status >= 300:
+            raw = await read_error_body(answer, deadline=deadline)
+            err = map_error_answer(answer.status, raw, answer.headers, engine=self.name)
+            if answer.status in (404, 405):  # no such route (any more): the router tries this engine translated
                 self._not_native(op)
                 err = EngineUnavailable(err.message, status=404, engine=self.name)
             raise err
         if stream:
-            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                resp.close()
+            if "text/event-stream" not in answer.headers.get("Content-Type", ""):
+                answer.body.abort()
                 raise EngineUnavailable(f"{who} answered a stream request with no stream", status=502, engine=self.name)
             stats = StreamStats()
             events = events_for(op, stats=stats, model=model.id)
-            return StreamReply(stream_events(resp, events, t, self.name, deadline=deadline), stats)
-        raw = await read_whole(resp, t, who, deadline=deadline)
+            return StreamReply(stream_events(answer.body, events, t, self.name, deadline=deadline), stats)
+        raw = await read_whole(answer, t, who, deadline=deadline)
         try:
             obj = _decode(raw)
         except msgspec.DecodeError:
@@ -563,7 +448,7 @@ class OpenAICompatBackend(Backend):
             unknown_path = info is not None and "Unexpected endpoint" in info.message
             if unknown_path:
                 self._not_native(op)
-            raise map_engine_error(404 if unknown_path else 400, raw, engine=self.name)
+            raise map_error_answer(404 if unknown_path else 400, raw, {}, engine=self.name)
         if obj.get("status") == "failed":  # a Response that failed: the engine's own error
             raise engine_failed(engine_error_message(obj), engine=self.name)
         try:
@@ -593,185 +478,6 @@ class OpenAICompatBackend(Backend):
             if fr in FINISH_MAP:
                 ch["finish_reason"] = FINISH_MAP[fr]
         return obj
-
-
-def _before_first_byte(e: StreamBroken, name: str) -> EngineError:
-    """A stream that failed before anything reached the client: classify it like an error answer."""
-    if isinstance(e, EngineErrorEvent):
-        # The engine reported an error instead of its first token, as if it had answered
-        # with an error status: with the status the error names, else as a 500.
-        status = e.info.status if e.info is not None and e.info.status and e.info.status >= 400 else 500
-        return map_engine_error(status, e.data, engine=name)
-    return EngineUnavailable(f"engine {name}: {e.message}", status=502, engine=name)
-
-
-async def stream_events(
-    resp: aiohttp.ClientResponse, norm: StreamNormalizer | ResponsesEvents | MessagesEvents, t: Timeouts, name: str,
-    *, deadline: float | None = None,
-) -> AsyncIterator[list[bytes]]:
-    """Read an SSE response event by event; see ``StreamReply`` for the contract.
-
-    ``norm`` checks each event: a chat stream's (``sse.StreamNormalizer``) or a
-    native API's (``native.ResponsesEvents``, ``native.MessagesEvents``).
-
-    ``deadline`` (loop time) is when the first event must have come; it is the
-    same one the wait for the response head ran under (``upstream.post``).
-    A failure before any event (silence, a cut connection, a first event that
-    is malformed, too large or an error) is raised as a failure before the
-    first byte (another holder may serve the request); one after an event,
-    as ``StreamBroken`` after the events before it.
-    """
-    if deadline is None:
-        deadline = deadline_for(t, stream=True)
-    splitter = EventSplitter()
-    first = True
-    clean_end = False
-    content = resp.content
-    read = content.readany
-    watch = _Watchdog(content, deadline, t.idle_s)
-    try:
-        while True:
-            try:
-                chunk = await read()
-            except _Silent:
-                if first:
-                    raise EngineUnavailable(
-                        f"engine {name} sent no token in {t.first_token_s:g} s", status=504, engine=name
-                    ) from None
-                raise StreamBroken(f"engine {name} went silent for {t.idle_s:g} s", code="idle_timeout") from None
-            batch: list[bytes] = []
-            try:
-                events = splitter.feed(chunk) if chunk else []
-                if not chunk:
-                    last = splitter.tail()
-                    if last is not None:
-                        events.append(last)
-                for data in events:
-                    if data.startswith(b"[DONE]"):
-                        clean_end = True
-                        break
-                    out = norm.feed(data)
-                    if out is not None:
-                        batch.append(out)
-                    if norm.extra:
-                        batch.extend(norm.extra)
-                        norm.extra.clear()
-                    if norm.ended:  # a native stream's last event (backends/native.py): its [DONE]
-                        clean_end = True
-                        break
-            except StreamBroken as e:
-                if first and not batch:  # the first event failed: another engine may still serve it
-                    raise _before_first_byte(e, name) from None
-                if batch:  # what came before the failure is delivered, then the failure
-                    if first:
-                        first = False
-                        watch.started()
-                    yield batch
-                raise
-            if batch:
-                if clean_end and not first:  # the end came with these: the writer sends them with its tail
-                    norm.stats.tail = batch
-                    break
-                if first:
-                    first = False
-                    watch.started()
-                # While the client takes its time with this batch, the engine's silence is not its fault
-                # (it may be held back by our own flow control): the idle clock starts when we read again.
-                watch.busy = True
-                yield batch
-                watch.busy = False
-            if clean_end or not chunk:
-                break
-        if clean_end and not content.at_eof():
-            await _read_tail(content)
-        if first:
-            how = "ended its stream" if clean_end else "closed the stream"
-            raise EngineUnavailable(f"engine {name} {how} without a token", status=502, engine=name)
-        if not clean_end and not norm.stats.finished:
-            raise StreamBroken(f"engine {name} closed the stream before it finished", code="stream_truncated")
-        norm.stats.finished = True
-    except (aiohttp.ClientError, OSError) as e:
-        if first:
-            raise EngineUnavailable(f"engine {name} failed: {e}", engine=name) from None
-        raise StreamBroken(f"engine {name} connection lost: {e}", code="engine_disconnected") from None
-    finally:
-        watch.cancel()
-        if clean_end and content.at_eof():
-            resp.release()  # back to the pool: the next request skips a TCP handshake
-        else:
-            resp.close()  # the engine sees the disconnect and stops generating
-
-
-#: After ``[DONE]``, how long and how much of the rest of the body is read so the connection can be reused.
-TAIL_WAIT_S = 0.05  # the end of a chunked body follows [DONE] at once; a body that does not end costs this
-TAIL_MAX_BYTES = 64 * 1024
-
-
-async def _read_tail(content: aiohttp.StreamReader) -> None:
-    """Read what follows ``[DONE]`` (normally only the end of the chunked body, a moment later).
-
-    A response not read to its end cannot go back to the pool; without this every
-    stream cost the engine and us a new connection. Bounded: what does not end
-    within ``TAIL_WAIT_S`` or ``TAIL_MAX_BYTES`` is closed instead.
-    """
-    left = TAIL_MAX_BYTES
-    try:
-        async with asyncio.timeout(TAIL_WAIT_S):
-            while left > 0 and (chunk := await content.readany()):
-                left -= len(chunk)
-    except (TimeoutError, aiohttp.ClientError, OSError, _Silent):
-        pass
-
-
-class _Silent(Exception):
-    """The engine sent nothing for longer than allowed."""
-
-
-class _Watchdog:
-    """One cheap timer per stream instead of one per read.
-
-    Until the first event: the attempt's deadline, exactly (bytes that are no
-    event, such as keep-alive comments, do not move it). After: it wakes four
-    times per allowed idle gap and fails the read if the engine sent no byte since.
-    """
-
-    __slots__ = ("_content", "_idle_s", "_handle", "_loop", "_quiet_since", "_seen", "_started", "busy")
-
-    def __init__(self, content: aiohttp.StreamReader, deadline: float, idle_s: float) -> None:
-        self._content = content
-        self._idle_s = idle_s
-        self._loop = asyncio.get_running_loop()
-        self._started = False
-        self._seen = 0
-        self._quiet_since = 0.0
-        self.busy = False  # the stream's consumer holds it (a slow client): not the engine's silence
-        self._handle = self._loop.call_at(deadline, self._first_expired)
-
-    def _first_expired(self) -> None:
-        if not self._started:
-            self._content.set_exception(_Silent())
-
-    def started(self) -> None:
-        """The first event is out: from now on the idle gap is what is watched."""
-        self._started = True
-        self._handle.cancel()
-        self._seen = self._content.total_bytes
-        self._quiet_since = self._loop.time()
-        self._handle = self._loop.call_later(self._idle_s / 4, self._check)
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        received = self._content.total_bytes
-        if received != self._seen or self.busy:
-            self._seen = received
-            self._quiet_since = now
-        if now - self._quiet_since >= self._idle_s:
-            self._content.set_exception(_Silent())
-            return
-        self._handle = self._loop.call_later(self._idle_s / 4, self._check)
-
-    def cancel(self) -> None:
-        self._handle.cancel()
 
 
 async def _replay_as_stream(op: Op, obj: dict[str, Any], want_usage: bool) -> AsyncIterator[list[bytes]]:

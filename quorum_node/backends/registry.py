@@ -15,10 +15,10 @@ import aiohttp
 import structlog
 
 from ..settings import BackendSpec, Settings
-from .base import Backend, BackendState, Model
+from .base import Backend, BackendState, Model, Timeouts
 from .detect import identify
 from .ollama import OllamaBackend
-from .openai_compat import MAX_MODELS_PER_ENGINE, OpenAICompatBackend, Timeouts
+from .openai_compat import MAX_MODELS_PER_ENGINE, OpenAICompatBackend
 
 __all__ = ["Registry", "make_backend"]
 
@@ -44,22 +44,12 @@ def make_backend(
                                max_models=max_models)
 
 
-def timeouts_from(settings: Settings) -> Timeouts:
-    return Timeouts(
-        connect_s=settings.connect_timeout_s,
-        first_token_s=settings.first_token_timeout_s,
-        idle_s=settings.idle_timeout_s,
-        request_s=settings.request_timeout_s,
-        probe_s=max(settings.probe_timeout_s, 0.2),
-    )
-
-
 class Registry:
     """Owns the engine session and every local backend."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.timeouts = timeouts_from(settings)
+        self.timeouts = Timeouts.from_settings(settings)
         self.backends: dict[str, Backend] = {}  # by url
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -169,6 +159,10 @@ class Registry:
 
     def models(self) -> list[tuple[Backend, Model]]:
         return [(b, m) for b in self.backends.values() for m in b.models]
+
+    def resting(self) -> list[tuple[Backend, Model]]:
+        """The models engines that are down for now last held (they are expected back)."""
+        return [(b, m) for b in self.backends.values() if b.state is BackendState.DOWN for m in b.last_models]
 
     def loading(self) -> list[Backend]:
         return [b for b in self.backends.values() if b.state is BackendState.LOADING]

@@ -1,9 +1,16 @@
 """Sending one request upstream (to an engine or a peer) and reading what comes back.
 
-The foreign exceptions of the HTTP client are mapped here, once, into
-``EngineUnavailable``: nothing has reached the client yet, so the router may
-try the next holder. What comes back is bounded: an answer larger than
-``MAX_ANSWER_BYTES`` is a malformed answer, not unbounded memory.
+``send`` puts a ``RequestHead`` on aiohttp and hands back its answer as an
+``Answer`` (``answer.py``): ``HttpAnswer``, whose body raises ``LinkBroken``
+for whatever aiohttp or the OS raise mid-read. The readers here
+(``read_capped``, ``read_error_body``, ``read_whole``) and the stream reader
+(``stream.py``) read any ``Answer``: a relay stream's as well.
+
+The foreign exceptions of the HTTP client are mapped here, once: before the
+answer's head into ``EngineUnavailable`` (nothing has reached the client yet,
+so the router may try the next holder), after it into ``LinkBroken``. What
+comes back is bounded: an answer larger than ``MAX_ANSWER_BYTES`` is a
+malformed answer, not unbounded memory.
 
 One deadline per attempt: ``deadline`` (event-loop time) covers the response
 head *and* the answer (for a stream, its first event), so a slow head cannot
@@ -17,18 +24,19 @@ raises ``NodeBusy`` when there is no room; a read that fails gives back what it 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 
-from typing import Any
-
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from ..errors import EngineUnavailable, NodeBusy
+from .answer import Answer, LinkBroken, RequestHead
 from .base import Timeouts
 from .budget import ANSWER_HOLD, Hold
 
-__all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "deadline_for", "post", "read_capped", "read_error_body",
-           "read_whole"]
+__all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "HttpAnswer", "HttpBody", "deadline_for", "read_capped",
+           "read_error_body", "read_whole", "send"]
 
 #: A whole (non-streamed) answer larger than this is malformed.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -38,26 +46,76 @@ MAX_ERROR_BYTES = 1024 * 1024
 ERROR_BODY_TIMEOUT_S = 10.0
 
 
+class HttpBody:
+    """An aiohttp response's body as a ``Body``: aiohttp's and the OS's errors come out as ``LinkBroken``.
+
+    A timeout is no broken link: aiohttp's own (a ``TimeoutError``) passes as it is.
+    """
+
+    __slots__ = ("_content", "_resp")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self._content = resp.content
+
+    @property
+    def content_length(self) -> int | None:
+        return self._resp.content_length
+
+    @property
+    def total_bytes(self) -> int:
+        return self._content.total_bytes
+
+    async def readany(self) -> bytes:
+        try:
+            return await self._content.readany()
+        except TimeoutError:
+            raise
+        except (aiohttp.ClientError, OSError) as e:
+            raise LinkBroken(str(e)) from e
+
+    def at_eof(self) -> bool:
+        return self._content.at_eof()
+
+    def interrupt(self, exc: BaseException) -> None:
+        self._content.set_exception(exc)
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def abort(self) -> None:
+        self._resp.close()
+
+
+class HttpAnswer:
+    """An aiohttp response as an ``Answer`` (``answer.py``): what the readers above see of HTTP."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.status: int = resp.status
+        self.headers: CIMultiDictProxy[str] = resp.headers
+        self.body = HttpBody(resp)
+
+
 def deadline_for(t: Timeouts, *, stream: bool) -> float:
     """When an attempt started now must have its answer (a stream: its first event), in loop time."""
     return asyncio.get_running_loop().time() + (t.first_token_s if stream else t.request_s)
 
 
-async def post(
+async def send(
     session: aiohttp.ClientSession,
-    url: str,
-    data: bytes,
-    headers: dict[str, str],
+    base_url: str,
+    head: RequestHead,
     t: Timeouts,
     *,
     stream: bool,
     who: str,
     on_refused: Callable[[], None] | None = None,
     deadline: float | None = None,
-    method: str = "POST",
-    ssl_context: Any = True,
-) -> aiohttp.ClientResponse:
-    """POST (or ``method``) and wait for the response head, by ``deadline``; the status is the caller's to judge.
+    ssl_context: ssl.SSLContext | bool = True,
+) -> HttpAnswer:
+    """Send ``head`` to ``base_url``; its answer's head, by ``deadline`` (the status is the caller's to judge).
 
     A connection closed without a byte of answer is most often a kept-alive one the engine had just closed
     (llama-server ends one after a number of requests) as the request went out on it: the request is sent
@@ -66,16 +124,17 @@ async def post(
     if deadline is None:
         deadline = deadline_for(t, stream=stream)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect_s, sock_read=None)
+    url = base_url + head.path
     try:
         async with asyncio.timeout_at(deadline):
-            def send() -> Awaitable[aiohttp.ClientResponse]:
-                return session.request(method, url, data=data or None, headers=headers, timeout=timeout,
-                                       allow_redirects=False, ssl=ssl_context)
+            def request() -> Awaitable[aiohttp.ClientResponse]:
+                return session.request(head.method, url, data=head.body or None, headers=head.headers,
+                                       timeout=timeout, allow_redirects=False, ssl=ssl_context)
 
             try:
-                return await send()
+                return HttpAnswer(await request())
             except aiohttp.ServerDisconnectedError:
-                return await send()
+                return HttpAnswer(await request())
     except TimeoutError:
         limit = t.first_token_s if stream else t.request_s
         raise EngineUnavailable(f"{who} gave no answer in {limit:g} s", status=504, engine=who) from None
@@ -87,15 +146,15 @@ async def post(
         raise EngineUnavailable(f"{who} unreachable: {e}", engine=who) from None
 
 
-async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, hold: Hold | None = None,
-                      who: str = "") -> bytes | None:
+async def read_capped(answer: Answer, limit: int, *, hold: Hold | None = None, who: str = "") -> bytes | None:
     """The body, or None if it is larger than ``limit`` (then nothing more is read).
 
     With ``hold``, its bytes are taken from the hold's budget (a declared length at once, before a
     byte is read; else as they come), and ``NodeBusy`` is raised where the budget has no room; what
     this read took stays in the hold (the caller gives it back if the read failed).
     """
-    length = resp.content_length
+    body = answer.body
+    length = body.content_length
     if length is not None and length > limit:
         return None
     counted = 0
@@ -104,7 +163,7 @@ async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, hold: Hold | 
             raise _busy(who)
         counted = length
     buf = bytearray()
-    async for chunk in resp.content.iter_any():
+    while chunk := await body.readany():
         buf += chunk
         if len(buf) > limit:
             return None
@@ -120,7 +179,7 @@ def _busy(who: str) -> NodeBusy:
                     "try again shortly, or stream the answer", engine=who or None)
 
 
-async def read_error_body(resp: aiohttp.ClientResponse, *, deadline: float | None = None) -> bytes:
+async def read_error_body(answer: Answer, *, deadline: float | None = None) -> bytes:
     """The body of an error answer, or b"" if even that fails, is too large to be one, or comes too late."""
     now = asyncio.get_running_loop().time()
     # a head that came just before the deadline still gets a moment for its body
@@ -128,19 +187,19 @@ async def read_error_body(resp: aiohttp.ClientResponse, *, deadline: float | Non
     raw: bytes | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            raw = await read_capped(resp, MAX_ERROR_BYTES)
-    except (aiohttp.ClientError, OSError, TimeoutError):
+            raw = await read_capped(answer, MAX_ERROR_BYTES)
+    except OSError:  # LinkBroken, TimeoutError
         raw = None
     finally:
         if raw is None:
-            resp.close()  # an unread rest must not go back to the pool
+            answer.body.abort()  # an unread rest must not go back to the pool
         else:
-            resp.release()
+            answer.body.release()
     return raw or b""
 
 
 async def read_whole(
-    resp: aiohttp.ClientResponse, t: Timeouts, who: str, *, deadline: float | None = None,
+    answer: Answer, t: Timeouts, who: str, *, deadline: float | None = None,
     limit: int = MAX_ANSWER_BYTES,
 ) -> bytes:
     """The body of a whole (non-streamed) answer, by ``deadline`` and at most ``limit`` bytes."""
@@ -151,19 +210,19 @@ async def read_whole(
     held = hold.size if hold is not None else 0
     try:
         async with asyncio.timeout_at(deadline):
-            raw = await read_capped(resp, limit, hold=hold, who=who)
+            raw = await read_capped(answer, limit, hold=hold, who=who)
         if raw is None:
             raise EngineUnavailable(f"{who} sent an answer larger than {limit} bytes", status=502, engine=who)
         ok = True
         return raw
     except TimeoutError:
         raise EngineUnavailable(f"{who} did not finish its answer in time", status=504, engine=who) from None
-    except (aiohttp.ClientError, OSError) as e:
+    except OSError as e:  # LinkBroken
         raise EngineUnavailable(f"{who} broke off its answer: {e}", engine=who) from None
     finally:
         if ok:
-            resp.release()
+            answer.body.release()
         else:
-            resp.close()
+            answer.body.abort()
             if hold is not None:
                 hold.shrink_to(held)  # what this read took: nothing of it is kept

@@ -20,8 +20,8 @@ import msgspec
 from msgspec import Raw, Struct
 
 __all__ = [
-    "Answer",
     "Chunk",
+    "Completion",
     "EmbeddingAnswer",
     "ErrorInfo",
     "Malformed",
@@ -70,6 +70,10 @@ class ToolCall(_In):
 class Delta(_In):
     role: str | None = None
     content: str | None = None
+    # The model's reasoning (llama.cpp, vLLM: reasoning_content; Ollama's /v1, LM Studio: reasoning), which
+    # the Ollama surface writes as "thinking". Not part of OpenAI's chunk: whatever it is passes unchecked.
+    reasoning_content: Any = None
+    reasoning: Any = None
     tool_calls: list[ToolCall] | None = None
 
 
@@ -81,7 +85,13 @@ class ChunkChoice(_In):
 
 
 class Chunk(_In):
-    """One streamed event: a ``chat.completion.chunk`` / ``text_completion`` (or an error)."""
+    """One streamed event: a ``chat.completion.chunk`` / ``text_completion`` (or an error).
+
+    The one declaration of an OpenAI chunk: the stream normaliser checks each
+    event from an engine or a peer with it (``sse.py``), and the surfaces that
+    re-encode the checked events read them with it (``api/chunks.py``,
+    ``api/ollama_wire.py``).
+    """
 
     id: str | None = None
     object: str | None = None
@@ -104,7 +114,7 @@ class AnswerChoice(_In):
     finish_reason: str | None = None
 
 
-class Answer(_In):
+class Completion(_In):
     """A whole chat or text completion (or an error answered with HTTP 200)."""
 
     object: str | None = None
@@ -126,7 +136,7 @@ class EmbeddingAnswer(_In):
 
 
 decode_chunk = msgspec.json.Decoder(Chunk).decode
-decode_answer = msgspec.json.Decoder(Answer).decode
+decode_answer = msgspec.json.Decoder(Completion).decode
 decode_embeddings = msgspec.json.Decoder(EmbeddingAnswer).decode
 
 

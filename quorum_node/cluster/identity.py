@@ -55,8 +55,8 @@ __all__ = [
 
 IDENTITY_FILE = "identity.json"
 _ID_LABEL = b"quorum/v1/node-id"
-_NOT_BEFORE = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
-_NOT_AFTER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)
+_NOT_BEFORE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+_NOT_AFTER = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
 MAX_CERT_BYTES = 2048
 
 
@@ -84,7 +84,7 @@ def cert_sign_key(der: bytes) -> bytes:
         raise ValueError("certificate too large")
     try:
         key = x509.load_der_x509_certificate(der).public_key()
-    except Exception as e:  # cryptography raises ValueError, and Rust panics surface as other types
+    except Exception as e:  # noqa: BLE001 — cryptography raises ValueError, and Rust panics surface as other types
         raise ValueError(f"not a certificate: {e}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError("not an Ed25519 certificate")

@@ -33,9 +33,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import structlog
-from aiohttp import web
 
-from ..api.body import read_body
 from ..errors import ApiError, BadRequest, Forbidden
 from .identity import NodeIdentity
 from .members import Candidate, MemberStore, decode_records, encode_records
@@ -43,14 +41,14 @@ from .membership import Cluster, InviteToken, load_cluster, load_member_records,
 from .tls import certless_client, peer_cert_id
 
 if TYPE_CHECKING:
-    from .service import ClusterService
+    from .context import ClusterContext
 
-__all__ = ["JOIN_PATH", "JoinError", "JoinHandler", "join"]
+__all__ = ["JOIN_PATH", "MAX_JOIN_BYTES", "JoinError", "JoinHandler", "join"]
 
 log = structlog.get_logger(__name__)
 
 JOIN_PATH = "/quorum/v1/join"
-_MAX_JOIN_BYTES = 16 * 1024
+MAX_JOIN_BYTES = 16 * 1024
 _MAX_ANSWER_BYTES = 8 * 1024 * 1024
 
 
@@ -77,22 +75,13 @@ class JoinError(Exception):
 class JoinHandler:
     """``POST /quorum/v1/join`` on the peer port (the trust middleware lets it through without a certificate)."""
 
-    def __init__(self, service: ClusterService) -> None:
+    def __init__(self, service: ClusterContext) -> None:
         self.service = service
 
-    def routes(self) -> list[web.RouteDef]:
-        return [web.post(JOIN_PATH, self._h_join)]
-
-    async def _h_join(self, request: web.Request) -> web.Response:
+    async def admit(self, raw: bytes, remote: str | None) -> bytes:
+        """``POST /quorum/v1/join`` (api/peer.py takes it on the peer port only): a new machine with an
+        invite. The invite is spent, the candidate admitted; the answer is the cluster and its records."""
         svc = self.service
-        if svc.peer_port_tls(request) is None:
-            raise Forbidden("Join over the peer port (`quorum-node join` does)", code="not_peer_port",
-                            retryable=False)
-        if request.content_length is not None and request.content_length > _MAX_JOIN_BYTES:
-            raise BadRequest("A join request is small", code="bad_join")
-        raw = await read_body(request)
-        if len(raw) > _MAX_JOIN_BYTES:
-            raise BadRequest("A join request is small", code="bad_join")
         try:
             ask = _decode_request(raw)
             ask.candidate.check()
@@ -101,7 +90,7 @@ class JoinHandler:
         outcome = await asyncio.to_thread(take_invite, Path(svc.settings.data_dir),  # a locked, fsynced file
                                           hashlib.sha256(ask.secret).hexdigest(), time.time())
         if outcome != "ok":
-            log.warning("join_refused", remote=request.remote, candidate=ask.candidate.node_id, reason=outcome)
+            log.warning("join_refused", remote=remote, candidate=ask.candidate.node_id, reason=outcome)
             raise Forbidden("This invite is not valid (unknown, used or expired): ask for a new one",
                             code="invite_invalid", retryable=False)
         try:
@@ -109,10 +98,9 @@ class JoinHandler:
         except ValueError as e:
             raise ApiError(f"Cannot admit this node: {e}", status=409, type_="invalid_request_error",
                            code="join_refused") from None
-        log.info("member_admitted", node_id=ask.candidate.node_id, name=ask.candidate.name, remote=request.remote)
-        answer = b'{"cluster":' + _encode(svc.membership.name) + b',"root":' + _encode(svc.membership.root) + \
+        log.info("member_admitted", node_id=ask.candidate.node_id, name=ask.candidate.name, remote=remote)
+        return b'{"cluster":' + _encode(svc.membership.name) + b',"root":' + _encode(svc.membership.root) + \
             b',"records":' + encode_records(svc.members.records()) + b"}"
-        return web.Response(body=answer, content_type="application/json")
 
 
 def _split(address: str) -> tuple[str, int]:

@@ -1,14 +1,16 @@
 """How a request reaches a peer: the link seam (one peer protocol, several transports).
 
-A link opens one request to one peer and hands back its answer: a status, the
-headers and a body to read (``LinkResponse``, the subset of
-``aiohttp.ClientResponse`` that the peer code uses — what httpcore's network
-backends are to httpx). ``PeerTarget``, the health prober and the catalog
-fetcher talk to links only; they never know whether an HTTP connection on the
-LAN or a stream through the relay carried a request.
+A link opens one request (a ``RequestHead``) to one peer and hands back its
+``Answer``: a status, the headers and a ``Body`` to read (``backends/answer.py``;
+what httpcore's network backends are to httpx). ``PeerTarget``
+(``forward.py``), the health prober and the catalog fetcher talk to links
+only; they never know whether an HTTP connection on the LAN or a stream
+through the relay carried a request.
 
-Failures are mapped here, once, into ``EngineUnavailable`` (nothing has reached
-the client yet: another holder, or another link to the same peer, may be tried).
+Failures before the answer's head are mapped here, once, into
+``EngineUnavailable`` (nothing has reached the client yet: another holder, or
+another link to the same peer, may be tried); a body that breaks raises
+``LinkBroken``.
 """
 
 from __future__ import annotations
@@ -16,38 +18,27 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 
+from ..backends.answer import Answer, RequestHead
 from ..backends.base import Timeouts
-from ..backends.upstream import post
+from ..backends.upstream import HttpAnswer, send
 from ..errors import EngineUnavailable
-from .relay_link import RelayLink, RelayLinkError
+from .relay import RelayAnswer, RelayLink, RelayLinkError
 
-__all__ = ["HttpLink", "LinkResponse", "PeerLink", "RelayPeerLink"]
-
-
-class LinkResponse(Protocol):
-    status: int
-    headers: Any
-    content: Any  # readany(), iter_any(), total_bytes, set_exception()
-    content_length: int | None
-
-    async def read(self) -> bytes: ...
-
-    def release(self) -> None: ...
-
-    def close(self) -> None: ...
+__all__ = ["HttpLink", "PeerLink", "RelayPeerLink"]
 
 
 class PeerLink(Protocol):
+    """One way to reach one peer."""
+
     route: str  # "lan" | "relay"
 
-    async def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, t: Timeouts, *, deadline: float,
-        stream: bool, who: str,
-    ) -> LinkResponse: ...
+    async def open(self, head: RequestHead, t: Timeouts, *, deadline: float, stream: bool, who: str) -> Answer:
+        """Send ``head``; its answer's head, by ``deadline`` (else ``EngineUnavailable``)."""
+        ...
 
 
 class HttpLink:
@@ -62,12 +53,9 @@ class HttpLink:
         self._ssl = ssl_context
         self._on_refused = on_refused
 
-    async def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, t: Timeouts, *, deadline: float,
-        stream: bool, who: str,
-    ) -> LinkResponse:
-        return await post(self._session, f"https://{self.address}{path}", body, headers, t, stream=stream, who=who,
-                          on_refused=self._on_refused, deadline=deadline, method=method, ssl_context=self._ssl)
+    async def open(self, head: RequestHead, t: Timeouts, *, deadline: float, stream: bool, who: str) -> HttpAnswer:
+        return await send(self._session, f"https://{self.address}", head, t, stream=stream, who=who,
+                          on_refused=self._on_refused, deadline=deadline, ssl_context=self._ssl)
 
 
 class RelayPeerLink:
@@ -79,13 +67,10 @@ class RelayPeerLink:
         self._relay = relay
         self.node_id = node_id
 
-    async def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, t: Timeouts, *, deadline: float,
-        stream: bool, who: str,
-    ) -> LinkResponse:
+    async def open(self, head: RequestHead, t: Timeouts, *, deadline: float, stream: bool, who: str) -> RelayAnswer:
         loop = asyncio.get_running_loop()
         try:
-            return await self._relay.request(self.node_id, method, path, headers, body,
+            return await self._relay.request(self.node_id, head.method, head.path, head.headers, head.body,
                                              timeout_s=max(0.0, deadline - loop.time()))
         except TimeoutError:
             limit = t.first_token_s if stream else t.request_s

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated
 
 import msgspec
@@ -136,7 +136,9 @@ class Removal(msgspec.Struct, frozen=True, kw_only=True, tag="remove", tag_field
 Record = Admission | Removal
 
 _pack = msgspec.msgpack.Encoder().encode
-_records_decoder = msgspec.json.Decoder(Annotated[list[Record], msgspec.Meta(max_length=MAX_RECORDS)])
+_records_decoder: msgspec.json.Decoder[list[Record]] = msgspec.json.Decoder(
+    Annotated[list[Record], msgspec.Meta(max_length=MAX_RECORDS)]
+)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -165,7 +167,7 @@ class MemberStore:
         self._removed: dict[str, list[Removal]] = {}
         self._admitters: set[str] = set()  # who signed an admission held (of another node)
         self.digest = ""
-        self.on_change: list = []
+        self.on_change: list[Callable[[], None]] = []
         self.merge(records)
 
     # -- what the cluster asks ---------------------------------------------------------
@@ -352,6 +354,11 @@ class MemberStore:
         rm = msgspec.structs.replace(rm, sig=identity.sign(rm.signed_bytes()))
         self.merge([rm])
         return rm
+
+    def rows(self, self_id: str) -> list[dict[str, object]]:
+        """The members for people (the CLI's ``cluster members``), by name; ``self_id``'s row marked."""
+        return [{"node_id": nid, "name": a.name, "by": a.by, "at": a.at, "self": nid == self_id}
+                for nid, a in sorted(self.members().items(), key=lambda kv: (kv[1].name, kv[0]))]
 
     def find(self, name_or_id: str) -> str:
         """The node id of a member named ``name_or_id`` (or with that id, or id prefix); ValueError if none

@@ -30,11 +30,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 import structlog
-from aiohttp import web
 
-from ..api.body import read_body
-from ..api.state import PEER
-from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, RateLimited, Unauthorized
+from ..errors import BadRequest, EngineUnavailable, RateLimited
 from .identity import NodeIdentity, verify_signature
 from .members import MemberStore, decode_records, encode_records
 from .membership import save_member_records
@@ -42,9 +39,9 @@ from .peers import PeerState
 from .tls import certless_client, peer_cert_id
 
 if TYPE_CHECKING:
-    from .service import ClusterService
+    from .context import ClusterContext
 
-__all__ = ["MEMBERS_PATH", "MemberReplicator", "RecordSigner"]
+__all__ = ["MAX_MEMBERS_BYTES", "MEMBERS_PATH", "MemberReplicator", "RecordSigner"]
 
 log = structlog.get_logger(__name__)
 
@@ -91,19 +88,16 @@ class RecordSigner:
 class MemberReplicator:
     """Keeps the service's ``MemberStore`` in agreement with its peers, and on disk."""
 
-    def __init__(self, service: ClusterService) -> None:
+    def __init__(self, service: ClusterContext) -> None:
         self.service = service
         self.store = service.members
         self._pulling: set[str] = set()
         self._introduced: dict[str, float] = {}  # node id -> when we last introduced ourselves
-        data_dir = Path(service.node.settings.data_dir)
+        data_dir = Path(service.settings.data_dir)
         self._save_soon = service.saver(lambda: encode_records(self.store.records()),
                                         lambda data: save_member_records(data_dir, data), "members")
         self._from_peer = False  # a change that came from a peer is not pushed back around
         self._next_introduction = 0.0
-
-    def routes(self) -> list[web.RouteDef]:
-        return [web.get(MEMBERS_PATH, self._h_get), web.post(MEMBERS_PATH, self._h_post)]
 
     def start(self) -> None:
         self.store.on_change.append(self._changed)
@@ -140,40 +134,28 @@ class MemberReplicator:
             log.warning("member_records_refused", peer=peer, refused=refused)
         return accepted, refused
 
-    # -- endpoints ------------------------------------------------------------------------
+    # -- the peer endpoint (api/peer.py) --------------------------------------------------
 
-    async def _h_get(self, request: web.Request) -> web.Response:
-        if request.get(PEER) is None:
-            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
-        body = b'{"digest":' + _encode(self.store.digest) + b',"records":' + encode_records(self.store.records()) + b"}"
-        return web.Response(body=body, content_type="application/json")
+    def answer(self) -> bytes:
+        """``GET /quorum/v1/members``: the digest and every record."""
+        return b'{"digest":' + _encode(self.store.digest) + b',"records":' + encode_records(self.store.records()) + b"}"
 
-    async def _h_post(self, request: web.Request) -> web.Response:
-        # A member's push, or an introduction on the peer port (no certificate yet): the records speak for
-        # themselves (each must verify), and the answer says nothing but counts.
-        if request.get(PEER) is None and self.service.peer_port_tls(request) is None:
-            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
-        if request.content_length is not None and request.content_length > MAX_MEMBERS_BYTES:
-            raise PayloadTooLarge(f"Membership records are limited to {MAX_MEMBERS_BYTES} bytes",
-                                  code="body_too_large")
-        raw = await read_body(request)
-        if len(raw) > MAX_MEMBERS_BYTES:
-            raise PayloadTooLarge(f"Membership records are limited to {MAX_MEMBERS_BYTES} bytes",
-                                  code="body_too_large")
-        member = request.get(PEER)
-        if member is None:  # an introduction: nobody vouches for the sender, so its cost is bounded
+    def accept(self, raw: bytes, member: str | None, remote: str | None) -> bytes:
+        """``POST /quorum/v1/members``: a member's push, or (``member`` None) an introduction on the peer
+        port from a node without a certificate yet. The records speak for themselves (each must verify);
+        an introduction's cost is bounded (rate, new records) and its answer says nothing but counts."""
+        if member is None:  # nobody vouches for the sender
             now = time.monotonic()
             if now < self._next_introduction:
                 raise RateLimited("Introductions are taken a few times a second; retry in a moment",
                                   retry_after_s=1)
             self._next_introduction = now + 1.0 / INTRODUCTIONS_PER_S
         try:
-            accepted, refused = self.merge(raw, member or f"introduced by {request.remote}",
+            accepted, refused = self.merge(raw, member or f"introduced by {remote}",
                                            max_new=None if member else MAX_NEW_INTRODUCED)
         except ValueError as e:  # msgspec's DecodeError / ValidationError
             raise BadRequest(f"Not a list of membership records: {e}", code="bad_member_records") from None
-        return web.Response(body=_encode({"accepted": accepted, "refused": refused}),
-                            content_type="application/json")
+        return _encode({"accepted": accepted, "refused": refused})
 
     # -- moving records ----------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from typing import Annotated
 import msgspec
 import structlog
 
-from ..names import MODEL_ID_PATTERN, NAME_PATTERN, NODE_ID_PATTERN
+from ..catalog import ModelCard
+from ..names import NAME_PATTERN, NODE_ID_PATTERN
 
 __all__ = ["MAX_MODELS_PER_PEER", "CatalogAnswer", "CatalogEntry", "EngineLoad", "Identity", "NodeLoad",
            "decode_catalog", "decode_identity"]
@@ -35,7 +36,6 @@ _Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
 _Name = Annotated[str, msgspec.Meta(max_length=256, pattern=r"\A[^\x00-\x1f\x7f]*\Z")]  # engine labels, states
 _NodeName = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 _NodeId = Annotated[str, msgspec.Meta(pattern=NODE_ID_PATTERN)]
-_ModelId = Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)]
 _Token = Annotated[str, msgspec.Meta(max_length=128, pattern=r"\A[^\x00-\x1f\x7f]*\Z")]
 
 
@@ -70,27 +70,14 @@ class Identity(msgspec.Struct, frozen=True, kw_only=True):
     members_digest: Annotated[str, msgspec.Meta(max_length=64)] = ""  # its membership records (members_sync.py)
 
 
-class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One model a peer's engines hold."""
-
-    id: _ModelId
-    aliases: Annotated[list[_ModelId], msgspec.Meta(max_length=64)] = []
-    engine: _Name = ""
-    context_length: int | None = None
-    loaded: bool | None = None
-    owned_by: _Name = "quorum"
-    created: int = 0
-    family: _Name | None = None
-    parameter_size: _Name | None = None
-    quantization: _Name | None = None
-    available: bool = True  # False: its engine is down for now (a request for it is 503, not 404)
+CatalogEntry = ModelCard  # one model a peer's engines hold: the catalog's one card (``catalog.py``)
 
 
 class CatalogAnswer(msgspec.Struct, frozen=True, kw_only=True):
     """``GET /quorum/v1/catalog``."""
 
     digest: str = ""
-    models: list[CatalogEntry] = []
+    models: list[ModelCard] = []
 
 
 class _RawCatalog(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,7 +89,7 @@ class _RawCatalog(msgspec.Struct, frozen=True, kw_only=True):
 
 decode_identity = msgspec.json.Decoder(Identity).decode
 _decode_raw_catalog = msgspec.json.Decoder(_RawCatalog).decode
-_decode_entry = msgspec.json.Decoder(CatalogEntry).decode
+_decode_entry = msgspec.json.Decoder(ModelCard).decode
 
 
 def decode_catalog(data: bytes, *, max_models: int = MAX_MODELS_PER_PEER, peer: str = "") -> CatalogAnswer:

@@ -29,26 +29,23 @@ from collections.abc import Callable
 import contextlib
 import hashlib
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
 
-from ..api.app import is_loopback
-from ..api.state import PEER
-from ..backends.base import BackendState, Caller, JsonReply, Op, Reply, StreamReply, StreamStats
-from ..backends.openai_compat import PATHS, Timeouts, stream_events
-from ..backends.sse import StreamNormalizer
-from ..backends.upstream import read_capped, read_error_body, read_whole
-from ..control.usage import peer_usage
-from ..errors import ApiError, EngineRejected, EngineUnavailable
-from ..names import safe_name
+from ..backends.answer import RequestHead
+from ..backends.base import BackendState, Op, Timeouts
+from ..backends.upstream import read_capped
+from ..errors import EngineUnavailable
+from ..catalog import ModelCard, local_cards
 from .identity import NodeIdentity
 from .members import MemberStore, encode_records
 from .members_sync import MAX_NEW_INTRODUCED, MemberReplicator
 from .membership import Cluster
+from .forward import PeerTarget
 from .links import HttpLink, PeerLink, RelayPeerLink
 from .pipe import PipeError, PipeResponse, serve_in_memory
 
@@ -57,7 +54,6 @@ from .messages import HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, decode_catalog, dec
 from .peers import (
     CatalogChanged,
     CatalogWanted,
-    Outcome,
     Peer,
     PeerDown,
     PeerDraining,
@@ -74,9 +70,31 @@ from .join import JoinHandler
 from .tls import PeerTLS
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from collections.abc import Sized
 
-__all__ = ["HOP_HEADER", "ORIGIN_HEADER", "PROTO_VERSION", "ClusterService", "PeerTarget"]
+    from ..backends.registry import Registry
+    from ..settings import Settings
+
+
+class RecordSync(Protocol):
+    """A set of records kept in agreement with every peer (the API keys': ``control/replication.py``)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def on_peer_digest(self, node_id: str, digest: str) -> None: ...
+
+    def on_peer_up(self, node_id: str) -> None: ...
+
+    def answer(self) -> bytes: ...
+
+    def accept(self, raw: bytes, peer: str) -> bytes: ...
+
+__all__ = ["HOP_HEADER", "ORIGIN_HEADER", "PROTO_VERSION", "ClusterService"]
 
 log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -88,9 +106,16 @@ GOODBYE_CHECK_S = 0.5  # how long after a member's mDNS goodbye it is checked be
 
 
 class ClusterService:
-    def __init__(self, node: Node, membership: Cluster, identity: NodeIdentity, members: MemberStore) -> None:
-        self.node = node
-        self.settings = node.settings
+    def __init__(self, settings: Settings, *, name: str, engines: Registry, inflight: Sized, membership: Cluster,
+                 identity: NodeIdentity, members: MemberStore) -> None:
+        """``engines``: this node's own (its catalog for peers); ``inflight``: what it is answering now.
+        The API key records' replicator is attached by the node (``key_sync``) before ``start``."""
+        self.settings = settings
+        self.name = name
+        self.engines = engines
+        self.inflight = inflight
+        self.peer_port = 0  # the peers' listener, once bound (``start``)
+        self.http_server: Callable[[], asyncio.Protocol] | None = None  # serves relayed requests (``start``)
         self.membership = membership
         self.identity = identity
         self.node_id = identity.node_id
@@ -105,11 +130,8 @@ class ClusterService:
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
         )
         self.budget = RetryBudget(max_tokens=10, initial_tokens=10)  # as after a calm spell
-        self.catalogs: dict[str, list[dict[str, Any]]] = {}  # node id -> model entries
-        self.timeouts = Timeouts(
-            connect_s=s.connect_timeout_s, first_token_s=s.first_token_timeout_s,
-            idle_s=s.idle_timeout_s, request_s=s.request_timeout_s,
-        )
+        self.catalogs: dict[str, list[ModelCard]] = {}  # node id -> the models it holds (available ones)
+        self.timeouts = Timeouts.from_settings(s)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -117,15 +139,18 @@ class ClusterService:
         self.discovery: Any = None
         self.relay: RelayLink | None = None
         self._digest = ""
-        from ..control.replication import KeyReplicator
-
-        self.key_sync = KeyReplicator(self, node.keys)  # API key records, agreed with every peer
+        self.key_sync: RecordSync | None = None  # API key records, agreed with every peer (attached by the node)
         self.member_sync = MemberReplicator(self)  # membership records, the same way
+        self.joins = JoinHandler(self)  # new machines with an invite
         members.on_change.append(self._members_changed)
 
     # -- lifecycle -------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, peer_port: int, http_server: Callable[[], asyncio.Protocol]) -> None:
+        """Start discovery, the relay link and the background rounds; ``peer_port`` is the bound peer
+        listener, ``http_server`` makes the protocol that serves relayed requests (the node's own server)."""
+        self.peer_port = peer_port
+        self.http_server = http_server
         connector = aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, headers={"Accept-Encoding": "identity"}
@@ -133,12 +158,12 @@ class ClusterService:
         for address in self.settings.peers:
             self.table.add_static(address)
         self._digest = self.catalog_digest()
-        self.node.registry.on_change.append(self._local_catalog_changed)
+        self.engines.on_change.append(self._local_catalog_changed)
         if self.settings.mdns:
             from .mdns import Discovery
 
             self.discovery = Discovery(
-                node_id=self.node_id, name=self.node.name, port=self.node.peer_port, fingerprint="",
+                node_id=self.node_id, name=self.name, port=self.peer_port, fingerprint="",
                 proto=PROTO_VERSION, catalog_digest=self._digest, interfaces=list(self.settings.mdns_interfaces),
                 on_event=self._events.put_nowait,
             )
@@ -154,12 +179,13 @@ class ClusterService:
             )
             await self.relay.start()
         self._spawn(self._health_loop(), "cluster-health")
-        self.key_sync.start()  # keys' last uses to the peers, and compaction (control/replication.py)
+        if self.key_sync is not None:
+            self.key_sync.start()  # keys' last uses to the peers, and compaction (control/replication.py)
         self.member_sync.start()
         if self.discovery is not None:  # only mDNS feeds the event queue
             self._spawn(self._event_loop(), "cluster-events")
         log.info("cluster_started", cluster=self.membership.name, root=self.membership.root,
-                 node_id=self.node_id, members=len(self.members), peer_port=self.node.peer_port,
+                 node_id=self.node_id, members=len(self.members), peer_port=self.peer_port,
                  mdns=self.settings.mdns, static_peers=list(self.settings.peers))
 
     def saver(self, snapshot: Callable[[], bytes], write: Callable[[bytes], None], what: str) -> Callable[[], None]:
@@ -209,7 +235,8 @@ class ClusterService:
         if self.relay is not None:  # 1001 after the drain: the peers knew (draining), streams used it till now
             await self.relay.close()
             self.relay = None
-        self.key_sync.close()
+        if self.key_sync is not None:
+            self.key_sync.close()
         if self._members_changed in self.members.on_change:
             self.members.on_change.remove(self._members_changed)
         for t in list(self._tasks):
@@ -277,7 +304,7 @@ class ClusterService:
 
     def _close_connections_of_non_members(self) -> None:
         """Close every peer-port connection whose certificate is no current member's (a removed node's)."""
-        server = getattr(self.node, "http_server", None)
+        server = self.http_server
         for handler in list(getattr(server, "connections", ()) if server is not None else ()):
             transport = handler.transport
             ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -302,7 +329,7 @@ class ClusterService:
         """A request that came through the relay from the member ``peer`` (its Noise session proved it),
         served by this node's own HTTP server as if from the LAN (same middlewares and handlers), in
         memory (``pipe.py``)."""
-        server = getattr(self.node, "http_server", None)
+        server = self.http_server
         if server is None:
             raise PipeError("this node is not serving yet")
         return await serve_in_memory(server, method, path, headers, body, peer=peer)
@@ -314,24 +341,13 @@ class ClusterService:
 
     # -- our own catalog -------------------------------------------------
 
-    def local_entries(self) -> list[dict[str, Any]]:
+    def local_entries(self) -> list[ModelCard]:
         """What this node's engines hold, for peers; models of an engine that is down for now are listed
         as unavailable, so that a peer answers 503 for them rather than "no such model"."""
-        out = [self._entry(b.kind, m, True) for b, m in self.node.registry.models()]
-        held = {e["id"] for e in out}
-        for b in self.node.registry.backends.values():
-            if b.state is BackendState.DOWN:
-                out.extend(self._entry(b.kind, m, False) for m in b.last_models if m.id not in held)
-        return out
-
-    @staticmethod
-    def _entry(kind: str, m: Any, available: bool) -> dict[str, Any]:
-        return {"id": m.id, "aliases": list(m.aliases), "engine": kind, "context_length": m.context_length,
-                "loaded": m.loaded, "owned_by": m.owned_by, "created": m.created, "family": m.family,
-                "parameter_size": m.parameter_size, "quantization": m.quantization, "available": available}
+        return local_cards(self.engines, self.name, resting=True)
 
     def catalog_digest(self) -> str:
-        ids = sorted({(e["id"], tuple(e["aliases"]), e["available"]) for e in self.local_entries()})
+        ids = sorted({(e.id, e.aliases, e.available) for e in self.local_entries()})
         return hashlib.sha256(_encode(ids)).hexdigest()[:16]
 
     def _local_catalog_changed(self) -> None:
@@ -344,19 +360,13 @@ class ClusterService:
     # -- what the router and API ask ---------------------------------------
 
     def model_names(self) -> list[str]:
-        return sorted({e["id"] for entries in self._up_catalogs() for e in entries})
+        return sorted({e.id for p in self.table.all() if p.serving for e in self.catalogs.get(p.node_id, ())})
 
-    def _up_catalogs(self) -> list[list[dict[str, Any]]]:
-        return [self.catalogs.get(p.node_id, []) for p in self.table.all() if p.serving]
-
-    def model_entries(self) -> list[dict[str, Any]]:
-        out = []
-        for p in self.table.all():
-            if not p.serving:
-                continue
-            for e in self.catalogs.get(p.node_id, []):
-                out.append({**e, "node": p.info.name or p.node_id})
-        return out
+    def model_entries(self) -> list[ModelCard]:
+        """The cards of every serving peer's models, each naming its holder (``catalog.entries_of``)."""
+        replace = msgspec.structs.replace
+        return [replace(e, node=p.info.name or p.node_id)
+                for p in self.table.all() if p.serving for e in self.catalogs.get(p.node_id, ())]
 
     def plan(self, model: str, op: Op) -> list[PeerTarget]:
         """The peers to try for ``model``, best first, as the router's ``PeerPlan``.
@@ -411,53 +421,34 @@ class ClusterService:
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         return ssl_object if ssl_object is not None and ssl_object.context is self.tls.server else None
 
-    def routes(self) -> list[web.RouteDef]:
-        return [
-            web.get("/quorum/v1/health", self._h_health),
-            web.get("/quorum/v1/catalog", self._h_catalog),
-            web.get("/quorum/v1/peers", self._h_peers),
-            *self.key_sync.routes(),  # /quorum/v1/keys: API key records (control/replication.py)
-            *self.member_sync.routes(),  # /quorum/v1/members: membership records (members_sync.py)
-            *JoinHandler(self).routes(),  # /quorum/v1/join: a new machine with an invite (join.py)
-            web.get("/quorum/admin/members", self._h_members),  # the CLI's `cluster members` / `remove`
-            web.delete("/quorum/admin/members/{member}", self._h_remove),
-            web.get("/quorum/v1/usage", peer_usage),  # this node's ledger, for a peer summing the cluster
-        ]
-
-    def _require_peer(self, request: web.Request) -> None:
-        if request.get(PEER) is None:
-            from ..errors import Unauthorized
-
-            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
-
     def describe(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "name": self.node.name, "cluster": self.membership.root,
-                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.node.peer_port,
-                "keys_digest": self.node.keys.digest, "members_digest": self.members.digest}
+        return {"node_id": self.node_id, "name": self.name, "cluster": self.membership.root,
+                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.peer_port,
+                "keys_digest": self.key_sync.digest if self.key_sync is not None else "",
+                "members_digest": self.members.digest}
 
     def local_load(self) -> dict[str, Any]:
         """How busy this node is, for its peers' presence (``NodeLoad`` in ``messages``)."""
-        return {"in_flight": len(self.node.inflight),
+        return {"in_flight": len(self.inflight),
                 "engines": [{"name": b.name, "kind": b.kind, "state": b.state.value, "load": b.load,
-                             "models": len(b.models)} for b in self.node.registry.backends.values()]}
+                             "models": len(b.models)} for b in self.engines.backends.values()]}
 
-    async def _h_health(self, request: web.Request) -> web.Response:
-        self._require_peer(request)
-        return web.Response(body=_encode({**self.describe(), "load": self.local_load()}),
-                            content_type="application/json")
+    # -- what the peer endpoints answer (api/peer.py) -------------------------------
 
-    async def _h_catalog(self, request: web.Request) -> web.Response:
-        self._require_peer(request)
-        body = {"digest": self._digest, "models": self.local_entries()}
-        return web.Response(body=_encode(body), content_type="application/json")
+    def health(self) -> bytes:
+        """``GET /quorum/v1/health``."""
+        return _encode({**self.describe(), "load": self.local_load()})
 
-    async def _h_peers(self, request: web.Request) -> web.Response:
-        if request.get(PEER) is None and not is_loopback(request.remote):
-            self._require_peer(request)
+    def catalog_answer(self) -> bytes:
+        """``GET /quorum/v1/catalog``."""
+        return _encode({"digest": self._digest, "models": self.local_entries()})
+
+    def peers_answer(self) -> bytes:
+        """``GET /quorum/v1/peers``: the peer table as this node sees it, and the relay link."""
         now = time.monotonic()
         peers = [
             {"node_id": p.node_id, "name": p.info.name, "address": p.info.address, "route": p.info.route,
-             "state": p.state.value, "models": sorted({e["id"] for e in self.catalogs.get(p.node_id, [])}),
+             "state": p.state.value, "models": sorted({e.id for e in self.catalogs.get(p.node_id, ())}),
              "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
              "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
              "static": p.static, "routes": p.routes, "draining": p.draining,
@@ -469,31 +460,7 @@ class ClusterService:
         if self.relay is not None:
             relay = {"url": self.settings.relay, "state": self.relay.state, "error": self.relay.last_error,
                      "online": sorted(self.relay.online)}
-        return web.Response(body=_encode({"node": self.describe(), "peers": peers, "relay": relay}),
-                            content_type="application/json")
-
-    async def _h_members(self, request: web.Request) -> web.Response:
-        from .members_cli import member_rows
-
-        return web.Response(body=_encode(member_rows(self.members, self.node_id)), content_type="application/json")
-
-    async def _h_remove(self, request: web.Request) -> web.Response:
-        from ..errors import BadRequest, NotFound
-
-        who = request.match_info["member"]
-        try:
-            node_id = self.members.find(who)
-        except ValueError as e:
-            raise NotFound(str(e), code="member_not_found") from None
-        if node_id == self.node_id:
-            raise BadRequest("A node does not remove itself: remove it from another member (or `cluster leave`)",
-                             code="remove_self")
-        try:
-            self.members.remove(self.identity, node_id, time.time())  # on_change: eviction here, push to peers
-        except ValueError as e:
-            raise BadRequest(str(e), code="remove_refused") from None
-        log.info("member_removed", node_id=node_id, by="admin")
-        return web.Response(body=_encode({"removed": node_id}), content_type="application/json")
+        return _encode({"node": self.describe(), "peers": peers, "relay": relay})
 
     @staticmethod
     def wall_clock(t: float | None, now: float) -> float | None:
@@ -540,17 +507,17 @@ class ClusterService:
         """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         async with asyncio.timeout_at(deadline):
-            resp = await link.request("GET", path, self.peer_headers(), b"", self.timeouts, deadline=deadline,
-                                      stream=False, who=f"peer {to or link.route}")
+            answer = await link.open(RequestHead(method="GET", path=path, headers=self.peer_headers()), self.timeouts,
+                                     deadline=deadline, stream=False, who=f"peer {to or link.route}")
             try:
-                if resp.status != 200:
-                    raise ValueError(f"{path} answered {resp.status}")
-                raw = await read_capped(resp, _MAX_PEER_ANSWER)
+                if answer.status != 200:
+                    raise ValueError(f"{path} answered {answer.status}")
+                raw = await read_capped(answer, _MAX_PEER_ANSWER)
                 if raw is None:
                     raise ValueError(f"{path}: answer too large")
                 return raw
             finally:
-                resp.close()
+                answer.body.abort()
 
     async def _post(self, link: PeerLink, path: str, data: bytes, to: str, what: str) -> bool:
         """POST JSON ``data`` to a peer endpoint over ``link`` (5 s); whether it answered 200. Failures are
@@ -559,15 +526,15 @@ class ClusterService:
         deadline = asyncio.get_running_loop().time() + 5.0
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await link.request("POST", path, headers, data, self.timeouts, deadline=deadline,
-                                          stream=False, who=f"peer {to}")
+                answer = await link.open(RequestHead(method="POST", path=path, headers=headers, body=data),
+                                         self.timeouts, deadline=deadline, stream=False, who=f"peer {to}")
                 try:
-                    await resp.read()
-                    if resp.status != 200:
-                        log.warning("peer_push_refused", records=what, peer=to, status=resp.status)
-                    return resp.status == 200
+                    await read_capped(answer, _MAX_PEER_ANSWER)
+                    if answer.status != 200:
+                        log.warning("peer_push_refused", records=what, peer=to, status=answer.status)
+                    return answer.status == 200
                 finally:
-                    resp.close()
+                    answer.body.abort()
         except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
             log.debug("peer_push_failed", records=what, peer=to, error=str(e))
             return False
@@ -613,7 +580,8 @@ class ClusterService:
         if peer is not None and peer.info.name != info.name:  # its own word, over the authenticated link
             peer.info = msgspec.structs.replace(peer.info, name=info.name)
         self._handle(self.table.on_health_ok(info.node_id, now - t0, now, ident.load))
-        self.key_sync.on_peer_digest(info.node_id, ident.keys_digest)
+        if self.key_sync is not None:
+            self.key_sync.on_peer_digest(info.node_id, ident.keys_digest)
         self.member_sync.on_peer_digest(info.node_id, ident.members_digest)
         if peer is not None and peer.catalog_digest != info.catalog_digest:
             self._want_catalog(info.node_id)
@@ -685,7 +653,8 @@ class ClusterService:
                     self._want_catalog(nid)
                 case PeerUp(node_id=nid):
                     log.info("peer_up", peer=nid, route="lan")
-                    self.key_sync.on_peer_up(nid)
+                    if self.key_sync is not None:
+                        self.key_sync.on_peer_up(nid)
                 case PeerDown(node_id=nid) | PeerSuspect(node_id=nid) | PeerDraining(node_id=nid):
                     log.info("peer_" + type(ev).__name__.removeprefix("Peer").lower(), peer=nid)
                 case PeerRemoved(node_id=nid, reason=reason):
@@ -710,7 +679,7 @@ class ClusterService:
             answer = decode_catalog(await self._get(links[0], "/quorum/v1/catalog", node_id, 5.0),
                                     max_models=self.settings.max_models_per_peer, peer=node_id)
             available = [e for e in answer.models if e.available]
-            self.catalogs[node_id] = [msgspec.structs.asdict(e) for e in available]
+            self.catalogs[node_id] = available
             names = {e.id for e in available} | {a for e in available for a in e.aliases}
             resting = {n for e in answer.models if not e.available for n in (e.id, *e.aliases)} - names
             self._handle(self.table.on_catalog(node_id, names, answer.digest, time.monotonic(), resting))
@@ -718,102 +687,3 @@ class ClusterService:
             log.warning("peer_catalog_failed", peer=node_id, error=str(e))
         finally:
             self._fetching.discard(node_id)
-
-
-class PeerTarget:
-    """A model held by a peer; the request is forwarded, signed, one hop, over one of its links."""
-
-    def __init__(self, service: ClusterService, peer: Peer, link: PeerLink) -> None:
-        self.service = service
-        self.peer = peer
-        self.link = link
-        self.route = link.route
-        self.node = peer.info.name or peer.node_id
-        self.engine = f"peer:{self.node}"
-        self._t0 = 0.0
-
-    def speaks(self, op: Op, body: dict[str, Any]) -> bool:
-        return False  # a peer is sent Chat Completions (api/passthrough.py)
-
-    def begin(self) -> bool:
-        self._t0 = time.monotonic()
-        return self.service.table.begin_request(self.peer.node_id, self._t0)
-
-    def end(self, ok: bool | None, ttft_s: float | None) -> None:
-        outcome = Outcome.ABANDONED if ok is None else (Outcome.SUCCESS if ok else Outcome.FAILURE)
-        self.service.table.end_request(self.peer.node_id, time.monotonic(), outcome)
-
-    async def open(
-        self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
-    ) -> Reply:
-        from ..backends.openai_compat import check_answer
-        from ..backends.upstream import deadline_for
-
-        svc = self.service
-        path = PATHS[op]
-        if stream:  # as from an engine: always ask for usage (the record counts it), strip it if unwanted
-            opts = body.get("stream_options")
-            body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
-        data = _encode(body)
-        headers = svc.peer_headers(hop="1", origin=svc.node_id,
-                                   key_id=(caller.key_id or "") if caller is not None else "")
-        headers["Content-Type"] = "application/json"
-        if caller is not None:
-            headers["X-Request-Id"] = caller.request_id  # the serving node's record links to ours
-        t = svc.timeouts
-        deadline = deadline_for(t, stream=stream)  # one for the head and the first event, as for an engine
-        resp: Any = await self.link.request("POST", path, headers, data, t, deadline=deadline, stream=stream,
-                                            who=self.engine)
-        self.node = safe_name(resp.headers.get("X-Quorum-Node", ""), self.node)
-        if resp.status >= 300:
-            raw = await read_error_body(resp, deadline=deadline)
-            raise _peer_error(resp.status, raw, self.engine, resp.headers)
-        now = time.monotonic()
-        svc.table.on_first_token(self.peer.node_id, now - self._t0, now)
-        is_sse = "text/event-stream" in resp.headers.get("Content-Type", "")
-        if stream and is_sse:
-            stats = StreamStats()
-            norm = StreamNormalizer(clean=True, want_usage=want_usage, op=op, stats=stats)
-            return StreamReply(stream_events(resp, norm, t, self.engine, deadline=deadline), stats)
-        if stream or is_sse:
-            resp.close()
-            raise EngineUnavailable(f"{self.engine} answered a {'stream' if stream else 'whole'} request with "
-                                    f"{'no stream' if stream else 'a stream'}", status=502, engine=self.engine)
-        raw = await read_whole(resp, t, self.engine, deadline=deadline)
-        payload = check_answer(op, raw, engine=self.engine)
-        return JsonReply(payload, payload.get("usage"))
-
-
-def _peer_error(status: int, raw: bytes, engine: str, headers: Any) -> Exception:
-    """A peer answers in the OpenAI shape already: keep status, type and code.
-
-    A 500 marked ``x-should-retry: false`` is the peer's engine refusing this
-    request (its ``EngineFailed``): passed on as one, so it counts against
-    neither the peer's breaker nor its engine. A redirect is a failed peer.
-    """
-    from ..backends.openai_compat import parse_retry_after
-    from ..backends.wire import parse_error
-    from ..errors import EngineFailed
-
-    info = parse_error(raw)
-    message = info.message if info is not None else f"peer answered HTTP {status}"
-    no_retry = headers.get("x-should-retry", "").strip().lower() == "false"
-    if 300 <= status < 400:
-        return EngineUnavailable(f"{engine} answered with a redirect (HTTP {status})", status=502, engine=engine)
-    if status == 500 and no_retry:
-        return EngineFailed(
-            ApiError(message, status=500, type_=(info.type if info else None) or "server_error",
-                     param=info.param if info else None, code=(info.code if info else None) or "engine_error",
-                     retryable=False),
-            engine=engine,
-        )
-    if (status >= 500 and status != 501) or status in (401, 404, 408, 429):
-        # 404: its catalog changed under us; 401: keys or clocks disagree. Another holder may do.
-        return EngineUnavailable(message, status=status if status != 404 else 503, engine=engine,
-                                 retry_after_s=parse_retry_after(headers.get("Retry-After")))
-    return EngineRejected(
-        ApiError(message, status=status, type_=(info.type if info else None) or "invalid_request_error",
-                 param=info.param if info else None, code=info.code if info else None,
-                 retryable=False if no_retry else None),
-        engine=engine,
-    )

@@ -20,10 +20,9 @@ A client's string never becomes a label of its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -32,9 +31,11 @@ from ..backends.base import BackendState
 from ..records import Record
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..backends.registry import Registry
+    from ..cluster.service import ClusterService
+    from .ledger import Ledger
 
-__all__ = ["NodeMetrics", "routes"]
+__all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -48,8 +49,10 @@ _PEER_STATES = ("up", "suspect", "down")
 class NodeMetrics:
     """The metrics of one node: ``observe`` is the record sink, ``render`` the exposition."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, *, known: Callable[[str], bool], inflight: Sized, engines: Registry,
+                 cluster: ClusterService | None, ledger: Callable[[], Ledger | None]) -> None:
+        """``known``: whether a model is in the catalog; ``ledger``: the ledger once it is open (or None)."""
+        self._is_known = known
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.requests = Counter("quorum_requests", "Requests, by surface, model, route and status",
@@ -64,14 +67,14 @@ class NodeMetrics:
         self.refused = Counter("quorum_refused_requests", "Requests refused with 401 as unauthenticated (no key, a "
                                "wrong key or admin token, not a member), by reason; not in the ledger", ("reason",),
                                registry=r)
-        r.register(_StateCollector(node))
+        r.register(_StateCollector(inflight, engines, cluster, ledger))
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._models: set[str] = set()  # the model labels given so far (at most MAX_MODEL_LABELS)
 
     def _known(self, model: str) -> bool:
         """Whether ``model`` is in the catalog (the cached one: a dictionary lookup)."""
         try:
-            return model in self.node.router.view().by_id
+            return self._is_known(model)
         except Exception:  # a half-started node: no catalog yet
             return False
 
@@ -117,23 +120,26 @@ class NodeMetrics:
 class _StateCollector(Collector):
     """What the node is now, read when Prometheus scrapes."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, inflight: Sized, engines: Registry, cluster: ClusterService | None,
+                 ledger: Callable[[], Ledger | None]) -> None:
+        self.inflight = inflight
+        self.engines = engines
+        self.cluster = cluster
+        self.ledger = ledger
 
     def collect(self) -> Iterator[Any]:
-        node = self.node
-        yield GaugeMetricFamily("quorum_in_flight", "Requests being answered now", value=len(node.inflight))
+        yield GaugeMetricFamily("quorum_in_flight", "Requests being answered now", value=len(self.inflight))
         engines = GaugeMetricFamily("quorum_engine_state", "Each engine's state (1: the current one)",
                                     labels=("engine", "kind", "state"))
         load = GaugeMetricFamily("quorum_engine_in_flight", "Requests each engine is serving now",
                                  labels=("engine", "kind"))
-        for b in list(node.registry.backends.values()):
+        for b in list(self.engines.backends.values()):
             for st in BackendState:
                 engines.add_metric((b.name, b.kind, st.value), 1.0 if b.state is st else 0.0)
             load.add_metric((b.name, b.kind), float(getattr(b, "in_flight", 0)))
         yield engines
         yield load
-        cluster = node.cluster
+        cluster = self.cluster
         if cluster is not None:
             peers = GaugeMetricFamily("quorum_peer_state", "Each peer's state as this node sees it (1: current)",
                                       labels=("peer", "state"))
@@ -154,7 +160,7 @@ class _StateCollector(Collector):
                 yield rs
                 yield GaugeMetricFamily("quorum_relay_connected", "1 while the relay connection is up",
                                         value=1.0 if relay.state == "up" else 0.0)
-        ledger = getattr(node, "ledger", None)
+        ledger = self.ledger()
         if ledger is not None:
             yield GaugeMetricFamily("quorum_ledger_queued",
                                     "Records in the ledger's journal waiting for the writer to move them into "
@@ -164,17 +170,3 @@ class _StateCollector(Collector):
             yield CounterMetricFamily("quorum_ledger_records_dropped",
                                       "Records not stored: the writer was too far behind, or the insert failed",
                                       value=ledger.dropped + ledger.failed)
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    from ..api.state import NODE
-    from ..errors import NotFound
-
-    metrics = getattr(request.app[NODE], "metrics", None)
-    if metrics is None:
-        raise NotFound("Metrics are off on this node (it runs with --no-metrics)", code="metrics_off")
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def routes() -> list[web.RouteDef]:
-    return [web.get("/metrics", metrics_handler)]

@@ -36,21 +36,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import aiohttp
 import msgspec
 import structlog
-from aiohttp import web
 
-from ..api.body import read_body
-from ..api.state import PEER
 from ..cluster.peers import PeerState
-from ..errors import BadRequest, EngineUnavailable, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest, EngineUnavailable
 from .keys import MAX_RECORDS, KeyRecord, KeyStore
 
 _KeyId = Annotated[str, msgspec.Meta(pattern=r"^k_[0-9a-f]{12}$")]
 _When = Annotated[float, msgspec.Meta(ge=0, le=1e11)]
 
 if TYPE_CHECKING:
-    from ..cluster.service import ClusterService
+    from ..cluster.context import ClusterContext
 
-__all__ = ["KEYS_PATH", "KeyReplicator"]
+__all__ = ["KEYS_PATH", "MAX_KEYS_BYTES", "KeyReplicator"]
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +70,7 @@ _encode = msgspec.json.Encoder().encode
 class KeyReplicator:
     """Keeps ``store`` in agreement with the peers of ``service``."""
 
-    def __init__(self, service: ClusterService, store: KeyStore) -> None:
+    def __init__(self, service: ClusterContext, store: KeyStore) -> None:
         self.service = service
         self.store = store
         self._pulling: set[str] = set()
@@ -85,8 +82,10 @@ class KeyReplicator:
 
     # -- what the cluster service calls -------------------------------------------
 
-    def routes(self) -> list[web.RouteDef]:
-        return [web.get(KEYS_PATH, self._h_get), web.post(KEYS_PATH, self._h_post)]
+    @property
+    def digest(self) -> str:
+        """A hash over every record this node holds (peers compare theirs in health answers)."""
+        return self.store.digest
 
     def start(self) -> None:
         """Start the rounds of last uses and compaction (owned by the service's tasks)."""
@@ -115,31 +114,21 @@ class KeyReplicator:
         if self._changed in self.store.on_change:
             self.store.on_change.remove(self._changed)
 
-    # -- peer endpoints -----------------------------------------------------------------
+    # -- the peer endpoint (api/peer.py serves it to members only) ------------------------
 
-    def _require_peer(self, request: web.Request) -> None:
-        if request.get(PEER) is None:
-            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
+    def answer(self) -> bytes:
+        """``GET /quorum/v1/keys``: every record, and the last uses this node knows of."""
+        return _encode(KeysMessage(digest=self.store.digest, records=self.store.records(), used=self.store.used()))
 
-    async def _h_get(self, request: web.Request) -> web.Response:
-        self._require_peer(request)
-        body = KeysMessage(digest=self.store.digest, records=self.store.records(), used=self.store.used())
-        return web.Response(body=_encode(body), content_type="application/json")
-
-    async def _h_post(self, request: web.Request) -> web.Response:
-        self._require_peer(request)
-        if request.content_length is not None and request.content_length > MAX_KEYS_BYTES:
-            raise PayloadTooLarge(f"Key records are limited to {MAX_KEYS_BYTES} bytes", code="body_too_large")
-        raw = await read_body(request)
-        if len(raw) > MAX_KEYS_BYTES:
-            raise PayloadTooLarge(f"Key records are limited to {MAX_KEYS_BYTES} bytes", code="body_too_large")
+    def accept(self, raw: bytes, peer: str) -> bytes:
+        """``POST /quorum/v1/keys`` from the member ``peer``: merge its records (``BadRequest`` if they are
+        not a list of records); the answer says what changed."""
         try:
             message = _decode(raw)
         except (msgspec.DecodeError, UnicodeDecodeError) as e:  # ValidationError included; a string not UTF-8
             raise BadRequest(f"Not a list of key records: {e}", code="bad_key_records") from None
-        changed, rejected = self._merge(message.records, request.get(PEER), message.used)
-        return web.Response(body=_encode({"digest": self.store.digest, "changed": changed, "rejected": rejected}),
-                            content_type="application/json")
+        changed, rejected = self._merge(message.records, peer, message.used)
+        return _encode({"digest": self.store.digest, "changed": changed, "rejected": rejected})
 
     # -- moving records ------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Usage over HTTP: the admin endpoints on a node, and the cluster's totals from every node's ledger.
+"""The cluster's usage: totals from every node's ledger (the HTTP endpoints are in ``api/usage.py``).
 
 Admin endpoints (for the node's admins: trusted loopback callers and admin keys, as every
 ``/quorum/admin/`` route; the trust middleware checks it):
@@ -25,24 +25,24 @@ import asyncio
 import datetime as dt
 import re
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import aiohttp
 import msgspec
 import structlog
-from aiohttp import web
 
-from ..api.state import NODE, PEER
-from ..errors import BadRequest, EngineUnavailable, Unauthorized, Unavailable
-from .ledger import BY, UsageRow
+from ..errors import EngineUnavailable
+from .ledger import UsageRow
 
 if TYPE_CHECKING:
-    from ..node import Node
+    from ..cluster.peers import Peer
+    from ..cluster.context import ClusterContext
+    from .ledger import Ledger
 
-__all__ = ["ClusterUsage", "UsageAnswer", "cluster_usage", "merge_rows", "parse_since", "peer_usage", "routes"]
+__all__ = ["MAX_RECENT", "MAX_SERIES_BUCKETS", "ClusterUsage", "UsageAnswer", "cluster_usage", "merge_rows",
+           "parse_since"]
 
 log = structlog.get_logger(__name__)
-_encode = msgspec.json.Encoder().encode
 
 PEER_TIMEOUT_S = 3.0
 MAX_RECENT = 1000
@@ -100,40 +100,6 @@ def parse_since(text: str | None, now: float | None = None) -> float | None:
     return when.timestamp()
 
 
-def _by(request: web.Request) -> str:
-    by = request.query.get("by", "model")
-    if by not in BY:
-        raise BadRequest(f"by: expected one of {', '.join(BY)}, got {by[:64]!r}", param="by", code="invalid_by")
-    return by
-
-
-def _since(request: web.Request) -> float | None:
-    try:
-        return parse_since(request.query.get("since"))
-    except ValueError as e:
-        raise BadRequest(str(e)[:300], param="since", code="invalid_since") from None
-
-
-def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name}: expected an integer, got {raw[:64]!r}", param=name) from None
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name}: must be between {lo} and {hi}", param=name)
-    return value
-
-
-def _ledger(node: Node) -> Any:
-    ledger = getattr(node, "ledger", None)
-    if ledger is None:
-        raise Unavailable("The usage ledger is off on this node (it runs with --no-ledger)", code="ledger_off")
-    return ledger
-
-
 def merge_rows(parts: list[list[UsageRow]]) -> list[UsageRow]:
     """Rows of several nodes, summed per group."""
     acc: dict[str, list[int]] = {}
@@ -149,9 +115,7 @@ def merge_rows(parts: list[list[UsageRow]]) -> list[UsageRow]:
                      estimated=t[4]) for g, t in sorted(acc.items())]
 
 
-async def _ask_peer(node: Node, peer: Any, since: float | None, by: str, timeout_s: float) -> UsageAnswer:
-    svc = node.cluster
-    assert svc is not None
+async def _ask_peer(svc: ClusterContext, peer: Peer, since: float | None, by: str, timeout_s: float) -> UsageAnswer:
     path = f"/quorum/v1/usage?by={by}" + (f"&since={since:.3f}" if since is not None else "")
     links = svc.links(peer)
     if not links:
@@ -166,15 +130,15 @@ async def _ask_peer(node: Node, peer: Any, since: float | None, by: str, timeout
     raise last if last is not None else EngineUnavailable("no answer", engine=peer.node_id)
 
 
-async def cluster_usage(node: Node, since: float | None, by: str, *, timeout_s: float = PEER_TIMEOUT_S) -> ClusterUsage:
+async def cluster_usage(ledger: Ledger, name: str, cluster: ClusterContext | None, since: float | None, by: str, *,
+                        timeout_s: float = PEER_TIMEOUT_S) -> ClusterUsage:
     """This node's entry rows plus every known peer's, summed; the peers that did not answer, named."""
-    ledger = _ledger(node)
     parts = [await ledger.query(since, by, entry_only=True)]
-    nodes = [node.name]
+    nodes = [name]
     unreachable: list[Unreachable] = []
-    if node.cluster is not None:
-        peers = node.cluster.table.all()
-        results = await asyncio.gather(*(_ask_peer(node, p, since, by, timeout_s) for p in peers),
+    if cluster is not None:
+        peers = cluster.table.all()
+        results = await asyncio.gather(*(_ask_peer(cluster, p, since, by, timeout_s) for p in peers),
                                        return_exceptions=True)
         for p, res in zip(peers, results, strict=True):
             name = p.info.name or p.node_id
@@ -188,58 +152,3 @@ async def cluster_usage(node: Node, since: float | None, by: str, *, timeout_s: 
                 unreachable.append(Unreachable(node=name, error=error[:300]))
                 log.info("cluster_usage_peer_unreachable", peer=p.node_id, error=error[:300])
     return ClusterUsage(by=by, since=since, rows=merge_rows(parts), nodes=nodes, unreachable=unreachable)
-
-
-# -- handlers -----------------------------------------------------------------------
-
-
-def _json(obj: Any) -> web.Response:
-    return web.Response(body=_encode(obj), content_type="application/json")
-
-
-async def admin_usage(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    by, since = _by(request), _since(request)
-    if request.query.get("cluster") in ("1", "true", "yes"):
-        return _json(await cluster_usage(node, since, by))
-    rows = await _ledger(node).query(since, by, entry_only=True)
-    return _json(ClusterUsage(by=by, since=since, rows=rows, nodes=[node.name]))
-
-
-async def admin_series(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    by = _by(request)
-    since = _since(request)
-    bucket = _int(request, "bucket", 3600, 1, 366 * 86400)
-    now = time.time()
-    if since is None:
-        since = now - 86400
-    if (now - since) / bucket > MAX_SERIES_BUCKETS:
-        raise BadRequest(f"bucket: at most {MAX_SERIES_BUCKETS} buckets per series; use a larger bucket",
-                         param="bucket")
-    points = await _ledger(node).series(since, bucket, by)
-    return _json({"by": by, "since": since, "bucket": bucket, "points": points})
-
-
-async def admin_recent(request: web.Request) -> web.Response:
-    node = request.app[NODE]
-    limit = _int(request, "limit", 50, 0, MAX_RECENT)
-    return _json({"records": await _ledger(node).recent(limit)})
-
-
-async def peer_usage(request: web.Request) -> web.Response:
-    """``/quorum/v1/usage`` (signed): this node's entry rows, for a peer summing the cluster."""
-    if request.get(PEER) is None:
-        raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
-    node = request.app[NODE]
-    by, since = _by(request), _since(request)
-    rows = await _ledger(node).query(since, by, entry_only=True)
-    return _json(UsageAnswer(node=node.name, rows=rows))
-
-
-def routes() -> list[web.RouteDef]:
-    return [
-        web.get("/quorum/admin/usage", admin_usage),
-        web.get("/quorum/admin/usage/series", admin_series),
-        web.get("/quorum/admin/recent", admin_recent),
-    ]

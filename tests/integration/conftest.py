@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from quorum_node.embedded.fetch import cache_dir, ensure_llama_server, ensure_model
+from quorum_node.embedded.fetch import ensure_llama_server, ensure_model
+from quorum_node.settings import load_settings
 
 
 @pytest.fixture(scope="session")
 def cache() -> Path:
-    return cache_dir(os.environ.get("QUORUM_CACHE_DIR"))
+    return Path(load_settings().cache_dir)  # the node's: $QUORUM_CACHE_DIR, else ~/.cache/quorum
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ import pytest
 
 from quorum_node.embedded.supervisor import LlamaServerProcess
 from quorum_node.node import Node
+from tests.support import eventually
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"  # the file stem of the GGUF the engine serves
 CTX_SIZE = 1536  # neither llama-server's default nor the model's, so seeing it proves it came from the engine
@@ -75,15 +76,11 @@ async def engine(engines: Callable[..., Awaitable[LlamaServerProcess]]) -> Llama
 
 
 async def until(check: Callable[[], Awaitable[bool]], within_s: float, what: str) -> float:
-    """Poll ``check`` until it is true; return how long that took, or fail after ``within_s``."""
+    """``eventually(check)``; return how long that took."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while True:
-        if await check():
-            return loop.time() - start
-        if loop.time() - start > within_s:
-            pytest.fail(f"not within {within_s:g} s: {what}")
-        await asyncio.sleep(0.05)
+    await eventually(check, what, timeout_s=within_s)
+    return loop.time() - start
 
 
 async def get_json(url: str) -> tuple[int, dict[str, str], Any]:

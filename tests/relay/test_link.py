@@ -1,6 +1,7 @@
 """The node's relay link against a real quorum-relay (and a hostile fake one): who gets a session, what it costs.
 
-Each node here is a real ``RelayLink`` with its own ``NodeIdentity``; what
+Each node here is a real ``RelayLink`` (public API only; the protocol's rules are
+``test_protocol.py``'s) with its own ``NodeIdentity``; what
 membership says is a plain dict of node id → X25519 key per node (the
 ``peer_key`` the cluster service hands the link). Requests are served by a
 real aiohttp server through the in-memory pipe, which answers with the peer
@@ -202,7 +203,7 @@ async def test_forget_peer_ends_its_streams_now(relay: Relay, start_link: StartL
         await pending
     assert time.monotonic() - t0 < 1.0
     await asyncio.wait_for(b.slow_cancelled.wait(), WAIT_S)  # its handler stopped too
-    assert a.node_id not in b.online and not lb._streams
+    assert a.node_id not in b.online and lb.open_streams == 0
     with pytest.raises(RelayLinkError):  # and a gets no new session
         await get(la, b.node_id)
     assert [p for p, _ in b.served] == [a.node_id]
@@ -279,11 +280,11 @@ async def test_ghost_presence_of_30000_non_members_leaves_the_link_small(start_l
     async with FakeRelay(script) as fake:
         t0 = time.process_time()
         link = await start_link(fake.url, a, max_peers=64)
-        await until(lambda: link._presence.ignored + link.refused_hellos >= 30_100, "all ghosts seen", 30)
+        await until(lambda: link.protocol.presence.ignored + link.refused_hellos >= 30_100, "all ghosts seen", 30)
         cpu = time.process_time() - t0
         assert link.online == {} and a.presence_calls == 0  # nobody to probe, nobody in the peer table
-        assert len(link._presence.strangers) <= 64 and link._presence.ignored == 30_000
-        assert not link._sessions  # no handshake: nothing but refusals (an empty HelloReply, no crypto) went out
+        assert len(link.protocol.presence.strangers) <= 64 and link.protocol.presence.ignored == 30_000
+        assert not link.protocol.sessions  # no handshake: nothing but refusals (an empty HelloReply, no crypto) went out
         await until(lambda: len(fake.received) == 100, "the refusals arrived")
         assert all(isinstance(f, wire.HelloReply) and not f.payload
                    for f in fake.received)
@@ -303,7 +304,7 @@ async def test_members_past_max_peers_are_refused_with_one_warning(start_link: S
     with structlog.testing.capture_logs() as logs:
         async with FakeRelay(script) as fake:
             link = await start_link(fake.url, a, max_peers=8)
-            await until(lambda: link._presence.refused == 32, "all refused")
+            await until(lambda: link.protocol.presence.refused == 32, "all refused")
             assert len(link.online) == 8 == len(a.online)
     warnings = [e for e in logs if e["event"] == "relay_peers_refused"]
     assert len(warnings) == 1 and warnings[0]["refused"] == 22  # the Welcome's, in one line; then silence

@@ -163,7 +163,7 @@ async def test_a_fault_before_the_first_byte_is_invisible_with_a_second_holder(
         assert asked.node == h.good_node.name
         if fault.recorded:  # the bad holder really was tried first, and failed
             # (an engine that closes the connection unanswered is asked once more on a fresh one first: to
-            # its node that looks like a kept-alive connection it had just closed, see ``upstream.post``)
+            # its node that looks like a kept-alive connection it had just closed, see ``upstream.send``)
             # (streamed: a head came.) A whole answer is one TLS record on the peer link: cut inside it, not a
             # byte of it can be read, so a FIN there looks the same as one before the answer.
             again = 1 if fault.name in ("fin_before_first_chunk", "link_fin_mid_answer") and not stream else 0

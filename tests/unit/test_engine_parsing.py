@@ -13,14 +13,14 @@ import pytest
 from multidict import CIMultiDict
 
 from quorum_node.backends.base import StreamStats
-from quorum_node.backends.openai_compat import check_answer, map_engine_error, parse_retry_after
+from quorum_node.backends.errors import check_answer, map_error_answer, parse_retry_after
 from quorum_node.backends.sse import EngineErrorEvent, EventSplitter, StreamNormalizer
 from quorum_node.backends.wire import ModelCard, ModelId, decode, decode_entries, parse_error
 from quorum_node.cluster.breaker import CircuitBreaker
 from quorum_node.cluster.peers import Outcome, PeerInfo, PeerTable
-from quorum_node.cluster.service import _peer_error
 from quorum_node.errors import (
     BadRequest,
+    EngineError,
     EngineFailed,
     EngineRejected,
     EngineUnavailable,
@@ -177,20 +177,21 @@ def test_no_error_body_is_none(raw: bytes) -> None:
 
 def test_engine_error_answers_map_onto_the_error_tree() -> None:
     body = b'{"error":{"code":500,"message":"image input is not supported","type":"server_error"}}'
-    failed = map_engine_error(500, body, engine="e")
+    failed = map_error_answer(500, body, {}, engine="e")
     assert isinstance(failed, EngineFailed)
     assert failed.error.status == 500 and failed.error.code == "engine_error" and not failed.error.retryable
     assert failed.error.message == "image input is not supported"
     for status, raw in ((500, b""), (500, b"<html>"), (502, body), (503, body), (504, b"")):
-        err = map_engine_error(status, raw, engine="e")
+        err = map_error_answer(status, raw, {}, engine="e")
         assert type(err) is EngineUnavailable and err.status == status
     for status in (301, 302, 303, 307, 308):
-        err = map_engine_error(status, b'{"moved": true}', engine="e")
+        err = map_error_answer(status, b'{"moved": true}', {}, engine="e")
         assert type(err) is EngineUnavailable and err.status == 502 and "redirect" in err.message
-    rejected = map_engine_error(400, b'{"error":{"message":"bad","param":"messages","code":"x"}}', engine="e")
+    rejected = map_error_answer(400, b'{"error":{"message":"bad","param":"messages","code":"x"}}', {},
+                                engine="e")
     assert isinstance(rejected, EngineRejected) and rejected.error.param == "messages"
-    assert isinstance(map_engine_error(501, b"", engine="e").error, NotSupported)  # type: ignore[attr-defined]
-    busy = map_engine_error(503, b"", engine="e", retry_after="inf")
+    assert isinstance(map_error_answer(501, b"", {}, engine="e").error, NotSupported)  # type: ignore[attr-defined]
+    busy = map_error_answer(503, b"", {"Retry-After": "inf"}, engine="e")
     assert isinstance(busy, EngineUnavailable) and busy.retry_after_s is None
 
 
@@ -201,21 +202,51 @@ def test_retry_after_is_read_only_when_sane(value: str | None, seconds: float | 
     assert parse_retry_after(value) == seconds
 
 
+def _peer_error(status: int, raw: bytes, headers: CIMultiDict[str]) -> EngineError:
+    return map_error_answer(status, raw, headers, engine="peer:b", peer=True)
+
+
 def test_peer_errors_keep_the_peers_verdict() -> None:
     body = b'{"error":{"message":"no images","type":"server_error","param":null,"code":"engine_error"}}'
-    refused = _peer_error(500, body, "peer:b", CIMultiDict({"x-should-retry": "false"}))
+    refused = _peer_error(500, body, CIMultiDict({"x-should-retry": "false"}))
     assert isinstance(refused, EngineFailed) and refused.error.code == "engine_error"
     assert not refused.error.retryable and refused.error.message == "no images"
-    crashed = _peer_error(500, body, "peer:b", CIMultiDict())
+    crashed = _peer_error(500, body, CIMultiDict())
     assert type(crashed) is EngineUnavailable
-    busy = _peer_error(503, b'{"error":{"message":"x","code":"holders_unavailable"}}', "peer:b",
+    busy = _peer_error(503, b'{"error":{"message":"x","code":"holders_unavailable"}}',
                        CIMultiDict({"Retry-After": "3"}))
     assert type(busy) is EngineUnavailable and busy.retry_after_s == 3.0
-    moved = _peer_error(302, b"", "peer:b", CIMultiDict({"Location": "http://elsewhere/"}))
+    moved = _peer_error(302, b"", CIMultiDict({"Location": "http://elsewhere/"}))
     assert type(moved) is EngineUnavailable and moved.status == 502
     bad = _peer_error(400, b'{"error":{"message":"m","type":"invalid_request_error","param":"p","code":"c"}}',
-                      "peer:b", CIMultiDict())
+                      CIMultiDict())
     assert isinstance(bad, EngineRejected) and (bad.error.status, bad.error.param) == (400, "p")
+
+
+@pytest.mark.parametrize(("status", "engine_verdict", "peer_verdict"), [
+    # (status) -> what an engine's answer becomes, what a peer's becomes (the peer differences, all of them)
+    (403, EngineUnavailable, EngineRejected),  # an engine refusing our credentials; a peer refusing the request
+    (409, EngineUnavailable, EngineRejected),
+    (501, EngineRejected, EngineRejected),
+    (404, EngineUnavailable, EngineUnavailable),
+    (401, EngineUnavailable, EngineUnavailable),
+    (422, EngineRejected, EngineRejected),
+])
+def test_engine_and_peer_answers_differ_only_where_meant(status: int, engine_verdict: type, peer_verdict: type) -> None:
+    raw = b'{"error":{"message":"m","type":"some_error","code":"c"}}'
+    engine = map_error_answer(status, raw, {}, engine="e")
+    peer = map_error_answer(status, raw, {}, engine="peer:b", peer=True)
+    assert type(engine) is engine_verdict and type(peer) is peer_verdict
+    if isinstance(peer, EngineRejected):  # a peer's verdict is passed on as it was given
+        assert (peer.error.status, peer.error.type, peer.error.code) == (status, "some_error", "c")
+    if isinstance(engine, EngineRejected) and status != 501:  # an engine's is put in our words
+        assert isinstance(engine.error, BadRequest) and engine.error.status == 400
+    if status == 404:  # the peer's catalog changed under us: unavailable, not "no such model"
+        assert isinstance(peer, EngineUnavailable) and peer.status == 503
+        assert isinstance(engine, EngineUnavailable) and engine.status == 404
+    engine_500 = map_error_answer(500, raw, {"x-should-retry": "false"}, engine="e")
+    assert isinstance(engine_500, EngineFailed) and engine_500.error.code == "engine_error"  # ours, not its "c"
+    assert type(map_error_answer(500, b"", {"x-should-retry": "false"}, engine="e")) is EngineUnavailable
 
 
 # -- model lists -------------------------------------------------------------------------

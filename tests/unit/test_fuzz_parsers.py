@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quorum_node.backends.base import StreamStats
-from quorum_node.backends.openai_compat import check_answer, map_engine_error
+from quorum_node.backends.errors import check_answer, map_error_answer
 from quorum_node.backends.sse import EventSplitter, StreamNormalizer
 from quorum_node.backends.wire import parse_error
 from quorum_node.cluster.messages import decode_catalog, decode_identity
@@ -55,7 +55,9 @@ payloads = chunk_like.map(lambda v: json.dumps(v).encode()) | json_values.map(la
 @given(raw=payloads, status=st.integers(100, 599))
 def test_engine_error_answers_map_into_the_error_tree(raw: bytes, status: int) -> None:
     parse_error(raw)
-    assert isinstance(map_engine_error(status, raw, engine="e", retry_after=None), EngineError)
+    assert isinstance(map_error_answer(status, raw, {}, engine="e"), EngineError)
+    assert isinstance(map_error_answer(status, raw, {"x-should-retry": "false", "Retry-After": "1"}, engine="peer:e",
+                                       peer=True), EngineError)
 
 
 @FUZZ

@@ -30,7 +30,6 @@ from quorum_node.cluster.membership import (
     Cluster,
     InviteToken,
     create_invite,
-    leave_cluster,
     legacy_cluster,
     load_cluster,
     load_member_records,
@@ -209,16 +208,6 @@ def test_a_cluster_of_the_shared_secret_days_is_read_for_migration_and_makes_no_
     # the migration writes the keyed cluster over it, no --force needed
     me, cluster = _founded(tmp_path, name="old")
     assert load_cluster(tmp_path) == cluster and legacy_cluster(tmp_path) is None
-
-
-def test_leave_forgets_the_membership_but_not_the_identity(tmp_path: Path) -> None:
-    me, _ = _founded(tmp_path)
-    create_invite(tmp_path, inviter=me.node_id, addresses=(), ttl_s=600, now=NOW)
-    assert leave_cluster(tmp_path) is True
-    assert load_cluster(tmp_path) is None and load_member_records(tmp_path) == b"[]"
-    assert not (tmp_path / INVITES_FILE).exists()
-    assert load_or_create_identity(tmp_path).node_id == me.node_id
-    assert leave_cluster(tmp_path) is False
 
 
 # -- invites -------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ the registry as they are now; nothing here does I/O.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..node import Node
+from aiohttp import web
+
+from ..state import ADDRESS, CATALOG, CLUSTER, INFLIGHT, NAME, REGISTRY
 
 __all__ = ["fleet"]
 
@@ -20,77 +21,66 @@ __all__ = ["fleet"]
 FEATURES = {"keys": "/quorum/admin/keys", "usage": "/quorum/admin/usage/series", "recent": "/quorum/admin/recent"}
 
 
-def _self_entry(node: Node, started_at: float) -> dict[str, Any]:
+def _self_entry(app: web.Application, started_at: float) -> dict[str, Any]:
+    registry = app[REGISTRY]
     engines = [{"name": b.name, "kind": b.kind, "state": b.state.value, "load": b.load, "models": len(b.models)}
-               for b in node.registry.backends.values()]
+               for b in registry.backends.values()]
     engines += [{"name": n, "kind": "llamacpp", "state": "starting", "load": 0, "models": 0}
-                for n in sorted(node.registry.pending)]
-    cluster = node.cluster
+                for n in sorted(registry.pending)]
+    cluster = app[CLUSTER]
     return {
         "id": cluster.node_id if cluster is not None else None,
-        "name": node.name,
+        "name": app[NAME],
         "self": True,
         "online": True,
         "state": "up",
         "since": round(started_at, 3),
         "routes": ["local"],
-        "address": f"{node.settings.host}:{node.port}",
+        "address": app[ADDRESS](),
         "engines": engines,
-        "models": sorted({m.id for _, m in node.registry.models()}),
-        "load": {"in_flight": len(node.inflight), "engines": sum(e["load"] for e in engines)},
+        "models": sorted({m.id for _, m in registry.models()}),
+        "load": {"in_flight": len(app[INFLIGHT]), "engines": sum(e["load"] for e in engines)},
         "rtt_ms": None,
     }
 
 
-def fleet(node: Node, started_at: float, features: dict[str, bool] | None = None) -> dict[str, Any]:
+def fleet(app: web.Application, started_at: float, features: dict[str, bool] | None = None) -> dict[str, Any]:
     """The fleet as this node sees it (see the module docstring)."""
-    me = _self_entry(node, started_at)
+    me = _self_entry(app, started_at)
     nodes = [me]
-    holders: dict[str, dict[str, set[str]]] = {}
-    for b, m in node.registry.models():
-        h = holders.setdefault(m.id, {"holders": set(), "engines": set()})
-        h["holders"].add(node.name)
-        h["engines"].add(b.kind)
     relay = None
-    cluster = node.cluster
+    cluster = app[CLUSTER]
     if cluster is not None:
         now = time.monotonic()
         for p in cluster.table.all():
-            entries = cluster.catalogs.get(p.node_id, [])
-            online = p.state.value == "up"
-            name = p.info.name or p.node_id
+            cards = cluster.catalogs.get(p.node_id, [])
             if p.load is not None:
                 engines = [{"name": e.name, "kind": e.kind, "state": e.state, "load": e.load, "models": e.models}
                            for e in p.load.engines]
                 load = {"in_flight": p.load.in_flight, "engines": sum(e.load for e in p.load.engines)}
             else:  # an older peer: its engine kinds from its catalog, its load unknown
                 engines = [{"name": k, "kind": k, "state": "", "load": 0, "models": 0}
-                           for k in sorted({e["engine"] for e in entries})]
+                           for k in sorted({c.engine for c in cards})]
                 load = None
-            models = sorted({e["id"] for e in entries})
             nodes.append({
-                "id": p.node_id, "name": name, "self": False, "online": online, "state": p.state.value,
-                "since": cluster.wall_clock(p.up_since, now), "routes": p.routes, "address": p.info.address,
-                "engines": engines, "models": models, "load": load, "in_flight_to": p.in_flight,
+                "id": p.node_id, "name": p.info.name or p.node_id, "self": False, "online": p.state.value == "up",
+                "state": p.state.value, "since": cluster.wall_clock(p.up_since, now), "routes": p.routes,
+                "address": p.info.address, "engines": engines, "models": sorted({c.id for c in cards}),
+                "load": load, "in_flight_to": p.in_flight,
                 "rtt_ms": round(p.ewma_rtt_s * 1000, 1) if p.ewma_rtt_s is not None else None,
             })
-            if online:
-                for e in entries:
-                    h = holders.setdefault(e["id"], {"holders": set(), "engines": set()})
-                    h["holders"].add(name)
-                    h["engines"].add(e["engine"])
         if cluster.relay is not None:
             relay = {"url": cluster.settings.relay, "state": cluster.relay.state, "error": cluster.relay.last_error,
                      "online": sorted(cluster.relay.online)}
-    models = [{"id": mid, "holders": sorted(h["holders"]), "engines": sorted(h["engines"])}
-              for mid, h in sorted(holders.items())]
+    # the cluster's models and who holds them: the catalog's view (this node's engines, its serving peers')
+    models = [{"id": mid, "holders": sorted({c.node for c in cards}), "engines": sorted({c.engine for c in cards})}
+              for mid, cards in app[CATALOG].view().by_id.items()]
     return {
         "self": me,
         "cluster": cluster.membership.name if cluster is not None else None,
         "nodes": nodes,
         "models": models,
         "relay": relay,
-        "in_flight": len(node.inflight),
+        "in_flight": len(app[INFLIGHT]),
         "features": features or {},
     }
-

@@ -28,11 +28,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from ..errors import Unavailable
+from ...errors import Unavailable
 
 if TYPE_CHECKING:
-    from ..node import Node
-    from ..records import Draft, Record
+    from ...records import Records
+    from ...records import Draft, Record
 
 __all__ = ["EventHub", "live_entry"]
 
@@ -78,9 +78,9 @@ def _sse(name: str, data: bytes) -> bytes:
 class EventHub:
     """The subscribers of ``/quorum/admin/events`` and what feeds them (record sinks, a 1 s ticker)."""
 
-    def __init__(self, node: Node, fleet: Callable[[], dict[str, Any]], *, queue_size: int = 256,
+    def __init__(self, records: Records, fleet: Callable[[], dict[str, Any]], *, queue_size: int = 256,
                  max_subscribers: int = 32, interval_s: float = 1.0) -> None:
-        self.node = node
+        self.records = records
         self._fleet = fleet
         self.queue_size = queue_size
         self.max_subscribers = max_subscribers
@@ -89,8 +89,8 @@ class EventHub:
         self._ticker: asyncio.Task[None] | None = None
         self._last_fleet = b""
         self._closed = False
-        node.records.add(self.on_record)
-        node.records.add_start(self.on_start)
+        records.add(self.on_record)
+        records.add_start(self.on_start)
 
     # -- sinks (on the loop, per request: nothing to do without subscribers) ------------------
 
@@ -110,8 +110,8 @@ class EventHub:
 
     def live(self) -> dict[str, Any]:
         now = time.perf_counter()
-        drafts = sorted(self.node.records.live, key=lambda d: d.t0)[:_MAX_LIVE]
-        return {"in_flight": len(self.node.records.live), "requests": [live_entry(d, now) for d in drafts],
+        drafts = sorted(self.records.live, key=lambda d: d.t0)[:_MAX_LIVE]
+        return {"in_flight": len(self.records.live), "requests": [live_entry(d, now) for d in drafts],
                 "time": time.time()}
 
     async def _tick(self) -> None:
@@ -166,8 +166,8 @@ class EventHub:
     async def close(self) -> None:
         """End every stream now (the node is stopping); idempotent."""
         self._closed = True
-        self.node.records.remove(self.on_record)
-        self.node.records.remove_start(self.on_start)
+        self.records.remove(self.on_record)
+        self.records.remove_start(self.on_start)
         for s in list(self.subscribers):
             s.end()
         task = self._ticker

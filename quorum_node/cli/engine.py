@@ -1,15 +1,15 @@
-"""Command line: ``engine fetch`` and ``engine start``.
+"""``quorum-node engine fetch`` and ``engine start``: the bundled llama.cpp engine.
 
-The node's CLI mounts these under its own parser with
-``add_engine_commands(subparsers)``; ``python -m quorum_node.embedded`` runs the
-same commands standalone (``python -m quorum_node.embedded fetch``). Each command
-sets ``func`` to a handler that takes the parsed args and returns an exit code.
+The node's parser mounts these with ``add_engine_commands(subparsers)``;
+``python -m quorum_node.embedded`` runs the same commands standalone
+(``python -m quorum_node.embedded fetch``, through ``main`` here). The cache is
+the settings' ``cache_dir`` (``--cache-dir``, ``QUORUM_CACHE_DIR``, the config
+file, else ``~/.cache/quorum``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
@@ -18,38 +18,33 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from quorum_node.embedded.fetch import (
-    EngineFetchError,
-    cache_dir,
-    ensure_llama_server,
-    ensure_model,
-)
-from quorum_node.embedded.supervisor import die_with_parent_preexec
+from ..embedded.fetch import EngineFetchError, ensure_llama_server, ensure_model
+from ..embedded.supervisor import die_with_parent_preexec
+from ..errors import ConfigError
+from ..settings import Settings
+from .common import tool_settings
 
-__all__ = ["add_engine_commands", "add_engine_subcommands", "build_parser", "main"]
-
-_CACHE_ENV = "QUORUM_CACHE_DIR"
+__all__ = ["add_engine_commands", "main"]
 
 
-def add_engine_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``engine {fetch,start}`` to a parser's subparsers; return the ``engine`` parser."""
+def add_engine_commands(subparsers: Any) -> None:
+    """Add ``engine {fetch,start}`` to a parser's subparsers."""
     engine = subparsers.add_parser(
         "engine",
         help="build and run the local llama.cpp engine",
         description="Build and run the local llama.cpp engine (llama-server).",
     )
-    add_engine_subcommands(engine)
-    return engine
+    _add_engine_subcommands(engine)
 
 
-def add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
+def _add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
     """Add the ``fetch`` and ``start`` subcommands directly under ``parser``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
-        help=f"cache directory (default: ${_CACHE_ENV}, else ~/.cache/quorum)",
+        help="cache directory (default: $QUORUM_CACHE_DIR, else ~/.cache/quorum)",
     )
     common.add_argument("--quiet", action="store_true", help="do not show download/build progress")
     sub = parser.add_subparsers(dest="engine_command", metavar="COMMAND", required=True)
@@ -79,22 +74,23 @@ def add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
     start.set_defaults(func=cmd_start)
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    """The standalone parser used by ``python -m quorum_node.embedded``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Build and run the local llama.cpp engine.")
-    add_engine_subcommands(parser)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(prog="python -m quorum_node.embedded")
+    """``python -m quorum_node.embedded {fetch,start}``: the engine commands without the node's parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m quorum_node.embedded", description="Build and run the local llama.cpp engine."
+    )
+    _add_engine_subcommands(parser)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args, tool_settings(args)))
+    except ConfigError as e:
+        print(f"error: config: {e}", file=sys.stderr)
+        return 2
 
 
-def cmd_fetch(args: argparse.Namespace) -> int:
+def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:
     """``engine fetch``: print the binary's and the model's paths, one per line."""
-    cache = _cache(args)
+    cache = Path(settings.cache_dir)
     try:
         binary = ensure_llama_server(cache, progress=not args.quiet)
         model = ensure_model(cache, progress=not args.quiet)
@@ -106,9 +102,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_start(args: argparse.Namespace) -> int:
+def cmd_start(args: argparse.Namespace, settings: Settings) -> int:
     """``engine start``: run llama-server in the foreground; return its exit status."""
-    cache = _cache(args)
+    cache = Path(settings.cache_dir)
     try:
         binary = ensure_llama_server(cache, progress=not args.quiet)
         model = args.model if args.model is not None else ensure_model(cache, progress=not args.quiet)
@@ -128,10 +124,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     cmd += extra
-    return run_foreground(cmd)
+    return _run_foreground(cmd)
 
 
-def run_foreground(cmd: Sequence[str]) -> int:
+def _run_foreground(cmd: Sequence[str]) -> int:
     """Run ``cmd`` with our stdio, forwarding SIGINT/SIGTERM/SIGHUP; return its exit status.
 
     The child gets its own session so a terminal Ctrl-C reaches it exactly once
@@ -159,9 +155,3 @@ def run_foreground(cmd: Sequence[str]) -> int:
             proc.kill()
             proc.wait()
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _cache(args: argparse.Namespace) -> Path:
-    # The CLI is the one place that reads the environment (STYLE: no module reads
-    # os.environ on its own); everything below takes the directory as a parameter.
-    return cache_dir(args.cache_dir or os.environ.get(_CACHE_ENV))

@@ -13,17 +13,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
-import os
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from ..errors import ApiError
-from .identity import load_or_create_identity
-from .members import MemberStore, decode_records, encode_records
-from .membership import (
+from ..cluster.identity import load_or_create_identity
+from ..cluster.join import JoinError, join
+from ..cluster.members import MemberStore, decode_records, encode_records
+from ..cluster.membership import (
     Cluster,
     create_invite,
     leave_cluster,
@@ -34,10 +34,12 @@ from .membership import (
     save_member_records,
     store_cluster,
 )
+from ..control.keys import parse_duration
+from ..errors import ApiError
+from ..settings import Settings
+from .common import NoNode, admin_request, node_url
 
-__all__ = ["add_cluster_commands"]
-
-DEFAULT_PEER_PORT = 32769
+__all__ = ["add_cluster_commands", "cmd_cluster", "cmd_invite", "cmd_join"]
 
 
 def add_cluster_commands(sub: Any) -> None:
@@ -55,10 +57,18 @@ def add_cluster_commands(sub: Any) -> None:
     cr = csub.add_parser("remove", help="remove a member for good (a lost or sold machine): every node refuses it")
     cr.add_argument("member", metavar="NAME|ID")
     csub.add_parser("leave", help="forget this machine's membership (the others still list it until removed)")
-    cg = csub.add_parser("migrate", help="turn a cluster of the shared-secret days into a keyed one, this machine "
-                                         "its first member, and print an invite for each other machine")
-    cg.add_argument("--invites", type=int, default=None, metavar="N",
-                    help="how many invites to print, one per other machine (default 1)")
+    cg = csub.add_parser(
+        "migrate",
+        help="turn a cluster of the shared-secret days into a keyed one, this machine "
+        "its first member, and print an invite for each other machine",
+    )
+    cg.add_argument(
+        "--invites",
+        type=int,
+        default=None,
+        metavar="N",
+        help="how many invites to print, one per other machine (default 1)",
+    )
     cg.add_argument("--expires", default="1d", metavar="DURATION", help="how long the invites last (default 1d)")
     cj = csub.add_parser("join", help="the same as `quorum-node join`")
     _join_args(cj)
@@ -66,9 +76,14 @@ def add_cluster_commands(sub: Any) -> None:
 
     i = sub.add_parser("invite", help="print a one-time token that lets one more machine join this cluster")
     i.add_argument("--expires", default="10m", metavar="DURATION", help="e.g. 10m, 1h, 2d (default 10m)")
-    i.add_argument("--address", action="append", default=None, metavar="HOST:PORT",
-                   help="where the new machine reaches this node's peer port (default: this machine's LAN "
-                        "addresses, port 32769 or the running node's); repeatable")
+    i.add_argument(
+        "--address",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the new machine reaches this node's peer port (default: this machine's LAN "
+        "addresses, port 32769 or the running node's); repeatable",
+    )
     i.add_argument("--data-dir", default=None, metavar="DIR")
     i.add_argument("--url", default=None, help="the running node (default http://127.0.0.1:32768)")
     i.set_defaults(func=cmd_invite)
@@ -86,27 +101,21 @@ def _join_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="leave the cluster this machine is in first")
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    return Path(args.data_dir or os.environ.get("QUORUM_DATA_DIR") or "~/.local/share/quorum").expanduser()
-
-
-def _node(args: argparse.Namespace, method: str, path: str) -> Any:
+def _node(settings: Settings, args: argparse.Namespace, method: str, path: str) -> Any:
     """Ask the running node; None if none runs here."""
-    from ..control.keys_cli import _NoNode, _request
-
-    ns = argparse.Namespace(url=getattr(args, "url", None), data_dir=args.data_dir,
-                            api_key=getattr(args, "api_key", None))
     try:
-        return _request(ns, method, path)
-    except _NoNode:
+        return admin_request(settings, node_url(args, settings), method, path)
+    except NoNode:
         return None
 
 
 def _offline_store(data_dir: Path) -> tuple[Cluster, MemberStore]:
     cluster = load_cluster(data_dir)
     if cluster is None:
-        raise ValueError(f"this machine is in no cluster ({data_dir}): `quorum-node cluster init`, or "
-                         "`quorum-node join TOKEN` with an invite from a member")
+        raise ValueError(
+            f"this machine is in no cluster ({data_dir}): `quorum-node cluster init`, or "
+            "`quorum-node join TOKEN` with an invite from a member"
+        )
     return cluster, MemberStore(cluster.root, decode_records(load_member_records(data_dir)))
 
 
@@ -118,16 +127,12 @@ def _print_members(rows: list[dict[str, Any]], as_json: bool) -> None:
     print(f"{'NAME':<{width}}  {'ID':<24}  {'ADMITTED BY':<24}  SINCE")
     for r in rows:
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["at"]))
-        print(f"{r['name']:<{width}}  {r['node_id']:<24}  {r['by']:<24}  {since}{'  (this node)' if r.get('self') else ''}")
+        me = "  (this node)" if r.get("self") else ""
+        print(f"{r['name']:<{width}}  {r['node_id']:<24}  {r['by']:<24}  {since}{me}")
 
 
-def member_rows(store: MemberStore, self_id: str) -> list[dict[str, Any]]:
-    return [{"node_id": nid, "name": a.name, "by": a.by, "at": a.at, "self": nid == self_id}
-            for nid, a in sorted(store.members().items(), key=lambda kv: (kv[1].name, kv[0]))]
-
-
-def cmd_cluster(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
+def cmd_cluster(args: argparse.Namespace, settings: Settings) -> int:
+    data_dir = Path(settings.data_dir)
     try:
         match args.cluster_command:
             case "init":
@@ -135,38 +140,42 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             case "show":
                 cluster, store = _offline_store(data_dir)
                 me = load_or_create_identity(data_dir)
-                print(f"name:    {cluster.name}\nroot:    {cluster.root}\nnode id: {me.node_id}\n"
-                      f"members: {len(store)}" + ("" if store.is_member(me.node_id) else
-                                                  "\nthis node is not a member (it was removed)"))
+                print(
+                    f"name:    {cluster.name}\nroot:    {cluster.root}\nnode id: {me.node_id}\n"
+                    f"members: {len(store)}"
+                    + ("" if store.is_member(me.node_id) else "\nthis node is not a member (it was removed)")
+                )
             case "members":
-                rows = _node(args, "GET", "/quorum/admin/members")
+                rows = _node(settings, args, "GET", "/quorum/admin/members")
                 if rows is None:
                     _, store = _offline_store(data_dir)
-                    rows = member_rows(store, load_or_create_identity(data_dir).node_id)
+                    rows = store.rows(load_or_create_identity(data_dir).node_id)
                 _print_members(rows, args.json)
             case "remove":
-                from urllib.parse import quote
-
-                answer = _node(args, "DELETE", "/quorum/admin/members/" + quote(args.member, safe=""))
+                answer = _node(settings, args, "DELETE", "/quorum/admin/members/" + quote(args.member, safe=""))
                 if answer is None:
                     cluster, store = _offline_store(data_dir)
                     nid = store.find(args.member)
                     store.remove(load_or_create_identity(data_dir), nid, time.time())
                     save_member_records(data_dir, encode_records(store.records()))
                     answer = {"removed": nid}
-                    print("no node runs here: the removal is stored and reaches the others when it starts",
-                          file=sys.stderr)
+                    print(
+                        "no node runs here: the removal is stored and reaches the others when it starts",
+                        file=sys.stderr,
+                    )
                 print(f"removed {answer['removed']}: every node refuses it from now on")
             case "leave":
                 if leave_cluster(data_dir):
-                    print("this machine left its cluster (ask a member to `quorum-node cluster remove` it, so "
-                          "the others forget it too); restart the node")
+                    print(
+                        "this machine left its cluster (ask a member to `quorum-node cluster remove` it, so "
+                        "the others forget it too); restart the node"
+                    )
                 else:
                     print("this machine is in no cluster")
             case "migrate":
-                return _migrate(args, data_dir)
+                return _migrate(args, settings)
             case "join":
-                return cmd_join(args)
+                return cmd_join(args, settings)
     except ApiError as e:
         print(f"quorum-node: {e.message}", file=sys.stderr)
         return 1
@@ -183,8 +192,10 @@ def _init(data_dir: Path, name: str, *, force: bool) -> int:
     existing = load_cluster(data_dir)
     if existing is not None:
         if not force:  # founding again would drop the members this node holds (its own root is the same)
-            raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
-                                  "leave it first (`quorum-node cluster leave`) or pass --force")
+            raise FileExistsError(
+                f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+                "leave it first (`quorum-node cluster leave`) or pass --force"
+            )
         leave_cluster(data_dir)
     identity = load_or_create_identity(data_dir)
     store = MemberStore(identity.node_id)
@@ -196,11 +207,13 @@ def _init(data_dir: Path, name: str, *, force: bool) -> int:
     return 0
 
 
-def _addresses(args: argparse.Namespace, data_dir: Path) -> tuple[str, ...]:
-    if args.address:
+def _addresses(args: argparse.Namespace, settings: Settings) -> tuple[str, ...]:
+    """Where a new machine reaches this node's peer port: ``--address``, else this machine's LAN addresses at
+    the running node's peer port (or the one the settings give it)."""
+    if getattr(args, "address", None):
         return tuple(args.address)
-    port = DEFAULT_PEER_PORT
-    info = _node(args, "GET", "/quorum/v1/peers")
+    port = settings.peer_port if settings.peer_port is not None else settings.port + 1
+    info = _node(settings, args, "GET", "/quorum/v1/peers")
     if info is not None and info.get("node", {}).get("port"):
         port = int(info["node"]["port"])
     import ifaddr
@@ -215,36 +228,37 @@ def _addresses(args: argparse.Namespace, data_dir: Path) -> tuple[str, ...]:
     return tuple(f"{ip}:{port}" for ip in ips[:8]) or (f"127.0.0.1:{port}",)
 
 
-def cmd_invite(args: argparse.Namespace) -> int:
-    from ..control.keys import parse_duration
-
-    data_dir = _data_dir(args)
+def cmd_invite(args: argparse.Namespace, settings: Settings) -> int:
+    data_dir = Path(settings.data_dir)
     try:
-        cluster, store = _offline_store(data_dir)
+        _, store = _offline_store(data_dir)
         identity = load_or_create_identity(data_dir)
         if not store.is_member(identity.node_id):
             raise ValueError("this node is not a member of its cluster (it was removed): it cannot invite")
         ttl_s = parse_duration(args.expires)
-        token = create_invite(data_dir, inviter=identity.node_id, addresses=_addresses(args, data_dir),
-                              ttl_s=ttl_s, now=time.time())
+        token = create_invite(
+            data_dir, inviter=identity.node_id, addresses=_addresses(args, settings), ttl_s=ttl_s, now=time.time()
+        )
     except (ValueError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 2
     print(token.encode())
-    print(f"on the new machine: quorum-node join TOKEN (works once, for {args.expires}; it reaches this node at "
-          f"{', '.join(token.addresses)})", file=sys.stderr)
+    print(
+        f"on the new machine: quorum-node join TOKEN (works once, for {args.expires}; it reaches this node at "
+        f"{', '.join(token.addresses)})",
+        file=sys.stderr,
+    )
     return 0
 
 
-def cmd_join(args: argparse.Namespace) -> int:
-    from .join import JoinError, join
-
-    data_dir = _data_dir(args)
+def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
+    data_dir = Path(settings.data_dir)
     try:
         token = parse_invite(args.token)
         identity = load_or_create_identity(data_dir)
-        cluster, store = join(data_dir, identity, token, args.name or socket.gethostname(), via=args.via,
-                              force=args.force)
+        cluster, store = join(
+            data_dir, identity, token, args.name or socket.gethostname(), via=args.via, force=args.force
+        )
     except (JoinError, ValueError, FileExistsError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 1
@@ -253,27 +267,30 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrate(args: argparse.Namespace, data_dir: Path) -> int:
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     """Shared secret → keys, in one step on one machine: found the keyed cluster here (same name), and print
     the invites the other machines join with."""
-    from ..control.keys import parse_duration
-
+    data_dir = Path(settings.data_dir)
     legacy = legacy_cluster(data_dir)
-    name = legacy.name if legacy is not None else os.environ.get("QUORUM_CLUSTER")
+    name = legacy.name if legacy is not None else settings.cluster
     if name is None:
         raise ValueError(f"no cluster of the shared-secret days in {data_dir} (and no QUORUM_CLUSTER)")
     if load_cluster(data_dir) is None:
         _init(data_dir, name, force=True)
-    cluster, store = _offline_store(data_dir)
+    cluster, _ = _offline_store(data_dir)
     identity = load_or_create_identity(data_dir)
     count = args.invites or 1
     ttl_s = parse_duration(args.expires)
-    ns = argparse.Namespace(address=None, url=getattr(args, "url", None), data_dir=args.data_dir, api_key=None)
-    addresses = _addresses(ns, data_dir)
-    print(f"cluster {cluster.name} now has keys; this machine ({identity.node_id}) is its first member. On each "
-          f"other machine, after upgrading: quorum-node join TOKEN (one token each, valid {args.expires}):",
-          file=sys.stderr)
+    addresses = _addresses(args, settings)
+    print(
+        f"cluster {cluster.name} now has keys; this machine ({identity.node_id}) is its first member. On each "
+        f"other machine, after upgrading: quorum-node join TOKEN (one token each, valid {args.expires}):",
+        file=sys.stderr,
+    )
     for _ in range(count):
-        print(create_invite(data_dir, inviter=identity.node_id, addresses=addresses, ttl_s=ttl_s,
-                            now=time.time()).encode())
+        print(
+            create_invite(
+                data_dir, inviter=identity.node_id, addresses=addresses, ttl_s=ttl_s, now=time.time()
+            ).encode()
+        )
     return 0

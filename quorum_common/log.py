@@ -1,9 +1,10 @@
-"""structlog set-up for the relay: console renderer on a TTY, JSON lines otherwise."""
+"""structlog set-up, the node's and the relay's: console renderer on a TTY, JSON lines otherwise."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable
 
 import msgspec
 import structlog
@@ -12,11 +13,16 @@ __all__ = ["configure_logging"]
 
 
 def _serialize(obj: object, default: object = None) -> str:
+    # JSONRenderer(serializer=msgspec.json.encode) fails: it passes ``default`` and wants str back
     return msgspec.json.encode(obj, enc_hook=default if callable(default) else str).decode()
 
 
-def configure_logging(fmt: str = "auto", level: str = "info") -> None:
-    """Configure structlog once for the process (stderr)."""
+def configure_logging(fmt: str = "auto", level: str = "info", *, quiet: Iterable[str] = ()) -> None:
+    """Configure structlog once for the process (stderr).
+
+    ``quiet`` names stdlib loggers of libraries (``websockets``) whose chatter stays out of ours: they
+    log errors only, or less where ``level`` asks for less.
+    """
     lvl = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -37,5 +43,5 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # websockets logs through the stdlib; keep its handshake noise (bad requests, EOFs) out of ours.
-    logging.getLogger("websockets").setLevel(logging.ERROR if lvl < logging.ERROR else lvl)
+    for name in quiet:
+        logging.getLogger(name).setLevel(max(lvl, logging.ERROR))

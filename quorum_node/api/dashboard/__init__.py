@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..api.state import NODE
+from ..state import RECORDS
 from .events import EventHub
 from .fleet import FEATURES, fleet
 
@@ -96,7 +96,7 @@ def _features(app: web.Application) -> dict[str, bool]:
 
 async def fleet_handler(request: web.Request) -> web.Response:
     app = request.app
-    body = fleet(app[NODE], app[_STARTED], _features(app))
+    body = fleet(app, app[_STARTED], _features(app))
     return web.Response(body=_encode(body), content_type="application/json", headers={"Cache-Control": "no-store"})
 
 
@@ -106,16 +106,15 @@ async def events_handler(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     """Add the dashboard to the node's app (after the surfaces: ``/`` is theirs if they answer it)."""
-    node = app[NODE]
     app[_STARTED] = time.time()
     features: dict[str, bool] = {}
 
     def fleet_now() -> dict[str, Any]:
         if not features:
             features.update(_features(app))
-        return fleet(node, app[_STARTED], features)
+        return fleet(app, app[_STARTED], features)
 
-    hub = app[EVENTS] = EventHub(node, fleet_now)
+    hub = app[EVENTS] = EventHub(app[RECORDS], fleet_now)
     app.router.add_routes([
         web.get("/dashboard", page),
         web.get("/dashboard/", page),

@@ -1,0 +1,155 @@
+"""The node's admin API beside the keys' (``admin_keys.py``): usage, recent records, members; and ``/metrics``.
+
+For the node's admins, as every ``/quorum/admin/`` route (trusted loopback callers, admin keys and the admin
+token; the trust middleware checks it for all of them):
+
+- ``GET /quorum/admin/usage?since=&by=&cluster=1``: totals per group; with
+  ``cluster=1`` summed over every reachable node, naming the ones that were not
+  (``control/usage.py``).
+- ``GET /quorum/admin/usage/series?since=&bucket=&by=``: totals per time bucket.
+- ``GET /quorum/admin/recent?limit=``: this node's latest records.
+- ``GET /quorum/admin/members``, ``DELETE /quorum/admin/members/{member}``: the
+  cluster's members; removing one (the CLI's ``cluster members`` / ``remove``).
+
+``GET /metrics``: the Prometheus exposition (``control/metrics.py``), behind the
+node's auth like the API.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from ..control.ledger import BY, Ledger
+from ..control.metrics import CONTENT_TYPE_LATEST
+from ..control.usage import MAX_RECENT, MAX_SERIES_BUCKETS, ClusterUsage, cluster_usage, parse_since
+from ..errors import BadRequest, NotFound, Unavailable
+from .state import CLUSTER, LEDGER, METRICS, NAME
+
+__all__ = ["query_by", "query_since", "routes"]
+
+log = structlog.get_logger(__name__)
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(obj: Any) -> web.Response:
+    return web.Response(body=_encode(obj), content_type="application/json")
+
+
+def query_by(request: web.Request) -> str:
+    """``?by=``: what usage is grouped by."""
+    by = request.query.get("by", "model")
+    if by not in BY:
+        raise BadRequest(f"by: expected one of {', '.join(BY)}, got {by[:64]!r}", param="by", code="invalid_by")
+    return by
+
+
+def query_since(request: web.Request) -> float | None:
+    """``?since=``: a duration back from now, a date, or epoch seconds (``usage.parse_since``)."""
+    try:
+        return parse_since(request.query.get("since"))
+    except ValueError as e:
+        raise BadRequest(str(e)[:300], param="since", code="invalid_since") from None
+
+
+def _int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected an integer, got {raw[:64]!r}", param=name) from None
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name}: must be between {lo} and {hi}", param=name)
+    return value
+
+
+def ledger_of(request: web.Request) -> Ledger:
+    """The node's ledger, or 503 where it runs with ``--no-ledger``."""
+    ledger = request.app[LEDGER]()
+    if ledger is None:
+        raise Unavailable("The usage ledger is off on this node (it runs with --no-ledger)", code="ledger_off")
+    return ledger
+
+
+async def usage(request: web.Request) -> web.Response:
+    by, since = query_by(request), query_since(request)
+    ledger = ledger_of(request)
+    if request.query.get("cluster") in ("1", "true", "yes"):
+        return _json(await cluster_usage(ledger, request.app[NAME], request.app[CLUSTER], since, by))
+    rows = await ledger.query(since, by, entry_only=True)
+    return _json(ClusterUsage(by=by, since=since, rows=rows, nodes=[request.app[NAME]]))
+
+
+async def series(request: web.Request) -> web.Response:
+    by = query_by(request)
+    since = query_since(request)
+    bucket = _int(request, "bucket", 3600, 1, 366 * 86400)
+    now = time.time()
+    if since is None:
+        since = now - 86400
+    if (now - since) / bucket > MAX_SERIES_BUCKETS:
+        raise BadRequest(f"bucket: at most {MAX_SERIES_BUCKETS} buckets per series; use a larger bucket",
+                         param="bucket")
+    points = await ledger_of(request).series(since, bucket, by)
+    return _json({"by": by, "since": since, "bucket": bucket, "points": points})
+
+
+async def recent(request: web.Request) -> web.Response:
+    limit = _int(request, "limit", 50, 0, MAX_RECENT)
+    return _json({"records": await ledger_of(request).recent(limit)})
+
+
+def _cluster_of(request: web.Request) -> Any:
+    cluster = request.app[CLUSTER]
+    if cluster is None:
+        raise NotFound("This node is in no cluster", code="no_cluster")
+    return cluster
+
+
+async def members(request: web.Request) -> web.Response:
+    cluster = _cluster_of(request)
+    return _json(cluster.members.rows(cluster.node_id))
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    cluster = _cluster_of(request)
+    who = request.match_info["member"]
+    try:
+        node_id = cluster.members.find(who)
+    except ValueError as e:
+        raise NotFound(str(e), code="member_not_found") from None
+    if node_id == cluster.node_id:
+        raise BadRequest("A node does not remove itself: remove it from another member (or `cluster leave`)",
+                         code="remove_self")
+    try:
+        cluster.members.remove(cluster.identity, node_id, time.time())  # on_change: eviction here, push to peers
+    except ValueError as e:
+        raise BadRequest(str(e), code="remove_refused") from None
+    log.info("member_removed", node_id=node_id, by="admin")
+    return _json({"removed": node_id})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    node_metrics = request.app[METRICS]
+    if node_metrics is None:
+        raise NotFound("Metrics are off on this node (it runs with --no-metrics)", code="metrics_off")
+    return web.Response(body=node_metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def routes(*, cluster: bool) -> list[web.RouteDef]:
+    """The admin routes (the members' only on a node in a cluster), and ``/metrics``."""
+    out = [
+        web.get("/quorum/admin/usage", usage),
+        web.get("/quorum/admin/usage/series", series),
+        web.get("/quorum/admin/recent", recent),
+        web.get("/metrics", metrics),
+    ]
+    if cluster:
+        out += [web.get("/quorum/admin/members", members), web.delete("/quorum/admin/members/{member}", remove_member)]
+    return out

@@ -1,0 +1,129 @@
+"""The peer protocol's endpoints: what members ask each other (``cluster/`` holds the logic).
+
+The same messages on every link (HTTP over mutual TLS on the peer port, or a
+stream through the relay); the trust middleware has set ``PEER`` to the
+member the link proved, and each endpoint here is for members only, except:
+
+- ``POST /quorum/v1/join``: a new machine with an invite, on the peer port only
+  (``cluster/join.py``);
+- ``POST /quorum/v1/members``: also an introduction on the peer port from a
+  node without a certificate yet (``cluster/members_sync.py``);
+- ``GET /quorum/v1/peers``: also for this node's own loopback callers.
+
+- ``GET /quorum/v1/health``  → who the node is, its load, catalog, keys and members digests
+- ``GET /quorum/v1/catalog`` → the models its engines hold
+- ``GET|POST /quorum/v1/keys`` → the API key records (``control/replication.py``)
+- ``GET|POST /quorum/v1/members`` → the membership records
+- ``GET /quorum/v1/usage`` → this node's ledger rows, for a peer summing the cluster
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from ..cluster.join import JOIN_PATH, MAX_JOIN_BYTES
+from ..cluster.members_sync import MAX_MEMBERS_BYTES, MEMBERS_PATH
+from ..control.replication import KEYS_PATH, MAX_KEYS_BYTES
+from ..control.usage import UsageAnswer
+from ..errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from ..names import is_loopback
+from .admin import ledger_of, query_by, query_since
+from .body import read_body
+from .state import NAME, PEER
+
+if TYPE_CHECKING:
+    from ..cluster.service import ClusterService
+
+__all__ = ["routes"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
+def _member(request: web.Request) -> str:
+    """The member the request's link proved; 401 for anyone else."""
+    peer = request.get(PEER)
+    if peer is None:
+        raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
+    return peer
+
+
+async def _capped_body(request: web.Request, limit: int, what: str) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"{what} are limited to {limit} bytes", code="body_too_large")
+    raw = await read_body(request)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"{what} are limited to {limit} bytes", code="body_too_large")
+    return raw
+
+
+def routes(cluster: ClusterService) -> list[web.RouteDef]:
+    """The peer protocol of ``cluster``'s node."""
+
+    async def health(request: web.Request) -> web.Response:
+        _member(request)
+        return _json(cluster.health())
+
+    async def catalog(request: web.Request) -> web.Response:
+        _member(request)
+        return _json(cluster.catalog_answer())
+
+    async def peers(request: web.Request) -> web.Response:
+        if request.get(PEER) is None and not is_loopback(request.remote):
+            _member(request)
+        return _json(cluster.peers_answer())
+
+    async def get_keys(request: web.Request) -> web.Response:
+        _member(request)
+        return _json(cluster.key_sync.answer())
+
+    async def post_keys(request: web.Request) -> web.Response:
+        peer = _member(request)
+        return _json(cluster.key_sync.accept(await _capped_body(request, MAX_KEYS_BYTES, "Key records"), peer))
+
+    async def get_members(request: web.Request) -> web.Response:
+        _member(request)
+        return _json(cluster.member_sync.answer())
+
+    async def post_members(request: web.Request) -> web.Response:
+        # a member's push, or an introduction on the peer port (no certificate yet)
+        member = request.get(PEER)
+        if member is None and cluster.peer_port_tls(request) is None:
+            raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
+        raw = await _capped_body(request, MAX_MEMBERS_BYTES, "Membership records")
+        return _json(cluster.member_sync.accept(raw, member, request.remote))
+
+    async def join(request: web.Request) -> web.Response:
+        if cluster.peer_port_tls(request) is None:
+            raise Forbidden("Join over the peer port (`quorum-node join` does)", code="not_peer_port",
+                            retryable=False)
+        if request.content_length is not None and request.content_length > MAX_JOIN_BYTES:
+            raise BadRequest("A join request is small", code="bad_join")
+        raw = await read_body(request)
+        if len(raw) > MAX_JOIN_BYTES:
+            raise BadRequest("A join request is small", code="bad_join")
+        return _json(await cluster.joins.admit(raw, request.remote))
+
+    async def usage(request: web.Request) -> web.Response:
+        _member(request)
+        by, since = query_by(request), query_since(request)
+        rows = await ledger_of(request).query(since, by, entry_only=True)
+        return _json(_encode(UsageAnswer(node=request.app[NAME], rows=rows)))
+
+    return [
+        web.get("/quorum/v1/health", health),
+        web.get("/quorum/v1/catalog", catalog),
+        web.get("/quorum/v1/peers", peers),
+        web.get(KEYS_PATH, get_keys),
+        web.post(KEYS_PATH, post_keys),
+        web.get(MEMBERS_PATH, get_members),
+        web.post(MEMBERS_PATH, post_members),
+        web.post(JOIN_PATH, join),
+        web.get("/quorum/v1/usage", usage),
+    ]

@@ -34,16 +34,16 @@ __all__ = ["Draft", "Record", "Records", "RefusalLog", "outcome_for"]
 log = structlog.get_logger("quorum_node.request")
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True):
-    """What one request was, where it was served and what it cost."""
+class _Facts(msgspec.Struct, kw_only=True):
+    """The facts of a request: filled in as it runs (``Draft``), then sealed (``Record``)."""
 
-    time: float  # wall-clock seconds when it arrived
-    request_id: str  # the same on the entry node and on the node that served it
-    node: str  # this node's name (where the record was made)
-    method: str
-    path: str
-    surface: str | None  # "openai", "ollama", "responses", "anthropic", "peer"; None: not an API request
-    operation: str | None  # "chat", "completions", "embeddings", "generate", "messages", "models", ...
+    time: float = 0.0  # wall-clock seconds when it arrived
+    request_id: str = ""  # the same on the entry node and on the node that served it
+    node: str = ""  # this node's name (where the record was made)
+    method: str = ""
+    path: str = ""
+    surface: str | None = None  # "openai", "ollama", "responses", "anthropic", "peer"; None: not an API request
+    operation: str | None = None  # "chat", "completions", "embeddings", "generate", "messages", "models", ...
     model: str | None = None
     stream: bool = False
     key_id: str | None = None  # the API key that authorised it (its id, never the key)
@@ -63,6 +63,13 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 0
     error: str | None = None
 
+
+_FACTS = _Facts.__struct_fields__
+
+
+class Record(_Facts, frozen=True, kw_only=True):
+    """What one request was, where it was served and what it cost."""
+
     @property
     def entry(self) -> bool:
         """Whether this is the entry node's record (a cluster counts each request once, by these)."""
@@ -79,30 +86,33 @@ def outcome_for(status: int) -> str:
     return "ok"
 
 
-class Draft:
-    """A record being filled in while its request runs (mutable, one per request)."""
+_wall_clock = time.time
+_perf_counter = time.perf_counter
 
-    __slots__ = ("t0", "fields", "sealed")
 
-    def __init__(self, **fields: Any) -> None:
-        self.t0 = time.perf_counter()
-        self.fields: dict[str, Any] = {"time": time.time(), **fields}
-        self.sealed: Record | None = None
+class Draft(_Facts, kw_only=True, eq=False):
+    """A record being filled in while its request runs (mutable, one per request): its fields are the
+    record's, set by name (``draft.model = …``), so a misspelt one is an error where it is set."""
 
-    def set(self, **fields: Any) -> None:
-        self.fields.update(fields)
+    time: float = msgspec.field(default_factory=_wall_clock)
+    t0: float = msgspec.field(default_factory=_perf_counter)
+    sealed: Record | None = None
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.fields.get(name, default)
+    def asked(self, surface: str, operation: str, model: str | None = None) -> None:
+        """What the request asks: the surface that took it, the operation, the model it names."""
+        self.surface = surface
+        self.operation = operation
+        self.model = model
 
     def build(self, status: int) -> Record:
-        f = self.fields
-        f.setdefault("status", status)
-        if f.get("status") in (None, 0):
-            f["status"] = status
-        f.setdefault("outcome", outcome_for(f["status"]))
-        f["duration_ms"] = round((time.perf_counter() - self.t0) * 1000, 3)
-        return Record(**f)
+        if not self.status:
+            self.status = status
+        return Record(**{name: getattr(self, name) for name in _FACTS if name not in _SEALED},
+                      status=self.status, outcome=outcome_for(self.status),
+                      duration_ms=round((time.perf_counter() - self.t0) * 1000, 3))
+
+
+_SEALED = frozenset({"status", "outcome", "duration_ms"})
 
 
 Sink = Callable[[Record], None]
@@ -191,8 +201,8 @@ class Records:
         _each(self._refusals, reason)
         passed = self.refusal_log.take(time.monotonic() if now is None else now)
         if passed is not None:
-            path = draft.get("path") or ""
-            log.warning("unauthenticated_request", remote=draft.get("remote"), path=path[:200], reason=reason,
+            path = draft.path
+            log.warning("unauthenticated_request", remote=draft.remote, path=path[:200], reason=reason,
                         passed_over=passed)
 
     def add_durable(self, sink: DurableSink) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import json
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import openai
@@ -19,12 +19,6 @@ StartFake = Callable[..., Awaitable[FakeEngine]]  # the `fake` fixture (tests/co
 EMBEDDING_KINDS = ("ollama", "llamacpp", "vllm", "sglang", "lmstudio", "localai", "openai")
 # Kinds where an injected error raises through the SDK (LM Studio answers errors with 200).
 STATUS_KINDS = tuple(k for k in KINDS if k != "lmstudio")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def sdk(eng: FakeEngine, **kw: object) -> openai.AsyncOpenAI:

@@ -83,7 +83,7 @@ def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awa
             return resp
         except ApiError as e:
             status = e.status
-            draft.set(error=e.message)
+            draft.error = e.message
             return error_response(e, request)
         except web.HTTPException as e:
             if e.status < 400:
@@ -91,17 +91,17 @@ def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awa
                 raise
             err = _http_error(request, e)
             status = err.status
-            draft.set(error=err.message)
+            draft.error = err.message
             return error_response(err, request)
         except (ConnectionError, asyncio.CancelledError):
             status = 499
             raise
         except Exception as e:
             log.exception("handler_crashed", path=request.path, request_id=rid)
-            draft.set(error=f"{type(e).__name__}: {e}")
+            draft.error = f"{type(e).__name__}: {e}"
             return _internal_error(request)
         finally:
-            if draft.sealed is None and (draft.get("surface") is not None or status >= 400):
+            if draft.sealed is None and (draft.surface is not None or status >= 400):
                 records.seal_nowait(draft, status)
 
     return errors_middleware
@@ -136,10 +136,11 @@ def make_trust_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awai
             if peer is not None:
                 request[PEER] = peer
                 draft = request[DRAFT]
-                draft.set(peer=peer)
+                draft.peer = peer
                 key_id = headers.get(KEY_HEADER, "")
                 if key_id and _KEY_ID_RE.fullmatch(key_id):
-                    draft.set(key_id=key_id, key_name=keys.name_of(key_id))
+                    draft.key_id = key_id
+                    draft.key_name = keys.name_of(key_id)
                 if is_admin_route(request):
                     require_admin(request)
                 return await handler(request)
@@ -169,7 +170,9 @@ def make_trust_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awai
             if grant is not None:
                 request[API_KEY] = grant
                 request[TRUSTED] = True
-                request[DRAFT].set(key_id=grant.id, key_name=grant.name)
+                draft = request[DRAFT]
+                draft.key_id = grant.id
+                draft.key_name = grant.name
                 charge(grant, keys)
                 if is_admin_route(request):
                     require_admin(request)

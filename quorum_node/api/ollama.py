@@ -284,13 +284,13 @@ def _ps_body(view: CatalogView) -> bytes:
 
 async def tags(request: web.Request) -> web.Response:
     """Encoded once per catalog change (and per scope set: a scoped key sees its own models)."""
-    request[DRAFT].set(surface=OLLAMA.name, operation="tags")
+    request[DRAFT].asked(OLLAMA.name, "tags")
     body = visible_catalog(request).memo("ollama.tags", _tags_body)
     return web.Response(body=body, content_type="application/json")
 
 
 async def ps(request: web.Request) -> web.Response:
-    request[DRAFT].set(surface=OLLAMA.name, operation="ps")
+    request[DRAFT].asked(OLLAMA.name, "ps")
     body = visible_catalog(request).memo("ollama.ps", _ps_body)
     return web.Response(body=body, content_type="application/json")
 
@@ -298,7 +298,7 @@ async def ps(request: web.Request) -> web.Response:
 async def show(request: web.Request) -> web.Response:
     req = decode_request(await read_body(request), ShowRequest)
     name = req.model or req.name or ""
-    request[DRAFT].set(surface=OLLAMA.name, operation="show", model=name)
+    request[DRAFT].asked(OLLAMA.name, "show", name)
     view = visible_catalog(request)  # a model a scoped key may not use: as if it did not exist
     mid = _find(view, name)
     if mid is None:
@@ -330,7 +330,7 @@ async def root(request: web.Request) -> web.StreamResponse:
 async def refuse(request: web.Request) -> web.Response:
     """Management endpoints: Quorum never changes what a machine holds."""
     what = _MANAGEMENT.get(request.path, "create")  # /api/blobs/... belongs to create
-    request[DRAFT].set(surface=OLLAMA.name, operation=what)
+    request[DRAFT].asked(OLLAMA.name, what)
     ollamas = [b.url for b in request.app[REGISTRY].backends.values() if b.kind == "ollama"]
     where = (f"this machine's Ollama is at {ollamas[0]} (e.g. `OLLAMA_HOST={ollamas[0]} ollama {what} …`)"
              if ollamas else "on the machine that should hold the model, use its engine (`ollama " + what
@@ -368,7 +368,7 @@ async def _serve(request: web.Request, call: OllamaCall) -> web.StreamResponse:
 def _loaded(request: web.Request, name: str, model: str, kind: str, *, stream: bool,
             keep_alive: Any) -> web.Response:
     """An empty chat or prompt: Ollama's way to load (or, with keep_alive 0, unload) a model."""
-    request[DRAFT].set(surface=OLLAMA.name, operation=kind, model=model)
+    request[DRAFT].asked(OLLAMA.name, kind, model)
     check_scope(request, model)  # loading a model is using it
     if not _exists(request.app, model):
         raise NotFound(f"model '{name}' not found", param="model", code="model_not_found")
@@ -419,7 +419,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     req = decode_request(await read_body(request), EmbeddingsRequest)
     model = resolve(request.app, req.model)
     if not req.prompt:  # Ollama answers an empty prompt with an empty vector
-        request[DRAFT].set(surface=OLLAMA.name, operation="embeddings", model=model)
+        request[DRAFT].asked(OLLAMA.name, "embeddings", model)
         check_scope(request, model)
         if not _exists(request.app, model):
             raise NotFound(f"model '{req.model}' not found", param="model", code="model_not_found")

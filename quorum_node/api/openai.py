@@ -81,14 +81,14 @@ def _list_body(view: CatalogView) -> bytes:
 
 async def list_models(request: web.Request) -> web.Response:
     """The catalog's cards, encoded once per catalog change (and per scope set: a scoped key sees its own)."""
-    request[DRAFT].set(surface=OPENAI.name, operation="models")
+    request[DRAFT].asked(OPENAI.name, "models")
     body = visible_catalog(request).memo("openai.models", _list_body)
     return web.Response(body=body, content_type="application/json")
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    request[DRAFT].set(surface=OPENAI.name, operation="model", model=name)
+    request[DRAFT].asked(OPENAI.name, "model", name)
     view = visible_catalog(request)
     mid = view.find(name)
     if mid is None:  # a model a scoped key may not use: as if it did not exist

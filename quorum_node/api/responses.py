@@ -637,7 +637,7 @@ class NativeResponsesStream(_Numbered, NativeStream):
 
 
 def _owner(request: web.Request) -> str | None:
-    return request[DRAFT].get("key_id")
+    return request[DRAFT].key_id
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -668,7 +668,7 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 async def retrieve(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
-    request[DRAFT].set(surface=RESPONSES.name, operation="responses.get")
+    request[DRAFT].asked(RESPONSES.name, "responses.get")
     stored = request.app[STORE].get(rid, _owner(request), time.monotonic())
     if stored is None:
         raise NotFound(f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
@@ -677,7 +677,7 @@ async def retrieve(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     rid = request.match_info["id"]
-    request[DRAFT].set(surface=RESPONSES.name, operation="responses.delete")
+    request[DRAFT].asked(RESPONSES.name, "responses.delete")
     store = request.app[STORE]
     if store.get(rid, _owner(request), time.monotonic()) is None:
         raise NotFound(f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")

@@ -190,10 +190,13 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     """
     app = request.app
     draft = request[DRAFT]
-    draft.set(surface=surface.name, operation=call.operation or call.op, model=call.model, stream=call.stream)
+    draft.surface = surface.name
+    draft.operation = call.operation or call.op
+    draft.model = call.model
+    draft.stream = call.stream
     check_scope(request, call.model)  # 403 for a key scoped to other models (api/auth.py)
     forwarded = request.get(PEER) is not None  # signed by a peer: serve here, never forward on
-    caller = Caller(request_id=request[REQUEST_ID], key_id=draft.get("key_id"))
+    caller = Caller(request_id=request[REQUEST_ID], key_id=draft.key_id)
     router = app[ROUTER]
     inflight = app[INFLIGHT]
     records = app[RECORDS]
@@ -216,11 +219,15 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
                 raise Unavailable("This node is shutting down; try again", code="node_stopping") from None
             raise
         except ApiError as e:
-            draft.set(attempts=getattr(e, "attempts", 0), error=e.message)
+            draft.attempts = getattr(e, "attempts", 0)
+            draft.error = e.message
             raise
         target = opened.target
-        draft.set(serving_node=target.node, route=target.route, engine=target.engine, attempts=opened.attempts,
-                  ttft_ms=round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None)
+        draft.serving_node = target.node
+        draft.route = target.route
+        draft.engine = target.engine
+        draft.attempts = opened.attempts
+        draft.ttft_ms = round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None
         # A name that is no header value (a peer's, from its answer) must not cost the answer: names.py
         headers = {"X-Quorum-Node": safe_name(target.node, "unknown"), "X-Quorum-Route": target.route,
                    "X-Request-Id": request[REQUEST_ID]}
@@ -261,25 +268,25 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         except StreamBroken as e:
             ok = False
             status = 502
-            draft.set(error=e.message)
+            draft.error = e.message
             tail = enc.error(e.message, e.code, "server_error")
         except ConnectionError:  # the client went away; the engine request is closed below
-            draft.set(error="client disconnected")
+            draft.error = "client disconnected"
             status = 499
         except asyncio.CancelledError:
             if not inflight.is_cut(task):
-                draft.set(error="client disconnected")
+                draft.error = "client disconnected"
                 records.seal_nowait(draft, 499)
                 raise
             status = 503
-            draft.set(error="cut by shutdown")
+            draft.error = "cut by shutdown"
             tail = enc.error("This node is shutting down; the answer was cut short", "node_stopping",
                              "unavailable_error")
         except Exception as e:  # never a second response inside this one: end it with the error event
             log.exception("stream_failed", request_id=request[REQUEST_ID])
             ok = False
             status = 500
-            draft.set(error=f"{type(e).__name__}: {e}")
+            draft.error = f"{type(e).__name__}: {e}"
             tail = enc.error("Internal error in quorum-node (see its log)", "internal_error", "server_error")
         finally:
             await reply.aclose()
@@ -300,15 +307,15 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         inflight.leave(task)
 
 
-def _tokens(draft: Any, usage: Any, stats: StreamStats | None, call: Call,
+def _tokens(draft: Draft, usage: Any, stats: StreamStats | None, call: Call,
             payload: dict[str, Any] | None = None) -> None:
     """The record's tokens: the engine's usage, else an estimate, marked as one (``control/tokens.py``)."""
     if isinstance(usage, dict):
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        draft.set(prompt_tokens=p if isinstance(p, int) and not isinstance(p, bool) else None,
-                  completion_tokens=c if isinstance(c, int) and not isinstance(c, bool) else None)
+        draft.prompt_tokens = p if isinstance(p, int) and not isinstance(p, bool) else None
+        draft.completion_tokens = c if isinstance(c, int) and not isinstance(c, bool) else None
         return
-    draft.set(prompt_tokens=tokens.prompt_tokens(call.op, call.body),
-              completion_tokens=stats.chunks if stats is not None else tokens.answer_tokens(call.op, payload or {}),
-              tokens_estimated=True)
+    draft.prompt_tokens = tokens.prompt_tokens(call.op, call.body)
+    draft.completion_tokens = stats.chunks if stats is not None else tokens.answer_tokens(call.op, payload or {})
+    draft.tokens_estimated = True
 

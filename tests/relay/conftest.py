@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import gc
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -137,13 +136,6 @@ async def prove(ws: ClientConnection, label: str, *, node_id: str | None = None)
     assert isinstance(challenge, Challenge), challenge
     k = key(label)
     await ws.send(encode(Proof(signature=k.sign(proof_message(challenge.nonce, node_id or nid(label), public(k))))))
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_sockets() -> Iterator[None]:
-    """Collect garbage after each test, so a socket it leaked fails it (ResourceWarning is an error)."""
-    yield
-    gc.collect()
 
 
 StartRelay = Callable[..., Awaitable[Relay]]

@@ -46,8 +46,7 @@ _MAX_LIVE = 200  # a tick lists at most this many requests in flight (the count 
 
 def live_entry(draft: Draft, now: float) -> dict[str, Any]:
     """A request in flight, for people: what it is, where it is served, for how long so far."""
-    f = draft.fields
-    out = {k: f.get(k) for k in _LIVE_FIELDS}
+    out: dict[str, Any] = {k: getattr(draft, k) for k in _LIVE_FIELDS}
     out["age_ms"] = round((now - draft.t0) * 1000, 1)
     return out
 

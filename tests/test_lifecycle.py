@@ -206,3 +206,44 @@ async def test_a_request_through_the_peer_port_without_a_certificate_is_refused_
     assert b"connection: close" in head_part.lower()
     assert json.loads(body)["error"]["code"] == "unauthorized"
     assert not eng.requests
+
+
+async def test_a_start_that_fails_half_way_stops_what_had_started(tmp_path, fake) -> None:
+    """The peer port is taken: the node has opened its ledger, its engines and its public port by then.
+    Start raises, and all of that is undone: the public port is free again, the ledger closed, the engine
+    watcher gone — the same node can be told to stop, and a new one starts on the same ports."""
+    import socket
+
+    from tests.conftest import node_settings
+
+    eng = await fake("openai")
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    peer_port = taken.getsockname()[1]
+    with socket.socket() as probe:  # a public port we can name in advance
+        probe.bind(("127.0.0.1", 0))
+        public = probe.getsockname()[1]
+    settings = node_settings(tmp_path, 0, port=public, peer_port=peer_port,
+                             backends=[{"kind": "openai", "url": eng.url}], **CLUSTER)
+    node = Node(settings)
+    tasks_before = {t for t in asyncio.all_tasks() if not t.done()}
+    try:
+        with pytest.raises(OSError):
+            await node.start()
+        assert node.ledger is not None and node.ledger.closed  # opened, then closed by the unwinding
+        with socket.socket() as again:  # the public port was bound, and is free again
+            again.bind(("127.0.0.1", public))
+        left = {t for t in asyncio.all_tasks() if not t.done()} - tasks_before - {asyncio.current_task()}
+        await asyncio.sleep(0)  # let cancelled tasks finish
+        assert not {t for t in left if not t.done()}, f"tasks left running: {left}"
+        await node.stop()  # a no-op now, and no error
+    finally:
+        taken.close()
+    retry = Node(node_settings(tmp_path, 0, port=public, peer_port=peer_port,
+                               backends=[{"kind": "openai", "url": eng.url}]))
+    await retry.start()  # the same data dir and port: nothing of the failed start holds them
+    try:
+        assert retry.port == public
+    finally:
+        await retry.stop()

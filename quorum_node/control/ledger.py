@@ -403,6 +403,10 @@ class Ledger:
         finally:
             os.close(fd)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
         """Move what is queued into the database, stop the writer, close the files (idempotent)."""
         if self._closed:

@@ -50,7 +50,10 @@ from .links import HttpLink, PeerLink, RelayPeerLink
 from .pipe import PipeError, PipeResponse, serve_in_memory
 
 PIPE_PEER = "quorum_peer"  # the in-memory transport's extra info: the member a relayed request came from
-from .messages import HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, decode_catalog, decode_identity
+from .messages import (
+    HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, CatalogAnswer, EngineLoad, Identity, NodeLoad, decode_catalog,
+    decode_identity,
+)
 from .peers import (
     CatalogChanged,
     CatalogWanted,
@@ -421,27 +424,25 @@ class ClusterService:
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         return ssl_object if ssl_object is not None and ssl_object.context is self.tls.server else None
 
-    def describe(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "name": self.name, "cluster": self.membership.root,
-                "proto": PROTO_VERSION, "catalog_digest": self._digest, "port": self.peer_port,
-                "keys_digest": self.key_sync.digest if self.key_sync is not None else "",
-                "members_digest": self.members.digest}
-
-    def local_load(self) -> dict[str, Any]:
-        """How busy this node is, for its peers' presence (``NodeLoad`` in ``messages``)."""
-        return {"in_flight": len(self.inflight),
-                "engines": [{"name": b.name, "kind": b.kind, "state": b.state.value, "load": b.load,
-                             "models": len(b.models)} for b in self.engines.backends.values()]}
+    def identity_message(self) -> Identity:
+        """Who this node is and how busy (``GET /quorum/v1/health``; its peers' presence)."""
+        load = NodeLoad(in_flight=len(self.inflight),
+                        engines=[EngineLoad(name=b.name, kind=b.kind, state=b.state.value, load=b.load,
+                                            models=len(b.models)) for b in self.engines.backends.values()])
+        return Identity(node_id=self.node_id, name=self.name, proto=PROTO_VERSION, catalog_digest=self._digest,
+                        port=self.peer_port, load=load,
+                        keys_digest=self.key_sync.digest if self.key_sync is not None else "",
+                        members_digest=self.members.digest)
 
     # -- what the peer endpoints answer (api/peer.py) -------------------------------
 
     def health(self) -> bytes:
         """``GET /quorum/v1/health``."""
-        return _encode({**self.describe(), "load": self.local_load()})
+        return _encode(self.identity_message())
 
     def catalog_answer(self) -> bytes:
         """``GET /quorum/v1/catalog``."""
-        return _encode({"digest": self._digest, "models": self.local_entries()})
+        return _encode(CatalogAnswer(digest=self._digest, models=self.local_entries()))
 
     def peers_answer(self) -> bytes:
         """``GET /quorum/v1/peers``: the peer table as this node sees it, and the relay link."""
@@ -460,7 +461,9 @@ class ClusterService:
         if self.relay is not None:
             relay = {"url": self.settings.relay, "state": self.relay.state, "error": self.relay.last_error,
                      "online": sorted(self.relay.online)}
-        return _encode({"node": self.describe(), "peers": peers, "relay": relay})
+        me = {**msgspec.structs.asdict(self.identity_message()), "cluster": self.membership.root}
+        del me["load"], me["fingerprint"]
+        return _encode({"node": me, "peers": peers, "relay": relay})
 
     @staticmethod
     def wall_clock(t: float | None, now: float) -> float | None:

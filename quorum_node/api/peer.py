@@ -19,6 +19,7 @@ member the link proved, and each endpoint here is for members only, except:
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -63,6 +64,28 @@ async def _capped_body(request: web.Request, limit: int, what: str) -> bytes:
     return raw
 
 
+def peers_answer(cluster: ClusterService) -> bytes:
+    """``GET /quorum/v1/peers``: the peer table as this node sees it, and the relay link."""
+    now = time.monotonic()
+    peers = [
+        {"node_id": p.node_id, "name": p.info.name, "address": p.info.address, "route": p.info.route,
+         "state": p.state.value, "models": sorted({e.id for e in cluster.catalogs.get(p.node_id, ())}),
+         "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
+         "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
+         "static": p.static, "routes": p.routes, "draining": p.draining,
+         "since": cluster.wall_clock(p.up_since, now),  # online since (epoch seconds), None while not up
+         "load": p.load.in_flight if p.load is not None else None}  # what it says it is answering
+        for p in cluster.table.all()
+    ]
+    relay = None
+    if cluster.relay is not None:
+        relay = {"url": cluster.settings.relay, "state": cluster.relay.state, "error": cluster.relay.last_error,
+                 "online": sorted(cluster.relay.online)}
+    me = {**msgspec.structs.asdict(cluster.identity_message()), "cluster": cluster.membership.root}
+    del me["load"], me["fingerprint"]
+    return _encode({"node": me, "peers": peers, "relay": relay})
+
+
 def routes(cluster: ClusterService) -> list[web.RouteDef]:
     """The peer protocol of ``cluster``'s node."""
 
@@ -77,7 +100,7 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
     async def peers(request: web.Request) -> web.Response:
         if request.get(PEER) is None and not is_loopback(request.remote):
             _member(request)
-        return _json(cluster.peers_answer())
+        return _json(peers_answer(cluster))
 
     async def get_keys(request: web.Request) -> web.Response:
         _member(request)

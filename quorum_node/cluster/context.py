@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .membership import Cluster
     from .peers import Peer, PeerTable
 
-__all__ = ["ClusterContext"]
+__all__ = ["ClusterContext", "RecordSync"]
 
 
 class ClusterContext(Protocol):
@@ -60,3 +60,22 @@ class ClusterContext(Protocol):
     def probe_soon(self, address: str, node_id: str) -> None:
         """Ask the member at ``address`` how it is now."""
         ...
+
+
+class RecordSync(Protocol):
+    """A set of records kept in agreement with every peer (the API keys': ``control/replication.py``)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def on_peer_digest(self, node_id: str, digest: str) -> None: ...
+
+    def on_peer_up(self, node_id: str) -> None: ...
+
+    def answer(self) -> bytes: ...
+
+    def accept(self, raw: bytes, peer: str) -> bytes: ...

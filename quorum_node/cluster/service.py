@@ -29,7 +29,7 @@ from collections.abc import Callable
 import contextlib
 import hashlib
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import msgspec
@@ -37,10 +37,12 @@ import structlog
 from aiohttp import web
 
 from ..backends.answer import RequestHead
-from ..backends.base import BackendState, Op, Timeouts
+from ..backends.base import Op, Timeouts
 from ..backends.upstream import read_capped
 from ..errors import EngineUnavailable
 from ..catalog import ModelCard, local_cards
+from .catalogs import PeerCatalogs
+from .context import RecordSync
 from .identity import NodeIdentity
 from .members import MemberStore, encode_records
 from .members_sync import MAX_NEW_INTRODUCED, MemberReplicator
@@ -51,8 +53,7 @@ from .pipe import PipeError, PipeResponse, serve_in_memory
 
 PIPE_PEER = "quorum_peer"  # the in-memory transport's extra info: the member a relayed request came from
 from .messages import (
-    HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, CatalogAnswer, EngineLoad, Identity, NodeLoad, decode_catalog,
-    decode_identity,
+    HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, CatalogAnswer, EngineLoad, Identity, NodeLoad, decode_identity,
 )
 from .peers import (
     CatalogChanged,
@@ -78,24 +79,6 @@ if TYPE_CHECKING:
     from ..backends.registry import Registry
     from ..settings import Settings
 
-
-class RecordSync(Protocol):
-    """A set of records kept in agreement with every peer (the API keys': ``control/replication.py``)."""
-
-    @property
-    def digest(self) -> str: ...
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    def on_peer_digest(self, node_id: str, digest: str) -> None: ...
-
-    def on_peer_up(self, node_id: str) -> None: ...
-
-    def answer(self) -> bytes: ...
-
-    def accept(self, raw: bytes, peer: str) -> bytes: ...
 
 __all__ = ["HOP_HEADER", "ORIGIN_HEADER", "PROTO_VERSION", "ClusterService"]
 
@@ -133,12 +116,12 @@ class ClusterService:
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
         )
         self.budget = RetryBudget(max_tokens=10, initial_tokens=10)  # as after a calm spell
-        self.catalogs: dict[str, list[ModelCard]] = {}  # node id -> the models it holds (available ones)
+        self.peer_catalogs = PeerCatalogs(self, on_catalog=lambda events: self._handle(events))
+        self.catalogs = self.peer_catalogs.by_peer  # node id -> the models it holds (available ones)
         self.timeouts = Timeouts.from_settings(s)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
-        self._fetching: set[str] = set()
         self.discovery: Any = None
         self.relay: RelayLink | None = None
         self._digest = ""
@@ -285,9 +268,7 @@ class ClusterService:
         for p in self.table.all():
             if not self.members.is_member(p.node_id):
                 self._handle(self.table.forget(p.node_id))
-        for nid in list(self.catalogs):
-            if not self.members.is_member(nid):
-                self.catalogs.pop(nid, None)
+        self.peer_catalogs.keep(self.members.is_member)
         if self.relay is not None:
             self.relay.members_changed()
         self._close_connections_of_non_members()
@@ -363,13 +344,11 @@ class ClusterService:
     # -- what the router and API ask ---------------------------------------
 
     def model_names(self) -> list[str]:
-        return sorted({e.id for p in self.table.all() if p.serving for e in self.catalogs.get(p.node_id, ())})
+        return self.peer_catalogs.names()
 
     def model_entries(self) -> list[ModelCard]:
         """The cards of every serving peer's models, each naming its holder (``catalog.entries_of``)."""
-        replace = msgspec.structs.replace
-        return [replace(e, node=p.info.name or p.node_id)
-                for p in self.table.all() if p.serving for e in self.catalogs.get(p.node_id, ())]
+        return self.peer_catalogs.entries()
 
     def plan(self, model: str, op: Op) -> list[PeerTarget]:
         """The peers to try for ``model``, best first, as the router's ``PeerPlan``.
@@ -443,27 +422,6 @@ class ClusterService:
     def catalog_answer(self) -> bytes:
         """``GET /quorum/v1/catalog``."""
         return _encode(CatalogAnswer(digest=self._digest, models=self.local_entries()))
-
-    def peers_answer(self) -> bytes:
-        """``GET /quorum/v1/peers``: the peer table as this node sees it, and the relay link."""
-        now = time.monotonic()
-        peers = [
-            {"node_id": p.node_id, "name": p.info.name, "address": p.info.address, "route": p.info.route,
-             "state": p.state.value, "models": sorted({e.id for e in self.catalogs.get(p.node_id, ())}),
-             "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
-             "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
-             "static": p.static, "routes": p.routes, "draining": p.draining,
-             "since": self.wall_clock(p.up_since, now),  # online since (epoch seconds), None while not up
-             "load": p.load.in_flight if p.load is not None else None}  # what it says it is answering
-            for p in self.table.all()
-        ]
-        relay = None
-        if self.relay is not None:
-            relay = {"url": self.settings.relay, "state": self.relay.state, "error": self.relay.last_error,
-                     "online": sorted(self.relay.online)}
-        me = {**msgspec.structs.asdict(self.identity_message()), "cluster": self.membership.root}
-        del me["load"], me["fingerprint"]
-        return _encode({"node": me, "peers": peers, "relay": relay})
 
     @staticmethod
     def wall_clock(t: float | None, now: float) -> float | None:
@@ -587,7 +545,7 @@ class ClusterService:
             self.key_sync.on_peer_digest(info.node_id, ident.keys_digest)
         self.member_sync.on_peer_digest(info.node_id, ident.members_digest)
         if peer is not None and peer.catalog_digest != info.catalog_digest:
-            self._want_catalog(info.node_id)
+            self.peer_catalogs.want(info.node_id)
 
     async def _event_loop(self) -> None:
         from .mdns import Discovered, Gone, Updated
@@ -653,7 +611,7 @@ class ClusterService:
         for ev in events:
             match ev:
                 case CatalogWanted(node_id=nid):
-                    self._want_catalog(nid)
+                    self.peer_catalogs.want(nid)
                 case PeerUp(node_id=nid):
                     log.info("peer_up", peer=nid, route="lan")
                     if self.key_sync is not None:
@@ -661,32 +619,9 @@ class ClusterService:
                 case PeerDown(node_id=nid) | PeerSuspect(node_id=nid) | PeerDraining(node_id=nid):
                     log.info("peer_" + type(ev).__name__.removeprefix("Peer").lower(), peer=nid)
                 case PeerRemoved(node_id=nid, reason=reason):
-                    self.catalogs.pop(nid, None)
+                    self.peer_catalogs.forget(nid)
                     log.info("peer_removed", peer=nid, reason=reason)
                 case CatalogChanged(node_id=nid, models=models):
                     log.info("peer_catalog", peer=nid, models=len(models))
                 case _:
                     pass
-
-    def _want_catalog(self, node_id: str) -> None:
-        if node_id not in self._fetching:
-            self._fetching.add(node_id)
-            self._spawn(self._fetch_catalog(node_id), "peer-catalog")
-
-    async def _fetch_catalog(self, node_id: str) -> None:
-        try:
-            peer = self.table.get(node_id)
-            links = self.links(peer) if peer is not None else []
-            if not links:
-                return
-            answer = decode_catalog(await self._get(links[0], "/quorum/v1/catalog", node_id, 5.0),
-                                    max_models=self.settings.max_models_per_peer, peer=node_id)
-            available = [e for e in answer.models if e.available]
-            self.catalogs[node_id] = available
-            names = {e.id for e in available} | {a for e in available for a in e.aliases}
-            resting = {n for e in answer.models if not e.available for n in (e.id, *e.aliases)} - names
-            self._handle(self.table.on_catalog(node_id, names, answer.digest, time.monotonic(), resting))
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
-            log.warning("peer_catalog_failed", peer=node_id, error=str(e))
-        finally:
-            self._fetching.discard(node_id)

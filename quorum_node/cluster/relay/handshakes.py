@@ -36,7 +36,7 @@ from .sessions import Presence, Session, numbered, prologue
 from .streams import Outgoing
 
 if TYPE_CHECKING:
-    from .protocol import Listener
+    from .streams import Listener
 
 __all__ = ["Handshakes"]
 

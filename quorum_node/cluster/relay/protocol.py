@@ -26,7 +26,7 @@ set only, and never handshaken with (``sessions.Presence``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+
 
 import msgspec
 import structlog
@@ -54,7 +54,7 @@ from .messages import (
 )
 from .outbox import Outbox
 from .sessions import Presence, Session
-from .streams import Outgoing, Stream, StreamHandler, Streams
+from .streams import Listener, Outgoing, Stream, StreamHandler, Streams
 
 __all__ = ["Listener", "ProtocolError", "RelayProtocol"]
 
@@ -69,34 +69,6 @@ class ProtocolError(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-class Listener(Protocol):
-    """What the protocol tells its driver (called synchronously, as it happens)."""
-
-    def welcomed(self, welcome: wire.Welcome) -> None:
-        """The relay let us in: the connection is up (its limits are in ``welcome``)."""
-
-    def presence(self, peer: str, online: bool) -> None:
-        """A member came online on the relay, or went."""
-
-    def draining(self, peer: str) -> None:
-        """A member is stopping: send it no new requests."""
-
-    def session_ready(self, peer: str) -> None:
-        """A session with ``peer`` is ready: streams may be opened to it."""
-
-    def session_failed(self, peer: str, error: RelayLinkError) -> None:
-        """The handshake with ``peer`` failed (``SessionLost``: try once more, a fresh one)."""
-
-    def serve(self, stream: Stream, head: OpenHead, body: bytes) -> None:
-        """A member's request came whole: serve it, set ``stream.handler``, answer with ``send`` and ``close``."""
-
-    def output(self) -> None:
-        """Frames are waiting to be sent (``frames_to_send``)."""
-
-    def room(self) -> None:
-        """The link's budget has room again: senders waiting for it may go on."""
 
 
 class RelayProtocol:

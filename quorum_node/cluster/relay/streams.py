@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from quorum_relay import wire
+
 from .messages import WINDOW, AnswerHead, OpenHead, RelayLinkError
 
 __all__ = ["Outgoing", "Stream", "StreamHandler", "Streams"]
@@ -178,3 +180,31 @@ class Streams:
         stream.received_in_window -= stream.unacked
         self._push(("window", stream.peer, stream.id, stream.unacked))
         stream.unacked = 0
+
+
+class Listener(Protocol):
+    """What the protocol tells its driver (called synchronously, as it happens)."""
+
+    def welcomed(self, welcome: wire.Welcome) -> None:
+        """The relay let us in: the connection is up (its limits are in ``welcome``)."""
+
+    def presence(self, peer: str, online: bool) -> None:
+        """A member came online on the relay, or went."""
+
+    def draining(self, peer: str) -> None:
+        """A member is stopping: send it no new requests."""
+
+    def session_ready(self, peer: str) -> None:
+        """A session with ``peer`` is ready: streams may be opened to it."""
+
+    def session_failed(self, peer: str, error: RelayLinkError) -> None:
+        """The handshake with ``peer`` failed (``SessionLost``: try once more, a fresh one)."""
+
+    def serve(self, stream: Stream, head: OpenHead, body: bytes) -> None:
+        """A member's request came whole: serve it, set ``stream.handler``, answer with ``send`` and ``close``."""
+
+    def output(self) -> None:
+        """Frames are waiting to be sent (``frames_to_send``)."""
+
+    def room(self) -> None:
+        """The link's budget has room again: senders waiting for it may go on."""

@@ -25,7 +25,7 @@ from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
 from .api.state import Parts
 from .backends.budget import ByteBudget
-from .backends.openai_compat import EMBEDDED_ENGINE
+from .backends.base import EMBEDDED_ENGINE
 from .backends.registry import Registry
 from .catalog import Catalog, cluster_stamp, entries_of
 from .cluster.identity import load_or_create_identity

@@ -26,7 +26,6 @@ from ..errors import EngineRejected, EngineUnavailable, NotSupported
 from ..names import is_model_id
 from .answer import RequestHead
 from .base import (
-    EMBEDDED_ENGINE,
     NATIVE_OPS,
     PATHS,
     Backend,
@@ -66,7 +65,6 @@ from .wire import (
 )
 
 __all__ = [
-    "EMBEDDED_ENGINE",
     "MAX_MODELS_PER_ENGINE",
     "MAX_PROBE_BYTES",
     "PROFILES",

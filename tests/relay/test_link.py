@@ -108,7 +108,7 @@ async def until(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S)
 
 async def get(link: RelayLink, peer: str, path: str = "/who", timeout_s: float = WAIT_S) -> tuple[int, bytes]:
     resp = await link.request(peer, "GET", path, {}, b"", timeout_s=timeout_s)
-    return resp.status, await resp.read()
+    return resp.status, await resp.body.read()
 
 
 def cluster(n: int) -> list[Member]:

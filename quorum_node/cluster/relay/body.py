@@ -66,7 +66,6 @@ class RelayBody:
         self._exc = exc
         self._wake()
 
-    set_exception = interrupt  # aiohttp's name, for readers not switched to ``Body`` yet
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -106,27 +105,12 @@ class RelayBody:
 
 
 class RelayAnswer:
-    """A peer's answer through the relay (``answer.Answer``).
-
-    ``content``, ``read``, ``release`` and ``close`` are the names of
-    ``aiohttp.ClientResponse`` that readers not yet switched to ``body`` use.
-    """
+    """A peer's answer through the relay (``answer.Answer``)."""
 
     def __init__(self, status: int, headers: list[tuple[str, str]], body: RelayBody) -> None:
         self.status = status
         self.headers = CIMultiDictProxy(CIMultiDict(headers))
         self.body = body
-        self.content = body
-        self.content_length: int | None = None
-
-    async def read(self) -> bytes:
-        return await self.body.read()
-
-    def release(self) -> None:
-        self.body.release()
-
-    def close(self) -> None:
-        self.body.abort()
 
     async def __aenter__(self) -> RelayAnswer:
         return self

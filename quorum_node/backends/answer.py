@@ -2,7 +2,7 @@
 
 Every way a request leaves this node hands back the same ``Answer``: HTTP to
 an engine or to a peer on the LAN (``upstream.py``, over aiohttp) and a stream
-through the relay (``cluster/relay_link.py``). The readers above
+through the relay (``cluster/relay/``). The readers above
 (``stream.py``, ``upstream.read_whole``, ``PeerTarget``) read a ``Body`` and
 never see the transport: what httpcore's network backend is to httpx.
 

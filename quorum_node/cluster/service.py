@@ -7,7 +7,7 @@ this module drives them from sockets and timers and plugs into the router
 Every peer request travels over a link that authenticates both ends against
 the membership records: mutual TLS on the LAN (``tls.py``: the peer port,
 each node's certificate pinned through membership), Noise_IK sessions through
-the relay (``relay_link.py``). So the sender of a request is the member the
+the relay (``relay/``). So the sender of a request is the member the
 link proved, and an answer comes from the member it was sent to; nothing is
 learnt from anyone else. mDNS only says where a member may be.
 
@@ -69,7 +69,7 @@ from .peers import (
     PeerUp,
 )
 from .scoring import RetryBudget, pick
-from .relay_link import RelayLink
+from .relay import RelayLink
 from .join import JoinHandler
 from .tls import PeerTLS
 

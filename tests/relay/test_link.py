@@ -26,7 +26,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.cluster.pipe import serve_in_memory
-from quorum_node.cluster.relay_link import RelayLink, RelayLinkError
+from quorum_node.cluster.relay import RelayLink, RelayLinkError
 from quorum_relay import wire
 from quorum_relay.identity import decode_key, verify_proof
 from quorum_relay.server import Relay

@@ -11,7 +11,7 @@ and the config file) and hands both to the command.
     cluster   ``cluster …``, ``invite``, ``join``: membership
     keys      ``keys create|list|revoke``: API keys
     usage     ``usage``: totals from the ledger
-    engine    ``engine fetch|start``: the bundled llama-server (also ``python -m quorum_node.embedded``)
+    engine    ``engine fetch|start``: the bundled llama-server
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """``quorum-node engine fetch`` and ``engine start``: the bundled llama.cpp engine.
 
-The node's parser mounts these with ``add_engine_commands(subparsers)``;
-``python -m quorum_node.embedded`` runs the same commands standalone
-(``python -m quorum_node.embedded fetch``, through ``main`` here). The cache is
+The node's parser mounts these with ``add_engine_commands(subparsers)``. The cache is
 the settings' ``cache_dir`` (``--cache-dir``, ``QUORUM_CACHE_DIR``, the config
 file, else ``~/.cache/quorum``).
 """
@@ -20,11 +18,9 @@ from typing import Any
 
 from ..embedded.fetch import EngineFetchError, ensure_llama_server, ensure_model
 from ..embedded.supervisor import die_with_parent_preexec
-from ..errors import ConfigError
 from ..settings import Settings
-from .common import tool_settings
 
-__all__ = ["add_engine_commands", "main"]
+__all__ = ["add_engine_commands"]
 
 
 def add_engine_commands(subparsers: Any) -> None:
@@ -72,20 +68,6 @@ def _add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
     start.add_argument("--model", type=Path, default=None, help="GGUF model (default: the cached SmolLM2-135M)")
     start.add_argument("llama_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     start.set_defaults(func=cmd_start)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m quorum_node.embedded {fetch,start}``: the engine commands without the node's parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m quorum_node.embedded", description="Build and run the local llama.cpp engine."
-    )
-    _add_engine_subcommands(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args, tool_settings(args)))
-    except ConfigError as e:
-        print(f"error: config: {e}", file=sys.stderr)
-        return 2
 
 
 def cmd_fetch(args: argparse.Namespace, settings: Settings) -> int:

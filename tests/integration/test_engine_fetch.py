@@ -125,7 +125,7 @@ def test_fetch_without_cmake_says_what_to_install(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": str(empty), "QUORUM_CACHE_DIR": str(fresh)}
 
     result = subprocess.run(
-        [sys.executable, "-m", "quorum_node.embedded", "fetch"],
+        [sys.executable, "-m", "quorum_node.cli", "engine", "fetch"],
         env=env,
         capture_output=True,
         text=True,

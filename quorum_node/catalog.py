@@ -116,9 +116,20 @@ class PeerCatalogs(Protocol):
 
 
 def card_of(kind: str, m: _Model, node: str, *, available: bool = True) -> ModelCard:
-    return ModelCard(id=m.id, aliases=tuple(m.aliases), engine=kind, node=node, context_length=m.context_length,
-                     loaded=m.loaded, owned_by=m.owned_by, created=m.created, family=m.family,
-                     parameter_size=m.parameter_size, quantization=m.quantization, available=available)
+    return ModelCard(
+        id=m.id,
+        aliases=tuple(m.aliases),
+        engine=kind,
+        node=node,
+        context_length=m.context_length,
+        loaded=m.loaded,
+        owned_by=m.owned_by,
+        created=m.created,
+        family=m.family,
+        parameter_size=m.parameter_size,
+        quantization=m.quantization,
+        available=available,
+    )
 
 
 def local_cards(engines: Engines, node: str, *, resting: bool = False) -> list[ModelCard]:
@@ -129,6 +140,7 @@ def local_cards(engines: Engines, node: str, *, resting: bool = False) -> list[M
         held = {c.id for c in out}
         out += [card_of(b.kind, m, node, available=False) for b, m in engines.resting() if m.id not in held]
     return out
+
 
 #: At most this many models: a 404 lists them all (else it names close matches only).
 LISTED_IN_FULL = 5
@@ -182,8 +194,7 @@ class CatalogView:
 
     def filtered(self, allows: Callable[[str], bool]) -> CatalogView:
         """The models ``allows`` lets a key see: by id, or by one of their aliases."""
-        keep = {mid for mid, es in self.by_id.items()
-                if allows(mid) or any(allows(a) for e in es for a in e.aliases)}
+        keep = {mid for mid, es in self.by_id.items() if allows(mid) or any(allows(a) for e in es for a in e.aliases)}
         return CatalogView([e for e in self.entries if e.id in keep])
 
     def close_matches(self, name: str, n: int = 5) -> list[str]:
@@ -198,7 +209,7 @@ class CatalogView:
         out: dict[str, None] = {}
         for order, key in zip(self._orders, (name.lower(), _tail(name)), strict=True):
             at = bisect.bisect_left(order, (key,))
-            for _, mid in order[max(0, at - _NEIGHBOURS): at + _NEIGHBOURS]:
+            for _, mid in order[max(0, at - _NEIGHBOURS) : at + _NEIGHBOURS]:
                 out[mid] = None
         return list(out)
 

@@ -24,8 +24,8 @@ from aiohttp import web
 from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
 from .api.state import Parts
-from .backends.budget import ByteBudget
 from .backends.base import EMBEDDED_ENGINE
+from .backends.budget import ByteBudget
 from .backends.registry import Registry
 from .catalog import Catalog, cluster_stamp, entries_of
 from .cluster.identity import load_or_create_identity
@@ -61,8 +61,9 @@ class Node:
         self.router = Router(self.registry, self.name, max_attempts=settings.max_attempts)
         self.cluster: ClusterService | None = None
         # The cluster's models, as every list reads them: rebuilt when the registry's or a peer's models change.
-        self.catalog = Catalog(lambda: entries_of(self.registry, self.name, self.cluster),
-                               stamp=lambda: cluster_stamp(self.cluster))
+        self.catalog = Catalog(
+            lambda: entries_of(self.registry, self.name, self.cluster), stamp=lambda: cluster_stamp(self.cluster)
+        )
         self.registry.on_change.append(self.catalog.changed)
         self.router.catalog = self.catalog
         # Whole answers held in memory at once, node-wide (backends/budget.py)
@@ -77,7 +78,8 @@ class Node:
         self.ledger: Ledger | None = None  # opened in start (control/ledger.py)
         self.admin_token: bytes | None = None  # <data_dir>/admin.token, read or made in start (control/admin_token.py)
         self.limits = ConnectionLimits(
-            header_timeout_s=settings.header_timeout_s, keepalive_timeout_s=settings.keepalive_timeout_s,
+            header_timeout_s=settings.header_timeout_s,
+            keepalive_timeout_s=settings.keepalive_timeout_s,
             max_per_address=settings.max_connections_per_address,
         )
         self.port: int = 0
@@ -93,15 +95,24 @@ class Node:
         members = membership[1] if membership is not None else None
         # API keys (control/keys.py): hashed, in the data dir, replicated to peers by the cluster service, each
         # record signed by the member that wrote it
-        self.keys = open_keystore(data_dir, RecordSigner(self.identity, members),
-                                  tombstone_retention_s=settings.key_tombstone_retention_days * 86400)
+        self.keys = open_keystore(
+            data_dir,
+            RecordSigner(self.identity, members),
+            tombstone_retention_s=settings.key_tombstone_retention_days * 86400,
+        )
         if membership is not None:
             from .cluster.service import ClusterService
             from .control.replication import KeyReplicator
 
             cluster = self.cluster = ClusterService(
-                settings, name=self.name, engines=self.registry, inflight=self.inflight, membership=membership[0],
-                identity=self.identity, members=membership[1])
+                settings,
+                name=self.name,
+                engines=self.registry,
+                inflight=self.inflight,
+                membership=membership[0],
+                identity=self.identity,
+                members=membership[1],
+            )
             cluster.key_sync = KeyReplicator(cluster, self.keys)  # API key records, agreed with every peer
             self.router.peer_planner = cluster.plan
             self.router.peer_models = cluster.model_names
@@ -111,8 +122,12 @@ class Node:
             from .control.metrics import NodeMetrics
 
             metrics = self.metrics = NodeMetrics(
-                known=lambda model: model in self.router.view().by_id, inflight=self.inflight,
-                engines=self.registry, cluster=self.cluster, ledger=lambda: self.ledger)
+                known=lambda model: model in self.router.view().by_id,
+                inflight=self.inflight,
+                engines=self.registry,
+                cluster=self.cluster,
+                ledger=lambda: self.ledger,
+            )
             self.records.add(metrics.observe)
             self.records.add_refusal(lambda reason: metrics.refused.labels(reason).inc())
 
@@ -163,36 +178,57 @@ class Node:
         raise_fd_limit()
         app = self.app = create_app(self.parts())
         # In-flight requests are drained before the runner cleans up; by then only idle connections are left.
-        runner = self._runner = NodeRunner(app, limits=self.limits, handler_cancellation=True, access_log=None,
-                                           shutdown_timeout=0.5)
+        runner = self._runner = NodeRunner(
+            app, limits=self.limits, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
+        )
         await runner.setup()
         stack.push_async_callback(self._drain, runner)
         self.port = await _listen(runner, web.TCPSite(runner, s.host, s.port, backlog=1024, reuse_address=True))
         if s.ollama_port is not None:  # the same app on a second port (tools that hard-code Ollama's)
-            self.ollama_port = await _listen(runner, web.TCPSite(runner, s.host, s.ollama_port, backlog=1024,
-                                                                 reuse_address=True))
+            self.ollama_port = await _listen(
+                runner, web.TCPSite(runner, s.host, s.ollama_port, backlog=1024, reuse_address=True)
+            )
         if self.cluster is not None:
             from .cluster.tls_transport import PeerSite
 
             want = s.peer_port if s.peer_port is not None else (s.port + 1 if s.port else 0)
-            peers = PeerSite(runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024,
-                             reuse_address=True)
+            peers = PeerSite(
+                runner, s.host, want, ssl_context=self.cluster.tls.server, backlog=1024, reuse_address=True
+            )
             await peers.start()
             self.peer_port = peers.bound_port
             await self.cluster.start(peer_port=self.peer_port, http_server=runner.server)
             stack.push_async_callback(self.cluster.stop_announcing)  # first at stop: peers stop sending
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")
-        log.info("node_started", node=self.name, host=s.host, port=self.port,
-                 engines=[b.name for b in self.registry.backends.values()])
+        log.info(
+            "node_started",
+            node=self.name,
+            host=s.host,
+            port=self.port,
+            engines=[b.name for b in self.registry.backends.values()],
+        )
 
     def parts(self) -> Parts:
         """What the HTTP API is handed (``api.state.Parts``)."""
         s = self.settings
-        return Parts(settings=s, name=self.name, router=self.router, registry=self.registry, catalog=self.catalog,
-                     inflight=self.inflight, limits=self.limits, records=self.records, keys=self.keys,
-                     answer_budget=self.answer_budget, admin_token=self.admin_token, cluster=self.cluster,
-                     ledger=lambda: self.ledger, metrics=self.metrics, address=lambda: f"{s.host}:{self.port}")
+        return Parts(
+            settings=s,
+            name=self.name,
+            router=self.router,
+            registry=self.registry,
+            catalog=self.catalog,
+            inflight=self.inflight,
+            limits=self.limits,
+            records=self.records,
+            keys=self.keys,
+            answer_budget=self.answer_budget,
+            admin_token=self.admin_token,
+            cluster=self.cluster,
+            ledger=lambda: self.ledger,
+            metrics=self.metrics,
+            address=lambda: f"{s.host}:{self.port}",
+        )
 
     def _wants_embedded(self) -> bool:
         s = self.settings
@@ -293,10 +329,13 @@ def _membership(settings: Settings, data_dir: Path) -> tuple[Cluster, MemberStor
         cluster = load_cluster(data_dir)
         if cluster is None:
             if settings.cluster or legacy_cluster(data_dir) is not None:
-                log.error("cluster_needs_migration", data_dir=str(data_dir),
-                          hint="a shared secret no longer makes a node a member: run `quorum-node cluster "
-                               "migrate` on one node and `quorum-node join` with its invite on the others "
-                               "(README: Migrating a cluster of the shared-secret days)")
+                log.error(
+                    "cluster_needs_migration",
+                    data_dir=str(data_dir),
+                    hint="a shared secret no longer makes a node a member: run `quorum-node cluster "
+                    "migrate` on one node and `quorum-node join` with its invite on the others "
+                    "(README: Migrating a cluster of the shared-secret days)",
+                )
             return None
         store = MemberStore(cluster.root, decode_records(load_member_records(data_dir)))
     except (ValueError, OSError) as e:  # msgspec's errors are ValueErrors

@@ -107,9 +107,12 @@ class Draft(_Facts, kw_only=True, eq=False):
     def build(self, status: int) -> Record:
         if not self.status:
             self.status = status
-        return Record(**{name: getattr(self, name) for name in _FACTS if name not in _SEALED},
-                      status=self.status, outcome=outcome_for(self.status),
-                      duration_ms=round((time.perf_counter() - self.t0) * 1000, 3))
+        return Record(
+            **{name: getattr(self, name) for name in _FACTS if name not in _SEALED},
+            status=self.status,
+            outcome=outcome_for(self.status),
+            duration_ms=round((time.perf_counter() - self.t0) * 1000, 3),
+        )
 
 
 _SEALED = frozenset({"status", "outcome", "duration_ms"})
@@ -202,8 +205,9 @@ class Records:
         passed = self.refusal_log.take(time.monotonic() if now is None else now)
         if passed is not None:
             path = draft.path
-            log.warning("unauthenticated_request", remote=draft.remote, path=path[:200], reason=reason,
-                        passed_over=passed)
+            log.warning(
+                "unauthenticated_request", remote=draft.remote, path=path[:200], reason=reason, passed_over=passed
+            )
 
     def add_durable(self, sink: DurableSink) -> None:
         self._durable.append(sink)

@@ -34,7 +34,6 @@ from .backends.base import (
     StreamReply,
 )
 from .catalog import Catalog, CatalogView, model_not_found
-from .retry import RetryBudget
 from .errors import (
     ApiError,
     EngineFailed,
@@ -44,6 +43,7 @@ from .errors import (
     NotSupported,
     Unavailable,
 )
+from .retry import RetryBudget
 
 __all__ = ["LocalTarget", "Opened", "PeerPlan", "Router", "Target"]
 
@@ -104,8 +104,15 @@ class Opened:
 
     __slots__ = ("target", "reply", "first", "ttft_s", "attempts", "op")
 
-    def __init__(self, target: Target, reply: Reply, first: list[bytes] | None, ttft_s: float | None, attempts: int,
-                 op: Op = "chat"):
+    def __init__(
+        self,
+        target: Target,
+        reply: Reply,
+        first: list[bytes] | None,
+        ttft_s: float | None,
+        attempts: int,
+        op: Op = "chat",
+    ):
         self.target = target
         self.reply = reply
         self.first = first
@@ -153,8 +160,9 @@ class Router:
         self.peer_models: Callable[[], list[str]] | None = None
         self.retry_gate: Callable[[], bool] | None = None  # a second budget (the cluster's), if any
         self.catalog: Catalog | None = None  # the cluster's models, as the API lists them (node.py wires it)
-        self.budget = RetryBudget(RETRY_RATIO, min_per_s=RETRY_PER_S, max_tokens=RETRY_FLOOR,
-                                  initial_tokens=RETRY_FLOOR)
+        self.budget = RetryBudget(
+            RETRY_RATIO, min_per_s=RETRY_PER_S, max_tokens=RETRY_FLOOR, initial_tokens=RETRY_FLOOR
+        )
 
     def known_models(self) -> list[str]:
         return list(self.view().ids)
@@ -207,7 +215,8 @@ class Router:
         if wait_s is not None:
             raise Unavailable(
                 f"Every holder of `{model}` is failing right now; try again shortly",
-                code="holders_unavailable", retry_after_s=max(1, math.ceil(wait_s)),
+                code="holders_unavailable",
+                retry_after_s=max(1, math.ceil(wait_s)),
             )
         raise model_not_found(model, visible if visible is not None else self.view())
 
@@ -224,8 +233,16 @@ class Router:
         return self.budget.on_retry(now)
 
     async def open(
-        self, op: Op, model: str, body: dict[str, Any], *, stream: bool, want_usage: bool, forwarded: bool,
-        caller: Caller | None = None, native: tuple[Op, dict[str, Any]] | None = None,
+        self,
+        op: Op,
+        model: str,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        want_usage: bool,
+        forwarded: bool,
+        caller: Caller | None = None,
+        native: tuple[Op, dict[str, Any]] | None = None,
         visible: CatalogView | None = None,
     ) -> Opened:
         """Open the request on the first holder that serves it.
@@ -281,15 +298,17 @@ class Router:
                 except EngineFailed as e:
                     pending.append(target)
                     refused = e
-                    log.warning("attempt_refused", engine=target.engine, node=target.node, attempt=attempt,
-                                error=e.message)
+                    log.warning(
+                        "attempt_refused", engine=target.engine, node=target.node, attempt=attempt, error=e.message
+                    )
                 except EngineUnavailable as e:
                     target.end(False, None)
                     if form[0] != op and not target.speaks(*form):  # no such API there after all
                         queue.insert(0, target)
                     last = e
-                    log.warning("attempt_failed", engine=target.engine, node=target.node, attempt=attempt,
-                                error=e.message)
+                    log.warning(
+                        "attempt_failed", engine=target.engine, node=target.node, attempt=attempt, error=e.message
+                    )
                 except EngineRejected as e:
                     target.end(True, None)
                     raise _tally(e.error, attempt) from None
@@ -313,11 +332,17 @@ class Router:
         if refused is not None:  # some holder answered the request itself: that answer is the one to give
             return refused.error
         if last is None:
-            return Unavailable(f"Every holder of `{model}` is failing right now; try again shortly",
-                               code="holders_unavailable")
+            return Unavailable(
+                f"Every holder of `{model}` is failing right now; try again shortly", code="holders_unavailable"
+            )
         if last.status == 429:
-            return ApiError(last.message, status=429, type_="rate_limit_error", code="engine_overloaded",
-                            headers={"Retry-After": str(max(1, math.ceil(last.retry_after_s or 1)))})
+            return ApiError(
+                last.message,
+                status=429,
+                type_="rate_limit_error",
+                code="engine_overloaded",
+                headers={"Retry-After": str(max(1, math.ceil(last.retry_after_s or 1)))},
+            )
         if last.status == 504:
             return ApiError(last.message, status=504, type_="timeout_error", code="engine_timeout")
         if last.status == 502:  # it answered, with something that is no answer (malformed, a redirect)

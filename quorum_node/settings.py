@@ -120,8 +120,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     responses_store_ttl_s: float = 3600.0
 
     def __repr__(self) -> str:  # never the secrets (cluster secret, relay token, engine keys)
-        return (f"Settings(name={self.name!r}, host={self.host!r}, port={self.port}, backends={self.backends!r}, "
-                f"relay={self.relay!r})")
+        return (
+            f"Settings(name={self.name!r}, host={self.host!r}, port={self.port}, backends={self.backends!r}, "
+            f"relay={self.relay!r})"
+        )
 
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Settings)}
@@ -208,7 +210,7 @@ def _check_url(where: str, url: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: bad URL {url!r} (expected http://HOST:PORT)")
     try:
-        parts.port
+        _ = parts.port  # raises for a port that is no number
     except ValueError:
         raise ConfigError(f"{where}: bad port in URL {url!r}") from None
 
@@ -223,8 +225,15 @@ def normalize_origin(text: str) -> str:
         port = parts.port
     except ValueError:
         raise ConfigError(f"cors_origins: bad port in {text!r}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
-            or parts.query or parts.fragment or parts.username or parts.password:
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+        or parts.password
+    ):
         raise ConfigError(f"cors_origins: {text!r} is not an origin (expected scheme://host[:port], or *)")
     host = parts.hostname.lower()
     if ":" in host:
@@ -265,8 +274,15 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError("relay: needs relay_token (--relay-token or QUORUM_RELAY_TOKEN)")
     if bool(s.cluster) != bool(s.cluster_secret):
         raise ConfigError("cluster and cluster_secret must be given together")
-    for name in ("connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "request_timeout_s",
-                 "header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+    for name in (
+        "connect_timeout_s",
+        "first_token_timeout_s",
+        "idle_timeout_s",
+        "request_timeout_s",
+        "header_timeout_s",
+        "body_timeout_s",
+        "keepalive_timeout_s",
+    ):
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name}: must be positive")
     if s.max_body_bytes <= 0:
@@ -277,8 +293,7 @@ def _validate(s: Settings) -> Settings:
         if getattr(s, name) < 1:
             raise ConfigError(f"{name}: must be at least 1")
     if not is_name(s.name):
-        raise ConfigError(f"name: {s.name!r} is not a node name (at most {NAME_MAX} characters, no control "
-                          "characters)")
+        raise ConfigError(f"name: {s.name!r} is not a node name (at most {NAME_MAX} characters, no control characters)")
     for b in s.backends:
         if b.name is not None and not (b.name and is_name(b.name)):
             raise ConfigError(f"backend name {b.name!r}: at most {NAME_MAX} characters, no control characters")
@@ -317,7 +332,9 @@ def load_settings(
         if v is not None:
             merged[k] = v
     if "backends" in merged:
-        merged["backends"] = [msgspec.structs.asdict(b) if isinstance(b, BackendSpec) else b for b in merged["backends"]]
+        merged["backends"] = [
+            msgspec.structs.asdict(b) if isinstance(b, BackendSpec) else b for b in merged["backends"]
+        ]
     merged.setdefault("name", socket.gethostname()[:NAME_MAX])
     merged.setdefault("data_dir", str(Path("~/.local/share/quorum").expanduser()))
     merged.setdefault("cache_dir", str(Path("~/.cache/quorum").expanduser()))

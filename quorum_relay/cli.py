@@ -47,28 +47,54 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--host", default=S, help="address to bind (default 0.0.0.0)")
     a("--port", type=int, default=S, help="port (default 8787; 0 picks a free one, logged in relay_started)")
-    a("--token", dest="tokens", action="append", default=S, metavar="TOKEN",
-      help="a token admitting nodes into its own namespace (repeatable; env: comma-separated)")
-    a("--tokens-file", default=S, metavar="FILE",
-      help="one token per line, optional label after whitespace (tokens with one label share a namespace); "
-      "'#' comments; reloaded on SIGHUP")
+    a(
+        "--token",
+        dest="tokens",
+        action="append",
+        default=S,
+        metavar="TOKEN",
+        help="a token admitting nodes into its own namespace (repeatable; env: comma-separated)",
+    )
+    a(
+        "--tokens-file",
+        default=S,
+        metavar="FILE",
+        help="one token per line, optional label after whitespace (tokens with one label share a namespace); "
+        "'#' comments; reloaded on SIGHUP",
+    )
     a("--tls-cert", default=S, metavar="FILE", help="serve wss:// directly with this certificate chain (PEM)")
     a("--tls-key", default=S, metavar="FILE", help="... and this private key (PEM)")
     a("--max-frame-bytes", type=_size, default=S, metavar="SIZE", help="largest frame a node may send (256KiB)")
     a("--max-streams-per-node", type=int, default=S, metavar="N", help="open streams per node (1024)")
-    a("--send-queue-bytes", type=_size, default=S, metavar="SIZE",
-      help="bytes queued for one node before it is closed as too slow (8MiB)")
+    a(
+        "--send-queue-bytes",
+        type=_size,
+        default=S,
+        metavar="SIZE",
+        help="bytes queued for one node before it is closed as too slow (8MiB)",
+    )
     a("--ping-interval-s", type=float, default=S, metavar="S", help="ping a node quiet this long (20)")
     a("--idle-timeout-s", type=float, default=S, metavar="S", help="close a node quiet this long, pongs included (60)")
     a("--handshake-rate-per-s", type=float, default=S, metavar="R", help="handshakes per second per address (5)")
     a("--handshake-burst", type=int, default=S, metavar="N", help="handshake burst per address (20)")
     a("--max-connections-per-address", type=int, default=S, metavar="N", help="per address, IPv6 per /64 (64)")
     a("--max-connections", type=int, default=S, metavar="N", help="in all (10000)")
-    a("--trusted-proxy", dest="trusted_proxies", action="append", default=S, metavar="CIDR",
-      help="a reverse proxy whose X-Forwarded-For is believed (repeatable)")
+    a(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        action="append",
+        default=S,
+        metavar="CIDR",
+        help="a reverse proxy whose X-Forwarded-For is believed (repeatable)",
+    )
     a("--open-timeout-s", type=float, default=S, metavar="S", help="time allowed for a handshake (10)")
-    a("--close-timeout-s", type=float, default=S, metavar="S",
-      help="time allowed for a closing handshake before the TCP connection is aborted (1)")
+    a(
+        "--close-timeout-s",
+        type=float,
+        default=S,
+        metavar="S",
+        help="time allowed for a closing handshake before the TCP connection is aborted (1)",
+    )
     a("--metrics-token", default=S, metavar="TOKEN", help="require Authorization: Bearer TOKEN on /metrics")
     a("--log-format", choices=("auto", "console", "json"), default=S)
     a("--log-level", choices=("debug", "info", "warning", "error"), default=S)

@@ -69,9 +69,7 @@ class Link(Protocol):
 
 
 class Hub:
-    def __init__(
-        self, *, max_streams_per_node: int, max_frame_bytes: int, send_queue_bytes: int, stats: Stats
-    ) -> None:
+    def __init__(self, *, max_streams_per_node: int, max_frame_bytes: int, send_queue_bytes: int, stats: Stats) -> None:
         self.roster: Roster[Link] = Roster()
         self.streams = StreamTable(max_streams_per_node)
         self.stats = stats
@@ -233,8 +231,7 @@ class Hub:
         if self._overflowed:
             self._flush()
 
-    def _forward_batch(self, src: Link, dst: Link, raw: bytes, opens: tuple[int, ...],
-                       closes: tuple[int, ...]) -> None:
+    def _forward_batch(self, src: Link, dst: Link, raw: bytes, opens: tuple[int, ...], closes: tuple[int, ...]) -> None:
         """A ``Batch`` that opens or ends streams: counted like ``Open``/``Close`` frames, forwarded whole.
 
         Its items cannot be taken out (they are encrypted together), so a stream past

@@ -21,8 +21,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Reasons exported from the start (as 0), so dashboards and alerts need not wait for the first one.
 REJECTION_REASONS = (
-    "handshake_rate", "unauthorized", "bad_node_id", "bad_node_key", "no_proof", "bad_proof", "capacity",
-    "too_many_connections", "shutting_down", "too_many_streams",
+    "handshake_rate",
+    "unauthorized",
+    "bad_node_id",
+    "bad_node_key",
+    "no_proof",
+    "bad_proof",
+    "capacity",
+    "too_many_connections",
+    "shutting_down",
+    "too_many_streams",
 )
 CLOSE_REASONS = ("too_slow", "protocol", "frame_too_large", "replaced", "token_revoked", "idle", "shutdown")
 

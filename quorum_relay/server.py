@@ -275,7 +275,10 @@ class Relay:
         if not self._buckets.take(key, now):
             retry = max(1, round(self._buckets.retry_after_s(key, now) + 0.5))
             return self._refuse(
-                "handshake_rate", 429, "too many handshakes from this address", "rate_limit_error",
+                "handshake_rate",
+                429,
+                "too many handshakes from this address",
+                "rate_limit_error",
                 headers={"Retry-After": str(retry)},
             )
         token = _bearer(request.headers)
@@ -283,31 +286,40 @@ class Relay:
         if admission is None:
             log.info("handshake_refused", reason="unauthorized", address=ip)
             return self._refuse(
-                "unauthorized", 401, "missing or invalid relay token (Authorization: Bearer <token>)",
+                "unauthorized",
+                401,
+                "missing or invalid relay token (Authorization: Bearer <token>)",
                 "authentication_error",
             )
         node_ids = request.headers.get_all(NODE_ID_HEADER)
         if len(node_ids) != 1 or not NODE_ID_RE.fullmatch(node_ids[0]):
             return self._refuse(
-                "bad_node_id", 400, f"{NODE_ID_HEADER} must be one id of [A-Za-z0-9._-]{{1,64}}",
-                "invalid_request_error", param=NODE_ID_HEADER,
+                "bad_node_id",
+                400,
+                f"{NODE_ID_HEADER} must be one id of [A-Za-z0-9._-]{{1,64}}",
+                "invalid_request_error",
+                param=NODE_ID_HEADER,
             )
         keys = request.headers.get_all(NODE_KEY_HEADER)
         sign_key = decode_key(keys[0]) if len(keys) == 1 else None
         if sign_key is None or not hmac.compare_digest(node_id_for(sign_key), node_ids[0]):
             log.info("handshake_refused", reason="bad_node_key", address=ip)
             return self._refuse(
-                "bad_node_key", 401,
+                "bad_node_key",
+                401,
                 f"{NODE_KEY_HEADER} must be the node's Ed25519 public key (32 bytes, base64), and "
-                f"{NODE_ID_HEADER} the id derived from it", "authentication_error", param=NODE_KEY_HEADER,
+                f"{NODE_ID_HEADER} the id derived from it",
+                "authentication_error",
+                param=NODE_KEY_HEADER,
             )
         if self._admitted >= s.max_connections:
-            return self._refuse(
-                "capacity", 503, "the relay is full", "unavailable_error", headers={"Retry-After": "5"}
-            )
+            return self._refuse("capacity", 503, "the relay is full", "unavailable_error", headers={"Retry-After": "5"})
         if not self._per_address.acquire(key):
             return self._refuse(
-                "too_many_connections", 429, "too many connections from this address", "rate_limit_error",
+                "too_many_connections",
+                429,
+                "too many connections from this address",
+                "rate_limit_error",
                 headers={"Retry-After": "5"},
             )
         self._admitted += 1
@@ -412,15 +424,24 @@ class Relay:
         try:
             self.hub.join(conn)
             conn.start()
-            log.info("node_connected", node_id=conn.node_id, session=conn.session, namespace=conn.namespace,
-                     address=conn.address)
+            log.info(
+                "node_connected",
+                node_id=conn.node_id,
+                session=conn.session,
+                namespace=conn.namespace,
+                address=conn.address,
+            )
             code, reason = await self._read(conn)
         finally:
             self.hub.leave(conn)
             self._conns.discard(conn)
             await conn.finish(code, reason)
-            log.info("node_disconnected", node_id=conn.node_id, session=conn.session,
-                     code=None if ws.close_code is None else int(ws.close_code))
+            log.info(
+                "node_disconnected",
+                node_id=conn.node_id,
+                session=conn.session,
+                code=None if ws.close_code is None else int(ws.close_code),
+            )
 
     async def _read(self, conn: Conn) -> tuple[int, str]:
         """Route the node's frames until it goes; the close code and reason to end with."""

@@ -297,8 +297,23 @@ class Reset(_F, frozen=True, kw_only=True):
     code: str
 
 
-Frame = (Welcome | Joined | Left | Draining | Unreachable | Hello | HelloReply | Open | Data | Batch | Window | Close
-         | Reset | Challenge | Proof)
+Frame = (
+    Welcome
+    | Joined
+    | Left
+    | Draining
+    | Unreachable
+    | Hello
+    | HelloReply
+    | Open
+    | Data
+    | Batch
+    | Window
+    | Close
+    | Reset
+    | Challenge
+    | Proof
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Frame] = msgspec.msgpack.Decoder(Frame)

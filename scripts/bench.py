@@ -42,6 +42,7 @@ PY = sys.executable
 sys.path.insert(0, str(ROOT))
 from tests.members_support import enrol  # noqa: E402  (the repo's own test tools)
 
+
 def _run(coro: Any) -> Any:
     """The engine and the client use the node's fast event loop too, so they stay cheap."""
     try:
@@ -70,19 +71,33 @@ def serve_engine(tokens: int, interval_s: float) -> None:
     fin = chunk({}, "length")
     usage = (
         b"data: "
-        + json.dumps({**head, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens,
-                                                       "total_tokens": 8 + tokens}}).encode()
+        + json.dumps(
+            {
+                **head,
+                "choices": [],
+                "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
+            }
+        ).encode()
         + b"\n\n"
     )
-    whole = json.dumps({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
-    }).encode()
+    whole = json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 1,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+        }
+    ).encode()
 
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": model, "object": "model", "created": 1, "owned_by": "vllm", "max_model_len": 4096}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": model, "object": "model", "created": 1, "owned_by": "vllm", "max_model_len": 4096}],
+            }
+        )
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -168,8 +183,7 @@ class Proc:
             fd, name = tempfile.mkstemp(prefix="quorum-bench-", suffix=".log")
             self.log_path = Path(name)
             out, err = subprocess.PIPE, fd
-        self.p = subprocess.Popen(args, stdout=out, stderr=err, text=True,
-                                  env={**os.environ, **(env or {})}, cwd=ROOT)
+        self.p = subprocess.Popen(args, stdout=out, stderr=err, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
         if not quiet:
             os.close(fd)
 
@@ -231,9 +245,29 @@ class Proc:
 
 def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple[Proc, str, int]:
     """A node (its data dir a member already); its API's URL and its peer port."""
-    proc = Proc([PY, "-m", "quorum_node.cli", "run", "--host", "127.0.0.1", "--port", "0", "--name", name,
-                 "--data-dir", data_dir, "--no-detect", "--no-embedded-engine", "--log-format", "json",
-                 "--log-level", "info", *extra])
+    proc = Proc(
+        [
+            PY,
+            "-m",
+            "quorum_node.cli",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--name",
+            name,
+            "--data-dir",
+            data_dir,
+            "--no-detect",
+            "--no-embedded-engine",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            *extra,
+        ]
+    )
     started = proc.read_json_line("stderr", "node_started", 60)
     peer_port = proc.read_json_line("stderr", "peer_port", 5)["peer_port"]  # cluster_started, logged before
     proc.drain_stderr()
@@ -244,8 +278,7 @@ def start_node_and_port(name: str, data_dir: str, extra: Sequence[str]) -> tuple
 # Measurements
 
 # Greedy, and (llama.cpp) no early end of sequence: every route gets the same amount of work.
-CHAT = {"model": "", "messages": [{"role": "user", "content": "Say something."}], "temperature": 0,
-        "ignore_eos": True}
+CHAT = {"model": "", "messages": [{"role": "user", "content": "Say something."}], "temperature": 0, "ignore_eos": True}
 
 
 async def wait_model(session: aiohttp.ClientSession, base: str, model: str, timeout_s: float = 60) -> None:
@@ -276,7 +309,10 @@ async def one_request(session: aiohttp.ClientSession, base: str, model: str, max
 
 
 async def one_stream(
-    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None,
+    session: aiohttp.ClientSession,
+    base: str,
+    model: str,
+    max_tokens: int | None,
     on_token: Any = None,
 ) -> tuple[float, int, float]:
     """(time to first token, content tokens, total time) of one streamed chat; ``on_token(now)`` per token."""
@@ -331,10 +367,19 @@ async def ttft(
 
 
 # The bench's processes each route runs through (keys of node_procs), and how they are named in the report.
-ROUTE_PROCS = {"local": ("local",), "bare": ("bare",), "lan": ("lan", "local"),
-               "relay": ("relay", "relay (the relay itself)", "local")}
-PROC_LABELS = {"local": "serving node", "bare": "serving node", "lan": "entry node", "relay": "entry node",
-               "relay (the relay itself)": "relay"}
+ROUTE_PROCS = {
+    "local": ("local",),
+    "bare": ("bare",),
+    "lan": ("lan", "local"),
+    "relay": ("relay", "relay (the relay itself)", "local"),
+}
+PROC_LABELS = {
+    "local": "serving node",
+    "bare": "serving node",
+    "lan": "entry node",
+    "relay": "entry node",
+    "relay (the relay itself)": "relay",
+}
 
 
 async def throughput(
@@ -351,8 +396,13 @@ async def throughput(
 
 
 async def steady(
-    session: aiohttp.ClientSession, base: str, model: str, streams: int, max_tokens: int | None,
-    seconds: float, warmup_s: float,
+    session: aiohttp.ClientSession,
+    base: str,
+    model: str,
+    streams: int,
+    max_tokens: int | None,
+    seconds: float,
+    warmup_s: float,
 ) -> float:
     """Delivered tokens/s with ``streams`` streams kept open: each client starts its next stream as its last
     one ends (a closed loop, as ``streams`` busy users would), counted over ``seconds`` after ``warmup_s``.
@@ -410,8 +460,10 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
             if name == "direct":
                 continue
             p50, p99 = pct(lat[name], 0.5), pct(lat[name], 0.99)
-            print(f"  {name:7s} p50 {fmt_ms(p50)}  p99 {fmt_ms(p99)}   added p50 {fmt_ms(p50 - d50)}  "
-                  f"added p99 {fmt_ms(p99 - d99)}")
+            print(
+                f"  {name:7s} p50 {fmt_ms(p50)}  p99 {fmt_ms(p99)}   added p50 {fmt_ms(p50 - d50)}  "
+                f"added p99 {fmt_ms(p99 - d99)}"
+            )
             report[f"{name}_added_p50_ms"] = (p50 - d50) * 1000
             report[f"{name}_added_p99_ms"] = (p99 - d99) * 1000
 
@@ -432,7 +484,7 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
         for c in args.streams:
             samples: dict[str, list[float]] = {name: [] for name in routes}
             cpu: dict[str, dict[str, float]] = {name: {} for name in routes}  # route -> process -> CPU s
-            delivered: dict[str, int] = {name: 0 for name in routes}
+            delivered: dict[str, int] = dict.fromkeys(routes, 0)
             first: dict[str, list[float]] = {name: [] for name in routes}  # the last stream's first token
             body: dict[str, list[float]] = {name: [] for name in routes}  # the longest stream after it
             for _ in range(args.rounds):  # interleaved rounds, so drift hits every route alike
@@ -449,29 +501,39 @@ async def run_bench(args: argparse.Namespace, routes: dict[str, str], model: str
             rates = {name: statistics.median(xs) for name, xs in samples.items()}
             line = _rates_line(c, rates, report, "ratio")
             for name in routes:
-                if name != "direct":
-                    if cpu[name] and delivered[name]:
-                        per = {label: s * 1e6 / delivered[name] for label, s in cpu[name].items()}
-                        total = sum(per.values())
-                        report[f"{name}_cpu_us_per_token_{c}"] = total
-                        # the cores this route needs to deliver the direct rate: what a machine must have spare
-                        cores = total * rates["direct"] / 1e6
-                        cpu_lines.append(f"  {c:4d} streams, {name}: " + ", ".join(
-                            f"{PROC_LABELS.get(label, label)} {us:.1f}" for label, us in per.items())
-                            + f" us/token; {total:.1f} in all = {cores:.2f} cores at the direct rate")
+                if name != "direct" and cpu[name] and delivered[name]:
+                    per = {label: s * 1e6 / delivered[name] for label, s in cpu[name].items()}
+                    total = sum(per.values())
+                    report[f"{name}_cpu_us_per_token_{c}"] = total
+                    # the cores this route needs to deliver the direct rate: what a machine must have spare
+                    cores = total * rates["direct"] / 1e6
+                    cpu_lines.append(
+                        f"  {c:4d} streams, {name}: "
+                        + ", ".join(f"{PROC_LABELS.get(label, label)} {us:.1f}" for label, us in per.items())
+                        + f" us/token; {total:.1f} in all = {cores:.2f} cores at the direct rate"
+                    )
             print(line)
             if c >= 64:  # where the time goes: all streams are sent at once, so the last to start sets the wall
-                print("        last first token / longest stream after it (median ms): " + "; ".join(
-                    f"{name} {statistics.median(first[name]) * 1000:.0f} / {statistics.median(body[name]) * 1000:.0f}"
-                    for name in routes))
+                print(
+                    "        last first token / longest stream after it (median ms): "
+                    + "; ".join(
+                        f"{name} {statistics.median(first[name]) * 1000:.0f} / "
+                        f"{statistics.median(body[name]) * 1000:.0f}"
+                        for name in routes
+                    )
+                )
             for name in routes:
                 report[f"{name}_last_first_token_ms_{c}"] = statistics.median(first[name]) * 1000
         if args.steady_s and args.streams:
             c = max(args.streams)
-            print(f"\n== delivered stream tokens/s, {c} streams kept open ({args.steady_s:g} s counted after "
-                  f"{args.steady_warmup_s:g} s; each client starts its next stream as its last ends)")
-            rates = {name: await steady(session, base, model, c, args.max_tokens, args.steady_s,
-                                        args.steady_warmup_s) for name, base in routes.items()}
+            print(
+                f"\n== delivered stream tokens/s, {c} streams kept open ({args.steady_s:g} s counted after "
+                f"{args.steady_warmup_s:g} s; each client starts its next stream as its last ends)"
+            )
+            rates = {
+                name: await steady(session, base, model, c, args.max_tokens, args.steady_s, args.steady_warmup_s)
+                for name, base in routes.items()
+            }
             print(_rates_line(c, rates, report, "steady_ratio"))
         if cpu_lines:
             print("\n== CPU per delivered token (the route's own processes, user + system; needs no quiet machine)")
@@ -521,14 +583,16 @@ async def surface_bench(args: argparse.Namespace, base: str, model: str) -> dict
         for fn in kinds.values():  # warm connections and code paths
             for _ in range(10):
                 await fn(session, base, model, 4)
-        print(f"\n== the Ollama surface against the OpenAI surface, same node and engine (local route)")
+        print("\n== the Ollama surface against the OpenAI surface, same node and engine (local route)")
         tt: dict[str, list[float]] = {k: [] for k in kinds}
         for _ in range(args.ttft_requests):  # interleaved, so drift hits both alike
             for name, fn in kinds.items():
                 tt[name].append((await fn(session, base, model, 4))[0])
         o, m = statistics.median(tt["openai"]), statistics.median(tt["ollama"])
-        print(f"  time to first token p50: openai {fmt_ms(o)}  ollama {fmt_ms(m)}  added {fmt_ms(m - o)}"
-              "  (goal <= 0.5 ms)")
+        print(
+            f"  time to first token p50: openai {fmt_ms(o)}  ollama {fmt_ms(m)}  added {fmt_ms(m - o)}"
+            "  (goal <= 0.5 ms)"
+        )
         report["ollama_added_ttft_ms"] = (m - o) * 1000
         for c in args.streams:
             samples: dict[str, list[float]] = {k: [] for k in kinds}
@@ -539,8 +603,10 @@ async def surface_bench(args: argparse.Namespace, base: str, model: str) -> dict
                     samples[name].append(sum(n for _, n, _ in results) / (time.perf_counter() - t0))
             rates = {k: statistics.median(v) for k, v in samples.items()}
             ratio = rates["ollama"] / rates["openai"]
-            print(f"  {c:4d} streams: openai {rates['openai']:9.1f} tok/s | ollama {rates['ollama']:9.1f} tok/s"
-                  f" = {ratio * 100:5.1f} %" + ("  (goal >= 98 %)" if c == 64 else ""))
+            print(
+                f"  {c:4d} streams: openai {rates['openai']:9.1f} tok/s | ollama {rates['ollama']:9.1f} tok/s"
+                f" = {ratio * 100:5.1f} %" + ("  (goal >= 98 %)" if c == 64 else "")
+            )
             report[f"ollama_ratio_{c}"] = ratio
     return report
 
@@ -549,8 +615,9 @@ async def surface_bench(args: argparse.Namespace, base: str, model: str) -> dict
 # The Responses and Messages surfaces against Chat Completions (issue 11): same node, same engine, one run
 
 
-async def _one_named_sse(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                         first: bytes) -> tuple[float, int, float]:
+async def _one_named_sse(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], first: bytes
+) -> tuple[float, int, float]:
     """(time to first token, tokens, total time) of a stream of named SSE events; ``first`` marks a token."""
     t0 = time.perf_counter()
     ttft = -1.0
@@ -569,16 +636,18 @@ async def _one_named_sse(session: aiohttp.ClientSession, url: str, body: dict[st
     return ttft, n, time.perf_counter() - t0
 
 
-async def one_responses_stream(session: aiohttp.ClientSession, base: str, model: str,
-                               max_tokens: int | None) -> tuple[float, int, float]:
+async def one_responses_stream(
+    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None
+) -> tuple[float, int, float]:
     body: dict[str, Any] = {"model": model, "input": CHAT["messages"], "stream": True, "store": False}
     if max_tokens:
         body["max_output_tokens"] = max_tokens
     return await _one_named_sse(session, base + "/v1/responses", body, b"event: response.output_text.delta")
 
 
-async def one_messages_stream(session: aiohttp.ClientSession, base: str, model: str,
-                              max_tokens: int | None) -> tuple[float, int, float]:
+async def one_messages_stream(
+    session: aiohttp.ClientSession, base: str, model: str, max_tokens: int | None
+) -> tuple[float, int, float]:
     body = {"model": model, "messages": CHAT["messages"], "stream": True, "max_tokens": max_tokens or 4096}
     return await _one_named_sse(session, base + "/v1/messages", body, b"event: content_block_delta")
 
@@ -608,12 +677,16 @@ async def translated_surfaces_bench(args: argparse.Namespace, base: str, model: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--engine", choices=("fake", "llama"), default="fake")
-    ap.add_argument("--routes", default="local,lan,relay",
-                    help="comma list of local, lan, relay; ollama: the Ollama surface against the OpenAI one; "
-                         "surfaces: Responses and Messages against Chat Completions")
+    ap.add_argument(
+        "--routes",
+        default="local,lan,relay",
+        help="comma list of local, lan, relay; ollama: the Ollama surface against the OpenAI one; "
+        "surfaces: Responses and Messages against Chat Completions",
+    )
     ap.add_argument("--requests", type=int, default=300, help="non-streamed requests per route")
     ap.add_argument("--ttft-requests", type=int, default=100)
     ap.add_argument("--streams", default="1,16,64,256", help="concurrency levels")
@@ -621,9 +694,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--token-interval-ms", type=float, default=20.0, help="fake engine's time between tokens")
     ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens per request (llama: 32)")
     ap.add_argument("--rounds", type=int, default=None, help="throughput rounds per level (median; default 3, llama 5)")
-    ap.add_argument("--steady-s", type=float, default=6.0,
-                    help="also measure the highest level with its streams kept open, over this many seconds "
-                         "(0: not)")
+    ap.add_argument(
+        "--steady-s",
+        type=float,
+        default=6.0,
+        help="also measure the highest level with its streams kept open, over this many seconds (0: not)",
+    )
     ap.add_argument("--steady-warmup-s", type=float, default=3.0)
     ap.add_argument("--json", action="store_true", help="also print the report as JSON")
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' log files (their paths are printed)")
@@ -641,8 +717,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine_proc = None
     try:
         if args.engine == "fake":
-            engine_proc = Proc([PY, str(Path(__file__)), "--serve-engine", "--tokens", str(args.tokens),
-                                "--token-interval-ms", str(args.token_interval_ms)])
+            engine_proc = Proc(
+                [
+                    PY,
+                    str(Path(__file__)),
+                    "--serve-engine",
+                    "--tokens",
+                    str(args.tokens),
+                    "--token-interval-ms",
+                    str(args.token_interval_ms),
+                ]
+            )
             procs.append(engine_proc)
             engine_url = f"http://127.0.0.1:{engine_proc.read_json_line('stdout', 'port')['port']}"
             kind, model = "vllm", "bench-model"
@@ -658,8 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
             s.close()
-            engine_proc = Proc([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                                "-c", "4096", "-np", "4"], quiet=True)
+            engine_proc = Proc(
+                [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "4"],
+                quiet=True,
+            )
             procs.append(engine_proc)
             engine_url = f"http://127.0.0.1:{port}"
             kind, model = "llamacpp", gguf.name.removesuffix(".gguf")
@@ -676,16 +763,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         relay_args: list[str] = []
         if "relay" in wanted:
             token = "bench-relay-token-0123456789"
-            relay_proc = Proc([PY, "-m", "quorum_relay", "--host", "127.0.0.1", "--port", "0", "--token", token,
-                               "--log-format", "json"])
+            relay_proc = Proc(
+                [
+                    PY,
+                    "-m",
+                    "quorum_relay",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--token",
+                    token,
+                    "--log-format",
+                    "json",
+                ]
+            )
             procs.append(relay_proc)
             relay_port = relay_proc.read_json_line("stderr", "relay_started", 60)["port"]
             relay_proc.drain_stderr()
             relay_args = ["--relay", f"ws://127.0.0.1:{relay_port}", "--relay-token", token]
             node_procs["relay (the relay itself)"] = relay_proc
         if wanted:
-            b, b_url, b_peer_port = start_node_and_port("B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}",
-                                                                          *cluster, *relay_args])
+            b, b_url, b_peer_port = start_node_and_port(
+                "B", f"{tmp}/B", ["--backend", f"{kind}={engine_url}", *cluster, *relay_args]
+            )
             procs.append(b)
             node_procs["local"] = b
             if "local" in wanted:
@@ -696,8 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 node_procs["lan"] = a
                 routes["lan"] = a_url
             if "ledger" in wanted:  # B again with no ledger and no metrics: what they cost is local - bare
-                b0, b0_url, _ = start_node_and_port("B0", f"{tmp}/B0", ["--backend", f"{kind}={engine_url}", *cluster,
-                                                                     "--no-ledger", "--no-metrics"])
+                b0, b0_url, _ = start_node_and_port(
+                    "B0", f"{tmp}/B0", ["--backend", f"{kind}={engine_url}", *cluster, "--no-ledger", "--no-metrics"]
+                )
                 procs.append(b0)
                 node_procs["bare"] = b0
                 routes["bare"] = b0_url
@@ -715,7 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "surfaces" in wanted:
             report.update(_run(translated_surfaces_bench(args, b_url, model)))
         if "ledger" in wanted and "local_added_p50_ms" in report and "bare_added_p50_ms" in report:
-            print("\n== keys, ledger and metrics: local (on: each request carries an API key, its record is stored and counted) against bare (--no-ledger --no-metrics, no key)")
+            print(
+                "\n== keys, ledger and metrics: local (on: each request carries an API key, its record is stored "
+                "and counted) against bare (--no-ledger --no-metrics, no key)"
+            )
             for what, key in (("added p50, non-streamed", "added_p50_ms"), ("added TTFT p50", "added_ttft_ms")):
                 on, off = report[f"local_{key}"], report[f"bare_{key}"]
                 print(f"  {what}: on {on:.3f} ms, off {off:.3f} ms, cost {on - off:+.3f} ms  (goal <= 0.1 ms)")
@@ -723,9 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for c in args.streams:
                 if f"local_ratio_{c}" in report and f"bare_ratio_{c}" in report:
                     d = (report[f"local_ratio_{c}"] - report[f"bare_ratio_{c}"]) * 100
-                    print(f"  {c:4d} streams: on {report[f'local_ratio_{c}'] * 100:.1f} %, off "
-                          f"{report[f'bare_ratio_{c}'] * 100:.1f} % of direct, cost {-d:+.1f} points"
-                          + ("  (goal <= 1 %)" if c == 64 else ""))
+                    print(
+                        f"  {c:4d} streams: on {report[f'local_ratio_{c}'] * 100:.1f} %, off "
+                        f"{report[f'bare_ratio_{c}'] * 100:.1f} % of direct, cost {-d:+.1f} points"
+                        + ("  (goal <= 1 %)" if c == 64 else "")
+                    )
                     report[f"ledger_cost_ratio_{c}"] = -d / 100
         if args.json:
             print(json.dumps(report, indent=2))

@@ -95,10 +95,28 @@ async def bench(args: argparse.Namespace) -> dict:
     tokens_file = tmp / "tokens"
     tokens_file.write_text("".join(f"{t} ns{i}\n" for i, t in enumerate(tokens)))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "quorum_relay", "--host", "127.0.0.1", "--port", "0", "--tokens-file", str(tokens_file),
-        "--log-format", "json", "--handshake-rate-per-s", "1000000", "--handshake-burst", "1000000",
-        "--max-connections-per-address", str(n + 10), "--max-connections", str(n + 10),
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "quorum_relay",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tokens-file",
+        str(tokens_file),
+        "--log-format",
+        "json",
+        "--handshake-rate-per-s",
+        "1000000",
+        "--handshake-burst",
+        "1000000",
+        "--max-connections-per-address",
+        str(n + 10),
+        "--max-connections",
+        str(n + 10),
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     nodes: list[ClientConnection] = []
@@ -117,9 +135,15 @@ async def bench(args: argparse.Namespace) -> dict:
             node_id = node_id_for(public)
             ws = await connect(
                 url,
-                additional_headers={"Authorization": f"Bearer {tokens[i // per]}", NODE_ID_HEADER: node_id,
-                                    NODE_KEY_HEADER: base64.b64encode(public).decode()},
-                compression=None, open_timeout=30, ping_interval=None, max_size=None,
+                additional_headers={
+                    "Authorization": f"Bearer {tokens[i // per]}",
+                    NODE_ID_HEADER: node_id,
+                    NODE_KEY_HEADER: base64.b64encode(public).decode(),
+                },
+                compression=None,
+                open_timeout=30,
+                ping_interval=None,
+                max_size=None,
             )
             nodes.append(ws)
             challenge = decode(await ws.recv())
@@ -137,7 +161,7 @@ async def bench(args: argparse.Namespace) -> dict:
         for start in range(0, n, 100):
             await asyncio.gather(*(one(i) for i in range(start, min(n, start + 100))))
         connect_s = time.monotonic() - t0
-        while health(port)["connections"] < n:
+        while health(port)["connections"] < n:  # noqa: ASYNC110  (another process's count: no event to wait on)
             await asyncio.sleep(0.1)
         await asyncio.sleep(args.settle_s)
         rss = rss_kib(proc.pid)

@@ -129,8 +129,16 @@ def serve_engine(interval_s: float, cut_fraction: float, seed: int) -> None:
         return event({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
     role, tok, fin = chunk({"role": "assistant", "content": ""}), chunk({"content": " tok"}), chunk({}, "length")
-    cut_error = event({"error": {"message": "generation failed (soak cut)", "type": "InternalServerError",
-                                 "param": None, "code": 500}})
+    cut_error = event(
+        {
+            "error": {
+                "message": "generation failed (soak cut)",
+                "type": "InternalServerError",
+                "param": None,
+                "code": 500,
+            }
+        }
+    )
 
     async def cut(request: web.Request, resp: web.StreamResponse, mode: str) -> web.StreamResponse:
         if mode == "error":  # vLLM: the error event, then [DONE], then a proper end of body
@@ -155,10 +163,18 @@ def serve_engine(interval_s: float, cut_fraction: float, seed: int) -> None:
         stats["requests"] += 1
         n = max(1, int(body.get("max_tokens") or 16))
         if not body.get("stream"):
-            return web.json_response({
-                "id": "chatcmpl-soak", "object": "chat.completion", "created": 1, "model": MODEL,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9}})
+            return web.json_response(
+                {
+                    "id": "chatcmpl-soak",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": MODEL,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
+                }
+            )
         mode, cut_at = None, -1
         if rng.random() < cut_fraction:
             mode, cut_at = rng.choice(CUT_MODES), rng.randint(0, n)
@@ -181,8 +197,15 @@ def serve_engine(interval_s: float, cut_fraction: float, seed: int) -> None:
                 await resp.write(tok)
             await resp.write(fin)
             if (body.get("stream_options") or {}).get("include_usage"):
-                await resp.write(event({**head, "choices": [], "usage": {
-                    "prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}}))
+                await resp.write(
+                    event(
+                        {
+                            **head,
+                            "choices": [],
+                            "usage": {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n},
+                        }
+                    )
+                )
             await resp.write(b"data: [DONE]\n\n")
             stats["completed"] += 1
             return resp
@@ -193,9 +216,21 @@ def serve_engine(interval_s: float, cut_fraction: float, seed: int) -> None:
             stats["active"] -= 1
 
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": MODEL, "object": "model", "created": 1, "owned_by": "vllm", "root": MODEL,
-             "max_model_len": 4096}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": MODEL,
+                        "object": "model",
+                        "created": 1,
+                        "owned_by": "vllm",
+                        "root": MODEL,
+                        "max_model_len": 4096,
+                    }
+                ],
+            }
+        )
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -260,8 +295,9 @@ def serve_proxy(target_port: int, latency_s: float) -> None:
                         await proxy.resume_listening()
                     case "reset_all":
                         proxy.reset_all()
-                print(json.dumps({"reply": cmd["id"], "connections": connections,
-                                  "accepted": proxy.accepted}), flush=True)
+                print(
+                    json.dumps({"reply": cmd["id"], "connections": connections, "accepted": proxy.accepted}), flush=True
+                )
         finally:
             await proxy.close()
 
@@ -313,13 +349,26 @@ class Child:
         self._reader = asyncio.get_running_loop().create_task(self._read())  # awaited in stop()
 
     @classmethod
-    async def start(cls, name: str, args: Sequence[str], log_path: Path,
-                    env: dict[str, str] | None = None, *, commands: bool = False) -> Child:
+    async def start(
+        cls,
+        name: str,
+        args: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        *,
+        commands: bool = False,
+    ) -> Child:
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE if commands else asyncio.subprocess.DEVNULL,
+            *args,
+            stdin=asyncio.subprocess.PIPE if commands else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, cwd=ROOT, env=_child_env(env or {}),
-            start_new_session=True, preexec_fn=_die_with_parent, limit=1 << 20)
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=ROOT,
+            env=_child_env(env or {}),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            limit=1 << 20,
+        )
         return cls(name, proc, log_path)
 
     @property
@@ -411,8 +460,12 @@ class Child:
 def openai_error(obj: Any) -> dict[str, Any] | None:
     """The error dict if ``obj`` is the OpenAI error envelope, else None."""
     err = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(err, dict) and ERROR_KEYS <= err.keys() and isinstance(err["message"], str) \
-            and isinstance(err["type"], str):
+    if (
+        isinstance(err, dict)
+        and err.keys() >= ERROR_KEYS
+        and isinstance(err["message"], str)
+        and isinstance(err["type"], str)
+    ):
         return err
     return None
 
@@ -448,7 +501,8 @@ async def sdk_request(client: Any, n: int, timeout_s: float) -> Result:
     try:
         async with asyncio.timeout(timeout_s):
             stream = await client.chat.completions.create(
-                model=MODEL, messages=MESSAGES, max_tokens=n, stream=True, stream_options={"include_usage": True})
+                model=MODEL, messages=MESSAGES, max_tokens=n, stream=True, stream_options={"include_usage": True}
+            )
             got_head = True
             async for chunk in stream:
                 for choice in chunk.choices:
@@ -466,7 +520,7 @@ async def sdk_request(client: Any, n: int, timeout_s: float) -> Result:
     except openai.APIStatusError as e:
         try:
             raw = e.response.content
-        except Exception:  # the body was not read: judge what the SDK parsed
+        except Exception:  # noqa: BLE001  (the body was not read: judge what the SDK parsed)
             raw = json.dumps({"error": e.body}).encode()
         return classify_http_error(e.status_code, raw)
     except openai.APIError as e:  # the SDK raises this for an in-band error event
@@ -580,9 +634,11 @@ class Tally:
                 ex.append(f"t={t_s:.1f}s {route}/{client}: {detail}")
 
     def total(self, kind: str | None = None, route: str | None = None, client: str | None = None) -> int:
-        return sum(n for (r, c, k, _), n in self.counts.items()
-                   if (kind is None or k == kind) and (route is None or r == route)
-                   and (client is None or c == client))
+        return sum(
+            n
+            for (r, c, k, _), n in self.counts.items()
+            if (kind is None or k == kind) and (route is None or r == route) and (client is None or c == client)
+        )
 
 
 class Gate:
@@ -684,11 +740,12 @@ class Soak:
 
     def b_down_during(self, t_start: float, t_end: float) -> bool:
         grace = self.args.restart_grace_s
-        return any(t_start <= (w["end"] if w["end"] is not None else float("inf")) + grace and t_end >= w["start"]
-                   for w in self.windows)
+        return any(
+            t_start <= (w["end"] if w["end"] is not None else float("inf")) + grace and t_end >= w["start"]
+            for w in self.windows
+        )
 
-    def record(self, route: str, client: str, result: Result, t_start: float, t_end: float,
-               n_tokens: int = 0) -> None:
+    def record(self, route: str, client: str, result: Result, t_start: float, t_end: float, n_tokens: int = 0) -> None:
         kind, reason, detail = result
         if kind == "conn":
             if route == "local" and self.b_down_during(t_start, t_end):
@@ -706,16 +763,39 @@ class Soak:
     # ----------------------------------------------------------- processes
 
     async def start_node(self, name: str, port: int, extra: Sequence[str], incarnation: int) -> Child:
-        args = [PY, "-m", "quorum_node.cli", "run", "--host", "127.0.0.1", "--port", str(port), "--name", name,
-                "--data-dir", str(self.dir / name), "--no-detect", "--no-embedded-engine", "--no-mdns",
-                "--log-format", "json", "--log-level", self.args.node_log_level, *extra]
+        args = [
+            PY,
+            "-m",
+            "quorum_node.cli",
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--name",
+            name,
+            "--data-dir",
+            str(self.dir / name),
+            "--no-detect",
+            "--no-embedded-engine",
+            "--no-mdns",
+            "--log-format",
+            "json",
+            "--log-level",
+            self.args.node_log_level,
+            *extra,
+        ]
         child = await Child.start(f"node {name}#{incarnation}", args, self.dir / f"node-{name}-{incarnation}.log")
         child.port = int((await child.wait_for("node_started", 60))["port"])
         return child
 
     async def start_b(self) -> Child:
-        b = await self.start_node("B", self.b_port, ["--backend", f"vllm={self.engine_url}",
-                                                     "--peer-port", str(self.b_peer_port)], self.b_incarnation)
+        b = await self.start_node(
+            "B",
+            self.b_port,
+            ["--backend", f"vllm={self.engine_url}", "--peer-port", str(self.b_peer_port)],
+            self.b_incarnation,
+        )
         self.b_peer_port = int((await b.wait_for("cluster_started", 5))["peer_port"])
         return b
 
@@ -731,17 +811,39 @@ class Soak:
     async def setup(self) -> None:
         a = self.args
         self.probe = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit_per_host=1), timeout=aiohttp.ClientTimeout(total=10))
+            connector=aiohttp.TCPConnector(limit_per_host=1), timeout=aiohttp.ClientTimeout(total=10)
+        )
         self.engine = await Child.start(
-            "engine", [PY, str(Path(__file__).resolve()), "--serve-engine", "--token-interval-ms",
-                       str(a.token_interval_ms), "--cut-fraction", str(a.cut_fraction), "--seed", str(a.seed)],
-            self.dir / "engine.log")
+            "engine",
+            [
+                PY,
+                str(Path(__file__).resolve()),
+                "--serve-engine",
+                "--token-interval-ms",
+                str(a.token_interval_ms),
+                "--cut-fraction",
+                str(a.cut_fraction),
+                "--seed",
+                str(a.seed),
+            ],
+            self.dir / "engine.log",
+        )
         self.engine_url = f"http://127.0.0.1:{(await self.engine.wait_for('port', 30))['port']}"
         self.b = await self.start_b()
         self.b_port = self.b.port
         self.proxy = await Child.start(
-            "proxy", [PY, str(Path(__file__).resolve()), "--serve-proxy", str(self.b_peer_port),
-                      "--lan-latency-ms", str(a.lan_latency_ms)], self.dir / "proxy.log", commands=True)
+            "proxy",
+            [
+                PY,
+                str(Path(__file__).resolve()),
+                "--serve-proxy",
+                str(self.b_peer_port),
+                "--lan-latency-ms",
+                str(a.lan_latency_ms),
+            ],
+            self.dir / "proxy.log",
+            commands=True,
+        )
         self.proxy.port = int((await self.proxy.wait_for("port", 30))["port"])
         self.a = await self.start_node("A", 0, ["--peer", f"127.0.0.1:{self.proxy.port}"], 0)
         await self.wait_model(self.base("local"))
@@ -754,12 +856,16 @@ class Soak:
         t = self.args.client_timeout_s
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=t))
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=t),
+        )
         if self.use_sdk:
             # the SDK's own timeout a little later than ours, so a hang is always ours to name
-            self.sdk = {route: openai.AsyncOpenAI(base_url=self.base(route) + "/v1", api_key="soak",
-                                                  max_retries=0, timeout=t + 5)
-                        for route in ("local", "lan")}
+            self.sdk = {
+                route: openai.AsyncOpenAI(
+                    base_url=self.base(route) + "/v1", api_key="soak", max_retries=0, timeout=t + 5
+                )
+                for route in ("local", "lan")
+            }
 
     async def close_clients(self) -> None:
         if self.http is not None:
@@ -794,8 +900,11 @@ class Soak:
                     result = await raw_request(self.http, self.base(route), n, self.args.client_timeout_s)
             self.record(route, client, result, start, self.loop.time(), n)
             # after an error a client backs off (the node's 503s say Retry-After) rather than spin
-            await asyncio.sleep(rng.uniform(0, 2 * self.args.pause_s) if result[0] == "ok"
-                                else rng.uniform(0.5, 1.5) * self.args.error_pause_s)
+            await asyncio.sleep(
+                rng.uniform(0, 2 * self.args.pause_s)
+                if result[0] == "ok"
+                else rng.uniform(0.5, 1.5) * self.args.error_pause_s
+            )
 
     async def slow_reader_loop(self, idx: int) -> None:
         rng = random.Random(self.args.seed * 1000 + 500 + idx)
@@ -822,17 +931,26 @@ class Soak:
             return "conn", f"connection error ({type(e).__name__})", str(e)[:200]
         reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
         try:
-            body = json.dumps({"model": MODEL, "messages": MESSAGES, "max_tokens": SLOW_READER_TOKENS,
-                               "stream": True}).encode()
-            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body))
+            body = json.dumps(
+                {"model": MODEL, "messages": MESSAGES, "max_tokens": SLOW_READER_TOKENS, "stream": True}
+            ).encode()
+            writer.write(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body)
+            )
             try:
                 async with asyncio.timeout(self.args.client_timeout_s):
                     head = await reader.readuntil(b"\r\n\r\n")
                     status = int(head.split(b" ", 2)[1])
                     if status != 200:
-                        length = next((int(ln.split(b":", 1)[1]) for ln in head.lower().split(b"\r\n")
-                                       if ln.startswith(b"content-length:")), None)
+                        length = next(
+                            (
+                                int(ln.split(b":", 1)[1])
+                                for ln in head.lower().split(b"\r\n")
+                                if ln.startswith(b"content-length:")
+                            ),
+                            None,
+                        )
                         rest = await (reader.readexactly(length) if length is not None else reader.read(65536))
                         return classify_http_error(status, rest)
             except TimeoutError:
@@ -866,9 +984,9 @@ class Soak:
             await asyncio.sleep(min(self.rng.expovariate(1 / every), max(0.0, self.deadline - self.loop.time())))
             if self.loop.time() >= self.deadline:
                 return
-            if self.gate.open.is_set() and self.proxy is not None:
-                if (await self.proxy.command("reset_all"))["connections"]:
-                    self.lan_resets += 1
+            open_ = self.gate.open.is_set() and self.proxy is not None
+            if open_ and (await self.proxy.command("reset_all"))["connections"]:
+                self.lan_resets += 1
 
     # ------------------------------------------------------- restarts, checks
 
@@ -885,8 +1003,16 @@ class Soak:
         await self.wait_model(self.base("local"))
         await self.proxy.command("resume_listening")
         window["end"] = self.loop.time()
-        self.restarts.append({"t_s": round(t, 1), "exit_code": rc, "stop_s": round(took, 2), "killed": killed,
-                              "down_s": round(window["end"] - window["start"], 2), "window": window})
+        self.restarts.append(
+            {
+                "t_s": round(t, 1),
+                "exit_code": rc,
+                "stop_s": round(took, 2),
+                "killed": killed,
+                "down_s": round(window["end"] - window["start"], 2),
+                "window": window,
+            }
+        )
         if killed or rc != 0:
             self.findings.append(f"B at t={t:.0f}s: {'killed after SIGTERM timeout' if killed else f'exit {rc}'}")
 
@@ -915,10 +1041,15 @@ class Soak:
                 await asyncio.sleep(0.4)
             proc = psutil.Process(child.pid)
             health = await self.get_json(base + "/health")
-            samples.append((proc.memory_info().rss / MIB, proc.num_fds(), int(health["tasks"]),
-                            int(health["connections"])))
-        return Snapshot(rss_mib=samples[-1][0], fds=min(s[1] for s in samples),
-                        tasks=min(s[2] for s in samples), connections=min(s[3] for s in samples))
+            samples.append(
+                (proc.memory_info().rss / MIB, proc.num_fds(), int(health["tasks"]), int(health["connections"]))
+            )
+        return Snapshot(
+            rss_mib=samples[-1][0],
+            fds=min(s[1] for s in samples),
+            tasks=min(s[2] for s in samples),
+            connections=min(s[3] for s in samples),
+        )
 
     async def checkpoint(self, label: str, *, final: bool = False) -> None:
         t = self.now_s()
@@ -933,13 +1064,21 @@ class Soak:
             self.findings.append(f"{label} (t={t:.0f}s): not settled after 15 s idle: {state}")
         await asyncio.sleep(self.args.settle_s)
         assert self.a is not None and self.b is not None
-        nodes = {"A": await self.snapshot(self.a, self.base("lan")),
-                 "B": await self.snapshot(self.b, self.base("local"))}
+        nodes = {
+            "A": await self.snapshot(self.a, self.base("lan")),
+            "B": await self.snapshot(self.b, self.base("local")),
+        }
         engine = await self.get_json(self.engine_url + "/soak/stats")
         self.checkpoints.append(Checkpoint(label, round(t, 1), self.b_incarnation, nodes, int(engine["active"])))
-        print(f"  t={t:6.1f}s checkpoint {label}: " + "; ".join(
-            f"{n} RSS {s.rss_mib:.1f} MiB fds {s.fds} tasks {s.tasks} conns {s.connections}" for n, s in nodes.items())
-            + f"; engine streams open {engine['active']}", flush=True)
+        print(
+            f"  t={t:6.1f}s checkpoint {label}: "
+            + "; ".join(
+                f"{n} RSS {s.rss_mib:.1f} MiB fds {s.fds} tasks {s.tasks} conns {s.connections}"
+                for n, s in nodes.items()
+            )
+            + f"; engine streams open {engine['active']}",
+            flush=True,
+        )
         if not final:
             self.open_clients()
             self.gate.release()
@@ -960,8 +1099,11 @@ class Soak:
             await self.sleep_until(next_t)
             await self.restart_b()
             r = self.restarts[-1]
-            print(f"  t={self.now_s():6.1f}s B restarted: exit {r['exit_code']} after {r['stop_s']} s, "
-                  f"down {r['down_s']} s{' (KILLED)' if r['killed'] else ''}", flush=True)
+            print(
+                f"  t={self.now_s():6.1f}s B restarted: exit {r['exit_code']} after {r['stop_s']} s, "
+                f"down {r['down_s']} s{' (KILLED)' if r['killed'] else ''}",
+                flush=True,
+            )
             next_t += a.restart_every_s * self.rng.uniform(0.75, 1.25)
         if self.restarts:
             await self.sleep_until(self.now_s() + a.b_warmup_s)
@@ -972,12 +1114,18 @@ class Soak:
         a = self.args
         routes = ("local", "lan")
         clients = ("sdk", "raw") if self.use_sdk else ("raw",)
-        print(f"soak: {a.duration_s:g} s, {a.streams} streams, seed {a.seed}; engine {self.engine_url}, "
-              f"B :{self.b_port}, A :{self.base('lan').rsplit(':', 1)[1]} (peer via proxy :{self.proxy.port}); "
-              f"logs in {self.dir}", flush=True)
+        print(
+            f"soak: {a.duration_s:g} s, {a.streams} streams, seed {a.seed}; engine {self.engine_url}, "
+            f"B :{self.b_port}, A :{self.base('lan').rsplit(':', 1)[1]} (peer via proxy :{self.proxy.port}); "
+            f"logs in {self.dir}",
+            flush=True,
+        )
         if not self.use_sdk:
-            print("  (the openai SDK is not installed: every client parses SSE with aiohttp; "
-                  "QUORUM_EXTRAS=test scripts/soak gets it)", flush=True)
+            print(
+                "  (the openai SDK is not installed: every client parses SSE with aiohttp; "
+                "QUORUM_EXTRAS=test scripts/soak gets it)",
+                flush=True,
+            )
         async with asyncio.TaskGroup() as tg:
             for i in range(a.streams):
                 tg.create_task(self.client_loop(i, routes[i % 2], clients[(i // 2) % len(clients)]))
@@ -997,11 +1145,17 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, s
     """The same table as aligned plain text and as Markdown."""
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    plain = "\n".join("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                      for r in cells)
-    md = "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" if i == 0 else "---:"
-                                                                       for i in range(len(headers))) + "|"]
-                   + ["| " + " | ".join(r) + " |" for r in cells[1:]])
+    plain = "\n".join(
+        "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+        for r in cells
+    )
+    md = "\n".join(
+        [
+            "| " + " | ".join(cells[0]) + " |",
+            "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|",
+        ]
+        + ["| " + " | ".join(r) + " |" for r in cells[1:]]
+    )
     return plain, md
 
 
@@ -1019,17 +1173,37 @@ def report(soak: Soak) -> tuple[str, bool, dict[str, Any]]:
         if end is None or before is None:
             goals.append((f"measurements taken ({name})", "missing", False))
             continue
-        what = f"t={before.t_s:g}s → end" if name == "A" else \
-            f"incarnation #{soak.b_incarnation}, t={before.t_s:g}s → end"
+        what = (
+            f"t={before.t_s:g}s → end" if name == "A" else f"incarnation #{soak.b_incarnation}, t={before.t_s:g}s → end"
+        )
         s0, s1 = before.nodes[name], end.nodes[name]
         growth = (s1.rss_mib - s0.rss_mib) / s0.rss_mib * 100
-        mem_rows.append([name, what, f"{s0.rss_mib:.1f}", f"{s1.rss_mib:.1f}", f"{growth:+.1f} %",
-                         s0.fds, s1.fds, s0.tasks, s1.tasks, s0.connections, s1.connections])
+        mem_rows.append(
+            [
+                name,
+                what,
+                f"{s0.rss_mib:.1f}",
+                f"{s1.rss_mib:.1f}",
+                f"{growth:+.1f} %",
+                s0.fds,
+                s1.fds,
+                s0.tasks,
+                s1.tasks,
+                s0.connections,
+                s1.connections,
+            ]
+        )
         goals.append((f"RSS growth < {a.rss_goal_pct:g} % ({name})", f"{growth:+.1f} %", growth < a.rss_goal_pct))
-        goals.append((f"no fd leak ({name}, slack {a.fd_slack})", f"{s1.fds - s0.fds:+d}",
-                      s1.fds - s0.fds <= a.fd_slack))
-        goals.append((f"no task leak ({name}, slack {a.task_slack})", f"{s1.tasks - s0.tasks:+d}",
-                      s1.tasks - s0.tasks <= a.task_slack))
+        goals.append(
+            (f"no fd leak ({name}, slack {a.fd_slack})", f"{s1.fds - s0.fds:+d}", s1.fds - s0.fds <= a.fd_slack)
+        )
+        goals.append(
+            (
+                f"no task leak ({name}, slack {a.task_slack})",
+                f"{s1.tasks - s0.tasks:+d}",
+                s1.tasks - s0.tasks <= a.task_slack,
+            )
+        )
     if end is not None:
         goals.append(("no engine stream left open", str(end.engine_active), end.engine_active == 0))
     clean = sum(1 for r in soak.restarts if not r["killed"] and r["exit_code"] == 0)
@@ -1042,34 +1216,62 @@ def report(soak: Soak) -> tuple[str, bool, dict[str, Any]]:
     for route in ("local", "lan"):
         for client in ("sdk", "raw", "slow"):
             if tally.total(route=route, client=client):
-                req_rows.append([f"{route}/{client}", tally.total(route=route, client=client),
-                                 tally.total("ok", route, client), tally.total("doc", route, client),
-                                 tally.total("bad", route, client)])
+                req_rows.append(
+                    [
+                        f"{route}/{client}",
+                        tally.total(route=route, client=client),
+                        tally.total("ok", route, client),
+                        tally.total("doc", route, client),
+                        tally.total("bad", route, client),
+                    ]
+                )
     req_rows.append(["all", tally.total(), tally.total("ok"), tally.total("doc"), bad])
 
-    mem = table(["node", "measured", "RSS before MiB", "RSS after MiB", "growth", "fds before", "fds after",
-                 "tasks before", "tasks after", "conns before", "conns after"], mem_rows)
+    mem = table(
+        [
+            "node",
+            "measured",
+            "RSS before MiB",
+            "RSS after MiB",
+            "growth",
+            "fds before",
+            "fds after",
+            "tasks before",
+            "tasks after",
+            "conns before",
+            "conns after",
+        ],
+        mem_rows,
+    )
     req = table(["route/client", "requests", "success", "documented", "violations"], req_rows)
     gl = table(["goal", "value", "result"], [[g, v, "PASS" if p else "FAIL"] for g, v, p in goals])
 
     engine_stats = soak.engine_stats
     cuts = engine_stats.get("cuts", {})
-    out.append(f"\n== soak report: {a.duration_s:g} s, {a.streams} streams (half local, half LAN"
-               f"{', half of each via the openai SDK' if soak.use_sdk else ''}), seed {a.seed}")
-    out.append(f"faults: engine cut {sum(cuts.values())} of {engine_stats.get('requests', 0)} streams "
-               f"({', '.join(f'{k} {v}' for k, v in sorted(cuts.items())) or 'none'}); "
-               f"slow readers {sum(soak.slow_runs.values())} "
-               f"({', '.join(f'{k} {v}' for k, v in sorted(soak.slow_runs.items()))}); "
-               f"LAN resets {soak.lan_resets}; B restarts {len(soak.restarts)}")
+    out.append(
+        f"\n== soak report: {a.duration_s:g} s, {a.streams} streams (half local, half LAN"
+        f"{', half of each via the openai SDK' if soak.use_sdk else ''}), seed {a.seed}"
+    )
+    out.append(
+        f"faults: engine cut {sum(cuts.values())} of {engine_stats.get('requests', 0)} streams "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(cuts.items())) or 'none'}); "
+        f"slow readers {sum(soak.slow_runs.values())} "
+        f"({', '.join(f'{k} {v}' for k, v in sorted(soak.slow_runs.items()))}); "
+        f"LAN resets {soak.lan_resets}; B restarts {len(soak.restarts)}"
+    )
     for r in soak.restarts:
         rec = r["window"]["recovered_s"]
-        out.append(f"  B restart at t={r['t_s']}s: exit {r['exit_code']} after {r['stop_s']} s"
-                   f"{' (KILLED)' if r['killed'] else ''}, down {r['down_s']} s; A served it again "
-                   + (f"{rec} s after it was back" if rec is not None else "never (no LAN success after)"))
+        out.append(
+            f"  B restart at t={r['t_s']}s: exit {r['exit_code']} after {r['stop_s']} s"
+            f"{' (KILLED)' if r['killed'] else ''}, down {r['down_s']} s; A served it again "
+            + (f"{rec} s after it was back" if rec is not None else "never (no LAN success after)")
+        )
     for route, xs in soak.ms_per_token.items():
         if xs:
-            out.append(f"  {route}: successful streams took {statistics.median(xs):.1f} ms/token p50, "
-                       f"{sorted(xs)[int(0.99 * (len(xs) - 1))]:.1f} p99 (the engine paces {a.token_interval_ms:g})")
+            out.append(
+                f"  {route}: successful streams took {statistics.median(xs):.1f} ms/token p50, "
+                f"{sorted(xs)[int(0.99 * (len(xs) - 1))]:.1f} p99 (the engine paces {a.token_interval_ms:g})"
+            )
     out.append("\nrequests:\n" + req[0])
     docs = Counter[str]()
     bads = Counter[str]()
@@ -1087,18 +1289,46 @@ def report(soak: Soak) -> tuple[str, bool, dict[str, Any]]:
             out.append(f"  {reason}:")
             out.extend(f"    {e}" for e in exs)
     out.append("\ncheckpoints (load paused, idle; fds/tasks/conns: min of 5 samples):")
-    out.append(table(["checkpoint", "t s", "B#", "A RSS MiB", "A fds", "A tasks", "B RSS MiB", "B fds", "B tasks",
-                      "engine open"],
-                     [[c.label, c.t_s, c.b_incarnation, f"{c.nodes['A'].rss_mib:.1f}", c.nodes["A"].fds,
-                       c.nodes["A"].tasks, f"{c.nodes['B'].rss_mib:.1f}", c.nodes["B"].fds, c.nodes["B"].tasks,
-                       c.engine_active] for c in soak.checkpoints])[0])
+    out.append(
+        table(
+            [
+                "checkpoint",
+                "t s",
+                "B#",
+                "A RSS MiB",
+                "A fds",
+                "A tasks",
+                "B RSS MiB",
+                "B fds",
+                "B tasks",
+                "engine open",
+            ],
+            [
+                [
+                    c.label,
+                    c.t_s,
+                    c.b_incarnation,
+                    f"{c.nodes['A'].rss_mib:.1f}",
+                    c.nodes["A"].fds,
+                    c.nodes["A"].tasks,
+                    f"{c.nodes['B'].rss_mib:.1f}",
+                    c.nodes["B"].fds,
+                    c.nodes["B"].tasks,
+                    c.engine_active,
+                ]
+                for c in soak.checkpoints
+            ],
+        )[0]
+    )
     out.append("\nmemory, fds, tasks (A: from warm-up; B: its last incarnation, from its warm-up):\n" + mem[0])
     out.append("\ngoals:\n" + gl[0])
     logs = []
     for child in [soak.a, *soak.old_b, soak.b]:
         if child is not None and (child.errors or child.warnings):
-            logs.append(f"  {child.name}: {len(child.errors)} error line(s); warnings "
-                        + (", ".join(f"{k} {v}" for k, v in child.warnings.most_common(8)) or "none"))
+            logs.append(
+                f"  {child.name}: {len(child.errors)} error line(s); warnings "
+                + (", ".join(f"{k} {v}" for k, v in child.warnings.most_common(8)) or "none")
+            )
             logs.extend(f"    {e}" for e in child.errors[:3])
     if logs:
         out.append("\nnode logs:\n" + "\n".join(logs))
@@ -1106,12 +1336,24 @@ def report(soak: Soak) -> tuple[str, bool, dict[str, Any]]:
         out.append("\nfindings:\n" + "\n".join(f"  {f}" for f in soak.findings))
     out.append(f"\nMarkdown:\n\n{mem[1]}\n\n{req[1]}\n\n{gl[1]}\n")
     out.append(f"result: {'PASS' if ok else 'FAIL'} (logs in {soak.dir})")
-    summary = {"ok": ok, "duration_s": a.duration_s, "seed": a.seed, "goals": goals, "requests": req_rows,
-               "documented": dict(docs), "violations": dict(bads), "examples": tally.examples,
-               "checkpoints": [asdict(c) for c in soak.checkpoints],
-               "restarts": [{k: v for k, v in r.items() if k != "window"} | {"recovered_s": r["window"]["recovered_s"]}
-                            for r in soak.restarts],
-               "lan_resets": soak.lan_resets, "engine": engine_stats, "findings": soak.findings}
+    summary = {
+        "ok": ok,
+        "duration_s": a.duration_s,
+        "seed": a.seed,
+        "goals": goals,
+        "requests": req_rows,
+        "documented": dict(docs),
+        "violations": dict(bads),
+        "examples": tally.examples,
+        "checkpoints": [asdict(c) for c in soak.checkpoints],
+        "restarts": [
+            {k: v for k, v in r.items() if k != "window"} | {"recovered_s": r["window"]["recovered_s"]}
+            for r in soak.restarts
+        ],
+        "lan_resets": soak.lan_resets,
+        "engine": engine_stats,
+        "findings": soak.findings,
+    }
     return "\n".join(out), ok, summary
 
 
@@ -1142,8 +1384,9 @@ async def run_soak(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="scripts/soak", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="scripts/soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--duration-s", type=float, default=600.0, help="how long the load runs (default 600)")
     ap.add_argument("--streams", type=int, default=64, help="concurrent paced client streams (default 64)")
     ap.add_argument("--min-tokens", type=int, default=16)
@@ -1154,18 +1397,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cut-fraction", type=float, default=0.05, help="share of engine streams cut at random")
     ap.add_argument("--slow-readers", type=int, default=4, help="concurrent slow-reader clients")
     ap.add_argument("--restart-every-s", type=float, default=120.0, help="B restarted about this often (0: never)")
-    ap.add_argument("--lan-reset-every-s", type=float, default=60.0,
-                    help="mean time between RSTs of every A↔B connection (0: never)")
+    ap.add_argument(
+        "--lan-reset-every-s",
+        type=float,
+        default=60.0,
+        help="mean time between RSTs of every A↔B connection (0: never)",
+    )
     ap.add_argument("--lan-latency-ms", type=float, default=1.0, help="added to the A↔B hop, plus as much jitter")
-    ap.add_argument("--warmup-s", type=float, default=None,
-                    help="load before the first measurement (default 10 %% of the duration, at least 10 s)")
-    ap.add_argument("--b-warmup-s", type=float, default=None,
-                    help="load on B's last incarnation before its first measurement (default 30 s or --warmup-s)")
-    ap.add_argument("--settle-s", type=float, default=6.0,
-                    help="idle time before each measurement (longer than the engine's 5 s keep-alive)")
+    ap.add_argument(
+        "--warmup-s",
+        type=float,
+        default=None,
+        help="load before the first measurement (default 10 %% of the duration, at least 10 s)",
+    )
+    ap.add_argument(
+        "--b-warmup-s",
+        type=float,
+        default=None,
+        help="load on B's last incarnation before its first measurement (default 30 s or --warmup-s)",
+    )
+    ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=6.0,
+        help="idle time before each measurement (longer than the engine's 5 s keep-alive)",
+    )
     ap.add_argument("--client-timeout-s", type=float, default=30.0, help="a request not over by then is a hang")
-    ap.add_argument("--restart-grace-s", type=float, default=2.0,
-                    help="after B is back, connection errors to it still count as the restart's")
+    ap.add_argument(
+        "--restart-grace-s",
+        type=float,
+        default=2.0,
+        help="after B is back, connection errors to it still count as the restart's",
+    )
     ap.add_argument("--stop-timeout-s", type=float, default=15.0, help="SIGTERM to exit before B is killed")
     ap.add_argument("--rss-goal-pct", type=float, default=10.0)
     ap.add_argument("--fd-slack", type=int, default=4, help="fds above the warm-up value that are not a leak")

@@ -94,8 +94,9 @@ async def series(request: web.Request) -> web.Response:
     if since is None:
         since = now - 86400
     if (now - since) / bucket > MAX_SERIES_BUCKETS:
-        raise BadRequest(f"bucket: at most {MAX_SERIES_BUCKETS} buckets per series; use a larger bucket",
-                         param="bucket")
+        raise BadRequest(
+            f"bucket: at most {MAX_SERIES_BUCKETS} buckets per series; use a larger bucket", param="bucket"
+        )
     points = await ledger_of(request).series(since, bucket, by)
     return _json({"by": by, "since": since, "bucket": bucket, "points": points})
 
@@ -125,8 +126,9 @@ async def remove_member(request: web.Request) -> web.Response:
     except ValueError as e:
         raise NotFound(str(e), code="member_not_found") from None
     if node_id == cluster.node_id:
-        raise BadRequest("A node does not remove itself: remove it from another member (or `cluster leave`)",
-                         code="remove_self")
+        raise BadRequest(
+            "A node does not remove itself: remove it from another member (or `cluster leave`)", code="remove_self"
+        )
     try:
         cluster.members.remove(cluster.identity, node_id, time.time())  # on_change: eviction here, push to peers
     except ValueError as e:

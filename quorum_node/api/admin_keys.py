@@ -64,8 +64,9 @@ async def create_key(request: web.Request) -> web.Response:
             expires_s = parse_duration(str(body.expires))
         except ValueError as e:
             raise BadRequest(str(e), param="expires", code="invalid_expiry") from None
-    info, secret = request.app[KEYS].create(body.name, models=body.models, expires_s=expires_s,
-                                                 rate_per_min=body.rate, admin=body.admin)
+    info, secret = request.app[KEYS].create(
+        body.name, models=body.models, expires_s=expires_s, rate_per_min=body.rate, admin=body.admin
+    )
     log.info("api_key_created", key=info.name, key_id=info.id, models=info.models, admin=info.admin)
     return _json({"key": secret, "info": info}, status=201)
 

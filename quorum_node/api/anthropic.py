@@ -42,10 +42,10 @@ from aiohttp import web
 
 from ..errors import ApiError, BadRequest, NotSupported
 from .body import read_body
-from .validate import decode_typed
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
 from .passthrough import NativeStream, native_form
-from .surface import PREFIXES, Call, Surface, StreamEncoder, serve
+from .surface import PREFIXES, Call, StreamEncoder, Surface, serve
+from .validate import decode_typed
 
 __all__ = ["MESSAGES", "MessagesSurface", "routes", "to_chat"]
 
@@ -53,10 +53,20 @@ _encode = msgspec.json.Encoder().encode
 _decode_args = msgspec.json.decode
 
 #: Anthropic's error type for each status the node answers with.
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-                413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
-                501: "invalid_request_error", 503: "overloaded_error", 529: "overloaded_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    501: "invalid_request_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
 
 def error_type(status: int) -> str:
@@ -81,6 +91,8 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
 
 
 _request = msgspec.json.Decoder(MessagesRequest).decode
+
+
 def parse_request(raw: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
     req = decode_typed(_request, raw)
     if not req.model:
@@ -174,8 +186,13 @@ def _message(m: dict[str, Any], i: int) -> list[dict[str, Any]]:
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str):
                 raise _bad(at, "a tool_use block needs an id and a name")
-            calls.append({"id": b["id"], "type": "function",
-                          "function": {"name": b["name"], "arguments": _encode(b.get("input") or {}).decode()}})
+            calls.append(
+                {
+                    "id": b["id"],
+                    "type": "function",
+                    "function": {"name": b["name"], "arguments": _encode(b.get("input") or {}).decode()},
+                }
+            )
         elif kind in ("thinking", "redacted_thinking"):
             continue
         else:
@@ -198,8 +215,10 @@ def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, t in enumerate(tools):
         where = f"tools.{i}"
         if t.get("type") not in (None, "custom"):
-            raise _bad(f"{where}.type", f"server tools ({t.get('type')!r}) are not supported by quorum-node; "
-                                        "only custom tools are")
+            raise _bad(
+                f"{where}.type",
+                f"server tools ({t.get('type')!r}) are not supported by quorum-node; only custom tools are",
+            )
         if not isinstance(t.get("name"), str) or not t["name"]:
             raise _bad(f"{where}.name", "expected a non-empty string")
         fn: dict[str, Any] = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object"}}
@@ -247,15 +266,20 @@ def to_chat(req: MessagesRequest) -> dict[str, Any]:
     fmt = (req.output_config or {}).get("format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
-            raise _bad("output_config.format", "expected {\"type\": \"json_schema\", \"schema\": {...}}")
+            raise _bad("output_config.format", 'expected {"type": "json_schema", "schema": {...}}')
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if req.stream:
         body["stream"] = True
     return body
 
 
-_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
-         "content_filter": "refusal"}
+_STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
 
 
 def _stop_reason(finish: Any) -> str:
@@ -293,9 +317,16 @@ class MessagesSurface(Surface):
             content.append({"type": "text", "text": text})
         for cid, name, args in tool_calls_of(message):
             content.append({"type": "tool_use", "id": cid, "name": name, "input": _tool_input(args)})
-        out = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": call.model,
-               "content": content, "stop_reason": _stop_reason(first.get("finish_reason")),
-               "stop_sequence": None, "usage": _usage(payload.get("usage"))}
+        out = {
+            "id": new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": call.model,
+            "content": content,
+            "stop_reason": _stop_reason(first.get("finish_reason")),
+            "stop_sequence": None,
+            "usage": _usage(payload.get("usage")),
+        }
         return web.Response(body=_encode(out), content_type="application/json", headers=headers)
 
     def encoder(self, call: Call) -> StreamEncoder:
@@ -331,17 +362,25 @@ class MessagesStream(StreamEncoder):
         self.finish: str | None = None
 
     def start(self) -> bytes:
-        message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": self.model,
-                   "content": [], "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+        message = {
+            "id": new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
         return sse("message_start", {"type": "message_start", "message": message})
 
     def _begin(self, kind: str, block: dict[str, Any], out: list[bytes]) -> None:
         self._end(out)
         self.index += 1
         self.open = kind
-        out.append(sse("content_block_start", {"type": "content_block_start", "index": self.index,
-                                               "content_block": block}))
+        out.append(
+            sse("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})
+        )
 
     def _end(self, out: list[bytes]) -> None:
         if self.open is not None:
@@ -364,18 +403,41 @@ class MessagesStream(StreamEncoder):
             if delta.content:
                 if self.open != "text":
                     self._begin("text", {"type": "text", "text": ""}, out)
-                out.append(sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                                       "delta": {"type": "text_delta", "text": delta.content}}))
+                out.append(
+                    sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": self.index,
+                            "delta": {"type": "text_delta", "text": delta.content},
+                        },
+                    )
+                )
             for td in delta.tool_calls or ():
                 fn = td.function
                 if self.open != "tool_use" or self.tool_index != td.index:
-                    self._begin("tool_use", {"type": "tool_use", "id": td.id or new_id("toolu_"),
-                                             "name": (fn.name if fn else None) or "", "input": {}}, out)
+                    self._begin(
+                        "tool_use",
+                        {
+                            "type": "tool_use",
+                            "id": td.id or new_id("toolu_"),
+                            "name": (fn.name if fn else None) or "",
+                            "input": {},
+                        },
+                        out,
+                    )
                     self.tool_index = td.index
                 if fn is not None and fn.arguments:
-                    out.append(sse("content_block_delta",
-                                   {"type": "content_block_delta", "index": self.index,
-                                    "delta": {"type": "input_json_delta", "partial_json": fn.arguments}}))
+                    out.append(
+                        sse(
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": self.index,
+                                "delta": {"type": "input_json_delta", "partial_json": fn.arguments},
+                            },
+                        )
+                    )
         return b"".join(out)
 
     def done(self, stats: Any) -> bytes:
@@ -384,9 +446,16 @@ class MessagesStream(StreamEncoder):
         p, c = usage_counts(stats.usage)
         if stats.usage is None:
             c = stats.chunks
-        out.append(sse("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": _stop_reason(self.finish), "stop_sequence": None},
-                                         "usage": {"input_tokens": p, "output_tokens": c}}))
+        out.append(
+            sse(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": _stop_reason(self.finish), "stop_sequence": None},
+                    "usage": {"input_tokens": p, "output_tokens": c},
+                },
+            )
+        )
         out.append(sse("message_stop", {"type": "message_stop"}))
         return b"".join(out)
 
@@ -413,8 +482,14 @@ def _stream_error(message: str, type_: str) -> bytes:
 async def create(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     req = parse_request(raw)
-    call = Call(op="chat", model=req.model, body=to_chat(req), stream=bool(req.stream), operation="messages",
-                native=native_form(request, "messages", req.model, raw))
+    call = Call(
+        op="chat",
+        model=req.model,
+        body=to_chat(req),
+        stream=bool(req.stream),
+        operation="messages",
+        native=native_form(request, "messages", req.model, raw),
+    )
     return await serve(request, MESSAGES, call)
 
 
@@ -423,8 +498,14 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     req = parse_request(raw, need_max_tokens=False)
     req.max_tokens = 1
     req.stream = False
-    call = Call(op="chat", model=req.model, body=to_chat(req), stream=False, operation="count_tokens",
-                native=native_form(request, "count_tokens", req.model, raw))
+    call = Call(
+        op="chat",
+        model=req.model,
+        body=to_chat(req),
+        stream=False,
+        operation="count_tokens",
+        native=native_form(request, "count_tokens", req.model, raw),
+    )
     return await serve(request, _COUNT, call)
 
 

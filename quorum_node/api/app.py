@@ -9,7 +9,6 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 
-
 import structlog
 from aiohttp import web
 
@@ -17,12 +16,34 @@ from ..cluster.messages import HOP_HEADER, KEY_HEADER
 from ..control import admin_token
 from ..control.admin_token import ADMIN_HEADER
 from ..errors import ApiError, NotFound, PayloadTooLarge, Unauthorized
-from ..records import Draft
 from ..names import is_loopback
+from ..records import Draft
 from . import admin, admin_keys, anthropic, cors, dashboard, ollama, openai, peer, responses
 from .auth import charge, grant_for, is_admin_route, presented_key, require_admin
-from .state import (ADDRESS, ANSWER_BUDGET, API_KEY, CATALOG, CLUSTER, DRAFT, INFLIGHT, KEYS, LEDGER, LIMITS, METRICS, NAME, PEER,
-                    PREPARED, RECORDS, REGISTRY, REQUEST_ID, ROUTER, SETTINGS, TRUSTED, Parts, request_id_for)
+from .state import (
+    ADDRESS,
+    ANSWER_BUDGET,
+    API_KEY,
+    CATALOG,
+    CLUSTER,
+    DRAFT,
+    INFLIGHT,
+    KEYS,
+    LEDGER,
+    LIMITS,
+    METRICS,
+    NAME,
+    PEER,
+    PREPARED,
+    RECORDS,
+    REGISTRY,
+    REQUEST_ID,
+    ROUTER,
+    SETTINGS,
+    TRUSTED,
+    Parts,
+    request_id_for,
+)
 from .surface import OPENAI, surface_of
 
 __all__ = ["create_app", "error_response", "is_loopback"]
@@ -51,9 +72,13 @@ def _http_error(request: web.Request, e: web.HTTPException) -> ApiError:
         return NotFound(f"Unknown path: {request.method} {request.path}", code="unknown_path")
     if e.status == 405:
         allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
-        return ApiError(f"Method {request.method} is not allowed on {request.path}", status=405,
-                        type_="invalid_request_error", code="method_not_allowed",
-                        headers={"Allow": allowed} if allowed else None)
+        return ApiError(
+            f"Method {request.method} is not allowed on {request.path}",
+            status=405,
+            type_="invalid_request_error",
+            code="method_not_allowed",
+            headers={"Allow": allowed} if allowed else None,
+        )
     if e.status == 413:
         limit = request.app[SETTINGS].max_body_bytes
         return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes", code="body_too_large")
@@ -74,8 +99,15 @@ def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awa
         path did not (refusals, failures, answers that are not served ones).
         """
         rid = request[REQUEST_ID] = request_id_for(request.headers.get("X-Request-Id"))
-        draft = request[DRAFT] = Draft(request_id=rid, node=name, method=request.method, path=request.path,
-                                       surface=None, operation=None, remote=request.remote)
+        draft = request[DRAFT] = Draft(
+            request_id=rid,
+            node=name,
+            method=request.method,
+            path=request.path,
+            surface=None,
+            operation=None,
+            remote=request.remote,
+        )
         status = 500
         try:
             resp = await handler(request)
@@ -150,14 +182,18 @@ def make_trust_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awai
                     return await handler(request)
                 raise _refused(request, "This port is for the cluster's members", reason="not_a_member")
         if HOP_HEADER in headers or _NODE_ID_HEADER in headers:
-            raise _refused(request, "Requests between nodes go to the peer port, over mutual TLS",
-                           reason="peer_claim")
+            raise _refused(request, "Requests between nodes go to the peer port, over mutual TLS", reason="peer_claim")
         if getattr(request.match_info.handler, "public", False) and request.method in ("GET", "HEAD"):
             return await handler(request)  # the dashboard's page and assets: no data, they ask for the key
         loopback = is_loopback(request.remote)
         token = headers.get(ADMIN_HEADER)
-        if token is not None and loopback and own_token is not None and is_admin_route(request) \
-                and admin_token.matches(own_token, token):
+        if (
+            token is not None
+            and loopback
+            and own_token is not None
+            and is_admin_route(request)
+            and admin_token.matches(own_token, token)
+        ):
             request[TRUSTED] = True
             return await handler(request)  # the node's own user: only it can read the token's file
         trusted = not require_key and loopback and local_host(headers.get("Host"))
@@ -183,12 +219,20 @@ def make_trust_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awai
         if request.method == "GET" and request.path == "/health":
             return await handler(request)  # a stranger learns that the node is alive, nothing else
         if token is not None:
-            raise _refused(request, "The admin token (X-Quorum-Admin) is not this node's, or was sent from another "
-                           "machine or for a path outside /quorum/admin/", reason="admin_token")
-        raise _refused(request, "This node requires an API key (Authorization: Bearer qk_...) from every caller"
-                       if require_key else
-                       "This request needs an API key (Authorization: Bearer qk_...); quorum-node accepts "
-                       "requests without one only from loopback", reason="missing_key")
+            raise _refused(
+                request,
+                "The admin token (X-Quorum-Admin) is not this node's, or was sent from another "
+                "machine or for a path outside /quorum/admin/",
+                reason="admin_token",
+            )
+        raise _refused(
+            request,
+            "This node requires an API key (Authorization: Bearer qk_...) from every caller"
+            if require_key
+            else "This request needs an API key (Authorization: Bearer qk_...); quorum-node accepts "
+            "requests without one only from loopback",
+            reason="missing_key",
+        )
 
     return trust_middleware
 
@@ -221,7 +265,7 @@ def local_host(host: str | None) -> bool:
         return True  # HTTP/1.0 without Host: no browser sends that
     name = host.strip().lower()
     if name.startswith("["):  # [v6]:port
-        name = name[1:name.find("]")] if "]" in name else name
+        name = name[1 : name.find("]")] if "]" in name else name
     elif name.count(":") == 1:
         name = name.rsplit(":", 1)[0]
     name = name.rstrip(".")
@@ -239,8 +283,9 @@ _NODE_ID_HEADER = "X-Quorum-Node-Id"
 _OPEN_PEER_PATHS = frozenset({"/quorum/v1/join", "/quorum/v1/members"})
 
 
-def _refused(request: web.Request, message: str, *, reason: str | None = None,
-             error: ApiError | None = None) -> ApiError:
+def _refused(
+    request: web.Request, message: str, *, reason: str | None = None, error: ApiError | None = None
+) -> ApiError:
     """The 401 for a caller that proved nothing (``error``, else one saying ``message``).
 
     Not a record: counted by ``reason`` and sampled into the log (``Records.refuse``),
@@ -251,8 +296,7 @@ def _refused(request: web.Request, message: str, *, reason: str | None = None,
         error = Unauthorized(message, code="unauthorized" if claims_peer else "missing_api_key")
         error.headers["Connection"] = "close"  # its body is never read
     if reason is None:
-        reason = "peer_claim" if HOP_HEADER in request.headers or _NODE_ID_HEADER in request.headers \
-            else "missing_key"
+        reason = "peer_claim" if HOP_HEADER in request.headers or _NODE_ID_HEADER in request.headers else "missing_key"
     request.app[RECORDS].refuse(request[DRAFT], reason)
     return error
 
@@ -262,8 +306,11 @@ def create_app(parts: Parts) -> web.Application:
     settings = parts.settings
     app = web.Application(
         # CORS before trust: a preflight is answered, and an unlisted Origin never gets loopback trust
-        middlewares=[make_errors_middleware(parts), cors.make_cors_middleware(settings.cors_origins),
-                     make_trust_middleware(parts)],
+        middlewares=[
+            make_errors_middleware(parts),
+            cors.make_cors_middleware(settings.cors_origins),
+            make_trust_middleware(parts),
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

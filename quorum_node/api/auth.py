@@ -70,8 +70,11 @@ def charge(grant: Grant, store: KeyStore) -> None:
     """Spend one request of the key's rate on this node, or refuse with 429 and ``Retry-After``."""
     wait_s = grant.take(store.monotonic())
     if wait_s > 0:
-        e = RateLimited(f"This API key is over its rate of {grant.info.rate_per_min} requests a minute (on this "
-                        f"node); retry in {math.ceil(wait_s)} s", retry_after_s=math.ceil(wait_s))
+        e = RateLimited(
+            f"This API key is over its rate of {grant.info.rate_per_min} requests a minute (on this "
+            f"node); retry in {math.ceil(wait_s)} s",
+            retry_after_s=math.ceil(wait_s),
+        )
         e.headers["Connection"] = "close"  # its body is never read
         raise e
 
@@ -80,8 +83,9 @@ def check_scope(request: web.Request, model: str) -> None:
     """403 if the request's key is scoped to other models (µs: the globs are compiled once per key)."""
     grant = request.get(API_KEY)
     if grant is not None and not grant.allows(model):
-        raise Forbidden(f"This API key may not use the model {model!r}", param="model",
-                        code="model_not_allowed", retryable=False)
+        raise Forbidden(
+            f"This API key may not use the model {model!r}", param="model", code="model_not_allowed", retryable=False
+        )
 
 
 def is_admin_route(request: web.Request) -> bool:
@@ -99,8 +103,12 @@ def require_admin(request: web.Request) -> None:
     grant = request.get(API_KEY)
     if grant is not None:
         if not grant.admin:
-            raise Forbidden("This API key may not use the admin API (/quorum/admin/...): make one with "
-                            "`quorum-node keys create --admin` for that", code="not_admin", retryable=False)
+            raise Forbidden(
+                "This API key may not use the admin API (/quorum/admin/...): make one with "
+                "`quorum-node keys create --admin` for that",
+                code="not_admin",
+                retryable=False,
+            )
         return
     if request.get(PEER) is not None:
         raise Forbidden("Peers do not use the admin API", code="not_admin", retryable=False)

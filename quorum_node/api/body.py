@@ -36,8 +36,9 @@ def _closing(e: ApiError) -> ApiError:
 
 
 def _too_large(limit: int) -> ApiError:
-    return _closing(PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes",
-                                    code="body_too_large"))
+    return _closing(
+        PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes", code="body_too_large")
+    )
 
 
 class _Inflater:
@@ -61,8 +62,9 @@ class _Inflater:
                     self._raw_fallback = False
                     self._d = zlib.decompressobj(-zlib.MAX_WBITS)
                     continue
-                raise BadRequest("The request body is not valid for its Content-Encoding",
-                                 code="invalid_encoding") from None
+                raise BadRequest(
+                    "The request body is not valid for its Content-Encoding", code="invalid_encoding"
+                ) from None
             self._started = True
             if self._d.eof and self._d.unused_data:
                 raise BadRequest("The request body has data after its compressed stream", code="invalid_encoding")
@@ -109,15 +111,25 @@ async def read_body(request: web.Request) -> bytes:
     settings = request.app[SETTINGS]
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower() or "identity"
     if encoding not in _ENCODINGS:
-        raise _closing(UnsupportedMedia(
-            f"Content-Encoding {encoding!r} is not supported; send the body as identity, gzip or deflate",
-            param=None, code="unsupported_encoding"))
+        raise _closing(
+            UnsupportedMedia(
+                f"Content-Encoding {encoding!r} is not supported; send the body as identity, gzip or deflate",
+                param=None,
+                code="unsupported_encoding",
+            )
+        )
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             body = await _read(request, settings.max_body_bytes, _ENCODINGS[encoding], encoding == "deflate")
     except TimeoutError:
-        raise _closing(ApiError(f"The request body did not arrive within {settings.body_timeout_s:g} s",
-                                status=408, type_="invalid_request_error", code="body_timeout")) from None
+        raise _closing(
+            ApiError(
+                f"The request body did not arrive within {settings.body_timeout_s:g} s",
+                status=408,
+                type_="invalid_request_error",
+                code="body_timeout",
+            )
+        ) from None
     except (RequestPayloadError, HttpProcessingError) as e:
         raise _closing(BadRequest(f"The request body is malformed: {e}", code="bad_body")) from None
     return body

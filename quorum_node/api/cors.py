@@ -73,24 +73,31 @@ def make_cors_middleware(origins: Iterable[str]) -> Callable[[web.Request, Handl
         if origin is None:
             site = request.headers.get("Sec-Fetch-Site")
             if site in ("cross-site", "same-site") and not any_origin:
-                raise _forbidden("Requests from other sites' pages are refused; list the page's origin in "
-                                 "cors_origins (--cors-origins) to allow it")
+                raise _forbidden(
+                    "Requests from other sites' pages are refused; list the page's origin in "
+                    "cors_origins (--cors-origins) to allow it"
+                )
             return await handler(request)
         if origin not in allowed and _same_origin(request, origin):
             return await handler(request)  # the node's own pages (the dashboard): not cross-origin
         if not (any_origin or origin in allowed):
-            raise _forbidden(f"Origin {origin!r} is not allowed; list it in cors_origins (--cors-origins) "
-                             "to let that page use this node")
+            raise _forbidden(
+                f"Origin {origin!r} is not allowed; list it in cors_origins (--cors-origins) "
+                "to let that page use this node"
+            )
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             asked = request.headers.get("Access-Control-Request-Headers")
-            return web.Response(status=204, headers={
-                "Access-Control-Allow-Origin": origin,
-                "Access-Control-Allow-Methods": _METHODS,
-                # the origin is trusted: whatever headers its client sends (the SDKs add their own)
-                "Access-Control-Allow-Headers": asked or _DEFAULT_HEADERS,
-                "Access-Control-Max-Age": _MAX_AGE,
-                "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
-            })
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Origin": origin,
+                    "Access-Control-Allow-Methods": _METHODS,
+                    # the origin is trusted: whatever headers its client sends (the SDKs add their own)
+                    "Access-Control-Allow-Headers": asked or _DEFAULT_HEADERS,
+                    "Access-Control-Max-Age": _MAX_AGE,
+                    "Vary": "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+                },
+            )
         request[ALLOWED] = origin
         return await handler(request)
 

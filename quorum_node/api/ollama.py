@@ -24,17 +24,16 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 from aiohttp import web
 
 from ..backends.base import StreamStats
-from ..errors import ApiError, BadRequest, NotFound
 from ..catalog import CatalogView, ModelCard
+from ..errors import ApiError, BadRequest, NotFound
 from .auth import check_scope
 from .body import read_body
-from .state import CATALOG, DRAFT, REGISTRY, visible_catalog
 from .ollama_wire import (
     ChatRequest,
     ChatStream,
@@ -52,6 +51,7 @@ from .ollama_wire import (
     whole_chat,
     whole_generate,
 )
+from .state import CATALOG, DRAFT, REGISTRY, visible_catalog
 from .surface import PREFIXES, Call, StreamEncoder, Surface, serve
 
 __all__ = ["OLLAMA", "OLLAMA_VERSION", "OllamaCall", "OllamaSurface", "routes"]
@@ -63,10 +63,23 @@ _encode = msgspec.json.Encoder().encode
 _STARTED = time.time()  # "modified_at" of models whose engine gives no date
 
 # Engines whose models are GGUF files; vLLM, SGLang and TGI load safetensors; MLX its own.
-_FORMATS = {"ollama": "gguf", "llamacpp": "gguf", "lmstudio": "gguf", "localai": "gguf",
-            "vllm": "safetensors", "sglang": "safetensors", "tgi": "safetensors", "mlx": "mlx"}
-_MANAGEMENT = {"/api/pull": "pull", "/api/push": "push", "/api/create": "create", "/api/copy": "copy",
-               "/api/delete": "delete"}
+_FORMATS = {
+    "ollama": "gguf",
+    "llamacpp": "gguf",
+    "lmstudio": "gguf",
+    "localai": "gguf",
+    "vllm": "safetensors",
+    "sglang": "safetensors",
+    "tgi": "safetensors",
+    "mlx": "mlx",
+}
+_MANAGEMENT = {
+    "/api/pull": "pull",
+    "/api/push": "push",
+    "/api/create": "create",
+    "/api/copy": "copy",
+    "/api/delete": "delete",
+}
 
 
 class OllamaCall(Call, kw_only=True):
@@ -81,14 +94,17 @@ class OllamaCall(Call, kw_only=True):
 class NDJSONEncoder(StreamEncoder):
     """One ``/api/chat`` or ``/api/generate`` stream as NDJSON lines."""
 
-    headers = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers: ClassVar[dict[str, str]] = {
+        "Content-Type": "application/x-ndjson",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
 
     __slots__ = ("_call", "_stream", "_first")
 
     def __init__(self, call: OllamaCall) -> None:
         self._call = call
-        self._stream = ChatStream(call.name, key="message" if call.kind == "chat" else "response",
-                                  think=call.think)
+        self._stream = ChatStream(call.name, key="message" if call.kind == "chat" else "response", think=call.think)
         self._first = call.t0
 
     def start(self) -> bytes:
@@ -100,8 +116,13 @@ class NDJSONEncoder(StreamEncoder):
 
     def done(self, stats: StreamStats) -> bytes:
         now = time.perf_counter()
-        return self._stream.final(stats.usage, stats.chunks, total_s=now - self._call.t0,
-                                  prompt_s=self._first - self._call.t0, eval_s=now - self._first)
+        return self._stream.final(
+            stats.usage,
+            stats.chunks,
+            total_s=now - self._call.t0,
+            prompt_s=self._first - self._call.t0,
+            eval_s=now - self._first,
+        )
 
     def error(self, message: str, code: str | None, type_: str) -> bytes:
         return _encode({"error": message}) + b"\n"  # the ollama clients raise on this line
@@ -134,8 +155,10 @@ PREFIXES.append(("/api/", OLLAMA))  # an unknown /api/... path is answered the w
 
 
 def _embedding_answer(call: OllamaCall, payload: dict[str, Any], total_s: float) -> dict[str, Any]:
-    data = sorted((d for d in payload.get("data") or () if isinstance(d, dict)),
-                  key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0)
+    data = sorted(
+        (d for d in payload.get("data") or () if isinstance(d, dict)),
+        key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0,
+    )
     vectors = [d.get("embedding") for d in data]
     vectors = [v for v in vectors if isinstance(v, list)]
     if call.kind == "embeddings":  # legacy: one vector, as the engine gave it
@@ -145,8 +168,11 @@ def _embedding_answer(call: OllamaCall, payload: dict[str, Any], total_s: float)
         norm = math.hypot(*v) if v else 0.0
         embeddings.append(v if abs(norm - 1.0) < 1e-4 else normalise(v))  # /api/embed is L2-normalised
     usage = payload.get("usage")
-    out: dict[str, Any] = {"model": call.name, "embeddings": embeddings,
-                           **metrics(usage, total_s=total_s, prompt_s=None, eval_s=None)}
+    out: dict[str, Any] = {
+        "model": call.name,
+        "embeddings": embeddings,
+        **metrics(usage, total_s=total_s, prompt_s=None, eval_s=None),
+    }
     return out
 
 
@@ -246,8 +272,14 @@ def _digest(mid: str) -> str:
 
 
 def _tag(mid: str, entries: list[ModelCard]) -> dict[str, Any]:
-    return {"name": mid, "model": mid, "modified_at": _modified_at(entries), "size": 0, "digest": _digest(mid),
-            "details": _details(entries)}
+    return {
+        "name": mid,
+        "model": mid,
+        "modified_at": _modified_at(entries),
+        "size": 0,
+        "digest": _digest(mid),
+        "details": _details(entries),
+    }
 
 
 def _context_length(entries: list[ModelCard]) -> int | None:
@@ -310,8 +342,15 @@ async def show(request: web.Request) -> web.Response:
     ctx = _context_length(entries)
     if ctx:
         info[f"{arch}.context_length"] = ctx
-    out = {"modelfile": "", "parameters": "", "template": "", "details": details, "model_info": info,
-           "capabilities": _capabilities(request.app, mid), "modified_at": _modified_at(entries)}
+    out = {
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": details,
+        "model_info": info,
+        "capabilities": _capabilities(request.app, mid),
+        "modified_at": _modified_at(entries),
+    }
     return web.Response(body=_encode(out), content_type="application/json")
 
 
@@ -321,9 +360,9 @@ async def version(request: web.Request) -> web.Response:
 
 async def root(request: web.Request) -> web.StreamResponse:
     """``GET /`` as Ollama answers it; a browser asking for HTML goes to the dashboard where there is one."""
-    if request.method == "GET" and "text/html" in request.headers.get("Accept", ""):
-        if any(r.canonical == "/dashboard" for r in request.app.router.resources()):
-            raise web.HTTPFound("/dashboard")
+    browser = request.method == "GET" and "text/html" in request.headers.get("Accept", "")
+    if browser and any(r.canonical == "/dashboard" for r in request.app.router.resources()):
+        raise web.HTTPFound("/dashboard")
     return web.Response(text="Ollama is running", content_type="text/plain")
 
 
@@ -332,23 +371,50 @@ async def refuse(request: web.Request) -> web.Response:
     what = _MANAGEMENT.get(request.path, "create")  # /api/blobs/... belongs to create
     request[DRAFT].asked(OLLAMA.name, what)
     ollamas = [b.url for b in request.app[REGISTRY].backends.values() if b.kind == "ollama"]
-    where = (f"this machine's Ollama is at {ollamas[0]} (e.g. `OLLAMA_HOST={ollamas[0]} ollama {what} …`)"
-             if ollamas else "on the machine that should hold the model, use its engine (`ollama " + what
-             + "` against Ollama's own port 11434; for llama.cpp, vLLM and the others, download the weights "
-             "and start the engine with them)")
+    where = (
+        f"this machine's Ollama is at {ollamas[0]} (e.g. `OLLAMA_HOST={ollamas[0]} ollama {what} …`)"
+        if ollamas
+        else "on the machine that should hold the model, use its engine (`ollama "
+        + what
+        + "` against Ollama's own port 11434; for llama.cpp, vLLM and the others, download the weights "
+        "and start the engine with them)"
+    )
     raise ApiError(
         f"Quorum does not manage model weights, so /api/{what} is not available through quorum-node: "
         f"{where}. Quorum serves what the engines hold and lists new models within seconds.",
-        status=403, type_="permission_error", code="weights_not_managed", retryable=False)
+        status=403,
+        type_="permission_error",
+        code="weights_not_managed",
+        retryable=False,
+    )
 
 
 # ---------------------------------------------------------------- generation
 
 
-def _call(request: web.Request, *, op: Any, model: str, body: dict[str, Any], stream: bool, name: str,
-          kind: str, think: bool | str | None = None) -> OllamaCall:
-    return OllamaCall(op=op, model=model, body=body, stream=stream, want_usage=False, operation=kind,
-                      name=name, kind=kind, t0=request[DRAFT].t0, think=think)
+def _call(
+    request: web.Request,
+    *,
+    op: Any,
+    model: str,
+    body: dict[str, Any],
+    stream: bool,
+    name: str,
+    kind: str,
+    think: bool | str | None = None,
+) -> OllamaCall:
+    return OllamaCall(
+        op=op,
+        model=model,
+        body=body,
+        stream=stream,
+        want_usage=False,
+        operation=kind,
+        name=name,
+        kind=kind,
+        t0=request[DRAFT].t0,
+        think=think,
+    )
 
 
 async def _serve(request: web.Request, call: OllamaCall) -> web.StreamResponse:
@@ -360,13 +426,11 @@ async def _serve(request: web.Request, call: OllamaCall) -> web.StreamResponse:
             raise NotFound(f"model '{call.name}' not found", param="model", code="model_not_found") from None
         if e.code == "not_supported":
             what = {"embed": "embeddings", "embeddings": "embeddings"}.get(call.kind, "generate")
-            raise BadRequest(f'"{call.name}" does not support {what}', param="model",
-                             code="not_supported") from None
+            raise BadRequest(f'"{call.name}" does not support {what}', param="model", code="not_supported") from None
         raise
 
 
-def _loaded(request: web.Request, name: str, model: str, kind: str, *, stream: bool,
-            keep_alive: Any) -> web.Response:
+def _loaded(request: web.Request, name: str, model: str, kind: str, *, stream: bool, keep_alive: Any) -> web.Response:
     """An empty chat or prompt: Ollama's way to load (or, with keep_alive 0, unload) a model."""
     request[DRAFT].asked(OLLAMA.name, kind, model)
     check_scope(request, model)  # loading a model is using it
@@ -388,8 +452,19 @@ async def chat(request: web.Request) -> web.StreamResponse:
     model = resolve(request.app, req.model)
     if not req.messages:
         return _loaded(request, req.model, model, "chat", stream=req.stream, keep_alive=req.keep_alive)
-    return await _serve(request, _call(request, op="chat", model=model, body=chat_body(req, model),
-                                       stream=req.stream, name=req.model, kind="chat", think=req.think))
+    return await _serve(
+        request,
+        _call(
+            request,
+            op="chat",
+            model=model,
+            body=chat_body(req, model),
+            stream=req.stream,
+            name=req.model,
+            kind="chat",
+            think=req.think,
+        ),
+    )
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -398,21 +473,35 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if not req.prompt and not req.images and not req.suffix:
         return _loaded(request, req.model, model, "generate", stream=req.stream, keep_alive=req.keep_alive)
     op, body = generate_body(req, model)
-    return await _serve(request, _call(request, op=op, model=model, body=body, stream=req.stream,
-                                       name=req.model, kind="generate", think=req.think))
+    return await _serve(
+        request,
+        _call(
+            request, op=op, model=model, body=body, stream=req.stream, name=req.model, kind="generate", think=req.think
+        ),
+    )
 
 
 async def embed(request: web.Request) -> web.StreamResponse:
     req = decode_request(await read_body(request), EmbedRequest)
     if isinstance(req.input, list) and not req.input:
-        raise BadRequest("invalid input: expected a string or a non-empty array of strings", param="input",
-                         code="invalid_value")
+        raise BadRequest(
+            "invalid input: expected a string or a non-empty array of strings", param="input", code="invalid_value"
+        )
     if req.dimensions is not None and req.dimensions < 1:
         raise BadRequest("invalid dimensions: must be at least 1", param="dimensions", code="invalid_value")
     model = resolve(request.app, req.model)
-    return await _serve(request, _call(request, op="embeddings", model=model,
-                                       body=embed_body(model, req.input, req.dimensions), stream=False,
-                                       name=req.model, kind="embed"))
+    return await _serve(
+        request,
+        _call(
+            request,
+            op="embeddings",
+            model=model,
+            body=embed_body(model, req.input, req.dimensions),
+            stream=False,
+            name=req.model,
+            kind="embed",
+        ),
+    )
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
@@ -424,8 +513,18 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         if not _exists(request.app, model):
             raise NotFound(f"model '{req.model}' not found", param="model", code="model_not_found")
         return web.Response(body=b'{"embedding":[]}', content_type="application/json")
-    return await _serve(request, _call(request, op="embeddings", model=model, body=embed_body(model, req.prompt),
-                                       stream=False, name=req.model, kind="embeddings"))
+    return await _serve(
+        request,
+        _call(
+            request,
+            op="embeddings",
+            model=model,
+            body=embed_body(model, req.prompt),
+            stream=False,
+            name=req.model,
+            kind="embeddings",
+        ),
+    )
 
 
 def routes() -> list[web.RouteDef]:

@@ -36,8 +36,19 @@ from ..backends.wire import decode_chunk
 from ..errors import BadRequest
 
 __all__ = [
-    "ChatRequest", "ChatStream", "EmbedRequest", "EmbeddingsRequest", "GenerateRequest", "ShowRequest",
-    "chat_body", "decode_request", "embed_body", "generate_body", "normalise", "now_rfc3339", "whole_chat",
+    "ChatRequest",
+    "ChatStream",
+    "EmbedRequest",
+    "EmbeddingsRequest",
+    "GenerateRequest",
+    "ShowRequest",
+    "chat_body",
+    "decode_request",
+    "embed_body",
+    "generate_body",
+    "normalise",
+    "now_rfc3339",
+    "whole_chat",
     "whole_generate",
 ]
 
@@ -170,9 +181,17 @@ def _image_url(b64: str) -> dict[str, Any]:
         url = b64
     else:
         head = b64[:8]
-        mime = ("image/png" if head.startswith("iVBOR") else "image/jpeg" if head.startswith("/9j/")
-                else "image/gif" if head.startswith("R0lGOD") else "image/webp" if head.startswith("UklGR")
-                else "image/png")
+        mime = (
+            "image/png"
+            if head.startswith("iVBOR")
+            else "image/jpeg"
+            if head.startswith("/9j/")
+            else "image/gif"
+            if head.startswith("R0lGOD")
+            else "image/webp"
+            if head.startswith("UklGR")
+            else "image/png"
+        )
         url = f"data:{mime};base64,{b64}"
     return {"type": "image_url", "image_url": {"url": url}}
 
@@ -205,9 +224,13 @@ def _messages(messages: list[Message]) -> list[dict[str, Any]]:
                 made += 1
                 cid = tc.id or f"call_{made}"
                 pending.append((cid, tc.function.name))
-                calls.append({"id": cid, "type": "function",
-                              "function": {"name": tc.function.name,
-                                           "arguments": _arguments_text(tc.function.arguments)}})
+                calls.append(
+                    {
+                        "id": cid,
+                        "type": "function",
+                        "function": {"name": tc.function.name, "arguments": _arguments_text(tc.function.arguments)},
+                    }
+                )
             msg: dict[str, Any] = {"role": "assistant", "content": m.content or None, "tool_calls": calls}
         elif m.role == "tool":
             cid = m.tool_call_id
@@ -236,8 +259,7 @@ def _response_format(fmt: Format) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if isinstance(fmt, dict):
         return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
-    raise BadRequest(f"invalid format: {fmt!r}: expected \"json\" or a JSON schema", param="format",
-                     code="invalid_value")
+    raise BadRequest(f'invalid format: {fmt!r}: expected "json" or a JSON schema', param="format", code="invalid_value")
 
 
 def _sampling(body: dict[str, Any], options: Options | None, fmt: Format) -> None:
@@ -268,8 +290,9 @@ def _whole(v: int | float | None, key: str) -> int | None:
     if v is None or isinstance(v, int):
         return v
     if not math.isfinite(v) or v != int(v):
-        raise BadRequest(f"invalid option {key}: {v} is not a whole number", param=f"options.{key}",
-                         code="invalid_value")
+        raise BadRequest(
+            f"invalid option {key}: {v} is not a whole number", param=f"options.{key}", code="invalid_value"
+        )
     return int(v)
 
 
@@ -343,8 +366,9 @@ def _count(usage: Any, key: str) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
-def metrics(usage: Any, *, total_s: float, prompt_s: float | None, eval_s: float | None,
-            chunks: int | None = None) -> dict[str, Any]:
+def metrics(
+    usage: Any, *, total_s: float, prompt_s: float | None, eval_s: float | None, chunks: int | None = None
+) -> dict[str, Any]:
     """The final object's counts and durations (integer nanoseconds), omitted where unknown."""
     out: dict[str, Any] = {"total_duration": _ns(total_s), "load_duration": 0}
     p = _count(usage, "prompt_tokens")
@@ -386,9 +410,15 @@ def tool_calls_out(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         name = fn.get("name")
         args = fn.get("arguments")
-        item: dict[str, Any] = {"function": {"index": i, "name": name if isinstance(name, str) else "",
-                                             "arguments": _arguments_object(args if isinstance(args, str) else None)
-                                             if not isinstance(args, dict) else args}}
+        item: dict[str, Any] = {
+            "function": {
+                "index": i,
+                "name": name if isinstance(name, str) else "",
+                "arguments": _arguments_object(args if isinstance(args, str) else None)
+                if not isinstance(args, dict)
+                else args,
+            }
+        }
         if isinstance(tc.get("id"), str):
             item["id"] = tc["id"]
         out.append(item)
@@ -401,7 +431,10 @@ def _timings(payload: dict[str, Any]) -> tuple[float | None, float | None]:
     if not isinstance(t, dict):
         return None, None
     p, e = t.get("prompt_ms"), t.get("predicted_ms")
-    ok = (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0)
+
+    def ok(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
     return (p / 1000 if ok(p) else None), (e / 1000 if ok(e) else None)
 
 
@@ -425,14 +458,19 @@ def whole_chat(payload: dict[str, Any], model: str, total_s: float, *, think: bo
     if isinstance(calls, list) and calls:
         message["tool_calls"] = tool_calls_out(calls)
     prompt_s, eval_s = _timings(payload)
-    return {"model": model, "created_at": now_rfc3339(), "message": message, "done": True,
-            "done_reason": done_reason(choice.get("finish_reason")),
-            **metrics(payload.get("usage"), total_s=total_s, prompt_s=prompt_s,
-                      eval_s=eval_s if eval_s is not None else total_s)}
+    return {
+        "model": model,
+        "created_at": now_rfc3339(),
+        "message": message,
+        "done": True,
+        "done_reason": done_reason(choice.get("finish_reason")),
+        **metrics(
+            payload.get("usage"), total_s=total_s, prompt_s=prompt_s, eval_s=eval_s if eval_s is not None else total_s
+        ),
+    }
 
 
-def whole_generate(payload: dict[str, Any], model: str, total_s: float, *,
-                   think: bool | str | None) -> dict[str, Any]:
+def whole_generate(payload: dict[str, Any], model: str, total_s: float, *, think: bool | str | None) -> dict[str, Any]:
     """A non-streamed Chat Completion or Completion as Ollama's single ``/api/generate`` object."""
     choice = _first_choice(payload)
     msg = choice.get("message")
@@ -442,14 +480,21 @@ def whole_generate(payload: dict[str, Any], model: str, total_s: float, *,
         thinking = msg.get("reasoning_content") or msg.get("reasoning")
     else:
         text = choice.get("text")
-    out: dict[str, Any] = {"model": model, "created_at": now_rfc3339(),
-                           "response": text if isinstance(text, str) else ""}
+    out: dict[str, Any] = {
+        "model": model,
+        "created_at": now_rfc3339(),
+        "response": text if isinstance(text, str) else "",
+    }
     if isinstance(thinking, str) and thinking and think is not False:
         out["thinking"] = thinking
     prompt_s, eval_s = _timings(payload)
-    out.update(done=True, done_reason=done_reason(choice.get("finish_reason")),
-               **metrics(payload.get("usage"), total_s=total_s, prompt_s=prompt_s,
-                         eval_s=eval_s if eval_s is not None else total_s))
+    out.update(
+        done=True,
+        done_reason=done_reason(choice.get("finish_reason")),
+        **metrics(
+            payload.get("usage"), total_s=total_s, prompt_s=prompt_s, eval_s=eval_s if eval_s is not None else total_s
+        ),
+    )
     return out
 
 
@@ -542,8 +587,9 @@ class ChatStream:
             return b""
         calls = []
         for i, (_, c) in enumerate(sorted(self._calls.items())):
-            item: dict[str, Any] = {"function": {"index": i, "name": c["name"],
-                                                 "arguments": _arguments_object("".join(c["arguments"]))}}
+            item: dict[str, Any] = {
+                "function": {"index": i, "name": c["name"], "arguments": _arguments_object("".join(c["arguments"]))}
+            }
             if c["id"]:
                 item["id"] = c["id"]
             calls.append(item)
@@ -551,8 +597,7 @@ class ChatStream:
         msg = {"role": "assistant", "content": "", "tool_calls": calls}
         return self._line(created, b'"message":' + _encode(msg))
 
-    def final(self, usage: Any, chunks: int, *, total_s: float, prompt_s: float | None,
-              eval_s: float | None) -> bytes:
+    def final(self, usage: Any, chunks: int, *, total_s: float, prompt_s: float | None, eval_s: float | None) -> bytes:
         """The last line: ``done: true`` with the reason, counts and durations."""
         created = now_rfc3339()
         tail = self._flush_calls(created.encode())
@@ -561,6 +606,9 @@ class ChatStream:
             obj["message"] = {"role": "assistant", "content": ""}
         else:
             obj["response"] = ""
-        obj.update(done=True, done_reason=done_reason(self.finish),
-                   **metrics(usage, total_s=total_s, prompt_s=prompt_s, eval_s=eval_s, chunks=chunks))
+        obj.update(
+            done=True,
+            done_reason=done_reason(self.finish),
+            **metrics(usage, total_s=total_s, prompt_s=prompt_s, eval_s=eval_s, chunks=chunks),
+        )
         return tail + _encode(obj) + b"\n"

@@ -19,6 +19,7 @@ __all__ = ["routes"]
 
 _encode = msgspec.json.Encoder().encode
 
+
 async def _read(request: web.Request) -> dict[str, Any]:
     return parse_body(await read_body(request))
 
@@ -102,26 +103,46 @@ async def health(request: web.Request) -> web.Response:
     if not request.get(TRUSTED) and request.get(PEER) is None:
         return web.json_response({"status": "ok"})
     app = request.app
-    return web.json_response({
-        "status": "ok", "node": app[NAME],
-        # for soak tests and monitoring: what a leak would make grow
-        "in_flight": len(app[INFLIGHT]), "connections": app[LIMITS].open_connections(),
-        "tasks": len(asyncio.all_tasks()),
-    })
+    return web.json_response(
+        {
+            "status": "ok",
+            "node": app[NAME],
+            # for soak tests and monitoring: what a leak would make grow
+            "in_flight": len(app[INFLIGHT]),
+            "connections": app[LIMITS].open_connections(),
+            "tasks": len(asyncio.all_tasks()),
+        }
+    )
 
 
 async def ready(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     engines = [
-        {"name": b.name, "kind": b.kind, "state": b.state.value, "models": len(b.models), "load": b.load,
-         "error": b.last_error}
+        {
+            "name": b.name,
+            "kind": b.kind,
+            "state": b.state.value,
+            "models": len(b.models),
+            "load": b.load,
+            "error": b.last_error,
+        }
         for b in registry.backends.values()
-    ] + [{"name": name, "kind": "llamacpp", "state": "starting", "models": 0, "error": None} for name in registry.pending]
+    ] + [
+        {"name": name, "kind": "llamacpp", "state": "starting", "models": 0, "error": None} for name in registry.pending
+    ]
     if registry.ready():
         return web.json_response({"status": "ready", "engines": engines})
     return web.json_response(
-        {"status": "not_ready", "engines": engines,
-         "error": {"message": "No engine is ready yet", "type": "unavailable_error", "param": None, "code": "not_ready"}},
+        {
+            "status": "not_ready",
+            "engines": engines,
+            "error": {
+                "message": "No engine is ready yet",
+                "type": "unavailable_error",
+                "param": None,
+                "code": "not_ready",
+            },
+        },
         status=503,
         headers={"Retry-After": "2"},
     )
@@ -143,4 +164,3 @@ def routes() -> list[web.RouteDef]:
         OPENAI.route("POST", "/completions", completions),
         OPENAI.route("POST", "/embeddings", embeddings),
     ]
-

@@ -45,8 +45,7 @@ class _Kind(msgspec.Struct):
 _kind = msgspec.json.Decoder(_Kind).decode
 
 
-def native_form(request: web.Request, op: Op, model: str, raw: bytes,
-                edit: Any = None) -> Native | None:
+def native_form(request: web.Request, op: Op, model: str, raw: bytes, edit: Any = None) -> Native | None:
     """The client's request (``raw``, already checked) for engines that serve ``op``; None if none holds ``model``.
 
     ``edit``: a function that changes the decoded body in place (the node's own state, e.g. a conversation).
@@ -68,8 +67,9 @@ def frame(raw: bytes, kind: str | None = None) -> bytes:
     """
     name = kind or _kind(raw).type
     if not EVENT_TYPE.match(name):
-        raise StreamBroken(f"the engine sent an event whose type is no event name: {name[:100]!r}",
-                           code="malformed_event")
+        raise StreamBroken(
+            f"the engine sent an event whose type is no event name: {name[:100]!r}", code="malformed_event"
+        )
     return b"event: " + name.encode() + b"\ndata: " + raw + b"\n\n"
 
 

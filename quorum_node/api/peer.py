@@ -68,19 +68,32 @@ def peers_answer(cluster: ClusterService) -> bytes:
     """``GET /quorum/v1/peers``: the peer table as this node sees it, and the relay link."""
     now = time.monotonic()
     peers = [
-        {"node_id": p.node_id, "name": p.info.name, "address": p.info.address, "route": p.info.route,
-         "state": p.state.value, "models": sorted({e.id for e in cluster.catalogs.get(p.node_id, ())}),
-         "in_flight": p.in_flight, "last_seen_s": round(now - p.last_seen, 3),
-         "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
-         "static": p.static, "routes": p.routes, "draining": p.draining,
-         "since": cluster.wall_clock(p.up_since, now),  # online since (epoch seconds), None while not up
-         "load": p.load.in_flight if p.load is not None else None}  # what it says it is answering
+        {
+            "node_id": p.node_id,
+            "name": p.info.name,
+            "address": p.info.address,
+            "route": p.info.route,
+            "state": p.state.value,
+            "models": sorted({e.id for e in cluster.catalogs.get(p.node_id, ())}),
+            "in_flight": p.in_flight,
+            "last_seen_s": round(now - p.last_seen, 3),
+            "rtt_ms": round(p.ewma_rtt_s * 1000, 3) if p.ewma_rtt_s is not None else None,
+            "static": p.static,
+            "routes": p.routes,
+            "draining": p.draining,
+            "since": cluster.wall_clock(p.up_since, now),  # online since (epoch seconds), None while not up
+            "load": p.load.in_flight if p.load is not None else None,
+        }  # what it says it is answering
         for p in cluster.table.all()
     ]
     relay = None
     if cluster.relay is not None:
-        relay = {"url": cluster.settings.relay, "state": cluster.relay.state, "error": cluster.relay.last_error,
-                 "online": sorted(cluster.relay.online)}
+        relay = {
+            "url": cluster.settings.relay,
+            "state": cluster.relay.state,
+            "error": cluster.relay.last_error,
+            "online": sorted(cluster.relay.online),
+        }
     me = {**msgspec.structs.asdict(cluster.identity_message()), "cluster": cluster.membership.root}
     del me["load"], me["fingerprint"]
     return _encode({"node": me, "peers": peers, "relay": relay})
@@ -124,8 +137,7 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
 
     async def join(request: web.Request) -> web.Response:
         if cluster.peer_port_tls(request) is None:
-            raise Forbidden("Join over the peer port (`quorum-node join` does)", code="not_peer_port",
-                            retryable=False)
+            raise Forbidden("Join over the peer port (`quorum-node join` does)", code="not_peer_port", retryable=False)
         if request.content_length is not None and request.content_length > MAX_JOIN_BYTES:
             raise BadRequest("A join request is small", code="bad_join")
         raw = await read_body(request)

@@ -52,10 +52,10 @@ from ..backends.native import FINAL, LIFECYCLE
 from ..errors import BadRequest, NotFound
 from .body import read_body
 from .chunks import decode_chunk, new_id, sse, tool_calls_of, usage_counts
+from .passthrough import NativeStream, frame, native_form
 from .responses_wire import ResponsesRequest, parse_request, to_chat
 from .state import DRAFT, SETTINGS
-from .passthrough import NativeStream, frame, native_form
-from .surface import Call, Surface, StreamEncoder, serve
+from .surface import Call, StreamEncoder, Surface, serve
 
 __all__ = ["RESPONSES", "ResponseStore", "ResponsesSurface", "STORE", "routes", "to_chat"]
 
@@ -149,13 +149,23 @@ class ResponsesCall(Call, kw_only=True):
 
 def _usage(usage: Any) -> dict[str, Any]:
     p, c = usage_counts(usage)
-    return {"input_tokens": p, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c}
+    return {
+        "input_tokens": p,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": c,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": p + c,
+    }
 
 
 def _message_item(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
-    return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [_text_part(text)] if status == "completed" else []}
+    return {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": status,
+        "content": [_text_part(text)] if status == "completed" else [],
+    }
 
 
 def _text_part(text: str) -> dict[str, Any]:
@@ -163,25 +173,52 @@ def _text_part(text: str) -> dict[str, Any]:
 
 
 def _call_item(item_id: str, call_id: str, name: str, args: str, status: str = "completed") -> dict[str, Any]:
-    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": args,
-            "status": status}
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": args,
+        "status": status,
+    }
 
 
-def _response(ex: Exchange, *, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None,
-              finish: str | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+def _response(
+    ex: Exchange,
+    *,
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None,
+    finish: str | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     req = ex.req
     incomplete = {"reason": "max_output_tokens"} if finish == "length" else None
     if incomplete is not None and status == "completed":
         status = "incomplete"
     return {
-        "id": ex.id, "object": "response", "created_at": ex.created_at, "status": status,
-        "background": False, "error": error, "incomplete_details": incomplete,
-        "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": req.model,
-        "output": output, "parallel_tool_calls": req.parallel_tool_calls is not False,
-        "previous_response_id": req.previous_response_id, "store": ex.store is not None,
-        "temperature": req.temperature, "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
-        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto", "tools": req.tools or [],
-        "top_p": req.top_p, "truncation": "disabled", "usage": usage, "metadata": req.metadata or {},
+        "id": ex.id,
+        "object": "response",
+        "created_at": ex.created_at,
+        "status": status,
+        "background": False,
+        "error": error,
+        "incomplete_details": incomplete,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "model": req.model,
+        "output": output,
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": req.previous_response_id,
+        "store": ex.store is not None,
+        "temperature": req.temperature,
+        "text": {"format": (req.text or {}).get("format") or {"type": "text"}},
+        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+        "tools": req.tools or [],
+        "top_p": req.top_p,
+        "truncation": "disabled",
+        "usage": usage,
+        "metadata": req.metadata or {},
     }
 
 
@@ -189,8 +226,11 @@ def _keep(ex: Exchange, response: dict[str, Any], output: list[dict[str, Any]]) 
     if ex.store is None:
         return
     history = ex.items + [it for it in output if isinstance(it, dict)]
-    ex.store.put(ex.id, Stored(response=_encode(response), history=_encode(history), owner=ex.owner,
-                               at=time.monotonic()), time.monotonic())
+    ex.store.put(
+        ex.id,
+        Stored(response=_encode(response), history=_encode(history), owner=ex.owner, at=time.monotonic()),
+        time.monotonic(),
+    )
 
 
 #: Fields of an engine's Response the node answers in its own words: its id, and what the engine was
@@ -224,8 +264,13 @@ class ResponsesSurface(Surface):
         for call_id, name, args in tool_calls_of(message):
             output.append(_call_item(new_id("fc_"), call_id, name, args))
         finish = first.get("finish_reason")
-        response = _response(ex, status="completed", output=output, usage=_usage(payload.get("usage")),
-                             finish=finish if isinstance(finish, str) else None)
+        response = _response(
+            ex,
+            status="completed",
+            output=output,
+            usage=_usage(payload.get("usage")),
+            finish=finish if isinstance(finish, str) else None,
+        )
         _keep(ex, response, output)
         return web.Response(body=_encode(response), content_type="application/json", headers=headers)
 
@@ -260,10 +305,18 @@ class _Numbered(StreamEncoder):
 
     def error(self, message: str, code: str | None, type_: str) -> bytes:
         # The top-level "error" object is what makes the openai SDK raise on this event.
-        err = self._ev("error", {"code": code, "message": message, "param": None,
-                                 "error": {"type": type_, "code": code, "message": message, "param": None}})
-        failed = _response(self.ex, status="failed", output=self.output, usage=None,
-                           error={"code": "server_error", "message": message})
+        err = self._ev(
+            "error",
+            {
+                "code": code,
+                "message": message,
+                "param": None,
+                "error": {"type": type_, "code": code, "message": message, "param": None},
+            },
+        )
+        failed = _response(
+            self.ex, status="failed", output=self.output, usage=None, error={"code": "server_error", "message": message}
+        )
         return err + self._ev("response.failed", {"response": failed})
 
 
@@ -279,8 +332,9 @@ class ResponsesStream(_Numbered):
 
     def start(self) -> bytes:
         skeleton = _response(self.ex, status="in_progress", output=[], usage=None)
-        return self._ev("response.created", {"response": skeleton}) + \
-            self._ev("response.in_progress", {"response": skeleton})
+        return self._ev("response.created", {"response": skeleton}) + self._ev(
+            "response.in_progress", {"response": skeleton}
+        )
 
     def batch(self, events: list[bytes]) -> bytes:
         out: list[bytes] = []
@@ -309,12 +363,25 @@ class ResponsesStream(_Numbered):
             self.text = []
             idx = len(self.output) - 1
             out.append(self._ev("response.output_item.added", {"output_index": idx, "item": item}))
-            out.append(self._ev("response.content_part.added", {"item_id": item["id"], "output_index": idx,
-                                                                 "content_index": 0, "part": _text_part("")}))
+            out.append(
+                self._ev(
+                    "response.content_part.added",
+                    {"item_id": item["id"], "output_index": idx, "content_index": 0, "part": _text_part("")},
+                )
+            )
         self.text.append(piece)
-        out.append(self._ev("response.output_text.delta", {"item_id": self.output[-1]["id"],
-                                                            "output_index": len(self.output) - 1,
-                                                            "content_index": 0, "delta": piece, "logprobs": []}))
+        out.append(
+            self._ev(
+                "response.output_text.delta",
+                {
+                    "item_id": self.output[-1]["id"],
+                    "output_index": len(self.output) - 1,
+                    "content_index": 0,
+                    "delta": piece,
+                    "logprobs": [],
+                },
+            )
+        )
 
     def _close_text(self, out: list[bytes]) -> None:
         if self.text is None:
@@ -336,20 +403,23 @@ class ResponsesStream(_Numbered):
         if item is None:
             self._close_text(out)
             self._close_tool(out)
-            item = _call_item(new_id("fc_"), td.id or new_id("call_"), (fn.name if fn else None) or "", "",
-                              status="in_progress")
+            item = _call_item(
+                new_id("fc_"), td.id or new_id("call_"), (fn.name if fn else None) or "", "", status="in_progress"
+            )
             self.output.append(item)
             self.tools[td.index] = item
             self.open_tool = td.index
-            out.append(self._ev("response.output_item.added", {"output_index": len(self.output) - 1,
-                                                                "item": item}))
+            out.append(self._ev("response.output_item.added", {"output_index": len(self.output) - 1, "item": item}))
         elif fn is not None and fn.name and not item["name"]:
             item["name"] = fn.name
         if fn is not None and fn.arguments:
             item["arguments"] += fn.arguments
-            out.append(self._ev("response.function_call_arguments.delta",
-                                {"item_id": item["id"], "output_index": self.output.index(item),
-                                 "delta": fn.arguments}))
+            out.append(
+                self._ev(
+                    "response.function_call_arguments.delta",
+                    {"item_id": item["id"], "output_index": self.output.index(item), "delta": fn.arguments},
+                )
+            )
 
     def _close_tool(self, out: list[bytes]) -> None:
         if self.open_tool is None:
@@ -358,17 +428,21 @@ class ResponsesStream(_Numbered):
         self.open_tool = None
         idx = self.output.index(item)
         item["status"] = "completed"
-        out.append(self._ev("response.function_call_arguments.done",
-                            {"item_id": item["id"], "output_index": idx, "name": item["name"],
-                             "arguments": item["arguments"]}))
+        out.append(
+            self._ev(
+                "response.function_call_arguments.done",
+                {"item_id": item["id"], "output_index": idx, "name": item["name"], "arguments": item["arguments"]},
+            )
+        )
         out.append(self._ev("response.output_item.done", {"output_index": idx, "item": item}))
 
     def done(self, stats: Any) -> bytes:
         out: list[bytes] = []
         self._close_text(out)
         self._close_tool(out)
-        response = _response(self.ex, status="completed", output=self.output, usage=_usage(stats.usage),
-                             finish=self.finish)
+        response = _response(
+            self.ex, status="completed", output=self.output, usage=_usage(stats.usage), finish=self.finish
+        )
         _keep(self.ex, response, self.output)
         # Always response.completed, with status "incomplete" where max_output_tokens cut it (as
         # llama-server does): the openai SDK's stream helper and openai-agents wait for this event.
@@ -396,8 +470,9 @@ class NativeResponsesStream(_Numbered, NativeStream):
             if head.type in LIFECYCLE:
                 ev = _decode(raw)
                 final = head.type in FINAL
-                response = ev["response"] = _from_engine(self.ex, ev["response"],
-                                                         "completed" if final else "in_progress")
+                response = ev["response"] = _from_engine(
+                    self.ex, ev["response"], "completed" if final else "in_progress"
+                )
                 if final:
                     _keep(self.ex, response, response["output"])
                 raw = _encode(ev)
@@ -423,20 +498,36 @@ async def create(request: web.Request) -> web.StreamResponse:
     if req.previous_response_id is not None:
         prev = store.get(req.previous_response_id, owner, time.monotonic())
         if prev is None:
-            raise BadRequest(f"Previous response with id '{req.previous_response_id}' not found.",
-                             param="previous_response_id", code="previous_response_not_found")
+            raise BadRequest(
+                f"Previous response with id '{req.previous_response_id}' not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         history = _decode(prev.history)
     body, items = to_chat(req, history)
-    ex = Exchange(id=new_id("resp_"), created_at=int(time.time()), req=req, items=items,
-                  store=store if req.store is not False else None, owner=owner)
+    ex = Exchange(
+        id=new_id("resp_"),
+        created_at=int(time.time()),
+        req=req,
+        items=items,
+        store=store if req.store is not False else None,
+        owner=owner,
+    )
 
     def stateless(native: dict[str, Any]) -> None:  # the node keeps the conversation and the store
         if native.pop("previous_response_id", None) is not None:
             native["input"] = items
         native["store"] = False
 
-    call = ResponsesCall(op="chat", model=req.model, body=body, stream=bool(req.stream), operation="responses",
-                         exchange=ex, native=native_form(request, "responses", req.model, raw, stateless))
+    call = ResponsesCall(
+        op="chat",
+        model=req.model,
+        body=body,
+        stream=bool(req.stream),
+        operation="responses",
+        exchange=ex,
+        native=native_form(request, "responses", req.model, raw, stateless),
+    )
     return await serve(request, RESPONSES, call)
 
 
@@ -456,8 +547,9 @@ async def delete(request: web.Request) -> web.Response:
     if store.get(rid, _owner(request), time.monotonic()) is None:
         raise NotFound(f"Response with id '{rid}' not found.", param="response_id", code="response_not_found")
     store.pop(rid)
-    return web.Response(body=_encode({"id": rid, "object": "response.deleted", "deleted": True}),
-                        content_type="application/json")
+    return web.Response(
+        body=_encode({"id": rid, "object": "response.deleted", "deleted": True}), content_type="application/json"
+    )
 
 
 def routes() -> list[web.RouteDef]:
@@ -471,6 +563,7 @@ def routes() -> list[web.RouteDef]:
 def setup(app: web.Application) -> None:
     """The Responses routes and the node's store of responses, on ``app``."""
     s = app[SETTINGS]
-    app[STORE] = ResponseStore(max_entries=s.responses_store_max_entries, max_bytes=s.responses_store_max_bytes,
-                               ttl_s=s.responses_store_ttl_s)
+    app[STORE] = ResponseStore(
+        max_entries=s.responses_store_max_entries, max_bytes=s.responses_store_max_bytes, ttl_s=s.responses_store_ttl_s
+    )
     app.router.add_routes(routes())

@@ -44,6 +44,8 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 
 
 _request = msgspec.json.Decoder(ResponsesRequest).decode
+
+
 def parse_request(raw: bytes) -> ResponsesRequest:
     req = decode_typed(_request, raw)
     if not req.model:
@@ -52,8 +54,9 @@ def parse_request(raw: bytes) -> ResponsesRequest:
         if getattr(req, name) not in (None, False):
             raise _unsupported(name, f"'{name}' is not supported by quorum-node")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
-        raise BadRequest("Invalid 'max_output_tokens': must be at least 1", param="max_output_tokens",
-                         code="invalid_value")
+        raise BadRequest(
+            "Invalid 'max_output_tokens': must be at least 1", param="max_output_tokens", code="invalid_value"
+        )
     if req.input is None or req.input == [] or req.input == "":
         raise BadRequest("Missing required parameter: 'input'", param="input", code="missing_required_parameter")
     return req
@@ -71,8 +74,9 @@ def _text_of(parts: Any, param: str) -> str:
         out = []
         for i, p in enumerate(parts):
             if not isinstance(p, dict) or not isinstance(p.get("text"), str):
-                raise BadRequest(f"Invalid '{param}[{i}]': expected a text part", param=f"{param}[{i}]",
-                                 code="invalid_type")
+                raise BadRequest(
+                    f"Invalid '{param}[{i}]': expected a text part", param=f"{param}[{i}]", code="invalid_type"
+                )
             out.append(p["text"])
         return "".join(out)
     raise BadRequest(f"Invalid '{param}': expected a string or an array of parts", param=param, code="invalid_type")
@@ -96,8 +100,11 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
         elif kind == "input_image":
             url = p.get("image_url")
             if not isinstance(url, str) or not url:
-                raise _unsupported(where, f"'{where}': images by file_id are not supported by quorum-node; "
-                                          "send image_url (a data: URL or an http URL the engine can fetch)")
+                raise _unsupported(
+                    where,
+                    f"'{where}': images by file_id are not supported by quorum-node; "
+                    "send image_url (a data: URL or an http URL the engine can fetch)",
+                )
             image: dict[str, Any] = {"url": url}
             if isinstance(p.get("detail"), str) and p["detail"] != "auto":
                 image["detail"] = p["detail"]
@@ -106,8 +113,9 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
         elif kind == "input_file":
             raise _unsupported(where, f"'{where}': input_file is not supported by quorum-node")
         else:
-            raise BadRequest(f"Invalid '{where}': unknown content part type {kind!r}", param=where,
-                             code="invalid_value")
+            raise BadRequest(
+                f"Invalid '{where}': unknown content part type {kind!r}", param=where, code="invalid_value"
+            )
     if images:
         return parts
     return "".join(p["text"] for p in parts)  # text only: a plain string suits every chat template
@@ -130,14 +138,20 @@ def input_messages(inp: str | list[Any]) -> list[dict[str, Any]]:
             role = item.get("role")
             role = _ROLES.get(role) if isinstance(role, str) else None
             if role is None:
-                raise BadRequest(f"Invalid '{where}.role': expected user, assistant, system or developer",
-                                 param=f"{where}.role", code="invalid_value")
+                raise BadRequest(
+                    f"Invalid '{where}.role': expected user, assistant, system or developer",
+                    param=f"{where}.role",
+                    code="invalid_value",
+                )
             out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             call_id, name, args = item.get("call_id"), item.get("name"), item.get("arguments")
             if not (isinstance(call_id, str) and isinstance(name, str) and isinstance(args, str)):
-                raise BadRequest(f"Invalid '{where}': a function_call needs call_id, name and arguments (strings)",
-                                 param=where, code="invalid_type")
+                raise BadRequest(
+                    f"Invalid '{where}': a function_call needs call_id, name and arguments (strings)",
+                    param=where,
+                    code="invalid_type",
+                )
             call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
             last = out[-1] if out else None
             if last is not None and last["role"] == "assistant" and "tool_calls" in last:
@@ -149,10 +163,12 @@ def input_messages(inp: str | list[Any]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
-                raise BadRequest(f"Invalid '{where}.call_id': expected a string", param=f"{where}.call_id",
-                                 code="invalid_type")
-            out.append({"role": "tool", "tool_call_id": call_id,
-                        "content": _text_of(item.get("output"), f"{where}.output")})
+                raise BadRequest(
+                    f"Invalid '{where}.call_id': expected a string", param=f"{where}.call_id", code="invalid_type"
+                )
+            out.append(
+                {"role": "tool", "tool_call_id": call_id, "content": _text_of(item.get("output"), f"{where}.output")}
+            )
         elif kind == "reasoning":
             continue  # the engine's own thoughts from an earlier turn: not sent back
         else:
@@ -165,12 +181,15 @@ def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, t in enumerate(tools):
         where = f"tools[{i}]"
         if t.get("type") != "function":
-            raise _unsupported(where, f"'{where}': tools of type {t.get('type')!r} are not supported by "
-                                      "quorum-node; only function tools are")
+            raise _unsupported(
+                where,
+                f"'{where}': tools of type {t.get('type')!r} are not supported by quorum-node; only function tools are",
+            )
         name = t.get("name")
         if not isinstance(name, str) or not name:
-            raise BadRequest(f"Invalid '{where}.name': expected a non-empty string", param=f"{where}.name",
-                             code="invalid_type")
+            raise BadRequest(
+                f"Invalid '{where}.name': expected a non-empty string", param=f"{where}.name", code="invalid_type"
+            )
         fn: dict[str, Any] = {"name": name}
         for key in ("description", "parameters", "strict"):
             if t.get(key) is not None:
@@ -200,8 +219,11 @@ def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "json_schema":
         schema, name = fmt.get("schema"), fmt.get("name")
         if not isinstance(schema, dict) or not isinstance(name, str):
-            raise BadRequest("Invalid 'text.format': json_schema needs a name and a schema", param="text.format",
-                             code="invalid_value")
+            raise BadRequest(
+                "Invalid 'text.format': json_schema needs a name and a schema",
+                param="text.format",
+                code="invalid_value",
+            )
         spec: dict[str, Any] = {"name": name, "schema": schema}
         for key in ("strict", "description"):
             if fmt.get(key) is not None:

@@ -89,8 +89,13 @@ class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol with the limits above."""
 
     def __init__(self, manager: _GuardedServer, *, limits: ConnectionLimits, **kwargs: Any) -> None:
-        super().__init__(manager, keepalive_timeout=limits.keepalive_timeout_s, lingering_time=_LINGER_S,
-                         auto_decompress=False, **kwargs)
+        super().__init__(
+            manager,
+            keepalive_timeout=limits.keepalive_timeout_s,
+            lingering_time=_LINGER_S,
+            auto_decompress=False,
+            **kwargs,
+        )
         self._limits = limits
         self._address: str | None = None
         self._header_timer: asyncio.TimerHandle | None = None
@@ -104,8 +109,12 @@ class _GuardedHandler(RequestHandler):
             except web.HTTPException as e:
                 if e.status < 400:
                     raise
-                return web.Response(status=e.status, body=error_body(e.text or e.reason, "invalid_request_error"),
-                                    content_type="application/json", headers={"x-should-retry": "false"})
+                return web.Response(
+                    status=e.status,
+                    body=error_body(e.text or e.reason, "invalid_request_error"),
+                    content_type="application/json",
+                    headers={"x-should-retry": "false"},
+                )
 
         self._request_handler = handle
 
@@ -118,12 +127,20 @@ class _GuardedHandler(RequestHandler):
         if is_loopback(address) or transport.get_extra_info("quorum_pipe"):
             return  # the pipe (cluster/pipe.py): relayed requests, capped by the relay link's own limits
         if not self._limits.admit(address):
-            log.warning("connection_refused", remote=address, reason="too_many_connections",
-                        limit=self._limits.max_per_address)
-            self._refuse(_raw_error(429, "Too Many Requests",
-                                    f"Too many open connections from {address} (the limit is "
-                                    f"{self._limits.max_per_address}); close some and try again",
-                                    "rate_limit_error", "too_many_connections", "Retry-After: 1\r\n"))
+            log.warning(
+                "connection_refused", remote=address, reason="too_many_connections", limit=self._limits.max_per_address
+            )
+            self._refuse(
+                _raw_error(
+                    429,
+                    "Too Many Requests",
+                    f"Too many open connections from {address} (the limit is "
+                    f"{self._limits.max_per_address}); close some and try again",
+                    "rate_limit_error",
+                    "too_many_connections",
+                    "Retry-After: 1\r\n",
+                )
+            )
             return
         self._address = address
 
@@ -152,11 +169,18 @@ class _GuardedHandler(RequestHandler):
         self._header_timer = None
         if self._waiter is None or self._waiter.done() or self._messages:
             return  # the headers made it after all
-        log.warning("connection_closed", remote=self._address, reason="header_timeout",
-                    limit_s=self._limits.header_timeout_s)
-        self._refuse(_raw_error(408, "Request Timeout",
-                                f"The request headers did not arrive within {self._limits.header_timeout_s:g} s",
-                                "invalid_request_error", "header_timeout"))
+        log.warning(
+            "connection_closed", remote=self._address, reason="header_timeout", limit_s=self._limits.header_timeout_s
+        )
+        self._refuse(
+            _raw_error(
+                408,
+                "Request Timeout",
+                f"The request headers did not arrive within {self._limits.header_timeout_s:g} s",
+                "invalid_request_error",
+                "header_timeout",
+            )
+        )
 
     def _refuse(self, raw: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -206,8 +230,7 @@ class NodeRunner(web.AppRunner):
         app.freeze()
         kwargs = dict(self._kwargs)
         kwargs["debug"] = app._debug
-        return _GuardedServer(app._handle, request_factory=app._make_request, loop=loop, limits=self.limits,
-                              **kwargs)
+        return _GuardedServer(app._handle, request_factory=app._make_request, loop=loop, limits=self.limits, **kwargs)
 
     @property
     def connections(self) -> list[RequestHandler]:

@@ -10,7 +10,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -27,9 +27,31 @@ if TYPE_CHECKING:
     from ..settings import Settings
     from .server import ConnectionLimits, InFlight
 
-__all__ = ["ADDRESS", "ANSWER_BUDGET", "API_KEY", "CATALOG", "CLUSTER", "DRAFT", "INFLIGHT", "KEYS", "LEDGER", "LIMITS", "METRICS", "NAME", "PEER",
-           "PREPARED", "RECORDS", "REGISTRY", "REQUEST_ID", "ROUTER", "SETTINGS", "TRUSTED", "Parts",
-           "request_id_for", "visible_catalog"]
+__all__ = [
+    "ADDRESS",
+    "ANSWER_BUDGET",
+    "API_KEY",
+    "CATALOG",
+    "CLUSTER",
+    "DRAFT",
+    "INFLIGHT",
+    "KEYS",
+    "LEDGER",
+    "LIMITS",
+    "METRICS",
+    "NAME",
+    "PEER",
+    "PREPARED",
+    "RECORDS",
+    "REGISTRY",
+    "REQUEST_ID",
+    "ROUTER",
+    "SETTINGS",
+    "TRUSTED",
+    "Parts",
+    "request_id_for",
+    "visible_catalog",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,8 +35,9 @@ middleware can find the envelope from the matched handler.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Awaitable
-from typing import Any
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 import msgspec
 import structlog
@@ -47,6 +48,7 @@ from ..backends.budget import ANSWER_HOLD, Hold
 from ..control import tokens
 from ..errors import ApiError, StreamBroken, Unavailable
 from ..names import safe_name
+from ..records import Draft
 from .auth import check_scope
 from .state import ANSWER_BUDGET, API_KEY, DRAFT, INFLIGHT, PEER, RECORDS, REQUEST_ID, ROUTER, visible_catalog
 
@@ -80,8 +82,11 @@ class Call(msgspec.Struct, kw_only=True):
 class StreamEncoder:
     """How one streamed answer is written: OpenAI SSE, the identity encoder."""
 
-    headers: dict[str, str] = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                               "X-Accel-Buffering": "no"}
+    headers: ClassVar[dict[str, str]] = {
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
 
     def start(self) -> bytes:
         """Bytes before the first event (the Responses API's ``response.created``)."""
@@ -99,8 +104,9 @@ class StreamEncoder:
 
     def error(self, message: str, code: str | None, type_: str) -> bytes:
         """The tail of a stream that broke after its first byte: an error the clients recognise."""
-        return b"data: " + _encode({"error": {"message": message, "type": type_, "param": None, "code": code}}) \
-            + b"\n\n"
+        return (
+            b"data: " + _encode({"error": {"message": message, "type": type_, "param": None, "code": code}}) + b"\n\n"
+        )
 
 
 class Surface:
@@ -113,8 +119,7 @@ class Surface:
         close = headers.pop("Connection", None) == "close"
         if not e.retryable:
             headers["x-should-retry"] = "false"
-        resp = web.Response(status=e.status, body=self.error_body(e), content_type="application/json",
-                            headers=headers)
+        resp = web.Response(status=e.status, body=self.error_body(e), content_type="application/json", headers=headers)
         if close:
             resp.force_close()
         return resp
@@ -211,9 +216,17 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
             native = (call.native.op, call.native.body) if call.native is not None else None
             grant = request.get(API_KEY)
             visible = visible_catalog(request) if grant is not None and grant.info.models else None
-            opened = await router.open(call.op, call.model, call.body, stream=call.stream,
-                                       want_usage=call.want_usage, forwarded=forwarded, caller=caller,
-                                       native=native, visible=visible)
+            opened = await router.open(
+                call.op,
+                call.model,
+                call.body,
+                stream=call.stream,
+                want_usage=call.want_usage,
+                forwarded=forwarded,
+                caller=caller,
+                native=native,
+                visible=visible,
+            )
         except asyncio.CancelledError:
             if inflight.is_cut(task):
                 raise Unavailable("This node is shutting down; try again", code="node_stopping") from None
@@ -229,8 +242,11 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         draft.attempts = opened.attempts
         draft.ttft_ms = round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None
         # A name that is no header value (a peer's, from its answer) must not cost the answer: names.py
-        headers = {"X-Quorum-Node": safe_name(target.node, "unknown"), "X-Quorum-Route": target.route,
-                   "X-Request-Id": request[REQUEST_ID]}
+        headers = {
+            "X-Quorum-Node": safe_name(target.node, "unknown"),
+            "X-Quorum-Route": target.route,
+            "X-Request-Id": request[REQUEST_ID],
+        }
         reply = opened.reply
         passed = opened.op != call.op  # the engine answered the client's own request (Call.native)
         if isinstance(reply, JsonReply):
@@ -280,8 +296,9 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
                 raise
             status = 503
             draft.error = "cut by shutdown"
-            tail = enc.error("This node is shutting down; the answer was cut short", "node_stopping",
-                             "unavailable_error")
+            tail = enc.error(
+                "This node is shutting down; the answer was cut short", "node_stopping", "unavailable_error"
+            )
         except Exception as e:  # never a second response inside this one: end it with the error event
             log.exception("stream_failed", request_id=request[REQUEST_ID])
             ok = False
@@ -296,10 +313,8 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
             records.seal_nowait(draft, 499)
             return resp
         await records.seal(draft, status)  # stored before the client sees the end
-        try:
+        with contextlib.suppress(ConnectionError):
             await resp.write_eof(tail)  # the last event and the end of the body in one write
-        except ConnectionError:
-            pass
         return resp
     finally:
         ANSWER_HOLD.reset(held)
@@ -307,8 +322,9 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         inflight.leave(task)
 
 
-def _tokens(draft: Draft, usage: Any, stats: StreamStats | None, call: Call,
-            payload: dict[str, Any] | None = None) -> None:
+def _tokens(
+    draft: Draft, usage: Any, stats: StreamStats | None, call: Call, payload: dict[str, Any] | None = None
+) -> None:
     """The record's tokens: the engine's usage, else an estimate, marked as one (``control/tokens.py``)."""
     if isinstance(usage, dict):
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -318,4 +334,3 @@ def _tokens(draft: Draft, usage: Any, stats: StreamStats | None, call: Call,
     draft.prompt_tokens = tokens.prompt_tokens(call.op, call.body)
     draft.completion_tokens = stats.chunks if stats is not None else tokens.answer_tokens(call.op, payload or {})
     draft.tokens_estimated = True
-

@@ -108,7 +108,9 @@ def check_chat(body: dict[str, Any]) -> None:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(
-                f"Invalid 'messages[{i}]': expected an object with a 'role'", param=f"messages[{i}]", code="invalid_type"
+                f"Invalid 'messages[{i}]': expected an object with a 'role'",
+                param=f"messages[{i}]",
+                code="invalid_type",
             )
 
 
@@ -118,7 +120,9 @@ def check_completions(body: dict[str, Any]) -> None:
     if prompt is None:
         raise BadRequest("Missing required parameter: 'prompt'", param="prompt", code="missing_required_parameter")
     if not isinstance(prompt, (str, list)):
-        raise BadRequest("Invalid type for 'prompt': expected a string or an array", param="prompt", code="invalid_type")
+        raise BadRequest(
+            "Invalid type for 'prompt': expected a string or an array", param="prompt", code="invalid_type"
+        )
 
 
 def check_embeddings(body: dict[str, Any]) -> None:

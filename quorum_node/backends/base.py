@@ -36,8 +36,12 @@ NATIVE_OPS: frozenset[str] = frozenset({"responses", "messages", "count_tokens"}
 
 #: Where each op is sent, on an engine's OpenAI-compatible API and on a peer's.
 PATHS: dict[str, str] = {
-    "chat": "/v1/chat/completions", "completions": "/v1/completions", "embeddings": "/v1/embeddings",
-    "responses": "/v1/responses", "messages": "/v1/messages", "count_tokens": "/v1/messages/count_tokens",
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+    "count_tokens": "/v1/messages/count_tokens",
 }
 
 #: The name the node gives the llama-server it starts itself (``node.py``).
@@ -189,5 +193,5 @@ class Backend(ABC):
     async def open(self, op: Op, model: Model, body: dict[str, Any], *, stream: bool, want_usage: bool) -> Reply:
         """Send a request. Raises EngineUnavailable / EngineRejected before the first byte."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (most adapters hold nothing: a no-op, not abstract)
         """Release what the backend holds (sessions are owned by the registry)."""

@@ -84,11 +84,11 @@ async def identify(session: aiohttp.ClientSession, base: str, *, timeout_s: floa
         if st == 200 and isinstance(body, dict) and "model_path" in body and "tokenizer_path" in body:
             return "sglang"
         st, body, _ = await _get(session, base + "/api/version", t)
-        if st == 200 and isinstance(body, dict) and isinstance(body.get("version"), str):
-            if body["version"] != "0.9.0":
-                st2, root, _ = await _get(session, base + "/", t)
-                if st2 == 200 and isinstance(root, str) and "Ollama is running" in root:
-                    return "ollama"
+        versioned = st == 200 and isinstance(body, dict) and isinstance(body.get("version"), str)
+        if versioned and body["version"] != "0.9.0":
+            st2, root, _ = await _get(session, base + "/", t)
+            if st2 == 200 and isinstance(root, str) and "Ollama is running" in root:
+                return "ollama"
         # What follows rests on status codes and generic shapes; a server that answers
         # 200 to any path (a catch-all proxy or web app) would pass, so rule it out first.
         st, _, _ = await _get(session, base + "/.quorum-detect-canary", t)
@@ -98,8 +98,10 @@ async def identify(session: aiohttp.ClientSession, base: str, *, timeout_s: floa
         if st == 200 and not _is_lmstudio_catchall(body, h):
             return "localai"
         st, body, h = await _get(session, base + "/readyz", t)
-        if st in (200, 503) and not _is_lmstudio_catchall(body, h) and (
-            not body or (isinstance(body, dict) and body.get("status") == "starting")
+        if (
+            st in (200, 503)
+            and not _is_lmstudio_catchall(body, h)
+            and (not body or (isinstance(body, dict) and body.get("status") == "starting"))
         ):
             return "localai"
         if entries and all("owned_by" not in e for e in entries):

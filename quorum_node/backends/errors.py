@@ -82,7 +82,8 @@ def map_error_answer(
             return EngineUnavailable(f"{engine} answered with a redirect (HTTP {status})", status=502, engine=engine)
         return EngineUnavailable(
             f"engine {engine} answered with a redirect (HTTP {status}); quorum does not follow engine redirects",
-            status=502, engine=engine,
+            status=502,
+            engine=engine,
         )
     info = parse_error(raw)
     if info is not None:
@@ -96,9 +97,14 @@ def map_error_answer(
     no_retry = peer and headers.get("x-should-retry", "").strip().lower() == "false"
     if status == 500 and (no_retry if peer else info is not None):
         return EngineFailed(
-            ApiError(message, status=500, type_=(kept.type if kept else None) or "server_error",
-                     param=kept.param if kept else None, code=(kept.code if kept else None) or "engine_error",
-                     retryable=False),
+            ApiError(
+                message,
+                status=500,
+                type_=(kept.type if kept else None) or "server_error",
+                param=kept.param if kept else None,
+                code=(kept.code if kept else None) or "engine_error",
+                retryable=False,
+            ),
             engine=engine,
         )
     if status == 501 and not peer:
@@ -110,13 +116,19 @@ def map_error_answer(
             status = 502
         elif status == 404 and peer:
             status = 503
-        return EngineUnavailable(message, status=status, engine=engine,
-                                 retry_after_s=parse_retry_after(headers.get("Retry-After")))
+        return EngineUnavailable(
+            message, status=status, engine=engine, retry_after_s=parse_retry_after(headers.get("Retry-After"))
+        )
     if peer:
         return EngineRejected(
-            ApiError(message, status=status, type_=(kept.type if kept else None) or "invalid_request_error",
-                     param=kept.param if kept else None, code=kept.code if kept else None,
-                     retryable=False if no_retry else None),
+            ApiError(
+                message,
+                status=status,
+                type_=(kept.type if kept else None) or "invalid_request_error",
+                param=kept.param if kept else None,
+                code=kept.code if kept else None,
+                retryable=False if no_retry else None,
+            ),
             engine=engine,
         )
     return EngineRejected(
@@ -127,9 +139,11 @@ def map_error_answer(
 def _not_offered(engine: str, message: str) -> str:
     """A 501 in words a Quorum user can act on (not the engine's own advice about its flags)."""
     if engine == EMBEDDED_ENGINE:
-        return ("Quorum's embedded engine (llama.cpp with SmolLM2-135M) serves chat and completions, not "
-                "embeddings. Run an engine with an embedding model on any machine of the cluster (for example "
-                "Ollama with nomic-embed-text, or name one with --backend) and embeddings go there.")
+        return (
+            "Quorum's embedded engine (llama.cpp with SmolLM2-135M) serves chat and completions, not "
+            "embeddings. Run an engine with an embedding model on any machine of the cluster (for example "
+            "Ollama with nomic-embed-text, or name one with --backend) and embeddings go there."
+        )
     return f"The engine {engine} does not offer this endpoint for this model (it said: {message[:200]})"
 
 

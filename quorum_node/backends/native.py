@@ -179,8 +179,11 @@ def _fix_block(block: dict[str, Any]) -> None:
 
 def _fix_stop(delta: dict[str, Any]) -> None:
     """llama-server says end_turn where a stop sequence stopped it (and names the sequence)."""
-    if delta.get("stop_reason") == "end_turn" and isinstance(delta.get("stop_sequence"), str) and \
-            delta["stop_sequence"]:
+    if (
+        delta.get("stop_reason") == "end_turn"
+        and isinstance(delta.get("stop_sequence"), str)
+        and delta["stop_sequence"]
+    ):
         delta["stop_reason"] = "stop_sequence"
 
 
@@ -259,30 +262,48 @@ def _error_of(ev: dict[str, Any], kind: Any, data: bytes) -> EngineErrorEvent | 
         err = response.get("error") if isinstance(response, dict) else None
         msg = err.get("message") if isinstance(err, dict) else None
         code = err.get("code") if isinstance(err, dict) else None
-        info = ErrorInfo(message=msg if isinstance(msg, str) and msg else "the engine's response failed",
-                         code=code if isinstance(code, str) else None)
+        info = ErrorInfo(
+            message=msg if isinstance(msg, str) and msg else "the engine's response failed",
+            code=code if isinstance(code, str) else None,
+        )
         return EngineErrorEvent(info, data)
-    is_error = kind == "error" or (isinstance(kind, str) and kind.endswith("_error")) or \
-        (not isinstance(kind, str) and ev.get("error") is not None)
+    is_error = (
+        kind == "error"
+        or (isinstance(kind, str) and kind.endswith("_error"))
+        or (not isinstance(kind, str) and ev.get("error") is not None)
+    )
     if not is_error:
         return None
     info = parse_error(data)  # {"error": {…}}, Anthropic's {"type": "error", "error": {…}}
     if info is None and isinstance(ev.get("message"), str) and ev["message"]:  # OpenAI's error event, llama's
         code = ev.get("code")
-        info = ErrorInfo(message=ev["message"], type=kind if isinstance(kind, str) and kind != "error" else None,
-                         code=code if isinstance(code, str) else None,
-                         status=code if type(code) is int and 400 <= code < 600 else None)
+        info = ErrorInfo(
+            message=ev["message"],
+            type=kind if isinstance(kind, str) and kind != "error" else None,
+            code=code if isinstance(code, str) else None,
+            status=code if type(code) is int and 400 <= code < 600 else None,
+        )
     return EngineErrorEvent(info, data)
 
 
 #: The Responses events that carry the whole response; the last two end the stream.
-LIFECYCLE = frozenset({"response.created", "response.queued", "response.in_progress", "response.completed",
-                       "response.incomplete"})
+LIFECYCLE = frozenset(
+    {"response.created", "response.queued", "response.in_progress", "response.completed", "response.incomplete"}
+)
 FINAL = frozenset({"response.completed", "response.incomplete"})
-_WITH_CONTENT_INDEX = frozenset({
-    "response.content_part.added", "response.content_part.done", "response.output_text.delta",
-    "response.output_text.done", "response.output_text.annotation.added", "response.refusal.delta",
-    "response.refusal.done", "response.reasoning_text.delta", "response.reasoning_text.done"})
+_WITH_CONTENT_INDEX = frozenset(
+    {
+        "response.content_part.added",
+        "response.content_part.done",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.output_text.annotation.added",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+    }
+)
 _WITH_LOGPROBS = frozenset({"response.output_text.delta", "response.output_text.done"})
 _ITEM_PREFIX = {"message": "msg_", "function_call": "fc_", "reasoning": "rs_"}
 
@@ -337,10 +358,7 @@ class ResponsesEvents:
         iid = item.get("id")
         idx = ev.get("output_index")
         if type(idx) is not int or idx < 0:
-            if added:
-                idx = self._next
-            else:
-                idx = self._index.get(iid, self._last) if isinstance(iid, str) else self._last
+            idx = self._next if added else self._index.get(iid, self._last) if isinstance(iid, str) else self._last
             ev["output_index"] = idx
         if not isinstance(iid, str) or not iid:
             iid = item["id"] = self._ids.get(idx) or _new_id(_ITEM_PREFIX.get(item.get("type"), "item_"))

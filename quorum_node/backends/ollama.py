@@ -34,8 +34,9 @@ class OllamaBackend(OpenAICompatBackend):
         status, raw = await self._get("/api/tags")
         tags = decode(raw, OllamaList) if status == 200 else None
         if tags is None:
-            raise EngineUnavailable(f"/api/tags answered {status}" + (" with no model list" if status == 200 else ""),
-                                    status=502)
+            raise EngineUnavailable(
+                f"/api/tags answered {status}" + (" with no model list" if status == 200 else ""), status=502
+            )
         ps_status, ps_raw = await self._get("/api/ps")
         ps = decode(ps_raw, OllamaList) if ps_status == 200 else None  # unusable: nothing known to be loaded
         loaded: dict[str, OllamaTag] = {}
@@ -55,7 +56,8 @@ class OllamaBackend(OpenAICompatBackend):
             details = tag.details if tag is not None else None
             running = loaded.get(name)
             ctx = (running.context_length if running is not None else None) or (
-                details.context_length if details is not None else None)
+                details.context_length if details is not None else None
+            )
             if not ctx:
                 ctx = await self._trained_context(name, (tag.digest if tag is not None else None) or name)
             caps = tag.capabilities if tag is not None else None

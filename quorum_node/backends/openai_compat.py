@@ -76,6 +76,7 @@ log = structlog.get_logger(__name__)
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 
+
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
     """What one engine family does differently."""
 
@@ -96,8 +97,13 @@ PROFILES: dict[str, Profile] = {
         Profile(kind="vllm", load_path="/load"),
         Profile(kind="sglang"),
         Profile(kind="llamacpp", path_ids=True, load_path="/slots"),
-        Profile(kind="tgi", clean_stream=False, ops=frozenset({"chat", "completions"}), request_model="tgi",
-                native=frozenset()),
+        Profile(
+            kind="tgi",
+            clean_stream=False,
+            ops=frozenset({"chat", "completions"}),
+            request_model="tgi",
+            native=frozenset(),
+        ),
         Profile(kind="lmstudio", health_path=None, errors_on_200=True),
         Profile(kind="localai", health_path="/readyz"),
         Profile(kind="mlx", clean_stream=False, ops=frozenset({"chat", "completions"}), native=frozenset()),
@@ -176,8 +182,9 @@ class OpenAICompatBackend(Backend):
         self._probed = True
         if first:  # the first probe (the node is starting; the machine may be busy): allow it longer
             normal = self._probe_timeout
-            self._probe_timeout = aiohttp.ClientTimeout(total=4 * self._timeouts.probe_s,
-                                                        sock_connect=4 * self._timeouts.probe_s)
+            self._probe_timeout = aiohttp.ClientTimeout(
+                total=4 * self._timeouts.probe_s, sock_connect=4 * self._timeouts.probe_s
+            )
             try:
                 await self._refresh()
             finally:
@@ -228,8 +235,13 @@ class OpenAICompatBackend(Backend):
         learnt = {}
         for op in todo:  # one after the other: one connection, as the other probes
             try:
-                async with self._session.post(self.url + PATHS[op], data=PROBE_BODIES[op], headers=self._headers,
-                                              timeout=self._probe_timeout, allow_redirects=False) as resp:
+                async with self._session.post(
+                    self.url + PATHS[op],
+                    data=PROBE_BODIES[op],
+                    headers=self._headers,
+                    timeout=self._probe_timeout,
+                    allow_redirects=False,
+                ) as resp:
                     verdict = probe_verdict(resp.status, await read_capped(HttpAnswer(resp), MAX_PROBE_BYTES) or b"")
             except (aiohttp.ClientError, OSError, TimeoutError):
                 break  # slow or gone: the rest at the next refresh (a refresh waits at most one probe's time)
@@ -325,8 +337,12 @@ class OpenAICompatBackend(Backend):
         if offered > self.max_models:
             log.warning("engine_models_capped", engine=self.name, offered=offered, kept=self.max_models)
         if refused > 0:
-            log.warning("engine_models_refused", engine=self.name, refused=refused,
-                        reason="malformed, or an id with control characters or too long")
+            log.warning(
+                "engine_models_refused",
+                engine=self.name,
+                refused=refused,
+                reason="malformed, or an id with control characters or too long",
+            )
 
     async def _model_extras(self) -> dict[str, dict[str, Any]]:
         """Facts the engine's own API adds to /v1/models (LM Studio state, TGI context); {} if it tells none."""
@@ -392,7 +408,10 @@ class OpenAICompatBackend(Backend):
         if stream and "text/event-stream" in ctype:
             stats = StreamStats()
             norm = StreamNormalizer(
-                clean=self.profile.clean_stream, want_usage=want_usage, op=op, stats=stats,
+                clean=self.profile.clean_stream,
+                want_usage=want_usage,
+                op=op,
+                stats=stats,
                 rename=(model.engine_id, model.id),
             )
             return StreamReply(stream_events(answer.body, norm, t, self.name, deadline=deadline), stats)
@@ -406,8 +425,9 @@ class OpenAICompatBackend(Backend):
             return StreamReply(_replay_as_stream(op, payload_out, want_usage), stats)
         return JsonReply(payload_out, payload_out.get("usage"))
 
-    async def _send(self, op: Op, payload: dict[str, Any], t: Timeouts, *, stream: bool, who: str,
-                    deadline: float) -> HttpAnswer:
+    async def _send(
+        self, op: Op, payload: dict[str, Any], t: Timeouts, *, stream: bool, who: str, deadline: float
+    ) -> HttpAnswer:
         """POST ``payload`` to the op's route; the answer's head, by ``deadline``."""
         head = RequestHead(method="POST", path=PATHS[op], headers=self._headers, body=_encode(payload))
         return await send(self._session, self.url, head, t, stream=stream, who=who, deadline=deadline)
@@ -466,8 +486,11 @@ class OpenAICompatBackend(Backend):
                         try:
                             item["embedding"] = _b64_floats(item["embedding"])
                         except (struct.error, OverflowError):  # a value float32 cannot hold
-                            raise EngineUnavailable(f"engine {self.name} sent an embedding out of float32 range",
-                                                    status=502, engine=self.name) from None
+                            raise EngineUnavailable(
+                                f"engine {self.name} sent an embedding out of float32 range",
+                                status=502,
+                                engine=self.name,
+                            ) from None
             return obj
         if not obj.get("id"):
             obj["id"] = ("chatcmpl-" if op == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

@@ -38,10 +38,12 @@ def make_backend(
 ) -> Backend:
     """The one place that knows which adapter serves which kind."""
     if kind == "ollama":
-        return OllamaBackend(url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected,
-                             max_models=max_models)
-    return OpenAICompatBackend(kind, url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected,
-                               max_models=max_models)
+        return OllamaBackend(
+            url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected, max_models=max_models
+        )
+    return OpenAICompatBackend(
+        kind, url, session, api_key=api_key, name=name, timeouts=timeouts, detected=detected, max_models=max_models
+    )
 
 
 class Registry:
@@ -80,7 +82,13 @@ class Registry:
     def add(self, spec: BackendSpec, *, detected: bool = False) -> Backend:
         url = spec.url.rstrip("/").removesuffix("/v1")
         backend = make_backend(
-            spec.kind, url, self.session, api_key=spec.api_key, name=spec.name, timeouts=self.timeouts, detected=detected,
+            spec.kind,
+            url,
+            self.session,
+            api_key=spec.api_key,
+            name=spec.name,
+            timeouts=self.timeouts,
+            detected=detected,
             max_models=self.settings.max_models_per_engine,
         )
         self.backends[url] = backend

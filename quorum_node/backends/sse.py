@@ -74,8 +74,7 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         buf = self._buf
-        if not buf and chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2 \
-                and chunk.endswith(b"\n\n"):
+        if not buf and chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2 and chunk.endswith(b"\n\n"):
             # The common case (a paced engine): one whole one-line event per read, nothing left over.
             self._check(len(chunk))
             return [chunk[6:-2]]

@@ -42,8 +42,12 @@ def _before_first_byte(e: StreamBroken, name: str) -> EngineError:
 
 
 async def stream_events(
-    body: Body, norm: StreamNormalizer | ResponsesEvents | MessagesEvents, t: Timeouts, name: str,
-    *, deadline: float | None = None,
+    body: Body,
+    norm: StreamNormalizer | ResponsesEvents | MessagesEvents,
+    t: Timeouts,
+    name: str,
+    *,
+    deadline: float | None = None,
 ) -> AsyncIterator[list[bytes]]:
     """Read an SSE answer's body event by event; see ``StreamReply`` for the contract.
 

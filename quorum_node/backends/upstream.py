@@ -35,8 +35,17 @@ from .answer import Answer, LinkBroken, RequestHead
 from .base import Timeouts
 from .budget import ANSWER_HOLD, Hold
 
-__all__ = ["MAX_ANSWER_BYTES", "MAX_ERROR_BYTES", "HttpAnswer", "HttpBody", "deadline_for", "read_capped",
-           "read_error_body", "read_whole", "send"]
+__all__ = [
+    "MAX_ANSWER_BYTES",
+    "MAX_ERROR_BYTES",
+    "HttpAnswer",
+    "HttpBody",
+    "deadline_for",
+    "read_capped",
+    "read_error_body",
+    "read_whole",
+    "send",
+]
 
 #: A whole (non-streamed) answer larger than this is malformed.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -127,9 +136,17 @@ async def send(
     url = base_url + head.path
     try:
         async with asyncio.timeout_at(deadline):
+
             def request() -> Awaitable[aiohttp.ClientResponse]:
-                return session.request(head.method, url, data=head.body or None, headers=head.headers,
-                                       timeout=timeout, allow_redirects=False, ssl=ssl_context)
+                return session.request(
+                    head.method,
+                    url,
+                    data=head.body or None,
+                    headers=head.headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                    ssl=ssl_context,
+                )
 
             try:
                 return HttpAnswer(await request())
@@ -175,8 +192,11 @@ async def read_capped(answer: Answer, limit: int, *, hold: Hold | None = None, w
 
 
 def _busy(who: str) -> NodeBusy:
-    return NodeBusy("This node is holding as many whole answers as it may (max_buffered_answers_bytes); "
-                    "try again shortly, or stream the answer", engine=who or None)
+    return NodeBusy(
+        "This node is holding as many whole answers as it may (max_buffered_answers_bytes); "
+        "try again shortly, or stream the answer",
+        engine=who or None,
+    )
 
 
 async def read_error_body(answer: Answer, *, deadline: float | None = None) -> bytes:
@@ -199,7 +219,11 @@ async def read_error_body(answer: Answer, *, deadline: float | None = None) -> b
 
 
 async def read_whole(
-    answer: Answer, t: Timeouts, who: str, *, deadline: float | None = None,
+    answer: Answer,
+    t: Timeouts,
+    who: str,
+    *,
+    deadline: float | None = None,
     limit: int = MAX_ANSWER_BYTES,
 ) -> bytes:
     """The body of a whole (non-streamed) answer, by ``deadline`` and at most ``limit`` bytes."""

@@ -202,12 +202,20 @@ def parse_error(raw: bytes) -> ErrorInfo | None:
         if not message:
             return None
         return ErrorInfo(
-            message=message, type=_str(err.type), param=_str(err.param), code=_str(err.code),
+            message=message,
+            type=_str(err.type),
+            param=_str(err.param),
+            code=_str(err.code),
             status=_status(err.code) or _status(err.http_status_code),
         )
     if body.object == "error" and body.message:
-        return ErrorInfo(message=body.message, type=_str(body.type), param=_str(body.param), code=_str(body.code),
-                         status=_status(body.code))
+        return ErrorInfo(
+            message=body.message,
+            type=_str(body.type),
+            param=_str(body.param),
+            code=_str(body.code),
+            status=_status(body.code),
+        )
     if isinstance(body.detail, str) and body.detail:
         return ErrorInfo(message=body.detail)
     return None

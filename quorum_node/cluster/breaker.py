@@ -151,6 +151,5 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return (
-            f"CircuitBreaker(state={self._state.value}, failures={self._failures}, "
-            f"reset_after_s={self._reset_after_s})"
+            f"CircuitBreaker(state={self._state.value}, failures={self._failures}, reset_after_s={self._reset_after_s})"
         )

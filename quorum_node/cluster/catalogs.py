@@ -50,8 +50,12 @@ class PeerCatalogs:
     def entries(self) -> list[ModelCard]:
         """The cards of every serving peer's models, each naming its holder."""
         replace = msgspec.structs.replace
-        return [replace(e, node=p.info.name or p.node_id)
-                for p in self.service.table.all() if p.serving for e in self.by_peer.get(p.node_id, ())]
+        return [
+            replace(e, node=p.info.name or p.node_id)
+            for p in self.service.table.all()
+            if p.serving
+            for e in self.by_peer.get(p.node_id, ())
+        ]
 
     def forget(self, node_id: str) -> None:
         self.by_peer.pop(node_id, None)
@@ -74,8 +78,11 @@ class PeerCatalogs:
             links = svc.links(peer) if peer is not None else []
             if not links:
                 return
-            answer = decode_catalog(await svc._get(links[0], CATALOG_PATH, node_id, 5.0),
-                                    max_models=svc.settings.max_models_per_peer, peer=node_id)
+            answer = decode_catalog(
+                await svc._get(links[0], CATALOG_PATH, node_id, 5.0),
+                max_models=svc.settings.max_models_per_peer,
+                peer=node_id,
+            )
             available = [e for e in answer.models if e.available]
             self.by_peer[node_id] = available
             names = {e.id for e in available} | {a for e in available for a in e.aliases}

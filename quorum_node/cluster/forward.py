@@ -78,8 +78,9 @@ class PeerTarget:
         if stream:  # as from an engine: always ask for usage (the record counts it), strip it if unwanted
             opts = body.get("stream_options")
             body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
-        headers = svc.peer_headers(hop="1", origin=svc.node_id,
-                                   key_id=(caller.key_id or "") if caller is not None else "")
+        headers = svc.peer_headers(
+            hop="1", origin=svc.node_id, key_id=(caller.key_id or "") if caller is not None else ""
+        )
         headers["Content-Type"] = "application/json"
         if caller is not None:
             headers["X-Request-Id"] = caller.request_id  # the serving node's record links to ours
@@ -100,8 +101,12 @@ class PeerTarget:
             return StreamReply(stream_events(answer.body, norm, t, self.engine, deadline=deadline), stats)
         if stream or is_sse:
             answer.body.abort()
-            raise EngineUnavailable(f"{self.engine} answered a {'stream' if stream else 'whole'} request with "
-                                    f"{'no stream' if stream else 'a stream'}", status=502, engine=self.engine)
+            raise EngineUnavailable(
+                f"{self.engine} answered a {'stream' if stream else 'whole'} request with "
+                f"{'no stream' if stream else 'a stream'}",
+                status=502,
+                engine=self.engine,
+            )
         raw = await read_whole(answer, t, self.engine, deadline=deadline)
         payload = check_answer(op, raw, engine=self.engine)
         return JsonReply(payload, payload.get("usage"))

@@ -196,5 +196,7 @@ def load_or_create_identity(data_dir: Path) -> NodeIdentity:
             raise ValueError("keys must be 32 bytes")
         return NodeIdentity(Ed25519PrivateKey.from_private_bytes(sign_raw), X25519PrivateKey.from_private_bytes(dh_raw))
     except (msgspec.DecodeError, ValueError) as e:
-        raise ValueError(f"{path} is damaged ({e}); it is this node's identity: restore it from a backup, or "
-                         "delete it to become a new node (which must be invited into the cluster again)") from None
+        raise ValueError(
+            f"{path} is damaged ({e}); it is this node's identity: restore it from a backup, or "
+            "delete it to become a new node (which must be invited into the cluster again)"
+        ) from None

@@ -87,20 +87,35 @@ class JoinHandler:
             ask.candidate.check()
         except ValueError as e:  # msgspec's errors are ValueErrors
             raise BadRequest(f"Not a join request: {e}", code="bad_join") from None
-        outcome = await asyncio.to_thread(take_invite, Path(svc.settings.data_dir),  # a locked, fsynced file
-                                          hashlib.sha256(ask.secret).hexdigest(), time.time())
+        outcome = await asyncio.to_thread(
+            take_invite,
+            Path(svc.settings.data_dir),  # a locked, fsynced file
+            hashlib.sha256(ask.secret).hexdigest(),
+            time.time(),
+        )
         if outcome != "ok":
             log.warning("join_refused", remote=remote, candidate=ask.candidate.node_id, reason=outcome)
-            raise Forbidden("This invite is not valid (unknown, used or expired): ask for a new one",
-                            code="invite_invalid", retryable=False)
+            raise Forbidden(
+                "This invite is not valid (unknown, used or expired): ask for a new one",
+                code="invite_invalid",
+                retryable=False,
+            )
         try:
             svc.members.admit(svc.identity, ask.candidate, time.time())
         except ValueError as e:
-            raise ApiError(f"Cannot admit this node: {e}", status=409, type_="invalid_request_error",
-                           code="join_refused") from None
+            raise ApiError(
+                f"Cannot admit this node: {e}", status=409, type_="invalid_request_error", code="join_refused"
+            ) from None
         log.info("member_admitted", node_id=ask.candidate.node_id, name=ask.candidate.name, remote=remote)
-        return b'{"cluster":' + _encode(svc.membership.name) + b',"root":' + _encode(svc.membership.root) + \
-            b',"records":' + encode_records(svc.members.records()) + b"}"
+        return (
+            b'{"cluster":'
+            + _encode(svc.membership.name)
+            + b',"root":'
+            + _encode(svc.membership.root)
+            + b',"records":'
+            + encode_records(svc.members.records())
+            + b"}"
+        )
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -110,20 +125,30 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def join(data_dir: Path, identity: NodeIdentity, token: InviteToken, name: str, *, via: str | None = None,
-         timeout_s: float = 10.0, force: bool = False) -> tuple[Cluster, MemberStore]:
+def join(
+    data_dir: Path,
+    identity: NodeIdentity,
+    token: InviteToken,
+    name: str,
+    *,
+    via: str | None = None,
+    timeout_s: float = 10.0,
+    force: bool = False,
+) -> tuple[Cluster, MemberStore]:
     """Join the cluster ``token`` invites to, as ``identity`` named ``name``; store the membership."""
     existing = load_cluster(data_dir)
     if existing is not None and not force:
         # before the invite is used: after, the inviter has admitted this node and the invite is spent
         held = MemberStore(existing.root, decode_records(load_member_records(data_dir)))
         if held.known(token.inviter) is None:
-            raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
-                                  "leave it first (`quorum-node cluster leave`) or pass --force")
+            raise FileExistsError(
+                f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+                "leave it first (`quorum-node cluster leave`) or pass --force"
+            )
     ctx = certless_client(None)  # the server's certificate is checked below, by the key the token names
     body = _encode(JoinRequest(secret=token.secret, candidate=Candidate.of(identity, name)))
     errors: list[str] = []
-    for address in ([via] if via else list(token.addresses)):
+    for address in [via] if via else list(token.addresses):
         host, port = _split(address)
         conn = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=ctx)
         try:

@@ -46,16 +46,30 @@ class HttpLink:
 
     route = "lan"
 
-    def __init__(self, session: aiohttp.ClientSession, address: str, ssl_context: ssl.SSLContext,
-                 on_refused: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        address: str,
+        ssl_context: ssl.SSLContext,
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
         self._session = session
         self.address = address
         self._ssl = ssl_context
         self._on_refused = on_refused
 
     async def open(self, head: RequestHead, t: Timeouts, *, deadline: float, stream: bool, who: str) -> HttpAnswer:
-        return await send(self._session, f"https://{self.address}", head, t, stream=stream, who=who,
-                          on_refused=self._on_refused, deadline=deadline, ssl_context=self._ssl)
+        return await send(
+            self._session,
+            f"https://{self.address}",
+            head,
+            t,
+            stream=stream,
+            who=who,
+            on_refused=self._on_refused,
+            deadline=deadline,
+            ssl_context=self._ssl,
+        )
 
 
 class RelayPeerLink:
@@ -70,11 +84,18 @@ class RelayPeerLink:
     async def open(self, head: RequestHead, t: Timeouts, *, deadline: float, stream: bool, who: str) -> RelayAnswer:
         loop = asyncio.get_running_loop()
         try:
-            return await self._relay.request(self.node_id, head.method, head.path, head.headers, head.body,
-                                             timeout_s=max(0.0, deadline - loop.time()))
+            return await self._relay.request(
+                self.node_id,
+                head.method,
+                head.path,
+                head.headers,
+                head.body,
+                timeout_s=max(0.0, deadline - loop.time()),
+            )
         except TimeoutError:
             limit = t.first_token_s if stream else t.request_s
-            raise EngineUnavailable(f"{who} gave no answer in {limit:g} s (through the relay)", status=504,
-                                    engine=who) from None
+            raise EngineUnavailable(
+                f"{who} gave no answer in {limit:g} s (through the relay)", status=504, engine=who
+            ) from None
         except RelayLinkError as e:
             raise EngineUnavailable(f"{who} unreachable through the relay: {e}", engine=who) from None

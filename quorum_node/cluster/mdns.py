@@ -131,16 +131,27 @@ def peer_info_from_txt(props: Mapping[str, str | None], service: str, address: s
     name = props.get("name") or ""
     fingerprint = props.get("fp") or ""
     digest = props.get("cat") or ""
-    if not (_TXT_NODE_ID.match(node_id) and _TXT_NAME.match(name) and _TXT_TOKEN.match(fingerprint)
-            and _TXT_TOKEN.match(digest)):
+    if not (
+        _TXT_NODE_ID.match(node_id)
+        and _TXT_NAME.match(name)
+        and _TXT_TOKEN.match(fingerprint)
+        and _TXT_TOKEN.match(digest)
+    ):
         log.warning("mdns_peer_rejected", service=service[:300], reason="a TXT value that is no printable name")
         return None
     try:
         proto = int(props.get("v") or 1)
     except ValueError:
         proto = 0  # unparseable: never equal to a version we speak
-    return PeerInfo(node_id=node_id, name=name, address=address, route="lan", fingerprint=fingerprint,
-                    proto=proto, catalog_digest=digest)
+    return PeerInfo(
+        node_id=node_id,
+        name=name,
+        address=address,
+        route="lan",
+        fingerprint=fingerprint,
+        proto=proto,
+        catalog_digest=digest,
+    )
 
 
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -360,9 +371,7 @@ class Discovery:
         if pending:
             await asyncio.wait(pending)
 
-    def _on_change(
-        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
+    def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         # Called from zeroconf's record processing on the event loop: enqueue, nothing else.
         self._changes.put_nowait((name, state_change, 0))
 

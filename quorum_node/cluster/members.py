@@ -97,8 +97,13 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, identity: NodeIdentity, name: str) -> Candidate:
-        c = cls(node_id=identity.node_id, sign_key=identity.sign_key, dh_key=identity.dh_key,
-                cert=identity.cert_der, name=check_name(name))
+        c = cls(
+            node_id=identity.node_id,
+            sign_key=identity.sign_key,
+            dh_key=identity.dh_key,
+            cert=identity.cert_der,
+            name=check_name(name),
+        )
         return msgspec.structs.replace(c, self_sig=identity.sign(c.signed_bytes()))
 
 
@@ -114,12 +119,19 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True, tag="admit", tag_fiel
     sig: _Sig = b""
 
     def candidate(self) -> Candidate:
-        return Candidate(node_id=self.node_id, sign_key=self.sign_key, dh_key=self.dh_key, cert=self.cert,
-                         name=self.name, self_sig=self.self_sig)
+        return Candidate(
+            node_id=self.node_id,
+            sign_key=self.sign_key,
+            dh_key=self.dh_key,
+            cert=self.cert,
+            name=self.name,
+            self_sig=self.self_sig,
+        )
 
     def signed_bytes(self) -> bytes:
         return b"quorum/v1/member-admit\x00" + _pack(
-            (self.node_id, self.sign_key, self.dh_key, self.cert, self.name, self.self_sig, self.by, self.at))
+            (self.node_id, self.sign_key, self.dh_key, self.cert, self.name, self.self_sig, self.by, self.at)
+        )
 
 
 class Removal(msgspec.Struct, frozen=True, kw_only=True, tag="remove", tag_field="kind"):
@@ -334,9 +346,16 @@ class MemberStore:
         return self._admit(identity, candidate, now)
 
     def _admit(self, identity: NodeIdentity, candidate: Candidate, now: float) -> Admission:
-        a = Admission(node_id=candidate.node_id, sign_key=candidate.sign_key, dh_key=candidate.dh_key,
-                      cert=candidate.cert, name=candidate.name, self_sig=candidate.self_sig,
-                      by=identity.node_id, at=round(now, 3))
+        a = Admission(
+            node_id=candidate.node_id,
+            sign_key=candidate.sign_key,
+            dh_key=candidate.dh_key,
+            cert=candidate.cert,
+            name=candidate.name,
+            self_sig=candidate.self_sig,
+            by=identity.node_id,
+            at=round(now, 3),
+        )
         a = msgspec.structs.replace(a, sig=identity.sign(a.signed_bytes()))
         accepted, _ = self.merge([a])
         if not accepted and a.sig not in self._seen:
@@ -357,8 +376,10 @@ class MemberStore:
 
     def rows(self, self_id: str) -> list[dict[str, object]]:
         """The members for people (the CLI's ``cluster members``), by name; ``self_id``'s row marked."""
-        return [{"node_id": nid, "name": a.name, "by": a.by, "at": a.at, "self": nid == self_id}
-                for nid, a in sorted(self.members().items(), key=lambda kv: (kv[1].name, kv[0]))]
+        return [
+            {"node_id": nid, "name": a.name, "by": a.by, "at": a.at, "self": nid == self_id}
+            for nid, a in sorted(self.members().items(), key=lambda kv: (kv[1].name, kv[0]))
+        ]
 
     def find(self, name_or_id: str) -> str:
         """The node id of a member named ``name_or_id`` (or with that id, or id prefix); ValueError if none
@@ -369,6 +390,9 @@ class MemberStore:
         if not hits and len(name_or_id) >= 6:
             hits = {nid for nid in self._members if nid.startswith(name_or_id)}
         if len(hits) != 1:
-            raise ValueError(f"no member is named {name_or_id!r}" if not hits else
-                             f"{len(hits)} members are named {name_or_id!r}: give the node id")
+            raise ValueError(
+                f"no member is named {name_or_id!r}"
+                if not hits
+                else f"{len(hits)} members are named {name_or_id!r}: give the node id"
+            )
         return hits.pop()

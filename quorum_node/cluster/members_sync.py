@@ -94,8 +94,9 @@ class MemberReplicator:
         self._pulling: set[str] = set()
         self._introduced: dict[str, float] = {}  # node id -> when we last introduced ourselves
         data_dir = Path(service.settings.data_dir)
-        self._save_soon = service.saver(lambda: encode_records(self.store.records()),
-                                        lambda data: save_member_records(data_dir, data), "members")
+        self._save_soon = service.saver(
+            lambda: encode_records(self.store.records()), lambda data: save_member_records(data_dir, data), "members"
+        )
         self._from_peer = False  # a change that came from a peer is not pushed back around
         self._next_introduction = 0.0
 
@@ -147,12 +148,12 @@ class MemberReplicator:
         if member is None:  # nobody vouches for the sender
             now = time.monotonic()
             if now < self._next_introduction:
-                raise RateLimited("Introductions are taken a few times a second; retry in a moment",
-                                  retry_after_s=1)
+                raise RateLimited("Introductions are taken a few times a second; retry in a moment", retry_after_s=1)
             self._next_introduction = now + 1.0 / INTRODUCTIONS_PER_S
         try:
-            accepted, refused = self.merge(raw, member or f"introduced by {remote}",
-                                           max_new=None if member else MAX_NEW_INTRODUCED)
+            accepted, refused = self.merge(
+                raw, member or f"introduced by {remote}", max_new=None if member else MAX_NEW_INTRODUCED
+            )
         except ValueError as e:  # msgspec's DecodeError / ValidationError
             raise BadRequest(f"Not a list of membership records: {e}", code="bad_member_records") from None
         return _encode({"accepted": accepted, "refused": refused})

@@ -66,8 +66,7 @@ _MAX_INVITES = 256
 def _check_name(name: str) -> str:
     if not name or len(name) > _MAX_NAME_CHARS or not name.isprintable() or name != name.strip():
         raise ValueError(
-            f"cluster name must be 1-{_MAX_NAME_CHARS} printable characters "
-            "without leading or trailing spaces"
+            f"cluster name must be 1-{_MAX_NAME_CHARS} printable characters without leading or trailing spaces"
         )
     return name
 
@@ -195,15 +194,18 @@ def store_cluster(data_dir: Path, cluster: Cluster, records_json: bytes, *, forc
     _ensure_dir(data_dir)
     existing = load_cluster(data_dir)
     if existing is not None and existing.root != cluster.root and not force:
-        raise FileExistsError(f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
-                              "leave it first (`quorum-node cluster leave`) or pass --force")
+        raise FileExistsError(
+            f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+            "leave it first (`quorum-node cluster leave`) or pass --force"
+        )
     if existing is None or existing.root != cluster.root:
         # invites this node gave for the cluster it was in would admit their holders into this one
         with contextlib.suppress(FileNotFoundError):
             (data_dir / INVITES_FILE).unlink()
     _write_private(data_dir / MEMBERS_FILE, records_json, replace=True)
-    _write_private(data_dir / CLUSTER_FILE, _encode(_ClusterFile(name=_check_name(cluster.name),
-                                                                  root=cluster.root)), replace=True)
+    _write_private(
+        data_dir / CLUSTER_FILE, _encode(_ClusterFile(name=_check_name(cluster.name), root=cluster.root)), replace=True
+    )
 
 
 def load_member_records(data_dir: Path) -> bytes:
@@ -257,8 +259,9 @@ class InviteToken(msgspec.Struct, frozen=True, kw_only=True):
         return hashlib.sha256(self.secret).hexdigest()
 
     def encode(self) -> str:
-        return ".".join((TOKEN_PREFIX, self.inviter, _b64encode(self.secret),
-                         _b64encode(",".join(self.addresses).encode("ascii"))))
+        return ".".join(
+            (TOKEN_PREFIX, self.inviter, _b64encode(self.secret), _b64encode(",".join(self.addresses).encode("ascii")))
+        )
 
 
 def parse_invite(token: str) -> InviteToken:
@@ -266,8 +269,10 @@ def parse_invite(token: str) -> InviteToken:
     parts = token.strip().split(".")
     if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
         if parts and parts[0] == "qrm1":
-            raise ValueError("this is a join token of the shared-secret days: ask for a new invite "
-                             "(`quorum-node invite` on a member)")
+            raise ValueError(
+                "this is a join token of the shared-secret days: ask for a new invite "
+                "(`quorum-node invite` on a member)"
+            )
         raise ValueError("an invite token has the form qrm2.<node id>.<secret>.<addresses> (is it a Quorum invite?)")
     _, inviter, secret_part, addr_part = parts
     if not _NODE_ID_RE.fullmatch(inviter):
@@ -305,12 +310,11 @@ def _invites_locked(data_dir: Path):
         os.close(fd)
 
 
-def create_invite(data_dir: Path, *, inviter: str, addresses: tuple[str, ...], ttl_s: float,
-                  now: float) -> InviteToken:
+def create_invite(data_dir: Path, *, inviter: str, addresses: tuple[str, ...], ttl_s: float, now: float) -> InviteToken:
     """Make a one-time invite valid for ``ttl_s`` seconds; only its hash is stored."""
     token = InviteToken(inviter=inviter, secret=secrets.token_bytes(32), addresses=addresses)
     with _invites_locked(data_dir) as box:
-        live = [i for i in box[0] if i.expires > now and not i.used][-(_MAX_INVITES - 1):]
+        live = [i for i in box[0] if i.expires > now and not i.used][-(_MAX_INVITES - 1) :]
         box[0] = [*live, Invite(hash=token.secret_hash, expires=now + ttl_s, created=now)]
     return token
 
@@ -333,6 +337,7 @@ def take_invite(data_dir: Path, secret_hash: str, now: float) -> str:
             return "used"
         if found.expires <= now:
             return "expired"
-        box[0] = [msgspec.structs.replace(i, used=True) if i is found else i for i in box[0]
-                  if i is found or i.expires > now]
+        box[0] = [
+            msgspec.structs.replace(i, used=True) if i is found else i for i in box[0] if i is found or i.expires > now
+        ]
     return "ok"

@@ -24,8 +24,16 @@ import structlog
 from ..catalog import ModelCard
 from ..names import NAME_PATTERN, NODE_ID_PATTERN
 
-__all__ = ["MAX_MODELS_PER_PEER", "CatalogAnswer", "CatalogEntry", "EngineLoad", "Identity", "NodeLoad",
-           "decode_catalog", "decode_identity"]
+__all__ = [
+    "MAX_MODELS_PER_PEER",
+    "CatalogAnswer",
+    "CatalogEntry",
+    "EngineLoad",
+    "Identity",
+    "NodeLoad",
+    "decode_catalog",
+    "decode_identity",
+]
 
 log = structlog.get_logger(__name__)
 

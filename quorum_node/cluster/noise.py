@@ -54,8 +54,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-__all__ = ["PATTERNS", "REKEY_EVERY", "REPLAY_WINDOW", "CipherState", "Handshake", "NoiseError",
-           "NumberedReceiver", "NumberedSender", "protocol_name"]
+__all__ = [
+    "PATTERNS",
+    "REKEY_EVERY",
+    "REPLAY_WINDOW",
+    "CipherState",
+    "Handshake",
+    "NoiseError",
+    "NumberedReceiver",
+    "NumberedSender",
+    "protocol_name",
+]
 
 HASHLEN = 32
 DHLEN = 32
@@ -280,9 +289,16 @@ class Handshake:
     test vectors only.
     """
 
-    def __init__(self, *, pattern: str = "IK", initiator: bool, prologue: bytes,
-                 static: X25519PrivateKey | None = None, remote_static: bytes | None = None,
-                 ephemeral: X25519PrivateKey | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        pattern: str = "IK",
+        initiator: bool,
+        prologue: bytes,
+        static: X25519PrivateKey | None = None,
+        remote_static: bytes | None = None,
+        ephemeral: X25519PrivateKey | None = None,
+    ) -> None:
         try:
             self._pattern = PATTERNS[pattern]
         except KeyError:
@@ -294,8 +310,11 @@ class Handshake:
         self._rs: X25519PublicKey | None = None
         self._re: X25519PublicKey | None = None
         self._rs_raw: bytes | None = None
-        mine, theirs = ((self._pattern.initiator_pre, self._pattern.responder_pre) if initiator
-                        else (self._pattern.responder_pre, self._pattern.initiator_pre))
+        mine, theirs = (
+            (self._pattern.initiator_pre, self._pattern.responder_pre)
+            if initiator
+            else (self._pattern.responder_pre, self._pattern.initiator_pre)
+        )
         if ("s" in mine or self._uses_s()) and static is None:
             raise ValueError(f"{pattern} needs this side's static key")
         if "s" in theirs:

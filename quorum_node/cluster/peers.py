@@ -310,9 +310,7 @@ class PeerTable:
     def probe_targets(self) -> list[ProbeTarget]:
         """Addresses the health prober should check, static ones included."""
         targets = {
-            p.info.address: ProbeTarget(address=p.info.address, node_id=p.node_id)
-            for p in self.all()
-            if p.info.address
+            p.info.address: ProbeTarget(address=p.info.address, node_id=p.node_id) for p in self.all() if p.info.address
         }
         for address, node_id in self._static.items():
             if address not in targets:

@@ -202,8 +202,15 @@ class PipeResponse:
         self._t.close()
 
 
-async def serve_in_memory(protocol_factory: Callable[[], asyncio.Protocol], method: str, path: str,
-                          headers: list[tuple[str, str]], body: bytes, *, peer: str) -> PipeResponse:
+async def serve_in_memory(
+    protocol_factory: Callable[[], asyncio.Protocol],
+    method: str,
+    path: str,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    peer: str,
+) -> PipeResponse:
     """Put one request to the server whose connections ``protocol_factory`` makes; return its answer's head.
 
     ``peer`` is the node id the relay link authenticated (its Noise session's

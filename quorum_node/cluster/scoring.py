@@ -51,5 +51,3 @@ def score(peer: Peer, now: float) -> float:
 def pick(holders: Iterable[Peer], now: float) -> list[Peer]:
     """Order ``holders`` best first; equal scores fall back to node id, so the order is stable."""
     return sorted(holders, key=lambda p: (score(p, now), p.node_id))
-
-

@@ -25,10 +25,10 @@ Peer protocol (the same messages on every link):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -39,21 +39,26 @@ from aiohttp import web
 from ..backends.answer import RequestHead
 from ..backends.base import Op, Timeouts
 from ..backends.upstream import read_capped
-from ..errors import EngineUnavailable
 from ..catalog import ModelCard, local_cards
+from ..errors import EngineUnavailable
 from .catalogs import PeerCatalogs
 from .context import RecordSync
+from .forward import PeerTarget
 from .identity import NodeIdentity
+from .join import JoinHandler
+from .links import HttpLink, PeerLink, RelayPeerLink
 from .members import MemberStore, encode_records
 from .members_sync import MAX_NEW_INTRODUCED, MemberReplicator
 from .membership import Cluster
-from .forward import PeerTarget
-from .links import HttpLink, PeerLink, RelayPeerLink
-from .pipe import PipeError, PipeResponse, serve_in_memory
-
-PIPE_PEER = "quorum_peer"  # the in-memory transport's extra info: the member a relayed request came from
 from .messages import (
-    HOP_HEADER, KEY_HEADER, ORIGIN_HEADER, CatalogAnswer, EngineLoad, Identity, NodeLoad, decode_identity,
+    HOP_HEADER,
+    KEY_HEADER,
+    ORIGIN_HEADER,
+    CatalogAnswer,
+    EngineLoad,
+    Identity,
+    NodeLoad,
+    decode_identity,
 )
 from .peers import (
     CatalogChanged,
@@ -68,9 +73,9 @@ from .peers import (
     PeerTable,
     PeerUp,
 )
-from .scoring import RetryBudget, pick
+from .pipe import PipeError, PipeResponse, serve_in_memory
 from .relay import RelayLink
-from .join import JoinHandler
+from .scoring import RetryBudget, pick
 from .tls import PeerTLS
 
 if TYPE_CHECKING:
@@ -83,17 +88,27 @@ if TYPE_CHECKING:
 __all__ = ["HOP_HEADER", "ORIGIN_HEADER", "PROTO_VERSION", "ClusterService"]
 
 log = structlog.get_logger(__name__)
+PIPE_PEER = "quorum_peer"  # the in-memory transport's extra info: the member a relayed request came from
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
 PROTO_VERSION = 4  # 4: links authenticate both ends against membership (mutual TLS, Noise_IK); no cluster secret
-_MAX_PEER_ANSWER = 16 * 1024 * 1024
-GOODBYE_CHECK_S = 0.5  # how long after a member's mDNS goodbye it is checked before it is dropped  # a catalog of thousands of models is well under this
+_MAX_PEER_ANSWER = 16 * 1024 * 1024  # a catalog of thousands of models is well under this
+GOODBYE_CHECK_S = 0.5  # how long after a member's mDNS goodbye it is checked before it is dropped
 
 
 class ClusterService:
-    def __init__(self, settings: Settings, *, name: str, engines: Registry, inflight: Sized, membership: Cluster,
-                 identity: NodeIdentity, members: MemberStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        engines: Registry,
+        inflight: Sized,
+        membership: Cluster,
+        identity: NodeIdentity,
+        members: MemberStore,
+    ) -> None:
         """``engines``: this node's own (its catalog for peers); ``inflight``: what it is answering now.
         The API key records' replicator is attached by the node (``key_sync``) before ``start``."""
         self.settings = settings
@@ -149,17 +164,27 @@ class ClusterService:
             from .mdns import Discovery
 
             self.discovery = Discovery(
-                node_id=self.node_id, name=self.name, port=self.peer_port, fingerprint="",
-                proto=PROTO_VERSION, catalog_digest=self._digest, interfaces=list(self.settings.mdns_interfaces),
+                node_id=self.node_id,
+                name=self.name,
+                port=self.peer_port,
+                fingerprint="",
+                proto=PROTO_VERSION,
+                catalog_digest=self._digest,
+                interfaces=list(self.settings.mdns_interfaces),
                 on_event=self._events.put_nowait,
             )
             await self.discovery.start()
         if self.settings.relay and self.settings.relay_token:
             self.relay = RelayLink(
-                url=self.settings.relay, token=self.settings.relay_token, identity=self.identity,
-                peer_key=self._member_dh_key, on_presence=self._on_relay_presence,
-                on_draining=self._on_relay_draining, serve=self._serve_relayed,
-                max_request_bytes=self.settings.max_body_bytes, max_peers=self.table.max_peers,
+                url=self.settings.relay,
+                token=self.settings.relay_token,
+                identity=self.identity,
+                peer_key=self._member_dh_key,
+                on_presence=self._on_relay_presence,
+                on_draining=self._on_relay_draining,
+                serve=self._serve_relayed,
+                max_request_bytes=self.settings.max_body_bytes,
+                max_peers=self.table.max_peers,
                 introduction=lambda: encode_records(self.members.records()),
                 introduce=lambda peer, records: self.member_sync.merge(records, peer, max_new=MAX_NEW_INTRODUCED),
             )
@@ -170,9 +195,16 @@ class ClusterService:
         self.member_sync.start()
         if self.discovery is not None:  # only mDNS feeds the event queue
             self._spawn(self._event_loop(), "cluster-events")
-        log.info("cluster_started", cluster=self.membership.name, root=self.membership.root,
-                 node_id=self.node_id, members=len(self.members), peer_port=self.peer_port,
-                 mdns=self.settings.mdns, static_peers=list(self.settings.peers))
+        log.info(
+            "cluster_started",
+            cluster=self.membership.name,
+            root=self.membership.root,
+            node_id=self.node_id,
+            members=len(self.members),
+            peer_port=self.peer_port,
+            mdns=self.settings.mdns,
+            static_peers=list(self.settings.peers),
+        )
 
     def saver(self, snapshot: Callable[[], bytes], write: Callable[[bytes], None], what: str) -> Callable[[], None]:
         """A function that persists ``snapshot()`` with ``write`` off the event loop: one write at a time,
@@ -262,9 +294,12 @@ class ClusterService:
         its models, its peer entry, its relay session and every connection it has to this node."""
         self.tls.refresh()
         if not self.members.is_member(self.node_id):
-            log.error("this_node_was_removed", node_id=self.node_id,
-                      hint="it was removed from the cluster; its peers refuse it. Join again with a new invite "
-                           "after `quorum-node cluster leave`")
+            log.error(
+                "this_node_was_removed",
+                node_id=self.node_id,
+                hint="it was removed from the cluster; its peers refuse it. Join again with a new invite "
+                "after `quorum-node cluster leave`",
+            )
         for p in self.table.all():
             if not self.members.is_member(p.node_id):
                 self._handle(self.table.forget(p.node_id))
@@ -282,8 +317,11 @@ class ClusterService:
         from .mdns import Discovered
 
         for info in self.discovery.known():
-            if info.node_id != self.node_id and self.members.is_member(info.node_id) \
-                    and self.table.get(info.node_id) is None:
+            if (
+                info.node_id != self.node_id
+                and self.members.is_member(info.node_id)
+                and self.table.get(info.node_id) is None
+            ):
                 self._events.put_nowait(Discovered(info=info))
 
     def _close_connections_of_non_members(self) -> None:
@@ -308,8 +346,9 @@ class ClusterService:
         if online and peer is not None and not peer.info.address and self.relay is not None:
             self._spawn(self._probe(RelayPeerLink(self.relay, node_id), node_id), "relay-probe")
 
-    async def _serve_relayed(self, peer: str, method: str, path: str, headers: list[tuple[str, str]],
-                             body: bytes) -> PipeResponse:
+    async def _serve_relayed(
+        self, peer: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> PipeResponse:
         """A request that came through the relay from the member ``peer`` (its Noise session proved it),
         served by this node's own HTTP server as if from the LAN (same middlewares and handlers), in
         memory (``pipe.py``)."""
@@ -361,8 +400,9 @@ class ClusterService:
 
         now = time.monotonic()
         self.budget.on_request(now)
-        targets = [PeerTarget(self, p, link) for p in pick(self.table.holders(model, now), now)
-                   for link in self.links(p)]
+        targets = [
+            PeerTarget(self, p, link) for p in pick(self.table.holders(model, now), now) for link in self.links(p)
+        ]
         return PeerPlan(targets, wait_s=None if targets else self.table.unavailable_for_s(model, now))
 
     def retry_allowed(self) -> bool:
@@ -405,13 +445,23 @@ class ClusterService:
 
     def identity_message(self) -> Identity:
         """Who this node is and how busy (``GET /quorum/v1/health``; its peers' presence)."""
-        load = NodeLoad(in_flight=len(self.inflight),
-                        engines=[EngineLoad(name=b.name, kind=b.kind, state=b.state.value, load=b.load,
-                                            models=len(b.models)) for b in self.engines.backends.values()])
-        return Identity(node_id=self.node_id, name=self.name, proto=PROTO_VERSION, catalog_digest=self._digest,
-                        port=self.peer_port, load=load,
-                        keys_digest=self.key_sync.digest if self.key_sync is not None else "",
-                        members_digest=self.members.digest)
+        load = NodeLoad(
+            in_flight=len(self.inflight),
+            engines=[
+                EngineLoad(name=b.name, kind=b.kind, state=b.state.value, load=b.load, models=len(b.models))
+                for b in self.engines.backends.values()
+            ],
+        )
+        return Identity(
+            node_id=self.node_id,
+            name=self.name,
+            proto=PROTO_VERSION,
+            catalog_digest=self._digest,
+            port=self.peer_port,
+            load=load,
+            keys_digest=self.key_sync.digest if self.key_sync is not None else "",
+            members_digest=self.members.digest,
+        )
 
     # -- what the peer endpoints answer (api/peer.py) -------------------------------
 
@@ -447,8 +497,9 @@ class ClusterService:
                     else:  # we know no member there yet: maybe it knows us, once introduced
                         self.member_sync.introduce_soon(t.node_id, t.address)
                 if self.relay is not None:
-                    probes += [self._probe(RelayPeerLink(self.relay, nid), nid)
-                               for nid in self.table.relay_probe_targets()]
+                    probes += [
+                        self._probe(RelayPeerLink(self.relay, nid), nid) for nid in self.table.relay_probe_targets()
+                    ]
                 await asyncio.gather(*probes)
                 self._handle(self.table.tick(time.monotonic()))
             except Exception:  # task root
@@ -468,8 +519,13 @@ class ClusterService:
         """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         async with asyncio.timeout_at(deadline):
-            answer = await link.open(RequestHead(method="GET", path=path, headers=self.peer_headers()), self.timeouts,
-                                     deadline=deadline, stream=False, who=f"peer {to or link.route}")
+            answer = await link.open(
+                RequestHead(method="GET", path=path, headers=self.peer_headers()),
+                self.timeouts,
+                deadline=deadline,
+                stream=False,
+                who=f"peer {to or link.route}",
+            )
             try:
                 if answer.status != 200:
                     raise ValueError(f"{path} answered {answer.status}")
@@ -487,8 +543,13 @@ class ClusterService:
         deadline = asyncio.get_running_loop().time() + 5.0
         try:
             async with asyncio.timeout_at(deadline):
-                answer = await link.open(RequestHead(method="POST", path=path, headers=headers, body=data),
-                                         self.timeouts, deadline=deadline, stream=False, who=f"peer {to}")
+                answer = await link.open(
+                    RequestHead(method="POST", path=path, headers=headers, body=data),
+                    self.timeouts,
+                    deadline=deadline,
+                    stream=False,
+                    who=f"peer {to}",
+                )
                 try:
                     await read_capped(answer, _MAX_PEER_ANSWER)
                     if answer.status != 200:
@@ -500,8 +561,15 @@ class ClusterService:
             log.debug("peer_push_failed", records=what, peer=to, error=str(e))
             return False
 
-    async def _probe(self, link: PeerLink, node_id: str | None, *, address: str = "",
-                     moved: PeerInfo | None = None, identifying: bool = False) -> None:
+    async def _probe(
+        self,
+        link: PeerLink,
+        node_id: str | None,
+        *,
+        address: str = "",
+        moved: PeerInfo | None = None,
+        identifying: bool = False,
+    ) -> None:
         """Ask a peer how it is, over a link only that member can answer on.
 
         ``node_id`` None: a static address whose node is not known yet, asked over
@@ -527,14 +595,20 @@ class ClusterService:
                 await self._probe(pinned, ident.node_id, address=address, identifying=True)
             return
         if ident.node_id != node_id:  # the link proved node_id: a member that says otherwise is confused
-            log.warning("peer_identity_mismatch", route=link.route, address=address, expected=node_id,
-                        answered=ident.node_id)
+            log.warning(
+                "peer_identity_mismatch", route=link.route, address=address, expected=node_id, answered=ident.node_id
+            )
             return
         if moved is not None:
             self._handle(self.table.on_discovered(moved, now))
-        info = PeerInfo(node_id=ident.node_id, name=ident.name, address=address,
-                        route="lan" if address else "relay", proto=ident.proto,
-                        catalog_digest=ident.catalog_digest)
+        info = PeerInfo(
+            node_id=ident.node_id,
+            name=ident.name,
+            address=address,
+            route="lan" if address else "relay",
+            proto=ident.proto,
+            catalog_digest=ident.catalog_digest,
+        )
         if identifying:
             self._handle(self.table.on_identified(address, info, now))
         peer = self.table.get(info.node_id)
@@ -564,8 +638,7 @@ class ClusterService:
                             continue
                         peer = self.table.get(info.node_id)
                         if peer is not None and peer.info.address and peer.info.address != info.address:
-                            self._spawn(self._probe(link, info.node_id, address=info.address, moved=info),
-                                        "peer-moved")
+                            self._spawn(self._probe(link, info.node_id, address=info.address, moved=info), "peer-moved")
                             continue
                         self._handle(self.table.on_discovered(info, now))
                         if self.table.get(info.node_id) is not None:  # a sign of life: check it now, not in 2 s
@@ -575,8 +648,7 @@ class ClusterService:
                         if peer is not None and address and peer.info.address != address:
                             # a goodbye from where the member is not (someone announced its id elsewhere,
                             # and withdrew it): the member itself has not left
-                            log.info("mdns_goodbye_ignored", peer=node_id, address=address,
-                                     at=peer.info.address)
+                            log.info("mdns_goodbye_ignored", peer=node_id, address=address, at=peer.info.address)
                             continue
                         if peer is None:
                             continue

@@ -47,13 +47,20 @@ class PeerSite(web.TCPSite):
         self._accepted = accepted
 
         def protocol() -> asyncio.BaseProtocol:
-            tls = _SSLProtocol(loop, server(), context, None, server_side=True,
-                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            tls = _SSLProtocol(
+                loop, server(), context, None, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            )
             accepted.add(tls)
             return tls
 
-        self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog,
-                                                reuse_address=self._reuse_address, reuse_port=self._reuse_port)
+        self._server = await loop.create_server(
+            protocol,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 

@@ -169,8 +169,23 @@ def merge_rank(r: KeyRecord) -> tuple[bool, int, str, str]:
 
 
 def _canonical(r: KeyRecord) -> bytes:
-    return _encode(["quorum-key-record-v1", r.id, r.name, r.prefix, r.hash, list(r.models), r.created, r.expires,
-                    r.rate_per_min, r.admin, r.revoked, r.version, r.origin])
+    return _encode(
+        [
+            "quorum-key-record-v1",
+            r.id,
+            r.name,
+            r.prefix,
+            r.hash,
+            list(r.models),
+            r.created,
+            r.expires,
+            r.rate_per_min,
+            r.admin,
+            r.revoked,
+            r.version,
+            r.origin,
+        ]
+    )
 
 
 class RecordSigner(Protocol):
@@ -250,8 +265,9 @@ class Grant:
         self.name = record.name
         self.admin = record.admin
         self.info = info
-        self._match = (re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in record.models)).match
-                       if record.models else None)
+        self._match = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in record.models)).match if record.models else None
+        )
         self._bucket = bucket
 
     def allows(self, model: str) -> bool:
@@ -275,9 +291,16 @@ class KeyStore:
     ``compactable``).
     """
 
-    def __init__(self, path: Path | None, *, signer: RecordSigner | None, origin: str,
-                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
-                 tombstone_retention_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        signer: RecordSigner | None,
+        origin: str,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        tombstone_retention_s: float = 0.0,
+    ) -> None:
         self.path = path
         self.signer = signer
         self.origin = origin
@@ -357,8 +380,9 @@ class KeyStore:
                 if bucket is None or bucket.capacity != r.rate_per_min:
                     bucket = self._buckets[r.id] = _Bucket(r.rate_per_min, now)
             self._grants[r.id] = Grant(r, self._info(r), bucket)
-        lines = sorted(f"{r.id}:{r.version}:{r.origin}:{r.sig}:{int(r.revoked is not None)}"
-                       for r in self._records.values())
+        lines = sorted(
+            f"{r.id}:{r.version}:{r.origin}:{r.sig}:{int(r.revoked is not None)}" for r in self._records.values()
+        )
         self.digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:32] if lines else ""
 
     def _changed(self) -> None:
@@ -370,9 +394,19 @@ class KeyStore:
                 log.exception("key_change_listener_failed")
 
     def _info(self, r: KeyRecord) -> KeyInfo:
-        return KeyInfo(id=r.id, name=r.name, prefix=r.prefix, models=list(r.models), created=r.created,
-                       expires=r.expires, last_used=self._used.get(r.id), rate_per_min=r.rate_per_min,
-                       admin=r.admin, revoked=r.revoked is not None, revoked_at=r.revoked)
+        return KeyInfo(
+            id=r.id,
+            name=r.name,
+            prefix=r.prefix,
+            models=list(r.models),
+            created=r.created,
+            expires=r.expires,
+            last_used=self._used.get(r.id),
+            rate_per_min=r.rate_per_min,
+            admin=r.admin,
+            revoked=r.revoked is not None,
+            revoked_at=r.revoked,
+        )
 
     def _sign(self, r: KeyRecord) -> KeyRecord:
         return sign_record(self.signer, r) if self.signer is not None else r
@@ -403,36 +437,57 @@ class KeyStore:
 
     # -- what the node and the CLI call ----------------------------------------------
 
-    def create(self, name: str, *, models: Iterable[str] = (), expires_s: float | None = None,
-               rate_per_min: int | None = None, admin: bool = False) -> tuple[KeyInfo, str]:
+    def create(
+        self,
+        name: str,
+        *,
+        models: Iterable[str] = (),
+        expires_s: float | None = None,
+        rate_per_min: int | None = None,
+        admin: bool = False,
+    ) -> tuple[KeyInfo, str]:
         """Make a key; returns its info and the key itself (the only time it exists anywhere)."""
         name = name.strip() if isinstance(name, str) else name
         if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
             raise BadRequest("A key's name is 1-64 printable characters", param="name", code="invalid_key_name")
-        if name.startswith("k_") or name.startswith(KEY_PREFIX):
-            raise BadRequest("A key's name must not look like a key id or a key", param="name",
-                             code="invalid_key_name")
+        if name.startswith(("k_", KEY_PREFIX)):
+            raise BadRequest("A key's name must not look like a key id or a key", param="name", code="invalid_key_name")
         if any(r.name == name and r.revoked is None for r in self._records.values()):
             raise ApiConflict(f"A key named {name!r} exists already; revoke it first or choose another name")
         patterns = tuple(dict.fromkeys(m.strip() for m in models))
         if len(patterns) > MAX_PATTERNS or any(not p or len(p) > 200 or not p.isprintable() for p in patterns):
-            raise BadRequest(f"Model scopes are up to {MAX_PATTERNS} globs of 1-200 printable characters",
-                             param="models", code="invalid_scope")
+            raise BadRequest(
+                f"Model scopes are up to {MAX_PATTERNS} globs of 1-200 printable characters",
+                param="models",
+                code="invalid_scope",
+            )
         if rate_per_min is not None and (isinstance(rate_per_min, bool) or not 1 <= rate_per_min <= 1_000_000):
             raise BadRequest("The rate is 1-1000000 requests a minute", param="rate", code="invalid_rate")
         if expires_s is not None and not (0 < expires_s < 1e10):
             raise BadRequest("Expiry must be a positive duration", param="expires", code="invalid_expiry")
         now = self._clock()
         if len(self._records) >= MAX_RECORDS and not self.compact(now):
-            raise BadRequest(f"This cluster holds {MAX_RECORDS} keys already, revoked ones included (a revoked "
-                             f"key is kept for key_tombstone_retention_days); no more can be made until some are "
-                             f"forgotten", code="too_many_keys")
+            raise BadRequest(
+                f"This cluster holds {MAX_RECORDS} keys already, revoked ones included (a revoked "
+                f"key is kept for key_tombstone_retention_days); no more can be made until some are "
+                f"forgotten",
+                code="too_many_keys",
+            )
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        record = self._sign(KeyRecord(
-            id="k_" + secrets.token_hex(6), name=name, prefix=secret[:len(KEY_PREFIX) + _DISPLAY_CHARS],
-            hash=_hash(secret), models=patterns, created=now, expires=now + expires_s if expires_s else None,
-            rate_per_min=rate_per_min, admin=admin, origin=self.origin,
-        ))
+        record = self._sign(
+            KeyRecord(
+                id="k_" + secrets.token_hex(6),
+                name=name,
+                prefix=secret[: len(KEY_PREFIX) + _DISPLAY_CHARS],
+                hash=_hash(secret),
+                models=patterns,
+                created=now,
+                expires=now + expires_s if expires_s else None,
+                rate_per_min=rate_per_min,
+                admin=admin,
+                origin=self.origin,
+            )
+        )
         self._records[record.id] = record
         self.save()
         self._changed()
@@ -446,8 +501,10 @@ class KeyStore:
         named = [r for r in self._records.values() if r.name == name_or_id]
         live = [r for r in named if r.revoked is None]
         if len(live) > 1:  # two nodes made the same name at the same time
-            raise BadRequest(f"{len(live)} keys are named {name_or_id!r}: give the id "
-                             f"({', '.join(sorted(r.id for r in live))})", code="ambiguous_key")
+            raise BadRequest(
+                f"{len(live)} keys are named {name_or_id!r}: give the id ({', '.join(sorted(r.id for r in live))})",
+                code="ambiguous_key",
+            )
         if live:
             return live[0]
         if named:
@@ -458,8 +515,9 @@ class KeyStore:
         """Revoke a key (a signed tombstone, which outranks every version of it); idempotent."""
         r = self.find(name_or_id)
         if r.revoked is None:
-            r = self._sign(msgspec.structs.replace(r, revoked=self._clock(), version=r.version + 1,
-                                                   origin=self.origin, sig=""))
+            r = self._sign(
+                msgspec.structs.replace(r, revoked=self._clock(), version=r.version + 1, origin=self.origin, sig="")
+            )
             self._records[r.id] = r
             self.save()
             self._changed()
@@ -579,5 +637,9 @@ def open_keystore(data_dir: Path, signer: RecordSigner | None, *, tombstone_rete
     ``tombstone_retention_s`` is the node's ``key_tombstone_retention_days``; the CLI, which edits the
     store of a node that is not running, passes none (0: it forgets only the records of expired keys,
     which is always safe)."""
-    return KeyStore(data_dir / KEYS_FILE, signer=signer, origin=signer.origin if signer is not None else "local",
-                    tombstone_retention_s=tombstone_retention_s)
+    return KeyStore(
+        data_dir / KEYS_FILE,
+        signer=signer,
+        origin=signer.origin if signer is not None else "local",
+        tombstone_retention_s=tombstone_retention_s,
+    )

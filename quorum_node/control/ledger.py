@@ -64,8 +64,20 @@ import structlog
 from ..errors import ConfigError
 from ..records import Record
 
-__all__ = ["BY", "LEDGER_FILE", "Ledger", "SeriesPoint", "UsageRow", "journal_files", "open_readonly",
-           "query_rows", "recent_records", "recover", "replay_journal", "series_rows"]
+__all__ = [
+    "BY",
+    "LEDGER_FILE",
+    "Ledger",
+    "SeriesPoint",
+    "UsageRow",
+    "journal_files",
+    "open_readonly",
+    "query_rows",
+    "recent_records",
+    "recover",
+    "replay_journal",
+    "series_rows",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -136,9 +148,11 @@ CREATE TABLE IF NOT EXISTS journal_mark (
 );
 INSERT OR IGNORE INTO journal_mark (id, gen, offset) VALUES (0, 0, 0);
 """
-_INSERT = ("INSERT INTO records (time, request_id, node, peer, surface, operation, model, key_id, key_name, "
-           "serving_node, route, status, outcome, prompt_tokens, completion_tokens, tokens_estimated, ttft_ms, "
-           "duration_ms, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT = (
+    "INSERT INTO records (time, request_id, node, peer, surface, operation, model, key_id, key_name, "
+    "serving_node, route, status, outcome, prompt_tokens, completion_tokens, tokens_estimated, ttft_ms, "
+    "duration_ms, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _PRUNE_CHUNK = 5000
 BUSY_WAIT_S = 10.0  # how long the writer thread waits for a write lock another connection holds
 _MARK = "UPDATE journal_mark SET gen = ?, offset = ? WHERE id = 0"
@@ -150,9 +164,27 @@ _unpack = msgspec.msgpack.Decoder(Record).decode
 
 
 def _row(r: Record, raw: bytes) -> tuple[Any, ...]:
-    return (r.time, r.request_id, r.node, r.peer, r.surface, r.operation, r.model, r.key_id, r.key_name,
-            r.serving_node, r.route, r.status, r.outcome, r.prompt_tokens, r.completion_tokens,
-            int(r.tokens_estimated), r.ttft_ms, r.duration_ms, raw)
+    return (
+        r.time,
+        r.request_id,
+        r.node,
+        r.peer,
+        r.surface,
+        r.operation,
+        r.model,
+        r.key_id,
+        r.key_name,
+        r.serving_node,
+        r.route,
+        r.status,
+        r.outcome,
+        r.prompt_tokens,
+        r.completion_tokens,
+        int(r.tokens_estimated),
+        r.ttft_ms,
+        r.duration_ms,
+        raw,
+    )
 
 
 # -- the journal -----------------------------------------------------------------
@@ -214,7 +246,7 @@ def _read_frames(f: Path, start: int) -> tuple[list[tuple[Record, bytes]], int, 
         end = pos + _FRAME.size + length
         if length == 0 or length > MAX_FRAME or end > len(data):  # 0: the file's unwritten rest (zeros)
             break
-        payload = data[pos + _FRAME.size:end]
+        payload = data[pos + _FRAME.size : end]
         if zlib.crc32(payload) != crc:
             break
         try:
@@ -287,21 +319,30 @@ def query_rows(conn: sqlite3.Connection, since: float | None, by: str, *, entry_
     summing these over every node counts each request once."""
     expr = BY[by]
     where, params = _where(since, entry_only)
-    sql = (f"SELECT {expr} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-           f"SUM(status >= 400 AND status != 499), SUM(tokens_estimated) FROM records{where} "
-           f"GROUP BY g ORDER BY g")
-    return [UsageRow(group=str(g), requests=n, prompt_tokens=p, completion_tokens=c, errors=e or 0,
-                     estimated=x or 0) for g, n, p, c, e, x in conn.execute(sql, params)]
+    sql = (
+        f"SELECT {expr} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+        f"SUM(status >= 400 AND status != 499), SUM(tokens_estimated) FROM records{where} "
+        f"GROUP BY g ORDER BY g"
+    )
+    return [
+        UsageRow(group=str(g), requests=n, prompt_tokens=p, completion_tokens=c, errors=e or 0, estimated=x or 0)
+        for g, n, p, c, e, x in conn.execute(sql, params)
+    ]
 
 
-def series_rows(conn: sqlite3.Connection, since: float, bucket_s: int, by: str, *,
-                entry_only: bool = True) -> list[SeriesPoint]:
+def series_rows(
+    conn: sqlite3.Connection, since: float, bucket_s: int, by: str, *, entry_only: bool = True
+) -> list[SeriesPoint]:
     expr = BY[by]
     where, params = _where(since, entry_only)
-    sql = (f"SELECT CAST(time / ? AS INTEGER) * ? AS t, {expr} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
-           f"COALESCE(SUM(completion_tokens), 0) FROM records{where} GROUP BY t, g ORDER BY t, g")
-    return [SeriesPoint(t=float(t), group=str(g), requests=n, prompt_tokens=p, completion_tokens=c)
-            for t, g, n, p, c in conn.execute(sql, [bucket_s, bucket_s, *params])]
+    sql = (
+        f"SELECT CAST(time / ? AS INTEGER) * ? AS t, {expr} AS g, COUNT(*), COALESCE(SUM(prompt_tokens), 0), "
+        f"COALESCE(SUM(completion_tokens), 0) FROM records{where} GROUP BY t, g ORDER BY t, g"
+    )
+    return [
+        SeriesPoint(t=float(t), group=str(g), requests=n, prompt_tokens=p, completion_tokens=c)
+        for t, g, n, p, c in conn.execute(sql, [bucket_s, bucket_s, *params])
+    ]
 
 
 def recent_records(conn: sqlite3.Connection, limit: int) -> list[Record]:
@@ -317,9 +358,17 @@ def recent_records(conn: sqlite3.Connection, limit: int) -> list[Record]:
 class Ledger:
     """The usage ledger of one node. ``await open()``; ``write`` is the durable sink; ``await close()``."""
 
-    def __init__(self, path: Path, *, retention_days: float = 90.0, max_queue: int = 10_000,
-                 prune_interval_s: float = 3600.0, batch_records: int = 256, batch_wait_s: float = 0.2,
-                 journal_max_bytes: int = 4 << 20) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_days: float = 90.0,
+        max_queue: int = 10_000,
+        prune_interval_s: float = 3600.0,
+        batch_records: int = 256,
+        batch_wait_s: float = 0.2,
+        journal_max_bytes: int = 4 << 20,
+    ) -> None:
         self.path = Path(path)
         self.retention_days = retention_days
         self.max_queue = max_queue
@@ -473,7 +522,7 @@ class Ledger:
             if end > self.journal_max_bytes:  # a record bigger than a journal file: the database only
                 self.journal_failed += 1
                 return
-        self._map[self._offset:end] = frame  # type: ignore[index]
+        self._map[self._offset : end] = frame  # type: ignore[index]
         self._offset = end
 
     def _next_journal(self) -> bool:
@@ -495,8 +544,12 @@ class Ledger:
         now = time.monotonic()
         if now - self._last_drop_log > 1.0:
             self._last_drop_log = now
-            log.warning("ledger_behind_record_dropped", dropped=self.dropped, queued=len(self._queue),
-                        request_id=record.request_id)
+            log.warning(
+                "ledger_behind_record_dropped",
+                dropped=self.dropped,
+                queued=len(self._queue),
+                request_id=record.request_id,
+            )
 
     def _room_free(self) -> None:
         if self._room is not None and self._waiting:
@@ -529,9 +582,8 @@ class Ledger:
                 if self._waiting:
                     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                         self._loop.call_soon_threadsafe(self._room_free)
-            if pruning and time.monotonic() >= next_prune:
-                if self._prune_chunk(conn) < _PRUNE_CHUNK:  # done for now
-                    next_prune = time.monotonic() + self.prune_interval_s
+            if pruning and time.monotonic() >= next_prune and self._prune_chunk(conn) < _PRUNE_CHUNK:  # done for now
+                next_prune = time.monotonic() + self.prune_interval_s
             if closing and not queue:
                 break
 
@@ -582,8 +634,10 @@ class Ledger:
     def _prune_chunk(self, conn: sqlite3.Connection) -> int:
         cutoff = time.time() - self.retention_days * 86400
         try:
-            cur = conn.execute("DELETE FROM records WHERE rowid IN (SELECT rowid FROM records WHERE time < ? "
-                               "LIMIT ?)", (cutoff, _PRUNE_CHUNK))
+            cur = conn.execute(
+                "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records WHERE time < ? LIMIT ?)",
+                (cutoff, _PRUNE_CHUNK),
+            )
             if cur.rowcount:
                 log.info("ledger_pruned", records=cur.rowcount, retention_days=self.retention_days)
             return cur.rowcount
@@ -609,8 +663,9 @@ class Ledger:
         """Totals per time bucket and group, oldest first: dicts of t, group, requests, prompt/completion tokens."""
         if by not in BY:
             raise ValueError(f"by: one of {', '.join(BY)}")
-        points = await asyncio.to_thread(self._read, self._appended, series_rows, since, max(1, int(bucket_s)), by,
-                                         entry_only=entry_only)
+        points = await asyncio.to_thread(
+            self._read, self._appended, series_rows, since, max(1, int(bucket_s)), by, entry_only=entry_only
+        )
         return [msgspec.structs.asdict(p) for p in points]
 
     async def recent(self, limit: int) -> list[Record]:

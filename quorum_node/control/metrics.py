@@ -49,24 +49,52 @@ _PEER_STATES = ("up", "suspect", "down")
 class NodeMetrics:
     """The metrics of one node: ``observe`` is the record sink, ``render`` the exposition."""
 
-    def __init__(self, *, known: Callable[[str], bool], inflight: Sized, engines: Registry,
-                 cluster: ClusterService | None, ledger: Callable[[], Ledger | None]) -> None:
+    def __init__(
+        self,
+        *,
+        known: Callable[[str], bool],
+        inflight: Sized,
+        engines: Registry,
+        cluster: ClusterService | None,
+        ledger: Callable[[], Ledger | None],
+    ) -> None:
         """``known``: whether a model is in the catalog; ``ledger``: the ledger once it is open (or None)."""
         self._is_known = known
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.requests = Counter("quorum_requests", "Requests, by surface, model, route and status",
-                                ("surface", "model", "route", "status"), registry=r)
-        self.tokens = Counter("quorum_tokens", "Tokens, by direction (in: prompt, out: completion) and model",
-                              ("direction", "model"), registry=r)
-        self.ttft = Histogram("quorum_time_to_first_token_seconds",
-                              "Time to the first token (to the whole answer, for a non-streamed one)",
-                              ("model", "route"), buckets=TTFT_BUCKETS_S, registry=r)
-        self.duration = Histogram("quorum_request_duration_seconds", "Request duration, arrival to last byte",
-                                  ("model", "route"), buckets=DURATION_BUCKETS_S, registry=r)
-        self.refused = Counter("quorum_refused_requests", "Requests refused with 401 as unauthenticated (no key, a "
-                               "wrong key or admin token, not a member), by reason; not in the ledger", ("reason",),
-                               registry=r)
+        self.requests = Counter(
+            "quorum_requests",
+            "Requests, by surface, model, route and status",
+            ("surface", "model", "route", "status"),
+            registry=r,
+        )
+        self.tokens = Counter(
+            "quorum_tokens",
+            "Tokens, by direction (in: prompt, out: completion) and model",
+            ("direction", "model"),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "quorum_time_to_first_token_seconds",
+            "Time to the first token (to the whole answer, for a non-streamed one)",
+            ("model", "route"),
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "quorum_request_duration_seconds",
+            "Request duration, arrival to last byte",
+            ("model", "route"),
+            buckets=DURATION_BUCKETS_S,
+            registry=r,
+        )
+        self.refused = Counter(
+            "quorum_refused_requests",
+            "Requests refused with 401 as unauthenticated (no key, a "
+            "wrong key or admin token, not a member), by reason; not in the ledger",
+            ("reason",),
+            registry=r,
+        )
         r.register(_StateCollector(inflight, engines, cluster, ledger))
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._models: set[str] = set()  # the model labels given so far (at most MAX_MODEL_LABELS)
@@ -75,7 +103,7 @@ class NodeMetrics:
         """Whether ``model`` is in the catalog (the cached one: a dictionary lookup)."""
         try:
             return self._is_known(model)
-        except Exception:  # a half-started node: no catalog yet
+        except Exception:  # noqa: BLE001  (a half-started node: no catalog yet; a scrape never fails for it)
             return False
 
     def model_label(self, r: Record) -> str:
@@ -101,8 +129,12 @@ class NodeMetrics:
         c = self._children.get(key)
         if c is None:  # labels() takes a lock and builds a tuple: once per label set, not per request
             c = self._children[key] = (
-                self.requests.labels(key[0], model, route, str(r.status)), self.tokens.labels("in", model),
-                self.tokens.labels("out", model), self.ttft.labels(model, route), self.duration.labels(model, route))
+                self.requests.labels(key[0], model, route, str(r.status)),
+                self.tokens.labels("in", model),
+                self.tokens.labels("out", model),
+                self.ttft.labels(model, route),
+                self.duration.labels(model, route),
+            )
         c[0].inc()
         if r.prompt_tokens:
             c[1].inc(r.prompt_tokens)
@@ -120,8 +152,9 @@ class NodeMetrics:
 class _StateCollector(Collector):
     """What the node is now, read when Prometheus scrapes."""
 
-    def __init__(self, inflight: Sized, engines: Registry, cluster: ClusterService | None,
-                 ledger: Callable[[], Ledger | None]) -> None:
+    def __init__(
+        self, inflight: Sized, engines: Registry, cluster: ClusterService | None, ledger: Callable[[], Ledger | None]
+    ) -> None:
         self.inflight = inflight
         self.engines = engines
         self.cluster = cluster
@@ -129,10 +162,12 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily("quorum_in_flight", "Requests being answered now", value=len(self.inflight))
-        engines = GaugeMetricFamily("quorum_engine_state", "Each engine's state (1: the current one)",
-                                    labels=("engine", "kind", "state"))
-        load = GaugeMetricFamily("quorum_engine_in_flight", "Requests each engine is serving now",
-                                 labels=("engine", "kind"))
+        engines = GaugeMetricFamily(
+            "quorum_engine_state", "Each engine's state (1: the current one)", labels=("engine", "kind", "state")
+        )
+        load = GaugeMetricFamily(
+            "quorum_engine_in_flight", "Requests each engine is serving now", labels=("engine", "kind")
+        )
         for b in list(self.engines.backends.values()):
             for st in BackendState:
                 engines.add_metric((b.name, b.kind, st.value), 1.0 if b.state is st else 0.0)
@@ -141,8 +176,9 @@ class _StateCollector(Collector):
         yield load
         cluster = self.cluster
         if cluster is not None:
-            peers = GaugeMetricFamily("quorum_peer_state", "Each peer's state as this node sees it (1: current)",
-                                      labels=("peer", "state"))
+            peers = GaugeMetricFamily(
+                "quorum_peer_state", "Each peer's state as this node sees it (1: current)", labels=("peer", "state")
+            )
             pin = GaugeMetricFamily("quorum_peer_in_flight", "Requests forwarded to each peer now", labels=("peer",))
             for p in cluster.table.all():
                 name = (p.info.name or p.node_id)[:_MAX_LABEL]
@@ -153,20 +189,29 @@ class _StateCollector(Collector):
             yield pin
             relay = cluster.relay
             if relay is not None:
-                rs = GaugeMetricFamily("quorum_relay_state", "The relay connection's state (1: current)",
-                                       labels=("state",))
+                rs = GaugeMetricFamily(
+                    "quorum_relay_state", "The relay connection's state (1: current)", labels=("state",)
+                )
                 for st in _RELAY_STATES:
                     rs.add_metric((st,), 1.0 if relay.state == st else 0.0)
                 yield rs
-                yield GaugeMetricFamily("quorum_relay_connected", "1 while the relay connection is up",
-                                        value=1.0 if relay.state == "up" else 0.0)
+                yield GaugeMetricFamily(
+                    "quorum_relay_connected",
+                    "1 while the relay connection is up",
+                    value=1.0 if relay.state == "up" else 0.0,
+                )
         ledger = self.ledger()
         if ledger is not None:
-            yield GaugeMetricFamily("quorum_ledger_queued",
-                                    "Records in the ledger's journal waiting for the writer to move them into "
-                                    "the database", value=ledger.queued)
-            yield CounterMetricFamily("quorum_ledger_records_written", "Records committed to the ledger's database",
-                                      value=ledger.written)
-            yield CounterMetricFamily("quorum_ledger_records_dropped",
-                                      "Records not stored: the writer was too far behind, or the insert failed",
-                                      value=ledger.dropped + ledger.failed)
+            yield GaugeMetricFamily(
+                "quorum_ledger_queued",
+                "Records in the ledger's journal waiting for the writer to move them into the database",
+                value=ledger.queued,
+            )
+            yield CounterMetricFamily(
+                "quorum_ledger_records_written", "Records committed to the ledger's database", value=ledger.written
+            )
+            yield CounterMetricFamily(
+                "quorum_ledger_records_dropped",
+                "Records not stored: the writer was too far behind, or the insert failed",
+                value=ledger.dropped + ledger.failed,
+            )

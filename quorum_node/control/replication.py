@@ -197,6 +197,5 @@ class KeyReplicator:
         if link is None:
             return
         if data is None:
-            data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records(),
-                                       used=self.store.used()))
+            data = _encode(KeysMessage(digest=self.store.digest, records=self.store.records(), used=self.store.used()))
         await svc._post(link, KEYS_PATH, data, node_id, "keys")

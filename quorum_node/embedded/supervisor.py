@@ -200,9 +200,7 @@ class LlamaServerProcess:
         if self._supervisor is not None:
             raise RuntimeError("already started")
         self._child = await self._spawn(self._requested_port)
-        self._supervisor = asyncio.create_task(
-            self._supervise(), name=f"llama-server-supervisor-{self._child.pid}"
-        )
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"llama-server-supervisor-{self._child.pid}")
 
     async def wait_ready(self, timeout_s: float = 60.0) -> None:
         """Wait until the engine answers ``GET /health`` with 200, across restarts.
@@ -224,8 +222,7 @@ class LlamaServerProcess:
                     await child.superseded.wait()  # it died; the supervisor spawns the next
         except TimeoutError:
             raise EngineStartError(
-                f"llama-server did not become ready within {timeout_s:g} s; "
-                f"last output:\n{self._format_tail()}"
+                f"llama-server did not become ready within {timeout_s:g} s; last output:\n{self._format_tail()}"
             ) from None
 
     async def wait_exited(self, pid: int) -> int:
@@ -275,9 +272,7 @@ class LlamaServerProcess:
         except OSError as exc:
             raise EngineStartError(f"cannot run {self.binary}: {exc}") from exc
         loop = asyncio.get_running_loop()
-        child = _Child(
-            proc=proc, cmd_port=port, started_at=loop.time(), listening=loop.create_future()
-        )
+        child = _Child(proc=proc, cmd_port=port, started_at=loop.time(), listening=loop.create_future())
         child.reader = asyncio.create_task(self._read_output(child), name=f"llama-server-output-{proc.pid}")
         log.info(
             "llama_server_spawned",

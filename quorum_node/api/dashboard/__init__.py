@@ -36,10 +36,17 @@ EVENTS: web.AppKey[EventHub] = web.AppKey("dashboard_events", EventHub)
 _STARTED: web.AppKey[float] = web.AppKey("dashboard_started", float)
 _encode = msgspec.json.Encoder().encode
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-_PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-                 "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY", "Cache-Control": "no-cache"}
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
 
 
@@ -52,7 +59,7 @@ class _Asset(msgspec.Struct, frozen=True):
 def _load_assets() -> dict[str, _Asset]:
     out = {}
     for entry in resources.files(__package__).joinpath("static").iterdir():
-        suffix = entry.name[entry.name.rfind("."):]
+        suffix = entry.name[entry.name.rfind(".") :]
         if entry.is_file() and suffix in _TYPES:
             body = entry.read_bytes()
             out[entry.name] = _Asset(body, _TYPES[suffix], '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
@@ -72,8 +79,12 @@ def _asset_response(request: web.Request, asset: _Asset) -> web.Response:
     headers = {**_PAGE_HEADERS, "ETag": asset.etag}
     if request.headers.get("If-None-Match") == asset.etag:
         return web.Response(status=304, headers=headers)
-    return web.Response(body=asset.body, headers=headers, content_type=asset.content_type,
-                        charset="utf-8" if asset.content_type != "image/svg+xml" else None)
+    return web.Response(
+        body=asset.body,
+        headers=headers,
+        content_type=asset.content_type,
+        charset="utf-8" if asset.content_type != "image/svg+xml" else None,
+    )
 
 
 @public
@@ -115,13 +126,15 @@ def setup(app: web.Application) -> None:
         return fleet(app, app[_STARTED], features)
 
     hub = app[EVENTS] = EventHub(app[RECORDS], fleet_now)
-    app.router.add_routes([
-        web.get("/dashboard", page),
-        web.get("/dashboard/", page),
-        web.get("/dashboard/static/{name}", static),
-        web.get("/quorum/admin/fleet", fleet_handler),
-        web.get("/quorum/admin/events", events_handler),
-    ])
+    app.router.add_routes(
+        [
+            web.get("/dashboard", page),
+            web.get("/dashboard/", page),
+            web.get("/dashboard/static/{name}", static),
+            web.get("/quorum/admin/fleet", fleet_handler),
+            web.get("/quorum/admin/events", events_handler),
+        ]
+    )
 
     async def close_events(app: web.Application) -> None:
         await hub.close()

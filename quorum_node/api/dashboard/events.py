@@ -31,16 +31,27 @@ from aiohttp import web
 from ...errors import Unavailable
 
 if TYPE_CHECKING:
-    from ...records import Records
-    from ...records import Draft, Record
+    from ...records import Draft, Record, Records
 
 __all__ = ["EventHub", "live_entry"]
 
 log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 
-_LIVE_FIELDS = ("request_id", "surface", "operation", "model", "stream", "key_name", "serving_node", "route",
-                "engine", "peer", "remote", "time")
+_LIVE_FIELDS = (
+    "request_id",
+    "surface",
+    "operation",
+    "model",
+    "stream",
+    "key_name",
+    "serving_node",
+    "route",
+    "engine",
+    "peer",
+    "remote",
+    "time",
+)
 _MAX_LIVE = 200  # a tick lists at most this many requests in flight (the count is always exact)
 
 
@@ -77,8 +88,15 @@ def _sse(name: str, data: bytes) -> bytes:
 class EventHub:
     """The subscribers of ``/quorum/admin/events`` and what feeds them (record sinks, a 1 s ticker)."""
 
-    def __init__(self, records: Records, fleet: Callable[[], dict[str, Any]], *, queue_size: int = 256,
-                 max_subscribers: int = 32, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        records: Records,
+        fleet: Callable[[], dict[str, Any]],
+        *,
+        queue_size: int = 256,
+        max_subscribers: int = 32,
+        interval_s: float = 1.0,
+    ) -> None:
         self.records = records
         self._fleet = fleet
         self.queue_size = queue_size
@@ -110,8 +128,11 @@ class EventHub:
     def live(self) -> dict[str, Any]:
         now = time.perf_counter()
         drafts = sorted(self.records.live, key=lambda d: d.t0)[:_MAX_LIVE]
-        return {"in_flight": len(self.records.live), "requests": [live_entry(d, now) for d in drafts],
-                "time": time.time()}
+        return {
+            "in_flight": len(self.records.live),
+            "requests": [live_entry(d, now) for d in drafts],
+            "time": time.time(),
+        }
 
     async def _tick(self) -> None:
         try:
@@ -133,17 +154,22 @@ class EventHub:
         if self._closed:
             raise Unavailable("This node is shutting down", code="node_stopping")
         if len(self.subscribers) >= self.max_subscribers:
-            raise Unavailable(f"Too many dashboards are watching this node (at most {self.max_subscribers})",
-                              code="too_many_subscribers", retry_after_s=5)
+            raise Unavailable(
+                f"Too many dashboards are watching this node (at most {self.max_subscribers})",
+                code="too_many_subscribers",
+                retry_after_s=5,
+            )
         sub = _Subscriber(self.queue_size)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                           "X-Accel-Buffering": "no"})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
         self.subscribers.add(sub)
         try:
             await resp.prepare(request)
             fleet = _encode(self._fleet())
-            await resp.write(b"retry: 2000\n\n" + _sse("hello", b'{"fleet":' + fleet + b',"live":'
-                                                        + _encode(self.live()) + b"}"))
+            await resp.write(
+                b"retry: 2000\n\n" + _sse("hello", b'{"fleet":' + fleet + b',"live":' + _encode(self.live()) + b"}")
+            )
             if self._ticker is None:
                 self._ticker = asyncio.create_task(self._tick(), name="dashboard-ticker")
             while True:

@@ -23,10 +23,13 @@ FEATURES = {"keys": "/quorum/admin/keys", "usage": "/quorum/admin/usage/series",
 
 def _self_entry(app: web.Application, started_at: float) -> dict[str, Any]:
     registry = app[REGISTRY]
-    engines = [{"name": b.name, "kind": b.kind, "state": b.state.value, "load": b.load, "models": len(b.models)}
-               for b in registry.backends.values()]
-    engines += [{"name": n, "kind": "llamacpp", "state": "starting", "load": 0, "models": 0}
-                for n in sorted(registry.pending)]
+    engines = [
+        {"name": b.name, "kind": b.kind, "state": b.state.value, "load": b.load, "models": len(b.models)}
+        for b in registry.backends.values()
+    ]
+    engines += [
+        {"name": n, "kind": "llamacpp", "state": "starting", "load": 0, "models": 0} for n in sorted(registry.pending)
+    ]
     cluster = app[CLUSTER]
     return {
         "id": cluster.node_id if cluster is not None else None,
@@ -55,26 +58,46 @@ def fleet(app: web.Application, started_at: float, features: dict[str, bool] | N
         for p in cluster.table.all():
             cards = cluster.catalogs.get(p.node_id, [])
             if p.load is not None:
-                engines = [{"name": e.name, "kind": e.kind, "state": e.state, "load": e.load, "models": e.models}
-                           for e in p.load.engines]
+                engines = [
+                    {"name": e.name, "kind": e.kind, "state": e.state, "load": e.load, "models": e.models}
+                    for e in p.load.engines
+                ]
                 load = {"in_flight": p.load.in_flight, "engines": sum(e.load for e in p.load.engines)}
             else:  # an older peer: its engine kinds from its catalog, its load unknown
-                engines = [{"name": k, "kind": k, "state": "", "load": 0, "models": 0}
-                           for k in sorted({c.engine for c in cards})]
+                engines = [
+                    {"name": k, "kind": k, "state": "", "load": 0, "models": 0}
+                    for k in sorted({c.engine for c in cards})
+                ]
                 load = None
-            nodes.append({
-                "id": p.node_id, "name": p.info.name or p.node_id, "self": False, "online": p.state.value == "up",
-                "state": p.state.value, "since": cluster.wall_clock(p.up_since, now), "routes": p.routes,
-                "address": p.info.address, "engines": engines, "models": sorted({c.id for c in cards}),
-                "load": load, "in_flight_to": p.in_flight,
-                "rtt_ms": round(p.ewma_rtt_s * 1000, 1) if p.ewma_rtt_s is not None else None,
-            })
+            nodes.append(
+                {
+                    "id": p.node_id,
+                    "name": p.info.name or p.node_id,
+                    "self": False,
+                    "online": p.state.value == "up",
+                    "state": p.state.value,
+                    "since": cluster.wall_clock(p.up_since, now),
+                    "routes": p.routes,
+                    "address": p.info.address,
+                    "engines": engines,
+                    "models": sorted({c.id for c in cards}),
+                    "load": load,
+                    "in_flight_to": p.in_flight,
+                    "rtt_ms": round(p.ewma_rtt_s * 1000, 1) if p.ewma_rtt_s is not None else None,
+                }
+            )
         if cluster.relay is not None:
-            relay = {"url": cluster.settings.relay, "state": cluster.relay.state, "error": cluster.relay.last_error,
-                     "online": sorted(cluster.relay.online)}
+            relay = {
+                "url": cluster.settings.relay,
+                "state": cluster.relay.state,
+                "error": cluster.relay.last_error,
+                "online": sorted(cluster.relay.online),
+            }
     # the cluster's models and who holds them: the catalog's view (this node's engines, its serving peers')
-    models = [{"id": mid, "holders": sorted({c.node for c in cards}), "engines": sorted({c.engine for c in cards})}
-              for mid, cards in app[CATALOG].view().by_id.items()]
+    models = [
+        {"id": mid, "holders": sorted({c.node for c in cards}), "engines": sorted({c.engine for c in cards})}
+        for mid, cards in app[CATALOG].view().by_id.items()
+    ]
     return {
         "self": me,
         "cluster": cluster.membership.name if cluster is not None else None,

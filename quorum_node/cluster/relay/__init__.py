@@ -13,5 +13,14 @@ from .link import RelayLink
 from .messages import CHUNK, WINDOW, RelayLinkError, SessionLost
 from .protocol import ProtocolError, RelayProtocol
 
-__all__ = ["CHUNK", "WINDOW", "ProtocolError", "RelayAnswer", "RelayBody", "RelayLink", "RelayLinkError",
-           "RelayProtocol", "SessionLost"]
+__all__ = [
+    "CHUNK",
+    "WINDOW",
+    "ProtocolError",
+    "RelayAnswer",
+    "RelayBody",
+    "RelayLink",
+    "RelayLinkError",
+    "RelayProtocol",
+    "SessionLost",
+]

@@ -66,7 +66,6 @@ class RelayBody:
         self._exc = exc
         self._wake()
 
-
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
 

@@ -85,13 +85,18 @@ class Handshakes:
         self._introduce_to: set[str] = set()  # peers that did not know us: our next hello introduces us
         self._heard: dict[str, tuple[float, float]] = {}  # stranger -> (tokens, when) of its introductions
 
-    def start(self, peer: str, key: bytes, session_id: str, opened_after: int, now: float,
-              max_frame_bytes: int) -> None:
+    def start(
+        self, peer: str, key: bytes, session_id: str, opened_after: int, now: float, max_frame_bytes: int
+    ) -> None:
         """Say hello to the member ``peer`` (whose key is ``key``): a session, waiting for its reply."""
         session = Session(opened_after)
         session.initiator = True
-        session.handshake = Handshake(initiator=True, static=self._identity.dh_private, remote_static=key,
-                                      prologue=prologue(self.node_id, peer, session_id))
+        session.handshake = Handshake(
+            initiator=True,
+            static=self._identity.dh_private,
+            remote_static=key,
+            prologue=prologue(self.node_id, peer, session_id),
+        )
         self._sessions[peer] = session
         features = _FEATURES  # what we read, told inside the encryption
         if peer in self._introduce_to and self._introduction is not None:
@@ -168,9 +173,10 @@ class Handshakes:
         if sep <= 0 or sep > 64:
             log.warning("relay_bad_hello", peer=peer)
             return
-        their_session, message = payload[:sep].decode(errors="replace"), payload[sep + 1:]
-        hs = Handshake(initiator=False, static=self._identity.dh_private,
-                       prologue=prologue(peer, self.node_id, their_session))
+        their_session, message = payload[:sep].decode(errors="replace"), payload[sep + 1 :]
+        hs = Handshake(
+            initiator=False, static=self._identity.dh_private, prologue=prologue(peer, self.node_id, their_session)
+        )
         try:
             theirs = decode_features(hs.read_message(message))
             if expected is None:  # a stranger: a member only if its introduction makes it one
@@ -206,8 +212,11 @@ class Handshakes:
         if session is None or session.handshake is None or session.ready:
             return
         if not payload:  # refused: it does not take us for a member (yet)
-            if not session.introduced and self._introduction is not None \
-                    and len(self._introduce_to) < self._presence.max_peers:
+            if (
+                not session.introduced
+                and self._introduction is not None
+                and len(self._introduce_to) < self._presence.max_peers
+            ):
                 self._introduce_to.add(peer)  # our next hello introduces us; what waits is asked again in it
                 self._end_session(peer, "the peer does not know us yet", True)
             else:

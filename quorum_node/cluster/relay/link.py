@@ -172,9 +172,15 @@ class RelayLink:
         self._on_draining = on_draining
         self._serve = serve
         self._connect_timeout_s = connect_timeout_s
-        self.protocol = RelayProtocol(identity=identity, peer_key=peer_key, listener=self._Events(self),
-                                      max_peers=max_peers, max_request_bytes=max_request_bytes,
-                                      introduction=introduction, introduce=introduce)
+        self.protocol = RelayProtocol(
+            identity=identity,
+            peer_key=peer_key,
+            listener=self._Events(self),
+            max_peers=max_peers,
+            max_request_bytes=max_request_bytes,
+            introduction=introduction,
+            introduce=introduce,
+        )
         self.online = self.protocol.online  # member id -> since (at most ``max_peers``)
         self.state = "connecting"  # connecting | up | refused | down
         self.last_error: str | None = None
@@ -242,8 +248,12 @@ class RelayLink:
     async def close(self) -> None:
         """Close the relay connection (1001) and end every stream; idempotent."""
         self._closing = True
-        log.info("relay_link_closing", messages_sent=self.messages_sent, batches_sent=self.batches_sent,
-                 batched_items=self.batched_items)
+        log.info(
+            "relay_link_closing",
+            messages_sent=self.messages_sent,
+            batches_sent=self.batches_sent,
+            batched_items=self.batched_items,
+        )
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close(1001, "node stopping")
@@ -277,11 +287,18 @@ class RelayLink:
                 async with connect(
                     self.url,
                     additional_headers={
-                        "Authorization": f"Bearer {self._token}", wire.NODE_ID_HEADER: self.node_id,
+                        "Authorization": f"Bearer {self._token}",
+                        wire.NODE_ID_HEADER: self.node_id,
                         wire.NODE_KEY_HEADER: base64.b64encode(self._identity.sign_key).decode("ascii"),
                     },
-                    compression=None, proxy=None, open_timeout=self._connect_timeout_s, ping_interval=15,
-                    ping_timeout=15, close_timeout=2, max_size=wire.MAX_WELCOME_BYTES, max_queue=64,
+                    compression=None,
+                    proxy=None,
+                    open_timeout=self._connect_timeout_s,
+                    ping_interval=15,
+                    ping_timeout=15,
+                    close_timeout=2,
+                    max_size=wire.MAX_WELCOME_BYTES,
+                    max_queue=64,
                 ) as ws:
                     self._ws = ws
                     backoff.reset()
@@ -440,8 +457,9 @@ class RelayLink:
             ready = self._ready[peer] = asyncio.get_running_loop().create_future()
         await asyncio.shield(ready)
 
-    async def request(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes,
-                      *, timeout_s: float) -> RelayAnswer:
+    async def request(
+        self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes, *, timeout_s: float
+    ) -> RelayAnswer:
         """Send one request to ``peer`` and wait (up to ``timeout_s``) for its answer's head.
 
         If the peer had lost the session the stream was opened in, the request
@@ -453,15 +471,20 @@ class RelayLink:
             except SessionLost:
                 return await self._request(peer, method, path, headers, body)
 
-    async def _request(self, peer: str, method: str, path: str, headers: dict[str, str],
-                       body: bytes) -> RelayAnswer:
+    async def _request(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes) -> RelayAnswer:
         await self._session_with(peer)
         protocol = self.protocol
         stream: Stream | None = None
-        exchange = _Request(lambda n: protocol.consumed(stream, n) if stream is not None else None,
-                            lambda: protocol.reset(stream, "cancel") if stream is not None else None)
-        head = OpenHead(method=method, path=path, body=b"",
-                        headers=[(str(k), str(v)) for k, v in headers.items() if k.lower() not in HOP_BY_HOP])
+        exchange = _Request(
+            lambda n: protocol.consumed(stream, n) if stream is not None else None,
+            lambda: protocol.reset(stream, "cancel") if stream is not None else None,
+        )
+        head = OpenHead(
+            method=method,
+            path=path,
+            body=b"",
+            headers=[(str(k), str(v)) for k, v in headers.items() if k.lower() not in HOP_BY_HOP],
+        )
         stream = protocol.open(peer, head, exchange)
         try:
             await self._send(stream, exchange, body)  # in credit-sized pieces, like any data

@@ -14,10 +14,30 @@ import msgspec
 import structlog
 
 __all__ = [
-    "BATCH_BYTES", "BATCH_ITEMS", "CHUNK", "COALESCE_S", "COALESCE_STREAMS", "FIN", "FEATURES", "HANDSHAKE_TIMEOUT_S",
-    "HOP_BY_HOP", "INTRODUCE_EVERY_S", "MAX_FRAME_BYTES", "OPEN", "WINDOW", "AnswerHead", "Features", "Item",
-    "OpenHead", "RelayLinkError", "SessionLost", "decode_answer_head", "decode_features", "decode_items",
-    "decode_open_head", "encode",
+    "BATCH_BYTES",
+    "BATCH_ITEMS",
+    "CHUNK",
+    "COALESCE_S",
+    "COALESCE_STREAMS",
+    "FIN",
+    "FEATURES",
+    "HANDSHAKE_TIMEOUT_S",
+    "HOP_BY_HOP",
+    "INTRODUCE_EVERY_S",
+    "MAX_FRAME_BYTES",
+    "OPEN",
+    "WINDOW",
+    "AnswerHead",
+    "Features",
+    "Item",
+    "OpenHead",
+    "RelayLinkError",
+    "SessionLost",
+    "decode_answer_head",
+    "decode_features",
+    "decode_items",
+    "decode_open_head",
+    "encode",
 ]
 
 log = structlog.get_logger(__name__)
@@ -40,8 +60,17 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a hello with no answer: the session is dropped, th
 
 # Hop-by-hop headers never cross a link (RFC 9110 §7.6.1), nor do the body framing ones.
 HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "host",
-     "content-length")
+    (
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "host",
+        "content-length",
+    )
 )
 
 OPEN = 1  # ``Item.flags``: the item opens its stream (``data`` is the request head)

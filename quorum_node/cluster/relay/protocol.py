@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
 import msgspec
 import structlog
 
@@ -59,7 +58,6 @@ from .streams import Listener, Outgoing, Stream, StreamHandler, Streams
 __all__ = ["Listener", "ProtocolError", "RelayProtocol"]
 
 log = structlog.get_logger(__name__)
-
 
 
 class ProtocolError(Exception):
@@ -107,10 +105,18 @@ class RelayProtocol:
         self.draining = False  # this node is stopping: new streams to it are refused (``drain``)
         self._greeted = False  # the first frame (the relay's challenge, or its Welcome) came
         self._next_sid = 0
-        self.handshakes = Handshakes(identity=identity, peer_key=peer_key, sessions=self.sessions,
-                                     presence=self.presence, listener=listener, push=self._push,
-                                     end_session=lambda peer, why, retry: self._end_session(peer, why, retry=retry),
-                                     joined=self._joined, introduction=introduction, introduce=introduce)
+        self.handshakes = Handshakes(
+            identity=identity,
+            peer_key=peer_key,
+            sessions=self.sessions,
+            presence=self.presence,
+            listener=listener,
+            push=self._push,
+            end_session=lambda peer, why, retry: self._end_session(peer, why, retry=retry),
+            joined=self._joined,
+            introduction=introduction,
+            introduce=introduce,
+        )
         self._cap_warned = False  # this connection logged its refused peers already
         self._now = 0.0
 
@@ -245,7 +251,7 @@ class RelayProtocol:
             n = streams.room_for(stream, min(len(data) - sent, CHUNK))
             if not n:
                 break
-            self._push(("data", stream.peer, stream.id, bytes(data[sent:sent + n])))
+            self._push(("data", stream.peer, stream.id, bytes(data[sent : sent + n])))
             sent += n
         return sent
 
@@ -421,8 +427,9 @@ class RelayProtocol:
         for p in welcome.peers:
             self._joined(p.node_id, p.since, p.draining)
         if self.presence.refused > refused:
-            log.warning("relay_peers_refused", refused=self.presence.refused - refused,
-                        max_peers=self.presence.max_peers)
+            log.warning(
+                "relay_peers_refused", refused=self.presence.refused - refused, max_peers=self.presence.max_peers
+            )
         self._cap_warned = self.presence.refused > refused
 
     def _on_reset(self, peer: str, sid: int, code: str) -> None:

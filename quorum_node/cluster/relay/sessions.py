@@ -46,8 +46,7 @@ class Presence:
 class Session:
     """The Noise session with one peer over this relay connection: being handshaken, then ready."""
 
-    __slots__ = ("send", "recv", "handshake", "initiator", "batch", "streams", "opened_after", "deadline",
-                 "introduced")
+    __slots__ = ("send", "recv", "handshake", "initiator", "batch", "streams", "opened_after", "deadline", "introduced")
 
     def __init__(self, opened_after: int) -> None:
         self.send: NumberedSender | None = None
@@ -79,5 +78,4 @@ def numbered(hs: Handshake) -> tuple[NumberedSender, NumberedReceiver]:
 
 def prologue(initiator: str, responder: str, initiator_session: str) -> bytes:
     """What both ends of a handshake bind into it: both node ids and the initiator's relay session."""
-    return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(),
-                         initiator_session.encode()))
+    return b"\x00".join((b"quorum-relay-noise-v1", initiator.encode(), responder.encode(), initiator_session.encode()))

@@ -44,8 +44,21 @@ class StreamHandler(Protocol):
 class Stream:
     """One stream's state. ``handler`` is its owner's (set when it is opened, or when it is served)."""
 
-    __slots__ = ("id", "peer", "outgoing", "handler", "credit", "sent_close", "got_close", "answered", "ended",
-                 "unacked", "received_in_window", "request", "request_body")
+    __slots__ = (
+        "id",
+        "peer",
+        "outgoing",
+        "handler",
+        "credit",
+        "sent_close",
+        "got_close",
+        "answered",
+        "ended",
+        "unacked",
+        "received_in_window",
+        "request",
+        "request_body",
+    )
 
     def __init__(self, peer: str, sid: int, *, outgoing: bool, handler: StreamHandler | None = None) -> None:
         self.id = sid

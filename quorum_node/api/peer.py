@@ -86,14 +86,7 @@ def peers_answer(cluster: ClusterService) -> bytes:
         }  # what it says it is answering
         for p in cluster.table.all()
     ]
-    relay = None
-    if cluster.relay is not None:
-        relay = {
-            "url": cluster.settings.relay,
-            "state": cluster.relay.state,
-            "error": cluster.relay.last_error,
-            "online": sorted(cluster.relay.online),
-        }
+    relay = cluster.relay_status()
     me = {**msgspec.structs.asdict(cluster.identity_message()), "cluster": cluster.membership.root}
     del me["load"], me["fingerprint"]
     return _encode({"node": me, "peers": peers, "relay": relay})

@@ -473,6 +473,18 @@ class ClusterService:
         """``GET /quorum/v1/catalog``."""
         return _encode(CatalogAnswer(digest=self._digest, models=self.local_entries()))
 
+    def relay_status(self) -> dict[str, Any] | None:
+        """The relay link as people read it (the peers view, the dashboard); None without one."""
+        relay = self.relay
+        if relay is None:
+            return None
+        return {
+            "url": self.settings.relay,
+            "state": relay.state,
+            "error": relay.last_error,
+            "online": sorted(relay.online),
+        }
+
     @staticmethod
     def wall_clock(t: float | None, now: float) -> float | None:
         """A ``time.monotonic()`` instant of the peer table as epoch seconds (for people)."""

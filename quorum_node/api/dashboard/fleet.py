@@ -86,13 +86,7 @@ def fleet(app: web.Application, started_at: float, features: dict[str, bool] | N
                     "rtt_ms": round(p.ewma_rtt_s * 1000, 1) if p.ewma_rtt_s is not None else None,
                 }
             )
-        if cluster.relay is not None:
-            relay = {
-                "url": cluster.settings.relay,
-                "state": cluster.relay.state,
-                "error": cluster.relay.last_error,
-                "online": sorted(cluster.relay.online),
-            }
+        relay = cluster.relay_status()
     # the cluster's models and who holds them: the catalog's view (this node's engines, its serving peers')
     models = [
         {"id": mid, "holders": sorted({c.node for c in cards}), "engines": sorted({c.engine for c in cards})}

@@ -32,8 +32,8 @@ from .cluster.identity import load_or_create_identity
 from .cluster.members_sync import RecordSigner
 from .control.admin_token import load_or_create as load_or_create_admin_token
 from .control.keys import open_keystore
+from .control.recorder import Records
 from .errors import ConfigError
-from .records import Records
 from .router import Router
 from .settings import BackendSpec, Settings
 

@@ -143,9 +143,10 @@ def _parse_backends_env(text: str) -> list[Any]:
     text = text.strip()
     if text.startswith("["):
         try:
-            return json.loads(text)
+            backends: list[Any] = json.loads(text)  # JSON that starts with "[" is an array
         except json.JSONDecodeError as e:
             raise ConfigError(f"QUORUM_BACKENDS: not valid JSON: {e}") from None
+        return backends
     return [msgspec.structs.asdict(parse_backend_arg(p)) for p in text.split(",") if p.strip()]
 
 

@@ -18,7 +18,7 @@ import pytest
 from quorum_node.node import Node
 from quorum_node.settings import load_settings
 from tests.fakes.engines import FakeEngine, start_fake
-from tests.leaks import LEAKS, LeakGuard
+from tests.leaks import LATE, LEAKS, LeakGuard
 from tests.members_support import CLUSTER, Member, wait_converged
 from tests.support import eventually
 
@@ -151,12 +151,25 @@ async def _leak_guard(request: pytest.FixtureRequest) -> AsyncIterator[None]:
 
 #: Markers that keep a test out of the fast tier: what needs root, a browser or the real engine, and what is slow.
 NOT_FAST = ("slow", "integration", "netns", "browser", "reliability")
+#: Modules marked ``slow`` as a whole: several nodes or real processes a test, property-based fuzzing, or
+#: dozens of node-per-test cases (each ~0.3 s). Together they are what takes the whole run from a minute to many.
+#: A single slow test elsewhere carries ``@pytest.mark.slow`` itself. (Measured with ``--durations``.)
+SLOW_MODULES = frozenset({
+    "test_adapters", "test_catalog_limits", "test_cli", "test_cluster", "test_cluster_cli", "test_dashboard",
+    "test_detect", "test_engine_robustness", "test_errors", "test_fakes", "test_fault_tools", "test_fuzz_endpoints",
+    "test_fuzz_parsers", "test_fuzz_surface_translation", "test_hostile_clients", "test_keys", "test_keys_cluster",
+    "test_ledger", "test_ledger_sigkill", "test_lifecycle", "test_mdns", "test_native_events", "test_ollama_surface",
+    "test_passthrough", "test_peer_availability", "test_relay_route", "test_responses_surface", "test_admission",
+    "test_forwarding", "test_link", "test_tokens_reload",
+})
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: so before tests/reliability/conftest.py marks its tier too
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``fast`` every test no marker in ``NOT_FAST`` keeps out: ``scripts/test -m fast`` is the edit-test loop."""
     for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
         if "reliability" in item.path.parts:
             continue
         if not any(item.get_closest_marker(name) for name in NOT_FAST):
@@ -164,9 +177,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """List what tests left behind (in ``report`` mode the only place it shows)."""
-    if not LEAKS:
-        return
-    terminalreporter.section(f"leaks ({len({t for t, _ in LEAKS})} tests)")
-    for test, leak in LEAKS:
-        terminalreporter.line(f"{test}: {leak}")
+    """List what tests left behind (in ``report`` mode the only place it shows), and, with ``-v``, what closed late."""
+    if LEAKS:
+        terminalreporter.section(f"leaks ({len({t for t, _ in LEAKS})} tests)")
+        for test, leak in LEAKS:
+            terminalreporter.line(f"{test}: {leak}")
+    if LATE and terminalreporter.config.get_verbosity() > 0:
+        terminalreporter.section(f"closed late, after the test's teardown ({len({t for t, _ in LATE})} tests)")
+        for test, what in LATE:
+            terminalreporter.line(f"{test}: {what}")

@@ -10,6 +10,7 @@ models sees only those, in every list, lookup and 404.
 from __future__ import annotations
 
 import json
+import time
 import re
 
 import aiohttp
@@ -27,7 +28,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 async def test_an_engine_listing_20000_models_keeps_the_cap_and_404s_stay_small(
-        start_node: StartNode, fake: StartFake, client_for, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, client_for, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("openai", models=MANY)
     with structlog.testing.capture_logs() as logs:
         node = await start_node(backends=[{"kind": "openai", "url": eng.url}])
@@ -68,25 +70,37 @@ async def test_an_engine_listing_20000_models_keeps_the_cap_and_404s_stay_small(
     assert len(info.value.message) < 512 and "org/model-00123," in info.value.message
 
 
-async def test_metrics_keep_a_bounded_number_of_model_series(start_node: StartNode, fake: StartFake,
-                                                             http: aiohttp.ClientSession) -> None:
+async def test_metrics_keep_a_bounded_number_of_model_series(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("openai", models=MANY[:2000])
     node = await start_node(backends=[{"kind": "openai", "url": eng.url}])
     assert node.metrics is not None
     for m in MANY[:2000]:  # 2,000 models each served once (records fed as the request path seals them)
-        draft = Draft(request_id="r", node=node.name, method="POST", path="/v1/chat/completions",
-                      surface="openai", operation="chat", model=m, route="local")
-        node.metrics.observe(draft.build(200))
+        draft = Draft(
+            request_id="r",
+            node=node.name,
+            method="POST",
+            path="/v1/chat/completions",
+            surface="openai",
+            operation="chat",
+            model=m,
+            route="local",
+        )
+        node.metrics.observe(draft.build(200, time.perf_counter()))
     async with http.get(node.url + "/metrics") as r:
         text = await r.text()
     labels = set(re.findall(r'^quorum_requests_total\{[^}]*model="([^"]*)"', text, re.M))
     assert 2 <= len(labels) <= 513 and "other" in labels  # each past the bound counts under "other"
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("quorum_requests_total{")) == 2000
+    assert (
+        sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("quorum_requests_total{"))
+        == 2000
+    )
 
 
-async def test_a_scoped_key_sees_only_its_models(start_node: StartNode, fake: StartFake,
-                                                 http: aiohttp.ClientSession) -> None:
+async def test_a_scoped_key_sees_only_its_models(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("openai", models=["llama3.1:8b", "llama3.2:1b", "qwen2.5:7b"])
     node = await start_node(backends=[{"kind": "openai", "url": eng.url}], require_key=True)
     _, scoped = node.keys.create("llama-only", models=["llama3*"])

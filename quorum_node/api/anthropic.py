@@ -125,7 +125,9 @@ def _text_blocks(blocks: Any, where: str) -> str:
 
 def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     src = block.get("source")
-    kind = src.get("type") if isinstance(src, dict) else None
+    if not isinstance(src, dict):
+        src = {}
+    kind = src.get("type")
     if kind == "base64" and isinstance(src.get("media_type"), str) and isinstance(src.get("data"), str):
         url = f"data:{src['media_type']};base64,{src['data']}"
     elif kind == "url" and isinstance(src.get("url"), str):
@@ -310,7 +312,9 @@ class MessagesSurface(Surface):
     def answer(self, call: Call, payload: dict[str, Any], headers: dict[str, str]) -> web.StreamResponse:
         choices = payload.get("choices")
         first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-        message = first.get("message") if isinstance(first.get("message"), dict) else {}
+        message = first.get("message")
+        if not isinstance(message, dict):
+            message = {}
         content: list[dict[str, Any]] = []
         text = message.get("content")
         if isinstance(text, str) and text:
@@ -362,7 +366,7 @@ class MessagesStream(StreamEncoder):
         self.finish: str | None = None
 
     def start(self) -> bytes:
-        message = {
+        message: dict[str, Any] = {
             "id": new_id("msg_"),
             "type": "message",
             "role": "assistant",

@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -100,12 +101,12 @@ def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awa
         """
         rid = request[REQUEST_ID] = request_id_for(request.headers.get("X-Request-Id"))
         draft = request[DRAFT] = Draft(
+            time=time.time(),
+            t0=time.perf_counter(),
             request_id=rid,
             node=name,
             method=request.method,
             path=request.path,
-            surface=None,
-            operation=None,
             remote=request.remote,
         )
         status = 500

@@ -51,7 +51,7 @@ def usage_counts(usage: Any) -> tuple[int, int]:
 
 def tool_calls_of(message: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(id, name, arguments) of each well-formed tool call in a Chat Completions message."""
-    out = []
+    out: list[tuple[str, str, str]] = []
     calls = message.get("tool_calls")
     if not isinstance(calls, list):
         return out

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import msgspec
 
@@ -155,7 +155,7 @@ def decode_request(raw: bytes, kind: type[T]) -> T:
     if not raw.strip():
         raise BadRequest("missing request body", code="invalid_json")
     try:
-        req = _DECODERS[kind].decode(raw)
+        req: T = _DECODERS[kind].decode(raw)  # the decoder of ``kind``
     except msgspec.ValidationError as e:
         raise BadRequest(f"invalid request: {e}", code="invalid_request") from None
     except msgspec.DecodeError as e:
@@ -233,8 +233,9 @@ def _messages(messages: list[Message]) -> list[dict[str, Any]]:
                 )
             msg: dict[str, Any] = {"role": "assistant", "content": m.content or None, "tool_calls": calls}
         elif m.role == "tool":
-            cid = m.tool_call_id
-            if cid is None:
+            if m.tool_call_id is not None:
+                cid = m.tool_call_id
+            else:
                 match = next((p for p in pending if m.tool_name and p[1] == m.tool_name), None)
                 match = match or (pending[0] if pending else None)
                 if match is not None:
@@ -432,7 +433,7 @@ def _timings(payload: dict[str, Any]) -> tuple[float | None, float | None]:
         return None, None
     p, e = t.get("prompt_ms"), t.get("predicted_ms")
 
-    def ok(v):
+    def ok(v: object) -> TypeGuard[int | float]:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
     return (p / 1000 if ok(p) else None), (e / 1000 if ok(e) else None)
@@ -448,7 +449,9 @@ def _first_choice(payload: dict[str, Any]) -> dict[str, Any]:
 def whole_chat(payload: dict[str, Any], model: str, total_s: float, *, think: bool | str | None) -> dict[str, Any]:
     """A non-streamed Chat Completion as Ollama's single ``/api/chat`` object."""
     choice = _first_choice(payload)
-    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    msg = choice.get("message")
+    if not isinstance(msg, dict):
+        msg = {}
     content = msg.get("content")
     message: dict[str, Any] = {"role": "assistant", "content": content if isinstance(content, str) else ""}
     thinking = msg.get("reasoning_content") or msg.get("reasoning")

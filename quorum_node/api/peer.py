@@ -29,13 +29,14 @@ from ..cluster.join import JOIN_PATH, MAX_JOIN_BYTES
 from ..cluster.members_sync import MAX_MEMBERS_BYTES, MEMBERS_PATH
 from ..control.replication import KEYS_PATH, MAX_KEYS_BYTES
 from ..control.usage import UsageAnswer
-from ..errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from ..errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from ..names import is_loopback
 from .admin import ledger_of, query_by, query_since
 from .body import read_body
 from .state import NAME, PEER
 
 if TYPE_CHECKING:
+    from ..cluster.context import RecordSync
     from ..cluster.service import ClusterService
 
 __all__ = ["routes"]
@@ -49,8 +50,8 @@ def _json(body: bytes) -> web.Response:
 
 def _member(request: web.Request) -> str:
     """The member the request's link proved; 401 for anyone else."""
-    peer = request.get(PEER)
-    if peer is None:
+    peer = request.get(PEER)  # aiohttp types ``Request.get`` as Any, even for a RequestKey
+    if not isinstance(peer, str):
         raise Unauthorized("This endpoint is for the cluster's members", code="unauthorized")
     return peer
 
@@ -108,13 +109,21 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
             _member(request)
         return _json(peers_answer(cluster))
 
+    def key_sync() -> RecordSync:
+        """The key records' replicator (the node attaches one to every cluster it runs)."""
+        sync = cluster.key_sync
+        if sync is None:
+            raise NotFound("This node replicates no key records", code="no_key_sync")
+        return sync
+
     async def get_keys(request: web.Request) -> web.Response:
         _member(request)
-        return _json(cluster.key_sync.answer())
+        return _json(key_sync().answer())
 
     async def post_keys(request: web.Request) -> web.Response:
         peer = _member(request)
-        return _json(cluster.key_sync.accept(await _capped_body(request, MAX_KEYS_BYTES, "Key records"), peer))
+        sync = key_sync()
+        return _json(sync.accept(await _capped_body(request, MAX_KEYS_BYTES, "Key records"), peer))
 
     async def get_members(request: web.Request) -> web.Response:
         _member(request)

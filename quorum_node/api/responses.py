@@ -256,7 +256,9 @@ class ResponsesSurface(Surface):
         ex = call.exchange  # type: ignore[attr-defined]
         choices = payload.get("choices")
         first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-        message = first.get("message") if isinstance(first.get("message"), dict) else {}
+        message = first.get("message")
+        if not isinstance(message, dict):
+            message = {}
         output: list[dict[str, Any]] = []
         text = message.get("content")
         if isinstance(text, str) and text:

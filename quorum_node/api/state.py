@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from ..control.keys import Grant, KeyStore
     from ..control.ledger import Ledger
     from ..control.metrics import NodeMetrics
-    from ..records import Draft, Records
+    from ..control.recorder import Records
+    from ..records import Draft
     from ..router import Router
     from ..settings import Settings
     from .server import ConnectionLimits, InFlight

@@ -170,8 +170,8 @@ PREFIXES: list[tuple[str, Surface]] = []
 
 def surface_of(request: web.Request) -> Surface:
     handler = getattr(request.match_info, "handler", None)
-    surface = getattr(handler, "surface", None)
-    if surface is not None:
+    surface = getattr(handler, "surface", None)  # set by ``bind``: always a Surface
+    if isinstance(surface, Surface):
         return surface
     path = request.path
     for prefix, s in PREFIXES:

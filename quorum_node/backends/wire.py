@@ -43,31 +43,36 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class _In(Struct, frozen=True, kw_only=True, gc=False):
-    """Base of every inbound message: unknown fields are skipped."""
+    """Base of every inbound message: unknown fields are skipped.
+
+    Each subclass repeats ``frozen=True``: msgspec inherits it at run time, but a
+    type checker reads a ``dataclass_transform`` class's own keywords only
+    (PEP 681; msgspec issue #657), and would take the subclass for a mutable one.
+    """
 
 
 # -- generation ------------------------------------------------------------
 
 
-class Usage(_In):
+class Usage(_In, frozen=True):
     prompt_tokens: Count = 0
     completion_tokens: Count = 0
     total_tokens: Count = 0
 
 
-class FunctionCall(_In):
+class FunctionCall(_In, frozen=True):
     name: str | None = None
     arguments: str | None = None  # a JSON *string*, as the SDK hands it on
 
 
-class ToolCall(_In):
+class ToolCall(_In, frozen=True):
     index: int = 0
     id: str | None = None
     type: str | None = None
     function: FunctionCall | None = None
 
 
-class Delta(_In):
+class Delta(_In, frozen=True):
     role: str | None = None
     content: str | None = None
     # The model's reasoning (llama.cpp, vLLM: reasoning_content; Ollama's /v1, LM Studio: reasoning), which
@@ -77,14 +82,14 @@ class Delta(_In):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChunkChoice(_In):
+class ChunkChoice(_In, frozen=True):
     index: int = 0
     delta: Delta | None = None
     text: str | None = None
     finish_reason: str | None = None
 
 
-class Chunk(_In):
+class Chunk(_In, frozen=True):
     """One streamed event: a ``chat.completion.chunk`` / ``text_completion`` (or an error).
 
     The one declaration of an OpenAI chunk: the stream normaliser checks each
@@ -101,20 +106,20 @@ class Chunk(_In):
     error: Any = None
 
 
-class Message(_In):
+class Message(_In, frozen=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
 
 
-class AnswerChoice(_In):
+class AnswerChoice(_In, frozen=True):
     index: int = 0
     message: Message | None = None
     text: str | None = None
     finish_reason: str | None = None
 
 
-class Completion(_In):
+class Completion(_In, frozen=True):
     """A whole chat or text completion (or an error answered with HTTP 200)."""
 
     object: str | None = None
@@ -123,12 +128,12 @@ class Completion(_In):
     error: Any = None
 
 
-class EmbeddingItem(_In):
+class EmbeddingItem(_In, frozen=True):
     embedding: list[float] | str  # floats, or base64 of packed float32
     index: int = 0
 
 
-class EmbeddingAnswer(_In):
+class EmbeddingAnswer(_In, frozen=True):
     object: str | None = None
     data: list[EmbeddingItem] | None = None
     usage: Usage | None = None
@@ -143,7 +148,7 @@ decode_embeddings = msgspec.json.Decoder(EmbeddingAnswer).decode
 # -- errors ----------------------------------------------------------------
 
 
-class _ErrorDetail(_In):
+class _ErrorDetail(_In, frozen=True):
     message: str | None = None
     msg: str | None = None
     detail: str | None = None
@@ -153,7 +158,7 @@ class _ErrorDetail(_In):
     http_status_code: int | None = None  # TGI, mid-stream
 
 
-class _ErrorBody(_In):
+class _ErrorBody(_In, frozen=True):
     """Every engine's error envelope (engines.md §12.10), in one shape."""
 
     error: _ErrorDetail | str | None = None
@@ -224,19 +229,19 @@ def parse_error(raw: bytes) -> ErrorInfo | None:
 # -- model lists and engine facts ---------------------------------------------
 
 
-class ModelList(_In):
+class ModelList(_In, frozen=True):
     """``GET /v1/models``: entries are decoded one by one, so one bad entry costs only itself."""
 
     data: list[Raw] | None = None  # Ollama sends null when empty
     error: Any = None  # LM Studio answers errors with HTTP 200
 
 
-class CardMeta(_In):
+class CardMeta(_In, frozen=True):
     n_ctx: Count | None = None
     n_ctx_train: Count | None = None
 
 
-class ModelCard(_In):
+class ModelCard(_In, frozen=True):
     id: str
     owned_by: str | None = None
     created: int | None = None
@@ -244,17 +249,17 @@ class ModelCard(_In):
     meta: CardMeta | None = None
 
 
-class ModelId(_In):
+class ModelId(_In, frozen=True):
     """What is left of a model card whose other fields are malformed."""
 
     id: str
 
 
-class LmsModels(_In):
+class LmsModels(_In, frozen=True):
     data: list[Raw] | None = None
 
 
-class LmsModel(_In):
+class LmsModel(_In, frozen=True):
     id: str
     type: str | None = None
     state: str | None = None
@@ -262,27 +267,27 @@ class LmsModel(_In):
     loaded_context_length: Count | None = None
 
 
-class TgiInfo(_In):
+class TgiInfo(_In, frozen=True):
     model_id: str | None = None
     max_total_tokens: Count | None = None
 
 
-class ServerLoad(_In):  # vLLM /load
+class ServerLoad(_In, frozen=True):  # vLLM /load
     server_load: Count
 
 
-class Slot(_In):  # llama.cpp /slots
+class Slot(_In, frozen=True):  # llama.cpp /slots
     is_processing: bool = False
 
 
-class OllamaDetails(_In):
+class OllamaDetails(_In, frozen=True):
     family: str | None = None
     parameter_size: str | None = None
     quantization_level: str | None = None
     context_length: Count | None = None
 
 
-class OllamaTag(_In):  # one /api/tags (or /api/ps) entry
+class OllamaTag(_In, frozen=True):  # one /api/tags (or /api/ps) entry
     name: str | None = None
     model: str | None = None
     digest: str | None = None
@@ -291,16 +296,16 @@ class OllamaTag(_In):  # one /api/tags (or /api/ps) entry
     context_length: Count | None = None  # /api/ps: the runtime window
 
 
-class OllamaName(_In):
+class OllamaName(_In, frozen=True):
     name: str | None = None
     model: str | None = None
 
 
-class OllamaList(_In):  # /api/tags and /api/ps
+class OllamaList(_In, frozen=True):  # /api/tags and /api/ps
     models: list[Raw] | None = None
 
 
-class OllamaShow(_In):
+class OllamaShow(_In, frozen=True):
     model_info: dict[str, Raw] | None = None
 
 

@@ -29,6 +29,7 @@ import hashlib
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -290,7 +291,7 @@ def parse_invite(token: str) -> InviteToken:
 
 
 @contextlib.contextmanager
-def _invites_locked(data_dir: Path):
+def _invites_locked(data_dir: Path) -> Iterator[list[list[Invite]]]:
     _ensure_dir(data_dir)
     fd = os.open(data_dir / ".invites.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -270,6 +270,7 @@ def test_settings_built_directly_are_validated_too() -> None:
         Settings(port=-1)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_relay_never_imports_quorum_node() -> None:
     """It ships alone to a VPS."""
     code = "import sys, quorum_relay.cli, quorum_relay.server; print(sorted(m for m in sys.modules if m.startswith('quorum_node')))"

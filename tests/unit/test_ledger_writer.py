@@ -187,6 +187,7 @@ async def test_a_torn_journal_tail_is_dropped_and_the_records_before_it_kept(tmp
     assert stored(path) == [f"r{i}" for i in range(500)]
 
 
+@pytest.mark.slow  # waits out the journal's one-second retry
 async def test_a_full_disk_for_the_journal_loses_nothing_it_can_still_store(tmp_path: Path,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "ledger.sqlite3"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import structlog
 
-from quorum_node.records import Draft, Records, RefusalLog
+from quorum_node.control.recorder import Records
+from quorum_node.records import Draft, RefusalLog
 
 
 def test_a_flood_is_one_line_a_second_carrying_how_many_were_passed_over() -> None:
@@ -26,8 +27,18 @@ def test_a_refused_request_is_counted_and_sealed_without_a_record() -> None:
     reasons: list[str] = []
     records.add(seen.append)
     records.add_refusal(reasons.append)
-    drafts = [Draft(request_id=f"r{i}", node="n", method="GET", path="/v1/models", surface=None, operation=None,
-                    remote="192.0.2.7") for i in range(5)]
+    drafts = [
+        Draft(
+            request_id=f"r{i}",
+            node="n",
+            method="GET",
+            path="/v1/models",
+            surface=None,
+            operation=None,
+            remote="192.0.2.7",
+        )
+        for i in range(5)
+    ]
     with structlog.testing.capture_logs() as logs:
         for i, d in enumerate(drafts):
             records.refuse(d, "missing_key", now=100.0 + i / 10)

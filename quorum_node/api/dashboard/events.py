@@ -31,7 +31,8 @@ from aiohttp import web
 from ...errors import Unavailable
 
 if TYPE_CHECKING:
-    from ...records import Draft, Record, Records
+    from ...control.recorder import Records
+    from ...records import Draft, Record
 
 __all__ = ["EventHub", "live_entry"]
 

@@ -2,13 +2,13 @@
 
 Every test builds its own LAN with ``scripts/lan`` (namespaces on one bridge,
 real multicast mDNS inside them only) and runs each node as its own process
-(``tests/lan_host.py``: a fake engine and a node; peer port 32769). The
+(``tests/cluster/lan_host.py``: a fake engine and a node; peer port 32769). The
 members' data dirs are enrolled in one test cluster before their hosts start,
 as ``quorum-node invite`` and ``join`` leave them (``tests/members_support.py``).
-Clients are ``tests/lan_client.py`` in a host's namespace; the outsider is
-``tests/lan_outsider.py`` (its own keys, no member, announcing and answering
+Clients are ``tests/cluster/lan_client.py`` in a host's namespace; the outsider is
+``tests/cluster/lan_outsider.py`` (its own keys, no member, announcing and answering
 what it likes, recording everything it receives); the tap is
-``tests/lan_tap.py``, a raw packet socket in the bridge's namespace.
+``tests/cluster/lan_tap.py``, a raw packet socket in the bridge's namespace.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 
 import pytest
 
-from tests.lan_host import PEER_PORT, PORT, Lan, Proc
-from tests.lan_outsider import FORGED_ANSWER
-from tests.lan_tap import read_capture
+from tests.cluster.lan_host import PEER_PORT, PORT, Lan, Proc
+from tests.cluster.lan_outsider import FORGED_ANSWER
+from tests.cluster.lan_tap import read_capture
 from tests.netns import netns_unavailable
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -113,7 +113,7 @@ async def remove(lan: Lan, place: int, name: str, member: str) -> None:
 
 async def outsider(lan: Lan, place: int, models: list[str]) -> Proc:
     data_dir = lan.tmp / "outsider"
-    proc = await lan.spawn(place, "outsider", sys.executable, "-m", "tests.lan_outsider", "--ip", lan.ip(place),
+    proc = await lan.spawn(place, "outsider", sys.executable, "-m", "tests.cluster.lan_outsider", "--ip", lan.ip(place),
                            "--data-dir", str(data_dir), "--name", "outsider", "--models", ",".join(models))
     await proc.message("ready", 20.0)
     return proc
@@ -232,7 +232,7 @@ async def test_the_lan_carries_no_prompt_and_no_answer_in_the_clear(lan: Lan) ->
         await p.message("ready", 20.0)
     await lists(lan, 1, {"only-b": ["lan-b"]})
     out = lan.tmp / "tap.bin"
-    tap = await lan.spawn("-br", "tap", sys.executable, "-m", "tests.lan_tap", str(out))  # the bridge's namespace
+    tap = await lan.spawn("-br", "tap", sys.executable, "-m", "tests.cluster.lan_tap", str(out))  # the bridge's namespace
     assert await tap.message("ready", STEP_S) is True
 
     # What a tap sees in the clear is seen: a plain HTTP request across the bridge.

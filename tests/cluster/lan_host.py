@@ -1,8 +1,8 @@
-"""Nodes in network namespaces, for tests/test_lan.py and tests/test_wan.py: the host process and the test's handles.
+"""Nodes in network namespaces, for tests/cluster/test_lan.py and tests/cluster/test_wan.py: the host process and the test's handles.
 
-Inside a namespace, ``python -m tests.lan_host`` is one host: a fake engine plus a quorum node::
+Inside a namespace, ``python -m tests.cluster.lan_host`` is one host: a fake engine plus a quorum node::
 
-    python -m tests.lan_host --name h1 --ip 10.78.0.1 --data-dir DIR \
+    python -m tests.cluster.lan_host --name h1 --ip 10.78.0.1 --data-dir DIR \
         [--relay URL --relay-token T] [--models a,b] [--tokens '["x"," y"]'] [--token-delay-s 0.0]
 
 The data dir must already hold the node's keys and membership (the test
@@ -20,7 +20,7 @@ generation request reaching the engine is reported as
 
 In the test: ``Proc`` (one process in a namespace: what it says and logs) and
 the namespaces that the scripts build, with hosts and clients
-(``tests/lan_client.py``) started in them: ``Lan`` (``scripts/lan``, one
+(``tests/cluster/lan_client.py``) started in them: ``Lan`` (``scripts/lan``, one
 bridge, hosts by number) and ``Wan`` (``scripts/wan``, two LANs and a vps,
 hosts by name, the relay in the vps).
 """
@@ -267,7 +267,7 @@ class Proc:
 
 class Namespaces:
     """The namespaces one of the scripts builds (``SCRIPT up …`` / ``down``), the processes in them,
-    and clients (``tests/lan_client.py``) run there. ``place`` names a namespace the script's way."""
+    and clients (``tests/cluster/lan_client.py``) run there. ``place`` names a namespace the script's way."""
 
     SCRIPT = ""
 
@@ -328,7 +328,7 @@ class Namespaces:
             self.enrol(name, secret)
         extra = ["--relay", relay, "--relay-token", relay_token] if relay else []
         return await self.spawn(
-            place, name, sys.executable, "-m", "tests.lan_host", "--name", name, "--ip", self.ip(place),
+            place, name, sys.executable, "-m", "tests.cluster.lan_host", "--name", name, "--ip", self.ip(place),
             "--data-dir", str(self.data_dir(name)), "--models", ",".join(models),
             "--tokens", json.dumps(tokens), *extra,
         )
@@ -349,15 +349,15 @@ class Namespaces:
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
     async def start_client(self, place: Any, *args: str, stdin: int | None = None) -> asyncio.subprocess.Process:
-        """``python -m tests.lan_client ARGS`` in the namespace at ``place``, running."""
+        """``python -m tests.cluster.lan_client ARGS`` in the namespace at ``place``, running."""
         return await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns(place), sys.executable, "-m", "tests.lan_client", *args,
+            "ip", "netns", "exec", self.ns(place), sys.executable, "-m", "tests.cluster.lan_client", *args,
             cwd=ROOT, env=self.env, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
 
     async def client(self, place: Any, *args: str, timeout_s: float = 20.0) -> dict[str, Any]:
-        """Run ``python -m tests.lan_client ARGS`` in the namespace at ``place``; its last JSON line."""
-        rc, out, err = await self.run(place, sys.executable, "-m", "tests.lan_client", *args, timeout_s=timeout_s)
+        """Run ``python -m tests.cluster.lan_client ARGS`` in the namespace at ``place``; its last JSON line."""
+        rc, out, err = await self.run(place, sys.executable, "-m", "tests.cluster.lan_client", *args, timeout_s=timeout_s)
         assert rc == 0, f"client {args} failed (rc={rc}):\n{err}"
         return json.loads(out.splitlines()[-1])
 

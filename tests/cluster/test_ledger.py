@@ -23,7 +23,7 @@ from quorum_node.control.ledger import LEDGER_FILE
 from quorum_node.control.usage import parse_since
 from tests.conftest import StartFake, StartNode
 from tests.support import eventually
-from tests.test_cluster import MESSAGES
+from tests.cluster.test_cluster import MESSAGES
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the vLLM fake's model
 QUORUM_NODE = str(Path(sys.executable).parent / "quorum-node")

@@ -19,7 +19,7 @@ import pytest
 
 from quorum_node.node import Node
 from tests.fakes.engines import FakeEngine
-from tests.test_anthropic_surface import claude  # noqa: F401  (the fixture: the real anthropic SDK)
+from tests.api.test_anthropic_surface import claude  # noqa: F401  (the fixture: the real anthropic SDK)
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]

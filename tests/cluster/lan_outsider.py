@@ -1,8 +1,8 @@
-"""An outsider on the LAN, for tests/test_trust_lan.py: its own keys, no member of the cluster, and hostile.
+"""An outsider on the LAN, for tests/cluster/test_trust_lan.py: its own keys, no member of the cluster, and hostile.
 
 Run in a namespace with ``ip netns exec``::
 
-    python -m tests.lan_outsider --ip 10.79.0.4 --data-dir DIR --name NAME --models a,b
+    python -m tests.cluster.lan_outsider --ip 10.79.0.4 --data-dir DIR --name NAME --models a,b
 
 It listens where a node would: plain HTTP on 0.0.0.0:32768, and a peer port on
 0.0.0.0:32769 that records every TCP connection, then offers TLS with its own

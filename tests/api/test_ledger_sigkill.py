@@ -22,7 +22,7 @@ import openai
 
 from quorum_node.control.ledger import LEDGER_FILE, journal_files
 from tests.conftest import StartFake
-from tests.test_ledger import usage_cli
+from tests.cluster.test_ledger import usage_cli
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -20,7 +20,7 @@ import structlog
 
 from quorum_node.records import Draft
 from tests.conftest import StartFake, StartNode
-from tests.test_keys import sdk
+from tests.api.test_keys import sdk
 
 MANY = [f"org/model-{i:05d}" for i in range(20_000)]
 CAP = 4096  # the default of max_models_per_engine

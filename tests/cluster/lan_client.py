@@ -1,4 +1,4 @@
-"""A client for tests/test_lan.py and tests/test_wan.py, run inside a namespace with ``ip netns exec``.
+"""A client for tests/cluster/test_lan.py and tests/cluster/test_wan.py, run inside a namespace with ``ip netns exec``.
 
 It talks to the node of its own namespace at http://127.0.0.1:32768 (loopback:
 trusted, no key) and prints one JSON line per event on stdout, flushed:

@@ -8,8 +8,8 @@ fake engine holds ``far-model``; node Z on LAN 2 (b2), a member of the same
 cluster but with a wrong relay token, holding ``hidden-model``. The three data
 dirs are members of one keyed cluster before any node starts (as ``invite`` and
 ``join`` leave them: ``tests/members_support.py``). mDNS stays on inside each LAN.
-Hosts and the relay are started with ``tests/lan_host.py``; every client is
-``tests/lan_client.py`` run in a1's namespace against X over loopback, with
+Hosts and the relay are started with ``tests/cluster/lan_host.py``; every client is
+``tests/cluster/lan_client.py`` run in a1's namespace against X over loopback, with
 the real openai SDK where it parses answers. Relay and Y are killed with SIGKILL.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lan_host import PORT, RELAY_PORT, Wan
+from tests.cluster.lan_host import PORT, RELAY_PORT, Wan
 from tests.members_support import enrol
 from tests.netns import netns_unavailable
 

@@ -9,7 +9,7 @@ import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartFake, StartNode
-from tests.test_cluster import MESSAGES
+from tests.cluster.test_cluster import MESSAGES
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -1,8 +1,8 @@
-"""A tap on a LAN of namespaces, for tests/test_trust_lan.py: every frame on the bridge, as a sniffer sees it.
+"""A tap on a LAN of namespaces, for tests/cluster/test_trust_lan.py: every frame on the bridge, as a sniffer sees it.
 
 Run in the bridge's namespace (``scripts/lan``'s ``PREFIX-br``) with ``ip netns exec``::
 
-    python -m tests.lan_tap OUT
+    python -m tests.cluster.lan_tap OUT
 
 It opens a raw ``AF_PACKET`` socket for every protocol (tcpdump's way, without
 tcpdump) on every interface of that namespace — the bridge's ports, one per

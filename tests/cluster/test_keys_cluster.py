@@ -412,7 +412,7 @@ async def test_the_admin_token_is_refused_off_loopback(start_node, fake) -> None
 
 # -- through the relay: the same records, the same guarantees -----------------------------
 
-from tests.test_relay_route import MODEL as RELAY_MODEL, relay, wan_pair  # noqa: E402,F401  (the relay fixture)
+from tests.relay.test_relay_route import MODEL as RELAY_MODEL, relay, wan_pair  # noqa: E402,F401  (the relay fixture)
 
 
 async def test_keys_agree_between_nodes_that_only_meet_through_the_relay(start_node, fake, http, relay) -> None:

@@ -1,9 +1,9 @@
 """A real LAN of four quorum nodes, each a separate process in its own network namespace.
 
 ``scripts/lan`` builds the LAN: namespaces joined by a bridge, no route out.
-Every host runs ``tests/lan_host.py`` (a fake engine plus a node on :32768,
+Every host runs ``tests/cluster/lan_host.py`` (a fake engine plus a node on :32768,
 zeroconf bound to the host's LAN address only); every client call is
-``tests/lan_client.py`` run inside a host's namespace (host 1's, mostly), talking
+``tests/cluster/lan_client.py`` run inside a host's namespace (host 1's, mostly), talking
 to its node over loopback with the real openai SDK or raw aiohttp. Hosts find each other by real
 multicast mDNS, fetch catalogs and forward requests over mutual TLS on their
 peer ports, and are killed with SIGKILL to prove the failure contract across
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lan_host import PEER_PORT, PORT, Lan, Proc
+from tests.cluster.lan_host import PEER_PORT, PORT, Lan, Proc
 from tests.netns import netns_unavailable as _netns_unavailable
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]

@@ -197,7 +197,9 @@ class Node:
             )
             await peers.start()
             self.peer_port = peers.bound_port
-            await self.cluster.start(peer_port=self.peer_port, http_server=runner.server)
+            server = runner.server
+            assert server is not None  # runner.setup() made it
+            await self.cluster.start(peer_port=self.peer_port, http_server=server)
             stack.push_async_callback(self.cluster.stop_announcing)  # first at stop: peers stop sending
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")

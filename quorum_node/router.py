@@ -33,7 +33,7 @@ from .backends.base import (
     Reply,
     StreamReply,
 )
-from .catalog import Catalog, CatalogView, model_not_found
+from .catalog import Catalog, CatalogView, ModelCard, model_not_found
 from .errors import (
     ApiError,
     EngineFailed,
@@ -171,9 +171,9 @@ class Router:
         """The catalog (cached: rebuilt only when it changed), or one made now where no catalog is wired."""
         if self.catalog is not None:
             return self.catalog.view()
-        entries = [{"id": m.id} for _, m in self.registry.models()]
+        entries = [ModelCard(id=m.id) for _, m in self.registry.models()]
         if self.peer_models is not None:
-            entries.extend({"id": name} for name in self.peer_models())
+            entries.extend(ModelCard(id=name) for name in self.peer_models())
         return CatalogView(entries)
 
     def plan(self, model: str, op: Op, *, forwarded: bool, visible: CatalogView | None = None) -> list[Target]:

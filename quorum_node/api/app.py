@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..cluster.messages import HOP_HEADER, KEY_HEADER
 from ..control import admin_token
@@ -86,7 +87,7 @@ def _http_error(request: web.Request, e: web.HTTPException) -> ApiError:
     return ApiError(e.reason, status=e.status, type_="invalid_request_error")
 
 
-def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_errors_middleware(parts: Parts) -> Middleware:
     records = parts.records
     name = parts.name
 
@@ -140,7 +141,7 @@ def make_errors_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awa
     return errors_middleware
 
 
-def make_trust_middleware(parts: Parts) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_trust_middleware(parts: Parts) -> Middleware:
     keys = parts.keys
     require_key = parts.settings.require_key
     cluster = parts.cluster

@@ -25,6 +25,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..errors import ApiError
 
@@ -63,7 +64,7 @@ def _forbidden(message: str) -> ApiError:
     return ApiError(message, status=403, type_="permission_error", code="origin_not_allowed", retryable=False)
 
 
-def make_cors_middleware(origins: Iterable[str]) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def make_cors_middleware(origins: Iterable[str]) -> Middleware:
     allowed = frozenset(origins)
     any_origin = "*" in allowed
 

@@ -154,13 +154,14 @@ OLLAMA = OllamaSurface()
 PREFIXES.append(("/api/", OLLAMA))  # an unknown /api/... path is answered the way Ollama would
 
 
+def _index_of(item: dict[str, Any]) -> int:
+    index = item.get("index")
+    return index if isinstance(index, int) else 0
+
+
 def _embedding_answer(call: OllamaCall, payload: dict[str, Any], total_s: float) -> dict[str, Any]:
-    data = sorted(
-        (d for d in payload.get("data") or () if isinstance(d, dict)),
-        key=lambda d: d.get("index") if isinstance(d.get("index"), int) else 0,
-    )
-    vectors = [d.get("embedding") for d in data]
-    vectors = [v for v in vectors if isinstance(v, list)]
+    data = sorted((d for d in payload.get("data") or () if isinstance(d, dict)), key=_index_of)
+    vectors = [v for v in (d.get("embedding") for d in data) if isinstance(v, list)]
     if call.kind == "embeddings":  # legacy: one vector, as the engine gave it
         return {"embedding": vectors[0] if vectors else []}
     embeddings = []
@@ -179,7 +180,7 @@ def _embedding_answer(call: OllamaCall, payload: dict[str, Any], total_s: float)
 # ------------------------------------------------------------------ the catalog
 
 
-def _merge(view: CatalogView) -> dict[str, list[dict[str, Any]]]:
+def _merge(view: CatalogView) -> dict[str, list[ModelCard]]:
     """The cluster's models by id, each listed once.
 
     Ids that name each other (``llama3.2`` on one engine, ``llama3.2:latest``

@@ -163,7 +163,8 @@ def _messages_usage(usage: Any) -> dict[str, Any]:
 
 def _prompt_tokens(u: dict[str, Any]) -> int:
     """Every prompt token of a Messages usage: Anthropic's input_tokens leaves out cache reads and writes."""
-    return u["input_tokens"] + u["cache_creation_input_tokens"] + u["cache_read_input_tokens"]
+    total: int = u["input_tokens"] + u["cache_creation_input_tokens"] + u["cache_read_input_tokens"]
+    return total
 
 
 def _fix_block(block: dict[str, Any]) -> None:
@@ -262,11 +263,11 @@ def _error_of(ev: dict[str, Any], kind: Any, data: bytes) -> EngineErrorEvent | 
         err = response.get("error") if isinstance(response, dict) else None
         msg = err.get("message") if isinstance(err, dict) else None
         code = err.get("code") if isinstance(err, dict) else None
-        info = ErrorInfo(
+        failed = ErrorInfo(
             message=msg if isinstance(msg, str) and msg else "the engine's response failed",
             code=code if isinstance(code, str) else None,
         )
-        return EngineErrorEvent(info, data)
+        return EngineErrorEvent(failed, data)
     is_error = (
         kind == "error"
         or (isinstance(kind, str) and kind.endswith("_error"))
@@ -361,7 +362,9 @@ class ResponsesEvents:
             idx = self._next if added else self._index.get(iid, self._last) if isinstance(iid, str) else self._last
             ev["output_index"] = idx
         if not isinstance(iid, str) or not iid:
-            iid = item["id"] = self._ids.get(idx) or _new_id(_ITEM_PREFIX.get(item.get("type"), "item_"))
+            kind = item.get("type")  # the engine's word: checked before it is looked up (a list is unhashable)
+            prefix = _ITEM_PREFIX.get(kind, "item_") if isinstance(kind, str) else "item_"
+            iid = item["id"] = self._ids.get(idx) or _new_id(prefix)
         self._index[iid] = idx
         self._ids[idx] = iid
         self._last = idx
@@ -399,9 +402,9 @@ class MessagesEvents:
                 # llama-server now and then leaves out its stream's first event; the SDKs cannot read a
                 # stream without it (the anthropic SDK's final message stays unset): it is put back.
                 self.extra.append(self._fix(ev, kind, data))
-                start = {"type": "message_start", "message": {"content": [], "usage": {}}}
-                _fix_message(start["message"], self._model)
-                return _encode(start)
+                message: dict[str, Any] = {"content": [], "usage": {}}
+                _fix_message(message, self._model)
+                return _encode({"type": "message_start", "message": message})
         return self._fix(ev, kind, data)
 
     def _fix(self, ev: dict[str, Any], kind: str, data: bytes) -> bytes:
@@ -426,8 +429,8 @@ class MessagesEvents:
         elif kind == "message_delta":
             if isinstance(ev.get("delta"), dict):
                 _fix_stop(ev["delta"])
-            usage = ev.get("usage")
-            usage = ev["usage"] = dict(usage) if isinstance(usage, dict) else {}
+            sent = ev.get("usage")
+            usage = ev["usage"] = dict(sent) if isinstance(sent, dict) else {}
             if "input_tokens" in usage:  # counts in message_delta are the totals so far
                 u = _messages_usage(usage)
                 self._prompt = max(self._prompt, _prompt_tokens(u))

@@ -33,7 +33,9 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import ifaddr
 import msgspec
 import structlog
 from zeroconf import (
@@ -43,7 +45,6 @@ from zeroconf import (
     NonUniqueNameException,
     ServiceStateChange,
     Zeroconf,
-    get_all_addresses,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -203,7 +204,10 @@ def _advertised_addresses(interfaces: Sequence[str]) -> list[str]:
     if interfaces:
         return list(interfaces)
     out = []
-    for text in get_all_addresses():
+    # every IPv4 address of every adapter, once (what zeroconf's deprecated get_all_addresses gave)
+    for text in dict.fromkeys(
+        ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips if isinstance(ip.ip, str)
+    ):
         addr = ipaddress.ip_address(text)
         if not (addr.is_loopback or addr.is_link_local or addr.is_unspecified):
             out.append(text)
@@ -296,7 +300,7 @@ class Discovery:
                 log.error("mdns_register_failed", instance=self.instance_name, error=repr(exc))
             else:
                 self._registered = True
-                self._track(broadcast)
+                self._track(asyncio.ensure_future(broadcast))  # a Task already (zeroconf types it Awaitable)
             log.info(
                 "mdns_started",
                 instance=self.instance_name,
@@ -312,7 +316,7 @@ class Discovery:
             if self._closed or not self._registered or self._aiozc is None or self._info is None:
                 return
             self._info = self._service_info(self._info.parsed_addresses())
-            self._track(await self._aiozc.async_update_service(self._info))
+            self._track(asyncio.ensure_future(await self._aiozc.async_update_service(self._info)))
             log.info("mdns_catalog_announced", catalog_digest=digest)
 
     async def close(self) -> None:
@@ -364,7 +368,7 @@ class Discovery:
         fut.add_done_callback(self._broadcasts.discard)
 
     @staticmethod
-    async def _cancel(*futs: asyncio.Future[object] | None) -> None:
+    async def _cancel(*futs: asyncio.Future[Any] | None) -> None:
         pending = [f for f in futs if f is not None and not f.done()]
         for f in pending:
             f.cancel()

@@ -199,8 +199,10 @@ class MemberReplicator:
         svc = self.service
         if node_id is None:  # a static address: see whose certificate answers there first, sending nothing
             node_id = await _certificate_at(address)
-        member = self.store.get(node_id) if node_id is not None else None
-        if member is None or node_id == svc.node_id:
+        if node_id is None or node_id == svc.node_id:
+            return
+        member = self.store.get(node_id)
+        if member is None:
             return
         if await self._post(HttpLink(svc.session, address, certless_client(member.cert)), node_id):
             log.info("members_introduced", peer=node_id, address=address)

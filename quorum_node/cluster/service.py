@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from collections.abc import Sized
 
     from ..backends.registry import Registry
+    from ..router import PeerPlan
     from ..settings import Settings
 
 
@@ -389,7 +390,7 @@ class ClusterService:
         """The cards of every serving peer's models, each naming its holder (``catalog.entries_of``)."""
         return self.peer_catalogs.entries()
 
-    def plan(self, model: str, op: Op) -> list[PeerTarget]:
+    def plan(self, model: str, op: Op) -> PeerPlan:
         """The peers to try for ``model``, best first, as the router's ``PeerPlan``.
 
         With none to try now, its ``wait_s`` says when one that holds the model

@@ -47,8 +47,15 @@ class PeerSite(web.TCPSite):
         self._accepted = accepted
 
         def protocol() -> asyncio.BaseProtocol:
+            # typeshed types SSLProtocol's waiter as a Future and its handshake timeout as an int; asyncio takes
+            # None (no waiter: nobody awaits the handshake) and any positive number of seconds
             tls = _SSLProtocol(
-                loop, server(), context, None, server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+                loop,
+                server(),
+                context,
+                None,  # type: ignore[arg-type]  # typeshed: waiter is Future[Any], asyncio accepts None
+                server_side=True,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S,  # type: ignore[arg-type]  # typeshed: int | None
             )
             accepted.add(tls)
             return tls
@@ -66,7 +73,10 @@ class PeerSite(web.TCPSite):
 
     @property
     def bound_port(self) -> int:
-        return self._bound_port
+        """The port it listens on: known once it is started."""
+        port = self._bound_port
+        assert port is not None, "PeerSite.bound_port: the site is not started"
+        return port
 
     async def stop(self) -> None:
         """Stop accepting, and drop the connections still in their handshake.

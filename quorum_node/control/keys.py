@@ -53,6 +53,7 @@ records and ``time.monotonic()`` for rate buckets.
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import hashlib
 import hmac
@@ -559,7 +560,7 @@ class KeyStore:
 
     # -- replication -------------------------------------------------------------------
 
-    def records(self) -> list[KeyRecord]:
+    def records(self) -> builtins.list[KeyRecord]:  # ``list`` in this class is the method above
         return list(self._records.values())
 
     def merge(self, incoming: Iterable[KeyRecord]) -> tuple[int, int]:

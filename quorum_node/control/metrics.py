@@ -169,8 +169,8 @@ class _StateCollector(Collector):
             "quorum_engine_in_flight", "Requests each engine is serving now", labels=("engine", "kind")
         )
         for b in list(self.engines.backends.values()):
-            for st in BackendState:
-                engines.add_metric((b.name, b.kind, st.value), 1.0 if b.state is st else 0.0)
+            for bst in BackendState:
+                engines.add_metric((b.name, b.kind, bst.value), 1.0 if b.state is bst else 0.0)
             load.add_metric((b.name, b.kind), float(getattr(b, "in_flight", 0)))
         yield engines
         yield load

@@ -58,7 +58,6 @@ from .messages import (
     EngineLoad,
     Identity,
     NodeLoad,
-    decode_identity,
 )
 from .peers import (
     CatalogChanged,
@@ -67,13 +66,13 @@ from .peers import (
     PeerDown,
     PeerDraining,
     PeerEvent,
-    PeerInfo,
     PeerRemoved,
     PeerSuspect,
     PeerTable,
     PeerUp,
 )
 from .pipe import PipeError, PipeResponse, serve_in_memory
+from .probing import Prober
 from .relay import RelayLink
 from .scoring import RetryBudget, pick
 from .tls import PeerTLS
@@ -84,6 +83,7 @@ if TYPE_CHECKING:
     from ..backends.registry import Registry
     from ..router import PeerPlan
     from ..settings import Settings
+    from .mdns import Discovery
 
 
 __all__ = ["HOP_HEADER", "ORIGIN_HEADER", "PROTO_VERSION", "ClusterService"]
@@ -95,7 +95,6 @@ _decode = msgspec.json.Decoder().decode
 
 PROTO_VERSION = 4  # 4: links authenticate both ends against membership (mutual TLS, Noise_IK); no cluster secret
 _MAX_PEER_ANSWER = 16 * 1024 * 1024  # a catalog of thousands of models is well under this
-GOODBYE_CHECK_S = 0.5  # how long after a member's mDNS goodbye it is checked before it is dropped
 
 
 class ClusterService:
@@ -138,11 +137,12 @@ class ClusterService:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._events: asyncio.Queue[Any] = asyncio.Queue()
-        self.discovery: Any = None
+        self.discovery: Discovery | None = None
         self.relay: RelayLink | None = None
         self._digest = ""
         self.key_sync: RecordSync | None = None  # API key records, agreed with every peer (attached by the node)
         self.member_sync = MemberReplicator(self)  # membership records, the same way
+        self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)
         self.joins = JoinHandler(self)  # new machines with an invite
         members.on_change.append(self._members_changed)
 
@@ -190,12 +190,12 @@ class ClusterService:
                 introduce=lambda peer, records: self.member_sync.merge(records, peer, max_new=MAX_NEW_INTRODUCED),
             )
             await self.relay.start()
-        self._spawn(self._health_loop(), "cluster-health")
+        self._spawn(self.prober.health_loop(), "cluster-health")
         if self.key_sync is not None:
             self.key_sync.start()  # keys' last uses to the peers, and compaction (control/replication.py)
         self.member_sync.start()
         if self.discovery is not None:  # only mDNS feeds the event queue
-            self._spawn(self._event_loop(), "cluster-events")
+            self._spawn(self.prober.event_loop(), "cluster-events")
         log.info(
             "cluster_started",
             cluster=self.membership.name,
@@ -308,22 +308,7 @@ class ClusterService:
         if self.relay is not None:
             self.relay.members_changed()
         self._close_connections_of_non_members()
-        self._rediscover_members()
-
-    def _rediscover_members(self) -> None:
-        """Announcements heard before their node was a member (it was admitted elsewhere, or introduced
-        itself since) were ignored, and mDNS does not repeat them: offer them again, now that they count."""
-        if self.discovery is None:
-            return
-        from .mdns import Discovered
-
-        for info in self.discovery.known():
-            if (
-                info.node_id != self.node_id
-                and self.members.is_member(info.node_id)
-                and self.table.get(info.node_id) is None
-            ):
-                self._events.put_nowait(Discovered(info=info))
+        self.prober.rediscover_members()
 
     def _close_connections_of_non_members(self) -> None:
         """Close every peer-port connection whose certificate is no current member's (a removed node's)."""
@@ -345,7 +330,7 @@ class ClusterService:
         log.info("relay_peer_" + ("online" if online else "offline"), peer=node_id, route="relay")
         peer = self.table.get(node_id)
         if online and peer is not None and not peer.info.address and self.relay is not None:
-            self._spawn(self._probe(RelayPeerLink(self.relay, node_id), node_id), "relay-probe")
+            self._spawn(self.prober.probe(RelayPeerLink(self.relay, node_id), node_id), "relay-probe")
 
     async def _serve_relayed(
         self, peer: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes
@@ -493,40 +478,9 @@ class ClusterService:
 
     # -- background work -----------------------------------------------------
 
-    def _lan_link(self, address: str, node_id: str | None) -> HttpLink | None:
-        """A link to ``address`` that only the member ``node_id`` can answer on (None: not a member);
-        with no id yet (a static peer), one that any member can answer on, the answer naming which."""
-        ctx = self.tls.client_for(node_id) if node_id is not None else self.tls.any_member()
-        return HttpLink(self.session, address, ctx) if ctx is not None else None
-
-    async def _health_loop(self) -> None:
-        while True:
-            try:
-                probes = []
-                for t in self.table.probe_targets():
-                    link = self._lan_link(t.address, t.node_id)
-                    if link is not None:
-                        probes.append(self._probe(link, t.node_id, address=t.address))
-                    else:  # we know no member there yet: maybe it knows us, once introduced
-                        self.member_sync.introduce_soon(t.node_id, t.address)
-                if self.relay is not None:
-                    probes += [
-                        self._probe(RelayPeerLink(self.relay, nid), nid) for nid in self.table.relay_probe_targets()
-                    ]
-                await asyncio.gather(*probes)
-                self._handle(self.table.tick(time.monotonic()))
-            except Exception:  # task root
-                log.exception("cluster_health_loop_failed")
-            await asyncio.sleep(self.settings.health_interval_s)
-
     def probe_soon(self, address: str, node_id: str) -> None:
         """Ask the member at ``address`` how it is now (it may have just learnt of us)."""
-        known = self.table.get(node_id)
-        static = any(t.address == address for t in self.table.probe_targets())
-        link = self._lan_link(address, node_id)
-        if link is not None and (static or known is not None):
-            identifying = known is None or known.info.address != address
-            self._spawn(self._probe(link, node_id, address=address, identifying=identifying), "peer-probe")
+        self.prober.probe_soon(address, node_id)
 
     async def _get(self, link: PeerLink, path: str, to: str | None, timeout_s: float) -> bytes:
         """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
@@ -573,124 +527,6 @@ class ClusterService:
         except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
             log.debug("peer_push_failed", records=what, peer=to, error=str(e))
             return False
-
-    async def _probe(
-        self,
-        link: PeerLink,
-        node_id: str | None,
-        *,
-        address: str = "",
-        moved: PeerInfo | None = None,
-        identifying: bool = False,
-    ) -> None:
-        """Ask a peer how it is, over a link only that member can answer on.
-
-        ``node_id`` None: a static address whose node is not known yet, asked over
-        a link any member can answer on; the node it names is then asked again
-        over a link pinned to that member (``identifying``), and only that answer
-        counts. ``moved``: a member announced a new address; it is believed (the
-        table changed) only once the node there proved it is that member, so
-        nobody can redirect its traffic."""
-        t0 = time.monotonic()
-        try:
-            ident = decode_identity(await self._get(link, "/quorum/v1/health", node_id, 2.0))
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable) as e:
-            if node_id is not None and moved is None:  # msgspec errors are ValueErrors
-                self._handle(self.table.on_health_fail(node_id, time.monotonic()))
-            if address and moved is None:
-                self.member_sync.introduce_soon(node_id, address)  # maybe it does not know us yet
-            log.debug("peer_health_failed", route=link.route, address=address, peer=node_id, error=str(e))
-            return
-        now = time.monotonic()
-        if node_id is None:
-            pinned = self._lan_link(address, ident.node_id) if address else None
-            if pinned is not None:
-                await self._probe(pinned, ident.node_id, address=address, identifying=True)
-            return
-        if ident.node_id != node_id:  # the link proved node_id: a member that says otherwise is confused
-            log.warning(
-                "peer_identity_mismatch", route=link.route, address=address, expected=node_id, answered=ident.node_id
-            )
-            return
-        if moved is not None:
-            self._handle(self.table.on_discovered(moved, now))
-        info = PeerInfo(
-            node_id=ident.node_id,
-            name=ident.name,
-            address=address,
-            route="lan" if address else "relay",
-            proto=ident.proto,
-            catalog_digest=ident.catalog_digest,
-        )
-        if identifying:
-            self._handle(self.table.on_identified(address, info, now))
-        peer = self.table.get(info.node_id)
-        if peer is not None and peer.info.name != info.name:  # its own word, over the authenticated link
-            peer.info = msgspec.structs.replace(peer.info, name=info.name)
-        self._handle(self.table.on_health_ok(info.node_id, now - t0, now, ident.load))
-        if self.key_sync is not None:
-            self.key_sync.on_peer_digest(info.node_id, ident.keys_digest)
-        self.member_sync.on_peer_digest(info.node_id, ident.members_digest)
-        if peer is not None and peer.catalog_digest != info.catalog_digest:
-            self.peer_catalogs.want(info.node_id)
-
-    async def _event_loop(self) -> None:
-        from .mdns import Discovered, Gone, Updated
-
-        while True:
-            ev = await self._events.get()
-            now = time.monotonic()
-            try:
-                match ev:
-                    case Discovered(info=info) | Updated(info=info):
-                        # mDNS says where a member may be, never who: a stranger's announcement is ignored
-                        # (never probed, never sent anything); a member's is checked over a pinned link
-                        link = self._lan_link(info.address, info.node_id)
-                        if link is None:
-                            log.debug("mdns_not_a_member", peer=info.node_id, address=info.address)
-                            continue
-                        peer = self.table.get(info.node_id)
-                        if peer is not None and peer.info.address and peer.info.address != info.address:
-                            self._spawn(self._probe(link, info.node_id, address=info.address, moved=info), "peer-moved")
-                            continue
-                        self._handle(self.table.on_discovered(info, now))
-                        if self.table.get(info.node_id) is not None:  # a sign of life: check it now, not in 2 s
-                            self._spawn(self._probe(link, info.node_id, address=info.address), "peer-probe")
-                    case Gone(node_id=node_id, address=address):
-                        peer = self.table.get(node_id)
-                        if peer is not None and address and peer.info.address != address:
-                            # a goodbye from where the member is not (someone announced its id elsewhere,
-                            # and withdrew it): the member itself has not left
-                            log.info("mdns_goodbye_ignored", peer=node_id, address=address, at=peer.info.address)
-                            continue
-                        if peer is None:
-                            continue
-                        # a goodbye is unauthenticated (anyone on the LAN can send one in a member's name): the
-                        # member takes no new request at once, and leaves unless it answers a pinned check
-                        self._handle(self.table.on_draining(node_id, now))
-                        self._spawn(self._confirm_goodbye(node_id, peer.info.address), "peer-goodbye")
-            except Exception:  # task root
-                log.exception("cluster_event_failed", event=repr(ev))
-
-    async def _confirm_goodbye(self, node_id: str, address: str) -> None:
-        """A member said goodbye on mDNS: it leaves, unless the node at its address, checked over a link
-        pinned to its key a moment later (a stopping node closes its peer port right after its goodbye),
-        still answers — then the goodbye was someone else's, and the member stays."""
-        await asyncio.sleep(GOODBYE_CHECK_S)
-        asked = time.monotonic()
-        link = self._lan_link(address, node_id) if address else None
-        answered = False
-        if link is not None:
-            try:
-                answered = decode_identity(await self._get(link, "/quorum/v1/health", node_id, 1.0)).node_id == node_id
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, EngineUnavailable):
-                answered = False
-        now = time.monotonic()
-        if answered:
-            log.warning("mdns_goodbye_not_confirmed", peer=node_id, address=address)
-            self._handle(self.table.on_health_ok(node_id, now - asked, now))  # asked after the goodbye: back
-        else:
-            self._handle(self.table.on_goodbye(node_id, now))
 
     def _handle(self, events: list[PeerEvent]) -> None:
         for ev in events:

@@ -154,14 +154,41 @@ NOT_FAST = ("slow", "integration", "netns", "browser", "reliability")
 #: Modules marked ``slow`` as a whole: several nodes or real processes a test, property-based fuzzing, or
 #: dozens of node-per-test cases (each ~0.3 s). Together they are what takes the whole run from a minute to many.
 #: A single slow test elsewhere carries ``@pytest.mark.slow`` itself. (Measured with ``--durations``.)
-SLOW_MODULES = frozenset({
-    "test_adapters", "test_catalog_limits", "test_cli", "test_cluster", "test_cluster_cli", "test_dashboard",
-    "test_detect", "test_engine_robustness", "test_errors", "test_fakes", "test_fault_tools", "test_fuzz_endpoints",
-    "test_fuzz_parsers", "test_fuzz_surface_translation", "test_hostile_clients", "test_keys", "test_keys_cluster",
-    "test_ledger", "test_ledger_sigkill", "test_lifecycle", "test_mdns", "test_native_events", "test_ollama_surface",
-    "test_passthrough", "test_peer_availability", "test_relay_route", "test_responses_surface", "test_admission",
-    "test_forwarding", "test_link", "test_tokens_reload",
-})
+SLOW_MODULES = frozenset(
+    {
+        "test_adapters",
+        "test_catalog_limits",
+        "test_cli",
+        "test_cluster",
+        "test_cluster_cli",
+        "test_dashboard",
+        "test_detect",
+        "test_engine_robustness",
+        "test_errors",
+        "test_fakes",
+        "test_fault_tools",
+        "test_fuzz_endpoints",
+        "test_fuzz_parsers",
+        "test_fuzz_surface_translation",
+        "test_hostile_clients",
+        "test_keys",
+        "test_keys_cluster",
+        "test_ledger",
+        "test_ledger_sigkill",
+        "test_lifecycle",
+        "test_mdns",
+        "test_native_events",
+        "test_ollama_surface",
+        "test_passthrough",
+        "test_peer_availability",
+        "test_relay_route",
+        "test_responses_surface",
+        "test_admission",
+        "test_forwarding",
+        "test_link",
+        "test_tokens_reload",
+    }
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: so before tests/reliability/conftest.py marks its tier too

@@ -279,15 +279,13 @@ class FaultProxy:
 
     async def _serve(self, link: _Link, creader: asyncio.StreamReader) -> None:
         try:
-            ureader, link.upstream = await asyncio.open_connection(
-                self.target_host, self.target_port, limit=READ_SIZE)
+            ureader, link.upstream = await asyncio.open_connection(self.target_host, self.target_port, limit=READ_SIZE)
         except OSError:
             hard_reset(link.client.transport)  # target down: the client sees a reset
             return
         try:
             async with asyncio.TaskGroup() as tg:
-                for up, reader, writer in ((True, creader, link.upstream),
-                                           (False, ureader, link.client)):
+                for up, reader, writer in ((True, creader, link.upstream), (False, ureader, link.client)):
                     queue: asyncio.Queue[tuple[float, bytes | None]] = asyncio.Queue(QUEUE_CHUNKS)
                     tg.create_task(self._pump_in(link, reader, queue, up=up))
                     tg.create_task(self._pump_out(link, queue, writer, up=up))
@@ -301,8 +299,9 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 await w.wait_closed()
 
-    async def _pump_in(self, link: _Link, reader: asyncio.StreamReader,
-                       queue: asyncio.Queue[tuple[float, bytes | None]], *, up: bool) -> None:
+    async def _pump_in(
+        self, link: _Link, reader: asyncio.StreamReader, queue: asyncio.Queue[tuple[float, bytes | None]], *, up: bool
+    ) -> None:
         """Read chunks and stamp each with its due time; the bounded queue is the backpressure."""
         loop = asyncio.get_running_loop()
         while True:
@@ -314,8 +313,9 @@ class FaultProxy:
             if not data:
                 return
 
-    async def _pump_out(self, link: _Link, queue: asyncio.Queue[tuple[float, bytes | None]],
-                        writer: asyncio.StreamWriter, *, up: bool) -> None:
+    async def _pump_out(
+        self, link: _Link, queue: asyncio.Queue[tuple[float, bytes | None]], writer: asyncio.StreamWriter, *, up: bool
+    ) -> None:
         loop = asyncio.get_running_loop()
         while True:
             due, data = await queue.get()
@@ -330,8 +330,7 @@ class FaultProxy:
                 return
             await self._forward(link, writer, data, up=up)
 
-    async def _forward(self, link: _Link, writer: asyncio.StreamWriter, data: bytes, *,
-                       up: bool) -> None:
+    async def _forward(self, link: _Link, writer: asyncio.StreamWriter, data: bytes, *, up: bool) -> None:
         loop = asyncio.get_running_loop()
         view = memoryview(data)
         while view:

@@ -119,8 +119,9 @@ class LeakGuard:
         if first and not tasks and not fds and loop.time() - t0 > 0.2:  # closed, but only well after teardown
             LATE.extend((self.nodeid, f"{loop.time() - t0:.2f} s: {what}") for what in first)
         sockets = _describe_sockets(set(fds))
-        return ([_task_name(t) for t in sorted(tasks, key=lambda t: t.get_name())]
-                + [f"fd {fd} {sockets.get(fd, target)}" for fd, target in sorted(fds.items())])
+        return [_task_name(t) for t in sorted(tasks, key=lambda t: t.get_name())] + [
+            f"fd {fd} {sockets.get(fd, target)}" for fd, target in sorted(fds.items())
+        ]
 
     def _new_tasks(self) -> set[asyncio.Task[object]]:
         current = asyncio.current_task()

@@ -29,8 +29,18 @@ from quorum_node.node import Node
 from tests.fakes.base import FakeEngine
 from tests.support import eventually
 
-__all__ = ["CLUSTER", "Member", "client_tls", "enrol", "founder_of", "member_client", "model_holders", "peer_rows",
-           "records_of", "wait_converged"]
+__all__ = [
+    "CLUSTER",
+    "Member",
+    "client_tls",
+    "enrol",
+    "founder_of",
+    "member_client",
+    "model_holders",
+    "peer_rows",
+    "records_of",
+    "wait_converged",
+]
 
 #: The keyword arguments of ``start_node`` that make a node a member of the test cluster ``start_cluster`` builds.
 CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
@@ -70,6 +80,7 @@ async def wait_converged(http: aiohttp.ClientSession, members: list[Member]) -> 
             expected.setdefault(model, []).append(m.name)
     expected = {k: sorted(v) for k, v in expected.items()}
     for m in members:
+
         async def converged(node: Node = m.node) -> bool:
             return await model_holders(http, node) == expected
 
@@ -139,8 +150,12 @@ def records_of(data_dir: Path) -> bytes:
     return load_member_records(data_dir)
 
 
-async def member_client(tmp: Path, node: Any, cluster: dict[str, str], name: str = "tester",
-                        ) -> tuple[aiohttp.ClientSession, str]:
+async def member_client(
+    tmp: Path,
+    node: Any,
+    cluster: dict[str, str],
+    name: str = "tester",
+) -> tuple[aiohttp.ClientSession, str]:
     """An HTTPS client holding the key of a member ``node`` has just heard of — admitted by the founder of the
     test cluster ``cluster`` (``{"cluster": ..., "cluster_secret": ...}``), as an invite would, and introduced
     to ``node`` over its peer port — and the base URL of that port: what a peer sends with. Close the session."""
@@ -148,8 +163,10 @@ async def member_client(tmp: Path, node: Any, cluster: dict[str, str], name: str
     identity = enrol(tmp, cluster["cluster"], cluster["cluster_secret"], tmp / name, name)
     base = f"https://127.0.0.1:{node.peer_port}"
     intro = aiohttp.TCPConnector(ssl=client_tls(None, node.identity.cert_der))
-    async with aiohttp.ClientSession(connector=intro) as s, \
-            s.post(base + "/quorum/v1/members", data=records_of(tmp / name)) as resp:
+    async with (
+        aiohttp.ClientSession(connector=intro) as s,
+        s.post(base + "/quorum/v1/members", data=records_of(tmp / name)) as resp,
+    ):
         assert resp.status == 200, await resp.text()
     assert node.cluster.members.is_member(identity.node_id)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(identity, node.identity.cert_der)))

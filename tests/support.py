@@ -24,8 +24,13 @@ DEFAULT_TIMEOUT_S = 5.0
 POLL_S = 0.02
 
 
-async def eventually(check: Callable[[], T | Awaitable[T]], what: str = "", *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                     interval_s: float = POLL_S) -> T:
+async def eventually(
+    check: Callable[[], T | Awaitable[T]],
+    what: str = "",
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    interval_s: float = POLL_S,
+) -> T:
     """Poll ``check`` (sync or async) until it returns something truthy, and return that value.
 
     Fails with an ``AssertionError`` naming ``what`` and the last value ``check`` returned once

@@ -46,13 +46,21 @@ EMBED_MODEL = {
 NO_EMBEDDINGS = ("tgi", "mlx")
 OPENAI_FINISH = {"stop", "length", "tool_calls", "content_filter", "function_call"}
 MSGS = [{"role": "user", "content": "say hello"}]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather",
-                                           "parameters": {"type": "object", "properties": {
-                                               "city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 
 
-async def serve(start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str,
-                **knobs: Any) -> tuple[FakeEngine, Node, openai.AsyncOpenAI]:
+async def serve(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str, **knobs: Any
+) -> tuple[FakeEngine, Node, openai.AsyncOpenAI]:
     eng = await fake(kind, **knobs)
     node = await start_node(backends=[{"kind": kind, "url": eng.url}])
     return eng, node, client_for(node)
@@ -66,9 +74,10 @@ def as_float32(vec: list[float]) -> list[float]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_models_listed_by_the_names_users_know(start_node: StartNode, fake: StartFake,
-                                                      client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
+async def test_models_listed_by_the_names_users_know(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
+    _eng, node, client = await serve(start_node, fake, client_for, kind)
     ids = [m.id async for m in client.models.list()]
     assert CHAT_MODEL[kind] in ids or f"{CHAT_MODEL[kind]}:latest" in ids
     card = await client.models.retrieve(CHAT_MODEL[kind])  # the short name answers too
@@ -77,12 +86,12 @@ async def test_models_listed_by_the_names_users_know(start_node: StartNode, fake
     assert extra["engines"] == [kind] and extra["nodes"] == [node.name]
 
 
-async def test_ollama_tag_and_llamacpp_path_names(start_node: StartNode, fake: StartFake,
-                                                  client_for: ClientFor) -> None:
+async def test_ollama_tag_and_llamacpp_path_names(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     ollama = await fake("ollama")
     llama = await fake("llamacpp")
-    node = await start_node(backends=[{"kind": "ollama", "url": ollama.url},
-                                      {"kind": "llamacpp", "url": llama.url}])
+    node = await start_node(backends=[{"kind": "ollama", "url": ollama.url}, {"kind": "llamacpp", "url": llama.url}])
     client = client_for(node)
     ids = {m.id async for m in client.models.list()}
     assert {"llama3.2:latest", "nomic-embed-text:latest", "SmolLM2-135M-Instruct.Q4_1"} <= ids
@@ -101,9 +110,8 @@ async def test_ollama_tag_and_llamacpp_path_names(start_node: StartNode, fake: S
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_chat(start_node: StartNode, fake: StartFake, client_for: ClientFor,
-                    kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
+async def test_chat(start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
+    eng, _node, client = await serve(start_node, fake, client_for, kind)
     done = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS)
     assert done.object == "chat.completion" and done.id
     assert done.choices[0].message.role == "assistant"
@@ -115,13 +123,12 @@ async def test_chat(start_node: StartNode, fake: StartFake, client_for: ClientFo
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_chat_stream_with_usage(start_node: StartNode, fake: StartFake,
-                                      client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
+async def test_chat_stream_with_usage(start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
+    _eng, _node, client = await serve(start_node, fake, client_for, kind)
     # `stop` makes TGI answer finish_reason "stop_sequence", which the SDK does not know.
     stream = await client.chat.completions.create(
-        model=CHAT_MODEL[kind], messages=MSGS, stream=True, stop=["\n\n"],
-        stream_options={"include_usage": True})
+        model=CHAT_MODEL[kind], messages=MSGS, stream=True, stop=["\n\n"], stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     content = [c for c in chunks if c.choices]
     assert content and all(c.object == "chat.completion.chunk" for c in chunks)
@@ -143,10 +150,10 @@ async def test_chat_stream_with_usage(start_node: StartNode, fake: StartFake,
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_chat_stream_without_usage_has_no_usage_chunk(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
-    stream = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS,
-                                                  stream=True)
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
+    _eng, _node, client = await serve(start_node, fake, client_for, kind)
+    stream = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS, stream=True)
     chunks = [c async for c in stream]
     assert all(c.choices for c in chunks)  # no `choices: []` usage chunk was asked for
     assert all(c.usage is None for c in chunks)
@@ -156,10 +163,10 @@ async def test_chat_stream_without_usage_has_no_usage_chunk(
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_chat_max_tokens_finishes_with_length(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
-    done = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS,
-                                                max_tokens=2)
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
+    _eng, _node, client = await serve(start_node, fake, client_for, kind)
+    done = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS, max_tokens=2)
     assert done.choices[0].message.content == "Hello,"
     assert done.choices[0].finish_reason == "length"
 
@@ -168,12 +175,11 @@ async def test_chat_max_tokens_finishes_with_length(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_tool_calls_pass_through(start_node: StartNode, fake: StartFake,
-                                       client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind,
-                                    tool_arguments={"city": "Tokyo"})
-    done = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS,
-                                                tools=TOOLS)
+async def test_tool_calls_pass_through(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
+    eng, _node, client = await serve(start_node, fake, client_for, kind, tool_arguments={"city": "Tokyo"})
+    done = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS, tools=TOOLS)
     call = done.choices[0].message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather"
     assert isinstance(call.function.arguments, str)
@@ -181,8 +187,7 @@ async def test_tool_calls_pass_through(start_node: StartNode, fake: StartFake,
     assert done.choices[0].finish_reason == "tool_calls"
     assert eng.requests[0]["tools"][0]["function"]["name"] == "get_weather"
 
-    stream = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS,
-                                                  tools=TOOLS, stream=True)
+    stream = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=MSGS, tools=TOOLS, stream=True)
     names, args, finish = "", "", None
     async for chunk in stream:
         for choice in chunk.choices:
@@ -199,25 +204,24 @@ async def test_tool_calls_pass_through(start_node: StartNode, fake: StartFake,
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_completions(start_node: StartNode, fake: StartFake, client_for: ClientFor,
-                           kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
+async def test_completions(start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
+    _eng, _node, client = await serve(start_node, fake, client_for, kind)
     done = await client.completions.create(model=CHAT_MODEL[kind], prompt="Say hello")
     assert done.object == "text_completion"
     assert done.choices[0].text == "Hello, world!"
     assert done.choices[0].finish_reason == "stop"
     assert done.usage is not None and done.usage.completion_tokens == 4
 
-    stream = await client.completions.create(model=CHAT_MODEL[kind], prompt="Say hello",
-                                             stream=True, stream_options={"include_usage": True})
+    stream = await client.completions.create(
+        model=CHAT_MODEL[kind], prompt="Say hello", stream=True, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     content = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in content) == "Hello, world!"
     assert [c.choices[0].finish_reason for c in content if c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
 
-    stream = await client.completions.create(model=CHAT_MODEL[kind], prompt="Say hello",
-                                             stream=True)
+    stream = await client.completions.create(model=CHAT_MODEL[kind], prompt="Say hello", stream=True)
     chunks = [c async for c in stream]
     assert all(c.choices and c.usage is None for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == "Hello, world!"
@@ -228,11 +232,11 @@ async def test_completions(start_node: StartNode, fake: StartFake, client_for: C
 
 @pytest.mark.parametrize("kind", sorted(EMBED_MODEL))
 async def test_embeddings_base64_decodes_to_the_float_vectors(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
+    eng, _node, client = await serve(start_node, fake, client_for, kind)
     texts = ["the cat sat", "on the mat"]
-    floats = await client.embeddings.create(model=EMBED_MODEL[kind], input=texts,
-                                            encoding_format="float")
+    floats = await client.embeddings.create(model=EMBED_MODEL[kind], input=texts, encoding_format="float")
     default = await client.embeddings.create(model=EMBED_MODEL[kind], input=texts)  # SDK: base64
     assert [d.index for d in floats.data] == [0, 1]
     assert [len(d.embedding) for d in floats.data] == [eng.embedding_dim] * 2
@@ -245,8 +249,9 @@ async def test_embeddings_base64_decodes_to_the_float_vectors(
 
 @pytest.mark.parametrize("kind", NO_EMBEDDINGS)
 async def test_embeddings_on_engines_without_them_is_501(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
-    eng, node, client = await serve(start_node, fake, client_for, kind)
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
+    eng, _node, client = await serve(start_node, fake, client_for, kind)
     with pytest.raises(openai.APIStatusError) as info:
         await client.embeddings.create(model=CHAT_MODEL[kind], input="x")
     err = info.value

@@ -35,16 +35,19 @@ def test_a_hold_takes_what_fits_and_gives_it_all_back_once() -> None:
 
 
 async def test_concurrent_large_answers_share_the_budget_and_the_rest_get_503(
-        start_node: StartNode, fake: StartFake, client_for) -> None:
+    start_node: StartNode, fake: StartFake, client_for
+) -> None:
     eng = await fake("openai", tokens=["x" * MIB])  # every answer: one MiB of text
     async with FaultProxy("127.0.0.1", eng.port) as proxy:
-        node = await start_node(backends=[{"kind": "openai", "url": proxy.url}],
-                                max_buffered_answers_bytes=int(2.5 * MIB))
+        node = await start_node(
+            backends=[{"kind": "openai", "url": proxy.url}], max_buffered_answers_bytes=int(2.5 * MIB)
+        )
         proxy.bandwidth_bps = 4 * MIB  # each answer takes a while to arrive: all six are read at once
         client = client_for(node)
         results = await asyncio.gather(
             *(client.chat.completions.create(model="gpt-4o-mini", messages=HI) for _ in range(6)),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         served = [r for r in results if not isinstance(r, BaseException)]
         busy = [r for r in results if isinstance(r, openai.APIStatusError) and r.status_code == 503]
         assert served and busy and len(served) + len(busy) == 6, results

@@ -77,8 +77,14 @@ async def test_interrupt_fails_the_pending_read() -> None:
 
     server, url = await _serve(silent)
     async with server, aiohttp.ClientSession() as session:
-        answer = await send(session, url, RequestHead(method="POST", path="/v1/chat/completions", body=b"{}"),
-                            Timeouts(), stream=True, who="t")
+        answer = await send(
+            session,
+            url,
+            RequestHead(method="POST", path="/v1/chat/completions", body=b"{}"),
+            Timeouts(),
+            stream=True,
+            who="t",
+        )
         pending = asyncio.ensure_future(answer.body.readany())
         await asyncio.sleep(0)
         assert not pending.done()
@@ -134,8 +140,10 @@ class MemoryBody:
 
 def _event(text: str, finish: str | None = None) -> bytes:
     fr = f'"{finish}"' if finish else "null"
-    return (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
-            b'"delta":{"content":"' + text.encode() + b'"},"finish_reason":' + fr.encode() + b"}]}\n\n")
+    return (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,'
+        b'"delta":{"content":"' + text.encode() + b'"},"finish_reason":' + fr.encode() + b"}]}\n\n"
+    )
 
 
 def _events(body: MemoryBody, t: Timeouts | None = None) -> AsyncIterator[list[bytes]]:

@@ -18,8 +18,11 @@ StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-WEATHER = {"name": "get_weather", "description": "The weather in a city",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 HI = [{"role": "user", "content": "hi there"}]
 
 
@@ -48,7 +51,13 @@ async def test_create_answers_a_message(start_node: StartNode, fake: StartFake, 
     records: list = []
     node.records.add(records.append)
     raw = await claude(node).messages.with_raw_response.create(
-        model=MODEL, max_tokens=64, system="Be brief.", messages=HI, stop_sequences=["END"], extra_body={"temperature": 0.3})
+        model=MODEL,
+        max_tokens=64,
+        system="Be brief.",
+        messages=HI,
+        stop_sequences=["END"],
+        extra_body={"temperature": 0.3},
+    )
     assert (raw.headers["X-Quorum-Node"], raw.headers["X-Quorum-Route"]) == ("den", "local")
     msg = await raw.parse()
     assert [b.type for b in msg.content] == ["text"] and msg.content[0].text == "Hello, world!"
@@ -59,17 +68,20 @@ async def test_create_answers_a_message(start_node: StartNode, fake: StartFake, 
     assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
     assert (sent["max_tokens"], sent["stop"], sent["temperature"]) == (64, ["END"], 0.3)
     assert [(r.surface, r.operation, r.status, r.completion_tokens) for r in records] == [
-        ("anthropic", "messages", 200, 4)]
+        ("anthropic", "messages", 200, 4)
+    ]
 
 
-async def test_output_config_format_becomes_response_format(start_node: StartNode, fake: StartFake,
-                                                            claude) -> None:
+async def test_output_config_format_becomes_response_format(start_node: StartNode, fake: StartFake, claude) -> None:
     eng, node = await _setup(start_node, fake)
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
-    await claude(node).messages.create(model=MODEL, max_tokens=8, messages=HI,
-                                       output_config={"format": {"type": "json_schema", "schema": schema}})
-    assert eng.requests[-1]["response_format"] == {"type": "json_schema",
-                                                   "json_schema": {"name": "output", "schema": schema}}
+    await claude(node).messages.create(
+        model=MODEL, max_tokens=8, messages=HI, output_config={"format": {"type": "json_schema", "schema": schema}}
+    )
+    assert eng.requests[-1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
 
 
 async def test_max_tokens_reached(start_node: StartNode, fake: StartFake, claude) -> None:
@@ -108,12 +120,27 @@ async def test_tool_round_trip(start_node: StartNode, fake: StartFake, claude) -
         assert first.stop_reason == "tool_use"
         use = [b for b in first.content if b.type == "tool_use"]
         assert len(use) == 1 and use[0].name == "get_weather" and use[0].input == {"city": "Tokyo"}
-        assert eng.requests[-1]["tools"] == [{"type": "function", "function": {
-            "name": "get_weather", "parameters": WEATHER["input_schema"], "description": "The weather in a city"}}]
+        assert eng.requests[-1]["tools"] == [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": WEATHER["input_schema"],
+                    "description": "The weather in a city",
+                },
+            }
+        ]
 
-        second = await client.messages.create(model=MODEL, max_tokens=64, tools=[WEATHER], messages=[
-            *ask, {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id, "content": "Sunny"}]}])
+        second = await client.messages.create(
+            model=MODEL,
+            max_tokens=64,
+            tools=[WEATHER],
+            messages=[
+                *ask,
+                {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in first.content]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id, "content": "Sunny"}]},
+            ],
+        )
         assert second.stop_reason == "end_turn" and second.content[0].text == "Hello, world!"
         msgs = eng.requests[-1]["messages"]
         assert msgs[1]["role"] == "assistant" and msgs[1]["tool_calls"][0]["id"] == use[0].id
@@ -121,16 +148,18 @@ async def test_tool_round_trip(start_node: StartNode, fake: StartFake, claude) -
         assert msgs[2] == {"role": "tool", "tool_call_id": use[0].id, "content": "Sunny"}
 
 
-async def test_errors_are_in_anthropics_envelope(start_node: StartNode, fake: StartFake, claude,
-                                                 http: aiohttp.ClientSession) -> None:
+async def test_errors_are_in_anthropics_envelope(
+    start_node: StartNode, fake: StartFake, claude, http: aiohttp.ClientSession
+) -> None:
     eng, node = await _setup(start_node, fake)
     client = claude(node)
     with pytest.raises(anthropic.NotFoundError) as info:
         await client.messages.create(model="nope", max_tokens=8, messages=HI)
     assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.BadRequestError) as bad:
-        await client.messages.create(model=MODEL, max_tokens=8, messages=HI, tools=[
-            {"type": "web_search_20250305", "name": "web_search"}])
+        await client.messages.create(
+            model=MODEL, max_tokens=8, messages=HI, tools=[{"type": "web_search_20250305", "name": "web_search"}]
+        )
     assert "server tools" in bad.value.body["error"]["message"]
     eng.status_always = 503
     with pytest.raises(anthropic.InternalServerError) as down:
@@ -141,20 +170,29 @@ async def test_errors_are_in_anthropics_envelope(start_node: StartNode, fake: St
         assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
 
 
-async def test_hostile_bodies_get_400s_never_500s(start_node: StartNode, fake: StartFake,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_hostile_bodies_get_400s_never_500s(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng, node = await _setup(start_node, fake)
     m = b'"model": "m", '
-    bodies = [b"", b"{", b"[]", b'{"model": "m", "max_tokens": 5}', b"{" + m + b'"messages": []}',
-              b"{" + m + b'"max_tokens": 5, "messages": "x"}', b"{" + m + b'"max_tokens": 0, "messages": [{}]}',
-              b"{" + m + b'"max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}',
-              b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": 5}]}',
-              b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document"}]}]}',
-              b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}',
-              b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}',
-              b"{" + m + b'"max_tokens": 5, "system": 5, "messages": [{"role": "user", "content": "x"}]}',
-              b"{" + m + b'"max_tokens": 5, "tool_choice": {"type": "x"}, "messages": [{"role": "user", "content": "x"}]}',
-              b"{" + m + b'"max_tokens": 5, "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", b"\xff"]
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b'{"model": "m", "max_tokens": 5}',
+        b"{" + m + b'"messages": []}',
+        b"{" + m + b'"max_tokens": 5, "messages": "x"}',
+        b"{" + m + b'"max_tokens": 0, "messages": [{}]}',
+        b"{" + m + b'"max_tokens": 5, "messages": [{"role": "robot", "content": "x"}]}',
+        b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": 5}]}',
+        b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "document"}]}]}',
+        b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]}',
+        b"{" + m + b'"max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "tool_result"}]}]}',
+        b"{" + m + b'"max_tokens": 5, "system": 5, "messages": [{"role": "user", "content": "x"}]}',
+        b"{" + m + b'"max_tokens": 5, "tool_choice": {"type": "x"}, "messages": [{"role": "user", "content": "x"}]}',
+        b"{" + m + b'"max_tokens": 5, "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b"\xff",
+    ]
     for body in bodies:
         async with http.post(node.url + "/v1/messages", data=body, headers={"Content-Type": "application/json"}) as r:
             data = await r.json()

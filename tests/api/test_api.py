@@ -41,9 +41,9 @@ def provenance(headers: Mapping[str, str]) -> tuple[str, str]:
 # ----------------------------------------------------------------- provenance
 
 
-async def test_every_answer_says_who_served_it(start_node: StartNode, fake: StartFake,
-                                               client_for: ClientFor,
-                                               http: aiohttp.ClientSession) -> None:
+async def test_every_answer_says_who_served_it(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("vllm")
     node = await start_node(name="kitchen", backends=[{"kind": "vllm", "url": eng.url}])
     client = client_for(node)
@@ -58,14 +58,20 @@ async def test_every_answer_says_who_served_it(start_node: StartNode, fake: Star
     assert provenance(raw.headers) == expected
     raw = await client.models.with_raw_response.list()
     assert provenance(raw.headers) == expected
-    async with client.chat.completions.with_streaming_response.create(
-            model=MODEL, messages=MSGS, stream=True) as resp:
+    async with client.chat.completions.with_streaming_response.create(model=MODEL, messages=MSGS, stream=True) as resp:
         assert provenance(resp.headers) == expected
         assert resp.headers["Content-Type"].startswith("text/event-stream")
-        assert "".join([c.choices[0].delta.content or "" async for c in await resp.parse()
-                        if c.choices]) == "Hello, world!"
-    for method, path in (("GET", "/health"), ("GET", "/ready"), ("GET", "/nowhere"),
-                         ("PUT", "/v1/models"), ("POST", "/v1/chat/completions")):
+        assert (
+            "".join([c.choices[0].delta.content or "" async for c in await resp.parse() if c.choices])
+            == "Hello, world!"
+        )
+    for method, path in (
+        ("GET", "/health"),
+        ("GET", "/ready"),
+        ("GET", "/nowhere"),
+        ("PUT", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+    ):
         async with http.request(method, node.url + path, data=b"{") as r:
             assert provenance(r.headers) == expected, (method, path, r.status)
     with pytest.raises(openai.NotFoundError) as info:
@@ -73,8 +79,7 @@ async def test_every_answer_says_who_served_it(start_node: StartNode, fake: Star
     assert provenance(info.value.response.headers) == expected
 
 
-async def test_health_and_ready(start_node: StartNode, fake: StartFake,
-                                http: aiohttp.ClientSession) -> None:
+async def test_health_and_ready(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("sglang")
     node = await start_node(name="desk", backends=[{"kind": "sglang", "url": eng.url}])
     async with http.get(node.url + "/health") as r:
@@ -85,8 +90,7 @@ async def test_health_and_ready(start_node: StartNode, fake: StartFake,
         assert [(e["kind"], e["state"], e["models"]) for e in body["engines"]] == [("sglang", "ready", 1)]
 
 
-async def test_node_without_engines_is_not_ready(start_node: StartNode,
-                                                 http: aiohttp.ClientSession) -> None:
+async def test_node_without_engines_is_not_ready(start_node: StartNode, http: aiohttp.ClientSession) -> None:
     node = await start_node()
     async with http.get(node.url + "/ready") as r:
         assert r.status == 503 and "Retry-After" in r.headers
@@ -98,17 +102,16 @@ async def test_node_without_engines_is_not_ready(start_node: StartNode,
 
 
 async def test_engine_failing_before_first_byte_is_served_by_the_next_holder(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     first = await fake("vllm")
     second = await fake("vllm")
-    node = await start_node(backends=[{"kind": "vllm", "url": first.url},
-                                      {"kind": "vllm", "url": second.url}])
+    node = await start_node(backends=[{"kind": "vllm", "url": first.url}, {"kind": "vllm", "url": second.url}])
     client = client_for(node)
     for i, stream in enumerate((False, True), start=1):
         # Equal holders are tried in configured order: the first refuses, the second answers.
         first.next_status = 503
-        raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MSGS, stream=stream)
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS, stream=stream)
         assert raw.http_response.status_code == 200
         if stream:
             text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
@@ -120,17 +123,18 @@ async def test_engine_failing_before_first_byte_is_served_by_the_next_holder(
 
 
 async def test_engine_that_stopped_listening_is_skipped_transparently(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     first = await fake("vllm")
     second = await fake("vllm")
     # Slow probing: the node has not noticed yet that the first engine went away.
-    node = await start_node(probe_interval_s=60, backends=[{"kind": "vllm", "url": first.url},
-                                                          {"kind": "vllm", "url": second.url}])
+    node = await start_node(
+        probe_interval_s=60, backends=[{"kind": "vllm", "url": first.url}, {"kind": "vllm", "url": second.url}]
+    )
     client = client_for(node)
     await first.stop_listening()
     for stream in (False, True):
-        raw = await client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=MSGS, stream=stream)
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=MSGS, stream=stream)
         assert raw.headers["X-Quorum-Route"] == "local"
         if stream:
             text = "".join([c.choices[0].delta.content or "" async for c in raw.parse() if c.choices])
@@ -143,12 +147,16 @@ async def test_engine_that_stopped_listening_is_skipped_transparently(
 @pytest.mark.parametrize("fail_mode", ["error", "drop"])
 @pytest.mark.parametrize("kind", ["vllm", "ollama", "tgi", "llamacpp"])
 async def test_mid_stream_failure_is_an_error_never_a_clean_end(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor,
-        http: aiohttp.ClientSession, kind: str, fail_mode: str) -> None:
+    start_node: StartNode,
+    fake: StartFake,
+    client_for: ClientFor,
+    http: aiohttp.ClientSession,
+    kind: str,
+    fail_mode: str,
+) -> None:
     eng = await fake(kind, fail_after_tokens=2, fail_mode=fail_mode)
     backup = await fake(kind)  # after the first byte, no retry may hide the failure
-    node = await start_node(backends=[{"kind": kind, "url": eng.url},
-                                      {"kind": kind, "url": backup.url}])
+    node = await start_node(backends=[{"kind": kind, "url": eng.url}, {"kind": kind, "url": backup.url}])
     model = {"ollama": "llama3.2", "llamacpp": "SmolLM2-135M-Instruct.Q4_1"}.get(kind, MODEL)
     client = client_for(node)
     stream = await client.chat.completions.create(model=model, messages=MSGS, stream=True)
@@ -175,15 +183,15 @@ async def test_mid_stream_failure_is_an_error_never_a_clean_end(
 
 
 async def test_client_disconnect_cancels_the_engine_stream(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor,
-        http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     client = client_for(node)
 
     stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
     got = 0
-    async for chunk in stream:
+    async for _chunk in stream:
         got += 1
         if got == 3:
             break
@@ -203,7 +211,8 @@ async def test_client_disconnect_cancels_the_engine_stream(
 
 
 async def test_finished_streams_leave_their_engine_connection_for_the_next_request(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     # A stream read only up to its [DONE] (not to the end of the chunked body) cannot go back to the
     # pool: every request then cost the engine a new connection, which at hundreds of streams is
     # a good part of the node's CPU.
@@ -219,13 +228,15 @@ async def test_finished_streams_leave_their_engine_connection_for_the_next_reque
 
 
 async def test_last_events_that_come_with_the_end_are_delivered_with_it(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     # The finish, usage and [DONE] in one packet: the node sends them on with its own last bytes.
     eng = await fake("vllm", tail_in_one_write=True, token_delay_s=0.02)
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     client = client_for(node)
-    stream = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True,
-                                                  stream_options={"include_usage": True})
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=MSGS, stream=True, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello, world!"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
@@ -240,13 +251,15 @@ async def test_last_events_that_come_with_the_end_are_delivered_with_it(
 # ------------------------------------------------------ choosing between holders
 
 
-async def test_prefers_the_ready_engine(start_node: StartNode, fake: StartFake,
-                                        client_for: ClientFor, http: aiohttp.ClientSession) -> None:
+async def test_prefers_the_ready_engine(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     loading = await fake("sglang")
     ready = await fake("sglang")
     # One attempt only: picking the loading engine would fail the request.
-    node = await start_node(max_attempts=1, backends=[{"kind": "sglang", "url": loading.url},
-                                                      {"kind": "sglang", "url": ready.url}])
+    node = await start_node(
+        max_attempts=1, backends=[{"kind": "sglang", "url": loading.url}, {"kind": "sglang", "url": ready.url}]
+    )
     client = client_for(node)
     loading.loading = True  # warming up: 503 everywhere, the model still listed before
 
@@ -262,8 +275,7 @@ async def test_prefers_the_ready_engine(start_node: StartNode, fake: StartFake,
     assert len(ready.requests) == 3
 
 
-async def test_prefers_the_less_loaded_engine(start_node: StartNode, fake: StartFake,
-                                              client_for: ClientFor) -> None:
+async def test_prefers_the_less_loaded_engine(start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
     a = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
     b = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
     node = await start_node(backends=[{"kind": "vllm", "url": a.url}, {"kind": "vllm", "url": b.url}])
@@ -281,8 +293,9 @@ async def test_prefers_the_less_loaded_engine(start_node: StartNode, fake: Start
     assert len(busy.requests) == 1 and len(idle.requests) == 2
 
 
-async def test_prefers_the_engine_that_reports_itself_less_busy(start_node: StartNode, fake: StartFake,
-                                                                client_for: ClientFor, http) -> None:
+async def test_prefers_the_engine_that_reports_itself_less_busy(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http
+) -> None:
     """An engine busy with other people's requests (not through us) is avoided too."""
     a = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
     b = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
@@ -306,38 +319,45 @@ async def test_prefers_the_engine_that_reports_itself_less_busy(start_node: Star
 # ------------------------------------------------------------------------ trust
 
 
-@pytest.mark.parametrize(("remote", "ok"), [
-    ("127.0.0.1", True),
-    ("127.8.9.10", True),
-    ("::1", True),
-    ("::ffff:127.0.0.1", True),
-    ("fe80::1%lo", False),
-    ("::1%lo", True),
-    ("192.168.1.20", False),
-    ("10.0.0.1", False),
-    ("::ffff:192.168.1.20", False),
-    ("2001:db8::1", False),
-    ("0.0.0.0", False),
-    ("", False),
-    (None, False),
-    ("localhost", False),  # a name is not an address
-    ("not an ip", False),
-])
+@pytest.mark.parametrize(
+    ("remote", "ok"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("fe80::1%lo", False),
+        ("::1%lo", True),
+        ("192.168.1.20", False),
+        ("10.0.0.1", False),
+        ("::ffff:192.168.1.20", False),
+        ("2001:db8::1", False),
+        ("0.0.0.0", False),
+        ("", False),
+        (None, False),
+        ("localhost", False),  # a name is not an address
+        ("not an ip", False),
+    ],
+)
 def test_is_loopback(remote: str | None, ok: bool) -> None:
     assert is_loopback(remote) is ok
 
 
 async def test_a_peer_claim_on_the_public_port_is_refused_even_from_loopback(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     """A peer is whoever its link proved (the peer port's mutual TLS, or the relay's session): a request on the
     public port that says it comes from a node is refused, whatever else it carries — even a valid API key."""
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     _, key = node.keys.create("app")
     body = {"model": MODEL, "messages": MSGS}
-    for headers in ({"X-Quorum-Hop": "1"}, {"X-Quorum-Node-Id": "0123456789abcdef01234567"},
-                    {"X-Quorum-Hop": "1", "X-Quorum-Signature": "v1=deadbeef"},
-                    {"X-Quorum-Hop": "1", "Authorization": f"Bearer {key}"}):
+    for headers in (
+        {"X-Quorum-Hop": "1"},
+        {"X-Quorum-Node-Id": "0123456789abcdef01234567"},
+        {"X-Quorum-Hop": "1", "X-Quorum-Signature": "v1=deadbeef"},
+        {"X-Quorum-Hop": "1", "Authorization": f"Bearer {key}"},
+    ):
         async with http.post(node.url + "/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status == 401, headers
             err = (await r.json())["error"]
@@ -350,7 +370,8 @@ async def test_a_peer_claim_on_the_public_port_is_refused_even_from_loopback(
 
 
 async def test_llamacpp_answers_name_the_model_as_users_know_it_not_by_host_path(
-        start_node: StartNode, fake: StartFake, client_for) -> None:
+    start_node: StartNode, fake: StartFake, client_for
+) -> None:
     eng = await fake("llamacpp")
     node = await start_node(backends=[{"kind": "llamacpp", "url": eng.url}])
     client = client_for(node)
@@ -359,7 +380,7 @@ async def test_llamacpp_answers_name_the_model_as_users_know_it_not_by_host_path
     whole = await client.chat.completions.create(model=stem, messages=[{"role": "user", "content": "hi"}])
     assert whole.model == stem
     stream = await client.chat.completions.create(
-        model=stem, messages=[{"role": "user", "content": "hi"}], stream=True,
-        stream_options={"include_usage": True})
+        model=stem, messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True}
+    )
     models = {chunk.model async for chunk in stream}
     assert models == {stem}

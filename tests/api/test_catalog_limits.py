@@ -10,8 +10,8 @@ models sees only those, in every list, lookup and 404.
 from __future__ import annotations
 
 import json
-import time
 import re
+import time
 
 import aiohttp
 import openai
@@ -19,8 +19,8 @@ import pytest
 import structlog
 
 from quorum_node.records import Draft
-from tests.conftest import StartFake, StartNode
 from tests.api.test_keys import sdk
+from tests.conftest import StartFake, StartNode
 
 MANY = [f"org/model-{i:05d}" for i in range(20_000)]
 CAP = 4096  # the default of max_models_per_engine

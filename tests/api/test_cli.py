@@ -64,10 +64,24 @@ async def run_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Da
 
     async def _run(*args: str) -> Daemon:
         proc = await asyncio.create_subprocess_exec(
-            QN, "run", "--host", "127.0.0.1", "--port", "0", "--log-format", "json",
-            "--no-detect", "--no-mdns", "--no-embedded-engine",
-            "--data-dir", str(tmp_path / f"d{len(daemons)}"), *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env())
+            QN,
+            "run",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--log-format",
+            "json",
+            "--no-detect",
+            "--no-mdns",
+            "--no-embedded-engine",
+            "--data-dir",
+            str(tmp_path / f"d{len(daemons)}"),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=clean_env(),
+        )
         d = Daemon(proc)
         daemons.append(d)
         await d.wait_started()
@@ -81,15 +95,17 @@ async def run_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Da
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(QN, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=clean_env())
+    proc = await asyncio.create_subprocess_exec(
+        QN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env()
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
 
 async def test_run_serves_the_engines_models_and_stops_on_sigterm(
-        fake: StartFake, run_daemon: Callable[..., Awaitable[Daemon]]) -> None:
+    fake: StartFake, run_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
     eng = await fake("vllm")
     d = await run_daemon("--backend", f"vllm={eng.url}", "--name", "study")
     assert d.port > 0
@@ -110,7 +126,8 @@ async def test_run_serves_the_engines_models_and_stops_on_sigterm(
 
 
 async def test_sigterm_during_a_stream_still_exits_promptly(
-        fake: StartFake, run_daemon: Callable[..., Awaitable[Daemon]]) -> None:
+    fake: StartFake, run_daemon: Callable[..., Awaitable[Daemon]]
+) -> None:
     eng = await fake("vllm", tokens=["tok "] * 1000, token_delay_s=0.05)
     d = await run_daemon("--backend", f"vllm={eng.url}", "--drain-timeout-s", "1")
     async with aiohttp.ClientSession() as http:
@@ -123,8 +140,7 @@ async def test_sigterm_during_a_stream_still_exits_promptly(
     await asyncio.wait_for(eng.wait_until(lambda e: e.active_streams == 0), 5)
 
 
-async def test_models_command_prints_the_table(fake: StartFake,
-                                               run_daemon: Callable[..., Awaitable[Daemon]]) -> None:
+async def test_models_command_prints_the_table(fake: StartFake, run_daemon: Callable[..., Awaitable[Daemon]]) -> None:
     eng = await fake("ollama")
     d = await run_daemon("--backend", f"ollama={eng.url}")
     rc, out, err = await cli("models", "--url", d.url)
@@ -136,8 +152,7 @@ async def test_models_command_prints_the_table(fake: StartFake,
     assert rows["llama3.2:latest"][1] == "ollama"
 
 
-async def test_models_command_without_a_node_is_a_clear_error(
-        start_node: StartNode) -> None:
+async def test_models_command_without_a_node_is_a_clear_error(start_node: StartNode) -> None:
     node = await start_node()
     url = node.url
     await node.stop()  # nothing listens there any more
@@ -148,8 +163,20 @@ async def test_models_command_without_a_node_is_a_clear_error(
 
 async def test_port_in_use_exits_1_with_a_message(start_node: StartNode, tmp_path: Path) -> None:
     node = await start_node()
-    rc, out, err = await cli("run", "--host", "127.0.0.1", "--port", str(node.port), "--log-format", "json",
-                             "--no-detect", "--no-mdns", "--no-embedded-engine", "--data-dir", str(tmp_path / "x"))
+    rc, _out, err = await cli(
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(node.port),
+        "--log-format",
+        "json",
+        "--no-detect",
+        "--no-mdns",
+        "--no-embedded-engine",
+        "--data-dir",
+        str(tmp_path / "x"),
+    )
     assert rc == 1
     failed = [json.loads(ln) for ln in err.splitlines() if "listen_failed" in ln]
     assert failed and failed[0]["port"] == node.port

@@ -23,8 +23,11 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _preflight(origin: str, method: str = "POST") -> dict[str, str]:
-    return {"Origin": origin, "Access-Control-Request-Method": method,
-            "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    return {
+        "Origin": origin,
+        "Access-Control-Request-Method": method,
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os",
+    }
 
 
 async def _setup(start_node: StartNode, fake: StartFake, **settings) -> tuple[FakeEngine, Node]:
@@ -33,8 +36,9 @@ async def _setup(start_node: StartNode, fake: StartFake, **settings) -> tuple[Fa
     return eng, node
 
 
-async def test_allowed_origin_preflight_and_request(start_node: StartNode, fake: StartFake,
-                                                    http: aiohttp.ClientSession) -> None:
+async def test_allowed_origin_preflight_and_request(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng, node = await _setup(start_node, fake, cors_origins=[APP + "/"])
     for path in ("/v1/chat/completions", "/v1/responses", "/v1/messages"):
         async with http.options(node.url + path, headers=_preflight(APP)) as r:
@@ -48,17 +52,20 @@ async def test_allowed_origin_preflight_and_request(start_node: StartNode, fake:
         assert r.headers["Access-Control-Allow-Origin"] == APP
         assert "X-Quorum-Node" in r.headers["Access-Control-Expose-Headers"]
         assert "Origin" in r.headers.getall("Vary")
-    async with http.post(node.url + "/v1/chat/completions", json={**CHAT, "stream": True},
-                         headers={"Origin": APP}) as r:
+    async with http.post(
+        node.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers={"Origin": APP}
+    ) as r:
         assert r.headers["Access-Control-Allow-Origin"] == APP  # streamed answers too
         assert b"[DONE]" in await r.read()
-    async with http.post(node.url + "/v1/chat/completions", json={**CHAT, "model": "nope"},
-                         headers={"Origin": APP}) as r:
+    async with http.post(
+        node.url + "/v1/chat/completions", json={**CHAT, "model": "nope"}, headers={"Origin": APP}
+    ) as r:
         assert r.status == 404 and r.headers["Access-Control-Allow-Origin"] == APP  # errors are readable
 
 
-async def test_other_origins_are_refused_even_from_loopback(start_node: StartNode, fake: StartFake,
-                                                           http: aiohttp.ClientSession) -> None:
+async def test_other_origins_are_refused_even_from_loopback(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng, node = await _setup(start_node, fake, cors_origins=[APP])
     async with http.options(node.url + "/v1/chat/completions", headers=_preflight(EVIL)) as r:
         assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
@@ -69,8 +76,7 @@ async def test_other_origins_are_refused_even_from_loopback(start_node: StartNod
         body = await r.json()
         assert r.status == 403 and body["error"]["type"] == "permission_error" and body["type"] == "error"
     # a page that sends no Origin but says it is another site's (Sec-Fetch-Site) is refused too
-    async with http.post(node.url + "/v1/chat/completions", json=CHAT,
-                         headers={"Sec-Fetch-Site": "cross-site"}) as r:
+    async with http.post(node.url + "/v1/chat/completions", json=CHAT, headers={"Sec-Fetch-Site": "cross-site"}) as r:
         assert r.status == 403
     assert eng.requests == []
     async with http.post(node.url + "/v1/chat/completions", json=CHAT) as r:  # no Origin: SDKs, curl
@@ -78,14 +84,16 @@ async def test_other_origins_are_refused_even_from_loopback(start_node: StartNod
 
 
 async def test_the_nodes_own_pages_are_same_origin_but_rebound_names_are_not(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     _, node = await _setup(start_node, fake)
     async with http.post(node.url + "/v1/chat/completions", json=CHAT, headers={"Origin": node.url}) as r:
         assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
     port = node.url.rsplit(":", 1)[1]
     rebound = f"http://attacker.example:{port}"  # a name resolved to 127.0.0.1 by its owner
-    async with http.post(node.url + "/v1/chat/completions", json=CHAT,
-                         headers={"Origin": rebound, "Host": f"attacker.example:{port}"}) as r:
+    async with http.post(
+        node.url + "/v1/chat/completions", json=CHAT, headers={"Origin": rebound, "Host": f"attacker.example:{port}"}
+    ) as r:
         assert r.status == 403
 
 
@@ -113,8 +121,7 @@ def test_cors_origins_from_env_and_validation() -> None:
             load_settings({"cors_origins": [bad]}, env={})
 
 
-async def test_openai_paths_without_v1(start_node: StartNode, fake: StartFake,
-                                       http: aiohttp.ClientSession) -> None:
+async def test_openai_paths_without_v1(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
     _, node = await _setup(start_node, fake)
     client = openai.AsyncOpenAI(base_url=node.url, api_key="unused", max_retries=0)  # no /v1
     try:

@@ -48,7 +48,10 @@ async def two_nodes(start_node: StartNode, fake: StartFake, http: aiohttp.Client
     async def converged() -> bool:
         f = await get_json(http, n0.url + "/quorum/admin/fleet")
         return {m["id"]: m["holders"] for m in f["models"]} == {
-            "alpha-model": ["north"], "beta-model": ["south"], "shared": ["south"]}
+            "alpha-model": ["north"],
+            "beta-model": ["south"],
+            "shared": ["south"],
+        }
 
     await eventually(converged, timeout_s=10, what="north's fleet shows both nodes' models")
     return n0, n1, e1
@@ -112,8 +115,7 @@ async def events(http: aiohttp.ClientSession) -> AsyncIterator[Any]:
 # -- the page ------------------------------------------------------------------------------------
 
 
-async def test_page_and_assets_are_served_with_a_strict_csp(start_node: StartNode,
-                                                            http: aiohttp.ClientSession) -> None:
+async def test_page_and_assets_are_served_with_a_strict_csp(start_node: StartNode, http: aiohttp.ClientSession) -> None:
     node = await start_node()
     async with http.get(node.url + "/dashboard") as resp:
         assert resp.status == 200
@@ -136,9 +138,16 @@ async def test_page_and_assets_are_served_with_a_strict_csp(start_node: StartNod
             assert resp.status == 304
 
 
-@pytest.mark.parametrize("path", ["/dashboard/static/nope.js", "/dashboard/static/..%2F__init__.py",
-                                  "/dashboard/static/index.html", "/dashboard/static/%00",
-                                  "/dashboard/static/" + "a" * 5000])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/dashboard/static/nope.js",
+        "/dashboard/static/..%2F__init__.py",
+        "/dashboard/static/index.html",
+        "/dashboard/static/%00",
+        "/dashboard/static/" + "a" * 5000,
+    ],
+)
 async def test_unknown_assets_are_a_json_404(start_node: StartNode, http: aiohttp.ClientSession, path: str) -> None:
     node = await start_node()
     async with http.get(node.url + path) as resp:
@@ -147,19 +156,22 @@ async def test_unknown_assets_are_a_json_404(start_node: StartNode, http: aiohtt
             assert (await resp.json())["error"]["code"] == "unknown_path"
 
 
-async def test_a_browser_at_the_root_is_sent_to_the_dashboard(start_node: StartNode,
-                                                             http: aiohttp.ClientSession) -> None:
+async def test_a_browser_at_the_root_is_sent_to_the_dashboard(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
     node = await start_node()
-    async with http.get(node.url + "/", headers={"Accept": "text/html,application/xhtml+xml"},
-                        allow_redirects=False) as resp:
+    async with http.get(
+        node.url + "/", headers={"Accept": "text/html,application/xhtml+xml"}, allow_redirects=False
+    ) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == "/dashboard"
     async with http.get(node.url + "/") as resp:  # not a browser: no redirect
         assert resp.status == 200
 
 
-async def test_wrong_methods_on_admin_endpoints_are_json_errors(start_node: StartNode,
-                                                               http: aiohttp.ClientSession) -> None:
+async def test_wrong_methods_on_admin_endpoints_are_json_errors(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
     node = await start_node()
     for path in ("/quorum/admin/fleet", "/quorum/admin/events", "/dashboard"):
         async with http.post(node.url + path, data=b"{}") as resp:
@@ -171,9 +183,10 @@ async def test_wrong_methods_on_admin_endpoints_are_json_errors(start_node: Star
 
 
 async def test_fleet_shows_every_node_with_presence_and_the_models_holders(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     t0 = time.time()
-    n0, n1, _ = await two_nodes(start_node, fake, http)
+    n0, _n1, _ = await two_nodes(start_node, fake, http)
     f = await get_json(http, n0.url + "/quorum/admin/fleet")
     assert f["self"]["name"] == "north" and f["cluster"] == "dash"
     by_name = {n["name"]: n for n in f["nodes"]}
@@ -191,8 +204,12 @@ async def test_fleet_shows_every_node_with_presence_and_the_models_holders(
 
 
 async def test_a_peers_load_and_a_restart_show_in_the_fleet_and_in_quorum_node_peers(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, client_for: Any,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    start_node: StartNode,
+    fake: StartFake,
+    http: aiohttp.ClientSession,
+    client_for: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     n0, n1, e1 = await two_nodes(start_node, fake, http)
     e1.token_delay_s = 0.2  # a few seconds of streaming on south
 
@@ -203,8 +220,11 @@ async def test_a_peers_load_and_a_restart_show_in_the_fleet_and_in_quorum_node_p
     client = client_for(n1)
     stream = await client.chat.completions.create(model="beta-model", messages=MESSAGES, stream=True)
     try:
-        await eventually(lambda: south(lambda s: s["load"] and s["load"]["in_flight"] == 1), timeout_s=5,
-                         what="north sees south answering one request")
+        await eventually(
+            lambda: south(lambda s: s["load"] and s["load"]["in_flight"] == 1),
+            timeout_s=5,
+            what="north sees south answering one request",
+        )
         await eventually(lambda: south(lambda s: s["load"]["engines"] == 1), what="and its engine busy")
         rc = await asyncio.to_thread(cli.main, ["peers", "--url", n0.url])
         out = capsys.readouterr().out
@@ -219,11 +239,11 @@ async def test_a_peers_load_and_a_restart_show_in_the_fleet_and_in_quorum_node_p
         await stream.close()
 
 
-async def test_online_since_starts_again_when_a_peer_comes_back(start_node: StartNode, fake: StartFake,
-                                                                http: aiohttp.ClientSession) -> None:
+async def test_online_since_starts_again_when_a_peer_comes_back(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     e0 = await fake("openai", models=["a"])
-    n0 = await start_node(name="stays", backends=[{"kind": "openai", "url": e0.url}], peer_down_after_s=1.0,
-                          **CLUSTER)
+    n0 = await start_node(name="stays", backends=[{"kind": "openai", "url": e0.url}], peer_down_after_s=1.0, **CLUSTER)
     e1 = await fake("openai", models=["b"])
     # "leaves" was admitted after "stays" started: it reaches "stays" to introduce itself (its membership),
     # as a node that joined through another member does, before "stays" can trust its certificate
@@ -250,8 +270,15 @@ async def test_online_since_starts_again_when_a_peer_comes_back(start_node: Star
         return bool(p and not p["online"] and p["since"] is None)
 
     await eventually(gone, what="the stopped peer is offline, since nothing")
-    again = await start_node(name="leaves", port=port, peer_port=peer_port, data_dir=n1.settings.data_dir,
-                             backends=[{"kind": "openai", "url": e1.url}], peers=to_n0, **CLUSTER)
+    again = await start_node(
+        name="leaves",
+        port=port,
+        peer_port=peer_port,
+        data_dir=n1.settings.data_dir,
+        backends=[{"kind": "openai", "url": e1.url}],
+        peers=to_n0,
+        **CLUSTER,
+    )
     assert again.port == port and again.peer_port == peer_port
     await eventually(online, timeout_s=10, what="the peer is back")
     assert (await leaves())["since"] > first  # type: ignore[index]
@@ -261,8 +288,9 @@ async def test_online_since_starts_again_when_a_peer_comes_back(start_node: Star
 
 
 async def test_events_say_hello_then_a_request_starting_and_ending(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, client_for: Any, events: Any) -> None:
-    n0, n1, e1 = await two_nodes(start_node, fake, http)
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, client_for: Any, events: Any
+) -> None:
+    n0, _n1, e1 = await two_nodes(start_node, fake, http)
     ev = await events(n0)
     name, hello = await ev.next()
     assert name == "hello"
@@ -272,7 +300,8 @@ async def test_events_say_hello_then_a_request_starting_and_ending(
 
     async def chat() -> str:
         stream = await client_for(n0).chat.completions.create(
-            model="shared", messages=MESSAGES, stream=True, extra_headers={"X-Request-Id": "dash-req-1"})
+            model="shared", messages=MESSAGES, stream=True, extra_headers={"X-Request-Id": "dash-req-1"}
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     task = asyncio.create_task(chat())
@@ -292,8 +321,9 @@ async def test_events_say_hello_then_a_request_starting_and_ending(
         task.cancel()
 
 
-async def test_events_tell_a_fleet_change(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession,
-                                          events: Any) -> None:
+async def test_events_tell_a_fleet_change(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, events: Any
+) -> None:
     n0, n1, e1 = await two_nodes(start_node, fake, http)
     ev = await events(n0)
     await ev.until("hello")
@@ -304,8 +334,17 @@ async def test_events_tell_a_fleet_change(start_node: StartNode, fake: StartFake
 
 
 def _record(i: int) -> Record:
-    return Record(time=time.time(), request_id=f"r{i}", node="n", method="POST", path="/v1/chat/completions",
-                  surface="openai", operation="chat", model="m" * 4000, status=200)
+    return Record(
+        time=time.time(),
+        request_id=f"r{i}",
+        node="n",
+        method="POST",
+        path="/v1/chat/completions",
+        surface="openai",
+        operation="chat",
+        model="m" * 4000,
+        status=200,
+    )
 
 
 async def test_a_subscriber_that_does_not_read_loses_events_not_memory(start_node: StartNode) -> None:
@@ -351,8 +390,9 @@ async def test_a_subscriber_that_leaves_is_removed(start_node: StartNode, events
     await eventually(lambda: _true(hub._ticker is None), what="and the ticker stops with nobody watching")
 
 
-async def test_too_many_subscribers_are_refused(start_node: StartNode, events: Any,
-                                                http: aiohttp.ClientSession) -> None:
+async def test_too_many_subscribers_are_refused(
+    start_node: StartNode, events: Any, http: aiohttp.ClientSession
+) -> None:
     node = await start_node()
     hub = hub_of(node)
     hub.max_subscribers = 2
@@ -375,8 +415,9 @@ async def test_an_open_events_stream_does_not_hold_up_stop(start_node: StartNode
             await ev.next(timeout_s=2)
 
 
-async def test_the_sinks_cost_nothing_without_subscribers(start_node: StartNode, fake: StartFake,
-                                                          client_for: Any) -> None:
+async def test_the_sinks_cost_nothing_without_subscribers(
+    start_node: StartNode, fake: StartFake, client_for: Any
+) -> None:
     eng = await fake("openai", models=["m"])
     node = await start_node(backends=[{"kind": "openai", "url": eng.url}])
     client: openai.AsyncOpenAI = client_for(node)
@@ -385,8 +426,9 @@ async def test_the_sinks_cost_nothing_without_subscribers(start_node: StartNode,
     assert hub_of(node)._ticker is None
 
 
-async def test_fleet_and_events_are_for_admins_where_keys_are_required(start_node: StartNode,
-                                                                       http: aiohttp.ClientSession) -> None:
+async def test_fleet_and_events_are_for_admins_where_keys_are_required(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
     node = await start_node(require_key=True)
     _, admin = node.keys.create("ops", admin=True)
     _, plain = node.keys.create("app")

@@ -29,7 +29,7 @@ from tests.support import eventually
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -55,10 +55,20 @@ class Browser:
     def __init__(self, profile: str) -> None:
         opts = webdriver.ChromeOptions()
         opts.binary_location = CHROMIUM
-        for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                    "--window-size=1400,2000", f"--user-data-dir={profile}", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--disable-default-apps", "--disable-extensions"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            "--window-size=1400,2000",
+            f"--user-data-dir={profile}",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--disable-extensions",
+        ):
             opts.add_argument(arg)
         opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
@@ -113,14 +123,14 @@ async def browser() -> AsyncIterator[Browser]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
-async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession,
-                  **overrides: Any) -> tuple[list[Node], list[Any]]:
+async def cluster(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, **overrides: Any
+) -> tuple[list[Node], list[Any]]:
     held = {"north": ["alpha-model"], "south": ["beta-model", "shared-model"], "east": ["shared-model", "gamma-embed"]}
     nodes, engines = [], []
     for name, models in held.items():
         eng = await fake("openai", models=models)
-        nodes.append(await start_node(name=name, backends=[{"kind": "openai", "url": eng.url}], **CLUSTER,
-                                      **overrides))
+        nodes.append(await start_node(name=name, backends=[{"kind": "openai", "url": eng.url}], **CLUSTER, **overrides))
         engines.append(eng)
     for n in nodes:
         assert n.cluster is not None
@@ -137,9 +147,9 @@ async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSe
     return nodes, engines
 
 
-async def test_dashboard_shows_the_cluster_and_updates_live(start_node: StartNode, fake: StartFake,
-                                                            http: aiohttp.ClientSession, client_for: Any,
-                                                            browser: Browser) -> None:
+async def test_dashboard_shows_the_cluster_and_updates_live(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, client_for: Any, browser: Browser
+) -> None:
     nodes, engines = await cluster(start_node, fake, http)
     north = nodes[0]
     b = browser
@@ -163,20 +173,26 @@ async def test_dashboard_shows_the_cluster_and_updates_live(start_node: StartNod
 
     async def chat() -> str:
         stream = await client_for(north).chat.completions.create(
-            model="shared-model", messages=MESSAGES, stream=True, stream_options={"include_usage": True},
-            extra_headers={"X-Request-Id": "browser-req-1"})
+            model="shared-model",
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Request-Id": "browser-req-1"},
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     task = asyncio.create_task(chat())
     try:
-        await asyncio.to_thread(b.wait, lambda: "browser-req-1" in b.attrs("#inflight tbody tr", "data-request"),
-                                "the request in flight")
+        await asyncio.to_thread(
+            b.wait, lambda: "browser-req-1" in b.attrs("#inflight tbody tr", "data-request"), "the request in flight"
+        )
         assert await asyncio.to_thread(b.texts, "#inflight-count") == ["1"]
         assert await task == "Hello, world!"
     finally:
         task.cancel()
-    await asyncio.to_thread(b.wait, lambda: "browser-req-1" in b.attrs("#recent tbody tr", "data-request"),
-                            "the request in recent requests")
+    await asyncio.to_thread(
+        b.wait, lambda: "browser-req-1" in b.attrs("#recent tbody tr", "data-request"), "the request in recent requests"
+    )
     row = (await asyncio.to_thread(b.texts, '#recent tbody tr[data-request="browser-req-1"]'))[0]
     assert "shared-model" in row and "lan" in row and "200" in row
     assert any(n in row for n in ("south", "east"))
@@ -184,6 +200,7 @@ async def test_dashboard_shows_the_cluster_and_updates_live(start_node: StartNod
 
     features = await _features(http, north)
     if features.get("usage"):  # the chart redraws a moment after a request ends
+
         def bar() -> bool:  # the tokens of the request: a bar of height > 0, in the legend with its count
             heights = [float(h) for h in b.attrs("#usage-chart svg rect", "height")]
             return any(h > 0 for h in heights) and any("(5)" in t for t in b.texts("#usage-chart .legend span"))
@@ -212,8 +229,9 @@ async def _features(http: aiohttp.ClientSession, node: Node) -> dict[str, bool]:
         return (await resp.json())["features"]
 
 
-async def test_the_page_asks_for_a_key_where_the_node_wants_one(start_node: StartNode, fake: StartFake,
-                                                                 browser: Browser) -> None:
+async def test_the_page_asks_for_a_key_where_the_node_wants_one(
+    start_node: StartNode, fake: StartFake, browser: Browser
+) -> None:
     eng = await fake("openai", models=["m"])
     node = await start_node(name="locked", backends=[{"kind": "openai", "url": eng.url}], require_key=True)
     _, secret = node.keys.create("dashboard", admin=True)  # type: ignore[attr-defined]
@@ -221,8 +239,10 @@ async def test_the_page_asks_for_a_key_where_the_node_wants_one(start_node: Star
     await asyncio.to_thread(b.driver.get, node.url + "/dashboard")  # the page itself needs no key
 
     def asks() -> bool:
-        return b.driver.find_element(By.ID, "key-panel").is_displayed() and \
-            not b.driver.find_element(By.ID, "main").is_displayed()
+        return (
+            b.driver.find_element(By.ID, "key-panel").is_displayed()
+            and not b.driver.find_element(By.ID, "main").is_displayed()
+        )
 
     await asyncio.to_thread(b.wait, asks, "the page asks for a key, and shows nothing else")
 

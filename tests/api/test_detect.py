@@ -24,9 +24,13 @@ ClientFor = Callable[..., openai.AsyncOpenAI]
 
 DETECTABLE = tuple(k for k in KINDS if k != "openai")  # "openai" is generic: configure it
 CHAT_MODEL = {
-    "ollama": "llama3.2:latest", "llamacpp": "SmolLM2-135M-Instruct.Q4_1",
-    "vllm": "meta-llama/Llama-3.1-8B-Instruct", "sglang": "meta-llama/Llama-3.1-8B-Instruct",
-    "tgi": "meta-llama/Llama-3.1-8B-Instruct", "lmstudio": "qwen2.5-7b-instruct", "localai": "gpt-4",
+    "ollama": "llama3.2:latest",
+    "llamacpp": "SmolLM2-135M-Instruct.Q4_1",
+    "vllm": "meta-llama/Llama-3.1-8B-Instruct",
+    "sglang": "meta-llama/Llama-3.1-8B-Instruct",
+    "tgi": "meta-llama/Llama-3.1-8B-Instruct",
+    "lmstudio": "qwen2.5-7b-instruct",
+    "localai": "gpt-4",
     "mlx": "mlx-community/Qwen2.5-7B-Instruct-4bit",
 }
 
@@ -61,9 +65,9 @@ async def imposter() -> AsyncIterator[Callable[[Callable[[web.Request], Any]], A
 
 
 @pytest.mark.parametrize("kind", DETECTABLE)
-async def test_each_engine_is_found_by_its_signature(start_node: StartNode, fake: StartFake,
-                                                     client_for: ClientFor,
-                                                     http: aiohttp.ClientSession, kind: str) -> None:
+async def test_each_engine_is_found_by_its_signature(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession, kind: str
+) -> None:
     eng = await fake(kind)
     node = await start_node(detect=True, detect_ports=[eng.port])
     # Found during start-up: the first refresh runs before the node answers.
@@ -71,25 +75,29 @@ async def test_each_engine_is_found_by_its_signature(start_node: StartNode, fake
     assert [(e["kind"], e["state"]) for e in engines] == [(kind, "ready")]
     client = client_for(node)
     assert CHAT_MODEL[kind] in await model_ids(client)
-    done = await client.chat.completions.create(model=CHAT_MODEL[kind],
-                                                messages=[{"role": "user", "content": "hi"}])
+    done = await client.chat.completions.create(model=CHAT_MODEL[kind], messages=[{"role": "user", "content": "hi"}])
     assert done.choices[0].message.content == "Hello, world!"
     assert len(eng.requests) == 1
 
 
 async def test_generic_openai_server_is_not_claimed_as_an_engine(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("openai")
     node = await start_node(detect=True, detect_ports=[eng.port])
     assert await engines_of(http, node) == []
 
 
-@pytest.mark.parametrize("body", [
-    b"",
-    b'{"status": "ok", "version": "1.0", "object": "list", "data": []}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b'{"status": "ok", "version": "1.0", "object": "list", "data": []}',
+    ],
+)
 async def test_server_answering_200_to_anything_is_not_taken_for_an_engine(
-        start_node: StartNode, imposter: Any, http: aiohttp.ClientSession, body: bytes) -> None:
+    start_node: StartNode, imposter: Any, http: aiohttp.ClientSession, body: bytes
+) -> None:
     async def anything(request: web.Request) -> web.Response:
         # 200 to every path, as LM Studio does: the shape that fools status-only probes.
         return web.Response(body=body, content_type="application/json")
@@ -100,16 +108,17 @@ async def test_server_answering_200_to_anything_is_not_taken_for_an_engine(
 
 
 async def test_lmstudio_catch_all_is_lmstudio_not_anything_else(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     # LM Studio answers 200 {"error": "Unexpected endpoint"} to /props, /info, /api/version…
     eng = await fake("lmstudio")
     node = await start_node(detect=True, detect_ports=[eng.port])
     assert [e["kind"] for e in await engines_of(http, node)] == ["lmstudio"]
 
 
-async def test_localai_imitating_ollama_is_localai(start_node: StartNode, fake: StartFake,
-                                                   client_for: ClientFor,
-                                                   http: aiohttp.ClientSession) -> None:
+async def test_localai_imitating_ollama_is_localai(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("localai")
     async with http.get(eng.url + "/api/tags") as r:  # the imitation is really there
         assert r.status == 200 and (await r.json())["models"]
@@ -119,9 +128,9 @@ async def test_localai_imitating_ollama_is_localai(start_node: StartNode, fake: 
     assert (card.model_extra or {})["engines"] == ["localai"]
 
 
-async def test_engine_started_later_is_picked_up(start_node: StartNode, fake: StartFake,
-                                                 client_for: ClientFor,
-                                                 http: aiohttp.ClientSession) -> None:
+async def test_engine_started_later_is_picked_up(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("ollama")
     await eng.stop_listening()  # the port is reserved but refuses, as before an engine starts
     node = await start_node(detect=True, detect_ports=[eng.port])
@@ -134,21 +143,18 @@ async def test_engine_started_later_is_picked_up(start_node: StartNode, fake: St
 
     # probe_interval_s is 0.2: well within a second
     await eventually(found, timeout_s=2.0, what="engine started later appears")
-    done = await client.chat.completions.create(model="llama3.2",
-                                                messages=[{"role": "user", "content": "hi"}])
+    done = await client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
     assert done.choices[0].message.content == "Hello, world!"
 
 
-async def test_engine_that_stops_disappears_with_its_models(start_node: StartNode,
-                                                            fake: StartFake,
-                                                            client_for: ClientFor,
-                                                            http: aiohttp.ClientSession) -> None:
+async def test_engine_that_stops_disappears_with_its_models(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     stays = await fake("llamacpp")
     goes = await fake("vllm")
     node = await start_node(detect=True, detect_ports=[stays.port, goes.port])
     client = client_for(node)
-    assert set(await model_ids(client)) == {"SmolLM2-135M-Instruct.Q4_1",
-                                            "meta-llama/Llama-3.1-8B-Instruct"}
+    assert set(await model_ids(client)) == {"SmolLM2-135M-Instruct.Q4_1", "meta-llama/Llama-3.1-8B-Instruct"}
     await goes.stop_listening()
 
     async def gone() -> bool:
@@ -157,8 +163,9 @@ async def test_engine_that_stops_disappears_with_its_models(start_node: StartNod
     await eventually(gone, timeout_s=2.0, what="stopped engine's models disappear")
     assert [e["kind"] for e in await engines_of(http, node)] == ["llamacpp"]
     with pytest.raises(openai.NotFoundError):
-        await client.chat.completions.create(model="meta-llama/Llama-3.1-8B-Instruct",
-                                             messages=[{"role": "user", "content": "hi"}])
+        await client.chat.completions.create(
+            model="meta-llama/Llama-3.1-8B-Instruct", messages=[{"role": "user", "content": "hi"}]
+        )
     await goes.resume_listening()  # and it comes back when the engine does
 
     async def back() -> bool:
@@ -167,16 +174,17 @@ async def test_engine_that_stops_disappears_with_its_models(start_node: StartNod
     await eventually(back, timeout_s=2.0, what="restarted engine reappears")
 
 
-async def test_configured_engine_is_not_probed_twice(start_node: StartNode, fake: StartFake,
-                                                     http: aiohttp.ClientSession) -> None:
+async def test_configured_engine_is_not_probed_twice(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("sglang")
-    node = await start_node(detect=True, detect_ports=[eng.port],
-                            backends=[{"kind": "sglang", "url": eng.url}])
+    node = await start_node(detect=True, detect_ports=[eng.port], backends=[{"kind": "sglang", "url": eng.url}])
     assert [e["kind"] for e in await engines_of(http, node)] == ["sglang"]
 
 
-async def test_an_engine_slow_to_answer_as_the_node_starts_is_still_found(start_node: StartNode,
-                                                                           fake: StartFake) -> None:
+async def test_an_engine_slow_to_answer_as_the_node_starts_is_still_found(
+    start_node: StartNode, fake: StartFake
+) -> None:
     from tests.faults import FaultProxy
 
     eng = await fake("llamacpp")

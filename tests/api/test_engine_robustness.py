@@ -23,8 +23,8 @@ from aiohttp import web
 
 from quorum_node.backends.base import BackendState, JsonReply, Op, Reply
 from quorum_node.backends.detect import identify
-from quorum_node.backends.ollama import OllamaBackend
 from quorum_node.backends.errors import engine_failed
+from quorum_node.backends.ollama import OllamaBackend
 from quorum_node.backends.openai_compat import OpenAICompatBackend
 from quorum_node.backends.registry import Registry
 from quorum_node.cluster.breaker import BreakerState
@@ -50,8 +50,14 @@ IMAGE_ERROR = {"error": {"code": 500, "message": "image input is not supported b
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> bytes:
-    obj = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
-           "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}], **extra}
+    obj = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+        **extra,
+    }
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
 
@@ -60,11 +66,16 @@ DONE = b"data: [DONE]\n\n"
 
 
 def answer(text: str = "raw") -> bytes:
-    return json.dumps({
-        "id": "chatcmpl-raw", "object": "chat.completion", "created": 1, "model": MODEL,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": USAGE,
-    }).encode()
+    return json.dumps(
+        {
+            "id": "chatcmpl-raw",
+            "object": "chat.completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": USAGE,
+        }
+    ).encode()
 
 
 def healthy_stream(text: str = "raw") -> list[bytes]:
@@ -74,14 +85,14 @@ def healthy_stream(text: str = "raw") -> list[bytes]:
 def reply(status: int, body: bytes, headers: dict[str, str] | None = None) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         await request.read()
-        return web.Response(status=status, body=body,
-                            headers={"Content-Type": "application/json", **(headers or {})})
+        return web.Response(status=status, body=body, headers={"Content-Type": "application/json", **(headers or {})})
 
     return handle
 
 
-def sse(*events: bytes, head_delay_s: float = 0.0, first_delay_s: float = 0.0, gap_s: float = 0.0,
-        hold_s: float = 0.0) -> Handler:
+def sse(
+    *events: bytes, head_delay_s: float = 0.0, first_delay_s: float = 0.0, gap_s: float = 0.0, hold_s: float = 0.0
+) -> Handler:
     """Answer a stream: the head after ``head_delay_s``, the first event ``first_delay_s`` later,
     the others ``gap_s`` apart, each exactly as given; then hold the connection ``hold_s``."""
 
@@ -180,8 +191,14 @@ class RawEngine:
             data = [{"id": m, "object": "model", "created": 1, "owned_by": "raw"} for m in self.models]
             return web.json_response({"object": "list", "data": data})
         if request.path == "/api/tags":  # enough Ollama for its adapter
-            return web.json_response({"models": [{"name": f"{m}:latest", "model": f"{m}:latest", "digest": m,
-                                                  "details": {"family": "raw"}} for m in self.models]})
+            return web.json_response(
+                {
+                    "models": [
+                        {"name": f"{m}:latest", "model": f"{m}:latest", "digest": m, "details": {"family": "raw"}}
+                        for m in self.models
+                    ]
+                }
+            )
         if request.path == "/api/ps":
             return web.json_response({"models": []})
         if request.path == "/api/show":
@@ -246,8 +263,8 @@ MALFORMED_EVENTS = [
 
 @pytest.mark.parametrize("bad", MALFORMED_EVENTS)
 async def test_malformed_chunk_mid_stream_ends_it_with_an_error_event(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor, http: aiohttp.ClientSession,
-        bad: bytes) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor, http: aiohttp.ClientSession, bad: bytes
+) -> None:
     eng = await raw_engine()
     # the engine even claims a clean end after the bad chunk
     eng.generate = sse(ROLE, chunk({"content": "Hel"}), b"data: " + bad + b"\n\n", DONE, gap_s=0.05)
@@ -261,8 +278,9 @@ async def test_malformed_chunk_mid_stream_ends_it_with_an_error_event(
     assert "malformed" in info.value.message
     assert not isinstance(info.value, openai.APIStatusError)  # it came as the SSE error event
 
-    async with http.post(node.url + "/v1/chat/completions",
-                         json={"model": MODEL, "messages": MSGS, "stream": True}) as resp:
+    async with http.post(
+        node.url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "stream": True}
+    ) as resp:
         assert resp.status == 200
         raw = await resp.read()
     events = sse_data(raw)
@@ -277,9 +295,10 @@ async def test_malformed_chunk_mid_stream_ends_it_with_an_error_event(
         assert r.status == 200
 
 
-@pytest.mark.parametrize("bad", MALFORMED_EVENTS[:4] + [b"not json at all"])
+@pytest.mark.parametrize("bad", [*MALFORMED_EVENTS[:4], b"not json at all"])
 async def test_malformed_first_event_is_served_by_the_other_holder(
-        start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor, bad: bytes) -> None:
+    start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor, bad: bytes
+) -> None:
     eng = await raw_engine()
     eng.generate = sse(b"data: " + bad + b"\n\n", *healthy_stream())
     other = await fake("openai", models=[MODEL])
@@ -296,7 +315,7 @@ MALFORMED_ANSWERS = [
     b'{"choices": [{"index": 0, "finish_reason": "stop"}]}',  # no message
     b'{"choices": [{"message": {"role": "assistant", "content": ["a"]}}]}',
     b'{"id": "x", "object": "chat.completion"}',  # no choices at all
-    b'[1, 2, 3]',
+    b"[1, 2, 3]",
     b'{"choices": [], "usage": {"prompt_tokens": -1}}',
     b"<html>Bad Gateway</html>",
 ]
@@ -304,7 +323,8 @@ MALFORMED_ANSWERS = [
 
 @pytest.mark.parametrize("bad", MALFORMED_ANSWERS)
 async def test_malformed_answer_is_retried_elsewhere_else_502(
-        start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor, bad: bytes) -> None:
+    start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor, bad: bytes
+) -> None:
     eng = await raw_engine()
     eng.generate = reply(200, bad)
     other = await fake("openai", models=[MODEL])
@@ -319,7 +339,8 @@ async def test_malformed_answer_is_retried_elsewhere_else_502(
 
 
 async def test_an_sse_event_without_end_is_cut_at_the_limit(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     eng = await raw_engine()
     eng.generate = endless(b"data: ", "text/event-stream")  # an event that never ends
     node = await node_for(start_node, eng)
@@ -339,7 +360,8 @@ async def test_an_sse_event_without_end_is_cut_at_the_limit(
 
 
 async def test_an_endless_answer_is_cut_at_the_limit(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     eng = await raw_engine()
     eng.generate = endless(b'{"choices": [{"message": {"content": "', "application/json")
     node = await node_for(start_node, eng)
@@ -354,7 +376,8 @@ async def test_an_endless_answer_is_cut_at_the_limit(
 
 
 async def test_malformed_model_lists_mark_the_engine_down_never_crash(
-        raw_engine: StartRaw, start_node: StartNode, client_for: ClientFor, http: aiohttp.ClientSession) -> None:
+    raw_engine: StartRaw, start_node: StartNode, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await raw_engine()
     async with aiohttp.ClientSession() as session:
         backend = OpenAICompatBackend("openai", eng.url, session)
@@ -363,10 +386,19 @@ async def test_malformed_model_lists_mark_the_engine_down_never_crash(
             await backend.refresh()
             assert backend.state is BackendState.DOWN and backend.models == [], body
         # one bad entry, or a bad field, costs only itself
-        eng.routes["/v1/models"] = reply(200, json.dumps({"data": [
-            {"id": 5}, "text", {"id": "ok", "created": "yesterday", "owned_by": 7},
-            {"id": "full", "created": 3, "max_model_len": 2048},
-        ]}).encode())
+        eng.routes["/v1/models"] = reply(
+            200,
+            json.dumps(
+                {
+                    "data": [
+                        {"id": 5},
+                        "text",
+                        {"id": "ok", "created": "yesterday", "owned_by": 7},
+                        {"id": "full", "created": 3, "max_model_len": 2048},
+                    ]
+                }
+            ).encode(),
+        )
         await backend.refresh()
         assert backend.state is BackendState.READY
         assert [(m.id, m.created, m.context_length) for m in backend.models] == [("ok", 0, None), ("full", 3, 2048)]
@@ -385,13 +417,16 @@ async def test_malformed_model_lists_mark_the_engine_down_never_crash(
         assert [e["state"] for e in (await r.json())["engines"]] == ["down"]
 
 
-@pytest.mark.parametrize(("kind", "path", "body"), [
-    ("vllm", "/load", b'{"server_load": "lots"}'),
-    ("vllm", "/load", b"[1]"),
-    ("llamacpp", "/slots", b"[1, 2]"),
-    ("llamacpp", "/slots", b'[{"is_processing": "yes"}]'),
-    ("llamacpp", "/slots", b'{"slots": 1}'),
-])
+@pytest.mark.parametrize(
+    ("kind", "path", "body"),
+    [
+        ("vllm", "/load", b'{"server_load": "lots"}'),
+        ("vllm", "/load", b"[1]"),
+        ("llamacpp", "/slots", b"[1, 2]"),
+        ("llamacpp", "/slots", b'[{"is_processing": "yes"}]'),
+        ("llamacpp", "/slots", b'{"slots": 1}'),
+    ],
+)
 async def test_malformed_load_signals_are_ignored(raw_engine: StartRaw, kind: str, path: str, body: bytes) -> None:
     eng = await raw_engine()
     eng.routes[path] = reply(200, body)
@@ -405,10 +440,19 @@ async def test_malformed_load_signals_are_ignored(raw_engine: StartRaw, kind: st
 
 async def test_malformed_ollama_answers_are_ignored_or_mark_it_down(raw_engine: StartRaw) -> None:
     eng = await raw_engine()
-    eng.routes["/api/tags"] = reply(200, json.dumps({"models": [
-        {"name": "good:latest", "digest": "d1", "details": {"family": 5, "parameter_size": "3B"}},
-        {"name": 7}, "text", {"model": "other:q4", "details": {"family": "llama"}},
-    ]}).encode())
+    eng.routes["/api/tags"] = reply(
+        200,
+        json.dumps(
+            {
+                "models": [
+                    {"name": "good:latest", "digest": "d1", "details": {"family": 5, "parameter_size": "3B"}},
+                    {"name": 7},
+                    "text",
+                    {"model": "other:q4", "details": {"family": "llama"}},
+                ]
+            }
+        ).encode(),
+    )
     eng.routes["/api/ps"] = reply(200, b'{"models": 5}')
     eng.routes["/api/show"] = reply(200, b"[1, 2]")  # used to escape refresh as an AttributeError
     async with aiohttp.ClientSession() as session:
@@ -435,8 +479,16 @@ async def test_malformed_ollama_answers_are_ignored_or_mark_it_down(raw_engine: 
             assert backend.state is BackendState.DOWN, body
 
 
-@pytest.mark.parametrize("body", [b'{"data": 5}', b'{"data": [1, {"owned_by": 3}]}', b'[{"data": []}]', b"{" * 5000,
-                                  b'{"data": [' + b" " * (2 << 20) + b"]}"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"data": 5}',
+        b'{"data": [1, {"owned_by": 3}]}',
+        b'[{"data": []}]',
+        b"{" * 5000,
+        b'{"data": [' + b" " * (2 << 20) + b"]}",
+    ],
+)
 async def test_detection_survives_whatever_answers_on_a_default_port(raw_engine: StartRaw, body: bytes) -> None:
     eng = await raw_engine()
     eng.routes["/v1/models"] = reply(200, body)
@@ -449,11 +501,11 @@ async def test_detection_survives_whatever_answers_on_a_default_port(raw_engine:
 
 @pytest.mark.parametrize("status", [301, 302, 307, 308])
 async def test_an_engine_redirect_is_a_failed_engine_never_followed(
-        start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor, status: int) -> None:
+    start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor, status: int
+) -> None:
     trap = await raw_engine()  # where the redirect points: must never be called
     eng = await raw_engine()
-    eng.generate = reply(status, b'{"moved": true}',
-                         headers={"Location": trap.url + "/v1/chat/completions"})
+    eng.generate = reply(status, b'{"moved": true}', headers={"Location": trap.url + "/v1/chat/completions"})
     other = await fake("openai", models=[MODEL])
     node = await node_for(start_node, eng, other)
     client = client_for(node)
@@ -487,7 +539,7 @@ async def start_pair(start_node: StartNode, engine: Any, **a_settings: Any) -> t
     return a, b
 
 
-def breaker_of(a: Node, b: Node):  # noqa: ANN201
+def breaker_of(a: Node, b: Node):
     assert a.cluster is not None and b.cluster is not None
     peer = a.cluster.table.get(b.cluster.node_id)
     assert peer is not None
@@ -495,7 +547,8 @@ def breaker_of(a: Node, b: Node):  # noqa: ANN201
 
 
 async def test_a_model_whose_holder_has_an_open_breaker_is_503_not_404(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     eng = await raw_engine()
     eng.generate = reply(503, b'{"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}')
     a, b = await start_pair(start_node, eng)
@@ -520,7 +573,8 @@ async def test_a_model_whose_holder_has_an_open_breaker_is_503_not_404(
 
 @pytest.mark.parametrize("kind", ["openai", "ollama"])
 async def test_first_token_deadline_is_counted_once_from_the_request(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor, kind: str) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor, kind: str
+) -> None:
     eng = await raw_engine()
     model = MODEL if kind == "openai" else f"{MODEL}:latest"
     # head after 0.6 s, first event 0.6 s later: each under the 1 s limit, together over it
@@ -549,7 +603,8 @@ async def test_first_token_deadline_is_counted_once_from_the_request(
 
 
 async def test_first_token_deadline_holds_across_a_peer(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     eng = await raw_engine()
     eng.generate = sse(*healthy_stream(), first_delay_s=1.5)  # B's engine: head at once, first token after 1.5 s
     a, _ = await start_pair(start_node, eng, first_token_timeout_s=1.0)
@@ -564,7 +619,8 @@ async def test_first_token_deadline_holds_across_a_peer(
 
 
 async def test_an_engine_500_with_an_error_body_from_every_holder_reaches_the_client_once(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     first, second = await raw_engine(), await raw_engine()
     for eng in (first, second):
         eng.generate = reply(500, json.dumps(IMAGE_ERROR).encode())
@@ -588,7 +644,8 @@ async def test_an_engine_500_with_an_error_body_from_every_holder_reaches_the_cl
 
 
 async def test_an_engine_refusing_the_request_is_served_by_the_holder_that_can(
-        start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, fake: StartFake, client_for: ClientFor
+) -> None:
     eng = await raw_engine()
     eng.generate = reply(500, json.dumps(IMAGE_ERROR).encode())
     other = await fake("openai", models=[MODEL])
@@ -599,7 +656,8 @@ async def test_an_engine_refusing_the_request_is_served_by_the_holder_that_can(
 
 
 async def test_a_request_caused_engine_error_through_a_peer_never_trips_its_breaker(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     eng = await raw_engine()
     eng.generate = reply(500, json.dumps(IMAGE_ERROR).encode())
     a, b = await start_pair(start_node, eng)
@@ -623,7 +681,8 @@ async def test_a_request_caused_engine_error_through_a_peer_never_trips_its_brea
 
 
 async def test_retries_stay_within_budget_when_every_engine_fails(
-        start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor) -> None:
+    start_node: StartNode, raw_engine: StartRaw, client_for: ClientFor
+) -> None:
     engines = [await raw_engine() for _ in range(3)]
     for eng in engines:
         eng.generate = reply(503, b'{"error": {"message": "busy", "type": "unavailable_error"}}')
@@ -737,8 +796,10 @@ async def test_an_engine_that_comes_back_is_listed_only_once_it_serves(start_nod
         async with aiohttp.ClientSession() as http:
             async with http.get(node.url + "/v1/models") as resp:
                 listed = model in {m["id"] for m in (await resp.json())["data"]}
-            async with http.post(node.url + "/v1/chat/completions",
-                                 json={"model": model, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            async with http.post(
+                node.url + "/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "hi"}]},
+            ) as resp:
                 seen.append((listed, resp.status))
         await probe()
 
@@ -766,4 +827,3 @@ async def test_a_connection_the_engine_closes_unanswered_is_tried_once_more(raw_
     with pytest.raises(openai.APIStatusError) as caught:  # closed twice in a row: the engine's answer
         await text_of(client, stream=False)
     assert caught.value.status_code == 503 and eng.hits == 4
-

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from quorum_node.node import Node
-from tests.conftest import eventually
 from tests.fakes.engines import KINDS, FakeEngine
+from tests.support import eventually
 
 StartNode = Callable[..., Awaitable[Node]]
 StartFake = Callable[..., Awaitable[FakeEngine]]
@@ -26,9 +26,15 @@ ClientFor = Callable[..., openai.AsyncOpenAI]
 MSGS = [{"role": "user", "content": "hi"}]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the vLLM fake's model
 CHAT_MODEL = {
-    "ollama": "llama3.2", "llamacpp": "SmolLM2-135M-Instruct.Q4_1", "vllm": MODEL, "sglang": MODEL,
-    "tgi": MODEL, "lmstudio": "qwen2.5-7b-instruct", "localai": "gpt-4",
-    "mlx": "mlx-community/Qwen2.5-7B-Instruct-4bit", "openai": "gpt-4o-mini",
+    "ollama": "llama3.2",
+    "llamacpp": "SmolLM2-135M-Instruct.Q4_1",
+    "vllm": MODEL,
+    "sglang": MODEL,
+    "tgi": MODEL,
+    "lmstudio": "qwen2.5-7b-instruct",
+    "localai": "gpt-4",
+    "mlx": "mlx-community/Qwen2.5-7B-Instruct-4bit",
+    "openai": "gpt-4o-mini",
 }
 
 
@@ -38,8 +44,7 @@ async def vllm_node(start_node: StartNode, fake: StartFake, **settings: Any) -> 
     return eng, node
 
 
-def assert_openai_error(body: Any, *, type_: str, code: str | None = None,
-                        param: str | None = None) -> dict[str, Any]:
+def assert_openai_error(body: Any, *, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     assert isinstance(body, dict) and set(body) == {"error"}, body
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"}, err
@@ -59,31 +64,34 @@ def assert_provenance(headers: Any, node: Node) -> None:
 # ---------------------------------------------------------------- bad requests
 
 
-async def test_malformed_json_is_400(start_node: StartNode, fake: StartFake,
-                                     http: aiohttp.ClientSession) -> None:
+async def test_malformed_json_is_400(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng, node = await vllm_node(start_node, fake)
     for raw in (b'{"model": "x", "messages": [', b"", b"[1, 2]", b"\xff\xfe"):
-        async with http.post(node.url + "/v1/chat/completions", data=raw,
-                             headers={"Content-Type": "application/json"}) as resp:
+        async with http.post(
+            node.url + "/v1/chat/completions", data=raw, headers={"Content-Type": "application/json"}
+        ) as resp:
             assert resp.status == 400, raw
             assert_openai_error(await resp.json(), type_="invalid_request_error", code="invalid_json")
             assert_provenance(resp.headers, node)
     assert eng.requests == []
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("temperature", "hot"),
-    ("max_tokens", "10"),
-    ("max_tokens", 0),
-    ("stream", "yes"),
-    ("stop", [1, 2]),
-    ("tools", {"type": "function"}),
-    ("messages", "hello"),
-    ("model", 42),
-])
-async def test_wrong_field_types_name_the_param(start_node: StartNode, fake: StartFake,
-                                                http: aiohttp.ClientSession, field: str,
-                                                value: Any) -> None:
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "hot"),
+        ("max_tokens", "10"),
+        ("max_tokens", 0),
+        ("stream", "yes"),
+        ("stop", [1, 2]),
+        ("tools", {"type": "function"}),
+        ("messages", "hello"),
+        ("model", 42),
+    ],
+)
+async def test_wrong_field_types_name_the_param(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, field: str, value: Any
+) -> None:
     eng, node = await vllm_node(start_node, fake)
     body = {"model": MODEL, "messages": MSGS, field: value}
     async with http.post(node.url + "/v1/chat/completions", json=body) as resp:
@@ -93,8 +101,7 @@ async def test_wrong_field_types_name_the_param(start_node: StartNode, fake: Sta
     assert eng.requests == []
 
 
-async def test_wrong_types_through_the_sdk(start_node: StartNode, fake: StartFake,
-                                           client_for: ClientFor) -> None:
+async def test_wrong_types_through_the_sdk(start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
     eng, node = await vllm_node(start_node, fake)
     client = client_for(node)
     with pytest.raises(openai.BadRequestError) as info:
@@ -112,22 +119,22 @@ async def test_wrong_types_through_the_sdk(start_node: StartNode, fake: StartFak
     assert eng.requests == []
 
 
-async def test_missing_model_is_400(start_node: StartNode, fake: StartFake,
-                                    http: aiohttp.ClientSession) -> None:
-    eng, node = await vllm_node(start_node, fake)
+async def test_missing_model_is_400(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    _eng, node = await vllm_node(start_node, fake)
     async with http.post(node.url + "/v1/chat/completions", json={"messages": MSGS}) as resp:
         assert resp.status == 400
-        assert_openai_error(await resp.json(), type_="invalid_request_error", param="model",
-                            code="missing_required_parameter")
+        assert_openai_error(
+            await resp.json(), type_="invalid_request_error", param="model", code="missing_required_parameter"
+        )
 
 
-async def test_unknown_model_is_404_listing_the_models(start_node: StartNode, fake: StartFake,
-                                                       client_for: ClientFor) -> None:
+async def test_unknown_model_is_404_listing_the_models(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await vllm_node(start_node, fake)
     other = await fake("ollama")
     await node.stop()
-    node = await start_node(backends=[{"kind": "vllm", "url": eng.url},
-                                      {"kind": "ollama", "url": other.url}])
+    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}, {"kind": "ollama", "url": other.url}])
     client = client_for(node)
     for call in (
         client.chat.completions.with_raw_response.create(model="gpt-7", messages=MSGS),
@@ -149,9 +156,9 @@ async def test_unknown_model_is_404_listing_the_models(start_node: StartNode, fa
     assert eng.requests == [] and other.requests == []
 
 
-async def test_body_over_the_limit_is_413(start_node: StartNode, fake: StartFake,
-                                          client_for: ClientFor,
-                                          http: aiohttp.ClientSession) -> None:
+async def test_body_over_the_limit_is_413(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng, node = await vllm_node(start_node, fake, max_body_bytes=2048)
     client = client_for(node)
     big = [{"role": "user", "content": "x" * 4096}]
@@ -159,8 +166,7 @@ async def test_body_over_the_limit_is_413(start_node: StartNode, fake: StartFake
         await client.chat.completions.create(model=MODEL, messages=big)
     assert info.value.status_code == 413 and info.value.code == "body_too_large"
     assert "2048" in info.value.message
-    async with http.post(node.url + "/v1/embeddings",
-                         json={"model": MODEL, "input": "y" * 5000}) as resp:
+    async with http.post(node.url + "/v1/embeddings", json={"model": MODEL, "input": "y" * 5000}) as resp:
         assert resp.status == 413
         assert_openai_error(await resp.json(), type_="invalid_request_error", code="body_too_large")
         assert_provenance(resp.headers, node)
@@ -170,9 +176,8 @@ async def test_body_over_the_limit_is_413(start_node: StartNode, fake: StartFake
     assert len(eng.requests) == 1
 
 
-async def test_wrong_method_is_405(start_node: StartNode, fake: StartFake,
-                                   http: aiohttp.ClientSession) -> None:
-    eng, node = await vllm_node(start_node, fake)
+async def test_wrong_method_is_405(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    _eng, node = await vllm_node(start_node, fake)
     async with http.get(node.url + "/v1/chat/completions") as resp:
         assert resp.status == 405
         assert "POST" in resp.headers["Allow"]
@@ -183,14 +188,12 @@ async def test_wrong_method_is_405(start_node: StartNode, fake: StartFake,
         assert_openai_error(await resp.json(), type_="invalid_request_error")
 
 
-async def test_unknown_path_is_404(start_node: StartNode, fake: StartFake,
-                                   http: aiohttp.ClientSession) -> None:
-    eng, node = await vllm_node(start_node, fake)
+async def test_unknown_path_is_404(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    _eng, node = await vllm_node(start_node, fake)
     for path in ("/v1/nope", "/v2/chat/completions", "/nope"):  # "/" is the Ollama surface's (test_ollama_surface)
         async with http.post(node.url + path, json={}) as resp:
             assert resp.status == 404, path
-            err = assert_openai_error(await resp.json(), type_="invalid_request_error",
-                                      code="unknown_path")
+            err = assert_openai_error(await resp.json(), type_="invalid_request_error", code="unknown_path")
             assert path in err["message"]
             assert_provenance(resp.headers, node)
 
@@ -199,12 +202,11 @@ async def test_unknown_path_is_404(start_node: StartNode, fake: StartFake,
 
 
 async def test_engine_503_is_503_with_retry_after_and_the_sdk_retries(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor,
-        http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng, node = await vllm_node(start_node, fake)
     eng.next_status = 503
-    async with http.post(node.url + "/v1/chat/completions",
-                         json={"model": MODEL, "messages": MSGS}) as resp:
+    async with http.post(node.url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS}) as resp:
         assert resp.status == 503
         assert float(resp.headers["Retry-After"]) > 0
         assert_openai_error(await resp.json(), type_="unavailable_error")
@@ -218,9 +220,9 @@ async def test_engine_503_is_503_with_retry_after_and_the_sdk_retries(
     assert len(eng.requests) == 3
 
 
-async def test_engine_down_is_503_with_retry_after(start_node: StartNode, fake: StartFake,
-                                                   client_for: ClientFor,
-                                                   http: aiohttp.ClientSession) -> None:
+async def test_engine_down_is_503_with_retry_after(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("vllm")
     unaware = await start_node(probe_interval_s=60, backends=[{"kind": "vllm", "url": eng.url}])
     aware = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
@@ -253,8 +255,9 @@ async def test_engine_down_is_503_with_retry_after(start_node: StartNode, fake: 
     await eventually(served, what="engine back in service")
 
 
-async def test_configured_engine_down_from_the_start_is_503(start_node: StartNode, fake: StartFake,
-                                                            client_for: ClientFor) -> None:
+async def test_configured_engine_down_from_the_start_is_503(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng = await fake("ollama")
     await eng.stop_listening()
     node = await start_node(backends=[{"kind": "ollama", "url": eng.url}])
@@ -263,9 +266,9 @@ async def test_configured_engine_down_from_the_start_is_503(start_node: StartNod
     assert info.value.status_code == 503 and "Retry-After" in info.value.response.headers
 
 
-async def test_engine_still_loading_is_503_and_not_ready(start_node: StartNode, fake: StartFake,
-                                                         client_for: ClientFor,
-                                                         http: aiohttp.ClientSession) -> None:
+async def test_engine_still_loading_is_503_and_not_ready(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("llamacpp", loading=True)
     node = await start_node(backends=[{"kind": "llamacpp", "url": eng.url}])
     client = client_for(node)
@@ -295,7 +298,8 @@ async def test_engine_still_loading_is_503_and_not_ready(start_node: StartNode, 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_engine_4xx_in_its_own_envelope_is_a_clear_400(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, kind: str
+) -> None:
     eng = await fake(kind, next_status=400)
     node = await start_node(backends=[{"kind": kind, "url": eng.url}])
     client = client_for(node)
@@ -312,14 +316,15 @@ async def test_engine_4xx_in_its_own_envelope_is_a_clear_400(
     assert len(eng.requests) == 2  # a client error is not retried
 
 
-async def test_lmstudio_http_200_error_is_a_real_error(start_node: StartNode, fake: StartFake,
-                                                       client_for: ClientFor,
-                                                       http: aiohttp.ClientSession) -> None:
+async def test_lmstudio_http_200_error_is_a_real_error(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("lmstudio")
     node = await start_node(backends=[{"kind": "lmstudio", "url": eng.url}])
     eng.next_status = 400  # LM Studio answers it as HTTP 200 {"error": "Bad Request"}
-    async with http.post(node.url + "/v1/chat/completions",
-                         json={"model": "qwen2.5-7b-instruct", "messages": MSGS}) as resp:
+    async with http.post(
+        node.url + "/v1/chat/completions", json={"model": "qwen2.5-7b-instruct", "messages": MSGS}
+    ) as resp:
         assert resp.status == 400
         err = assert_openai_error(await resp.json(), type_="invalid_request_error")
         assert err["message"] == "Bad Request"
@@ -338,8 +343,9 @@ async def test_lmstudio_http_200_error_is_a_real_error(start_node: StartNode, fa
     assert "ghost-model" in info.value.body["message"]
 
 
-async def test_errors_never_leak_a_traceback(start_node: StartNode, fake: StartFake,
-                                             http: aiohttp.ClientSession) -> None:
+async def test_errors_never_leak_a_traceback(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng, node = await vllm_node(start_node, fake)
     cases = [
         ({"model": MODEL, "messages": [None]}, "messages[0]"),

@@ -40,8 +40,7 @@ def sse_events(raw: bytes) -> list[str]:
 
 
 async def raw_chat(http: aiohttp.ClientSession, eng: FakeEngine, **body: object) -> bytes:
-    body = {"model": chat_model(eng), "messages": [{"role": "user", "content": "hi there"}],
-            **body}
+    body = {"model": chat_model(eng), "messages": [{"role": "user", "content": "hi there"}], **body}
     async with http.post(eng.url + "/v1/chat/completions", json=body) as resp:
         assert resp.status == 200
         return await resp.read()
@@ -57,14 +56,19 @@ async def test_sdk_chat_plain_and_streamed(fake: StartFake, kind: str) -> None:
         models = [m.id async for m in client.models.list()]
         assert models == eng.models
         done = await client.chat.completions.create(
-            model=chat_model(eng), messages=[{"role": "user", "content": "hi there"}])
+            model=chat_model(eng), messages=[{"role": "user", "content": "hi there"}]
+        )
         assert done.choices[0].message.content == "Hello, world!"
         assert done.choices[0].finish_reason == "stop"
         assert done.usage is not None and done.usage.completion_tokens == 4
 
         stream = await client.chat.completions.create(
-            model=chat_model(eng), messages=[{"role": "user", "content": "hi"}], stream=True,
-            stream_options={"include_usage": True}, max_tokens=2)
+            model=chat_model(eng),
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=2,
+        )
         text, finish, usage = "", None, None
         async for chunk in stream:
             for choice in chunk.choices:
@@ -83,14 +87,12 @@ async def test_sdk_tool_calls(fake: StartFake, kind: str) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     msgs = [{"role": "user", "content": "weather?"}]
     async with sdk(eng) as client:
-        done = await client.chat.completions.create(model=chat_model(eng), messages=msgs,
-                                                    tools=tools)
+        done = await client.chat.completions.create(model=chat_model(eng), messages=msgs, tools=tools)
         call = done.choices[0].message.tool_calls[0]
         assert call.function.name == "get_weather"
         assert json.loads(call.function.arguments) == {"city": "Paris"}
         assert done.choices[0].finish_reason == "tool_calls"
-        stream = await client.chat.completions.create(model=chat_model(eng), messages=msgs,
-                                                      tools=tools, stream=True)
+        stream = await client.chat.completions.create(model=chat_model(eng), messages=msgs, tools=tools, stream=True)
         args, finish = "", None
         async for chunk in stream:
             for choice in chunk.choices:
@@ -115,8 +117,7 @@ async def test_next_status_raises_once(fake: StartFake, kind: str) -> None:
     async with sdk(eng) as client:
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model=chat_model(eng), messages=[])
-        done = await client.chat.completions.create(
-            model=chat_model(eng), messages=[{"role": "user", "content": "x"}])
+        done = await client.chat.completions.create(model=chat_model(eng), messages=[{"role": "user", "content": "x"}])
         assert done.choices[0].message.content == "Hello, world!"
 
 
@@ -125,7 +126,8 @@ async def test_mid_stream_error_reaches_sdk(fake: StartFake, kind: str) -> None:
     eng = await fake(kind, fail_after_tokens=2)
     async with sdk(eng) as client:
         stream = await client.chat.completions.create(
-            model=chat_model(eng), messages=[{"role": "user", "content": "x"}], stream=True)
+            model=chat_model(eng), messages=[{"role": "user", "content": "x"}], stream=True
+        )
         text = ""
         with pytest.raises(openai.APIError):
             async for chunk in stream:
@@ -138,11 +140,9 @@ async def test_mid_stream_error_reaches_sdk(fake: StartFake, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_client_disconnect_is_counted(fake: StartFake, http: aiohttp.ClientSession,
-                                            kind: str) -> None:
+async def test_client_disconnect_is_counted(fake: StartFake, http: aiohttp.ClientSession, kind: str) -> None:
     eng = await fake(kind, token_delay_s=5.0)
-    body = {"model": chat_model(eng), "messages": [{"role": "user", "content": "x"}],
-            "stream": True}
+    body = {"model": chat_model(eng), "messages": [{"role": "user", "content": "x"}], "stream": True}
     async with http.post(eng.url + "/v1/chat/completions", json=body) as resp:
         await resp.content.readline()
         assert eng.active_streams == 1
@@ -151,8 +151,7 @@ async def test_client_disconnect_is_counted(fake: StartFake, http: aiohttp.Clien
     assert eng.cancelled == 1
 
 
-async def test_drop_mode_cuts_the_connection(fake: StartFake,
-                                             http: aiohttp.ClientSession) -> None:
+async def test_drop_mode_cuts_the_connection(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("vllm", fail_after_tokens=1, fail_mode="drop")
     with pytest.raises(aiohttp.ClientPayloadError):
         await raw_chat(http, eng, stream=True)
@@ -160,8 +159,7 @@ async def test_drop_mode_cuts_the_connection(fake: StartFake,
     assert eng.cancelled == 0
 
 
-async def test_refusing_engine_loading_and_listening(fake: StartFake,
-                                                     http: aiohttp.ClientSession) -> None:
+async def test_refusing_engine_loading_and_listening(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("vllm", loading=True)
     with pytest.raises(aiohttp.ClientConnectorError):
         await http.get(eng.url + "/health")
@@ -180,8 +178,9 @@ async def test_refusing_engine_loading_and_listening(fake: StartFake,
 async def test_lazy_loader_waits_until_loaded(fake: StartFake) -> None:
     eng = await fake("ollama", loading=True)
     async with sdk(eng) as client:
-        task = asyncio.create_task(client.chat.completions.create(
-            model="llama3.2", messages=[{"role": "user", "content": "x"}]))
+        task = asyncio.create_task(
+            client.chat.completions.create(model="llama3.2", messages=[{"role": "user", "content": "x"}])
+        )
         await eng.wait_until(lambda e: len(e.requests) == 1)
         assert not task.done()
         eng.loading = False
@@ -193,8 +192,7 @@ async def test_lazy_loader_waits_until_loaded(fake: StartFake) -> None:
 
 async def test_tgi_wire(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("tgi")
-    raw = await raw_chat(http, eng, stream=True, stop=["\n"], model="tgi",
-                         stream_options={"include_usage": True})
+    raw = await raw_chat(http, eng, stream=True, stop=["\n"], model="tgi", stream_options={"include_usage": True})
     assert b"data:{" in raw and b"data: " not in raw and raw.rstrip().endswith(b"data:[DONE]")
     assert raw.startswith(b":\n\n")
     chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
@@ -205,7 +203,8 @@ async def test_tgi_wire(fake: StartFake, http: aiohttp.ClientSession) -> None:
     assert chunks[-2]["model"] == eng.models[0]
     async with http.get(eng.url + "/v1/models") as resp:
         assert (await resp.json())["data"] == [
-            {"id": eng.models[0], "object": "model", "created": 0, "owned_by": eng.models[0]}]
+            {"id": eng.models[0], "object": "model", "created": 0, "owned_by": eng.models[0]}
+        ]
     async with http.post(eng.url + "/v1/embeddings", json={"input": "x"}) as resp:
         assert resp.status == 404 and await resp.read() == b""
     async with http.get(eng.url + "/info") as resp:
@@ -231,8 +230,9 @@ async def test_ollama_wire(fake: StartFake, http: aiohttp.ClientSession) -> None
         assert "version" in await resp.json()
     async with http.post(eng.url + "/api/show", json={"model": "llama3.2"}) as resp:
         assert (await resp.json())["model_info"]["llama.context_length"] == 131072
-    async with http.post(eng.url + "/api/chat", json={
-            "model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}) as resp:
+    async with http.post(
+        eng.url + "/api/chat", json={"model": "llama3.2", "messages": [{"role": "user", "content": "x"}]}
+    ) as resp:
         assert resp.content_type == "application/x-ndjson"
         lines = [json.loads(line) for line in (await resp.read()).splitlines()]
     assert "".join(x["message"]["content"] for x in lines) == "Hello, world!"
@@ -244,19 +244,19 @@ async def test_ollama_wire(fake: StartFake, http: aiohttp.ClientSession) -> None
     assert chunks[0]["id"].startswith("chatcmpl-") and int(chunks[0]["id"][9:]) < 999
     assert "role" in chunks[0]["choices"][0]["delta"]
     assert "role" not in chunks[1]["choices"][0]["delta"]
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": "stop"}
-    async with http.post(eng.url + "/v1/chat/completions", json={
-            "model": "nope", "messages": []}) as resp:
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    async with http.post(eng.url + "/v1/chat/completions", json={"model": "nope", "messages": []}) as resp:
         assert resp.status == 404
-        assert (await resp.json())["error"] == {"message": "model 'nope' not found",
-                                                "type": "not_found_error", "param": None,
-                                                "code": None}
+        assert (await resp.json())["error"] == {
+            "message": "model 'nope' not found",
+            "type": "not_found_error",
+            "param": None,
+            "code": None,
+        }
     async with http.post(eng.url + "/api/chat", json={"model": "nope"}) as resp:
         assert resp.status == 404 and await resp.json() == {"error": "model 'nope' not found"}
     eng.fail_after_tokens = 1
-    async with http.post(eng.url + "/api/chat", json={"model": "llama3.2", "messages": []}) \
-            as resp:
+    async with http.post(eng.url + "/api/chat", json={"model": "llama3.2", "messages": []}) as resp:
         last = json.loads((await resp.read()).splitlines()[-1])
     assert last == {"error": "generation failed (injected by fake)"}
     eng.models = []
@@ -283,20 +283,19 @@ async def test_llamacpp_wire(fake: StartFake, http: aiohttp.ClientSession) -> No
     assert first["model"] == eng.models[0]
     async with http.get(eng.url + "/nope") as resp:
         assert resp.headers["Server"] == "llama.cpp"
-        assert await resp.json() == {"error": {"code": 404, "message": "File Not Found",
-                                               "type": "not_found_error"}}
+        assert await resp.json() == {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}}
     eng.api_key = "k"
     async with http.get(eng.url + "/health") as resp:
         assert resp.status == 200
     async with http.post(eng.url + "/v1/chat/completions", json={}) as resp:
         assert resp.status == 401 and (await resp.json())["error"]["code"] == 401
-    async with http.post(eng.url + "/v1/chat/completions", headers={"X-Api-Key": "k"},
-                         json={"messages": []}) as resp:
+    async with http.post(eng.url + "/v1/chat/completions", headers={"X-Api-Key": "k"}, json={"messages": []}) as resp:
         assert resp.status == 200
     eng.loading = True
     async with http.get(eng.url + "/health") as resp:
         assert resp.status == 503 and await resp.json() == {
-            "error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+            "error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}
+        }
 
 
 async def test_vllm_and_sglang_wire(fake: StartFake, http: aiohttp.ClientSession) -> None:
@@ -309,15 +308,19 @@ async def test_vllm_and_sglang_wire(fake: StartFake, http: aiohttp.ClientSession
     async with http.get(vllm.url + "/v1/models", headers=auth) as resp:
         card = (await resp.json())["data"][0]
     assert card["owned_by"] == "vllm" and card["max_model_len"] == 4096
-    async with http.post(vllm.url + "/v1/chat/completions", headers=auth,
-                         json={"model": "nope", "messages": []}) as resp:
+    async with http.post(
+        vllm.url + "/v1/chat/completions", headers=auth, json={"model": "nope", "messages": []}
+    ) as resp:
         assert resp.status == 404 and (await resp.json())["object"] == "error"
-    async with http.post(vllm.url + "/v1/chat/completions", headers=auth, json={
-            "model": vllm.models[0], "messages": [], "stop": ["\n"],
-            "stream_options": {"include_usage": True}}) as resp:
+    async with http.post(
+        vllm.url + "/v1/chat/completions",
+        headers=auth,
+        json={"model": vllm.models[0], "messages": [], "stop": ["\n"], "stream_options": {"include_usage": True}},
+    ) as resp:
         assert resp.status == 400
-    async with http.post(vllm.url + "/v1/chat/completions", headers=auth, json={
-            "model": vllm.models[0], "messages": [], "stop": "\n"}) as resp:
+    async with http.post(
+        vllm.url + "/v1/chat/completions", headers=auth, json={"model": vllm.models[0], "messages": [], "stop": "\n"}
+    ) as resp:
         assert (await resp.json())["choices"][0]["stop_reason"] == "\n"
     vllm.api_key, vllm.fail_after_tokens = None, 1
     assert sse_events(await raw_chat(http, vllm, stream=True))[-1] == "[DONE]"
@@ -332,8 +335,7 @@ async def test_vllm_and_sglang_wire(fake: StartFake, http: aiohttp.ClientSession
         assert (await resp.json())["data"][0]["owned_by"] == "sglang"
 
 
-async def test_lmstudio_localai_mlx_openai_wire(fake: StartFake,
-                                                http: aiohttp.ClientSession) -> None:
+async def test_lmstudio_localai_mlx_openai_wire(fake: StartFake, http: aiohttp.ClientSession) -> None:
     lms = await fake("lmstudio")
     async with http.get(lms.url + "/api/tags") as resp:
         assert resp.status == 200 and resp.headers["X-Powered-By"] == "Express"
@@ -353,8 +355,7 @@ async def test_lmstudio_localai_mlx_openai_wire(fake: StartFake,
     async with http.get(lai.url + "/v1/models") as resp:
         assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
     async with http.get(lai.url + "/v1/models", headers={"xi-api-key": "k"}) as resp:
-        assert await resp.json() == {"object": "list", "data": [{"id": "gpt-4",
-                                                                 "object": "model"}]}
+        assert await resp.json() == {"object": "list", "data": [{"id": "gpt-4", "object": "model"}]}
     lai.loading = True
     async with http.get(lai.url + "/readyz") as resp:
         assert resp.status == 503 and (await resp.json())["status"] == "starting"
@@ -371,8 +372,9 @@ async def test_lmstudio_localai_mlx_openai_wire(fake: StartFake,
     assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks[:-1])
 
     oai = await fake("openai")
-    async with http.post(oai.url + "/v1/embeddings", json={
-            "model": oai.models[-1], "input": "x", "encoding_format": "base64"}) as resp:
+    async with http.post(
+        oai.url + "/v1/embeddings", json={"model": oai.models[-1], "input": "x", "encoding_format": "base64"}
+    ) as resp:
         b64 = (await resp.json())["data"][0]["embedding"]
     floats = struct.unpack(f"<{oai.embedding_dim}f", base64.b64decode(b64))
     assert floats == pytest.approx(oai.embed_vector("x"), abs=1e-6)

@@ -29,11 +29,21 @@ from tests.fakes.engines import FakeEngine, start_fake
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-GETS = ("/v1/models", "/v1/models/" + MODEL, "/health", "/ready", "/quorum/v1/health", "/quorum/v1/catalog",
-        "/quorum/v1/peers")
+GETS = (
+    "/v1/models",
+    "/v1/models/" + MODEL,
+    "/health",
+    "/ready",
+    "/quorum/v1/health",
+    "/quorum/v1/catalog",
+    "/quorum/v1/peers",
+)
 # QUORUM_FUZZ_EXAMPLES=5000 scripts/test -k fuzz: a deeper run than CI's
-FUZZ = settings(max_examples=int(os.environ.get("QUORUM_FUZZ_EXAMPLES", "120")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                      HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("QUORUM_FUZZ_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 class NodeThread:
@@ -53,9 +63,18 @@ class NodeThread:
     def start(self) -> None:
         async def _start() -> None:
             self.engine = await start_fake("vllm", token_delay_s=0.0)
-            self.node = Node(node_settings(self.tmp, 0, backends=[{"kind": "vllm", "url": self.engine.url}],
-                                           cluster="fuzz", cluster_secret="f" * 32, max_body_bytes=1 << 20,
-                                           header_timeout_s=2.0, body_timeout_s=2.0))
+            self.node = Node(
+                node_settings(
+                    self.tmp,
+                    0,
+                    backends=[{"kind": "vllm", "url": self.engine.url}],
+                    cluster="fuzz",
+                    cluster_secret="f" * 32,
+                    max_body_bytes=1 << 20,
+                    header_timeout_s=2.0,
+                    body_timeout_s=2.0,
+                )
+            )
             await self.node.start()
 
         self.run(_start())
@@ -131,7 +150,11 @@ def still_healthy(port: int) -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
 )
@@ -139,8 +162,13 @@ json_values = st.recursive(
 near_valid = st.fixed_dictionaries(
     {"model": st.one_of(st.just(MODEL), json_values)},
     optional={
-        "messages": st.one_of(st.lists(st.dictionaries(st.sampled_from(["role", "content", "tool_calls", "name"]),
-                                                       json_values, max_size=3), max_size=3), json_values),
+        "messages": st.one_of(
+            st.lists(
+                st.dictionaries(st.sampled_from(["role", "content", "tool_calls", "name"]), json_values, max_size=3),
+                max_size=3,
+            ),
+            json_values,
+        ),
         "prompt": json_values,
         "input": json_values,
         "stream": st.one_of(st.booleans(), json_values),
@@ -170,13 +198,30 @@ def test_post_bodies_never_break_the_node(target: NodeThread, path: str, body: b
 @FUZZ
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
-    path=st.sampled_from(POSTS + GETS) | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
-    .map(lambda p: "/" + p.lstrip("/")),
+    path=st.sampled_from(POSTS + GETS)
+    | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30).map(lambda p: "/" + p.lstrip("/")),
     headers=st.dictionaries(
-        st.sampled_from(["Content-Encoding", "Content-Type", "X-Request-Id", "X-Quorum-Hop", "X-Quorum-Signature",
-                         "X-Quorum-Node-Id", "X-Quorum-To", "X-Quorum-Timestamp", "X-Quorum-Nonce",
-                         "X-Quorum-Content-SHA256", "X-Quorum-Origin", "Accept", "Authorization", "Expect"]),
-        header_text, max_size=6),
+        st.sampled_from(
+            [
+                "Content-Encoding",
+                "Content-Type",
+                "X-Request-Id",
+                "X-Quorum-Hop",
+                "X-Quorum-Signature",
+                "X-Quorum-Node-Id",
+                "X-Quorum-To",
+                "X-Quorum-Timestamp",
+                "X-Quorum-Nonce",
+                "X-Quorum-Content-SHA256",
+                "X-Quorum-Origin",
+                "Accept",
+                "Authorization",
+                "Expect",
+            ]
+        ),
+        header_text,
+        max_size=6,
+    ),
     body=st.binary(max_size=200),
 )
 def test_methods_paths_and_headers_never_break_the_node(
@@ -207,6 +252,11 @@ def test_chunked_bodies_of_any_shape_never_break_the_node(
 
 def test_the_node_is_healthy_after_the_fuzzing(target: NodeThread) -> None:
     still_healthy(target.port)
-    status, data, _ = exchange(target.port, "POST", "/v1/chat/completions", {},
-                               _dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+    status, data, _ = exchange(
+        target.port,
+        "POST",
+        "/v1/chat/completions",
+        {},
+        _dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+    )
     assert status == 200 and json.loads(data)["choices"][0]["message"]["content"] == "Hello, world!"

@@ -93,8 +93,11 @@ async def test_a_compressed_body_that_inflates_past_the_limit_is_refused_without
     rss_before = proc.memory_info().rss
 
     async def bomb() -> tuple[int, dict[str, Any]]:
-        async with http.post(node.url + "/v1/chat/completions", data=BOMB,
-                             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}) as resp:
+        async with http.post(
+            node.url + "/v1/chat/completions",
+            data=BOMB,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        ) as resp:
             return resp.status, await resp.json()
 
     async def health() -> int:
@@ -112,16 +115,25 @@ async def test_a_compressed_body_that_inflates_past_the_limit_is_refused_without
 
 async def test_gzip_and_deflate_bodies_are_accepted(start_node, fake, client_for, http) -> None:
     node = await vllm_node(start_node, fake)
-    for encoding, data in (("gzip", gzip.compress(CHAT)), ("deflate", zlib.compress(CHAT)),
-                           ("deflate", zlib.compress(CHAT)[2:-4])):  # raw deflate, as some clients send it
-        async with http.post(node.url + "/v1/chat/completions", data=data,
-                             headers={"Content-Encoding": encoding, "Content-Type": "application/json"}) as resp:
+    for encoding, data in (
+        ("gzip", gzip.compress(CHAT)),
+        ("deflate", zlib.compress(CHAT)),
+        ("deflate", zlib.compress(CHAT)[2:-4]),
+    ):  # raw deflate, as some clients send it
+        async with http.post(
+            node.url + "/v1/chat/completions",
+            data=data,
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"},
+        ) as resp:
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["choices"][0]["message"]["content"] == "Hello, world!"
 
 
-@pytest.mark.parametrize("data", [b"\x1f\x8b\x08\x00garbage-after-a-gzip-header", gzip.compress(CHAT)[:-12],
-                                  gzip.compress(CHAT) + b"trailing"], ids=["garbage", "truncated", "trailing"])
+@pytest.mark.parametrize(
+    "data",
+    [b"\x1f\x8b\x08\x00garbage-after-a-gzip-header", gzip.compress(CHAT)[:-12], gzip.compress(CHAT) + b"trailing"],
+    ids=["garbage", "truncated", "trailing"],
+)
 async def test_a_broken_compressed_body_is_a_400(start_node, fake, http, data) -> None:
     node = await vllm_node(start_node, fake)
     async with http.post(node.url + "/v1/chat/completions", data=data, headers={"Content-Encoding": "gzip"}) as resp:
@@ -156,8 +168,10 @@ async def _refusal_before_body(port: int, head: bytes, *, ssl: Any = None) -> by
 async def test_an_unauthenticated_peer_claim_is_refused_before_its_body_is_read(start_node, fake) -> None:
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], cluster="home", cluster_secret="s" * 32)
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            b"%b\r\nContent-Length: 100000000\r\n\r\n")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"%b\r\nContent-Length: 100000000\r\n\r\n"
+    )
     # the public port, claiming to be a peer: a peer proves itself by its link, never by a header
     for claim in (b"X-Quorum-Hop: 1", b"X-Quorum-Node-Id: 0123456789abcdef01234567"):
         status, headers, body = split_response(await _refusal_before_body(node.port, head % claim))
@@ -166,7 +180,8 @@ async def test_an_unauthenticated_peer_claim_is_refused_before_its_body_is_read(
     # the peer port, over TLS but without a member's certificate
     anonymous = client_tls(None, node.identity.cert_der)
     status, headers, body = split_response(
-        await _refusal_before_body(node.peer_port, head % b"X-Quorum-Hop: 1", ssl=anonymous))
+        await _refusal_before_body(node.peer_port, head % b"X-Quorum-Hop: 1", ssl=anonymous)
+    )
     assert status == 401 and headers["connection"] == "close"
     assert_openai_error(body, "unauthorized")
     assert not eng.requests
@@ -202,8 +217,10 @@ async def test_headers_that_trickle_in_get_a_408_and_the_connection_is_closed(st
 
 async def test_a_body_that_never_completes_gets_a_408(start_node, fake) -> None:
     node = await vllm_node(start_node, fake, body_timeout_s=0.5)
-    for head in (b"Content-Length: 1000\r\n\r\n" + CHAT[:10],  # a Content-Length never fulfilled
-                 b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"):  # a chunked body that never ends
+    for head in (
+        b"Content-Length: 1000\r\n\r\n" + CHAT[:10],  # a Content-Length never fulfilled
+        b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n',
+    ):  # a chunked body that never ends
         raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + head)
         status, headers, body = split_response(raw)
         assert status == 408 and headers["connection"] == "close"
@@ -266,8 +283,20 @@ async def test_connections_per_address_are_capped(start_node, fake) -> None:
         run("ip", "-n", ns, "link", "set", "eth0", "up")
         node = await vllm_node(start_node, fake, host="10.79.0.1", max_connections_per_address=4)
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns, sys.executable, "-c", _CAP_CLIENT, "10.79.0.1", str(node.port), "4",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-c",
+            _CAP_CLIENT,
+            "10.79.0.1",
+            str(node.port),
+            "4",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         assert proc.stdin is not None and proc.stdout is not None
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"held\n"
         await eventually(lambda: node.limits.open_connections() == 4, "the node holds the client's 4 connections")
@@ -299,8 +328,10 @@ async def test_invalid_utf8_inside_a_json_string_is_a_400(start_node, fake, http
     "raw,status",
     [
         (b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 400),
-        (b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200))
-         + b"\r\n", 400),
+        (
+            b"GET /health HTTP/1.1\r\nHost: localhost\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n",
+            400,
+        ),
         (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
         (b"GARBAGE\r\n\r\n", 400),
     ],
@@ -349,8 +380,9 @@ async def test_a_crowd_of_slow_clients_does_not_stop_others_being_served(start_n
         w.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Half")
         slow.append((r, w))
     try:
-        answer = await client_for(node).chat.completions.create(model=MODEL,
-                                                                messages=[{"role": "user", "content": "hi"}])
+        answer = await client_for(node).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
         assert answer.choices[0].message.content == "Hello, world!"
 
         async with asyncio.timeout(5):  # every slow connection answered 408 and closed by the header deadline
@@ -364,20 +396,32 @@ async def test_a_crowd_of_slow_clients_does_not_stop_others_being_served(start_n
 
 async def test_a_body_of_the_right_size_but_wrong_content_length_is_refused(start_node, fake) -> None:
     node = await vllm_node(start_node, fake, max_body_bytes=1000)
-    raw = await raw_exchange(node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                                   b"Content-Length: 5000\r\n\r\n")
+    raw = await raw_exchange(
+        node, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\n\r\n"
+    )
     status, _, body = split_response(raw)
     assert status == 413
     assert_openai_error(body, "body_too_large")
 
 
-@pytest.mark.parametrize(("host", "trusted"), [
-    ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("[::1]:{port}", True), ("app.localhost", True),
-    (socket.gethostname() + ":{port}", True), (socket.gethostname().upper(), True),
-    ("evil.example:{port}", False), ("rebind.attacker.test", False), ("localhost.evil.example", False),
-    # issue 19, 9: a name of one label is answered by LLMNR, mDNS or NetBIOS, and anyone on the LAN can answer
-    ("anyname:{port}", False), ("wpad", False), ("printer.:{port}", False),
-])
+@pytest.mark.parametrize(
+    ("host", "trusted"),
+    [
+        ("127.0.0.1:{port}", True),
+        ("localhost:{port}", True),
+        ("[::1]:{port}", True),
+        ("app.localhost", True),
+        (socket.gethostname() + ":{port}", True),
+        (socket.gethostname().upper(), True),
+        ("evil.example:{port}", False),
+        ("rebind.attacker.test", False),
+        ("localhost.evil.example", False),
+        # issue 19, 9: a name of one label is answered by LLMNR, mDNS or NetBIOS, and anyone on the LAN can answer
+        ("anyname:{port}", False),
+        ("wpad", False),
+        ("printer.:{port}", False),
+    ],
+)
 async def test_loopback_trust_needs_a_local_host_name(start_node, fake, http, host, trusted) -> None:
     """DNS rebinding: a page whose name now points at 127.0.0.1 calls from loopback, with its own name in Host.
 

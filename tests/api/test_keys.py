@@ -1,4 +1,5 @@
-"""API keys on one node: the openai SDK with ``api_key=``, what each wrong key gets, scopes, rate, the admin API, the CLI.
+"""API keys on one node: the openai SDK with ``api_key=``, what each wrong key gets, scopes, rate, the admin
+API, the CLI.
 
 Most tests run the node with ``--require-key`` so that loopback callers are
 treated as any other caller would be; the true off-loopback path (a caller in
@@ -25,7 +26,7 @@ from quorum_node import cli
 from quorum_node.control.admin_token import ADMIN_TOKEN_FILE, admin_headers, load_or_create
 from quorum_node.control.keys import KEYS_FILE
 from quorum_node.node import Node
-from tests.conftest import eventually
+from tests.support import eventually
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 QN = str(Path(sys.executable).with_name("quorum-node"))
@@ -67,8 +68,7 @@ async def test_missing_wrong_revoked_and_expired_keys_get_401(start_node, fake) 
     node.keys.revoke("old")
     _, expiring = node.keys.create("short", expires_s=0.3)
     assert await chat(node, expiring)
-    cases = {"qk_" + "x" * 43: "invalid_api_key", "sk-not-ours": "invalid_api_key",
-             revoked: "revoked_api_key"}
+    cases = {"qk_" + "x" * 43: "invalid_api_key", "sk-not-ours": "invalid_api_key", revoked: "revoked_api_key"}
     for key, code in cases.items():
         with pytest.raises(openai.AuthenticationError) as e:
             await chat(node, key)
@@ -154,13 +154,16 @@ async def test_health_tells_a_stranger_only_that_the_node_is_alive(start_node, f
         assert (await resp.json())["node"] == trusting.name
 
 
-@pytest.mark.parametrize("header", [
-    "Bearer " + "qk_" + "a" * 5000,
-    "Bearer qk_\u00e9\u00e9\u00e9",
-    "Basic dXNlcjpwYXNz",
-    "Bearer",
-    "bearer   qk_" + "b" * 43,
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer " + "qk_" + "a" * 5000,
+        "Bearer qk_\u00e9\u00e9\u00e9",
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "bearer   qk_" + "b" * 43,
+    ],
+)
 async def test_hostile_authorization_headers_get_a_clean_401(start_node, fake, http, header) -> None:
     node = await keyed_node(start_node, fake, require_key=True)
     async with http.get(node.url + "/v1/models", headers={"Authorization": header}) as resp:
@@ -200,13 +203,15 @@ async def test_strangers_401s_are_counted_and_sampled_not_stored(start_node, fak
     with structlog.testing.capture_logs() as logs:
         t0 = loop.time()
         for i in range(n):
-            async with http.get(node.url + "/v1/models", headers={"X-Request-Id": f"stranger-{i}",
-                                                                 **strangers[i % len(strangers)]}) as resp:
+            async with http.get(
+                node.url + "/v1/models", headers={"X-Request-Id": f"stranger-{i}", **strangers[i % len(strangers)]}
+            ) as resp:
                 assert resp.status == 401
         elapsed_s = loop.time() - t0
         # a caller with a key whose request fails still has its record, as before
-        async with http.get(node.url + "/v1/models/nope", headers={"Authorization": f"Bearer {key}",
-                                                                   "X-Request-Id": "known-404"}) as resp:
+        async with http.get(
+            node.url + "/v1/models/nope", headers={"Authorization": f"Bearer {key}", "X-Request-Id": "known-404"}
+        ) as resp:
             assert resp.status == 404
     assert node.ledger is not None
 
@@ -221,9 +226,10 @@ async def test_strangers_401s_are_counted_and_sampled_not_stored(start_node, fak
     assert not [e for e in logs if e["event"] == "request" and e["status"] == 401]
     async with http.get(node.url + "/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
         text = await resp.text()
-    counted = {reason: float(re.search(rf'^quorum_refused_requests_total{{reason="{reason}"}} (\S+)$', text,
-                                       re.M).group(1))  # type: ignore[union-attr]
-               for reason in ("missing_key", "invalid_key", "peer_claim", "admin_token")}
+    counted = {
+        reason: float(re.search(rf'^quorum_refused_requests_total{{reason="{reason}"}} (\S+)$', text, re.M).group(1))  # type: ignore[union-attr]
+        for reason in ("missing_key", "invalid_key", "peer_claim", "admin_token")
+    }
     assert counted == dict.fromkeys(counted, n / len(strangers))
 
 
@@ -254,20 +260,39 @@ async def test_the_admin_api_creates_lists_and_revokes(start_node, fake, http) -
         assert resp.status == 404
 
 
-@pytest.mark.parametrize("body", [
-    b"not json", b"[]", b'{"name": ""}', b'{"name": "x", "rate": 0}', b'{"name": "x", "rate": true}',
-    b'{"name": "x", "expires": "soon"}', b'{"name": "x", "models": ["' + b"m" * 300 + b'"]}',
-    b'{"name": "x", "unknown": 1}', b'{"name": "x", "models": [' + b'"a",' * 40 + b'"a"]}',
-    # issue 19, 11: not UTF-8 inside a string (a 500 with a traceback before), and other wrong values
-    b'{"name": "\xff"}', b'{"name": "x", "models": ["a\xc3"]}', b'{"name": "x", "expires": "1\xe9d"}',
-    b'\xef\xbb\xbf{"name": "x"}', b'{"name": "x", "rate": 1e400}', b'{"name": "x", "rate": 99999999999999999999}',
-    b'{"name": "x", "expires": 1e308}', b'{"name": "x", "expires": "inf"}', b'{"name": "\\ud800"}',
-    b'{"name": "x", "admin": "yes"}', b'{"name": {"a": 1}}', b"null", b"",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'{"name": ""}',
+        b'{"name": "x", "rate": 0}',
+        b'{"name": "x", "rate": true}',
+        b'{"name": "x", "expires": "soon"}',
+        b'{"name": "x", "models": ["' + b"m" * 300 + b'"]}',
+        b'{"name": "x", "unknown": 1}',
+        b'{"name": "x", "models": [' + b'"a",' * 40 + b'"a"]}',
+        # issue 19, 11: not UTF-8 inside a string (a 500 with a traceback before), and other wrong values
+        b'{"name": "\xff"}',
+        b'{"name": "x", "models": ["a\xc3"]}',
+        b'{"name": "x", "expires": "1\xe9d"}',
+        b'\xef\xbb\xbf{"name": "x"}',
+        b'{"name": "x", "rate": 1e400}',
+        b'{"name": "x", "rate": 99999999999999999999}',
+        b'{"name": "x", "expires": 1e308}',
+        b'{"name": "x", "expires": "inf"}',
+        b'{"name": "\\ud800"}',
+        b'{"name": "x", "admin": "yes"}',
+        b'{"name": {"a": 1}}',
+        b"null",
+        b"",
+    ],
+)
 async def test_bad_admin_requests_get_400(start_node, fake, http, body) -> None:
     node = await keyed_node(start_node, fake)
-    async with http.post(node.url + "/quorum/admin/keys", data=body,
-                         headers={"Content-Type": "application/json"}) as resp:
+    async with http.post(
+        node.url + "/quorum/admin/keys", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
         assert resp.status == 400, await resp.text()
         assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
     assert node.keys.list() == []
@@ -284,14 +309,31 @@ async def test_every_admin_endpoint_answers_bad_input_with_a_4xx(start_node, fak
     node = await keyed_node(start_node, fake)
     prefix = "/quorum/admin/"
     app = node.app  # type: ignore[union-attr]  (every admin route the node has: a new one is probed too)
-    routes = {(r.method, r.resource.canonical) for r in app.router.routes()
-              if r.resource is not None and r.resource.canonical.startswith(prefix) and r.method != "HEAD"}
-    assert routes >= {("GET", prefix + "keys"), ("POST", prefix + "keys"), ("DELETE", prefix + "keys/{name_or_id}"),
-                      ("GET", prefix + "usage"), ("GET", prefix + "usage/series"), ("GET", prefix + "recent"),
-                      ("GET", prefix + "fleet"), ("GET", prefix + "events")}
-    bodies = (_NOT_UTF8, b'{"name": "' + _NOT_UTF8 + b'"}', b"{", b'{"name": 5}', b'{"name": "' + b"n" * 70_000 + b'"}',
-              b'{"name": "x", "rate": 1' + b"0" * 400 + b"}", b'{"name": "x", "models": [[[[[[[[[[]]]]]]]]]]}',
-              b'{"name": "x", "expires": "1' + _NOT_UTF8 + b'd"}')
+    routes = {
+        (r.method, r.resource.canonical)
+        for r in app.router.routes()
+        if r.resource is not None and r.resource.canonical.startswith(prefix) and r.method != "HEAD"
+    }
+    assert routes >= {
+        ("GET", prefix + "keys"),
+        ("POST", prefix + "keys"),
+        ("DELETE", prefix + "keys/{name_or_id}"),
+        ("GET", prefix + "usage"),
+        ("GET", prefix + "usage/series"),
+        ("GET", prefix + "recent"),
+        ("GET", prefix + "fleet"),
+        ("GET", prefix + "events"),
+    }
+    bodies = (
+        _NOT_UTF8,
+        b'{"name": "' + _NOT_UTF8 + b'"}',
+        b"{",
+        b'{"name": 5}',
+        b'{"name": "' + b"n" * 70_000 + b'"}',
+        b'{"name": "x", "rate": 1' + b"0" * 400 + b"}",
+        b'{"name": "x", "models": [[[[[[[[[[]]]]]]]]]]}',
+        b'{"name": "x", "expires": "1' + _NOT_UTF8 + b'd"}',
+    )
     statuses: list[int] = []
 
     async def probe(method: str, url: str, body: bytes | None = None) -> None:
@@ -303,8 +345,9 @@ async def test_every_admin_endpoint_answers_bad_input_with_a_4xx(start_node, fak
 
     with structlog.testing.capture_logs() as logs:
         for method, path in sorted(routes):
-            urls = [node.url + path.replace("{name_or_id}", v) for v in _BAD_VALUES] if "{" in path \
-                else [node.url + path]
+            urls = (
+                [node.url + path.replace("{name_or_id}", v) for v in _BAD_VALUES] if "{" in path else [node.url + path]
+            )
             if not path.endswith("/events"):  # a stream: only its query is probed
                 for url in urls:
                     for body in bodies:
@@ -344,8 +387,21 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 async def test_the_cli_against_a_running_node(start_node, fake, capsys) -> None:
     node = await keyed_node(start_node, fake)
     url = ["keys", "--url", node.url]
-    code, out, _ = await asyncio.to_thread(run_cli, capsys, *url, "create", "--name", "tablet", "--models", "alpha",
-                                           "beta", "--rate", "10", "--expires", "12h")
+    code, out, _ = await asyncio.to_thread(
+        run_cli,
+        capsys,
+        *url,
+        "create",
+        "--name",
+        "tablet",
+        "--models",
+        "alpha",
+        "beta",
+        "--rate",
+        "10",
+        "--expires",
+        "12h",
+    )
     assert code == 0
     key = out.strip()
     assert key.startswith("qk_") and await chat(node, key)
@@ -362,15 +418,17 @@ async def test_the_cli_against_a_running_node(start_node, fake, capsys) -> None:
 async def _quorum_node(*args: str) -> tuple[int, str, str]:
     """The real ``quorum-node`` command, as its user runs it (its own process, no QUORUM_* settings)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
-    proc = await asyncio.create_subprocess_exec(QN, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=env)
+    proc = await asyncio.create_subprocess_exec(
+        QN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_the_owner_makes_the_first_admin_key_of_a_require_key_node_with_the_cli(start_node, fake, http,
-                                                                                      tmp_path) -> None:
+async def test_the_owner_makes_the_first_admin_key_of_a_require_key_node_with_the_cli(
+    start_node, fake, http, tmp_path
+) -> None:
     """Issue 19, 16: under --require-key, ``keys create`` on the node's machine, as its user, used to be refused
     until the node was stopped. The node's admin token (its data dir, 0600) lets the CLI in, from loopback."""
     with structlog.testing.capture_logs() as logs:
@@ -381,8 +439,9 @@ async def test_the_owner_makes_the_first_admin_key_of_a_require_key_node_with_th
         token = token_file.read_text().strip()
         url = node.url + "/quorum/admin/keys"
 
-        code, out, err = await _quorum_node("keys", "--url", node.url, "--data-dir", str(data_dir),
-                                            "create", "--name", "ops", "--admin")
+        code, out, err = await _quorum_node(
+            "keys", "--url", node.url, "--data-dir", str(data_dir), "create", "--name", "ops", "--admin"
+        )
         assert code == 0, err
         admin = out.strip()
         async with http.get(url, headers={"Authorization": f"Bearer {admin}"}) as resp:  # the key made is an admin's
@@ -397,8 +456,9 @@ async def test_the_owner_makes_the_first_admin_key_of_a_require_key_node_with_th
                 assert resp.status == 401, wrong
         async with http.get(node.url + "/v1/models", headers={"X-Quorum-Admin": token}) as resp:
             assert resp.status == 401  # admin rights on /quorum/admin/ only, not the API
-        code, _, err = await _quorum_node("keys", "--url", node.url, "--data-dir", str(tmp_path / "elsewhere"),
-                                          "create", "--name", "nobody")  # a user without the token
+        code, _, err = await _quorum_node(
+            "keys", "--url", node.url, "--data-dir", str(tmp_path / "elsewhere"), "create", "--name", "nobody"
+        )  # a user without the token
         assert code == 1 and "requires an API key" in err and "no admin token readable" in err
     assert [k.name for k in node.keys.list()] == ["ops"]
     assert token not in json.dumps(logs, default=str)
@@ -419,8 +479,7 @@ async def test_the_cli_sends_the_admin_token_only_to_this_machine(tmp_path) -> N
     assert admin_headers("http://127.0.0.1:32768", tmp_path / "nothing") == {}
 
 
-async def test_the_cli_edits_a_stopped_nodes_store_and_the_node_takes_it_up(start_node, fake, tmp_path,
-                                                                             capsys) -> None:
+async def test_the_cli_edits_a_stopped_nodes_store_and_the_node_takes_it_up(start_node, fake, tmp_path, capsys) -> None:
     data_dir = str(tmp_path / "offline")
     offline = ["keys", "--url", "http://127.0.0.1:9", "--data-dir", data_dir]  # nothing listens on port 9
     code, out, _ = run_cli(capsys, *offline, "create", "--name", "server-app", "--models", "alpha")

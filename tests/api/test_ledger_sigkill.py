@@ -21,8 +21,8 @@ from pathlib import Path
 import openai
 
 from quorum_node.control.ledger import LEDGER_FILE, journal_files
-from tests.conftest import StartFake
 from tests.cluster.test_ledger import usage_cli
+from tests.conftest import StartFake
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -31,10 +31,30 @@ WORKERS = 24
 
 async def start_node_process(engine_url: str, data_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "quorum_node.cli", "run", "--host", "127.0.0.1", "--port", "0", "--name", "victim",
-        "--data-dir", str(data_dir), "--backend", f"vllm={engine_url}", "--no-detect", "--no-embedded-engine",
-        "--no-mdns", "--log-format", "json", "--log-level", "info",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "quorum_node.cli",
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--name",
+        "victim",
+        "--data-dir",
+        str(data_dir),
+        "--backend",
+        f"vllm={engine_url}",
+        "--no-detect",
+        "--no-embedded-engine",
+        "--no-mdns",
+        "--log-format",
+        "json",
+        "--log-level",
+        "info",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stderr is not None
     async with asyncio.timeout(30):
         while True:
@@ -63,14 +83,17 @@ async def test_sigkill_mid_workload_loses_no_completed_record(fake: StartFake, t
             i += 1
             try:
                 if i % 2:
-                    stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
-                                                                  extra_headers={"X-Request-Id": rid})
-                    finished = [ch.choices[0].finish_reason async for ch in stream
-                                if ch.choices and ch.choices[0].finish_reason]
+                    stream = await client.chat.completions.create(
+                        model=MODEL, messages=MESSAGES, stream=True, extra_headers={"X-Request-Id": rid}
+                    )
+                    finished = [
+                        ch.choices[0].finish_reason async for ch in stream if ch.choices and ch.choices[0].finish_reason
+                    ]
                     assert finished == ["stop"]
                 else:
-                    reply = await client.chat.completions.create(model=MODEL, messages=MESSAGES,
-                                                                 extra_headers={"X-Request-Id": rid})
+                    reply = await client.chat.completions.create(
+                        model=MODEL, messages=MESSAGES, extra_headers={"X-Request-Id": rid}
+                    )
                     assert reply.choices[0].message.content
             except (openai.APIError, AssertionError):
                 broken.append(rid)

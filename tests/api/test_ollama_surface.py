@@ -39,9 +39,16 @@ LLAMA = "llama3.2:latest"
 EMBED = "nomic-embed-text:latest"
 VLLM = "meta-llama/Llama-3.1-8B-Instruct"
 HI = [{"role": "user", "content": "hi"}]
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 
 
 @dataclass
@@ -59,8 +66,9 @@ async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSe
     b_ollama = await fake("ollama", models=[LLAMA])
     b_vllm = await fake("vllm")
     a = await start_node(name="a", backends=[{"kind": "ollama", "url": a_ollama.url}], **CLUSTER)
-    b = await start_node(name="b", backends=[{"kind": "ollama", "url": b_ollama.url},
-                                             {"kind": "vllm", "url": b_vllm.url}], **CLUSTER)
+    b = await start_node(
+        name="b", backends=[{"kind": "ollama", "url": b_ollama.url}, {"kind": "vllm", "url": b_vllm.url}], **CLUSTER
+    )
     assert a.cluster is not None and b.cluster is not None
     a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")
     b.cluster.table.add_static(f"127.0.0.1:{a.peer_port}")
@@ -160,7 +168,8 @@ async def test_version_root_and_head(cluster: Cluster, http: aiohttp.ClientSessi
 
 
 async def test_a_browser_at_the_root_is_sent_to_the_dashboard_where_there_is_one(
-        cluster: Cluster, http: aiohttp.ClientSession) -> None:
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
     app = create_app(cluster.a.parts())
 
     async def dashboard(request: web.Request) -> web.Response:
@@ -253,13 +262,32 @@ async def test_empty_prompt_or_messages_load_the_model(cluster: Cluster, client_
 
 async def test_options_format_and_images_map_to_the_engine(cluster: Cluster, client_of) -> None:
     client = client_of(cluster.a)
-    short = await client.chat(model=VLLM, messages=HI, options={
-        "num_predict": 2, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "seed": 7, "stop": ["\n"],
-        "num_ctx": 8192, "num_gpu": 99, "repeat_penalty": 1.1, "mirostat": 2})  # the last four: ignored
+    short = await client.chat(
+        model=VLLM,
+        messages=HI,
+        options={
+            "num_predict": 2,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "top_k": 40,
+            "seed": 7,
+            "stop": ["\n"],
+            "num_ctx": 8192,
+            "num_gpu": 99,
+            "repeat_penalty": 1.1,
+            "mirostat": 2,
+        },
+    )  # the last four: ignored
     assert short.message.content == "Hello," and short.done_reason == "length"
     sent = cluster.b_vllm.requests[-1]
-    assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["top_k"], sent["seed"], sent["stop"]) \
-        == (2, 0.2, 0.9, 40, 7, ["\n"])
+    assert (sent["max_tokens"], sent["temperature"], sent["top_p"], sent["top_k"], sent["seed"], sent["stop"]) == (
+        2,
+        0.2,
+        0.9,
+        40,
+        7,
+        ["\n"],
+    )
     assert not {"num_ctx", "num_gpu", "options", "mirostat", "repeat_penalty"} & set(sent)
     # whole numbers sent as JSON floats are whole numbers (Ollama converts them too)
     again = await client.generate(model=VLLM, prompt="hi", options={"num_predict": 2.0, "seed": 7.0})
@@ -275,8 +303,10 @@ async def test_options_format_and_images_map_to_the_engine(cluster: Cluster, cli
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 16).decode()
     await client.chat(model=VLLM, messages=[{"role": "user", "content": "what is this?", "images": [png]}])
     content = cluster.b_vllm.requests[-1]["messages"][0]["content"]
-    assert content == [{"type": "text", "text": "what is this?"},
-                       {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}}]
+    assert content == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}},
+    ]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -286,8 +316,12 @@ async def test_tool_calls_round_trip(cluster: Cluster, client_of, model: str, st
     eng = cluster.a_ollama if model == LLAMA else cluster.b_vllm
     eng.tool_arguments = {"city": "Tokyo", "days": 3}
     if stream:
-        parts = [p async for p in await client.chat(model=model, messages=[{"role": "user", "content": "weather?"}],
-                                                     tools=WEATHER, stream=True)]
+        parts = [
+            p
+            async for p in await client.chat(
+                model=model, messages=[{"role": "user", "content": "weather?"}], tools=WEATHER, stream=True
+            )
+        ]
         calls = [tc for p in parts for tc in (p.message.tool_calls or ())]
         assert parts[-1].done is True and parts[-1].done_reason == "stop"
     else:
@@ -301,10 +335,15 @@ async def test_tool_calls_round_trip(cluster: Cluster, client_of, model: str, st
 
     # the conversation goes on: Ollama's objects and tool_name become OpenAI's strings and ids
     eng.tool_arguments = {}
-    history = [{"role": "user", "content": "weather?"},
-               {"role": "assistant", "content": "", "tool_calls": [
-                   {"function": {"name": "get_weather", "arguments": {"city": "Tokyo", "days": 3}}}]},
-               {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"}]
+    history = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Tokyo", "days": 3}}}],
+        },
+        {"role": "tool", "content": "sunny, 21 C", "tool_name": "get_weather"},
+    ]
     final = await client.chat(model=model, messages=history)
     assert final.message.content == "Hello, world!"
     sent = eng.requests[-1]["messages"]
@@ -333,9 +372,11 @@ async def test_embed_and_legacy_embeddings(cluster: Cluster, client_of) -> None:
 
 async def test_unknown_models_are_404_as_ollama_words_it(cluster: Cluster, client_of) -> None:
     client = client_of(cluster.a)
-    for call in (lambda: client.chat(model="nope", messages=HI),
-                 lambda: client.generate(model="nope:7b", prompt="hi"),
-                 lambda: client.embed(model="nope", input="x")):
+    for call in (
+        lambda: client.chat(model="nope", messages=HI),
+        lambda: client.generate(model="nope:7b", prompt="hi"),
+        lambda: client.embed(model="nope", input="x"),
+    ):
         with pytest.raises(ollama.ResponseError) as info:
             await call()
         assert info.value.status_code == 404
@@ -346,13 +387,18 @@ async def test_unknown_models_are_404_as_ollama_words_it(cluster: Cluster, clien
     assert info.value.status_code == 404
 
 
-async def test_management_endpoints_are_refused_and_say_what_to_use(cluster: Cluster, client_of,
-                                                                   http: aiohttp.ClientSession) -> None:
+async def test_management_endpoints_are_refused_and_say_what_to_use(
+    cluster: Cluster, client_of, http: aiohttp.ClientSession
+) -> None:
     client = client_of(cluster.a)
     seen = records_of(cluster.a)
-    for call in (lambda: client.pull("llama3.2"), lambda: client.push("me/llama"),
-                 lambda: client.delete("llama3.2"), lambda: client.copy("llama3.2", "mine"),
-                 lambda: client.create(model="mine", from_="llama3.2")):
+    for call in (
+        lambda: client.pull("llama3.2"),
+        lambda: client.push("me/llama"),
+        lambda: client.delete("llama3.2"),
+        lambda: client.copy("llama3.2", "mine"),
+        lambda: client.create(model="mine", from_="llama3.2"),
+    ):
         with pytest.raises(ollama.ResponseError) as info:
             await call()
         assert info.value.status_code == 403
@@ -366,8 +412,7 @@ async def test_management_endpoints_are_refused_and_say_what_to_use(cluster: Clu
     assert cluster.a_ollama.models == [LLAMA, EMBED]  # nothing changed on the machine
 
 
-async def test_node_without_ollama_names_the_engines_to_use(start_node: StartNode, fake: StartFake,
-                                                            client_of) -> None:
+async def test_node_without_ollama_names_the_engines_to_use(start_node: StartNode, fake: StartFake, client_of) -> None:
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     with pytest.raises(ollama.ResponseError) as info:
@@ -376,8 +421,9 @@ async def test_node_without_ollama_names_the_engines_to_use(start_node: StartNod
 
 
 @pytest.mark.parametrize("model", [LLAMA, VLLM])
-async def test_mid_stream_failure_raises_in_the_client(cluster: Cluster, client_of, http: aiohttp.ClientSession,
-                                                       model: str) -> None:
+async def test_mid_stream_failure_raises_in_the_client(
+    cluster: Cluster, client_of, http: aiohttp.ClientSession, model: str
+) -> None:
     eng = cluster.a_ollama if model == LLAMA else cluster.b_vllm
     eng.fail_after_tokens = 2
     client = client_of(cluster.a)
@@ -431,8 +477,9 @@ async def test_errors_are_in_ollamas_envelope(cluster: Cluster, http: aiohttp.Cl
         assert r.status == 404 and set((await r.json())["error"]) == {"message", "type", "param", "code"}
 
 
-async def test_body_over_the_limit_is_413_in_ollamas_envelope(start_node: StartNode, fake: StartFake,
-                                                              http: aiohttp.ClientSession) -> None:
+async def test_body_over_the_limit_is_413_in_ollamas_envelope(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("ollama")
     node = await start_node(backends=[{"kind": "ollama", "url": eng.url}], max_body_bytes=4096)
     body = json.dumps({"model": LLAMA, "messages": [{"role": "user", "content": "x" * 10_000}]})
@@ -488,8 +535,7 @@ class _NodeThread:
 
         async def start() -> tuple[FakeEngine, Node]:
             eng = await start_fake("ollama")
-            node = Node(node_settings(tmp, 0, backends=[{"kind": "ollama", "url": eng.url}],
-                                      max_body_bytes=1 << 20))
+            node = Node(node_settings(tmp, 0, backends=[{"kind": "ollama", "url": eng.url}], max_body_bytes=1 << 20))
             await node.start()
             return eng, node
 
@@ -518,7 +564,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_NodeThread]:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
@@ -526,16 +575,33 @@ json_values = st.recursive(
 near_valid = st.fixed_dictionaries(
     {"model": st.one_of(st.sampled_from(["llama3.2", LLAMA, EMBED, "nope"]), json_values)},
     optional={
-        "messages": st.one_of(st.lists(st.dictionaries(
-            st.sampled_from(["role", "content", "images", "tool_calls", "tool_name", "tool_call_id"]),
-            st.one_of(st.sampled_from(["user", "assistant", "tool"]), json_values), max_size=4), max_size=3),
-            json_values),
-        "prompt": json_values, "input": json_values, "system": json_values, "suffix": json_values,
-        "raw": json_values, "images": json_values, "tools": json_values, "keep_alive": json_values,
+        "messages": st.one_of(
+            st.lists(
+                st.dictionaries(
+                    st.sampled_from(["role", "content", "images", "tool_calls", "tool_name", "tool_call_id"]),
+                    st.one_of(st.sampled_from(["user", "assistant", "tool"]), json_values),
+                    max_size=4,
+                ),
+                max_size=3,
+            ),
+            json_values,
+        ),
+        "prompt": json_values,
+        "input": json_values,
+        "system": json_values,
+        "suffix": json_values,
+        "raw": json_values,
+        "images": json_values,
+        "tools": json_values,
+        "keep_alive": json_values,
         "stream": st.one_of(st.booleans(), json_values),
         "format": st.one_of(st.sampled_from(["json", ""]), json_values),
-        "options": st.one_of(st.dictionaries(st.sampled_from(["num_predict", "temperature", "top_k", "stop", "seed"]),
-                                             json_values, max_size=3), json_values),
+        "options": st.one_of(
+            st.dictionaries(
+                st.sampled_from(["num_predict", "temperature", "top_k", "stop", "seed"]), json_values, max_size=3
+            ),
+            json_values,
+        ),
     },
 )
 
@@ -552,10 +618,13 @@ def _post(port: int, path: str, body: bytes) -> tuple[int, bytes, str]:
         conn.close()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
-@given(path=st.sampled_from(["/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show"]),
-       body=near_valid.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=200))
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    path=st.sampled_from(["/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show"]),
+    body=near_valid.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=200),
+)
 def test_bodies_never_break_the_ollama_surface(target: _NodeThread, path: str, body: bytes) -> None:
     status, data, ctype = _post(target.node.port, path, body)
     assert status not in (500, 502), data[:300]

@@ -23,8 +23,12 @@ StartFake = Callable[..., Awaitable[FakeEngine]]
 ClientFor = Callable[..., openai.AsyncOpenAI]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 
 
 async def _setup(start_node: StartNode, fake: StartFake, **knobs) -> tuple[FakeEngine, Node]:
@@ -33,15 +37,16 @@ async def _setup(start_node: StartNode, fake: StartFake, **knobs) -> tuple[FakeE
     return eng, node
 
 
-async def test_create_answers_a_response_with_text_and_usage(start_node: StartNode, fake: StartFake,
-                                                             client_for: ClientFor) -> None:
+async def test_create_answers_a_response_with_text_and_usage(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await _setup(start_node, fake)
     records: list = []
     node.records.add(records.append)
     client = client_for(node)
-    raw = await client.responses.with_raw_response.create(model=MODEL, input="hi there",
-                                                          instructions="Be brief.", max_output_tokens=50,
-                                                          temperature=0.2)
+    raw = await client.responses.with_raw_response.create(
+        model=MODEL, input="hi there", instructions="Be brief.", max_output_tokens=50, temperature=0.2
+    )
     assert (raw.headers["X-Quorum-Node"], raw.headers["X-Quorum-Route"]) == ("den", "local")
     resp = raw.parse()
     assert resp.output_text == "Hello, world!"
@@ -54,11 +59,13 @@ async def test_create_answers_a_response_with_text_and_usage(start_node: StartNo
     assert sent["max_tokens"] == 50 and sent["temperature"] == 0.2
     # one record for the request, on the responses surface, with the engine's token counts
     assert [(r.surface, r.operation, r.model, r.status, r.completion_tokens) for r in records] == [
-        ("responses", "responses", MODEL, 200, 4)]
+        ("responses", "responses", MODEL, 200, 4)
+    ]
 
 
-async def test_max_output_tokens_reached_is_incomplete(start_node: StartNode, fake: StartFake,
-                                                       client_for: ClientFor) -> None:
+async def test_max_output_tokens_reached_is_incomplete(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     _, node = await _setup(start_node, fake)
     resp = await client_for(node).responses.create(model=MODEL, input="hi", max_output_tokens=2)
     assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
@@ -68,17 +75,26 @@ async def test_max_output_tokens_reached_is_incomplete(start_node: StartNode, fa
     assert final.status == "incomplete" and final.output_text == "Hello,"
 
 
-async def test_stream_has_the_responses_events_in_order(start_node: StartNode, fake: StartFake,
-                                                        client_for: ClientFor) -> None:
+async def test_stream_has_the_responses_events_in_order(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await _setup(start_node, fake)
     client = client_for(node)
     stream = await client.responses.create(model=MODEL, input=[{"role": "user", "content": "hi"}], stream=True)
     events = [ev async for ev in stream]
     kinds = [ev.type for ev in events]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
-                          "response.output_item.done", "response.completed"]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
     assert [ev.sequence_number for ev in events] == list(range(len(events)))
     assert "".join(ev.delta for ev in events if ev.type == "response.output_text.delta") == "Hello, world!"
     done = events[-1].response
@@ -91,8 +107,9 @@ async def test_stream_has_the_responses_events_in_order(start_node: StartNode, f
     assert final.output_text == "Hello, world!"
 
 
-async def test_function_tool_round_trip_with_previous_response_id(start_node: StartNode, fake: StartFake,
-                                                                  client_for: ClientFor) -> None:
+async def test_function_tool_round_trip_with_previous_response_id(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await _setup(start_node, fake)
     client = client_for(node)
     for stream in (False, True):
@@ -105,12 +122,22 @@ async def test_function_tool_round_trip_with_previous_response_id(start_node: St
         assert len(calls) == 1 and calls[0].name == "get_weather"
         assert json.loads(calls[0].arguments) == {"city": "Tokyo"}
         sent = eng.requests[-1]
-        assert sent["tools"][0] == {"type": "function", "function": {
-            "name": "get_weather", "description": "The weather in a city", "parameters": WEATHER["parameters"]}}
+        assert sent["tools"][0] == {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The weather in a city",
+                "parameters": WEATHER["parameters"],
+            },
+        }
 
         second = await client.responses.create(
-            model=MODEL, previous_response_id=first.id, tools=[WEATHER], stream=False,
-            input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"}])
+            model=MODEL,
+            previous_response_id=first.id,
+            tools=[WEATHER],
+            stream=False,
+            input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"}],
+        )
         assert second.output_text == "Hello, world!" and second.previous_response_id == first.id
         history = eng.requests[-1]["messages"]
         assert history[0] == {"role": "user", "content": "Weather in Tokyo?"}
@@ -120,8 +147,9 @@ async def test_function_tool_round_trip_with_previous_response_id(start_node: St
         assert history[2] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "Sunny, 21 C"}
 
 
-async def test_tool_round_trip_without_stored_state(start_node: StartNode, fake: StartFake,
-                                                    client_for: ClientFor) -> None:
+async def test_tool_round_trip_without_stored_state(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     """Clients that keep the conversation themselves send the function_call item back as input."""
     eng, node = await _setup(start_node, fake)
     client = client_for(node)
@@ -129,16 +157,22 @@ async def test_tool_round_trip_without_stored_state(start_node: StartNode, fake:
     call = first.output[0]
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(first.id)  # store=false: not kept
-    second = await client.responses.create(model=MODEL, tools=[WEATHER], input=[
-        {"role": "user", "content": "Weather?"},
-        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
-        {"type": "function_call_output", "call_id": call.call_id, "output": "Rain"}])
+    second = await client.responses.create(
+        model=MODEL,
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Rain"},
+        ],
+    )
     assert second.output_text == "Hello, world!"
     assert [m["role"] for m in eng.requests[-1]["messages"]] == ["user", "assistant", "tool"]
 
 
-async def test_conversation_state_retrieve_and_delete(start_node: StartNode, fake: StartFake,
-                                                      client_for: ClientFor) -> None:
+async def test_conversation_state_retrieve_and_delete(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await _setup(start_node, fake)
     client = client_for(node)
     one = await client.responses.create(model=MODEL, input="My name is Ada.", instructions="first rules")
@@ -146,7 +180,8 @@ async def test_conversation_state_retrieve_and_delete(start_node: StartNode, fak
     assert eng.requests[-1]["messages"] == [
         {"role": "user", "content": "My name is Ada."},
         {"role": "assistant", "content": "Hello, world!"},  # instructions are not carried over
-        {"role": "user", "content": "What is my name?"}]
+        {"role": "user", "content": "What is my name?"},
+    ]
     got = await client.responses.retrieve(two.id)
     assert got.id == two.id and got.output_text == "Hello, world!"
     await client.responses.delete(two.id)
@@ -159,28 +194,33 @@ async def test_conversation_state_retrieve_and_delete(start_node: StartNode, fak
     assert info.value.body["param"] == "previous_response_id"
 
 
-async def test_text_format_json_schema_becomes_response_format(start_node: StartNode, fake: StartFake,
-                                                               client_for: ClientFor) -> None:
+async def test_text_format_json_schema_becomes_response_format(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await _setup(start_node, fake)
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
     resp = await client_for(node).responses.create(
-        model=MODEL, input="give x", text={"format": {"type": "json_schema", "name": "X", "schema": schema,
-                                                      "strict": True}})
+        model=MODEL,
+        input="give x",
+        text={"format": {"type": "json_schema", "name": "X", "schema": schema, "strict": True}},
+    )
     assert resp.text.format.type == "json_schema"
-    assert eng.requests[-1]["response_format"] == {"type": "json_schema", "json_schema": {
-        "name": "X", "schema": schema, "strict": True}}
+    assert eng.requests[-1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "X", "schema": schema, "strict": True},
+    }
 
 
-async def test_unsupported_fields_are_refused_with_a_400_naming_them(start_node: StartNode, fake: StartFake,
-                                                                     client_for: ClientFor) -> None:
+async def test_unsupported_fields_are_refused_with_a_400_naming_them(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     eng, node = await _setup(start_node, fake)
     client = client_for(node)
     cases = [
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"background": True}, "background"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
-        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
-         "input[0].content[0]"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
     ]
@@ -192,36 +232,48 @@ async def test_unsupported_fields_are_refused_with_a_400_naming_them(start_node:
     assert eng.requests == []
 
 
-async def test_hostile_bodies_get_400s_never_500s(start_node: StartNode, fake: StartFake,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_hostile_bodies_get_400s_never_500s(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng, node = await _setup(start_node, fake)
-    bodies = [b"", b"{", b"[]", b'"x"', b'{"model": 5, "input": "x"}', b'{"model": "m"}',
-              b'{"model": "m", "input": 7}', b'{"model": "m", "input": [1]}',
-              b'{"model": "m", "input": [{"role": "wizard", "content": "x"}]}',
-              b'{"model": "m", "input": [{"role": "user", "content": {"a": 1}}]}',
-              b'{"model": "m", "input": [{"type": "function_call_output", "call_id": 3}]}',
-              b'{"model": "m", "input": "x", "tools": [7]}', b'{"model": "m", "input": "x", "text": {"format": 1}}',
-              b'{"model": "m", "input": "x", "tool_choice": {"type": "mcp"}}', b'\xff\xfe',
-              b'{"model": "m", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b'"x"',
+        b'{"model": 5, "input": "x"}',
+        b'{"model": "m"}',
+        b'{"model": "m", "input": 7}',
+        b'{"model": "m", "input": [1]}',
+        b'{"model": "m", "input": [{"role": "wizard", "content": "x"}]}',
+        b'{"model": "m", "input": [{"role": "user", "content": {"a": 1}}]}',
+        b'{"model": "m", "input": [{"type": "function_call_output", "call_id": 3}]}',
+        b'{"model": "m", "input": "x", "tools": [7]}',
+        b'{"model": "m", "input": "x", "text": {"format": 1}}',
+        b'{"model": "m", "input": "x", "tool_choice": {"type": "mcp"}}',
+        b"\xff\xfe",
+        b'{"model": "m", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ]
     for body in bodies:
-        async with http.post(node.url + "/v1/responses", data=body,
-                             headers={"Content-Type": "application/json"}) as r:
+        async with http.post(node.url + "/v1/responses", data=body, headers={"Content-Type": "application/json"}) as r:
             data = await r.json()
             assert r.status == 400, (body[:60], r.status, data)
             assert data["error"]["type"] == "invalid_request_error"
     assert eng.requests == []
 
 
-async def test_unknown_model_is_a_404_in_the_openai_envelope(start_node: StartNode, fake: StartFake,
-                                                             client_for: ClientFor) -> None:
+async def test_unknown_model_is_a_404_in_the_openai_envelope(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     _, node = await _setup(start_node, fake)
     with pytest.raises(openai.NotFoundError) as info:
         await client_for(node).responses.create(model="nope", input="hi")
     assert info.value.body["code"] == "model_not_found"
 
 
-async def test_mid_stream_failure_makes_the_sdk_raise(start_node: StartNode, fake: StartFake,
-                                                      client_for: ClientFor) -> None:
+async def test_mid_stream_failure_makes_the_sdk_raise(
+    start_node: StartNode, fake: StartFake, client_for: ClientFor
+) -> None:
     _, node = await _setup(start_node, fake, fail_after_tokens=2, fail_mode="drop")
     client = client_for(node)
     stream = await client.responses.create(model=MODEL, input="hi", stream=True)
@@ -248,10 +300,15 @@ async def test_openai_agents_runs_a_tool_using_agent(start_node: StartNode, fake
 
     client = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
     try:
-        agent = agents.Agent(name="helper", instructions="Use the tool.", tools=[get_weather],
-                             model=agents.OpenAIResponsesModel(model=MODEL, openai_client=client))
-        result = await agents.Runner.run(agent, "Weather in Tokyo?", max_turns=4,
-                                         run_config=agents.RunConfig(tracing_disabled=True))
+        agent = agents.Agent(
+            name="helper",
+            instructions="Use the tool.",
+            tools=[get_weather],
+            model=agents.OpenAIResponsesModel(model=MODEL, openai_client=client),
+        )
+        result = await agents.Runner.run(
+            agent, "Weather in Tokyo?", max_turns=4, run_config=agents.RunConfig(tracing_disabled=True)
+        )
     finally:
         await client.close()
     assert calls == ["Tokyo"]

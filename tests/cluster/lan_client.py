@@ -71,8 +71,7 @@ def emit(**kw: Any) -> None:
 
 
 def _result(**kw: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"status": None, "node": None, "route": None, "content": "", "error": None,
-                           "done_seen": None}
+    out: dict[str, Any] = {"status": None, "node": None, "route": None, "content": "", "error": None, "done_seen": None}
     out.update(kw)
     return out
 
@@ -96,10 +95,13 @@ async def sdk_chat(model: str, stream: bool, first: FirstChunk, prompt: str = "h
         out = _result()
         try:
             raw = await client.chat.completions.with_raw_response.create(
-                model=model, messages=[{"role": "user", "content": prompt}], stream=stream  # type: ignore[arg-type]
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                stream=stream,  # type: ignore[arg-type]
             )
-            out.update(status=raw.status_code, node=raw.headers.get("X-Quorum-Node"),
-                       route=raw.headers.get("X-Quorum-Route"))
+            out.update(
+                status=raw.status_code, node=raw.headers.get("X-Quorum-Node"), route=raw.headers.get("X-Quorum-Route")
+            )
             parsed = raw.parse()
             if not stream:
                 out["content"] = parsed.choices[0].message.content
@@ -123,35 +125,36 @@ async def raw_chat(model: str, first: FirstChunk) -> dict[str, Any]:
     body = {"model": model, "messages": MESSAGES, "stream": True}
     out = _result(done_seen=False, ended_with_error=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=3, sock_read=30)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.post(BASE + "/v1/chat/completions", json=body) as resp:
-            out.update(status=resp.status, node=resp.headers.get("X-Quorum-Node"),
-                       route=resp.headers.get("X-Quorum-Route"))
-            last_data = ""
-            parts: list[str] = []
-            try:
-                async for line in resp.content:
-                    text = line.decode().rstrip("\r\n")
-                    if not text.startswith("data:"):
-                        continue
-                    data = text[5:].strip()
-                    last_data = data
-                    if data == "[DONE]":
-                        out["done_seen"] = True
-                        continue
-                    event = json.loads(data)
-                    if "error" in event:
-                        out["error"] = event["error"]
-                        continue
-                    for choice in event.get("choices") or ():
-                        piece = (choice.get("delta") or {}).get("content")
-                        if piece:
-                            parts.append(piece)
-                            out["content"] = "".join(parts)
-                            first.seen("raw")
-            except aiohttp.ClientError as e:
-                out["transport_error"] = f"{type(e).__name__}: {e}"
-            out["ended_with_error"] = last_data.startswith('{"error"')
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(BASE + "/v1/chat/completions", json=body) as resp,
+    ):
+        out.update(status=resp.status, node=resp.headers.get("X-Quorum-Node"), route=resp.headers.get("X-Quorum-Route"))
+        last_data = ""
+        parts: list[str] = []
+        try:
+            async for line in resp.content:
+                text = line.decode().rstrip("\r\n")
+                if not text.startswith("data:"):
+                    continue
+                data = text[5:].strip()
+                last_data = data
+                if data == "[DONE]":
+                    out["done_seen"] = True
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    out["error"] = event["error"]
+                    continue
+                for choice in event.get("choices") or ():
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        parts.append(piece)
+                        out["content"] = "".join(parts)
+                        first.seen("raw")
+        except aiohttp.ClientError as e:
+            out["transport_error"] = f"{type(e).__name__}: {e}"
+        out["ended_with_error"] = last_data.startswith('{"error"')
     return out
 
 
@@ -164,8 +167,9 @@ async def models(expect: dict[str, list[str]] | None, timeout_s: float, absent: 
                 body = await resp.json()
             listed = {m["id"]: m.get("nodes") for m in body.get("data") or ()}
             elapsed = time.monotonic() - t0
-            done = (expect is None or all(listed.get(k) == v for k, v in expect.items())) \
-                and not any(k in listed for k in absent)
+            done = (expect is None or all(listed.get(k) == v for k, v in expect.items())) and not any(
+                k in listed for k in absent
+            )
             if done or elapsed > timeout_s:
                 return {"status": status, "models": listed, "elapsed_s": round(elapsed, 3)}
             await asyncio.sleep(0.1)
@@ -183,15 +187,19 @@ async def peer_get(url: str, data_dir: str, introduce: bool) -> dict[str, Any]:
     if introduce:  # no certificate of its own: the introduction's way in (members_sync.py)
         intro = aiohttp.TCPConnector(ssl=client_tls(None, None))
         try:
-            async with aiohttp.ClientSession(connector=intro, timeout=timeout) as session, \
-                    session.post(base + "/quorum/v1/members", data=records_of(Path(data_dir))) as resp:
+            async with (
+                aiohttp.ClientSession(connector=intro, timeout=timeout) as session,
+                session.post(base + "/quorum/v1/members", data=records_of(Path(data_dir))) as resp,
+            ):
                 out["introduced"] = {"status": resp.status, "body": (await resp.read()).decode(errors="replace")}
         except (aiohttp.ClientError, OSError, ssl.SSLError) as e:
             out["introduced"] = {"status": None, "body": f"{type(e).__name__}: {e}"}
     connector = aiohttp.TCPConnector(ssl=client_tls(identity, None), force_close=True)
     try:
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
-                session.get(url, allow_redirects=False) as resp:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.get(url, allow_redirects=False) as resp,
+        ):
             out.update(status=resp.status, body=(await resp.read()).decode(errors="replace")[:500])
     except (aiohttp.ClientError, OSError, ssl.SSLError) as e:  # a handshake the server refused, mostly
         out["error"] = f"{type(e).__name__}: {e}"
@@ -200,8 +208,10 @@ async def peer_get(url: str, data_dir: str, introduce: bool) -> dict[str, Any]:
 
 async def plain_get(url: str) -> dict[str, Any]:
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, \
-                session.get(url, allow_redirects=False) as resp:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.get(url, allow_redirects=False) as resp,
+        ):
             await resp.read()
             return {"status": resp.status, "error": None}
     except (aiohttp.ClientError, OSError) as e:
@@ -254,9 +264,16 @@ async def poll_chat(model: str, timeout_s: float, go_on_stdin: bool) -> dict[str
             attempts += 1
             try:
                 raw = await client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
-                return {"ok": True, "at": time.monotonic(), "attempts": attempts, "status": raw.status_code,
-                        "node": raw.headers.get("X-Quorum-Node"), "route": raw.headers.get("X-Quorum-Route"),
-                        "content": raw.parse().choices[0].message.content, "last_error": last_error}
+                return {
+                    "ok": True,
+                    "at": time.monotonic(),
+                    "attempts": attempts,
+                    "status": raw.status_code,
+                    "node": raw.headers.get("X-Quorum-Node"),
+                    "route": raw.headers.get("X-Quorum-Route"),
+                    "content": raw.parse().choices[0].message.content,
+                    "last_error": last_error,
+                }
             except openai.APIError as e:
                 last_error = f"{type(e).__name__}: {e.message}"
             if time.monotonic() - t0 > timeout_s:
@@ -273,11 +290,18 @@ async def watch(model: str, interval_s: float) -> dict[str, Any]:
                 t0 = time.monotonic()
                 try:
                     raw = await client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
-                    results.append([time.monotonic(), raw.status_code, raw.headers.get("X-Quorum-Node"),
-                                    raw.parse().choices[0].message.content])
+                    results.append(
+                        [
+                            time.monotonic(),
+                            raw.status_code,
+                            raw.headers.get("X-Quorum-Node"),
+                            raw.parse().choices[0].message.content,
+                        ]
+                    )
                 except openai.APIStatusError as e:
-                    results.append([time.monotonic(), e.status_code, e.response.headers.get("X-Quorum-Node"),
-                                    e.message])
+                    results.append(
+                        [time.monotonic(), e.status_code, e.response.headers.get("X-Quorum-Node"), e.message]
+                    )
                 except openai.APIError as e:
                     results.append([time.monotonic(), None, None, f"{type(e).__name__}: {e.message}"])
                 if len(results) == 1:
@@ -297,8 +321,11 @@ async def main(args: argparse.Namespace) -> int:
     elif args.mode == "poll-chat":
         emit(**await poll_chat(args.model, args.timeout, args.go_on_stdin))
     elif args.mode == "models":
-        emit(**await models(json.loads(args.expect) if args.expect else None, args.timeout,
-                            [m for m in args.absent.split(",") if m]))
+        emit(
+            **await models(
+                json.loads(args.expect) if args.expect else None, args.timeout, [m for m in args.absent.split(",") if m]
+            )
+        )
     elif args.mode == "peer-get":
         emit(**await peer_get(args.url, args.data_dir, args.introduce))
     elif args.mode == "plain-get":

@@ -1,4 +1,5 @@
-"""Nodes in network namespaces, for tests/cluster/test_lan.py and tests/cluster/test_wan.py: the host process and the test's handles.
+"""Nodes in network namespaces, for tests/cluster/test_lan.py and tests/cluster/test_wan.py: the host process
+and the test's handles.
 
 Inside a namespace, ``python -m tests.cluster.lan_host`` is one host: a fake engine plus a quorum node::
 
@@ -46,7 +47,7 @@ from tests.members_support import enrol
 
 __all__ = ["PEER_PORT", "PORT", "RELAY_PORT", "Lan", "Namespaces", "Proc", "Wan"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PORT = 32768
 PEER_PORT = PORT + 1  # the node's default: its API port + 1
 RELAY_PORT = 8787
@@ -93,15 +94,25 @@ async def main(args: argparse.Namespace) -> int:
     if args.tokens:
         knobs["tokens"] = json.loads(args.tokens)
     engine = await start_fake("openai", models=models, **knobs)
-    settings = load_settings({
-        "host": "0.0.0.0", "port": PORT, "name": args.name, "data_dir": args.data_dir,
-        "backends": [{"kind": "openai", "url": engine.url, "name": "fake"}],
-        "detect": False, "embedded_engine": False,
-        "mdns": True, "mdns_interfaces": [args.ip],
-        **({"relay": args.relay, "relay_token": args.relay_token} if args.relay else {}),
-        "health_interval_s": 0.5, "peer_down_after_s": 3.0,
-        "log_format": "json", "log_level": args.log_level,
-    }, env={})
+    settings = load_settings(
+        {
+            "host": "0.0.0.0",
+            "port": PORT,
+            "name": args.name,
+            "data_dir": args.data_dir,
+            "backends": [{"kind": "openai", "url": engine.url, "name": "fake"}],
+            "detect": False,
+            "embedded_engine": False,
+            "mdns": True,
+            "mdns_interfaces": [args.ip],
+            **({"relay": args.relay, "relay_token": args.relay_token} if args.relay else {}),
+            "health_interval_s": 0.5,
+            "peer_down_after_s": 3.0,
+            "log_format": "json",
+            "log_level": args.log_level,
+        },
+        env={},
+    )
     node = Node(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,8 +123,17 @@ async def main(args: argparse.Namespace) -> int:
         await node.start()
         if node.cluster is None:
             raise SystemExit(f"lan_host: {args.data_dir} is no member of a cluster (enrol it before spawning)")
-        say(ready={"name": args.name, "pid": os.getpid(), "port": node.port, "peer_port": node.peer_port,
-                   "node_id": node.cluster.node_id, "engine": engine.url, "models": models})
+        say(
+            ready={
+                "name": args.name,
+                "pid": os.getpid(),
+                "port": node.port,
+                "peer_port": node.peer_port,
+                "node_id": node.cluster.node_id,
+                "engine": engine.url,
+                "models": models,
+            }
+        )
         tasks.append(asyncio.create_task(_control(engine), name="lan-host-control"))
         tasks.append(asyncio.create_task(_report_requests(engine), name="lan-host-requests"))
         await stop.wait()
@@ -156,8 +176,10 @@ class Proc:
         self.messages: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self._changed = asyncio.Event()
-        self._readers = [asyncio.create_task(self._read_stdout(), name=f"stdout-{name}"),
-                         asyncio.create_task(self._read_stderr(), name=f"stderr-{name}")]
+        self._readers = [
+            asyncio.create_task(self._read_stdout(), name=f"stdout-{name}"),
+            asyncio.create_task(self._read_stderr(), name=f"stderr-{name}"),
+        ]
 
     async def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -207,19 +229,25 @@ class Proc:
         except TimeoutError:
             raise AssertionError(f"{self.name}: no {what} within {timeout_s} s:\n{self.log_tail()}") from None
 
-    async def message(self, key: str, timeout_s: float, *, after: int = 0,
-                      where: Callable[[Any], bool] = lambda value: True) -> Any:
+    async def message(
+        self, key: str, timeout_s: float, *, after: int = 0, where: Callable[[Any], bool] = lambda value: True
+    ) -> Any:
         """The value of the first ``@@`` message holding ``key`` (and satisfying ``where``) past ``after``."""
         return await self._wait_for(
             lambda: next((m[key] for m in self.messages[after:] if key in m and where(m[key])), None),
-            f"message {key!r}", timeout_s)
+            f"message {key!r}",
+            timeout_s,
+        )
 
-    async def event(self, name: str, timeout_s: float, *, after: int = 0,
-                    where: Callable[[dict[str, Any]], bool] = lambda rec: True) -> dict[str, Any]:
+    async def event(
+        self, name: str, timeout_s: float, *, after: int = 0, where: Callable[[dict[str, Any]], bool] = lambda rec: True
+    ) -> dict[str, Any]:
         """The first log record of event ``name`` (satisfying ``where``) past position ``after``."""
         return await self._wait_for(
             lambda: next((e for e in self.events[after:] if e["event"] == name and where(e)), None),
-            f"log event {name!r}", timeout_s)
+            f"log event {name!r}",
+            timeout_s,
+        )
 
     def log_events(self, name: str) -> list[dict[str, Any]]:
         """The log records of event ``name`` read so far."""
@@ -287,8 +315,9 @@ class Namespaces:
         raise NotImplementedError
 
     def _script(self, *args: str, check: bool = True) -> str:
-        return subprocess.run([self.SCRIPT, *args], env=self.env, check=check, capture_output=True, text=True,
-                              timeout=30).stdout.strip()
+        return subprocess.run(
+            [self.SCRIPT, *args], env=self.env, check=check, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
 
     def up(self, *sizes: int) -> None:
         self._script("up", *map(str, sizes))
@@ -302,8 +331,16 @@ class Namespaces:
 
     async def spawn(self, place: Any, label: str, *argv: str) -> Proc:
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns(place), *argv, cwd=ROOT, env=self.env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "ip",
+            "netns",
+            "exec",
+            self.ns(place),
+            *argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         p = Proc(label, place, proc, self.tmp / f"{label}.log")
         self.procs.append(p)
@@ -318,8 +355,17 @@ class Namespaces:
         one enrolled founds it): what ``invite`` and ``join`` leave. Call it before the host starts."""
         enrol(self.tmp, cluster, secret, self.data_dir(name), name)
 
-    async def host(self, place: Any, name: str, *, secret: str | None, models: list[str], tokens: list[str],
-                   relay: str = "", relay_token: str = "") -> Proc:
+    async def host(
+        self,
+        place: Any,
+        name: str,
+        *,
+        secret: str | None,
+        models: list[str],
+        tokens: list[str],
+        relay: str = "",
+        relay_token: str = "",
+    ) -> Proc:
         """This module's host (fake engine and node) at ``place``; ``relay``: join it too.
 
         ``secret`` names the test cluster its data dir is enrolled in first (``enrol``; nothing if it is a
@@ -328,16 +374,37 @@ class Namespaces:
             self.enrol(name, secret)
         extra = ["--relay", relay, "--relay-token", relay_token] if relay else []
         return await self.spawn(
-            place, name, sys.executable, "-m", "tests.cluster.lan_host", "--name", name, "--ip", self.ip(place),
-            "--data-dir", str(self.data_dir(name)), "--models", ",".join(models),
-            "--tokens", json.dumps(tokens), *extra,
+            place,
+            name,
+            sys.executable,
+            "-m",
+            "tests.cluster.lan_host",
+            "--name",
+            name,
+            "--ip",
+            self.ip(place),
+            "--data-dir",
+            str(self.data_dir(name)),
+            "--models",
+            ",".join(models),
+            "--tokens",
+            json.dumps(tokens),
+            *extra,
         )
 
     async def run(self, place: Any, *argv: str, timeout_s: float = 20.0) -> tuple[int, str, str]:
         """Run ``argv`` to its end in the namespace at ``place`` (a CLI, say): its exit status, stdout, stderr."""
         proc = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns(place), *argv, cwd=ROOT, env=self.env,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "ip",
+            "netns",
+            "exec",
+            self.ns(place),
+            *argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
@@ -351,13 +418,26 @@ class Namespaces:
     async def start_client(self, place: Any, *args: str, stdin: int | None = None) -> asyncio.subprocess.Process:
         """``python -m tests.cluster.lan_client ARGS`` in the namespace at ``place``, running."""
         return await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.ns(place), sys.executable, "-m", "tests.cluster.lan_client", *args,
-            cwd=ROOT, env=self.env, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            "ip",
+            "netns",
+            "exec",
+            self.ns(place),
+            sys.executable,
+            "-m",
+            "tests.cluster.lan_client",
+            *args,
+            cwd=ROOT,
+            env=self.env,
+            stdin=stdin,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
 
     async def client(self, place: Any, *args: str, timeout_s: float = 20.0) -> dict[str, Any]:
         """Run ``python -m tests.cluster.lan_client ARGS`` in the namespace at ``place``; its last JSON line."""
-        rc, out, err = await self.run(place, sys.executable, "-m", "tests.cluster.lan_client", *args, timeout_s=timeout_s)
+        rc, out, err = await self.run(
+            place, sys.executable, "-m", "tests.cluster.lan_client", *args, timeout_s=timeout_s
+        )
         assert rc == 0, f"client {args} failed (rc={rc}):\n{err}"
         return json.loads(out.splitlines()[-1])
 
@@ -411,8 +491,21 @@ class Wan(Namespaces):
         return f"ws://{self.ip('vps')}:{RELAY_PORT}"
 
     async def relay(self, token: str, label: str = "relay") -> Proc:
-        return await self.spawn("vps", label, sys.executable, "-m", "quorum_relay", "--host", "0.0.0.0",
-                                "--port", str(RELAY_PORT), "--token", token, "--log-format", "json")
+        return await self.spawn(
+            "vps",
+            label,
+            sys.executable,
+            "-m",
+            "quorum_relay",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(RELAY_PORT),
+            "--token",
+            token,
+            "--log-format",
+            "json",
+        )
 
 
 if __name__ == "__main__":

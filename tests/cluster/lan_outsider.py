@@ -97,21 +97,59 @@ class Outsider:
         body = await request.read()
         sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
         port = _PEER if sockname is not None and sockname[1] == self.internal_port else _PUBLIC
-        say(request={"port": port, "method": request.method, "path": request.path_qs[:300],
-                     "remote": request.remote, "body": body[:300].decode(errors="replace")})
+        say(
+            request={
+                "port": port,
+                "method": request.method,
+                "path": request.path_qs[:300],
+                "remote": request.remote,
+                "body": body[:300].decode(errors="replace"),
+            }
+        )
         path = request.path
         if path == "/quorum/v1/health":
-            return web.json_response({"node_id": self.claim_id, "name": self.args.name, "cluster": self.claim_id,
-                                      "proto": 4, "catalog_digest": "forged", "port": PEER_PORT, "keys_digest": "",
-                                      "members_digest": "", "load": {"in_flight": 0, "engines": []}})
+            return web.json_response(
+                {
+                    "node_id": self.claim_id,
+                    "name": self.args.name,
+                    "cluster": self.claim_id,
+                    "proto": 4,
+                    "catalog_digest": "forged",
+                    "port": PEER_PORT,
+                    "keys_digest": "",
+                    "members_digest": "",
+                    "load": {"in_flight": 0, "engines": []},
+                }
+            )
         if path == "/quorum/v1/catalog":
-            return web.json_response({"digest": "forged", "models": [
-                {"id": m, "aliases": [], "engine": "openai", "context_length": None, "loaded": True,
-                 "owned_by": "outsider", "created": 0, "family": None, "parameter_size": None,
-                 "quantization": None, "available": True} for m in self.models]})
+            return web.json_response(
+                {
+                    "digest": "forged",
+                    "models": [
+                        {
+                            "id": m,
+                            "aliases": [],
+                            "engine": "openai",
+                            "context_length": None,
+                            "loaded": True,
+                            "owned_by": "outsider",
+                            "created": 0,
+                            "family": None,
+                            "parameter_size": None,
+                            "quantization": None,
+                            "available": True,
+                        }
+                        for m in self.models
+                    ],
+                }
+            )
         if path == "/v1/models":
-            return web.json_response({"object": "list", "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "outsider"} for m in self.models]})
+            return web.json_response(
+                {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "outsider"} for m in self.models],
+                }
+            )
         if path == "/v1/chat/completions":
             try:
                 wanted = json.loads(body or b"{}")
@@ -123,14 +161,28 @@ class Outsider:
                 resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
                 await resp.prepare(request)
                 for delta, finish in (({"role": "assistant", "content": FORGED_ANSWER}, None), ({}, "stop")):
-                    chunk = {**head, "object": "chat.completion.chunk",
-                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    chunk = {
+                        **head,
+                        "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    }
                     await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 await resp.write(b"data: [DONE]\n\n")
                 return resp
-            return web.json_response({**head, "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": FORGED_ANSWER}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return web.json_response(
+                {
+                    **head,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": FORGED_ANSWER},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            )
         return web.json_response({"accepted": 0, "refused": 0})
 
     # -- the peer port: every connection recorded, then TLS with its own certificate ------
@@ -189,15 +241,25 @@ class Outsider:
         assert self.aiozc is not None
         await self.leave()
         if node_id is None:
-            txt = {"id": self.identity.node_id, "v": "4", "port": str(PEER_PORT), "cat": "forged",
-                   "name": self.args.name}
+            txt = {
+                "id": self.identity.node_id,
+                "v": "4",
+                "port": str(PEER_PORT),
+                "cat": "forged",
+                "name": self.args.name,
+            }
         else:
             txt = await self.copied_txt(node_id)
         self.claim_id = txt["id"]
         instance = f"outsider-{self.identity.node_id[:12]}.{SERVICE_TYPE}"
-        self.info = AsyncServiceInfo(SERVICE_TYPE, instance, port=PEER_PORT, properties=txt,
-                                     server=f"outsider-{self.identity.node_id[:12]}.local.",
-                                     addresses=[socket.inet_aton(self.args.ip)])
+        self.info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            instance,
+            port=PEER_PORT,
+            properties=txt,
+            server=f"outsider-{self.identity.node_id[:12]}.local.",
+            addresses=[socket.inet_aton(self.args.ip)],
+        )
         await (await self.aiozc.async_register_service(self.info))
         return {"instance": instance, "txt": txt}
 
@@ -214,9 +276,12 @@ class Outsider:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         try:
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                             timeout=aiohttp.ClientTimeout(total=10)) as session, \
-                    session.post(f"https://{address}/quorum/v1/members", data=encode_records(store.records())) as r:
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=ctx), timeout=aiohttp.ClientTimeout(total=10)
+                ) as session,
+                session.post(f"https://{address}/quorum/v1/members", data=encode_records(store.records())) as r,
+            ):
                 return {"status": r.status, "body": (await r.read()).decode(errors="replace")[:300]}
         except (aiohttp.ClientError, OSError) as e:
             return {"status": None, "body": f"{type(e).__name__}: {e}"}

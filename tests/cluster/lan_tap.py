@@ -107,7 +107,7 @@ def read_capture(path: Path) -> Capture:
     i = 0
     while i + 4 <= len(data):
         (n,) = struct.unpack_from(">I", data, i)
-        frame = data[i + 4:i + 4 + n]
+        frame = data[i + 4 : i + 4 + n]
         i += 4 + n
         cap.frames += 1
         if len(frame) < 14:
@@ -124,10 +124,10 @@ def read_capture(path: Path) -> Capture:
         total = struct.unpack_from(">H", ip, 2)[0] or len(ip)
         proto = ip[9]
         src, dst = _ipv4(ip[12:16]), _ipv4(ip[16:20])
-        body = ip[ihl:min(total, len(ip))]
+        body = ip[ihl : min(total, len(ip))]
         if proto == 6 and len(body) >= 20:
             sport, dport, seq = struct.unpack_from(">HHI", body, 0)
-            payload = body[(body[12] >> 4) * 4:]
+            payload = body[(body[12] >> 4) * 4 :]
             if payload:
                 flow = (src, sport, dst, dport)
                 held = segments.setdefault(flow, {})
@@ -142,7 +142,7 @@ def read_capture(path: Path) -> Capture:
         for seq in sorted(held):  # in order; what overlaps the bytes already placed is a retransmission
             payload = held[seq]
             if end is not None and seq < end:
-                payload = payload[end - seq:]
+                payload = payload[end - seq :]
             out += payload
             end = max(end or 0, seq + len(held[seq]))
         cap.tcp[flow] = bytes(out)

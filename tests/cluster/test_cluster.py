@@ -1,9 +1,10 @@
 """A LAN cluster on loopback: several in-process nodes, each with its own fake engine.
 
 Nodes find each other through static peers (no mDNS), prove who they are with
-mutual TLS on their peer ports (each a member of one keyed cluster), and forward a request for a model they lack to a peer that
-holds it. The client is the real openai SDK; raw bytes are read with aiohttp
-where the SDK would hide what a test needs to see.
+mutual TLS on their peer ports (each a member of one keyed cluster), and forward a
+request for a model they lack to a peer that holds it. The client is the real
+openai SDK; raw bytes are read with aiohttp where the SDK would hide what a test
+needs to see.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ async def test_models_lists_whole_cluster_deduplicated(start_cluster, client_for
         assert nodes == {"alpha": [a.name], "beta": [b.name], "gamma": [c.name], "shared": sorted([a.name, b.name])}
 
     proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "quorum-node"), "peers", "--url", a.node.url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(Path(sys.executable).parent / "quorum-node"),
+        "peers",
+        "--url",
+        a.node.url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
@@ -337,12 +342,15 @@ async def test_peer_endpoints_answer_members_only(start_cluster, http, tmp_path:
         assert [m["id"] for m in (await resp.json())["models"]] == ["alpha"]
 
 
-async def test_node_of_another_cluster_never_becomes_a_peer(start_cluster, start_node, fake, client_for,
-                                                            http) -> None:
+async def test_node_of_another_cluster_never_becomes_a_peer(start_cluster, start_node, fake, client_for, http) -> None:
     a, b = await start_cluster(["alpha"], ["beta"])
     w_eng = await fake("openai", models=["intruder"])
-    w = await start_node(backends=[{"kind": "openai", "url": w_eng.url}], cluster="t", cluster_secret="another",
-                         peers=[f"127.0.0.1:{a.node.peer_port}"])
+    w = await start_node(
+        backends=[{"kind": "openai", "url": w_eng.url}],
+        cluster="t",
+        cluster_secret="another",
+        peers=[f"127.0.0.1:{a.node.peer_port}"],
+    )
     assert a.node.cluster is not None and w.cluster is not None
     a.node.cluster.table.add_static(f"127.0.0.1:{w.peer_port}")
     # a model added on a good peer afterwards arrives: enough probe rounds have run for W too
@@ -363,12 +371,18 @@ async def test_node_of_another_cluster_never_becomes_a_peer(start_cluster, start
         await client_for(a.node).chat.completions.create(model="intruder", messages=MESSAGES)
 
 
-async def test_a_stopped_peer_comes_back_by_itself(start_node: StartNode, fake: StartFake,
-                                                   http: aiohttp.ClientSession, tmp_path: Path) -> None:
+async def test_a_stopped_peer_comes_back_by_itself(
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
     """A peer that went away (crash, cable) is taken back as soon as it answers again."""
     eng_b = await fake("openai", models=["model-b"])
-    b = await start_node(backends=[{"kind": "openai", "url": eng_b.url}], name="nodeB",
-                         data_dir=str(tmp_path / "b"), **CLUSTER, peer_down_after_s=1.0)
+    b = await start_node(
+        backends=[{"kind": "openai", "url": eng_b.url}],
+        name="nodeB",
+        data_dir=str(tmp_path / "b"),
+        **CLUSTER,
+        peer_down_after_s=1.0,
+    )
     port_b, peer_port_b = b.port, b.peer_port
     a = await start_node(**CLUSTER, peers=[f"127.0.0.1:{peer_port_b}"], peer_down_after_s=1.0)
 
@@ -379,8 +393,14 @@ async def test_a_stopped_peer_comes_back_by_itself(start_node: StartNode, fake: 
     await b.stop()
     await eventually(lambda: holds({}), "A drops the stopped B", timeout_s=5.0)
     # B comes back: same data dir (same node id), same address
-    await start_node(backends=[{"kind": "openai", "url": eng_b.url}], name="nodeB",
-                     data_dir=str(tmp_path / "b"), port=port_b, peer_port=peer_port_b, **CLUSTER)
+    await start_node(
+        backends=[{"kind": "openai", "url": eng_b.url}],
+        name="nodeB",
+        data_dir=str(tmp_path / "b"),
+        port=port_b,
+        peer_port=peer_port_b,
+        **CLUSTER,
+    )
     await eventually(lambda: holds({"model-b": ["nodeB"]}), "A takes B back", timeout_s=5.0)
 
 

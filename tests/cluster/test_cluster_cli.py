@@ -14,7 +14,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,8 @@ from quorum_node.cluster.membership import (
     parse_invite,
 )
 from quorum_node.node import Node
-from tests.conftest import StartNode, eventually
+from tests.conftest import StartNode
+from tests.support import eventually
 
 QN = [sys.executable, "-m", "quorum_node.cli"]
 INVITE_REFUSED = "This invite is not valid (unknown, used or expired)"
@@ -54,8 +55,9 @@ class Ran:
 async def qn(*args: str) -> Ran:
     """Run ``quorum-node ARGS`` as a person would, and wait for it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
-    proc = await asyncio.create_subprocess_exec(*QN, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE, env=env)
+    proc = await asyncio.create_subprocess_exec(
+        *QN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 30)
     except TimeoutError:
@@ -82,12 +84,6 @@ def nobody() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def members_in(data_dir: Path) -> dict[str, str]:
@@ -141,7 +137,8 @@ async def peer_ids(http: aiohttp.ClientSession, node: Node) -> dict[str, str]:
 
 
 async def test_a_machine_joins_with_an_invite_and_the_two_nodes_find_each_other(
-        tmp_path: Path, founder: Founded, start_node: StartNode, http: aiohttp.ClientSession) -> None:
+    tmp_path: Path, founder: Founded, start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
     b = tmp_path / "B"
     token = await founder.invite()
     assert parse_invite(token).inviter == founder.node_id
@@ -159,8 +156,9 @@ async def test_a_machine_joins_with_an_invite_and_the_two_nodes_find_each_other(
     node_b.cluster.table.add_static(founder.address)
 
     async def both_up() -> bool:
-        return ((await peer_ids(http, founder.node)).get(bee) == "up"
-                and (await peer_ids(http, node_b)).get(founder.node_id) == "up")
+        return (await peer_ids(http, founder.node)).get(bee) == "up" and (await peer_ids(http, node_b)).get(
+            founder.node_id
+        ) == "up"
 
     await eventually(both_up, timeout_s=10, what="each node lists the other as up in /quorum/v1/peers")
 
@@ -176,18 +174,19 @@ async def test_an_invite_admits_one_machine_only(tmp_path: Path, founder: Founde
 
 async def test_an_expired_invite_is_refused(tmp_path: Path, founder: Founded) -> None:
     # made ten minutes ago, valid for one: what a person holding it for too long has
-    token = create_invite(founder.data_dir, inviter=founder.node_id, addresses=(founder.address,), ttl_s=60,
-                          now=time.time() - 600).encode()
+    token = create_invite(
+        founder.data_dir, inviter=founder.node_id, addresses=(founder.address,), ttl_s=60, now=time.time() - 600
+    ).encode()
     late = await qn("join", token, "--data-dir", str(tmp_path / "C"), "--name", "sea")
     one_line_error(late, 1, INVITE_REFUSED)
     assert load_cluster(tmp_path / "C") is None and len(members_of(founder.node)) == 1
 
 
 async def test_an_invite_naming_another_node_never_gives_its_secret_to_the_one_at_the_address(
-        tmp_path: Path, founder: Founded) -> None:
+    tmp_path: Path, founder: Founded
+) -> None:
     elsewhere = NodeIdentity.generate().node_id  # the invite says: the node at this address is `elsewhere`
-    meant = create_invite(founder.data_dir, inviter=elsewhere, addresses=(founder.address,), ttl_s=600,
-                          now=time.time())
+    meant = create_invite(founder.data_dir, inviter=elsewhere, addresses=(founder.address,), ttl_s=600, now=time.time())
     wrong = await qn("join", meant.encode(), "--data-dir", str(tmp_path / "C"), "--name", "sea")
     one_line_error(wrong, 1, "not the inviter")
     assert load_cluster(tmp_path / "C") is None
@@ -204,8 +203,9 @@ async def test_members_are_listed_through_the_node_and_offline(tmp_path: Path, f
     host = socket.gethostname()
 
     # through the node: asked from a directory that holds no cluster, only the node can answer
-    listed = await qn("cluster", "--data-dir", str(tmp_path / "elsewhere"), "--url", founder.node.url,
-                      "members", "--json")
+    listed = await qn(
+        "cluster", "--data-dir", str(tmp_path / "elsewhere"), "--url", founder.node.url, "members", "--json"
+    )
     assert listed.rc == 0, listed.err
     rows = {r["node_id"]: r for r in json.loads(listed.out)}
     assert {nid: r["name"] for nid, r in rows.items()} == {founder.node_id: host, bee: "bee"}
@@ -242,18 +242,28 @@ async def test_remove_through_the_running_node(tmp_path: Path, founder: Founded)
     listed = await qn("cluster", "--data-dir", str(founder.data_dir), "--url", founder.node.url, "members")
     assert "bee" not in listed.out and bee not in listed.out
 
-    one_line_error(await qn("cluster", "--data-dir", str(founder.data_dir), "--url", founder.node.url, "remove",
-                            "bee"), 1, "no member is named 'bee'")
-    one_line_error(await qn("cluster", "--data-dir", str(founder.data_dir), "--url", founder.node.url, "remove",
-                            founder.node_id), 1, "does not remove itself")
+    one_line_error(
+        await qn("cluster", "--data-dir", str(founder.data_dir), "--url", founder.node.url, "remove", "bee"),
+        1,
+        "no member is named 'bee'",
+    )
+    one_line_error(
+        await qn("cluster", "--data-dir", str(founder.data_dir), "--url", founder.node.url, "remove", founder.node_id),
+        1,
+        "does not remove itself",
+    )
 
 
 async def test_show_tells_the_cluster_and_never_a_secret(tmp_path: Path, founder: Founded, nobody: str) -> None:
     token = await founder.invite()
     shown = await qn("cluster", "--data-dir", str(founder.data_dir), "--url", nobody, "show")
     assert shown.rc == 0 and shown.err == ""
-    assert shown.out.splitlines() == ["name:    home", f"root:    {founder.node_id}",
-                                      f"node id: {founder.node_id}", "members: 1"]
+    assert shown.out.splitlines() == [
+        "name:    home",
+        f"root:    {founder.node_id}",
+        f"node id: {founder.node_id}",
+        "members: 1",
+    ]
     listed = await qn("cluster", "--data-dir", str(founder.data_dir), "--url", founder.node.url, "members", "--json")
     assert listed.rc == 0, listed.err
     stored = json.loads((founder.data_dir / IDENTITY_FILE).read_text())
@@ -264,15 +274,18 @@ async def test_show_tells_the_cluster_and_never_a_secret(tmp_path: Path, founder
             assert secret not in text
 
 
-@pytest.mark.parametrize("args, rc, says", [
-    (["join", "not-a-token"], 1, "has the form qrm2"),
-    (["join", "qrm1.aG9tZQ.c2VjcmV0c2VjcmV0"], 1, "shared-secret days"),
-    (["cluster", "show"], 2, "this machine is in no cluster"),
-    (["cluster", "--url", "{nobody}", "members"], 2, "this machine is in no cluster"),
-    (["cluster", "--url", "{nobody}", "remove", "bee"], 2, "this machine is in no cluster"),
-    (["invite", "--address", "127.0.0.1:1"], 2, "this machine is in no cluster"),
-    (["cluster", "--url", "{nobody}", "migrate"], 2, "no cluster of the shared-secret days"),
-])
+@pytest.mark.parametrize(
+    "args, rc, says",
+    [
+        (["join", "not-a-token"], 1, "has the form qrm2"),
+        (["join", "qrm1.aG9tZQ.c2VjcmV0c2VjcmV0"], 1, "shared-secret days"),
+        (["cluster", "show"], 2, "this machine is in no cluster"),
+        (["cluster", "--url", "{nobody}", "members"], 2, "this machine is in no cluster"),
+        (["cluster", "--url", "{nobody}", "remove", "bee"], 2, "this machine is in no cluster"),
+        (["invite", "--address", "127.0.0.1:1"], 2, "this machine is in no cluster"),
+        (["cluster", "--url", "{nobody}", "migrate"], 2, "no cluster of the shared-secret days"),
+    ],
+)
 async def test_errors_are_one_line(tmp_path: Path, nobody: str, args: list[str], rc: int, says: str) -> None:
     args = [a.replace("{nobody}", nobody) for a in args]
     where = ["--data-dir", str(tmp_path / "empty")]
@@ -286,8 +299,9 @@ async def test_init_twice_needs_force_and_a_bad_duration_is_refused(tmp_path: Pa
     assert (await qn("cluster", "--data-dir", d, "init", "--name", "one")).rc == 0
     one_line_error(await qn("cluster", "--data-dir", d, "init", "--name", "two"), 1, "--force")
     assert load_cluster(tmp_path / "A").name == "one"
-    one_line_error(await qn("invite", "--data-dir", d, "--address", "127.0.0.1:1", "--expires", "soon"), 2,
-                   "bad duration")
+    one_line_error(
+        await qn("invite", "--data-dir", d, "--address", "127.0.0.1:1", "--expires", "soon"), 2, "bad duration"
+    )
     assert (await qn("cluster", "--data-dir", d, "init", "--name", "two", "--force")).rc == 0
     assert load_cluster(tmp_path / "A").name == "two"
 
@@ -309,7 +323,8 @@ async def test_leave_forgets_the_membership_but_not_the_identity(tmp_path: Path)
 
 
 async def test_migrate_turns_a_shared_secret_cluster_into_a_keyed_one_that_others_join(
-        tmp_path: Path, start_node: StartNode, nobody: str) -> None:
+    tmp_path: Path, start_node: StartNode, nobody: str
+) -> None:
     old = tmp_path / "old-node"
     old.mkdir(mode=0o700)
     secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
@@ -326,8 +341,16 @@ async def test_migrate_turns_a_shared_secret_cluster_into_a_keyed_one_that_other
     node = await start_node(data_dir=str(old))
     assert node.cluster is not None
     # the tokens name this machine's LAN addresses; the test reaches the node on loopback
-    joined = await qn("join", tokens[1], "--data-dir", str(tmp_path / "other"), "--name", "other",
-                      "--via", f"127.0.0.1:{node.peer_port}")
+    joined = await qn(
+        "join",
+        tokens[1],
+        "--data-dir",
+        str(tmp_path / "other"),
+        "--name",
+        "other",
+        "--via",
+        f"127.0.0.1:{node.peer_port}",
+    )
     assert joined.rc == 0, joined.err
     other = load_or_create_identity(tmp_path / "other").node_id
     assert load_cluster(tmp_path / "other") == Cluster(name="old", root=me)

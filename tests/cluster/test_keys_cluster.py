@@ -34,6 +34,11 @@ from quorum_node.node import Node
 from quorum_node.records import Record
 from tests.members_support import client_tls, member_client
 from tests.netns import netns_unavailable
+from tests.relay.test_relay_route import MODEL as RELAY_MODEL
+from tests.relay.test_relay_route import (
+    relay,  # noqa: F401  (a fixture: pytest finds it by name, a test's parameter)
+    wan_pair,
+)
 from tests.support import eventually
 
 CLUSTER = {"cluster": "t", "cluster_secret": "s3cret"}
@@ -70,9 +75,17 @@ class Trio:
     async def start(self, name: str, *, port: int = 0, peers: list[str] = (), **settings: Any) -> Node:
         eng = self.engines.get(name) or await self.fake("openai", models=[f"model-{name}"])
         self.engines[name] = eng
-        node = await self.start_node(backends=[{"kind": "openai", "url": eng.url}], name=f"node-{name}",
-                                     data_dir=str(self.tmp / name), port=port, peers=list(peers),
-                                     require_key=True, peer_down_after_s=1.5, **CLUSTER, **settings)
+        node = await self.start_node(
+            backends=[{"kind": "openai", "url": eng.url}],
+            name=f"node-{name}",
+            data_dir=str(self.tmp / name),
+            port=port,
+            peers=list(peers),
+            require_key=True,
+            peer_down_after_s=1.5,
+            **CLUSTER,
+            **settings,
+        )
         self.nodes[name] = node
         return node
 
@@ -96,8 +109,9 @@ async def test_key_lifecycle_across_three_nodes_including_one_that_was_down(trio
     a, b, c = (trio.nodes[n] for n in "abc")
     _, key = a.keys.create("phone")
     for node, name in ((a, "a"), (b, "b"), (c, "c")):
-        took = await within(f"node {name} accepts the key made on a",
-                            lambda node=node, name=name: accepted(node, key, f"model-{name}"))
+        took = await within(
+            f"node {name} accepts the key made on a", lambda node=node, name=name: accepted(node, key, f"model-{name}")
+        )
         assert took < AGREE_S
     # c goes down; the key is revoked on b meanwhile
     port_c = c.port
@@ -151,10 +165,12 @@ async def test_a_forwarded_request_carries_the_key_id_never_the_key(trio: Trio) 
 
 async def _last_used(node: Node, admin_key: str, key_id: str) -> float | None:
     """A key's ``last used`` as ``keys list`` shows it on ``node`` (its admin API)."""
-    async with aiohttp.ClientSession() as http:
-        async with http.get(node.url + "/quorum/admin/keys", headers={"Authorization": f"Bearer {admin_key}"}) as r:
-            assert r.status == 200
-            keys = (await r.json())["keys"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(node.url + "/quorum/admin/keys", headers={"Authorization": f"Bearer {admin_key}"}) as r,
+    ):
+        assert r.status == 200
+        keys = (await r.json())["keys"]
     return next(k["last_used"] for k in keys if k["id"] == key_id)
 
 
@@ -221,9 +237,17 @@ async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
     # 2. a record signed by a node that is no member, for a key the forger holds
     forged_secret = "qk_" + "f" * 43
     stranger = NodeIdentity.generate()
-    forged = sign_record(RecordSigner(stranger, None), KeyRecord(
-        id="k_aaaaaaaaaaaa", name="forged", prefix="qk_ffffffff",
-        hash=hashlib.sha256(forged_secret.encode()).hexdigest(), created=time.time(), origin=stranger.node_id))
+    forged = sign_record(
+        RecordSigner(stranger, None),
+        KeyRecord(
+            id="k_aaaaaaaaaaaa",
+            name="forged",
+            prefix="qk_ffffffff",
+            hash=hashlib.sha256(forged_secret.encode()).hexdigest(),
+            created=time.time(),
+            origin=stranger.node_id,
+        ),
+    )
     # 3. a tombstone nobody signed (it would revoke the genuine key)
     fake_revoke = msgspec.structs.replace(genuine, revoked=time.time(), version=genuine.version + 1)
     # 4. the same record, passed off as the stranger's own but claiming b wrote it
@@ -246,9 +270,17 @@ async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
         # Sent by a member since removed, even one it signed itself: refused, on its old connection or a new one.
         tester = load_or_create_identity(trio.tmp / "tester")
         own_secret = "qk_" + "e" * 43
-        own = sign_record(RecordSigner(tester, None), KeyRecord(
-            id="k_bbbbbbbbbbbb", name="removed-members", prefix="qk_eeeeeeee",
-            hash=hashlib.sha256(own_secret.encode()).hexdigest(), created=time.time(), origin=tester.node_id))
+        own = sign_record(
+            RecordSigner(tester, None),
+            KeyRecord(
+                id="k_bbbbbbbbbbbb",
+                name="removed-members",
+                prefix="qk_eeeeeeee",
+                hash=hashlib.sha256(own_secret.encode()).hexdigest(),
+                created=time.time(),
+                origin=tester.node_id,
+            ),
+        )
         own_body = msgspec.json.encode({"records": [own]})
         async with member.get(base + "/quorum/v1/keys") as resp:  # a live connection, a member's
             assert resp.status == 200
@@ -259,17 +291,21 @@ async def test_forged_and_tampered_key_records_are_refused(trio: Trio) -> None:
     assert not await accepted(a, own_secret, "model-a")
 
     # Sent by a non-member: refused before any record is looked at.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(None, None))) as anon:
-        async with anon.post(base + "/quorum/v1/keys", data=body, headers=headers) as resp:
-            assert resp.status == 401  # the peer port without a certificate
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(None, None))) as anon,
+        anon.post(base + "/quorum/v1/keys", data=body, headers=headers) as resp,
+    ):
+        assert resp.status == 401  # the peer port without a certificate
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls(stranger, None))) as s:
         with pytest.raises(aiohttp.ClientError):  # the stranger's own certificate: no handshake
             async with s.post(base + "/quorum/v1/keys", data=body, headers=headers) as resp:
                 await resp.read()
-    async with aiohttp.ClientSession() as http:  # the public port, claiming to be b
-        async with http.post(a.url + "/quorum/v1/keys", data=body,
-                             headers={**headers, "X-Quorum-Node-Id": b.cluster.node_id}) as resp:
-            assert resp.status == 401
+    claiming_b = {**headers, "X-Quorum-Node-Id": b.cluster.node_id}
+    async with (
+        aiohttp.ClientSession() as http,  # the public port, claiming to be b
+        http.post(a.url + "/quorum/v1/keys", data=body, headers=claiming_b) as resp,
+    ):
+        assert resp.status == 401
 
     assert await accepted(a, key, "model-a")  # still live, still scoped
     with pytest.raises(openai.PermissionDeniedError):
@@ -333,8 +369,17 @@ def other_namespace(tag: str) -> Iterator[tuple[str, str]]:
 
 async def _from_namespace(ns: str, script: str, *args: str) -> Any:
     proc = await asyncio.create_subprocess_exec(
-        "ip", "netns", "exec", ns, sys.executable, "-c", script, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-c",
+        script,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     return json.loads(out)
@@ -379,8 +424,13 @@ async def test_off_loopback_every_admin_endpoint_needs_an_admin_key(start_node, 
         _, plain = node.keys.create("app")
         _, admin = node.keys.create("ops", admin=True)
         got = await _from_namespace(ns, _ADMIN_CLIENT, f"http://{host}:{node.port}", plain, admin)
-        for path in ("/quorum/admin/usage", "/quorum/admin/usage/series", "/quorum/admin/recent",
-                     "/quorum/admin/keys", "/quorum/admin/fleet"):
+        for path in (
+            "/quorum/admin/usage",
+            "/quorum/admin/usage/series",
+            "/quorum/admin/recent",
+            "/quorum/admin/keys",
+            "/quorum/admin/fleet",
+        ):
             assert got[path + " none"] == [401, "missing_api_key"], path
             assert got[path + " plain"] == [403, "not_admin"], path
             assert got[path + " admin"] == [200, None], path
@@ -411,8 +461,6 @@ async def test_the_admin_token_is_refused_off_loopback(start_node, fake) -> None
 
 
 # -- through the relay: the same records, the same guarantees -----------------------------
-
-from tests.relay.test_relay_route import MODEL as RELAY_MODEL, relay, wan_pair  # noqa: E402,F401  (the relay fixture)
 
 
 async def test_keys_agree_between_nodes_that_only_meet_through_the_relay(start_node, fake, http, relay) -> None:

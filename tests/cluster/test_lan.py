@@ -63,8 +63,9 @@ async def first_to_get(model: str, hosts: list[Proc], marks: dict[str, int], tim
         await asyncio.gather(*waits, return_exceptions=True)
 
 
-async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pytest.FixtureRequest,
-                                                                   tmp_path: Path) -> None:
+async def test_lan_of_namespaces_discovers_forwards_and_fails_over(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
     reason = _netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
@@ -103,8 +104,14 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
 
         # 3. A model only host 2 holds is served by host 2, forwarded over the LAN.
         only2 = await lan.client(1, "chat", "only2")
-        assert only2 == {"status": 200, "node": h2.name, "route": "lan", "content": "Hello from host2",
-                         "error": None, "done_seen": None}
+        assert only2 == {
+            "status": 200,
+            "node": h2.name,
+            "route": "lan",
+            "content": "Hello from host2",
+            "error": None,
+            "done_seen": None,
+        }
 
         # 4. Kill the holder of `shared-model` while a request waits on it for its first token: the
         #    request fails over, before any byte reached the client, and the other holder serves it.
@@ -124,19 +131,35 @@ async def test_lan_of_namespaces_discovers_forwards_and_fails_over(request: pyte
                 await inflight.wait()
         assert inflight.returncode == 0, err.decode()
         lines = [json.loads(x) for x in out.decode().splitlines()]
-        assert lines == [{"event": "first_chunk"},
-                         {"status": 200, "node": survivor.name, "route": "lan",
-                          "content": f"Hello from host{survivor.place}", "error": None, "done_seen": None}]
-        await survivor.message("request", 1.0, after=marks[survivor.name],
-                               where=lambda req: req["model"] == "shared-model")
+        assert lines == [
+            {"event": "first_chunk"},
+            {
+                "status": 200,
+                "node": survivor.name,
+                "route": "lan",
+                "content": f"Hello from host{survivor.place}",
+                "error": None,
+                "done_seen": None,
+            },
+        ]
+        await survivor.message(
+            "request", 1.0, after=marks[survivor.name], where=lambda req: req["model"] == "shared-model"
+        )
         # The requests after it go to the survivor too, whether or not host 1 has noticed the death yet.
         for stream in (False, True):
             after = await lan.client(1, "chat", "shared-model", *(["--stream"] if stream else []))
-            assert after == {"status": 200, "node": survivor.name, "route": "lan",
-                             "content": f"Hello from host{survivor.place}", "error": None, "done_seen": None}
+            assert after == {
+                "status": 200,
+                "node": survivor.name,
+                "route": "lan",
+                "content": f"Hello from host{survivor.place}",
+                "error": None,
+                "done_seen": None,
+            }
         # Without goodbye packets the dead host drops out by failed health checks.
-        gone = await lan.client(1, "models", "--expect", json.dumps({"shared-model": [survivor.name]}),
-                                "--timeout", "8")
+        gone = await lan.client(
+            1, "models", "--expect", json.dumps({"shared-model": [survivor.name]}), "--timeout", "8"
+        )
         assert gone["models"].get("shared-model") == [survivor.name]
         assert f"only{victim.place}" not in gone["models"]
 

@@ -21,9 +21,9 @@ import pytest
 
 from quorum_node.control.ledger import LEDGER_FILE
 from quorum_node.control.usage import parse_since
+from tests.cluster.test_cluster import MESSAGES
 from tests.conftest import StartFake, StartNode
 from tests.support import eventually
-from tests.cluster.test_cluster import MESSAGES
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the vLLM fake's model
 QUORUM_NODE = str(Path(sys.executable).parent / "quorum-node")
@@ -50,8 +50,10 @@ async def workload(client: openai.AsyncOpenAI, model: str, seen: Seen, *, tag: s
     for i in range(n):
         rid = f"{tag}-chat-{i}"
         raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=[{"role": "user", "content": "say " + "word " * i}],
-            extra_headers={"X-Request-Id": rid})
+            model=model,
+            messages=[{"role": "user", "content": "say " + "word " * i}],
+            extra_headers={"X-Request-Id": rid},
+        )
         assert raw.headers["X-Request-Id"] == rid
         u = raw.parse().usage
         assert u is not None
@@ -64,8 +66,12 @@ async def workload(client: openai.AsyncOpenAI, model: str, seen: Seen, *, tag: s
 
         rid = f"{tag}-stream-usage-{i}"
         stream = await client.chat.completions.create(
-            model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True},
-            extra_headers={"X-Request-Id": rid})
+            model=model,
+            messages=MESSAGES,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Request-Id": rid},
+        )
         chunks = [ch async for ch in stream]
         usage = chunks[-1].usage
         assert usage is not None
@@ -75,8 +81,9 @@ async def workload(client: openai.AsyncOpenAI, model: str, seen: Seen, *, tag: s
         # Without the usage chunk the client sees the content chunks (the fakes: one token each), and no usage;
         # the node still asked the engine for it, so the ledger has the engine's numbers, not an estimate.
         rid = f"{tag}-stream-plain-{i}"
-        stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True,
-                                                      extra_headers={"X-Request-Id": rid})
+        stream = await client.chat.completions.create(
+            model=model, messages=MESSAGES, stream=True, extra_headers={"X-Request-Id": rid}
+        )
         chunks = [ch async for ch in stream]
         assert all(ch.usage is None for ch in chunks)
         tokens = sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content)
@@ -90,12 +97,16 @@ def usage_cli(*args: str) -> dict[str, Any]:
 
 
 def totals(rows: list[dict[str, Any]]) -> tuple[int, int, int]:
-    return (sum(r["requests"] for r in rows), sum(r["prompt_tokens"] for r in rows),
-            sum(r["completion_tokens"] for r in rows))
+    return (
+        sum(r["requests"] for r in rows),
+        sum(r["prompt_tokens"] for r in rows),
+        sum(r["completion_tokens"] for r in rows),
+    )
 
 
-async def test_ledger_totals_equal_the_tokens_the_client_saw(start_node: StartNode, fake: StartFake,
-                                                             client_for: Any, tmp_path: Path) -> None:
+async def test_ledger_totals_equal_the_tokens_the_client_saw(
+    start_node: StartNode, fake: StartFake, client_for: Any, tmp_path: Path
+) -> None:
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     seen = Seen()
@@ -104,8 +115,16 @@ async def test_ledger_totals_equal_the_tokens_the_client_saw(start_node: StartNo
 
     # The running node, through `quorum-node usage` (its admin endpoint): committed before each answer ended.
     data = await asyncio.to_thread(usage_cli, "--url", node.url, "--by", "model")
-    assert data["rows"] == [{"group": MODEL, "requests": seen.requests, "prompt_tokens": seen.prompt,
-                             "completion_tokens": seen.completion, "errors": 0, "estimated": 0}]
+    assert data["rows"] == [
+        {
+            "group": MODEL,
+            "requests": seen.requests,
+            "prompt_tokens": seen.prompt,
+            "completion_tokens": seen.completion,
+            "errors": 0,
+            "estimated": 0,
+        }
+    ]
     assert data["source"].startswith("node at")
     by_surface = await asyncio.to_thread(usage_cli, "--url", node.url, "--by", "surface", "--since", "1h")
     assert totals(by_surface["rows"]) == (seen.requests, seen.prompt, seen.completion)
@@ -114,8 +133,12 @@ async def test_ledger_totals_equal_the_tokens_the_client_saw(start_node: StartNo
     # Every record is one row of the SQLite file, with the engine's own numbers (nothing estimated).
     assert node.ledger is not None
     db = sqlite3.connect(node.ledger.path)
-    rows = {rid: (p, c, est, route, node_) for rid, p, c, est, route, node_ in db.execute(
-        "SELECT request_id, prompt_tokens, completion_tokens, tokens_estimated, route, serving_node FROM records")}
+    rows = {
+        rid: (p, c, est, route, node_)
+        for rid, p, c, est, route, node_ in db.execute(
+            "SELECT request_id, prompt_tokens, completion_tokens, tokens_estimated, route, serving_node FROM records"
+        )
+    }
     db.close()
     assert sorted(rows) == sorted(seen.ids)
     assert {v[2:] for v in rows.values()} == {(0, "local", node.name)}
@@ -123,14 +146,14 @@ async def test_ledger_totals_equal_the_tokens_the_client_saw(start_node: StartNo
     # With no node running, `quorum-node usage` reads the file itself.
     port = node.port
     await node.stop()
-    offline = await asyncio.to_thread(usage_cli, "--url", f"http://127.0.0.1:{port}", "--data-dir",
-                                      str(node.ledger.path.parent))
+    offline = await asyncio.to_thread(
+        usage_cli, "--url", f"http://127.0.0.1:{port}", "--data-dir", str(node.ledger.path.parent)
+    )
     assert offline["source"].startswith("ledger ")
     assert totals(offline["rows"]) == (seen.requests, seen.prompt, seen.completion)
 
 
-async def test_forwarded_requests_link_up_and_the_cluster_counts_each_once(start_cluster: Any,
-                                                                          client_for: Any) -> None:
+async def test_forwarded_requests_link_up_and_the_cluster_counts_each_once(start_cluster: Any, client_for: Any) -> None:
     a, b = await start_cluster(["alpha"], ["beta"])
     seen_a, seen_b = Seen(), Seen()
     await workload(client_for(a.node), "beta", seen_a, tag="fwd")  # entered at a, served by b
@@ -153,24 +176,32 @@ async def test_forwarded_requests_link_up_and_the_cluster_counts_each_once(start
     assert sum(r.completion_tokens or 0 for r in recs_a.values()) == seen_a.completion
 
     # Each node alone: the requests that entered there.
-    assert [_d(r) for r in await a.node.ledger.query(None, "model") if r.group == "beta"] == \
-        [_d(r) for r in [msgspec_row(seen_a)]]
+    assert [_d(r) for r in await a.node.ledger.query(None, "model") if r.group == "beta"] == [
+        _d(r) for r in [msgspec_row(seen_a)]
+    ]
     # The cluster, asked at either node: every request once, though b holds a record of each.
     for node in (a.node, b.node):
         data = await asyncio.to_thread(usage_cli, "--url", node.url, "--cluster", "--by", "node")
         assert sorted(data["nodes"]) == sorted([a.name, b.name]) and data["unreachable"] == []
         served = [r for r in data["rows"] if r["group"] != "-"]  # "-": the model listings, served by no engine
-        assert served == [{"group": b.name, "requests": seen_a.requests + seen_b.requests,
-                           "prompt_tokens": seen_a.prompt + seen_b.prompt,
-                           "completion_tokens": seen_a.completion + seen_b.completion, "errors": 0,
-                           "estimated": 0}]
+        assert served == [
+            {
+                "group": b.name,
+                "requests": seen_a.requests + seen_b.requests,
+                "prompt_tokens": seen_a.prompt + seen_b.prompt,
+                "completion_tokens": seen_a.completion + seen_b.completion,
+                "errors": 0,
+                "estimated": 0,
+            }
+        ]
 
 
 def msgspec_row(seen: Seen) -> Any:
     from quorum_node.control.ledger import UsageRow
 
-    return UsageRow(group="beta", requests=seen.requests, prompt_tokens=seen.prompt,
-                    completion_tokens=seen.completion, errors=0)
+    return UsageRow(
+        group="beta", requests=seen.requests, prompt_tokens=seen.prompt, completion_tokens=seen.completion, errors=0
+    )
 
 
 def _d(row: Any) -> dict[str, Any]:
@@ -183,41 +214,52 @@ async def test_an_unreachable_peer_is_named_and_the_rest_is_counted(start_cluste
     await workload(client_for(a.node), "alpha", seen, tag="a", n=1)
     await b.node.stop()
     out = await asyncio.to_thread(
-        subprocess.run, [QUORUM_NODE, "usage", "--url", a.node.url, "--cluster"], capture_output=True, text=True,
-        timeout=30)
+        subprocess.run,
+        [QUORUM_NODE, "usage", "--url", a.node.url, "--cluster"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert f"unreachable: {b.name} (" in out.stdout
-    assert next(line for line in out.stdout.splitlines() if line.startswith("alpha")).split()[1:4] == \
-        [str(seen.requests), str(seen.prompt), str(seen.completion)]
+    assert next(line for line in out.stdout.splitlines() if line.startswith("alpha")).split()[1:4] == [
+        str(seen.requests),
+        str(seen.prompt),
+        str(seen.completion),
+    ]
     data = await asyncio.to_thread(usage_cli, "--url", a.node.url, "--cluster")
     assert data["nodes"] == [a.name] and [u["node"] for u in data["unreachable"]] == [b.name]
 
 
 async def test_refused_and_failed_requests_are_recorded_with_their_status(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("vllm")
-    node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], max_body_bytes=4096,
-                            cluster="t", cluster_secret="s3cret")
+    node = await start_node(
+        backends=[{"kind": "vllm", "url": eng.url}], max_body_bytes=4096, cluster="t", cluster_secret="s3cret"
+    )
     url = node.url
     cases = {
         "r400": ("POST", "/v1/chat/completions", b'{"model": 5}', {}),
-        "r404model": ("POST", "/v1/chat/completions",
-                      json.dumps({"model": "nope", "messages": MESSAGES}).encode(), {}),
+        "r404model": ("POST", "/v1/chat/completions", json.dumps({"model": "nope", "messages": MESSAGES}).encode(), {}),
         "r404path": ("GET", "/v1/nowhere", b"", {}),
         "r413": ("POST", "/v1/chat/completions", b"x" * 10_000, {}),
     }
     # a 401 for a caller that proved nothing is counted and sampled into the log, not stored (issue 19, 7)
-    async with http.post(url + "/v1/chat/completions", data=b"{}",
-                         headers={"X-Request-Id": "r401", "X-Quorum-Hop": "1"}) as r:  # a peer's, off the peer port
+    async with http.post(
+        url + "/v1/chat/completions", data=b"{}", headers={"X-Request-Id": "r401", "X-Quorum-Hop": "1"}
+    ) as r:  # a peer's, off the peer port
         assert r.status == 401
     for rid, (method, path, body, headers) in cases.items():
-        async with http.request(method, url + path, data=body,
-                                headers={"X-Request-Id": rid, "Content-Type": "application/json", **headers}) as r:
+        async with http.request(
+            method, url + path, data=body, headers={"X-Request-Id": rid, "Content-Type": "application/json", **headers}
+        ) as r:
             await r.read()
             assert r.headers["X-Request-Id"] == rid
     eng.next_status = 500  # the engine fails: the client gets a 5xx
-    async with http.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES},
-                         headers={"X-Request-Id": "r5xx"}) as r:
+    async with http.post(
+        url + "/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES}, headers={"X-Request-Id": "r5xx"}
+    ) as r:
         failed_status = r.status
         await r.read()
     assert failed_status >= 500
@@ -229,8 +271,13 @@ async def test_refused_and_failed_requests_are_recorded_with_their_status(
     await eventually(all_there, "every refusal is in the ledger")
     recs = {r.request_id: r for r in await node.ledger.recent(100)}
     got = {rid: (recs[rid].status, recs[rid].outcome) for rid in [*cases, "r5xx"]}
-    assert got == {"r400": (400, "rejected"), "r404model": (404, "rejected"), "r404path": (404, "rejected"),
-                   "r413": (413, "rejected"), "r5xx": (failed_status, "failed")}
+    assert got == {
+        "r400": (400, "rejected"),
+        "r404model": (404, "rejected"),
+        "r404path": (404, "rejected"),
+        "r413": (413, "rejected"),
+        "r5xx": (failed_status, "failed"),
+    }
     assert "r401" not in recs
     assert recs["r404model"].model == "nope" and recs["r404model"].surface == "openai"
     usage = await node.ledger.query(None, "model")
@@ -238,7 +285,8 @@ async def test_refused_and_failed_requests_are_recorded_with_their_status(
 
 
 async def test_an_engine_that_gives_no_usage_gets_estimated_tokens_marked_as_such(
-        start_node: StartNode, fake: StartFake, client_for: Any) -> None:
+    start_node: StartNode, fake: StartFake, client_for: Any
+) -> None:
     eng = await fake("openai", models=["m"], omit_usage=True)
     node = await start_node(backends=[{"kind": "openai", "url": eng.url}])
     client = client_for(node)
@@ -247,16 +295,24 @@ async def test_an_engine_that_gives_no_usage_gets_estimated_tokens_marked_as_suc
     assert chat.usage is None  # the client sees what the engine said
     answer = chat.choices[0].message.content or ""
     assert answer
-    compl = await client.completions.create(model="m", prompt="one two three four",  # 18 characters: 5 tokens
-                                            extra_headers={"X-Request-Id": "compl"})
-    stream = await client.chat.completions.create(model="m", messages=prompt, stream=True,
-                                                  stream_options={"include_usage": True},
-                                                  extra_headers={"X-Request-Id": "stream"})
+    compl = await client.completions.create(
+        model="m",
+        prompt="one two three four",  # 18 characters: 5 tokens
+        extra_headers={"X-Request-Id": "compl"},
+    )
+    stream = await client.chat.completions.create(
+        model="m",
+        messages=prompt,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"X-Request-Id": "stream"},
+    )
     chunks = [ch async for ch in stream]
     assert all(ch.usage is None for ch in chunks)
     # a stream's completion tokens: its chunks of text, counted (not the opening role chunk, not the finish)
-    choice_chunks = sum(1 for ch in chunks
-                        if ch.choices and (ch.choices[0].delta.content or ch.choices[0].delta.tool_calls))
+    choice_chunks = sum(
+        1 for ch in chunks if ch.choices and (ch.choices[0].delta.content or ch.choices[0].delta.tool_calls)
+    )
     assert node.ledger is not None
     recs = {r.request_id: r for r in await node.ledger.recent(10)}
     assert (recs["whole"].prompt_tokens, recs["whole"].completion_tokens) == (10, -(-len(answer) // 4))
@@ -268,41 +324,60 @@ async def test_an_engine_that_gives_no_usage_gets_estimated_tokens_marked_as_suc
     data = await asyncio.to_thread(usage_cli, "--url", node.url, "--by", "model")
     (row,) = [r for r in data["rows"] if r["group"] == "m"]
     assert row["requests"] == 3 and row["estimated"] == 3 and row["prompt_tokens"] == 25
-    out = await asyncio.to_thread(subprocess.run, [QUORUM_NODE, "usage", "--url", node.url], capture_output=True,
-                                  text=True, timeout=30)
+    out = await asyncio.to_thread(
+        subprocess.run, [QUORUM_NODE, "usage", "--url", node.url], capture_output=True, text=True, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("m "))
     assert "~25" in line.split() and "~: includes the estimated tokens of 3 requests" in out.stdout
 
 
-async def test_the_usage_endpoints_are_for_admins_only(start_node: StartNode, fake: StartFake, client_for: Any,
-                                                      http: aiohttp.ClientSession) -> None:
+async def test_the_usage_endpoints_are_for_admins_only(
+    start_node: StartNode, fake: StartFake, client_for: Any, http: aiohttp.ClientSession
+) -> None:
     """Under --require-key (callers held to the off-loopback rule): no key 401, a plain key 403, an admin key 200
     (and ``quorum-node usage --api-key``); the true off-loopback path is in test_keys_cluster.py."""
     node = await start_node(require_key=True)
     _, admin = node.keys.create("ops", admin=True)
     _, plain = node.keys.create("app")
-    for path in ("/quorum/admin/usage", "/quorum/admin/usage?cluster=1", "/quorum/admin/usage/series",
-                 "/quorum/admin/recent", "/quorum/admin/keys"):
+    for path in (
+        "/quorum/admin/usage",
+        "/quorum/admin/usage?cluster=1",
+        "/quorum/admin/usage/series",
+        "/quorum/admin/recent",
+        "/quorum/admin/keys",
+    ):
         async with http.get(node.url + path) as r:
             assert r.status == 401, path
         async with http.get(node.url + path, headers={"Authorization": f"Bearer {plain}"}) as r:
             assert r.status == 403 and (await r.json())["error"]["code"] == "not_admin", path
         async with http.get(node.url + path, headers={"x-api-key": admin}) as r:
             assert r.status == 200, path
-    refused = await asyncio.to_thread(subprocess.run, [QUORUM_NODE, "usage", "--url", node.url, "--api-key", plain],
-                                      capture_output=True, text=True, timeout=30)
+    refused = await asyncio.to_thread(
+        subprocess.run,
+        [QUORUM_NODE, "usage", "--url", node.url, "--api-key", plain],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert refused.returncode == 1 and "admin API" in refused.stderr
     assert (await asyncio.to_thread(usage_cli, "--url", node.url, "--api-key", admin))["source"].startswith("node")
 
 
-async def test_admin_endpoints_refuse_bad_parameters_with_400(start_node: StartNode,
-                                                               http: aiohttp.ClientSession) -> None:
+async def test_admin_endpoints_refuse_bad_parameters_with_400(
+    start_node: StartNode, http: aiohttp.ClientSession
+) -> None:
     node = await start_node()
-    for path in ("/quorum/admin/usage?by=password", "/quorum/admin/usage?since=yesterday-ish",
-                 "/quorum/admin/usage?since=nan", "/quorum/admin/usage/series?bucket=0",
-                 "/quorum/admin/usage/series?bucket=1&since=30d", "/quorum/admin/recent?limit=-1",
-                 "/quorum/admin/recent?limit=99999999999999999999", "/quorum/admin/usage?since=%00"):
+    for path in (
+        "/quorum/admin/usage?by=password",
+        "/quorum/admin/usage?since=yesterday-ish",
+        "/quorum/admin/usage?since=nan",
+        "/quorum/admin/usage/series?bucket=0",
+        "/quorum/admin/usage/series?bucket=1&since=30d",
+        "/quorum/admin/recent?limit=-1",
+        "/quorum/admin/recent?limit=99999999999999999999",
+        "/quorum/admin/usage?since=%00",
+    ):
         async with http.get(node.url + path) as r:
             body = await r.json()
             assert r.status == 400, (path, body)
@@ -320,8 +395,9 @@ async def test_peer_usage_endpoint_needs_a_signature(start_cluster: Any, http: a
         assert r.status == 401
 
 
-async def test_series_buckets_the_workload(start_node: StartNode, fake: StartFake, client_for: Any,
-                                           http: aiohttp.ClientSession) -> None:
+async def test_series_buckets_the_workload(
+    start_node: StartNode, fake: StartFake, client_for: Any, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}])
     seen = Seen()
@@ -333,8 +409,9 @@ async def test_series_buckets_the_workload(start_node: StartNode, fake: StartFak
     assert {p["group"] for p in points} == {MODEL}
 
 
-async def test_no_ledger_setting_keeps_no_file(start_node: StartNode, fake: StartFake, client_for: Any,
-                                               http: aiohttp.ClientSession) -> None:
+async def test_no_ledger_setting_keeps_no_file(
+    start_node: StartNode, fake: StartFake, client_for: Any, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], ledger=False)
     await client_for(node).chat.completions.create(model=MODEL, messages=MESSAGES)
@@ -343,10 +420,20 @@ async def test_no_ledger_setting_keeps_no_file(start_node: StartNode, fake: Star
         assert r.status == 503 and (await r.json())["error"]["code"] == "ledger_off"
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("1h", 1_000_000 - 3600), ("7d", 1_000_000 - 7 * 86400), ("90s", 1_000_000 - 90), ("2w", 1_000_000 - 14 * 86400),
-    ("1970-01-02", 86400.0), ("1970-01-01T01:00:00+01:00", 0.0), ("12345.5", 12345.5), (None, None), ("", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1h", 1_000_000 - 3600),
+        ("7d", 1_000_000 - 7 * 86400),
+        ("90s", 1_000_000 - 90),
+        ("2w", 1_000_000 - 14 * 86400),
+        ("1970-01-02", 86400.0),
+        ("1970-01-01T01:00:00+01:00", 0.0),
+        ("12345.5", 12345.5),
+        (None, None),
+        ("", None),
+    ],
+)
 def test_since_accepts_durations_dates_and_epochs(text: str | None, expected: float | None) -> None:
     assert parse_since(text, now=1_000_000) == expected
 
@@ -357,8 +444,9 @@ def test_since_refuses_what_it_cannot_read(text: str) -> None:
         parse_since(text, now=1_000_000)
 
 
-async def test_ledger_survives_a_restart_and_reopens(start_node: StartNode, fake: StartFake, client_for: Any,
-                                                     tmp_path: Path) -> None:
+async def test_ledger_survives_a_restart_and_reopens(
+    start_node: StartNode, fake: StartFake, client_for: Any, tmp_path: Path
+) -> None:
     eng = await fake("vllm")
     node = await start_node(backends=[{"kind": "vllm", "url": eng.url}], name="same", data_dir=str(tmp_path / "d"))
     await client_for(node).chat.completions.create(model=MODEL, messages=MESSAGES)

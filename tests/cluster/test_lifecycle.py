@@ -49,7 +49,7 @@ async def pair(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSessi
 async def test_stop_drains_streams_served_by_a_peer_and_cuts_the_rest_with_an_error(
     start_node, fake, http, client_for
 ) -> None:
-    a, b, eng = await pair(start_node, fake, http, drain_timeout_s=1.5)
+    a, _b, eng = await pair(start_node, fake, http, drain_timeout_s=1.5)
     client = client_for(a)
     started = asyncio.Event()
     begun = 0
@@ -187,12 +187,16 @@ async def test_a_request_through_the_peer_port_without_a_certificate_is_refused_
     assert a.cluster is not None and b.cluster is not None
     await eventually(lambda: holds(http, a, MODEL), what="A and B know each other")
     # A's peer headers, a body of someone else's: 100 MB announced, not one byte of it sent
-    headers = {**a.cluster.peer_headers(hop="1", origin=a.cluster.node_id), "Content-Type": "application/json",
-               "Content-Length": "100000000", "Host": "127.0.0.1"}
-    head = ("POST /v1/chat/completions HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-            + "\r\n").encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", b.peer_port,
-                                                   ssl=client_tls(None, b.identity.cert_der))
+    headers = {
+        **a.cluster.peer_headers(hop="1", origin=a.cluster.node_id),
+        "Content-Type": "application/json",
+        "Content-Length": "100000000",
+        "Host": "127.0.0.1",
+    }
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.peer_port, ssl=client_tls(None, b.identity.cert_der))
     try:
         writer.write(head)
         async with asyncio.timeout(5):  # the answer comes, so the body was never waited for
@@ -224,8 +228,9 @@ async def test_a_start_that_fails_half_way_stops_what_had_started(tmp_path, fake
     with socket.socket() as probe:  # a public port we can name in advance
         probe.bind(("127.0.0.1", 0))
         public = probe.getsockname()[1]
-    settings = node_settings(tmp_path, 0, port=public, peer_port=peer_port,
-                             backends=[{"kind": "openai", "url": eng.url}], **CLUSTER)
+    settings = node_settings(
+        tmp_path, 0, port=public, peer_port=peer_port, backends=[{"kind": "openai", "url": eng.url}], **CLUSTER
+    )
     node = Node(settings)
     tasks_before = {t for t in asyncio.all_tasks() if not t.done()}
     try:
@@ -240,8 +245,9 @@ async def test_a_start_that_fails_half_way_stops_what_had_started(tmp_path, fake
         await node.stop()  # a no-op now, and no error
     finally:
         taken.close()
-    retry = Node(node_settings(tmp_path, 0, port=public, peer_port=peer_port,
-                               backends=[{"kind": "openai", "url": eng.url}]))
+    retry = Node(
+        node_settings(tmp_path, 0, port=public, peer_port=peer_port, backends=[{"kind": "openai", "url": eng.url}])
+    )
     await retry.start()  # the same data dir and port: nothing of the failed start holds them
     try:
         assert retry.port == public

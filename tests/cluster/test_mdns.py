@@ -41,7 +41,7 @@ from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = ["127.0.0.1"]
 
 
@@ -117,7 +117,11 @@ def discovered(node_id: str) -> Callable[[DiscoveryEvent], bool]:
 def test_txt_record_fields_and_name_truncation() -> None:
     props = txt_properties(node_id="ab12", name="ö" * 100, port=32768, fingerprint="f1", proto=3, catalog_digest="c9")
     assert {k: v for k, v in props.items() if k != "name"} == {
-        "id": "ab12", "fp": "f1", "v": "3", "port": "32768", "cat": "c9"
+        "id": "ab12",
+        "fp": "f1",
+        "v": "3",
+        "port": "32768",
+        "cat": "c9",
     }
     # Cut on a character boundary, never mid-UTF-8 sequence.
     assert props["name"] == "ö" * (NAME_MAX_BYTES // 2)
@@ -247,8 +251,6 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-
-
 class Child:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
@@ -300,9 +302,20 @@ async def test_nodes_in_namespaces_discover_each_other_over_a_bridge(request: py
     ids = [secrets.token_hex(8) for _ in range(3)]
     for i, node_id in enumerate(ids, start=1):
         proc = await asyncio.create_subprocess_exec(
-            *lan, "exec", str(i), sys.executable, "-c", CHILD, node_id, f"10.77.0.{i}", "2",
-            cwd=ROOT, env=env,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            *lan,
+            "exec",
+            str(i),
+            sys.executable,
+            "-c",
+            CHILD,
+            node_id,
+            f"10.77.0.{i}",
+            "2",
+            cwd=ROOT,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         children.append(Child(proc))
     try:
@@ -351,9 +364,14 @@ async def test_a_goodbye_sent_in_a_members_name_does_not_drop_it(start_node, fak
     # (B's name is taken, so it could never register it)
     forger = AsyncZeroconf(interfaces=LOOPBACK, ip_version=IPVersion.V4Only)
     try:
-        info = AsyncServiceInfo(SERVICE_TYPE, f"{b_id}.{SERVICE_TYPE}", port=b.peer_port,
-                                properties={"id": b_id, "v": "4"}, server=f"quorum-{b_id}.local.",
-                                addresses=[socket.inet_aton("127.0.0.1")])
+        info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{b_id}.{SERVICE_TYPE}",
+            port=b.peer_port,
+            properties={"id": b_id, "v": "4"},
+            server=f"quorum-{b_id}.local.",
+            addresses=[socket.inet_aton("127.0.0.1")],
+        )
         await (await forger.async_unregister_service(info))
     finally:
         await forger.async_close()

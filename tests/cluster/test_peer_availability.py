@@ -63,8 +63,10 @@ async def test_a_slow_reader_is_not_mistaken_for_a_silent_engine(start_node, fak
     reader, writer = await asyncio.open_connection(sock=sock)
     try:
         body = json.dumps({**CHAT, "stream": True}).encode()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         await reader.readuntil(b"\r\n\r\n")
         await asyncio.sleep(1.5)  # three idle timeouts long, not reading a byte
         # (whether the engine is still held back depends on how much loopback buffers: not asserted)

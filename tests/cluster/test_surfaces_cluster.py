@@ -24,16 +24,19 @@ async def test_responses_and_messages_for_a_peers_model(start_cluster, client_fo
     claude = anthropic.AsyncAnthropic(base_url=a.node.url, api_key="unused", max_retries=0)
     try:
         raw_msg = await claude.messages.with_raw_response.create(
-            model="beta", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+            model="beta", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        )
         assert raw_msg.headers["X-Quorum-Route"] == "lan"
         assert (await raw_msg.parse()).content[0].text == "Hello, world!"
-        async with claude.messages.stream(model="beta", max_tokens=16,
-                                          messages=[{"role": "user", "content": "hi"}]) as s:
+        async with claude.messages.stream(
+            model="beta", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+        ) as s:
             assert "".join([t async for t in s.text_stream]) == "Hello, world!"
         b.engine.fail_after_tokens, b.engine.fail_mode = 2, "drop"
         with pytest.raises(anthropic.APIError):
-            async with claude.messages.stream(model="beta", max_tokens=16,
-                                              messages=[{"role": "user", "content": "hi"}]) as s:
+            async with claude.messages.stream(
+                model="beta", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+            ) as s:
                 async for _ in s.text_stream:
                     pass
         with pytest.raises(openai.APIError):

@@ -54,7 +54,9 @@ async def lan(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[L
         if os.environ.get("CI"):  # CI runs as root with iproute2 (scripts/test installs it): never a silent skip
             pytest.fail(f"the trust tests need network namespaces: {reason}")
         pytest.skip(reason)
-    world = Lan(f"qt{os.getpid() % 10000}t{secrets.token_hex(2)}", NET, tmp_path)  # fresh names: a straggler of the test before cannot hold a port
+    world = Lan(
+        f"qt{os.getpid() % 10000}t{secrets.token_hex(2)}", NET, tmp_path
+    )  # fresh names: a straggler of the test before cannot hold a port
 
     def teardown() -> None:  # even if the test never reached its own clean-up
         world.kill_all()
@@ -75,22 +77,35 @@ async def start_members(lan: Lan, hosts: dict[int, tuple[str, list[str]]]) -> di
     """Enrol every member's data dir (in order: the first founds the cluster), then start them all."""
     for _, (name, _) in sorted(hosts.items()):
         lan.enrol(name, SECRET)
-    procs = {name: await lan.host(place, name, secret=SECRET, models=models, tokens=greeting(name))
-             for place, (name, models) in sorted(hosts.items())}
+    procs = {
+        name: await lan.host(place, name, secret=SECRET, models=models, tokens=greeting(name))
+        for place, (name, models) in sorted(hosts.items())
+    }
     for p in procs.values():
         assert (await p.message("ready", 20.0))["peer_port"] == PEER_PORT
     return procs
 
 
-async def lists(lan: Lan, place: int, expect: dict[str, list[str]], *, absent: tuple[str, ...] = (),
-                timeout_s: float = STEP_S) -> dict[str, Any]:
+async def lists(
+    lan: Lan, place: int, expect: dict[str, list[str]], *, absent: tuple[str, ...] = (), timeout_s: float = STEP_S
+) -> dict[str, Any]:
     """The node at ``place`` lists ``expect`` (model: holders) and none of ``absent``, within ``timeout_s``."""
-    got = await lan.client(place, "models", "--expect", json.dumps(expect), "--absent", ",".join(absent),
-                           "--timeout", str(timeout_s), timeout_s=timeout_s + 10)
+    got = await lan.client(
+        place,
+        "models",
+        "--expect",
+        json.dumps(expect),
+        "--absent",
+        ",".join(absent),
+        "--timeout",
+        str(timeout_s),
+        timeout_s=timeout_s + 10,
+    )
     assert got["status"] == 200
     missing = {k: got["models"].get(k) for k, v in expect.items() if got["models"].get(k) != v}
     assert not missing and not set(absent) & set(got["models"]), (
-        f"host {place} lists {got['models']} after {got['elapsed_s']} s; wanted {expect}, without {absent}")
+        f"host {place} lists {got['models']} after {got['elapsed_s']} s; wanted {expect}, without {absent}"
+    )
     return got["models"]
 
 
@@ -113,8 +128,21 @@ async def remove(lan: Lan, place: int, name: str, member: str) -> None:
 
 async def outsider(lan: Lan, place: int, models: list[str]) -> Proc:
     data_dir = lan.tmp / "outsider"
-    proc = await lan.spawn(place, "outsider", sys.executable, "-m", "tests.cluster.lan_outsider", "--ip", lan.ip(place),
-                           "--data-dir", str(data_dir), "--name", "outsider", "--models", ",".join(models))
+    proc = await lan.spawn(
+        place,
+        "outsider",
+        sys.executable,
+        "-m",
+        "tests.cluster.lan_outsider",
+        "--ip",
+        lan.ip(place),
+        "--data-dir",
+        str(data_dir),
+        "--name",
+        "outsider",
+        "--models",
+        ",".join(models),
+    )
     await proc.message("ready", 20.0)
     return proc
 
@@ -123,8 +151,9 @@ async def test_an_outsider_is_never_trusted_and_cannot_take_a_members_place(lan:
     """(a) An outsider that announces itself and answers like a node gets nothing and gives nothing;
     (b) announcing under a member's id, from its own address, it takes none of that member's traffic,
     and its goodbye does not take the member away."""
-    m = await start_members(lan, {1: ("lan-a", []), 2: ("lan-b", ["only-b", "shared-model"]),
-                                  3: ("lan-c", ["shared-model", "only-c"])})
+    m = await start_members(
+        lan, {1: ("lan-a", []), 2: ("lan-b", ["only-b", "shared-model"]), 3: ("lan-c", ["shared-model", "only-c"])}
+    )
     a, b, c = m["lan-a"], m["lan-b"], m["lan-c"]
     ids = {name: (await p.message("ready", 1.0))["node_id"] for name, p in m.items()}
     cluster = {"only-b": ["lan-b"], "only-c": ["lan-c"], "shared-model": ["lan-b", "lan-c"]}
@@ -144,8 +173,9 @@ async def test_an_outsider_is_never_trusted_and_cannot_take_a_members_place(lan:
     pushed = await o.ask("pushed", STEP_S, push=f"{lan.ip(1)}:{PEER_PORT}")
     assert pushed["status"] == 200 and json.loads(pushed["body"]) == {"accepted": 0, "refused": 1}, pushed
     # Its key reads nothing from a member.
-    got = await lan.client(4, "peer-get", f"https://{lan.ip(1)}:{PEER_PORT}/quorum/v1/catalog",
-                           "--data-dir", str(lan.tmp / "outsider"))
+    got = await lan.client(
+        4, "peer-get", f"https://{lan.ip(1)}:{PEER_PORT}/quorum/v1/catalog", "--data-dir", str(lan.tmp / "outsider")
+    )
     assert got["status"] in (None, 401), got
     # No member lists its models, or routes a prompt to it, while it goes on announcing itself.
     for place in (1, 2, 3):
@@ -156,8 +186,14 @@ async def test_an_outsider_is_never_trusted_and_cannot_take_a_members_place(lan:
     for r in served:
         assert r["status"] == 200 and r["node"] in ("lan-b", "lan-c") and r["route"] == "lan", r
         assert r["content"] == answer_of(r["node"]), r
-    assert await chat(lan, 3, "only-b") == {"status": 200, "node": "lan-b", "route": "lan",
-                                            "content": answer_of("lan-b"), "error": None, "done_seen": None}
+    assert await chat(lan, 3, "only-b") == {
+        "status": 200,
+        "node": "lan-b",
+        "route": "lan",
+        "content": answer_of("lan-b"),
+        "error": None,
+        "done_seen": None,
+    }
     await lists(lan, 1, cluster, absent=("bait-model",))
     # All that while, nobody so much as opened a connection to it.
     assert o.messages_of("connection") == [] and o.messages_of("request") == [], o.messages
@@ -174,13 +210,23 @@ async def test_an_outsider_is_never_trusted_and_cannot_take_a_members_place(lan:
         impersonation = await o.ask("announced", STEP_S, announce=ids["lan-b"])
         assert impersonation["txt"]["id"] == ids["lan-b"] and impersonation["txt"]["name"] == "lan-b"
         for p in (a, c):  # they hear lan-b announced at the outsider's address …
-            await p.event("mdns_peer_discovered", STEP_S, after=marks[p.name],
-                          where=lambda e: e["peer"] == ids["lan-b"] and e["address"] == f"{oip}:{PEER_PORT}")
+            await p.event(
+                "mdns_peer_discovered",
+                STEP_S,
+                after=marks[p.name],
+                where=lambda e: e["peer"] == ids["lan-b"] and e["address"] == f"{oip}:{PEER_PORT}",
+            )
         for member in (1, 3):  # … check it there, pinned to lan-b's key, and find someone else
-            await o.message("handshake_failed", STEP_S, after=seen_a,
-                            where=lambda h, ip=lan.ip(member): h["remote"] == ip)
-        assert await chat(lan, 3, "only-b") == {"status": 200, "node": "lan-b", "route": "lan",
-                                                "content": answer_of("lan-b"), "error": None, "done_seen": None}
+            ip = lan.ip(member)
+            await o.message("handshake_failed", STEP_S, after=seen_a, where=lambda h, ip=ip: h["remote"] == ip)
+        assert await chat(lan, 3, "only-b") == {
+            "status": 200,
+            "node": "lan-b",
+            "route": "lan",
+            "content": answer_of("lan-b"),
+            "error": None,
+            "done_seen": None,
+        }
         # It leaves: its goodbye names lan-b's id. Both members hear it; lan-b stays theirs.
         assert await o.ask("left", STEP_S, leave=True) is True
         for p in (a, c):
@@ -215,9 +261,11 @@ async def test_an_outsider_is_never_trusted_and_cannot_take_a_members_place(lan:
     assert o.messages_of("tls") == [] and o.messages_of("request") == [], o.messages
     assert {h["remote"] for h in o.messages_of("connection")} <= {lan.ip(1), lan.ip(3)}
     assert FORGED_ANSWER not in json.dumps(results)
-    print(f"trust: {len(results)} requests for lan-b's model across the impersonation, {len(failures)} failed "
-          f"(longest stretch {worst:.2f} s); the outsider saw {len(o.messages_of('connection'))} connections, "
-          "no handshake completed")
+    print(
+        f"trust: {len(results)} requests for lan-b's model across the impersonation, {len(failures)} failed "
+        f"(longest stretch {worst:.2f} s); the outsider saw {len(o.messages_of('connection'))} connections, "
+        "no handshake completed"
+    )
 
 
 async def test_the_lan_carries_no_prompt_and_no_answer_in_the_clear(lan: Lan) -> None:
@@ -232,7 +280,9 @@ async def test_the_lan_carries_no_prompt_and_no_answer_in_the_clear(lan: Lan) ->
         await p.message("ready", 20.0)
     await lists(lan, 1, {"only-b": ["lan-b"]})
     out = lan.tmp / "tap.bin"
-    tap = await lan.spawn("-br", "tap", sys.executable, "-m", "tests.cluster.lan_tap", str(out))  # the bridge's namespace
+    tap = await lan.spawn(
+        "-br", "tap", sys.executable, "-m", "tests.cluster.lan_tap", str(out)
+    )  # the bridge's namespace
     assert await tap.message("ready", STEP_S) is True
 
     # What a tap sees in the clear is seen: a plain HTTP request across the bridge.
@@ -240,8 +290,14 @@ async def test_the_lan_carries_no_prompt_and_no_answer_in_the_clear(lan: Lan) ->
     # The prompt, through lan-a, for a model only lan-b holds: served by lan-b, over the LAN.
     for stream in ([], ["--stream"]):
         got = await chat(lan, 1, "only-b", "--prompt", f"Repeat after me: {prompt_mark}", *stream)
-        assert got == {"status": 200, "node": "lan-b", "route": "lan", "content": f"Sure: {answer_mark}",
-                       "error": None, "done_seen": None}, got
+        assert got == {
+            "status": 200,
+            "node": "lan-b",
+            "route": "lan",
+            "content": f"Sure: {answer_mark}",
+            "error": None,
+            "done_seen": None,
+        }, got
     assert [r["model"] for r in b.messages_of("request")] == ["only-b", "only-b"]
     assert await tap.ask("captured", STEP_S, stop=True)
     capture = read_capture(out)
@@ -257,8 +313,15 @@ async def test_the_lan_carries_no_prompt_and_no_answer_in_the_clear(lan: Lan) ->
 async def test_a_removed_member_is_refused_everywhere(lan: Lan) -> None:
     """(d) ``quorum-node cluster remove`` evicts a member from every node within 10 s, and a member removed
     while it was offline is refused when it comes back with its old data dir."""
-    m = await start_members(lan, {1: ("lan-a", []), 2: ("lan-b", ["shared-model", "only-b"]),
-                                  3: ("lan-c", ["shared-model", "only-c"]), 4: ("lan-d", ["only-d"])})
+    m = await start_members(
+        lan,
+        {
+            1: ("lan-a", []),
+            2: ("lan-b", ["shared-model", "only-b"]),
+            3: ("lan-c", ["shared-model", "only-c"]),
+            4: ("lan-d", ["only-d"]),
+        },
+    )
     c, d = m["lan-c"], m["lan-d"]
     catalog_of_a = f"https://{lan.ip(1)}:{PEER_PORT}/quorum/v1/catalog"
     full = {"shared-model": ["lan-b", "lan-c"], "only-b": ["lan-b"], "only-c": ["lan-c"], "only-d": ["lan-d"]}
@@ -317,5 +380,7 @@ async def test_a_removed_member_is_refused_everywhere(lan: Lan) -> None:
     for place in (1, 2):
         assert (await chat(lan, place, "only-d"))["status"] == 404
     assert back.messages_of("request", after=d_requests) == []
-    print(f"trust: removal everywhere in {took:.2f} s; the removed members' keys got "
-          f"{c_refused['status'] or c_refused['error']} and {d_refused['status'] or d_refused['error']}")
+    print(
+        f"trust: removal everywhere in {took:.2f} s; the removed members' keys got "
+        f"{c_refused['status'] or c_refused['error']} and {d_refused['status'] or d_refused['error']}"
+    )

@@ -64,10 +64,18 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         await relay.event("relay_started", 15.0)
         relay_url = world.relay_url
         x = await world.host("a1", "wan-x", secret=SECRET, relay=relay_url, relay_token=TOKEN, models=[], tokens=[])
-        y = await world.host("b1", "wan-y", secret=SECRET, relay=relay_url, relay_token=TOKEN, models=[MODEL],
-                             tokens=["Hello", " from", " lan2"])
-        z = await world.host("b2", "wan-z", secret=SECRET, relay=relay_url, relay_token=WRONG_TOKEN, models=[HIDDEN],
-                             tokens=["psst"])
+        y = await world.host(
+            "b1",
+            "wan-y",
+            secret=SECRET,
+            relay=relay_url,
+            relay_token=TOKEN,
+            models=[MODEL],
+            tokens=["Hello", " from", " lan2"],
+        )
+        z = await world.host(
+            "b2", "wan-z", secret=SECRET, relay=relay_url, relay_token=WRONG_TOKEN, models=[HIDDEN], tokens=["psst"]
+        )
         ready = {p.name: await p.message("ready", 20.0) for p in (x, y, z)}
         assert all(r["port"] == PORT for r in ready.values())
         timings["start"] = time.monotonic() - t0
@@ -88,8 +96,7 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         assert view["relay"]["state"] == "up", view["relay"]
         assert view["relay"]["online"] == [ready["wan-y"]["node_id"]], view["relay"]
         assert [(p["name"], p["routes"], p["state"]) for p in view["peers"]] == [("wan-y", ["relay"], "up")], view
-        served = {"status": 200, "node": "wan-y", "route": "relay", "content": ANSWER, "error": None,
-                  "done_seen": None}
+        served = {"status": 200, "node": "wan-y", "route": "relay", "content": ANSWER, "error": None, "done_seen": None}
         assert await world.client("a1", "chat", MODEL) == served
         assert await world.client("a1", "chat", MODEL, "--stream") == served
 
@@ -98,16 +105,18 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         zview = await world.client("b2", "peers", "--until-relay", "refused", "--timeout", "10")
         assert zview["relay"]["state"] == "refused", zview["relay"]
         await relay.event("handshake_refused", 5.0, where=lambda e: e.get("address") == z_addr)
-        lan2 = await world.client("b2", "models", "--expect", json.dumps({MODEL: ["wan-y"], HIDDEN: ["wan-z"]}),
-                                  "--timeout", "10")
+        lan2 = await world.client(
+            "b2", "models", "--expect", json.dumps({MODEL: ["wan-y"], HIDDEN: ["wan-z"]}), "--timeout", "10"
+        )
         assert lan2["models"] == {MODEL: ["wan-y"], HIDDEN: ["wan-z"]}, lan2
         assert (await world.client("a1", "models"))["models"] == {MODEL: ["wan-y"]}
 
         # 3. kill -9 the relay and start it again: requests through X work again within 5 s of its return.
         #    The poller is loaded first and told to start once X has seen the relay go, so that the outage
         #    is the kill, X noticing it and the restart, not a Python start-up.
-        poller = await world.start_client("a1", "poll-chat", MODEL, "--timeout", "15", "--go-on-stdin",
-                                          stdin=asyncio.subprocess.PIPE)
+        poller = await world.start_client(
+            "a1", "poll-chat", MODEL, "--timeout", "15", "--go-on-stdin", stdin=asyncio.subprocess.PIPE
+        )
         try:
             assert poller.stdout is not None and poller.stdin is not None
             line = await asyncio.wait_for(poller.stdout.readline(), 10.0)
@@ -138,7 +147,8 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         timings["works_again"] = again["at"] - back
         assert timings["works_again"] <= BACK_WITHIN_S + MARGIN_S, (
             f"requests worked again {timings['works_again']:.2f} s after the relay returned "
-            f"(goal {BACK_WITHIN_S} s); {again['attempts']} attempts, last error: {again['last_error']}")
+            f"(goal {BACK_WITHIN_S} s); {again['attempts']} attempts, last error: {again['last_error']}"
+        )
         view = await world.client("a1", "peers")
         assert view["relay"]["state"] == "up"
         assert [(p["name"], p["routes"]) for p in view["peers"]] == [("wan-y", ["relay"])], view

@@ -78,9 +78,7 @@ RST_SETTLE_S = 0.01
 class EngineError(Exception):
     """Raised inside a handler; the middleware renders it in the engine's own envelope."""
 
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -100,8 +98,9 @@ class Redirect(Exception):
 class RecordedRequest(dict):
     """A generation request as received: the parsed JSON body, plus `.path`, `.method`, `.headers`."""
 
-    def __init__(self, body: dict, *, path: str, method: str, headers: dict[str, str],
-                 peer: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self, body: dict, *, path: str, method: str, headers: dict[str, str], peer: tuple[str, int] | None = None
+    ) -> None:
         super().__init__(body)
         self.path = path
         self.method = method
@@ -222,9 +221,7 @@ class FakeEngine:
             app.router.add_route(method, path, handler)
         # handler_cancellation: a client that goes away cancels the handler at once,
         # so `cancelled` is counted even while the fake sleeps between tokens.
-        self._runner = web.AppRunner(
-            app, handler_cancellation=True, shutdown_timeout=0.1, access_log=None
-        )
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.1, access_log=None)
         await self._runner.setup()
         self._sock = self._bind(port)
         self.port = self._sock.getsockname()[1]
@@ -361,7 +358,10 @@ class FakeEngine:
 
     def record(self, request: web.Request, body: dict) -> RecordedRequest:
         rec = RecordedRequest(
-            body, path=request.path, method=request.method, headers=dict(request.headers),
+            body,
+            path=request.path,
+            method=request.method,
+            headers=dict(request.headers),
             peer=request.transport.get_extra_info("peername") if request.transport is not None else None,
         )
         self.requests.append(rec)
@@ -403,8 +403,7 @@ class FakeEngine:
         if self.status_always is not None:
             raise EngineError(self.status_always, self.injected_error_message(self.status_always))
         if self.redirect_status is not None:
-            raise Redirect(self.redirect_status,
-                           self.redirect_location or f"http://127.0.0.1:9{request.path_qs}")
+            raise Redirect(self.redirect_status, self.redirect_location or f"http://127.0.0.1:9{request.path_qs}")
         if self.loading and self.loading_mode == "wait":
             await self._loaded.wait()
         return rec
@@ -423,25 +422,39 @@ class FakeEngine:
         """Decide the output: content pieces cut at `max_tokens`, or one tool call."""
         tools = body.get("tools") or []
         messages = body.get("messages")
-        answered = isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") == "tool"  # a tool's result came back: the model answers in text
+        answered = (
+            isinstance(messages, list)
+            and bool(messages)
+            and isinstance(messages[-1], dict)
+            and messages[-1].get("role") == "tool"
+        )  # a tool's result came back: the model answers in text
         if tools and not answered:
             fn = tools[0].get("function", tools[0])
             name = str(fn.get("name", "tool"))
             arguments = json.dumps(self.tool_arguments, separators=(",", ":"))
             call_id = self.tool_call_id()
             deltas = (tool_deltas or self.tool_call_deltas)(call_id, name, arguments)
-            call = {"id": call_id, "type": "function",
-                    "function": {"name": name, "arguments": arguments}}
-            return Plan(deltas=deltas, text="", tool_calls=[call], finish="tool_calls",
-                        prompt_tokens=prompt_tokens, fail_at=self._fail_at(len(deltas)))
+            call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            return Plan(
+                deltas=deltas,
+                text="",
+                tool_calls=[call],
+                finish="tool_calls",
+                prompt_tokens=prompt_tokens,
+                fail_at=self._fail_at(len(deltas)),
+            )
         pieces = list(self.tokens)
         finish = "stop"
         if max_tokens is not None and 0 <= max_tokens < len(pieces):
             pieces, finish = pieces[:max_tokens], "length"
-        return Plan(deltas=[{"content": p} for p in pieces], text="".join(pieces),
-                    tool_calls=None, finish=finish, prompt_tokens=prompt_tokens,
-                    fail_at=self._fail_at(len(pieces)))
+        return Plan(
+            deltas=[{"content": p} for p in pieces],
+            text="".join(pieces),
+            tool_calls=None,
+            finish=finish,
+            prompt_tokens=prompt_tokens,
+            fail_at=self._fail_at(len(pieces)),
+        )
 
     def _fail_at(self, n: int) -> int | None:
         return None if self.fail_after_tokens is None else min(self.fail_after_tokens, n)
@@ -452,14 +465,14 @@ class FakeEngine:
     def tool_call_deltas(self, call_id: str, name: str, arguments: str) -> list[dict]:
         """OpenAI-style incremental tool-call deltas: header, then argument fragments."""
         third = max(1, len(arguments) // 3)
-        frags = [arguments[i:i + third] for i in range(0, len(arguments), third)]
-        head = {"tool_calls": [{"index": 0, "id": call_id, "type": "function",
-                                "function": {"name": name, "arguments": ""}}]}
+        frags = [arguments[i : i + third] for i in range(0, len(arguments), third)]
+        head = {
+            "tool_calls": [{"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}]
+        }
         rest = [{"tool_calls": [{"index": 0, "function": {"arguments": f}}]} for f in frags]
         return [head, *rest]
 
-    async def answer_fault(self, request: web.Request,
-                           tracker: StreamTracker) -> web.StreamResponse | None:
+    async def answer_fault(self, request: web.Request, tracker: StreamTracker) -> web.StreamResponse | None:
         """A non-streamed answer's fault (inside `track`); None: the legacy engine 500."""
         mode = self.fail_mode
         if mode == "rst":
@@ -547,8 +560,7 @@ class FakeEngine:
         except EngineError as exc:
             return self.error_response(request, exc)
         except Redirect as exc:
-            return web.json_response({"moved": True}, status=exc.status,
-                                     headers={"Location": exc.location})
+            return web.json_response({"moved": True}, status=exc.status, headers={"Location": exc.location})
         except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
             return self.unknown_route(request)
 
@@ -563,9 +575,8 @@ class FakeEngine:
             resp = self.loading_response(request)
             if resp is not None:
                 return resp
-        if self.api_key is not None and self.auth_required(request):
-            if not self.auth_ok(request):
-                return self.auth_failure(request)
+        if self.api_key is not None and self.auth_required(request) and not self.auth_ok(request):
+            return self.auth_failure(request)
         return None
 
     def loading_response(self, request: web.Request) -> web.StreamResponse | None:
@@ -608,8 +619,7 @@ def drop_connection(request: web.Request, tracker: StreamTracker) -> None:
     raise asyncio.CancelledError
 
 
-async def reset_connection(request: web.Request, tracker: StreamTracker, *,
-                           settle: bool = True) -> None:
+async def reset_connection(request: web.Request, tracker: StreamTracker, *, settle: bool = True) -> None:
     """Cut the connection with an RST (fail_mode="rst"): SO_LINGER 0, then abort.
 
     With `settle`, the peer first gets `RST_SETTLE_S` to read what was already sent:

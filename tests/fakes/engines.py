@@ -17,9 +17,9 @@ Knobs (`tokens`, `token_delay_s`, `first_token_delay_s`, `fail_after_tokens`,
 answers, no usage chunk in streams), `native_apis` (llama.cpp: its own `/v1/responses`
 and `/v1/messages`; False, set before start: a build without them), `messages_start`
 (llama.cpp: False leaves out a Messages stream's first event), `forged_event_type` (llama.cpp: appended
-to the `type` of its Responses text deltas after the first, a hostile engine's injection)) are plain attributes that tests may change at
-any time; bookkeeping (`requests`, `cancelled`, `abandoned`, `active_streams`)
-is read the same way.
+to the `type` of its Responses text deltas after the first, a hostile engine's injection)) are plain
+attributes that tests may change at any time; bookkeeping (`requests`, `cancelled`, `abandoned`,
+`active_streams`) is read the same way.
 
 Faults (every kind; Ollama's native NDJSON too, with lines for events):
 
@@ -73,8 +73,7 @@ from tests.fakes.openai_compat import OpenAICompatEngine
 from tests.fakes.tgi import TGIEngine
 from tests.fakes.vllm_sglang import SGLangEngine, VLLMEngine
 
-__all__ = ["ENGINE_CLASSES", "KINDS", "EngineError", "FakeEngine", "RecordedRequest",
-           "start_fake"]
+__all__ = ["ENGINE_CLASSES", "KINDS", "EngineError", "FakeEngine", "RecordedRequest", "start_fake"]
 
 KINDS = ("ollama", "llamacpp", "vllm", "sglang", "tgi", "lmstudio", "localai", "mlx", "openai")
 
@@ -91,8 +90,9 @@ ENGINE_CLASSES: dict[str, type[FakeEngine]] = {
 }
 
 
-async def start_fake(kind: str, *, port: int = 0, host: str = "127.0.0.1",
-                     models: list[str] | None = None, **knobs: Any) -> FakeEngine:
+async def start_fake(
+    kind: str, *, port: int = 0, host: str = "127.0.0.1", models: list[str] | None = None, **knobs: Any
+) -> FakeEngine:
     """Start a fake `kind` engine on `host:port` (0: any free port, read back into `.port`).
 
     `knobs` set attributes before the server starts; an unknown name is a TypeError.

@@ -12,7 +12,7 @@ in `tests/fakes/native.py`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -23,23 +23,28 @@ from tests.fakes.openai_compat import OpenAICompatEngine, StreamCtx
 __all__ = ["LlamaCppEngine"]
 
 BUILD = "b6497-cd08fc3e"
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 500: "server_error", 501: "not_supported_error",
-          503: "unavailable_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    500: "server_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
 _PUBLIC = frozenset({"/health", "/v1/health", "/models", "/v1/models", "/"})
 
 
 def _error(status: int, message: str, etype: str | None = None) -> web.Response:
     etype = etype or _TYPES.get(status, "server_error")
-    return web.json_response({"error": {"code": status, "message": message, "type": etype}},
-                             status=status)
+    return web.json_response({"error": {"code": status, "message": message, "type": etype}}, status=status)
 
 
 class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
     kind = "llamacpp"
     default_models = ("/models/SmolLM2-135M-Instruct.Q4_1.gguf",)
     loading_mode = "503"
-    extra_headers = {"Server": "llama.cpp"}
+    extra_headers: ClassVar[dict[str, str]] = {"Server": "llama.cpp"}
 
     role_chunk_content = None  # mid-2025+ builds: {"role":"assistant","content":null}
     usage_null_on_chunks = False
@@ -52,19 +57,21 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
     total_slots = 1
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(), *self.native_routes(),
-                ("GET", "/health", self.handle_health),
-                ("GET", "/v1/health", self.handle_health),
-                ("GET", "/props", self.handle_props),
-                ("GET", "/slots", self.handle_slots),
-                ("GET", "/metrics", self.handle_metrics)]
+        return [
+            *super().routes(),
+            *self.native_routes(),
+            ("GET", "/health", self.handle_health),
+            ("GET", "/v1/health", self.handle_health),
+            ("GET", "/props", self.handle_props),
+            ("GET", "/slots", self.handle_slots),
+            ("GET", "/metrics", self.handle_metrics),
+        ]
 
     # ------------------------------------------------------------------ hooks
 
     def loading_response(self, request: web.Request) -> web.StreamResponse | None:
         if request.path == "/" or request.path.endswith(".html"):
-            return web.Response(status=503, content_type="text/html",
-                                text="<html><body>Loading model</body></html>")
+            return web.Response(status=503, content_type="text/html", text="<html><body>Loading model</body></html>")
         return _error(503, "Loading model")
 
     def auth_required(self, request: web.Request) -> bool:
@@ -91,12 +98,17 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
         return self.models[0] if self.models else str(body.get("model", ""))
 
     def timings(self, plan: Plan) -> dict:
-        return {"cache_n": 0, "prompt_n": plan.prompt_tokens, "prompt_ms": 12.5,
-                "prompt_per_token_ms": 12.5 / plan.prompt_tokens,
-                "prompt_per_second": plan.prompt_tokens / 0.0125,
-                "predicted_n": plan.completion_tokens, "predicted_ms": 20.0,
-                "predicted_per_token_ms": 20.0 / max(1, plan.completion_tokens),
-                "predicted_per_second": plan.completion_tokens / 0.02}
+        return {
+            "cache_n": 0,
+            "prompt_n": plan.prompt_tokens,
+            "prompt_ms": 12.5,
+            "prompt_per_token_ms": 12.5 / plan.prompt_tokens,
+            "prompt_per_second": plan.prompt_tokens / 0.0125,
+            "predicted_n": plan.completion_tokens,
+            "predicted_ms": 20.0,
+            "predicted_per_token_ms": 20.0 / max(1, plan.completion_tokens),
+            "predicted_per_second": plan.completion_tokens / 0.02,
+        }
 
     def usage(self, plan: Plan) -> dict:
         return {**super().usage(plan), "prompt_tokens_details": {"cached_tokens": 0}}
@@ -112,42 +124,88 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
     def models_body(self) -> dict:
         models, data = [], []
         for m in self.models:
-            models.append({
-                "name": m, "model": m, "modified_at": "", "size": "", "digest": "",
-                "type": "model", "description": "", "tags": [""],
-                "capabilities": ["completion"], "parameters": "",
-                "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""],
-                            "parameter_size": "", "quantization_level": ""}})
-            data.append({
-                "id": m, "aliases": [m], "tags": [], "object": "model",
-                "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
-                "created": 1795315701, "owned_by": "llamacpp",
-                "meta": {"vocab_type": 2, "n_vocab": 49152, "n_ctx": self.context_length,
-                         "n_ctx_train": self.train_context_length, "n_embd": 576,
-                         "n_params": 134515008, "size": 96576768, "ftype": "Q4_1"}})
+            models.append(
+                {
+                    "name": m,
+                    "model": m,
+                    "modified_at": "",
+                    "size": "",
+                    "digest": "",
+                    "type": "model",
+                    "description": "",
+                    "tags": [""],
+                    "capabilities": ["completion"],
+                    "parameters": "",
+                    "details": {
+                        "parent_model": "",
+                        "format": "gguf",
+                        "family": "",
+                        "families": [""],
+                        "parameter_size": "",
+                        "quantization_level": "",
+                    },
+                }
+            )
+            data.append(
+                {
+                    "id": m,
+                    "aliases": [m],
+                    "tags": [],
+                    "object": "model",
+                    "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+                    "created": 1795315701,
+                    "owned_by": "llamacpp",
+                    "meta": {
+                        "vocab_type": 2,
+                        "n_vocab": 49152,
+                        "n_ctx": self.context_length,
+                        "n_ctx_train": self.train_context_length,
+                        "n_embd": 576,
+                        "n_params": 134515008,
+                        "size": 96576768,
+                        "ftype": "Q4_1",
+                    },
+                }
+            )
         return {"models": models, "object": "list", "data": data}
 
     async def handle_health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
 
     async def handle_props(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({
-            "default_generation_settings": {
-                "id": 0, "n_ctx": self.context_length, "speculative": False,
-                "is_processing": False, "params": {"n_predict": -1, "temperature": 0.8}},
-            "total_slots": self.total_slots,
-            "model_path": self.models[0] if self.models else "",
-            "chat_template": "{% for message in messages %}{{ message.content }}{% endfor %}",
-            "chat_template_caps": {"supports_tools": True},
-            "modalities": {"vision": False, "audio": False},
-            "build_info": BUILD, "is_sleeping": False})
+        return web.json_response(
+            {
+                "default_generation_settings": {
+                    "id": 0,
+                    "n_ctx": self.context_length,
+                    "speculative": False,
+                    "is_processing": False,
+                    "params": {"n_predict": -1, "temperature": 0.8},
+                },
+                "total_slots": self.total_slots,
+                "model_path": self.models[0] if self.models else "",
+                "chat_template": "{% for message in messages %}{{ message.content }}{% endfor %}",
+                "chat_template_caps": {"supports_tools": True},
+                "modalities": {"vision": False, "audio": False},
+                "build_info": BUILD,
+                "is_sleeping": False,
+            }
+        )
 
     async def handle_slots(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response([
-            {"id": i, "id_task": -1, "n_ctx": self.context_length,
-             "is_processing": i < self.active_streams, "params": {}, "next_token": {}}
-            for i in range(self.total_slots)])
+        return web.json_response(
+            [
+                {
+                    "id": i,
+                    "id_task": -1,
+                    "n_ctx": self.context_length,
+                    "is_processing": i < self.active_streams,
+                    "params": {},
+                    "next_token": {},
+                }
+                for i in range(self.total_slots)
+            ]
+        )
 
     async def handle_metrics(self, request: web.Request) -> web.StreamResponse:
-        return _error(501, "This server does not support metrics endpoint. "
-                           "Start it with `--metrics`")
+        return _error(501, "This server does not support metrics endpoint. Start it with `--metrics`")

@@ -11,7 +11,7 @@ the 401 body is unverified.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -29,17 +29,19 @@ class LMStudioEngine(OpenAICompatEngine):
     kind = "lmstudio"
     default_models = ("qwen2.5-7b-instruct", "text-embedding-nomic-embed-text-v1.5")
     loading_mode = "wait"  # JIT: the first request to an unloaded model loads it
-    extra_headers = {"X-Powered-By": "Express"}
+    extra_headers: ClassVar[dict[str, str]] = {"X-Powered-By": "Express"}
 
     usage_null_on_chunks = False
     embeddings_base64 = False  # unverified; floats are what the SDK tolerates either way
     system_fingerprint = None
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
-                ("GET", "/api/v0/models", self.handle_v0_models),
-                ("GET", "/api/v0/models/{model:.+}", self.handle_v0_model),
-                ("GET", "/api/v1/models", self.handle_v1_native_models)]
+        return [
+            *super().routes(),
+            ("GET", "/api/v0/models", self.handle_v0_models),
+            ("GET", "/api/v0/models/{model:.+}", self.handle_v0_model),
+            ("GET", "/api/v1/models", self.handle_v1_native_models),
+        ]
 
     # ------------------------------------------------------------------ hooks
 
@@ -54,15 +56,14 @@ class LMStudioEngine(OpenAICompatEngine):
 
     def unknown_route(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            {"error": f"Unexpected endpoint or method. ({request.method} {request.path})"},
-            status=200)
+            {"error": f"Unexpected endpoint or method. ({request.method} {request.path})"}, status=200
+        )
 
     def stream_error_payload(self, message: str) -> dict:
         return {"error": {"message": message}}
 
     def model_not_found(self, model: str) -> EngineError:
-        return EngineError(404, f'Invalid model identifier "{model}". '
-                                "Please specify a valid downloaded model.")
+        return EngineError(404, f'Invalid model identifier "{model}". Please specify a valid downloaded model.')
 
     def chat_id(self) -> str:
         return "chatcmpl-" + random_id(20, "abcdefghijklmnopqrstuvwxyz0123456789")
@@ -73,25 +74,30 @@ class LMStudioEngine(OpenAICompatEngine):
     # ----------------------------------------------------------------- routes
 
     def models_body(self) -> dict:
-        return {"data": [{"id": m, "object": "model", "owned_by": "organization_owner"}
-                         for m in self.models], "object": "list"}
+        return {
+            "data": [{"id": m, "object": "model", "owned_by": "organization_owner"} for m in self.models],
+            "object": "list",
+        }
 
     def v0_entry(self, model: str) -> dict:
         loaded = model in self.loaded_models
         entry: dict[str, Any] = {
-            "id": model, "object": "model",
+            "id": model,
+            "object": "model",
             "type": "embeddings" if _is_embedding(model) else "llm",
-            "publisher": "lmstudio-community", "arch": "nomic-bert" if _is_embedding(model)
-            else "qwen2", "compatibility_type": "gguf", "quantization": "Q4_K_M",
+            "publisher": "lmstudio-community",
+            "arch": "nomic-bert" if _is_embedding(model) else "qwen2",
+            "compatibility_type": "gguf",
+            "quantization": "Q4_K_M",
             "state": "loaded" if loaded else "not-loaded",
-            "max_context_length": self.train_context_length}
+            "max_context_length": self.train_context_length,
+        }
         if loaded:
             entry["loaded_context_length"] = self.context_length
         return entry
 
     async def handle_v0_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"object": "list",
-                                  "data": [self.v0_entry(m) for m in self.models]})
+        return web.json_response({"object": "list", "data": [self.v0_entry(m) for m in self.models]})
 
     async def handle_v0_model(self, request: web.Request) -> web.StreamResponse:
         model = request.match_info["model"]
@@ -100,13 +106,26 @@ class LMStudioEngine(OpenAICompatEngine):
         return web.json_response(self.v0_entry(model))
 
     async def handle_v1_native_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"models": [{
-            "type": "embedding" if _is_embedding(m) else "llm", "publisher": "lmstudio-community",
-            "key": m, "display_name": m, "architecture": "qwen2",
-            "quantization": {"name": "Q4_K_M", "bits_per_weight": 4.8},
-            "size_bytes": 4683073888, "params_string": "7B",
-            "loaded_instances": [{"id": m, "config": {"context_length": self.context_length}}]
-            if m in self.loaded_models else [],
-            "max_context_length": self.train_context_length, "format": "gguf",
-            "capabilities": {"vision": False, "trained_for_tool_use": True}}
-            for m in self.models]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "type": "embedding" if _is_embedding(m) else "llm",
+                        "publisher": "lmstudio-community",
+                        "key": m,
+                        "display_name": m,
+                        "architecture": "qwen2",
+                        "quantization": {"name": "Q4_K_M", "bits_per_weight": 4.8},
+                        "size_bytes": 4683073888,
+                        "params_string": "7B",
+                        "loaded_instances": [{"id": m, "config": {"context_length": self.context_length}}]
+                        if m in self.loaded_models
+                        else [],
+                        "max_context_length": self.train_context_length,
+                        "format": "gguf",
+                        "capabilities": {"vision": False, "trained_for_tool_use": True},
+                    }
+                    for m in self.models
+                ]
+            }
+        )

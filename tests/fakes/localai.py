@@ -24,11 +24,14 @@ VERSION = "v4.9.0"
 _PUBLIC = frozenset({"/healthz", "/readyz", "/.well-known/localai.json"})
 
 
-def _error(status: int, message: str, code: int | str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": status if code is None else code,
-                                        "message": message, "type": ""}},
-                             status=status, headers=headers)
+def _error(
+    status: int, message: str, code: int | str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"code": status if code is None else code, "message": message, "type": ""}},
+        status=status,
+        headers=headers,
+    )
 
 
 class LocalAIEngine(OpenAICompatEngine):
@@ -45,13 +48,15 @@ class LocalAIEngine(OpenAICompatEngine):
     models_paths = ("/v1/models", "/models")
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
-                ("GET", "/healthz", self.handle_healthz),
-                ("GET", "/readyz", self.handle_readyz),
-                ("GET", "/version", self.handle_version),
-                ("GET", "/.well-known/localai.json", self.handle_discovery),
-                ("GET", "/api/version", self.handle_ollama_version),
-                ("GET", "/api/tags", self.handle_ollama_tags)]
+        return [
+            *super().routes(),
+            ("GET", "/healthz", self.handle_healthz),
+            ("GET", "/readyz", self.handle_readyz),
+            ("GET", "/version", self.handle_version),
+            ("GET", "/.well-known/localai.json", self.handle_discovery),
+            ("GET", "/api/version", self.handle_ollama_version),
+            ("GET", "/api/tags", self.handle_ollama_tags),
+        ]
 
     # ------------------------------------------------------------------ hooks
 
@@ -59,25 +64,26 @@ class LocalAIEngine(OpenAICompatEngine):
         if request.path == "/healthz":
             return None  # liveness stays green
         if request.path == "/readyz":
-            return web.json_response({"status": "starting",
-                                      "reason": "startup preload in progress"}, status=503)
-        return _error(503, "model is loading, retry later", code="model_loading",
-                      headers={"Retry-After": "5"})
+            return web.json_response({"status": "starting", "reason": "startup preload in progress"}, status=503)
+        return _error(503, "model is loading, retry later", code="model_loading", headers={"Retry-After": "5"})
 
     def auth_required(self, request: web.Request) -> bool:
         return request.path not in _PUBLIC
 
     def auth_ok(self, request: web.Request) -> bool:
         key = self.api_key
-        return (request.headers.get("Authorization") == f"Bearer {key}"
-                or request.headers.get("x-api-key") == key
-                or request.headers.get("xi-api-key") == key)
+        return (
+            request.headers.get("Authorization") == f"Bearer {key}"
+            or request.headers.get("x-api-key") == key
+            or request.headers.get("xi-api-key") == key
+        )
 
     def auth_failure(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            {"error": {"code": 401, "message": "An authentication key is required",
-                       "type": "invalid_request_error"}},
-            status=401, headers={"WWW-Authenticate": "Bearer"})
+            {"error": {"code": 401, "message": "An authentication key is required", "type": "invalid_request_error"}},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     def error_response(self, request: web.Request, exc: EngineError) -> web.StreamResponse:
         return _error(exc.status, exc.message)
@@ -112,19 +118,41 @@ class LocalAIEngine(OpenAICompatEngine):
         return web.json_response({"version": f"{VERSION} (fake)"})
 
     async def handle_discovery(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"name": "LocalAI", "version": VERSION,
-                                  "endpoints": {"chat": "/v1/chat/completions",
-                                                "completions": "/v1/completions",
-                                                "embeddings": "/v1/embeddings",
-                                                "models": "/v1/models"}})
+        return web.json_response(
+            {
+                "name": "LocalAI",
+                "version": VERSION,
+                "endpoints": {
+                    "chat": "/v1/chat/completions",
+                    "completions": "/v1/completions",
+                    "embeddings": "/v1/embeddings",
+                    "models": "/v1/models",
+                },
+            }
+        )
 
     async def handle_ollama_version(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"version": "0.9.0"})
 
     async def handle_ollama_tags(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"models": [
-            {"name": m, "model": m, "modified_at": "2026-01-01T00:00:00Z", "size": 0,
-             "digest": "sha256:" + uuid.uuid5(uuid.NAMESPACE_URL, m).hex * 2,
-             "details": {"format": "gguf", "family": "", "families": None,
-                         "parameter_size": "", "quantization_level": ""}}
-            for m in self.models]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": m,
+                        "model": m,
+                        "modified_at": "2026-01-01T00:00:00Z",
+                        "size": 0,
+                        "digest": "sha256:" + uuid.uuid5(uuid.NAMESPACE_URL, m).hex * 2,
+                        "details": {
+                            "format": "gguf",
+                            "family": "",
+                            "families": None,
+                            "parameter_size": "",
+                            "quantization_level": "",
+                        },
+                    }
+                    for m in self.models
+                ]
+            }
+        )

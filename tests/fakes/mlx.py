@@ -38,9 +38,11 @@ class MLXEngine(OpenAICompatEngine):
     chat_paths = ("/v1/chat/completions", "/chat/completions")
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
-                ("GET", "/health", self.handle_health),
-                ("GET", "/v1/models/{model:.+}", self.handle_model)]
+        return [
+            *super().routes(),
+            ("GET", "/health", self.handle_health),
+            ("GET", "/v1/models/{model:.+}", self.handle_model),
+        ]
 
     def auth_required(self, request: web.Request) -> bool:
         return False
@@ -49,8 +51,7 @@ class MLXEngine(OpenAICompatEngine):
         return web.json_response({"error": exc.message}, status=exc.status)
 
     def unknown_route(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(status=404, body=b"Not Found",
-                            headers={"Content-Type": "application/json"})
+        return web.Response(status=404, body=b"Not Found", headers={"Content-Type": "application/json"})
 
     def stream_error_payload(self, message: str) -> dict:
         return {"error": {"message": message}}
@@ -74,8 +75,7 @@ class MLXEngine(OpenAICompatEngine):
         return f"cmpl-{uuid.uuid4()}"
 
     def models_body(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 1735142223} for m in self.models]}
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": 1735142223} for m in self.models]}
 
     async def handle_health(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})

@@ -57,17 +57,22 @@ class LlamaNativeApis:
     def native_routes(self) -> list[tuple[str, str, Any]]:
         if not self.native_apis:
             return []
-        return [("POST", "/v1/responses", self.handle_responses), ("POST", "/responses", self.handle_responses),
-                ("POST", "/v1/messages", self.handle_messages),
-                ("POST", "/v1/messages/count_tokens", self.handle_count_tokens)]
+        return [
+            ("POST", "/v1/responses", self.handle_responses),
+            ("POST", "/responses", self.handle_responses),
+            ("POST", "/v1/messages", self.handle_messages),
+            ("POST", "/v1/messages/count_tokens", self.handle_count_tokens),
+        ]
 
     # ------------------------------------------------------------ requests
 
     def _plan(self: Any, body: dict, *, answered: bool, max_tokens: Any, prompt: Any) -> Plan:
-        chatish = {"tools": body.get("tools") or [],
-                   "messages": [{"role": "tool" if answered else "user"}]}
-        return self.make_plan(chatish, max_tokens=max_tokens if isinstance(max_tokens, int) else None,
-                              prompt_tokens=max(1, count_words(prompt)))
+        chatish = {"tools": body.get("tools") or [], "messages": [{"role": "tool" if answered else "user"}]}
+        return self.make_plan(
+            chatish,
+            max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+            prompt_tokens=max(1, count_words(prompt)),
+        )
 
     @staticmethod
     def _check_messages(body: dict) -> list:
@@ -104,19 +109,39 @@ class LlamaNativeApis:
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
         content = last.get("content")
         answered = isinstance(content, list) and any(
-            isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+            isinstance(b, dict) and b.get("type") == "tool_result" for b in content
+        )
         plan = self._plan(body, answered=answered, max_tokens=body.get("max_tokens"), prompt=messages)
         if body.get("stream"):
             return await self._stream(request, body, plan, self._messages_events)
         await self._generate(plan)
-        return web.json_response({
-            "id": "chatcmpl-" + random_id(32), "type": "message", "role": "assistant",
-            "content": [*([{"type": "text", "text": plan.text}] if plan.text else []),
-                        *({"type": "tool_use", "id": c["id"].removeprefix("call_"), "name": c["function"]["name"],
-                           "input": json.loads(c["function"]["arguments"])} for c in plan.tool_calls or ())],
-            "model": self.response_model(body), "stop_reason": _STOP[plan.finish], "stop_sequence": None,
-            "usage": {"cache_read_input_tokens": 0, "input_tokens": plan.prompt_tokens,
-                      "output_tokens": plan.completion_tokens}})
+        return web.json_response(
+            {
+                "id": "chatcmpl-" + random_id(32),
+                "type": "message",
+                "role": "assistant",
+                "content": [
+                    *([{"type": "text", "text": plan.text}] if plan.text else []),
+                    *(
+                        {
+                            "type": "tool_use",
+                            "id": c["id"].removeprefix("call_"),
+                            "name": c["function"]["name"],
+                            "input": json.loads(c["function"]["arguments"]),
+                        }
+                        for c in plan.tool_calls or ()
+                    ),
+                ],
+                "model": self.response_model(body),
+                "stop_reason": _STOP[plan.finish],
+                "stop_sequence": None,
+                "usage": {
+                    "cache_read_input_tokens": 0,
+                    "input_tokens": plan.prompt_tokens,
+                    "output_tokens": plan.completion_tokens,
+                },
+            }
+        )
 
     async def handle_count_tokens(self: Any, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)
@@ -135,19 +160,42 @@ class LlamaNativeApis:
     def _response(self: Any, body: dict, plan: Plan, rid: str, created: int) -> dict:
         output: list[dict] = []
         if plan.text:
-            output.append({"content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": plan.text}],
-                           "id": "msg_" + random_id(32), "role": "assistant", "status": "completed",
-                           "type": "message"})
+            output.append(
+                {
+                    "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": plan.text}],
+                    "id": "msg_" + random_id(32),
+                    "role": "assistant",
+                    "status": "completed",
+                    "type": "message",
+                }
+            )
         for c in plan.tool_calls or ():
             tid = c["id"].removeprefix("call_")
-            output.append({"id": "fc_" + tid, "type": "function_call", "status": "completed",
-                           "arguments": c["function"]["arguments"], "call_id": "call_" + tid,
-                           "name": c["function"]["name"]})
-        return {"completed_at": created, "created_at": created, "id": rid, "model": self.response_model(body),
-                "object": "response", "output": output, "status": "completed",
-                "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.completion_tokens,
-                          "total_tokens": plan.prompt_tokens + plan.completion_tokens,
-                          "input_tokens_details": {"cached_tokens": 0}}}
+            output.append(
+                {
+                    "id": "fc_" + tid,
+                    "type": "function_call",
+                    "status": "completed",
+                    "arguments": c["function"]["arguments"],
+                    "call_id": "call_" + tid,
+                    "name": c["function"]["name"],
+                }
+            )
+        return {
+            "completed_at": created,
+            "created_at": created,
+            "id": rid,
+            "model": self.response_model(body),
+            "object": "response",
+            "output": output,
+            "status": "completed",
+            "usage": {
+                "input_tokens": plan.prompt_tokens,
+                "output_tokens": plan.completion_tokens,
+                "total_tokens": plan.prompt_tokens + plan.completion_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+            },
+        }
 
     async def _stream(self: Any, request: web.Request, body: dict, plan: Plan, events: Any) -> web.StreamResponse:
         if plan.fail_at == 0 and self.fail_mode != "drop":
@@ -184,8 +232,9 @@ class LlamaNativeApis:
     def _responses_events(self: Any, body: dict, plan: Plan) -> Any:
         rid, mid = "resp_" + random_id(32), "msg_" + random_id(32)
         skeleton = {"id": rid, "object": "response", "status": "in_progress"}
-        out = (_sse("response.created", {"type": "response.created", "response": skeleton})
-               + _sse("response.in_progress", {"type": "response.in_progress", "response": skeleton}))
+        out = _sse("response.created", {"type": "response.created", "response": skeleton}) + _sse(
+            "response.in_progress", {"type": "response.in_progress", "response": skeleton}
+        )
         text_open = False
         fc = ""
         deltas = 0
@@ -196,28 +245,58 @@ class LlamaNativeApis:
                     deltas += 1
                     if not text_open:
                         text_open = True
-                        out += _sse("response.output_item.added", {"type": "response.output_item.added", "item": {
-                            "content": [], "id": mid, "role": "assistant", "status": "in_progress",
-                            "type": "message"}})
-                        out += _sse("response.content_part.added", {"type": "response.content_part.added",
-                                                                     "item_id": mid,
-                                                                     "part": {"type": "output_text", "text": ""}})
+                        out += _sse(
+                            "response.output_item.added",
+                            {
+                                "type": "response.output_item.added",
+                                "item": {
+                                    "content": [],
+                                    "id": mid,
+                                    "role": "assistant",
+                                    "status": "in_progress",
+                                    "type": "message",
+                                },
+                            },
+                        )
+                        out += _sse(
+                            "response.content_part.added",
+                            {
+                                "type": "response.content_part.added",
+                                "item_id": mid,
+                                "part": {"type": "output_text", "text": ""},
+                            },
+                        )
                     kind = "response.output_text.delta"
                     if self.forged_event_type is not None and deltas > 1:
                         kind += self.forged_event_type
-                    out += _sse("response.output_text.delta", {"type": kind, "item_id": mid,
-                                                                "delta": delta["content"]})
+                    out += _sse("response.output_text.delta", {"type": kind, "item_id": mid, "delta": delta["content"]})
                 for tc in delta.get("tool_calls", ()):
                     fn = tc.get("function", {})
                     if tc.get("id"):
                         fc = tc["id"].removeprefix("call_")
-                        out += _sse("response.output_item.added", {"type": "response.output_item.added", "item": {
-                            "id": "fc_" + fc, "arguments": "", "call_id": "call_" + fc, "name": fn.get("name"),
-                            "type": "function_call", "status": "in_progress"}})
+                        out += _sse(
+                            "response.output_item.added",
+                            {
+                                "type": "response.output_item.added",
+                                "item": {
+                                    "id": "fc_" + fc,
+                                    "arguments": "",
+                                    "call_id": "call_" + fc,
+                                    "name": fn.get("name"),
+                                    "type": "function_call",
+                                    "status": "in_progress",
+                                },
+                            },
+                        )
                     if fn.get("arguments"):
-                        out += _sse("response.function_call_arguments.delta", {
-                            "type": "response.function_call_arguments.delta", "delta": fn["arguments"],
-                            "item_id": "fc_" + fc})
+                        out += _sse(
+                            "response.function_call_arguments.delta",
+                            {
+                                "type": "response.function_call_arguments.delta",
+                                "delta": fn["arguments"],
+                                "item_id": "fc_" + fc,
+                            },
+                        )
         except EngineError as e:
             yield _sse(None, {"error": {"code": e.status, "message": e.message, "type": "server_error"}})
             return
@@ -227,21 +306,38 @@ class LlamaNativeApis:
             if item["type"] == "message":
                 item["id"] = mid
                 part = item["content"][0]
-                out += _sse("response.output_text.done", {"type": "response.output_text.done", "item_id": mid,
-                                                           "text": part["text"]})
-                out += _sse("response.content_part.done", {"type": "response.content_part.done", "item_id": mid,
-                                                            "part": part})
+                out += _sse(
+                    "response.output_text.done",
+                    {"type": "response.output_text.done", "item_id": mid, "text": part["text"]},
+                )
+                out += _sse(
+                    "response.content_part.done", {"type": "response.content_part.done", "item_id": mid, "part": part}
+                )
             out += _sse("response.output_item.done", {"type": "response.output_item.done", "item": item})
         response = {k: final[k] for k in ("id", "object", "created_at", "status", "model", "output", "usage")}
-        yield out + _sse("response.completed", {"type": "response.completed", "response": response,
-                                                "timings": {"prompt_n": plan.prompt_tokens,
-                                                            "predicted_n": plan.completion_tokens}})
+        yield out + _sse(
+            "response.completed",
+            {
+                "type": "response.completed",
+                "response": response,
+                "timings": {"prompt_n": plan.prompt_tokens, "predicted_n": plan.completion_tokens},
+            },
+        )
 
     def _messages_events(self: Any, body: dict, plan: Plan) -> Any:
-        start = {"type": "message_start", "message": {
-            "id": "chatcmpl-" + random_id(32), "type": "message", "role": "assistant", "content": [],
-            "model": self.response_model(body), "stop_reason": None, "stop_sequence": None,
-            "usage": {"cache_read_input_tokens": 0, "input_tokens": plan.prompt_tokens, "output_tokens": 0}}}
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": "chatcmpl-" + random_id(32),
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": self.response_model(body),
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"cache_read_input_tokens": 0, "input_tokens": plan.prompt_tokens, "output_tokens": 0},
+            },
+        }
         out = _sse("message_start", start) if self.messages_start else b""
         blocks = 0
         kind = None
@@ -251,27 +347,57 @@ class LlamaNativeApis:
                 if "content" in delta:
                     if kind != "text":
                         kind, blocks = "text", blocks + 1
-                        out += _sse("content_block_start", {"type": "content_block_start", "index": blocks - 1,
-                                                             "content_block": {"type": "text", "text": ""}})
-                    out += _sse("content_block_delta", {"type": "content_block_delta", "index": blocks - 1,
-                                                         "delta": {"type": "text_delta", "text": delta["content"]}})
+                        out += _sse(
+                            "content_block_start",
+                            {
+                                "type": "content_block_start",
+                                "index": blocks - 1,
+                                "content_block": {"type": "text", "text": ""},
+                            },
+                        )
+                    out += _sse(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": blocks - 1,
+                            "delta": {"type": "text_delta", "text": delta["content"]},
+                        },
+                    )
                 for tc in delta.get("tool_calls", ()):
                     fn = tc.get("function", {})
                     if tc.get("id"):
                         kind, blocks = "tool_use", blocks + 1
-                        out += _sse("content_block_start", {
-                            "type": "content_block_start", "index": blocks - 1,
-                            "content_block": {"type": "tool_use", "id": tc["id"].removeprefix("call_"),
-                                              "name": fn.get("name")}})
+                        out += _sse(
+                            "content_block_start",
+                            {
+                                "type": "content_block_start",
+                                "index": blocks - 1,
+                                "content_block": {
+                                    "type": "tool_use",
+                                    "id": tc["id"].removeprefix("call_"),
+                                    "name": fn.get("name"),
+                                },
+                            },
+                        )
                     if fn.get("arguments"):
-                        out += _sse("content_block_delta", {
-                            "type": "content_block_delta", "index": blocks - 1,
-                            "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+                        out += _sse(
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": blocks - 1,
+                                "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]},
+                            },
+                        )
         except EngineError as e:
             yield _sse("error", {"code": e.status, "message": e.message, "type": "server_error"})
             return
         out = b"".join(_sse("content_block_stop", {"type": "content_block_stop", "index": i}) for i in range(blocks))
-        out += _sse("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": _STOP[plan.finish], "stop_sequence": None},
-                                      "usage": {"output_tokens": plan.completion_tokens}})
+        out += _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": _STOP[plan.finish], "stop_sequence": None},
+                "usage": {"output_tokens": plan.completion_tokens},
+            },
+        )
         yield out + _sse("message_stop", {"type": "message_stop"})

@@ -98,8 +98,9 @@ class OllamaEngine(OpenAICompatEngine):
         if not request.path.startswith("/v1/"):
             return web.json_response({"error": exc.message}, status=exc.status)
         etype = {400: "invalid_request_error", 404: "not_found_error"}.get(exc.status, "api_error")
-        return web.json_response({"error": {"message": exc.message, "type": etype,
-                                            "param": None, "code": None}}, status=exc.status)
+        return web.json_response(
+            {"error": {"message": exc.message, "type": etype, "param": None, "code": None}}, status=exc.status
+        )
 
     def unknown_route(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=404, text="404 page not found", content_type="text/plain")
@@ -115,9 +116,14 @@ class OllamaEngine(OpenAICompatEngine):
 
     def tool_call_deltas(self, call_id: str, name: str, arguments: str) -> list[dict]:
         # Ollama produces tool calls whole, so /v1 streams them in one delta.
-        return [{"content": "", "tool_calls": [{"id": call_id, "index": 0, "type": "function",
-                                                "function": {"name": name,
-                                                             "arguments": arguments}}]}]
+        return [
+            {
+                "content": "",
+                "tool_calls": [
+                    {"id": call_id, "index": 0, "type": "function", "function": {"name": name, "arguments": arguments}}
+                ],
+            }
+        ]
 
     def validate_request(self, body: dict, *, chat: bool) -> None:
         super().validate_request(body, chat=chat)
@@ -148,24 +154,35 @@ class OllamaEngine(OpenAICompatEngine):
 
     def details(self, model: str) -> dict:
         family = "nomic-bert" if _is_embedding(model) else "llama"
-        return {"parent_model": "", "format": "gguf", "family": family, "families": [family],
-                "parameter_size": "137M" if _is_embedding(model) else "3.2B",
-                "quantization_level": "F16" if _is_embedding(model) else "Q4_K_M"}
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": "137M" if _is_embedding(model) else "3.2B",
+            "quantization_level": "F16" if _is_embedding(model) else "Q4_K_M",
+        }
 
     def size(self, model: str) -> int:
         return 274302450 if _is_embedding(model) else 2019393189
 
     def models_body(self) -> dict:
-        data = [{"id": m, "object": "model", "created": MODIFIED_EPOCH,
-                 "owned_by": m.split("/", 1)[0] if "/" in m else "library"} for m in self.models]
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": MODIFIED_EPOCH,
+                "owned_by": m.split("/", 1)[0] if "/" in m else "library",
+            }
+            for m in self.models
+        ]
         return {"object": "list", "data": data or None}  # a nil Go slice marshals to null
 
     async def handle_model(self, request: web.Request) -> web.StreamResponse:
         name = self.resolve(request.match_info["model"])
         if name is None:
             raise self.model_not_found(request.match_info["model"])
-        return web.json_response({"id": name, "object": "model", "created": MODIFIED_EPOCH,
-                                  "owned_by": "library"})
+        return web.json_response({"id": name, "object": "model", "created": MODIFIED_EPOCH, "owned_by": "library"})
 
     async def handle_root(self, request: web.Request) -> web.StreamResponse:
         return web.Response(text="Ollama is running", content_type="text/plain")
@@ -174,16 +191,41 @@ class OllamaEngine(OpenAICompatEngine):
         return web.json_response({"version": self.version})
 
     async def handle_tags(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"models": [
-            {"name": m, "model": m, "modified_at": MODIFIED_AT, "size": self.size(m),
-             "digest": DIGEST, "details": self.details(m)} for m in self.models]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": m,
+                        "model": m,
+                        "modified_at": MODIFIED_AT,
+                        "size": self.size(m),
+                        "digest": DIGEST,
+                        "details": self.details(m),
+                    }
+                    for m in self.models
+                ]
+            }
+        )
 
     async def handle_ps(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"models": [
-            {"name": m, "model": m, "size": self.size(m), "digest": DIGEST,
-             "details": self.details(m), "expires_at": "2099-01-01T00:05:00.000000000Z",
-             "size_vram": self.size(m), "context_length": self.context_length}
-            for m in self.loaded_models if m in self.models]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": m,
+                        "model": m,
+                        "size": self.size(m),
+                        "digest": DIGEST,
+                        "details": self.details(m),
+                        "expires_at": "2099-01-01T00:05:00.000000000Z",
+                        "size_vram": self.size(m),
+                        "context_length": self.context_length,
+                    }
+                    for m in self.loaded_models
+                    if m in self.models
+                ]
+            }
+        )
 
     async def handle_show(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)
@@ -194,24 +236,44 @@ class OllamaEngine(OpenAICompatEngine):
         arch = "nomic-bert" if _is_embedding(model) else "llama"
         ctx = 2048 if _is_embedding(model) else self.train_context_length
         caps = ["embedding"] if _is_embedding(model) else ["completion", "tools"]
-        return web.json_response({
-            "modelfile": f"FROM {model}\n", "parameters": "", "template": "{{ .Prompt }}",
-            "details": self.details(model),
-            "model_info": {"general.architecture": arch, "general.parameter_count": 3212749888,
-                           f"{arch}.context_length": ctx,
-                           f"{arch}.embedding_length": 768 if arch == "nomic-bert" else 3072},
-            "capabilities": caps, "modified_at": MODIFIED_AT})
+        return web.json_response(
+            {
+                "modelfile": f"FROM {model}\n",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": self.details(model),
+                "model_info": {
+                    "general.architecture": arch,
+                    "general.parameter_count": 3212749888,
+                    f"{arch}.context_length": ctx,
+                    f"{arch}.embedding_length": 768 if arch == "nomic-bert" else 3072,
+                },
+                "capabilities": caps,
+                "modified_at": MODIFIED_AT,
+            }
+        )
 
     # ------------------------------------------------------------- native API
 
     def metrics(self, plan: Plan) -> dict:
-        return {"total_duration": 4883583458, "load_duration": 1334875,
-                "prompt_eval_count": plan.prompt_tokens, "prompt_eval_duration": 342546000,
-                "eval_count": plan.completion_tokens, "eval_duration": 4535599000}
+        return {
+            "total_duration": 4883583458,
+            "load_duration": 1334875,
+            "prompt_eval_count": plan.prompt_tokens,
+            "prompt_eval_duration": 342546000,
+            "eval_count": plan.completion_tokens,
+            "eval_duration": 4535599000,
+        }
 
     def native_tool_delta(self, call_id: str, name: str, arguments: str) -> list[dict]:
-        return [{"content": "", "tool_calls": [{"id": call_id, "function": {
-            "index": 0, "name": name, "arguments": json.loads(arguments)}}]}]
+        return [
+            {
+                "content": "",
+                "tool_calls": [
+                    {"id": call_id, "function": {"index": 0, "name": name, "arguments": json.loads(arguments)}}
+                ],
+            }
+        ]
 
     async def handle_native_chat(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)
@@ -223,9 +285,12 @@ class OllamaEngine(OpenAICompatEngine):
             raise EngineError(400, f'"{body.get("model")}" does not support chat')
         self.mark_loaded(model)
         opts = body.get("options") or {}
-        plan = self.make_plan(body, max_tokens=opts.get("num_predict"),
-                              prompt_tokens=max(1, count_words(body.get("messages"))),
-                              tool_deltas=self.native_tool_delta)
+        plan = self.make_plan(
+            body,
+            max_tokens=opts.get("num_predict"),
+            prompt_tokens=max(1, count_words(body.get("messages"))),
+            tool_deltas=self.native_tool_delta,
+        )
         return await self.native(request, body, plan, key="message")
 
     async def handle_native_generate(self, request: web.Request) -> web.StreamResponse:
@@ -236,8 +301,9 @@ class OllamaEngine(OpenAICompatEngine):
             raise self.model_not_found(str(body.get("model", "")))
         self.mark_loaded(model)
         opts = body.get("options") or {}
-        plan = self.make_plan({}, max_tokens=opts.get("num_predict"),
-                              prompt_tokens=max(1, count_words(body.get("prompt"))))
+        plan = self.make_plan(
+            {}, max_tokens=opts.get("num_predict"), prompt_tokens=max(1, count_words(body.get("prompt")))
+        )
         return await self.native(request, body, plan, key="response")
 
     def native_piece(self, body: dict, key: str, delta: dict, *, done: bool) -> dict:
@@ -252,8 +318,7 @@ class OllamaEngine(OpenAICompatEngine):
         out["done"] = done
         return out
 
-    async def native(self, request: web.Request, body: dict, plan: Plan, *,
-                     key: str) -> web.StreamResponse:
+    async def native(self, request: web.Request, body: dict, plan: Plan, *, key: str) -> web.StreamResponse:
         done_reason = "length" if plan.finish == "length" else "stop"
         legacy = self.fail_mode not in INJECTED_FAIL_MODES
         if body.get("stream", True) is False:
@@ -275,9 +340,9 @@ class OllamaEngine(OpenAICompatEngine):
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         async with self.track(stream=True) as tracker:
-            if not legacy and plan.fail_at == 0:  # the very first bytes after the headers
-                if await self.native_fault(request, resp, tracker):
-                    return resp
+            # the very first bytes after the headers
+            if not legacy and plan.fail_at == 0 and await self.native_fault(request, resp, tracker):
+                return resp
             if self.first_token_delay_s > 0:
                 await asyncio.sleep(self.first_token_delay_s)
             n = len(plan.deltas)
@@ -295,9 +360,9 @@ class OllamaEngine(OpenAICompatEngine):
                 await resp.write(_line(self.native_piece(body, key, delta, done=False)))
             if self.endless:
                 await forever()
-            if not legacy and plan.fail_at is not None and plan.fail_at == n and n > 0:
-                if await self.native_fault(request, resp, tracker):
-                    return resp
+            at_end = not legacy and plan.fail_at is not None and plan.fail_at == n and n > 0
+            if at_end and await self.native_fault(request, resp, tracker):
+                return resp
             if plan.fail_at is not None and legacy:
                 if self.fail_mode == "drop":
                     drop_connection(request, tracker)
@@ -309,11 +374,9 @@ class OllamaEngine(OpenAICompatEngine):
             await resp.write_eof()
         return resp
 
-    async def native_fault(self, request: web.Request, resp: web.StreamResponse,
-                           tracker: StreamTracker) -> bool:
+    async def native_fault(self, request: web.Request, resp: web.StreamResponse, tracker: StreamTracker) -> bool:
         """`inject_fault` for NDJSON: the same modes, lines instead of events."""
-        return await self.inject_fault(request, resp, tracker,
-                                       frame=lambda data: data.encode() + b"\n")
+        return await self.inject_fault(request, resp, tracker, frame=lambda data: data.encode() + b"\n")
 
     async def handle_embed(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)
@@ -325,11 +388,15 @@ class OllamaEngine(OpenAICompatEngine):
         inputs = [raw] if isinstance(raw, str) else list(raw)
         async with self.track(stream=False):
             await self.generation_sleep(1)
-        return web.json_response({
-            "model": body.get("model"),
-            "embeddings": [self.embed_vector(t, normalise=True) for t in inputs],
-            "total_duration": 14143917, "load_duration": 1019500,
-            "prompt_eval_count": max(1, count_words(raw))})
+        return web.json_response(
+            {
+                "model": body.get("model"),
+                "embeddings": [self.embed_vector(t, normalise=True) for t in inputs],
+                "total_duration": 14143917,
+                "load_duration": 1019500,
+                "prompt_eval_count": max(1, count_words(raw)),
+            }
+        )
 
     async def handle_legacy_embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self.read_json(request)

@@ -99,39 +99,62 @@ class OpenAICompatEngine(FakeEngine):
     # ------------------------------------------------------------ engine hooks
 
     def models_body(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 1686935002, "owned_by": "system"}
-            for m in self.models]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 1686935002, "owned_by": "system"} for m in self.models],
+        }
 
     def auth_required(self, request: web.Request) -> bool:
         return True
 
     def auth_failure(self, request: web.Request) -> web.StreamResponse:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return web.json_response({"error": {
-            "message": f"Incorrect API key provided: {given}.", "type": "invalid_request_error",
-            "param": None, "code": "invalid_api_key"}}, status=401)
+        return web.json_response(
+            {
+                "error": {
+                    "message": f"Incorrect API key provided: {given}.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            },
+            status=401,
+        )
 
     def loading_response(self, request: web.Request) -> web.StreamResponse | None:
-        return self.error_response(request, EngineError(503, "The engine is currently overloaded, please try again later"))
+        return self.error_response(
+            request, EngineError(503, "The engine is currently overloaded, please try again later")
+        )
 
     def error_response(self, request: web.Request, exc: EngineError) -> web.StreamResponse:
         etype = "invalid_request_error" if exc.status < 500 else "server_error"
-        return web.json_response({"error": {"message": exc.message, "type": etype,
-                                            "param": exc.param, "code": exc.code}},
-                                 status=exc.status)
+        return web.json_response(
+            {"error": {"message": exc.message, "type": etype, "param": exc.param, "code": exc.code}}, status=exc.status
+        )
 
     def unknown_route(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"error": {
-            "message": f"Invalid URL ({request.method} {request.path})",
-            "type": "invalid_request_error", "param": None, "code": None}}, status=404)
+        return web.json_response(
+            {
+                "error": {
+                    "message": f"Invalid URL ({request.method} {request.path})",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status=404,
+        )
 
     def stream_error_payload(self, message: str) -> dict:
         return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
 
     def model_not_found(self, model: str) -> EngineError:
-        return EngineError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                           param=None, code="model_not_found")
+        return EngineError(
+            404,
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param=None,
+            code="model_not_found",
+        )
 
     def chat_id(self) -> str:
         return "chatcmpl-" + random_id(29)
@@ -154,8 +177,11 @@ class OpenAICompatEngine(FakeEngine):
         return {}
 
     def usage(self, plan: Plan) -> dict:
-        return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": plan.completion_tokens,
-                "total_tokens": plan.prompt_tokens + plan.completion_tokens}
+        return {
+            "prompt_tokens": plan.prompt_tokens,
+            "completion_tokens": plan.completion_tokens,
+            "total_tokens": plan.prompt_tokens + plan.completion_tokens,
+        }
 
     def max_tokens(self, body: dict) -> int | None:
         value = body.get("max_tokens")
@@ -185,9 +211,12 @@ class OpenAICompatEngine(FakeEngine):
         self.validate_request(body, chat=True)
         self.check_model(body)
         self.mark_loaded(str(body.get("model", "")))
-        plan = self.make_plan(body, max_tokens=self.max_tokens(body),
-                              prompt_tokens=max(1, count_words(body.get("messages"))),
-                              tool_deltas=self.tool_call_deltas)
+        plan = self.make_plan(
+            body,
+            max_tokens=self.max_tokens(body),
+            prompt_tokens=max(1, count_words(body.get("messages"))),
+            tool_deltas=self.tool_call_deltas,
+        )
         if body.get("stream"):
             return await self.stream(request, self.new_ctx(body, plan, "chat.completion.chunk"))
         async with self.track(stream=False) as tracker:
@@ -201,15 +230,23 @@ class OpenAICompatEngine(FakeEngine):
         return web.json_response(self.chat_response(body, plan))
 
     def chat_response(self, body: dict, plan: Plan) -> dict:
-        message: dict[str, Any] = {"role": "assistant",
-                                   "content": plan.text if plan.tool_calls is None else None}
+        message: dict[str, Any] = {"role": "assistant", "content": plan.text if plan.tool_calls is None else None}
         if plan.tool_calls is not None:
             message["tool_calls"] = plan.tool_calls
         finish = self.finish_reason(plan, body)
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish,
-                  **self.choice_extras(body, plan, finish)}
-        out: dict[str, Any] = {"id": self.chat_id(), "object": "chat.completion",
-                               "created": now_s(), "model": self.response_model(body)}
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": None,
+            "finish_reason": finish,
+            **self.choice_extras(body, plan, finish),
+        }
+        out: dict[str, Any] = {
+            "id": self.chat_id(),
+            "object": "chat.completion",
+            "created": now_s(),
+            "model": self.response_model(body),
+        }
         if self.system_fingerprint is not None:
             out["system_fingerprint"] = self.system_fingerprint
         out["choices"] = [choice]
@@ -226,8 +263,9 @@ class OpenAICompatEngine(FakeEngine):
         self.validate_request(body, chat=False)
         self.check_model(body)
         self.mark_loaded(str(body.get("model", "")))
-        plan = self.make_plan({}, max_tokens=self.max_tokens(body),
-                              prompt_tokens=max(1, count_words(body.get("prompt"))))
+        plan = self.make_plan(
+            {}, max_tokens=self.max_tokens(body), prompt_tokens=max(1, count_words(body.get("prompt")))
+        )
         if body.get("stream"):
             return await self.stream(request, self.new_ctx(body, plan, "text_completion"))
         async with self.track(stream=False) as tracker:
@@ -240,11 +278,21 @@ class OpenAICompatEngine(FakeEngine):
                 raise EngineError(500, "generation failed (injected by fake)")
         finish = self.finish_reason(plan, body)
         out: dict[str, Any] = {
-            "id": self.completion_id(), "object": "text_completion", "created": now_s(),
+            "id": self.completion_id(),
+            "object": "text_completion",
+            "created": now_s(),
             "model": self.response_model(body),
-            "choices": [{"index": 0, "text": plan.text, "logprobs": None, "finish_reason": finish,
-                         **self.choice_extras(body, plan, finish)}],
-            **({} if self.omit_usage else {"usage": self.usage(plan)})}
+            "choices": [
+                {
+                    "index": 0,
+                    "text": plan.text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    **self.choice_extras(body, plan, finish),
+                }
+            ],
+            **({} if self.omit_usage else {"usage": self.usage(plan)}),
+        }
         if self.system_fingerprint is not None:
             out["system_fingerprint"] = self.system_fingerprint
         return web.json_response(out)
@@ -255,20 +303,22 @@ class OpenAICompatEngine(FakeEngine):
         opts = body.get("stream_options") or {}
         return StreamCtx(
             id=self.chat_id() if obj == "chat.completion.chunk" else self.completion_id(),
-            created=now_s(), model=self.response_model(body), body=body, plan=plan,
-            include_usage=bool(opts.get("include_usage")), object=obj)
+            created=now_s(),
+            model=self.response_model(body),
+            body=body,
+            plan=plan,
+            include_usage=bool(opts.get("include_usage")),
+            object=obj,
+        )
 
-    def chunk(self, ctx: StreamCtx, delta: dict | None, finish: str | None, *,
-              text: str = "") -> dict:
+    def chunk(self, ctx: StreamCtx, delta: dict | None, finish: str | None, *, text: str = "") -> dict:
         if ctx.object == "text_completion":
-            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None,
-                                      "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
         if finish is not None:
             choice.update(self.choice_extras(ctx.body, ctx.plan, finish))
-        out: dict[str, Any] = {"id": ctx.id, "object": ctx.object, "created": ctx.created,
-                               "model": ctx.model}
+        out: dict[str, Any] = {"id": ctx.id, "object": ctx.object, "created": ctx.created, "model": ctx.model}
         if self.system_fingerprint is not None:
             out["system_fingerprint"] = self.system_fingerprint
         out["choices"] = [choice]
@@ -277,9 +327,12 @@ class OpenAICompatEngine(FakeEngine):
         return out
 
     def usage_chunk(self, ctx: StreamCtx) -> dict:
-        out: dict[str, Any] = {"id": ctx.id, "object": self.usage_chunk_object
-                               if ctx.object == "chat.completion.chunk" else ctx.object,
-                               "created": ctx.created, "model": ctx.model}
+        out: dict[str, Any] = {
+            "id": ctx.id,
+            "object": self.usage_chunk_object if ctx.object == "chat.completion.chunk" else ctx.object,
+            "created": ctx.created,
+            "model": ctx.model,
+        }
         if self.system_fingerprint is not None:
             out["system_fingerprint"] = self.system_fingerprint
         out["choices"] = []
@@ -297,8 +350,7 @@ class OpenAICompatEngine(FakeEngine):
         return self.sse_prefix + data + b"\n\n"
 
     async def prepare_stream(self, request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         return resp
 
@@ -312,16 +364,17 @@ class OpenAICompatEngine(FakeEngine):
         ends = plan.fail_at is not None and self.fail_mode not in CONTINUING_FAIL_MODES
         resp = await self.prepare_stream(request)
         async with self.track(stream=True) as tracker:
-            if not legacy and plan.fail_at == 0:  # the very first bytes after the headers
-                if await self.inject_fault(request, resp, tracker):
-                    return resp
+            # the very first bytes after the headers
+            if not legacy and plan.fail_at == 0 and await self.inject_fault(request, resp, tracker):
+                return resp
             for comment in self.stream_comments:
                 await resp.write(comment)
             if self.first_token_delay_s > 0:
                 await asyncio.sleep(self.first_token_delay_s)
             if is_chat and self.role_chunk_content is not NO_ROLE_CHUNK:
-                await resp.write(self.event(self.chunk(
-                    ctx, {"role": "assistant", "content": self.role_chunk_content}, None)))
+                await resp.write(
+                    self.event(self.chunk(ctx, {"role": "assistant", "content": self.role_chunk_content}, None))
+                )
             n = len(plan.deltas)
             deltas = itertools.cycle(plan.deltas) if self.endless and n else plan.deltas
             for i, delta in enumerate(deltas):
@@ -334,13 +387,11 @@ class OpenAICompatEngine(FakeEngine):
                     await asyncio.sleep(self.token_delay_s)
                 elif i > 0 and self.endless:
                     await asyncio.sleep(0)  # never a busy loop that starves the client
-                last = (self.finish_on_last_content and i == n - 1 and not ends
-                        and not self.endless)
+                last = self.finish_on_last_content and i == n - 1 and not ends and not self.endless
                 if is_chat:
                     chunk = self.chunk(ctx, self.shape_delta(delta, i), finish if last else None)
                 else:
-                    chunk = self.chunk(ctx, None, finish if last else None,
-                                       text=delta.get("content", ""))
+                    chunk = self.chunk(ctx, None, finish if last else None, text=delta.get("content", ""))
                 await resp.write(self.event(chunk))
             if self.endless:  # no deltas at all: nothing to repeat, but still never finish
                 await forever()
@@ -371,9 +422,13 @@ class OpenAICompatEngine(FakeEngine):
             return self.chunk(ctx, self.shape_delta({}, 1), finish)
         return self.chunk(ctx, None, finish)
 
-    async def inject_fault(self, request: web.Request, resp: web.StreamResponse,
-                           tracker: StreamTracker,
-                           frame: Callable[[str], bytes] | None = None) -> bool:
+    async def inject_fault(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        tracker: StreamTracker,
+        frame: Callable[[str], bytes] | None = None,
+    ) -> bool:
         """Apply an `INJECTED_FAIL_MODES` fault mid-stream; True: the response is over.
 
         `frame` wraps a malformed payload for the wire (default: an SSE event).
@@ -392,8 +447,9 @@ class OpenAICompatEngine(FakeEngine):
             await resp.write((frame or self.event)(data))
         return False
 
-    async def fail_stream(self, request: web.Request, resp: web.StreamResponse,
-                          tracker: StreamTracker) -> web.StreamResponse:
+    async def fail_stream(
+        self, request: web.Request, resp: web.StreamResponse, tracker: StreamTracker
+    ) -> web.StreamResponse:
         if self.fail_mode == "drop":
             drop_connection(request, tracker)
         await resp.write(self.event(self.stream_error_payload("generation failed (injected by fake)")))
@@ -424,9 +480,14 @@ class OpenAICompatEngine(FakeEngine):
                 emb = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
             data.append({"object": "embedding", "index": i, "embedding": emb})
         tokens = max(1, count_words(raw))
-        return web.json_response({"object": "list", "data": data,
-                                  "model": self.response_model(body),
-                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": self.response_model(body),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
 
     def embedding_inputs(self, raw: Any) -> list[str]:
         if isinstance(raw, str):

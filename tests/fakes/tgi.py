@@ -21,10 +21,15 @@ from tests.fakes.openai_compat import NO_ROLE_CHUNK, OpenAICompatEngine, StreamC
 __all__ = ["TGIEngine"]
 
 VERSION = "3.3.6"
-_ERROR_TYPES = {400: "validation", 422: "validation", 424: "generation", 429: "overloaded",
-                500: "incomplete_generation", 503: "unhealthy"}
-_PROTECTED = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions",
-                        "/v1/completions", "/tokenize"})
+_ERROR_TYPES = {
+    400: "validation",
+    422: "validation",
+    424: "generation",
+    429: "overloaded",
+    500: "incomplete_generation",
+    503: "unhealthy",
+}
+_PROTECTED = frozenset({"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/tokenize"})
 
 
 class TGIEngine(OpenAICompatEngine):
@@ -42,11 +47,13 @@ class TGIEngine(OpenAICompatEngine):
     system_fingerprint = f"{VERSION}-native"
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
-                ("GET", "/health", self.handle_health),
-                ("GET", "/", self.handle_health),
-                ("GET", "/ping", self.handle_health),
-                ("GET", "/info", self.handle_info)]
+        return [
+            *super().routes(),
+            ("GET", "/health", self.handle_health),
+            ("GET", "/", self.handle_health),
+            ("GET", "/ping", self.handle_health),
+            ("GET", "/info", self.handle_info),
+        ]
 
     # ------------------------------------------------------------------ hooks
 
@@ -61,18 +68,20 @@ class TGIEngine(OpenAICompatEngine):
 
     def error_response(self, request: web.Request, exc: EngineError) -> web.StreamResponse:
         return web.json_response(
-            {"error": exc.message, "error_type": _ERROR_TYPES.get(exc.status, "generation")},
-            status=exc.status)
+            {"error": exc.message, "error_type": _ERROR_TYPES.get(exc.status, "generation")}, status=exc.status
+        )
 
     def unknown_route(self, request: web.Request) -> web.StreamResponse:
-        status = 405 if request.match_info.http_exception is not None and \
-            request.match_info.http_exception.status == 405 else 404
+        status = (
+            405
+            if request.match_info.http_exception is not None and request.match_info.http_exception.status == 405
+            else 404
+        )
         return web.Response(status=status)
 
     def validate_request(self, body: dict, *, chat: bool) -> None:
         if chat and not isinstance(body.get("messages"), list):
-            raise EngineError(422, "Failed to deserialize the JSON body into the target type: "
-                                   "missing field `messages`")
+            raise EngineError(422, "Failed to deserialize the JSON body into the target type: missing field `messages`")
 
     def stream_error_payload(self, message: str) -> dict:
         return {"error": {"message": message, "http_status_code": 424}}
@@ -97,15 +106,16 @@ class TGIEngine(OpenAICompatEngine):
             return "stop_sequence"  # passed through unchanged by the Messages API
         return plan.finish
 
-    def chunk(self, ctx: StreamCtx, delta: dict | None, finish: str | None, *,
-              text: str = "") -> dict:
+    def chunk(self, ctx: StreamCtx, delta: dict | None, finish: str | None, *, text: str = "") -> dict:
         out = super().chunk(ctx, delta, finish, text=text)
         out["usage"] = None  # Option<Usage> always serialised
         return out
 
     def models_body(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": m} for m in self.models]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": 0, "owned_by": m} for m in self.models],
+        }
 
     # ----------------------------------------------------------------- routes
 
@@ -113,12 +123,21 @@ class TGIEngine(OpenAICompatEngine):
         return web.Response(status=200)
 
     async def handle_info(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({
-            "model_id": self.models[0] if self.models else "",
-            "model_sha": "0e9e39f249a16976918f6564b8830bc894c89659",
-            "model_pipeline_tag": "text-generation", "max_concurrent_requests": 128,
-            "max_best_of": 2, "max_stop_sequences": 4,
-            "max_input_tokens": self.context_length - 1, "max_total_tokens": self.context_length,
-            "validation_workers": 2, "max_client_batch_size": 4,
-            "router": "text-generation-router", "version": VERSION, "sha": None,
-            "docker_label": None})
+        return web.json_response(
+            {
+                "model_id": self.models[0] if self.models else "",
+                "model_sha": "0e9e39f249a16976918f6564b8830bc894c89659",
+                "model_pipeline_tag": "text-generation",
+                "max_concurrent_requests": 128,
+                "max_best_of": 2,
+                "max_stop_sequences": 4,
+                "max_input_tokens": self.context_length - 1,
+                "max_total_tokens": self.context_length,
+                "validation_workers": 2,
+                "max_client_batch_size": 4,
+                "router": "text-generation-router",
+                "version": VERSION,
+                "sha": None,
+                "docker_label": None,
+            }
+        )

@@ -33,8 +33,7 @@ def error_type(status: int) -> str:
 
 
 def flat_error(status: int, message: str, param: str | None = None) -> dict:
-    return {"object": "error", "message": message, "type": error_type(status),
-            "param": param, "code": status}
+    return {"object": "error", "message": message, "type": error_type(status), "param": param, "code": status}
 
 
 def _not_found(request: web.Request) -> web.StreamResponse:
@@ -47,12 +46,10 @@ class _FastAPIEngine(OpenAICompatEngine):
     default_models = ("meta-llama/Llama-3.1-8B-Instruct",)
 
     def error_response(self, request: web.Request, exc: EngineError) -> web.StreamResponse:
-        return web.json_response(flat_error(exc.status, exc.message, exc.param),
-                                 status=exc.status)
+        return web.json_response(flat_error(exc.status, exc.message, exc.param), status=exc.status)
 
     def unknown_route(self, request: web.Request) -> web.StreamResponse:
-        if request.match_info.http_exception is not None and \
-                request.match_info.http_exception.status == 405:
+        if request.match_info.http_exception is not None and request.match_info.http_exception.status == 405:
             return web.json_response({"detail": "Method Not Allowed"}, status=405)
         return _not_found(request)
 
@@ -60,8 +57,7 @@ class _FastAPIEngine(OpenAICompatEngine):
         return web.json_response({"error": "Unauthorized"}, status=401)
 
     def stream_error_payload(self, message: str) -> dict:
-        return {"error": {"message": message, "type": "InternalServerError", "param": None,
-                          "code": 500}}
+        return {"error": {"message": message, "type": "InternalServerError", "param": None, "code": 500}}
 
     def chat_id(self) -> str:
         return "chatcmpl-" + uuid.uuid4().hex
@@ -90,12 +86,14 @@ class VLLMEngine(_FastAPIEngine):
     nested_errors = False  # True: the v0.10.1+ {"error":{...}} envelope
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
-                ("GET", "/health", self.handle_empty_ok),
-                ("GET", "/ping", self.handle_empty_ok),
-                ("GET", "/version", self.handle_version),
-                ("GET", "/load", self.handle_load),
-                ("GET", "/metrics", self.handle_metrics)]
+        return [
+            *super().routes(),
+            ("GET", "/health", self.handle_empty_ok),
+            ("GET", "/ping", self.handle_empty_ok),
+            ("GET", "/version", self.handle_version),
+            ("GET", "/load", self.handle_load),
+            ("GET", "/metrics", self.handle_metrics),
+        ]
 
     def auth_required(self, request: web.Request) -> bool:
         return request.path.startswith("/v1")
@@ -107,10 +105,10 @@ class VLLMEngine(_FastAPIEngine):
     def error_response(self, request: web.Request, exc: EngineError) -> web.StreamResponse:
         if not self.nested_errors:
             return super().error_response(request, exc)
-        return web.json_response({"error": {"message": exc.message,
-                                            "type": error_type(exc.status),
-                                            "param": exc.param, "code": exc.status}},
-                                 status=exc.status)
+        return web.json_response(
+            {"error": {"message": exc.message, "type": error_type(exc.status), "param": exc.param, "code": exc.status}},
+            status=exc.status,
+        )
 
     def model_not_found(self, model: str) -> EngineError:
         return EngineError(404, f"The model `{model}` does not exist.", param="model")
@@ -135,16 +133,37 @@ class VLLMEngine(_FastAPIEngine):
         return {"prompt_logprobs": None, "kv_transfer_params": None}
 
     def models_body(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": m, "object": "model", "created": 1735142223, "owned_by": "vllm",
-            "root": m, "parent": None, "max_model_len": self.context_length,
-            "permission": [{
-                "id": f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, m).hex}",
-                "object": "model_permission", "created": 1735142223,
-                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                "organization": "*", "group": None, "is_blocking": False}]}
-            for m in self.models]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m,
+                    "object": "model",
+                    "created": 1735142223,
+                    "owned_by": "vllm",
+                    "root": m,
+                    "parent": None,
+                    "max_model_len": self.context_length,
+                    "permission": [
+                        {
+                            "id": f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, m).hex}",
+                            "object": "model_permission",
+                            "created": 1735142223,
+                            "allow_create_engine": False,
+                            "allow_sampling": True,
+                            "allow_logprobs": True,
+                            "allow_search_indices": False,
+                            "allow_view": True,
+                            "allow_fine_tuning": False,
+                            "organization": "*",
+                            "group": None,
+                            "is_blocking": False,
+                        }
+                    ],
+                }
+                for m in self.models
+            ],
+        }
 
     async def handle_version(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"version": self.version})
@@ -160,9 +179,9 @@ class VLLMEngine(_FastAPIEngine):
             "# TYPE vllm:num_requests_waiting gauge",
             f'vllm:num_requests_waiting{{engine="0",model_name="{model}"}} 0.0',
             "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{model}"}} 0.0']
-        return web.Response(text="\n".join(lines) + "\n",
-                            content_type="text/plain", charset="utf-8")
+            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{model}"}} 0.0',
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
 class SGLangEngine(_FastAPIEngine):
@@ -171,12 +190,14 @@ class SGLangEngine(_FastAPIEngine):
     validates_model = False
 
     def routes(self) -> list[tuple[str, str, Any]]:
-        return [*super().routes(),
-                ("GET", "/health", self.handle_empty_ok),
-                ("GET", "/health_generate", self.handle_empty_ok),
-                ("GET", "/ping", self.handle_empty_ok),
-                ("GET", "/get_model_info", self.handle_model_info),
-                ("GET", "/get_server_info", self.handle_server_info)]
+        return [
+            *super().routes(),
+            ("GET", "/health", self.handle_empty_ok),
+            ("GET", "/health_generate", self.handle_empty_ok),
+            ("GET", "/ping", self.handle_empty_ok),
+            ("GET", "/get_model_info", self.handle_model_info),
+            ("GET", "/get_server_info", self.handle_server_info),
+        ]
 
     def loading_response(self, request: web.Request) -> web.StreamResponse | None:
         if request.path.startswith("/health"):
@@ -195,18 +216,41 @@ class SGLangEngine(_FastAPIEngine):
         return {"matched_stop": None}
 
     def models_body(self) -> dict:
-        return {"object": "list", "data": [
-            {"id": m, "object": "model", "created": 1735142223, "owned_by": "sglang",
-             "root": m, "max_model_len": self.context_length} for m in self.models]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": m,
+                    "object": "model",
+                    "created": 1735142223,
+                    "owned_by": "sglang",
+                    "root": m,
+                    "max_model_len": self.context_length,
+                }
+                for m in self.models
+            ],
+        }
 
     async def handle_model_info(self, request: web.Request) -> web.StreamResponse:
         path = self.models[0] if self.models else ""
-        return web.json_response({"model_path": path, "tokenizer_path": path,
-                                  "is_generation": True, "preferred_sampling_params": None,
-                                  "weight_version": "default"})
+        return web.json_response(
+            {
+                "model_path": path,
+                "tokenizer_path": path,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": "default",
+            }
+        )
 
     async def handle_server_info(self, request: web.Request) -> web.StreamResponse:
         path = self.models[0] if self.models else ""
-        return web.json_response({"model_path": path, "port": self.port,
-                                  "context_length": self.context_length,
-                                  "internal_states": [{}], "version": "0.5.0"})
+        return web.json_response(
+            {
+                "model_path": path,
+                "port": self.port,
+                "context_length": self.context_length,
+                "internal_states": [{}],
+                "version": "0.5.0",
+            }
+        )

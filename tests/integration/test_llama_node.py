@@ -47,7 +47,6 @@ CHAT = [{"role": "user", "content": "Write a long story about a dragon who learn
 # --- fixtures --------------------------------------------------------------------
 
 
-
 @pytest.fixture
 async def engines(llama_server: Path, model: Path) -> AsyncIterator[Callable[..., Awaitable[LlamaServerProcess]]]:
     """Start supervised llama-servers (not waited for); every one is stopped afterwards."""
@@ -85,9 +84,8 @@ async def until(check: Callable[[], Awaitable[bool]], within_s: float, what: str
 
 async def get_json(url: str) -> tuple[int, dict[str, str], Any]:
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.get(url, allow_redirects=False) as resp:
-            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, allow_redirects=False) as resp:
+        return resp.status, dict(resp.headers), await resp.json(content_type=None)
 
 
 async def model_ids(node: Node) -> set[str]:
@@ -182,7 +180,11 @@ async def test_max_tokens_cuts_the_answer_with_finish_reason_length(
         model=MODEL_ID, messages=CHAT, max_tokens=7, extra_body={"ignore_eos": True}
     )
     streamed = await client.chat.completions.create(
-        model=MODEL_ID, messages=CHAT, max_tokens=7, stream=True, stream_options={"include_usage": True},
+        model=MODEL_ID,
+        messages=CHAT,
+        max_tokens=7,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
     finish = [c.choices[0].finish_reason async for c in streamed if c.choices and c.choices[0].finish_reason]
@@ -197,7 +199,11 @@ async def test_streamed_chat_tokens_match_the_usage_chunk(engine: LlamaServerPro
     client = client_for(node)
 
     stream = await client.chat.completions.create(
-        model=MODEL_ID, messages=CHAT, max_tokens=24, temperature=0, stream=True,
+        model=MODEL_ID,
+        messages=CHAT,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
@@ -243,7 +249,10 @@ async def test_completions_endpoint_streamed_and_not(engine: LlamaServerProcess,
 
     whole = await client.completions.create(model=MODEL_ID, prompt="Once upon a time", max_tokens=12)
     stream = await client.completions.create(
-        model=MODEL_ID, prompt="Once upon a time", max_tokens=12, stream=True,
+        model=MODEL_ID,
+        prompt="Once upon a time",
+        max_tokens=12,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = [c async for c in stream]
@@ -324,7 +333,7 @@ async def test_embedded_engine_starts_serves_restarts_and_stops_with_the_node(
         node = await start_node(detect=True, detect_ports=[empty_port], embedded_engine=True, cache_dir=str(cache))
         client = client_for(node)
 
-        status, headers, ready = await get_json(node.url + "/ready")
+        status, _headers, ready = await get_json(node.url + "/ready")
         assert status == 503  # nothing detected, the embedded engine still starting
         assert [(e["name"], e["state"]) for e in ready["engines"]] == [("embedded-llamacpp", "starting")]
         # a request meanwhile is "try again shortly", not "no such model"
@@ -403,21 +412,27 @@ async def test_engine_killed_mid_stream_raw_bytes_end_with_an_error_event(
 ) -> None:
     node = await start_node(**configured(engine))
     body = {
-        "model": MODEL_ID, "messages": CHAT, "max_tokens": 200, "stream": True, "ignore_eos": True,
+        "model": MODEL_ID,
+        "messages": CHAT,
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
     }
     raw = b""
     killed = False
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        async with session.post(node.url + "/v1/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            assert resp.headers["Content-Type"].startswith("text/event-stream")
-            while chunk := await resp.content.readany():
-                raw += chunk
-                if not killed and raw.count(b'"content":"') >= 3:
-                    assert engine.pid is not None
-                    os.kill(engine.pid, signal.SIGKILL)
-                    killed = True
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(node.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        while chunk := await resp.content.readany():
+            raw += chunk
+            if not killed and raw.count(b'"content":"') >= 3:
+                assert engine.pid is not None
+                os.kill(engine.pid, signal.SIGKILL)
+                killed = True
 
     assert killed
     events = [e for e in raw.split(b"\n\n") if e]
@@ -430,9 +445,7 @@ async def test_engine_killed_mid_stream_raw_bytes_end_with_an_error_event(
 
 
 @pytest.mark.parametrize("how", ["detected", "configured"])
-async def test_stopped_engine_disappears_and_returns(
-    how: str, engines, start_node, client_for
-) -> None:
+async def test_stopped_engine_disappears_and_returns(how: str, engines, start_node, client_for) -> None:
     first = await engines()
     await first.wait_ready(READY_TIMEOUT_S)
     port = first.port

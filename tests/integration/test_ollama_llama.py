@@ -36,13 +36,15 @@ async def engine(llama_server: Path, model: Path) -> AsyncIterator[LlamaServerPr
         await proc.stop()
 
 
-async def test_same_seed_same_text_through_openai_and_ollama(engine: LlamaServerProcess, start_node,
-                                                              client_for) -> None:
+async def test_same_seed_same_text_through_openai_and_ollama(
+    engine: LlamaServerProcess, start_node, client_for
+) -> None:
     node = await start_node(backends=[{"kind": "llamacpp", "url": engine.url}])
     openai_client = client_for(node)
     messages = [{"role": "user", "content": PROMPT}]
     via_openai = await openai_client.chat.completions.create(
-        model=MODEL_ID, messages=messages, seed=SEED, temperature=TEMPERATURE, max_tokens=TOKENS)
+        model=MODEL_ID, messages=messages, seed=SEED, temperature=TEMPERATURE, max_tokens=TOKENS
+    )
     expected = via_openai.choices[0].message.content
     assert expected and via_openai.usage is not None
 
@@ -56,8 +58,7 @@ async def test_same_seed_same_text_through_openai_and_ollama(engine: LlamaServer
         assert whole.done_reason == ("length" if via_openai.choices[0].finish_reason == "length" else "stop")
         assert whole.eval_duration and whole.eval_duration > 0  # llama.cpp's own timings, in nanoseconds
 
-        parts = [p async for p in await client.chat(model=MODEL_ID, messages=messages, options=options,
-                                                     stream=True)]
+        parts = [p async for p in await client.chat(model=MODEL_ID, messages=messages, options=options, stream=True)]
         assert "".join(p.message.content for p in parts) == expected
         assert parts[-1].done and parts[-1].eval_count == via_openai.usage.completion_tokens
 

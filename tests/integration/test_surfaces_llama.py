@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anthropic
@@ -36,10 +36,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90, func_only=True)]
 
 MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 READY_TIMEOUT_S = 30.0
-WEATHER = {"type": "function", "name": "get_weather", "description": "Get the weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-A_WEATHER = {"name": "get_weather", "description": "Get the weather in a city",
-             "input_schema": WEATHER["parameters"]}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+A_WEATHER = {"name": "get_weather", "description": "Get the weather in a city", "input_schema": WEATHER["parameters"]}
 STORY = "Write a long story about a dragon who learns to bake bread."
 
 
@@ -71,8 +74,9 @@ async def claude(node) -> AsyncIterator[anthropic.AsyncAnthropic]:
 
 async def test_responses_create_and_stream(node, client_for: Callable[..., openai.AsyncOpenAI]) -> None:
     client = client_for(node)
-    resp = await client.responses.create(model=MODEL_ID, input="Say hello.", instructions="Be brief.",
-                                         max_output_tokens=16)
+    resp = await client.responses.create(
+        model=MODEL_ID, input="Say hello.", instructions="Be brief.", max_output_tokens=16
+    )
     assert resp.status in ("completed", "incomplete") and resp.output_text.strip()
     assert resp.usage.input_tokens > 0 and 0 < resp.usage.output_tokens <= 16
     async with client.responses.stream(model=MODEL_ID, input="Say hello.", max_output_tokens=16) as s:
@@ -96,9 +100,15 @@ async def test_responses_tool_round_trip_with_previous_response_id(node, client_
         # client's own history here, and the engine's answer to the tool's output is what is checked (the
         # engine's own calls: test_real_tool_call_*, below).
         second = await client.responses.create(
-            model=MODEL_ID, previous_response_id=first.id, tools=[WEATHER], max_output_tokens=24, input=[
+            model=MODEL_ID,
+            previous_response_id=first.id,
+            tools=[WEATHER],
+            max_output_tokens=24,
+            input=[
                 {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
-                {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"}])
+                {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"},
+            ],
+        )
         assert second.output_text.strip() and second.previous_response_id == first.id
         assert (await client.responses.retrieve(second.id)).output_text == second.output_text
 
@@ -113,11 +123,16 @@ async def test_openai_agents_default_model_runs_an_agent_with_a_tool(node) -> No
 
     client = openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0)
     try:
-        agent = agents.Agent(name="weather", instructions="Be brief.", tools=[get_weather],
-                             model=agents.OpenAIResponsesModel(model=MODEL_ID, openai_client=client),
-                             model_settings=agents.ModelSettings(max_tokens=32))
-        result = await agents.Runner.run(agent, "Say hello.", max_turns=4,
-                                         run_config=agents.RunConfig(tracing_disabled=True))
+        agent = agents.Agent(
+            name="weather",
+            instructions="Be brief.",
+            tools=[get_weather],
+            model=agents.OpenAIResponsesModel(model=MODEL_ID, openai_client=client),
+            model_settings=agents.ModelSettings(max_tokens=32),
+        )
+        result = await agents.Runner.run(
+            agent, "Say hello.", max_turns=4, run_config=agents.RunConfig(tracing_disabled=True)
+        )
     finally:
         await client.close()
     assert isinstance(result.final_output, str) and result.final_output.strip()
@@ -136,12 +151,14 @@ async def test_responses_engine_killed_mid_stream_sdk_raises(node, engine: Llama
 
 
 async def test_messages_create_and_stream(claude: anthropic.AsyncAnthropic) -> None:
-    msg = await claude.messages.create(model=MODEL_ID, max_tokens=16, system="Be brief.",
-                                       messages=[{"role": "user", "content": "Say hello."}])
+    msg = await claude.messages.create(
+        model=MODEL_ID, max_tokens=16, system="Be brief.", messages=[{"role": "user", "content": "Say hello."}]
+    )
     assert msg.content[0].type == "text" and msg.content[0].text.strip()
     assert msg.stop_reason in ("end_turn", "max_tokens") and msg.usage.input_tokens > 0
-    async with claude.messages.stream(model=MODEL_ID, max_tokens=16,
-                                      messages=[{"role": "user", "content": "Say hello."}]) as s:
+    async with claude.messages.stream(
+        model=MODEL_ID, max_tokens=16, messages=[{"role": "user", "content": "Say hello."}]
+    ) as s:
         text = "".join([t async for t in s.text_stream])
         final = await s.get_final_message()
     assert text and final.content[0].text == text and final.usage.output_tokens > 0
@@ -158,32 +175,47 @@ async def test_messages_tool_round_trip(claude: anthropic.AsyncAnthropic) -> Non
             first = await claude.messages.create(**kw)
         assert first.content and first.usage.output_tokens > 0
         # as for Responses: the tool_use is the client's history, the engine answers its result
-        second = await claude.messages.create(model=MODEL_ID, max_tokens=24, tools=[A_WEATHER], messages=[
-            *ask, {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                                                     "input": {"city": "Paris"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]}])
+        second = await claude.messages.create(
+            model=MODEL_ID,
+            max_tokens=24,
+            tools=[A_WEATHER],
+            messages=[
+                *ask,
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+                    ],
+                },
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "Sunny"}]},
+            ],
+        )
         assert second.content and second.content[0].type == "text" and second.content[0].text.strip()
 
 
 async def test_messages_errors_and_count_tokens(claude: anthropic.AsyncAnthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as info:
-        await claude.messages.create(model="no-such-model", max_tokens=8,
-                                     messages=[{"role": "user", "content": "hi"}])
+        await claude.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     assert info.value.body["error"]["type"] == "not_found_error"
     msgs = [{"role": "user", "content": "Count my tokens, please."}]
     count = await claude.messages.count_tokens(model=MODEL_ID, messages=msgs)
     msg = await claude.messages.create(model=MODEL_ID, max_tokens=4, messages=msgs)
     # Anthropic's input_tokens leaves out the prompt read from the cache (llama-server keeps one)
     u = msg.usage
-    assert count.input_tokens == u.input_tokens + (u.cache_read_input_tokens or 0) + \
-        (u.cache_creation_input_tokens or 0) > 0
+    assert (
+        count.input_tokens
+        == u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+        > 0
+    )
 
 
-async def test_messages_engine_killed_mid_stream_sdk_raises(claude: anthropic.AsyncAnthropic,
-                                                            engine: LlamaServerProcess) -> None:
+async def test_messages_engine_killed_mid_stream_sdk_raises(
+    claude: anthropic.AsyncAnthropic, engine: LlamaServerProcess
+) -> None:
     with pytest.raises(anthropic.APIError):
-        async with claude.messages.stream(model=MODEL_ID, max_tokens=300,
-                                          messages=[{"role": "user", "content": STORY}]) as s:
+        async with claude.messages.stream(
+            model=MODEL_ID, max_tokens=300, messages=[{"role": "user", "content": STORY}]
+        ) as s:
             async for ev in s:
                 assert ev.type != "message_stop", "the stream finished normally"
                 if ev.type == "content_block_delta" and engine.pid is not None:
@@ -193,16 +225,21 @@ async def test_messages_engine_killed_mid_stream_sdk_raises(claude: anthropic.As
 # ------------------------------------------------------------- passed through, not translated
 
 
-async def test_the_node_passes_both_apis_through_to_llama_server(node, claude: anthropic.AsyncAnthropic,
-                                                                 client_for) -> None:
+async def test_the_node_passes_both_apis_through_to_llama_server(
+    node, claude: anthropic.AsyncAnthropic, client_for
+) -> None:
     [backend] = node.registry.backends.values()
     assert all(backend.supports(op) for op in NATIVE_OPS)  # the probe found the routes
     # Facts only the engine's own answer has: a stop at a stop sequence says so (the translation
     # cannot tell it from end_turn), and a repeated prompt is read from llama-server's cache.
     # (greedy, so the answer is the same every run: sampled, 1 run in a few never wrote a space in 32 tokens)
-    msg = await claude.messages.create(model=MODEL_ID, max_tokens=32, stop_sequences=[" "],
-                                       messages=[{"role": "user", "content": "Say hello to the world."}],
-                                       extra_body={"temperature": 0})
+    msg = await claude.messages.create(
+        model=MODEL_ID,
+        max_tokens=32,
+        stop_sequences=[" "],
+        messages=[{"role": "user", "content": "Say hello to the world."}],
+        extra_body={"temperature": 0},
+    )
     assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", " ")
     assert msg.id.startswith("msg_") and msg.model == MODEL_ID
     client = client_for(node)
@@ -247,8 +284,9 @@ ASK = "What is the weather in Paris?"
 async def tool_node(llama_server: Path, model: Path, tmp_path: Path, start_node, request):
     template = tmp_path / "tools.jinja"
     template.write_text(TOOL_TEMPLATE)
-    proc = LlamaServerProcess(llama_server, model, port=0, ctx_size=2048,
-                              extra_args=("--jinja", "--chat-template-file", str(template)))
+    proc = LlamaServerProcess(
+        llama_server, model, port=0, ctx_size=2048, extra_args=("--jinja", "--chat-template-file", str(template))
+    )
     await proc.start()
     try:
         await proc.wait_ready(READY_TIMEOUT_S)
@@ -286,12 +324,24 @@ async def test_real_tool_call_through_chat_completions(tool_node, client_for) ->
     assert calls and all(c.function.name == "get_weather" and c.id for c in calls)
     _city(calls[0].function.arguments)
     stream = await client.chat.completions.create(messages=ask, stream=True, **kw)
-    args = "".join([d.function.arguments or "" async for ch in stream if ch.choices
-                    for d in ch.choices[0].delta.tool_calls or () if d.index == 0 and d.function])
+    args = "".join(
+        [
+            d.function.arguments or ""
+            async for ch in stream
+            if ch.choices
+            for d in ch.choices[0].delta.tool_calls or ()
+            if d.index == 0 and d.function
+        ]
+    )
     _city(args)
-    second = await client.chat.completions.create(messages=[
-        *ask, first.choices[0].message.model_dump(exclude_none=True),
-        *({"role": "tool", "tool_call_id": c.id, "content": "Sunny, 21 C"} for c in calls)], **kw)
+    second = await client.chat.completions.create(
+        messages=[
+            *ask,
+            first.choices[0].message.model_dump(exclude_none=True),
+            *({"role": "tool", "tool_call_id": c.id, "content": "Sunny, 21 C"} for c in calls),
+        ],
+        **kw,
+    )
     assert second.choices[0].message.tool_calls and second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
@@ -310,8 +360,11 @@ async def test_real_tool_call_through_responses(tool_node, client_for) -> None:
     assert streamed and "".join(deltas).startswith(streamed[0].arguments)
     _city(streamed[0].arguments)
     # the engine's calls go back to it, with their outputs, through the node's stored conversation
-    second = await client.responses.create(previous_response_id=first.id, **kw, input=[
-        {"type": "function_call_output", "call_id": c.call_id, "output": "Sunny, 21 C"} for c in calls])
+    second = await client.responses.create(
+        previous_response_id=first.id,
+        **kw,
+        input=[{"type": "function_call_output", "call_id": c.call_id, "output": "Sunny, 21 C"} for c in calls],
+    )
     assert [it.type for it in second.output if it.type == "function_call"]
     assert second.usage.input_tokens > first.usage.input_tokens and second.previous_response_id == first.id
 
@@ -321,8 +374,13 @@ async def test_real_tool_call_through_messages(tool_node) -> None:
     claude = anthropic.AsyncAnthropic(base_url=tool_node.url, api_key="unused", max_retries=0)
     try:
         ask = [{"role": "user", "content": ASK}]
-        kw = dict(model=MODEL_ID, max_tokens=FORCE, tools=[A_WEATHER], tool_choice={"type": "any"},
-                  extra_body={"temperature": 0})
+        kw = dict(
+            model=MODEL_ID,
+            max_tokens=FORCE,
+            tools=[A_WEATHER],
+            tool_choice={"type": "any"},
+            extra_body={"temperature": 0},
+        )
         first = await claude.messages.create(messages=ask, **kw)
         uses = [b for b in first.content if b.type == "tool_use"]
         assert first.stop_reason == "tool_use" and uses and all(u.name == "get_weather" and u.id for u in uses)
@@ -332,11 +390,20 @@ async def test_real_tool_call_through_messages(tool_node) -> None:
         streamed = [b for b in final.content if b.type == "tool_use"]
         assert streamed and final.stop_reason == "tool_use"
         _city(streamed[0].input)
-        second = await claude.messages.create(**kw, messages=[
-            *ask, {"role": "assistant", "content": [{"type": "tool_use", "id": u.id, "name": u.name, "input": u.input}
-                                                    for u in uses]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": u.id, "content": "Sunny, 21 C"}
-                                         for u in uses]}])
+        second = await claude.messages.create(
+            **kw,
+            messages=[
+                *ask,
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": u.id, "name": u.name, "input": u.input} for u in uses],
+                },
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": u.id, "content": "Sunny, 21 C"} for u in uses],
+                },
+            ],
+        )
         assert second.stop_reason == "tool_use" and second.usage.output_tokens > 0
     finally:
         await claude.close()

@@ -170,8 +170,13 @@ async def join() -> AsyncIterator[Connect]:
     async def _join(relay: Relay, label: str, token: str = TOKEN_A, **kw: Any) -> Node:
         kw.setdefault("max_size", None)
         kw.setdefault("ping_interval", None)
-        ws = await connect(relay.url + CONNECT_PATH, additional_headers=headers(label, token),
-                           compression=None, open_timeout=WAIT_S, **kw)
+        ws = await connect(
+            relay.url + CONNECT_PATH,
+            additional_headers=headers(label, token),
+            compression=None,
+            open_timeout=WAIT_S,
+            **kw,
+        )
         nodes.append(ws)
         await prove(ws, label)
         async with asyncio.timeout(WAIT_S):

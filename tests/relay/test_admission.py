@@ -41,8 +41,9 @@ from quorum_relay.wire import (
 from .conftest import TOKEN_A, TOKEN_B, WAIT_S, Connect, StartRelay, headers, joined, key, nid, prove, public
 
 
-async def refused(relay: Relay, label: str | None, token: str | None, *, node_id: str | None = None,
-                  **extra: str) -> tuple[int, dict, dict]:
+async def refused(
+    relay: Relay, label: str | None, token: str | None, *, node_id: str | None = None, **extra: str
+) -> tuple[int, dict, dict]:
     """Try a handshake that must fail; the status, JSON body and headers."""
     h = headers(label, token, node_id=node_id) | extra
     with pytest.raises(InvalidStatus) as e:
@@ -56,9 +57,7 @@ async def refused(relay: Relay, label: str | None, token: str | None, *, node_id
     [None, "Bearer 0123456789abcdef-wrong", f"Bearer {TOKEN_A[:-1]}", f"Basic {TOKEN_A}", f"Bearer {TOKEN_A}x"],
     ids=["missing", "wrong", "prefix", "not-bearer", "longer"],
 )
-async def test_bad_or_missing_token_is_401_and_never_registered(
-    relay: Relay, join: Connect, auth: str | None
-) -> None:
+async def test_bad_or_missing_token_is_401_and_never_registered(relay: Relay, join: Connect, auth: str | None) -> None:
     extra = {} if auth is None else {"Authorization": auth}
     status, alone, _ = await refused(relay, "b", None, **extra)
     a = await join(relay, "a")
@@ -108,8 +107,11 @@ async def test_a_node_id_that_is_not_the_keys_is_401(relay: Relay, join: Connect
         h[NODE_KEY_HEADER] = "!" * 44
     with pytest.raises(InvalidStatus) as e:
         if case == "two keys":
-            await connect(relay.connect_url, additional_headers=[*h.items(), (NODE_KEY_HEADER, h[NODE_KEY_HEADER])],
-                          open_timeout=WAIT_S)
+            await connect(
+                relay.connect_url,
+                additional_headers=[*h.items(), (NODE_KEY_HEADER, h[NODE_KEY_HEADER])],
+                open_timeout=WAIT_S,
+            )
         await connect(relay.connect_url, additional_headers=h, open_timeout=WAIT_S)
     resp = e.value.response
     body = msgspec.json.decode(resp.body)
@@ -131,7 +133,9 @@ async def _claim(relay: Relay, label: str, signer: str | None, *, frame: bytes |
         assert isinstance(challenge, Challenge) and len(challenge.nonce) == 32
         if signer is not None:
             k = key(signer)
-            await ws.send(encode(Proof(signature=k.sign(proof_message(challenge.nonce, nid(label), public(key(label)))))))
+            await ws.send(
+                encode(Proof(signature=k.sign(proof_message(challenge.nonce, nid(label), public(key(label))))))
+            )
         elif frame is not None:
             await ws.send(frame)
         async with asyncio.timeout(WAIT_S):
@@ -143,7 +147,8 @@ async def _claim(relay: Relay, label: str, signer: str | None, *, frame: bytes |
 
 
 async def test_a_node_that_cannot_sign_for_a_members_key_is_closed_and_displaces_no_one(
-        start_relay: StartRelay, join: Connect) -> None:
+    start_relay: StartRelay, join: Connect
+) -> None:
     relay = await start_relay(open_timeout_s=0.5)
     a = await join(relay, "a")
     b = await join(relay, "b")
@@ -151,10 +156,11 @@ async def test_a_node_that_cannot_sign_for_a_members_key_is_closed_and_displaces
     # a's id and a's public key (both public), then: another key's signature, a signature of something else,
     # a frame that is no proof, no answer at all (until the open timeout)
     assert await _claim(relay, "a", "x") == CLOSE_UNAUTHORIZED
-    assert await _claim(relay, "a", None, frame=encode(Proof(signature=key("a").sign(b"anything else")))) \
+    assert (
+        await _claim(relay, "a", None, frame=encode(Proof(signature=key("a").sign(b"anything else"))))
         == CLOSE_UNAUTHORIZED
-    assert await _claim(relay, "a", None, frame=encode(Hello(peer=nid("b"), payload=b"me first"))) \
-        == CLOSE_UNAUTHORIZED
+    )
+    assert await _claim(relay, "a", None, frame=encode(Hello(peer=nid("b"), payload=b"me first"))) == CLOSE_UNAUTHORIZED
     assert await _claim(relay, "a", None) == CLOSE_UNAUTHORIZED
     assert relay.stats.rejections["bad_proof"] == 2 and relay.stats.rejections["no_proof"] == 2
     # a was never replaced, and b heard of nothing: its next frame is what a sends it
@@ -224,9 +230,10 @@ async def test_trusted_proxy_forwarded_for_is_the_address(start_relay: StartRela
     relay = await start_relay(max_connections_per_address=1, trusted_proxies=("127.0.0.1",))
     h1 = headers("a", TOKEN_A) | {"X-Forwarded-For": "203.0.113.1"}
     h2 = headers("b", TOKEN_A) | {"X-Forwarded-For": "203.0.113.2"}
-    async with connect(relay.connect_url, additional_headers=h1) as w1, connect(
-        relay.connect_url, additional_headers=h2
-    ) as w2:
+    async with (
+        connect(relay.connect_url, additional_headers=h1) as w1,
+        connect(relay.connect_url, additional_headers=h2) as w2,
+    ):
         await prove(w1, "a")
         await prove(w2, "b")
         assert isinstance(decode(await w1.recv()), Welcome) and isinstance(decode(await w2.recv()), Welcome)

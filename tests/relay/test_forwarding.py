@@ -142,8 +142,11 @@ async def test_forwarding_keeps_fields_this_relay_does_not_know(relay: Relay, jo
 
 async def test_frames_to_offline_peers_are_unreachable(relay: Relay, join: Connect) -> None:
     a = await join(relay, "a")
-    for f, stream in ((Open(peer=nid("zz"), stream=1, payload=b""), 1), (Data(peer=nid("zz"), stream=9, payload=b"x"), 9),
-                      (Hello(peer=nid("zz"), payload=b""), 0)):
+    for f, stream in (
+        (Open(peer=nid("zz"), stream=1, payload=b""), 1),
+        (Data(peer=nid("zz"), stream=9, payload=b"x"), 9),
+        (Hello(peer=nid("zz"), payload=b""), 0),
+    ):
         await a.send(f)
         assert await a.expect(Unreachable) == Unreachable(peer=nid("zz"), stream=stream)
 
@@ -212,13 +215,19 @@ async def test_batches_open_and_end_streams_as_open_and_close_frames_do(start_re
     assert len(relay.hub.streams) == 0
 
 
-@pytest.mark.parametrize(("opens", "closes", "why"), [
-    ((2,), (), "wrong parity"), ((0,), (), "stream 0"), ((1, 1), (), "duplicate"),
-    (tuple(range(1, 2 * 1024 + 3, 2)), (), "more opens than a node may have"),  # 1025: one frame, 1025 Resets
-    ((), tuple(range(1, 2 * 1024 + 3, 2)), "more closes than a node may have"),
-])
-async def test_a_batch_opening_a_bad_stream_id_is_a_violation(relay: Relay, join: Connect, opens: tuple[int, ...],
-                                                              closes: tuple[int, ...], why: str) -> None:
+@pytest.mark.parametrize(
+    ("opens", "closes", "why"),
+    [
+        ((2,), (), "wrong parity"),
+        ((0,), (), "stream 0"),
+        ((1, 1), (), "duplicate"),
+        (tuple(range(1, 2 * 1024 + 3, 2)), (), "more opens than a node may have"),  # 1025: one frame, 1025 Resets
+        ((), tuple(range(1, 2 * 1024 + 3, 2)), "more closes than a node may have"),
+    ],
+)
+async def test_a_batch_opening_a_bad_stream_id_is_a_violation(
+    relay: Relay, join: Connect, opens: tuple[int, ...], closes: tuple[int, ...], why: str
+) -> None:
     a = await join(relay, "a")
     b = await join(relay, "b")
     await a.send(Batch(peer=nid("b"), payload=b"x", opens=opens, closes=closes))
@@ -308,8 +317,20 @@ async def test_replaced_connection(relay: Relay, join: Connect) -> None:
         encode(Open(peer=nid("b"), stream=2, payload=b"")),  # "a" < "b": a's ids are odd
         encode(Open(peer=nid("b"), stream=0, payload=b"")),
     ],
-    ids=["garbage", "empty", "text", "bad-field", "unknown-tag", "welcome", "joined", "left", "unreachable",
-         "to-self", "wrong-parity", "stream-0"],
+    ids=[
+        "garbage",
+        "empty",
+        "text",
+        "bad-field",
+        "unknown-tag",
+        "welcome",
+        "joined",
+        "left",
+        "unreachable",
+        "to-self",
+        "wrong-parity",
+        "stream-0",
+    ],
 )
 async def test_protocol_violations_close_with_close_protocol(relay: Relay, join: Connect, message: bytes | str) -> None:
     a = await join(relay, "a")
@@ -445,5 +466,3 @@ async def test_many_streams_interleave_through_one_relay(relay: Relay, join: Con
         seen.setdefault(f.stream, []).append(int.from_bytes(f.payload, "big"))
     assert len(seen) == n and all(v == list(range(per)) for v in seen.values())
     assert len(relay.hub.streams) == n
-
-

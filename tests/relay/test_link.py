@@ -30,8 +30,9 @@ from quorum_node.cluster.relay import RelayLink, RelayLinkError
 from quorum_relay import wire
 from quorum_relay.identity import decode_key, verify_proof
 from quorum_relay.server import Relay
+from tests.support import eventually
 
-from .conftest import TOKEN_A, WAIT_S, StartRelay
+from .conftest import TOKEN_A, WAIT_S
 
 Membership = dict[str, bytes]  # node id -> X25519 public key
 
@@ -88,8 +89,15 @@ async def start_link() -> AsyncIterator[StartLink]:
         async def serve_it(peer: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> Any:
             return await serve_in_memory(server, method, path, headers, body, peer=peer)
 
-        link = RelayLink(url=url, token=token, identity=m.identity, peer_key=m.peer_key, on_presence=m.on_presence,
-                         serve=serve_it, **kw)
+        link = RelayLink(
+            url=url,
+            token=token,
+            identity=m.identity,
+            peer_key=m.peer_key,
+            on_presence=m.on_presence,
+            serve=serve_it,
+            **kw,
+        )
         m.link = link
         links.append(link)
         await link.start()
@@ -98,12 +106,6 @@ async def start_link() -> AsyncIterator[StartLink]:
     yield _start
     for link in links:
         await link.close()
-
-
-async def until(check: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.01)
 
 
 async def get(link: RelayLink, peer: str, path: str = "/who", timeout_s: float = WAIT_S) -> tuple[int, bytes]:
@@ -118,12 +120,11 @@ def cluster(n: int) -> list[Member]:
     return [Member(i, dict(members)) for i in ids]
 
 
-async def test_members_serve_each_other_as_the_member_their_session_proved(
-        relay: Relay, start_link: StartLink) -> None:
+async def test_members_serve_each_other_as_the_member_their_session_proved(relay: Relay, start_link: StartLink) -> None:
     a, b = cluster(2)
     la = await start_link(relay.url, a)
     await start_link(relay.url, b)
-    await until(lambda: b.node_id in a.online and a.node_id in b.online, "both online")
+    await eventually(lambda: b.node_id in a.online and a.node_id in b.online, "both online", timeout_s=WAIT_S)
     assert await get(la, b.node_id) == (200, f"served {a.node_id}".encode())
     assert b.served == [(a.node_id, "/who")]
 
@@ -135,13 +136,13 @@ async def test_a_non_member_gets_no_session_and_nothing_served(relay: Relay, sta
     await start_link(relay.url, a)
     lb = await start_link(relay.url, b)
     lc = await start_link(relay.url, c)
-    await until(lambda: b.node_id in c.online and a.node_id in b.online, "online")
+    await eventually(lambda: b.node_id in c.online and a.node_id in b.online, "online", timeout_s=WAIT_S)
     with pytest.raises(RelayLinkError):
         await get(lc, b.node_id)
     assert b.served == [] and c.node_id not in b.online and c.node_id not in (a.online | b.online)
     assert lb.refused_hellos >= 1
     # b never starts one with it either
-    with pytest.raises(RelayLinkError, match="not a member|not on the relay"):
+    with pytest.raises(RelayLinkError, match=r"not a member|not on the relay"):
         await get(lb, c.node_id)
 
 
@@ -150,7 +151,7 @@ async def test_a_member_id_with_another_key_is_refused(relay: Relay, start_link:
     b.members[a.node_id] = NodeIdentity.generate().dh_key  # b's membership has another key for a's id
     la = await start_link(relay.url, a)
     lb = await start_link(relay.url, b)
-    await until(lambda: b.node_id in a.online and a.node_id in b.online, "online")
+    await eventually(lambda: b.node_id in a.online and a.node_id in b.online, "online", timeout_s=WAIT_S)
     with pytest.raises(RelayLinkError):
         await get(la, b.node_id)
     assert b.served == [] and lb.refused_hellos >= 1
@@ -169,7 +170,7 @@ async def test_a_member_not_known_yet_introduces_itself(relay: Relay, start_link
 
     la = await start_link(relay.url, a, introduction=lambda: a_records)
     await start_link(relay.url, b, introduce=introduce)
-    await until(lambda: b.node_id in a.online, "b online at a")
+    await eventually(lambda: b.node_id in a.online, "b online at a", timeout_s=WAIT_S)
     assert a.node_id not in b.online  # a stranger to b
     assert await get(la, b.node_id) == (200, f"served {a.node_id}".encode())  # refused, introduced, asked again
     assert b.introductions == [a.node_id] and a.node_id in b.online
@@ -180,7 +181,7 @@ async def test_an_introduction_that_does_not_make_a_member_is_refused(relay: Rel
     del b.members[a.node_id]
     la = await start_link(relay.url, a, introduction=lambda: b"records signed by nobody b knows")
     lb = await start_link(relay.url, b, introduce=lambda peer, records: b.introductions.append(peer))
-    await until(lambda: b.node_id in a.online, "b online at a")
+    await eventually(lambda: b.node_id in a.online, "b online at a", timeout_s=WAIT_S)
     for _ in range(3):
         with pytest.raises(RelayLinkError):
             await get(la, b.node_id)
@@ -193,7 +194,7 @@ async def test_forget_peer_ends_its_streams_now(relay: Relay, start_link: StartL
     a, b = cluster(2)
     la = await start_link(relay.url, a)
     lb = await start_link(relay.url, b)
-    await until(lambda: b.node_id in a.online and a.node_id in b.online, "online")
+    await eventually(lambda: b.node_id in a.online and a.node_id in b.online, "online", timeout_s=WAIT_S)
     pending = asyncio.create_task(get(la, b.node_id, "/slow"))
     await asyncio.wait_for(b.slow_started.wait(), WAIT_S)
     del b.members[a.node_id]  # a is evicted
@@ -210,6 +211,7 @@ async def test_forget_peer_ends_its_streams_now(relay: Relay, start_link: StartL
 
 
 # -- a hostile relay ----------------------------------------------------------------------------------------
+
 
 class FakeRelay:
     """A relay that admits a node as the real one does (challenge, proof), then does what a test tells it."""
@@ -280,14 +282,16 @@ async def test_ghost_presence_of_30000_non_members_leaves_the_link_small(start_l
     async with FakeRelay(script) as fake:
         t0 = time.process_time()
         link = await start_link(fake.url, a, max_peers=64)
-        await until(lambda: link.protocol.presence.ignored + link.refused_hellos >= 30_100, "all ghosts seen", 30)
+        await eventually(
+            lambda: link.protocol.presence.ignored + link.refused_hellos >= 30_100, "all ghosts seen", timeout_s=30
+        )
         cpu = time.process_time() - t0
         assert link.online == {} and a.presence_calls == 0  # nobody to probe, nobody in the peer table
         assert len(link.protocol.presence.strangers) <= 64 and link.protocol.presence.ignored == 30_000
-        assert not link.protocol.sessions  # no handshake: nothing but refusals (an empty HelloReply, no crypto) went out
-        await until(lambda: len(fake.received) == 100, "the refusals arrived")
-        assert all(isinstance(f, wire.HelloReply) and not f.payload
-                   for f in fake.received)
+        # no handshake: nothing but refusals (an empty HelloReply, no crypto) went out
+        assert not link.protocol.sessions
+        await eventually(lambda: len(fake.received) == 100, "the refusals arrived", timeout_s=WAIT_S)
+        assert all(isinstance(f, wire.HelloReply) and not f.payload for f in fake.received)
     assert cpu < 10, f"{cpu:.1f} s of CPU for 30,000 ghosts"
 
 
@@ -304,7 +308,7 @@ async def test_members_past_max_peers_are_refused_with_one_warning(start_link: S
     with structlog.testing.capture_logs() as logs:
         async with FakeRelay(script) as fake:
             link = await start_link(fake.url, a, max_peers=8)
-            await until(lambda: link.protocol.presence.refused == 32, "all refused")
+            await eventually(lambda: link.protocol.presence.refused == 32, "all refused", timeout_s=WAIT_S)
             assert len(link.online) == 8 == len(a.online)
     warnings = [e for e in logs if e["event"] == "relay_peers_refused"]
     assert len(warnings) == 1 and warnings[0]["refused"] == 22  # the Welcome's, in one line; then silence
@@ -339,7 +343,9 @@ async def test_an_oversized_message_closes_the_link_unread(start_link: StartLink
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     async with FakeRelay(script) as fake:
         link = await start_link(fake.url, a)
-        await until(lambda: link.last_error is not None and "1009" in link.last_error, "closed with 1009")
+        await eventually(
+            lambda: link.last_error is not None and "1009" in link.last_error, "closed with 1009", timeout_s=WAIT_S
+        )
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert sent < 64 * 1024 * 1024, f"the node read {sent >> 20} MiB of it"
     assert grown_mib < 64, f"peak RSS grew {grown_mib:.0f} MiB"

@@ -273,7 +273,10 @@ def test_settings_built_directly_are_validated_too() -> None:
 @pytest.mark.slow  # a fresh interpreter
 def test_relay_never_imports_quorum_node() -> None:
     """It ships alone to a VPS."""
-    code = "import sys, quorum_relay.cli, quorum_relay.server; print(sorted(m for m in sys.modules if m.startswith('quorum_node')))"
+    code = (
+        "import sys, quorum_relay.cli, quorum_relay.server\n"
+        "print(sorted(m for m in sys.modules if m.startswith('quorum_node')))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
     assert out.stdout.strip() == "[]"
 

@@ -101,9 +101,17 @@ class Node:
         self.p.receive(wire.encode(wire.Challenge(nonce=b"n" * wire.NONCE_BYTES)), now)
         assert [type(wire.decode(f)) for f in self.p.frames_to_send()] == [wire.Proof]
         kw: dict[str, Any] = {"max_frame_bytes": 256 * 1024, "batch": True, "batch_streams": True, **welcome}
-        self.p.receive(wire.encode(wire.Welcome(session=f"s-{self.id}", node_id=self.id,
-                                                peers=tuple(wire.Presence(node_id=p, since=1.0) for p in peers),
-                                                **kw)), now)
+        self.p.receive(
+            wire.encode(
+                wire.Welcome(
+                    session=f"s-{self.id}",
+                    node_id=self.id,
+                    peers=tuple(wire.Presence(node_id=p, since=1.0) for p in peers),
+                    **kw,
+                )
+            ),
+            now,
+        )
 
 
 class Wire:
@@ -196,8 +204,9 @@ def test_a_peer_cannot_open_more_streams_than_the_relay_allows_by_hiding_them_in
     a, b, net = pair(max_streams=3)
     session(a, b, net)
     sids = [10_001 + 2 * i for i in range(8)]  # a's id sorts lower: it opens odd streams
-    items = msgspec.msgpack.encode([Item(stream=sid, data=msgspec.msgpack.encode(HEAD), flags=OPEN | FIN)
-                                    for sid in sids])
+    items = msgspec.msgpack.encode(
+        [Item(stream=sid, data=msgspec.msgpack.encode(HEAD), flags=OPEN | FIN) for sid in sids]
+    )
     sealed = a.p.sessions[b.id].send.seal(items)  # type: ignore[union-attr]
     # eight streams opened inside the encryption, none of them listed for the relay to count
     net.deliver(a, wire.Batch(peer=b.id, payload=sealed))
@@ -230,8 +239,7 @@ def test_a_peer_that_batches_but_does_not_open_streams_in_batches_gets_open_fram
     assert isinstance(hello, wire.Hello)
     # b answers as the version before: it reads Batch, but no stream item opens or ends a stream
     their_session, message = hello.payload.split(b"\x00", 1)
-    hs = Handshake(initiator=False, static=b.identity.dh_private,
-                   prologue=prologue(a.id, b.id, their_session.decode()))
+    hs = Handshake(initiator=False, static=b.identity.dh_private, prologue=prologue(a.id, b.id, their_session.decode()))
     hs.read_message(message)
     reply = hs.write_message(msgspec.msgpack.encode(Features(batch=True)))
     a.p.receive(wire.encode(wire.HelloReply(peer=b.id, payload=reply)), 0.0)
@@ -240,8 +248,11 @@ def test_a_peer_that_batches_but_does_not_open_streams_in_batches_gets_open_fram
         a.p.send(stream, memoryview(b"{}"))
         a.p.close(stream)
     frames = net.frames(a)
-    assert len([f for f in frames if isinstance(f, wire.Open)]) == 16 == len([f for f in frames
-                                                                             if isinstance(f, wire.Close)])
+    assert (
+        len([f for f in frames if isinstance(f, wire.Open)])
+        == 16
+        == len([f for f in frames if isinstance(f, wire.Close)])
+    )
     assert not any(f.opens or f.closes for f in frames if isinstance(f, wire.Batch))
 
 
@@ -285,8 +296,12 @@ def test_more_data_than_granted_resets_the_stream() -> None:
     stream = a.p.open(b.id, HEAD, h)
     net.pump()
     seal = b.p.sessions[a.id].send.seal  # type: ignore[union-attr]
-    net.deliver(b, wire.Data(peer=a.id, stream=stream.id, payload=seal(msgspec.msgpack.encode(
-        AnswerHead(status=200, headers=[])))))
+    net.deliver(
+        b,
+        wire.Data(
+            peer=a.id, stream=stream.id, payload=seal(msgspec.msgpack.encode(AnswerHead(status=200, headers=[])))
+        ),
+    )
     for _ in range(WINDOW // 16384 + 1):  # a hostile sender ignores its credit
         net.deliver(b, wire.Data(peer=a.id, stream=stream.id, payload=seal(b"y" * 16384)))
     assert h.error is not None and "flow_control" in str(h.error)
@@ -348,8 +363,11 @@ def test_forget_peer_resets_its_streams_and_takes_it_offline() -> None:
 @pytest.mark.parametrize("first", ["welcome twice", "a proof", "garbage"])
 def test_a_relay_that_breaks_the_protocol_is_told_so(first: str) -> None:
     a, _, _ = pair()
-    raw = {"welcome twice": wire.encode(wire.Welcome(session="s", node_id=a.id)),
-           "a proof": wire.encode(wire.Proof(signature=b"x" * 64)), "garbage": b"\xc1"}[first]
+    raw = {
+        "welcome twice": wire.encode(wire.Welcome(session="s", node_id=a.id)),
+        "a proof": wire.encode(wire.Proof(signature=b"x" * 64)),
+        "garbage": b"\xc1",
+    }[first]
     with pytest.raises(ProtocolError) as e:
         a.p.receive(raw, 0.0)
     assert e.value.code == wire.CLOSE_PROTOCOL

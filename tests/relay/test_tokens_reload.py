@@ -84,9 +84,20 @@ async def test_real_process_sighup_reload_and_sigterm_stop(join: Connect, tmp_pa
     f = tmp_path / "tokens"
     f.write_text(f"{KEEP} team\n{DROP} team\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "quorum_relay", "--host", "127.0.0.1", "--port", "0", "--tokens-file", str(f),
-        "--log-format", "json",
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "quorum_relay",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tokens-file",
+        str(f),
+        "--log-format",
+        "json",
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert proc.stderr is not None

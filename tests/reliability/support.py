@@ -30,9 +30,10 @@ import aiohttp
 import openai
 
 from quorum_node.node import Node
-from tests.conftest import StartFake, StartNode, eventually
+from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
 from tests.faults import FaultProxy
+from tests.support import eventually
 
 __all__ = [
     "CLUSTER",
@@ -104,8 +105,15 @@ class Asked:
         return end - self.started_at
 
 
-async def ask(client: openai.AsyncOpenAI, *, stream: bool, model: str = MODEL, op: str = "chat",
-              on_first: OnFirst = None, **extra: Any) -> Asked:
+async def ask(
+    client: openai.AsyncOpenAI,
+    *,
+    stream: bool,
+    model: str = MODEL,
+    op: str = "chat",
+    on_first: OnFirst = None,
+    **extra: Any,
+) -> Asked:
     """One chat (or ``op="completions"``) request; never raises an `openai.APIError`, returns it in
     ``Asked.error``.
 
@@ -117,10 +125,10 @@ async def ask(client: openai.AsyncOpenAI, *, stream: bool, model: str = MODEL, o
     try:
         if op == "chat":
             raw = await client.chat.completions.with_raw_response.create(
-                model=model, messages=MSGS, stream=stream, **extra)
+                model=model, messages=MSGS, stream=stream, **extra
+            )
         else:
-            raw = await client.completions.with_raw_response.create(
-                model=model, prompt="hi", stream=stream, **extra)
+            raw = await client.completions.with_raw_response.create(model=model, prompt="hi", stream=stream, **extra)
         out.headers = raw.headers
         parsed = raw.parse()
         if not stream:
@@ -196,8 +204,14 @@ class RawAnswer:
         return last["error"]
 
 
-async def post_raw(http: aiohttp.ClientSession, node: Node, body: dict[str, Any], *,
-                   on_first: OnFirst = None, path: str = "/v1/chat/completions") -> RawAnswer:
+async def post_raw(
+    http: aiohttp.ClientSession,
+    node: Node,
+    body: dict[str, Any],
+    *,
+    on_first: OnFirst = None,
+    path: str = "/v1/chat/completions",
+) -> RawAnswer:
     """POST a request with aiohttp and read the whole body, however it ends."""
     chunks: list[bytes] = []
     cut: BaseException | None = None
@@ -217,8 +231,7 @@ async def post_raw(http: aiohttp.ClientSession, node: Node, body: dict[str, Any]
 # -- holders -------------------------------------------------------------------------
 
 
-async def wait_for_holders(http: aiohttp.ClientSession, node: Node, holders: set[str],
-                           model: str = MODEL) -> None:
+async def wait_for_holders(http: aiohttp.ClientSession, node: Node, holders: set[str], model: str = MODEL) -> None:
     """Wait until ``node`` lists ``model`` (by id or alias) as held by exactly the nodes named ``holders``."""
 
     async def listed() -> bool:
@@ -251,15 +264,21 @@ TWO_HOLDERS = ("local2", "local+peer", "lan2")
 class Builder:
     """Sets up a route's holders with the shared fixtures; everything is closed by them."""
 
-    def __init__(self, start_node: StartNode, fake: StartFake,
-                 proxy: Callable[..., Awaitable[FaultProxy]], http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        start_node: StartNode,
+        fake: StartFake,
+        proxy: Callable[..., Awaitable[FaultProxy]],
+        http: aiohttp.ClientSession,
+    ) -> None:
         self.start_node = start_node
         self.fake = fake
         self.proxy = proxy
         self.http = http
 
-    async def build(self, route: str, *, bad_kind: str = "openai", bad_knobs: dict[str, Any] | None = None,
-                    **settings: Any) -> Holders:
+    async def build(
+        self, route: str, *, bad_kind: str = "openai", bad_knobs: dict[str, Any] | None = None, **settings: Any
+    ) -> Holders:
         """The holders of ``route``; ``settings`` go to every node."""
         bad = await self.fake(bad_kind, models=[MODEL], **(bad_knobs or {}))
         good = None
@@ -275,8 +294,13 @@ class Builder:
         if route == "local+peer":
             peer = await start(backends=[spec(good)], **CLUSTER, **settings)
             link = await self.proxy(peer.peer_port)
-            entry = await start(backends=[spec(bad)], peers=[f"127.0.0.1:{link.port}"], **CLUSTER,
-                                health_interval_s=QUIET_HEALTH_S, **settings)
+            entry = await start(
+                backends=[spec(bad)],
+                peers=[f"127.0.0.1:{link.port}"],
+                **CLUSTER,
+                health_interval_s=QUIET_HEALTH_S,
+                **settings,
+            )
             await wait_for_holders(self.http, entry, {entry.name, peer.name})
             return Holders(route, entry, bad, entry, good=good, good_node=peer, nodes=[entry, peer])
         if route in ("lan", "lan2"):
@@ -289,8 +313,9 @@ class Builder:
                 c = await start(backends=[spec(good)], **CLUSTER, **settings)
                 links.append(await self.proxy(c.peer_port, latency_s=SECOND_PEER_LATENCY_S))
                 holders.add(c.name)
-            entry = await start(peers=[f"127.0.0.1:{p.port}" for p in links], **CLUSTER,
-                                health_interval_s=QUIET_HEALTH_S, **settings)
+            entry = await start(
+                peers=[f"127.0.0.1:{p.port}" for p in links], **CLUSTER, health_interval_s=QUIET_HEALTH_S, **settings
+            )
             await wait_for_holders(self.http, entry, holders)
             nodes = [entry, b] + ([c] if c is not None else [])
             return Holders(route, entry, bad, b, bad_link=links[0], good=good, good_node=c, nodes=nodes)
@@ -305,12 +330,14 @@ def spec(eng: FakeEngine | None) -> dict[str, str]:
 # -- afterwards ------------------------------------------------------------------------
 
 
-async def assert_healthy(http: aiohttp.ClientSession, client: openai.AsyncOpenAI, h: Holders,
-                         texts: set[str] | None = None) -> None:
+async def assert_healthy(
+    http: aiohttp.ClientSession, client: openai.AsyncOpenAI, h: Holders, texts: set[str] | None = None
+) -> None:
     """Every node answers /health with nothing left in flight, and a normal streamed request is
     served whole, [DONE] included (by any holder: ``texts`` are the answers they give)."""
     texts = texts or {HELLO, GOOD_TEXT}
     for node in h.nodes:
+
         async def settled(node: Node = node) -> bool:
             async with http.get(node.url + "/health") as resp:
                 assert resp.status == 200, (node.name, resp.status)

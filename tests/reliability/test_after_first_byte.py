@@ -74,8 +74,7 @@ FAULTS = [
     Fault("link_fin", link="fin", slow=True),
     Fault("link_silent", link="silent", slow=True),
 ]
-CASES = [pytest.param(r, f, id=f"{r}-{f}") for f in FAULTS for r in ("local2", "lan2")
-         if f.link is None or r == "lan2"]
+CASES = [pytest.param(r, f, id=f"{r}-{f}") for f in FAULTS for r in ("local2", "lan2") if f.link is None or r == "lan2"]
 
 
 async def arm(fault: Fault, h: Holders) -> Callable[[], None] | None:
@@ -107,7 +106,8 @@ def disarm(fault: Fault, h: Holders) -> None:
 
 @pytest.mark.parametrize(("route", "fault"), CASES)
 async def test_a_stream_cut_after_the_first_byte_ends_with_an_error_event(
-        build: Builder, client_for: ClientFor, http: aiohttp.ClientSession, route: str, fault: Fault) -> None:
+    build: Builder, client_for: ClientFor, http: aiohttp.ClientSession, route: str, fault: Fault
+) -> None:
     knobs: dict[str, Any] = {"tokens": list(TOKENS), "token_delay_s": 0.05 if fault.slow else 0.0, **fault.start}
     h = await build.build(route, bad_kind=fault.kind, bad_knobs=knobs, idle_timeout_s=IDLE_S)
     assert h.good is not None

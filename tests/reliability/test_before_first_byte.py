@@ -79,15 +79,17 @@ FAULTS = [
     Fault("rst_before_first_chunk", at_start("rst"), statuses=frozenset({502, 503})),
     Fault("fin_before_first_chunk", at_start("fin"), statuses=frozenset({502, 503})),
     Fault("eof_before_first_event", at_start("eof"), statuses=frozenset({502})),
-    Fault("error_as_first_event", at_start("malformed_json", malformed_payload=ERROR_EVENT),
-          statuses=frozenset({500}), stream_only=True),
+    Fault(
+        "error_as_first_event",
+        at_start("malformed_json", malformed_payload=ERROR_EVENT),
+        statuses=frozenset({500}),
+        stream_only=True,
+    ),
     # the LAN link between the entry node and the bad peer
     Fault("link_refused", refuse="link", statuses=frozenset({503}), recorded=False),
     # (on a fresh connection that is in the TLS handshake, before the request is sent: not recorded)
-    Fault("link_rst_before_first_byte", link={"reset_after_bytes": 0}, statuses=frozenset({502, 503}),
-          recorded=False),
-    Fault("link_fin_before_first_byte", link={"close_after_bytes": 0}, statuses=frozenset({502, 503}),
-          recorded=False),
+    Fault("link_rst_before_first_byte", link={"reset_after_bytes": 0}, statuses=frozenset({502, 503}), recorded=False),
+    Fault("link_fin_before_first_byte", link={"close_after_bytes": 0}, statuses=frozenset({502, 503}), recorded=False),
     Fault("link_silent", link={"stall": True}, statuses=frozenset({504}), recorded=False),
     # a whole answer is not sent on until it is all in: a cut halfway through is still "before"
     Fault("link_rst_mid_answer", cut_mid_answer="rst", statuses=frozenset({502, 503}), whole_only=True),
@@ -98,8 +100,7 @@ FAULTS = [
 def cases(routes: tuple[str, ...]) -> list[Any]:
     """(route, fault) pairs that exist: link faults only where a LAN link leads to the bad holder."""
     lan_routes = {"lan", "lan2"}
-    return [pytest.param(r, f, id=f"{r}-{f}") for f in FAULTS for r in routes
-            if not f.lan_only or r in lan_routes]
+    return [pytest.param(r, f, id=f"{r}-{f}") for f in FAULTS for r in routes if not f.lan_only or r in lan_routes]
 
 
 async def inject(fault: Fault, h: Holders, answer_bytes: int) -> None:
@@ -125,8 +126,7 @@ async def inject(fault: Fault, h: Holders, answer_bytes: int) -> None:
             setattr(h.bad_link, name, value)
 
 
-async def setup(build: Builder, client_for: ClientFor, route: str,
-                fault: Fault) -> tuple[Holders, openai.AsyncOpenAI]:
+async def setup(build: Builder, client_for: ClientFor, route: str, fault: Fault) -> tuple[Holders, openai.AsyncOpenAI]:
     """The route's holders with the fault on, after proof that the bad holder is the one tried first
     (it serves a warm-up, whose size on the bad link is measured)."""
     h = await build.build(route, **DEADLINES)
@@ -152,7 +152,8 @@ def streams(fault: Fault) -> list[bool]:
 
 @pytest.mark.parametrize(("route", "fault"), cases(TWO_HOLDERS))
 async def test_a_fault_before_the_first_byte_is_invisible_with_a_second_holder(
-        build: Builder, client_for: ClientFor, route: str, fault: Fault) -> None:
+    build: Builder, client_for: ClientFor, route: str, fault: Fault
+) -> None:
     h, client = await setup(build, client_for, route, fault)
     assert h.good_node is not None
     for stream in streams(fault):
@@ -172,8 +173,9 @@ async def test_a_fault_before_the_first_byte_is_invisible_with_a_second_holder(
 
 @pytest.mark.parametrize(("route", "fault"), cases(ONE_HOLDER))
 async def test_a_fault_before_the_first_byte_with_one_holder_is_the_documented_error(
-        build: Builder, client_for: ClientFor, route: str, fault: Fault) -> None:
-    h, client = await setup(build, client_for, route, fault)
+    build: Builder, client_for: ClientFor, route: str, fault: Fault
+) -> None:
+    _h, client = await setup(build, client_for, route, fault)
     for stream in streams(fault):
         asked = await ask(client, stream=stream)
         assert asked.text == "", f"stream={stream}: {asked}"

@@ -29,7 +29,8 @@ RECOVERY_MARGIN_S = 2.5
 
 @pytest.mark.timeout(25)
 async def test_a_failing_peer_is_ejected_then_readmitted_when_it_recovers(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession
+) -> None:
     eng = await fake("openai", models=[MODEL])
     b = await start_node(backends=[{"kind": eng.kind, "url": eng.url}], **CLUSTER)
     a = await start_node(peers=[f"127.0.0.1:{b.peer_port}"], **CLUSTER)

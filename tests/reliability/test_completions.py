@@ -20,7 +20,8 @@ ClientFor = Any
 
 @pytest.mark.parametrize("route", ["local2", "lan2"])
 async def test_completions_keep_the_failure_contract(
-        build: Builder, client_for: ClientFor, http: aiohttp.ClientSession, route: str) -> None:
+    build: Builder, client_for: ClientFor, http: aiohttp.ClientSession, route: str
+) -> None:
     h = await build.build(route)
     assert h.good_node is not None
     client = client_for(h.entry)

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from tests.faults import FaultProxy
 from tests.fakes.engines import KINDS, FakeEngine
+from tests.faults import FaultProxy
 
 StartFake = Callable[..., Awaitable[FakeEngine]]  # the `fake` fixture (tests/conftest.py)
 QUIET_S = 0.15  # how long "nothing arrives" is watched for
@@ -61,7 +61,7 @@ class Target:
         try:
             if self.payload is not None:
                 for i in range(0, len(self.payload), 65536):
-                    writer.write(self.payload[i:i + 65536])
+                    writer.write(self.payload[i : i + 65536])
                     await writer.drain()
                 self.sent_all.set()
             while data := await reader.read(65536):
@@ -125,8 +125,10 @@ async def read_to_end(reader: asyncio.StreamReader) -> tuple[bytes, BaseExceptio
 async def raw_post(port: int, path: str, body: dict) -> tuple[bytes, BaseException | None]:
     """One HTTP/1.1 request over a bare socket; the raw answer and how the TCP stream ended."""
     data = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode()
     async with connect(port) as (reader, writer):
         writer.write(head + data)
         return await read_to_end(reader)
@@ -240,16 +242,15 @@ async def test_bandwidth_caps_each_direction(echo: Target) -> None:
 
 
 async def test_stall_holds_bytes_and_resumes(echo: Target) -> None:
-    async with FaultProxy("127.0.0.1", echo.port) as proxy:
-        async with connect(proxy.port) as (reader, writer):
-            await proxy.wait_until(lambda p: p.connections == 1)
-            proxy.stall = True
-            writer.write(b"ping")
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(reader.read(4), QUIET_S)
-            assert proxy.bytes_up == 0 and proxy.connections == 1 and echo.reads == []
-            proxy.stall = False
-            assert await reader.readexactly(4) == b"ping"
+    async with FaultProxy("127.0.0.1", echo.port) as proxy, connect(proxy.port) as (reader, writer):
+        await proxy.wait_until(lambda p: p.connections == 1)
+        proxy.stall = True
+        writer.write(b"ping")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.read(4), QUIET_S)
+        assert proxy.bytes_up == 0 and proxy.connections == 1 and echo.reads == []
+        proxy.stall = False
+        assert await reader.readexactly(4) == b"ping"
 
 
 async def test_reset_after_bytes_sends_exactly_then_rst(echo: Target) -> None:
@@ -369,13 +370,11 @@ async def test_close_cuts_open_connections_and_cleans_up(echo: Target) -> None:
     await proxy.close()
 
 
-async def test_http_stream_survives_latency_jitter_and_slicing(
-        fake: StartFake, http: aiohttp.ClientSession) -> None:
+async def test_http_stream_survives_latency_jitter_and_slicing(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("vllm")
     async with FaultProxy("127.0.0.1", eng.port) as proxy:
         proxy.latency_s, proxy.jitter_s, proxy.slice_bytes = 0.01, 0.02, 3
-        async with http.post(proxy.url + "/v1/chat/completions",
-                             json=chat_body(eng, stream=True)) as resp:
+        async with http.post(proxy.url + "/v1/chat/completions", json=chat_body(eng, stream=True)) as resp:
             raw = await resp.read()
         assert contents(events_of(raw)) == eng.tokens and events_of(raw)[-1] == "[DONE]"
         assert proxy.bytes_down > len(raw)  # headers too
@@ -384,8 +383,7 @@ async def test_http_stream_survives_latency_jitter_and_slicing(
 # ------------------------------------------------------- engine: whole-request
 
 
-async def test_refuse_means_connection_refused(fake: StartFake,
-                                               http: aiohttp.ClientSession) -> None:
+async def test_refuse_means_connection_refused(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("openai", refuse=True)
     with pytest.raises(aiohttp.ClientConnectorError):
         await http.get(eng.url + "/v1/models")
@@ -404,7 +402,8 @@ async def test_refuse_means_connection_refused(fake: StartFake,
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_status_always_persists_in_the_engines_envelope(
-        fake: StartFake, http: aiohttp.ClientSession, kind: str) -> None:
+    fake: StartFake, http: aiohttp.ClientSession, kind: str
+) -> None:
     eng = await fake(kind, next_status=502)
     url = eng.url + "/v1/chat/completions"
     async with http.post(url, json=chat_body(eng)) as resp:
@@ -422,13 +421,11 @@ async def test_status_always_persists_in_the_engines_envelope(
 @pytest.mark.parametrize("status", [307, 302])
 async def test_redirect(fake: StartFake, http: aiohttp.ClientSession, status: int) -> None:
     eng = await fake("llamacpp", redirect_status=status)
-    async with http.post(eng.url + "/v1/chat/completions?x=1", json=chat_body(eng),
-                         allow_redirects=False) as resp:
+    async with http.post(eng.url + "/v1/chat/completions?x=1", json=chat_body(eng), allow_redirects=False) as resp:
         assert resp.status == status and await resp.json() == {"moved": True}
         assert resp.headers["Location"] == "http://127.0.0.1:9/v1/chat/completions?x=1"
     eng.redirect_location = "http://elsewhere.invalid/v1/completions"
-    async with http.post(eng.url + "/v1/completions", json={"prompt": "x"},
-                         allow_redirects=False) as resp:
+    async with http.post(eng.url + "/v1/completions", json={"prompt": "x"}, allow_redirects=False) as resp:
         assert resp.headers["Location"] == "http://elsewhere.invalid/v1/completions"
 
 
@@ -438,8 +435,7 @@ async def test_redirect(fake: StartFake, http: aiohttp.ClientSession, status: in
 @pytest.mark.parametrize("kind", KINDS)
 async def test_200_then_stall(fake: StartFake, http: aiohttp.ClientSession, kind: str) -> None:
     eng = await fake(kind, fail_after_tokens=0, fail_mode="stall")
-    async with http.post(eng.url + "/v1/chat/completions",
-                         json=chat_body(eng, stream=True)) as resp:
+    async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng, stream=True)) as resp:
         assert resp.status == 200 and resp.content_type == "text/event-stream"
         await assert_quiet(resp)  # not even an SSE comment or the role chunk
         assert eng.active_streams == 1
@@ -450,8 +446,7 @@ async def test_200_then_stall(fake: StartFake, http: aiohttp.ClientSession, kind
 
 async def test_stall_mid_stream(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("openai", fail_after_tokens=2, fail_mode="stall")
-    async with http.post(eng.url + "/v1/chat/completions",
-                         json=chat_body(eng, stream=True)) as resp:
+    async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng, stream=True)) as resp:
         lines = await stream_lines(resp, 3)  # role chunk, "Hello", ","
         assert contents([ln.decode()[6:] for ln in lines]) == ["Hello", ","]
         await assert_quiet(resp)
@@ -482,8 +477,7 @@ async def test_cut_with_rst(fake: StartFake, kind: str) -> None:
 
 async def test_eof_ends_the_body_early(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("mlx", fail_after_tokens=3, fail_mode="eof")
-    async with http.post(eng.url + "/v1/chat/completions",
-                         json=chat_body(eng, stream=True)) as resp:
+    async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng, stream=True)) as resp:
         events = events_of(await resp.read())  # a complete HTTP body: no payload error
     assert contents(events) == ["Hello", ",", " world"] and "[DONE]" not in events
     assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events)
@@ -492,12 +486,9 @@ async def test_eof_ends_the_body_early(fake: StartFake, http: aiohttp.ClientSess
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_malformed_json_as_the_first_event(fake: StartFake,
-                                                 http: aiohttp.ClientSession,
-                                                 kind: str) -> None:
+async def test_malformed_json_as_the_first_event(fake: StartFake, http: aiohttp.ClientSession, kind: str) -> None:
     eng = await fake(kind, fail_after_tokens=0, fail_mode="malformed_json")
-    async with http.post(eng.url + "/v1/chat/completions",
-                         json=chat_body(eng, stream=True)) as resp:
+    async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng, stream=True)) as resp:
         events = events_of(await resp.read())
     assert events[0] == '{"choices": ['
     with pytest.raises(ValueError):
@@ -505,28 +496,29 @@ async def test_malformed_json_as_the_first_event(fake: StartFake,
     assert contents(events) == eng.tokens and events[-1] == "[DONE]"  # then the rest
 
 
-async def test_malformed_json_after_n_chunks(fake: StartFake,
-                                             http: aiohttp.ClientSession) -> None:
+async def test_malformed_json_after_n_chunks(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("sglang", fail_after_tokens=2, fail_mode="malformed_json")
-    async with http.post(eng.url + "/v1/completions",
-                         json={"model": eng.models[0], "prompt": "x", "stream": True}) as resp:
+    async with http.post(
+        eng.url + "/v1/completions", json={"model": eng.models[0], "prompt": "x", "stream": True}
+    ) as resp:
         events = events_of(await resp.read())
-    texts = [json.loads(e)["choices"][0]["text"] if e.startswith('{"id"') else e
-             for e in events]
+    texts = [json.loads(e)["choices"][0]["text"] if e.startswith('{"id"') else e for e in events]
     assert texts[:3] == ["Hello", ",", '{"choices": [']
     assert events[-1] == "[DONE]"
 
 
-@pytest.mark.parametrize(("payload", "expected"), [
-    (None, {"choices": [1], "usage": {"prompt_tokens": 1}}),
-    ('{"choices":"x"}', {"choices": "x"}),
-])
-async def test_malformed_shape(fake: StartFake, http: aiohttp.ClientSession,
-                               payload: str | None, expected: dict) -> None:
-    eng = await fake("localai", fail_after_tokens=1, fail_mode="malformed_shape",
-                     malformed_payload=payload)
-    async with http.post(eng.url + "/v1/chat/completions",
-                         json=chat_body(eng, stream=True)) as resp:
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (None, {"choices": [1], "usage": {"prompt_tokens": 1}}),
+        ('{"choices":"x"}', {"choices": "x"}),
+    ],
+)
+async def test_malformed_shape(
+    fake: StartFake, http: aiohttp.ClientSession, payload: str | None, expected: dict
+) -> None:
+    eng = await fake("localai", fail_after_tokens=1, fail_mode="malformed_shape", malformed_payload=payload)
+    async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng, stream=True)) as resp:
         events = events_of(await resp.read())
     assert json.loads(events[2]) == expected  # after the role chunk and "Hello"
     assert contents(events) == eng.tokens and events[-1] == "[DONE]"
@@ -534,10 +526,10 @@ async def test_malformed_shape(fake: StartFake, http: aiohttp.ClientSession,
 
 @pytest.mark.parametrize("kind", ["openai", "ollama", "tgi"])
 async def test_endless_stream_stops_when_the_client_goes(
-        fake: StartFake, http: aiohttp.ClientSession, kind: str) -> None:
+    fake: StartFake, http: aiohttp.ClientSession, kind: str
+) -> None:
     eng = await fake(kind, endless=True, token_delay_s=0.001)
-    async with http.post(eng.url + "/v1/chat/completions",
-                         json=chat_body(eng, stream=True, max_tokens=2)) as resp:
+    async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng, stream=True, max_tokens=2)) as resp:
         lines = await stream_lines(resp, 40)
     pieces = contents([ln.decode()[5:].strip() for ln in lines])
     assert len(pieces) >= 30 and set(pieces) == {"Hello", ","}  # max_tokens=2, repeated
@@ -547,26 +539,28 @@ async def test_endless_stream_stops_when_the_client_goes(
     assert eng.cancelled == 1
 
 
-async def test_endless_non_streamed_never_answers(fake: StartFake,
-                                                  http: aiohttp.ClientSession) -> None:
+async def test_endless_non_streamed_never_answers(fake: StartFake, http: aiohttp.ClientSession) -> None:
     eng = await fake("vllm", endless=True)
     with pytest.raises(TimeoutError):
-        await asyncio.wait_for(http.post(eng.url + "/v1/chat/completions",
-                                         json=chat_body(eng)), QUIET_S)
+        await asyncio.wait_for(http.post(eng.url + "/v1/chat/completions", json=chat_body(eng)), QUIET_S)
     await eng.wait_until(lambda e: e.abandoned == 1)
 
 
 # ----------------------------------------------------- engine: non-streamed
 
 
-@pytest.mark.parametrize(("mode", "status", "body"), [
-    ("malformed_json", 200, b'{"choices": ['),
-    ("malformed_shape", 200, b'{"choices": 5}'),
-    ("eof", 200, b""),
-    ("error", 500, None),
-])
-async def test_non_streamed_bad_answers(fake: StartFake, http: aiohttp.ClientSession,
-                                        mode: str, status: int, body: bytes | None) -> None:
+@pytest.mark.parametrize(
+    ("mode", "status", "body"),
+    [
+        ("malformed_json", 200, b'{"choices": ['),
+        ("malformed_shape", 200, b'{"choices": 5}'),
+        ("eof", 200, b""),
+        ("error", 500, None),
+    ],
+)
+async def test_non_streamed_bad_answers(
+    fake: StartFake, http: aiohttp.ClientSession, mode: str, status: int, body: bytes | None
+) -> None:
     eng = await fake("openai", fail_after_tokens=0, fail_mode=mode)
     async with http.post(eng.url + "/v1/chat/completions", json=chat_body(eng)) as resp:
         assert resp.status == status and resp.content_type == "application/json"
@@ -602,8 +596,7 @@ async def test_ollama_native_faults(fake: StartFake, http: aiohttp.ClientSession
     async with http.post(eng.url + "/api/chat", json={**body, "stream": False}) as resp:
         assert resp.status == 200 and await resp.read() == b'{"message": 5, "done": true}'
     eng.fail_mode, eng.fail_after_tokens = "stall", 0
-    async with http.post(eng.url + "/api/generate", json={"model": "llama3.2",
-                                                          "prompt": "x"}) as resp:
+    async with http.post(eng.url + "/api/generate", json={"model": "llama3.2", "prompt": "x"}) as resp:
         assert resp.status == 200 and resp.content_type == "application/x-ndjson"
         await assert_quiet(resp)
     await asyncio.wait_for(eng.cancelled_event().wait(), 2)

@@ -27,16 +27,22 @@ import psutil
 import pytest
 
 from quorum_node.node import Node
-from tests.conftest import StartFake, StartNode, eventually
+from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
 from tests.reliability.conftest import MakeProxy
 from tests.reliability.support import CLUSTER, MSGS, ask, wait_for_holders
+from tests.support import eventually
 
 ClientFor = Any
 MiB = 1024 * 1024
 #: Deadlines in the soak; and no background probes (they would add connections at random).
-SOAK = {"first_token_timeout_s": 0.3, "request_timeout_s": 0.3, "idle_timeout_s": 0.2,
-        "probe_interval_s": 30.0, "health_interval_s": 30.0}
+SOAK = {
+    "first_token_timeout_s": 0.3,
+    "request_timeout_s": 0.3,
+    "idle_timeout_s": 0.2,
+    "probe_interval_s": 30.0,
+    "health_interval_s": 30.0,
+}
 ROUNDS = 4
 FD_SLACK = 10
 TASK_SLACK = 5
@@ -121,8 +127,7 @@ async def one_round(client: openai.AsyncOpenAI, models: list[str]) -> int:
     """
     sent = 0
     for stream in (True, False):
-        jobs = [abandon(client, m) if m.endswith(ABANDONED) else ask(client, model=m, stream=stream)
-                for m in models]
+        jobs = [abandon(client, m) if m.endswith(ABANDONED) else ask(client, model=m, stream=stream) for m in models]
         await asyncio.gather(*jobs)
         sent += len(jobs)
     return sent
@@ -152,7 +157,8 @@ async def sdk(node: Node):
 
 @pytest.mark.timeout(30)
 async def test_two_hundred_faulty_requests_leave_no_fds_tasks_or_memory_behind(
-        start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession) -> None:
+    start_node: StartNode, fake: StartFake, http: aiohttp.ClientSession
+) -> None:
     soak = await soak_cluster(start_node, fake, http)
     async with sdk(soak.entry) as client:
         await one_round(client, soak.models)  # warm-up: fills every keep-alive pool a round uses
@@ -205,27 +211,35 @@ LEVEL_GROWTH = 256 * 1024
 async def levelled_off(counter: Any, timeout_s: float = 4.0) -> int:
     """Wait until ``counter()`` grows by less than ``LEVEL_GROWTH`` over ``LEVEL_WINDOW_S``; its value.
 
-    Absence of progress has no event to await: this watches a bounded window.
+    Absence of progress has no event to await: this samples ``counter()`` once a window, for ``timeout_s``.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    last = counter()
-    while True:
-        await asyncio.sleep(LEVEL_WINDOW_S)
-        now = counter()
-        if now - last < LEVEL_GROWTH:
-            return now
-        if loop.time() > deadline:
-            pytest.fail(f"the engine's output never levelled off: {now / MiB:.0f} MiB and growing")
-        last = now
+    samples = [counter()]
+
+    def grew_little() -> bool:
+        samples.append(counter())
+        return samples[-1] - samples[-2] < LEVEL_GROWTH
+
+    await asyncio.sleep(LEVEL_WINDOW_S)  # the first window: ``eventually`` checks at once
+    try:
+        await eventually(
+            grew_little,
+            "the engine's output levels off",
+            timeout_s=timeout_s - LEVEL_WINDOW_S,
+            interval_s=LEVEL_WINDOW_S,
+        )
+    except AssertionError:
+        pytest.fail(f"the engine's output never levelled off: {samples[-1] / MiB:.0f} MiB and growing")
+    return samples[-1]
 
 
 @contextlib.asynccontextmanager
 async def non_reading_client(node: Node, body: dict[str, Any]):
     """A raw socket that sends a streamed request, then reads nothing (asyncio stops at its buffer limit)."""
     data = json.dumps(body).encode()
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
     try:
         writer.write(head + data)
@@ -239,8 +253,8 @@ async def non_reading_client(node: Node, body: dict[str, Any]):
 
 @pytest.mark.parametrize("route", ["local", "lan"])
 async def test_a_client_that_stops_reading_costs_bounded_memory_and_hanging_up_cancels_the_engine(
-        start_node: StartNode, fake: StartFake, proxy: MakeProxy, http: aiohttp.ClientSession,
-        route: str) -> None:
+    start_node: StartNode, fake: StartFake, proxy: MakeProxy, http: aiohttp.ClientSession, route: str
+) -> None:
     eng = await fake("openai", models=["m"], endless=True, tokens=[BIG_TOKEN])
     tap = await proxy(eng.port)  # counts what the engine managed to send
     backend = {"kind": "openai", "url": tap.url}

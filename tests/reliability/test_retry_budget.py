@@ -36,6 +36,7 @@ async def failing_engines(fake: StartFake) -> list[FakeEngine]:
 
 async def send(client: Any, *, concurrent: bool) -> None:
     """R requests, streamed and not in turn; each must fail with the documented 503."""
+
     async def one(i: int) -> None:
         assert_api_error(await ask(client, stream=i % 2 == 0), {503})
 
@@ -48,7 +49,8 @@ async def send(client: Any, *, concurrent: bool) -> None:
 
 @pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
 async def test_engines_all_failing_get_at_most_the_retry_budget(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, concurrent: bool) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, concurrent: bool
+) -> None:
     engines = await failing_engines(fake)
     node = await start_node(backends=[{"kind": e.kind, "url": e.url} for e in engines])
     await send(client_for(node), concurrent=concurrent)
@@ -58,8 +60,8 @@ async def test_engines_all_failing_get_at_most_the_retry_budget(
 
 @pytest.mark.parametrize("concurrent", [False, True], ids=["sequential", "concurrent"])
 async def test_peers_all_failing_get_at_most_the_retry_budget(
-        start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession,
-        concurrent: bool) -> None:
+    start_node: StartNode, fake: StartFake, client_for: ClientFor, http: aiohttp.ClientSession, concurrent: bool
+) -> None:
     engines = await failing_engines(fake)
     peers = [await start_node(backends=[{"kind": e.kind, "url": e.url}], **CLUSTER) for e in engines]
     entry = await start_node(peers=[f"127.0.0.1:{p.peer_port}" for p in peers], **CLUSTER)

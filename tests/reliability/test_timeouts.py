@@ -32,7 +32,8 @@ def assert_about_the_limit(seconds: float, what: str) -> None:
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 async def test_a_late_first_token_is_a_504_at_the_limit(
-        build: Builder, client_for: ClientFor, route: str, stream: bool) -> None:
+    build: Builder, client_for: ClientFor, route: str, stream: bool
+) -> None:
     h = await build.build(route, bad_knobs={"first_token_delay_s": 2.0}, **LIMITS)
     asked = await ask(client_for(h.entry), stream=stream)
     assert_api_error(asked, {504})
@@ -42,7 +43,8 @@ async def test_a_late_first_token_is_a_504_at_the_limit(
 
 @pytest.mark.parametrize("route", ROUTES)
 async def test_silence_mid_stream_is_an_error_event_at_the_idle_limit(
-        build: Builder, client_for: ClientFor, route: str) -> None:
+    build: Builder, client_for: ClientFor, route: str
+) -> None:
     h = await build.build(route, bad_knobs={"fail_after_tokens": 2, "fail_mode": "stall"}, **LIMITS)
     asked = await ask(client_for(h.entry), stream=True)
     assert isinstance(asked.error, openai.APIError) and not isinstance(asked.error, openai.APIStatusError), asked
@@ -53,11 +55,13 @@ async def test_silence_mid_stream_is_an_error_event_at_the_idle_limit(
 
 @pytest.mark.parametrize("route", ROUTES)
 async def test_a_stream_longer_than_every_limit_is_served_whole(
-        build: Builder, client_for: ClientFor, route: str) -> None:
+    build: Builder, client_for: ClientFor, route: str
+) -> None:
     tokens = [f"t{i} " for i in range(12)]
     # 0.15 s between chunks: well under the idle limit; 12 of them: past every limit added up
-    h = await build.build(route, bad_knobs={"tokens": tokens, "token_delay_s": 0.15,
-                                            "first_token_delay_s": 0.3}, **LIMITS)
+    h = await build.build(
+        route, bad_knobs={"tokens": tokens, "token_delay_s": 0.15, "first_token_delay_s": 0.3}, **LIMITS
+    )
     asked = await ask(client_for(h.entry), stream=True)
     assert asked.error is None, asked.error
     assert (asked.text, asked.finish) == ("".join(tokens), "stop")

@@ -58,9 +58,17 @@ def test_config_file_from_env_and_from_cli(tmp_path: Path) -> None:
 
 
 def test_env_values_are_typed() -> None:
-    s = load_settings({}, env={"QUORUM_DETECT": "no", "QUORUM_MDNS": "off", "QUORUM_IDLE_TIMEOUT_S": "2.5",
-                               "QUORUM_MAX_BODY_BYTES": "1024", "QUORUM_DETECT_PORTS": "8080, 11434",
-                               "QUORUM_PEERS": "10.0.0.2:32768,box.lan:32768"})
+    s = load_settings(
+        {},
+        env={
+            "QUORUM_DETECT": "no",
+            "QUORUM_MDNS": "off",
+            "QUORUM_IDLE_TIMEOUT_S": "2.5",
+            "QUORUM_MAX_BODY_BYTES": "1024",
+            "QUORUM_DETECT_PORTS": "8080, 11434",
+            "QUORUM_PEERS": "10.0.0.2:32768,box.lan:32768",
+        },
+    )
     assert s.detect is False and s.mdns is False
     assert s.idle_timeout_s == 2.5 and s.max_body_bytes == 1024
     assert s.detect_ports == (8080, 11434)
@@ -68,7 +76,9 @@ def test_env_values_are_typed() -> None:
 
 
 def test_toml_backends_with_api_key(tmp_path: Path) -> None:
-    cfg = write(tmp_path, """
+    cfg = write(
+        tmp_path,
+        """
 [[backends]]
 kind = "vllm"
 url = "http://127.0.0.1:8000/v1"
@@ -78,7 +88,8 @@ api_key = "sk-local-123"
 kind = "ollama"
 url = "http://127.0.0.1:11434"
 name = "big-box"
-""")
+""",
+    )
     s = load_settings({}, env={}, config_file=cfg)
     assert s.backends == (
         BackendSpec(kind="vllm", url="http://127.0.0.1:8000/v1", api_key="sk-local-123"),
@@ -89,18 +100,28 @@ name = "big-box"
 
 def test_quorum_backends_env_in_both_forms() -> None:
     short = load_settings({}, env={"QUORUM_BACKENDS": "ollama=http://127.0.0.1:11434, vllm=http://127.0.0.1:8000"})
-    assert [(b.kind, b.url) for b in short.backends] == [("ollama", "http://127.0.0.1:11434"),
-                                                         ("vllm", "http://127.0.0.1:8000")]
-    as_json = json.dumps([{"kind": "tgi", "url": "http://127.0.0.1:3000", "api_key": "hf_x"},
-                          {"kind": "llamacpp", "url": "http://127.0.0.1:8080"}])
+    assert [(b.kind, b.url) for b in short.backends] == [
+        ("ollama", "http://127.0.0.1:11434"),
+        ("vllm", "http://127.0.0.1:8000"),
+    ]
+    as_json = json.dumps(
+        [
+            {"kind": "tgi", "url": "http://127.0.0.1:3000", "api_key": "hf_x"},
+            {"kind": "llamacpp", "url": "http://127.0.0.1:8080"},
+        ]
+    )
     s = load_settings({}, env={"QUORUM_BACKENDS": as_json})
     assert [(b.kind, b.url, b.api_key) for b in s.backends] == [
-        ("tgi", "http://127.0.0.1:3000", "hf_x"), ("llamacpp", "http://127.0.0.1:8080", None)]
+        ("tgi", "http://127.0.0.1:3000", "hf_x"),
+        ("llamacpp", "http://127.0.0.1:8080", None),
+    ]
 
 
 def test_cli_backends_replace_env_backends() -> None:
-    s = load_settings({"backends": [BackendSpec(kind="mlx", url="http://127.0.0.1:8080")]},
-                      env={"QUORUM_BACKENDS": "ollama=http://127.0.0.1:11434"})
+    s = load_settings(
+        {"backends": [BackendSpec(kind="mlx", url="http://127.0.0.1:8080")]},
+        env={"QUORUM_BACKENDS": "ollama=http://127.0.0.1:11434"},
+    )
     assert [b.kind for b in s.backends] == ["mlx"]
 
 
@@ -113,21 +134,24 @@ def test_settings_are_frozen() -> None:
 # ---------------------------------------------------------------- bad config
 
 
-@pytest.mark.parametrize(("toml", "words"), [
-    ("prot = 8000\n", ["prot"]),  # a typo is not silently ignored
-    ('[[backends]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\napi_kee = "x"\n', ["api_kee"]),
-    ('[[backends]]\nkind = "gpt4all"\nurl = "http://127.0.0.1:4891"\n', ["gpt4all", "ollama"]),
-    ('[[backends]]\nkind = "ollama"\nurl = "127.0.0.1:11434"\n', ["bad URL", "127.0.0.1:11434"]),
-    ('[[backends]]\nkind = "ollama"\nurl = "http://127.0.0.1:notaport"\n', ["port"]),
-    ('[[backends]]\nkind = "ollama"\nurl = "ftp://127.0.0.1:11434"\n', ["bad URL"]),
-    ('port = "many"\n', ["port"]),
-    ("port = 70000\n", ["70000"]),
-    ("detect_ports = [0]\n", ["detect_ports"]),
-    ('peers = ["no-port"]\n', ["no-port"]),
-    ("idle_timeout_s = 0\n", ["idle_timeout_s"]),
-    ('cluster = "home"\n', ["cluster_secret"]),
-    ("port = \n", ["quorum.toml"]),  # TOML syntax error names the file
-])
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ("prot = 8000\n", ["prot"]),  # a typo is not silently ignored
+        ('[[backends]]\nkind = "ollama"\nurl = "http://127.0.0.1:11434"\napi_kee = "x"\n', ["api_kee"]),
+        ('[[backends]]\nkind = "gpt4all"\nurl = "http://127.0.0.1:4891"\n', ["gpt4all", "ollama"]),
+        ('[[backends]]\nkind = "ollama"\nurl = "127.0.0.1:11434"\n', ["bad URL", "127.0.0.1:11434"]),
+        ('[[backends]]\nkind = "ollama"\nurl = "http://127.0.0.1:notaport"\n', ["port"]),
+        ('[[backends]]\nkind = "ollama"\nurl = "ftp://127.0.0.1:11434"\n', ["bad URL"]),
+        ('port = "many"\n', ["port"]),
+        ("port = 70000\n", ["70000"]),
+        ("detect_ports = [0]\n", ["detect_ports"]),
+        ('peers = ["no-port"]\n', ["no-port"]),
+        ("idle_timeout_s = 0\n", ["idle_timeout_s"]),
+        ('cluster = "home"\n', ["cluster_secret"]),
+        ("port = \n", ["quorum.toml"]),  # TOML syntax error names the file
+    ],
+)
 def test_bad_config_file_is_a_config_error(tmp_path: Path, toml: str, words: list[str]) -> None:
     cfg = write(tmp_path, toml)
     with pytest.raises(ConfigError) as info:
@@ -138,13 +162,16 @@ def test_bad_config_file_is_a_config_error(tmp_path: Path, toml: str, words: lis
         assert w in message
 
 
-@pytest.mark.parametrize(("env", "words"), [
-    ({"QUORUM_PORT": "abc"}, ["port", "abc"]),
-    ({"QUORUM_DETECT": "maybe"}, ["detect", "maybe"]),
-    ({"QUORUM_BACKENDS": "ollama"}, ["KIND=URL"]),
-    ({"QUORUM_BACKENDS": "[{broken"}, ["QUORUM_BACKENDS", "JSON"]),
-    ({"QUORUM_BACKENDS": "foo=http://127.0.0.1:1"}, ["foo"]),
-])
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"QUORUM_PORT": "abc"}, ["port", "abc"]),
+        ({"QUORUM_DETECT": "maybe"}, ["detect", "maybe"]),
+        ({"QUORUM_BACKENDS": "ollama"}, ["KIND=URL"]),
+        ({"QUORUM_BACKENDS": "[{broken"}, ["QUORUM_BACKENDS", "JSON"]),
+        ({"QUORUM_BACKENDS": "foo=http://127.0.0.1:1"}, ["foo"]),
+    ],
+)
 def test_bad_env_is_a_config_error(env: dict[str, str], words: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({}, env=env)
@@ -157,14 +184,22 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
         load_settings({}, env={}, config_file=str(tmp_path / "absent.toml"))
 
 
-@pytest.mark.parametrize("args", [
-    ["--backend", "foo=http://x"],
-    ["--backend", "ollama=not-a-url"],
-    ["--port", "99999"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--backend", "foo=http://x"],
+        ["--backend", "ollama=not-a-url"],
+        ["--port", "99999"],
+    ],
+)
 def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path, args: list[str]) -> None:
-    r = subprocess.run([*QN, "run", "--no-detect", "--no-mdns", "--data-dir", str(tmp_path), *args],
-                       capture_output=True, text=True, timeout=30, env=clean_env())
+    r = subprocess.run(
+        [*QN, "run", "--no-detect", "--no-mdns", "--data-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("quorum-node: "), r.stderr
@@ -173,6 +208,5 @@ def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path, args: list[st
 
 def test_run_with_bad_config_file_exits_2(tmp_path: Path) -> None:
     cfg = write(tmp_path, "prot = 1\n")
-    r = subprocess.run([*QN, "run", "--config", cfg], capture_output=True, text=True, timeout=30,
-                       env=clean_env())
+    r = subprocess.run([*QN, "run", "--config", cfg], capture_output=True, text=True, timeout=30, env=clean_env())
     assert r.returncode == 2 and "prot" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -28,8 +28,10 @@ from quorum_node.errors import (
     StreamBroken,
 )
 
-CHUNK = (b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
-         b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}')
+CHUNK = (
+    b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"Hi"},"finish_reason":null}]}'
+)
 
 
 def norm(*, clean: bool = True, want_usage: bool = False, op: str = "chat") -> StreamNormalizer:
@@ -41,11 +43,11 @@ def norm(*, clean: bool = True, want_usage: bool = False, op: str = "chat") -> S
 
 def test_splitter_joins_events_across_reads_and_crlf() -> None:
     s = EventSplitter()
-    assert s.feed(b"data: {\"a\"") == []
+    assert s.feed(b'data: {"a"') == []
     assert s.feed(b":1}\r") == []
-    assert s.feed(b"\n\r\n: ping\n\ndata:{\"b\":2}\n") == [b'{"a":1}']
+    assert s.feed(b'\n\r\n: ping\n\ndata:{"b":2}\n') == [b'{"a":1}']
     assert s.feed(b"\ndata: x\ndata: y\n\n") == [b'{"b":2}', b"x\ny"]
-    assert s.feed(b"error: {\"message\":\"boom\"}\n\n") == [b'{"error":{"message":"boom"}}']
+    assert s.feed(b'error: {"message":"boom"}\n\n') == [b'{"error":{"message":"boom"}}']
     assert s.feed(b"data: tail") == []
     assert s.tail() == b"tail"
 
@@ -65,18 +67,27 @@ def test_an_event_longer_than_the_limit_is_malformed() -> None:
 # -- stream events --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [
-    b'{"choices":[1],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}',
-    b'{"choices":5}',
-    b'{"choices":[{"index":"0","delta":{}}]}',
-    b'{"choices":[{"index":0,"delta":[]}]}',
-    b'{"choices":[{"index":0,"delta":{"role":1}}]}',
-    b'{"choices":[{"index":0,"finish_reason":5}]}',
-    b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":{}}}]}}]}',
-    b'{"choices":[],"usage":{"completion_tokens":-3}}',
-    b'{"choices":[],"usage":7}',
-    b"[1]", b"5", b"null", b'"text"', b"", b"{", b'{"choices":[]} trailing',
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"choices":[1],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}',
+        b'{"choices":5}',
+        b'{"choices":[{"index":"0","delta":{}}]}',
+        b'{"choices":[{"index":0,"delta":[]}]}',
+        b'{"choices":[{"index":0,"delta":{"role":1}}]}',
+        b'{"choices":[{"index":0,"finish_reason":5}]}',
+        b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":{}}}]}}]}',
+        b'{"choices":[],"usage":{"completion_tokens":-3}}',
+        b'{"choices":[],"usage":7}',
+        b"[1]",
+        b"5",
+        b"null",
+        b'"text"',
+        b"",
+        b"{",
+        b'{"choices":[]} trailing',
+    ],
+)
 def test_malformed_events_raise_stream_broken(data: bytes) -> None:
     with pytest.raises(StreamBroken) as info:
         norm().feed(data)
@@ -107,11 +118,21 @@ def test_error_events_carry_the_engines_error() -> None:
 
 def test_quirks_are_rewritten_only_where_needed() -> None:
     n = norm(clean=False)  # TGI: no ids, role on every delta, its own finish reason
-    first = json.loads(n.feed(b'{"id":"","created":5,"object":"chat.completion.chunk","choices":'
-                              b'[{"index":0,"delta":{"role":"assistant","content":"a"}}]}') or b"")
-    second = json.loads(n.feed(b'{"id":"","created":5,"object":"chat.completion.chunk","choices":'
-                               b'[{"index":0,"delta":{"role":"assistant","content":"b"},'
-                               b'"finish_reason":"stop_sequence"}]}') or b"")
+    first = json.loads(
+        n.feed(
+            b'{"id":"","created":5,"object":"chat.completion.chunk","choices":'
+            b'[{"index":0,"delta":{"role":"assistant","content":"a"}}]}'
+        )
+        or b""
+    )
+    second = json.loads(
+        n.feed(
+            b'{"id":"","created":5,"object":"chat.completion.chunk","choices":'
+            b'[{"index":0,"delta":{"role":"assistant","content":"b"},'
+            b'"finish_reason":"stop_sequence"}]}'
+        )
+        or b""
+    )
     assert first["id"] == second["id"] and first["id"].startswith("chatcmpl-")
     assert first["choices"][0]["delta"]["role"] == "assistant"
     assert "role" not in second["choices"][0]["delta"]
@@ -125,19 +146,24 @@ def test_quirks_are_rewritten_only_where_needed() -> None:
 # -- whole answers ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("op", "raw"), [
-    ("chat", b'{"choices": 5}'),
-    ("chat", b'{"choices": [1]}'),
-    ("chat", b'{"choices": [{"index": 0}]}'),
-    ("chat", b'{"choices": [{"message": {"content": 1}}]}'),
-    ("chat", b'{"choices": [{"message": {}}], "usage": {"total_tokens": "x"}}'),
-    ("chat", b"{}"),
-    ("completions", b'{"choices": [{"message": {"content": "chat, not text"}}]}'),
-    ("embeddings", b'{"data": [{"embedding": ["a"]}]}'),
-    ("embeddings", b'{"data": {"embedding": [1.0]}}'),
-    ("embeddings", b'{"object": "list"}'),
-    ("chat", b"[]"), ("chat", b""), ("chat", b"\xff\xfe"),
-])
+@pytest.mark.parametrize(
+    ("op", "raw"),
+    [
+        ("chat", b'{"choices": 5}'),
+        ("chat", b'{"choices": [1]}'),
+        ("chat", b'{"choices": [{"index": 0}]}'),
+        ("chat", b'{"choices": [{"message": {"content": 1}}]}'),
+        ("chat", b'{"choices": [{"message": {}}], "usage": {"total_tokens": "x"}}'),
+        ("chat", b"{}"),
+        ("completions", b'{"choices": [{"message": {"content": "chat, not text"}}]}'),
+        ("embeddings", b'{"data": [{"embedding": ["a"]}]}'),
+        ("embeddings", b'{"data": {"embedding": [1.0]}}'),
+        ("embeddings", b'{"object": "list"}'),
+        ("chat", b"[]"),
+        ("chat", b""),
+        ("chat", b"\xff\xfe"),
+    ],
+)
 def test_malformed_answers_are_502_for_another_holder(op: str, raw: bytes) -> None:
     with pytest.raises(EngineUnavailable) as info:
         check_answer(op, raw, engine="e")  # type: ignore[arg-type]
@@ -156,21 +182,36 @@ def test_well_formed_answers_come_back_as_dicts() -> None:
 # -- error answers ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    (b'{"error":{"message":"m1","type":"t","param":"p","code":"c"}}', "m1"),
-    (b'{"error":"m2"}', "m2"),
-    (b'{"error":"m3","error_type":"validation"}', "m3"),
-    (b'{"object":"error","message":"m4","type":"BadRequestError","param":null,"code":400}', "m4"),
-    (b'{"error":{"code":500,"message":"m5","type":"server_error"}}', "m5"),
-    (b'{"detail":"m6"}', "m6"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'{"error":{"message":"m1","type":"t","param":"p","code":"c"}}', "m1"),
+        (b'{"error":"m2"}', "m2"),
+        (b'{"error":"m3","error_type":"validation"}', "m3"),
+        (b'{"object":"error","message":"m4","type":"BadRequestError","param":null,"code":400}', "m4"),
+        (b'{"error":{"code":500,"message":"m5","type":"server_error"}}', "m5"),
+        (b'{"detail":"m6"}', "m6"),
+    ],
+)
 def test_every_engine_error_envelope_is_read(raw: bytes, message: str) -> None:
     info = parse_error(raw)
     assert info is not None and info.message == message
 
 
-@pytest.mark.parametrize("raw", [b"", b"<html>500</html>", b"[]", b'{"error":{}}', b'{"error":5}', b'{"error":""}',
-                                 b'{"status":"failed"}', b'{"detail":[{"loc":1}]}', b"{"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"<html>500</html>",
+        b"[]",
+        b'{"error":{}}',
+        b'{"error":5}',
+        b'{"error":""}',
+        b'{"status":"failed"}',
+        b'{"detail":[{"loc":1}]}',
+        b"{",
+    ],
+)
 def test_no_error_body_is_none(raw: bytes) -> None:
     assert parse_error(raw) is None
 
@@ -187,17 +228,27 @@ def test_engine_error_answers_map_onto_the_error_tree() -> None:
     for status in (301, 302, 303, 307, 308):
         err = map_error_answer(status, b'{"moved": true}', {}, engine="e")
         assert type(err) is EngineUnavailable and err.status == 502 and "redirect" in err.message
-    rejected = map_error_answer(400, b'{"error":{"message":"bad","param":"messages","code":"x"}}', {},
-                                engine="e")
+    rejected = map_error_answer(400, b'{"error":{"message":"bad","param":"messages","code":"x"}}', {}, engine="e")
     assert isinstance(rejected, EngineRejected) and rejected.error.param == "messages"
     assert isinstance(map_error_answer(501, b"", {}, engine="e").error, NotSupported)  # type: ignore[attr-defined]
     busy = map_error_answer(503, b"", {"Retry-After": "inf"}, engine="e")
     assert isinstance(busy, EngineUnavailable) and busy.retry_after_s is None
 
 
-@pytest.mark.parametrize(("value", "seconds"), [("2", 2.0), ("0.5", 0.5), (None, None), ("", None), ("inf", None),
-                                                ("nan", None), ("-1", None), ("1e9", None),
-                                                ("Wed, 21 Oct 2015 07:28:00 GMT", None)])
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("2", 2.0),
+        ("0.5", 0.5),
+        (None, None),
+        ("", None),
+        ("inf", None),
+        ("nan", None),
+        ("-1", None),
+        ("1e9", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+    ],
+)
 def test_retry_after_is_read_only_when_sane(value: str | None, seconds: float | None) -> None:
     assert parse_retry_after(value) == seconds
 
@@ -213,25 +264,30 @@ def test_peer_errors_keep_the_peers_verdict() -> None:
     assert not refused.error.retryable and refused.error.message == "no images"
     crashed = _peer_error(500, body, CIMultiDict())
     assert type(crashed) is EngineUnavailable
-    busy = _peer_error(503, b'{"error":{"message":"x","code":"holders_unavailable"}}',
-                       CIMultiDict({"Retry-After": "3"}))
+    busy = _peer_error(
+        503, b'{"error":{"message":"x","code":"holders_unavailable"}}', CIMultiDict({"Retry-After": "3"})
+    )
     assert type(busy) is EngineUnavailable and busy.retry_after_s == 3.0
     moved = _peer_error(302, b"", CIMultiDict({"Location": "http://elsewhere/"}))
     assert type(moved) is EngineUnavailable and moved.status == 502
-    bad = _peer_error(400, b'{"error":{"message":"m","type":"invalid_request_error","param":"p","code":"c"}}',
-                      CIMultiDict())
+    bad = _peer_error(
+        400, b'{"error":{"message":"m","type":"invalid_request_error","param":"p","code":"c"}}', CIMultiDict()
+    )
     assert isinstance(bad, EngineRejected) and (bad.error.status, bad.error.param) == (400, "p")
 
 
-@pytest.mark.parametrize(("status", "engine_verdict", "peer_verdict"), [
-    # (status) -> what an engine's answer becomes, what a peer's becomes (the peer differences, all of them)
-    (403, EngineUnavailable, EngineRejected),  # an engine refusing our credentials; a peer refusing the request
-    (409, EngineUnavailable, EngineRejected),
-    (501, EngineRejected, EngineRejected),
-    (404, EngineUnavailable, EngineUnavailable),
-    (401, EngineUnavailable, EngineUnavailable),
-    (422, EngineRejected, EngineRejected),
-])
+@pytest.mark.parametrize(
+    ("status", "engine_verdict", "peer_verdict"),
+    [
+        # (status) -> what an engine's answer becomes, what a peer's becomes (the peer differences, all of them)
+        (403, EngineUnavailable, EngineRejected),  # an engine refusing our credentials; a peer refusing the request
+        (409, EngineUnavailable, EngineRejected),
+        (501, EngineRejected, EngineRejected),
+        (404, EngineUnavailable, EngineUnavailable),
+        (401, EngineUnavailable, EngineUnavailable),
+        (422, EngineRejected, EngineRejected),
+    ],
+)
 def test_engine_and_peer_answers_differ_only_where_meant(status: int, engine_verdict: type, peer_verdict: type) -> None:
     raw = b'{"error":{"message":"m","type":"some_error","code":"c"}}'
     engine = map_error_answer(status, raw, {}, engine="e")
@@ -253,8 +309,9 @@ def test_engine_and_peer_answers_differ_only_where_meant(status: int, engine_ver
 
 
 def test_a_bad_model_entry_costs_only_itself() -> None:
-    raws = [msgspec.Raw(b) for b in (b'{"id":"a","created":3}', b'{"id":5}', b'"x"',
-                                     b'{"id":"b","created":"yesterday"}')]
+    raws = [
+        msgspec.Raw(b) for b in (b'{"id":"a","created":3}', b'{"id":5}', b'"x"', b'{"id":"b","created":"yesterday"}')
+    ]
     entries = decode_entries(raws, ModelCard, ModelId)
     assert [(type(e).__name__, e.id) for e in entries] == [("ModelCard", "a"), ("ModelId", "b")]
     assert decode(b'{"id": 1}', ModelCard) is None
@@ -271,8 +328,7 @@ def test_breaker_and_peer_table_say_when_a_holder_may_be_tried_again() -> None:
     assert b.retry_in_s(15.0) == 0.0  # half-open: a probe may go
     assert b.allow(15.0) and b.retry_in_s(15.5) == 1.0  # the probe is out
 
-    table = PeerTable(self_id="me", is_member=lambda node_id: node_id == "p", breaker_threshold=1,
-                      breaker_reset_s=5.0)
+    table = PeerTable(self_id="me", is_member=lambda node_id: node_id == "p", breaker_threshold=1, breaker_reset_s=5.0)
     table.on_discovered(PeerInfo(node_id="p", address="10.0.0.1:1"), 0.0)
     assert table.unavailable_for_s("m", 0.0) is None  # never confirmed: not a holder at all
     table.on_health_ok("p", 0.001, 0.0)
@@ -282,4 +338,3 @@ def test_breaker_and_peer_table_say_when_a_holder_may_be_tried_again() -> None:
     assert table.holders("m", 2.0) == []
     assert table.unavailable_for_s("m", 2.0) == pytest.approx(4.0)
     assert table.unavailable_for_s("other", 2.0) is None
-

@@ -64,7 +64,8 @@ def test_a_peers_catalog_keeps_its_first_models_up_to_the_cap_and_drops_bad_entr
     assert answer.digest == "d1"
     assert [m.id for m in answer.models] == ["m0", *(f"m{i}" for i in range(3, 100))]  # the bad ones alone dropped
     assert [e for e in logs if e["event"] == "peer_catalog_capped"] == [
-        {"event": "peer_catalog_capped", "log_level": "warning", "peer": "node-b", "offered": 5000, "kept": 100}]
+        {"event": "peer_catalog_capped", "log_level": "warning", "peer": "node-b", "offered": 5000, "kept": 100}
+    ]
     assert len(decode_catalog(raw).models) == 4096 - 2  # the default cap (max_models_per_peer)
     with pytest.raises(msgspec.ValidationError):
         decode_catalog(b'{"models": 5}')

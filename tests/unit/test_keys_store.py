@@ -45,12 +45,24 @@ def signer(name: str = "node-a", members: MemberStore | None = None) -> RecordSi
     return RecordSigner(NODES[name], MEMBERS if members is None else members)
 
 
-def store(origin: str = "node-a", *, now: list[float] | None = None, path=None,
-          retention_s: float = 0.0, members: MemberStore | None = None) -> KeyStore:
+def store(
+    origin: str = "node-a",
+    *,
+    now: list[float] | None = None,
+    path=None,
+    retention_s: float = 0.0,
+    members: MemberStore | None = None,
+) -> KeyStore:
     clock = now if now is not None else [T0]
     s = signer(origin, members)
-    return KeyStore(path, signer=s, origin=s.origin, clock=lambda: clock[0], monotonic=lambda: clock[0],
-                    tombstone_retention_s=retention_s)
+    return KeyStore(
+        path,
+        signer=s,
+        origin=s.origin,
+        clock=lambda: clock[0],
+        monotonic=lambda: clock[0],
+        tombstone_retention_s=retention_s,
+    )
 
 
 def test_merging_in_any_order_any_number_of_times_ends_the_same() -> None:
@@ -74,7 +86,7 @@ def test_merging_in_any_order_any_number_of_times_ends_the_same() -> None:
 
 def test_a_tombstone_outranks_any_live_version() -> None:
     a = store()
-    info, secret = a.create("k")
+    _info, secret = a.create("k")
     live = a.records()[0]
     a.revoke("k")
     tomb = a.records()[0]
@@ -96,12 +108,16 @@ def test_records_that_do_not_verify_are_refused() -> None:
     stranger = RecordSigner(STRANGER, MEMBERS)  # it knows the cluster, but is not in it
     legacy = msgspec.structs.replace(r, sig=hmac.new(b"cluster secret", b"record", hashlib.sha256).hexdigest())
     b = store("node-b")
-    changed, rejected = b.merge([msgspec.structs.replace(r, models=()),  # tampered: the scope widened
-                                 msgspec.structs.replace(r, origin=NODES["node-c"].node_id),  # claimed by another
-                                 sign_record(stranger, r),  # signed by a node that is not a member
-                                 msgspec.structs.replace(sign_record(stranger, r), origin=r.origin),
-                                 legacy,  # signed the old way, with the cluster's shared secret
-                                 msgspec.structs.replace(r, sig="")])
+    changed, rejected = b.merge(
+        [
+            msgspec.structs.replace(r, models=()),  # tampered: the scope widened
+            msgspec.structs.replace(r, origin=NODES["node-c"].node_id),  # claimed by another
+            sign_record(stranger, r),  # signed by a node that is not a member
+            msgspec.structs.replace(sign_record(stranger, r), origin=r.origin),
+            legacy,  # signed the old way, with the cluster's shared secret
+            msgspec.structs.replace(r, sig=""),
+        ]
+    )
     assert (changed, rejected) == (0, 6) and b.records() == [] and b.authenticate(secret) is None
     assert b.merge([r]) == (1, 0) and b.authenticate(secret) is not None  # the genuine record is taken
     unsigned = KeyStore(None, signer=None, origin="lonely")
@@ -191,6 +207,7 @@ def test_records_signed_with_the_old_shared_secret_are_signed_anew_when_the_stor
 
 # -- compaction: what may be forgotten, and that a forgotten key stays refused -------------------
 
+
 def test_the_compaction_rule() -> None:
     s = store(now=[T0])
     s.create("expiring", expires_s=DAY)
@@ -202,7 +219,8 @@ def test_the_compaction_rule() -> None:
     r = {x.name: x for x in s.records()}
     retention = 90 * DAY
     forgotten = lambda now, retention_s=retention: {  # noqa: E731
-        name for name, x in r.items() if compactable(x, now, retention_s)}
+        name for name, x in r.items() if compactable(x, now, retention_s)
+    }
     assert forgotten(T0) == set()
     assert forgotten(T0 + DAY + EXPIRED_GRACE_S - 1) == set()  # expired, but within the grace for clocks
     expired_for_good = {"expiring", "revoked-expiring"}  # live or revoked: the key is refused everywhere anyway
@@ -283,8 +301,10 @@ def test_last_uses_merge_by_maximum_and_only_changes_are_handed_out() -> None:
     assert b.merge_used({"k_000000000000": T0}) == 0 and "k_000000000000" not in b.used()  # unknown keys: dropped
 
 
-@pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000),
-                                          ("2w", 1209600), ("1d12h", 129600), ("3600", 3600)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [("90s", 90), ("15m", 900), ("12h", 43200), ("30d", 2592000), ("2w", 1209600), ("1d12h", 129600), ("3600", 3600)],
+)
 def test_durations(text, seconds) -> None:
     assert parse_duration(text) == seconds
 

@@ -26,9 +26,20 @@ from quorum_node.records import Record
 
 
 def rec(i: int) -> Record:
-    return Record(time=time.time(), request_id=f"r{i}", node="n", method="POST", path="/v1/chat/completions",
-                  surface="openai", operation="chat", model="m", status=200, prompt_tokens=3, completion_tokens=5,
-                  duration_ms=1.0)
+    return Record(
+        time=time.time(),
+        request_id=f"r{i}",
+        node="n",
+        method="POST",
+        path="/v1/chat/completions",
+        surface="openai",
+        operation="chat",
+        model="m",
+        status=200,
+        prompt_tokens=3,
+        completion_tokens=5,
+        duration_ms=1.0,
+    )
 
 
 def stored(path: Path) -> list[str]:
@@ -36,8 +47,7 @@ def stored(path: Path) -> list[str]:
         return [r for (r,) in conn.execute("SELECT request_id FROM records ORDER BY rowid")]
 
 
-async def test_records_one_at_a_time_are_stored_in_few_transactions_and_the_files_stay_bounded(
-        tmp_path: Path) -> None:
+async def test_records_one_at_a_time_are_stored_in_few_transactions_and_the_files_stay_bounded(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path, batch_wait_s=0.02, journal_max_bytes=64 * 1024)
     await ledger.open()
@@ -149,8 +159,13 @@ KILLED = textwrap.dedent("""
 
 
 def kill_mid_journal(path: Path) -> None:
-    p = subprocess.run([sys.executable, "-c", KILLED, str(path)], capture_output=True, text=True, timeout=60,
-                       cwd=Path(__file__).resolve().parents[2])
+    p = subprocess.run(
+        [sys.executable, "-c", KILLED, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert p.returncode == -signal.SIGKILL and "written" in p.stdout, (p.returncode, p.stdout, p.stderr[-2000:])
 
 
@@ -188,8 +203,9 @@ async def test_a_torn_journal_tail_is_dropped_and_the_records_before_it_kept(tmp
 
 
 @pytest.mark.slow  # waits out the journal's one-second retry
-async def test_a_full_disk_for_the_journal_loses_nothing_it_can_still_store(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_full_disk_for_the_journal_loses_nothing_it_can_still_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path, batch_wait_s=0.01, journal_max_bytes=4096)  # a new file every dozen records
     await ledger.open()

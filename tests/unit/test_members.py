@@ -30,8 +30,16 @@ T0 = 1_700_000_000.0
 def admission(signer: NodeIdentity, subject: NodeIdentity, name: str, at: float) -> Admission:
     """``signer``'s admission of ``subject``, as ``MemberStore.admit`` makes it (but not checked here)."""
     c = Candidate.of(subject, name)
-    a = Admission(node_id=c.node_id, sign_key=c.sign_key, dh_key=c.dh_key, cert=c.cert, name=c.name,
-                  self_sig=c.self_sig, by=signer.node_id, at=at)
+    a = Admission(
+        node_id=c.node_id,
+        sign_key=c.sign_key,
+        dh_key=c.dh_key,
+        cert=c.cert,
+        name=c.name,
+        self_sig=c.self_sig,
+        by=signer.node_id,
+        at=at,
+    )
     return msgspec.structs.replace(a, sig=signer.sign(a.signed_bytes()))
 
 
@@ -100,11 +108,16 @@ def test_a_non_member_cannot_admit(ids: dict[str, NodeIdentity]) -> None:
 def _other_cert_for(identity: NodeIdentity) -> bytes:
     """A valid certificate of the same key, but not the one the node presented."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else's idea")])
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(identity.sign_private.public_key()).serial_number(42)
-            .not_valid_before(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc))
-            .not_valid_after(dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc))
-            .sign(identity.sign_private, None))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(identity.sign_private.public_key())
+        .serial_number(42)
+        .not_valid_before(dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2030, 1, 1, tzinfo=dt.UTC))
+        .sign(identity.sign_private, None)
+    )
     return cert.public_bytes(Encoding.DER)
 
 
@@ -141,13 +154,24 @@ def test_a_candidate_must_be_its_own_keys(ids: dict[str, NodeIdentity]) -> None:
     wrong_cert = self_signed(msgspec.structs.replace(honest, cert=x.cert_der), d)
     wrong_signer = self_signed(honest, x)
     wrong_id = self_signed(msgspec.structs.replace(honest, node_id=x.node_id), d)
-    for bad, why in ((wrong_cert, "certificate is not for its key"), (wrong_signer, "not signed by its own key"),
-                     (wrong_id, "node id does not match")):
+    for bad, why in (
+        (wrong_cert, "certificate is not for its key"),
+        (wrong_signer, "not signed by its own key"),
+        (wrong_id, "node id does not match"),
+    ):
         with pytest.raises(ValueError, match=why):
             store.admit(a, bad, T0 + 1)
         # nor does a member's signature over such a candidate make it one
-        rec = Admission(node_id=bad.node_id, sign_key=bad.sign_key, dh_key=bad.dh_key, cert=bad.cert,
-                        name=bad.name, self_sig=bad.self_sig, by=a.node_id, at=T0 + 1)
+        rec = Admission(
+            node_id=bad.node_id,
+            sign_key=bad.sign_key,
+            dh_key=bad.dh_key,
+            cert=bad.cert,
+            name=bad.name,
+            self_sig=bad.self_sig,
+            by=a.node_id,
+            at=T0 + 1,
+        )
         rec = msgspec.structs.replace(rec, sig=a.sign(rec.signed_bytes()))
         assert store.merge([rec]) == (0, 1)
     assert names(store) == {"root"}
@@ -241,8 +265,7 @@ def test_a_node_that_hears_of_a_removal_first_ends_up_like_the_others(ids: dict[
     assert late.get(d.node_id).by == b.node_id and late.is_member(e.node_id)
 
 
-def test_a_removed_members_admissions_count_only_where_its_removal_keeps_them(
-        ids: dict[str, NodeIdentity]) -> None:
+def test_a_removed_members_admissions_count_only_where_its_removal_keeps_them(ids: dict[str, NodeIdentity]) -> None:
     a, b, d, f, g = ids["a"], ids["b"], ids["d"], ids["f"], ids["x"]
     at_a = founded(a)
     at_a.admit(a, Candidate.of(b, "bee"), T0 + 1)
@@ -304,16 +327,19 @@ def test_records_survive_encoding(ids: dict[str, NodeIdentity]) -> None:
     assert decode_records(encode_records(history)) == history
 
 
-@pytest.mark.parametrize("raw", [
-    b"",
-    b"{",
-    b'{"kind": "admit"}',  # not a list
-    b'[{"kind": "promote", "node_id": "' + b"0" * 24 + b'"}]',
-    b'[{"kind": "remove", "node_id": "' + b"0" * 24 + b'", "by": "not-an-id", "at": 1}]',
-    b'[{"kind": "remove", "node_id": "' + b"0" * 24 + b'", "by": "' + b"1" * 24 + b'", "at": -5}]',
-    b'[{"kind": "admit", "node_id": "' + b"0" * 24 + b'"}]',  # fields missing
-    b'[{"kind": "remove", "node_id": "' + b"0" * 24 + b'", "by": "' + b"1" * 24 + b'", "at": 1, "sig": "AAAA"}]',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b'{"kind": "admit"}',  # not a list
+        b'[{"kind": "promote", "node_id": "' + b"0" * 24 + b'"}]',
+        b'[{"kind": "remove", "node_id": "' + b"0" * 24 + b'", "by": "not-an-id", "at": 1}]',
+        b'[{"kind": "remove", "node_id": "' + b"0" * 24 + b'", "by": "' + b"1" * 24 + b'", "at": -5}]',
+        b'[{"kind": "admit", "node_id": "' + b"0" * 24 + b'"}]',  # fields missing
+        b'[{"kind": "remove", "node_id": "' + b"0" * 24 + b'", "by": "' + b"1" * 24 + b'", "at": 1, "sig": "AAAA"}]',
+    ],
+)
 def test_malformed_records_are_a_value_error(raw: bytes) -> None:
     with pytest.raises(ValueError):
         decode_records(raw)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from quorum_node.cluster.identity import (
     IDENTITY_FILE,
@@ -126,14 +125,21 @@ def test_repr_never_shows_a_private_key(tmp_path: Path) -> None:
         assert me.node_id in text
 
 
-@pytest.mark.parametrize("content", [
-    b"",
-    b"{not json",
-    b'{"version": 1, "sign": "AAAA", "dh": "AAAA"}',  # keys of the wrong length
-    b'{"version": 1, "sign": "!!!", "dh": "!!!"}',  # not base64
-    b'{"version": 7, "sign": "' + base64.b64encode(b"\x01" * 32) + b'", "dh": "' + base64.b64encode(b"\x02" * 32) + b'"}',
-    b'{"version": 1, "sign": "' + base64.b64encode(b"\x01" * 32) + b'"}',  # a key missing
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b'{"version": 1, "sign": "AAAA", "dh": "AAAA"}',  # keys of the wrong length
+        b'{"version": 1, "sign": "!!!", "dh": "!!!"}',  # not base64
+        b'{"version": 7, "sign": "'
+        + base64.b64encode(b"\x01" * 32)
+        + b'", "dh": "'
+        + base64.b64encode(b"\x02" * 32)
+        + b'"}',
+        b'{"version": 1, "sign": "' + base64.b64encode(b"\x01" * 32) + b'"}',  # a key missing
+    ],
+)
 def test_a_damaged_identity_is_a_clear_error_and_is_left_alone(tmp_path: Path, content: bytes) -> None:
     (tmp_path / IDENTITY_FILE).write_bytes(content)
     with pytest.raises(ValueError) as caught:
@@ -168,9 +174,9 @@ def test_cluster_is_stored_as_version_2_private_and_atomic(tmp_path: Path) -> No
 
 
 def test_storing_another_cluster_needs_force(tmp_path: Path) -> None:
-    me, original = _founded(tmp_path)
+    _me, original = _founded(tmp_path)
     other = Cluster(name="work", root=NodeIdentity.generate().node_id)
-    with pytest.raises(FileExistsError, match="already belongs to cluster 'home'.*--force"):
+    with pytest.raises(FileExistsError, match=r"already belongs to cluster 'home'.*--force"):
         store_cluster(tmp_path, other, b"[]")
     assert load_cluster(tmp_path) == original
     store_cluster(tmp_path, original, load_member_records(tmp_path))  # the same cluster again: fine
@@ -186,11 +192,14 @@ def test_open_invites_do_not_survive_a_move_to_another_cluster(tmp_path: Path) -
     assert take_invite(tmp_path, token.secret_hash, NOW + 1) == "unknown"
 
 
-@pytest.mark.parametrize("content, why", [
-    (b"[1, 2", "damaged"),
-    (b'{"version": 2, "name": "home", "root": "not-an-id"}', "bad root"),
-    (b'{"version": 3, "name": "home", "root": "' + b"0" * 24 + b'"}', "unsupported version 3"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (b"[1, 2", "damaged"),
+        (b'{"version": 2, "name": "home", "root": "not-an-id"}', "bad root"),
+        (b'{"version": 3, "name": "home", "root": "' + b"0" * 24 + b'"}', "unsupported version 3"),
+    ],
+)
 def test_a_damaged_cluster_file_is_a_clear_error(tmp_path: Path, content: bytes, why: str) -> None:
     (tmp_path / CLUSTER_FILE).write_bytes(content)
     with pytest.raises(ValueError, match=why) as caught:
@@ -206,7 +215,7 @@ def test_a_cluster_of_the_shared_secret_days_is_read_for_migration_and_makes_no_
     assert _b64url(secret) not in repr(legacy) and _b64url(secret) not in str(legacy)
     assert load_cluster(tmp_path) is None  # the secret makes this node a member of nothing
     # the migration writes the keyed cluster over it, no --force needed
-    me, cluster = _founded(tmp_path, name="old")
+    _me, cluster = _founded(tmp_path, name="old")
     assert load_cluster(tmp_path) == cluster and legacy_cluster(tmp_path) is None
 
 
@@ -214,8 +223,9 @@ def test_a_cluster_of_the_shared_secret_days_is_read_for_migration_and_makes_no_
 
 
 def _invite(data_dir: Path, *, ttl_s: float = 600, now: float = NOW) -> InviteToken:
-    return create_invite(data_dir, inviter="ab" * 12, addresses=("192.0.2.7:32769", "[2001:db8::1]:32769"),
-                         ttl_s=ttl_s, now=now)
+    return create_invite(
+        data_dir, inviter="ab" * 12, addresses=("192.0.2.7:32769", "[2001:db8::1]:32769"), ttl_s=ttl_s, now=now
+    )
 
 
 def test_an_invite_works_once(tmp_path: Path) -> None:
@@ -255,8 +265,12 @@ def test_invites_are_kept_only_as_hashes(tmp_path: Path) -> None:
     tokens = [_invite(tmp_path) for _ in range(3)]
     at_rest = (tmp_path / INVITES_FILE).read_text()
     for token in tokens:
-        for form in (_b64url(token.secret), base64.b64encode(token.secret).decode(), token.secret.hex(),
-                     token.encode()):
+        for form in (
+            _b64url(token.secret),
+            base64.b64encode(token.secret).decode(),
+            token.secret.hex(),
+            token.encode(),
+        ):
             assert form not in at_rest
         assert token.secret_hash in at_rest
         assert "secret=<hidden>" in repr(token) and _b64url(token.secret) not in repr(token)
@@ -273,16 +287,19 @@ def test_a_token_round_trips(tmp_path: Path) -> None:
 _MARK = "Zq9Zq9Zq9Zq9"  # in every bad token below: no error message may repeat it
 
 
-@pytest.mark.parametrize("token, why", [
-    ("not-a-token-" + _MARK, "has the form qrm2"),
-    (f"qrm2.{'ab' * 12}.{_MARK}", "has the form qrm2"),
-    (f"qrm2.{_MARK}.{_b64url(bytes(32))}.{_b64url(b'1.2.3.4:5')}", "bad node id"),
-    (f"qrm2.{'ab' * 12}.{_MARK}!.{_b64url(b'1.2.3.4:5')}", "damaged"),
-    (f"qrm2.{'ab' * 12}.{_b64url(_MARK.encode())}.{_b64url(b'1.2.3.4:5')}", "bad secret"),
-    (f"qrm2.{'ab' * 12}.{_b64url(bytes(32))}.{_b64url(('h:1,' * 17 + _MARK).encode())}", "bad addresses"),
-    (f"qrm2.{'ab' * 12}.{_b64url(bytes(32))}.{_b64url(bytes([0xff]) + _MARK.encode())}", "damaged"),
-    (f"qrm3.{'ab' * 12}.{_b64url(bytes(32))}.{_MARK}", "has the form qrm2"),
-])
+@pytest.mark.parametrize(
+    "token, why",
+    [
+        ("not-a-token-" + _MARK, "has the form qrm2"),
+        (f"qrm2.{'ab' * 12}.{_MARK}", "has the form qrm2"),
+        (f"qrm2.{_MARK}.{_b64url(bytes(32))}.{_b64url(b'1.2.3.4:5')}", "bad node id"),
+        (f"qrm2.{'ab' * 12}.{_MARK}!.{_b64url(b'1.2.3.4:5')}", "damaged"),
+        (f"qrm2.{'ab' * 12}.{_b64url(_MARK.encode())}.{_b64url(b'1.2.3.4:5')}", "bad secret"),
+        (f"qrm2.{'ab' * 12}.{_b64url(bytes(32))}.{_b64url(('h:1,' * 17 + _MARK).encode())}", "bad addresses"),
+        (f"qrm2.{'ab' * 12}.{_b64url(bytes(32))}.{_b64url(bytes([0xFF]) + _MARK.encode())}", "damaged"),
+        (f"qrm3.{'ab' * 12}.{_b64url(bytes(32))}.{_MARK}", "has the form qrm2"),
+    ],
+)
 def test_a_bad_token_says_what_is_wrong_without_echoing_it(token: str, why: str) -> None:
     with pytest.raises(ValueError, match=why) as caught:
         parse_invite(token)
@@ -291,6 +308,6 @@ def test_a_bad_token_says_what_is_wrong_without_echoing_it(token: str, why: str)
 
 def test_a_token_of_the_shared_secret_days_gets_a_helpful_message() -> None:
     old = f"qrm1.{_b64url(b'home')}.{_b64url(_MARK.encode())}"
-    with pytest.raises(ValueError, match="shared-secret days.*quorum-node invite") as caught:
+    with pytest.raises(ValueError, match=r"shared-secret days.*quorum-node invite") as caught:
         parse_invite(old)
     assert _MARK not in str(caught.value) and _b64url(_MARK.encode()) not in str(caught.value)

@@ -26,8 +26,14 @@ def _side(v: dict, who: str, pattern: str) -> Handshake:
     """One side of a vector's handshake, with what the vector gives that side."""
     static = _key(v[f"{who}_static"]) if f"{who}_static" in v else None
     remote = bytes.fromhex(v[f"{who}_remote_static"]) if f"{who}_remote_static" in v else None
-    return Handshake(pattern=pattern, initiator=who == "init", prologue=bytes.fromhex(v[f"{who}_prologue"]),
-                     static=static, remote_static=remote, ephemeral=_key(v[f"{who}_ephemeral"]))
+    return Handshake(
+        pattern=pattern,
+        initiator=who == "init",
+        prologue=bytes.fromhex(v[f"{who}_prologue"]),
+        static=static,
+        remote_static=remote,
+        ephemeral=_key(v[f"{who}_ephemeral"]),
+    )
 
 
 @pytest.mark.parametrize("v", VECTORS, ids=[v["protocol_name"] for v in VECTORS])
@@ -64,8 +70,9 @@ def _ik(*, init_s=None, resp_s=None, told=None, prologue_i=b"p", prologue_r=b"p"
     """An IK pair; ``told`` is the responder key the initiator believes in (membership's)."""
     init_s = init_s or X25519PrivateKey.generate()
     resp_s = resp_s or X25519PrivateKey.generate()
-    init = Handshake(initiator=True, prologue=prologue_i, static=init_s,
-                     remote_static=told if told is not None else _pub(resp_s))
+    init = Handshake(
+        initiator=True, prologue=prologue_i, static=init_s, remote_static=told if told is not None else _pub(resp_s)
+    )
     resp = Handshake(initiator=False, prologue=prologue_r, static=resp_s)
     return init, resp, init_s, resp_s
 
@@ -106,8 +113,7 @@ def test_an_answer_opens_only_for_the_handshake_it_answers() -> None:
     init, resp, _, resp_s = _ik()
     resp.read_message(init.write_message())
     reply = resp.write_message(b"ok")
-    other = Handshake(initiator=True, prologue=b"p", static=X25519PrivateKey.generate(),
-                      remote_static=_pub(resp_s))
+    other = Handshake(initiator=True, prologue=b"p", static=X25519PrivateKey.generate(), remote_static=_pub(resp_s))
     other.write_message()
     with pytest.raises(NoiseError):
         other.read_message(reply)

@@ -222,7 +222,8 @@ def test_the_table_holds_at_most_max_peers_and_counts_those_refused():
     # Once one leaves, there is room again.
     table.on_goodbye("b", 3)
     assert table.on_discovered(_info("c"), 3) == [
-        PeerAdded(node_id="c"), CatalogWanted(node_id="c", address="10.0.0.1:32768")
+        PeerAdded(node_id="c"),
+        CatalogWanted(node_id="c", address="10.0.0.1:32768"),
     ]
     assert _ids(table.all()) == ["a", "c"]
 

@@ -8,6 +8,7 @@ import pytest
 from quorum_node.cluster.messages import EngineLoad, NodeLoad, decode_identity
 from quorum_node.cluster.peers import PeerInfo, PeerState, PeerTable
 
+
 def table() -> PeerTable:
     t = PeerTable(self_id="me", is_member=lambda node_id: node_id == "a", down_after_s=10.0, suspect_after_s=5.0)
     t.on_discovered(PeerInfo(node_id="a", name="alpha", address="127.0.0.1:1"), 0.0)
@@ -44,17 +45,27 @@ def test_online_since_resets_when_the_peer_went_down_and_came_back() -> None:
 def test_health_answer_load_is_typed_and_optional() -> None:
     old = decode_identity(b'{"node_id": "a", "name": "alpha", "proto": 2}')
     assert old.load is None  # a peer from before presence
-    new = decode_identity(b'{"node_id": "a", "load": {"in_flight": 2, "engines": [{"name": "e", "kind": "ollama",'
-                          b' "state": "ready", "load": 1, "models": 4, "future": true}], "future": 1}}')
-    assert new.load == NodeLoad(in_flight=2, engines=[EngineLoad(name="e", kind="ollama", state="ready", load=1,
-                                                                 models=4)])
+    new = decode_identity(
+        b'{"node_id": "a", "load": {"in_flight": 2, "engines": [{"name": "e", "kind": "ollama",'
+        b' "state": "ready", "load": 1, "models": 4, "future": true}], "future": 1}}'
+    )
+    assert new.load == NodeLoad(
+        in_flight=2, engines=[EngineLoad(name="e", kind="ollama", state="ready", load=1, models=4)]
+    )
 
 
-@pytest.mark.parametrize("load", [
-    b'{"in_flight": -1}', b'{"in_flight": "2"}', b'{"in_flight": 1e30}', b'[1]', b'"busy"',
-    b'{"engines": [{"name": "' + b"x" * 300 + b'"}]}',
-    b'{"engines": [' + b",".join([b"{}"] * 300) + b"]}",
-])
+@pytest.mark.parametrize(
+    "load",
+    [
+        b'{"in_flight": -1}',
+        b'{"in_flight": "2"}',
+        b'{"in_flight": 1e30}',
+        b"[1]",
+        b'"busy"',
+        b'{"engines": [{"name": "' + b"x" * 300 + b'"}]}',
+        b'{"engines": [' + b",".join([b"{}"] * 300) + b"]}",
+    ],
+)
 def test_a_malformed_load_fails_the_health_check(load: bytes) -> None:
     with pytest.raises(msgspec.ValidationError):
         decode_identity(b'{"node_id": "a", "load": ' + load + b"}")

@@ -14,7 +14,7 @@ from quorum_node.records import Draft, RefusalLog
 
 def test_a_flood_is_one_line_a_second_carrying_how_many_were_passed_over() -> None:
     sampler = RefusalLog(interval_s=1.0)
-    lines = [(t / 1000, passed) for t in range(0, 10_000) if (passed := sampler.take(t / 1000)) is not None]
+    lines = [(t / 1000, passed) for t in range(10_000) if (passed := sampler.take(t / 1000)) is not None]
     assert len(lines) == 10  # 10,000 refusals over 10 s
     assert lines[0] == (0.0, 0) and all(passed == 999 for _, passed in lines[1:])
     assert sampler.take(60.0) == 999  # the first after a quiet spell is logged at once, with the rest's count

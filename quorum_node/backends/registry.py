@@ -109,6 +109,9 @@ class Registry:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            # its connections' sockets close on the loop's next turn: take it, so that a stopped node
+            # holds no socket (a caller that stops the loop right after would leak them)
+            await asyncio.sleep(0)
 
     async def _loop(self) -> None:
         while True:

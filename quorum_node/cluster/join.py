@@ -29,7 +29,7 @@ import http.client
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
 import msgspec
 import structlog
@@ -38,6 +38,7 @@ from ..errors import ApiError, BadRequest, Forbidden
 from .identity import NodeIdentity
 from .members import Candidate, MemberStore, decode_records, encode_records
 from .membership import Cluster, InviteToken, load_cluster, load_member_records, store_cluster, take_invite
+from .messages import JoinAnswer, JoinRequest
 from .tls import certless_client, peer_cert_id
 
 if TYPE_CHECKING:
@@ -50,17 +51,6 @@ log = structlog.get_logger(__name__)
 JOIN_PATH = "/quorum/v1/join"
 MAX_JOIN_BYTES = 16 * 1024
 _MAX_ANSWER_BYTES = 8 * 1024 * 1024
-
-
-class JoinRequest(msgspec.Struct, frozen=True, kw_only=True):
-    secret: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
-    candidate: Candidate
-
-
-class JoinAnswer(msgspec.Struct, frozen=True, kw_only=True):
-    cluster: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    root: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{24}$")]
-    records: msgspec.Raw
 
 
 _decode_request = msgspec.json.Decoder(JoinRequest).decode
@@ -107,15 +97,8 @@ class JoinHandler:
                 f"Cannot admit this node: {e}", status=409, type_="invalid_request_error", code="join_refused"
             ) from None
         log.info("member_admitted", node_id=ask.candidate.node_id, name=ask.candidate.name, remote=remote)
-        return (
-            b'{"cluster":'
-            + _encode(svc.membership.name)
-            + b',"root":'
-            + _encode(svc.membership.root)
-            + b',"records":'
-            + encode_records(svc.members.records())
-            + b"}"
-        )
+        records = msgspec.Raw(encode_records(svc.members.records()))
+        return _encode(JoinAnswer(cluster=svc.membership.name, root=svc.membership.root, records=records))
 
 
 def _split(address: str) -> tuple[str, int]:

@@ -35,6 +35,7 @@ from ..errors import BadRequest, EngineUnavailable, RateLimited
 from .identity import NodeIdentity, verify_signature
 from .members import MemberStore, decode_records, encode_records
 from .membership import save_member_records
+from .messages import MembersAnswer, MergeAnswer
 from .peers import PeerState
 from .tls import certless_client, peer_cert_id
 
@@ -53,12 +54,7 @@ MAX_NEW_INTRODUCED = 64  # records an introduction may bring that this node does
 _encode = msgspec.json.Encoder().encode
 
 
-class _Answer(msgspec.Struct, frozen=True, kw_only=True):
-    digest: str = ""
-    records: msgspec.Raw = msgspec.Raw(b"[]")
-
-
-_decode_answer = msgspec.json.Decoder(_Answer).decode
+_decode_answer = msgspec.json.Decoder(MembersAnswer).decode
 
 
 class RecordSigner:
@@ -139,7 +135,8 @@ class MemberReplicator:
 
     def answer(self) -> bytes:
         """``GET /quorum/v1/members``: the digest and every record."""
-        return b'{"digest":' + _encode(self.store.digest) + b',"records":' + encode_records(self.store.records()) + b"}"
+        records = msgspec.Raw(encode_records(self.store.records()))
+        return _encode(MembersAnswer(digest=self.store.digest, records=records))
 
     def accept(self, raw: bytes, member: str | None, remote: str | None) -> bytes:
         """``POST /quorum/v1/members``: a member's push, or (``member`` None) an introduction on the peer
@@ -156,7 +153,7 @@ class MemberReplicator:
             )
         except ValueError as e:  # msgspec's DecodeError / ValidationError
             raise BadRequest(f"Not a list of membership records: {e}", code="bad_member_records") from None
-        return _encode({"accepted": accepted, "refused": refused})
+        return _encode(MergeAnswer(accepted=accepted, refused=refused))
 
     # -- moving records ----------------------------------------------------------------------
 

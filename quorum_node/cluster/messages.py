@@ -1,5 +1,13 @@
 """The peer protocol's messages: what nodes tell each other, as typed Structs decoded once.
 
+Every message is built as one of these Structs by the node that sends it and
+decoded into the same Struct by the one that receives it: health
+(``Identity``), catalogs (``CatalogAnswer`` of ``catalog.ModelCard``),
+membership (``MembersAnswer``, ``MergeAnswer``) and joining (``JoinRequest``,
+``JoinAnswer``). The two that carry the control layer's own records live beside
+those records, above this layer: ``control/replication.KeysMessage`` (API key
+records) and ``control/usage.UsageAnswer`` (ledger rows).
+
 The same messages travel over every link (HTTP on the LAN, streams through the
 relay). They tolerate unknown fields (a newer peer may say more) and have
 defaults for everything a peer may leave out; anything of the wrong shape is a
@@ -23,6 +31,7 @@ import structlog
 
 from ..catalog import ModelCard
 from ..names import NAME_PATTERN, NODE_ID_PATTERN
+from .members import Candidate
 
 __all__ = [
     "MAX_MODELS_PER_PEER",
@@ -30,6 +39,10 @@ __all__ = [
     "CatalogEntry",
     "EngineLoad",
     "Identity",
+    "JoinAnswer",
+    "JoinRequest",
+    "MembersAnswer",
+    "MergeAnswer",
     "NodeLoad",
     "decode_catalog",
     "decode_identity",
@@ -86,6 +99,35 @@ class CatalogAnswer(msgspec.Struct, frozen=True, kw_only=True):
 
     digest: str = ""
     models: list[ModelCard] = []
+
+
+class MembersAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /quorum/v1/members``: the membership records (``members.encode_records``) and their digest."""
+
+    digest: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    records: msgspec.Raw = msgspec.Raw(b"[]")
+
+
+class MergeAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """``POST /quorum/v1/members``: how many of the records sent were taken, how many refused."""
+
+    accepted: _Count = 0
+    refused: _Count = 0
+
+
+class JoinRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """``POST /quorum/v1/join``: the invite's secret, and the new machine as it describes itself."""
+
+    secret: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]
+    candidate: Candidate
+
+
+class JoinAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """The cluster the new machine joined, and its membership records (its own admission among them)."""
+
+    cluster: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    root: _NodeId
+    records: msgspec.Raw
 
 
 class _RawCatalog(msgspec.Struct, frozen=True, kw_only=True):

@@ -114,13 +114,16 @@ async def test_key_lifecycle_across_three_nodes_including_one_that_was_down(trio
         )
         assert took < AGREE_S
     # c goes down; the key is revoked on b meanwhile
-    port_c = c.port
+    # it comes back on both its ports (else its peer port would be port + 1, which another listener may hold)
+    port_c, peer_port_c = c.port, c.peer_port
     await c.stop()
     b.keys.revoke("phone")
     await within("a refuses the key revoked on b", lambda: _refused(a, key, "model-a"))
     assert not await accepted(b, key, "model-b")
     # c comes back (same data dir: it still holds the key as live) and must learn the revocation
-    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.peer_port}", f"127.0.0.1:{b.peer_port}"])
+    c2 = await trio.start(
+        "c", port=port_c, peer_port=peer_port_c, peers=[f"127.0.0.1:{a.peer_port}", f"127.0.0.1:{b.peer_port}"]
+    )
     took = await within("c refuses the key within 10 s of its return", lambda: _refused(c2, key, "model-c"))
     assert took < AGREE_S
     # and the revocation survives c's own restart (it was stored, not only held in memory)
@@ -137,10 +140,13 @@ async def _refused(node: Node, key: str, model: str) -> bool:
 
 async def test_a_key_made_while_a_node_was_down_reaches_it_when_it_returns(trio: Trio) -> None:
     a, b, c = (trio.nodes[n] for n in "abc")
-    port_c = c.port
+    # it comes back on both its ports (else its peer port would be port + 1, which another listener may hold)
+    port_c, peer_port_c = c.port, c.peer_port
     await c.stop()
     _, key = b.keys.create("made-meanwhile", models=["model-*"])
-    c2 = await trio.start("c", port=port_c, peers=[f"127.0.0.1:{a.peer_port}", f"127.0.0.1:{b.peer_port}"])
+    c2 = await trio.start(
+        "c", port=port_c, peer_port=peer_port_c, peers=[f"127.0.0.1:{a.peer_port}", f"127.0.0.1:{b.peer_port}"]
+    )
     await within("the returning c accepts a key made while it was down", lambda: accepted(c2, key, "model-c"))
 
 
@@ -200,13 +206,15 @@ async def test_keys_list_on_any_node_shows_the_last_use_anywhere(start_node, fak
     assert datetime.datetime.fromtimestamp(used_at).strftime("%Y-%m-%d %H:%M") in row
 
     # b is down while the key is used on a again; it hears of that use within 10 s of its return.
-    port_b = b.port
+    port_b, peer_port_b = b.port, b.peer_port
     await b.stop()
     assert await accepted(a, key, "model-a")
     used_again = a.keys.used()[info.id]
     assert used_again > used_at
     await asyncio.sleep(0.5)  # a's rounds pass while b is away: b must still hear of it when it is back
-    b2 = await duo.start("b", port=port_b, peers=[f"127.0.0.1:{a.peer_port}"], keys_last_used_sync_s=0.2)
+    b2 = await duo.start(
+        "b", port=port_b, peer_port=peer_port_b, peers=[f"127.0.0.1:{a.peer_port}"], keys_last_used_sync_s=0.2
+    )
 
     async def b2_shows_it() -> bool:
         return await _last_used(b2, admin, info.id) == used_again

@@ -13,7 +13,6 @@ import gzip
 import json
 import os
 import socket
-import subprocess
 import sys
 import zlib
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ import pytest
 from quorum_node.node import Node
 from tests.fakes.engines import FakeEngine
 from tests.members_support import client_tls
-from tests.netns import netns_unavailable
+from tests.netns import other_namespace
 from tests.support import eventually
 
 StartNode = Callable[..., Awaitable[Node]]
@@ -269,19 +268,8 @@ print(json.dumps({"answer": data.decode(errors="replace")}))
 
 @pytest.mark.netns
 async def test_connections_per_address_are_capped(start_node, fake) -> None:
-    why = netns_unavailable()
-    if why:
-        pytest.skip(why)
-    ns, host_if = f"qcap{os.getpid()}", f"qcap{os.getpid()}h"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("ip", "netns", "add", ns)
-    try:
-        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        run("ip", "addr", "add", "10.79.0.1/30", "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        run("ip", "-n", ns, "addr", "add", "10.79.0.2/30", "dev", "eth0")
-        run("ip", "-n", ns, "link", "set", "eth0", "up")
-        node = await vllm_node(start_node, fake, host="10.79.0.1", max_connections_per_address=4)
+    with other_namespace("cap", "10.79.0") as (ns, host):
+        node = await vllm_node(start_node, fake, host=host, max_connections_per_address=4)
         proc = await asyncio.create_subprocess_exec(
             "ip",
             "netns",
@@ -290,7 +278,7 @@ async def test_connections_per_address_are_capped(start_node, fake) -> None:
             sys.executable,
             "-c",
             _CAP_CLIENT,
-            "10.79.0.1",
+            host,
             str(node.port),
             "4",
             stdin=asyncio.subprocess.PIPE,
@@ -307,9 +295,6 @@ async def test_connections_per_address_are_capped(start_node, fake) -> None:
         assert status == 429 and headers["retry-after"] == "1"
         assert_openai_error(body, "too_many_connections")
         assert node.limits.open_connections() == 0  # every one released once the client went away
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 # -- 5, 13, 14. malformed input: always the OpenAI shape, always an id ---------------

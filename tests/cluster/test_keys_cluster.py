@@ -9,15 +9,11 @@ Three in-process nodes on loopback, static peers, each with its own fake engine,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import hashlib
 import json
-import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +29,7 @@ from quorum_node.control.keys import KeyRecord, sign_record
 from quorum_node.node import Node
 from quorum_node.records import Record
 from tests.members_support import client_tls, member_client
-from tests.netns import netns_unavailable
+from tests.netns import other_namespace
 from tests.relay.test_relay_route import MODEL as RELAY_MODEL
 from tests.relay.test_relay_route import (
     relay,  # noqa: F401  (a fixture: pytest finds it by name, a test's parameter)
@@ -349,30 +345,6 @@ for name, headers in (("none", {}), ("wrong", {"Authorization": "Bearer qk_" + "
         out[name] = [e.code, json.loads(e.read())]
 print(json.dumps(out))
 """
-
-
-@contextlib.contextmanager
-def other_namespace(tag: str) -> Iterator[tuple[str, str]]:
-    """A network namespace joined to this one by a veth pair: its name, and this side's address (10.79.1.1).
-
-    Its end is 10.79.1.2: a caller there reaches a node bound to 10.79.1.1 off loopback, for real.
-    """
-    why = netns_unavailable()
-    if why:
-        pytest.skip(why)
-    ns, host_if = f"q{tag}{os.getpid()}", f"q{tag}{os.getpid()}h"
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-    run("ip", "netns", "add", ns)
-    try:
-        run("ip", "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns)
-        run("ip", "addr", "add", "10.79.1.1/30", "dev", host_if)
-        run("ip", "link", "set", host_if, "up")
-        run("ip", "-n", ns, "addr", "add", "10.79.1.2/30", "dev", "eth0")
-        run("ip", "-n", ns, "link", "set", "eth0", "up")
-        yield ns, "10.79.1.1"
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 async def _from_namespace(ns: str, script: str, *args: str) -> Any:

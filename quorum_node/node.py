@@ -27,6 +27,7 @@ from .api.state import Parts
 from .backends.base import EMBEDDED_ENGINE
 from .backends.budget import ByteBudget
 from .backends.registry import Registry
+from .breaker import Breakers
 from .catalog import Catalog, cluster_stamp, entries_of
 from .cluster.identity import load_or_create_identity
 from .cluster.members_sync import RecordSigner
@@ -58,7 +59,14 @@ class Node:
         self.settings = settings
         self.name = settings.name
         self.registry = Registry(settings)
-        self.router = Router(self.registry, self.name, max_attempts=settings.max_attempts)
+        # a local engine's model that keeps failing is ejected for a while (breaker.py); the others serve
+        breakers = Breakers(
+            settings.holder_failures, settings.holder_reset_s, max_reset_after_s=settings.holder_max_reset_s
+        )
+        self.router = Router(self.registry, self.name, max_attempts=settings.max_attempts, breakers=breakers)
+        self.registry.on_change.append(
+            lambda: breakers.keep({(b.name, m.id) for b, m in self.registry.models()})  # forget what is gone
+        )
         self.cluster: ClusterService | None = None
         # The cluster's models, as every list reads them: rebuilt when the registry's or a peer's models change.
         self.catalog = Catalog(

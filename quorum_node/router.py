@@ -33,6 +33,7 @@ from .backends.base import (
     Reply,
     StreamReply,
 )
+from .breaker import Breakers, BreakerState, CircuitBreaker
 from .catalog import Catalog, CatalogView, ModelCard, model_not_found
 from .errors import (
     ApiError,
@@ -73,15 +74,16 @@ class Target(Protocol):
 
 
 class LocalTarget:
-    """A model on an engine of this machine."""
+    """A model on an engine of this machine, behind its breaker (outlier ejection: ``breaker.py``)."""
 
     route = "local"
 
-    def __init__(self, backend: Backend, model: Model, node: str) -> None:
+    def __init__(self, backend: Backend, model: Model, node: str, breaker: CircuitBreaker | None = None) -> None:
         self.backend = backend
         self.model = model
         self.engine = backend.name
         self.node = node
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
 
     async def open(
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
@@ -92,11 +94,31 @@ class LocalTarget:
         return op in NATIVE_OPS and self.backend.supports(op) and not self.backend.declines(op, body)
 
     def begin(self) -> bool:
+        if not self.breaker.allow(time.monotonic()):
+            return False  # ejected (or its one probe is out): the next holder, no attempt spent
         self.backend.in_flight += 1
         return True
 
     def end(self, ok: bool | None, ttft_s: float | None) -> None:
         self.backend.in_flight -= 1
+        now = time.monotonic()
+        if ok is None:
+            self.breaker.release(now)
+        elif ok:
+            if self.breaker.state(now) is not BreakerState.CLOSED:
+                log.info("holder_readmitted", engine=self.engine, model=self.model.id)
+            self.breaker.on_success(now)
+        else:
+            was = self.breaker.state(now)
+            self.breaker.on_failure(now)
+            if was is not BreakerState.OPEN and self.breaker.state(now) is BreakerState.OPEN:
+                log.warning(
+                    "holder_ejected",
+                    engine=self.engine,
+                    model=self.model.id,
+                    for_s=self.breaker.reset_after_s,
+                    failures=self.breaker.failures,
+                )
 
 
 class Opened:
@@ -152,10 +174,14 @@ def _tally(err: ApiError, attempts: int) -> ApiError:
 
 
 class Router:
-    def __init__(self, registry: Any, node_name: str, *, max_attempts: int = 3) -> None:
+    def __init__(
+        self, registry: Any, node_name: str, *, max_attempts: int = 3, breakers: Breakers | None = None
+    ) -> None:
         self.registry = registry
         self.node_name = node_name
         self.max_attempts = max_attempts
+        # one breaker per (local engine, model): a holder that keeps failing is ejected, the others serve
+        self.breakers = breakers if breakers is not None else Breakers()
         self.peer_planner: PeerPlanner | None = None
         self.peer_models: Callable[[], list[str]] | None = None
         self.retry_gate: Callable[[], bool] | None = None  # a second budget (the cluster's), if any
@@ -186,14 +212,24 @@ class Router:
         """
         local = self.registry.holders(model)
         capable = [(b, m) for b, m in local if b.supports(op)]
-        targets: list[Target] = [
-            LocalTarget(b, m, self.node_name) for b, m in capable if b.state is not BackendState.DOWN
-        ]
-        wait_s: float | None = None
+        now = time.monotonic()
+        targets: list[Target] = []
+        wait_s: float | None = None  # the soonest an ejected holder may be tried again
+        for b, m in capable:
+            if b.state is BackendState.DOWN:
+                continue
+            key = (b.name, m.id)
+            if not self.breakers.available(key, now):  # ejected: not tried, no retry spent on it
+                left = self.breakers.retry_in_s(key, now)
+                wait_s = left if wait_s is None else min(wait_s, left)
+                continue
+            targets.append(LocalTarget(b, m, self.node_name, self.breakers.get(key)))
         if not forwarded and self.peer_planner is not None:
             peers = self.peer_planner(model, op)
             targets.extend(peers)
-            wait_s = peers.wait_s if isinstance(peers, PeerPlan) else None
+            peer_wait = peers.wait_s if isinstance(peers, PeerPlan) else None
+            if peer_wait is not None:
+                wait_s = peer_wait if wait_s is None else min(wait_s, peer_wait)
         if targets:
             return targets
         if local and not capable:

@@ -98,6 +98,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     mdns_interfaces: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
     max_attempts: int = 3
+    # outlier ejection of a local engine's model that keeps failing (breaker.py): after this many failures in a
+    # row it gets no request for holder_reset_s, then one probe; each failed probe doubles the wait, up to the max
+    holder_failures: int = 3
+    holder_reset_s: float = 5.0
+    holder_max_reset_s: float = 60.0
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0
     # the relay (quorum-relay) that joins this node to peers on other networks
@@ -302,6 +307,8 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("drain_timeout_s: must not be negative")
     if s.max_attempts < 1:
         raise ConfigError("max_attempts: must be at least 1")
+    if s.holder_failures < 1 or not 0 < s.holder_reset_s <= s.holder_max_reset_s:
+        raise ConfigError("holder_*: holder_failures at least 1, and 0 < holder_reset_s <= holder_max_reset_s")
     if s.cors_origins:
         s = msgspec.structs.replace(s, cors_origins=tuple(dict.fromkeys(normalize_origin(o) for o in s.cors_origins)))
     if s.responses_store_max_entries < 0 or s.responses_store_max_bytes < 0 or s.responses_store_ttl_s <= 0:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from quorum_node.cluster.breaker import CircuitBreaker
+from quorum_node.breaker import CircuitBreaker
 from quorum_node.cluster.messages import NodeLoad
 
 __all__ = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from quorum_node.cluster.breaker import BreakerState
+from quorum_node.breaker import BreakerState
 from quorum_node.cluster.peers import Peer, PeerState
 from quorum_node.retry import RetryBudget
 

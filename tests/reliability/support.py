@@ -279,7 +279,12 @@ class Builder:
     async def build(
         self, route: str, *, bad_kind: str = "openai", bad_knobs: dict[str, Any] | None = None, **settings: Any
     ) -> Holders:
-        """The holders of ``route``; ``settings`` go to every node."""
+        """The holders of ``route``; ``settings`` go to every node.
+
+        The failure contract is asserted holder by holder, the bad one tried first every time: ejecting it
+        after a few failures (``holder_failures``, tested in ``tests/api/test_holder_ejection.py``) would
+        take it out of the test, so it is off here unless a test asks for it."""
+        settings.setdefault("holder_failures", 1000)
         bad = await self.fake(bad_kind, models=[MODEL], **(bad_knobs or {}))
         good = None
         if route in TWO_HOLDERS:

@@ -37,6 +37,7 @@ ClientFor = Any
 MiB = 1024 * 1024
 #: Deadlines in the soak; and no background probes (they would add connections at random).
 SOAK = {
+    "holder_failures": 1000,  # the faults keep reaching the engines: ejecting them would end the soak's faults
     "first_token_timeout_s": 0.3,
     "request_timeout_s": 0.3,
     "idle_timeout_s": 0.2,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quorum_node.cluster.breaker import BreakerState, CircuitBreaker
+from quorum_node.breaker import BreakerState, CircuitBreaker
 
 
 def _open(breaker: CircuitBreaker, now: float = 0.0) -> None:

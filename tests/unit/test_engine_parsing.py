@@ -16,7 +16,7 @@ from quorum_node.backends.base import StreamStats
 from quorum_node.backends.errors import check_answer, map_error_answer, parse_retry_after
 from quorum_node.backends.sse import EngineErrorEvent, EventSplitter, StreamNormalizer
 from quorum_node.backends.wire import ModelCard, ModelId, decode, decode_entries, parse_error
-from quorum_node.cluster.breaker import CircuitBreaker
+from quorum_node.breaker import CircuitBreaker
 from quorum_node.cluster.peers import Outcome, PeerInfo, PeerTable
 from quorum_node.errors import (
     BadRequest,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["BreakerState", "CircuitBreaker"]
+__all__ = ["BreakerState", "Breakers", "CircuitBreaker"]
 
 
 class BreakerState(enum.StrEnum):
@@ -153,3 +153,40 @@ class CircuitBreaker:
         return (
             f"CircuitBreaker(state={self._state.value}, failures={self._failures}, reset_after_s={self._reset_after_s})"
         )
+
+
+class Breakers:
+    """A breaker for each of many upstreams (a local engine's model: ``(engine, model)``), made on first use.
+
+    ``keep(keys)`` forgets the breakers of upstreams that are gone, so the set stays as small as what is
+    held. The settings of every breaker are the ones given here.
+    """
+
+    def __init__(
+        self, failure_threshold: int = 3, reset_after_s: float = 5.0, *, max_reset_after_s: float = 60.0
+    ) -> None:
+        CircuitBreaker(failure_threshold, reset_after_s, max_reset_after_s=max_reset_after_s)  # checks them
+        self._args = (failure_threshold, reset_after_s, max_reset_after_s)
+        self._by_key: dict[tuple[str, str], CircuitBreaker] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, key: tuple[str, str]) -> CircuitBreaker:
+        breaker = self._by_key.get(key)
+        if breaker is None:
+            threshold, reset, max_reset = self._args
+            breaker = self._by_key[key] = CircuitBreaker(threshold, reset, max_reset_after_s=max_reset)
+        return breaker
+
+    def available(self, key: tuple[str, str], now: float) -> bool:
+        breaker = self._by_key.get(key)
+        return breaker is None or breaker.available(now)
+
+    def retry_in_s(self, key: tuple[str, str], now: float) -> float:
+        breaker = self._by_key.get(key)
+        return 0.0 if breaker is None else breaker.retry_in_s(now)
+
+    def keep(self, keys: set[tuple[str, str]]) -> None:
+        for key in [k for k in self._by_key if k not in keys]:
+            del self._by_key[key]

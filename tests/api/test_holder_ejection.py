@@ -56,7 +56,7 @@ async def test_a_broken_holder_is_ejected_and_every_request_is_served(start_node
 
 
 async def test_an_ejected_holder_is_let_back_in_once_it_heals(start_node, fake, client_for) -> None:
-    node, broken, healthy, records = await two_holders(start_node, fake, holder_reset_s=0.3)
+    node, broken, _healthy, records = await two_holders(start_node, fake, holder_reset_s=0.3)
     client = client_for(node)
     for _ in range(4):
         assert await stream_text(client)

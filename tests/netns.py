@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-__all__ = ["netns_unavailable", "other_namespace"]
+__all__ = ["netns_unavailable", "other_namespace", "require_netns"]
 
 
 def netns_unavailable() -> str | None:
@@ -31,14 +31,23 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def require_netns(what: str) -> None:
+    """Skip the test where namespaces cannot be made, except under CI: CI runs as root with iproute2
+    (``scripts/test`` installs it), so there a missing namespace is a failure, never a silent skip."""
+    why = netns_unavailable()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} needs network namespaces: {why}")
+    pytest.skip(why)
+
+
 @contextlib.contextmanager
 def other_namespace(tag: str, subnet: str = "10.79.1") -> Iterator[tuple[str, str]]:
     """A network namespace joined to this one by a veth pair: its name, and this side's address
     (``subnet``.1). Its end is ``subnet``.2: a caller there reaches a server bound to ``subnet``.1 off
-    loopback, for real. Skips the test where namespaces cannot be made; removed afterwards."""
-    why = netns_unavailable()
-    if why:
-        pytest.skip(why)
+    loopback, for real (``require_netns``). Removed afterwards."""
+    require_netns("this test")
     ns, host_if = f"q{tag}{os.getpid()}", f"q{tag}{os.getpid()}h"
 
     def run(*argv: str) -> None:

@@ -14,7 +14,9 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-__all__ = ["DEFAULT_TIMEOUT_S", "eventually"]
+from hypothesis import strategies as st
+
+__all__ = ["DEFAULT_TIMEOUT_S", "eventually", "json_values"]
 
 T = TypeVar("T")
 
@@ -52,3 +54,15 @@ async def eventually(
 
 def _name(check: Callable[..., Any]) -> str:
     return getattr(check, "__qualname__", None) or repr(check)
+
+
+#: Any JSON value, nested a little: what the fuzz tests put where a request's fields go.
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from quorum_node.node import Node
 from tests.conftest import node_settings
 from tests.fakes.engines import FakeEngine, start_fake
+from tests.support import json_values
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 POSTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -156,15 +157,6 @@ def still_healthy(port: int) -> None:
     assert status == 200 and json.loads(data)["status"] == "ok"
 
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
-)
 # bodies that get past the first checks often: the right keys, wrong shapes inside
 near_valid = st.fixed_dictionaries(
     {"model": st.one_of(st.just(MODEL), json_values)},

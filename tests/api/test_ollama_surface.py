@@ -32,7 +32,7 @@ from quorum_node.node import Node
 from quorum_node.records import Record
 from tests.conftest import StartFake, StartNode
 from tests.fakes.base import FakeEngine
-from tests.support import eventually
+from tests.support import eventually, json_values
 
 CLUSTER = {"cluster": "ollama", "cluster_secret": "o" * 32}
 LLAMA = "llama3.2:latest"
@@ -563,15 +563,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_NodeThread]:
     t.close()
 
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=20,
-)
 near_valid = st.fixed_dictionaries(
     {"model": st.one_of(st.sampled_from(["llama3.2", LLAMA, EMBED, "nope"]), json_values)},
     optional={

@@ -29,7 +29,7 @@ import pytest
 from tests.cluster.lan_host import PEER_PORT, PORT, Lan, Proc
 from tests.cluster.lan_outsider import FORGED_ANSWER
 from tests.cluster.lan_tap import read_capture
-from tests.netns import netns_unavailable
+from tests.netns import require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -49,11 +49,7 @@ def answer_of(name: str) -> str:
 
 @pytest.fixture
 async def lan(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Lan]:
-    reason = netns_unavailable()
-    if reason is not None:
-        if os.environ.get("CI"):  # CI runs as root with iproute2 (scripts/test installs it): never a silent skip
-            pytest.fail(f"the trust tests need network namespaces: {reason}")
-        pytest.skip(reason)
+    require_netns("the trust tests")
     world = Lan(
         f"qt{os.getpid() % 10000}t{secrets.token_hex(2)}", NET, tmp_path
     )  # fresh names: a straggler of the test before cannot hold a port

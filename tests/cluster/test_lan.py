@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.lan_host import PEER_PORT, PORT, Lan, Proc
-from tests.netns import netns_unavailable as _netns_unavailable
+from tests.netns import require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -66,9 +66,7 @@ async def first_to_get(model: str, hosts: list[Proc], marks: dict[str, int], tim
 async def test_lan_of_namespaces_discovers_forwards_and_fails_over(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    reason = _netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    require_netns("this LAN test")
     lan = Lan(f"qt{os.getpid() % 10000}l", NET, tmp_path)
 
     async def spawn(index: int, *, models: list[str], secret: str = SECRET) -> Proc:

@@ -36,7 +36,7 @@ from quorum_node.cluster.mdns import (
     pick_address,
     txt_properties,
 )
-from tests.netns import netns_unavailable as _netns_unavailable
+from tests.netns import require_netns
 from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(30)
@@ -283,9 +283,7 @@ class Child:
 
 @pytest.mark.netns
 async def test_nodes_in_namespaces_discover_each_other_over_a_bridge(request: pytest.FixtureRequest) -> None:
-    reason = _netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    require_netns("this LAN test")
     env = {**os.environ, "QLAN_PREFIX": f"qt{os.getpid()}n", "QLAN_NET": "10.77.0"}
     lan = [str(ROOT / "scripts" / "lan")]
     children: list[Child] = []

@@ -28,7 +28,7 @@ import pytest
 
 from tests.cluster.lan_host import PORT, RELAY_PORT, Wan
 from tests.members_support import enrol
-from tests.netns import netns_unavailable
+from tests.netns import require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -44,9 +44,7 @@ MARGIN_S = 0.5
 
 
 async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    reason = netns_unavailable()
-    if reason is not None:
-        pytest.skip(reason)
+    require_netns("this LAN test")
     world = Wan(f"qt{os.getpid() % 10000}w", NET, tmp_path)
 
     def teardown() -> None:  # even if the test body never reached its own clean-up

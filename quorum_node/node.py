@@ -22,7 +22,7 @@ import structlog
 from aiohttp import web
 
 from .api.app import create_app
-from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit
+from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit, stop_accepting
 from .api.state import Parts
 from .backends.base import EMBEDDED_ENGINE
 from .backends.budget import ByteBudget
@@ -278,8 +278,7 @@ class Node:
 
     async def _drain(self, runner: NodeRunner) -> None:
         """Stop accepting, let the requests in flight end (the drain deadline), close the connections."""
-        for site in list(runner.sites):
-            await site.stop()  # stop accepting
+        await stop_accepting(runner)
         if runner.server is not None:
             runner.server.pre_shutdown()  # no keep-alive after the current answer; idle ones close
         cut = await self.inflight.drain(self.settings.drain_timeout_s)

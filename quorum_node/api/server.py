@@ -237,6 +237,37 @@ class NodeRunner(web.AppRunner):
         return self.server.connections if self.server is not None else []
 
 
+#: Loop turns an accept under way takes to become a connection the server knows of.
+_ACCEPT_TURNS = 3
+
+
+async def stop_accepting(runner: web.BaseRunner) -> None:
+    """Stop every site of ``runner`` accepting connections, keeping those already accepted.
+
+    Python 3.11's asyncio loses a connection whose accept is under way when its
+    server closes (setting it up fails an assertion, and nothing closes it): its
+    client would wait on it forever. So the listening sockets stop being watched
+    first, the accepts under way finish, and only then do the servers close; the
+    connections they made are the runner's, and close with the rest.
+    """
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, asyncio.SelectorEventLoop):  # uvloop accepts (and closes) its own way
+        for site in runner.sites:
+            server = getattr(site, "_server", None)  # aiohttp keeps a site's asyncio server private
+            for sock in getattr(server, "sockets", None) or ():
+                loop.remove_reader(sock.fileno())
+        for _ in range(_ACCEPT_TURNS):
+            await asyncio.sleep(0)
+    for site in list(runner.sites):
+        await site.stop()
+
+
+async def close_runner(runner: web.BaseRunner) -> None:
+    """``runner.cleanup()``, losing no connection accepted as it began (``stop_accepting``)."""
+    await stop_accepting(runner)
+    await runner.cleanup()
+
+
 def raise_fd_limit() -> int:
     """Raise the soft open-files limit to the hard one (as servers do); returns the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from quorum_node.api.server import close_runner
 from quorum_node.node import Node
 from tests.fakes.engines import KINDS, FakeEngine
 from tests.support import eventually
@@ -61,7 +62,7 @@ async def imposter() -> AsyncIterator[Callable[[Callable[[web.Request], Any]], A
 
     yield _start
     for r in runners:
-        await r.cleanup()
+        await close_runner(r)
 
 
 @pytest.mark.parametrize("kind", DETECTABLE)

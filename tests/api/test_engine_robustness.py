@@ -21,6 +21,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from quorum_node.api.server import close_runner
 from quorum_node.backends.base import BackendState, JsonReply, Op, Reply
 from quorum_node.backends.detect import identify
 from quorum_node.backends.errors import engine_failed
@@ -178,7 +179,7 @@ class RawEngine:
 
     async def close(self) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            await close_runner(self._runner)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         scripted = self.routes.get(request.path)

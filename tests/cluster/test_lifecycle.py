@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
+from quorum_node.api.server import close_runner
 from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.node import Node
 from tests.fakes.engines import FakeEngine
@@ -133,6 +136,25 @@ async def test_stop_closes_a_peer_connection_still_in_its_tls_handshake(start_no
         writer.close()
         with contextlib.suppress(ConnectionResetError):
             await writer.wait_closed()
+
+
+async def test_a_connection_accepted_as_the_server_stops_is_closed_not_left_hanging() -> None:
+    """aiohttp's cleanup misses a connection set up after it looked; its client would wait forever."""
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    client = socket.create_connection(runner.addresses[0])  # loopback: connected at once, no loop turn taken
+    try:
+        # Two turns: the server accepts; the connection is set up a turn later, after the stop began.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await close_runner(runner)
+        client.setblocking(False)
+        async with asyncio.timeout(2):
+            assert await asyncio.get_running_loop().sock_recv(client, 1) == b""  # the server closed it
+    finally:
+        client.close()
 
 
 # -- replay ------------------------------------------------------------------------

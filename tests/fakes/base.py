@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from quorum_node.api.server import close_runner
 from tests.faults import hard_reset
 
 __all__ = [
@@ -285,7 +286,7 @@ class FakeEngine:
             return
         self._closing = True
         if self._runner is not None:
-            await self._runner.cleanup()
+            await close_runner(self._runner)
         self._site = None
         if self._sock is not None:
             self._sock.close()

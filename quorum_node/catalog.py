@@ -56,6 +56,7 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     id: _ModelId
     aliases: Annotated[tuple[_ModelId, ...], msgspec.Meta(max_length=64)] = ()
     engine: _Label = ""  # the kind of engine that holds it (llamacpp, ollama, …)
+    holder: _Label = ""  # the name of the engine that holds it, on its node (a conversation's holder: affinity.py)
     node: _Label = ""  # the node whose engine holds it (set by the receiver: a peer's word is not needed)
     context_length: int | None = None
     loaded: bool | None = None
@@ -97,6 +98,8 @@ class _Engine(Protocol):
     @property
     def kind(self) -> str: ...
     @property
+    def name(self) -> str: ...
+    @property
     def models(self) -> Sequence[_Model]: ...
 
 
@@ -115,11 +118,12 @@ class PeerCatalogs(Protocol):
     def model_entries(self) -> list[ModelCard]: ...
 
 
-def card_of(kind: str, m: _Model, node: str, *, available: bool = True) -> ModelCard:
+def card_of(engine: _Engine, m: _Model, node: str, *, available: bool = True) -> ModelCard:
     return ModelCard(
         id=m.id,
         aliases=tuple(m.aliases),
-        engine=kind,
+        engine=engine.kind,
+        holder=engine.name,
         node=node,
         context_length=m.context_length,
         loaded=m.loaded,
@@ -135,10 +139,10 @@ def card_of(kind: str, m: _Model, node: str, *, available: bool = True) -> Model
 def local_cards(engines: Engines, node: str, *, resting: bool = False) -> list[ModelCard]:
     """What this node's engines hold. ``resting``: also the models of an engine that is down for now,
     as unavailable (a peer then answers 503 for them rather than "no such model")."""
-    out = [card_of(b.kind, m, node) for b, m in engines.models()]
+    out = [card_of(b, m, node) for b, m in engines.models()]
     if resting:
         held = {c.id for c in out}
-        out += [card_of(b.kind, m, node, available=False) for b, m in engines.resting() if m.id not in held]
+        out += [card_of(b, m, node, available=False) for b, m in engines.resting() if m.id not in held]
     return out
 
 

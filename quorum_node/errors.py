@@ -12,6 +12,8 @@ Branches follow who handles them::
     │   ├── PayloadTooLarge    413
     │   ├── UnsupportedMedia   415 (a Content-Encoding the node does not inflate)
     │   ├── RateLimited        429 + Retry-After (a key over its rate)
+    │   ├── QueueFull          429 + Retry-After: every holder busy, no place left to wait
+    │   ├── QueueTimeout       429 + Retry-After: every holder stayed busy past the wait's deadline
     │   ├── NotSupported       501 (the engine lacks the capability)
     │   └── Unavailable        503 + Retry-After (engine down or loading)
     └── EngineError            an engine (or peer) failed us
@@ -48,6 +50,8 @@ __all__ = [
     "NotFound",
     "NotSupported",
     "PayloadTooLarge",
+    "QueueFull",
+    "QueueTimeout",
     "QuorumError",
     "RateLimited",
     "StreamBroken",
@@ -153,6 +157,54 @@ class RateLimited(ApiError):
 
     def __init__(self, message: str, *, retry_after_s: int, code: str | None = "rate_limit_exceeded") -> None:
         super().__init__(message, code=code, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.1f}".removesuffix(".0")
+
+
+class QueueFull(ApiError):
+    """Every holder of the model is busy and the admission queue has no place (``admission.py``).
+
+    ``waited_s``: how long it had waited (0 when refused on arrival; more when a
+    key that waited for fewer places pushed it out).
+    """
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, model: str, *, waiting: int, retry_after_s: int, waited_s: float = 0.0) -> None:
+        retry_after_s = max(1, retry_after_s)
+        if waiting:
+            why = f"Every holder of `{model}` is busy and {waiting} requests are waiting already"
+        else:
+            why = f"Every holder of `{model}` is busy (this node keeps no requests waiting)"
+        super().__init__(
+            f"{why}; try again in {retry_after_s} s",
+            code="queue_full",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+        self.model = model
+        self.waiting = waiting
+        self.waited_s = waited_s
+
+
+class QueueTimeout(ApiError):
+    """A request waited in the admission queue for its whole deadline, and no holder of the model had room."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, model: str, *, waited_s: float, retry_after_s: int) -> None:
+        retry_after_s = max(1, retry_after_s)
+        super().__init__(
+            f"Every holder of `{model}` stayed busy for the {_seconds(waited_s)} s this request waited its turn; "
+            f"try again in {retry_after_s} s",
+            code="queue_timeout",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+        self.model = model
+        self.waited_s = waited_s
 
 
 class NotSupported(ApiError):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from .admission import Admission
 from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit, stop_accepting
 from .api.state import Parts
@@ -74,6 +75,10 @@ class Node:
         )
         self.registry.on_change.append(self.catalog.changed)
         self.router.catalog = self.catalog
+        self.router.affinity_bound = settings.affinity_load_bound if settings.affinity else None
+        self.router.concurrency = settings.holder_concurrency
+        self.admission = Admission(max_waiting=settings.queue_max, timeout_s=settings.queue_timeout_s)
+        self.router.admission = self.admission
         # Whole answers held in memory at once, node-wide (backends/budget.py)
         self.answer_budget = ByteBudget(settings.max_buffered_answers_bytes)
         self.embedded: LlamaServerProcess | None = None
@@ -125,6 +130,9 @@ class Node:
             self.router.peer_planner = cluster.plan
             self.router.peer_models = cluster.model_names
             self.router.retry_gate = cluster.retry_allowed
+            self.router.node_id = cluster.node_id  # holder ids: the same on every node (affinity.py)
+            cluster.capacity_of = self.router.capacity_of
+            cluster.waiting = self.admission.depth
         self.metrics: NodeMetrics | None = None
         if settings.metrics:
             from .control.metrics import NodeMetrics
@@ -135,6 +143,7 @@ class Node:
                 engines=self.registry,
                 cluster=self.cluster,
                 ledger=lambda: self.ledger,
+                admission=self.admission,
             )
             self.records.add(metrics.observe)
             self.records.add_refusal(lambda reason: metrics.refused.labels(reason).inc())

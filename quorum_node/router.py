@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from .admission import Admission, Ticket
+from .affinity import Slot, holder_id, rank
 from .backends.base import (
     NATIVE_OPS,
     Backend,
@@ -72,18 +74,35 @@ class Target(Protocol):
         """Release the slot: ok True/False, or None for no verdict (the client went away,
         or the answer said nothing about the target's health)."""
 
+    def slot(self) -> Slot:
+        """Who it is, how busy, and how much it can run at once (``affinity.py`` ranks by it)."""
+
 
 class LocalTarget:
     """A model on an engine of this machine, behind its breaker (outlier ejection: ``breaker.py``)."""
 
     route = "local"
 
-    def __init__(self, backend: Backend, model: Model, node: str, breaker: CircuitBreaker | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        model: Model,
+        node: str,
+        breaker: CircuitBreaker | None = None,
+        *,
+        node_id: str | None = None,
+        capacity: int | None = None,
+    ) -> None:
         self.backend = backend
         self.model = model
         self.engine = backend.name
         self.node = node
         self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.holder = holder_id(node_id if node_id is not None else node, backend.name)
+        self.capacity = capacity
+
+    def slot(self) -> Slot:
+        return Slot((self.holder,), self.backend.load, self.capacity, self.backend.state is BackendState.READY)
 
     async def open(
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
@@ -122,9 +141,12 @@ class LocalTarget:
 
 
 class Opened:
-    """A request that has reached its target and produced its first bytes."""
+    """A request that has reached its target and produced its first bytes.
 
-    __slots__ = ("target", "reply", "first", "ttft_s", "attempts", "op")
+    ``finish`` ends it: the target is told how it went, and the slot it held goes to the next request
+    waiting for the model (``admission.py``)."""
+
+    __slots__ = ("target", "reply", "first", "ttft_s", "attempts", "op", "queued_s", "_freed")
 
     def __init__(
         self,
@@ -134,6 +156,9 @@ class Opened:
         ttft_s: float | None,
         attempts: int,
         op: Op = "chat",
+        *,
+        queued_s: float = 0.0,
+        freed: Callable[[], None] | None = None,
     ):
         self.target = target
         self.reply = reply
@@ -141,6 +166,15 @@ class Opened:
         self.ttft_s = ttft_s
         self.attempts = attempts
         self.op = op  # the form the target was sent (and the reply is in): the request's op, or its native op
+        self.queued_s = queued_s  # how long it waited for a holder with room (0: none)
+        self._freed = freed
+
+    def finish(self, ok: bool | None, ttft_s: float | None) -> None:
+        """The answer is over: ``ok`` as for ``Target.end``. Call it once."""
+        self.target.end(ok, ttft_s)
+        freed, self._freed = self._freed, None
+        if freed is not None:
+            freed()
 
 
 class PeerPlan(list["Target"]):
@@ -167,6 +201,10 @@ RETRY_FLOOR = 3.0
 RETRY_PER_S = 0.05
 
 
+#: The room of a holder that sets no limit of its own (a peer that does not say): more than will ever wait.
+_UNBOUNDED = 1 << 30
+
+
 def _tally(err: ApiError, attempts: int) -> ApiError:
     """Mark an error with the number of upstream attempts made before it (for the request log)."""
     err.attempts = attempts  # type: ignore[attr-defined]
@@ -189,6 +227,17 @@ class Router:
         self.budget = RetryBudget(
             RETRY_RATIO, min_per_s=RETRY_PER_S, max_tokens=RETRY_FLOOR, initial_tokens=RETRY_FLOOR
         )
+        self.node_id = node_name  # this node's id in holder ids (the cluster's node id, where there is one)
+        # Conversations keep to one holder (affinity.py) while its load is under this times the mean; None: off
+        self.affinity_bound: float | None = None
+        self.concurrency = 4  # what a holder whose engine does not say may run at once
+        # Where requests wait while every holder of their model is at capacity (None: they never wait)
+        self.admission: Admission | None = None
+
+    def capacity_of(self, backend: Backend) -> int:
+        """How many requests ``backend`` runs at once: what it says, else the node's setting."""
+        said = getattr(backend, "capacity", None)
+        return said if isinstance(said, int) and said > 0 else self.concurrency
 
     def known_models(self) -> list[str]:
         return list(self.view().ids)
@@ -223,7 +272,11 @@ class Router:
                 left = self.breakers.retry_in_s(key, now)
                 wait_s = left if wait_s is None else min(wait_s, left)
                 continue
-            targets.append(LocalTarget(b, m, self.node_name, self.breakers.get(key)))
+            targets.append(
+                LocalTarget(
+                    b, m, self.node_name, self.breakers.get(key), node_id=self.node_id, capacity=self.capacity_of(b)
+                )
+            )
         if not forwarded and self.peer_planner is not None:
             peers = self.peer_planner(model, op)
             targets.extend(peers)
@@ -296,11 +349,55 @@ class Router:
             targets = self.plan(model, op, forwarded=forwarded, visible=visible)
         except ApiError as e:
             raise _tally(e, 0) from None
+        started = time.perf_counter()  # its time to first token counts what it waits for a turn
+        ticket: Ticket | None = None
+        if self.admission is not None:
+            ticket = await self._admit(self.admission, model, targets, caller)
+        try:
+            return await self._open(op, model, body, targets, ticket, started, stream, want_usage, caller, native)
+        finally:
+            if ticket is not None:
+                ticket.release()  # not claimed: no holder took it, and the slot it was promised is passed on
+
+    async def _admit(self, admission: Admission, model: str, targets: list[Target], caller: Caller | None) -> Ticket:
+        """Wait, where every holder of ``model`` is at capacity, for a turn (fair across keys: ``admission.py``)."""
+
+        def room() -> int:
+            free = 0
+            for t in targets:
+                slot = t.slot()
+                if slot.capacity is None:
+                    return _UNBOUNDED  # a holder that sets no limit: it always has room
+                free += max(0, slot.capacity - slot.load)
+            return free
+
+        try:
+            return await admission.admit(model, (caller.key_id if caller is not None else None) or "", room)
+        except ApiError as e:
+            raise _tally(e, 0) from None
+
+    async def _open(
+        self,
+        op: Op,
+        model: str,
+        body: dict[str, Any],
+        targets: list[Target],
+        ticket: Ticket | None,
+        started: float,
+        stream: bool,
+        want_usage: bool,
+        caller: Caller | None,
+        native: tuple[Op, dict[str, Any]] | None,
+    ) -> Opened:
+        if self.affinity_bound is not None and caller is not None and caller.affinity and len(targets) > 1:
+            slots = [t.slot() for t in targets]
+            targets = [targets[i] for i in rank(caller.affinity, slots, self.affinity_bound)]
+        admission = self.admission
+        freed = (lambda: admission.wake(model)) if admission is not None else None
         self.budget.on_request(time.monotonic())
         last: EngineUnavailable | None = None
         refused: EngineFailed | None = None
         pending: list[Target] = []  # answered EngineFailed: no verdict until we know whether another did better
-        started = time.perf_counter()
         attempt = 0
         queue = list(targets)
         try:
@@ -313,6 +410,8 @@ class Router:
                     break
                 if target.begin() is False:
                     continue
+                if ticket is not None:
+                    ticket.claim()  # it runs on a holder now: the slot is the holder's
                 attempt += 1
                 form = native if native is not None and target.speaks(*native) else (op, body)
                 try:
@@ -330,7 +429,10 @@ class Router:
                     for t in pending:  # they failed what this one could do
                         t.end(False, None)
                     pending.clear()
-                    return Opened(target, reply, first, ttft, attempt, form[0])
+                    queued = ticket.waited_s if ticket is not None else 0.0
+                    opened = Opened(target, reply, first, ttft, attempt, form[0], queued_s=queued, freed=freed)
+                    freed = None  # the answer's ``finish`` frees its slot
+                    return opened
                 except EngineFailed as e:
                     pending.append(target)
                     refused = e
@@ -360,6 +462,8 @@ class Router:
         finally:
             for t in pending:  # nobody did better: the request's fault, not theirs
                 t.end(None, None)
+            if freed is not None:  # no answer: whatever slot it held is free
+                freed()
         raise _tally(self._exhausted(model, last, refused), attempt)
 
     @staticmethod

@@ -103,6 +103,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     holder_failures: int = 3
     holder_reset_s: float = 5.0
     holder_max_reset_s: float = 60.0
+    # how many requests a holder runs at once, where its engine does not say (llama.cpp's slots, vLLM's load do);
+    # past every holder's, a request waits in the admission queue (admission.py): up to queue_max requests
+    # node-wide (0: none wait, busy is 429 at once), each for at most queue_timeout_s (then 429)
+    holder_concurrency: int = 4
+    queue_max: int = 256
+    queue_timeout_s: float = 30.0
+    # conversations keep to one holder (affinity.py), so its engine's prompt cache serves their later turns;
+    # a holder takes one while it has room (its capacity); one whose capacity is unknown (an older peer's)
+    # only while its load is under affinity_load_bound times the mean
+    affinity: bool = True
+    affinity_load_bound: float = 1.25
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0
     # the relay (quorum-relay) that joins this node to peers on other networks
@@ -309,6 +320,16 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("max_attempts: must be at least 1")
     if s.holder_failures < 1 or not 0 < s.holder_reset_s <= s.holder_max_reset_s:
         raise ConfigError("holder_*: holder_failures at least 1, and 0 < holder_reset_s <= holder_max_reset_s")
+    if s.holder_concurrency < 1:
+        raise ConfigError(f"holder_concurrency: must be at least 1, got {s.holder_concurrency}")
+    if s.queue_max < 0:
+        raise ConfigError(f"queue_max: must not be negative (0 turns the queue off), got {s.queue_max}")
+    if not s.queue_timeout_s > 0:
+        raise ConfigError(f"queue_timeout_s: must be positive, got {s.queue_timeout_s}")
+    if not s.affinity_load_bound >= 1.0:
+        raise ConfigError(
+            f"affinity_load_bound: must be at least 1.0 (a multiple of the mean load), got {s.affinity_load_bound}"
+        )
     if s.cors_origins:
         s = msgspec.structs.replace(s, cors_origins=tuple(dict.fromkeys(normalize_origin(o) for o in s.cors_origins)))
     if s.responses_store_max_entries < 0 or s.responses_store_max_bytes < 0 or s.responses_store_ttl_s <= 0:

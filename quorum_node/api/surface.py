@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -43,8 +44,10 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ..affinity import SESSION_HEADER, conversation_key
 from ..backends.base import Caller, JsonReply, Op, StreamReply, StreamStats
 from ..backends.budget import ANSWER_HOLD, Hold
+from ..cluster.messages import AFFINITY_HEADER
 from ..control import tokens
 from ..errors import ApiError, StreamBroken, Unavailable
 from ..names import safe_name
@@ -53,6 +56,8 @@ from .auth import check_scope
 from .state import ANSWER_BUDGET, API_KEY, DRAFT, INFLIGHT, PEER, RECORDS, REQUEST_ID, ROUTER, visible_catalog
 
 __all__ = ["Call", "Native", "OpenAISurface", "OPENAI", "StreamEncoder", "Surface", "serve", "surface_of"]
+
+_KEY_RE = re.compile(r"[0-9a-f]{32}")  # a conversation key, as affinity.conversation_key makes it
 
 log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -186,6 +191,15 @@ class _SSEResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+def _affinity(request: web.Request, call: Call, forwarded: bool) -> str | None:
+    """The request's conversation key (``affinity.py``): the entry node's, for a request a peer forwarded."""
+    if forwarded:
+        given = request.headers.get(AFFINITY_HEADER, "")
+        if _KEY_RE.fullmatch(given):
+            return given
+    return conversation_key(call.body, request.headers.get(SESSION_HEADER))
+
+
 async def serve(request: web.Request, surface: Surface, call: Call) -> web.StreamResponse:
     """Take ``call`` through the router and answer it through ``surface``.
 
@@ -201,8 +215,9 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
     draft.stream = call.stream
     check_scope(request, call.model)  # 403 for a key scoped to other models (api/auth.py)
     forwarded = request.get(PEER) is not None  # signed by a peer: serve here, never forward on
-    caller = Caller(request_id=request[REQUEST_ID], key_id=draft.key_id)
     router = app[ROUTER]
+    affinity = _affinity(request, call, forwarded) if router.affinity_bound is not None else None
+    caller = Caller(request_id=request[REQUEST_ID], key_id=draft.key_id, affinity=affinity)
     inflight = app[INFLIGHT]
     records = app[RECORDS]
     records.started(draft)  # live until sealed (the dashboard's requests in flight)
@@ -234,12 +249,15 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         except ApiError as e:
             draft.attempts = getattr(e, "attempts", 0)
             draft.error = e.message
+            waited = getattr(e, "waited_s", None)  # refused by the admission queue, after waiting this long
+            draft.queue_ms = round(waited * 1000, 3) if waited else None
             raise
         target = opened.target
         draft.serving_node = target.node
         draft.route = target.route
         draft.engine = target.engine
         draft.attempts = opened.attempts
+        draft.queue_ms = round(opened.queued_s * 1000, 3) if opened.queued_s else None
         draft.ttft_ms = round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None
         # A name that is no header value (a peer's, from its answer) must not cost the answer: names.py
         headers = {
@@ -250,7 +268,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         reply = opened.reply
         passed = opened.op != call.op  # the engine answered the client's own request (Call.native)
         if isinstance(reply, JsonReply):
-            target.end(True, opened.ttft_s)
+            opened.finish(True, opened.ttft_s)
             _tokens(draft, reply.usage, None, call, reply.payload)
             resp = (surface.native_answer if passed else surface.answer)(call, reply.payload, headers)
             await records.seal(draft, resp.status)
@@ -307,7 +325,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
             tail = enc.error("Internal error in quorum-node (see its log)", "internal_error", "server_error")
         finally:
             await reply.aclose()
-            target.end(ok, opened.ttft_s)
+            opened.finish(ok, opened.ttft_s)
         _tokens(draft, reply.stats.usage, reply.stats, call)
         if status == 499:
             records.seal_nowait(draft, 499)

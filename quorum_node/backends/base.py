@@ -99,6 +99,7 @@ class Caller(msgspec.Struct, frozen=True, kw_only=True):
 
     request_id: str  # the entry node's id for it: the serving node's record uses the same
     key_id: str | None = None  # the API key that authorised it at the entry node
+    affinity: str | None = None  # its conversation's key (``affinity.py``): the serving node picks the same engine
 
 
 class JsonReply(msgspec.Struct, frozen=True):

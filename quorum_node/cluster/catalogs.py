@@ -41,6 +41,7 @@ class PeerCatalogs:
         self.on_catalog = on_catalog  # the peer table's events of a new catalog
         self.by_peer: dict[str, list[ModelCard]] = {}  # replaced, never changed: the catalog stamps it by identity
         self._fetching: set[str] = set()
+        self._holders: dict[str, tuple[list[ModelCard], dict[str, tuple[str, ...]]]] = {}  # per peer, see holders
 
     def names(self) -> list[str]:
         """Every model id a serving peer holds."""
@@ -57,13 +58,32 @@ class PeerCatalogs:
             for e in self.by_peer.get(p.node_id, ())
         ]
 
+    def holders(self, node_id: str, model: str) -> tuple[str, ...]:
+        """The names of ``node_id``'s engines that hold ``model`` (none known: an older peer's catalog).
+
+        Indexed once per catalog the peer sends (the list is replaced, never changed), not per request."""
+        cards = self.by_peer.get(node_id)
+        if cards is None:
+            return ()
+        indexed = self._holders.get(node_id)
+        if indexed is None or indexed[0] is not cards:
+            index: dict[str, set[str]] = {}
+            for e in cards:
+                if e.holder:
+                    for name in e.names():
+                        index.setdefault(name, set()).add(e.holder)
+            indexed = self._holders[node_id] = (cards, {k: tuple(sorted(v)) for k, v in index.items()})
+        return indexed[1].get(model, ())
+
     def forget(self, node_id: str) -> None:
         self.by_peer.pop(node_id, None)
+        self._holders.pop(node_id, None)
 
     def keep(self, is_member: Callable[[str], bool]) -> None:
         """Drop the catalogs of nodes that are members no more."""
         for nid in [n for n in self.by_peer if not is_member(n)]:
             del self.by_peer[nid]
+            self._holders.pop(nid, None)
 
     def want(self, node_id: str) -> None:
         """Fetch ``node_id``'s catalog (unless a fetch of it is under way)."""

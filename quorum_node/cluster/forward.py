@@ -14,7 +14,9 @@ import time
 from typing import Any, Protocol
 
 import msgspec
+import structlog
 
+from ..affinity import Slot, holder_id
 from ..backends.answer import RequestHead
 from ..backends.base import PATHS, Caller, JsonReply, Op, Reply, StreamReply, StreamStats, Timeouts
 from ..backends.errors import check_answer, map_error_answer
@@ -24,11 +26,13 @@ from ..backends.upstream import deadline_for, read_error_body, read_whole
 from ..errors import EngineUnavailable
 from ..names import safe_name
 from .links import PeerLink
+from .messages import AFFINITY_HEADER
 from .peers import Outcome, Peer, PeerTable
 
 __all__ = ["ForwardingNode", "PeerTarget"]
 
 _encode = msgspec.json.Encoder().encode
+log = structlog.get_logger(__name__)
 
 
 class ForwardingNode(Protocol):
@@ -51,10 +55,15 @@ class ForwardingNode(Protocol):
 class PeerTarget:
     """A model held by a peer; the request is forwarded, signed, one hop, over one of its links."""
 
-    def __init__(self, service: ForwardingNode, peer: Peer, link: PeerLink) -> None:
+    def __init__(
+        self, service: ForwardingNode, peer: Peer, link: PeerLink, *, model: str = "", engines: tuple[str, ...] = ()
+    ) -> None:
         self.service = service
         self.peer = peer
         self.link = link
+        self.model = model  # the model asked for: its (peer, model) breaker (none: the peer's alone)
+        self.answered = False  # the peer answered (its link works): a failure is its engine's, for this model
+        self.engines = engines  # its engines that hold the model, as its catalog names them (none: not said)
         self.route = link.route
         self.node = peer.info.name or peer.node_id
         self.engine = f"peer:{self.node}"
@@ -63,13 +72,35 @@ class PeerTarget:
     def speaks(self, op: Op, body: dict[str, Any]) -> bool:
         return False  # a peer is sent Chat Completions (api/passthrough.py)
 
+    def slot(self) -> Slot:
+        """The peer, as one place holding every engine it has the model on: their load and capacity as its
+        health answer said them (what we sent it since counts too), their ids as its catalog names them."""
+        peer = self.peer
+        ids = tuple(holder_id(peer.node_id, e) for e in self.engines) or (holder_id(peer.node_id, ""),)
+        said = [e for e in peer.load.engines if e.name in self.engines] if peer.load is not None else []
+        load = max(sum(e.load for e in said), peer.in_flight)
+        caps = [e.capacity for e in said]
+        known = bool(caps) and len(caps) == len(self.engines) and all(c is not None for c in caps)
+        return Slot(ids, load, sum(c for c in caps if c is not None) if known else None)
+
     def begin(self) -> bool:
         self._t0 = time.monotonic()
-        return self.service.table.begin_request(self.peer.node_id, self._t0)
+        self.answered = False
+        return self.service.table.begin_request(self.peer.node_id, self._t0, self.model or None)
 
     def end(self, ok: bool | None, ttft_s: float | None) -> None:
         outcome = Outcome.ABANDONED if ok is None else (Outcome.SUCCESS if ok else Outcome.FAILURE)
-        self.service.table.end_request(self.peer.node_id, time.monotonic(), outcome)
+        table = self.service.table
+        model = self.model or None
+        if table.end_request(self.peer.node_id, time.monotonic(), outcome, model=model, answered=self.answered):
+            breaker = table.model_breakers.get((self.peer.node_id, self.model))
+            log.warning(
+                "holder_ejected",
+                peer=self.node,
+                model=self.model,
+                for_s=breaker.reset_after_s,
+                failures=breaker.failures,
+            )
 
     async def open(
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
@@ -84,10 +115,13 @@ class PeerTarget:
         headers["Content-Type"] = "application/json"
         if caller is not None:
             headers["X-Request-Id"] = caller.request_id  # the serving node's record links to ours
+            if caller.affinity:
+                headers[AFFINITY_HEADER] = caller.affinity  # it picks the engine we ranked it by
         head = RequestHead(method="POST", path=PATHS[op], headers=headers, body=_encode(body))
         t = svc.timeouts
         deadline = deadline_for(t, stream=stream)  # one for the head and the first event, as for an engine
         answer = await self.link.open(head, t, deadline=deadline, stream=stream, who=self.engine)
+        self.answered = True
         self.node = safe_name(answer.headers.get("X-Quorum-Node", ""), self.node)
         if answer.status >= 300:
             raw = await read_error_body(answer, deadline=deadline)

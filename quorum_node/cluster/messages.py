@@ -68,6 +68,7 @@ class EngineLoad(msgspec.Struct, frozen=True, kw_only=True):
     state: _Name = ""
     load: _Count = 0
     models: _Count = 0
+    capacity: _Count | None = None  # how many requests it runs at once (None: an older peer, which does not say)
 
 
 class NodeLoad(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +76,7 @@ class NodeLoad(msgspec.Struct, frozen=True, kw_only=True):
 
     in_flight: _Count = 0
     engines: Annotated[list[EngineLoad], msgspec.Meta(max_length=256)] = []
+    waiting: _Count = 0  # requests waiting for a holder with room (its admission queue)
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,4 +167,5 @@ def decode_catalog(data: bytes, *, max_models: int = MAX_MODELS_PER_PEER, peer: 
 HOP_HEADER = "X-Quorum-Hop"  # "1": served here, never forwarded on
 ORIGIN_HEADER = "X-Quorum-Origin"  # the entry node's id
 KEY_HEADER = "X-Quorum-Key"  # the id of the API key the entry node authorised the client with, never the key
-PEER_HEADERS = (HOP_HEADER, ORIGIN_HEADER, KEY_HEADER)
+AFFINITY_HEADER = "X-Quorum-Affinity"  # the request's conversation key (affinity.py): the same engine is chosen
+PEER_HEADERS = (HOP_HEADER, ORIGIN_HEADER, KEY_HEADER, AFFINITY_HEADER)

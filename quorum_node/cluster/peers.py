@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from quorum_node.breaker import CircuitBreaker
+from quorum_node.breaker import Breakers, BreakerState, CircuitBreaker
 from quorum_node.cluster.messages import NodeLoad
 
 __all__ = [
@@ -240,6 +240,7 @@ class PeerTable:
         ewma_alpha: float = 0.3,
         breaker_threshold: int = 3,
         breaker_reset_s: float = 5.0,
+        model_breakers: Breakers | None = None,
     ) -> None:
         self.self_id = self_id
         self.is_member = is_member
@@ -254,6 +255,9 @@ class PeerTable:
         self._breaker_reset_s = breaker_reset_s
         self._peers: dict[str, Peer] = {}
         self._static: dict[str, str | None] = {}  # address -> node id once identified
+        # One breaker per (peer, model): a peer whose engine keeps failing one model is ejected for that model
+        # only. The peer's own breaker counts what says nothing of its models: its links failing.
+        self.model_breakers = model_breakers if model_breakers is not None else Breakers()
 
     # Lookup -------------------------------------------------------------
 
@@ -270,7 +274,14 @@ class PeerTable:
 
     def holders(self, model: str, now: float) -> list[Peer]:
         """Up peers holding ``model`` whose breaker would let a request through."""
-        return [p for p in self.all() if p.serving and model in p.models and p.breaker.available(now)]
+        return [
+            p
+            for p in self.all()
+            if p.serving
+            and model in p.models
+            and p.breaker.available(now)
+            and self.model_breakers.available((p.node_id, model), now)
+        ]
 
     def unavailable_for_s(self, model: str, now: float) -> float | None:
         """For a model whose holders are all out for now: seconds until the soonest may take it again.
@@ -293,7 +304,7 @@ class PeerTable:
             if model not in p.models:
                 continue
             if p.state is PeerState.UP:
-                waits.append(p.breaker.retry_in_s(now))
+                waits.append(max(p.breaker.retry_in_s(now), self.model_breakers.retry_in_s((p.node_id, model), now)))
             elif p.state is PeerState.SUSPECT and p.last_ok is not None:
                 waits.append(max(1.0, p.breaker.retry_in_s(now)))
         return min(waits) if waits else None
@@ -335,7 +346,12 @@ class PeerTable:
                 self._static[address] = None
         if self._peers.pop(node_id, None) is None:
             return []
+        self._prune_model_breakers()
         return [PeerRemoved(node_id=node_id, reason="removed")]
+
+    def _prune_model_breakers(self) -> None:
+        """Forget the breakers of models no peer holds any more (and of peers that are gone)."""
+        self.model_breakers.keep({(p.node_id, m) for p in self._peers.values() for m in p.models})
 
     def on_discovered(self, info: PeerInfo, now: float) -> list[PeerEvent]:
         """A peer announced itself (or re-announced with new details)."""
@@ -500,6 +516,7 @@ class PeerTable:
         if new == peer.models:
             return []
         peer.models = new
+        self._prune_model_breakers()
         return [CatalogChanged(node_id=node_id, models=tuple(sorted(new)))]
 
     def tick(self, now: float) -> list[PeerEvent]:
@@ -521,19 +538,23 @@ class PeerTable:
                 and now - max(peer.last_seen, peer.last_ok or 0.0) >= self.forget_after_s
             ):
                 del self._peers[peer.node_id]
+                self._prune_model_breakers()
                 events.append(PeerRemoved(node_id=peer.node_id, reason="forgotten"))
         return events
 
     # Requests -----------------------------------------------------------
 
-    def begin_request(self, node_id: str, now: float) -> bool:
-        """Claim a slot for a request to this peer; False if it must not be sent.
+    def begin_request(self, node_id: str, now: float, model: str | None = None) -> bool:
+        """Claim a slot for a request to this peer (for ``model``); False if it must not be sent.
 
-        This is where the breaker's half-open probe is taken, so call it right
+        This is where the breakers' half-open probes are taken, so call it right
         before dispatching, and pair every True with ``end_request``.
         """
         peer = self._peers.get(node_id)
         if peer is None or peer.state is PeerState.DOWN or peer.draining_at is not None or not peer.breaker.allow(now):
+            return False
+        if model is not None and not self.model_breakers.get((node_id, model)).allow(now):
+            peer.breaker.release(now)
             return False
         peer.in_flight += 1
         return True
@@ -548,17 +569,44 @@ class PeerTable:
         peer.last_seen = now
         peer.breaker.on_success(now)
 
-    def end_request(self, node_id: str, now: float, outcome: Outcome = Outcome.SUCCESS) -> None:
-        """Release the slot taken by ``begin_request`` and tell the breaker how it went."""
+    def end_request(
+        self,
+        node_id: str,
+        now: float,
+        outcome: Outcome = Outcome.SUCCESS,
+        *,
+        model: str | None = None,
+        answered: bool = False,
+    ) -> bool:
+        """Release the slot taken by ``begin_request`` and tell the breakers how it went.
+
+        A failure the peer ``answered`` (its engine failed ``model``) counts against the peer for that model
+        only: its link worked. One that got no answer counts against the peer. True when this failure
+        ejected the peer for ``model``.
+        """
         peer = self._peers.get(node_id)
         if peer is None:
-            return
+            return False
         peer.in_flight = max(0, peer.in_flight - 1)
+        held = self.model_breakers.get((node_id, model)) if model is not None else None
         match outcome:
             case Outcome.SUCCESS:
                 peer.last_seen = now
                 peer.breaker.on_success(now)
+                if held is not None:
+                    held.on_success(now)
+            case Outcome.FAILURE if held is not None and answered:
+                peer.last_seen = now
+                peer.breaker.on_success(now)
+                was = held.state(now)
+                held.on_failure(now)
+                return was is not BreakerState.OPEN and held.state(now) is BreakerState.OPEN
             case Outcome.FAILURE:
                 peer.breaker.on_failure(now)
+                if held is not None:
+                    held.release(now)
             case Outcome.ABANDONED:
                 peer.breaker.release(now)
+                if held is not None:
+                    held.release(now)
+        return False

@@ -37,8 +37,9 @@ import structlog
 from aiohttp import web
 
 from ..backends.answer import RequestHead
-from ..backends.base import Op, Timeouts
+from ..backends.base import Backend, Op, Timeouts
 from ..backends.upstream import read_capped
+from ..breaker import Breakers
 from ..catalog import ModelCard, local_cards
 from ..errors import EngineUnavailable
 from .catalogs import PeerCatalogs
@@ -129,6 +130,7 @@ class ClusterService:
             max_peers=s.max_peers,
             down_after_s=s.peer_down_after_s,
             suspect_after_s=min(5.0, s.peer_down_after_s / 2),
+            model_breakers=Breakers(s.holder_failures, s.holder_reset_s, max_reset_after_s=s.holder_max_reset_s),
         )
         self.budget = RetryBudget(max_tokens=10, initial_tokens=10)  # as after a calm spell
         self.peer_catalogs = PeerCatalogs(self, on_catalog=lambda events: self._handle(events))
@@ -141,6 +143,10 @@ class ClusterService:
         self.relay: RelayLink | None = None
         self._digest = ""
         self.key_sync: RecordSync | None = None  # API key records, agreed with every peer (attached by the node)
+        # How many requests an engine of ours runs at once, as the health answer tells peers (set by the node:
+        # the router's ``capacity_of``); by default what the engine says, if it does.
+        self.capacity_of: Callable[[Backend], int | None] = lambda b: getattr(b, "capacity", None)
+        self.waiting: Callable[[], int] = lambda: 0  # requests waiting for a holder with room (set by the node)
         self.member_sync = MemberReplicator(self)  # membership records, the same way
         self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)
         self.joins = JoinHandler(self)  # new machines with an invite
@@ -387,7 +393,9 @@ class ClusterService:
         now = time.monotonic()
         self.budget.on_request(now)
         targets = [
-            PeerTarget(self, p, link) for p in pick(self.table.holders(model, now), now) for link in self.links(p)
+            PeerTarget(self, p, link, model=model, engines=self.peer_catalogs.holders(p.node_id, model))
+            for p in pick(self.table.holders(model, now), now)
+            for link in self.links(p)
         ]
         return PeerPlan(targets, wait_s=None if targets else self.table.unavailable_for_s(model, now))
 
@@ -433,8 +441,16 @@ class ClusterService:
         """Who this node is and how busy (``GET /quorum/v1/health``; its peers' presence)."""
         load = NodeLoad(
             in_flight=len(self.inflight),
+            waiting=self.waiting(),
             engines=[
-                EngineLoad(name=b.name, kind=b.kind, state=b.state.value, load=b.load, models=len(b.models))
+                EngineLoad(
+                    name=b.name,
+                    kind=b.kind,
+                    state=b.state.value,
+                    load=b.load,
+                    models=len(b.models),
+                    capacity=self.capacity_of(b),
+                )
                 for b in self.engines.backends.values()
             ],
         )

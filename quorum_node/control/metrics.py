@@ -31,6 +31,7 @@ from ..backends.base import BackendState
 from ..records import Record
 
 if TYPE_CHECKING:
+    from ..admission import Admission
     from ..backends.registry import Registry
     from ..cluster.service import ClusterService
     from .ledger import Ledger
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["CONTENT_TYPE_LATEST", "NodeMetrics"]
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _MAX_LABEL = 200
 #: Models with series of their own; the ones seen after these are counted as "other".
@@ -57,8 +59,10 @@ class NodeMetrics:
         engines: Registry,
         cluster: ClusterService | None,
         ledger: Callable[[], Ledger | None],
+        admission: Admission | None = None,
     ) -> None:
-        """``known``: whether a model is in the catalog; ``ledger``: the ledger once it is open (or None)."""
+        """``known``: whether a model is in the catalog; ``ledger``: the ledger once it is open (or None);
+        ``admission``: where requests wait for a holder with room."""
         self._is_known = known
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
@@ -88,6 +92,13 @@ class NodeMetrics:
             buckets=DURATION_BUCKETS_S,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            "quorum_queue_wait_seconds",
+            "Time requests waited for a holder with room (admission queue), those that waited at all",
+            ("model",),
+            buckets=QUEUE_BUCKETS_S,
+            registry=r,
+        )
         self.refused = Counter(
             "quorum_refused_requests",
             "Requests refused with 401 as unauthenticated (no key, a "
@@ -95,7 +106,7 @@ class NodeMetrics:
             ("reason",),
             registry=r,
         )
-        r.register(_StateCollector(inflight, engines, cluster, ledger))
+        r.register(_StateCollector(inflight, engines, cluster, ledger, admission))
         self._children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         self._models: set[str] = set()  # the model labels given so far (at most MAX_MODEL_LABELS)
 
@@ -144,6 +155,8 @@ class NodeMetrics:
             c[3].observe(r.ttft_ms / 1000)
         if r.surface is not None:
             c[4].observe(r.duration_ms / 1000)
+        if r.queue_ms is not None:
+            self.queue_wait.labels(model).observe(r.queue_ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -153,15 +166,33 @@ class _StateCollector(Collector):
     """What the node is now, read when Prometheus scrapes."""
 
     def __init__(
-        self, inflight: Sized, engines: Registry, cluster: ClusterService | None, ledger: Callable[[], Ledger | None]
+        self,
+        inflight: Sized,
+        engines: Registry,
+        cluster: ClusterService | None,
+        ledger: Callable[[], Ledger | None],
+        admission: Admission | None,
     ) -> None:
         self.inflight = inflight
         self.engines = engines
         self.cluster = cluster
         self.ledger = ledger
+        self.admission = admission
 
     def collect(self) -> Iterator[Any]:
         yield GaugeMetricFamily("quorum_in_flight", "Requests being answered now", value=len(self.inflight))
+        admission = self.admission
+        if admission is not None:
+            stats = admission.stats()
+            yield GaugeMetricFamily(
+                "quorum_queue_waiting", "Requests waiting for a holder with room now", value=stats.waiting
+            )
+            refused = CounterMetricFamily(
+                "quorum_queue_refused", "Requests the admission queue answered 429, by reason", labels=("reason",)
+            )
+            refused.add_metric(("full",), stats.refused_full)
+            refused.add_metric(("timeout",), stats.timed_out)
+            yield refused
         engines = GaugeMetricFamily(
             "quorum_engine_state", "Each engine's state (1: the current one)", labels=("engine", "kind", "state")
         )

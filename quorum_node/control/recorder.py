@@ -173,6 +173,7 @@ def log_line(r: Record) -> None:
         stream=r.stream,
         attempts=r.attempts,
         ttft_ms=r.ttft_ms,
+        **({"queue_ms": r.queue_ms} if r.queue_ms is not None else {}),
         tokens_in=r.prompt_tokens,
         tokens_out=r.completion_tokens,
         duration_ms=r.duration_ms,

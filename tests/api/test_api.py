@@ -106,7 +106,10 @@ async def test_engine_failing_before_first_byte_is_served_by_the_next_holder(
 ) -> None:
     first = await fake("vllm")
     second = await fake("vllm")
-    node = await start_node(backends=[{"kind": "vllm", "url": first.url}, {"kind": "vllm", "url": second.url}])
+    # the order listed is the order tried (affinity would pick a holder per conversation)
+    node = await start_node(
+        backends=[{"kind": "vllm", "url": first.url}, {"kind": "vllm", "url": second.url}], affinity=False
+    )
     client = client_for(node)
     for i, stream in enumerate((False, True), start=1):
         # Equal holders are tried in configured order: the first refuses, the second answers.
@@ -156,7 +159,10 @@ async def test_mid_stream_failure_is_an_error_never_a_clean_end(
 ) -> None:
     eng = await fake(kind, fail_after_tokens=2, fail_mode=fail_mode)
     backup = await fake(kind)  # after the first byte, no retry may hide the failure
-    node = await start_node(backends=[{"kind": kind, "url": eng.url}, {"kind": kind, "url": backup.url}])
+    node = await start_node(
+        backends=[{"kind": kind, "url": eng.url}, {"kind": kind, "url": backup.url}],
+        affinity=False,  # eng first
+    )
     model = {"ollama": "llama3.2", "llamacpp": "SmolLM2-135M-Instruct.Q4_1"}.get(kind, MODEL)
     client = client_for(node)
     stream = await client.chat.completions.create(model=model, messages=MSGS, stream=True)
@@ -278,7 +284,8 @@ async def test_prefers_the_ready_engine(
 async def test_prefers_the_less_loaded_engine(start_node: StartNode, fake: StartFake, client_for: ClientFor) -> None:
     a = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
     b = await fake("vllm", tokens=["tok "] * 400, token_delay_s=0.02)
-    node = await start_node(backends=[{"kind": "vllm", "url": a.url}, {"kind": "vllm", "url": b.url}])
+    # without affinity (one conversation would keep to its engine while it has room: test_affinity_cluster.py)
+    node = await start_node(backends=[{"kind": "vllm", "url": a.url}, {"kind": "vllm", "url": b.url}], affinity=False)
     client = client_for(node)
     long = await client.chat.completions.create(model=MODEL, messages=MSGS, stream=True)
     await anext(aiter(long))  # the stream is under way on one engine
@@ -302,7 +309,7 @@ async def test_prefers_the_engine_that_reports_itself_less_busy(
     # someone talks to engine a directly, bypassing the node
     direct = await http.post(a.url + "/v1/chat/completions", json={"model": MODEL, "messages": MSGS, "stream": True})
     await direct.content.readany()
-    node = await start_node(backends=[{"kind": "vllm", "url": a.url}, {"kind": "vllm", "url": b.url}])
+    node = await start_node(backends=[{"kind": "vllm", "url": a.url}, {"kind": "vllm", "url": b.url}], affinity=False)
 
     async def load_seen() -> bool:
         ready = await (await http.get(node.url + "/ready")).json()

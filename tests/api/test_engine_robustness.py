@@ -237,6 +237,9 @@ def sse_data(raw: bytes) -> list[bytes]:
 
 
 async def node_for(start_node: StartNode, *engines: Any, kind: str = "openai", **settings: Any) -> Node:
+    """A node over ``engines``, tried in the order given: these tests are about what happens holder by holder
+    (affinity, which would pick a holder per conversation, is off unless a test turns it on)."""
+    settings.setdefault("affinity", False)
     return await start_node(backends=[{"kind": kind, "url": e.url} for e in engines], **settings)
 
 
@@ -540,11 +543,12 @@ async def start_pair(start_node: StartNode, engine: Any, **a_settings: Any) -> t
     return a, b
 
 
-def breaker_of(a: Node, b: Node):
+def breaker_of(a: Node, b: Node, model: str | None = None):
+    """A's breaker for peer B (its links), or for B holding ``model`` (what B's engines answer for it)."""
     assert a.cluster is not None and b.cluster is not None
     peer = a.cluster.table.get(b.cluster.node_id)
     assert peer is not None
-    return peer.breaker
+    return peer.breaker if model is None else a.cluster.table.model_breakers.get((peer.node_id, model))
 
 
 async def test_a_model_whose_holder_has_an_open_breaker_is_503_not_404(
@@ -557,7 +561,9 @@ async def test_a_model_whose_holder_has_an_open_breaker_is_503_not_404(
     for _ in range(3):  # PeerTable's breaker_threshold
         with pytest.raises(openai.InternalServerError):
             await client.chat.completions.create(model=MODEL, messages=MSGS)
-    assert breaker_of(a, b).state(time.monotonic()) is BreakerState.OPEN
+    # B answered each time (its link works): B is ejected for this model, not as a whole
+    assert breaker_of(a, b, MODEL).state(time.monotonic()) is BreakerState.OPEN
+    assert breaker_of(a, b).state(time.monotonic()) is BreakerState.CLOSED
     assert MODEL in [m.id async for m in client.models.list()]  # still listed ...
     with pytest.raises(openai.APIStatusError) as info:  # ... so it exists: 503, not 404
         await client.chat.completions.create(model=MODEL, messages=MSGS)
@@ -671,8 +677,8 @@ async def test_a_request_caused_engine_error_through_a_peer_never_trips_its_brea
         assert err.response.headers["x-should-retry"] == "false"
         assert err.response.headers["X-Quorum-Route"] == "local"  # A's own answer, passing on B's
         assert eng.hits == i  # one engine request per call: no SDK retries, and still sent
-    breaker = breaker_of(a, b)
-    assert breaker.state(time.monotonic()) is BreakerState.CLOSED and breaker.failures == 0
+    for breaker in (breaker_of(a, b), breaker_of(a, b, MODEL)):
+        assert breaker.state(time.monotonic()) is BreakerState.CLOSED and breaker.failures == 0
 
     eng.generate = reply(200, answer("now it works"))
     assert await text_of(client, stream=False) == "now it works"

@@ -29,6 +29,7 @@ async def two_holders(start_node: Any, fake: Any, **settings: Any) -> tuple[Any,
             {"kind": "openai", "url": broken.url, "name": "broken"},
             {"kind": "openai", "url": healthy.url, "name": "healthy"},
         ],
+        affinity=False,  # the first listed is tried first: the order these tests are about
         **settings,
     )
     records: list[Record] = []

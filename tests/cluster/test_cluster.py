@@ -149,7 +149,8 @@ async def test_streamed_request_passes_through_peer(start_cluster, client_for, h
 
 
 async def test_local_engine_is_preferred_over_peer(start_cluster, client_for) -> None:
-    a, b = await start_cluster(["shared"], ["shared"])
+    """Without affinity; with it, a conversation goes to its holder wherever it is (test_affinity_cluster.py)."""
+    a, b = await start_cluster(["shared"], ["shared"], affinity=False)
     for _ in range(3):
         raw = await client_for(a.node).chat.completions.with_raw_response.create(model="shared", messages=MESSAGES)
         assert raw.headers["X-Quorum-Route"] == "local"
@@ -161,7 +162,7 @@ async def test_local_engine_is_preferred_over_peer(start_cluster, client_for) ->
 
 
 async def test_failing_peer_engine_fails_over_to_other_holder(start_cluster, client_for) -> None:
-    a, b, c = await start_cluster(["alpha"], ["beta"], ["beta"])
+    a, b, c = await start_cluster(["alpha"], ["beta"], ["beta"], affinity=False)  # b is tried first
     client = client_for(a.node)
     await make_preferred(client, "beta", fast=b, slow=c)
     tried = len(b.engine.requests)
@@ -182,7 +183,7 @@ async def test_failing_peer_engine_fails_over_to_other_holder(start_cluster, cli
 
 
 async def test_stopped_peer_engine_fails_over_to_other_holder(start_cluster, client_for) -> None:
-    a, b, c = await start_cluster(["alpha"], ["beta"], ["beta"])
+    a, b, c = await start_cluster(["alpha"], ["beta"], ["beta"], affinity=False)  # b is tried first
     client = client_for(a.node)
     await make_preferred(client, "beta", fast=b, slow=c)
     c.engine.first_token_delay_s = 0.0
@@ -220,7 +221,7 @@ async def test_stopped_peer_node_is_routed_around_then_marked_down(start_cluster
 
 
 async def test_circuit_breaker_skips_a_peer_that_keeps_failing(start_cluster, client_for) -> None:
-    a, b, c = await start_cluster(["alpha"], ["beta"], ["beta"])
+    a, b, c = await start_cluster(["alpha"], ["beta"], ["beta"], affinity=False)  # b is tried first
     client = client_for(a.node)
     await make_preferred(client, "beta", fast=b, slow=c)
     c.engine.first_token_delay_s = 0.2  # still clearly slower than b: b stays the first choice

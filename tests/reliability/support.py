@@ -283,8 +283,10 @@ class Builder:
 
         The failure contract is asserted holder by holder, the bad one tried first every time: ejecting it
         after a few failures (``holder_failures``, tested in ``tests/api/test_holder_ejection.py``) would
-        take it out of the test, so it is off here unless a test asks for it."""
+        take it out of the test, so it is off here unless a test asks for it. So is affinity (the holder a
+        conversation keeps to, ``affinity.py``): the order the holders are listed in is the order tried."""
         settings.setdefault("holder_failures", 1000)
+        settings.setdefault("affinity", False)
         bad = await self.fake(bad_kind, models=[MODEL], **(bad_knobs or {}))
         good = None
         if route in TWO_HOLDERS:

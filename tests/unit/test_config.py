@@ -179,6 +179,47 @@ def test_bad_env_is_a_config_error(env: dict[str, str], words: list[str]) -> Non
         assert w in str(info.value)
 
 
+def test_queue_and_affinity_settings_default_and_come_from_env() -> None:
+    s = load_settings({}, env={})
+    assert (s.queue_max, s.queue_timeout_s, s.holder_concurrency) == (256, 30.0, 4)
+    assert (s.affinity, s.affinity_load_bound) == (True, 1.25)
+    s = load_settings(
+        {},
+        env={
+            "QUORUM_QUEUE_MAX": "0",
+            "QUORUM_QUEUE_TIMEOUT_S": "2.5",
+            "QUORUM_HOLDER_CONCURRENCY": "1",
+            "QUORUM_AFFINITY": "false",
+            "QUORUM_AFFINITY_LOAD_BOUND": "1",
+        },
+    )
+    assert (s.queue_max, s.queue_timeout_s, s.holder_concurrency, s.affinity, s.affinity_load_bound) == (
+        0,
+        2.5,
+        1,
+        False,
+        1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "words"),
+    [
+        ("queue_max = -1\n", ["queue_max", "-1"]),
+        ("queue_timeout_s = 0\n", ["queue_timeout_s", "positive"]),
+        ("queue_timeout_s = nan\n", ["queue_timeout_s"]),
+        ("holder_concurrency = 0\n", ["holder_concurrency", "at least 1"]),
+        ("affinity_load_bound = 0.9\n", ["affinity_load_bound", "1.0"]),
+        ('affinity = "sometimes"\n', ["affinity"]),
+    ],
+)
+def test_bad_queue_and_affinity_settings_are_config_errors(tmp_path: Path, toml: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, env={}, config_file=write(tmp_path, toml))
+    for w in words:
+        assert w in str(info.value)
+
+
 def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings({}, env={}, config_file=str(tmp_path / "absent.toml"))

@@ -13,12 +13,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ..state import ADDRESS, CATALOG, CLUSTER, INFLIGHT, NAME, REGISTRY
+from ..state import ADDRESS, CATALOG, CLUSTER, INFLIGHT, NAME, REGISTRY, ROUTER
 
 __all__ = ["fleet"]
 
 # Admin endpoints of other parts the page uses when they are there (it says "not available" otherwise).
 FEATURES = {"keys": "/quorum/admin/keys", "usage": "/quorum/admin/usage/series", "recent": "/quorum/admin/recent"}
+
+
+def _waiting(app: web.Application) -> int:
+    """Requests waiting on this node for a holder with room (its admission queue)."""
+    admission = app[ROUTER].admission
+    return admission.depth() if admission is not None else 0
 
 
 def _self_entry(app: web.Application, started_at: float) -> dict[str, Any]:
@@ -42,7 +48,11 @@ def _self_entry(app: web.Application, started_at: float) -> dict[str, Any]:
         "address": app[ADDRESS](),
         "engines": engines,
         "models": sorted({m.id for _, m in registry.models()}),
-        "load": {"in_flight": len(app[INFLIGHT]), "engines": sum(e["load"] for e in engines)},
+        "load": {
+            "in_flight": len(app[INFLIGHT]),
+            "engines": sum(e["load"] for e in engines),
+            "waiting": _waiting(app),
+        },
         "rtt_ms": None,
     }
 
@@ -62,7 +72,11 @@ def fleet(app: web.Application, started_at: float, features: dict[str, bool] | N
                     {"name": e.name, "kind": e.kind, "state": e.state, "load": e.load, "models": e.models}
                     for e in p.load.engines
                 ]
-                load = {"in_flight": p.load.in_flight, "engines": sum(e.load for e in p.load.engines)}
+                load = {
+                    "in_flight": p.load.in_flight,
+                    "engines": sum(e.load for e in p.load.engines),
+                    "waiting": p.load.waiting,
+                }
             else:  # an older peer: its engine kinds from its catalog, its load unknown
                 engines = [
                     {"name": k, "kind": k, "state": "", "load": 0, "models": 0}

@@ -133,7 +133,8 @@ function renderFleet(fleet) {
   $("fleet-summary").textContent = online + " of " + fleet.nodes.length + " online";
   fillBody($("fleet"), fleet.nodes.map((n) => {
     const engines = n.engines.map((e) => e.kind + (e.state && e.state !== "ready" ? " (" + e.state + ")" : "")).join(", ");
-    const load = n.load ? n.load.in_flight + " req" + (n.load.engines ? " · engines " + n.load.engines : "") : "–";
+    const load = n.load ? n.load.in_flight + " req" + (n.load.engines ? " · engines " + n.load.engines : "") +
+      (n.load.waiting ? " · " + n.load.waiting + " waiting" : "") : "–";
     return el("tr", { "data-node": n.name },
       el("td", {}, el("strong", { text: n.name }), n.self ? el("span", { class: "muted", text: " (this node)" }) : ""),
       el("td", { class: "state-" + n.state, text: n.online ? "online" : n.state }),
@@ -185,7 +186,8 @@ function recentRow(r, fresh) {
     el("td", { text: r.key_name || "–" }),
     el("td", { class: "status-" + r.outcome, text: String(r.status) }),
     el("td", { class: "num", text: tokens }),
-    el("td", { class: "num", text: ms(r.ttft_ms) }),
+    el("td", { class: "num", title: r.queue_ms ? "waited " + ms(r.queue_ms) + " for a holder with room" : "",
+      text: ms(r.ttft_ms) + (r.queue_ms ? " (waited " + ms(r.queue_ms) + ")" : "") }),
     el("td", { class: "num", text: ms(r.duration_ms) }));
 }
 

@@ -1,0 +1,147 @@
+"""Which holder serves a conversation: the same one from every node, while it has room.
+
+A conversation's later turns repeat its earlier ones. The engine that served
+them keeps their prompt in its cache (llama-server keeps one per slot) and
+evaluates only what is new; sent anywhere else, the whole prompt is evaluated
+again. So each request gets a *conversation key*, and the holders of its model
+are ranked by rendezvous (highest random weight) hashing of that key with each
+holder's id: every node computes the same order with no shared state, and a
+holder that joins or leaves moves only the conversations it wins or held.
+
+The key, the first of:
+
+1. a session the client names: the ``X-Session-Id`` header;
+2. ``prompt_cache_key`` (OpenAI's own name for this hint) or ``user``, in the body;
+3. the conversation's opening: its system (or developer) messages and its first
+   user message. Every later turn starts the same way, and a Responses
+   ``previous_response_id`` chain reaches the router as that same history;
+4. a completion's prompt, its first ``PROMPT_PREFIX`` characters.
+
+A request with none of these (an embedding) has no key; its holders keep the
+router's order.
+
+A holder takes a conversation while it has room; when it is full, the next
+holder in the key's order does (spill). Full holders are tried after those
+with room, in the same order, and an engine still loading after them all.
+Full is at its capacity: what its engine says it runs at once, else the
+node's ``holder_concurrency``; a peer's engines' as its health answer says
+them. Only a holder whose capacity is unknown (an older peer that does not
+say) is bounded by load the way of Mirrokni, Thorup and Zadimoghaddam
+(*Consistent Hashing with Bounded Loads*, 2018): full past ``bound`` times
+the mean load, this request counted. That rule alone would move a
+conversation away from its warm cache whenever its holder serves one request
+more than the others, which at a few requests in flight is most of the time;
+an engine's own slot count is the better measure of "full".
+
+A holder id is ``node id/engine name``: the entry node ranks a peer by the best
+of its engines' ids (the peer's catalog names them), and that peer, ranking its
+own engines for the request it was forwarded, picks the same engine.
+
+Pure logic: no I/O, nothing awaits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgspec
+
+__all__ = ["PROMPT_PREFIX", "SESSION_HEADER", "Slot", "conversation_key", "holder_id", "rank", "score"]
+
+#: The header a client names its session with.
+SESSION_HEADER = "X-Session-Id"
+#: How much of a completion's prompt makes its key (a prompt template's opening is in it).
+PROMPT_PREFIX = 4096
+#: The longest session, ``prompt_cache_key`` or ``user`` taken as given (longer ones are hashed as well).
+_NAME_MAX = 512
+
+_encode = msgspec.json.Encoder().encode
+
+
+def holder_id(node_id: str, engine: str) -> str:
+    """The id a holder is ranked by: the same string on every node."""
+    return f"{node_id}/{engine}"
+
+
+def conversation_key(body: Mapping[str, Any], session: str | None = None) -> str | None:
+    """The key of the conversation ``body`` belongs to (a hex digest), or None where it has none."""
+    h = hashlib.blake2b(digest_size=16)
+    if session:
+        h.update(b"session\0" + session[:_NAME_MAX].encode("utf-8", "replace"))
+        return h.hexdigest()
+    for field in ("prompt_cache_key", "user"):
+        named = body.get(field)
+        if isinstance(named, str) and named:
+            h.update(field.encode() + b"\0" + named[:_NAME_MAX].encode("utf-8", "replace"))
+            return h.hexdigest()
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        opening = _opening(messages)
+        if opening:
+            h.update(b"messages\0")
+            for message in opening:
+                h.update(_encode(message))
+            return h.hexdigest()
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        h.update(b"prompt\0" + prompt[:PROMPT_PREFIX].encode("utf-8", "replace"))
+        return h.hexdigest()
+    return None
+
+
+def _opening(messages: list[Any]) -> list[tuple[Any, Any]]:
+    """The system and developer messages before the first user message, and that message (role, content)."""
+    out: list[tuple[Any, Any]] = []
+    for m in messages:
+        if not isinstance(m, dict):
+            return []
+        role = m.get("role")
+        if role in ("system", "developer"):
+            out.append((role, m.get("content")))
+        elif role == "user":
+            out.append((role, m.get("content")))
+            return out
+        else:
+            return out  # no user turn before it: what came first is the opening
+    return out
+
+
+def score(key: str, holder: str) -> int:
+    """``holder``'s rendezvous weight for ``key``: the highest serves it."""
+    digest = hashlib.blake2b(f"{key}\0{holder}".encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+class Slot(msgspec.Struct, frozen=True):
+    """One place the router may send a request: a local engine, or a peer (all of its engines that hold the model).
+
+    ``ids``: the holder ids it stands for; ``load``: its requests running now; ``capacity``: how many it runs at
+    once (None: unknown, no limit of its own).
+    """
+
+    ids: tuple[str, ...]
+    load: int = 0
+    capacity: int | None = None
+    ready: bool = True  # False: its engine is still loading (tried only after the ready ones)
+
+    def has_room(self) -> bool:
+        return self.capacity is None or self.load < self.capacity
+
+
+def rank(key: str, slots: Sequence[Slot], bound: float) -> list[int]:
+    """The order (indices into ``slots``) to try them in for ``key``: by rendezvous weight, those with room first."""
+    if not slots:
+        return []
+    engines = sum(max(1, len(s.ids)) for s in slots)
+    total = sum(s.load for s in slots)
+    weights = [max((score(key, i) for i in s.ids), default=0) for s in slots]
+
+    def full(s: Slot) -> bool:
+        if s.capacity is not None:
+            return s.load >= s.capacity
+        return s.load + 1 > math.ceil(bound * (total + 1) * max(1, len(s.ids)) / engines)
+
+    return sorted(range(len(slots)), key=lambda i: (not slots[i].ready, full(slots[i]), -weights[i], i))

@@ -23,15 +23,16 @@ router's order.
 A holder takes a conversation while it has room; when it is full, the next
 holder in the key's order does (spill). Full holders are tried after those
 with room, in the same order, and an engine still loading after them all.
-Full is at its capacity: what its engine says it runs at once, else the
-node's ``holder_concurrency``; a peer's engines' as its health answer says
-them. Only a holder whose capacity is unknown (an older peer that does not
-say) is bounded by load the way of Mirrokni, Thorup and Zadimoghaddam
-(*Consistent Hashing with Bounded Loads*, 2018): full past ``bound`` times
-the mean load, this request counted. That rule alone would move a
-conversation away from its warm cache whenever its holder serves one request
-more than the others, which at a few requests in flight is most of the time;
-an engine's own slot count is the better measure of "full".
+
+Full is at its capacity where it has one: what its engine says it runs at
+once (llama-server's slots), else the node's ``holder_concurrency``; a
+peer's engines' as its health answer says them. A holder with no capacity
+(vLLM and the like, which queue what they cannot run yet) is bounded by load
+the way of Mirrokni, Thorup and Zadimoghaddam (*Consistent Hashing with
+Bounded Loads*, 2018): full past ``bound`` times the mean load, this request
+counted, where load is this node's own requests on each holder (exact, where
+what engines and peers report is seconds old: a stale count would move
+conversations away from their warm caches for nothing).
 
 A holder id is ``node id/engine name``: the entry node ranks a peer by the best
 of its engines' ids (the peer's catalog names them), and that peer, ranking its
@@ -118,17 +119,24 @@ def score(key: str, holder: str) -> int:
 class Slot(msgspec.Struct, frozen=True):
     """One place the router may send a request: a local engine, or a peer (all of its engines that hold the model).
 
-    ``ids``: the holder ids it stands for; ``load``: its requests running now; ``capacity``: how many it runs at
-    once (None: unknown, no limit of its own).
+    ``ids``: the holder ids it stands for; ``load``: this node's requests on it now (exact); ``reported``: its
+    requests as it last said them, everyone's (a poll or a health answer: seconds old); ``capacity``: how many
+    it runs at once (None: unknown, no limit of its own).
     """
 
     ids: tuple[str, ...]
     load: int = 0
     capacity: int | None = None
     ready: bool = True  # False: its engine is still loading (tried only after the ready ones)
+    reported: int = 0
+
+    @property
+    def busy(self) -> int:
+        """How many it runs now, best known: ours, or what it said if more."""
+        return max(self.load, self.reported)
 
     def has_room(self) -> bool:
-        return self.capacity is None or self.load < self.capacity
+        return self.capacity is None or self.busy < self.capacity
 
 
 def rank(key: str, slots: Sequence[Slot], bound: float) -> list[int]:
@@ -141,7 +149,7 @@ def rank(key: str, slots: Sequence[Slot], bound: float) -> list[int]:
 
     def full(s: Slot) -> bool:
         if s.capacity is not None:
-            return s.load >= s.capacity
+            return not s.has_room()
         return s.load + 1 > math.ceil(bound * (total + 1) * max(1, len(s.ids)) / engines)
 
     return sorted(range(len(slots)), key=lambda i: (not slots[i].ready, full(slots[i]), -weights[i], i))

@@ -76,7 +76,7 @@ class Node:
         self.registry.on_change.append(self.catalog.changed)
         self.router.catalog = self.catalog
         self.router.affinity_bound = settings.affinity_load_bound if settings.affinity else None
-        self.router.concurrency = settings.holder_concurrency
+        self.router.concurrency = settings.holder_concurrency or None
         self.admission = Admission(max_waiting=settings.queue_max, timeout_s=settings.queue_timeout_s)
         self.router.admission = self.admission
         # Whole answers held in memory at once, node-wide (backends/budget.py)

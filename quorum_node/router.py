@@ -102,7 +102,8 @@ class LocalTarget:
         self.capacity = capacity
 
     def slot(self) -> Slot:
-        return Slot((self.holder,), self.backend.load, self.capacity, self.backend.state is BackendState.READY)
+        b = self.backend
+        return Slot((self.holder,), b.in_flight, self.capacity, b.state is BackendState.READY, b.engine_load or 0)
 
     async def open(
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
@@ -230,12 +231,12 @@ class Router:
         self.node_id = node_name  # this node's id in holder ids (the cluster's node id, where there is one)
         # Conversations keep to one holder (affinity.py) while its load is under this times the mean; None: off
         self.affinity_bound: float | None = None
-        self.concurrency = 4  # what a holder whose engine does not say may run at once
+        self.concurrency: int | None = None  # what a holder whose engine does not say may run at once (None: any)
         # Where requests wait while every holder of their model is at capacity (None: they never wait)
         self.admission: Admission | None = None
 
-    def capacity_of(self, backend: Backend) -> int:
-        """How many requests ``backend`` runs at once: what it says, else the node's setting."""
+    def capacity_of(self, backend: Backend) -> int | None:
+        """How many requests ``backend`` runs at once: what it says, else the node's setting (None: no limit)."""
         said = getattr(backend, "capacity", None)
         return said if isinstance(said, int) and said > 0 else self.concurrency
 
@@ -368,7 +369,7 @@ class Router:
                 slot = t.slot()
                 if slot.capacity is None:
                     return _UNBOUNDED  # a holder that sets no limit: it always has room
-                free += max(0, slot.capacity - slot.load)
+                free += max(0, slot.capacity - slot.busy)
             return free
 
         try:

@@ -103,10 +103,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     holder_failures: int = 3
     holder_reset_s: float = 5.0
     holder_max_reset_s: float = 60.0
-    # how many requests a holder runs at once, where its engine does not say (llama.cpp's slots, vLLM's load do);
-    # past every holder's, a request waits in the admission queue (admission.py): up to queue_max requests
-    # node-wide (0: none wait, busy is 429 at once), each for at most queue_timeout_s (then 429)
-    holder_concurrency: int = 4
+    # how many requests a holder runs at once, where its engine does not say (llama.cpp's slots do); 0: no limit
+    # of the node's (vLLM, SGLang, Ollama queue what they cannot run yet themselves). Past every holder's, a
+    # request waits in the admission queue (admission.py): up to queue_max requests node-wide (0: none wait,
+    # busy is 429 at once), each for at most queue_timeout_s (then 429)
+    holder_concurrency: int = 0
     queue_max: int = 256
     queue_timeout_s: float = 30.0
     # conversations keep to one holder (affinity.py), so its engine's prompt cache serves their later turns;
@@ -320,8 +321,8 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("max_attempts: must be at least 1")
     if s.holder_failures < 1 or not 0 < s.holder_reset_s <= s.holder_max_reset_s:
         raise ConfigError("holder_*: holder_failures at least 1, and 0 < holder_reset_s <= holder_max_reset_s")
-    if s.holder_concurrency < 1:
-        raise ConfigError(f"holder_concurrency: must be at least 1, got {s.holder_concurrency}")
+    if s.holder_concurrency < 0:
+        raise ConfigError(f"holder_concurrency: must be 0 (no limit) or more, got {s.holder_concurrency}")
     if s.queue_max < 0:
         raise ConfigError(f"queue_max: must not be negative (0 turns the queue off), got {s.queue_max}")
     if not s.queue_timeout_s > 0:

@@ -73,15 +73,15 @@ class PeerTarget:
         return False  # a peer is sent Chat Completions (api/passthrough.py)
 
     def slot(self) -> Slot:
-        """The peer, as one place holding every engine it has the model on: their load and capacity as its
-        health answer said them (what we sent it since counts too), their ids as its catalog names them."""
+        """The peer, as one place holding every engine it has the model on: what we have sent it now, their load
+        and capacity as its health answer said them, their ids as its catalog names them."""
         peer = self.peer
         ids = tuple(holder_id(peer.node_id, e) for e in self.engines) or (holder_id(peer.node_id, ""),)
         said = [e for e in peer.load.engines if e.name in self.engines] if peer.load is not None else []
-        load = max(sum(e.load for e in said), peer.in_flight)
         caps = [e.capacity for e in said]
         known = bool(caps) and len(caps) == len(self.engines) and all(c is not None for c in caps)
-        return Slot(ids, load, sum(c for c in caps if c is not None) if known else None)
+        capacity = sum(c for c in caps if c is not None) if known else None
+        return Slot(ids, peer.in_flight, capacity, reported=sum(e.load for e in said))
 
     def begin(self) -> bool:
         self._t0 = time.monotonic()

@@ -181,7 +181,7 @@ def test_bad_env_is_a_config_error(env: dict[str, str], words: list[str]) -> Non
 
 def test_queue_and_affinity_settings_default_and_come_from_env() -> None:
     s = load_settings({}, env={})
-    assert (s.queue_max, s.queue_timeout_s, s.holder_concurrency) == (256, 30.0, 4)
+    assert (s.queue_max, s.queue_timeout_s, s.holder_concurrency) == (256, 30.0, 0)
     assert (s.affinity, s.affinity_load_bound) == (True, 1.25)
     s = load_settings(
         {},
@@ -208,7 +208,7 @@ def test_queue_and_affinity_settings_default_and_come_from_env() -> None:
         ("queue_max = -1\n", ["queue_max", "-1"]),
         ("queue_timeout_s = 0\n", ["queue_timeout_s", "positive"]),
         ("queue_timeout_s = nan\n", ["queue_timeout_s"]),
-        ("holder_concurrency = 0\n", ["holder_concurrency", "at least 1"]),
+        ("holder_concurrency = -1\n", ["holder_concurrency", "0 (no limit)"]),
         ("affinity_load_bound = 0.9\n", ["affinity_load_bound", "1.0"]),
         ('affinity = "sometimes"\n', ["affinity"]),
     ],

@@ -40,6 +40,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 import msgspec
 
 from .errors import NotFound
+from .lineage import Lineage
 from .names import MODEL_ID_PATTERN
 
 __all__ = ["Catalog", "CatalogView", "ModelCard", "cluster_stamp", "entries_of", "local_cards", "model_not_found"]
@@ -66,6 +67,7 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     parameter_size: _Label | None = None
     quantization: _Label | None = None
     available: bool = True  # False: its engine is down for now (a request for it is 503, not 404)
+    lineage: Lineage | None = None  # which model it is, whatever its engine calls it (``lineage.py``)
 
     def names(self) -> tuple[str, ...]:
         return (self.id, *self.aliases)
@@ -92,6 +94,8 @@ class _Model(Protocol):
     def parameter_size(self) -> str | None: ...
     @property
     def quantization(self) -> str | None: ...
+    @property
+    def lineage(self) -> Lineage | None: ...
 
 
 class _Engine(Protocol):
@@ -133,6 +137,7 @@ def card_of(engine: _Engine, m: _Model, node: str, *, available: bool = True) ->
         parameter_size=m.parameter_size,
         quantization=m.quantization,
         available=available,
+        lineage=msgspec.structs.replace(m.lineage, why=()) if m.lineage is not None else None,
     )
 
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from ..lineage import Lineage
+
 if TYPE_CHECKING:
     from ..settings import Settings
 
@@ -85,10 +87,12 @@ class Model(msgspec.Struct, frozen=True, kw_only=True):
     created: int = 0
     context_length: int | None = None
     loaded: bool | None = None  # None: the engine does not say
-    family: str | None = None
-    parameter_size: str | None = None
-    quantization: str | None = None
+    family: str | None = None  # the architecture, as Ollama's details name it ("llama", "qwen2")
+    parameter_size: str | None = None  # "3.2B", "134.52M"
+    quantization: str | None = None  # "Q4_K_M", "AWQ"
     capabilities: tuple[str, ...] = ()  # empty: whatever the engine offers
+    # Which model it is, whatever the engine calls it (``lineage.py``); None: only its own names select it.
+    lineage: Lineage | None = None
 
     def names(self) -> tuple[str, ...]:
         return (self.id, self.engine_id, *self.aliases)
@@ -169,6 +173,8 @@ class Backend(ABC):
         self.last_models: list[Model] = []
         self.in_flight = 0  # our requests on it right now
         self.engine_load: int | None = None  # what the engine reports, where it does
+        # How many requests the engine serves at once, where it says (llama.cpp's slots); None: it does not.
+        self.capacity: int | None = None
         self.last_error: str | None = None
 
     @abstractmethod

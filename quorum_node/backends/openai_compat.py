@@ -23,6 +23,7 @@ import msgspec
 import structlog
 
 from ..errors import EngineRejected, EngineUnavailable, NotSupported
+from ..lineage import ModelMeta, details_of, identify
 from ..names import is_model_id
 from .answer import RequestHead
 from .base import (
@@ -51,6 +52,9 @@ from .sse import FINISH_MAP, StreamNormalizer, engine_error_message
 from .stream import stream_events
 from .upstream import HttpAnswer, deadline_for, read_capped, read_error_body, read_whole, send
 from .wire import (
+    CardFacts,
+    LlamaProps,
+    LmsFacts,
     LmsModel,
     LmsModels,
     ModelCard,
@@ -60,7 +64,7 @@ from .wire import (
     Slot,
     TgiInfo,
     decode,
-    decode_entries,
+    decode_entry,
     parse_error,
 )
 
@@ -166,6 +170,10 @@ class OpenAICompatBackend(Backend):
         self._probed = False
         self._probe_timeout = aiohttp.ClientTimeout(total=self._timeouts.probe_s, sock_connect=self._timeouts.probe_s)
         self._offered: tuple[int, int] = (0, 0)  # models listed and refused at the last refresh (logged on change)
+        # llama.cpp's /props, asked again when the models listed change or the engine comes (back) up
+        self._props: LlamaProps | None = None
+        self._props_for: tuple[str, ...] | None = None
+        self._slots: int | None = None  # llama.cpp: the slots /slots listed at the last refresh
 
     # -- discovery -------------------------------------------------------
 
@@ -220,6 +228,7 @@ class OpenAICompatBackend(Backend):
             return
         self._slow_probes = 0
         self.engine_load = await self._engine_load()
+        self.capacity = self._capacity()
         await self._probe_native()
         # The models and the ready state change together (nothing awaits between them): an engine that
         # comes back is never listed while a request for its model would still be refused as down.
@@ -258,6 +267,7 @@ class OpenAICompatBackend(Backend):
 
     async def _engine_load(self) -> int | None:
         """Requests the engine itself says it is working on (everyone's, not only ours); None if it does not say."""
+        self._slots = None
         if self.profile.load_path is None:
             return None
         try:
@@ -271,8 +281,17 @@ class OpenAICompatBackend(Backend):
             return load.server_load
         slots = decode(raw, list[Slot])  # llama.cpp
         if slots is not None:
+            self._slots = len(slots)
             return sum(1 for slot in slots if slot.is_processing)
         return None
+
+    def _capacity(self) -> int | None:
+        """How many requests the engine serves at once, where it says: llama.cpp's slots (``/slots``, else
+        ``/props`` ``total_slots``). vLLM and SGLang schedule as memory allows: no fixed number."""
+        if self.kind != "llamacpp":
+            return None
+        total = self._props.total_slots if self._props is not None else None
+        return self._slots or total or None
 
     def _set(self, state: BackendState, reason: str | None) -> None:
         if state is not self.state:
@@ -283,6 +302,7 @@ class OpenAICompatBackend(Backend):
             self.native.clear()  # what comes up next may be another build: probed again
         if state is BackendState.DOWN:
             self.models = []
+            self.capacity = None
 
     async def list_models(self) -> list[Model]:
         status, raw = await self._get("/v1/models")
@@ -294,39 +314,89 @@ class OpenAICompatBackend(Backend):
         if self.profile.errors_on_200 and listing.error:
             raise EngineUnavailable("/v1/models answered an error", status=502)
         extra = await self._model_extras()
-        models: list[Model] = []
         entries = listing.data or ()
-        for e in decode_entries(entries[: self.max_models], ModelCard, ModelId):
-            eid = e.id
-            if not eid:
-                continue
-            pid, aliases = public_id(eid, self.profile.path_ids)
-            if not (is_model_id(pid) and is_model_id(eid)):
-                continue  # a name no header, log line or label may carry (counted in ``_listed``)
-            aliases = tuple(a for a in aliases if is_model_id(a))
-            ctx: int | None = None
-            owned_by: str | None = None
-            created = 0
-            if isinstance(e, ModelCard):  # else only its id was usable
-                meta = e.meta
-                ctx = e.max_model_len or (meta.n_ctx or meta.n_ctx_train if meta is not None else None)
-                owned_by = e.owned_by
-                created = int(e.created or 0)
-            info = extra.get(eid, {})
-            models.append(
-                Model(
-                    id=pid,
-                    engine_id=eid,
-                    aliases=aliases,
-                    owned_by=owned_by or self.kind,
-                    created=created,
-                    context_length=info.get("context_length", ctx),
-                    loaded=info.get("loaded", True if self.kind in ("llamacpp", "vllm", "sglang", "tgi") else None),
-                    capabilities=tuple(info.get("capabilities", ())),
-                )
-            )
+        cards: list[tuple[ModelCard | ModelId, CardFacts | None]] = []
+        for raw_entry in entries[: self.max_models]:
+            card = decode_entry(raw_entry, ModelCard, ModelId)  # one bad entry, or field, costs only itself
+            if card is not None:
+                cards.append((card, decode_entry(raw_entry, CardFacts)))
+        path = await self._loaded_path(tuple(card.id for card, _ in cards))
+        models: list[Model] = []
+        for card, facts in cards:
+            model = self._model_of(card, facts, extra, path)
+            if model is not None:
+                models.append(model)
         self._listed(len(entries), min(len(entries), self.max_models) - len(models))
         return models
+
+    def _model_of(
+        self, e: ModelCard | ModelId, facts: CardFacts | None, extra: dict[str, dict[str, Any]], path: str | None
+    ) -> Model | None:
+        """One ``/v1/models`` entry as a model; None if its name is unusable (counted in ``_listed``)."""
+        eid = e.id
+        if not eid:
+            return None
+        pid, aliases = public_id(eid, self.profile.path_ids)
+        if not (is_model_id(pid) and is_model_id(eid)):
+            return None  # a name no header, log line or label may carry
+        aliases = tuple(a for a in aliases if is_model_id(a))
+        ctx: int | None = None
+        owned_by: str | None = None
+        created = 0
+        if isinstance(e, ModelCard):  # else only its id was usable
+            meta = e.meta
+            ctx = e.max_model_len or (meta.n_ctx or meta.n_ctx_train if meta is not None else None)
+            owned_by = e.owned_by
+            created = int(e.created or 0)
+        info = extra.get(eid, {})
+        said = self._meta(facts, info, path)
+        lineage = identify(self.kind, eid, said) if said is not None else None
+        family, parameter_size, quantization = details_of(said or ModelMeta(), lineage)
+        return Model(
+            id=pid,
+            engine_id=eid,
+            aliases=aliases,
+            owned_by=owned_by or self.kind,
+            created=created,
+            context_length=info.get("context_length", ctx),
+            loaded=info.get("loaded", True if self.kind in ("llamacpp", "vllm", "sglang", "tgi") else None),
+            family=family,
+            parameter_size=parameter_size,
+            quantization=quantization,
+            capabilities=tuple(info.get("capabilities", ())),
+            lineage=lineage,
+        )
+
+    @staticmethod
+    def _meta(facts: CardFacts | None, info: dict[str, Any], path: str | None) -> ModelMeta | None:
+        """What the engine reported of one model's weights (``lineage.py``); None where it is malformed."""
+        if facts is None or ("meta" in info and info["meta"] is None):
+            return None
+        said: ModelMeta = info.get("meta") or ModelMeta()
+        card = facts.meta
+        return msgspec.structs.replace(
+            said,
+            path=facts.root or path,
+            n_params=card.n_params if card is not None else None,
+            ftype=card.ftype if card is not None else None,
+            adapter_of=facts.parent,
+        )
+
+    async def _loaded_path(self, ids: tuple[str, ...]) -> str | None:
+        """llama.cpp serving one model: the file it loaded (``/props`` ``model_path``), which an ``--alias``
+        hides from the model list. ``/props`` is asked again only when the models listed change or the
+        engine comes (back) up; it also tells the slots (``_capacity``)."""
+        if self.kind != "llamacpp":
+            return None
+        if ids != self._props_for or self.state is not BackendState.READY:
+            try:
+                status, raw = await self._get("/props")
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return None  # asked again at the next refresh
+            self._props = decode(raw, LlamaProps) if status == 200 else None
+            self._props_for = ids
+        props = self._props
+        return props.model_path if props is not None and len(ids) == 1 else None
 
     def _listed(self, offered: int, refused: int) -> None:
         """Warn (once per change, not every refresh) that the engine listed more models than the cap, or
@@ -351,14 +421,8 @@ class OpenAICompatBackend(Backend):
                 status, raw = await self._get("/api/v0/models")
                 listing = decode(raw, LmsModels) if status == 200 else None
                 if listing is not None:
-                    return {
-                        e.id: {
-                            "loaded": e.state == "loaded",
-                            "context_length": e.loaded_context_length or e.max_context_length,
-                            "capabilities": ("embeddings",) if e.type == "embeddings" else ("chat", "completions"),
-                        }
-                        for e in decode_entries((listing.data or ())[: self.max_models], LmsModel)
-                    }
+                    out = (_lms_extra(r) for r in (listing.data or ())[: self.max_models])
+                    return dict(e for e in out if e is not None)
             elif self.kind == "tgi":
                 status, raw = await self._get("/info")
                 info = decode(raw, TgiInfo) if status == 200 else None
@@ -499,6 +563,26 @@ class OpenAICompatBackend(Backend):
             if fr in FINISH_MAP:
                 ch["finish_reason"] = FINISH_MAP[fr]
         return obj
+
+
+def _lms_extra(raw: msgspec.Raw) -> tuple[str, dict[str, Any]] | None:
+    """An LM Studio ``/api/v0/models`` entry: its state, context, capabilities and what it says of the weights
+    (``meta``: None where those facts are malformed)."""
+    e = decode_entry(raw, LmsModel)
+    if e is None:
+        return None
+    f = decode_entry(raw, LmsFacts)
+    meta = (
+        ModelMeta(architecture=f.arch, quantization=f.quantization, format=f.compatibility_type)
+        if f is not None
+        else None
+    )
+    return e.id, {
+        "loaded": e.state == "loaded",
+        "context_length": e.loaded_context_length or e.max_context_length,
+        "capabilities": ("embeddings",) if e.type == "embeddings" else ("chat", "completions"),
+        "meta": meta,
+    }
 
 
 async def _replay_as_stream(op: Op, obj: dict[str, Any], want_usage: bool) -> AsyncIterator[list[bytes]]:

@@ -26,13 +26,20 @@ __all__ = [
     "ErrorInfo",
     "Malformed",
     "Count",
+    "CardFacts",
+    "GgufGeneral",
+    "LlamaProps",
+    "LmsFacts",
     "ModelCard",
+    "OllamaTagFacts",
     "Usage",
     "decode",
     "decode_answer",
     "decode_chunk",
     "decode_embeddings",
     "decode_entries",
+    "decode_entry",
+    "gguf_general",
     "parse_error",
 ]
 
@@ -40,6 +47,8 @@ Malformed = (msgspec.DecodeError, msgspec.ValidationError)
 """What the decoders below raise for input that does not fit."""
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
+#: A string an engine reports about a model (a path, an architecture, a quantization): bounded.
+Text = Annotated[str, msgspec.Meta(max_length=512)]
 
 
 class _In(Struct, frozen=True, kw_only=True, gc=False):
@@ -249,6 +258,31 @@ class ModelCard(_In, frozen=True):
     meta: CardMeta | None = None
 
 
+class LlamaMeta(_In, frozen=True):
+    """llama.cpp's ``meta`` of a ``/v1/models`` entry: what lineage reads (engines.md §5, §14)."""
+
+    n_params: Count | None = None
+    size: Count | None = None  # bytes of the weights
+    ftype: Text | None = None  # "Q4_1", "Q4_K - Medium" (newer builds)
+
+
+class CardFacts(_In, frozen=True):
+    """What a ``/v1/models`` entry says of the weights, decoded apart from ``ModelCard``: a malformed
+    fact costs only the model's lineage. llama.cpp's ``meta``; vLLM's and SGLang's ``root`` (the
+    model path) and ``parent`` (set on a LoRA adapter's card: the base model's name)."""
+
+    meta: LlamaMeta | None = None
+    root: Text | None = None
+    parent: Text | None = None
+
+
+class LlamaProps(_In, frozen=True):
+    """llama.cpp ``GET /props``: the file it loaded, and how many requests it serves at once."""
+
+    model_path: Text | None = None
+    total_slots: Count | None = None
+
+
 class ModelId(_In, frozen=True):
     """What is left of a model card whose other fields are malformed."""
 
@@ -265,6 +299,15 @@ class LmsModel(_In, frozen=True):
     state: str | None = None
     max_context_length: Count | None = None
     loaded_context_length: Count | None = None
+
+
+class LmsFacts(_In, frozen=True):
+    """An LM Studio ``/api/v0/models`` entry's facts of the weights, decoded apart from ``LmsModel``."""
+
+    id: str
+    arch: Text | None = None  # "llama", "qwen2"
+    quantization: Text | None = None  # "Q4_K_M", "4bit"
+    compatibility_type: Text | None = None  # "gguf", "mlx"
 
 
 class TgiInfo(_In, frozen=True):
@@ -296,6 +339,17 @@ class OllamaTag(_In, frozen=True):  # one /api/tags (or /api/ps) entry
     context_length: Count | None = None  # /api/ps: the runtime window
 
 
+class _OllamaDetailsFacts(_In, frozen=True):
+    format: Text | None = None
+    families: Annotated[list[Text], msgspec.Meta(max_length=16)] | None = None
+
+
+class OllamaTagFacts(_In, frozen=True):
+    """An ``/api/tags`` entry's facts of the weights that ``OllamaTag`` does not read, decoded apart."""
+
+    details: _OllamaDetailsFacts | None = None
+
+
 class OllamaName(_In, frozen=True):
     name: str | None = None
     model: str | None = None
@@ -309,23 +363,68 @@ class OllamaShow(_In, frozen=True):
     model_info: dict[str, Raw] | None = None
 
 
+class GgufGeneral(Struct, frozen=True, kw_only=True):
+    """The GGUF keys of Ollama's ``/api/show`` ``model_info`` that say which model it is."""
+
+    architecture: str | None = None
+    basename: str | None = None
+    size_label: str | None = None
+    finetune: str | None = None
+    name: str | None = None
+    parameter_count: int | None = None
+    file_type: int | None = None
+    context_length: int | None = None  # the trained context: ``<architecture>.context_length``
+
+
+def gguf_general(info: dict[str, Raw]) -> GgufGeneral:
+    """The ``general.*`` keys of a ``model_info`` map, each checked on its own (a bad one is left out)."""
+
+    def text(key: str) -> str | None:
+        raw = info.get(f"general.{key}")
+        return decode(raw, Text) if raw is not None else None
+
+    def count(key: str) -> int | None:
+        raw = info.get(key)
+        return decode(raw, Count) if raw is not None else None
+
+    arch = text("architecture")
+    ctx = count(f"{arch}.context_length") if arch else None
+    if ctx is None:  # else the first ``*.context_length`` that is a count
+        for key, value in info.items():
+            if key.endswith(".context_length") and (ctx := decode(value, Count)) is not None:
+                break
+    return GgufGeneral(
+        architecture=arch,
+        basename=text("basename"),
+        size_label=text("size_label"),
+        finetune=text("finetune"),
+        name=text("name"),
+        parameter_count=count("general.parameter_count"),
+        file_type=count("general.file_type"),
+        context_length=ctx,
+    )
+
+
 T = TypeVar("T")
 
 
 def decode_entries(raws: Sequence[Raw], full: type[T], rest: type[Any] | None = None) -> list[Any]:
     """Decode each entry as ``full``; one that does not fit is decoded as ``rest`` or skipped."""
-    out: list[Any] = []
-    for raw in raws:
+    out = (decode_entry(raw, full, rest) for raw in raws)
+    return [e for e in out if e is not None]
+
+
+def decode_entry(raw: Raw, full: type[T], rest: type[Any] | None = None) -> Any:
+    """One entry as ``full``, else as ``rest``; None if it fits neither."""
+    try:
+        return _decoder(full)(raw)
+    except Malformed:
+        if rest is None:
+            return None
         try:
-            out.append(_decoder(full)(raw))
+            return _decoder(rest)(raw)
         except Malformed:
-            if rest is None:
-                continue
-            try:
-                out.append(_decoder(rest)(raw))
-            except Malformed:
-                continue
-    return out
+            return None
 
 
 _DECODERS: dict[type[Any], Any] = {}

@@ -197,7 +197,7 @@ async def test_fleet_shows_every_node_with_presence_and_the_models_holders(
     assert t0 - 1 <= south["since"] <= time.time()
     assert south["models"] == ["beta-model", "shared"]
     assert [e["kind"] for e in south["engines"]] == ["openai"] and south["engines"][0]["state"] == "ready"
-    assert south["load"] == {"in_flight": 0, "engines": 0}
+    assert south["load"] == {"in_flight": 0, "engines": 0, "waiting": 0}
     assert by_name["north"]["self"] is True and by_name["north"]["models"] == ["alpha-model"]
     assert {m["id"]: m["engines"] for m in f["models"]}["shared"] == ["openai"]
     assert set(f["features"]) == {"keys", "usage", "recent"}

@@ -65,9 +65,13 @@ async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSe
     a_ollama = await fake("ollama")
     b_ollama = await fake("ollama", models=[LLAMA])
     b_vllm = await fake("vllm")
-    a = await start_node(name="a", backends=[{"kind": "ollama", "url": a_ollama.url}], **CLUSTER)
+    # Without affinity, a model both nodes hold is served by the node asked (these tests read where it went)
+    a = await start_node(name="a", backends=[{"kind": "ollama", "url": a_ollama.url}], affinity=False, **CLUSTER)
     b = await start_node(
-        name="b", backends=[{"kind": "ollama", "url": b_ollama.url}, {"kind": "vllm", "url": b_vllm.url}], **CLUSTER
+        name="b",
+        backends=[{"kind": "ollama", "url": b_ollama.url}, {"kind": "vllm", "url": b_vllm.url}],
+        affinity=False,
+        **CLUSTER,
     )
     assert a.cluster is not None and b.cluster is not None
     a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")

@@ -305,7 +305,9 @@ async def test_a_failed_native_attempt_is_retried_on_an_engine_that_translates(
 ) -> None:
     native = await fake("llamacpp", models=["m"], status_always=503)
     plain = await fake("vllm", models=["m"])
-    node = await start_node(backends=[{"kind": "llamacpp", "url": native.url}, {"kind": "vllm", "url": plain.url}])
+    node = await start_node(  # tried in the order listed: the native one first
+        backends=[{"kind": "llamacpp", "url": native.url}, {"kind": "vllm", "url": plain.url}], affinity=False
+    )
     async with claude(node).messages.stream(model="m", max_tokens=8, messages=HI) as s:
         assert "".join([t async for t in s.text_stream]) == "Hello, world!"
     assert _paths(native) == ["/v1/messages"] and _paths(plain) == ["/v1/chat/completions"]

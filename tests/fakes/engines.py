@@ -17,7 +17,11 @@ Knobs (`tokens`, `token_delay_s`, `first_token_delay_s`, `fail_after_tokens`,
 answers, no usage chunk in streams), `native_apis` (llama.cpp: its own `/v1/responses`
 and `/v1/messages`; False, set before start: a build without them), `messages_start`
 (llama.cpp: False leaves out a Messages stream's first event), `forged_event_type` (llama.cpp: appended
-to the `type` of its Responses text deltas after the first, a hostile engine's injection)) are plain
+to the `type` of its Responses text deltas after the first, a hostile engine's injection), and what the
+engines report of their models' weights: `facts` (Ollama: `/api/tags` details and `/api/show` GGUF keys per
+model), `model_meta` and `model_path` (llama.cpp: `/v1/models` `meta` per model; the file `/props` names,
+as under `--alias`), `model_facts` (LM Studio: arch, quantization, format), `roots` and `lora_parents`
+(vLLM: `--served-model-name` paths; LoRA adapters' cards)) are plain
 attributes that tests may change at any time; bookkeeping (`requests`, `cancelled`, `abandoned`,
 `active_streams`) is read the same way.
 

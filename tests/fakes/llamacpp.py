@@ -23,6 +23,28 @@ from tests.fakes.openai_compat import OpenAICompatEngine, StreamCtx
 __all__ = ["LlamaCppEngine"]
 
 BUILD = "b6497-cd08fc3e"
+
+# What llama-server reports of the GGUF files it loads (`/v1/models` `meta`; §14 observed the first),
+# by file stem. A file not listed reports the SmolLM2 numbers, as every model of this fake always did;
+# the `model_meta` knob (model id -> meta keys) adds or overrides entries.
+GGUF_META: dict[str, dict[str, Any]] = {
+    "SmolLM2-135M-Instruct.Q4_1": {
+        "vocab_type": 2,
+        "n_vocab": 49152,
+        "n_embd": 576,
+        "n_params": 134515008,
+        "size": 96576768,
+        "ftype": "Q4_1",
+    },
+    "Llama-3.2-3B-Instruct-Q4_K_M": {
+        "vocab_type": 2,
+        "n_vocab": 128256,
+        "n_embd": 3072,
+        "n_params": 3212749888,
+        "size": 2019373888,
+        "ftype": "Q4_K - Medium",
+    },
+}
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -55,6 +77,20 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
     models_paths = ("/v1/models", "/models")
 
     total_slots = 1
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.model_meta: dict[str, dict[str, Any]] = {}  # model id -> `meta` keys to report (see GGUF_META)
+        # The file it loaded, as `/props` names it; None: the (first) model id, as with no `--alias`.
+        # With `models=["my-alias"]` this is what `llama-server -m FILE --alias my-alias` reports.
+        self.model_path: str | None = None
+        self.props_requests = 0  # bookkeeping: GET /props answered
+
+    def meta(self, model: str) -> dict[str, Any]:
+        """The `meta` of `model`'s `/v1/models` entry."""
+        stem = model.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".gguf")
+        known = self.model_meta.get(model) or GGUF_META.get(stem) or GGUF_META["SmolLM2-135M-Instruct.Q4_1"]
+        return {"n_ctx": self.context_length, "n_ctx_train": self.train_context_length, **known}
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -155,16 +191,7 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
                     "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
                     "created": 1795315701,
                     "owned_by": "llamacpp",
-                    "meta": {
-                        "vocab_type": 2,
-                        "n_vocab": 49152,
-                        "n_ctx": self.context_length,
-                        "n_ctx_train": self.train_context_length,
-                        "n_embd": 576,
-                        "n_params": 134515008,
-                        "size": 96576768,
-                        "ftype": "Q4_1",
-                    },
+                    "meta": self.meta(m),
                 }
             )
         return {"models": models, "object": "list", "data": data}
@@ -173,6 +200,7 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
         return web.json_response({"status": "ok"})
 
     async def handle_props(self, request: web.Request) -> web.StreamResponse:
+        self.props_requests += 1
         return web.json_response(
             {
                 "default_generation_settings": {
@@ -183,7 +211,7 @@ class LlamaCppEngine(LlamaNativeApis, OpenAICompatEngine):
                     "params": {"n_predict": -1, "temperature": 0.8},
                 },
                 "total_slots": self.total_slots,
-                "model_path": self.models[0] if self.models else "",
+                "model_path": self.model_path or (self.models[0] if self.models else ""),
                 "chat_template": "{% for message in messages %}{{ message.content }}{% endfor %}",
                 "chat_template_caps": {"supports_tools": True},
                 "modalities": {"vision": False, "audio": False},

@@ -25,6 +25,34 @@ def _is_embedding(model: str) -> bool:
     return "embed" in model
 
 
+# What LM Studio reports of a downloaded model (`/api/v0/models`: arch, quantization, format; the 0.4
+# `/api/v1/models` the same words), by key. A key not listed reports what every model of this fake always
+# did (a Qwen2 GGUF at Q4_K_M); the `model_facts` knob (key -> these keys) adds or overrides entries.
+CATALOG: dict[str, dict[str, Any]] = {
+    "qwen2.5-7b-instruct": {
+        "arch": "qwen2",
+        "quantization": "Q4_K_M",
+        "compatibility_type": "gguf",
+        "params_string": "7B",
+        "size_bytes": 4683073888,
+    },
+    "llama-3.2-3b-instruct": {
+        "arch": "llama",
+        "quantization": "Q4_K_M",
+        "compatibility_type": "gguf",
+        "params_string": "3B",
+        "size_bytes": 2019373888,
+    },
+    "text-embedding-nomic-embed-text-v1.5": {
+        "arch": "nomic-bert",
+        "quantization": "Q4_K_M",
+        "compatibility_type": "gguf",
+        "params_string": None,
+        "size_bytes": 84106624,
+    },
+}
+
+
 class LMStudioEngine(OpenAICompatEngine):
     kind = "lmstudio"
     default_models = ("qwen2.5-7b-instruct", "text-embedding-nomic-embed-text-v1.5")
@@ -34,6 +62,13 @@ class LMStudioEngine(OpenAICompatEngine):
     usage_null_on_chunks = False
     embeddings_base64 = False  # unverified; floats are what the SDK tolerates either way
     system_fingerprint = None
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.model_facts: dict[str, dict[str, Any]] = {}  # key -> what to report of it (see CATALOG)
+
+    def facts(self, model: str) -> dict[str, Any]:
+        return self.model_facts.get(model) or CATALOG.get(model) or CATALOG["qwen2.5-7b-instruct"]
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -81,14 +116,15 @@ class LMStudioEngine(OpenAICompatEngine):
 
     def v0_entry(self, model: str) -> dict:
         loaded = model in self.loaded_models
+        facts = self.facts(model)
         entry: dict[str, Any] = {
             "id": model,
             "object": "model",
             "type": "embeddings" if _is_embedding(model) else "llm",
             "publisher": "lmstudio-community",
-            "arch": "nomic-bert" if _is_embedding(model) else "qwen2",
-            "compatibility_type": "gguf",
-            "quantization": "Q4_K_M",
+            "arch": facts["arch"],
+            "compatibility_type": facts["compatibility_type"],
+            "quantization": facts["quantization"],
             "state": "loaded" if loaded else "not-loaded",
             "max_context_length": self.train_context_length,
         }
@@ -114,15 +150,15 @@ class LMStudioEngine(OpenAICompatEngine):
                         "publisher": "lmstudio-community",
                         "key": m,
                         "display_name": m,
-                        "architecture": "qwen2",
-                        "quantization": {"name": "Q4_K_M", "bits_per_weight": 4.8},
-                        "size_bytes": 4683073888,
-                        "params_string": "7B",
+                        "architecture": self.facts(m)["arch"],
+                        "quantization": {"name": self.facts(m)["quantization"], "bits_per_weight": 4.8},
+                        "size_bytes": self.facts(m)["size_bytes"],
+                        "params_string": self.facts(m)["params_string"],
                         "loaded_instances": [{"id": m, "config": {"context_length": self.context_length}}]
                         if m in self.loaded_models
                         else [],
                         "max_context_length": self.train_context_length,
-                        "format": "gguf",
+                        "format": self.facts(m)["compatibility_type"],
                         "capabilities": {"vision": False, "trained_for_tool_use": True},
                     }
                     for m in self.models

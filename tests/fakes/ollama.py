@@ -13,6 +13,7 @@ with NDJSON lines in place of SSE events.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import random
@@ -35,8 +36,63 @@ __all__ = ["OllamaEngine"]
 
 MODIFIED_AT = "2025-05-04T17:37:44.706015396-07:00"
 MODIFIED_EPOCH = 1746403064
-DIGEST = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"
+DIGEST = "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"  # llama3.2:latest's
 CREATED_AT = "2025-05-05T10:00:00.000000000Z"
+
+# What Ollama reports of the models it pulls from its library, as the real one does: `/api/tags`
+# details, digest and size, and the GGUF `general.*` keys of `/api/show`. A name not listed gets what
+# every model of this fake always got (llama3.2's details, no `general.basename`), with a digest of its
+# own; the `facts` knob (model -> an entry shaped as below) adds or overrides entries.
+LIBRARY: dict[str, dict[str, Any]] = {
+    "llama3.2": {
+        "family": "llama",
+        "parameter_size": "3.2B",
+        "quantization_level": "Q4_K_M",
+        "digest": DIGEST,
+        "size": 2019393189,
+        "model_info": {
+            "general.architecture": "llama",
+            "general.basename": "Llama 3.2",
+            "general.finetune": "Instruct",
+            "general.size_label": "3B",
+            "general.name": "Llama 3.2 3B Instruct",
+            "general.file_type": 15,
+            "general.parameter_count": 3212749888,
+            "general.quantization_version": 2,
+            "general.type": "model",
+        },
+    },
+    "smollm2:135m": {
+        "family": "llama",
+        "parameter_size": "134.52M",
+        "quantization_level": "F16",
+        "size": 270898672,  # about what the real one weighs; its digest: made up below
+        "model_info": {
+            "general.architecture": "llama",
+            "general.basename": "SmolLM2",
+            "general.finetune": "Instruct",
+            "general.size_label": "135M",
+            "general.name": "SmolLM2 135M Instruct",
+            "general.file_type": 1,
+            "general.parameter_count": 134515008,
+            "general.quantization_version": 2,
+            "general.type": "model",
+        },
+    },
+    "nomic-embed-text": {
+        "family": "nomic-bert",
+        "parameter_size": "137M",
+        "quantization_level": "F16",
+        "digest": "0a109f422b47e3a30ba2b10eca18548e944e8a23073ee3f3e947efcf3c45e59f",
+        "size": 274302450,
+        "model_info": {
+            "general.architecture": "nomic-bert",
+            "general.file_type": 1,
+            "general.parameter_count": 136727040,
+            "general.quantization_version": 2,
+        },
+    },
+}
 
 
 def _is_embedding(model: str) -> bool:
@@ -55,6 +111,11 @@ class OllamaEngine(OpenAICompatEngine):
     system_fingerprint = "fp_ollama"
 
     version = "0.12.3"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.facts: dict[str, dict[str, Any]] = {}  # model -> what to report of it (see LIBRARY)
+        self.show_requests = 0  # bookkeeping: POST /api/show answered
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -152,19 +213,34 @@ class OllamaEngine(OpenAICompatEngine):
 
     # ------------------------------------------------------------- model info
 
+    def fact(self, model: str) -> dict[str, Any]:
+        """What this fake reports of `model`: the `facts` knob, else the library's (by `name:tag`, then name)."""
+        name = model.removesuffix(":latest")
+        for key in (model, name, name.split(":", 1)[0]):
+            if key in self.facts:
+                return self.facts[key]
+            if key in LIBRARY:
+                return LIBRARY[key]
+        info = {"general.architecture": "llama", "general.parameter_count": 3212749888}
+        return {**LIBRARY["llama3.2"], "digest": None, "model_info": info}
+
+    def digest(self, model: str) -> str:
+        """The model's digest: bare hex, as Ollama writes it (made up from the name where not known)."""
+        return str(self.fact(model).get("digest") or hashlib.sha256(model.encode()).hexdigest())
+
     def details(self, model: str) -> dict:
-        family = "nomic-bert" if _is_embedding(model) else "llama"
+        fact = self.fact(model)
         return {
             "parent_model": "",
             "format": "gguf",
-            "family": family,
-            "families": [family],
-            "parameter_size": "137M" if _is_embedding(model) else "3.2B",
-            "quantization_level": "F16" if _is_embedding(model) else "Q4_K_M",
+            "family": fact["family"],
+            "families": [fact["family"]],
+            "parameter_size": fact["parameter_size"],
+            "quantization_level": fact["quantization_level"],
         }
 
     def size(self, model: str) -> int:
-        return 274302450 if _is_embedding(model) else 2019393189
+        return int(self.fact(model)["size"])
 
     def models_body(self) -> dict:
         data = [
@@ -199,7 +275,7 @@ class OllamaEngine(OpenAICompatEngine):
                         "model": m,
                         "modified_at": MODIFIED_AT,
                         "size": self.size(m),
-                        "digest": DIGEST,
+                        "digest": self.digest(m),
                         "details": self.details(m),
                     }
                     for m in self.models
@@ -215,7 +291,7 @@ class OllamaEngine(OpenAICompatEngine):
                         "name": m,
                         "model": m,
                         "size": self.size(m),
-                        "digest": DIGEST,
+                        "digest": self.digest(m),
                         "details": self.details(m),
                         "expires_at": "2099-01-01T00:05:00.000000000Z",
                         "size_vram": self.size(m),
@@ -228,26 +304,24 @@ class OllamaEngine(OpenAICompatEngine):
         )
 
     async def handle_show(self, request: web.Request) -> web.StreamResponse:
+        self.show_requests += 1
         body = await self.read_json(request)
         asked = body.get("model") or body.get("name")
         model = self.resolve(asked)
         if model is None:
             raise self.model_not_found(str(asked))
-        arch = "nomic-bert" if _is_embedding(model) else "llama"
+        info = dict(self.fact(model)["model_info"])
+        arch = info["general.architecture"]
         ctx = 2048 if _is_embedding(model) else self.train_context_length
         caps = ["embedding"] if _is_embedding(model) else ["completion", "tools"]
+        info.update({f"{arch}.context_length": ctx, f"{arch}.embedding_length": 768 if arch == "nomic-bert" else 3072})
         return web.json_response(
             {
                 "modelfile": f"FROM {model}\n",
                 "parameters": "",
                 "template": "{{ .Prompt }}",
                 "details": self.details(model),
-                "model_info": {
-                    "general.architecture": arch,
-                    "general.parameter_count": 3212749888,
-                    f"{arch}.context_length": ctx,
-                    f"{arch}.embedding_length": 768 if arch == "nomic-bert" else 3072,
-                },
+                "model_info": info,
                 "capabilities": caps,
                 "modified_at": MODIFIED_AT,
             }

@@ -85,6 +85,14 @@ class VLLMEngine(_FastAPIEngine):
     version = "0.10.0"
     nested_errors = False  # True: the v0.10.1+ {"error":{...}} envelope
 
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        # `--served-model-name`: id -> the model path it serves (`root`); an id not here is its own path.
+        self.roots: dict[str, str] = {}
+        # LoRA adapters (`--lora-modules`): id -> the base model's name. Their cards carry it as `parent`,
+        # their adapter path as `root`, and no `max_model_len`.
+        self.lora_parents: dict[str, str] = {}
+
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
             *super().routes(),
@@ -141,9 +149,9 @@ class VLLMEngine(_FastAPIEngine):
                     "object": "model",
                     "created": 1735142223,
                     "owned_by": "vllm",
-                    "root": m,
-                    "parent": None,
-                    "max_model_len": self.context_length,
+                    "root": self.roots.get(m, f"/adapters/{m}" if m in self.lora_parents else m),
+                    "parent": self.lora_parents.get(m),
+                    "max_model_len": None if m in self.lora_parents else self.context_length,
                     "permission": [
                         {
                             "id": f"modelperm-{uuid.uuid5(uuid.NAMESPACE_URL, m).hex}",

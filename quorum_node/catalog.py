@@ -40,7 +40,7 @@ from typing import Annotated, Any, Protocol, TypeVar
 import msgspec
 
 from .errors import NotFound
-from .lineage import Lineage
+from .lineage import Lineage, name_key
 from .names import MODEL_ID_PATTERN
 
 __all__ = ["Catalog", "CatalogView", "ModelCard", "cluster_stamp", "entries_of", "local_cards", "model_not_found"]
@@ -165,24 +165,48 @@ def _tail(name: str) -> str:
 
 
 class CatalogView:
-    """The catalog at one moment: entries by model id (sorted), names, and what surfaces made of it."""
+    """The catalog at one moment: entries by model id (sorted), names, and what surfaces made of it.
 
-    __slots__ = ("entries", "by_id", "ids", "_names", "_memo", "_orders")
+    Cards whose lineage (``lineage.py``) is the same model (family, size, variant, revision) are one
+    entry, whatever their engines call them and in whatever quantization: its id is the holders' id
+    where they agree, else the model's own name (``llama3.2:3b-instruct``), and every name a user
+    knows selects it: each holder's id and aliases, and the lineage's names (``llama3.2``,
+    ``llama3.2:3b``, ``Llama-3.2-3B-Instruct``, the GGUF stem), compared case-blind. A lineage name
+    two entries could claim selects neither: a wrong model is worse than a 404.
+    """
+
+    __slots__ = ("entries", "by_id", "ids", "_names", "_lineage_names", "_memo", "_orders")
 
     def __init__(self, entries: list[ModelCard]) -> None:
         by_id: dict[str, list[ModelCard]] = {}
+        grouped: dict[tuple[str, str, str | None, str | None], list[ModelCard]] = {}
         for e in entries:
-            by_id.setdefault(e.id, []).append(e)
+            if e.lineage is not None:
+                grouped.setdefault(e.lineage.entry_key(), []).append(e)
+            else:
+                by_id.setdefault(e.id, []).append(e)
+        claims: dict[str, set[str]] = {}
+        for cards in grouped.values():
+            ids = {c.id for c in cards}
+            lineage = cards[0].lineage
+            assert lineage is not None
+            mid = next(iter(ids)) if len(ids) == 1 else lineage.entry_name()
+            by_id.setdefault(mid, []).extend(cards)
+            for c in cards:
+                assert c.lineage is not None
+                for name in (*c.lineage.names(), *c.lineage.weights_names()):
+                    claims.setdefault(name, set()).add(mid)
         self.entries = entries
         self.by_id: dict[str, list[ModelCard]] = {mid: by_id[mid] for mid in sorted(by_id)}
         self.ids: tuple[str, ...] = tuple(self.by_id)
         names: dict[str, str] = {}
         for mid, es in self.by_id.items():
             for e in es:
-                for a in e.aliases:
+                for a in (e.id, *e.aliases):
                     names.setdefault(a, mid)
         names.update((mid, mid) for mid in self.ids)  # an id wins over another model's alias
         self._names = names
+        self._lineage_names = {name: next(iter(mids)) for name, mids in claims.items() if len(mids) == 1}
         self._memo: dict[str, Any] = {}
         self._orders: tuple[list[tuple[str, str]], list[tuple[str, str]]] | None = None
 
@@ -190,8 +214,19 @@ class CatalogView:
         return len(self.ids)
 
     def find(self, name: str) -> str | None:
-        """The id of the model ``name`` is (its id or one of its aliases), or None."""
-        return self._names.get(name)
+        """The id of the model ``name`` is (its id, one of its holders' ids or aliases, or a name its
+        lineage gives it), or None."""
+        found = self._names.get(name)
+        if found is None and self._lineage_names:
+            found = self._lineage_names.get(name_key(name))
+        return found
+
+    def holder_ids(self, name: str) -> tuple[str, ...]:
+        """The ids ``name``'s holders know it by (``name`` itself first): what the router looks holders up by."""
+        mid = self.find(name)
+        if mid is None:
+            return (name,)
+        return (name, *sorted({c.id for c in self.by_id[mid]} - {name}))
 
     def memo(self, key: str, build: Callable[[CatalogView], T]) -> T:
         """What ``build`` makes of this view, made once (the surfaces' encodings: one per change)."""

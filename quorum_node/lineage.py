@@ -103,6 +103,11 @@ class Lineage(msgspec.Struct, frozen=True, kw_only=True):
         """The same weights: the entry's key, the format and the quantization."""
         return (*self.entry_key(), self.format, self.quantization)
 
+    def entry_name(self) -> str:
+        """The entry's own id where its holders call it differently: its most specific Ollama-style name."""
+        ollama = _ollama_names(self)
+        return ollama[-1] if ollama else self.names()[0]
+
     def names(self) -> tuple[str, ...]:
         """Every name a user may know this entry by (any quantization), in ``name_key`` form."""
         return tuple(dict.fromkeys((*_ollama_names(self), *_hf_names(self))))

@@ -77,6 +77,7 @@ class Node:
         self.router.catalog = self.catalog
         self.router.affinity_bound = settings.affinity_load_bound if settings.affinity else None
         self.router.concurrency = settings.holder_concurrency or None
+        self.router.serve_variants = settings.serve_variants
         self.admission = Admission(max_waiting=settings.queue_max, timeout_s=settings.queue_timeout_s)
         self.router.admission = self.admission
         # Whole answers held in memory at once, node-wide (backends/budget.py)
@@ -138,7 +139,7 @@ class Node:
             from .control.metrics import NodeMetrics
 
             metrics = self.metrics = NodeMetrics(
-                known=lambda model: model in self.router.view().by_id,
+                known=lambda model: self.router.view().find(model) is not None,
                 inflight=self.inflight,
                 engines=self.registry,
                 cluster=self.cluster,

@@ -46,6 +46,7 @@ from .errors import (
     NotSupported,
     Unavailable,
 )
+from .lineage import name_key
 from .retry import RetryBudget
 
 __all__ = ["LocalTarget", "Opened", "PeerPlan", "Router", "Target"]
@@ -191,8 +192,9 @@ class PeerPlan(list["Target"]):
         self.wait_s = wait_s
 
 
-# Peer targets are supplied by the cluster layer, when there is one (a PeerPlan, or any sequence).
-PeerPlanner = Callable[[str, Op], Sequence[Target]]
+# Peer targets are supplied by the cluster layer, when there is one (a PeerPlan, or any sequence), for the
+# model asked for and the ids its holders know it by (``CatalogView.holder_ids``: the asked name first).
+PeerPlanner = Callable[[str, Op, tuple[str, ...]], Sequence[Target]]
 
 #: Retries (a second holder for the same request) are at most 20 % of requests, plus
 #: a floor of 3 banked and a trickle over time, so a failing cluster is not hammered:
@@ -200,6 +202,22 @@ PeerPlanner = Callable[[str, Op], Sequence[Target]]
 RETRY_RATIO = 0.2
 RETRY_FLOOR = 3.0
 RETRY_PER_S = 0.05
+
+
+def _weights(card: ModelCard) -> tuple[Any, ...] | None:
+    return card.lineage.weights_key() if card.lineage is not None else None
+
+
+def _pinned(name: str, cards: list[ModelCard]) -> tuple[Any, ...] | None:
+    """The weights ``name`` pins, where it names one holder's (its id or alias, a GGUF stem, a quantized
+    tag); None where it names the model (``llama3.2:3b``): then any quantization of it serves."""
+    key = name_key(name)
+    if any(c.lineage is not None and key in c.lineage.names() for c in cards):
+        return None
+    for c in cards:
+        if name in c.names() or (c.lineage is not None and key in c.lineage.weights_names()):
+            return _weights(c)
+    return None
 
 
 #: The room of a holder that sets no limit of its own (a peer that does not say): more than will ever wait.
@@ -232,6 +250,7 @@ class Router:
         # Conversations keep to one holder (affinity.py) while its load is under this times the mean; None: off
         self.affinity_bound: float | None = None
         self.concurrency: int | None = None  # what a holder whose engine does not say may run at once (None: any)
+        self.serve_variants = False  # a name that pins weights may be served by another quantization of them
         # Where requests wait while every holder of their model is at capacity (None: they never wait)
         self.admission: Admission | None = None
 
@@ -260,7 +279,8 @@ class Router:
         never 404. 404 is for models no holder has; it names a few of the
         models the caller may see (``visible``: a scoped key's view; default all).
         """
-        local = self.registry.holders(model)
+        ids = self._holder_ids(model)
+        local = self._local_holders(ids)
         capable = [(b, m) for b, m in local if b.supports(op)]
         now = time.monotonic()
         targets: list[Target] = []
@@ -279,7 +299,7 @@ class Router:
                 )
             )
         if not forwarded and self.peer_planner is not None:
-            peers = self.peer_planner(model, op)
+            peers = self.peer_planner(model, op, ids)
             targets.extend(peers)
             peer_wait = peers.wait_s if isinstance(peers, PeerPlan) else None
             if peer_wait is not None:
@@ -310,9 +330,39 @@ class Router:
             )
         raise model_not_found(model, visible if visible is not None else self.view())
 
+    def _holder_ids(self, model: str) -> tuple[str, ...]:
+        """The ids holders know ``model`` by (``model`` first): one entry of the catalog, whatever each of its
+        engines calls it. A name that pins weights (a holder's own id, a GGUF stem) gets only those weights,
+        unless ``serve_variants``: then the other quantizations of the model come after them."""
+        view = self.view()
+        mid = view.find(model)
+        if mid is None:
+            return (model,)
+        cards = view.by_id[mid]
+        if len(cards) < 2 or all(c.lineage is None for c in cards):
+            return view.holder_ids(model)
+        pinned = _pinned(model, cards)
+        exact = sorted({c.id for c in cards if pinned is None or _weights(c) == pinned} - {model})
+        variants = sorted({c.id for c in cards} - set(exact) - {model}) if pinned is not None else []
+        return (model, *exact, *(variants if self.serve_variants else ()))
+
+    def _local_holders(self, ids: tuple[str, ...]) -> list[tuple[Backend, Model]]:
+        """This node's engines holding any of ``ids``, each once, in the registry's order for the first id."""
+        if len(ids) == 1:
+            return list(self.registry.holders(ids[0]))
+        seen: set[str] = set()
+        out: list[tuple[Backend, Model]] = []
+        for name in ids:
+            for b, m in self.registry.holders(name):
+                if b.name not in seen:
+                    seen.add(b.name)
+                    out.append((b, m))
+        return out
+
     def speaks(self, model: str, op: Op) -> bool:
         """Whether an engine of this machine that holds ``model`` serves ``op`` natively (worth a native form)."""
-        return any(b.supports(op) and b.state is not BackendState.DOWN for b, _ in self.registry.holders(model))
+        holders = self._local_holders(self._holder_ids(model))
+        return any(b.supports(op) and b.state is not BackendState.DOWN for b, _ in holders)
 
     def _may_retry(self, now: float) -> bool:
         """Spend one retry from the budgets, or say no (spending nothing)."""

@@ -114,6 +114,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # a holder takes one while it has room (its capacity); one whose capacity is unknown (an older peer's)
     # only while its load is under affinity_load_bound times the mean
     affinity: bool = True
+    # a name that pins one quantization of a model (a GGUF stem, a quantized tag) is served by holders of
+    # those weights only; with serve_variants, by the model's other quantizations too, after them
+    serve_variants: bool = False
     affinity_load_bound: float = 1.25
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0

@@ -67,8 +67,30 @@ def _model_card(mid: str, entries: list[ModelCard]) -> dict[str, Any]:
         "loaded": any(loaded) if loaded else None,
         "engines": sorted({e.engine for e in entries}),
         "nodes": sorted({e.node for e in entries}),
-        "aliases": sorted({a for e in entries for a in e.aliases} - {mid}),
+        "aliases": sorted({a for e in entries for a in e.names()} - {mid}),
+        "holders": sorted(
+            ({"node": e.node, "engine": e.holder or e.engine, "id": e.id} for e in entries),
+            key=lambda h: (h["node"], h["engine"], h["id"]),
+        ),
         **{k: v for k, v in described.items() if v},
+        **_grouped(entries),
+    }
+
+
+def _grouped(entries: list[ModelCard]) -> dict[str, Any]:
+    """Why the holders are one model, where they call it differently (``lineage.py``): what they agree on."""
+    lineages = [e.lineage for e in entries if e.lineage is not None]
+    if len({e.id for e in entries}) < 2 or not lineages:
+        return {}
+    first = lineages[0]
+    return {
+        "lineage": {
+            "family": first.family,
+            "size": first.size,
+            "variant": first.variant,
+            "quantizations": sorted({q.quantization or q.format or "unknown" for q in lineages}),
+            "why": "each holder's engine reports this family, size and variant (lineage.py)",
+        }
     }
 
 

@@ -49,10 +49,21 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 ",".join(m.get("nodes") or []),
                 str(m.get("context_length") or "-"),
                 "-" if loaded is None else ("yes" if loaded else "no"),
+                _grouped(m),
             ]
         )
-    print(table(rows, ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED"]))
+    print(table(rows, ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED", "GROUPED"]))
     return 0
+
+
+def _grouped(m: dict[str, Any]) -> str:
+    """For an entry whose holders call it differently: each holder's name for it, and what they agree on."""
+    lineage = m.get("lineage")
+    if not isinstance(lineage, dict):
+        return "-"
+    said = " ".join(str(lineage.get(k)) for k in ("family", "size", "variant") if lineage.get(k))
+    names = ",".join(f"{h.get('node')}:{h.get('id')}" for h in m.get("holders") or [] if isinstance(h, dict))
+    return f"{said} ({','.join(lineage.get('quantizations') or [])}): {names}"
 
 
 def _since(epoch: Any) -> str:

@@ -106,6 +106,8 @@ class PeerTarget:
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
     ) -> Reply:
         svc = self.service
+        if self.model and body.get("model") != self.model:
+            body = {**body, "model": self.model}  # the peer's own name for it (one catalog entry, many names)
         if stream:  # as from an engine: always ask for usage (the record counts it), strip it if unwanted
             opts = body.get("stream_options")
             body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}

@@ -381,7 +381,7 @@ class ClusterService:
         """The cards of every serving peer's models, each naming its holder (``catalog.entries_of``)."""
         return self.peer_catalogs.entries()
 
-    def plan(self, model: str, op: Op) -> PeerPlan:
+    def plan(self, model: str, op: Op, ids: tuple[str, ...] = ()) -> PeerPlan:
         """The peers to try for ``model``, best first, as the router's ``PeerPlan``.
 
         With none to try now, its ``wait_s`` says when one that holds the model
@@ -392,12 +392,20 @@ class ClusterService:
 
         now = time.monotonic()
         self.budget.on_request(now)
-        targets = [
-            PeerTarget(self, p, link, model=model, engines=self.peer_catalogs.holders(p.node_id, model))
-            for p in pick(self.table.holders(model, now), now)
-            for link in self.links(p)
-        ]
-        return PeerPlan(targets, wait_s=None if targets else self.table.unavailable_for_s(model, now))
+        targets: list[PeerTarget] = []
+        held: dict[str, str] = {}  # peer -> the id it holds the model by (the first of ``ids`` it has)
+        for name in ids or (model,):
+            for p in self.table.holders(name, now):
+                held.setdefault(p.node_id, name)
+        by_id = {p.node_id: p for p in self.table.all()}
+        for p in pick([by_id[n] for n in held], now):
+            name = held[p.node_id]
+            engines = self.peer_catalogs.holders(p.node_id, name)
+            targets.extend(PeerTarget(self, p, link, model=name, engines=engines) for link in self.links(p))
+        if targets:
+            return PeerPlan(targets)
+        waits = [w for name in ids or (model,) if (w := self.table.unavailable_for_s(name, now)) is not None]
+        return PeerPlan(targets, wait_s=min(waits) if waits else None)
 
     def retry_allowed(self) -> bool:
         return self.budget.on_retry(time.monotonic())

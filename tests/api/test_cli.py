@@ -146,7 +146,7 @@ async def test_models_command_prints_the_table(fake: StartFake, run_daemon: Call
     rc, out, err = await cli("models", "--url", d.url)
     assert rc == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED"]
+    assert lines[0].split() == ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED", "GROUPED"]
     rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
     assert set(rows) == {"llama3.2:latest", "nomic-embed-text:latest"}
     assert rows["llama3.2:latest"][1] == "ollama"

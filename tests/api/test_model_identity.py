@@ -18,6 +18,7 @@ from quorum_node.node import Node
 from tests.conftest import StartFake, StartNode
 from tests.fakes.lmstudio import CATALOG
 
+MSGS = [{"role": "user", "content": "hi"}]
 LLAMA_NAMES = {
     "ollama": "llama3.2:latest",
     "llamacpp": "/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf",
@@ -151,3 +152,95 @@ async def test_malformed_metadata_costs_only_the_lineage(start_node: StartNode, 
     assert models["llamacpp"].id == "SmolLM2-135M-Instruct.Q4_1" and models["llamacpp"].context_length == 4096
     assert models["llamacpp"].lineage is None and models["llamacpp"].quantization is None
     assert models["lmstudio"].context_length == 131072 and models["lmstudio"].lineage is None
+
+
+# -- one catalog entry, many holders ------------------------------------------------------------------
+
+
+async def test_one_model_on_four_engines_is_one_entry_every_name_selects(
+    start_node: StartNode, fake: StartFake, http
+) -> None:
+    engines = {kind: await fake(kind, models=[name]) for kind, name in LLAMA_NAMES.items()}
+    node = await start_node(backends=[{"kind": kind, "url": e.url} for kind, e in engines.items()])
+    async with http.get(node.url + "/v1/models") as resp:
+        listed = {m["id"]: m for m in (await resp.json())["data"]}
+    assert list(listed) == ["llama3.2:3b-instruct"]  # one entry, under the model's own name
+    entry = listed["llama3.2:3b-instruct"]
+    assert entry["engines"] == sorted(LLAMA_NAMES)  # four holders
+    assert {"llama3.2:latest", "Llama-3.2-3B-Instruct-Q4_K_M", "llama-3.2-3b-instruct"} <= set(entry["aliases"])
+    assert entry["lineage"]["quantizations"] == ["Q4_K_M", "safetensors"] and "why" in entry["lineage"]
+    from tests.api.test_cli import cli
+
+    rc, out, err = await cli("models", "--url", node.url)  # the same, as a person reads it
+    assert rc == 0, err
+    (row,) = out.strip().splitlines()[1:]
+    assert row.startswith("llama3.2:3b-instruct") and "llama3.2 3b instruct (Q4_K_M,safetensors)" in row
+    assert "node0:meta-llama/Llama-3.2-3B-Instruct" in row
+    # every name a user knows is served, by a holder of those weights
+    served: dict[str, set[str]] = {}
+    for name in (
+        "llama3.2",
+        "llama3.2:3b",
+        "llama3.2:3b-instruct",
+        "Llama-3.2-3B-Instruct",
+        "meta-llama/Llama-3.2-3B-Instruct",
+    ):
+        before = {k: len(e.requests) for k, e in engines.items()}
+        async with http.post(node.url + "/v1/chat/completions", json={"model": name, "messages": MSGS}) as resp:
+            assert resp.status == 200, (name, await resp.text())
+        served[name] = {k for k, e in engines.items() if len(e.requests) > before[k]}
+    assert all(len(kinds) == 1 for kinds in served.values())
+    # a name that pins the weights (the GGUF stem, Q4_K_M) never gets the full-precision copy on vLLM, while
+    # the model's own name spreads over all four (12 conversations: affinity ranks the holders for each)
+    for name, vllm_may_serve in (("Llama-3.2-3B-Instruct-Q4_K_M", False), ("llama3.2:3b", True)):
+        before = {k: len(e.requests) for k, e in engines.items()}
+        for c in range(12):
+            body = {"model": name, "messages": [{"role": "user", "content": f"conversation {c}"}]}
+            async with http.post(node.url + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+        got = {k: len(e.requests) - before[k] for k, e in engines.items()}
+        assert (got["vllm"] > 0) is vllm_may_serve, (name, got)
+    sent_to_vllm = {r["model"] for r in engines["vllm"].requests}
+    assert sent_to_vllm == {"meta-llama/Llama-3.2-3B-Instruct"}  # each engine gets its own name for it
+
+
+async def test_near_misses_stay_apart(start_node: StartNode, fake: StartFake, http) -> None:
+    names = {
+        "ollama": "llama3.2:1b",  # another size
+        "llamacpp": "/models/Llama-3.2-3B-Instruct-Q4_K_M.gguf",
+        "vllm": "meta-llama/Llama-3.1-8B-Instruct",  # another family
+    }
+    engines = {kind: await fake(kind, models=[name]) for kind, name in names.items()}
+    lms = await fake("lmstudio", models=["qwen2.5-0.5b-instruct"])
+    node = await start_node(
+        backends=[{"kind": kind, "url": e.url} for kind, e in (*engines.items(), ("lmstudio", lms))]
+    )
+    async with http.get(node.url + "/v1/models") as resp:
+        listed = [m["id"] for m in (await resp.json())["data"]]
+    assert len(listed) == 4  # four models, none merged
+    async with http.post(node.url + "/v1/chat/completions", json={"model": "llama3.2:1b", "messages": MSGS}) as resp:
+        assert resp.status == 200
+    assert len(engines["ollama"].requests) == 1 and not engines["llamacpp"].requests
+
+
+async def test_a_peers_model_is_asked_for_by_any_of_its_names(start_node: StartNode, fake: StartFake, http) -> None:
+    """Node a holds nothing; b's llama.cpp holds the GGUF. Asked at a for `llama3.2`, b serves it, sent b's name."""
+    from tests.members_support import CLUSTER
+    from tests.support import eventually
+
+    gguf = await fake("llamacpp", models=[LLAMA_NAMES["llamacpp"]])
+    b = await start_node(backends=[{"kind": "llamacpp", "url": gguf.url}], **CLUSTER)
+    a = await start_node(**CLUSTER)
+    assert a.cluster is not None and b.cluster is not None
+    a.cluster.table.add_static(f"127.0.0.1:{b.peer_port}")
+    b.cluster.table.add_static(f"127.0.0.1:{a.peer_port}")
+
+    async def sees() -> bool:
+        return a.router.view().find("llama3.2") is not None
+
+    await eventually(sees, "a knows b's model by its lineage")
+    for name in ("llama3.2", "llama3.2:3b-instruct", "Llama-3.2-3B-Instruct-Q4_K_M"):
+        async with http.post(a.url + "/v1/chat/completions", json={"model": name, "messages": MSGS}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["X-Quorum-Node"] == "node0"
+    assert [r["model"] for r in gguf.requests] == [LLAMA_NAMES["llamacpp"]] * 3  # the engine's own id, each time

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import ollama
 import openai
 import pytest
 
@@ -98,6 +99,21 @@ async def client_for() -> AsyncIterator[Callable[..., openai.AsyncOpenAI]]:
     yield _make
     for c in clients:
         await c.close()
+
+
+@pytest.fixture
+async def client_of() -> AsyncIterator[Callable[[Node], ollama.AsyncClient]]:
+    """The real ollama client pointed at a node (what Open WebUI and the like use)."""
+    clients: list[ollama.AsyncClient] = []
+
+    def _make(node: Node) -> ollama.AsyncClient:
+        c = ollama.AsyncClient(host=node.url)
+        clients.append(c)
+        return c
+
+    yield _make
+    for c in clients:
+        await c._client.aclose()
 
 
 @pytest.fixture

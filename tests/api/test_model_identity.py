@@ -8,10 +8,9 @@ every adapter gives the same model, under its engine's own name, the same lineag
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import ollama
-import pytest
 
 from quorum_node.backends.base import Backend, Model
 from quorum_node.node import Node
@@ -25,20 +24,6 @@ LLAMA_NAMES = {
     "lmstudio": "llama-3.2-3b-instruct",
     "vllm": "meta-llama/Llama-3.2-3B-Instruct",
 }
-
-
-@pytest.fixture
-async def client_of() -> AsyncIterator[Callable[[Node], ollama.AsyncClient]]:
-    clients: list[ollama.AsyncClient] = []
-
-    def _make(node: Node) -> ollama.AsyncClient:
-        c = ollama.AsyncClient(host=node.url)
-        clients.append(c)
-        return c
-
-    yield _make
-    for c in clients:
-        await c._client.aclose()
 
 
 def held(node: Node) -> dict[str, tuple[Backend, Model]]:

@@ -14,7 +14,7 @@ import json
 import math
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,20 +84,6 @@ async def cluster(start_node: StartNode, fake: StartFake, http: aiohttp.ClientSe
 
     await eventually(converged, what="node a sees node b's models")
     return Cluster(a, b, a_ollama, b_ollama, b_vllm)
-
-
-@pytest.fixture
-async def client_of() -> AsyncIterator[Callable[[Node], ollama.AsyncClient]]:
-    clients: list[ollama.AsyncClient] = []
-
-    def _make(node: Node) -> ollama.AsyncClient:
-        c = ollama.AsyncClient(host=node.url)
-        clients.append(c)
-        return c
-
-    yield _make
-    for c in clients:
-        await c._client.aclose()
 
 
 def records_of(node: Node) -> list[Record]:

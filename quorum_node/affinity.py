@@ -20,19 +20,18 @@ The key, the first of:
 A request with none of these (an embedding) has no key; its holders keep the
 router's order.
 
-A holder takes a conversation while it has room; when it is full, the next
-holder in the key's order does (spill). Full holders are tried after those
-with room, in the same order, and an engine still loading after them all.
-
-Full is at its capacity where it has one: what its engine says it runs at
-once (llama-server's slots), else the node's ``holder_concurrency``; a
-peer's engines' as its health answer says them. A holder with no capacity
-(vLLM and the like, which queue what they cannot run yet) is bounded by load
-the way of Mirrokni, Thorup and Zadimoghaddam (*Consistent Hashing with
-Bounded Loads*, 2018): full past ``bound`` times the mean load, this request
-counted, where load is this node's own requests on each holder (exact, where
-what engines and peers report is seconds old: a stale count would move
-conversations away from their warm caches for nothing).
+Rendezvous hashing picks the *node*: the same from every entry node. Among
+the engines of that node, a conversation is placed once and then kept
+(``Assignments``): a new one goes to the first engine in its key's order that
+holds fewer than ``bound`` times the mean number of conversations per engine
+(consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam,
+2018, counting conversations), and its later turns follow it there. A busy
+engine keeps its conversations: llama-server queues what its slots cannot
+run yet and keeps idle slots' prompts in RAM, so waiting for the warm engine
+costs less than evaluating the whole conversation again on a cold one. Only
+an engine that is gone, ejected or still loading loses them (loading ones are
+tried last). Measured on real engines, spilling to an engine with a free slot
+evaluated twice the prompt tokens of keeping to one (``scripts/bench-cluster``).
 
 A holder id is ``node id/engine name``: the entry node ranks a peer by the best
 of its engines' ids (the peer's catalog names them), and that peer, ranking its
@@ -45,12 +44,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
 
-__all__ = ["PROMPT_PREFIX", "SESSION_HEADER", "Slot", "conversation_key", "holder_id", "rank", "score"]
+__all__ = [
+    "PROMPT_PREFIX",
+    "SESSION_HEADER",
+    "Assignments",
+    "Slot",
+    "conversation_key",
+    "holder_id",
+    "rank",
+    "score",
+]
 
 #: The header a client names its session with.
 SESSION_HEADER = "X-Session-Id"
@@ -139,17 +148,57 @@ class Slot(msgspec.Struct, frozen=True):
         return self.capacity is None or self.busy < self.capacity
 
 
-def rank(key: str, slots: Sequence[Slot], bound: float) -> list[int]:
-    """The order (indices into ``slots``) to try them in for ``key``: by rendezvous weight, those with room first."""
-    if not slots:
-        return []
-    engines = sum(max(1, len(s.ids)) for s in slots)
-    total = sum(s.load for s in slots)
+def rank(key: str, slots: Sequence[Slot]) -> list[int]:
+    """The order (indices into ``slots``) to try them in for ``key``: by rendezvous weight, ready ones first."""
     weights = [max((score(key, i) for i in s.ids), default=0) for s in slots]
+    return sorted(range(len(slots)), key=lambda i: (not slots[i].ready, -weights[i], i))
 
-    def full(s: Slot) -> bool:
-        if s.capacity is not None:
-            return not s.has_room()
-        return s.load + 1 > math.ceil(bound * (total + 1) * max(1, len(s.ids)) / engines)
 
-    return sorted(range(len(slots)), key=lambda i: (not slots[i].ready, full(slots[i]), -weights[i], i))
+class Assignments:
+    """Where this node has placed the conversations its engines serve: key -> holder id, most recent last.
+
+    Bounded (``max_keys``, least recently used out first) and forgetful (a conversation idle for
+    ``idle_s`` is forgotten): what it holds is a cache of placements, never needed for correctness.
+    """
+
+    def __init__(self, *, max_keys: int = 65536, idle_s: float = 1800.0) -> None:
+        self.max_keys = max_keys
+        self.idle_s = idle_s
+        self._placed: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._count: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._placed)
+
+    def place(self, key: str, holders: Sequence[str], bound: float, now: float) -> str:
+        """The holder of ``holders`` (in ``key``'s rendezvous order) that serves ``key``: where it was placed,
+        if that one is still among them, else the first holding fewer than ``bound`` times the mean."""
+        self._expire(now)
+        placed = self._placed.get(key)
+        if placed is not None and placed[0] in holders:
+            self._placed[key] = (placed[0], now)
+            self._placed.move_to_end(key)
+            return placed[0]
+        total = sum(self._count[h] for h in holders)
+        share = math.ceil(bound * (total + 1) / len(holders))
+        chosen = next((h for h in holders if self._count[h] + 1 <= share), holders[0])
+        self._drop(key)
+        self._placed[key] = (chosen, now)
+        self._count[chosen] += 1
+        while len(self._placed) > self.max_keys:
+            self._drop(next(iter(self._placed)))
+        return chosen
+
+    def _drop(self, key: str) -> None:
+        placed = self._placed.pop(key, None)
+        if placed is not None:
+            self._count[placed[0]] -= 1
+            if self._count[placed[0]] <= 0:
+                del self._count[placed[0]]
+
+    def _expire(self, now: float) -> None:
+        while self._placed:
+            key, (_, used) = next(iter(self._placed.items()))
+            if now - used < self.idle_s:
+                return
+            self._drop(key)

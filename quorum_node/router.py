@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import structlog
 
 from .admission import Admission, Ticket
-from .affinity import Slot, holder_id, rank
+from .affinity import Assignments, Slot, holder_id, rank
 from .backends.base import (
     NATIVE_OPS,
     Backend,
@@ -247,8 +247,10 @@ class Router:
             RETRY_RATIO, min_per_s=RETRY_PER_S, max_tokens=RETRY_FLOOR, initial_tokens=RETRY_FLOOR
         )
         self.node_id = node_name  # this node's id in holder ids (the cluster's node id, where there is one)
-        # Conversations keep to one holder (affinity.py) while its load is under this times the mean; None: off
+        # Conversations keep to one holder (affinity.py): placed among this node's engines on one holding
+        # under this times the mean number of conversations; None: off
         self.affinity_bound: float | None = None
+        self.assignments = Assignments()  # where this node's engines serve each conversation (affinity.py)
         self.concurrency: int | None = None  # what a holder whose engine does not say may run at once (None: any)
         self.serve_variants = False  # a name that pins weights may be served by another quantization of them
         # Where requests wait while every holder of their model is at capacity (None: they never wait)
@@ -410,6 +412,19 @@ class Router:
             if ticket is not None:
                 ticket.release()  # not claimed: no holder took it, and the slot it was promised is passed on
 
+    def _by_affinity(self, key: str, targets: list[Target], bound: float) -> list[Target]:
+        """``targets`` in the order ``key``'s conversation tries them: its node by rendezvous hashing (the same
+        from every node); where that is this one, the engine it was placed on first (``affinity.py``)."""
+        slots = [t.slot() for t in targets]
+        ranked = [targets[i] for i in rank(key, slots)]
+        if not isinstance(ranked[0], LocalTarget):
+            return ranked  # a peer's: it places the conversation among its own engines
+        local = [t for t in ranked if isinstance(t, LocalTarget) and t.backend.state is BackendState.READY]
+        if len(local) < 2:
+            return ranked
+        chosen = self.assignments.place(key, [t.holder for t in local], bound, time.monotonic())
+        return sorted(ranked, key=lambda t: not (isinstance(t, LocalTarget) and t.holder == chosen))
+
     async def _admit(self, admission: Admission, model: str, targets: list[Target], caller: Caller | None) -> Ticket:
         """Wait, where every holder of ``model`` is at capacity, for a turn (fair across keys: ``admission.py``)."""
 
@@ -441,8 +456,7 @@ class Router:
         native: tuple[Op, dict[str, Any]] | None,
     ) -> Opened:
         if self.affinity_bound is not None and caller is not None and caller.affinity and len(targets) > 1:
-            slots = [t.slot() for t in targets]
-            targets = [targets[i] for i in rank(caller.affinity, slots, self.affinity_bound)]
+            targets = self._by_affinity(caller.affinity, targets, self.affinity_bound)
         admission = self.admission
         freed = (lambda: admission.wake(model)) if admission is not None else None
         self.budget.on_request(time.monotonic())

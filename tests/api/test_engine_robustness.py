@@ -731,7 +731,7 @@ class ScriptedTarget:
 
 async def router_with(tmp_path: Any, *targets: ScriptedTarget) -> Router:
     router = Router(Registry(node_settings(tmp_path, 0)), "here")
-    router.peer_planner = lambda model, op: list(targets)
+    router.peer_planner = lambda model, op, ids: list(targets)
     return router
 
 

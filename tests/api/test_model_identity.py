@@ -180,7 +180,7 @@ async def test_one_model_on_four_engines_is_one_entry_every_name_selects(
     for name, vllm_may_serve in (("Llama-3.2-3B-Instruct-Q4_K_M", False), ("llama3.2:3b", True)):
         before = {k: len(e.requests) for k, e in engines.items()}
         for c in range(12):
-            body = {"model": name, "messages": [{"role": "user", "content": f"conversation {c}"}]}
+            body = {"model": name, "messages": [{"role": "user", "content": f"{name}: conversation {c}"}]}
             async with http.post(node.url + "/v1/chat/completions", json=body) as resp:
                 assert resp.status == 200
         got = {k: len(e.requests) - before[k] for k, e in engines.items()}

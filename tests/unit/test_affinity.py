@@ -6,7 +6,7 @@ import collections
 
 from hypothesis import given
 
-from quorum_node.affinity import Slot, conversation_key, holder_id, rank
+from quorum_node.affinity import Assignments, Slot, conversation_key, holder_id, rank, score
 from tests.support import json_values
 
 SYSTEM = {"role": "system", "content": "You answer questions about the document."}
@@ -59,38 +59,35 @@ def test_a_conversation_gets_the_same_holder_whatever_the_order_holders_are_list
     slots = holders(3)
     for k in range(50):
         key = f"{k:032x}"
-        first = slots[rank(key, slots, 1.25)[0]]
-        assert slots[::-1][rank(key, slots[::-1], 1.25)[0]] == first
+        first = slots[rank(key, slots)[0]]
+        assert slots[::-1][rank(key, slots[::-1])[0]] == first
 
 
 def test_conversations_spread_over_every_holder() -> None:
     slots = holders(3)
-    firsts = collections.Counter(rank(f"{k:032x}", slots, 1.25)[0] for k in range(3000))
+    firsts = collections.Counter(rank(f"{k:032x}", slots)[0] for k in range(3000))
     assert all(900 <= firsts[i] <= 1100 for i in range(3)), firsts
 
 
 def test_a_holder_leaving_moves_only_the_conversations_it_served() -> None:
     slots = holders(4)
-    before = {k: slots[rank(f"{k:032x}", slots, 1.25)[0]] for k in range(2000)}
+    before = {k: slots[rank(f"{k:032x}", slots)[0]] for k in range(2000)}
     left = slots[:2] + slots[3:]
-    after = {k: left[rank(f"{k:032x}", left, 1.25)[0]] for k in range(2000)}
+    after = {k: left[rank(f"{k:032x}", left)[0]] for k in range(2000)}
     moved = [k for k in before if before[k] != after[k]]
     assert moved and all(before[k] == slots[2] for k in moved)
 
 
-def test_a_full_holder_spills_to_the_next_in_the_keys_order() -> None:
+def test_an_engine_still_loading_is_tried_last_and_a_busy_one_keeps_its_place() -> None:
     key = "0" * 32
     slots = holders(3)
-    order = rank(key, slots, 1.25)
+    order = rank(key, slots)
+    loading = list(slots)
+    loading[order[0]] = Slot(slots[order[0]].ids, ready=False)
+    assert rank(key, loading) == [order[1], order[2], order[0]]
     busy = list(slots)
-    busy[order[0]] = Slot(slots[order[0]].ids, load=2, capacity=2)  # at capacity
-    assert rank(key, busy, 1.25) == [order[1], order[2], order[0]]
-    over = list(slots)
-    over[order[0]] = Slot(slots[order[0]].ids, load=5)  # no capacity said (an older peer), but far over the mean
-    assert rank(key, over, 1.25)[0] == order[1]
-    busier = list(slots)
-    busier[order[0]] = Slot(slots[order[0]].ids, load=3, capacity=4)  # busier than the others, but has room
-    assert rank(key, busier, 1.25)[0] == order[0]  # the warm cache wins over balance
+    busy[order[0]] = Slot(slots[order[0]].ids, load=4, capacity=4)  # every slot busy: its cache is still warm
+    assert rank(key, busy)[0] == order[0]
 
 
 def test_a_peer_with_several_engines_ranks_by_its_best_engine() -> None:
@@ -99,6 +96,32 @@ def test_a_peer_with_several_engines_ranks_by_its_best_engine() -> None:
     flat = local + [Slot((i,)) for i in peer.ids]
     for k in range(200):
         key = f"{k:032x}"
-        winner = flat[rank(key, flat, 1.25)[0]]
-        grouped = ([*local, peer])[rank(key, [*local, peer], 1.25)[0]]
+        winner = flat[rank(key, flat)[0]]
+        grouped = ([*local, peer])[rank(key, [*local, peer])[0]]
         assert (winner in local and grouped == winner) or (winner.ids[0] in peer.ids and grouped == peer)
+
+
+def test_conversations_are_placed_evenly_and_then_kept() -> None:
+    placed = Assignments()
+    engines = ["e0", "e1", "e2"]
+    where = {}
+    for k in range(12):
+        key = f"{k:032x}"
+        order = sorted(engines, key=lambda e: -score(key, e))  # the key's rendezvous order
+        where[key] = placed.place(key, order, 1.0, now=0.0)
+    assert sorted(collections.Counter(where.values()).values()) == [4, 4, 4]  # bound 1: even
+    for turn in range(1, 5):  # later turns, in another order: each conversation stays where it is
+        for key in reversed(list(where)):
+            order = sorted(engines, key=lambda e: -score(key, e))
+            assert placed.place(key, order, 1.0, now=float(turn)) == where[key]
+
+
+def test_a_conversation_whose_engine_is_gone_is_placed_again_and_idle_ones_are_forgotten() -> None:
+    placed = Assignments(max_keys=3, idle_s=10.0)
+    assert placed.place("k1", ["e0", "e1"], 1.25, now=0.0) == "e0"
+    assert placed.place("k1", ["e1"], 1.25, now=1.0) == "e1"  # e0 is gone
+    for k in ("k2", "k3", "k4"):
+        placed.place(k, ["e0", "e1"], 1.25, now=2.0)
+    assert len(placed) == 3  # at most max_keys: the least recently used went first
+    placed.place("k5", ["e0"], 1.25, now=20.0)
+    assert len(placed) == 1  # the rest were idle for more than idle_s

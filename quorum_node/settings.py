@@ -110,14 +110,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     holder_concurrency: int = 0
     queue_max: int = 256
     queue_timeout_s: float = 30.0
-    # conversations keep to one holder (affinity.py), so its engine's prompt cache serves their later turns;
-    # a holder takes one while it has room (its capacity); one whose capacity is unknown (an older peer's)
-    # only while its load is under affinity_load_bound times the mean
+    # conversations keep to one holder (affinity.py), so its engine's prompt cache serves their later turns:
+    # the node by rendezvous hashing, and among its engines the one it was placed on first, placed on one that
+    # holds under affinity_load_bound times the mean number of conversations (1: evenly)
     affinity: bool = True
+    affinity_load_bound: float = 1.0
     # a name that pins one quantization of a model (a GGUF stem, a quantized tag) is served by holders of
     # those weights only; with serve_variants, by the model's other quantizations too, after them
     serve_variants: bool = False
-    affinity_load_bound: float = 1.25
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0
     # the relay (quorum-relay) that joins this node to peers on other networks

@@ -182,7 +182,7 @@ def test_bad_env_is_a_config_error(env: dict[str, str], words: list[str]) -> Non
 def test_queue_and_affinity_settings_default_and_come_from_env() -> None:
     s = load_settings({}, env={})
     assert (s.queue_max, s.queue_timeout_s, s.holder_concurrency) == (256, 30.0, 0)
-    assert (s.affinity, s.affinity_load_bound) == (True, 1.25)
+    assert (s.affinity, s.affinity_load_bound) == (True, 1.0)
     s = load_settings(
         {},
         env={

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Protocol, TypeVar
 
 import msgspec
@@ -175,9 +175,9 @@ class CatalogView:
     two entries could claim selects neither: a wrong model is worse than a 404.
     """
 
-    __slots__ = ("entries", "by_id", "ids", "_names", "_lineage_names", "_memo", "_orders")
+    __slots__ = ("entries", "by_id", "ids", "aliases", "_names", "_lineage_names", "_memo", "_orders")
 
-    def __init__(self, entries: list[ModelCard]) -> None:
+    def __init__(self, entries: list[ModelCard], aliases: Mapping[str, str] | None = None) -> None:
         by_id: dict[str, list[ModelCard]] = {}
         grouped: dict[tuple[str, str, str | None, str | None], list[ModelCard]] = {}
         for e in entries:
@@ -207,6 +207,11 @@ class CatalogView:
         names.update((mid, mid) for mid in self.ids)  # an id wins over another model's alias
         self._names = names
         self._lineage_names = {name: next(iter(mids)) for name, mids in claims.items() if len(mids) == 1}
+        self.aliases = dict(aliases or {})
+        for alias, target in self.aliases.items():  # the user's own names (settings: model_aliases)
+            found = self.find(target)
+            if found is not None and alias not in self.by_id:
+                names[alias] = found
         self._memo: dict[str, Any] = {}
         self._orders: tuple[list[tuple[str, str]], list[tuple[str, str]]] | None = None
 
@@ -239,7 +244,7 @@ class CatalogView:
     def filtered(self, allows: Callable[[str], bool]) -> CatalogView:
         """The models ``allows`` lets a key see: by id, or by one of their aliases."""
         keep = {mid for mid, es in self.by_id.items() if allows(mid) or any(allows(a) for e in es for a in e.aliases)}
-        return CatalogView([e for e in self.entries if e.id in keep])
+        return CatalogView([e for e in self.entries if e.id in keep], self.aliases)
 
     def close_matches(self, name: str, n: int = 5) -> list[str]:
         """Up to ``n`` model ids that look like ``name`` (``difflib``), best first."""
@@ -273,8 +278,14 @@ def model_not_found(name: str, view: CatalogView) -> NotFound:
 class Catalog:
     """The current ``CatalogView``, built from ``source`` when it is first read after a change."""
 
-    def __init__(self, source: Callable[[], list[ModelCard]], stamp: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        source: Callable[[], list[ModelCard]],
+        stamp: Callable[[], object] | None = None,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
         self._source = source
+        self._aliases = dict(aliases or {})
         self._stamp = stamp
         self._stamped: object = None
         self._view: CatalogView | None = None
@@ -294,7 +305,7 @@ class Catalog:
                 self.changed()
         view = self._view
         if view is None:
-            view = self._view = CatalogView(self._source())
+            view = self._view = CatalogView(self._source(), self._aliases)
             self.builds += 1
         return view
 

@@ -71,7 +71,9 @@ class Node:
         self.cluster: ClusterService | None = None
         # The cluster's models, as every list reads them: rebuilt when the registry's or a peer's models change.
         self.catalog = Catalog(
-            lambda: entries_of(self.registry, self.name, self.cluster), stamp=lambda: cluster_stamp(self.cluster)
+            lambda: entries_of(self.registry, self.name, self.cluster),
+            stamp=lambda: cluster_stamp(self.cluster),
+            aliases=settings.model_aliases,
         )
         self.registry.on_change.append(self.catalog.changed)
         self.router.catalog = self.catalog

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .errors import ConfigError
-from .names import NAME_MAX, is_name
+from .names import MODEL_ID_PATTERN, NAME_MAX, is_name
 
 __all__ = [
     "BACKEND_KINDS",
@@ -118,6 +119,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # a name that pins one quantization of a model (a GGUF stem, a quantized tag) is served by holders of
     # those weights only; with serve_variants, by the model's other quantizations too, after them
     serve_variants: bool = False
+    # names of your own for models (TOML [model_aliases] "assistant" = "llama3.2:3b-instruct"; env
+    # QUORUM_MODEL_ALIASES="assistant=llama3.2:3b-instruct,..."): for what the node cannot tell by itself
+    model_aliases: dict[str, str] = {}
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0
     # the relay (quorum-relay) that joins this node to peers on other networks
@@ -159,6 +163,9 @@ def parse_backend_arg(text: str) -> BackendSpec:
     return BackendSpec(kind=kind.strip().lower(), url=url.strip())
 
 
+_MODEL_NAME = re.compile(MODEL_ID_PATTERN)
+
+
 def _parse_backends_env(text: str) -> list[Any]:
     text = text.strip()
     if text.startswith("["):
@@ -181,6 +188,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             out[name] = _parse_backends_env(raw)
         elif name in ("detect_ports", "mdns_interfaces", "peers", "cors_origins"):
             out[name] = [p.strip() for p in raw.split(",") if p.strip()]
+        elif name == "model_aliases":
+            pairs = [p.partition("=") for p in raw.split(",") if p.strip()]
+            if any(not sep or not k.strip() or not v.strip() for k, sep, v in pairs):
+                raise ConfigError(f"{key}: expected NAME=MODEL,..., got {raw!r}")
+            out[name] = {k.strip(): v.strip() for k, _, v in pairs}
         else:
             out[name] = raw
     return out
@@ -324,6 +336,9 @@ def _validate(s: Settings) -> Settings:
         raise ConfigError("max_attempts: must be at least 1")
     if s.holder_failures < 1 or not 0 < s.holder_reset_s <= s.holder_max_reset_s:
         raise ConfigError("holder_*: holder_failures at least 1, and 0 < holder_reset_s <= holder_max_reset_s")
+    for alias, target in s.model_aliases.items():
+        if not (_MODEL_NAME.fullmatch(alias) and _MODEL_NAME.fullmatch(target)) or alias == target:
+            raise ConfigError(f"model_aliases: {alias!r} = {target!r} is not a name for another model")
     if s.holder_concurrency < 0:
         raise ConfigError(f"holder_concurrency: must be 0 (no limit) or more, got {s.holder_concurrency}")
     if s.queue_max < 0:

@@ -229,3 +229,18 @@ async def test_a_peers_model_is_asked_for_by_any_of_its_names(start_node: StartN
             assert resp.status == 200, await resp.text()
             assert resp.headers["X-Quorum-Node"] == "node0"
     assert [r["model"] for r in gguf.requests] == [LLAMA_NAMES["llamacpp"]] * 3  # the engine's own id, each time
+
+
+async def test_a_name_of_the_users_own_selects_the_model_it_names(start_node: StartNode, fake: StartFake, http) -> None:
+    """``model_aliases``: for what the node cannot tell by itself (here a name no engine reports)."""
+    olla = await fake("ollama", models=[LLAMA_NAMES["ollama"]])
+    node = await start_node(
+        backends=[{"kind": "ollama", "url": olla.url}],
+        model_aliases={"house-assistant": "llama3.2:3b-instruct", "ghost": "no-such-model"},
+    )
+    body = {"model": "house-assistant", "messages": MSGS}
+    async with http.post(node.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+    assert olla.requests[-1]["model"] == LLAMA_NAMES["ollama"]  # the engine's own name
+    async with http.post(node.url + "/v1/chat/completions", json={**body, "model": "ghost"}) as resp:
+        assert resp.status == 404  # an alias of a model nobody holds names nothing

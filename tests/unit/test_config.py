@@ -251,3 +251,13 @@ def test_run_with_bad_config_file_exits_2(tmp_path: Path) -> None:
     cfg = write(tmp_path, "prot = 1\n")
     r = subprocess.run([*QN, "run", "--config", cfg], capture_output=True, text=True, timeout=30, env=clean_env())
     assert r.returncode == 2 and "prot" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_model_aliases_come_from_toml_and_env_and_bad_ones_are_refused() -> None:
+    s = load_settings({"model_aliases": {"assistant": "llama3.2:3b-instruct"}}, env={})
+    assert s.model_aliases == {"assistant": "llama3.2:3b-instruct"}
+    s = load_settings({}, env={"QUORUM_MODEL_ALIASES": "assistant=llama3.2:3b-instruct, coder=qwen2.5-coder:7b"})
+    assert s.model_aliases == {"assistant": "llama3.2:3b-instruct", "coder": "qwen2.5-coder:7b"}
+    for env in ("assistant", "=x", "a=a"):
+        with pytest.raises(ConfigError):
+            load_settings({}, env={"QUORUM_MODEL_ALIASES": env})

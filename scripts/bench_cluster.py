@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import json
 import logging
-import random
 import shutil
 import socket
 import sys
@@ -59,6 +58,7 @@ from bench import ROOT, Proc, _run, pct, start_node_and_port, wait_model
 
 sys.path.insert(0, str(ROOT))
 from quorum_node.embedded.supervisor import LlamaServerProcess
+from tests.conversations import opening, sentences
 from tests.members_support import enrol
 
 ENGINES = 3
@@ -70,15 +70,6 @@ GOAL_P90 = 1.2  # × sticky's
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 600.0  # one turn of a long document on a busy two-core machine takes a while
 RECORD_ONLY = {"sticky", "one-node-no-affinity"}  # measured, but the goals are not theirs
-
-_WORDS = (
-    "river stone market winter garden engine letter harbor silver forest window cotton lantern bridge "
-    "valley copper meadow signal orchard thunder candle ladder marble pocket saddle timber violet basket "
-    "canyon feather glacier hammer island jacket kettle lemon mirror needle ocean pepper quiver ribbon "
-    "shadow tunnel umbrella velvet wagon yellow zephyr anchor bottle castle desert falcon"
-)
-_VOCAB = _WORDS.split()
-
 
 # ---------------------------------------------------------------------------
 # The workload
@@ -92,22 +83,14 @@ async def count_tokens(http: aiohttp.ClientSession, engine: str, text: str) -> i
 
 async def document(http: aiohttp.ClientSession, engine: str, seed: int, tokens: int) -> str:
     """Conversation ``seed``'s own text, just over ``tokens`` tokens by the engine's tokenizer (deterministic)."""
-    rng = random.Random(seed)
-    sentences = [f"Document {seed}."]
-    while True:
-        for _ in range(16):
-            words = [rng.choice(_VOCAB) for _ in range(rng.randint(6, 14))]
-            sentences.append(" ".join(words).capitalize() + ".")
-        text = " ".join(sentences)
-        if await count_tokens(http, engine, text) >= tokens:
-            return text
-
-
-def opening(doc: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": "You answer questions about this document.\n\n" + doc},
-        {"role": "user", "content": "What is the document about?"},
-    ]
+    out: list[str] = []
+    for sentence in sentences(seed):
+        out.append(sentence)
+        if len(out) % 16 == 0:
+            text = " ".join(out)
+            if await count_tokens(http, engine, text) >= tokens:
+                return text
+    raise AssertionError("unreachable: sentences never ends")
 
 
 @dataclass

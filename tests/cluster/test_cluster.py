@@ -196,7 +196,8 @@ async def test_stopped_peer_engine_fails_over_to_other_holder(start_cluster, cli
 
 
 async def test_stopped_peer_node_is_routed_around_then_marked_down(start_cluster, client_for, http) -> None:
-    a, b, c = await start_cluster(["alpha"], ["beta", "only-b"], ["beta"], peer_down_after_s=2.0)
+    # without affinity: b is made the first choice by measurement (make_preferred)
+    a, b, c = await start_cluster(["alpha"], ["beta", "only-b"], ["beta"], peer_down_after_s=2.0, affinity=False)
     client = client_for(a.node)
     await make_preferred(client, "beta", fast=b, slow=c)
     c.engine.first_token_delay_s = 0.0

@@ -17,7 +17,6 @@ loaded engine, so the turns of a conversation land wherever there is room.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 
 from quorum_node.embedded.supervisor import LlamaServerProcess
 from quorum_node.node import Node
+from tests.conversations import opening, sentences
 from tests.members_support import CLUSTER
 from tests.support import eventually
 
@@ -36,8 +36,8 @@ MODEL_ID = "SmolLM2-135M-Instruct.Q4_1"
 READY_TIMEOUT_S = 30.0
 ENGINES = ("e0", "e1", "e2")
 # Conversations of the test (the seeds of their documents): for the node "node0" and the engines above these
-# spread 2/2/2 by the node's rendezvous hashing (quorum_node/affinity.py), so every engine is some
-# conversation's home; chosen once by trying seeds, since the choice depends only on these strings.
+# are placed 2/2/2 by the node (quorum_node/affinity.py places new conversations evenly), so every engine
+# is some conversation's home.
 CONVERSATIONS = (0, 1, 2, 5, 7, 13)
 TURNS = 3
 MAX_TOKENS = 8
@@ -46,29 +46,15 @@ DOC_WORDS = 140  # about 200 tokens with the template: short, for two cores
 # func_only: the limit covers the test body, not the session fixtures (a cold cache compiles llama.cpp).
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90, func_only=True)]
 
-_WORDS = (
-    "river stone market winter garden engine letter harbor silver forest window cotton lantern bridge "
-    "valley copper meadow signal orchard thunder candle ladder marble pocket saddle timber violet basket "
-    "canyon feather glacier hammer island jacket kettle lemon mirror needle ocean pepper quiver ribbon "
-    "shadow tunnel umbrella velvet wagon yellow zephyr anchor bottle castle desert falcon"
-)
-_VOCAB = _WORDS.split()
-
 
 def document(seed: int, words: int = DOC_WORDS) -> str:
-    """A deterministic text of its own for each seed (the opening of one conversation)."""
-    rng = random.Random(seed)
-    sentences: list[str] = []
-    while sum(len(s.split()) for s in sentences) < words:
-        sentences.append(" ".join(rng.choice(_VOCAB) for _ in range(rng.randint(6, 12))).capitalize() + ".")
-    return f"Document {seed}. " + " ".join(sentences)
-
-
-def opening(seed: int) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": "You answer questions about this document.\n\n" + document(seed)},
-        {"role": "user", "content": "What is the document about?"},
-    ]
+    """A deterministic text of its own for each seed (the opening of one conversation), about ``words`` long."""
+    out: list[str] = []
+    for sentence in sentences(seed):
+        out.append(sentence)
+        if sum(len(s.split()) for s in out) >= words:
+            return " ".join(out)
+    raise AssertionError("unreachable: sentences never ends")
 
 
 # --- engines and their counters ----------------------------------------------------
@@ -120,7 +106,7 @@ class Run:
 async def converse(entries: Sequence[openai.AsyncOpenAI]) -> Run:
     """The workload: turn t of every conversation enters at ``entries[t % len(entries)]``, the conversations of
     a turn together, each answer and a new question appended to its conversation."""
-    history = {c: opening(c) for c in CONVERSATIONS}
+    history = {c: opening(document(c)) for c in CONVERSATIONS}
     run = Run()
 
     async def turn(c: int, t: int) -> None:

@@ -144,8 +144,9 @@ class Slot(msgspec.Struct, frozen=True):
         """How many it runs now, best known: ours, or what it said if more."""
         return max(self.load, self.reported)
 
-    def has_room(self) -> bool:
-        return self.capacity is None or self.busy < self.capacity
+    def room(self) -> int | None:
+        """How many more it may start now (None: it sets no limit of its own): the admission queue's measure."""
+        return None if self.capacity is None else max(0, self.capacity - self.busy)
 
 
 def rank(key: str, slots: Sequence[Slot]) -> list[int]:

@@ -258,8 +258,8 @@ class Router:
 
     def capacity_of(self, backend: Backend) -> int | None:
         """How many requests ``backend`` runs at once: what it says, else the node's setting (None: no limit)."""
-        said = getattr(backend, "capacity", None)
-        return said if isinstance(said, int) and said > 0 else self.concurrency
+        said = backend.capacity
+        return said if said is not None and said > 0 else self.concurrency
 
     def known_models(self) -> list[str]:
         return list(self.view().ids)
@@ -431,10 +431,10 @@ class Router:
         def room() -> int:
             free = 0
             for t in targets:
-                slot = t.slot()
-                if slot.capacity is None:
+                more = t.slot().room()
+                if more is None:
                     return _UNBOUNDED  # a holder that sets no limit: it always has room
-                free += max(0, slot.capacity - slot.busy)
+                free += more
             return free
 
         try:

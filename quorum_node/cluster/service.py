@@ -145,7 +145,7 @@ class ClusterService:
         self.key_sync: RecordSync | None = None  # API key records, agreed with every peer (attached by the node)
         # How many requests an engine of ours runs at once, as the health answer tells peers (set by the node:
         # the router's ``capacity_of``); by default what the engine says, if it does.
-        self.capacity_of: Callable[[Backend], int | None] = lambda b: getattr(b, "capacity", None)
+        self.capacity_of: Callable[[Backend], int | None] = lambda b: b.capacity
         self.waiting: Callable[[], int] = lambda: 0  # requests waiting for a holder with room (set by the node)
         self.member_sync = MemberReplicator(self)  # membership records, the same way
         self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)

@@ -276,6 +276,11 @@ class Admission:
         if e is not None:
             self._tidy(entry, e)
 
+    def wake_all(self) -> None:
+        """What the holders say of their load is new (an engine's refresh): every entry's waiters may go."""
+        for entry in list(self._entries):
+            self.wake(entry)
+
     # ------------------------------------------------------------------ what can be read
 
     def depth(self, entry: str | None = None) -> int:

@@ -68,6 +68,8 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
     quantization: _Label | None = None
     available: bool = True  # False: its engine is down for now (a request for it is 503, not 404)
     lineage: Lineage | None = None  # which model it is, whatever its engine calls it (``lineage.py``)
+    # a sharded holder (cluster/sharding.py): the nodes whose memory holds its layers; () for any other
+    helpers: Annotated[tuple[_Label, ...], msgspec.Meta(max_length=16)] = ()
 
     def names(self) -> tuple[str, ...]:
         return (self.id, *self.aliases)
@@ -105,6 +107,8 @@ class _Engine(Protocol):
     def name(self) -> str: ...
     @property
     def models(self) -> Sequence[_Model]: ...
+    @property
+    def helpers(self) -> tuple[str, ...]: ...
 
 
 class Engines(Protocol):
@@ -138,6 +142,7 @@ def card_of(engine: _Engine, m: _Model, node: str, *, available: bool = True) ->
         quantization=m.quantization,
         available=available,
         lineage=msgspec.structs.replace(m.lineage, why=()) if m.lineage is not None else None,
+        helpers=engine.helpers,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,11 +32,14 @@ from .backends.registry import Registry
 from .breaker import Breakers
 from .catalog import Catalog, cluster_stamp, entries_of
 from .cluster.identity import load_or_create_identity
+from .cluster.lending import Lending
 from .cluster.members_sync import RecordSigner
+from .cluster.sharding import Shard, Sharding
 from .control.admin_token import load_or_create as load_or_create_admin_token
 from .control.keys import open_keystore
 from .control.recorder import Records
 from .errors import ConfigError
+from .resources import Resources
 from .router import Router
 from .settings import BackendSpec, Settings
 
@@ -82,6 +86,7 @@ class Node:
         self.router.serve_variants = settings.serve_variants
         self.admission = Admission(max_waiting=settings.queue_max, timeout_s=settings.queue_timeout_s)
         self.router.admission = self.admission
+        self.registry.on_refresh.append(self.admission.wake_all)  # an engine that was full may have room now
         # Whole answers held in memory at once, node-wide (backends/budget.py)
         self.answer_budget = ByteBudget(settings.max_buffered_answers_bytes)
         self.embedded: LlamaServerProcess | None = None
@@ -102,6 +107,7 @@ class Node:
         self.ollama_port: int | None = None  # the second listener (--ollama-port), once bound
         self.peer_port: int = 0  # the peers' listener (mutual TLS), once bound; 0 in no cluster
         self._stopped = False
+        self._tasks: set[asyncio.Task[None]] = set()
         data_dir = Path(settings.data_dir)
         try:
             self.identity: NodeIdentity = load_or_create_identity(data_dir)
@@ -136,6 +142,12 @@ class Node:
             self.router.node_id = cluster.node_id  # holder ids: the same on every node (affinity.py)
             cluster.capacity_of = self.router.capacity_of
             cluster.waiting = self.admission.depth
+        # Sharded models (issue 22): what this machine could lend, the workers it lends, the models it leads
+        self.resources = Resources()
+        self.lending: Lending | None = None
+        self.sharding: Sharding | None = None
+        if self.cluster is not None:
+            self._wire_sharding(self.cluster)
         self.metrics: NodeMetrics | None = None
         if settings.metrics:
             from .control.metrics import NodeMetrics
@@ -195,6 +207,8 @@ class Node:
         stack.push_async_callback(self._stop_embedded)
         if self.cluster is not None:  # peer sessions and the relay connection (1001) close only after the drain
             stack.push_async_callback(self.cluster.stop)
+            # after the drain, before the peer sessions close: leases released, workers and shard engines stopped
+            stack.push_async_callback(self._stop_sharding)
         raise_fd_limit()
         app = self.app = create_app(self.parts())
         # In-flight requests are drained before the runner cleans up; by then only idle connections are left.
@@ -221,6 +235,7 @@ class Node:
             assert server is not None  # runner.setup() made it
             await self.cluster.start(peer_port=self.peer_port, http_server=server)
             stack.push_async_callback(self.cluster.stop_announcing)  # first at stop: peers stop sending
+            self._start_sharding()
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")
         log.info(
@@ -230,6 +245,77 @@ class Node:
             port=self.port,
             engines=[b.name for b in self.registry.backends.values()],
         )
+
+    def _wire_sharding(self, cluster: ClusterService) -> None:
+        """Lend this machine's memory (``lend``) and lead the ``[[shards]]`` (``cluster/sharding.py``)."""
+        from .embedded.fetch import llama_server_path, rpc_server_path
+
+        s = self.settings
+        cache = Path(s.cache_dir)
+
+        def built(path: Path) -> Path | None:
+            return path if os.access(path, os.X_OK) else None
+
+        if s.lend:
+            cluster.memory = lambda: self.resources.memory
+            self.lending = cluster.lending = Lending(
+                lambda: built(rpc_server_path(cache)),
+                cache / "rpc-cache",
+                lambda: self.resources.memory,
+                max_workers=s.lend_max_workers,
+            )
+
+        async def publish(url: str, name: str, helpers: tuple[str, ...]) -> None:
+            backend = self.registry.add(BackendSpec(kind="llamacpp", url=url, name=name))
+            backend.helpers = helpers
+            await self.registry.refresh_once()
+
+        async def withdraw(url: str) -> None:
+            self.registry.remove(url.rstrip("/"))
+            await self.registry.refresh_once()
+
+        self.sharding = Sharding(
+            lambda model, across, alias: Shard(
+                model,
+                across,
+                cluster,
+                binary=lambda: built(llama_server_path(cache)),
+                publish=publish,
+                withdraw=withdraw,
+                lease_s=s.shard_lease_s,
+                alias=alias,
+            )
+        )
+
+    def _start_sharding(self) -> None:
+        if self.lending is not None:
+            self._tasks.add(asyncio.create_task(self.lending.run(), name="lending"))
+        if self.cluster is not None:
+            self._tasks.add(asyncio.create_task(self._refresh_resources(), name="resources"))
+        if self.sharding is not None:
+            for spec in self.settings.shards:
+                self.sharding.lead(Path(spec.model).expanduser(), spec.across, spec.alias)
+
+    async def _refresh_resources(self) -> None:
+        """Task root: what this machine has free, as its health tells peers, kept fresh."""
+        while True:
+            try:
+                await self.resources.refresh()
+            except Exception:  # task root: log and go on
+                log.exception("resources_refresh_failed")
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _stop_sharding(self) -> None:
+        if self.sharding is not None:
+            await self.sharding.close()
+        if self.lending is not None:
+            await self.lending.close()
+        tasks, self._tasks = self._tasks, set()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
     def parts(self) -> Parts:
         """What the HTTP API is handed (``api.state.Parts``)."""
@@ -250,6 +336,7 @@ class Node:
             ledger=lambda: self.ledger,
             metrics=self.metrics,
             address=lambda: f"{s.host}:{self.port}",
+            sharding=self.sharding,
         )
 
     def _wants_embedded(self) -> bool:

@@ -505,7 +505,7 @@ class Router:
                         "attempt_refused", engine=target.engine, node=target.node, attempt=attempt, error=e.message
                     )
                 except EngineUnavailable as e:
-                    target.end(False, None)
+                    target.end(None if e.status == 429 else False, None)  # full is not broken: no verdict
                     if form[0] != op and not target.speaks(*form):  # no such API there after all
                         queue.insert(0, target)
                     last = e

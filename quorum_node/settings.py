@@ -53,6 +53,14 @@ class BackendSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         return f"BackendSpec(kind={self.kind!r}, url={self.url!r}, api_key={'***' if self.api_key else None})"
 
 
+class ShardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A model this node serves with other members' memory (``[[shards]]``; ``quorum-node shard``)."""
+
+    model: str  # a GGUF file on this node
+    across: int = 2  # how many members hold its layers
+    alias: str | None = None  # its name in the catalog (default: the file's stem, as llama-server's)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything quorum-node can be told. Units are in the names."""
 
@@ -104,8 +112,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     holder_failures: int = 3
     holder_reset_s: float = 5.0
     holder_max_reset_s: float = 60.0
-    # how many requests a holder runs at once, where its engine does not say (llama.cpp's slots do); 0: no limit
-    # of the node's (vLLM, SGLang, Ollama queue what they cannot run yet themselves). Past every holder's, a
+    # how many requests a holder runs at once, where its engine does not say (llama.cpp's slots do; vLLM's and
+    # SGLang's /metrics, while requests wait in theirs); 0: no limit of the node's (Ollama and the others queue
+    # what they cannot run yet themselves; Ollama's "server busy" is a 429). Past every holder's, a
     # request waits in the admission queue (admission.py): up to queue_max requests node-wide (0: none wait,
     # busy is 429 at once), each for at most queue_timeout_s (then 429)
     holder_concurrency: int = 0
@@ -122,6 +131,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # names of your own for models (TOML [model_aliases] "assistant" = "llama3.2:3b-instruct"; env
     # QUORUM_MODEL_ALIASES="assistant=llama3.2:3b-instruct,..."): for what the node cannot tell by itself
     model_aliases: dict[str, str] = {}
+    # sharded models (cluster/sharding.py, cluster/lending.py): this node leads the [[shards]] it is given,
+    # each over `across` members that lend memory (an rpc-server on their loopback, reached only through the
+    # peer link, on a lease renewed every shard_lease_s / 3); with lend, it lends up to lend_max_workers itself
+    shards: tuple[ShardSpec, ...] = ()
+    lend: bool = True
+    lend_max_workers: int = 2
+    shard_lease_s: float = 15.0
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0
     # the relay (quorum-relay) that joins this node to peers on other networks
@@ -339,6 +355,13 @@ def _validate(s: Settings) -> Settings:
     for alias, target in s.model_aliases.items():
         if not (_MODEL_NAME.fullmatch(alias) and _MODEL_NAME.fullmatch(target)) or alias == target:
             raise ConfigError(f"model_aliases: {alias!r} = {target!r} is not a name for another model")
+    for shard in s.shards:
+        if not 1 <= shard.across <= 16:
+            raise ConfigError(f"shards: {shard.model}: across must be 1 to 16, got {shard.across}")
+        if shard.alias is not None and not _MODEL_NAME.fullmatch(shard.alias):
+            raise ConfigError(f"shards: {shard.model}: {shard.alias!r} is not a model name")
+    if s.lend_max_workers < 1 or not 3.0 <= s.shard_lease_s <= 300.0:
+        raise ConfigError("lend_max_workers: at least 1; shard_lease_s: 3 to 300 seconds")
     if s.holder_concurrency < 0:
         raise ConfigError(f"holder_concurrency: must be 0 (no limit) or more, got {s.holder_concurrency}")
     if s.queue_max < 0:

@@ -45,8 +45,11 @@ import socket
 import sys
 import tempfile
 import time
+import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,12 @@ from tests.members_support import enrol
 
 ENGINES = 3
 SLOTS = 4
-ROUTES = ("sticky", "one-node", "three-nodes", "one-node-no-affinity")
+CONVERSATION_ROUTES = ("sticky", "one-node", "three-nodes", "one-node-no-affinity")
+OVERLOAD_ROUTES = ("overload", "overload-direct")
+OVERLOAD_FACTOR = 2  # the heavy key keeps this many requests going per slot of the engines
+GOAL_LIGHT_P90 = 1.5  # the light key's p90 under the flood, x its p90 alone
+FLOOD_CAP_S = 600.0  # the flood stops by itself after this long, whatever happens
+ROUTES = CONVERSATION_ROUTES + OVERLOAD_ROUTES
 GOAL_EVALUATED = 1.05  # × sticky's
 GOAL_SHARE = 0.20  # of the route's evaluated tokens, each engine
 GOAL_P90 = 1.2  # × sticky's
@@ -325,15 +333,202 @@ async def run_route(
     return result
 
 
-# --- Hook: scenarios after the conversations -------------------------------------------------------------
-# An ``--overload`` scenario (more work than the engines' slots, against the admission queue) is to be added
-# here: it is called with the routes measured above, after them, and returns its rows for the report (and,
-# by its own goals, whether they held). Not built yet.
+# ---------------------------------------------------------------------------
+# Overload: a heavy key floods the engines, a light key goes on (the admission queue)
 
 
-async def more_scenarios(routes: list[str], args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
-    """Extra scenarios over ``routes``: none yet. Returns (report rows, whether their goals held)."""
-    return {}, True
+@dataclass
+class Overload:
+    """One overload route's run: the light key's latencies in three phases, and what the flood got."""
+
+    route: str
+    alone: list[float] = field(default_factory=list)  # nothing else running
+    full: list[float] = field(default_factory=list)  # the heavy key keeps every slot busy, no more
+    flooded: list[float] = field(default_factory=list)  # the heavy key keeps OVERLOAD_FACTOR x the slots going
+    statuses: Counter[int] = field(default_factory=Counter)  # every answer while the heavy key ran, both keys
+    heavy_served: int = 0  # during the flood
+    waits: dict[str, list[float]] | None = None  # the node's records: each key's queue waits in the flood, seconds
+
+    def row(self) -> dict[str, Any]:
+        alone, full, flooded = (pct(x, 0.9) for x in (self.alone, self.full, self.flooded))
+        out: dict[str, Any] = {
+            "light_p90_alone_s": alone,
+            "light_p90_full_s": full,
+            "light_p90_flooded_s": flooded,
+            "light_p90_vs_alone": flooded / alone,
+            "light_p90_vs_full": flooded / full,
+            "statuses": dict(sorted(self.statuses.items())),
+            "server_errors": sum(n for s, n in self.statuses.items() if s >= 500),
+            "heavy_served": self.heavy_served,
+        }
+        if self.waits is not None:
+            for who, waits in self.waits.items():
+                out[f"{who}_queued"] = sum(1 for w in waits if w > 0)
+                out[f"{who}_queue_wait_p90_s"] = pct(waits, 0.9) if waits else 0.0
+        return out
+
+
+def short_prompt(who: str, i: int) -> list[dict[str, str]]:
+    """A request of its own (no prompt shared with another beyond its first words), about 80 tokens."""
+    text = " ".join(islice(sentences(zlib.crc32(f"{who}/{i}".encode())), 6))
+    return [{"role": "user", "content": f"{text} Say what this is about."}]
+
+
+async def ask(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], model_id: str, who: str, i: int, max_tokens: int
+) -> tuple[int, float]:
+    """One request; its status and latency (an error is counted, never raised)."""
+    body = {"model": model_id, "messages": short_prompt(who, i), "max_tokens": max_tokens, "temperature": 0}
+    t0 = time.perf_counter()
+    try:
+        async with http.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+            await r.read()
+            status = r.status
+    except aiohttp.ClientError:
+        status = 599  # the connection broke: as bad as a 5xx
+    return status, time.perf_counter() - t0
+
+
+async def queue_waits(http: aiohttp.ClientSession, url: str, since: float) -> dict[str, list[float]]:
+    """Each key's queue waits (seconds; 0: it did not wait) from the node's last 1,000 records since ``since``."""
+    async with http.get(url + "/quorum/admin/recent", params={"limit": "1000"}) as r:
+        r.raise_for_status()
+        records = (await r.json())["records"]
+    out: dict[str, list[float]] = {}
+    for rec in records:
+        if rec["time"] >= since and rec.get("operation") == "chat":
+            out.setdefault(rec.get("key_name") or "", []).append((rec.get("queue_ms") or 0.0) / 1000)
+    return out
+
+
+async def run_overload(route: str, args: argparse.Namespace, binary: Path, model: Path, tmp: Path) -> Overload:
+    """The light key's requests, one after another: alone, while the heavy key keeps every slot of the engines
+    busy, and while it keeps ``OVERLOAD_FACTOR`` x that many going. ``overload`` goes through one node (its
+    queue takes turns across keys); ``overload-direct`` straight to the engines, each of which queues in
+    arrival order (for the record)."""
+    result = Overload(route)
+    model_id = model.name.removesuffix(".gguf")
+    nodes = Nodes(tmp / route)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with (
+        Engines(binary, model, args) as engines,
+        aiohttp.ClientSession(timeout=timeout, connector=connector) as http,
+    ):
+        try:
+            keys: dict[str, dict[str, str]] = {"light": {}, "heavy": {}}
+            url = ""
+            if route == "overload":
+                backends = [(f"e{i}", e) for i, e in enumerate(engines)]
+                url = await asyncio.to_thread(nodes.start, "n0", backends)
+                await wait_model(http, url, model_id, READY_TIMEOUT_S)
+                for who in keys:
+                    async with http.post(url + "/quorum/admin/keys", json={"name": who}) as r:
+                        r.raise_for_status()
+                        keys[who] = {"Authorization": f"Bearer {(await r.json())['key']}"}
+            entry: Callable[[int], str] = (lambda i: url) if url else (lambda i: engines[i % ENGINES])
+            sent = 0  # every request its own prompt
+
+            async def light(into: list[float]) -> None:
+                nonlocal sent
+                for _ in range(args.light_requests):
+                    sent += 1
+                    status, seconds = await ask(
+                        http, entry(sent), keys["light"], model_id, "light", sent, args.max_tokens
+                    )
+                    if into is not result.alone:
+                        result.statuses[status] += 1
+                    elif status != 200:
+                        raise RuntimeError(f"{route}: the light key alone got {status}")
+                    into.append(seconds)
+
+            async def under(workers: int, into: list[float]) -> int:
+                """The light key's requests while ``workers`` heavy requests go on at all times; heavy served."""
+                stop = asyncio.Event()
+                deadline = time.monotonic() + FLOOD_CAP_S
+                served = 0
+
+                async def heavy(w: int) -> None:
+                    nonlocal served
+                    i = 0
+                    while not stop.is_set() and time.monotonic() < deadline:
+                        status, _ = await ask(
+                            http, entry(w + i), keys["heavy"], model_id, f"heavy{workers}/{w}", i, args.max_tokens
+                        )
+                        result.statuses[status] += 1
+                        served += status == 200
+                        i += 1
+
+                tasks = [asyncio.create_task(heavy(w)) for w in range(workers)]
+                try:
+                    await asyncio.sleep(args.flood_warmup)  # every slot taken (and the queue, or the engines', full)
+                    await light(into)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*tasks)  # the last heavy requests finish: bounded by their own timeout
+                return served
+
+            await light(result.alone)
+            await under(ENGINES * SLOTS, result.full)
+            since = time.time()
+            result.heavy_served = await under(OVERLOAD_FACTOR * ENGINES * SLOTS, result.flooded)
+            if url:
+                result.waits = await queue_waits(http, url, since)
+        finally:
+            nodes.stop()
+    return result
+
+
+def report_overload(results: dict[str, Overload]) -> tuple[dict[str, Any], bool]:
+    rows = {name: r.row() for name, r in results.items()}
+    print()
+    print(
+        f"{'overload route':<16} {'light p90: alone s':>18} {'full s':>6} {'flooded s':>9} {'vs alone':>8} "
+        f"{'vs full':>7} {'heavy served':>12} {'5xx':>4}  queue waits in the flood (node's records)"
+    )
+    for name, row in rows.items():
+        waits = (
+            ", ".join(
+                f"{who} {row[f'{who}_queued']} waited, p90 {row[f'{who}_queue_wait_p90_s']:.2f} s"
+                for who in ("light", "heavy")
+                if f"{who}_queued" in row
+            )
+            or "-"
+        )
+        print(
+            f"{name:<16} {row['light_p90_alone_s']:>18.2f} {row['light_p90_full_s']:>6.2f} "
+            f"{row['light_p90_flooded_s']:>9.2f} {row['light_p90_vs_alone']:>8.2f} {row['light_p90_vs_full']:>7.2f} "
+            f"{row['heavy_served']:>12} {row['server_errors']:>4}  {waits}"
+        )
+    print(
+        f"(full: the heavy key keeps the engines' {ENGINES * SLOTS} slots busy; flooded: "
+        f"{OVERLOAD_FACTOR} x that many going; statuses: "
+        + "; ".join(f"{n}: " + " ".join(f"{s} x{c}" for s, c in r["statuses"].items()) for n, r in rows.items())
+        + ")"
+    )
+    print()
+    all_ok = True
+    for name, row in rows.items():
+        record = name != "overload"
+        goals = [
+            ("5xx under load", str(row["server_errors"]), row["server_errors"] == 0, "0"),
+            (
+                "light key's p90 flooded",
+                f"{row['light_p90_vs_alone']:.2f} x alone",
+                row["light_p90_vs_alone"] <= GOAL_LIGHT_P90,
+                f"<= {GOAL_LIGHT_P90}",
+            ),
+        ]
+        if not record:
+            queued = row.get("heavy_queued", 0) + row.get("light_queued", 0)
+            goals.append(("queue wait reported", f"{queued} requests waited", queued > 0, "> 0"))
+        for goal, measured, ok, wanted in goals:
+            what = f"{goal} {measured}"
+            print(f"  {name:<16} {what:<40} (goal {wanted}): {verdict(ok)}{'  (for the record)' if record else ''}")
+            row.setdefault("goals", {})[goal] = ok
+            if not record:
+                all_ok = all_ok and ok
+    return rows, all_ok
 
 
 # ---------------------------------------------------------------------------
@@ -408,31 +603,49 @@ async def bench(args: argparse.Namespace, routes: list[str]) -> tuple[dict[str, 
     cache = Path(load_settings().cache_dir)
     binary, model = ensure_llama_server(cache), ensure_model(cache)
     tmp = Path(tempfile.mkdtemp(prefix="quorum-bench-cluster-"))
-    one = LlamaServerProcess(binary, model, threads=args.engine_threads)  # only to size the documents
-    await one.start()
-    try:
-        await one.wait_ready(READY_TIMEOUT_S)
-        async with aiohttp.ClientSession() as http:
-            docs = [await document(http, one.url, c, args.doc_tokens) for c in range(args.conversations)]
-    finally:
-        await one.stop()
-    print(
-        f"{args.conversations} conversations x {args.turns} turns, documents of ~{args.doc_tokens} tokens, "
-        f"max_tokens {args.max_tokens}; {ENGINES} llama-servers ({model.name}, {SLOTS} slots, "
-        f"{args.engine_threads} thread(s) each) per route"
-    )
+    docs: list[str] = []
+    if any(r in CONVERSATION_ROUTES for r in routes):
+        one = LlamaServerProcess(binary, model, threads=args.engine_threads)  # only to size the documents
+        await one.start()
+        try:
+            await one.wait_ready(READY_TIMEOUT_S)
+            async with aiohttp.ClientSession() as http:
+                docs = [await document(http, one.url, c, args.doc_tokens) for c in range(args.conversations)]
+        finally:
+            await one.stop()
+        print(
+            f"{args.conversations} conversations x {args.turns} turns, documents of ~{args.doc_tokens} tokens, "
+            f"max_tokens {args.max_tokens}; {ENGINES} llama-servers ({model.name}, {SLOTS} slots, "
+            f"{args.engine_threads} thread(s) each) per route"
+        )
+    if any(r in OVERLOAD_ROUTES for r in routes):
+        print(
+            f"overload: a light key's {args.light_requests} requests in turn, alone and while a heavy key keeps "
+            f"{OVERLOAD_FACTOR * ENGINES * SLOTS} going on {ENGINES} llama-servers' {ENGINES * SLOTS} slots "
+            f"(~80-token prompts, max_tokens {args.max_tokens})"
+        )
     results: dict[str, Result] = {}
+    overloads: dict[str, Overload] = {}
     try:
         for route in routes:
             print(f"  {route} ...", end="", flush=True)
-            results[route] = await run_route(route, args, binary, model, docs, tmp)
-            print(f" {results[route].wall_s:.0f} s", flush=True)
+            if route in OVERLOAD_ROUTES:
+                overloads[route] = await run_overload(route, args, binary, model, tmp)
+            else:
+                results[route] = await run_route(route, args, binary, model, docs, tmp)
+                print(f" {results[route].wall_s:.0f} s", end="", flush=True)
+            print(flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the nodes' data dirs
-    rows, ok = report(results)
-    extra, extra_ok = await more_scenarios(routes, args)
-    rows.update(extra)
-    return rows, ok and extra_ok
+    rows: dict[str, Any] = {}
+    ok = True
+    if results:
+        rows, ok = report(results)
+    if overloads:
+        more, more_ok = report_overload(overloads)
+        rows.update(more)
+        ok = ok and more_ok
+    return rows, ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -440,6 +653,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="scripts/bench-cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--routes", default=",".join(ROUTES), help=f"comma list of {', '.join(ROUTES)}")
+    ap.add_argument("--light-requests", type=int, default=20, help="the light key's requests, alone and flooded")
+    ap.add_argument("--flood-warmup", type=float, default=3.0, help="seconds of flood before the light key goes on")
     ap.add_argument("--conversations", type=int, default=12)
     ap.add_argument("--turns", type=int, default=5)
     ap.add_argument(

@@ -8,6 +8,8 @@ token; the trust middleware checks it for all of them):
   (``control/usage.py``).
 - ``GET /quorum/admin/usage/series?since=&bucket=&by=``: totals per time bucket.
 - ``GET /quorum/admin/recent?limit=``: this node's latest records.
+- ``GET|POST /quorum/admin/shards``, ``DELETE /quorum/admin/shards/{shard}``: the sharded models this node
+  leads (``cluster/sharding.py``; ``quorum-node shard``), and the workers it lends.
 - ``GET /quorum/admin/members``, ``DELETE /quorum/admin/members/{member}``: the
   cluster's members; removing one (the CLI's ``cluster members`` / ``remove``).
 
@@ -18,7 +20,8 @@ node's auth like the API.
 from __future__ import annotations
 
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import structlog
@@ -28,7 +31,12 @@ from ..control.ledger import BY, Ledger
 from ..control.metrics import CONTENT_TYPE_LATEST
 from ..control.usage import MAX_RECENT, MAX_SERIES_BUCKETS, ClusterUsage, cluster_usage, parse_since
 from ..errors import BadRequest, NotFound, Unavailable
-from .state import CLUSTER, LEDGER, METRICS, NAME
+from ..names import MODEL_ID_PATTERN
+from .body import read_body
+from .state import CLUSTER, LEDGER, METRICS, NAME, SETTINGS, SHARDING
+
+if TYPE_CHECKING:
+    from ..cluster.sharding import Sharding
 
 __all__ = ["query_by", "query_since", "routes"]
 
@@ -36,8 +44,8 @@ log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
 
 
-def _json(obj: Any) -> web.Response:
-    return web.Response(body=_encode(obj), content_type="application/json")
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(obj), status=status, content_type="application/json")
 
 
 def query_by(request: web.Request) -> str:
@@ -137,6 +145,66 @@ async def remove_member(request: web.Request) -> web.Response:
     return _json({"removed": node_id})
 
 
+class ShardOrder(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /quorum/admin/shards``: lead a model across members' memory (``quorum-node shard``)."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    across: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
+    alias: Annotated[str, msgspec.Meta(pattern=MODEL_ID_PATTERN)] | None = None
+
+
+def _sharding_of(request: web.Request) -> Sharding:
+    sharding = request.app[SHARDING]
+    if sharding is None:
+        raise NotFound("This node is in no cluster: it has no members to shard a model across", code="no_cluster")
+    return sharding
+
+
+def model_file(name: str, cache_dir: Path) -> Path | None:
+    """A GGUF file this node has: a path, or the name of one in its model cache (``SmolLM2-135M-Instruct``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    if "/" in name or name.startswith("."):
+        return None
+    for candidate in (cache_dir / "models" / name, cache_dir / "models" / f"{name}.gguf"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+async def shards(request: web.Request) -> web.Response:
+    """``GET /quorum/admin/shards``: the sharded models this node leads, and the workers it lends."""
+    sharding = _sharding_of(request)
+    cluster = request.app[CLUSTER]
+    lending = cluster.lending if cluster is not None else None
+    return _json({"leading": sharding.status(), "lending": lending.loans() if lending is not None else None})
+
+
+async def lead_shard(request: web.Request) -> web.Response:
+    sharding = _sharding_of(request)
+    raw = await read_body(request)
+    try:
+        order = msgspec.json.decode(raw, type=ShardOrder)
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"Not a shard order: {e}", code="bad_shard_order") from None
+    path = model_file(order.model, Path(request.app[SETTINGS].cache_dir))
+    if path is None:
+        raise NotFound(
+            f"No GGUF file {order.model!r} on this node (a path, or a name in its model cache)",
+            code="model_file_not_found",
+        )
+    shard = sharding.lead(path, order.across, order.alias)
+    return _json(shard.status(), status=202)
+
+
+async def drop_shard(request: web.Request) -> web.Response:
+    sid = request.match_info["shard"]
+    if not await _sharding_of(request).drop(sid):
+        raise NotFound(f"This node leads no shard {sid!r}", code="shard_not_found")
+    return _json({"stopped": sid})
+
+
 async def metrics(request: web.Request) -> web.Response:
     node_metrics = request.app[METRICS]
     if node_metrics is None:
@@ -153,5 +221,11 @@ def routes(*, cluster: bool) -> list[web.RouteDef]:
         web.get("/metrics", metrics),
     ]
     if cluster:
-        out += [web.get("/quorum/admin/members", members), web.delete("/quorum/admin/members/{member}", remove_member)]
+        out += [
+            web.get("/quorum/admin/members", members),
+            web.delete("/quorum/admin/members/{member}", remove_member),
+            web.get("/quorum/admin/shards", shards),
+            web.post("/quorum/admin/shards", lead_shard),
+            web.delete("/quorum/admin/shards/{shard}", drop_shard),
+        ]
     return out

@@ -42,6 +42,7 @@ from .state import (
     REQUEST_ID,
     ROUTER,
     SETTINGS,
+    SHARDING,
     TRUSTED,
     Parts,
     request_id_for,
@@ -327,6 +328,7 @@ def create_app(parts: Parts) -> web.Application:
     app[CLUSTER] = parts.cluster
     app[LEDGER] = parts.ledger
     app[METRICS] = parts.metrics
+    app[SHARDING] = parts.sharding
     app[ADDRESS] = parts.address
     app[ANSWER_BUDGET] = parts.answer_budget
     app.router.add_routes(openai.routes())

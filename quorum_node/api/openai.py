@@ -69,7 +69,11 @@ def _model_card(mid: str, entries: list[ModelCard]) -> dict[str, Any]:
         "nodes": sorted({e.node for e in entries}),
         "aliases": sorted({a for e in entries for a in e.names()} - {mid}),
         "holders": sorted(
-            ({"node": e.node, "engine": e.holder or e.engine, "id": e.id} for e in entries),
+            (
+                {"node": e.node, "engine": e.holder or e.engine, "id": e.id}
+                | ({"helpers": list(e.helpers)} if e.helpers else {})  # a sharded holder (cluster/sharding.py)
+                for e in entries
+            ),
             key=lambda h: (h["node"], h["engine"], h["id"]),
         ),
         **{k: v for k, v in described.items() if v},

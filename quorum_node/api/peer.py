@@ -15,21 +15,39 @@ member the link proved, and each endpoint here is for members only, except:
 - ``GET|POST /quorum/v1/keys`` → the API key records (``control/replication.py``)
 - ``GET|POST /quorum/v1/members`` → the membership records
 - ``GET /quorum/v1/usage`` → this node's ledger rows, for a peer summing the cluster
+- ``POST /quorum/v1/shards/lend|renew|release`` → a worker lent to a leader's sharded model
+  (``cluster/lending.py``); ``GET /quorum/v1/shards/tunnel?shard=`` → the WebSocket that carries the
+  leader's engine's stream to it (``cluster/tunnel.py``), on the peer port only, for the member that leased it
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from aiohttp import web
 
 from ..cluster.join import JOIN_PATH, MAX_JOIN_BYTES
+from ..cluster.lending import (
+    LEND_PATH,
+    MAX_SHARD_BYTES,
+    RELEASE_PATH,
+    RENEW_PATH,
+    TUNNEL_PATH,
+    Lending,
+    LendRefused,
+    LendRequest,
+    ShardRef,
+)
 from ..cluster.members_sync import MAX_MEMBERS_BYTES, MEMBERS_PATH
+from ..cluster.tunnel import MAX_MESSAGE, Counted
+from ..cluster.tunnel import join as join_streams
 from ..control.replication import KEYS_PATH, MAX_KEYS_BYTES
 from ..control.usage import UsageAnswer
-from ..errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
+from ..errors import ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
 from ..names import is_loopback
 from .admin import ledger_of, query_by, query_since
 from .body import read_body
@@ -42,6 +60,7 @@ if TYPE_CHECKING:
 __all__ = ["routes"]
 
 _encode = msgspec.json.Encoder().encode
+_T = TypeVar("_T")
 
 
 def _json(body: bytes) -> web.Response:
@@ -153,7 +172,67 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
         rows = await ledger_of(request).query(since, by, entry_only=True)
         return _json(_encode(UsageAnswer(node=request.app[NAME], rows=rows)))
 
+    def lending() -> Lending:
+        if cluster.lending is None:
+            raise NotFound("This node lends no memory (`lend = false`)", code="no_lending")
+        return cluster.lending
+
+    async def shard_message(request: web.Request, kind: type[_T]) -> tuple[str, _T]:
+        peer = _member(request)
+        raw = await _capped_body(request, MAX_SHARD_BYTES, "Shard messages")
+        try:
+            return peer, msgspec.json.decode(raw, type=kind)
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"Not a shard message: {e}", code="bad_shard_message") from None
+
+    async def lend(request: web.Request) -> web.Response:
+        peer, req = await shard_message(request, LendRequest)
+        try:
+            answer = await lending().lend(peer, req)
+        except LendRefused as e:
+            raise ApiError(e.message, status=e.status, type_="server_error", code="cannot_lend") from None
+        return _json(_encode(answer))
+
+    async def renew(request: web.Request) -> web.Response:
+        peer, ref = await shard_message(request, ShardRef)
+        if not lending().renew(peer, ref.shard):
+            raise NotFound(f"No worker for shard {ref.shard!r} here (its lease ran out?)", code="no_worker")
+        return _json(b"{}")
+
+    async def release(request: web.Request) -> web.Response:
+        peer, ref = await shard_message(request, ShardRef)
+        await lending().release(peer, ref.shard)
+        return _json(b"{}")
+
+    async def tunnel(request: web.Request) -> web.StreamResponse:
+        peer = _member(request)
+        if cluster.peer_port_tls(request) is None:
+            raise Forbidden("A tunnel is opened on the peer port", code="not_peer_port", retryable=False)
+        shard = request.query.get("shard", "")
+        port = lending().port(peer, shard)
+        if port is None:
+            raise NotFound(f"No worker for shard {shard!r} here", code="no_worker")
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, autoping=True)
+        if not ws.can_prepare(request).ok:
+            raise BadRequest("A tunnel is a WebSocket upgrade", code="not_websocket")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=MAX_MESSAGE)
+        except OSError as e:
+            raise ApiError(f"The worker is not answering: {e}", status=503, type_="server_error") from None
+        try:
+            await ws.prepare(request)
+        except BaseException:
+            writer.close()  # never joined: the worker's side is closed here
+            raise
+        with contextlib.suppress(ConnectionError):
+            await join_streams(ws, reader, writer, Counted())  # closes both, however it ends
+        return ws
+
     return [
+        web.post(LEND_PATH, lend),
+        web.post(RENEW_PATH, renew),
+        web.post(RELEASE_PATH, release),
+        web.get(TUNNEL_PATH, tunnel),
         web.get("/quorum/v1/health", health),
         web.get("/quorum/v1/catalog", catalog),
         web.get("/quorum/v1/peers", peers),

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ..backends.registry import Registry
     from ..catalog import Catalog, CatalogView
     from ..cluster.service import ClusterService
+    from ..cluster.sharding import Sharding
     from ..control.keys import Grant, KeyStore
     from ..control.ledger import Ledger
     from ..control.metrics import NodeMetrics
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADDRESS",
+    "SHARDING",
     "ANSWER_BUDGET",
     "API_KEY",
     "CATALOG",
@@ -74,6 +76,7 @@ class Parts:
     ledger: Callable[[], Ledger | None]  # opened as the node starts; None with --no-ledger
     metrics: NodeMetrics | None
     address: Callable[[], str]  # host:port this node answers at (once bound)
+    sharding: Sharding | None = None  # the sharded models this node leads (None: not in a cluster)
 
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -87,6 +90,7 @@ RECORDS: web.AppKey[Records] = web.AppKey("records")
 KEYS: web.AppKey[KeyStore] = web.AppKey("keys")
 CLUSTER: web.AppKey[ClusterService | None] = web.AppKey("cluster")
 LEDGER: web.AppKey[Callable[[], Ledger | None]] = web.AppKey("ledger")
+SHARDING: web.AppKey[Sharding | None] = web.AppKey("sharding")
 METRICS: web.AppKey[NodeMetrics | None] = web.AppKey("metrics")
 ANSWER_BUDGET: web.AppKey[ByteBudget] = web.AppKey("answer_budget")  # whole answers held, node-wide
 ADDRESS: web.AppKey[Callable[[], str]] = web.AppKey("address")  # host:port, once bound

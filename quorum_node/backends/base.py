@@ -176,6 +176,8 @@ class Backend(ABC):
         # How many requests the engine serves at once, where it says (llama.cpp's slots); None: it does not.
         self.capacity: int | None = None
         self.last_error: str | None = None
+        # A sharded model's engine (cluster/sharding.py): the members whose memory holds its layers
+        self.helpers: tuple[str, ...] = ()
 
     @abstractmethod
     async def refresh(self) -> None:

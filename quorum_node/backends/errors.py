@@ -40,6 +40,8 @@ _ELSEWHERE_ENGINE = frozenset({401, 403, 404, 408, 409, 429})
 #: The same for a peer: its catalog changed under us (404), it is busy (408, 429), or its keys or clock
 #: disagree with ours (401). A peer's 403 and 409 are its verdict on the request, passed on.
 _ELSEWHERE_PEER = frozenset({401, 404, 408, 429})
+#: How Ollama's 503 says its queue is full (``OLLAMA_MAX_QUEUE``): the engine is busy, not failing (a 429).
+_OLLAMA_BUSY = "server busy"
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -109,6 +111,8 @@ def map_error_answer(
         )
     if status == 501 and not peer:
         return EngineRejected(NotSupported(_not_offered(engine, message), code="not_supported"), engine=engine)
+    if status == 503 and not peer and message.startswith(_OLLAMA_BUSY):  # its queue is full: busy, not broken
+        status = 429
     if (status >= 500 and status != 501) or status < 400 or status in (_ELSEWHERE_PEER if peer else _ELSEWHERE_ENGINE):
         if status in (401, 403) and not peer:
             message = f"engine {engine} refused quorum's credentials ({message}); check its api_key"

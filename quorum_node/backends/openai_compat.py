@@ -40,6 +40,7 @@ from .base import (
     Timeouts,
 )
 from .errors import check_answer, engine_failed, map_error_answer
+from .gauges import MAX_METRICS_BYTES, Gauges, capacity_of, read_gauges
 from .native import (
     PROBE_BODIES,
     BadShape,
@@ -92,14 +93,17 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     request_model: str | None = None  # TGI routes by nothing; "tgi" is safe
     path_ids: bool = False  # llama.cpp names models by file path
     load_path: str | None = None  # where the engine tells how busy it is
+    gauges: Gauges | None = None  # its /metrics gauges of requests running and waiting (``gauges.py``)
     native: frozenset[str] = NATIVE_OPS  # the native APIs worth a probe (backends/native.py)
 
 
 PROFILES: dict[str, Profile] = {
     p.kind: p
     for p in (
-        Profile(kind="vllm", load_path="/load"),
-        Profile(kind="sglang"),
+        Profile(
+            kind="vllm", load_path="/load", gauges=Gauges("vllm:num_requests_running", "vllm:num_requests_waiting")
+        ),
+        Profile(kind="sglang", gauges=Gauges("sglang:num_running_reqs", "sglang:num_queue_reqs")),
         Profile(kind="llamacpp", path_ids=True, load_path="/slots"),
         Profile(
             kind="tgi",
@@ -174,15 +178,20 @@ class OpenAICompatBackend(Backend):
         self._props: LlamaProps | None = None
         self._props_for: tuple[str, ...] | None = None
         self._slots: int | None = None  # llama.cpp: the slots /slots listed at the last refresh
+        self._full_at: int | None = None  # vLLM, SGLang: what ran while some waited, at the last refresh
 
     # -- discovery -------------------------------------------------------
 
     async def _get(self, path: str) -> tuple[int, bytes]:
         """GET a probe route: its status and body (b"" if the body is larger than ``MAX_PROBE_BYTES``)."""
+        return await self._get_capped(path, MAX_PROBE_BYTES)
+
+    async def _get_capped(self, path: str, cap: int) -> tuple[int, bytes]:
+        """GET a probe route: its status and body (b"" if the body is larger than ``cap``)."""
         async with self._session.get(
             self.url + path, headers=self._headers, timeout=self._probe_timeout, allow_redirects=False
         ) as resp:
-            raw = await read_capped(HttpAnswer(resp), MAX_PROBE_BYTES)
+            raw = await read_capped(HttpAnswer(resp), cap)
             return resp.status, raw if raw is not None else b""
 
     async def refresh(self) -> None:
@@ -266,8 +275,20 @@ class OpenAICompatBackend(Backend):
             log.warning("engine_native_api_gone", engine=self.name, op=op)
 
     async def _engine_load(self) -> int | None:
-        """Requests the engine itself says it is working on (everyone's, not only ours); None if it does not say."""
+        """Requests the engine itself says it is working on or holding (everyone's, not only ours); None if it
+        does not say. vLLM and SGLang say it in their ``/metrics`` gauges, which also tell whether they are full
+        (``gauges.py``); llama.cpp in ``/slots``; vLLM without metrics in ``/load``."""
         self._slots = None
+        self._full_at = None
+        if self.profile.gauges is not None:
+            try:
+                status, raw = await self._get_capped("/metrics", MAX_METRICS_BYTES)
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                status, raw = 0, b""
+            said = read_gauges(raw, self.profile.gauges) if status == 200 else None
+            if said is not None:
+                self._full_at = capacity_of(said)
+                return said.running + said.waiting
         if self.profile.load_path is None:
             return None
         try:
@@ -287,9 +308,10 @@ class OpenAICompatBackend(Backend):
 
     def _capacity(self) -> int | None:
         """How many requests the engine serves at once, where it says: llama.cpp's slots (``/slots``, else
-        ``/props`` ``total_slots``). vLLM and SGLang schedule as memory allows: no fixed number."""
+        ``/props`` ``total_slots``); vLLM and SGLang, which schedule as memory allows, only while they are full
+        (requests wait in their own queue: what runs is all they take)."""
         if self.kind != "llamacpp":
-            return None
+            return self._full_at
         total = self._props.total_slots if self._props is not None else None
         return self._slots or total or None
 

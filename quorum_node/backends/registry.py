@@ -59,6 +59,7 @@ class Registry:
         # Called after a refresh that changed an engine, its state or its models (any fact of one: /api/ps lists
         # which are loaded); the catalog (catalog.py) is rebuilt from it.
         self.on_change: list[Callable[[], None]] = []
+        self.on_refresh: list[Callable[[], None]] = []  # after every refresh: what engines say of their load is new
         # Engines being prepared (the embedded one builds and loads before it has a URL).
         self.pending: set[str] = set()
         self._digest: tuple[object, ...] = ()
@@ -132,6 +133,8 @@ class Registry:
             self._digest = digest
             for cb in self.on_change:
                 cb()
+        for cb in self.on_refresh:
+            cb()
         self._refreshed.set()
 
     async def _refresh(self, url: str, backend: Backend) -> None:

@@ -11,6 +11,7 @@ and the config file) and hands both to the command.
     cluster   ``cluster …``, ``invite``, ``join``: membership
     keys      ``keys create|list|revoke``: API keys
     usage     ``usage``: totals from the ledger
+    shard     ``shard``: a model across other members' memory
     engine    ``engine fetch|start``: the bundled llama-server
 """
 
@@ -28,6 +29,7 @@ from .common import run_settings, tool_settings
 from .engine import add_engine_commands
 from .keys import add_keys_command
 from .run import add_run_command
+from .shard import add_shard_command
 from .show import add_show_commands
 from .usage import add_usage_command
 
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_commands(sub)
     add_usage_command(sub)
     add_keys_command(sub)
+    add_shard_command(sub)
     return parser
 
 

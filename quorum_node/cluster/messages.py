@@ -31,6 +31,7 @@ import structlog
 
 from ..catalog import ModelCard
 from ..names import NAME_PATTERN, NODE_ID_PATTERN
+from ..resources import Memory
 from .members import Candidate
 
 __all__ = [
@@ -77,6 +78,7 @@ class NodeLoad(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: _Count = 0
     engines: Annotated[list[EngineLoad], msgspec.Meta(max_length=256)] = []
     waiting: _Count = 0  # requests waiting for a holder with room (its admission queue)
+    memory: Memory | None = None  # what it could lend a sharded model (None: an older peer, or it lends none)
 
 
 class Identity(msgspec.Struct, frozen=True, kw_only=True):

@@ -42,11 +42,13 @@ from ..backends.upstream import read_capped
 from ..breaker import Breakers
 from ..catalog import ModelCard, local_cards
 from ..errors import EngineUnavailable
+from ..resources import Memory
 from .catalogs import PeerCatalogs
 from .context import RecordSync
 from .forward import PeerTarget
 from .identity import NodeIdentity
 from .join import JoinHandler
+from .lending import Lending
 from .links import HttpLink, PeerLink, RelayPeerLink
 from .members import MemberStore, encode_records
 from .members_sync import MAX_NEW_INTRODUCED, MemberReplicator
@@ -68,6 +70,7 @@ from .peers import (
     PeerDraining,
     PeerEvent,
     PeerRemoved,
+    PeerState,
     PeerSuspect,
     PeerTable,
     PeerUp,
@@ -76,6 +79,7 @@ from .pipe import PipeError, PipeResponse, serve_in_memory
 from .probing import Prober
 from .relay import RelayLink
 from .scoring import RetryBudget, pick
+from .sharding import Lender
 from .tls import PeerTLS
 
 if TYPE_CHECKING:
@@ -147,6 +151,10 @@ class ClusterService:
         # the router's ``capacity_of``); by default what the engine says, if it does.
         self.capacity_of: Callable[[Backend], int | None] = lambda b: b.capacity
         self.waiting: Callable[[], int] = lambda: 0  # requests waiting for a holder with room (set by the node)
+        # What this node could lend a sharded model, as its health says (set by the node; None: it lends none),
+        # and the workers it lends (``lending.py``; set by the node where ``lend`` is on)
+        self.memory: Callable[[], Memory | None] = lambda: None
+        self.lending: Lending | None = None
         self.member_sync = MemberReplicator(self)  # membership records, the same way
         self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)
         self.joins = JoinHandler(self)  # new machines with an invite
@@ -295,6 +303,19 @@ class ClusterService:
         if peer.relay and self.relay is not None:
             out.append(RelayPeerLink(self.relay, peer.node_id))
         return out
+
+    def lenders(self) -> list[Lender]:
+        """Members that could lend a sharded model memory now: up, on the LAN, saying what they have free;
+        the most free first (``sharding.py``). A peer reachable only through the relay is not one yet."""
+        out = []
+        for peer in self.table.all():
+            memory = peer.load.memory if peer.load is not None else None
+            if peer.state is not PeerState.UP or peer.draining or memory is None or not peer.info.address:
+                continue
+            ctx = self.tls.client_for(peer.node_id)
+            if ctx is not None and memory.free > 0:
+                out.append(Lender(peer.node_id, peer.info.name or peer.node_id, peer.info.address, ctx, memory))
+        return sorted(out, key=lambda lender: (-lender.memory.free, lender.node_id))
 
     def _members_changed(self) -> None:
         """Membership changed: trust the new members' certificates; a removed member is dropped at once —
@@ -461,6 +482,7 @@ class ClusterService:
                 )
                 for b in self.engines.backends.values()
             ],
+            memory=self.memory(),
         )
         return Identity(
             node_id=self.node_id,

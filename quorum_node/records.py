@@ -48,6 +48,7 @@ class _Facts(msgspec.Struct, kw_only=True):
     serving_node: str | None = None  # the node whose engine generated the answer
     route: str | None = None  # "local" | "lan" | "relay"
     engine: str | None = None
+    helpers: tuple[str, ...] = ()  # a sharded engine's: the nodes whose memory held its layers (cluster/sharding.py)
     status: int = 0  # HTTP status; 499 client went away; a broken stream's status is its error's
     outcome: str = "ok"  # "ok" | "rejected" (4xx) | "failed" (5xx, broken stream) | "cancelled" (client left)
     prompt_tokens: int | None = None

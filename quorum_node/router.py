@@ -60,6 +60,7 @@ class Target(Protocol):
     engine: str  # engine label (or peer name) for logs
     node: str  # the node whose engine generates the answer
     route: str  # "local" | "lan" | "relay"
+    helpers: tuple[str, ...]  # a sharded engine's: the nodes whose memory holds its layers (else ())
 
     async def open(
         self, op: Op, body: dict[str, Any], *, stream: bool, want_usage: bool, caller: Caller | None = None
@@ -97,6 +98,7 @@ class LocalTarget:
         self.backend = backend
         self.model = model
         self.engine = backend.name
+        self.helpers = backend.helpers
         self.node = node
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.holder = holder_id(node_id if node_id is not None else node, backend.name)

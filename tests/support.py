@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hypothesis import strategies as st
@@ -66,3 +69,22 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=20,
 )
+
+
+#: The ``quorum-node`` command of this environment.
+QN = str(Path(sys.executable).with_name("quorum-node"))
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the ``QUORUM_*`` settings (a command sees only its own flags)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
+
+
+async def cli(*args: str) -> tuple[int, str, str]:
+    """Run ``quorum-node ARGS``: its exit status, stdout and stderr (within 30 s)."""
+    proc = await asyncio.create_subprocess_exec(
+        QN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env()
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

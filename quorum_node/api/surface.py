@@ -256,6 +256,7 @@ async def serve(request: web.Request, surface: Surface, call: Call) -> web.Strea
         draft.serving_node = target.node
         draft.route = target.route
         draft.engine = target.engine
+        draft.helpers = target.helpers
         draft.attempts = opened.attempts
         draft.queue_ms = round(opened.queued_s * 1000, 3) if opened.queued_s else None
         draft.ttft_ms = round(opened.ttft_s * 1000, 3) if opened.ttft_s is not None else None

@@ -49,11 +49,22 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
                 ",".join(m.get("nodes") or []),
                 str(m.get("context_length") or "-"),
                 "-" if loaded is None else ("yes" if loaded else "no"),
+                _sharded(m),
                 _grouped(m),
             ]
         )
-    print(table(rows, ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED", "GROUPED"]))
+    print(table(rows, ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED", "SHARDED", "GROUPED"]))
     return 0
+
+
+def _sharded(m: dict[str, Any]) -> str:
+    """Its sharded holders (``quorum-node shard``): the leader, and the members whose memory holds the layers."""
+    out = [
+        f"{h.get('node')} across {'+'.join(str(x) for x in h['helpers'])}"
+        for h in m.get("holders") or []
+        if isinstance(h, dict) and isinstance(h.get("helpers"), list) and h["helpers"]
+    ]
+    return "; ".join(out) or "-"
 
 
 def _grouped(m: dict[str, Any]) -> str:

@@ -67,6 +67,7 @@ class PeerTarget:
         self.route = link.route
         self.node = peer.info.name or peer.node_id
         self.engine = f"peer:{self.node}"
+        self.helpers: tuple[str, ...] = ()  # a sharded engine's are in the record of the peer that serves it
         self._t0 = 0.0
 
     def speaks(self, op: Op, body: dict[str, Any]) -> bool:

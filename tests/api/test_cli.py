@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -16,16 +14,12 @@ import pytest
 
 from quorum_node.node import Node
 from tests.fakes.engines import FakeEngine
+from tests.support import QN, clean_env, cli
 
 StartFake = Callable[..., Awaitable[FakeEngine]]
 StartNode = Callable[..., Awaitable[Node]]
 
-QN = str(Path(sys.executable).with_name("quorum-node"))
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("QUORUM_")}
 
 
 class Daemon:
@@ -94,15 +88,6 @@ async def run_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Da
             await d.proc.wait()
 
 
-async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        QN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env()
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_run_serves_the_engines_models_and_stops_on_sigterm(
     fake: StartFake, run_daemon: Callable[..., Awaitable[Daemon]]
 ) -> None:
@@ -146,7 +131,7 @@ async def test_models_command_prints_the_table(fake: StartFake, run_daemon: Call
     rc, out, err = await cli("models", "--url", d.url)
     assert rc == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED", "GROUPED"]
+    assert lines[0].split() == ["MODEL", "ENGINE", "NODE", "CONTEXT", "LOADED", "SHARDED", "GROUPED"]
     rows = {ln.split()[0]: ln.split() for ln in lines[1:]}
     assert set(rows) == {"llama3.2:latest", "nomic-embed-text:latest"}
     assert rows["llama3.2:latest"][1] == "ollama"

@@ -711,6 +711,7 @@ class ScriptedTarget:
     """A target (the router's seam) that answers with what it is given and records its verdicts."""
 
     route = "local"
+    helpers: tuple[str, ...] = ()
 
     def __init__(self, name: str, outcome: Reply | Exception) -> None:
         self.engine = self.node = name

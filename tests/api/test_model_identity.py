@@ -154,7 +154,7 @@ async def test_one_model_on_four_engines_is_one_entry_every_name_selects(
     assert entry["engines"] == sorted(LLAMA_NAMES)  # four holders
     assert {"llama3.2:latest", "Llama-3.2-3B-Instruct-Q4_K_M", "llama-3.2-3b-instruct"} <= set(entry["aliases"])
     assert entry["lineage"]["quantizations"] == ["Q4_K_M", "safetensors"] and "why" in entry["lineage"]
-    from tests.api.test_cli import cli
+    from tests.support import cli
 
     rc, out, err = await cli("models", "--url", node.url)  # the same, as a person reads it
     assert rc == 0, err

@@ -23,8 +23,9 @@ import pytest
 
 from quorum_node.embedded.supervisor import LlamaServerProcess
 from quorum_node.node import Node
+from quorum_node.records import Record
 from tests.members_support import CLUSTER
-from tests.support import eventually
+from tests.support import cli, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180, func_only=True)]
 
@@ -93,8 +94,11 @@ async def test_a_model_sharded_across_two_members_answers_as_the_whole_engine_do
     finally:
         await whole.stop()
 
-    assert a.sharding is not None
-    shard = a.sharding.lead(model, 2)
+    admin = ("--url", a.url, "--data-dir", a.settings.data_dir)
+    rc, out, err = await cli("shard", MODEL_ID, "--across", "2", *admin)  # a name in its model cache
+    assert rc == 0 and f"leading {ENGINE} across 2 members" in out, err
+    records: list[Record] = []
+    a.records.add(lambda r: records.append(r) if r.operation == "chat" else None)
 
     async def published() -> bool:
         return MODEL_ID in await models_of(http, b)
@@ -103,7 +107,12 @@ async def test_a_model_sharded_across_two_members_answers_as_the_whole_engine_do
     listed = (await models_of(http, b))[MODEL_ID]
     holder = next(h for h in listed["holders"] if h["engine"] == ENGINE)
     assert holder["node"] == a.name and sorted(holder["helpers"]) == sorted([b.name, c.name])
-    assert sorted(h["node"] for h in shard.status()["helpers"]) == sorted([b.name, c.name])
+    rc, out, err = await cli("shard", "--list", *admin)
+    assert rc == 0 and ENGINE in out and " up " in out and f"{b.name} " in out and f"{c.name} " in out, out + err
+    rc, out, err = await cli("models", "--url", b.url)
+    assert rc == 0 and f"{a.name} across " in out, out + err
+    assert a.sharding is not None
+    (shard,) = a.sharding.shards.values()
 
     for node in (a, b, c):  # the leader, and a helper whose own request goes round through the leader
         client = client_for(node)
@@ -112,6 +121,8 @@ async def test_a_model_sharded_across_two_members_answers_as_the_whole_engine_do
             assert await greedy(client, MODEL_ID, prompt, stream=True) == want
     # Every layer went through the tunnels: the helpers hold the model, the leader none of it
     assert all(h["bytes_sent"] > 10_000_000 for h in shard.status()["helpers"])
+    # The records of the requests it served say whose memory held the layers
+    assert records and all(sorted(r.helpers) == sorted([b.name, c.name]) for r in records if r.peer is None)
 
 
 async def test_a_helper_that_dies_mid_stream_ends_the_stream_with_an_error_and_the_shard_comes_back(

@@ -107,7 +107,6 @@ class Lending:
         self.threads = threads
         self.reap_every_s = reap_every_s
         self._loans: dict[tuple[str, str], _Loan] = {}
-        self._starting: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()
 
     def __len__(self) -> int:
@@ -117,7 +116,13 @@ class Lending:
         """What it lends now, as people read it (the dashboard, ``/quorum/admin/fleet``)."""
         now = time.monotonic()
         return [
-            {"leader": leader, "shard": shard, "pid": loan.worker.pid, "expires_in_s": round(loan.expires - now, 1)}
+            {
+                "leader": leader,
+                "shard": shard,
+                "pid": loan.worker.pid,
+                "port": loan.worker.port,  # on this node's loopback only
+                "expires_in_s": round(loan.expires - now, 1),
+            }
             for (leader, shard), loan in sorted(self._loans.items())
         ]
 

@@ -260,7 +260,7 @@ class Node:
             cluster.memory = lambda: self.resources.memory
             self.lending = cluster.lending = Lending(
                 lambda: built(rpc_server_path(cache)),
-                cache / "rpc-cache",
+                Path(s.lend_cache_dir).expanduser() if s.lend_cache_dir else cache / "rpc-cache",
                 lambda: self.resources.memory,
                 max_workers=s.lend_max_workers,
             )

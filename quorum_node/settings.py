@@ -137,6 +137,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     shards: tuple[ShardSpec, ...] = ()
     lend: bool = True
     lend_max_workers: int = 2
+    lend_cache_dir: str = ""  # where lent rpc-servers keep the tensors they were sent (default: <cache_dir>/rpc-cache)
     shard_lease_s: float = 15.0
     health_interval_s: float = 2.0
     peer_down_after_s: float = 10.0

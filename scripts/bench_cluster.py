@@ -246,11 +246,13 @@ class Nodes:
         affinity: bool = True,
         peer_port: int = 0,
         peers: Sequence[int] = (),
+        extra: Sequence[str] = (),
     ) -> str:
+        """A node (``quorum-node run``) with ``backends`` (name, url); ``extra``: more TOML lines, top level."""
         data_dir = self.tmp / name
         enrol(self.tmp, "bench-cluster", "bench-cluster", data_dir, name)
         config = self.tmp / f"{name}.toml"
-        lines = [f"affinity = {str(affinity).lower()}"]
+        lines = [f"affinity = {str(affinity).lower()}", *extra]
         for engine_name, url in backends:
             lines += ["[[backends]]", 'kind = "llamacpp"', f'url = "{url}"', f'name = "{engine_name}"']
         config.write_text("\n".join(lines) + "\n")

@@ -111,6 +111,10 @@ async def test_a_model_sharded_across_two_members_answers_as_the_whole_engine_do
     assert rc == 0 and ENGINE in out and " up " in out and f"{b.name} " in out and f"{c.name} " in out, out + err
     rc, out, err = await cli("models", "--url", b.url)
     assert rc == 0 and f"{a.name} across " in out, out + err
+    async with http.get(c.url + "/quorum/admin/fleet") as resp:  # what the dashboard shows
+        fleet = await resp.json()
+    (entry,) = [m for m in fleet["models"] if m["id"] == MODEL_ID]
+    assert entry["holders"] == [a.name] and entry["sharded"] == {a.name: sorted([b.name, c.name])}
     assert a.sharding is not None
     (shard,) = a.sharding.shards.values()
 

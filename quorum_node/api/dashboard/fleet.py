@@ -103,7 +103,13 @@ def fleet(app: web.Application, started_at: float, features: dict[str, bool] | N
         relay = cluster.relay_status()
     # the cluster's models and who holds them: the catalog's view (this node's engines, its serving peers')
     models = [
-        {"id": mid, "holders": sorted({c.node for c in cards}), "engines": sorted({c.engine for c in cards})}
+        {
+            "id": mid,
+            "holders": sorted({c.node for c in cards}),
+            "engines": sorted({c.engine for c in cards}),
+            # a sharded holder (cluster/sharding.py): its leader, and the members whose memory holds its layers
+            "sharded": {c.node: sorted(c.helpers) for c in cards if c.helpers},
+        }
         for mid, cards in app[CATALOG].view().by_id.items()
     ]
     return {

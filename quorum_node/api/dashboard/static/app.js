@@ -151,7 +151,8 @@ function renderFleet(fleet) {
   $("models-summary").textContent = fleet.models.length + " in the cluster";
   fillBody($("models"), fleet.models.map((m) => el("tr", { "data-model": m.id },
     el("td", {}, el("code", { text: m.id })),
-    el("td", { text: m.holders.join(", ") || "nobody online" }),
+    el("td", { text: m.holders.map((h) => (m.sharded || {})[h] ? h + " (sharded across " + m.sharded[h].join(" + ") + ")" : h)
+      .join(", ") || "nobody online" }),
     el("td", { text: m.engines.join(", ") }))));
   renderFeatures();
 }

@@ -67,9 +67,11 @@ async def test_strangers_get_401_on_every_shard_endpoint(helper: Any, tmp_path: 
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:  # the upgrade itself
             await stranger.ws_connect(peer_port + TUNNEL_PATH + "?shard=m")
         assert refused.value.status == 401
-    async with aiohttp.ClientSession() as local:  # the public port, even from this machine: not a peer
-        async with local.post(helper.url + LEND_PATH, json={"shard": "m"}) as resp:
-            assert resp.status == 401
+    async with (  # the public port, even from this machine: not a peer
+        aiohttp.ClientSession() as local,
+        local.post(helper.url + LEND_PATH, json={"shard": "m"}) as resp,
+    ):
+        assert resp.status == 401
 
 
 async def test_a_node_that_lends_nothing_says_so(start_node: Any, tmp_path: Path) -> None:

@@ -529,12 +529,7 @@ def report_overload(results: dict[str, Overload]) -> tuple[dict[str, Any], bool]
         if not record:
             queued = row.get("heavy_queued", 0) + row.get("light_queued", 0)
             goals.append(("queue wait reported", f"{queued} requests waited", queued > 0, "> 0"))
-        for goal, measured, ok, wanted in goals:
-            what = f"{goal} {measured}"
-            print(f"  {name:<16} {what:<40} (goal {wanted}): {verdict(ok)}{'  (for the record)' if record else ''}")
-            row.setdefault("goals", {})[goal] = ok
-            if not record:
-                all_ok = all_ok and ok
+        all_ok = judge(name, row, goals, record=record, widths=(16, 40)) and all_ok
     return rows, all_ok
 
 
@@ -544,6 +539,19 @@ def report_overload(results: dict[str, Overload]) -> tuple[dict[str, Any], bool]
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def judge(
+    name: str, row: dict[str, Any], goals: list[tuple[str, str, bool, str]], *, record: bool, widths: tuple[int, int]
+) -> bool:
+    """Print each (goal, what was measured, whether it held, the goal) of route ``name``, note them in ``row``;
+    whether they all held (a route measured for the record holds whatever it measured)."""
+    for goal, measured, ok, wanted in goals:
+        what = f"{goal} {measured}"
+        mark = "  (for the record)" if record else ""
+        print(f"  {name:<{widths[0]}} {what:<{widths[1]}} (goal {wanted}): {verdict(ok)}{mark}")
+        row.setdefault("goals", {})[goal] = ok
+    return record or all(ok for _, _, ok, _ in goals)
 
 
 def report(results: dict[str, Result]) -> tuple[dict[str, Any], bool]:
@@ -586,12 +594,7 @@ def report(results: dict[str, Result]) -> tuple[dict[str, Any], bool]:
             ),
         ]
         record = name in RECORD_ONLY
-        for goal, measured, ok, wanted in goals:
-            what = f"{goal} {measured}"
-            print(f"  {name:<21} {what:<36} (goal {wanted}): {verdict(ok)}{'  (for the record)' if record else ''}")
-            row.setdefault("goals", {})[goal] = ok
-            if not record:
-                all_ok = all_ok and ok
+        all_ok = judge(name, row, goals, record=record, widths=(21, 36)) and all_ok
         if "conversations_on_one_node" in row:
             print(
                 f"  {name:<21} conversations whose turns all had one serving node: "

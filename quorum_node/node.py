@@ -26,13 +26,13 @@ from .admission import Admission
 from .api.app import create_app
 from .api.server import ConnectionLimits, InFlight, NodeRunner, raise_fd_limit, stop_accepting
 from .api.state import Parts
-from .backends.base import EMBEDDED_ENGINE
+from .backends.base import EMBEDDED_ENGINE, Backend
 from .backends.budget import ByteBudget
 from .backends.registry import Registry
 from .breaker import Breakers
 from .catalog import Catalog, cluster_stamp, entries_of
 from .cluster.identity import load_or_create_identity
-from .cluster.lending import Lending
+from .cluster.lending import LEAVING_PATH, Lending
 from .cluster.members_sync import RecordSigner
 from .cluster.sharding import Shard, Sharding
 from .control.admin_token import load_or_create as load_or_create_admin_token
@@ -235,6 +235,7 @@ class Node:
             assert server is not None  # runner.setup() made it
             await self.cluster.start(peer_port=self.peer_port, http_server=server)
             stack.push_async_callback(self.cluster.stop_announcing)  # first at stop: peers stop sending
+            stack.push_async_callback(self._leave_shards)  # before anything: the leaders it helps move off it
             self._start_sharding()
         if self._wants_embedded():
             self._embedded_task = asyncio.create_task(self._start_embedded(), name="embedded-engine")
@@ -265,16 +266,17 @@ class Node:
                 max_workers=s.lend_max_workers,
             )
 
-        async def publish(url: str, name: str, helpers: tuple[str, ...]) -> None:
+        async def publish(url: str, name: str, helpers: tuple[str, ...]) -> Backend:
             backend = self.registry.add(BackendSpec(kind="llamacpp", url=url, name=name))
             backend.helpers = helpers
             await self.registry.refresh_once()
+            return backend
 
         async def withdraw(url: str) -> None:
             self.registry.remove(url.rstrip("/"))
             await self.registry.refresh_once()
 
-        self.sharding = Sharding(
+        self.sharding = cluster.sharding = Sharding(
             lambda model, across, alias: Shard(
                 model,
                 across,
@@ -304,6 +306,18 @@ class Node:
             except Exception:  # task root: log and go on
                 log.exception("resources_refresh_failed")
             await asyncio.sleep(self.settings.health_interval_s)
+
+    async def _leave_shards(self) -> None:
+        """This node is stopping: the leaders of the shards it helps are told, and given the drain deadline to
+        let their requests under way end and release its workers (``lending.leave``)."""
+        cluster, lending = self.cluster, self.lending
+        if cluster is None or lending is None or not len(lending):
+            return
+
+        async def tell(leader: str, shard: str) -> bool:
+            return await cluster.tell(leader, LEAVING_PATH, {"shard": shard}, "shard_leaving")
+
+        await lending.leave(tell, self.settings.drain_timeout_s)
 
     async def _stop_sharding(self) -> None:
         if self.sharding is not None:

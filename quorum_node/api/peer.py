@@ -32,6 +32,7 @@ from aiohttp import web
 
 from ..cluster.join import JOIN_PATH, MAX_JOIN_BYTES
 from ..cluster.lending import (
+    LEAVING_PATH,
     LEND_PATH,
     MAX_SHARD_BYTES,
     RELEASE_PATH,
@@ -204,6 +205,13 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
         await lending().release(peer, ref.shard)
         return _json(b"{}")
 
+    async def leaving(request: web.Request) -> web.Response:
+        peer, ref = await shard_message(request, ShardRef)
+        sharding = cluster.sharding
+        if sharding is None or not sharding.helper_leaving(peer, ref.shard):
+            raise NotFound(f"{ref.shard!r} is no shard of this node's that you help", code="no_shard")
+        return _json(b"{}")
+
     async def tunnel(request: web.Request) -> web.StreamResponse:
         peer = _member(request)
         if cluster.peer_port_tls(request) is None:
@@ -232,6 +240,7 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
         web.post(LEND_PATH, lend),
         web.post(RENEW_PATH, renew),
         web.post(RELEASE_PATH, release),
+        web.post(LEAVING_PATH, leaving),
         web.get(TUNNEL_PATH, tunnel),
         web.get("/quorum/v1/health", health),
         web.get("/quorum/v1/catalog", catalog),

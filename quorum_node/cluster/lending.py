@@ -13,13 +13,16 @@ Peer messages (JSON, decoded strictly, bounded):
 - ``POST /quorum/v1/shards/lend``    ``{"shard", "lease_s"}`` → ``{"shard", "memory"}``
 - ``POST /quorum/v1/shards/renew``   ``{"shard"}`` → 200, or 404 once it is gone
 - ``POST /quorum/v1/shards/release`` ``{"shard"}`` → 200
+- ``POST /quorum/v1/shards/leaving`` ``{"shard"}`` → 200 (helper to leader: this node is stopping; the
+  leader lets the requests under way finish, releases the worker and builds again without it)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +34,7 @@ from ..embedded.supervisor import EngineStartError
 from ..resources import Memory
 
 __all__ = [
+    "LEAVING_PATH",
     "LEND_PATH",
     "MAX_SHARD_BYTES",
     "RELEASE_PATH",
@@ -48,6 +52,7 @@ log = structlog.get_logger("quorum.lending")
 LEND_PATH = "/quorum/v1/shards/lend"
 RENEW_PATH = "/quorum/v1/shards/renew"
 RELEASE_PATH = "/quorum/v1/shards/release"
+LEAVING_PATH = "/quorum/v1/shards/leaving"
 TUNNEL_PATH = "/quorum/v1/shards/tunnel"
 #: The largest shard message a node reads.
 MAX_SHARD_BYTES = 4096
@@ -107,6 +112,8 @@ class Lending:
         self.threads = threads
         self.reap_every_s = reap_every_s
         self._loans: dict[tuple[str, str], _Loan] = {}
+        self.stopping = False  # this node is stopping: it lends nothing new
+        self._released = asyncio.Event()  # set whenever a worker goes
         self._lock = asyncio.Lock()
 
     def __len__(self) -> int:
@@ -135,6 +142,8 @@ class Lending:
                 loan.lease_s = req.lease_s
                 loan.expires = time.monotonic() + req.lease_s
                 return LendAnswer(shard=req.shard, memory=self._memory())
+            if self.stopping:
+                raise LendRefused(503, "this node is stopping")
             if len(self._loans) >= self.max_workers:
                 raise LendRefused(409, f"this node lends {self.max_workers} workers already")
             binary = self._binary()
@@ -160,6 +169,7 @@ class Lending:
     async def release(self, leader: str, shard: str) -> None:
         loan = self._loans.pop((leader, shard), None)
         if loan is not None:
+            self._released.set()
             await loan.worker.stop()
             log.info("shard_worker_released", leader=leader, shard=shard)
 
@@ -182,8 +192,20 @@ class Lending:
                 if loan.expires <= now or not loan.worker.alive:
                     why = "lease_expired" if loan.worker.alive else "worker_died"
                     self._loans.pop(key, None)
+                    self._released.set()
                     await loan.worker.stop()
                     log.warning("shard_worker_ended", leader=key[0], shard=key[1], reason=why)
+
+    async def leave(self, tell: Callable[[str, str], Awaitable[bool]], within_s: float) -> None:
+        """This node is stopping: tell each leader (``tell(leader, shard)``), and give them ``within_s`` to let
+        the requests under way end and release their workers; what is still lent then is stopped by ``close``."""
+        self.stopping = True
+        told = [await tell(leader, shard) for leader, shard in list(self._loans)]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while any(told) and self._loans:
+                    self._released.clear()
+                    await self._released.wait()
 
     async def close(self) -> None:
         loans, self._loans = list(self._loans.items()), {}

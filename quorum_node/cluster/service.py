@@ -79,7 +79,7 @@ from .pipe import PipeError, PipeResponse, serve_in_memory
 from .probing import Prober
 from .relay import RelayLink
 from .scoring import RetryBudget, pick
-from .sharding import Lender
+from .sharding import Lender, Sharding
 from .tls import PeerTLS
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ class ClusterService:
         # and the workers it lends (``lending.py``; set by the node where ``lend`` is on)
         self.memory: Callable[[], Memory | None] = lambda: None
         self.lending: Lending | None = None
+        self.sharding: Sharding | None = None  # the sharded models this node leads (set by the node)
         self.member_sync = MemberReplicator(self)  # membership records, the same way
         self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)
         self.joins = JoinHandler(self)  # new machines with an invite
@@ -316,6 +317,22 @@ class ClusterService:
             if ctx is not None and memory.free > 0:
                 out.append(Lender(peer.node_id, peer.info.name or peer.node_id, peer.info.address, ctx, memory))
         return sorted(out, key=lambda lender: (-lender.memory.free, lender.node_id))
+
+    async def tell(self, node_id: str, path: str, body: dict[str, Any], what: str) -> bool:
+        """POST a small JSON message to member ``node_id`` over its first link that answers; whether it took it."""
+        peer = self.table.get(node_id)
+        if peer is None:
+            return False
+        data = _encode(body)
+        for link in self.links(peer):
+            if await self._post(link, path, data, peer.info.name or node_id, what):
+                return True
+        return False
+
+    def leaving(self, node_id: str) -> bool:
+        """Whether member ``node_id`` is going: not in the peer table (removed, gone) or draining."""
+        peer = self.table.get(node_id)
+        return peer is None or peer.draining
 
     def _members_changed(self) -> None:
         """Membership changed: trust the new members' certificates; a removed member is dropped at once —

@@ -55,6 +55,9 @@ _encode = msgspec.json.Encoder().encode
 _READY_TIMEOUT_S = 300.0  # the first load sends every layer through the tunnels
 _CALL_TIMEOUT_S = 20.0  # a lend starts a process on the helper
 _BACKOFF_MAX_S = 30.0
+_LEAVING_POLL_S = 0.25
+_DRAIN_S = 10.0  # the longest a going helper's requests under way are given to finish
+_GOING_S = 60.0  # a helper that said it is stopping is not asked again for this long (unless it is back)
 
 
 class ShardError(Exception):
@@ -84,6 +87,16 @@ class ShardContext(Protocol):
 
     def peer_headers(self) -> dict[str, str]: ...
 
+    def leaving(self, node_id: str) -> bool:
+        """Whether that member is going: removed, gone from the peer table, or draining (it said it stops)."""
+        ...
+
+
+class Busy(Protocol):
+    """The published engine, as far as a drain reads it (``backends.base.Backend``)."""
+
+    in_flight: int
+
 
 def shard_id(model: Path) -> str:
     """The shard's name on the helpers: the model file's stem, cut to what a shard id allows."""
@@ -112,7 +125,7 @@ class Shard:
         ctx: ShardContext,
         *,
         binary: Callable[[], Path | None],
-        publish: Callable[[str, str, tuple[str, ...]], Awaitable[None]],
+        publish: Callable[[str, str, tuple[str, ...]], Awaitable[Busy]],
         withdraw: Callable[[str], Awaitable[None]],
         lease_s: float = 15.0,
         ctx_size: int = 2048,
@@ -137,6 +150,9 @@ class Shard:
         self.helpers: list[_Helper] = []
         self.engine: LlamaServerProcess | None = None
         self._url: str | None = None
+        self._published: Busy | None = None
+        self.told_leaving: dict[str, float] = {}  # helpers that said they are stopping: node id -> when
+        self._built_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
     # -- what people read ----------------------------------------------------
@@ -205,7 +221,9 @@ class Shard:
             raise ShardError("this node has no llama-server built with RPC; run `quorum-node engine fetch`")
         if not self.model.is_file():
             raise ShardError(f"no model file at {self.model}")
-        lenders = self.ctx.lenders()[: self.across]
+        self._built_at = now = time.monotonic()
+        going = {nid for nid, t in self.told_leaving.items() if now - t < _GOING_S}  # still stopping, surely
+        lenders = [lender for lender in self.ctx.lenders() if lender.node_id not in going][: self.across]
         if not lenders:
             raise ShardError("no member can lend memory now (up, on the LAN, with memory to spare)")
         free = [max(1, lender.memory.free) for lender in lenders]
@@ -233,7 +251,7 @@ class Shard:
         except EngineStartError as e:
             raise ShardError(f"its engine did not start: {e}") from None
         self._url = engine.url
-        await self._publish(engine.url, self.engine_name, tuple(h.lender.name for h in self.helpers))
+        self._published = await self._publish(engine.url, self.engine_name, tuple(h.lender.name for h in self.helpers))
         self.state = "up"
         self.error = None
         log.info(
@@ -250,17 +268,43 @@ class Shard:
         assert engine is not None
         ended = asyncio.create_task(engine.ended.wait())
         renewing = asyncio.create_task(self._renew_leases())
+        leaving = asyncio.create_task(self._helper_leaving())
+        tasks = (ended, renewing, leaving)
         try:
-            done, _ = await asyncio.wait({ended, renewing}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if leaving in done and ended not in done:
+                await self._drain()  # the leases are still renewed meanwhile
         finally:
-            for t in (ended, renewing):
+            for t in tasks:
                 t.cancel()
-            for t in (ended, renewing):
+            for t in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
         if ended in done:
             raise ShardError("its engine exited (a helper gone?)")
+        if leaving in done:
+            raise ShardError(f"helper {leaving.result()} is leaving; built again without it")
         renewing.result()  # raises its ShardError
+
+    async def _helper_leaving(self) -> str:
+        """Until a helper says it is going (or is gone from the peer table): its name."""
+        while True:
+            for h in self.helpers:
+                told = self.told_leaving.get(h.lender.node_id)
+                if (told is not None and told >= self._built_at) or self.ctx.leaving(h.lender.node_id):
+                    return h.lender.name
+            await asyncio.sleep(_LEAVING_POLL_S)
+
+    async def _drain(self) -> None:
+        """A helper is going: no new request for the engine; those under way finish (within ``_DRAIN_S``)."""
+        if self._url is not None:
+            url, self._url = self._url, None
+            await self._withdraw(url)  # out of the catalog: the engine itself still runs what it has
+        deadline = time.monotonic() + _DRAIN_S
+        while self._published is not None and self._published.in_flight > 0 and time.monotonic() < deadline:
+            if self.engine is None or self.engine.ended.is_set():
+                break
+            await asyncio.sleep(0.05)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -278,6 +322,7 @@ class Shard:
         if self._url is not None:
             url, self._url = self._url, None
             await self._withdraw(url)
+        self._published = None
         engine, self.engine = self.engine, None
         if engine is not None:
             await engine.stop()
@@ -381,6 +426,15 @@ class Sharding:
 
     def status(self) -> list[dict[str, Any]]:
         return [s.status() for s in self.shards.values()]
+
+    def helper_leaving(self, node_id: str, sid: str) -> bool:
+        """Member ``node_id`` says it is stopping: the shard it helps is built again without it (whether it
+        helps ``sid``)."""
+        shard = self.shards.get(sid)
+        if shard is None or not any(h.lender.node_id == node_id for h in shard.helpers):
+            return False
+        shard.told_leaving[node_id] = time.monotonic()
+        return True
 
     async def close(self) -> None:
         for sid in list(self.shards):

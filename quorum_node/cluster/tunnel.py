@@ -66,6 +66,7 @@ async def join(ws: _Socket, reader: asyncio.StreamReader, writer: asyncio.Stream
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        writer.close()  # first, before anything awaits: a cancellation in what follows must not leave it open
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -73,6 +74,5 @@ async def join(ws: _Socket, reader: asyncio.StreamReader, writer: asyncio.Stream
                 await t
         with contextlib.suppress(aiohttp.ClientError, ConnectionError, OSError, RuntimeError):
             await ws.close()
-        writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()

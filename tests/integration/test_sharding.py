@@ -56,7 +56,7 @@ def rpc_servers() -> list[psutil.Process]:
 @pytest.fixture
 async def trio(start_node: Any, http: aiohttp.ClientSession) -> AsyncIterator[tuple[Node, Node, Node]]:
     """``a`` (the leader, no engine of its own), ``b`` and ``c`` (they lend), all peers of one another."""
-    nodes = [await start_node(shard_lease_s=LEASE_S, **CLUSTER) for _ in range(3)]
+    nodes = [await start_node(shard_lease_s=LEASE_S, drain_timeout_s=20, **CLUSTER) for _ in range(3)]
     for n in nodes:
         assert n.cluster is not None
         for other in nodes:
@@ -163,6 +163,38 @@ async def test_a_helper_that_dies_mid_stream_ends_the_stream_with_an_error_and_t
 
     await eventually(listed_again, "the rebuilt shard is published again", timeout_s=10)
     assert await greedy(client_for(b), MODEL_ID, PROMPTS[0], stream=False)
+
+
+async def test_a_helper_that_stops_lets_the_answers_under_way_finish_first(
+    trio: tuple[Node, Node, Node], model: Path, client_for: Any
+) -> None:
+    a, b, c = trio
+    assert a.sharding is not None
+    shard = a.sharding.lead(model, 2)
+    await eventually(lambda: shard.state == "up", "the shard is up", timeout_s=120)
+    stream = await client_for(a).chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
+        max_tokens=150,
+        stream=True,
+    )
+    stopping: asyncio.Task[None] | None = None
+    parts: list[str] = []
+    async for chunk in stream:  # no error: the answer ends as it should
+        if chunk.choices and chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        if len(parts) == 3 and stopping is None:
+            stopping = asyncio.create_task(c.stop())  # c leaves gracefully in the middle of the answer
+        if chunk.choices and chunk.choices[0].finish_reason:
+            assert chunk.choices[0].finish_reason == "length"
+    assert stopping is not None and len(parts) > 100
+    await stopping
+
+    async def without_c() -> bool:
+        return shard.state == "up" and [h["node"] for h in shard.status()["helpers"]] == [b.name]
+
+    await eventually(without_c, "built again over the member that stays", timeout_s=60)
+    assert await greedy(client_for(a), MODEL_ID, PROMPTS[0], stream=False)
 
 
 async def test_a_leader_that_stops_releases_its_helpers_workers(trio: tuple[Node, Node, Node], model: Path) -> None:

@@ -3,12 +3,15 @@
 It talks to the node of its own namespace at http://127.0.0.1:32768 (loopback:
 trusted, no key) and prints one JSON line per event on stdout, flushed:
 
-    models [--expect JSON] [--absent IDS] [--timeout S]
+    models [--expect JSON] [--absent IDS] [--timeout S] [--holders]
                                             GET /v1/models; with --expect ({model: [nodes]}) and
                                             --absent (comma-separated ids), poll until those entries
                                             match and none of those ids is listed, or the time is up
                                             → {"status", "models": {id: nodes}, "elapsed_s"}
-    chat MODEL [--stream] [--prompt TEXT]   the real openai SDK (the user message: TEXT, default "hi")
+                                            (--holders: also "holders": {id: its "holders" as listed})
+    chat MODEL [--stream] [--prompt TEXT] [--temperature T] [--max-tokens N] [--seed S]
+                                            the real openai SDK (the user message: TEXT, default "hi";
+                                            the sampling options are sent only when given)
                                             → {"event": "first_chunk"} (streams), then
                                               {"status", "node", "route", "content", "error", "done_seen": null}
     raw MODEL                               a streamed chat read as raw SSE with aiohttp
@@ -30,6 +33,16 @@ trusted, no key) and prints one JSON line per event on stdout, flushed:
                                             GET /quorum/v1/peers (polled until ``relay.state`` is
                                             STATE) → the body plus "elapsed_s"
     connect HOST PORT [--timeout S]         one TCP connect → {"connected", "error", "elapsed_s"}
+    tunnel URL                              a WebSocket upgrade of URL (a peer port's shard tunnel,
+                                            https) with no client certificate, trusting any server
+                                            → {"status" (the handshake's answer; 101: upgraded), "error"}
+    replay HOST PORT FILE [--first N] [--timeout S]
+                                            FILE's bytes sent raw on one TCP connection (a recorded
+                                            stream played again; --first: its first N bytes alone, and
+                                            the rest once their answer has come); what comes back until
+                                            the server closes or S (5) seconds pass → {"sent",
+                                            "first_answer" (base64: the answer to the first N),
+                                            "received" (base64: all of it), "closed", "error"}
     poll-chat MODEL [--timeout S] [--go-on-stdin]
                                             a non-streamed chat through the openai SDK, again every
                                             0.1 s until one succeeds: {"event": "polling"} first, then
@@ -47,6 +60,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -89,8 +104,9 @@ class FirstChunk:
                 emit(event="first_chunk")
 
 
-async def sdk_chat(model: str, stream: bool, first: FirstChunk, prompt: str = "hi") -> dict[str, Any]:
-    """A chat through the openai SDK; tells ``first`` when content first arrives."""
+async def sdk_chat(model: str, stream: bool, first: FirstChunk, prompt: str = "hi", **sampling: Any) -> dict[str, Any]:
+    """A chat through the openai SDK; tells ``first`` when content first arrives. ``sampling``: more
+    request fields (temperature, max_tokens, seed), those that are not None."""
     async with openai.AsyncOpenAI(base_url=BASE + "/v1", api_key="unused", max_retries=0) as client:
         out = _result()
         try:
@@ -98,6 +114,7 @@ async def sdk_chat(model: str, stream: bool, first: FirstChunk, prompt: str = "h
                 model=model,
                 messages=[{"role": "user", "content": prompt}],
                 stream=stream,  # type: ignore[arg-type]
+                **{k: v for k, v in sampling.items() if v is not None},
             )
             out.update(
                 status=raw.status_code, node=raw.headers.get("X-Quorum-Node"), route=raw.headers.get("X-Quorum-Route")
@@ -158,7 +175,9 @@ async def raw_chat(model: str, first: FirstChunk) -> dict[str, Any]:
     return out
 
 
-async def models(expect: dict[str, list[str]] | None, timeout_s: float, absent: list[str] = ()) -> dict[str, Any]:
+async def models(
+    expect: dict[str, list[str]] | None, timeout_s: float, absent: list[str] = (), holders: bool = False
+) -> dict[str, Any]:
     t0 = time.monotonic()
     async with aiohttp.ClientSession() as session:
         while True:
@@ -171,7 +190,10 @@ async def models(expect: dict[str, list[str]] | None, timeout_s: float, absent: 
                 k in listed for k in absent
             )
             if done or elapsed > timeout_s:
-                return {"status": status, "models": listed, "elapsed_s": round(elapsed, 3)}
+                out = {"status": status, "models": listed, "elapsed_s": round(elapsed, 3)}
+                if holders:
+                    out["holders"] = {m["id"]: m.get("holders") for m in body.get("data") or ()}
+                return out
             await asyncio.sleep(0.1)
 
 
@@ -239,6 +261,79 @@ def connect(host: str, port: int, timeout_s: float) -> dict[str, Any]:
             return {"connected": True, "error": None, "elapsed_s": round(time.monotonic() - t0, 3)}
     except OSError as e:
         return {"connected": False, "error": f"{type(e).__name__}: {e}", "elapsed_s": round(time.monotonic() - t0, 3)}
+
+
+async def tunnel(url: str) -> dict[str, Any]:
+    """A shard tunnel's WebSocket upgrade as a stranger asks for it: TLS with no certificate of its own."""
+    connector = aiohttp.TCPConnector(ssl=client_tls(None, None), force_close=True)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session,
+            session.ws_connect(url) as ws,
+        ):
+            return {"status": 101, "error": None, "protocol": ws.protocol}
+    except aiohttp.WSServerHandshakeError as e:
+        return {"status": e.status, "error": f"{type(e).__name__}: {e.message}"}
+    except (aiohttp.ClientError, OSError, ssl.SSLError) as e:
+        return {"status": None, "error": f"{type(e).__name__}: {e}"}
+
+
+async def replay(host: str, port: int, data: bytes, first: int, timeout_s: float) -> dict[str, Any]:
+    """Send ``data`` raw on one connection to ``host:port``; what comes back until it closes or time is up.
+    ``first`` > 0: its first ``first`` bytes alone, then what they are answered with (until 1 s passes with
+    nothing more, or the server closes), then the rest."""
+    out: dict[str, Any] = {"sent": 0, "first_answer": "", "received": "", "closed": False, "error": None}
+    got = bytearray()
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        return out
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+
+    async def send(part: bytes) -> None:
+        try:
+            writer.write(part)
+            await writer.drain()
+            out["sent"] += len(part)
+        except OSError as e:  # the server hung up before it had read it all
+            out["error"] = out["error"] or f"send: {type(e).__name__}: {e}"
+
+    sending: asyncio.Task[None] | None = None
+    try:
+        if first > 0:
+            await send(data[:first])
+            while loop.time() < deadline:
+                try:
+                    chunk = await asyncio.wait_for(reader.read(65536), min(1.0, deadline - loop.time()))
+                except TimeoutError:
+                    break  # answered (or not) and quiet: the rest goes
+                if not chunk:
+                    out["closed"] = True
+                    break
+                got += chunk
+            out["first_answer"] = base64.b64encode(bytes(got)).decode()
+        if not out["closed"]:
+            sending = asyncio.create_task(send(data[first:]))
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                while chunk := await reader.read(65536):
+                    got += chunk
+                out["closed"] = True
+    except TimeoutError:
+        pass
+    except OSError as e:
+        out["closed"] = True
+        out["error"] = out["error"] or f"receive: {type(e).__name__}: {e}"
+    finally:
+        if sending is not None:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    out["received"] = base64.b64encode(bytes(got)).decode()
+    return out
 
 
 async def _stdin_line() -> bytes:
@@ -318,12 +413,19 @@ async def main(args: argparse.Namespace) -> int:
         emit(**await peers(args.until_relay, args.timeout))
     elif args.mode == "connect":
         emit(**connect(args.host, args.port, args.timeout))
+    elif args.mode == "tunnel":
+        emit(**await tunnel(args.url))
+    elif args.mode == "replay":
+        emit(**await replay(args.host, args.port, Path(args.file).read_bytes(), args.first, args.timeout))
     elif args.mode == "poll-chat":
         emit(**await poll_chat(args.model, args.timeout, args.go_on_stdin))
     elif args.mode == "models":
         emit(
             **await models(
-                json.loads(args.expect) if args.expect else None, args.timeout, [m for m in args.absent.split(",") if m]
+                json.loads(args.expect) if args.expect else None,
+                args.timeout,
+                [m for m in args.absent.split(",") if m],
+                args.holders,
             )
         )
     elif args.mode == "peer-get":
@@ -333,7 +435,17 @@ async def main(args: argparse.Namespace) -> int:
     elif args.mode == "watch":
         emit(**await watch(args.model, args.interval))
     elif args.mode == "chat":
-        emit(**await sdk_chat(args.model, args.stream, FirstChunk("sdk"), args.prompt))
+        emit(
+            **await sdk_chat(
+                args.model,
+                args.stream,
+                FirstChunk("sdk"),
+                args.prompt,
+                temperature=args.temperature,
+                max_tokens=args.max_tokens,
+                seed=args.seed,
+            )
+        )
     elif args.mode == "raw":
         emit(**await raw_chat(args.model, FirstChunk("raw")))
     else:  # cut
@@ -350,10 +462,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--expect", default="")
     m.add_argument("--absent", default="")
     m.add_argument("--timeout", type=float, default=0.0)
+    m.add_argument("--holders", action="store_true")
     c = sub.add_parser("chat")
     c.add_argument("model")
     c.add_argument("--stream", action="store_true")
     c.add_argument("--prompt", default="hi")
+    c.add_argument("--temperature", type=float, default=None)
+    c.add_argument("--max-tokens", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None)
     sub.add_parser("raw").add_argument("model")
     sub.add_parser("cut").add_argument("model")
     g = sub.add_parser("peer-get")
@@ -371,6 +487,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cn.add_argument("host")
     cn.add_argument("port", type=int)
     cn.add_argument("--timeout", type=float, default=2.0)
+    sub.add_parser("tunnel").add_argument("url")
+    rp = sub.add_parser("replay")
+    rp.add_argument("host")
+    rp.add_argument("port", type=int)
+    rp.add_argument("file")
+    rp.add_argument("--first", type=int, default=0)
+    rp.add_argument("--timeout", type=float, default=5.0)
     pc = sub.add_parser("poll-chat")
     pc.add_argument("model")
     pc.add_argument("--timeout", type=float, default=10.0)

@@ -4,15 +4,18 @@ and the test's handles.
 Inside a namespace, ``python -m tests.cluster.lan_host`` is one host: a fake engine plus a quorum node::
 
     python -m tests.cluster.lan_host --name h1 --ip 10.78.0.1 --data-dir DIR \
-        [--relay URL --relay-token T] [--models a,b] [--tokens '["x"," y"]'] [--token-delay-s 0.0]
+        [--relay URL --relay-token T] [--models a,b] [--tokens '["x"," y"]'] [--token-delay-s 0.0] \
+        [--shard-lease-s S]
 
 The data dir must already hold the node's keys and membership (the test
 enrols it, ``tests/members_support.py``, before spawning the host: as
 ``invite`` and ``join`` would leave it). The fake engine listens on
 127.0.0.1:0 inside the namespace; the node listens on 0.0.0.0:32768 (its
 peers' mutual-TLS port on 32769), binds zeroconf to ``--ip`` only and, with
-``--relay``, joins that relay too. When both are up it prints one line
-``@@{"ready": {...}}`` on stdout. It runs until SIGTERM/SIGINT (a clean stop: mDNS goodbye, draining,
+``--relay``, joins that relay too; ``--shard-lease-s`` is its ``shard_lease_s``
+(the lease of the workers it leads a sharded model with; default: the node's).
+When both are up it prints one line ``@@{"ready": {...}}`` on stdout. It runs
+until SIGTERM/SIGINT (a clean stop: mDNS goodbye, draining,
 then ``@@{"stopped": true}`` and exit 0). A JSON object on a stdin line sets
 engine knobs (``{"token_delay_s": 0.1, "tokens": [...]}``) and is answered with
 ``@@{"set": [...names]}``, so a test can slow one engine down on demand; each
@@ -30,12 +33,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from quorum_node.settings import load_settings
 from tests.fakes.engines import start_fake
 from tests.members_support import enrol
 
-__all__ = ["PEER_PORT", "PORT", "RELAY_PORT", "Lan", "Namespaces", "Proc", "Wan"]
+__all__ = ["PEER_PORT", "PORT", "RELAY_PORT", "Lan", "Namespaces", "Proc", "Wan", "lan_of"]
 
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 32768
@@ -106,6 +110,7 @@ async def main(args: argparse.Namespace) -> int:
             "mdns": True,
             "mdns_interfaces": [args.ip],
             **({"relay": args.relay, "relay_token": args.relay_token} if args.relay else {}),
+            **({"shard_lease_s": args.shard_lease_s} if args.shard_lease_s is not None else {}),
             "health_interval_s": 0.5,
             "peer_down_after_s": 3.0,
             "log_format": "json",
@@ -157,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="", help="comma-separated model ids the fake engine holds")
     p.add_argument("--tokens", default="", help="JSON list of tokens the fake engine generates")
     p.add_argument("--token-delay-s", type=float, default=0.0)
+    p.add_argument("--shard-lease-s", type=float, default=None, help="its shard_lease_s (default: the node's)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -365,14 +371,18 @@ class Namespaces:
         tokens: list[str],
         relay: str = "",
         relay_token: str = "",
+        shard_lease_s: float | None = None,
     ) -> Proc:
-        """This module's host (fake engine and node) at ``place``; ``relay``: join it too.
+        """This module's host (fake engine and node) at ``place``; ``relay``: join it too; ``shard_lease_s``:
+        its setting of that name (None: the node's default).
 
         ``secret`` names the test cluster its data dir is enrolled in first (``enrol``; nothing if it is a
         member already); None: the data dir is used as it is (a node that comes back with its old one)."""
         if secret is not None:
             self.enrol(name, secret)
         extra = ["--relay", relay, "--relay-token", relay_token] if relay else []
+        if shard_lease_s is not None:
+            extra += ["--shard-lease-s", str(shard_lease_s)]
         return await self.spawn(
             place,
             name,
@@ -510,3 +520,24 @@ class Wan(Namespaces):
 
 if __name__ == "__main__":
     sys.exit(asyncio.run(main(parse_args())))
+
+
+@contextlib.asynccontextmanager
+async def lan_of(request: Any, prefix: str, net: str, tmp: Path, hosts: int) -> AsyncIterator[Lan]:
+    """A ``Lan`` of ``hosts`` namespaces for one test (a fixture's body): torn down even if the test never
+    reaches its own clean-up (a finalizer), its hosts' logs shown when it failed, no namespace left behind."""
+    world = Lan(prefix, net, tmp)
+
+    def teardown() -> None:
+        world.kill_all()
+        world.down()
+
+    request.addfinalizer(teardown)
+    world.up(hosts)
+    try:
+        yield world
+    finally:
+        await world.reap()
+        sys.stderr.write(world.logs() + "\n")  # shown when the test failed
+        world.down()
+    assert world.namespaces() == [], "scripts/lan down left namespaces behind"

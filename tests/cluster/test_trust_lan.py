@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster.lan_host import PEER_PORT, PORT, Lan, Proc
+from tests.cluster.lan_host import PEER_PORT, PORT, Lan, Proc, lan_of
 from tests.cluster.lan_outsider import FORGED_ANSWER
 from tests.cluster.lan_tap import read_capture
 from tests.netns import require_netns
@@ -50,23 +50,10 @@ def answer_of(name: str) -> str:
 @pytest.fixture
 async def lan(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Lan]:
     require_netns("the trust tests")
-    world = Lan(
-        f"qt{os.getpid() % 10000}t{secrets.token_hex(2)}", NET, tmp_path
-    )  # fresh names: a straggler of the test before cannot hold a port
-
-    def teardown() -> None:  # even if the test never reached its own clean-up
-        world.kill_all()
-        world.down()
-
-    request.addfinalizer(teardown)
-    world.up(5)
-    try:
+    async with lan_of(
+        request, f"qt{os.getpid() % 10000}t{secrets.token_hex(2)}", NET, tmp_path, 5
+    ) as world:  # fresh names: no straggler's ports
         yield world
-    finally:
-        await world.reap()
-        sys.stderr.write(world.logs() + "\n")  # shown when the test failed
-        world.down()
-    assert world.namespaces() == [], "scripts/lan down left namespaces behind"
 
 
 async def start_members(lan: Lan, hosts: dict[int, tuple[str, list[str]]]) -> dict[str, Proc]:

@@ -28,7 +28,7 @@ def add_engine_commands(subparsers: Any) -> None:
     engine = subparsers.add_parser(
         "engine",
         help="build and run the local llama.cpp engine",
-        description="Build and run the local llama.cpp engine (llama-server).",
+        description="Build and run the local llama.cpp engine (llama-server, and rpc-server for sharded models).",
     )
     _add_engine_subcommands(engine)
 
@@ -48,7 +48,7 @@ def _add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
     fetch = sub.add_parser(
         "fetch",
         parents=[common],
-        help="build llama-server and fetch the model into the cache",
+        help="build llama-server and rpc-server, and fetch the model into the cache",
         description="Build llama-server (once; needs cmake and a C++ compiler) and fetch the "
         "SmolLM2-135M model into the cache, then print both paths.",
     )

@@ -153,6 +153,7 @@ class Shard:
         self._published: Busy | None = None
         self.told_leaving: dict[str, float] = {}  # helpers that said they are stopping: node id -> when
         self._built_at = 0.0
+        self._ever_up = False  # it has served: a rebuild may go over fewer helpers than asked
         self._task: asyncio.Task[None] | None = None
 
     # -- what people read ----------------------------------------------------
@@ -226,6 +227,9 @@ class Shard:
         lenders = [lender for lender in self.ctx.lenders() if lender.node_id not in going][: self.across]
         if not lenders:
             raise ShardError("no member can lend memory now (up, on the LAN, with memory to spare)")
+        if len(lenders) < self.across and not self._ever_up:  # the first build waits for as many as asked;
+            # a rebuild after a helper was lost serves over those that remain
+            raise ShardError(f"only {len(lenders)} of the {self.across} members asked for can lend now")
         free = [max(1, lender.memory.free) for lender in lenders]
         self.helpers = [_Helper(lender, f / sum(free)) for lender, f in zip(lenders, free, strict=True)]
         for h in self.helpers:
@@ -253,6 +257,7 @@ class Shard:
         self._url = engine.url
         self._published = await self._publish(engine.url, self.engine_name, tuple(h.lender.name for h in self.helpers))
         self.state = "up"
+        self._ever_up = True
         self.error = None
         log.info(
             "shard_up",

@@ -225,3 +225,12 @@ async def test_a_leader_that_vanishes_leaves_no_worker_behind(trio: tuple[Node, 
     await shard.engine.stop()
     await eventually(lambda: len(b.lending) == 0, "the lease runs out", timeout_s=LEASE_S + 3)
     await eventually(lambda: not psutil.pid_exists(pid), "its rpc-server is gone", timeout_s=5)
+
+
+async def test_a_first_build_waits_for_as_many_helpers_as_asked(trio: tuple[Node, Node, Node], model: Path) -> None:
+    a, b, _c = trio
+    assert a.sharding is not None and b.lending is not None
+    shard = a.sharding.lead(model, 3)  # two members can lend
+    await eventually(lambda: shard.error is not None, "the build says why it waits", timeout_s=10)
+    assert shard.state != "up" and "only 2 of the 3" in (shard.error or "")
+    assert len(b.lending) == 0  # nothing leased meanwhile

@@ -517,6 +517,11 @@ def routes() -> list[web.RouteDef]:
     return [
         MESSAGES.route("POST", "/v1/messages", create),
         MESSAGES.route("POST", "/v1/messages/count_tokens", count_tokens),
+        # a base_url that ends in /v1 (as an OpenAI client's does): the SDK adds /v1 again; and none at all
+        MESSAGES.route("POST", "/v1/v1/messages", create),
+        MESSAGES.route("POST", "/v1/v1/messages/count_tokens", count_tokens),
+        MESSAGES.route("POST", "/messages", create),
+        MESSAGES.route("POST", "/messages/count_tokens", count_tokens),
     ]
 
 

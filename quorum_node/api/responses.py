@@ -559,6 +559,10 @@ def routes() -> list[web.RouteDef]:
         RESPONSES.route("POST", "/v1/responses", create),
         RESPONSES.route("GET", "/v1/responses/{id}", retrieve),
         RESPONSES.route("DELETE", "/v1/responses/{id}", delete),
+        # base_url set without /v1 (as for the Chat Completions paths, api/openai.py): the same answers
+        RESPONSES.route("POST", "/responses", create),
+        RESPONSES.route("GET", "/responses/{id}", retrieve),
+        RESPONSES.route("DELETE", "/responses/{id}", delete),
     ]
 
 

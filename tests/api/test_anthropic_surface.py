@@ -245,3 +245,16 @@ async def test_x_api_key_is_the_key_header_here(start_node: StartNode, fake: Sta
     finally:
         await good.close()
         await bad.close()
+
+
+@pytest.mark.parametrize("suffix", ["/v1", ""])
+async def test_a_base_url_with_or_without_v1_reaches_messages(
+    suffix: str, start_node: StartNode, fake: StartFake
+) -> None:
+    """Issue 23: the Anthropic SDK adds /v1 itself; a base_url copied from an OpenAI client ends in /v1 already."""
+    _eng, node = await _setup(start_node, fake)
+    async with anthropic.AsyncAnthropic(base_url=node.url + suffix, api_key="unused", max_retries=0) as client:
+        msg = await client.messages.create(model=MODEL, max_tokens=64, messages=HI)
+        assert msg.content[0].text == "Hello, world!"  # type: ignore[union-attr]
+        counted = await client.messages.count_tokens(model=MODEL, messages=HI)
+        assert counted.input_tokens > 0

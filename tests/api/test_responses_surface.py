@@ -362,3 +362,16 @@ async def test_a_stored_response_is_visible_only_to_its_key(start_node: StartNod
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_base_url_without_v1_reaches_the_responses_api_too(start_node: StartNode, fake: StartFake) -> None:
+    """Issue 23: the forgiving paths (a base_url set without /v1) include /responses."""
+    _eng, node = await _setup(start_node, fake)
+    async with openai.AsyncOpenAI(base_url=node.url, api_key="unused", max_retries=0) as client:
+        resp = await client.responses.create(model=MODEL, input="hi there", store=True)
+        assert resp.status == "completed" and resp.output_text == "Hello, world!"
+        again = await client.responses.retrieve(resp.id)
+        assert again.id == resp.id and again.output_text == resp.output_text
+        await client.responses.delete(resp.id)
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.retrieve(resp.id)

@@ -37,7 +37,7 @@ from ..cluster.membership import (
 from ..control.keys import parse_duration
 from ..errors import ApiError
 from ..settings import Settings
-from .common import NoNode, admin_request, node_url
+from .common import NoNode, admin_request, node_url, tool_options
 
 __all__ = ["add_cluster_commands", "cmd_cluster", "cmd_invite", "cmd_join"]
 
@@ -73,6 +73,7 @@ def add_cluster_commands(sub: Any) -> None:
     cj = csub.add_parser("join", help="the same as `quorum-node join`")
     _join_args(cj)
     c.set_defaults(func=cmd_cluster)
+    tool_options(c, csub)  # `cluster init --data-dir X` as well as `cluster --data-dir X init`
 
     i = sub.add_parser("invite", help="print a one-time token that lets one more machine join this cluster")
     i.add_argument("--expires", default="10m", metavar="DURATION", help="e.g. 10m, 1h, 2d (default 10m)")

@@ -91,3 +91,25 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     return "\n".join(lines)
+
+
+#: The options every tool with subcommands takes, before its subcommand or after it (``tool_options``).
+_TOOL_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--data-dir", {"metavar": "DIR", "help": "the node's data dir (default ~/.local/share/quorum)"}),
+    ("--url", {"help": "the running node (default http://127.0.0.1:32768)"}),
+    ("--api-key", {"metavar": "KEY", "help": "an admin key (prefer env QUORUM_API_KEY)"}),
+)
+
+
+def tool_options(group: argparse.ArgumentParser, subcommands: Any) -> None:
+    """Give every subcommand of ``group`` the options ``group`` takes, so that they are taken where ``run``
+    takes them, after the subcommand (``cluster init --data-dir X``) as well as before it. A value given
+    after the subcommand wins; one given nowhere stays the group's default."""
+    for parser in subcommands.choices.values():
+        for flag, kw in _TOOL_OPTIONS:
+            if any(flag in a.option_strings for a in parser._actions):
+                continue
+            parser.add_argument(flag, default=argparse.SUPPRESS, **kw)
+    for flag, kw in _TOOL_OPTIONS:
+        if not any(flag in a.option_strings for a in group._actions):
+            group.add_argument(flag, default=None, **kw)

@@ -26,7 +26,7 @@ from ..control.admin_token import read_token
 from ..control.keys import open_keystore, parse_duration
 from ..errors import ApiError, ConfigError
 from ..settings import Settings
-from .common import NoNode, admin_request, node_url, table
+from .common import NoNode, admin_request, node_url, table, tool_options
 
 __all__ = ["add_keys_command", "cmd_keys"]
 
@@ -73,6 +73,7 @@ def add_keys_command(sub: Any) -> None:
     ks.add_parser("list", help="list the keys (never the keys themselves)")
     r = ks.add_parser("revoke", help="revoke a key, on every node of the cluster")
     r.add_argument("key", metavar="NAME|ID")
+    tool_options(p, ks)  # `keys create --data-dir X` as well as `keys --data-dir X create`
     p.set_defaults(func=cmd_keys)
 
 

@@ -368,3 +368,18 @@ async def test_joining_from_another_cluster_needs_force_and_keeps_the_invite(tmp
     assert moved.rc == 0, moved.err
     assert load_cluster(b) == Cluster(name="home", root=founder.node_id)
     assert "bee" in members_of(founder.node).values()
+
+
+async def test_every_subcommand_takes_the_common_options_after_it_as_well(tmp_path: Path) -> None:
+    """Issue 23: `cluster init --name home --data-dir X` (as `run` takes them) is not refused."""
+    data = tmp_path / "after"
+    init = await qn("cluster", "init", "--name", "home", "--data-dir", str(data))
+    assert init.rc == 0, init.err
+    assert (await qn("cluster", "show", "--data-dir", str(data))).out.startswith("name:    home")
+    # Before the subcommand still works, and a value after it wins over one before it
+    shown = await qn("cluster", "--data-dir", str(tmp_path / "nowhere"), "show", "--data-dir", str(data))
+    assert shown.rc == 0 and shown.out.startswith("name:    home"), shown.err
+    keys = await qn("keys", "create", "--name", "laptop", "--data-dir", str(data))
+    assert keys.rc == 0 and "qk_" in keys.out, keys.err
+    listed = await qn("keys", "list", "--data-dir", str(data))
+    assert listed.rc == 0 and "laptop" in listed.out

@@ -377,7 +377,8 @@ class Node:
         except EngineFetchError as e:
             log.error("embedded_engine_unavailable", error=str(e))
             return
-        engine = LlamaServerProcess(binary, model, host="127.0.0.1", port=0)
+        # the model's own context unless told (llama-server's --ctx-size 0), one KV cache shared by its slots
+        engine = LlamaServerProcess(binary, model, host="127.0.0.1", port=0, ctx_size=self.settings.embedded_ctx_size)
         self.embedded = engine
         try:
             await engine.start()

@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     probe_interval_s: float = 2.0
     probe_timeout_s: float = 0.5
     embedded_engine: bool = True
+    # the embedded engine's context in tokens: 0 is the model's own (SmolLM2's 8,192, about 190 MB of KV cache)
+    embedded_ctx_size: int = 0
     cache_dir: str = ""
     # logging
     log_format: Literal["auto", "console", "json"] = "auto"
@@ -361,6 +363,8 @@ def _validate(s: Settings) -> Settings:
             raise ConfigError(f"shards: {shard.model}: across must be 1 to 16, got {shard.across}")
         if shard.alias is not None and not _MODEL_NAME.fullmatch(shard.alias):
             raise ConfigError(f"shards: {shard.model}: {shard.alias!r} is not a model name")
+    if s.embedded_ctx_size < 0:
+        raise ConfigError("embedded_ctx_size: 0 (the model's own context) or a number of tokens")
     if s.lend_max_workers < 1 or not 3.0 <= s.shard_lease_s <= 300.0:
         raise ConfigError("lend_max_workers: at least 1; shard_lease_s: 3 to 300 seconds")
     if s.holder_concurrency < 0:

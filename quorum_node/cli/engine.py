@@ -63,7 +63,7 @@ def _add_engine_subcommands(parser: argparse.ArgumentParser) -> None:
     )
     start.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
     start.add_argument("--port", type=int, default=8080, help="TCP port, 0 for any (default: %(default)s)")
-    start.add_argument("--ctx-size", type=int, default=2048, help="context size in tokens (default: %(default)s)")
+    start.add_argument("--ctx-size", type=int, default=0, help="context size in tokens (default: 0, the model's own)")
     start.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama-server's choice)")
     start.add_argument("--model", type=Path, default=None, help="GGUF model (default: the cached SmolLM2-135M)")
     start.add_argument("llama_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)

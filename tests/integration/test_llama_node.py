@@ -486,3 +486,28 @@ async def test_stopped_engine_disappears_and_returns(how: str, engines, start_no
 
     await until(back, NOTICE_WITHIN_S, "the restarted engine's model returns to /v1/models")
     assert await chat_text(client)
+
+
+async def test_the_embedded_engine_takes_a_prompt_as_long_as_its_model_was_trained_for(
+    start_node, client_for, cache: Path, llama_server: Path, model: Path
+) -> None:
+    """Issue 23: smolagents' CodeAgent sends a 2,301-token prompt; the embedded engine used to run SmolLM2 with
+    2,048 tokens of context and refused it. It runs with the model's own context now."""
+    with socket.socket() as nobody:
+        nobody.bind(("127.0.0.1", 0))
+        node = await start_node(
+            detect=True, detect_ports=[nobody.getsockname()[1]], embedded_engine=True, cache_dir=str(cache)
+        )
+
+        async def node_ready() -> bool:
+            return (await get_json(node.url + "/ready"))[0] == 200
+
+        await until(node_ready, READY_TIMEOUT_S, "the embedded engine comes up")
+        _, _, listed = await get_json(node.url + "/v1/models")
+        assert [m["context_length"] for m in listed["data"]] == [N_CTX_TRAIN]
+        long = " ".join(f"Step {i}: think about the task, then write the code." for i in range(200))
+        answer = await client_for(node).chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": long}], max_tokens=4
+        )
+        assert answer.usage is not None and answer.usage.prompt_tokens > 2300
+        assert answer.choices[0].finish_reason == "length"

@@ -244,6 +244,13 @@ def _from_engine(ex: Exchange, engine: dict[str, Any], status: str = "completed"
     output = engine.get("output")
     out = _response(ex, status=status, output=output if isinstance(output, list) else [], usage=None)
     out.update((k, v) for k, v in engine.items() if v is not None and k not in _NODE_FIELDS)
+    # llama-server calls an answer cut by max_output_tokens "completed"; a translated one is "incomplete", as
+    # OpenAI's is: one answer everywhere (an agent's run that raises on one must raise on every node)
+    limit, usage = ex.req.max_output_tokens, out.get("usage")
+    spent = usage.get("output_tokens") if isinstance(usage, dict) else None
+    if out.get("status") == "completed" and limit is not None and type(spent) is int and spent >= limit:
+        out["status"] = "incomplete"
+        out["incomplete_details"] = {"reason": "max_output_tokens"}
     return out
 
 

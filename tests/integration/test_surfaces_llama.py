@@ -128,7 +128,8 @@ async def test_openai_agents_default_model_runs_an_agent_with_a_tool(node) -> No
             instructions="Be brief.",
             tools=[get_weather],
             model=agents.OpenAIResponsesModel(model=MODEL_ID, openai_client=client),
-            model_settings=agents.ModelSettings(max_tokens=32),
+            # room to finish: an answer cut by max_tokens is "incomplete", and the runner raises on it (issue 23)
+            model_settings=agents.ModelSettings(max_tokens=256),
         )
         result = await agents.Runner.run(
             agent, "Say hello.", max_turns=4, run_config=agents.RunConfig(tracing_disabled=True)
@@ -407,3 +408,45 @@ async def test_real_tool_call_through_messages(tool_node) -> None:
         assert second.stop_reason == "tool_use" and second.usage.output_tokens > 0
     finally:
         await claude.close()
+
+
+async def test_an_answer_cut_by_max_output_tokens_is_incomplete_on_every_node(
+    engine: LlamaServerProcess, start_node
+) -> None:
+    """Issue 23: llama-server calls such an answer "completed"; a node that translates (for a peer) said
+    "incomplete", as OpenAI does; openai-agents' non-streamed run raised on one node and not the other.
+    One answer everywhere: ``incomplete`` with ``incomplete_details``, whether passed through or translated."""
+    from tests.members_support import CLUSTER
+    from tests.support import eventually
+
+    agents = pytest.importorskip("agents")
+    local = await start_node(backends=[{"kind": "llamacpp", "url": engine.url}], **CLUSTER)
+    entry = await start_node(**CLUSTER)  # no engine: it forwards to local, which translates for a peer
+    assert local.cluster is not None and entry.cluster is not None
+    entry.cluster.table.add_static(f"127.0.0.1:{local.peer_port}")
+    local.cluster.table.add_static(f"127.0.0.1:{entry.peer_port}")
+    await eventually(lambda: MODEL_ID in entry.router.known_models(), "entry sees local's model", timeout_s=10)
+    outcomes = []
+    for node, route in ((local, "local"), (entry, "lan")):
+        async with openai.AsyncOpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0) as client:
+            raw = await client.responses.with_raw_response.create(model=MODEL_ID, input=STORY, max_output_tokens=4)
+            assert raw.headers["X-Quorum-Route"] == route
+            resp = raw.parse()
+            assert (resp.status, resp.incomplete_details and resp.incomplete_details.reason) == (
+                "incomplete",
+                "max_output_tokens",
+            ), route
+            async with client.responses.stream(model=MODEL_ID, input=STORY, max_output_tokens=4) as s:
+                final = await s.get_final_response()
+            assert final.status == "incomplete", route
+            agent = agents.Agent(
+                name="writer",
+                model=agents.OpenAIResponsesModel(model=MODEL_ID, openai_client=client),
+                model_settings=agents.ModelSettings(max_tokens=4),
+            )
+            try:
+                await agents.Runner.run(agent, STORY, max_turns=2, run_config=agents.RunConfig(tracing_disabled=True))
+                outcomes.append("finished")
+            except agents.exceptions.AgentsException as e:  # it raises on a cut answer, as with OpenAI's
+                outcomes.append(type(e).__name__)
+    assert outcomes == ["ModelBehaviorError", "ModelBehaviorError"], outcomes

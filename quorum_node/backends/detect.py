@@ -15,7 +15,7 @@ import msgspec
 
 from .upstream import HttpAnswer, read_capped
 
-__all__ = ["identify"]
+__all__ = ["identify", "probe"]
 
 _decode = msgspec.json.Decoder().decode
 
@@ -48,11 +48,23 @@ async def identify(session: aiohttp.ClientSession, base: str, *, timeout_s: floa
 
     Raises nothing for "nobody there"; connection errors mean None.
     """
+    return (await probe(session, base, timeout_s=timeout_s))[0]
+
+
+async def probe(session: aiohttp.ClientSession, base: str, *, timeout_s: float = 0.5) -> tuple[str | None, bool]:
+    """The engine kind answering at ``base`` (or None), and whether anything answered HTTP there at all:
+    ``(None, True)`` is a server that is no engine we know (a web app on 8080), to be asked again rarely."""
     t = aiohttp.ClientTimeout(total=timeout_s * 2, sock_connect=timeout_s)
     try:
         status, models, headers = await _get(session, base + "/v1/models", t)
     except (aiohttp.ClientError, OSError, TimeoutError):
-        return None
+        return None, False
+    return await _identify(session, base, t, status, models, headers), True
+
+
+async def _identify(
+    session: aiohttp.ClientSession, base: str, t: aiohttp.ClientTimeout, status: int, models: Any, headers: Any
+) -> str | None:
     if headers.get("Server", "").startswith("llama.cpp"):
         return "llamacpp"  # every llama.cpp answer carries it, even 503 while loading
     if _is_lmstudio_catchall(models, headers):

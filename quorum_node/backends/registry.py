@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -16,13 +17,18 @@ import structlog
 
 from ..settings import BackendSpec, Settings
 from .base import Backend, BackendState, Model, Timeouts
-from .detect import identify
+from .detect import probe
 from .ollama import OllamaBackend
 from .openai_compat import MAX_MODELS_PER_ENGINE, OpenAICompatBackend
 
 __all__ = ["Registry", "make_backend"]
 
 log = structlog.get_logger(__name__)
+
+#: A port where something that is no engine answers is asked again after this long, then twice as long each
+#: time, up to ``NOT_ENGINE_MAX_S``: one identification (a few requests) every few minutes, not every round.
+NOT_ENGINE_FIRST_S = 60.0
+NOT_ENGINE_MAX_S = 300.0
 
 
 def make_backend(
@@ -64,6 +70,9 @@ class Registry:
         self.pending: set[str] = set()
         self._digest: tuple[object, ...] = ()
         self._detected_once = False
+        # Ports where something that is no engine answers (a web app on 8080): url -> (next ask, wait after it).
+        # Asked again rarely, the wait doubling, so its access log is not filled with our probes.
+        self._not_engines: dict[str, tuple[float, float]] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -145,17 +154,27 @@ class Registry:
     async def _detect(self) -> None:
         host = self.settings.detect_host
         urls = [f"http://{host}:{p}" for p in self.settings.detect_ports]
-        todo = [u for u in urls if u not in self.backends]
+        now = time.monotonic()
+        todo = [u for u in urls if u not in self.backends and self._not_engines.get(u, (0.0, 0.0))[0] <= now]
         if not todo:
             return
         # The first pass runs as the node starts, when the machine may be busy: it allows longer, as an
         # engine's first probe does (``refresh``), so an engine that is there is found at start.
         timeout_s = self.settings.probe_timeout_s * (1 if self._detected_once else 4)
         self._detected_once = True
-        kinds = await asyncio.gather(*(identify(self.session, u, timeout_s=timeout_s) for u in todo))
-        for url, kind in zip(todo, kinds, strict=True):
+        found = await asyncio.gather(*(probe(self.session, u, timeout_s=timeout_s) for u in todo))
+        now = time.monotonic()
+        for url, (kind, answered) in zip(todo, found, strict=True):
             if kind is not None:
+                self._not_engines.pop(url, None)
                 self.add(BackendSpec(kind=kind, url=url), detected=True)
+            elif answered:  # something is there and it is no engine: ask again after a while, then rarer
+                wait = min(self._not_engines.get(url, (0.0, NOT_ENGINE_FIRST_S / 2))[1] * 2, NOT_ENGINE_MAX_S)
+                if url not in self._not_engines:
+                    log.info("detect_not_an_engine", url=url, again_in_s=wait)
+                self._not_engines[url] = (now + wait, wait)
+            else:  # nobody there (any more): looked at every round, as before
+                self._not_engines.pop(url, None)
 
     # -- questions the router asks ---------------------------------------
 

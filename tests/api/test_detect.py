@@ -194,3 +194,24 @@ async def test_an_engine_slow_to_answer_as_the_node_starts_is_still_found(
         node = await start_node(detect=True, detect_ports=[proxy.port])
         proxy.latency_s = 0.0
         assert [b.kind for b in node.registry.backends.values()] == ["llamacpp"]
+
+
+async def test_a_web_app_on_a_default_port_is_asked_again_rarely_not_every_round(
+    start_node: StartNode, imposter: Any, http: aiohttp.ClientSession
+) -> None:
+    """Issue 23: Open WebUI on 8080 got six requests every 2 s, forever, filling its access log."""
+    seen: list[str] = []
+
+    async def web_app(request: web.Request) -> web.Response:  # a single-page app: HTML for every path
+        seen.append(request.path)
+        return web.Response(text="<!doctype html><title>Open WebUI</title>", content_type="text/html")
+
+    port = await imposter(web_app)
+    node = await start_node(detect=True, detect_ports=[port], probe_interval_s=0.05)
+    await eventually(lambda: len(seen) > 0, "the first identification")
+    first = len(seen)
+    assert 0 < first <= 10  # one identification: a handful of requests
+    for _ in range(20):  # twenty detection rounds (each refresh probes the default ports)
+        await node.registry.refresh_once()
+    assert len(seen) == first, seen[first:]  # not asked again: the next time is a minute away, then rarer
+    assert await engines_of(http, node) == []

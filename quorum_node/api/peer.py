@@ -44,7 +44,7 @@ from ..cluster.lending import (
     ShardRef,
 )
 from ..cluster.members_sync import MAX_MEMBERS_BYTES, MEMBERS_PATH
-from ..cluster.tunnel import MAX_MESSAGE, Counted
+from ..cluster.tunnel import MAX_MESSAGE, Counted, WebSocketDuplex
 from ..cluster.tunnel import join as join_streams
 from ..control.replication import KEYS_PATH, MAX_KEYS_BYTES
 from ..control.usage import UsageAnswer
@@ -233,7 +233,7 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
             writer.close()  # never joined: the worker's side is closed here
             raise
         with contextlib.suppress(ConnectionError):
-            await join_streams(ws, reader, writer, Counted())  # closes both, however it ends
+            await join_streams(WebSocketDuplex(ws), reader, writer, Counted())  # closes both, however it ends
         return ws
 
     return [

@@ -5,8 +5,8 @@ of its shards; this node starts an ``rpc-server`` bound to loopback and lends
 it on a **lease**: the leader renews it every few seconds, and a lease that
 runs out (the leader was killed, its link is gone) stops the worker. The only
 way to the worker is the tunnel (``GET /quorum/v1/shards/tunnel``, a WebSocket
-upgrade over the peer link, ``api/peer.py``), and only for the member that
-leased it.
+upgrade on the peer port, ``api/peer.py``; or a ``TUNNEL`` stream of the relay
+link, ``relay/link.py``), and only for the member that leased it.
 
 Peer messages (JSON, decoded strictly, bounded):
 

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from ..backends.answer import RequestHead
+from ..backends.answer import LinkBroken, RequestHead
 from ..backends.base import Backend, Op, Timeouts
 from ..backends.upstream import read_capped
 from ..breaker import Breakers
@@ -48,7 +49,7 @@ from .context import RecordSync
 from .forward import PeerTarget
 from .identity import NodeIdentity
 from .join import JoinHandler
-from .lending import Lending
+from .lending import MAX_SHARD_BYTES, TUNNEL_PATH, Lending
 from .links import HttpLink, PeerLink, RelayPeerLink
 from .members import MemberStore, encode_records
 from .members_sync import MAX_NEW_INTRODUCED, MemberReplicator
@@ -79,8 +80,9 @@ from .pipe import PipeError, PipeResponse, serve_in_memory
 from .probing import Prober
 from .relay import RelayLink
 from .scoring import RetryBudget, pick
-from .sharding import Lender, Sharding
+from .sharding import Lender, ShardCallError, Sharding
 from .tls import PeerTLS
+from .tunnel import MAX_MESSAGE, Duplex, WebSocketDuplex
 
 if TYPE_CHECKING:
     from collections.abc import Sized
@@ -203,6 +205,7 @@ class ClusterService:
                 max_peers=self.table.max_peers,
                 introduction=lambda: encode_records(self.members.records()),
                 introduce=lambda peer, records: self.member_sync.merge(records, peer, max_new=MAX_NEW_INTRODUCED),
+                open_tunnel=self._open_tunnel,
             )
             await self.relay.start()
         self._spawn(self.prober.health_loop(), "cluster-health")
@@ -306,17 +309,83 @@ class ClusterService:
         return out
 
     def lenders(self) -> list[Lender]:
-        """Members that could lend a sharded model memory now: up, on the LAN, saying what they have free;
-        the most free first (``sharding.py``). A peer reachable only through the relay is not one yet."""
+        """Members that could lend a sharded model memory now: up, saying what they have free, reachable on
+        the LAN or through the relay; the most free first (``sharding.py``)."""
         out = []
         for peer in self.table.all():
             memory = peer.load.memory if peer.load is not None else None
-            if peer.state is not PeerState.UP or peer.draining or memory is None or not peer.info.address:
+            if peer.state is not PeerState.UP or peer.draining or memory is None or memory.free <= 0:
                 continue
-            ctx = self.tls.client_for(peer.node_id)
-            if ctx is not None and memory.free > 0:
-                out.append(Lender(peer.node_id, peer.info.name or peer.node_id, peer.info.address, ctx, memory))
+            lan = bool(peer.info.address) and self.tls.client_for(peer.node_id) is not None
+            if lan or (peer.relay and self.relay is not None):
+                route = "lan" if lan else "relay"
+                out.append(Lender(peer.node_id, peer.info.name or peer.node_id, memory, route))
         return sorted(out, key=lambda lender: (-lender.memory.free, lender.node_id))
+
+    async def shard_call(self, node_id: str, path: str, body: bytes, *, timeout_s: float) -> bytes:
+        """POST a shard message to member ``node_id``, over its first link that carries it (LAN, then relay):
+        the body of its 200 answer; ``ShardCallError`` for another answer; ``ConnectionError`` if none did."""
+        peer = self.table.get(node_id)
+        if peer is None:
+            raise ConnectionError(f"{node_id} is no peer now")
+        headers = {**self.peer_headers(), "Content-Type": "application/json"}
+        failed: list[str] = []
+        for link in self.links(peer):
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            try:
+                async with asyncio.timeout_at(deadline):
+                    answer = await link.open(
+                        RequestHead(method="POST", path=path, headers=headers, body=body),
+                        self.timeouts,
+                        deadline=deadline,
+                        stream=False,
+                        who=f"peer {peer.info.name or node_id}",
+                    )
+                    try:
+                        raw = await read_capped(answer, MAX_SHARD_BYTES)
+                    finally:
+                        answer.body.abort()
+            except (EngineUnavailable, LinkBroken, aiohttp.ClientError, OSError, TimeoutError) as e:
+                failed.append(f"{link.route}: {e}")
+                continue
+            if answer.status == 200 and raw is not None:
+                return raw
+            said = raw[:300].decode(errors="replace") if raw is not None else "(too large)"
+            raise ShardCallError(answer.status, said)  # the member's own answer: no other link changes it
+        raise ConnectionError("; ".join(failed) or "no link to it")
+
+    async def shard_tunnel(self, node_id: str, path: str) -> Duplex:
+        """A tunnel to member ``node_id`` at ``path`` (``tunnel.py``): a WebSocket upgrade on its peer port
+        (mutual TLS), else a tunnel stream of the relay link's Noise session with it."""
+        peer = self.table.get(node_id)
+        if peer is None:
+            raise ConnectionError(f"{node_id} is no peer now")
+        ctx = self.tls.client_for(node_id) if peer.info.address else None
+        why = "no link to it"
+        if ctx is not None:
+            try:
+                ws = await self.session.ws_connect(
+                    f"https://{peer.info.address}{path}",
+                    ssl=ctx,
+                    headers=self.peer_headers(),
+                    max_msg_size=MAX_MESSAGE,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
+                )
+                return WebSocketDuplex(ws)
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                why = f"lan: {e}"
+        if peer.relay and self.relay is not None:
+            return await self.relay.tunnel(node_id, path, self.peer_headers(), timeout_s=10.0)
+        raise ConnectionError(why)
+
+    async def _open_tunnel(self, peer: str, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A member's tunnel through the relay: to the worker this node lends it (``lending.py``), if any."""
+        base, _, query = path.partition("?")
+        shard = urllib.parse.parse_qs(query).get("shard", [""])[0]
+        port = self.lending.port(peer, shard) if self.lending is not None and base == TUNNEL_PATH else None
+        if port is None:
+            return None
+        return await asyncio.open_connection("127.0.0.1", port, limit=MAX_MESSAGE)
 
     async def tell(self, node_id: str, path: str, body: dict[str, Any], what: str) -> bool:
         """POST a small JSON message to member ``node_id`` over its first link that answers; whether it took it."""

@@ -3,15 +3,16 @@
 ``quorum-node shard MODEL --across N`` (or a ``[[shards]]`` entry of the
 config) makes this node the leader of a model too big for one machine. It
 
-1. picks N members that are up, reachable on the LAN and say they have memory
-   to lend (their health's ``memory``), most free memory first;
+1. picks N members that are up, reachable (on the LAN, or through the relay)
+   and say they have memory to lend (their health's ``memory``), most free first;
 2. asks each for a worker over the signed peer API (``lending.py``): an
    ``rpc-server`` on the helper's loopback, on a lease this node renews every
    ``lease_s / 3``;
 3. opens, per helper, a loopback listener that stands for it: every
    connection ``llama-server`` makes to it is carried to the helper's worker
-   through a tunnel on the peer link (``tunnel.py``), so ``rpc-server`` is never
-   reachable by anyone but this node;
+   through a tunnel on the peer link (``tunnel.py``: a WebSocket on the mutual-TLS
+   peer port, or a stream of the relay link's Noise session), so ``rpc-server``
+   is never reachable by anyone but this node;
 4. starts ``llama-server --rpc <those listeners> -ngl 999 --tensor-split …``,
    the layers split in proportion to each helper's free memory;
 5. adds it to the registry as an engine like any other (``shard:<model>``),
@@ -42,12 +43,11 @@ import msgspec
 import structlog
 
 from ..embedded.supervisor import EngineStartError, LlamaServerProcess
-from ..errors import EngineUnavailable
 from ..resources import Memory
-from .lending import LEND_PATH, MAX_SHARD_BYTES, RELEASE_PATH, RENEW_PATH, TUNNEL_PATH, LendAnswer
-from .tunnel import MAX_MESSAGE, Counted, join
+from .lending import LEND_PATH, RELEASE_PATH, RENEW_PATH, TUNNEL_PATH, LendAnswer
+from .tunnel import MAX_MESSAGE, Counted, Duplex, join
 
-__all__ = ["Lender", "Shard", "ShardContext", "ShardError", "Sharding", "shard_id"]
+__all__ = ["Lender", "Shard", "ShardCallError", "ShardContext", "ShardError", "Sharding", "shard_id"]
 
 log = structlog.get_logger("quorum.sharding")
 
@@ -66,13 +66,12 @@ class ShardError(Exception):
 
 @dataclass(frozen=True)
 class Lender:
-    """A member that could lend: how to reach it on the LAN and what it has free."""
+    """A member that could lend, and what it has free (reached on the LAN, or through the relay)."""
 
     node_id: str
     name: str
-    address: str  # host:port of its peer port
-    ssl: Any  # the TLS context that trusts exactly its certificate
     memory: Memory
+    route: str = "lan"  # how it is reached first: "lan" | "relay"
 
 
 class ShardContext(Protocol):
@@ -82,14 +81,26 @@ class ShardContext(Protocol):
 
     def lenders(self) -> list[Lender]: ...
 
-    @property
-    def session(self) -> aiohttp.ClientSession: ...
+    async def shard_call(self, node_id: str, path: str, body: bytes, *, timeout_s: float) -> bytes:
+        """POST a shard message to that member (its LAN link first, then the relay): the body of its 200
+        answer; ``ShardCallError`` for another answer, ``ConnectionError`` where no link carried it."""
+        ...
 
-    def peer_headers(self) -> dict[str, str]: ...
+    async def shard_tunnel(self, node_id: str, path: str) -> Duplex:
+        """A tunnel to that member's ``path`` (``tunnel.py``): on the LAN, else through the relay."""
+        ...
 
     def leaving(self, node_id: str) -> bool:
         """Whether that member is going: removed, gone from the peer table, or draining (it said it stops)."""
         ...
+
+
+class ShardCallError(Exception):
+    """A member answered a shard message with something other than 200."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
 
 
 class Busy(Protocol):
@@ -348,31 +359,12 @@ class Shard:
     async def _call(
         self, lender: Lender, path: str, body: dict[str, Any], *, timeout_s: float = _CALL_TIMEOUT_S
     ) -> bytes:
-        """POST a shard message to ``lender``'s peer port; its answer, or ``ShardError``."""
-        url = f"https://{lender.address}{path}"
-        headers = {**self.ctx.peer_headers(), "Content-Type": "application/json"}
+        """POST a shard message to ``lender``; its answer, or ``ShardError``."""
         try:
-            async with self.ctx.session.post(
-                url,
-                data=_encode(body),
-                headers=headers,
-                ssl=lender.ssl,
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-                allow_redirects=False,
-            ) as resp:
-                raw = b""
-                while len(raw) <= MAX_SHARD_BYTES and (
-                    chunk := await resp.content.read(MAX_SHARD_BYTES + 1 - len(raw))
-                ):
-                    raw += chunk
-                if resp.status != 200:
-                    raise ShardError(
-                        f"{lender.name} answered {resp.status} to {path}: {raw[:300].decode(errors='replace')}"
-                    )
-                if len(raw) > MAX_SHARD_BYTES:
-                    raise ShardError(f"{lender.name}'s answer to {path} is too large")
-                return raw
-        except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
+            return await self.ctx.shard_call(lender.node_id, path, _encode(body), timeout_s=timeout_s)
+        except ShardCallError as e:
+            raise ShardError(f"{lender.name} answered {path} with {e}") from None
+        except (ConnectionError, OSError, TimeoutError, aiohttp.ClientError) as e:
             raise ShardError(f"{lender.name} did not answer {path}: {type(e).__name__}: {e}") from None
 
     async def _carry(self, h: _Helper, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -382,23 +374,13 @@ class Shard:
         h.tunnels.add(task)
         joined = False
         try:
-            url = f"https://{h.lender.address}{TUNNEL_PATH}?shard={self.id}"
             try:
-                ws = await self.ctx.session.ws_connect(
-                    url,
-                    ssl=h.lender.ssl,
-                    headers=self.ctx.peer_headers(),
-                    max_msg_size=MAX_MESSAGE,
-                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-                    autoping=True,
-                    heartbeat=None,
-                )
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                tunnel = await self.ctx.shard_tunnel(h.lender.node_id, f"{TUNNEL_PATH}?shard={self.id}")
+            except (ConnectionError, OSError, TimeoutError, aiohttp.ClientError) as e:
                 log.warning("shard_tunnel_refused", shard=self.id, helper=h.lender.name, error=str(e))
                 return
             joined = True
-            async with ws:
-                await join(ws, reader, writer, h.count)  # closes both, however it ends
+            await join(tunnel, reader, writer, h.count)  # closes both, however it ends
         finally:
             h.tunnels.discard(task)
             if not joined:  # the engine's connection is closed here, also when the tunnel was cancelled

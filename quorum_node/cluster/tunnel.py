@@ -1,12 +1,15 @@
 """A TCP stream carried through the peer link: ``rpc-server``'s, from a leader's engine to a helper (issue 22).
 
-The peer link is HTTPS with mutual TLS (``tls.py``); the tunnel is a WebSocket
-upgrade on it (``GET /quorum/v1/shards/tunnel?shard=…``), so the helper's
-trust middleware proves the member before a byte flows, and every byte is
-inside that TLS session: a stranger can neither open one nor replay one.
-Each side joins the WebSocket (binary messages) to a loopback TCP stream —
-the helper to its ``rpc-server``, the leader to the connection its
-``llama-server`` opened to the local listener that stands for the helper.
+On the LAN the peer link is HTTPS with mutual TLS (``tls.py``) and the tunnel a
+WebSocket upgrade on it (``GET /quorum/v1/shards/tunnel?shard=…``): the
+helper's trust middleware proves the member before a byte flows, and every
+byte is inside that TLS session, so a stranger can neither open one nor
+replay one. Through the relay it is a stream of the Noise session the relay
+link already holds with the member (``relay/link.py``, ``TUNNEL``), which the
+relay forwards and cannot read. Either way each side joins the tunnel (a
+``Duplex``) to a loopback TCP stream: the helper to its ``rpc-server``, the
+leader to the connection its ``llama-server`` opened to the local listener
+that stands for the helper.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import contextlib
 from typing import Protocol
 
 import aiohttp
+from aiohttp import web
 
-__all__ = ["CHUNK", "MAX_MESSAGE", "Counted", "join"]
+__all__ = ["CHUNK", "MAX_MESSAGE", "Counted", "Duplex", "WebSocketDuplex", "join"]
 
 #: How much one read from the TCP side carries in one message.
 CHUNK = 256 * 1024
@@ -25,18 +29,37 @@ CHUNK = 256 * 1024
 MAX_MESSAGE = 2 * CHUNK
 
 
-class _Socket(Protocol):
-    """What both ends' WebSocket objects (aiohttp's client and server) offer."""
+class Duplex(Protocol):
+    """A byte stream both ways, message by message: a WebSocket, or a relay stream."""
 
-    async def send_bytes(self, data: bytes) -> None: ...
+    async def send(self, data: bytes) -> None: ...
 
-    async def receive(self, timeout: float | None = None) -> aiohttp.WSMessage: ...
+    async def recv(self) -> bytes:
+        """The next bytes; b"" once the other side ended (or anything but bytes came)."""
+        ...
 
-    async def close(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+class WebSocketDuplex:
+    """A WebSocket (aiohttp's, client or server side) as a ``Duplex``: binary messages only."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def recv(self) -> bytes:
+        msg = await self.ws.receive()
+        return msg.data if msg.type is aiohttp.WSMsgType.BINARY and msg.data else b""
+
+    async def close(self) -> None:
+        await self.ws.close()
 
 
 class Counted:
-    """Bytes carried: ``sent`` into the WebSocket, ``received`` out of it."""
+    """Bytes carried: ``sent`` into the tunnel, ``received`` out of it."""
 
     __slots__ = ("received", "sent")
 
@@ -45,21 +68,18 @@ class Counted:
         self.received = 0
 
 
-async def join(ws: _Socket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: Counted) -> None:
+async def join(tunnel: Duplex, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: Counted) -> None:
     """Carry bytes both ways until either side ends; then close both."""
 
     async def outward() -> None:
         while chunk := await reader.read(CHUNK):
-            await ws.send_bytes(chunk)
+            await tunnel.send(chunk)
             count.sent += len(chunk)
 
     async def inward() -> None:
-        while True:
-            msg = await ws.receive()
-            if msg.type is not aiohttp.WSMsgType.BINARY:
-                return  # closed, an error, or text (no part of the protocol): the end
-            writer.write(msg.data)
-            count.received += len(msg.data)
+        while data := await tunnel.recv():
+            writer.write(data)
+            count.received += len(data)
             await writer.drain()
 
     tasks = [asyncio.create_task(outward()), asyncio.create_task(inward())]
@@ -73,6 +93,6 @@ async def join(ws: _Socket, reader: asyncio.StreamReader, writer: asyncio.Stream
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, ConnectionError, OSError):
                 await t
         with contextlib.suppress(aiohttp.ClientError, ConnectionError, OSError, RuntimeError):
-            await ws.close()
+            await tunnel.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()

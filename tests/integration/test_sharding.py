@@ -25,6 +25,7 @@ from quorum_node.embedded.supervisor import LlamaServerProcess
 from quorum_node.node import Node
 from quorum_node.records import Record
 from tests.members_support import CLUSTER
+from tests.relay.wan import TOKEN, RelayHandle, Tap
 from tests.support import cli, eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180, func_only=True)]
@@ -234,3 +235,50 @@ async def test_a_first_build_waits_for_as_many_helpers_as_asked(trio: tuple[Node
     await eventually(lambda: shard.error is not None, "the build says why it waits", timeout_s=10)
     assert shard.state != "up" and "only 2 of the 3" in (shard.error or "")
     assert len(b.lending) == 0  # nothing leased meanwhile
+
+
+async def test_helpers_reached_only_through_the_relay_serve_and_the_relays_wire_sees_no_prompt(
+    start_node: Any, llama_server: Path, model: Path, client_for: Any
+) -> None:
+    """No LAN between them: the lends, the leases and the tunnels go through the relay, in the Noise
+    sessions of the members (a tap on the relay's wire sees neither the prompt nor the answer)."""
+    whole = LlamaServerProcess(llama_server, model)
+    await whole.start()
+    try:
+        await whole.wait_ready(30)
+        async with openai.AsyncOpenAI(base_url=whole.url + "/v1", api_key="unused", max_retries=0) as direct:
+            expected = await greedy(direct, MODEL_ID, PROMPTS[1], stream=False)
+    finally:
+        await whole.stop()
+    relay = RelayHandle()
+    await relay.start()
+    tap = Tap(relay.port)
+    await tap.start()
+    nodes: list[Node] = []
+    try:
+        for _ in range(3):
+            url = f"ws://127.0.0.1:{tap.port}"
+            nodes.append(await start_node(relay=url, relay_token=TOKEN, shard_lease_s=LEASE_S, **CLUSTER))
+        a, b, c = nodes
+        assert a.cluster is not None and a.sharding is not None
+
+        def through_the_relay() -> bool:
+            assert a.cluster is not None
+            lenders = a.cluster.lenders()
+            return len(lenders) == 2 and all(lender.route == "relay" for lender in lenders)
+
+        await eventually(through_the_relay, "a sees two lenders, through the relay only", timeout_s=20)
+        shard = a.sharding.lead(model, 2)
+        await eventually(lambda: shard.state == "up", "the shard is up", timeout_s=120)
+        assert sorted(h["node"] for h in shard.status()["helpers"]) == sorted([b.name, c.name])
+        assert all(h["bytes_sent"] > 10_000_000 for h in shard.status()["helpers"])
+        got = [await greedy(client_for(a), MODEL_ID, PROMPTS[1], stream=s) for s in (False, True)]
+        assert got == [expected, expected]
+        for secret in (PROMPTS[1][0]["content"], expected):
+            assert secret.encode() not in tap.seen, f"{secret!r} crossed the relay in the clear"
+        assert len(tap.seen) > 20_000_000  # the weights went that way: the tap saw the traffic, sealed
+    finally:
+        for n in reversed(nodes):
+            await n.stop()
+        await tap.close()
+        await relay.stop()

@@ -15,7 +15,7 @@ import pytest
 from quorum_node.cluster.identity import NodeIdentity
 from quorum_node.cluster.noise import Handshake
 from quorum_node.cluster.relay import RelayLinkError, RelayProtocol, SessionLost
-from quorum_node.cluster.relay.messages import FIN, OPEN, WINDOW, AnswerHead, Features, Item, OpenHead
+from quorum_node.cluster.relay.messages import FIN, OPEN, TUNNEL, WINDOW, AnswerHead, Features, Item, OpenHead
 from quorum_node.cluster.relay.protocol import ProtocolError
 from quorum_node.cluster.relay.sessions import prologue
 from quorum_node.cluster.relay.streams import Stream
@@ -30,6 +30,7 @@ class Events:
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
         self.served: list[tuple[Stream, OpenHead, bytes]] = []
+        self.tunnels: list[tuple[Stream, OpenHead]] = []
 
     def welcomed(self, welcome: wire.Welcome) -> None:
         self.log.append(("welcomed",))
@@ -48,6 +49,10 @@ class Events:
 
     def serve(self, stream: Stream, head: OpenHead, body: bytes) -> None:
         self.served.append((stream, head, body))
+
+    def tunnel(self, stream: Stream, head: OpenHead) -> None:
+        stream.handler = Handler()
+        self.tunnels.append((stream, head))
 
     def output(self) -> None:
         pass
@@ -371,3 +376,53 @@ def test_a_relay_that_breaks_the_protocol_is_told_so(first: str) -> None:
     with pytest.raises(ProtocolError) as e:
         a.p.receive(raw, 0.0)
     assert e.value.code == wire.CLOSE_PROTOCOL
+
+
+TUNNEL_HEAD = OpenHead(method=TUNNEL, path="/quorum/v1/shards/tunnel?shard=m", headers=[], body=b"")
+
+
+def test_a_tunnel_is_served_as_it_opens_and_carries_bytes_both_ways_within_credit() -> None:
+    a, b, net = pair()
+    session(a, b, net)
+    h = Handler()
+    stream = a.p.open(b.id, TUNNEL_HEAD, h)
+    net.pump()
+    assert b.events.served == []  # not a request waiting for its body's end: served at once
+    [(served, head)] = b.events.tunnels
+    assert (served.peer, head.path) == (a.id, TUNNEL_HEAD.path)
+    b.p.send(served, memoryview(msgspec.msgpack.encode(AnswerHead(status=200, headers=[]))))
+    net.pump()
+    assert h.head == AnswerHead(status=200, headers=[])
+    # both ways, as often as they like: no Close is needed for the other side to get the bytes
+    for i in range(3):
+        assert a.p.send(stream, memoryview(b"up%d" % i)) == 3
+        assert b.p.send(served, memoryview(b"down%d" % i)) == 5
+        net.pump()
+    got = served.handler
+    assert isinstance(got, Handler) and got.data == b"up0up1up2" and h.data == b"down0down1down2"
+    # what the tunnel's reader has not consumed is not granted back: a sender stops at the window
+    big = memoryview(b"x" * (2 * WINDOW))
+    sent = a.p.send(stream, big)
+    assert sent < WINDOW and a.p.send(stream, big[sent:]) == 0
+    net.pump()
+    b.p.consumed(served, len(got.data))
+    net.pump()
+    assert a.p.send(stream, big[sent:]) > 0
+    # either end closes: the other hears it, and nothing is held once both have
+    a.p.close(stream)
+    net.pump()
+    assert got.ended
+    b.p.close(served)
+    net.pump()
+    assert h.ended and len(a.p.streams) == 0 == len(b.p.streams)
+
+
+def test_a_tunnel_to_a_node_that_has_none_there_is_refused_with_its_head() -> None:
+    a, b, net = pair()
+    session(a, b, net)
+    h = Handler()
+    a.p.open(b.id, TUNNEL_HEAD, h)
+    net.pump()
+    [(served, _)] = b.events.tunnels
+    answer(net, b, served, 404, b"")
+    assert h.head is not None and h.head.status == 404 and h.ended

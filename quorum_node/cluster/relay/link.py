@@ -44,16 +44,28 @@ from quorum_relay import wire
 
 from ...backoff import Backoff
 from ..identity import NodeIdentity
+from ..tunnel import Counted, join
 from .body import RelayAnswer, RelayBody
-from .messages import HOP_BY_HOP, MAX_FRAME_BYTES, AnswerHead, OpenHead, RelayLinkError, SessionLost, encode
+from .messages import (
+    HOP_BY_HOP,
+    MAX_FRAME_BYTES,
+    TUNNEL,
+    AnswerHead,
+    OpenHead,
+    RelayLinkError,
+    SessionLost,
+    encode,
+)
 from .protocol import ProtocolError, RelayProtocol
 from .streams import Stream
 
-__all__ = ["RelayLink"]
+__all__ = ["RelayLink", "RelayTunnel"]
 
 log = structlog.get_logger(__name__)
 
 Serve = Callable[[str, str, str, list[tuple[str, str]], bytes], Awaitable[Any]]
+#: ``open_tunnel(peer_id, path)``: the loopback stream a member's tunnel at ``path`` goes to (None: none there).
+OpenTunnel = Callable[[str, str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]]
 
 
 def _limit_incoming(ws: ClientConnection, max_bytes: int) -> None:
@@ -110,6 +122,68 @@ class _Request(_Sender):
         self.body.broke(str(error))
 
 
+class _Tunneled(_Request):
+    """A tunnel a peer opened to us: its data as it comes (``body``), and the task that serves it."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, on_consumed: Callable[[int], None], on_abort: Callable[[], None]) -> None:
+        super().__init__(on_consumed, on_abort)
+        self.task: asyncio.Task[None] | None = None
+
+    def on_failed(self, error: RelayLinkError) -> None:
+        super().on_failed(error)
+        if self.task is not None:
+            self.task.cancel()
+
+
+class RelayTunnel:
+    """Our end of a tunnel through the relay (``RelayLink.tunnel``): a ``Duplex`` (``cluster/tunnel.py``)."""
+
+    def __init__(self, link: RelayLink, stream: Stream, exchange: _Request) -> None:
+        self._link = link
+        self._stream = stream
+        self._exchange = exchange
+
+    async def send(self, data: bytes) -> None:
+        await self._link._send(self._stream, self._exchange, data)
+
+    async def recv(self) -> bytes:
+        try:
+            return await self._exchange.body.readany()
+        except (RelayLinkError, ConnectionError):
+            return b""
+
+    async def close(self) -> None:
+        if not self._stream.ended:
+            self._link.protocol.reset(self._stream, "closed")
+
+
+class _ServedTunnel:
+    """The served end of a tunnel, as a ``Duplex``."""
+
+    def __init__(self, link: RelayLink, stream: Stream, served: _Tunneled) -> None:
+        self._link = link
+        self._stream = stream
+        self._served = served
+
+    async def send(self, data: bytes) -> None:
+        await self._link._send(self._stream, self._served, data)
+
+    async def recv(self) -> bytes:
+        try:
+            return await self._served.body.readany()
+        except (RelayLinkError, ConnectionError):
+            return b""
+
+    async def close(self) -> None:
+        if not self._stream.ended:
+            if self._stream.got_close:
+                self._link.protocol.close(self._stream)
+            else:
+                self._link.protocol.reset(self._stream, "closed")
+
+
 class _Served(_Sender):
     """A stream a peer opened to us: the task that serves it."""
 
@@ -163,8 +237,10 @@ class RelayLink:
         max_peers: int = 256,
         introduction: Callable[[], bytes] | None = None,
         introduce: Callable[[str, bytes], object] | None = None,
+        open_tunnel: OpenTunnel | None = None,
     ) -> None:
         self.url = url.rstrip("/") + wire.CONNECT_PATH
+        self._open_tunnel = open_tunnel
         self._token = token
         self._identity = identity
         self.node_id = identity.node_id
@@ -437,6 +513,12 @@ class RelayLink:
             stream.handler = served
             served.task = asyncio.create_task(self.link._answer(stream, served, head, body), name="relay-serve")
 
+        def tunnel(self, stream: Stream, head: OpenHead) -> None:
+            protocol = self.link.protocol
+            served = _Tunneled(lambda n: protocol.consumed(stream, n), lambda: protocol.reset(stream, "cancel"))
+            stream.handler = served
+            served.task = asyncio.create_task(self.link._tunnel(stream, served, head), name="relay-tunnel")
+
         def output(self) -> None:
             link = self.link
             w, link._output = link._output, None
@@ -496,6 +578,37 @@ class RelayLink:
             raise
         return RelayAnswer(answer.status, answer.headers, exchange.body)
 
+    async def tunnel(self, peer: str, path: str, headers: dict[str, str], *, timeout_s: float) -> RelayTunnel:
+        """Open a tunnel to ``peer`` at ``path`` (a ``TUNNEL`` stream): once its answer's head is 200, bytes go
+        both ways on it until either end closes. ``RelayLinkError`` if it cannot be opened."""
+        async with asyncio.timeout(timeout_s):
+            await self._session_with(peer)
+        protocol = self.protocol
+        stream: Stream | None = None
+        exchange = _Request(
+            lambda n: protocol.consumed(stream, n) if stream is not None else None,
+            lambda: protocol.reset(stream, "cancel") if stream is not None else None,
+        )
+        head = OpenHead(
+            method=TUNNEL,
+            path=path,
+            body=b"",
+            headers=[(str(k), str(v)) for k, v in headers.items() if k.lower() not in HOP_BY_HOP],
+        )
+        stream = protocol.open(peer, head, exchange)
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = await exchange.head
+        except BaseException:
+            if not stream.ended:
+                protocol.reset(stream, "cancel")
+            raise
+        if answer.status != 200:
+            if not stream.ended:
+                protocol.reset(stream, "refused")
+            raise RelayLinkError(f"peer {peer} refused the tunnel ({answer.status})")
+        return RelayTunnel(self, stream, exchange)
+
     async def _send(self, stream: Stream, sender: _Sender, data: bytes) -> None:
         """Send ``data`` on ``stream`` as its credit and the link's budget allow, waiting for more as needed."""
         view = memoryview(data)
@@ -512,6 +625,31 @@ class RelayLink:
                     await self._room.wait()
 
     # -- serving -------------------------------------------------------------------
+
+    async def _tunnel(self, stream: Stream, served: _Tunneled, head: OpenHead) -> None:
+        """A member's tunnel: joined to the loopback stream ``open_tunnel`` gives for its path (404: none)."""
+        protocol = self.protocol
+        opened = None
+        try:
+            if self._open_tunnel is not None:
+                opened = await self._open_tunnel(stream.peer, head.path)
+            if opened is None:
+                await self._send(stream, served, encode(AnswerHead(status=404, headers=[])))
+                protocol.close(stream)
+                return
+            reader, writer = opened
+            await self._send(stream, served, encode(AnswerHead(status=200, headers=[])))
+            await join(_ServedTunnel(self, stream, served), reader, writer, Counted())
+        except asyncio.CancelledError:
+            if opened is not None:
+                opened[1].close()
+            raise
+        except (OSError, RelayLinkError) as e:
+            log.warning("relay_tunnel_failed", peer=stream.peer, path=head.path, error=str(e))
+            if opened is not None:
+                opened[1].close()
+            if not stream.ended:
+                protocol.reset(stream, "tunnel_failed")
 
     async def _answer(self, stream: Stream, served: _Served, head: OpenHead, body: bytes) -> None:
         """Serve an incoming request with the node's own HTTP server; stream the answer back."""

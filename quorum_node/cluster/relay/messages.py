@@ -23,6 +23,7 @@ __all__ = [
     "FEATURES",
     "HANDSHAKE_TIMEOUT_S",
     "HOP_BY_HOP",
+    "TUNNEL",
     "INTRODUCE_EVERY_S",
     "MAX_FRAME_BYTES",
     "OPEN",
@@ -72,6 +73,10 @@ HOP_BY_HOP = frozenset(
         "content-length",
     )
 )
+
+#: The method of a stream that is a tunnel (a byte stream both ways, e.g. a sharded model's rpc-server
+#: connection, ``cluster/tunnel.py``): served as soon as it opens, its data going both ways until either closes.
+TUNNEL = "CONNECT"
 
 OPEN = 1  # ``Item.flags``: the item opens its stream (``data`` is the request head)
 FIN = 2  # ``Item.flags``: the sender's half of the stream ends after ``data``

@@ -42,6 +42,7 @@ from .messages import (
     COALESCE_STREAMS,
     FIN,
     OPEN,
+    TUNNEL,
     WINDOW,
     OpenHead,
     RelayLinkError,
@@ -475,8 +476,12 @@ class RelayProtocol:
             self._push(("reset", peer, sid, "too_many_streams"))  # batch's items are the peer's word
             return
         stream = Stream(peer, sid, outgoing=False)
-        stream.request = head
         self.streams.add(stream)
+        if head.method == TUNNEL:  # served now: its data flows both ways from here on
+            stream.tunnel = True
+            self._listener.tunnel(stream, head)
+            return
+        stream.request = head
 
     def _on_batch(self, peer: str, payload: bytes, opens: tuple[int, ...]) -> None:
         plain = self._open_payload(peer, payload)
@@ -513,7 +518,10 @@ class RelayProtocol:
         if stream.received_in_window > WINDOW:  # more than we granted: a broken or hostile sender
             self.reset(stream, "flow_control")
             return
-        if not stream.outgoing:  # the request's body: buffered until its Close, granted as it comes
+        if stream.tunnel:  # to its handler as it comes; granted back as it is consumed (``consumed``)
+            if stream.handler is not None:
+                stream.handler.on_data(plain)
+        elif not stream.outgoing:  # the request's body: buffered until its Close, granted as it comes
             stream.request_body += plain
             if len(stream.request_body) > self.max_request_bytes:
                 self.reset(stream, "request_too_large")
@@ -548,6 +556,9 @@ class RelayProtocol:
                 if self.streams.forget((peer, sid)) is not None:
                     self._push(("reset", peer, sid, "cancel"))
                 self._fail(stream, RelayLinkError(f"peer {peer} closed the stream without an answer"))
+        elif stream.tunnel:
+            if stream.handler is not None:
+                stream.handler.on_end()
         elif stream.request is not None:
             head, body = stream.request, bytes(stream.request_body)
             stream.request, stream.request_body = None, bytearray()

@@ -58,6 +58,7 @@ class Stream:
         "received_in_window",
         "request",
         "request_body",
+        "tunnel",
     )
 
     def __init__(self, peer: str, sid: int, *, outgoing: bool, handler: StreamHandler | None = None) -> None:
@@ -74,6 +75,7 @@ class Stream:
         self.received_in_window = 0  # received bytes the sender still counts against our grant
         self.request: OpenHead | None = None  # the server side: the head, then the body as it arrives
         self.request_body = bytearray()
+        self.tunnel = False  # (served) a byte stream both ways: its data goes to the handler as it comes
 
 
 class Streams:
@@ -215,6 +217,10 @@ class Listener(Protocol):
 
     def serve(self, stream: Stream, head: OpenHead, body: bytes) -> None:
         """A member's request came whole: serve it, set ``stream.handler``, answer with ``send`` and ``close``."""
+
+    def tunnel(self, stream: Stream, head: OpenHead) -> None:
+        """A member opened a tunnel (``TUNNEL``): set ``stream.handler`` (its data comes to ``on_data`` as it
+        arrives, granted back with ``consumed``), answer with a head, then ``send`` and ``close`` as for any."""
 
     def output(self) -> None:
         """Frames are waiting to be sent (``frames_to_send``)."""

@@ -328,30 +328,18 @@ class ClusterService:
         peer = self.table.get(node_id)
         if peer is None:
             raise ConnectionError(f"{node_id} is no peer now")
-        headers = {**self.peer_headers(), "Content-Type": "application/json"}
         failed: list[str] = []
         for link in self.links(peer):
-            deadline = asyncio.get_running_loop().time() + timeout_s
+            who = peer.info.name or node_id
             try:
-                async with asyncio.timeout_at(deadline):
-                    answer = await link.open(
-                        RequestHead(method="POST", path=path, headers=headers, body=body),
-                        self.timeouts,
-                        deadline=deadline,
-                        stream=False,
-                        who=f"peer {peer.info.name or node_id}",
-                    )
-                    try:
-                        raw = await read_capped(answer, MAX_SHARD_BYTES)
-                    finally:
-                        answer.body.abort()
+                status, raw = await self._exchange(link, "POST", path, body, who, timeout_s, MAX_SHARD_BYTES)
             except (EngineUnavailable, LinkBroken, aiohttp.ClientError, OSError, TimeoutError) as e:
                 failed.append(f"{link.route}: {e}")
                 continue
-            if answer.status == 200 and raw is not None:
+            if status == 200 and raw is not None:
                 return raw
             said = raw[:300].decode(errors="replace") if raw is not None else "(too large)"
-            raise ShardCallError(answer.status, said)  # the member's own answer: no other link changes it
+            raise ShardCallError(status, said)  # the member's own answer: no other link changes it
         raise ConnectionError("; ".join(failed) or "no link to it")
 
     async def shard_tunnel(self, node_id: str, path: str) -> Duplex:
@@ -614,51 +602,48 @@ class ClusterService:
         """Ask the member at ``address`` how it is now (it may have just learnt of us)."""
         self.prober.probe_soon(address, node_id)
 
-    async def _get(self, link: PeerLink, path: str, to: str | None, timeout_s: float) -> bytes:
-        """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
+    async def _exchange(
+        self, link: PeerLink, method: str, path: str, body: bytes, who: str, timeout_s: float, cap: int
+    ) -> tuple[int, bytes | None]:
+        """One request to a peer endpoint over ``link``: its answer's status, and its body (None: over ``cap``).
+        Raises what the link raises (``EngineUnavailable``, ``LinkBroken``, ``TimeoutError``, ...)."""
+        headers = self.peer_headers()
+        if body:
+            headers["Content-Type"] = "application/json"
         deadline = asyncio.get_running_loop().time() + timeout_s
         async with asyncio.timeout_at(deadline):
             answer = await link.open(
-                RequestHead(method="GET", path=path, headers=self.peer_headers()),
+                RequestHead(method=method, path=path, headers=headers, body=body),
                 self.timeouts,
                 deadline=deadline,
                 stream=False,
-                who=f"peer {to or link.route}",
+                who=f"peer {who}",
             )
             try:
-                if answer.status != 200:
-                    raise ValueError(f"{path} answered {answer.status}")
-                raw = await read_capped(answer, _MAX_PEER_ANSWER)
-                if raw is None:
-                    raise ValueError(f"{path}: answer too large")
-                return raw
+                return answer.status, await read_capped(answer, cap)
             finally:
                 answer.body.abort()
+
+    async def _get(self, link: PeerLink, path: str, to: str | None, timeout_s: float) -> bytes:
+        """A GET of a peer endpoint over ``link``: its body, or ValueError / EngineUnavailable."""
+        status, raw = await self._exchange(link, "GET", path, b"", to or link.route, timeout_s, _MAX_PEER_ANSWER)
+        if status != 200:
+            raise ValueError(f"{path} answered {status}")
+        if raw is None:
+            raise ValueError(f"{path}: answer too large")
+        return raw
 
     async def _post(self, link: PeerLink, path: str, data: bytes, to: str, what: str) -> bool:
         """POST JSON ``data`` to a peer endpoint over ``link`` (5 s); whether it answered 200. Failures are
         logged as ``{what}``'s, never raised (the next round or pull makes up for them)."""
-        headers = {**self.peer_headers(), "Content-Type": "application/json"}
-        deadline = asyncio.get_running_loop().time() + 5.0
         try:
-            async with asyncio.timeout_at(deadline):
-                answer = await link.open(
-                    RequestHead(method="POST", path=path, headers=headers, body=data),
-                    self.timeouts,
-                    deadline=deadline,
-                    stream=False,
-                    who=f"peer {to}",
-                )
-                try:
-                    await read_capped(answer, _MAX_PEER_ANSWER)
-                    if answer.status != 200:
-                        log.warning("peer_push_refused", records=what, peer=to, status=answer.status)
-                    return answer.status == 200
-                finally:
-                    answer.body.abort()
+            status, _ = await self._exchange(link, "POST", path, data, to, 5.0, _MAX_PEER_ANSWER)
         except (aiohttp.ClientError, OSError, TimeoutError, EngineUnavailable) as e:
             log.debug("peer_push_failed", records=what, peer=to, error=str(e))
             return False
+        if status != 200:
+            log.warning("peer_push_refused", records=what, peer=to, status=status)
+        return status == 200
 
     def _handle(self, events: list[PeerEvent]) -> None:
         for ev in events:

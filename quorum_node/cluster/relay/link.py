@@ -138,50 +138,30 @@ class _Tunneled(_Request):
 
 
 class RelayTunnel:
-    """Our end of a tunnel through the relay (``RelayLink.tunnel``): a ``Duplex`` (``cluster/tunnel.py``)."""
+    """One end of a tunnel through the relay, ours or served (``RelayLink.tunnel``, ``_tunnel``): a ``Duplex``
+    (``cluster/tunnel.py``). Closing it ends the stream: a close where the other end has closed, else a reset."""
 
-    def __init__(self, link: RelayLink, stream: Stream, exchange: _Request) -> None:
+    def __init__(self, link: RelayLink, stream: Stream, handler: _Request) -> None:
         self._link = link
         self._stream = stream
-        self._exchange = exchange
+        self._handler = handler
 
     async def send(self, data: bytes) -> None:
-        await self._link._send(self._stream, self._exchange, data)
+        await self._link._send(self._stream, self._handler, data)
 
     async def recv(self) -> bytes:
         try:
-            return await self._exchange.body.readany()
+            return await self._handler.body.readany()
         except (RelayLinkError, ConnectionError):
             return b""
 
     async def close(self) -> None:
-        if not self._stream.ended:
-            self._link.protocol.reset(self._stream, "closed")
-
-
-class _ServedTunnel:
-    """The served end of a tunnel, as a ``Duplex``."""
-
-    def __init__(self, link: RelayLink, stream: Stream, served: _Tunneled) -> None:
-        self._link = link
-        self._stream = stream
-        self._served = served
-
-    async def send(self, data: bytes) -> None:
-        await self._link._send(self._stream, self._served, data)
-
-    async def recv(self) -> bytes:
-        try:
-            return await self._served.body.readany()
-        except (RelayLinkError, ConnectionError):
-            return b""
-
-    async def close(self) -> None:
-        if not self._stream.ended:
-            if self._stream.got_close:
-                self._link.protocol.close(self._stream)
+        stream = self._stream
+        if not stream.ended:
+            if stream.got_close:
+                self._link.protocol.close(stream)
             else:
-                self._link.protocol.reset(self._stream, "closed")
+                self._link.protocol.reset(stream, "closed")
 
 
 class _Served(_Sender):
@@ -639,7 +619,7 @@ class RelayLink:
                 return
             reader, writer = opened
             await self._send(stream, served, encode(AnswerHead(status=200, headers=[])))
-            await join(_ServedTunnel(self, stream, served), reader, writer, Counted())
+            await join(RelayTunnel(self, stream, served), reader, writer, Counted())
         except asyncio.CancelledError:
             if opened is not None:
                 opened[1].close()

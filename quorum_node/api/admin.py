@@ -27,10 +27,11 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from ..cluster.codes import CodeError
 from ..control.ledger import BY, Ledger
 from ..control.metrics import CONTENT_TYPE_LATEST
 from ..control.usage import MAX_RECENT, MAX_SERIES_BUCKETS, ClusterUsage, cluster_usage, parse_since
-from ..errors import BadRequest, NotFound, Unavailable
+from ..errors import ApiError, BadRequest, NotFound, Unavailable
 from ..names import MODEL_ID_PATTERN
 from .body import read_body
 from .state import CLUSTER, LEDGER, METRICS, NAME, SETTINGS, SHARDING
@@ -205,6 +206,26 @@ async def drop_shard(request: web.Request) -> web.Response:
     return _json({"stopped": sid})
 
 
+class CodeOrder(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /quorum/admin/invites/code``: give an invite token a short code (``cluster/codes.py``)."""
+
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    expires_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)]
+
+
+async def code_invite(request: web.Request) -> web.Response:
+    cluster = _cluster_of(request)
+    try:
+        order = msgspec.json.decode(await read_body(request), type=CodeOrder)
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"Not a code order: {e}", code="bad_code_order") from None
+    try:
+        code = cluster.codes.add(order.token, order.expires_s)
+    except CodeError as e:
+        raise ApiError(e.message, status=e.status, type_="invalid_request_error", code="too_many_codes") from None
+    return _json({"code": code, "expires_s": order.expires_s})
+
+
 async def metrics(request: web.Request) -> web.Response:
     node_metrics = request.app[METRICS]
     if node_metrics is None:
@@ -227,5 +248,6 @@ def routes(*, cluster: bool) -> list[web.RouteDef]:
             web.get("/quorum/admin/shards", shards),
             web.post("/quorum/admin/shards", lead_shard),
             web.delete("/quorum/admin/shards/{shard}", drop_shard),
+            web.post("/quorum/admin/invites/code", code_invite),
         ]
     return out

@@ -283,7 +283,10 @@ def local_host(host: str | None) -> bool:
 
 _KEY_ID_RE = re.compile(r"k_[0-9a-f]{12}")
 _NODE_ID_HEADER = "X-Quorum-Node-Id"
-_OPEN_PEER_PATHS = frozenset({"/quorum/v1/join", "/quorum/v1/members"})
+# a machine with an invite (its token, or a short code: cluster/codes.py), or one introducing a member's records
+_OPEN_PEER_PATHS = frozenset(
+    {"/quorum/v1/join", "/quorum/v1/members", "/quorum/v1/join/code/start", "/quorum/v1/join/code/finish"}
+)
 
 
 def _refused(

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 import msgspec
 from aiohttp import web
 
+from ..cluster.codes import CODE_FINISH_PATH, CODE_START_PATH, MAX_CODE_BYTES, CodeError, CodeFinish, CodeStart
 from ..cluster.join import JOIN_PATH, MAX_JOIN_BYTES
 from ..cluster.lending import (
     LEAVING_PATH,
@@ -167,6 +168,35 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
             raise BadRequest("A join request is small", code="bad_join")
         return _json(await cluster.joins.admit(raw, request.remote))
 
+    async def code_message(request: web.Request, kind: type[_T]) -> _T:
+        if cluster.peer_port_tls(request) is None and request.get(PEER) is None:
+            raise Forbidden("Join over the peer port (`quorum-node join` does)", code="not_peer_port", retryable=False)
+        raw = await _capped_body(request, MAX_CODE_BYTES, "Join code messages")
+        try:
+            return msgspec.json.decode(raw, type=kind)
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"Not a join code message: {e}", code="bad_code_message") from None
+
+    def code_refused(e: CodeError) -> ApiError:
+        log_refusal = {403: "wrong_code", 404: "no_invitation"}.get(e.status, "bad_code_message")
+        return ApiError(e.message, status=e.status, type_="invalid_request_error", code=log_refusal, retryable=False)
+
+    async def code_start(request: web.Request) -> web.Response:
+        ask = await code_message(request, CodeStart)
+        try:
+            session, message = cluster.codes.start(ask.nameplate, ask.message)
+        except CodeError as e:
+            raise code_refused(e) from None
+        return _json(_encode({"session": session, "message": message}))
+
+    async def code_finish(request: web.Request) -> web.Response:
+        ask = await code_message(request, CodeFinish)
+        try:
+            sealed = cluster.codes.finish(ask.nameplate, ask.session, ask.proof)
+        except CodeError as e:
+            raise code_refused(e) from None
+        return _json(_encode({"token": sealed}))
+
     async def usage(request: web.Request) -> web.Response:
         _member(request)
         by, since = query_by(request), query_since(request)
@@ -250,5 +280,7 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
         web.get(MEMBERS_PATH, get_members),
         web.post(MEMBERS_PATH, post_members),
         web.post(JOIN_PATH, join),
+        web.post(CODE_START_PATH, code_start),
+        web.post(CODE_FINISH_PATH, code_finish),
         web.get("/quorum/v1/usage", usage),
     ]

@@ -11,17 +11,23 @@ from there.
 from __future__ import annotations
 
 import argparse
+import io
 import ipaddress
 import json
 import socket
 import sys
 import time
+import urllib.error
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import segno
+
+from ..cluster.codes import GUESSES, parse_code
 from ..cluster.identity import load_or_create_identity
-from ..cluster.join import JoinError, join
+from ..cluster.join import JoinError, join, token_for_code
+from ..cluster.mdns import browse_once
 from ..cluster.members import MemberStore, decode_records, encode_records
 from ..cluster.membership import (
     Cluster,
@@ -85,6 +91,11 @@ def add_cluster_commands(sub: Any) -> None:
         help="where the new machine reaches this node's peer port (default: this machine's LAN "
         "addresses, port 32769 or the running node's); repeatable",
     )
+    i.add_argument(
+        "--code",
+        action="store_true",
+        help="also give it a short code to type (7-harbor-lantern) and a QR code; the node must be running",
+    )
     i.add_argument("--data-dir", default=None, metavar="DIR")
     i.add_argument("--url", default=None, help="the running node (default http://127.0.0.1:32768)")
     i.set_defaults(func=cmd_invite)
@@ -96,7 +107,7 @@ def add_cluster_commands(sub: Any) -> None:
 
 
 def _join_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("token")
+    p.add_argument("token", help="the invite token, or the short code (`quorum-node invite --code`)")
     p.add_argument("--name", default=None, help="this machine's name in the cluster (default: its host name)")
     p.add_argument("--via", default=None, metavar="HOST:PORT", help="the inviter's peer port, if not in the token")
     p.add_argument("--force", action="store_true", help="leave the cluster this machine is in first")
@@ -243,6 +254,8 @@ def cmd_invite(args: argparse.Namespace, settings: Settings) -> int:
     except (ValueError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 2
+    if args.code:
+        return _give_code(args, settings, token.encode(), ttl_s, token.addresses)
     print(token.encode())
     print(
         f"on the new machine: quorum-node join TOKEN (works once, for {args.expires}; it reaches this node at "
@@ -252,14 +265,52 @@ def cmd_invite(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _give_code(args: argparse.Namespace, settings: Settings, token: str, ttl_s: float, at: tuple[str, ...]) -> int:
+    """``invite --code``: the running node keeps the token under a short code (``cluster/codes.py``)."""
+    url = node_url(args, settings)
+    try:
+        code = admin_request(settings, url, "POST", "/quorum/admin/invites/code", {"token": token, "expires_s": ttl_s})[
+            "code"
+        ]
+    except ApiError as e:
+        print(f"quorum-node: {url}: {e.message}", file=sys.stderr)
+        return 1
+    except (NoNode, urllib.error.URLError, OSError) as e:
+        print(
+            f"quorum-node: a code needs the node running here ({url}: {e}); without it: invite (a token)",
+            file=sys.stderr,
+        )
+        return 1
+    print(code)
+    qr = io.StringIO()
+    segno.make(f"quorum-node join {code} --via {at[0]}" if at else f"quorum-node join {code}").terminal(
+        out=qr, compact=True
+    )
+    print(qr.getvalue(), file=sys.stderr, end="")
+    print(
+        f"on the new machine: quorum-node join {code} (works once, for {args.expires}; it finds this node on the "
+        f"LAN, or add --via {at[0] if at else 'HOST:PORT'}; {GUESSES} wrong codes burn it)",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     try:
-        token = parse_invite(args.token)
+        via = args.via
+        try:
+            _, code = parse_code(args.token)
+        except ValueError:
+            code = None  # a token
+        if code is not None:  # a short code: its token comes from the inviter, over SPAKE2 (cluster/codes.py)
+            addresses = [via] if via else browse_once(3.0)
+            encoded, via = token_for_code(code, addresses)
+            token = parse_invite(encoded)
+        else:
+            token = parse_invite(args.token)
         identity = load_or_create_identity(data_dir)
-        cluster, store = join(
-            data_dir, identity, token, args.name or socket.gethostname(), via=args.via, force=args.force
-        )
+        cluster, store = join(data_dir, identity, token, args.name or socket.gethostname(), via=via, force=args.force)
     except (JoinError, ValueError, FileExistsError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ import msgspec
 import structlog
 
 from ..errors import ApiError, BadRequest, Forbidden
+from .codes import CODE_FINISH_PATH, CODE_START_PATH, MAX_CODE_BYTES, CodeFinish, CodeStart, Joiner
 from .identity import NodeIdentity
 from .members import Candidate, MemberStore, decode_records, encode_records
 from .membership import Cluster, InviteToken, load_cluster, load_member_records, store_cluster, take_invite
@@ -44,7 +45,7 @@ from .tls import certless_client, peer_cert_id
 if TYPE_CHECKING:
     from .context import ClusterContext
 
-__all__ = ["JOIN_PATH", "MAX_JOIN_BYTES", "JoinError", "JoinHandler", "join"]
+__all__ = ["JOIN_PATH", "MAX_JOIN_BYTES", "JoinError", "JoinHandler", "join", "token_for_code"]
 
 log = structlog.get_logger(__name__)
 
@@ -171,3 +172,74 @@ def join(
             raise JoinError(str(e)) from None
         return cluster, store
     raise JoinError("could not reach the inviter: " + "; ".join(errors) if errors else "the invite names no address")
+
+
+def _post_json(address: str, path: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:
+    """POST ``body`` to ``address``'s peer port over TLS with no certificate of ours, checking none of its:
+    what authenticates a code exchange is the code (SPAKE2), not the connection."""
+    host, port = _split(address)
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout_s, context=certless_client(None))
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(MAX_CODE_BYTES + 1)
+    finally:
+        conn.close()
+
+
+def _refusal(raw: bytes, status: int) -> str:
+    try:
+        return str(msgspec.json.decode(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}"
+
+
+def token_for_code(code: str, addresses: list[str], *, timeout_s: float = 10.0) -> tuple[str, str]:
+    """The invite token a short code stands for, and the address of the inviter that gave it
+    (``codes.py``): asks each of ``addresses`` for the code's invitation, and runs SPAKE2 with the one that
+    has it. ``JoinError`` where none has it, or the code is wrong (each wrong try costs the invitation one)."""
+    joiner = Joiner(code)
+    start = _encode(CodeStart(nameplate=joiner.nameplate, message=joiner.message))
+    errors: list[str] = []
+    for address in addresses:
+        try:
+            status, raw = _post_json(address, CODE_START_PATH, start, timeout_s)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            errors.append(f"{address}: {e}")
+            continue
+        if status == 404:
+            errors.append(f"{address}: no invitation {joiner.nameplate} there")
+            continue
+        if status != 200:
+            raise JoinError(f"{address} refused: {_refusal(raw, status)}")
+        try:
+            started = msgspec.json.decode(raw, type=_CodeStarted)
+            joiner.key_from(started.message)
+            finish = CodeFinish(nameplate=joiner.nameplate, session=started.session, proof=joiner.proof())
+            status, raw = _post_json(address, CODE_FINISH_PATH, _encode(finish), timeout_s)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            raise JoinError(f"{address}: the exchange broke off: {e}") from None
+        if status != 200:
+            raise JoinError(f"the inviter refused: {_refusal(raw, status)}")
+        try:
+            sealed = msgspec.json.decode(raw, type=_CodeFinished).token
+        except ValueError as e:
+            raise JoinError(f"the inviter's answer is malformed: {e}") from None
+        token = joiner.token(sealed)
+        if token is None:
+            raise JoinError("the inviter's answer does not open with this code")
+        return token, address
+    raise JoinError(
+        "no node found has that invitation: " + "; ".join(errors)
+        if errors
+        else "no quorum node answered on this network; pass --via HOST:PORT (the inviter's peer port)"
+    )
+
+
+class _CodeStarted(msgspec.Struct, frozen=True):
+    session: str
+    message: bytes
+
+
+class _CodeFinished(msgspec.Struct, frozen=True):
+    token: bytes

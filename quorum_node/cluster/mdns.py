@@ -32,6 +32,7 @@ import asyncio
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -443,3 +444,38 @@ class Discovery:
             log.info("mdns_peer_unreachable", service=name, addresses=sinfo.parsed_addresses(), port=port)
             return None
         return peer_info_from_txt(sinfo.decoded_properties, name, _host_port(ip, port))
+
+
+def browse_once(timeout_s: float = 3.0, *, interfaces: Sequence[str] = (), limit: int = 32) -> list[str]:
+    """The peer ports (``host:port``) of the quorum nodes that answer on the LAN within ``timeout_s``: what a
+    machine not in any cluster yet can find (``quorum-node join CODE``). Blocking; at most ``limit``."""
+    from zeroconf import ServiceBrowser, ServiceListener
+
+    found: list[str] = []
+    names: list[str] = []
+
+    class _Listener(ServiceListener):
+        def add_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+            if len(names) < limit:
+                names.append(name)
+
+        def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+            pass
+
+        def remove_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+            pass
+
+    zc = Zeroconf(interfaces=list(interfaces) or InterfaceChoice.All, ip_version=IPVersion.V4Only)
+    try:
+        browser = ServiceBrowser(zc, SERVICE_TYPE, _Listener())
+        time.sleep(timeout_s)
+        browser.cancel()
+        for name in names:
+            info = zc.get_service_info(SERVICE_TYPE, name, timeout=1000)
+            if info is None or not info.port:
+                continue
+            for ip in info.parsed_scoped_addresses():
+                found.append(_host_port(ip, info.port))
+    finally:
+        zc.close()
+    return list(dict.fromkeys(found))

@@ -45,6 +45,7 @@ from ..catalog import ModelCard, local_cards
 from ..errors import EngineUnavailable
 from ..resources import Memory
 from .catalogs import PeerCatalogs
+from .codes import CodeInvites
 from .context import RecordSync
 from .forward import PeerTarget
 from .identity import NodeIdentity
@@ -161,6 +162,7 @@ class ClusterService:
         self.member_sync = MemberReplicator(self)  # membership records, the same way
         self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)
         self.joins = JoinHandler(self)  # new machines with an invite
+        self.codes = CodeInvites()  # invites given a short code (codes.py), while this node runs
         members.on_change.append(self._members_changed)
 
     # -- lifecycle -------------------------------------------------------

@@ -19,6 +19,7 @@ node's auth like the API.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,13 +29,15 @@ import structlog
 from aiohttp import web
 
 from ..cluster.codes import CodeError
+from ..cluster.mdns import lan_addresses
+from ..control.doctor import Facts, examine
 from ..control.ledger import BY, Ledger
 from ..control.metrics import CONTENT_TYPE_LATEST
 from ..control.usage import MAX_RECENT, MAX_SERIES_BUCKETS, ClusterUsage, cluster_usage, parse_since
 from ..errors import ApiError, BadRequest, NotFound, Unavailable
 from ..names import MODEL_ID_PATTERN
 from .body import read_body
-from .state import CLUSTER, LEDGER, METRICS, NAME, SETTINGS, SHARDING
+from .state import ADDRESS, CLUSTER, KEYS, LEDGER, METRICS, NAME, REGISTRY, SETTINGS, SHARDING
 
 if TYPE_CHECKING:
     from ..cluster.sharding import Sharding
@@ -226,6 +229,23 @@ async def code_invite(request: web.Request) -> web.Response:
     return _json({"code": code, "expires_s": order.expires_s})
 
 
+async def doctor(request: web.Request) -> web.Response:
+    """``GET /quorum/admin/doctor``: the node's checks of its own setup (``control/doctor.py``)."""
+    settings, cluster = request.app[SETTINGS], request.app[CLUSTER]
+    port = int(request.app[ADDRESS]().rpartition(":")[2] or 0)
+    facts = Facts(
+        settings=settings,
+        registry=request.app[REGISTRY],
+        cluster=cluster,
+        keys=request.app[KEYS],
+        port=port,
+        peer_port=cluster.peer_port if cluster is not None else 0,
+        lan_addresses=await asyncio.to_thread(lan_addresses, settings.mdns_interfaces),
+    )
+    findings = await examine(facts)
+    return _json({"findings": findings, "problems": sum(1 for f in findings if f.status != "ok")})
+
+
 async def metrics(request: web.Request) -> web.Response:
     node_metrics = request.app[METRICS]
     if node_metrics is None:
@@ -240,6 +260,7 @@ def routes(*, cluster: bool) -> list[web.RouteDef]:
         web.get("/quorum/admin/usage/series", series),
         web.get("/quorum/admin/recent", recent),
         web.get("/metrics", metrics),
+        web.get("/quorum/admin/doctor", doctor),
     ]
     if cluster:
         out += [

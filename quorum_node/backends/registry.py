@@ -176,6 +176,10 @@ class Registry:
             else:  # nobody there (any more): looked at every round, as before
                 self._not_engines.pop(url, None)
 
+    def not_engines(self) -> list[str]:
+        """Default ports where something answers that is no engine (``quorum-node doctor`` says so)."""
+        return sorted(self._not_engines)
+
     # -- questions the router asks ---------------------------------------
 
     def holders(self, name: str) -> list[tuple[Backend, Model]]:

@@ -12,6 +12,7 @@ and the config file) and hands both to the command.
     keys      ``keys create|list|revoke``: API keys
     usage     ``usage``: totals from the ledger
     shard     ``shard``: a model across other members' memory
+    doctor    ``doctor``: this node's setup checked, with fixes
     engine    ``engine fetch|start``: the bundled llama-server
 """
 
@@ -26,6 +27,7 @@ from quorum_common.log import configure_logging
 from ..errors import ConfigError
 from .cluster import add_cluster_commands
 from .common import run_settings, tool_settings
+from .doctor import add_doctor_command
 from .engine import add_engine_commands
 from .keys import add_keys_command
 from .run import add_run_command
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_usage_command(sub)
     add_keys_command(sub)
     add_shard_command(sub)
+    add_doctor_command(sub)
     return parser
 
 

@@ -201,7 +201,8 @@ def _host_port(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _advertised_addresses(interfaces: Sequence[str]) -> list[str]:
+def lan_addresses(interfaces: Sequence[str] = ()) -> list[str]:
+    """This machine's addresses on its networks (``interfaces`` where given): what it advertises."""
     if interfaces:
         return list(interfaces)
     out = []
@@ -286,7 +287,7 @@ class Discovery:
                 )
             else:
                 self._aiozc = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
-            advertised = _advertised_addresses(self.interfaces)
+            advertised = lan_addresses(self.interfaces)
             self._own_addresses = advertised
             self._consumer = asyncio.create_task(self._consume(), name="mdns-consumer")
             self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])

@@ -166,6 +166,10 @@ async def test_dashboard_shows_the_cluster_and_updates_live(
     holders = dict(zip(models, await asyncio.to_thread(b.texts, "#models tbody tr td:nth-child(2)"), strict=True))
     assert holders["shared-model"] == "east, south" and holders["alpha-model"] == "north"
     await asyncio.to_thread(b.wait, lambda: b.texts("#live-state") == ["live"], "the live stream connected")
+    # The doctor's findings, as `quorum-node doctor` gives them: the three members are seen, each engine ready
+    await asyncio.to_thread(b.wait, lambda: len(b.texts("#doctor tbody tr")) >= 3, "the doctor's findings")
+    findings = await asyncio.to_thread(b.texts, "#doctor tbody tr td:nth-child(2)")
+    assert any("east is up" in f for f in findings) and any("ready" in f for f in findings), findings
 
     # A request through the openai SDK: in flight while it streams, then in recent requests; no reload.
     for e in engines:

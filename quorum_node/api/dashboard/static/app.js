@@ -506,6 +506,24 @@ async function followEvents() {
   }
 }
 
+// -- doctor: the node's checks of its own setup (quorum-node doctor) ---------------------------------
+
+async function loadDoctor() {
+  let report;
+  try {
+    report = await api("/quorum/admin/doctor");
+  } catch (e) {
+    if (!(e instanceof Unauthorized)) $("doctor-summary").textContent = "cannot run the checks: " + e.message;
+    return;
+  }
+  const problems = report.findings.filter((f) => f.status !== "ok");
+  $("doctor-summary").textContent = problems.length ? problems.length + " problem(s)" : "no problem found";
+  fillBody($("doctor"), report.findings.map((f) => el("tr", { class: "doctor-" + f.status },
+    el("td", { text: f.status === "ok" ? f.check : f.status.toUpperCase() + " " + f.check }),
+    el("td", { text: f.message }),
+    el("td", { text: f.status === "ok" ? "" : f.fix || "" }))));
+}
+
 // -- start ------------------------------------------------------------------------------------------
 
 async function start() {
@@ -517,6 +535,7 @@ async function start() {
     if (e instanceof Unauthorized) return;
     $("fleet-summary").textContent = "cannot read the fleet: " + e.message;
   }
+  loadDoctor();
   followEvents();
 }
 
@@ -525,6 +544,7 @@ document.addEventListener("DOMContentLoaded", () => {
   setupUsage();
   $("key-create").addEventListener("submit", createKey);
   setInterval(() => { if (state.fleet && !state.needKey) renderLiveAges(); }, 1000);
+  setInterval(() => { if (state.fleet && !state.needKey) loadDoctor(); }, 30000);
   start();
 });
 

@@ -533,8 +533,8 @@ class RelayLink:
             except SessionLost:
                 return await self._request(peer, method, path, headers, body)
 
-    async def _request(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes) -> RelayAnswer:
-        await self._session_with(peer)
+    def _open(self, peer: str, method: str, path: str, headers: dict[str, str]) -> tuple[Stream, _Request]:
+        """Open a stream to ``peer`` (its session ready) with a request's head; its owner, which reads the answer."""
         protocol = self.protocol
         stream: Stream | None = None
         exchange = _Request(
@@ -548,6 +548,12 @@ class RelayLink:
             headers=[(str(k), str(v)) for k, v in headers.items() if k.lower() not in HOP_BY_HOP],
         )
         stream = protocol.open(peer, head, exchange)
+        return stream, exchange
+
+    async def _request(self, peer: str, method: str, path: str, headers: dict[str, str], body: bytes) -> RelayAnswer:
+        await self._session_with(peer)
+        protocol = self.protocol
+        stream, exchange = self._open(peer, method, path, headers)
         try:
             await self._send(stream, exchange, body)  # in credit-sized pieces, like any data
             protocol.close(stream)
@@ -564,18 +570,7 @@ class RelayLink:
         async with asyncio.timeout(timeout_s):
             await self._session_with(peer)
         protocol = self.protocol
-        stream: Stream | None = None
-        exchange = _Request(
-            lambda n: protocol.consumed(stream, n) if stream is not None else None,
-            lambda: protocol.reset(stream, "cancel") if stream is not None else None,
-        )
-        head = OpenHead(
-            method=TUNNEL,
-            path=path,
-            body=b"",
-            headers=[(str(k), str(v)) for k, v in headers.items() if k.lower() not in HOP_BY_HOP],
-        )
-        stream = protocol.open(peer, head, exchange)
+        stream, exchange = self._open(peer, TUNNEL, path, headers)
         try:
             async with asyncio.timeout(timeout_s):
                 answer = await exchange.head

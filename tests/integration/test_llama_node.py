@@ -509,5 +509,5 @@ async def test_the_embedded_engine_takes_a_prompt_as_long_as_its_model_was_train
         answer = await client_for(node).chat.completions.create(
             model=MODEL_ID, messages=[{"role": "user", "content": long}], max_tokens=4
         )
-        assert answer.usage is not None and answer.usage.prompt_tokens > 2300
-        assert answer.choices[0].finish_reason == "length"
+        assert answer.usage is not None and answer.usage.prompt_tokens > 2300  # taken whole, not refused
+        assert answer.choices[0].finish_reason in ("length", "stop")  # answered (sampled: it may end at once)

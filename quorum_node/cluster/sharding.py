@@ -57,6 +57,7 @@ _CALL_TIMEOUT_S = 20.0  # a lend starts a process on the helper
 _BACKOFF_MAX_S = 30.0
 _LEAVING_POLL_S = 0.25
 _DRAIN_S = 10.0  # the longest a going helper's requests under way are given to finish
+_SPLIT_GRAIN = 1 << 30  # free memory counts in whole GiB for the split: the same split for the same machines
 _GOING_S = 60.0  # a helper that said it is stopping is not asked again for this long (unless it is back)
 
 
@@ -236,12 +237,16 @@ class Shard:
         self._built_at = now = time.monotonic()
         going = {nid for nid, t in self.told_leaving.items() if now - t < _GOING_S}  # still stopping, surely
         lenders = [lender for lender in self.ctx.lenders() if lender.node_id not in going][: self.across]
+        # The devices in one order every build (by node id, not by what is free this minute): each helper then
+        # gets the same tensors again, and its rpc-server cache has them (a second load sends almost nothing)
+        lenders.sort(key=lambda lender: lender.node_id)
         if not lenders:
-            raise ShardError("no member can lend memory now (up, on the LAN, with memory to spare)")
+            raise ShardError("no member can lend memory now (up, reachable, with memory to spare)")
         if len(lenders) < self.across and not self._ever_up:  # the first build waits for as many as asked;
             # a rebuild after a helper was lost serves over those that remain
             raise ShardError(f"only {len(lenders)} of the {self.across} members asked for can lend now")
-        free = [max(1, lender.memory.free) for lender in lenders]
+        # the split, in proportion to what each has free, rounded so that small changes keep the same layers
+        free = [max(1, round(lender.memory.free / _SPLIT_GRAIN)) for lender in lenders]
         self.helpers = [_Helper(lender, f / sum(free)) for lender, f in zip(lenders, free, strict=True)]
         for h in self.helpers:
             answer = await self._call(h.lender, LEND_PATH, {"shard": self.id, "lease_s": self.lease_s})

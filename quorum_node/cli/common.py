@@ -101,6 +101,12 @@ _TOOL_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
+def node_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a tool that asks the running node: ``--data-dir``, ``--url``, ``--api-key``."""
+    for flag, kw in _TOOL_OPTIONS:
+        parser.add_argument(flag, default=None, **kw)
+
+
 def tool_options(group: argparse.ArgumentParser, subcommands: Any) -> None:
     """Give every subcommand of ``group`` the options ``group`` takes, so that they are taken where ``run``
     takes them, after the subcommand (``cluster init --data-dir X``) as well as before it. A value given

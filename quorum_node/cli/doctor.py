@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ApiError
 from ..settings import Settings
-from .common import NoNode, admin_request, node_url
+from .common import NoNode, admin_request, node_options, node_url
 
 __all__ = ["add_doctor_command", "cmd_doctor"]
 
@@ -24,9 +24,7 @@ def add_doctor_command(sub: Any) -> None:
         "its fix. Exit status 1 when a check fails.",
     )
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
-    p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="the node's data dir (its admin token)")
-    p.add_argument("--api-key", default=None, metavar="KEY", help="an admin key (prefer env QUORUM_API_KEY)")
+    node_options(p)
     p.set_defaults(func=cmd_doctor)
 
 

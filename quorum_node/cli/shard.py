@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ApiError
 from ..settings import Settings
-from .common import NoNode, admin_request, node_url, table
+from .common import NoNode, admin_request, node_options, node_url, table
 
 __all__ = ["add_shard_command", "cmd_shard"]
 
@@ -40,9 +40,7 @@ def add_shard_command(sub: Any) -> None:
     p.add_argument("--list", action="store_true", help="the shards this node leads and the workers it lends")
     p.add_argument("--stop", default=None, metavar="SHARD", help="stop leading SHARD (its id, from --list)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--url", default=None, help="node URL (default http://127.0.0.1:32768)")
-    p.add_argument("--data-dir", default=None, metavar="DIR", help="the node's data dir (its admin token)")
-    p.add_argument("--api-key", default=None, metavar="KEY", help="an admin key (prefer env QUORUM_API_KEY)")
+    node_options(p)
     p.set_defaults(func=cmd_shard)
 
 

@@ -178,11 +178,6 @@ class Lending:
         loan = self._loans.get((leader, shard))
         return loan.worker.port if loan is not None and loan.worker.alive else None
 
-    async def release_all_of(self, leader: str) -> None:
-        """A member removed from the cluster: whatever it leased goes."""
-        for lead, shard in [k for k in self._loans if k[0] == leader]:
-            await self.release(lead, shard)
-
     async def run(self) -> None:
         """Task root: stop the workers whose lease ran out, and forget those that died."""
         while True:

@@ -25,6 +25,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import agents  # openai-agents: a test dependency (pyproject), installed wherever the suite runs
 import anthropic
 import openai
 import pytest
@@ -114,7 +115,6 @@ async def test_responses_tool_round_trip_with_previous_response_id(node, client_
 
 
 async def test_openai_agents_default_model_runs_an_agent_with_a_tool(node) -> None:
-    agents = pytest.importorskip("agents")
 
     @agents.function_tool
     def get_weather(city: str) -> str:
@@ -419,7 +419,6 @@ async def test_an_answer_cut_by_max_output_tokens_is_incomplete_on_every_node(
     from tests.members_support import CLUSTER
     from tests.support import eventually
 
-    agents = pytest.importorskip("agents")
     local = await start_node(backends=[{"kind": "llamacpp", "url": engine.url}], **CLUSTER)
     entry = await start_node(**CLUSTER)  # no engine: it forwards to local, which translates for a peer
     assert local.cluster is not None and entry.cluster is not None

@@ -19,6 +19,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import structlog
 from aiohttp import web
 
@@ -61,6 +62,7 @@ class Node:
     """One quorum-node. ``await start()``, then ``await stop()`` (idempotent)."""
 
     def __init__(self, settings: Settings) -> None:
+        settings = _with_stored_relay(settings)
         self.settings = settings
         self.name = settings.name
         self.registry = Registry(settings)
@@ -441,6 +443,18 @@ async def _listen(runner: web.BaseRunner, site: web.TCPSite) -> int:
     await site.start()
     bound = [a for a in runner.addresses if a not in before]
     return int(bound[0][1])
+
+
+def _with_stored_relay(settings: Settings) -> Settings:
+    """The relay a node joined through (``quorum-node join CODE@RELAY`` stores it), where none is set."""
+    if settings.relay is not None:
+        return settings
+    from .cluster.membership import load_relay
+
+    stored = load_relay(Path(settings.data_dir))
+    if stored is None:
+        return settings
+    return msgspec.structs.replace(settings, relay=stored[0], relay_token=stored[1])
 
 
 def _membership(settings: Settings, data_dir: Path) -> tuple[Cluster, MemberStore] | None:

@@ -21,13 +21,17 @@ import structlog
 from .errors import ProtocolViolation
 from .metrics import Stats
 from .presence import Roster
+from .rendezvous import Channel, Plates
 from .splice import rewrite_peer
 from .streams import OpenResult, StreamTable
 from .wire import (
     CLOSE_REPLACED,
     CLOSE_TOO_SLOW,
+    MAX_RENDEZVOUS_BYTES,
     Batch,
     Challenge,
+    Claim,
+    Claimed,
     Close,
     Data,
     Draining,
@@ -38,6 +42,8 @@ from .wire import (
     Open,
     Presence,
     Proof,
+    Release,
+    Rendezvous,
     Reset,
     Unreachable,
     Welcome,
@@ -76,6 +82,7 @@ class Hub:
         self.max_frame_bytes = max_frame_bytes
         self.send_queue_bytes = send_queue_bytes
         self.quiet = False  # set while the relay stops: nobody is told of departures
+        self.plates = Plates()  # join codes' nameplates and the channels of the machines that join
         self._overflowed: list[Link] = []
 
     # membership
@@ -99,6 +106,7 @@ class Hub:
                     batch=True,
                     drain=True,
                     batch_streams=True,
+                    rendezvous=True,
                 )
             )
         )
@@ -144,6 +152,7 @@ class Hub:
 
     def _remove(self, conn: Link) -> None:
         conn.gone = True
+        self.plates.drop(conn)
         ns, node_id = conn.namespace, conn.node_id
         if not self.roster.leave(ns, conn):
             return
@@ -223,13 +232,35 @@ class Hub:
             case Draining():
                 self.drain(src)
                 return
-            case Welcome() | Joined() | Left() | Unreachable() | Challenge():
+            case Claim(ref=ref, nameplate=wanted):
+                src.send(encode(Claimed(ref=ref, nameplate=self.plates.claim(src, wanted))))
+                self._flush()
+                return
+            case Release(nameplate=plate):
+                self.plates.release(src, plate)
+                return
+            case Rendezvous(nameplate=plate, channel=channel, payload=payload):
+                if len(payload) > MAX_RENDEZVOUS_BYTES:
+                    payload = b""  # more than a joining machine takes: the channel ends
+                if not self.plates.answer(src, plate, channel, payload):
+                    stats.dropped += 1
+                return
+            case Welcome() | Joined() | Left() | Unreachable() | Challenge() | Claimed():
                 raise ProtocolViolation(f"{type(frame).__name__} is sent by the relay only")
             case Proof():
                 raise ProtocolViolation("Proof is sent once, first")
         dst.send(rewrite_peer(raw, src.peer_bytes))
         if self._overflowed:
             self._flush()
+
+    def to_holder(self, channel: Channel, payload: bytes) -> bool:
+        """A joining machine's message, to the holder of its nameplate; False where nobody holds it now."""
+        holder = self.plates.holder(channel.nameplate)
+        if holder is None or holder.gone:
+            return False
+        holder.send(encode(Rendezvous(nameplate=channel.nameplate, channel=channel.id, payload=payload)))
+        self._flush()
+        return True
 
     def _forward_batch(self, src: Link, dst: Link, raw: bytes, opens: tuple[int, ...], closes: tuple[int, ...]) -> None:
         """A ``Batch`` that opens or ends streams: counted like ``Open``/``Close`` frames, forwarded whole.

@@ -50,9 +50,14 @@ from .wire import (
     CLOSE_TOKEN_REVOKED,
     CLOSE_UNAUTHORIZED,
     CONNECT_PATH,
+    JOIN_PATH,
+    MAX_NAMEPLATE,
+    MAX_RENDEZVOUS_BYTES,
+    MAX_RENDEZVOUS_MESSAGES,
     NODE_ID_HEADER,
     NODE_KEY_HEADER,
     NONCE_BYTES,
+    RENDEZVOUS_S,
     Challenge,
     Proof,
     decode,
@@ -65,6 +70,7 @@ log = structlog.get_logger(__name__)
 
 NODE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _ATTR = "quorum_relay_admitted"  # set on the websockets connection by process_request (as basic_auth sets .username)
+_JOIN_ATTR = "quorum_relay_nameplate"  # a machine with a join code: the nameplate it asks for (``rendezvous``)
 
 
 def load_token_table(settings: Settings) -> TokenTable:
@@ -122,6 +128,7 @@ class Relay:
         )
         self._conns: set[Conn] = set()
         self._proving: set[ServerConnection] = set()  # open, not yet registered: their node is proving its key
+        self._joining: set[ServerConnection] = set()  # machines with a join code, talking to its holder
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stop_task: asyncio.Task[None] | None = None
@@ -183,7 +190,7 @@ class Relay:
             conn.close_soon(1001, "relay shutting down")
         closing = [  # nodes still proving their key: nobody knows of them yet
             asyncio.ensure_future(close_with_deadline(ws, 1001, "relay shutting down", self.settings.close_timeout_s))
-            for ws in self._proving
+            for ws in self._proving | self._joining
         ]
         # Each close aborts its socket at close_timeout_s. What may remain is a TCP connection that
         # never sent its handshake request (bounded by open_timeout_s); on Python >= 3.13 abort those
@@ -254,6 +261,8 @@ class Relay:
         path = request.path.partition("?")[0]
         if path == CONNECT_PATH:
             return self._admit(connection, request)
+        if path.startswith(JOIN_PATH):
+            return self._admit_joiner(connection, request, path[len(JOIN_PATH) :])
         if path == "/health":
             return self._health()
         if path == "/metrics":
@@ -328,6 +337,80 @@ class Relay:
         setattr(connection, _ATTR, _Admitted(admission, node_ids[0], ip, sign_key))
         return None
 
+    def _admit_joiner(self, connection: ServerConnection, request: Request, plate_text: str) -> Response | None:
+        """A machine with a join code: no token, a nameplate somebody holds (``rendezvous``)."""
+        if self._stopping:
+            return self._refuse("shutting_down", 503, "the relay is shutting down", "unavailable_error")
+        peer_ip = str(connection.remote_address[0]) if connection.remote_address else ""
+        ip = client_address(peer_ip, request.headers.get("X-Forwarded-For"), self._trusted)
+        key = address_key(ip)
+        now = time.monotonic()
+        if not self._buckets.take(key, now):  # a guesser's tries cost what handshakes cost
+            retry = max(1, round(self._buckets.retry_after_s(key, now) + 0.5))
+            return self._refuse(
+                "handshake_rate",
+                429,
+                "too many handshakes from this address",
+                "rate_limit_error",
+                headers={"Retry-After": str(retry)},
+            )
+        plate = int(plate_text) if plate_text.isdigit() and len(plate_text) <= 3 else 0
+        if not 1 <= plate <= MAX_NAMEPLATE or self.hub.plates.holder(plate) is None:
+            return self._refuse(
+                "no_nameplate",
+                404,
+                "no invitation with that number on this relay (used, burnt or expired?)",
+                "invalid_request_error",
+            )
+        if not self._per_address.acquire(key):
+            return self._refuse(
+                "too_many_connections",
+                429,
+                "too many connections from this address",
+                "rate_limit_error",
+                headers={"Retry-After": "5"},
+            )
+        connection.connection_lost_waiter.add_done_callback(lambda _: self._per_address.release(key))
+        setattr(connection, _JOIN_ATTR, plate)
+        return None
+
+    async def _joiner(self, ws: ServerConnection, plate: int) -> None:
+        """Carry one joining machine's messages to its nameplate's holder and the answers back, bounded in
+        number, size and time; the relay reads none of them."""
+        channel = self.hub.plates.open(plate) if not self._stopping else None
+        if channel is None:
+            self.stats.rejections["no_nameplate"] += 1
+            await close_with_deadline(ws, CLOSE_PROTOCOL, "no such invitation now", self.settings.close_timeout_s)
+            return
+        protocol: Any = ws.protocol  # what it sends is bounded before it is read (websockets checks the length)
+        if hasattr(protocol, "max_message_size"):
+            protocol.max_message_size = MAX_RENDEZVOUS_BYTES
+        else:
+            protocol.max_size = MAX_RENDEZVOUS_BYTES
+
+        async def reads() -> None:
+            for _ in range(MAX_RENDEZVOUS_MESSAGES):
+                raw = await ws.recv()
+                if not isinstance(raw, bytes) or not self.hub.to_holder(channel, raw):
+                    return
+            await asyncio.sleep(RENDEZVOUS_S)  # no more from it; the answers may still come
+
+        async def writes() -> None:
+            while (answer := await channel.answers.get()) is not None:
+                await ws.send(answer)
+
+        self._joining.add(ws)
+        tasks = [asyncio.ensure_future(reads()), asyncio.ensure_future(writes())]
+        try:
+            await asyncio.wait(tasks, timeout=RENDEZVOUS_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.hub.plates.close(channel)
+            self._joining.discard(ws)
+            await close_with_deadline(ws, 1000, "", self.settings.close_timeout_s)
+
     def _release(self, key: str) -> None:
         self._admitted -= 1
         self._per_address.release(key)
@@ -392,6 +475,10 @@ class Relay:
         return False
 
     async def _handler(self, ws: ServerConnection) -> None:
+        plate: int | None = getattr(ws, _JOIN_ATTR, None)
+        if plate is not None:
+            await self._joiner(ws, plate)
+            return
         admitted: _Admitted = getattr(ws, _ATTR)
         if not self._stopping:
             self._proving.add(ws)

@@ -91,6 +91,24 @@ wrong-parity or duplicate id, or more ids in either list than
 says ``Welcome.batch_streams``; nodes send ``opens``/``closes`` only to such a
 relay (an older one would forward them without counting).
 
+Join codes
+----------
+A relay that says ``Welcome.rendezvous`` also carries the exchange of a short
+join code (``quorum-node invite --code``) between a member and a machine that
+is not one yet, and so has no token. The member asks for a nameplate,
+``Claim`` (``nameplate`` 0: any free one; otherwise the one it held before a
+reconnection), and the relay answers ``Claimed`` with the same ``ref`` and
+the nameplate (0: none free); it holds it until the member sends ``Release``
+or disconnects, at most ``MAX_PLATES_PER_NODE`` a member. The new machine
+opens ``ws(s)://RELAY/v1/join/<nameplate>`` with no token (a nameplate nobody
+holds is refused with HTTP 404), and each of its binary messages
+(``MAX_RENDEZVOUS_BYTES`` at most, ``MAX_RENDEZVOUS_MESSAGES`` of them, within
+``RENDEZVOUS_S``) reaches the holder as ``Rendezvous`` with a ``channel`` id the
+relay chose; the holder's ``Rendezvous`` answers go back to that machine, one
+binary message each (an empty ``payload`` ends the channel). What the two say
+is a password-authenticated key exchange and what it seals: the relay only
+forwards it, and learns nothing it could use.
+
 Close codes (the relay closing a node's WebSocket)
 --------------------------------------------------
 ``CLOSE_UNAUTHORIZED`` no good ``Proof`` of the node's key; ``1001`` relay shutting down;
@@ -113,6 +131,12 @@ __all__ = [
     "CLOSE_TOKEN_REVOKED",
     "CLOSE_TOO_SLOW",
     "CONNECT_PATH",
+    "JOIN_PATH",
+    "MAX_NAMEPLATE",
+    "MAX_PLATES_PER_NODE",
+    "MAX_RENDEZVOUS_BYTES",
+    "MAX_RENDEZVOUS_MESSAGES",
+    "RENDEZVOUS_S",
     "FRAME_OVERHEAD",
     "MAX_WELCOME_BYTES",
     "NODE_ID_HEADER",
@@ -120,6 +144,8 @@ __all__ = [
     "NONCE_BYTES",
     "Batch",
     "Challenge",
+    "Claim",
+    "Claimed",
     "Close",
     "Data",
     "Draining",
@@ -131,6 +157,8 @@ __all__ = [
     "Open",
     "Presence",
     "Proof",
+    "Release",
+    "Rendezvous",
     "Reset",
     "Unreachable",
     "Welcome",
@@ -141,6 +169,16 @@ __all__ = [
 ]
 
 CONNECT_PATH = "/v1/connect"
+#: ``JOIN_PATH + str(nameplate)``: where a machine with a join code meets its inviter (no token).
+JOIN_PATH = "/v1/join/"
+#: The largest message either side of a join-code channel sends.
+MAX_RENDEZVOUS_BYTES = 8 * 1024
+#: Messages a joining machine sends on one channel, and how long a channel lives.
+MAX_RENDEZVOUS_MESSAGES = 4
+RENDEZVOUS_S = 60.0
+#: Nameplates one member holds at once, and the highest nameplate.
+MAX_PLATES_PER_NODE = 16
+MAX_NAMEPLATE = 999
 NODE_ID_HEADER = "X-Quorum-Node-Id"
 NODE_KEY_HEADER = "X-Quorum-Node-Key"
 NONCE_BYTES = 32
@@ -204,6 +242,8 @@ class Welcome(_F, frozen=True, kw_only=True):
     drain: bool = False
     # This relay applies ``Batch.opens`` / ``Batch.closes`` to its stream table.
     batch_streams: bool = False
+    # This relay carries join codes (``Claim``, ``Rendezvous``; a node must not send them to one that does not).
+    rendezvous: bool = False
 
 
 class Joined(_F, frozen=True, kw_only=True):
@@ -297,6 +337,34 @@ class Reset(_F, frozen=True, kw_only=True):
     code: str
 
 
+class Claim(_F, frozen=True, kw_only=True):
+    """Node → relay: hold a nameplate for a join code (``nameplate`` 0: any free one)."""
+
+    ref: int
+    nameplate: int = 0
+
+
+class Claimed(_F, frozen=True, kw_only=True):
+    """Relay → node: the answer to the ``Claim`` with this ``ref``: the nameplate held (0: none free)."""
+
+    ref: int
+    nameplate: int
+
+
+class Release(_F, frozen=True, kw_only=True):
+    """Node → relay: the code of this nameplate is used, burnt or expired; the relay frees it."""
+
+    nameplate: int
+
+
+class Rendezvous(_F, frozen=True, kw_only=True):
+    """Either way: one message of a join-code channel (opaque to the relay; empty from the node: it ends)."""
+
+    nameplate: int
+    channel: int
+    payload: bytes
+
+
 Frame = (
     Welcome
     | Joined
@@ -313,6 +381,10 @@ Frame = (
     | Reset
     | Challenge
     | Proof
+    | Claim
+    | Claimed
+    | Release
+    | Rendezvous
 )
 
 _encoder = msgspec.msgpack.Encoder()

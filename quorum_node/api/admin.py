@@ -28,7 +28,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from ..cluster.codes import CodeError
+from ..cluster.codes import CodeError, code_with_relay
 from ..cluster.mdns import lan_addresses
 from ..control.doctor import Facts, examine
 from ..control.ledger import BY, Ledger
@@ -222,11 +222,21 @@ async def code_invite(request: web.Request) -> web.Response:
         order = msgspec.json.decode(await read_body(request), type=CodeOrder)
     except msgspec.DecodeError as e:
         raise BadRequest(f"Not a code order: {e}", code="bad_code_order") from None
+    # on a relay that carries join codes, it holds the nameplate, and the code names the relay: a machine on
+    # another network joins through it; on the LAN the same code works without the relay part
+    relay = cluster.relay
+    plate = await relay.claim() if relay is not None else None
     try:
-        code = cluster.codes.add(order.token, order.expires_s)
+        code = cluster.codes.add(order.token, order.expires_s, nameplate=plate)
     except CodeError as e:
+        if plate is not None and relay is not None:
+            relay.release(plate)
         raise ApiError(e.message, status=e.status, type_="invalid_request_error", code="too_many_codes") from None
-    return _json({"code": code, "expires_s": order.expires_s})
+    if plate is not None and relay is not None:
+        code = code_with_relay(code, relay.base_url)
+        # when it expires unused, the relay frees its number then, not at the next code
+        asyncio.get_running_loop().call_later(order.expires_s + 0.05, cluster.codes.sweep)
+    return _json({"code": code, "expires_s": order.expires_s, "relay": plate is not None})
 
 
 async def doctor(request: web.Request) -> web.Response:

@@ -24,9 +24,9 @@ from urllib.parse import quote
 
 import segno
 
-from ..cluster.codes import GUESSES, parse_code
+from ..cluster.codes import GUESSES, parse_code, relay_of
 from ..cluster.identity import load_or_create_identity
-from ..cluster.join import JoinError, join, token_for_code
+from ..cluster.join import JoinError, join, join_by_relay, token_for_code
 from ..cluster.mdns import browse_once
 from ..cluster.members import MemberStore, decode_records, encode_records
 from ..cluster.membership import (
@@ -282,14 +282,20 @@ def _give_code(args: argparse.Namespace, settings: Settings, token: str, ttl_s: 
         )
         return 1
     print(code)
+    _, relay = relay_of(code)
     qr = io.StringIO()
-    segno.make(f"quorum-node join {code} --via {at[0]}" if at else f"quorum-node join {code}").terminal(
+    segno.make(f"quorum-node join {code} --via {at[0]}" if at and not relay else f"quorum-node join {code}").terminal(
         out=qr, compact=True
     )
     print(qr.getvalue(), file=sys.stderr, end="")
+    where = (
+        f"through the relay {relay}, from any network"
+        if relay
+        else f"it finds this node on the LAN, or add --via {at[0] if at else 'HOST:PORT'}"
+    )
     print(
-        f"on the new machine: quorum-node join {code} (works once, for {args.expires}; it finds this node on the "
-        f"LAN, or add --via {at[0] if at else 'HOST:PORT'}; {GUESSES} wrong codes burn it)",
+        f"on the new machine: quorum-node join {code} (works once, for {args.expires}; {where}; "
+        f"{GUESSES} wrong codes burn it)",
         file=sys.stderr,
     )
     return 0
@@ -299,18 +305,30 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
     data_dir = Path(settings.data_dir)
     try:
         via = args.via
+        text, relay = relay_of(args.token)
         try:
-            _, code = parse_code(args.token)
+            _, code = parse_code(text)
         except ValueError:
+            if relay is not None:
+                raise
             code = None  # a token
+        identity = load_or_create_identity(data_dir)
+        name = args.name or socket.gethostname()
+        if code is not None and relay is not None and not via:  # through the relay the code names
+            cluster, store, relay = join_by_relay(data_dir, identity, code, relay, name, force=args.force)
+            print(
+                f"joined cluster {cluster.name} through the relay {relay}: {len(store)} members; this machine is "
+                f"{identity.node_id}"
+            )
+            print("restart quorum-node here to take its place in the cluster (it connects to that relay)")
+            return 0
         if code is not None:  # a short code: its token comes from the inviter, over SPAKE2 (cluster/codes.py)
             addresses = [via] if via else browse_once(3.0)
             encoded, via = token_for_code(code, addresses)
             token = parse_invite(encoded)
         else:
             token = parse_invite(args.token)
-        identity = load_or_create_identity(data_dir)
-        cluster, store = join(data_dir, identity, token, args.name or socket.gethostname(), via=via, force=args.force)
+        cluster, store = join(data_dir, identity, token, name, via=via, force=args.force)
     except (JoinError, ValueError, FileExistsError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 1

@@ -19,6 +19,18 @@ The joiner then joins with that token as ``quorum-node join TOKEN`` would
 (``join.py``: TLS to the inviter, pinned by the token, one use). What the
 code protects is the token's way to the new machine.
 
+**Through the relay**, for a new machine on another network: where the
+inviter is on a relay that carries join codes, the relay holds the code's
+nameplate for it (``wire.Claim``), and the code names the relay:
+``7-harbor-lantern@relay.example.com`` (``wss://`` unless a scheme is
+written). The new machine opens the relay's ``/v1/join/7`` with no token
+and says ``RelayStart`` (as ``start`` above) and then ``RelayJoin``: the
+proof, with its own ``Candidate`` sealed under the key. The inviter admits it
+with the invitation's token (``JoinHandler.admit``, as a token join) and
+answers ``RelayJoined``: the join answer, this relay's URL and token and the
+inviter's id, sealed under the key. The relay forwards these messages and can
+read or change none of them; nothing it could do with them would let it in.
+
 A wrong code fails the proof and teaches the guesser nothing (SPAKE2: one
 online guess per exchange, nothing to test offline); each wrong proof costs
 the invitation a try, and after ``GUESSES`` the invitation is burnt: its token
@@ -30,6 +42,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -42,6 +55,17 @@ from spake2 import SPAKE2_A, SPAKE2_B  # type: ignore[import-untyped]
 from spake2.spake2 import SPAKEError  # type: ignore[import-untyped]
 
 __all__ = [
+    "RELAY_ANSWER",
+    "RELAY_CANDIDATE",
+    "RelayAsk",
+    "RelayJoin",
+    "RelayJoined",
+    "RelayRefused",
+    "RelayStart",
+    "RelayStarted",
+    "SealedJoin",
+    "code_with_relay",
+    "relay_of",
     "CODE_FINISH_PATH",
     "CODE_START_PATH",
     "GUESSES",
@@ -73,6 +97,69 @@ class CodeFinish(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     nameplate: Annotated[int, msgspec.Meta(ge=1, le=999)]
     session: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{32}\Z")]
     proof: Annotated[bytes, msgspec.Meta(max_length=256)]
+
+
+class RelayStart(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="start"):
+    """Joining machine → inviter, through the relay: as ``CodeStart``."""
+
+    nameplate: Annotated[int, msgspec.Meta(ge=1, le=999)]
+    message: Annotated[bytes, msgspec.Meta(max_length=256)]
+
+
+class RelayJoin(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="join"):
+    """Joining machine → inviter, through the relay: the proof, and its ``Candidate`` sealed under the key."""
+
+    nameplate: Annotated[int, msgspec.Meta(ge=1, le=999)]
+    session: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{32}\Z")]
+    proof: Annotated[bytes, msgspec.Meta(max_length=256)]
+    candidate: Annotated[bytes, msgspec.Meta(max_length=4096)]
+
+
+RelayAsk = RelayStart | RelayJoin
+
+
+class RelayStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started"):
+    session: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{32}\Z")]
+    message: Annotated[bytes, msgspec.Meta(max_length=256)]
+
+
+class RelayJoined(msgspec.Struct, frozen=True, kw_only=True, tag="joined"):
+    sealed: bytes  # a ``SealedJoin``, under the key
+
+
+class RelayRefused(msgspec.Struct, frozen=True, kw_only=True, tag="refused"):
+    status: int
+    message: Annotated[str, msgspec.Meta(max_length=512)]
+
+
+class SealedJoin(msgspec.Struct, frozen=True, kw_only=True):
+    """What the inviter seals for a machine that joined through the relay."""
+
+    answer: msgspec.Raw  # the ``JoinAnswer``
+    inviter: str
+    relay: str
+    relay_token: str
+
+
+#: The nonces of the sealed candidate and answer (the proof and the token have theirs).
+RELAY_CANDIDATE = b"\x00" * 11 + b"\x03"
+RELAY_ANSWER = b"\x00" * 11 + b"\x04"
+
+
+def code_with_relay(code: str, relay_url: str) -> str:
+    """``code`` naming the relay it works through: ``7-harbor-lantern@relay.example.com`` (wss:// unwritten)."""
+    scheme, _, rest = relay_url.rstrip("/").partition("://")
+    return f"{code}@{rest if scheme == 'wss' else relay_url.rstrip('/')}"
+
+
+def relay_of(text: str) -> tuple[str, str | None]:
+    """A code, and the URL of the relay it names (None: none; it is found on the LAN)."""
+    code, at, relay = text.strip().partition("@")
+    if not at:
+        return code, None
+    if not relay or any(c.isspace() for c in relay):
+        raise ValueError(f"{text!r}: no relay after the @")
+    return code, relay if "://" in relay else f"wss://{relay}"
 
 
 #: Wrong proofs an invitation takes before it is burnt.
@@ -163,19 +250,25 @@ class _Invitation:
 class CodeInvites:
     """The inviter's side: code invitations by nameplate (in memory: a code lives as long as the node runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_gone: Callable[[int], None] = lambda nameplate: None) -> None:
         self._by_plate: dict[int, _Invitation] = {}
         self.burnt = 0
+        self._on_gone = on_gone  # an invitation ended (used, burnt, expired): its nameplate is free
 
-    def add(self, token: str, ttl_s: float, now: float | None = None) -> str:
-        """A new code for ``token`` (the invite's encoded token); it lasts ``ttl_s``."""
+    def add(self, token: str, ttl_s: float, now: float | None = None, nameplate: int | None = None) -> str:
+        """A new code for ``token`` (the invite's encoded token); it lasts ``ttl_s``. ``nameplate``: the one
+        the relay holds for it, else one of ours."""
         now = time.monotonic() if now is None else now
         self._expire(now)
-        free = [n for n in range(1, 1000) if n not in self._by_plate]
-        if not free:
-            raise CodeError(409, "too many code invitations at once")
         rng = secrets.SystemRandom()
-        nameplate = min(free) if len(free) > 900 else rng.choice(free)  # short numbers while few are out
+        if nameplate is not None:
+            if nameplate in self._by_plate or not 1 <= nameplate <= 999:
+                raise CodeError(409, f"nameplate {nameplate} is in use here")
+        else:
+            free = [n for n in range(1, 1000) if n not in self._by_plate]
+            if not free:
+                raise CodeError(409, "too many code invitations at once")
+            nameplate = min(free) if len(free) > 900 else rng.choice(free)  # short numbers while few are out
         code = make_code(nameplate, rng)
         self._by_plate[nameplate] = _Invitation(code.encode(), token, now + ttl_s)
         return code
@@ -201,6 +294,12 @@ class CodeInvites:
 
     def finish(self, nameplate: int, session: str, proof: bytes, now: float | None = None) -> bytes:
         """The joiner's proof in; the sealed token out, once. A wrong proof costs a guess (``CodeError`` 403)."""
+        key, token = self.prove(nameplate, session, proof, now)
+        return seal(key, _NONCE_TOKEN, token.encode())
+
+    def prove(self, nameplate: int, session: str, proof: bytes, now: float | None = None) -> tuple[bytes, str]:
+        """The joiner's proof in; the exchange's key and the invitation's token out, once (the invitation
+        ends). A wrong proof costs a guess (``CodeError`` 403)."""
         now = time.monotonic() if now is None else now
         self._expire(now)
         inv = self._by_plate.get(nameplate)
@@ -211,19 +310,32 @@ class CodeInvites:
         if open_sealed(key, _NONCE_PROOF, proof) != _PROOF:
             inv.guesses -= 1
             if inv.guesses <= 0:
-                del self._by_plate[nameplate]
+                self._end(nameplate)
                 self.burnt += 1
                 raise CodeError(403, "wrong code; too many wrong codes: this invitation is burnt, ask for another")
             raise CodeError(403, f"wrong code ({inv.guesses} more tries before this invitation is burnt)")
-        del self._by_plate[nameplate]  # once
-        return seal(key, _NONCE_TOKEN, inv.token.encode())
+        self._end(nameplate)  # once
+        return key, inv.token
 
     def pending(self) -> int:
         return len(self._by_plate)
 
+    def sweep(self) -> None:
+        """End the invitations that expired (their nameplates go back to the relay)."""
+        self._expire(time.monotonic())
+
+    def holds(self, nameplate: int) -> bool:
+        """An invitation of this nameplate is open (not used, burnt or expired)."""
+        self._expire(time.monotonic())
+        return nameplate in self._by_plate
+
+    def _end(self, plate: int) -> None:
+        del self._by_plate[plate]
+        self._on_gone(plate)
+
     def _expire(self, now: float) -> None:
         for plate in [p for p, inv in self._by_plate.items() if inv.expires <= now]:
-            del self._by_plate[plate]
+            self._end(plate)
         for inv in self._by_plate.values():
             for s in [s for s, (_, at) in inv.sessions.items() if now - at > _SESSION_S]:
                 del inv.sessions[s]
@@ -250,6 +362,13 @@ class Joiner:
         return seal(self._key, _NONCE_PROOF, _PROOF)
 
     def token(self, sealed: bytes) -> str | None:
-        assert self._key is not None
-        plain = open_sealed(self._key, _NONCE_TOKEN, sealed)
+        plain = self.open(_NONCE_TOKEN, sealed)
         return plain.decode() if plain is not None else None
+
+    def seal(self, nonce: bytes, data: bytes) -> bytes:
+        assert self._key is not None
+        return seal(self._key, nonce, data)
+
+    def open(self, nonce: bytes, sealed: bytes) -> bytes | None:
+        assert self._key is not None
+        return open_sealed(self._key, nonce, sealed)

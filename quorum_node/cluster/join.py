@@ -29,23 +29,54 @@ import http.client
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 
+from quorum_relay import wire
+
 from ..errors import ApiError, BadRequest, Forbidden
-from .codes import CODE_FINISH_PATH, CODE_START_PATH, MAX_CODE_BYTES, CodeFinish, CodeStart, Joiner
+from .codes import (
+    CODE_FINISH_PATH,
+    CODE_START_PATH,
+    MAX_CODE_BYTES,
+    RELAY_ANSWER,
+    RELAY_CANDIDATE,
+    CodeError,
+    CodeFinish,
+    CodeInvites,
+    CodeStart,
+    Joiner,
+    RelayAsk,
+    RelayJoin,
+    RelayJoined,
+    RelayRefused,
+    RelayStart,
+    RelayStarted,
+    SealedJoin,
+    open_sealed,
+    seal,
+)
 from .identity import NodeIdentity
 from .members import Candidate, MemberStore, decode_records, encode_records
-from .membership import Cluster, InviteToken, load_cluster, load_member_records, store_cluster, take_invite
+from .membership import (
+    Cluster,
+    InviteToken,
+    load_cluster,
+    load_member_records,
+    parse_invite,
+    store_cluster,
+    store_relay,
+    take_invite,
+)
 from .messages import JoinAnswer, JoinRequest
 from .tls import certless_client, peer_cert_id
 
 if TYPE_CHECKING:
     from .context import ClusterContext
 
-__all__ = ["JOIN_PATH", "MAX_JOIN_BYTES", "JoinError", "JoinHandler", "join", "token_for_code"]
+__all__ = ["JOIN_PATH", "MAX_JOIN_BYTES", "JoinError", "JoinHandler", "join", "join_by_relay", "token_for_code"]
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +87,10 @@ _MAX_ANSWER_BYTES = 8 * 1024 * 1024
 
 _decode_request = msgspec.json.Decoder(JoinRequest).decode
 _decode_answer = msgspec.json.Decoder(JoinAnswer).decode
+_decode_relay_ask = msgspec.json.Decoder(RelayAsk).decode
+_decode_relay_answer = msgspec.json.Decoder(RelayStarted | RelayJoined | RelayRefused).decode
+_decode_candidate = msgspec.json.Decoder(Candidate).decode
+_decode_sealed_join = msgspec.json.Decoder(SealedJoin).decode
 _encode = msgspec.json.Encoder().encode
 
 
@@ -66,8 +101,9 @@ class JoinError(Exception):
 class JoinHandler:
     """``POST /quorum/v1/join`` on the peer port (the trust middleware lets it through without a certificate)."""
 
-    def __init__(self, service: ClusterContext) -> None:
+    def __init__(self, service: ClusterContext, codes: CodeInvites) -> None:
         self.service = service
+        self.codes = codes
 
     async def admit(self, raw: bytes, remote: str | None) -> bytes:
         """``POST /quorum/v1/join`` (api/peer.py takes it on the peer port only): a new machine with an
@@ -101,6 +137,46 @@ class JoinHandler:
         records = msgspec.Raw(encode_records(svc.members.records()))
         return _encode(JoinAnswer(cluster=svc.membership.name, root=svc.membership.root, records=records))
 
+    async def rendezvous(self, nameplate: int, raw: bytes) -> bytes:
+        """A machine with a join code, through the relay (``codes.py``): ``RelayStart`` → ``RelayStarted``;
+        ``RelayJoin`` → the candidate admitted as a token join would admit it → ``RelayJoined``. Anything
+        wrong → ``RelayRefused`` (a wrong proof costs the invitation a guess, as on the LAN)."""
+        svc = self.service
+
+        def refused(status: int, message: str) -> bytes:
+            return _encode(RelayRefused(status=status, message=message[:512]))
+
+        try:
+            ask = _decode_relay_ask(raw)
+        except ValueError as e:
+            return refused(400, f"not a join code message: {e}")
+        if ask.nameplate != nameplate:
+            return refused(400, "the message names another invitation")
+        try:
+            if isinstance(ask, RelayStart):
+                session, message = self.codes.start(ask.nameplate, ask.message)
+                return _encode(RelayStarted(session=session, message=message))
+            key, token = self.codes.prove(ask.nameplate, ask.session, ask.proof)
+        except CodeError as e:
+            log.info("join_code_refused", via="relay", nameplate=nameplate, status=e.status)
+            return refused(e.status, e.message)
+        plain = open_sealed(key, RELAY_CANDIDATE, ask.candidate)
+        if plain is None:
+            return refused(400, "the candidate does not open with this exchange's key")
+        try:
+            candidate = _decode_candidate(plain)
+            request = _encode(JoinRequest(secret=parse_invite(token).secret, candidate=candidate))
+            answer = await self.admit(request, remote="relay")
+        except ValueError as e:
+            return refused(400, f"not a candidate: {e}")
+        except ApiError as e:
+            return refused(e.status, e.message)
+        s = svc.settings
+        joined = SealedJoin(
+            answer=msgspec.Raw(answer), inviter=svc.node_id, relay=s.relay or "", relay_token=s.relay_token or ""
+        )
+        return _encode(RelayJoined(sealed=seal(key, RELAY_ANSWER, _encode(joined))))
+
 
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
@@ -120,15 +196,7 @@ def join(
     force: bool = False,
 ) -> tuple[Cluster, MemberStore]:
     """Join the cluster ``token`` invites to, as ``identity`` named ``name``; store the membership."""
-    existing = load_cluster(data_dir)
-    if existing is not None and not force:
-        # before the invite is used: after, the inviter has admitted this node and the invite is spent
-        held = MemberStore(existing.root, decode_records(load_member_records(data_dir)))
-        if held.known(token.inviter) is None:
-            raise FileExistsError(
-                f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
-                "leave it first (`quorum-node cluster leave`) or pass --force"
-            )
+    _not_elsewhere(data_dir, token.inviter, force)
     ctx = certless_client(None)  # the server's certificate is checked below, by the key the token names
     body = _encode(JoinRequest(secret=token.secret, candidate=Candidate.of(identity, name)))
     errors: list[str] = []
@@ -158,20 +226,116 @@ def join(
             raise JoinError(f"the inviter refused: {message}")
         if len(raw) > _MAX_ANSWER_BYTES:
             raise JoinError("the inviter's answer is too large")
+        return _accept(data_dir, identity, raw, token.inviter, force)
+    raise JoinError("could not reach the inviter: " + "; ".join(errors) if errors else "the invite names no address")
+
+
+def _not_elsewhere(data_dir: Path, inviter: str | None, force: bool) -> None:
+    """Refuse (before an invite is spent) to join where this node is in another cluster already."""
+    existing = load_cluster(data_dir)
+    if existing is None or force:
+        return
+    held = MemberStore(existing.root, decode_records(load_member_records(data_dir)))
+    if inviter is None or held.known(inviter) is None:
+        raise FileExistsError(
+            f"this node already belongs to cluster {existing.name!r} (root {existing.root}); "
+            "leave it first (`quorum-node cluster leave`) or pass --force"
+        )
+
+
+def _accept(
+    data_dir: Path, identity: NodeIdentity, raw: bytes, inviter: str, force: bool
+) -> tuple[Cluster, MemberStore]:
+    """The inviter's ``JoinAnswer``, checked (its records make this node and the inviter members) and stored."""
+    try:
+        answer = _decode_answer(raw)
+        store = MemberStore(answer.root, decode_records(bytes(answer.records)))
+    except ValueError as e:
+        raise JoinError(f"the inviter's answer is malformed: {e}") from None
+    if not store.is_member(identity.node_id) or not store.is_member(inviter):
+        raise JoinError("the inviter's records do not make this node a member")
+    cluster = Cluster(name=answer.cluster, root=answer.root)
+    try:
+        store_cluster(data_dir, cluster, encode_records(store.records()), force=force)
+    except ValueError as e:
+        raise JoinError(str(e)) from None
+    return cluster, store
+
+
+def join_by_relay(
+    data_dir: Path,
+    identity: NodeIdentity,
+    code: str,
+    relay_url: str,
+    name: str,
+    *,
+    timeout_s: float = 10.0,
+    force: bool = False,
+) -> tuple[Cluster, MemberStore, str]:
+    """Join with a short code through the relay it names (``codes.py``): SPAKE2 with the inviter over the
+    relay's ``/v1/join/<nameplate>``, this node's candidate and the inviter's answer sealed under its key.
+    Stores the membership and the relay (``store_relay``: the node reaches the cluster through it); returns
+    them and the relay's URL."""
+    from websockets.exceptions import InvalidStatus, WebSocketException
+    from websockets.sync.client import connect
+
+    _not_elsewhere(data_dir, None, force)
+    joiner = Joiner(code)
+    url = relay_url.rstrip("/") + wire.JOIN_PATH + str(joiner.nameplate)
+
+    def said(ws: Any) -> RelayStarted | RelayJoined:
+        raw = ws.recv(timeout=timeout_s)
+        if not isinstance(raw, bytes):
+            raise JoinError("the relay sent text")
         try:
-            answer = _decode_answer(raw)
-            store = MemberStore(answer.root, decode_records(bytes(answer.records)))
+            answer: RelayStarted | RelayJoined | RelayRefused = _decode_relay_answer(raw)
         except ValueError as e:
             raise JoinError(f"the inviter's answer is malformed: {e}") from None
-        if not store.is_member(identity.node_id) or not store.is_member(token.inviter):
-            raise JoinError("the inviter's records do not make this node a member")
-        cluster = Cluster(name=answer.cluster, root=answer.root)
-        try:
-            store_cluster(data_dir, cluster, encode_records(store.records()), force=force)
-        except ValueError as e:
-            raise JoinError(str(e)) from None
-        return cluster, store
-    raise JoinError("could not reach the inviter: " + "; ".join(errors) if errors else "the invite names no address")
+        if isinstance(answer, RelayRefused):
+            raise JoinError(f"the inviter refused: {answer.message}")
+        return answer
+
+    try:
+        with connect(
+            url, open_timeout=timeout_s, close_timeout=2, max_size=_MAX_ANSWER_BYTES, compression=None, proxy=None
+        ) as ws:
+            ws.send(_encode(RelayStart(nameplate=joiner.nameplate, message=joiner.message)))
+            started = said(ws)
+            if not isinstance(started, RelayStarted):
+                raise JoinError("the inviter's answer is out of order")
+            joiner.key_from(started.message)
+            candidate = joiner.seal(RELAY_CANDIDATE, _encode(Candidate.of(identity, name)))
+            proof = joiner.proof()
+            ws.send(
+                _encode(
+                    RelayJoin(nameplate=joiner.nameplate, session=started.session, proof=proof, candidate=candidate)
+                )
+            )
+            joined = said(ws)
+            if not isinstance(joined, RelayJoined):
+                raise JoinError("the inviter's answer is out of order")
+    except InvalidStatus as e:
+        status = e.response.status_code
+        raise JoinError(
+            f"{relay_url}: no invitation {joiner.nameplate} there (used, burnt or expired?)"
+            if status == 404
+            else f"{relay_url} refused: HTTP {status}"
+        ) from None
+    except TimeoutError:
+        raise JoinError(f"{relay_url}: the inviter did not answer in {timeout_s:.0f} s") from None
+    except (OSError, WebSocketException) as e:
+        raise JoinError(f"{relay_url}: {e}") from None
+    plain = joiner.open(RELAY_ANSWER, joined.sealed)
+    if plain is None:
+        raise JoinError("the inviter's answer does not open with this code")
+    try:
+        sealed = _decode_sealed_join(plain)
+    except ValueError as e:
+        raise JoinError(f"the inviter's answer is malformed: {e}") from None
+    cluster, store = _accept(data_dir, identity, bytes(sealed.answer), sealed.inviter, force)
+    relay = sealed.relay or relay_url
+    store_relay(data_dir, relay, sealed.relay_token)
+    return cluster, store, relay
 
 
 def _post_json(address: str, path: str, body: bytes, timeout_s: float) -> tuple[int, bytes]:

@@ -38,6 +38,7 @@ __all__ = [
     "CLUSTER_FILE",
     "INVITES_FILE",
     "MEMBERS_FILE",
+    "RELAY_FILE",
     "TOKEN_PREFIX",
     "Cluster",
     "Invite",
@@ -48,15 +49,18 @@ __all__ = [
     "legacy_cluster",
     "load_cluster",
     "load_member_records",
+    "load_relay",
     "parse_invite",
     "save_member_records",
     "store_cluster",
+    "store_relay",
     "take_invite",
 ]
 
 CLUSTER_FILE = "cluster.json"
 MEMBERS_FILE = "members.json"
 INVITES_FILE = "invites.json"
+RELAY_FILE = "relay.json"  # the relay a node joined through (``join_by_relay``): its URL and token
 TOKEN_PREFIX = "qrm2"
 
 _MAX_NAME_CHARS = 64
@@ -222,10 +226,30 @@ def save_member_records(data_dir: Path, records_json: bytes) -> None:
     _write_private(data_dir / MEMBERS_FILE, records_json, replace=True)
 
 
+class _RelayFile(msgspec.Struct, kw_only=True):
+    url: str
+    token: str
+
+
+def store_relay(data_dir: Path, url: str, token: str) -> None:
+    """The relay this node joined through: its node reaches the cluster there (unless told another)."""
+    _ensure_dir(data_dir)
+    _write_private(data_dir / RELAY_FILE, _encode(_RelayFile(url=url, token=token)), replace=True)
+
+
+def load_relay(data_dir: Path) -> tuple[str, str] | None:
+    """The stored relay's URL and token, or None (none stored, or the file is damaged)."""
+    try:
+        stored = msgspec.json.decode((data_dir / RELAY_FILE).read_bytes(), type=_RelayFile)
+    except (FileNotFoundError, msgspec.DecodeError):
+        return None
+    return (stored.url, stored.token) if stored.url and stored.token else None
+
+
 def leave_cluster(data_dir: Path) -> bool:
     """Forget the stored membership; True if there was one."""
     found = False
-    for name in (CLUSTER_FILE, MEMBERS_FILE, INVITES_FILE):
+    for name in (CLUSTER_FILE, MEMBERS_FILE, INVITES_FILE, RELAY_FILE):
         with contextlib.suppress(FileNotFoundError):
             (data_dir / name).unlink()
             found = True

@@ -161,8 +161,9 @@ class ClusterService:
         self.sharding: Sharding | None = None  # the sharded models this node leads (set by the node)
         self.member_sync = MemberReplicator(self)  # membership records, the same way
         self.prober = Prober(self)  # health rounds, probes, what mDNS says (probing.py)
-        self.joins = JoinHandler(self)  # new machines with an invite
-        self.codes = CodeInvites()  # invites given a short code (codes.py), while this node runs
+        # invites given a short code (codes.py), while this node runs; the relay holds the nameplates of some
+        self.codes = CodeInvites(on_gone=lambda plate: self.relay.release(plate) if self.relay is not None else None)
+        self.joins = JoinHandler(self, self.codes)  # new machines with an invite or a code
         members.on_change.append(self._members_changed)
 
     # -- lifecycle -------------------------------------------------------
@@ -208,6 +209,8 @@ class ClusterService:
                 introduction=lambda: encode_records(self.members.records()),
                 introduce=lambda peer, records: self.member_sync.merge(records, peer, max_new=MAX_NEW_INTRODUCED),
                 open_tunnel=self._open_tunnel,
+                on_rendezvous=self.joins.rendezvous,
+                still_wanted=self.codes.holds,
             )
             await self.relay.start()
         self._spawn(self.prober.health_loop(), "cluster-health")

@@ -8,9 +8,11 @@ import sys
 import msgspec
 import pytest
 
+from quorum_relay import wire
 from quorum_relay.errors import ConfigError
 from quorum_relay.limits import AddressCounts, TokenBuckets, address_key, client_address, parse_networks
 from quorum_relay.presence import Roster
+from quorum_relay.rendezvous import Plates
 from quorum_relay.settings import Settings, load_settings, parse_bytes
 from quorum_relay.splice import encode_peer, peer_span, rewrite_peer
 from quorum_relay.streams import OpenResult, StreamTable
@@ -295,3 +297,25 @@ def test_welcome_with_a_newer_field_still_decodes_for_an_older_node_and_back() -
 
     assert msgspec.msgpack.decode(new, type=OldWelcome).max_streams == 2
     assert decode(old_shape) == Welcome(session="s", node_id="n", max_frame_bytes=1, max_streams=2)
+
+
+def test_nameplates_held_once_bounded_per_member_and_answered_by_their_holder_only() -> None:
+    holder, other = M(node_id="a", since=0.0), M(node_id="b", since=0.0)
+    plates = Plates()
+    first = plates.claim(holder, 0)
+    assert first == 1 and plates.claim(other, first) != first  # taken: another one
+    assert plates.claim(holder, first) == first  # its own again (a reconnection)
+    held = {first} | {plates.claim(holder, 0) for _ in range(wire.MAX_PLATES_PER_NODE - 1)}
+    assert len(held) == wire.MAX_PLATES_PER_NODE and plates.claim(holder, 0) == 0  # no more for it
+    channel = plates.open(first)
+    assert channel is not None
+    assert not plates.answer(other, first, channel.id, b"x")  # not its holder: dropped
+    assert plates.answer(holder, first, channel.id, b"x") and channel.answers.get_nowait() == b"x"
+    for _ in range(8):  # more answers than it asked for: it ends, bounded
+        plates.answer(holder, first, channel.id, b"y")
+    assert channel.answers.qsize() <= 4
+    plates.release(other, first)  # not its holder: nothing
+    assert plates.holder(first) is holder
+    plates.drop(holder)  # it left the relay: every number free, the channel ended
+    assert plates.holder(first) is None and channel.answers.get_nowait() is None
+    assert plates.open(first) is None

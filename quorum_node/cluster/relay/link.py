@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -66,6 +67,10 @@ log = structlog.get_logger(__name__)
 Serve = Callable[[str, str, str, list[tuple[str, str]], bytes], Awaitable[Any]]
 #: ``open_tunnel(peer_id, path)``: the loopback stream a member's tunnel at ``path`` goes to (None: none there).
 OpenTunnel = Callable[[str, str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None]]
+#: ``on_rendezvous(nameplate, message)``: the answer to a joining machine's message (``cluster/codes.py``).
+OnRendezvous = Callable[[int, bytes], Awaitable[bytes]]
+#: Joining machines' messages answered at once (more are answered with the end of their channel).
+_RENDEZVOUS_TASKS = 16
 
 
 def _limit_incoming(ws: ClientConnection, max_bytes: int) -> None:
@@ -218,9 +223,19 @@ class RelayLink:
         introduction: Callable[[], bytes] | None = None,
         introduce: Callable[[str, bytes], object] | None = None,
         open_tunnel: OpenTunnel | None = None,
+        on_rendezvous: OnRendezvous | None = None,
+        still_wanted: Callable[[int], bool] = lambda nameplate: True,
     ) -> None:
-        self.url = url.rstrip("/") + wire.CONNECT_PATH
+        self.base_url = url.rstrip("/")
+        self.url = self.base_url + wire.CONNECT_PATH
         self._open_tunnel = open_tunnel
+        self._on_rendezvous = on_rendezvous
+        self._still_wanted = still_wanted  # a nameplate's code is still open (``CodeInvites.holds``)
+        self._claims: dict[int, asyncio.Future[int]] = {}  # ref -> the relay's answer to our Claim
+        self._refs = itertools.count(1)
+        self.plates: set[int] = set()  # nameplates the relay holds for our join codes (claimed again on return)
+        self._answering: set[asyncio.Task[None]] = set()
+        self._busy: dict[int, int] = {}  # nameplate -> its messages being answered (released after them)
         self._token = token
         self._identity = identity
         self.node_id = identity.node_id
@@ -326,6 +341,49 @@ class RelayLink:
             return True
         except TimeoutError:
             return False
+
+    async def claim(self, timeout_s: float = 5.0) -> int | None:
+        """A nameplate the relay holds for one of our join codes (``wire.Claim``); None where the relay is
+        not up, carries no join codes, or has none free."""
+        if self.state != "up" or not self.protocol.rendezvous:
+            return None
+        ref = next(self._refs)
+        answer = self._claims[ref] = asyncio.get_running_loop().create_future()
+        self.protocol.claim(ref)
+        try:
+            async with asyncio.timeout(timeout_s):
+                plate = await answer
+        except TimeoutError:
+            return None
+        finally:
+            self._claims.pop(ref, None)
+        if plate:
+            self.plates.add(plate)
+        return plate or None
+
+    def release(self, plate: int) -> None:
+        """The code of ``plate`` is used, burnt or expired: the relay may give the nameplate to another."""
+        if plate in self.plates and not self._busy.get(plate):  # else once its last answer is on its way
+            self.plates.discard(plate)
+            if self.state == "up":
+                self.protocol.release(plate)
+
+    async def _answer_rendezvous(self, plate: int, channel: int, payload: bytes) -> None:
+        answer = b""
+        self._busy[plate] = self._busy.get(plate, 0) + 1
+        try:
+            if self._on_rendezvous is not None:
+                answer = await self._on_rendezvous(plate, payload)
+        except Exception:  # task root: the joining machine hears the end of its channel
+            log.exception("rendezvous_failed", nameplate=plate)
+        finally:
+            self._busy[plate] -= 1
+            if not self._busy[plate]:
+                del self._busy[plate]
+        if self.state == "up":
+            self.protocol.rendezvous_answer(plate, channel, answer)
+        if plate not in self._busy and not self._still_wanted(plate):  # the code ended while it answered
+            self.release(plate)
 
     def forget_peer(self, node_id: str) -> None:
         """``node_id`` is no longer a member (evicted): end its session and reset every stream with it, now
@@ -470,6 +528,26 @@ class RelayLink:
             link.connected_at = time.time()
             link._up.set()
             log.info("relay_connected", url=link.url, session=welcome.session, peers=len(welcome.peers))
+            if welcome.rendezvous:  # the nameplates of our codes, held again (ref 0: nobody waits)
+                for plate in link.plates:
+                    link.protocol.claim(0, plate)
+
+        def claimed(self, ref: int, nameplate: int) -> None:
+            link = self.link
+            answer = link._claims.get(ref)
+            if answer is not None and not answer.done():
+                answer.set_result(nameplate)
+            elif ref == 0 and nameplate and nameplate not in link.plates:  # ours went to another meanwhile
+                link.protocol.release(nameplate)
+
+        def rendezvous(self, nameplate: int, channel: int, payload: bytes) -> None:
+            link = self.link
+            if nameplate not in link.plates or len(link._answering) >= _RENDEZVOUS_TASKS:
+                link.protocol.rendezvous_answer(nameplate, channel, b"")
+                return
+            task = asyncio.create_task(link._answer_rendezvous(nameplate, channel, payload), name="relay-rendezvous")
+            link._answering.add(task)
+            task.add_done_callback(link._answering.discard)
 
         def presence(self, peer: str, online: bool) -> None:
             self.link._on_presence(peer, online)

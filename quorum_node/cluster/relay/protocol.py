@@ -103,6 +103,7 @@ class RelayProtocol:
         self.session_id: str | None = None  # the relay's, from its Welcome
         self.max_frame_bytes = 256 * 1024
         self.relay_drains = False  # the relay knows the Draining frame (Welcome.drain)
+        self.rendezvous = False  # the relay carries join codes (Welcome.rendezvous)
         self.draining = False  # this node is stopping: new streams to it are refused (``drain``)
         self._greeted = False  # the first frame (the relay's challenge, or its Welcome) came
         self._next_sid = 0
@@ -203,6 +204,19 @@ class RelayProtocol:
             session = self.sessions.get(peer)
             if session is not None and not session.ready:
                 self._end_session(peer, "the peer did not answer our handshake")
+
+    # -- join codes (``wire.Claim``, ``wire.Rendezvous``) ----------------------------
+
+    def claim(self, ref: int, nameplate: int = 0) -> None:
+        """Ask the relay to hold a nameplate (``nameplate``, or any where 0); ``claimed(ref, …)`` answers."""
+        self._push(("raw", wire.encode(wire.Claim(ref=ref, nameplate=nameplate))))
+
+    def release(self, nameplate: int) -> None:
+        self._push(("raw", wire.encode(wire.Release(nameplate=nameplate))))
+
+    def rendezvous_answer(self, nameplate: int, channel: int, payload: bytes) -> None:
+        """Answer a joining machine (``payload`` empty: the channel ends)."""
+        self._push(("raw", wire.encode(wire.Rendezvous(nameplate=nameplate, channel=channel, payload=payload))))
 
     def _push(self, item: Outgoing) -> None:
         self.outbox.queue.append(item)
@@ -400,6 +414,11 @@ class RelayProtocol:
                 self._joined(p.node_id, p.since, p.draining)
             case wire.Left(node_id=nid):
                 self._left(nid, "the peer left the relay")
+            case wire.Claimed(ref=ref, nameplate=plate):
+                self._listener.claimed(ref, plate)
+            case wire.Rendezvous(nameplate=plate, channel=channel, payload=payload):
+                if payload and len(payload) <= wire.MAX_RENDEZVOUS_BYTES:
+                    self._listener.rendezvous(plate, channel, payload)
             case wire.Unreachable(peer=peer, stream=sid):
                 if sid:
                     stream = self.streams.table.get((peer, sid))
@@ -415,6 +434,7 @@ class RelayProtocol:
         self.outbox.batching = welcome.batch
         self.outbox.batch_streams = welcome.batch and welcome.batch_streams
         self.relay_drains = welcome.drain
+        self.rendezvous = welcome.rendezvous
         if welcome.drain and self.draining:  # a new connection while stopping: the namespace hears it again
             self._push(("draining", ""))
         if welcome.send_queue_bytes:

@@ -222,6 +222,12 @@ class Listener(Protocol):
         """A member opened a tunnel (``TUNNEL``): set ``stream.handler`` (its data comes to ``on_data`` as it
         arrives, granted back with ``consumed``), answer with a head, then ``send`` and ``close`` as for any."""
 
+    def claimed(self, ref: int, nameplate: int) -> None:
+        """The relay's answer to ``claim(ref, …)``: the nameplate it holds for us (0: none)."""
+
+    def rendezvous(self, nameplate: int, channel: int, payload: bytes) -> None:
+        """A message of a machine with a join code (``wire.Rendezvous``): answer with ``rendezvous_answer``."""
+
     def output(self) -> None:
         """Frames are waiting to be sent (``frames_to_send``)."""
 

@@ -1,0 +1,121 @@
+"""Join codes through the relay: nameplates members hold, and the channels of machines that join.
+
+A member holds a nameplate (``wire.Claim``) for each join code it gave; a
+machine with the code, and no token, opens ``/v1/join/<nameplate>``
+(``server``), and its messages reach the holder as ``wire.Rendezvous``. The
+relay never reads them (a SPAKE2 exchange and what it seals); it bounds them:
+``wire.MAX_RENDEZVOUS_BYTES`` a message, ``wire.MAX_RENDEZVOUS_MESSAGES`` a
+channel, ``wire.RENDEZVOUS_S`` a channel's life, ``_CHANNELS_PER_PLATE``
+channels at once on one nameplate, ``wire.MAX_PLATES_PER_NODE`` nameplates a
+member. No I/O here: a channel's answers wait in its bounded queue for the
+joining machine's handler (``server``) to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .wire import MAX_NAMEPLATE, MAX_PLATES_PER_NODE
+
+if TYPE_CHECKING:
+    from .hub import Link
+
+__all__ = ["Channel", "Plates"]
+
+#: Joining machines talking to one nameplate at once (a guesser's parallel tries; the code allows 3 wrong).
+_CHANNELS_PER_PLATE = 4
+#: Answers queued towards one joining machine (the exchange needs one per message it sends).
+_QUEUE = 4
+
+
+@dataclass(eq=False)
+class Channel:
+    """One joining machine's connection: ``answers`` (None: the holder ended it, or went)."""
+
+    nameplate: int
+    id: int
+    answers: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_QUEUE))
+
+    def end(self) -> None:
+        while self.answers.full():  # what it has not read yet is dropped: it ends now
+            self.answers.get_nowait()
+        self.answers.put_nowait(None)
+
+
+class Plates:
+    """Who holds which nameplate, and the channels open on each."""
+
+    def __init__(self) -> None:
+        self.holders: dict[int, Link] = {}
+        self.channels: dict[int, dict[int, Channel]] = {}  # nameplate -> channel id -> channel
+        self._ids = itertools.count(1)
+
+    def claim(self, holder: Link, wanted: int) -> int:
+        """A nameplate for ``holder``: ``wanted`` if it is free (or already its own), else any free one; 0: none."""
+        held = [n for n, h in self.holders.items() if h is holder]
+        if 1 <= wanted <= MAX_NAMEPLATE and self.holders.get(wanted) is holder:
+            return wanted
+        if len(held) >= MAX_PLATES_PER_NODE:
+            return 0
+        if 1 <= wanted <= MAX_NAMEPLATE and wanted not in self.holders:
+            plate = wanted
+        else:
+            free = [n for n in range(1, MAX_NAMEPLATE + 1) if n not in self.holders]
+            if not free:
+                return 0
+            # short numbers while few are out; a random one of all when many are
+            plate = free[0] if len(free) > MAX_NAMEPLATE - 100 else secrets.choice(free)
+        self.holders[plate] = holder
+        return plate
+
+    def release(self, holder: Link, plate: int) -> None:
+        if self.holders.get(plate) is holder:
+            del self.holders[plate]
+            for channel in self.channels.pop(plate, {}).values():
+                channel.end()
+
+    def drop(self, holder: Link) -> None:
+        """``holder`` left the relay: its nameplates are free, their channels end."""
+        for plate in [n for n, h in self.holders.items() if h is holder]:
+            self.release(holder, plate)
+
+    def holder(self, plate: int) -> Link | None:
+        return self.holders.get(plate)
+
+    def open(self, plate: int) -> Channel | None:
+        """A channel to ``plate``'s holder; None where nobody holds it, or it has enough channels open."""
+        if plate not in self.holders:
+            return None
+        open_ = self.channels.setdefault(plate, {})
+        if len(open_) >= _CHANNELS_PER_PLATE:
+            return None
+        channel = Channel(plate, next(self._ids))
+        open_[channel.id] = channel
+        return channel
+
+    def close(self, channel: Channel) -> None:
+        open_ = self.channels.get(channel.nameplate)
+        if open_ is not None:
+            open_.pop(channel.id, None)
+            if not open_:
+                del self.channels[channel.nameplate]
+
+    def answer(self, holder: Link, plate: int, channel_id: int, payload: bytes) -> bool:
+        """The holder's answer on a channel; False where it is not the holder, or the channel is gone."""
+        if self.holders.get(plate) is not holder:
+            return False
+        channel = self.channels.get(plate, {}).get(channel_id)
+        if channel is None:
+            return False
+        if not payload:
+            channel.end()
+            return True
+        try:
+            channel.answers.put_nowait(payload)
+        except asyncio.QueueFull:  # more answers than it asked for: end it
+            channel.end()
+        return True

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.lan_host import Lan, lan_of
+from tests.cluster.lan_host import PORT, Lan, Wan, lan_of
 from tests.netns import require_netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -66,3 +66,59 @@ async def test_a_fourth_machine_joins_three_with_a_code_found_by_mdns(lan: Lan) 
     print(f"join code: joined {ready - started:.1f} s after `quorum-node join` (its node started), both ways "
           f"served {serving:.1f} s after its node was up")  # fmt: skip
     assert serving < 10
+
+
+async def test_a_machine_on_another_lan_joins_with_a_code_through_the_relay(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``scripts/wan``: three members on LAN 1 and the relay on the vps; the fourth machine is on LAN 2, with
+    no route to LAN 1. The code names the relay; the joined node is started with no relay flag (it stored
+    the relay and its token when it joined) and serves and is served through it within 10 s."""
+    require_netns("the join code WAN test")
+    world = Wan(f"qj{os.getpid() % 10000}w", "10.84", tmp_path)
+
+    def teardown() -> None:
+        world.kill_all()
+        world.down()
+
+    request.addfinalizer(teardown)
+    token = "wan-token-" + secrets.token_hex(8)
+    for name in ("wan-a", "wan-b", "wan-c"):
+        world.enrol(name, SECRET)
+    world.up(3, 1)
+    try:
+        relay = await world.relay(token)
+        await relay.event("relay_started", 15.0)
+        members = {"a1": ("wan-a", ["alpha"]), "a2": ("wan-b", ["beta"]), "a3": ("wan-c", [])}
+        procs = [
+            await world.host(place, name, secret=None, models=models, tokens=["hi ", name],
+                             relay=world.relay_url, relay_token=token)
+            for place, (name, models) in members.items()
+        ]  # fmt: skip
+        for p in procs:
+            await p.message("ready", 20.0)
+        assert (await world.client("b1", "connect", world.ip("a1"), str(PORT)))["connected"] is False
+        rc, out, err = await world.run("a1", *CLI, "invite", "--code", "--data-dir", str(world.data_dir("wan-a")))
+        assert rc == 0, err
+        code = out.strip()
+        assert re.fullmatch(rf"\d{{1,3}}-[a-z]+-[a-z]+@{re.escape(world.relay_url)}", code), out
+        started = time.monotonic()
+        rc, out, err = await world.run(
+            "b1", *CLI, "join", code, "--name", "wan-d", "--data-dir", str(world.data_dir("wan-d")), timeout_s=30
+        )
+        assert rc == 0 and "through the relay" in out, err
+        d = await world.host("b1", "wan-d", secret=None, models=["delta"], tokens=["hi ", "wan-d"])
+        await d.message("ready", 20.0)
+        ready = time.monotonic()
+        got = await world.client("b1", "poll-chat", "alpha", "--timeout", "10")
+        assert got["ok"] and got["node"] == "wan-a", got
+        got = await world.client("a2", "poll-chat", "delta", "--timeout", "10")
+        assert got["ok"] and got["node"] == "wan-d", got
+        serving = time.monotonic() - ready
+        print(f"join code through the relay: joined {ready - started:.1f} s after `quorum-node join` (its node "
+              f"started), both ways served {serving:.1f} s after its node was up")  # fmt: skip
+        assert serving < 10
+    finally:
+        await world.reap()
+        sys.stderr.write(world.logs() + "\n")
+        world.down()

@@ -17,14 +17,20 @@ import asyncio
 import itertools
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .wire import MAX_NAMEPLATE, MAX_PLATES_PER_NODE
 
-if TYPE_CHECKING:
-    from .hub import Link
+__all__ = ["Channel", "Holder", "Plates"]
 
-__all__ = ["Channel", "Plates"]
+
+class Holder(Protocol):
+    """A member's connection, as far as its nameplates go (``hub.Link`` is one)."""
+
+    gone: bool
+
+    def send(self, data: bytes) -> None: ...
+
 
 #: Joining machines talking to one nameplate at once (a guesser's parallel tries; the code allows 3 wrong).
 _CHANNELS_PER_PLATE = 4
@@ -50,11 +56,11 @@ class Plates:
     """Who holds which nameplate, and the channels open on each."""
 
     def __init__(self) -> None:
-        self.holders: dict[int, Link] = {}
+        self.holders: dict[int, Holder] = {}
         self.channels: dict[int, dict[int, Channel]] = {}  # nameplate -> channel id -> channel
         self._ids = itertools.count(1)
 
-    def claim(self, holder: Link, wanted: int) -> int:
+    def claim(self, holder: Holder, wanted: int) -> int:
         """A nameplate for ``holder``: ``wanted`` if it is free (or already its own), else any free one; 0: none."""
         held = [n for n, h in self.holders.items() if h is holder]
         if 1 <= wanted <= MAX_NAMEPLATE and self.holders.get(wanted) is holder:
@@ -72,18 +78,18 @@ class Plates:
         self.holders[plate] = holder
         return plate
 
-    def release(self, holder: Link, plate: int) -> None:
+    def release(self, holder: Holder, plate: int) -> None:
         if self.holders.get(plate) is holder:
             del self.holders[plate]
             for channel in self.channels.pop(plate, {}).values():
                 channel.end()
 
-    def drop(self, holder: Link) -> None:
+    def drop(self, holder: Holder) -> None:
         """``holder`` left the relay: its nameplates are free, their channels end."""
         for plate in [n for n, h in self.holders.items() if h is holder]:
             self.release(holder, plate)
 
-    def holder(self, plate: int) -> Link | None:
+    def holder(self, plate: int) -> Holder | None:
         return self.holders.get(plate)
 
     def open(self, plate: int) -> Channel | None:
@@ -104,7 +110,7 @@ class Plates:
             if not open_:
                 del self.channels[channel.nameplate]
 
-    def answer(self, holder: Link, plate: int, channel_id: int, payload: bytes) -> bool:
+    def answer(self, holder: Holder, plate: int, channel_id: int, payload: bytes) -> bool:
         """The holder's answer on a channel; False where it is not the holder, or the channel is gone."""
         if self.holders.get(plate) is not holder:
             return False

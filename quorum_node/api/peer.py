@@ -10,6 +10,7 @@ member the link proved, and each endpoint here is for members only, except:
   node without a certificate yet (``cluster/members_sync.py``);
 - ``GET /quorum/v1/peers``: also for this node's own loopback callers.
 
+- ``POST /quorum/v1/doctor`` → a member's doctor: its ports dialled back, and our clock
 - ``GET /quorum/v1/health``  → who the node is, its load, catalog, keys and members digests
 - ``GET /quorum/v1/catalog`` → the models its engines hold
 - ``GET|POST /quorum/v1/keys`` → the API key records (``control/replication.py``)
@@ -47,6 +48,7 @@ from ..cluster.lending import (
 from ..cluster.members_sync import MAX_MEMBERS_BYTES, MEMBERS_PATH
 from ..cluster.tunnel import MAX_MESSAGE, Counted, WebSocketDuplex
 from ..cluster.tunnel import join as join_streams
+from ..control.doctor import DOCTOR_PATH, DialBack, DialedBack, Dialled, dial
 from ..control.replication import KEYS_PATH, MAX_KEYS_BYTES
 from ..control.usage import UsageAnswer
 from ..errors import ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized
@@ -197,6 +199,22 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
             raise code_refused(e) from None
         return _json(_encode({"token": sealed}))
 
+    async def doctor(request: web.Request) -> web.Response:
+        """A member's doctor (``control/doctor.py``): open its ports at the address its request came from
+        (on the LAN link only: through the relay that address is nobody's), and say our clock."""
+        _member(request)
+        raw = await _capped_body(request, 1024, "Doctor messages")
+        try:
+            ask = msgspec.json.decode(raw, type=DialBack)
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"Not a doctor message: {e}", code="bad_doctor_message") from None
+        address = request.remote if cluster.peer_port_tls(request) is not None else None
+        dialled: list[Dialled] = []
+        if address:
+            said = await asyncio.gather(*(dial(address, port) for port in ask.ports))
+            dialled = [Dialled(port=port, error=why) for port, why in zip(ask.ports, said, strict=True)]
+        return _json(_encode(DialedBack(now=time.time(), address=address, dialled=dialled)))
+
     async def usage(request: web.Request) -> web.Response:
         _member(request)
         by, since = query_by(request), query_since(request)
@@ -283,4 +301,5 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
         web.post(CODE_START_PATH, code_start),
         web.post(CODE_FINISH_PATH, code_finish),
         web.get("/quorum/v1/usage", usage),
+        web.post(DOCTOR_PATH, doctor),
     ]

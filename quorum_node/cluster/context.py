@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from .membership import Cluster
     from .peers import Peer, PeerTable
 
-__all__ = ["ClusterContext", "RecordSync"]
+__all__ = ["ClusterContext", "PeerCallError", "RecordSync"]
+
+
+class PeerCallError(Exception):
+    """A member answered a call (``ClusterService.call``) with something other than 200."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
 
 
 class ClusterContext(Protocol):

@@ -272,7 +272,28 @@ class Discovery:
         self._started = False
         self._closed = False
 
-    # Lifecycle ----------------------------------------------------------
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses this node advertises (and so the interfaces it multicasts on)."""
+        return list(self._own_addresses)
+
+    async def hears_itself(self, address: str, timeout_s: float = 2.0) -> bool:
+        """Whether a query sent on ``address``'s interface comes back answered by this node's own
+        advertisement: multicast goes out there and comes in (``quorum-node doctor``). A fresh responder
+        on that interface asks (answers multicast, so that every listener there hears them)."""
+        from zeroconf import DNSQuestionType
+
+        v6 = ipaddress.ip_address(address).version == 6
+        probe = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V6Only if v6 else IPVersion.V4Only)
+        try:
+            info = AsyncServiceInfo(SERVICE_TYPE, self.instance_name)
+            return bool(
+                await info.async_request(probe.zeroconf, int(timeout_s * 1000), question_type=DNSQuestionType.QM)
+            )
+        except OSError:
+            return False
+        finally:
+            await probe.async_close()
 
     async def start(self) -> None:
         """Open the sockets, start browsing and advertise this node (takes ~1-2 s of probing)."""

@@ -46,7 +46,7 @@ from ..errors import EngineUnavailable
 from ..resources import Memory
 from .catalogs import PeerCatalogs
 from .codes import CodeInvites
-from .context import RecordSync
+from .context import PeerCallError, RecordSync
 from .forward import PeerTarget
 from .identity import NodeIdentity
 from .join import JoinHandler
@@ -81,7 +81,7 @@ from .pipe import PipeError, PipeResponse, serve_in_memory
 from .probing import Prober
 from .relay import RelayLink
 from .scoring import RetryBudget, pick
-from .sharding import Lender, ShardCallError, Sharding
+from .sharding import Lender, Sharding
 from .tls import PeerTLS
 from .tunnel import MAX_MESSAGE, Duplex, WebSocketDuplex
 
@@ -327,9 +327,10 @@ class ClusterService:
                 out.append(Lender(peer.node_id, peer.info.name or peer.node_id, memory, route))
         return sorted(out, key=lambda lender: (-lender.memory.free, lender.node_id))
 
-    async def shard_call(self, node_id: str, path: str, body: bytes, *, timeout_s: float) -> bytes:
-        """POST a shard message to member ``node_id``, over its first link that carries it (LAN, then relay):
-        the body of its 200 answer; ``ShardCallError`` for another answer; ``ConnectionError`` if none did."""
+    async def call(self, node_id: str, path: str, body: bytes, *, timeout_s: float) -> bytes:
+        """POST ``body`` to member ``node_id``'s endpoint ``path``, over its first link that carries it (LAN,
+        then relay): the body of its 200 answer; ``PeerCallError`` for another answer; ``ConnectionError``
+        if none did."""
         peer = self.table.get(node_id)
         if peer is None:
             raise ConnectionError(f"{node_id} is no peer now")
@@ -344,7 +345,7 @@ class ClusterService:
             if status == 200 and raw is not None:
                 return raw
             said = raw[:300].decode(errors="replace") if raw is not None else "(too large)"
-            raise ShardCallError(status, said)  # the member's own answer: no other link changes it
+            raise PeerCallError(status, said)  # the member's own answer: no other link changes it
         raise ConnectionError("; ".join(failed) or "no link to it")
 
     async def shard_tunnel(self, node_id: str, path: str) -> Duplex:

@@ -44,10 +44,11 @@ import structlog
 
 from ..embedded.supervisor import EngineStartError, LlamaServerProcess
 from ..resources import Memory
+from .context import PeerCallError
 from .lending import LEND_PATH, RELEASE_PATH, RENEW_PATH, TUNNEL_PATH, LendAnswer
 from .tunnel import MAX_MESSAGE, Counted, Duplex, join
 
-__all__ = ["Lender", "Shard", "ShardCallError", "ShardContext", "ShardError", "Sharding", "shard_id"]
+__all__ = ["Lender", "Shard", "ShardContext", "ShardError", "Sharding", "shard_id"]
 
 log = structlog.get_logger("quorum.sharding")
 
@@ -82,9 +83,9 @@ class ShardContext(Protocol):
 
     def lenders(self) -> list[Lender]: ...
 
-    async def shard_call(self, node_id: str, path: str, body: bytes, *, timeout_s: float) -> bytes:
-        """POST a shard message to that member (its LAN link first, then the relay): the body of its 200
-        answer; ``ShardCallError`` for another answer, ``ConnectionError`` where no link carried it."""
+    async def call(self, node_id: str, path: str, body: bytes, *, timeout_s: float) -> bytes:
+        """POST a message to that member (its LAN link first, then the relay): the body of its 200
+        answer; ``PeerCallError`` for another answer, ``ConnectionError`` where no link carried it."""
         ...
 
     async def shard_tunnel(self, node_id: str, path: str) -> Duplex:
@@ -94,14 +95,6 @@ class ShardContext(Protocol):
     def leaving(self, node_id: str) -> bool:
         """Whether that member is going: removed, gone from the peer table, or draining (it said it stops)."""
         ...
-
-
-class ShardCallError(Exception):
-    """A member answered a shard message with something other than 200."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
 
 
 class Busy(Protocol):
@@ -366,8 +359,8 @@ class Shard:
     ) -> bytes:
         """POST a shard message to ``lender``; its answer, or ``ShardError``."""
         try:
-            return await self.ctx.shard_call(lender.node_id, path, _encode(body), timeout_s=timeout_s)
-        except ShardCallError as e:
+            return await self.ctx.call(lender.node_id, path, _encode(body), timeout_s=timeout_s)
+        except PeerCallError as e:
             raise ShardError(f"{lender.name} answered {path} with {e}") from None
         except (ConnectionError, OSError, TimeoutError, aiohttp.ClientError) as e:
             raise ShardError(f"{lender.name} did not answer {path}: {type(e).__name__}: {e}") from None

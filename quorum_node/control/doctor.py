@@ -10,11 +10,16 @@ others the fix. The checks, each bounded in time:
   (Open WebUI on 8080), and what to do if it is one;
 - **reachable**: the API port and the peer port, dialled on each address the
   node has on the LAN (a node bound to loopback only is reachable from nowhere
-  else; a firewall in between shows as a refused or silent port);
+  else); and dialled back by each member it reaches on the LAN
+  (``DOCTOR_PATH``): a firewall in front of this node, or a NAT (Docker, WSL)
+  that hides it, shows there as a port the member cannot open;
+- **mdns**: on each interface it multicasts on, whether this node hears its
+  own advertisement (``Discovery.hears_itself``): a firewall dropping
+  5353/udp, or an interface without multicast, is named here;
 - **peers**: the members this node sees, against those it knows (multicast
-  blocked, a Docker or WSL network, a node not running);
-- **clock**: each reachable peer's clock, from the ``Date`` of its health
-  answer (signed records have a time window);
+  blocked on the way, a Docker or WSL network, a node not running);
+- **clock**: each member's clock, as it answers the same call (API keys
+  expire and usage is dated by each machine's own clock);
 - **relay**: the relay link's state (a refused token, TLS, unreachable);
 - **keys**: ``--require-key`` with no key a caller could use.
 """
@@ -22,22 +27,30 @@ others the fix. The checks, each bounded in time:
 from __future__ import annotations
 
 import asyncio
-import email.utils
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import aiohttp
 import msgspec
+import structlog
 
 from ..backends.base import BackendState
+from ..cluster.context import PeerCallError
 
-__all__ = ["CLOCK_SKEW_S", "Facts", "Finding", "examine"]
+__all__ = ["CLOCK_SKEW_S", "DOCTOR_PATH", "DialBack", "DialedBack", "Dialled", "Facts", "Finding", "dial", "examine"]
+
+#: ``POST`` on a member, by a member (``api/peer.py``): dial me back on these ports, and say your clock.
+DOCTOR_PATH = "/quorum/v1/doctor"
 
 #: Clocks further apart than this are a problem (the records' and relay proofs' windows are minutes).
 CLOCK_SKEW_S = 30.0
 _DIAL_S = 1.0
+_ASK = 32  # members asked to dial back at most
+
+log = structlog.get_logger(__name__)
+_encode = msgspec.json.Encoder().encode
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -47,6 +60,25 @@ class Finding(msgspec.Struct, frozen=True, kw_only=True):
     status: Status
     message: str
     fix: str = ""
+
+
+class DialBack(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A member asks: open these ports of mine, at the address my request came from."""
+
+    ports: Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=65535)]], msgspec.Meta(max_length=4)]
+
+
+class Dialled(msgspec.Struct, frozen=True, kw_only=True):
+    port: int
+    error: str | None = None  # None: it opened
+
+
+class DialedBack(msgspec.Struct, frozen=True, kw_only=True):
+    """The member's answer: its clock, and what it could open (``address`` None: it came over the relay)."""
+
+    now: float
+    address: str | None = None
+    dialled: Annotated[list[Dialled], msgspec.Meta(max_length=4)] = []
 
 
 @dataclass
@@ -62,7 +94,7 @@ class Facts:
     lan_addresses: Sequence[str]
 
 
-async def _dial(host: str, port: int) -> str | None:
+async def dial(host: str, port: int) -> str | None:
     """None where a TCP connection opens within ``_DIAL_S``; else why not."""
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _DIAL_S)
@@ -129,7 +161,7 @@ async def _reachable(f: Facts) -> list[Finding]:
     ports = [("API", f.port)] + ([("peer", f.peer_port)] if f.peer_port else [])
     for address in f.lan_addresses:
         for what, port in ports:
-            why = await _dial(address, port)
+            why = await dial(address, port)
             if why is None:
                 out.append(Finding(check="reachable", status="ok", message=f"{what} port {address}:{port} answers"))
             else:
@@ -170,42 +202,90 @@ def _peers(f: Facts) -> list[Finding]:
     return out
 
 
-async def _clock(f: Facts, session: aiohttp.ClientSession) -> list[Finding]:
+async def _mdns(f: Facts) -> list[Finding]:
+    discovery = f.cluster.discovery if f.cluster is not None else None
+    if f.cluster is None:
+        return []
+    if discovery is None:
+        return [Finding(check="mdns", status="ok", message="mDNS is off: members are named (--peer) or on the relay")]
+    out = []
+    for address in discovery.addresses:
+        if await discovery.hears_itself(address):
+            out.append(Finding(check="mdns", status="ok", message=f"mDNS on {address}: this node hears itself"))
+        else:
+            out.append(
+                Finding(
+                    check="mdns",
+                    status="fail",
+                    message=f"mDNS on {address}: this node's own announcement does not come back: multicast is "
+                    "dropped on this machine (a firewall on 5353/udp?), so no member on this LAN finds it",
+                    fix="let 5353/udp in and out (ufw allow 5353/udp; nft add rule inet filter input udp dport "
+                    "5353 accept), or name members with --peer HOST:PORT, or join both to a relay",
+                )
+            )
+    return out
+
+
+async def _ask(f: Facts, peer: Any, ports: list[int]) -> list[Finding]:
+    """One member dials this node back and says its clock (``DOCTOR_PATH``): findings of both."""
+    cluster = f.cluster
+    assert cluster is not None
+    name = peer.info.name or peer.node_id[:12]
+    sent = time.time()
+    try:
+        raw = await cluster.call(peer.node_id, DOCTOR_PATH, _encode(DialBack(ports=ports)), timeout_s=3 * _DIAL_S)
+        answer = msgspec.json.decode(raw, type=DialedBack)
+    except (PeerCallError, OSError, TimeoutError, ValueError) as e:  # an older node, a broken link: nothing to say
+        log.debug("doctor_ask_failed", peer=peer.node_id, error=str(e))
+        return []
+    out = []
+    got = time.time()
+    skew = answer.now - (sent + got) / 2
+    if not math.isfinite(skew):
+        return []
+    if abs(skew) > CLOCK_SKEW_S + (got - sent):
+        out.append(
+            Finding(
+                check="clock",
+                status="fail",
+                message=f"{name}'s clock is {skew:+.0f} s from this machine's (API keys expire, and usage is "
+                "dated, by each machine's own clock)",
+                fix="turn on time sync (NTP) on both machines: timedatectl set-ntp true",
+            )
+        )
+    else:
+        out.append(Finding(check="clock", status="ok", message=f"{name}'s clock agrees (within {abs(skew):.0f} s)"))
+    if answer.address is None:  # over the relay: it cannot tell whether the LAN reaches this node
+        return out
+    what = {f.port: "API", f.peer_port: "peer"}
+    for d in answer.dialled[: len(ports)]:
+        where = f"{what.get(d.port, 'port')} port {d.port}"
+        if d.error is None:
+            out.append(Finding(check="reachable", status="ok", message=f"{name} reaches this node's {where}"))
+        else:
+            out.append(
+                Finding(
+                    check="reachable",
+                    status="fail",
+                    message=f"{name} cannot open this node's {where} at {answer.address}: {d.error[:200]}",
+                    fix=f"let TCP {d.port} in through this machine's firewall (ufw allow {d.port}/tcp); behind "
+                    "Docker or WSL NAT, publish the port (docker run -p) or use the host's network",
+                )
+            )
+    return out
+
+
+async def _from_peers(f: Facts) -> list[Finding]:
+    """Each member up now (at most ``_ASK``), asked at once."""
     cluster = f.cluster
     if cluster is None:
         return []
-    out = []
-    for peer in cluster.table.all():
-        ctx = cluster.tls.client_for(peer.node_id) if peer.info.address else None
-        if ctx is None or peer.state.value != "up":
-            continue
-        try:
-            async with session.get(
-                f"https://{peer.info.address}/quorum/v1/health",
-                ssl=ctx,
-                headers=cluster.peer_headers(),
-                timeout=aiohttp.ClientTimeout(total=2 * _DIAL_S),
-            ) as resp:
-                said = resp.headers.get("Date")
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            continue
-        theirs = email.utils.parsedate_to_datetime(said).timestamp() if said else None
-        if theirs is None:
-            continue
-        skew = theirs - time.time()
-        name = peer.info.name or peer.node_id[:12]
-        if abs(skew) > CLOCK_SKEW_S:
-            out.append(
-                Finding(
-                    check="clock",
-                    status="fail",
-                    message=f"{name}'s clock is {skew:+.0f} s from this machine's",
-                    fix="turn on time sync (NTP: timedatectl set-ntp true) on both machines",
-                )
-            )
-        else:
-            out.append(Finding(check="clock", status="ok", message=f"{name}'s clock agrees (within {abs(skew):.0f} s)"))
-    return out
+    ports = [p for p in (f.peer_port, f.port) if p]
+    if f.settings.host in ("127.0.0.1", "::1", "localhost"):
+        ports = ports[:1]  # the API is this machine's only (said above): the peer port is what members need
+    peers = [p for p in cluster.table.all() if p.state.value == "up"][:_ASK]
+    found = await asyncio.gather(*(_ask(f, p, ports) for p in peers))
+    return [finding for each in found for finding in each]
 
 
 def _relay(f: Facts) -> list[Finding]:
@@ -256,12 +336,6 @@ def _keys(f: Facts) -> list[Finding]:
 
 async def examine(facts: Facts) -> list[Finding]:
     """Every check, in order; none raises."""
-    async with aiohttp.ClientSession() as session:
-        return [
-            *_engines(facts),
-            *await _reachable(facts),
-            *_peers(facts),
-            *await _clock(facts, session),
-            *_relay(facts),
-            *_keys(facts),
-        ]
+    from_peers = asyncio.ensure_future(_from_peers(facts))  # while mDNS listens for itself
+    found = [*_engines(facts), *await _reachable(facts), *await _mdns(facts), *_peers(facts)]
+    return [*found, *await from_peers, *_relay(facts), *_keys(facts)]

@@ -372,9 +372,10 @@ class Namespaces:
         relay: str = "",
         relay_token: str = "",
         shard_lease_s: float | None = None,
+        wrap: tuple[str, ...] = (),
     ) -> Proc:
         """This module's host (fake engine and node) at ``place``; ``relay``: join it too; ``shard_lease_s``:
-        its setting of that name (None: the node's default).
+        its setting of that name (None: the node's default); ``wrap``: a command it runs under (``faketime``).
 
         ``secret`` names the test cluster its data dir is enrolled in first (``enrol``; nothing if it is a
         member already); None: the data dir is used as it is (a node that comes back with its old one)."""
@@ -386,6 +387,7 @@ class Namespaces:
         return await self.spawn(
             place,
             name,
+            *wrap,
             sys.executable,
             "-m",
             "tests.cluster.lan_host",

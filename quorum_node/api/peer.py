@@ -202,7 +202,7 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
     async def doctor(request: web.Request) -> web.Response:
         """A member's doctor (``control/doctor.py``): open its ports at the address its request came from
         (on the LAN link only: through the relay that address is nobody's), and say our clock."""
-        _member(request)
+        peer = _member(request)
         raw = await _capped_body(request, 1024, "Doctor messages")
         try:
             ask = msgspec.json.decode(raw, type=DialBack)
@@ -213,7 +213,9 @@ def routes(cluster: ClusterService) -> list[web.RouteDef]:
         if address:
             said = await asyncio.gather(*(dial(address, port) for port in ask.ports))
             dialled = [Dialled(port=port, error=why) for port, why in zip(ask.ports, said, strict=True)]
-        return _json(_encode(DialedBack(now=time.time(), address=address, dialled=dialled)))
+        relay = cluster.relay
+        on_relay = peer in relay.online if relay is not None and relay.state == "up" else None
+        return _json(_encode(DialedBack(now=time.time(), address=address, dialled=dialled, on_relay=on_relay)))
 
     async def usage(request: web.Request) -> web.Response:
         _member(request)

@@ -20,7 +20,11 @@ others the fix. The checks, each bounded in time:
   blocked on the way, a Docker or WSL network, a node not running);
 - **clock**: each member's clock, as it answers the same call (API keys
   expire and usage is dated by each machine's own clock);
-- **relay**: the relay link's state (a refused token, TLS, unreachable);
+- **relay**: the relay link's state (a refused token, a certificate this
+  machine does not trust, unreachable), and whether each member asked above
+  sees this node on its relay (two namespaces, or two relays, do not meet);
+- **network**: signs of a NAT between this node and the LAN (WSL 2, a Docker
+  container on Docker's network);
 - **keys**: ``--require-key`` with no key a caller could use.
 """
 
@@ -31,6 +35,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -79,6 +84,8 @@ class DialedBack(msgspec.Struct, frozen=True, kw_only=True):
     now: float
     address: str | None = None
     dialled: Annotated[list[Dialled], msgspec.Meta(max_length=4)] = []
+    # whether the member sees the asker online on its relay (None: it is on no relay)
+    on_relay: bool | None = None
 
 
 @dataclass
@@ -255,6 +262,17 @@ async def _ask(f: Facts, peer: Any, ports: list[int]) -> list[Finding]:
         )
     else:
         out.append(Finding(check="clock", status="ok", message=f"{name}'s clock agrees (within {abs(skew):.0f} s)"))
+    relay = cluster.relay
+    if relay is not None and relay.state == "up" and answer.on_relay is False:
+        out.append(
+            Finding(
+                check="relay",
+                status="warn",
+                message=f"{name} does not see this node on its relay, though both are connected (another relay, "
+                "or a token of another namespace?)",
+                fix="give every member the same --relay URL and a token of the same namespace",
+            )
+        )
     if answer.address is None:  # over the relay: it cannot tell whether the LAN reaches this node
         return out
     what = {f.port: "API", f.peer_port: "peer"}
@@ -308,6 +326,16 @@ def _relay(f: Facts) -> list[Finding]:
                 fix="check --relay-token: it must be one of the tokens the relay was started with",
             )
         ]
+    if "CERTIFICATE_VERIFY_FAILED" in (relay.last_error or ""):
+        return [
+            Finding(
+                check="relay",
+                status="fail",
+                message=f"{f.settings.relay}: its TLS certificate is not valid for this machine: {relay.last_error}",
+                fix="give the relay a certificate of a CA this machine trusts, for the name in the URL (Let's "
+                "Encrypt, or SSL_CERT_FILE naming your own CA)",
+            )
+        ]
     return [
         Finding(
             check="relay",
@@ -317,6 +345,38 @@ def _relay(f: Facts) -> list[Finding]:
             "reaches it",
         )
     ]
+
+
+def _environment(proc_version: Path = Path("/proc/version"), dockerenv: Path = Path("/.dockerenv")) -> list[Finding]:
+    """WSL 2 and Docker's bridge network put a NAT between the node and the LAN: peers cannot open its ports
+    nor hear its mDNS, whatever this machine's own checks say."""
+    try:
+        version = proc_version.read_text(errors="replace")[:4096].lower()
+    except OSError:
+        version = ""
+    if "microsoft" in version or "wsl" in version:
+        return [
+            Finding(
+                check="network",
+                status="warn",
+                message="this is WSL: its network is behind a NAT of Windows, so other machines cannot reach "
+                "this node's ports, and its mDNS does not reach the LAN",
+                fix="turn on mirrored networking (networkingMode=mirrored in %UserProfile%\\.wslconfig, "
+                "Windows 11), or run quorum-node on Windows itself, or join the cluster through a relay",
+            )
+        ]
+    if dockerenv.exists():
+        return [
+            Finding(
+                check="network",
+                status="warn",
+                message="this node runs in a Docker container: on Docker's own network, the LAN cannot reach "
+                "its ports and multicast (mDNS) does not cross",
+                fix="run the container with --network host; or publish both ports (-p 32768:32768 -p "
+                "32769:32769) and name members with --peer HOST:PORT, or join through a relay",
+            )
+        ]
+    return []
 
 
 def _keys(f: Facts) -> list[Finding]:
@@ -338,4 +398,8 @@ async def examine(facts: Facts) -> list[Finding]:
     """Every check, in order; none raises."""
     from_peers = asyncio.ensure_future(_from_peers(facts))  # while mDNS listens for itself
     found = [*_engines(facts), *await _reachable(facts), *await _mdns(facts), *_peers(facts)]
-    return [*found, *await from_peers, *_relay(facts), *_keys(facts)]
+    found += await from_peers
+    # a NAT of WSL or Docker is named where it shows: a member cannot reach this node, or none is seen
+    if any(f.status != "ok" and f.check in ("reachable", "mdns", "peers") for f in found):
+        found += _environment()
+    return [*found, *_relay(facts), *_keys(facts)]

@@ -15,8 +15,11 @@ from typing import Any
 from aiohttp import web
 
 from quorum_node.api.server import close_runner
+from quorum_node.control.doctor import _environment
+from quorum_relay.server import Relay
+from quorum_relay.settings import Settings as RelaySettings
 from tests.members_support import CLUSTER, enrol
-from tests.relay.wan import RelayHandle
+from tests.relay.wan import TOKEN, RelayHandle
 from tests.support import cli, eventually
 
 
@@ -91,3 +94,35 @@ async def test_no_node_is_said_so() -> None:
         url = f"http://127.0.0.1:{nobody.getsockname()[1]}"
         rc, out, _ = await cli("doctor", "--url", url)
     assert rc == 1 and "no node answers" in out and "quorum-node run" in out
+
+
+async def test_two_members_on_the_relay_who_do_not_meet_there_are_named(start_node: Any, tmp_path: Path) -> None:
+    """Each connected, each with a token the relay takes, but of two namespaces: they never meet there."""
+    other = "another-token-0123456789"
+    relay = Relay(RelaySettings(host="127.0.0.1", port=0, tokens=(TOKEN, other), log_format="json"))
+    await relay.start()
+    try:
+        a = await start_node(relay=relay.url, relay_token=TOKEN, **CLUSTER)
+        b = await start_node(relay=relay.url, relay_token=other, peers=(f"127.0.0.1:{a.peer_port}",), **CLUSTER)
+        for n in (a, b):
+            assert n.cluster is not None and n.cluster.relay is not None and await n.cluster.relay.wait_up(10)
+        await eventually(lambda: any(p.state.value == "up" for p in b.cluster.table.all()), "b reaches a on the LAN")
+        rc, report, _ = await doctor(b)
+    finally:
+        await relay.stop()
+    [apart] = [f for f in of(report, "relay") if f["status"] == "warn"]
+    assert apart["message"].startswith(f"{a.name} does not see this node on its relay")
+    assert "namespace" in apart["fix"]
+    assert rc == 0  # a warning: they are served on the LAN all the same
+
+
+def test_wsl_and_docker_are_named_with_their_fix(tmp_path: Path) -> None:
+    version, dockerenv = tmp_path / "version", tmp_path / ".dockerenv"
+    version.write_text("Linux version 6.6.36.3-microsoft-standard-WSL2 (root@f5d3c0) (gcc (GCC) 11.2.0)")
+    [wsl] = _environment(version, dockerenv)
+    assert "WSL" in wsl.message and "mirrored" in wsl.fix
+    version.write_text("Linux version 6.1.0-27-amd64 (debian-kernel@lists.debian.org)")
+    assert _environment(version, dockerenv) == []  # a plain machine: nothing to say
+    dockerenv.touch()
+    [docker] = _environment(version, dockerenv)
+    assert "Docker" in docker.message and "--network host" in docker.fix

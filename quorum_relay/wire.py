@@ -175,7 +175,7 @@ JOIN_PATH = "/v1/join/"
 MAX_RENDEZVOUS_BYTES = 8 * 1024
 #: Messages a joining machine sends on one channel, and how long a channel lives.
 MAX_RENDEZVOUS_MESSAGES = 4
-RENDEZVOUS_S = 60.0
+RENDEZVOUS_S = 180.0  # past a confirmation the inviter may be asked for (join.CONFIRM_S)
 #: Nameplates one member holds at once, and the highest nameplate.
 MAX_PLATES_PER_NODE = 16
 MAX_NAMEPLATE = 999

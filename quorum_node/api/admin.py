@@ -239,6 +239,27 @@ async def code_invite(request: web.Request) -> web.Response:
     return _json({"code": code, "expires_s": order.expires_s, "relay": plate is not None})
 
 
+async def joins(request: web.Request) -> web.Response:
+    """``GET /quorum/admin/joins``: machines waiting for this node's user to confirm them (``invite --admit``)."""
+    return _json({"asking": _cluster_of(request).joins.asking()})
+
+
+class JoinDecision(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    admit: bool
+
+
+async def decide_join(request: web.Request) -> web.Response:
+    """``POST /quorum/admin/joins/{id}`` ``{"admit": true|false}``: the answer for a waiting machine."""
+    cluster = _cluster_of(request)
+    try:
+        decision = msgspec.json.decode(await read_body(request), type=JoinDecision)
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"Not a decision: {e}", code="bad_decision") from None
+    if not cluster.joins.decide(request.match_info["asking"], decision.admit):
+        raise NotFound("No machine waits under that id (it gave up, or was answered)", code="no_such_join")
+    return _json({"admit": decision.admit})
+
+
 async def doctor(request: web.Request) -> web.Response:
     """``GET /quorum/admin/doctor``: the node's checks of its own setup (``control/doctor.py``)."""
     settings, cluster = request.app[SETTINGS], request.app[CLUSTER]
@@ -280,5 +301,7 @@ def routes(*, cluster: bool) -> list[web.RouteDef]:
             web.post("/quorum/admin/shards", lead_shard),
             web.delete("/quorum/admin/shards/{shard}", drop_shard),
             web.post("/quorum/admin/invites/code", code_invite),
+            web.get("/quorum/admin/joins", joins),
+            web.post("/quorum/admin/joins/{asking}", decide_join),
         ]
     return out

@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -95,6 +96,12 @@ def add_cluster_commands(sub: Any) -> None:
         "--code",
         action="store_true",
         help="also give it a short code to type (7-harbor-lantern) and a QR code; the node must be running",
+    )
+    i.add_argument(
+        "--admit",
+        action="store_true",
+        help="confirm the new machine yourself: wait here, show who uses the invite, and admit it only if you "
+        "answer y (the node must be running)",
     )
     i.add_argument("--data-dir", default=None, metavar="DIR")
     i.add_argument("--url", default=None, help="the running node (default http://127.0.0.1:32768)")
@@ -249,20 +256,63 @@ def cmd_invite(args: argparse.Namespace, settings: Settings) -> int:
             raise ValueError("this node is not a member of its cluster (it was removed): it cannot invite")
         ttl_s = parse_duration(args.expires)
         token = create_invite(
-            data_dir, inviter=identity.node_id, addresses=_addresses(args, settings), ttl_s=ttl_s, now=time.time()
+            data_dir,
+            inviter=identity.node_id,
+            addresses=_addresses(args, settings),
+            ttl_s=ttl_s,
+            now=time.time(),
+            confirm=args.admit,
         )
     except (ValueError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 2
     if args.code:
-        return _give_code(args, settings, token.encode(), ttl_s, token.addresses)
-    print(token.encode())
-    print(
-        f"on the new machine: quorum-node join TOKEN (works once, for {args.expires}; it reaches this node at "
-        f"{', '.join(token.addresses)})",
-        file=sys.stderr,
-    )
-    return 0
+        rc = _give_code(args, settings, token.encode(), ttl_s, token.addresses)
+    else:
+        print(token.encode())
+        print(
+            f"on the new machine: quorum-node join TOKEN (works once, for {args.expires}; it reaches this node at "
+            f"{', '.join(token.addresses)})",
+            file=sys.stderr,
+        )
+        rc = 0
+    sys.stdout.flush()
+    return _confirm(args, settings, token.secret_hash[:12], ttl_s) if rc == 0 and args.admit else rc
+
+
+def _confirm(args: argparse.Namespace, settings: Settings, invite: str, ttl_s: float) -> int:
+    """``invite --admit``: wait for the machine that uses this invite, show who it is, and admit it only if
+    the user says so (``JoinHandler``: it waits for the answer, ``CONFIRM_S`` at most)."""
+    url = node_url(args, settings)
+    deadline = time.monotonic() + ttl_s
+    print("waiting for the new machine (Ctrl-C to stop; the invite then admits nobody) ...", file=sys.stderr)
+    while time.monotonic() < deadline:
+        try:
+            asking = admin_request(settings, url, "GET", "/quorum/admin/joins")["asking"]
+        except (ApiError, NoNode, urllib.error.URLError, OSError) as e:
+            print(f"quorum-node: {url}: {e}", file=sys.stderr)
+            return 1
+        mine = [a for a in asking if a["invite"] == invite]
+        if not mine:
+            time.sleep(0.3)
+            continue
+        who = mine[0]
+        print(
+            f"{who['name']} (node id {who['node_id']}, from {who['remote'] or 'the relay'}) asks to join. "
+            "It shows the same node id on its screen. Admit it? [y/N] ",
+            end="",
+            flush=True,
+        )
+        admit = sys.stdin.readline().strip().lower() in ("y", "yes")
+        try:
+            admin_request(settings, url, "POST", f"/quorum/admin/joins/{who['id']}", {"admit": admit})
+        except ApiError as e:
+            print(f"quorum-node: {e.message}", file=sys.stderr)
+            return 1
+        print(f"admitted {who['name']}" if admit else f"declined {who['name']}: the invite is spent")
+        return 0 if admit else 1
+    print("quorum-node: nobody used the invite before it expired", file=sys.stderr)
+    return 1
 
 
 def _give_code(args: argparse.Namespace, settings: Settings, token: str, ttl_s: float, at: tuple[str, ...]) -> int:
@@ -312,10 +362,13 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
             if relay is not None:
                 raise
             code = None  # a token
-        identity = load_or_create_identity(data_dir)
         name = args.name or socket.gethostname()
         if code is not None and relay is not None and not via:  # through the relay the code names
-            cluster, store, relay = join_by_relay(data_dir, identity, code, relay, name, force=args.force)
+            identity = load_or_create_identity(data_dir)
+            waiting = _waiting_note(name, identity.node_id)
+            cluster, store, relay = join_by_relay(
+                data_dir, identity, code, relay, name, force=args.force, on_wait=waiting
+            )
             print(
                 f"joined cluster {cluster.name} through the relay {relay}: {len(store)} members; this machine is "
                 f"{identity.node_id}"
@@ -328,13 +381,23 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
             token = parse_invite(encoded)
         else:
             token = parse_invite(args.token)
-        cluster, store = join(data_dir, identity, token, name, via=via, force=args.force)
+        identity = load_or_create_identity(data_dir)
+        waiting = _waiting_note(name, identity.node_id)
+        cluster, store = join(data_dir, identity, token, name, via=via, force=args.force, on_wait=waiting)
     except (JoinError, ValueError, FileExistsError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 1
     print(f"joined cluster {cluster.name}: {len(store)} members; this machine is {identity.node_id}")
     print("restart quorum-node here to take its place in the cluster")
     return 0
+
+
+def _waiting_note(name: str, node_id: str) -> Callable[[], None]:
+    """What the new machine says when the inviter takes its time: it may be asked to confirm this machine
+    (``invite --admit``), by the node id both screens show."""
+    return lambda: print(
+        f"waiting for the inviter to confirm this machine: {name}, node id {node_id}", file=sys.stderr, flush=True
+    )
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:

@@ -24,10 +24,14 @@ used or expires.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
+import secrets
 import ssl
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +80,17 @@ from .tls import certless_client, peer_cert_id
 if TYPE_CHECKING:
     from .context import ClusterContext
 
-__all__ = ["JOIN_PATH", "MAX_JOIN_BYTES", "JoinError", "JoinHandler", "join", "join_by_relay", "token_for_code"]
+__all__ = [
+    "CONFIRM_S",
+    "JOIN_PATH",
+    "MAX_JOIN_BYTES",
+    "Asking",
+    "JoinError",
+    "JoinHandler",
+    "join",
+    "join_by_relay",
+    "token_for_code",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -98,12 +112,66 @@ class JoinError(Exception):
     """Joining failed; the message says why (never the token)."""
 
 
+#: How long a machine whose invite asks for confirmation waits for the inviter's answer.
+CONFIRM_S = 120.0
+#: Machines waiting for a confirmation at once (more are refused).
+_ASKING = 16
+
+
+class Asking(msgspec.Struct, frozen=True, kw_only=True):
+    """A machine that used an invite made with ``--admit``, waiting for the inviter (``GET
+    /quorum/admin/joins``): who it says it is, and which invite it used (a prefix of its hash)."""
+
+    id: str
+    name: str
+    node_id: str
+    invite: str
+    remote: str | None
+    waiting_s: float
+
+
 class JoinHandler:
     """``POST /quorum/v1/join`` on the peer port (the trust middleware lets it through without a certificate)."""
 
     def __init__(self, service: ClusterContext, codes: CodeInvites) -> None:
         self.service = service
         self.codes = codes
+        self._asking: dict[str, tuple[Asking, float, asyncio.Future[bool]]] = {}
+
+    def asking(self) -> list[Asking]:
+        """The machines waiting for the inviter to confirm them, oldest first."""
+        now = time.monotonic()
+        return [msgspec.structs.replace(a, waiting_s=round(now - at, 1)) for a, at, _ in self._asking.values()]
+
+    def decide(self, asking_id: str, admit: bool) -> bool:
+        """The inviter's answer for a waiting machine; False where none such waits (any more)."""
+        waiting = self._asking.get(asking_id)
+        if waiting is None or waiting[2].done():
+            return False
+        waiting[2].set_result(admit)
+        return True
+
+    async def _confirmed(self, candidate: Candidate, secret_hash: str, remote: str | None) -> bool:
+        if len(self._asking) >= _ASKING:
+            return False
+        asking = Asking(
+            id=secrets.token_hex(8),
+            name=candidate.name,
+            node_id=candidate.node_id,
+            invite=secret_hash[:12],
+            remote=remote,
+            waiting_s=0.0,
+        )
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._asking[asking.id] = (asking, time.monotonic(), answer)
+        log.info("join_waiting_for_confirmation", candidate=candidate.node_id, name=candidate.name, remote=remote)
+        try:
+            async with asyncio.timeout(CONFIRM_S):
+                return await answer
+        except TimeoutError:
+            return False
+        finally:
+            del self._asking[asking.id]
 
     async def admit(self, raw: bytes, remote: str | None) -> bytes:
         """``POST /quorum/v1/join`` (api/peer.py takes it on the peer port only): a new machine with an
@@ -114,17 +182,25 @@ class JoinHandler:
             ask.candidate.check()
         except ValueError as e:  # msgspec's errors are ValueErrors
             raise BadRequest(f"Not a join request: {e}", code="bad_join") from None
+        secret_hash = hashlib.sha256(ask.secret).hexdigest()
         outcome = await asyncio.to_thread(
             take_invite,
             Path(svc.settings.data_dir),  # a locked, fsynced file
-            hashlib.sha256(ask.secret).hexdigest(),
+            secret_hash,
             time.time(),
         )
-        if outcome != "ok":
+        if outcome not in ("ok", "confirm"):
             log.warning("join_refused", remote=remote, candidate=ask.candidate.node_id, reason=outcome)
             raise Forbidden(
                 "This invite is not valid (unknown, used or expired): ask for a new one",
                 code="invite_invalid",
+                retryable=False,
+            )
+        if outcome == "confirm" and not await self._confirmed(ask.candidate, secret_hash, remote):
+            log.warning("join_declined", remote=remote, candidate=ask.candidate.node_id)
+            raise Forbidden(
+                "The inviter did not confirm this machine (declined, or no answer in time): ask for a new invite",
+                code="join_declined",
                 retryable=False,
             )
         try:
@@ -194,8 +270,10 @@ def join(
     via: str | None = None,
     timeout_s: float = 10.0,
     force: bool = False,
+    on_wait: Callable[[], None] | None = None,
 ) -> tuple[Cluster, MemberStore]:
-    """Join the cluster ``token`` invites to, as ``identity`` named ``name``; store the membership."""
+    """Join the cluster ``token`` invites to, as ``identity`` named ``name``; store the membership.
+    ``on_wait`` is called if the inviter's answer takes over a second (it may be asking its user)."""
     _not_elsewhere(data_dir, token.inviter, force)
     ctx = certless_client(None)  # the server's certificate is checked below, by the key the token names
     body = _encode(JoinRequest(secret=token.secret, candidate=Candidate.of(identity, name)))
@@ -211,8 +289,10 @@ def join(
                 errors.append(f"{address}: the node there is not the inviter")
                 continue
             conn.request("POST", JOIN_PATH, body=body, headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            raw = resp.read(_MAX_ANSWER_BYTES + 1)
+            sock.settimeout(CONFIRM_S + timeout_s)  # the inviter may be asked to confirm this machine
+            with _after(1.0, on_wait):
+                resp = conn.getresponse()
+                raw = resp.read(_MAX_ANSWER_BYTES + 1)
         except (OSError, http.client.HTTPException) as e:
             errors.append(f"{address}: {e}")
             continue
@@ -228,6 +308,20 @@ def join(
             raise JoinError("the inviter's answer is too large")
         return _accept(data_dir, identity, raw, token.inviter, force)
     raise JoinError("could not reach the inviter: " + "; ".join(errors) if errors else "the invite names no address")
+
+
+@contextlib.contextmanager
+def _after(delay_s: float, call: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``call`` (from a timer thread) if the block is still running after ``delay_s``."""
+    timer = threading.Timer(delay_s, call) if call is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _not_elsewhere(data_dir: Path, inviter: str | None, force: bool) -> None:
@@ -271,6 +365,7 @@ def join_by_relay(
     *,
     timeout_s: float = 10.0,
     force: bool = False,
+    on_wait: Callable[[], None] | None = None,
 ) -> tuple[Cluster, MemberStore, str]:
     """Join with a short code through the relay it names (``codes.py``): SPAKE2 with the inviter over the
     relay's ``/v1/join/<nameplate>``, this node's candidate and the inviter's answer sealed under its key.
@@ -283,8 +378,8 @@ def join_by_relay(
     joiner = Joiner(code)
     url = relay_url.rstrip("/") + wire.JOIN_PATH + str(joiner.nameplate)
 
-    def said(ws: Any) -> RelayStarted | RelayJoined:
-        raw = ws.recv(timeout=timeout_s)
+    def said(ws: Any, wait_s: float = timeout_s) -> RelayStarted | RelayJoined:
+        raw = ws.recv(timeout=wait_s)
         if not isinstance(raw, bytes):
             raise JoinError("the relay sent text")
         try:
@@ -311,7 +406,8 @@ def join_by_relay(
                     RelayJoin(nameplate=joiner.nameplate, session=started.session, proof=proof, candidate=candidate)
                 )
             )
-            joined = said(ws)
+            with _after(1.0, on_wait):  # the inviter may be asked to confirm this machine
+                joined = said(ws, CONFIRM_S + timeout_s)
             if not isinstance(joined, RelayJoined):
                 raise JoinError("the inviter's answer is out of order")
     except InvalidStatus as e:

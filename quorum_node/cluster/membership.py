@@ -264,6 +264,7 @@ class Invite(msgspec.Struct, frozen=True, kw_only=True):
     expires: float
     created: float
     used: bool = False
+    confirm: bool = False  # the inviter confirms the machine before it is admitted (``invite --admit``)
 
 
 _invites_decoder = msgspec.json.Decoder(list[Invite])
@@ -335,17 +336,21 @@ def _invites_locked(data_dir: Path) -> Iterator[list[list[Invite]]]:
         os.close(fd)
 
 
-def create_invite(data_dir: Path, *, inviter: str, addresses: tuple[str, ...], ttl_s: float, now: float) -> InviteToken:
-    """Make a one-time invite valid for ``ttl_s`` seconds; only its hash is stored."""
+def create_invite(
+    data_dir: Path, *, inviter: str, addresses: tuple[str, ...], ttl_s: float, now: float, confirm: bool = False
+) -> InviteToken:
+    """Make a one-time invite valid for ``ttl_s`` seconds; only its hash is stored. ``confirm``: the machine
+    that uses it waits for the inviter to confirm it (``JoinHandler``, ``invite --admit``)."""
     token = InviteToken(inviter=inviter, secret=secrets.token_bytes(32), addresses=addresses)
     with _invites_locked(data_dir) as box:
         live = [i for i in box[0] if i.expires > now and not i.used][-(_MAX_INVITES - 1) :]
-        box[0] = [*live, Invite(hash=token.secret_hash, expires=now + ttl_s, created=now)]
+        box[0] = [*live, Invite(hash=token.secret_hash, expires=now + ttl_s, created=now, confirm=confirm)]
     return token
 
 
 def take_invite(data_dir: Path, secret_hash: str, now: float) -> str:
-    """Use the invite whose secret hashes to ``secret_hash``: "ok", or why not ("unknown", "used", "expired").
+    """Use the invite whose secret hashes to ``secret_hash``: "ok" ("confirm": ok, once the inviter confirms
+    the machine), or why not ("unknown", "used", "expired").
 
     Compared in constant time; an invite is used at most once.
     """
@@ -365,4 +370,4 @@ def take_invite(data_dir: Path, secret_hash: str, now: float) -> str:
         box[0] = [
             msgspec.structs.replace(i, used=True) if i is found else i for i in box[0] if i is found or i.expires > now
         ]
-    return "ok"
+    return "confirm" if found.confirm else "ok"

@@ -18,7 +18,7 @@ import pytest
 from quorum_node.cluster.codes import WORDS, CodeError, CodeInvites, Joiner, parse_code
 from quorum_node.cluster.membership import load_cluster
 from tests.members_support import model_holders
-from tests.support import cli, eventually
+from tests.support import QN, clean_env, cli, eventually
 
 CODE = re.compile(r"\A(\d{1,3})-([a-z]+)-([a-z]+)\Z")
 
@@ -123,3 +123,40 @@ def test_the_exchange_gives_the_token_to_the_right_code_only() -> None:
         with pytest.raises(CodeError, match="not a SPAKE2 message") as bad:
             invites.start(plate, junk, now=1.0)
         assert bad.value.status == 400
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+async def test_with_admit_the_inviter_sees_who_joins_and_decides(
+    tmp_path: Path, start_node: Any, fake: Any, answer: str
+) -> None:
+    """``invite --code --admit`` waits, shows the machine that proved the code (the node id it shows on its own
+    screen too), and admits it only on "y"; on "n" it joins nothing and the invite is spent."""
+    node, home = await founded(tmp_path, start_node, fake)
+    inviter = await asyncio.create_subprocess_exec(
+        QN, "invite", "--code", "--admit", "--data-dir", str(home), "--url", node.url,
+        "--address", f"127.0.0.1:{node.peer_port}",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+    )  # fmt: skip
+    assert inviter.stdout is not None and inviter.stdin is not None
+    code = (await asyncio.wait_for(inviter.stdout.readline(), 20)).decode().strip()
+    assert CODE.match(code), code
+    new = tmp_path / "new"
+    joining = asyncio.ensure_future(join(code, node, new))
+    prompt = (await asyncio.wait_for(inviter.stdout.readuntil(b"[y/N] "), 20)).decode()
+    await asyncio.sleep(1.5)  # the user reads it
+    assert not joining.done()  # it waits for the answer
+    assert prompt.startswith("newbie (node id ") and "Admit it?" in prompt
+    inviter.stdin.write(f"{answer}\n".encode())
+    await inviter.stdin.drain()
+    out, err = await asyncio.wait_for(inviter.communicate(), 20)
+    rc, joined, said = await asyncio.wait_for(joining, 20)
+    shown = re.search(r"waiting for the inviter to confirm this machine: newbie, node id ([0-9a-f]{24})", said)
+    assert shown is not None and shown.group(1) in prompt  # the same id on both screens
+    if answer == "y":
+        assert inviter.returncode == 0 and b"admitted newbie" in out, err
+        assert rc == 0 and "joined cluster home" in joined and load_cluster(new) is not None
+    else:
+        assert inviter.returncode == 1 and b"declined newbie" in out
+        assert rc == 1 and "did not confirm this machine" in said and load_cluster(new) is None
+        assert node.cluster.members.known(shown.group(1)) is None  # not admitted

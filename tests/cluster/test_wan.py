@@ -108,6 +108,15 @@ async def test_two_lans_joined_through_the_relay(request: pytest.FixtureRequest,
         )
         assert lan2["models"] == {MODEL: ["wan-y"], HIDDEN: ["wan-z"]}, lan2
         assert (await world.client("a1", "models"))["models"] == {MODEL: ["wan-y"]}
+        # 5b. Its doctor names the refused token, with the fix (run on Z's machine as its user would)
+        rc, out, err = await world.run(
+            "b2", sys.executable, "-m", "quorum_node.cli", "doctor", "--json", "--url", f"http://127.0.0.1:{PORT}",
+            "--data-dir", str(world.data_dir("wan-z")), timeout_s=40,
+        )  # fmt: skip
+        assert rc == 1, err
+        [refused] = [f for f in json.loads(out)["findings"] if f["check"] == "relay"]
+        assert refused["status"] == "fail" and "refused this node" in refused["message"], refused
+        assert "--relay-token" in refused["fix"]
 
         # 3. kill -9 the relay and start it again: requests through X work again within 5 s of its return.
         #    The poller is loaded first and told to start once X has seen the relay go, so that the outage

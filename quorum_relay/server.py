@@ -273,23 +273,44 @@ class Relay:
         self.stats.rejections[reason] += 1
         return error_response(status, message, type_, code=reason, **kw)
 
-    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        if self._stopping:
-            return self._refuse("shutting_down", 503, "the relay is shutting down", "unavailable_error")
-        s = self.settings
+    def _rate(self, connection: ServerConnection, request: Request) -> tuple[str, str, Response | None]:
+        """The caller's address, its key for the per-address limits, and a 429 where it has made too many
+        handshakes lately."""
         peer_ip = str(connection.remote_address[0]) if connection.remote_address else ""
         ip = client_address(peer_ip, request.headers.get("X-Forwarded-For"), self._trusted)
         key = address_key(ip)
         now = time.monotonic()
-        if not self._buckets.take(key, now):
-            retry = max(1, round(self._buckets.retry_after_s(key, now) + 0.5))
-            return self._refuse(
+        if self._buckets.take(key, now):
+            return ip, key, None
+        retry = max(1, round(self._buckets.retry_after_s(key, now) + 0.5))
+        return (
+            ip,
+            key,
+            self._refuse(
                 "handshake_rate",
                 429,
                 "too many handshakes from this address",
                 "rate_limit_error",
                 headers={"Retry-After": str(retry)},
-            )
+            ),
+        )
+
+    def _too_many_connections(self) -> Response:
+        return self._refuse(
+            "too_many_connections",
+            429,
+            "too many connections from this address",
+            "rate_limit_error",
+            headers={"Retry-After": "5"},
+        )
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self._stopping:
+            return self._refuse("shutting_down", 503, "the relay is shutting down", "unavailable_error")
+        s = self.settings
+        ip, key, refused = self._rate(connection, request)
+        if refused is not None:
+            return refused
         token = _bearer(request.headers)
         admission = self._tokens.admit(token) if token is not None else None
         if admission is None:
@@ -324,13 +345,7 @@ class Relay:
         if self._admitted >= s.max_connections:
             return self._refuse("capacity", 503, "the relay is full", "unavailable_error", headers={"Retry-After": "5"})
         if not self._per_address.acquire(key):
-            return self._refuse(
-                "too_many_connections",
-                429,
-                "too many connections from this address",
-                "rate_limit_error",
-                headers={"Retry-After": "5"},
-            )
+            return self._too_many_connections()
         self._admitted += 1
         # Released when the TCP connection ends, whether or not the WebSocket handshake completes.
         connection.connection_lost_waiter.add_done_callback(lambda _: self._release(key))
@@ -341,19 +356,9 @@ class Relay:
         """A machine with a join code: no token, a nameplate somebody holds (``rendezvous``)."""
         if self._stopping:
             return self._refuse("shutting_down", 503, "the relay is shutting down", "unavailable_error")
-        peer_ip = str(connection.remote_address[0]) if connection.remote_address else ""
-        ip = client_address(peer_ip, request.headers.get("X-Forwarded-For"), self._trusted)
-        key = address_key(ip)
-        now = time.monotonic()
-        if not self._buckets.take(key, now):  # a guesser's tries cost what handshakes cost
-            retry = max(1, round(self._buckets.retry_after_s(key, now) + 0.5))
-            return self._refuse(
-                "handshake_rate",
-                429,
-                "too many handshakes from this address",
-                "rate_limit_error",
-                headers={"Retry-After": str(retry)},
-            )
+        _, key, refused = self._rate(connection, request)  # a guesser's tries cost what handshakes cost
+        if refused is not None:
+            return refused
         plate = int(plate_text) if plate_text.isdigit() and len(plate_text) <= 3 else 0
         if not 1 <= plate <= MAX_NAMEPLATE or self.hub.plates.holder(plate) is None:
             return self._refuse(
@@ -363,13 +368,7 @@ class Relay:
                 "invalid_request_error",
             )
         if not self._per_address.acquire(key):
-            return self._refuse(
-                "too_many_connections",
-                429,
-                "too many connections from this address",
-                "rate_limit_error",
-                headers={"Retry-After": "5"},
-            )
+            return self._too_many_connections()
         connection.connection_lost_waiter.add_done_callback(lambda _: self._per_address.release(key))
         setattr(connection, _JOIN_ATTR, plate)
         return None

@@ -216,8 +216,10 @@ async def _mdns(f: Facts) -> list[Finding]:
     if discovery is None:
         return [Finding(check="mdns", status="ok", message="mDNS is off: members are named (--peer) or on the relay")]
     out = []
-    for address in discovery.addresses:
-        if await discovery.hears_itself(address):
+    addresses = discovery.addresses
+    heard = await asyncio.gather(*(discovery.hears_itself(a) for a in addresses))  # each waits up to 2 s
+    for address, hears in zip(addresses, heard, strict=True):
+        if hears:
             out.append(Finding(check="mdns", status="ok", message=f"mDNS on {address}: this node hears itself"))
         else:
             out.append(

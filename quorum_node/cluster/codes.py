@@ -238,12 +238,20 @@ def parse_code(code: str) -> tuple[int, str]:
     return nameplate, "-".join(parts)
 
 
+#: Exchanges one invitation starts at once, and one more every this many seconds: each costs a SPAKE2
+#: computation (~8 ms of the event loop), and its number is easy to guess while few are out.
+_STARTS = 8
+_START_EVERY_S = 2.0
+
+
 @dataclass
 class _Invitation:
     password: bytes
     token: str
     expires: float
     guesses: int = GUESSES
+    starts: float = _STARTS  # a token bucket: exchanges it may start now
+    started_at: float = 0.0
     sessions: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # session -> (key, started)
 
 
@@ -270,7 +278,7 @@ class CodeInvites:
                 raise CodeError(409, "too many code invitations at once")
             nameplate = min(free) if len(free) > 900 else rng.choice(free)  # short numbers while few are out
         code = make_code(nameplate, rng)
-        self._by_plate[nameplate] = _Invitation(code.encode(), token, now + ttl_s)
+        self._by_plate[nameplate] = _Invitation(code.encode(), token, now + ttl_s, started_at=now)
         return code
 
     def start(self, nameplate: int, message: bytes, now: float | None = None) -> tuple[str, bytes]:
@@ -280,6 +288,11 @@ class CodeInvites:
         inv = self._by_plate.get(nameplate)
         if inv is None:
             raise CodeError(404, "no such invitation (wrong number, used, burnt or expired)")
+        inv.starts = min(_STARTS, inv.starts + (now - inv.started_at) / _START_EVERY_S)
+        inv.started_at = now
+        if inv.starts < 1:
+            raise CodeError(429, "too many exchanges with this invitation at once: try again in a few seconds")
+        inv.starts -= 1
         side = SPAKE2_B(inv.password, idA=_ID_JOINER, idB=_ID_INVITER)
         ours = side.start()
         try:

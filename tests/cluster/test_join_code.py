@@ -160,3 +160,17 @@ async def test_with_admit_the_inviter_sees_who_joins_and_decides(
         assert inviter.returncode == 1 and b"declined newbie" in out
         assert rc == 1 and "did not confirm this machine" in said and load_cluster(new) is None
         assert node.cluster.members.known(shown.group(1)) is None  # not admitted
+
+
+def test_an_invitation_starts_a_few_exchanges_at_once_not_a_flood() -> None:
+    """Each exchange costs the inviter a SPAKE2 computation; its number is easy to guess while few are out."""
+    invites = CodeInvites()
+    code = invites.add("t", 60.0, now=0.0)
+    joiner = Joiner(code)
+    for _ in range(8):
+        invites.start(joiner.nameplate, joiner.message, now=1.0)
+    with pytest.raises(CodeError, match="try again in a few seconds") as flood:
+        invites.start(joiner.nameplate, joiner.message, now=1.0)
+    assert flood.value.status == 429
+    invites.start(joiner.nameplate, joiner.message, now=3.0)  # one more every 2 s
+    assert invites.pending() == 1  # a flood burns nothing: only wrong proofs do

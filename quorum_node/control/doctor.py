@@ -53,6 +53,7 @@ DOCTOR_PATH = "/quorum/v1/doctor"
 CLOCK_SKEW_S = 30.0
 _DIAL_S = 1.0
 _ASK = 32  # members asked to dial back at most
+_ASK_S = 6.0  # how long one has to answer (it dials for 1 s at most; a busy machine is slow)
 
 log = structlog.get_logger(__name__)
 _encode = msgspec.json.Encoder().encode
@@ -242,11 +243,26 @@ async def _ask(f: Facts, peer: Any, ports: list[int]) -> list[Finding]:
     name = peer.info.name or peer.node_id[:12]
     sent = time.time()
     try:
-        raw = await cluster.call(peer.node_id, DOCTOR_PATH, _encode(DialBack(ports=ports)), timeout_s=3 * _DIAL_S)
+        raw = await cluster.call(peer.node_id, DOCTOR_PATH, _encode(DialBack(ports=ports)), timeout_s=_ASK_S)
         answer = msgspec.json.decode(raw, type=DialedBack)
-    except (PeerCallError, OSError, TimeoutError, ValueError) as e:  # an older node, a broken link: nothing to say
-        log.debug("doctor_ask_failed", peer=peer.node_id, error=str(e))
-        return []
+    except PeerCallError as e:
+        if e.status == 404:  # a node of an older version: it has nothing to say
+            return []
+        why = str(e)
+    except (OSError, TimeoutError, ValueError) as e:
+        why = str(e) or type(e).__name__
+    else:
+        why = ""
+    if why:
+        log.info("doctor_ask_failed", peer=peer.node_id, error=why)
+        return [
+            Finding(
+                check="peers",
+                status="warn",
+                message=f"{name} is up, yet did not answer this node's check (its ports and clock): {why[:200]}",
+                fix="run quorum-node doctor there too; a slow or overloaded machine answers late",
+            )
+        ]
     out = []
     got = time.time()
     skew = answer.now - (sent + got) / 2
@@ -296,14 +312,14 @@ async def _ask(f: Facts, peer: Any, ports: list[int]) -> list[Finding]:
 
 
 async def _from_peers(f: Facts) -> list[Finding]:
-    """Each member up now (at most ``_ASK``), asked at once."""
+    """Each member up now, or late with one answer (at most ``_ASK``), asked at once."""
     cluster = f.cluster
     if cluster is None:
         return []
     ports = [p for p in (f.peer_port, f.port) if p]
     if f.settings.host in ("127.0.0.1", "::1", "localhost"):
         ports = ports[:1]  # the API is this machine's only (said above): the peer port is what members need
-    peers = [p for p in cluster.table.all() if p.state.value == "up"][:_ASK]
+    peers = [p for p in cluster.table.all() if p.state.value in ("up", "suspect")][:_ASK]  # suspect: late once
     found = await asyncio.gather(*(_ask(f, p, ports) for p in peers))
     return [finding for each in found for finding in each]
 

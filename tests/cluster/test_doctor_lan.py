@@ -111,7 +111,7 @@ async def test_each_fault_is_named_with_its_fix_and_a_clean_lan_has_none(lan: La
     c = await lan.host(3, "doc-c", secret=None, models=[], tokens=["hi"])
     await c.message("ready", 20.0)
     rc, found = await doctor(lan, 3, "doc-c")
-    assert rc == 1
+    assert rc == 1, found
     [mdns] = of(found, "mdns")
     assert mdns["status"] == "fail" and "does not come back" in mdns["message"] and "5353/udp" in mdns["fix"]
     unseen = {f["message"].split(" ")[0] for f in of(found, "peers", "warn") if "never seen" in f["message"]}
@@ -121,7 +121,7 @@ async def test_each_fault_is_named_with_its_fix_and_a_clean_lan_has_none(lan: La
     # 3. doc-b's ports dropped for the LAN: its own dial opens them, doc-a (which it reaches) cannot
     firewall(lan, 2, PORTS_DROPPED)
     rc, found = await doctor(lan, 2, "doc-b")
-    assert rc == 1
+    assert rc == 1, found
     own = [f for f in of(found, "reachable") if lan.ip(2) in f["message"] and "answers" in f["message"]]
     assert own and {f["status"] for f in own} == {"ok"}  # from the machine itself: open
     blocked = [f for f in of(found, "reachable", "fail") if f["message"].startswith("doc-a cannot open")]
@@ -137,8 +137,11 @@ async def test_each_fault_is_named_with_its_fix_and_a_clean_lan_has_none(lan: La
     )  # fmt: skip
     await d.message("ready", 20.0)
     assert (await lan.client(1, "poll-chat", "delta", "--timeout", "10"))["ok"]
-    rc, found = await doctor(lan, 1, "doc-a")
-    assert rc == 1
+    for _ in range(3):  # a loaded machine may answer the doctor's call late once (named, as a warning)
+        rc, found = await doctor(lan, 1, "doc-a")
+        if [f for f in of(found, "clock") if "doc-d" in f["message"]]:
+            break
+    assert rc == 1, found
     [skewed] = of(found, "clock", "fail")
     assert skewed["message"].startswith("doc-d's clock is +12") and "NTP" in skewed["fix"]
     print("doctor findings of doc-a, doc-d's clock ahead:\n" + "\n".join(f"  {f}" for f in found))

@@ -298,7 +298,7 @@ def _confirm(args: argparse.Namespace, settings: Settings, invite: str, ttl_s: f
             continue
         who = mine[0]
         print(
-            f"{who['name']} (node id {who['node_id']}, from {who['remote'] or 'the relay'}) asks to join. "
+            f"{who['name']} (node id {who['node_id']}, from {_from(who['remote'])}) asks to join. "
             "It shows the same node id on its screen. Admit it? [y/N] ",
             end="",
             flush=True,
@@ -390,6 +390,10 @@ def cmd_join(args: argparse.Namespace, settings: Settings) -> int:
     print(f"joined cluster {cluster.name}: {len(store)} members; this machine is {identity.node_id}")
     print("restart quorum-node here to take its place in the cluster")
     return 0
+
+
+def _from(remote: str | None) -> str:
+    return "the relay" if remote in (None, "relay") else str(remote)
 
 
 def _waiting_note(name: str, node_id: str) -> Callable[[], None]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import pytest
@@ -125,6 +126,41 @@ def test_the_exchange_gives_the_token_to_the_right_code_only() -> None:
         assert bad.value.status == 400
 
 
+class Decided(NamedTuple):
+    inviter_rc: int
+    inviter_out: str
+    prompt: str
+    rc: int
+    joined: str
+    said: str
+    node_id: str  # what the new machine showed while it waited
+
+
+async def decided(
+    node: Any, home: Path, join_with: Callable[[str], Awaitable[tuple[int, str, str]]], answer: str, *args: str
+) -> Decided:
+    """``invite --code --admit ARGS`` with a machine joining (``join_with(code)``) and the user answering."""
+    inviter = await asyncio.create_subprocess_exec(
+        QN, "invite", "--code", "--admit", "--data-dir", str(home), "--url", node.url, *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=clean_env(),
+    )  # fmt: skip
+    assert inviter.stdout is not None and inviter.stdin is not None
+    code = (await asyncio.wait_for(inviter.stdout.readline(), 20)).decode().strip()
+    joining = asyncio.ensure_future(join_with(code))
+    prompt = (await asyncio.wait_for(inviter.stdout.readuntil(b"[y/N] "), 20)).decode()
+    await asyncio.sleep(1.5)  # the user reads it
+    assert not joining.done()  # it waits for the answer
+    inviter.stdin.write(f"{answer}\n".encode())
+    await inviter.stdin.drain()
+    out, _ = await asyncio.wait_for(inviter.communicate(), 20)
+    rc, joined, said = await asyncio.wait_for(joining, 20)
+    shown = re.search(r"waiting for the inviter to confirm this machine: newbie, node id ([0-9a-f]{24})", said)
+    assert shown is not None, said
+    assert inviter.returncode is not None
+    return Decided(inviter.returncode, out.decode(), prompt, rc, joined, said, shown.group(1))
+
+
 @pytest.mark.parametrize("answer", ["y", "n"])
 async def test_with_admit_the_inviter_sees_who_joins_and_decides(
     tmp_path: Path, start_node: Any, fake: Any, answer: str
@@ -132,34 +168,18 @@ async def test_with_admit_the_inviter_sees_who_joins_and_decides(
     """``invite --code --admit`` waits, shows the machine that proved the code (the node id it shows on its own
     screen too), and admits it only on "y"; on "n" it joins nothing and the invite is spent."""
     node, home = await founded(tmp_path, start_node, fake)
-    inviter = await asyncio.create_subprocess_exec(
-        QN, "invite", "--code", "--admit", "--data-dir", str(home), "--url", node.url,
-        "--address", f"127.0.0.1:{node.peer_port}",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=clean_env(),
-    )  # fmt: skip
-    assert inviter.stdout is not None and inviter.stdin is not None
-    code = (await asyncio.wait_for(inviter.stdout.readline(), 20)).decode().strip()
-    assert CODE.match(code), code
     new = tmp_path / "new"
-    joining = asyncio.ensure_future(join(code, node, new))
-    prompt = (await asyncio.wait_for(inviter.stdout.readuntil(b"[y/N] "), 20)).decode()
-    await asyncio.sleep(1.5)  # the user reads it
-    assert not joining.done()  # it waits for the answer
-    assert prompt.startswith("newbie (node id ") and "Admit it?" in prompt
-    inviter.stdin.write(f"{answer}\n".encode())
-    await inviter.stdin.drain()
-    out, err = await asyncio.wait_for(inviter.communicate(), 20)
-    rc, joined, said = await asyncio.wait_for(joining, 20)
-    shown = re.search(r"waiting for the inviter to confirm this machine: newbie, node id ([0-9a-f]{24})", said)
-    assert shown is not None and shown.group(1) in prompt  # the same id on both screens
+    at = f"127.0.0.1:{node.peer_port}"
+    d = await decided(node, home, lambda code: join(code, node, new), answer, "--address", at)
+    assert d.prompt.startswith("newbie (node id ") and "Admit it?" in d.prompt
+    assert d.node_id in d.prompt  # the same id on both screens
     if answer == "y":
-        assert inviter.returncode == 0 and b"admitted newbie" in out, err
-        assert rc == 0 and "joined cluster home" in joined and load_cluster(new) is not None
+        assert d.inviter_rc == 0 and "admitted newbie" in d.inviter_out
+        assert d.rc == 0 and "joined cluster home" in d.joined and load_cluster(new) is not None
     else:
-        assert inviter.returncode == 1 and b"declined newbie" in out
-        assert rc == 1 and "did not confirm this machine" in said and load_cluster(new) is None
-        assert node.cluster.members.known(shown.group(1)) is None  # not admitted
+        assert d.inviter_rc == 1 and "declined newbie" in d.inviter_out
+        assert d.rc == 1 and "did not confirm this machine" in d.said and load_cluster(new) is None
+        assert node.cluster.members.known(d.node_id) is None  # not admitted
 
 
 def test_an_invitation_starts_a_few_exchanges_at_once_not_a_flood() -> None:

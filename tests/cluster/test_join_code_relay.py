@@ -25,7 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from quorum_node.cluster.codes import RelayRefused, relay_of
 from quorum_node.cluster.membership import load_cluster, load_relay
 from quorum_relay import wire
-from tests.cluster.test_join_code import wrong
+from tests.cluster.test_join_code import decided, wrong
 from tests.members_support import model_holders
 from tests.relay.wan import TOKEN, RelayHandle, Tap
 from tests.support import cli, eventually
@@ -175,3 +175,14 @@ async def test_what_a_stranger_sends_on_a_join_channel_is_bounded_and_answered(
     assert node.cluster.codes.pending() == 1  # nothing of it cost the invitation anything
     rc, out, err = await join(code, tmp_path / "new")
     assert rc == 0 and "joined cluster home" in out, err
+
+
+async def test_with_admit_through_the_relay_the_inviter_decides(
+    tmp_path: Path, start_node: Any, fake: Any, relay: Any
+) -> None:
+    node, home = await founded(tmp_path, start_node, fake, relay.url)
+    new = tmp_path / "new"
+    d = await decided(node, home, lambda code: join(code, new), "y")
+    assert f"(node id {d.node_id}, from the relay) asks to join" in d.prompt
+    assert d.inviter_rc == 0 and d.rc == 0 and "through the relay" in d.joined
+    assert load_relay(new) == (relay.url, TOKEN)

@@ -82,7 +82,11 @@ def add_cluster_commands(sub: Any) -> None:
     c.set_defaults(func=cmd_cluster)
     tool_options(c, csub)  # `cluster init --data-dir X` as well as `cluster --data-dir X init`
 
-    i = sub.add_parser("invite", help="print a one-time token that lets one more machine join this cluster")
+    i = sub.add_parser(
+        "invite",
+        help="let one more machine join this cluster: a short code to type (7-harbor-lantern) and a QR code, or "
+        "a one-time token where no node runs here (--token: always the token, for scripts)",
+    )
     i.add_argument("--expires", default="10m", metavar="DURATION", help="e.g. 10m, 1h, 2d (default 10m)")
     i.add_argument(
         "--address",
@@ -92,11 +96,13 @@ def add_cluster_commands(sub: Any) -> None:
         help="where the new machine reaches this node's peer port (default: this machine's LAN "
         "addresses, port 32769 or the running node's); repeatable",
     )
-    i.add_argument(
+    how = i.add_mutually_exclusive_group()
+    how.add_argument(
         "--code",
         action="store_true",
-        help="also give it a short code to type (7-harbor-lantern) and a QR code; the node must be running",
+        help="a short code, or fail: the node must be running (the default gives a token where none runs)",
     )
+    how.add_argument("--token", action="store_true", help="the long one-time token only (no node needed; for scripts)")
     i.add_argument(
         "--admit",
         action="store_true",
@@ -266,9 +272,8 @@ def cmd_invite(args: argparse.Namespace, settings: Settings) -> int:
     except (ValueError, OSError) as e:
         print(f"quorum-node: {e}", file=sys.stderr)
         return 2
-    if args.code:
-        rc = _give_code(args, settings, token.encode(), ttl_s, token.addresses)
-    else:
+    rc = None if args.token else _give_code(args, settings, token.encode(), ttl_s, token.addresses, args.code)
+    if rc is None:
         print(token.encode())
         print(
             f"on the new machine: quorum-node join TOKEN (works once, for {args.expires}; it reaches this node at "
@@ -315,8 +320,11 @@ def _confirm(args: argparse.Namespace, settings: Settings, invite: str, ttl_s: f
     return 1
 
 
-def _give_code(args: argparse.Namespace, settings: Settings, token: str, ttl_s: float, at: tuple[str, ...]) -> int:
-    """``invite --code``: the running node keeps the token under a short code (``cluster/codes.py``)."""
+def _give_code(
+    args: argparse.Namespace, settings: Settings, token: str, ttl_s: float, at: tuple[str, ...], required: bool
+) -> int | None:
+    """The running node keeps the token under a short code (``cluster/codes.py``). None where no node runs
+    here and the code is not ``required``: the caller prints the token instead."""
     url = node_url(args, settings)
     try:
         code = admin_request(settings, url, "POST", "/quorum/admin/invites/code", {"token": token, "expires_s": ttl_s})[
@@ -326,8 +334,11 @@ def _give_code(args: argparse.Namespace, settings: Settings, token: str, ttl_s: 
         print(f"quorum-node: {url}: {e.message}", file=sys.stderr)
         return 1
     except (NoNode, urllib.error.URLError, OSError) as e:
+        if not required:
+            print(f"(no node runs at {url}, and a short code needs it: a token instead)", file=sys.stderr)
+            return None
         print(
-            f"quorum-node: a code needs the node running here ({url}: {e}); without it: invite (a token)",
+            f"quorum-node: a code needs the node running here ({url}: {e}); without it: invite --token",
             file=sys.stderr,
         )
         return 1

@@ -110,7 +110,7 @@ class Founded:
         return f"127.0.0.1:{self.node.peer_port}"
 
     async def invite(self, *extra: str) -> str:
-        ran = await qn("invite", "--data-dir", str(self.data_dir), "--address", self.address, *extra)
+        ran = await qn("invite", "--token", "--data-dir", str(self.data_dir), "--address", self.address, *extra)
         assert ran.rc == 0, ran.err
         (token,) = ran.tokens()
         assert "quorum-node join TOKEN" in ran.err and self.address in ran.err

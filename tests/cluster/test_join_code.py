@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -194,3 +195,21 @@ def test_an_invitation_starts_a_few_exchanges_at_once_not_a_flood() -> None:
     assert flood.value.status == 429
     invites.start(joiner.nameplate, joiner.message, now=3.0)  # one more every 2 s
     assert invites.pending() == 1  # a flood burns nothing: only wrong proofs do
+
+
+async def test_invite_gives_a_code_where_the_node_runs_and_a_token_for_scripts(
+    tmp_path: Path, start_node: Any, fake: Any
+) -> None:
+    node, home = await founded(tmp_path, start_node, fake)
+    at = ("--data-dir", str(home), "--address", f"127.0.0.1:{node.peer_port}")
+    rc, out, err = await cli("invite", "--url", node.url, *at)
+    assert rc == 0 and CODE.match(out.strip()), err  # the node runs: a code to type
+    rc, out, err = await cli("invite", "--token", "--url", node.url, *at)
+    assert rc == 0 and out.startswith("qrm2.") and "quorum-node join TOKEN" in err
+    with socket.socket() as nobody:
+        nobody.bind(("127.0.0.1", 0))
+        none_there = f"http://127.0.0.1:{nobody.getsockname()[1]}"
+        rc, out, err = await cli("invite", "--url", none_there, *at)
+        assert rc == 0 and out.startswith("qrm2.") and "a token instead" in err  # no node: the token
+        rc, out, err = await cli("invite", "--code", "--url", none_there, *at)
+        assert rc == 1 and out == "" and "needs the node running" in err

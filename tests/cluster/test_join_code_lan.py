@@ -46,7 +46,7 @@ async def test_a_fourth_machine_joins_three_with_a_code_found_by_mdns(lan: Lan) 
     }
     for p in procs.values():
         await p.message("ready", 20.0)
-    rc, out, err = await lan.run(1, *CLI, "invite", "--code", "--data-dir", str(lan.data_dir("lan-a")))
+    rc, out, err = await lan.run(1, *CLI, "invite", "--data-dir", str(lan.data_dir("lan-a")))  # a code: its node runs
     assert rc == 0, err
     code = out.strip()
     assert re.fullmatch(r"\d{1,3}-[a-z]+-[a-z]+", code), out

@@ -120,7 +120,7 @@ def add_cluster_commands(sub: Any) -> None:
 
 
 def _join_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("token", help="the invite token, or the short code (`quorum-node invite --code`)")
+    p.add_argument("token", help="the short code `quorum-node invite` printed (7-harbor-lantern[@RELAY]), or a token")
     p.add_argument("--name", default=None, help="this machine's name in the cluster (default: its host name)")
     p.add_argument("--via", default=None, metavar="HOST:PORT", help="the inviter's peer port, if not in the token")
     p.add_argument("--force", action="store_true", help="leave the cluster this machine is in first")
@@ -228,7 +228,7 @@ def _init(data_dir: Path, name: str, *, force: bool) -> int:
     cluster = Cluster(name=name, root=identity.node_id)
     store_cluster(data_dir, cluster, encode_records(store.records()), force=force)
     print(f"cluster {name} founded; this machine ({identity.node_id}) is its first member")
-    print("add a machine: `quorum-node invite` here, then `quorum-node join TOKEN` there")
+    print("add a machine: `quorum-node invite` here, then `quorum-node join CODE` there")
     return 0
 
 

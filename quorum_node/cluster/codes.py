@@ -1,6 +1,6 @@
 """Join with a short code (issue 23): a number and two words, like a phone pairing, instead of a long token.
 
-``quorum-node invite --code`` makes an ordinary invite token (``membership``)
+``quorum-node invite`` (where the node runs) makes an ordinary invite token (``membership``)
 and gives it to the running node under a short code, ``NAMEPLATE-WORD-WORD``
 (``7-harbor-lantern``): the nameplate says which invitation, the whole code is
 the password of a SPAKE2 exchange (the ``spake2`` package, Warner's; a

@@ -254,9 +254,9 @@ class Hub:
             self._flush()
 
     def to_holder(self, channel: Channel, payload: bytes) -> bool:
-        """A joining machine's message, to the holder of its nameplate; False where nobody holds it now."""
-        holder = self.plates.holder(channel.nameplate)
-        if holder is None or holder.gone:
+        """A joining machine's message, to the holder its channel was opened to; False where it left."""
+        holder = channel.holder
+        if holder.gone:
             return False
         holder.send(encode(Rendezvous(nameplate=channel.nameplate, channel=channel.id, payload=payload)))
         self._flush()

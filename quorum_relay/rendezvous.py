@@ -40,10 +40,11 @@ _QUEUE = 4
 
 @dataclass(eq=False)
 class Channel:
-    """One joining machine's connection: ``answers`` (None: the holder ended it, or went)."""
+    """One joining machine's connection to the holder of its nameplate: ``answers`` (None: ended)."""
 
     nameplate: int
     id: int
+    holder: Holder
     answers: asyncio.Queue[bytes | None] = field(default_factory=lambda: asyncio.Queue(_QUEUE))
 
     def end(self) -> None:
@@ -53,11 +54,16 @@ class Channel:
 
 
 class Plates:
-    """Who holds which nameplate, and the channels open on each."""
+    """Who holds which nameplate, and the channels open to them.
+
+    A channel belongs to the holder it was opened to. A released nameplate is free at once for a new claim,
+    while its open channels run to their end (the answer that used the code is on its way after the
+    release); a holder that leaves the relay ends its channels.
+    """
 
     def __init__(self) -> None:
         self.holders: dict[int, Holder] = {}
-        self.channels: dict[int, dict[int, Channel]] = {}  # nameplate -> channel id -> channel
+        self.channels: dict[int, Channel] = {}  # channel id -> channel
         self._ids = itertools.count(1)
 
     def claim(self, holder: Holder, wanted: int) -> int:
@@ -81,41 +87,35 @@ class Plates:
     def release(self, holder: Holder, plate: int) -> None:
         if self.holders.get(plate) is holder:
             del self.holders[plate]
-            for channel in self.channels.pop(plate, {}).values():
-                channel.end()
 
     def drop(self, holder: Holder) -> None:
-        """``holder`` left the relay: its nameplates are free, their channels end."""
+        """``holder`` left the relay: its nameplates are free, its channels end."""
         for plate in [n for n, h in self.holders.items() if h is holder]:
-            self.release(holder, plate)
+            del self.holders[plate]
+        for channel in [c for c in self.channels.values() if c.holder is holder]:
+            channel.end()
 
     def holder(self, plate: int) -> Holder | None:
         return self.holders.get(plate)
 
     def open(self, plate: int) -> Channel | None:
         """A channel to ``plate``'s holder; None where nobody holds it, or it has enough channels open."""
-        if plate not in self.holders:
+        holder = self.holders.get(plate)
+        if holder is None:
             return None
-        open_ = self.channels.setdefault(plate, {})
-        if len(open_) >= _CHANNELS_PER_PLATE:
+        if sum(1 for c in self.channels.values() if c.holder is holder and c.nameplate == plate) >= _CHANNELS_PER_PLATE:
             return None
-        channel = Channel(plate, next(self._ids))
-        open_[channel.id] = channel
+        channel = Channel(plate, next(self._ids), holder)
+        self.channels[channel.id] = channel
         return channel
 
     def close(self, channel: Channel) -> None:
-        open_ = self.channels.get(channel.nameplate)
-        if open_ is not None:
-            open_.pop(channel.id, None)
-            if not open_:
-                del self.channels[channel.nameplate]
+        self.channels.pop(channel.id, None)
 
     def answer(self, holder: Holder, plate: int, channel_id: int, payload: bytes) -> bool:
-        """The holder's answer on a channel; False where it is not the holder, or the channel is gone."""
-        if self.holders.get(plate) is not holder:
-            return False
-        channel = self.channels.get(plate, {}).get(channel_id)
-        if channel is None:
+        """The holder's answer on a channel it was opened to; False where it is not, or the channel is gone."""
+        channel = self.channels.get(channel_id)
+        if channel is None or channel.holder is not holder or channel.nameplate != plate:
             return False
         if not payload:
             channel.end()

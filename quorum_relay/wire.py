@@ -105,7 +105,9 @@ holds is refused with HTTP 404), and each of its binary messages
 (``MAX_RENDEZVOUS_BYTES`` at most, ``MAX_RENDEZVOUS_MESSAGES`` of them, within
 ``RENDEZVOUS_S``) reaches the holder as ``Rendezvous`` with a ``channel`` id the
 relay chose; the holder's ``Rendezvous`` answers go back to that machine, one
-binary message each (an empty ``payload`` ends the channel). What the two say
+binary message each (an empty ``payload`` ends the channel). A channel belongs
+to the member it was opened to: after ``Release`` the nameplate is free for
+another claim, and the channels already open run to their end. What the two say
 is a password-authenticated key exchange and what it seals: the relay only
 forwards it, and learns nothing it could use.
 

@@ -337,11 +337,6 @@ class CodeInvites:
         """End the invitations that expired (their nameplates go back to the relay)."""
         self._expire(time.monotonic())
 
-    def holds(self, nameplate: int) -> bool:
-        """An invitation of this nameplate is open (not used, burnt or expired)."""
-        self._expire(time.monotonic())
-        return nameplate in self._by_plate
-
     def _end(self, plate: int) -> None:
         del self._by_plate[plate]
         self._on_gone(plate)

@@ -210,7 +210,6 @@ class ClusterService:
                 introduce=lambda peer, records: self.member_sync.merge(records, peer, max_new=MAX_NEW_INTRODUCED),
                 open_tunnel=self._open_tunnel,
                 on_rendezvous=self.joins.rendezvous,
-                still_wanted=self.codes.holds,
             )
             await self.relay.start()
         self._spawn(self.prober.health_loop(), "cluster-health")

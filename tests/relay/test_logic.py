@@ -316,6 +316,13 @@ def test_nameplates_held_once_bounded_per_member_and_answered_by_their_holder_on
     assert channel.answers.qsize() <= 4
     plates.release(other, first)  # not its holder: nothing
     assert plates.holder(first) is holder
-    plates.drop(holder)  # it left the relay: every number free, the channel ended
-    assert plates.holder(first) is None and channel.answers.get_nowait() is None
-    assert plates.open(first) is None
+    # released (its code was used): the number is free at once, the channel open on it still gets the answer
+    talking = plates.open(first)
+    assert talking is not None
+    plates.release(holder, first)
+    assert plates.holder(first) is None and plates.open(first) is None
+    assert plates.claim(other, first) == first  # another member may hold it now
+    assert not plates.answer(other, first, talking.id, b"z")  # the channel is still the first holder's
+    assert plates.answer(holder, first, talking.id, b"joined") and talking.answers.get_nowait() == b"joined"
+    plates.drop(holder)  # it left the relay: every number free, its channels ended
+    assert not [n for n, h in plates.holders.items() if h is holder] and talking.answers.get_nowait() is None

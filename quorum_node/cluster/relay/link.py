@@ -224,18 +224,15 @@ class RelayLink:
         introduce: Callable[[str, bytes], object] | None = None,
         open_tunnel: OpenTunnel | None = None,
         on_rendezvous: OnRendezvous | None = None,
-        still_wanted: Callable[[int], bool] = lambda nameplate: True,
     ) -> None:
         self.base_url = url.rstrip("/")
         self.url = self.base_url + wire.CONNECT_PATH
         self._open_tunnel = open_tunnel
         self._on_rendezvous = on_rendezvous
-        self._still_wanted = still_wanted  # a nameplate's code is still open (``CodeInvites.holds``)
         self._claims: dict[int, asyncio.Future[int]] = {}  # ref -> the relay's answer to our Claim
         self._refs = itertools.count(1)
         self.plates: set[int] = set()  # nameplates the relay holds for our join codes (claimed again on return)
         self._answering: set[asyncio.Task[None]] = set()
-        self._busy: dict[int, int] = {}  # nameplate -> its messages being answered (released after them)
         self._token = token
         self._identity = identity
         self.node_id = identity.node_id
@@ -363,27 +360,20 @@ class RelayLink:
 
     def release(self, plate: int) -> None:
         """The code of ``plate`` is used, burnt or expired: the relay may give the nameplate to another."""
-        if plate in self.plates and not self._busy.get(plate):  # else once its last answer is on its way
+        if plate in self.plates:  # the answer that used it still reaches the machine (the relay's channels)
             self.plates.discard(plate)
             if self.state == "up":
                 self.protocol.release(plate)
 
     async def _answer_rendezvous(self, plate: int, channel: int, payload: bytes) -> None:
         answer = b""
-        self._busy[plate] = self._busy.get(plate, 0) + 1
         try:
             if self._on_rendezvous is not None:
                 answer = await self._on_rendezvous(plate, payload)
         except Exception:  # task root: the joining machine hears the end of its channel
             log.exception("rendezvous_failed", nameplate=plate)
-        finally:
-            self._busy[plate] -= 1
-            if not self._busy[plate]:
-                del self._busy[plate]
         if self.state == "up":
             self.protocol.rendezvous_answer(plate, channel, answer)
-        if plate not in self._busy and not self._still_wanted(plate):  # the code ended while it answered
-            self.release(plate)
 
     def forget_peer(self, node_id: str) -> None:
         """``node_id`` is no longer a member (evicted): end its session and reset every stream with it, now

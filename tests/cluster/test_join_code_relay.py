@@ -186,3 +186,41 @@ async def test_with_admit_through_the_relay_the_inviter_decides(
     assert f"(node id {d.node_id}, from the relay) asks to join" in d.prompt
     assert d.inviter_rc == 0 and d.rc == 0 and "through the relay" in d.joined
     assert load_relay(new) == (relay.url, TOKEN)
+
+
+@pytest.mark.parametrize(
+    ("answers", "said"),
+    [
+        (["text"], "sent text"),
+        ([b"\xff not json"], "malformed"),
+        ([b'{"type": "started", "session": "' + b"a" * 32 + b'", "message": "AAAA"}'], "SPAKE2 message is malformed"),
+        ([b'{"type": "refused", "status": 403, "message": "' + b"x" * 600 + b'"}'], "malformed"),
+        ([b'{"type": "joined", "sealed": ""}'], "out of order"),
+        (["started", b'{"type": "joined", "sealed": "' + b"A" * 44 + b'"}'], "does not open"),
+        (["started", "started"], "out of order"),
+    ],
+)
+async def test_a_stranger_answering_as_the_relay_gets_nothing_joined(
+    tmp_path: Path, answers: list[Any], said: str
+) -> None:
+    """The relay is untrusted: whatever it answers in the inviter's place, the new machine refuses with a
+    message and stores nothing (a valid SPAKE2 start is sent where ``answers`` says "started": without the
+    code, what it seals never opens)."""
+    from spake2 import SPAKE2_B
+    from websockets.asyncio.server import serve
+
+    async def fake_relay(ws: Any) -> None:
+        for answer in answers:
+            await ws.recv()
+            if answer == "started":
+                theirs = SPAKE2_B(b"not-the-code", idA=b"quorum-join", idB=b"quorum-inviter").start()
+                answer = msgspec.json.encode({"type": "started", "session": "b" * 32, "message": theirs})
+            await ws.send(answer)
+        await ws.wait_closed()
+
+    async with serve(fake_relay, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        new = tmp_path / "new"
+        rc, out, err = await join(f"7-harbor-lantern@ws://127.0.0.1:{port}", new)
+    assert rc == 1 and out == "" and said in err, err
+    assert load_cluster(new) is None and load_relay(new) is None

@@ -43,6 +43,7 @@ import structlog
 
 from ..backends.base import BackendState
 from ..cluster.context import PeerCallError
+from ..names import is_loopback
 
 __all__ = ["CLOCK_SKEW_S", "DOCTOR_PATH", "DialBack", "DialedBack", "Dialled", "Facts", "Finding", "dial", "examine"]
 
@@ -152,9 +153,14 @@ def _engines(f: Facts) -> list[Finding]:
     return out
 
 
+def _local_only(host: str) -> bool:
+    """The API is bound to this machine's loopback only."""
+    return host == "localhost" or is_loopback(host)
+
+
 async def _reachable(f: Facts) -> list[Finding]:
     host = f.settings.host
-    if host in ("127.0.0.1", "::1", "localhost"):
+    if _local_only(host):
         if f.cluster is None:  # one machine on its own: as meant
             return [Finding(check="reachable", status="ok", message=f"the API listens on {host}: this machine only")]
         return [
@@ -167,20 +173,20 @@ async def _reachable(f: Facts) -> list[Finding]:
         ]
     out = []
     ports = [("API", f.port)] + ([("peer", f.peer_port)] if f.peer_port else [])
-    for address in f.lan_addresses:
-        for what, port in ports:
-            why = await dial(address, port)
-            if why is None:
-                out.append(Finding(check="reachable", status="ok", message=f"{what} port {address}:{port} answers"))
-            else:
-                out.append(
-                    Finding(
-                        check="reachable",
-                        status="fail",
-                        message=f"{what} port {address}:{port}: {why}",
-                        fix=f"let TCP {port} in through this machine's firewall (ufw allow {port}/tcp)",
-                    )
+    dials = [(address, what, port) for address in f.lan_addresses for what, port in ports]
+    said = await asyncio.gather(*(dial(address, port) for address, _, port in dials))  # 1 s each at most
+    for (address, what, port), why in zip(dials, said, strict=True):
+        if why is None:
+            out.append(Finding(check="reachable", status="ok", message=f"{what} port {address}:{port} answers"))
+        else:
+            out.append(
+                Finding(
+                    check="reachable",
+                    status="fail",
+                    message=f"{what} port {address}:{port}: {why}",
+                    fix=f"let TCP {port} in through this machine's firewall (ufw allow {port}/tcp)",
                 )
+            )
     return out
 
 
@@ -317,7 +323,7 @@ async def _from_peers(f: Facts) -> list[Finding]:
     if cluster is None:
         return []
     ports = [p for p in (f.peer_port, f.port) if p]
-    if f.settings.host in ("127.0.0.1", "::1", "localhost"):
+    if _local_only(f.settings.host):
         ports = ports[:1]  # the API is this machine's only (said above): the peer port is what members need
     peers = [p for p in cluster.table.all() if p.state.value in ("up", "suspect")][:_ASK]  # suspect: late once
     found = await asyncio.gather(*(_ask(f, p, ports) for p in peers))

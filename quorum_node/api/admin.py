@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import structlog
@@ -41,6 +41,8 @@ from .state import ADDRESS, CLUSTER, KEYS, LEDGER, METRICS, NAME, REGISTRY, SETT
 
 if TYPE_CHECKING:
     from ..cluster.sharding import Sharding
+
+_T = TypeVar("_T")
 
 __all__ = ["query_by", "query_since", "routes"]
 
@@ -118,6 +120,14 @@ async def recent(request: web.Request) -> web.Response:
     return _json({"records": await ledger_of(request).recent(limit)})
 
 
+async def _decoded(request: web.Request, kind: type[_T], what: str, code: str) -> _T:
+    """The request's JSON body as ``kind``; 400 ``code`` saying it is not ``what``."""
+    try:
+        return msgspec.json.decode(await read_body(request), type=kind)
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"Not {what}: {e}", code=code) from None
+
+
 def _cluster_of(request: web.Request) -> Any:
     cluster = request.app[CLUSTER]
     if cluster is None:
@@ -187,11 +197,7 @@ async def shards(request: web.Request) -> web.Response:
 
 async def lead_shard(request: web.Request) -> web.Response:
     sharding = _sharding_of(request)
-    raw = await read_body(request)
-    try:
-        order = msgspec.json.decode(raw, type=ShardOrder)
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"Not a shard order: {e}", code="bad_shard_order") from None
+    order = await _decoded(request, ShardOrder, "a shard order", "bad_shard_order")
     path = model_file(order.model, Path(request.app[SETTINGS].cache_dir))
     if path is None:
         raise NotFound(
@@ -218,10 +224,7 @@ class CodeOrder(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 async def code_invite(request: web.Request) -> web.Response:
     cluster = _cluster_of(request)
-    try:
-        order = msgspec.json.decode(await read_body(request), type=CodeOrder)
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"Not a code order: {e}", code="bad_code_order") from None
+    order = await _decoded(request, CodeOrder, "a code order", "bad_code_order")
     # on a relay that carries join codes, it holds the nameplate, and the code names the relay: a machine on
     # another network joins through it; on the LAN the same code works without the relay part
     relay = cluster.relay
@@ -251,10 +254,7 @@ class JoinDecision(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 async def decide_join(request: web.Request) -> web.Response:
     """``POST /quorum/admin/joins/{id}`` ``{"admit": true|false}``: the answer for a waiting machine."""
     cluster = _cluster_of(request)
-    try:
-        decision = msgspec.json.decode(await read_body(request), type=JoinDecision)
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"Not a decision: {e}", code="bad_decision") from None
+    decision = await _decoded(request, JoinDecision, "a decision", "bad_decision")
     if not cluster.joins.decide(request.match_info["asking"], decision.admit):
         raise NotFound("No machine waits under that id (it gave up, or was answered)", code="no_such_join")
     return _json({"admit": decision.admit})

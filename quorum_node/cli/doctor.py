@@ -19,7 +19,7 @@ _MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
 def add_doctor_command(sub: Any) -> None:
     p = sub.add_parser(
         "doctor",
-        help="check this node's setup: engines, ports, peers, clocks, relay, keys; and say how to fix it",
+        help="check this node's setup: engines, ports, mDNS, peers, clocks, relay, keys; and say how to fix it",
         description="Checks what the node on this machine sees of its setup, and explains each problem with "
         "its fix. Exit status 1 when a check fails.",
     )
